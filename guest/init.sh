@@ -1,0 +1,30 @@
+#!/bin/sh
+# /init of the hvprobe default guest. Runs the command passed base64-encoded as
+# hvprobe.exec=... on the kernel command line (or a shell on the console when there is none),
+# prints the exit status as a marker line the VMM reads, and resets the machine, which the VMM
+# takes as shutdown.
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mkdir -p /dev/pts /tmp /sys/kernel/tracing
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /tmp
+mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
+hostname hvprobe-guest
+echo "HVPROBE-INIT-READY"
+cmd=
+for arg in $(cat /proc/cmdline); do
+	case "$arg" in
+	hvprobe.exec=*) cmd=$(echo "${arg#hvprobe.exec=}" | base64 -d) ;;
+	esac
+done
+if [ -n "$cmd" ]; then
+	sh -c "$cmd"
+	status=$?
+else
+	setsid cttyhack sh
+	status=$?
+fi
+echo "HVPROBE-EXIT-STATUS=$status"
+reboot -f

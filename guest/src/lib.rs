@@ -1,0 +1,225 @@
+//! The guests hvprobe boots: a stock Debian cloud kernel and an initramfs of `busybox-static`
+//! plus the project's own small static workload programs.
+//!
+//! Everything is fetched from Debian's archive with `apt-get download` on first use and cached
+//! under [`cache_dir`], keyed by package version, so the second run costs nothing. The kernel
+//! version is resolved from the `linux-image-cloud-amd64` meta package each time the archive
+//! answers, never hard-coded.
+
+pub mod cpio;
+pub mod debian;
+
+use std::fs::{self, File};
+use std::io::{self, BufWriter};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub use debian::KernelPackage;
+
+/// Errors while fetching or building a guest.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// A command the build needs failed or is missing.
+    #[error("`{command}` failed: {detail}")]
+    Command {
+        /// The command line that failed.
+        command: String,
+        /// Its exit status or the reason it could not start, and the end of its stderr.
+        detail: String,
+    },
+    /// The Debian archive could not tell which kernel package is current, and nothing is cached.
+    #[error("cannot resolve the kernel package from `{meta}` ({detail}); run `apt-get update` or `bash guest/setup-host.sh`")]
+    Resolve {
+        /// The meta package that was asked.
+        meta: String,
+        /// What went wrong.
+        detail: String,
+    },
+    /// A file or directory operation on the cache failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+}
+
+impl GuestError {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> GuestError {
+        let path = path.into();
+        move |source| GuestError::Io { path, source }
+    }
+}
+
+/// The default guest: a Debian cloud kernel and the hvprobe initramfs.
+#[derive(Clone, Debug)]
+pub struct DefaultGuest {
+    /// The kernel package, with its bzImage, System.map, vmlinux and KVM modules.
+    pub kernel: KernelPackage,
+    /// The initramfs (uncompressed cpio) with busybox, `/init` and the workloads.
+    pub initrd: PathBuf,
+}
+
+/// Name of the Debian meta package whose dependency names the current cloud kernel.
+pub const KERNEL_META_PACKAGE: &str = "linux-image-cloud-amd64";
+
+/// The workload programs built into the default guest, as (name, C source).
+pub const WORKLOADS: &[(&str, &str)] = &[
+    ("getpid-loop", include_str!("../workloads/getpid-loop.c")),
+    ("open-read-loop", include_str!("../workloads/open-read-loop.c")),
+    ("fork-exec-loop", include_str!("../workloads/fork-exec-loop.c")),
+];
+
+/// The default guest's `/init`.
+pub const INIT_SCRIPT: &str = include_str!("../init.sh");
+
+/// Marker line the default guest's `/init` prints as soon as it runs.
+pub const INIT_READY_MARKER: &str = "HVPROBE-INIT-READY";
+
+/// Prefix of the marker line carrying the guest command's exit status.
+pub const EXIT_STATUS_MARKER: &str = "HVPROBE-EXIT-STATUS=";
+
+/// Kernel command-line key carrying the base64-encoded command for `/init` to run.
+pub const EXEC_PARAM: &str = "hvprobe.exec";
+
+/// Where downloads and built images are kept: `$HVPROBE_CACHE`, else
+/// `$XDG_CACHE_HOME/hvprobe`, else `~/.cache/hvprobe`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("HVPROBE_CACHE") {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(dir).join("hvprobe");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".cache/hvprobe")
+}
+
+/// Holds an exclusive lock on the cache so that concurrent runs do not build the same thing
+/// twice or read a half-written file.
+pub struct CacheLock {
+    _file: File,
+}
+
+/// Takes the cache lock, creating the cache directory if needed.
+pub fn lock_cache(cache: &Path) -> Result<CacheLock, GuestError> {
+    fs::create_dir_all(cache).map_err(GuestError::io(cache))?;
+    let path = cache.join(".lock");
+    let file = File::create(&path).map_err(GuestError::io(&path))?;
+    file.lock().map_err(GuestError::io(&path))?;
+    Ok(CacheLock { _file: file })
+}
+
+/// Runs a command and returns its stdout, or a [`GuestError::Command`] with its stderr.
+pub(crate) fn run_output(cmd: &mut Command) -> Result<Vec<u8>, GuestError> {
+    let command = format!("{cmd:?}").replace('"', "");
+    let out = cmd.output().map_err(|e| GuestError::Command {
+        command: command.clone(),
+        detail: e.to_string(),
+    })?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
+        return Err(GuestError::Command {
+            command,
+            detail: format!(
+                "{}: {}",
+                out.status,
+                tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+            ),
+        });
+    }
+    Ok(out.stdout)
+}
+
+/// Returns the default guest, fetching and building whatever is not cached yet.
+pub fn default_guest() -> Result<DefaultGuest, GuestError> {
+    let cache = cache_dir();
+    let _lock = lock_cache(&cache)?;
+    let kernel = debian::kernel_package(&cache, KERNEL_META_PACKAGE)?;
+    let busybox = debian::busybox(&cache)?;
+    let initrd = build_initrd(&cache, &busybox)?;
+    Ok(DefaultGuest { kernel, initrd })
+}
+
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.iter().chain(&[0xff]) {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// Builds (or finds cached) the initramfs from busybox, `/init` and the workloads.
+fn build_initrd(cache: &Path, busybox: &Path) -> Result<PathBuf, GuestError> {
+    let busybox_bytes = fs::read(busybox).map_err(GuestError::io(busybox))?;
+    let mut parts: Vec<&[u8]> = vec![&busybox_bytes, INIT_SCRIPT.as_bytes()];
+    for (name, src) in WORKLOADS {
+        parts.push(name.as_bytes());
+        parts.push(src.as_bytes());
+    }
+    let key = fnv1a(&parts);
+    let dir = cache.join("initrd");
+    let out = dir.join(format!("hvprobe-guest-{key:016x}.cpio"));
+    if out.exists() {
+        return Ok(out);
+    }
+    fs::create_dir_all(&dir).map_err(GuestError::io(&dir))?;
+    let work = dir.join(format!("build-{key:016x}"));
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work).map_err(GuestError::io(&work))?;
+
+    let mut programs = Vec::new();
+    for (name, src) in WORKLOADS {
+        let c = work.join(format!("{name}.c"));
+        fs::write(&c, src).map_err(GuestError::io(&c))?;
+        let bin = work.join(name);
+        run_output(
+            Command::new("gcc")
+                .args(["-static", "-O2", "-Wall", "-o"])
+                .arg(&bin)
+                .arg(&c),
+        )?;
+        let bytes = fs::read(&bin).map_err(GuestError::io(&bin))?;
+        programs.push((*name, bytes));
+    }
+    let applets = run_output(Command::new(busybox).arg("--list-full"))?;
+    let applets = String::from_utf8_lossy(&applets).into_owned();
+
+    let tmp = out.with_extension("tmp");
+    let file = File::create(&tmp).map_err(GuestError::io(&tmp))?;
+    let write = || -> io::Result<()> {
+        let mut w = cpio::CpioWriter::new(BufWriter::new(file));
+        for d in [
+            "bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "etc",
+            "root", "run", "mnt",
+        ] {
+            w.dir(d)?;
+        }
+        w.char_dev("dev/console", 5, 1)?;
+        w.char_dev("dev/null", 1, 3)?;
+        w.file("bin/busybox", 0o755, &busybox_bytes)?;
+        for applet in applets.lines().map(str::trim).filter(|a| !a.is_empty()) {
+            if applet == "bin/busybox" {
+                continue;
+            }
+            let depth = applet.matches('/').count();
+            let target = format!("{}bin/busybox", "../".repeat(depth));
+            w.symlink(applet, &target)?;
+        }
+        for (name, bytes) in &programs {
+            w.file(&format!("bin/{name}"), 0o755, bytes)?;
+        }
+        w.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")?;
+        w.file("init", 0o755, INIT_SCRIPT.as_bytes())?;
+        w.finish()?;
+        Ok(())
+    };
+    write().map_err(GuestError::io(&tmp))?;
+    fs::rename(&tmp, &out).map_err(GuestError::io(&out))?;
+    let _ = fs::remove_dir_all(&work);
+    Ok(out)
+}
