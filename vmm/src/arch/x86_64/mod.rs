@@ -1,0 +1,5 @@
+//! x86_64 specifics of the VMM: memory layout, boot protocol, MP table.
+
+pub mod boot;
+pub mod layout;
+pub mod mptable;

@@ -1,0 +1,283 @@
+//! The `hvprobe` command line. Kept in the library so that the emulated runner's L1 `/init`
+//! (which is hvprobe itself) can run the same code in-process.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use base64::Engine as _;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::hostcheck;
+use crate::machine::{self, Outcome, RunOptions};
+use crate::runner;
+use crate::vm::VmConfig;
+
+/// Exit status when the host cannot run the job (no usable KVM and no emulated runner).
+pub const EXIT_HOST_UNUSABLE: i32 = 2;
+/// Exit status when the guest failed (panic, vCPU error, no status from the command).
+pub const EXIT_GUEST_FAILED: i32 = 125;
+
+/// hvprobe: out-of-guest kernel probes on a KVM VMM.
+#[derive(Debug, Parser)]
+#[command(name = "hvprobe", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Boot a guest kernel and run it to the end.
+    Run(RunArgs),
+    /// Say whether this host's KVM can run and debug a stock guest, in one line.
+    CheckHost,
+    /// Fetch and build the default guest (Debian cloud kernel + initramfs); print its files.
+    Guest,
+}
+
+/// Where the VM runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RunnerChoice {
+    /// The host's KVM when it can do the job, else the emulated runner.
+    Auto,
+    /// The host's KVM, or fail.
+    Host,
+    /// Inside an emulated machine with hardware virtualization (QEMU TCG, L1 Debian kernel).
+    Emulated,
+}
+
+/// Arguments of `hvprobe run`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct RunArgs {
+    /// bzImage to boot [default: the default guest's Debian cloud kernel].
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// initrd to load [default: the default guest's initramfs when --kernel is not given].
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line [default: serial console, reboot through i8042, no KASLR, quiet].
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub memory: u64,
+    /// Shell command for the default guest's /init to run; hvprobe exits with its status.
+    #[arg(long)]
+    pub exec: Option<String>,
+    /// Give up after this many seconds [default: 600 with --exec, none without].
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// Where the VM runs.
+    #[arg(long, value_enum, default_value_t = RunnerChoice::Auto)]
+    pub runner: RunnerChoice,
+    /// Print boot and run times on stderr at the end.
+    #[arg(long)]
+    pub timings: bool,
+}
+
+/// The command line every default-guest boot starts from.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nokaslr i8042.noaux i8042.nomux i8042.dumbkbd quiet";
+
+/// Default time limit with `--exec`.
+pub const DEFAULT_EXEC_TIMEOUT_SECS: u64 = 600;
+
+impl RunArgs {
+    /// The time limit in force.
+    pub fn effective_timeout(&self) -> Option<Duration> {
+        match (self.timeout, &self.exec) {
+            (Some(0), _) => None,
+            (Some(s), _) => Some(Duration::from_secs(s)),
+            (None, Some(_)) => Some(Duration::from_secs(DEFAULT_EXEC_TIMEOUT_SECS)),
+            (None, None) => None,
+        }
+    }
+
+    /// The kernel command line with the `--exec` command appended for `/init`.
+    pub fn effective_cmdline(&self) -> String {
+        let mut cmdline = self
+            .cmdline
+            .clone()
+            .unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+        if let Some(exec) = &self.exec {
+            let encoded = base64::engine::general_purpose::STANDARD.encode(exec.as_bytes());
+            cmdline.push_str(&format!(" {}={encoded}", hvprobe_guest::EXEC_PARAM));
+        }
+        cmdline
+    }
+
+    /// Fills in the default guest's kernel and initrd where none were given.
+    pub fn resolve_guest(&self) -> Result<RunArgs> {
+        let mut resolved = self.clone();
+        if self.kernel.is_none() {
+            let guest = hvprobe_guest::default_guest().context("preparing the default guest")?;
+            resolved.kernel = Some(guest.kernel.vmlinuz());
+            if self.initrd.is_none() {
+                resolved.initrd = Some(guest.initrd);
+            }
+        }
+        Ok(resolved)
+    }
+
+    /// Checks what can be checked before any VM or emulator is started.
+    pub fn validate(&self) -> Result<()> {
+        if self.memory < 64 {
+            bail!(
+                "--memory {} MiB is too small: at least 64 MiB are needed to boot Linux",
+                self.memory
+            );
+        }
+        if self.vcpus == 0 || self.vcpus > 254 {
+            bail!("--vcpus {} is out of range: 1 to 254", self.vcpus);
+        }
+        for (flag, path) in [("--kernel", &self.kernel), ("--initrd", &self.initrd)] {
+            if let Some(p) = path {
+                if !p.is_file() {
+                    bail!("{flag} {}: no such file", p.display());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs hvprobe with `args` (without the program name) and returns the process exit status.
+pub fn main_with_args<I, S>(args: I) -> i32
+where
+    I: IntoIterator<Item = S>,
+    S: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(std::iter::once("hvprobe".into()).chain(args.into_iter().map(Into::into))) {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return e.exit_code();
+        }
+    };
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("hvprobe: {e:#}");
+            1
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Command::CheckHost => Ok(match hostcheck::check_host() {
+            Ok(facts) => {
+                println!(
+                    "hvprobe: host KVM is usable (guest-debug flags {:#x}, sync regs {})",
+                    facts.guest_debug_flags, facts.sync_regs
+                );
+                0
+            }
+            Err(e) => {
+                println!("hvprobe: host KVM cannot run hvprobe guests: {e}");
+                EXIT_HOST_UNUSABLE
+            }
+        }),
+        Command::Guest => {
+            let g = hvprobe_guest::default_guest()?;
+            println!("kernel-package {} {}", g.kernel.package, g.kernel.version);
+            println!("vmlinuz {}", g.kernel.vmlinuz().display());
+            println!("system-map {}", g.kernel.system_map().display());
+            println!("vmlinux {}", g.kernel.vmlinux().display());
+            println!("initrd {}", g.initrd.display());
+            Ok(0)
+        }
+        Command::Run(args) => run(&args),
+    }
+}
+
+fn run(args: &RunArgs) -> Result<i32> {
+    args.validate()?;
+    let on_host = match args.runner {
+        RunnerChoice::Host => match hostcheck::check_host() {
+            Ok(_) => true,
+            Err(e) => {
+                eprintln!("hvprobe: host KVM cannot run hvprobe guests: {e}");
+                return Ok(EXIT_HOST_UNUSABLE);
+            }
+        },
+        RunnerChoice::Emulated => false,
+        RunnerChoice::Auto => match hostcheck::check_host() {
+            Ok(_) => true,
+            Err(e) => {
+                eprintln!("hvprobe: host KVM cannot run hvprobe guests ({e}); using the emulated KVM runner");
+                false
+            }
+        },
+    };
+    let args = args.resolve_guest()?;
+    if !on_host {
+        return runner::run_emulated(&args).map_err(Into::into);
+    }
+    run_on_host(&args)
+}
+
+fn run_on_host(args: &RunArgs) -> Result<i32> {
+    let kvm = kvm_ioctls::Kvm::new().context("opening /dev/kvm")?;
+    let opts = RunOptions {
+        vm: VmConfig {
+            kernel: args.kernel.clone().context("no kernel")?,
+            initrd: args.initrd.clone(),
+            cmdline: args.effective_cmdline(),
+            vcpus: args.vcpus,
+            memory_mib: args.memory,
+        },
+        timeout: args.effective_timeout(),
+        forward_stdin: true,
+    };
+    let report = machine::run(kvm, &opts, Box::new(std::io::stdout()))?;
+    if args.timings {
+        match report.boot_to_init {
+            Some(t) => eprintln!(
+                "hvprobe: timings: boot to /init {:.3} s, run {:.3} s",
+                t.as_secs_f64(),
+                report.run_time.as_secs_f64()
+            ),
+            None => eprintln!(
+                "hvprobe: timings: /init marker not seen, run {:.3} s",
+                report.run_time.as_secs_f64()
+            ),
+        }
+    }
+    let tail = || {
+        eprintln!("hvprobe: last console lines:");
+        for l in &report.console_tail {
+            eprintln!("  | {l}");
+        }
+    };
+    Ok(match &report.outcome {
+        Outcome::Panicked(line) => {
+            eprintln!("hvprobe: guest kernel panicked: {line}");
+            tail();
+            EXIT_GUEST_FAILED
+        }
+        Outcome::TimedOut(t) => {
+            eprintln!("hvprobe: guest did not finish within {} s", t.as_secs());
+            tail();
+            report.outcome.exit_code()
+        }
+        Outcome::VcpuError(e) => {
+            eprintln!("hvprobe: {e}");
+            tail();
+            EXIT_GUEST_FAILED
+        }
+        Outcome::ShutDown if args.exec.is_some() => {
+            eprintln!("hvprobe: guest shut down without reporting the command's exit status");
+            tail();
+            EXIT_GUEST_FAILED
+        }
+        Outcome::Interrupted => {
+            eprintln!("hvprobe: interrupted");
+            report.outcome.exit_code()
+        }
+        other => other.exit_code(),
+    })
+}

@@ -1,0 +1,146 @@
+//! hvprobe as `/init` of the emulated runner's L1 machine: mount the kernel file systems, load
+//! the KVM modules, put the relay serial port in raw mode, run the inner job in-process, and
+//! report its exit status through QEMU's `isa-debug-exit` device.
+
+use std::ffi::CString;
+use std::fs;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+
+use crate::runner::{DEBUG_EXIT_PORT, L1_ARGS_PATH, L1_MODULES_DIR};
+
+/// The serial port that carries the inner run's output back to the host.
+const RELAY_TTY: &str = "/dev/ttyS1";
+
+fn mount(source: &str, target: &str, fstype: &str) {
+    let _ = fs::create_dir_all(target);
+    let (s, t, f) = (
+        CString::new(source).unwrap_or_default(),
+        CString::new(target).unwrap_or_default(),
+        CString::new(fstype).unwrap_or_default(),
+    );
+    // SAFETY: all three are valid NUL-terminated strings that outlive the call; no data.
+    let rc = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        eprintln!(
+            "hvprobe-l1: mount {fstype} on {target}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+fn load_module(name: &str) -> Result<(), String> {
+    let path = format!("{L1_MODULES_DIR}/{name}");
+    let file = fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+    let params = c"";
+    // SAFETY: finit_module(2) with a valid open fd and an empty NUL-terminated parameter
+    // string; the kernel only reads them.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_finit_module,
+            file.as_raw_fd(),
+            params.as_ptr(),
+            0,
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    if rc != 0 && err.raw_os_error() != Some(libc::EEXIST) {
+        return Err(format!("loading {name}: {err}"));
+    }
+    Ok(())
+}
+
+fn cpu_flag(flag: &str) -> bool {
+    fs::read_to_string("/proc/cpuinfo")
+        .map(|s| {
+            s.lines()
+                .filter(|l| l.starts_with("flags"))
+                .any(|l| l.split_whitespace().any(|f| f == flag))
+        })
+        .unwrap_or(false)
+}
+
+fn relay_to_serial() -> Result<(), String> {
+    let tty = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(RELAY_TTY)
+        .map_err(|e| format!("{RELAY_TTY}: {e}"))?;
+    let fd = tty.as_raw_fd();
+    // SAFETY: termios is plain data; tcgetattr fills it for a valid tty fd, cfmakeraw only
+    // edits the struct, and tcsetattr reads it.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(fd, &mut t) == 0 {
+            libc::cfmakeraw(&mut t);
+            libc::tcsetattr(fd, libc::TCSANOW, &t);
+        }
+    }
+    for target in 0..=2 {
+        // SAFETY: dup2 of a valid open fd onto the standard descriptors.
+        unsafe { libc::dup2(fd, target) };
+    }
+    Ok(())
+}
+
+/// Writes `code` to the `isa-debug-exit` port; QEMU then exits with `2 * code + 1`.
+fn report_exit(code: i32) {
+    let value = code.clamp(0, 127) as u32;
+    // SAFETY: as PID 1 in L1 we hold CAP_SYS_RAWIO; ioperm grants this process access to the
+    // one port of QEMU's isa-debug-exit device, and the `out` only writes that port.
+    unsafe {
+        if libc::ioperm(u64::from(DEBUG_EXIT_PORT), 4, 1) == 0 {
+            std::arch::asm!("out dx, eax", in("dx") DEBUG_EXIT_PORT, in("eax") value, options(nostack, preserves_flags));
+        }
+    }
+}
+
+/// Runs as PID 1 of L1 and never returns.
+pub fn main() -> ! {
+    mount("proc", "/proc", "proc");
+    mount("sysfs", "/sys", "sysfs");
+    mount("devtmpfs", "/dev", "devtmpfs");
+    mount("tmpfs", "/tmp", "tmpfs");
+
+    if let Err(e) = relay_to_serial() {
+        eprintln!("hvprobe-l1: {e}");
+    }
+    let vendor_module = if cpu_flag("vmx") {
+        "kvm-intel.ko"
+    } else {
+        "kvm-amd.ko"
+    };
+    let mut code = 0;
+    for m in ["irqbypass.ko", "kvm.ko", vendor_module] {
+        if let Err(e) = load_module(m) {
+            eprintln!("hvprobe-l1: {e}");
+            code = crate::cli::EXIT_HOST_UNUSABLE;
+        }
+    }
+    if code == 0 {
+        code = match fs::read(L1_ARGS_PATH) {
+            Ok(raw) => {
+                let args: Vec<String> = raw
+                    .split(|b| *b == 0)
+                    .filter(|a| !a.is_empty())
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                crate::cli::main_with_args(args)
+            }
+            Err(e) => {
+                eprintln!("hvprobe-l1: {L1_ARGS_PATH}: {e}");
+                1
+            }
+        };
+    }
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: tcdrain on the standard output fd waits until the UART has sent everything.
+    unsafe { libc::tcdrain(1) };
+    report_exit(code);
+    // SAFETY: reboot(2) as PID 1; reached only if the debug-exit device is missing.
+    unsafe { libc::reboot(libc::RB_POWER_OFF) };
+    loop {
+        std::thread::park();
+    }
+}

@@ -1,0 +1,14 @@
+//! hvprobe's VMM: a small KVM virtual machine monitor built from the rust-vmm crates that boots
+//! an unmodified Linux guest, and the emulated runner that provides KVM where the host has none
+//! usable. All KVM calls of the project live in this crate.
+
+pub mod arch;
+pub mod cli;
+pub mod devices;
+pub mod hostcheck;
+#[cfg(target_arch = "x86_64")]
+pub mod l1init;
+pub mod machine;
+pub mod runner;
+pub mod vcpu;
+pub mod vm;

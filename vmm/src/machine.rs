@@ -1,0 +1,266 @@
+//! Running a VM to its end: the vCPU threads, an event-manager loop on the main thread for
+//! console input, stop requests and signals, and the report of how the guest ended.
+
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::Kvm;
+
+use crate::devices::serial::SerialPort;
+use crate::vcpu::{self, StopReason, StopSignal, VcpuContext, VcpuHandle};
+use crate::vm::{Vm, VmConfig, VmError};
+
+/// Errors that keep a VM from running at all (as opposed to a guest that ends badly, which is
+/// an [`Outcome`]).
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    /// Building the VM failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The event loop or a thread could not be set up.
+    #[error("{what}: {detail}")]
+    Setup {
+        /// What was being set up.
+        what: &'static str,
+        /// The error.
+        detail: String,
+    },
+}
+
+fn setup_err(what: &'static str) -> impl FnOnce(String) -> MachineError {
+    move |detail| MachineError::Setup { what, detail }
+}
+
+/// How a guest run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The default guest's command finished with this status and the guest shut down.
+    CommandExited(i32),
+    /// The guest shut down without reporting a command status.
+    ShutDown,
+    /// The guest kernel panicked; the panic line.
+    Panicked(String),
+    /// The guest did not finish within the time limit.
+    TimedOut(Duration),
+    /// A vCPU failed in a way KVM cannot continue from.
+    VcpuError(String),
+    /// The user interrupted the run.
+    Interrupted,
+}
+
+impl Outcome {
+    /// The process exit status that reports this outcome: the guest command's own status,
+    /// 0 for a plain shutdown, 124 for a timeout (like `timeout(1)`), 125 for a guest
+    /// failure, 130 for an interrupt.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Outcome::CommandExited(s) => *s,
+            Outcome::ShutDown => 0,
+            Outcome::TimedOut(_) => 124,
+            Outcome::Panicked(_) | Outcome::VcpuError(_) => 125,
+            Outcome::Interrupted => 130,
+        }
+    }
+}
+
+/// How a run ended, with what is worth telling the user.
+#[derive(Debug)]
+pub struct RunReport {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Time from VM start to the default guest's `/init` marker.
+    pub boot_to_init: Option<Duration>,
+    /// Total time the VM ran.
+    pub run_time: Duration,
+    /// The last console lines, for error reports.
+    pub console_tail: Vec<String>,
+}
+
+/// What to run and for how long.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// The VM to build.
+    pub vm: VmConfig,
+    /// Give up after this long.
+    pub timeout: Option<Duration>,
+    /// Relay this process's stdin to the guest console.
+    pub forward_stdin: bool,
+}
+
+/// Relays stdin to COM1. Bytes the UART's FIFO cannot take yet are kept and retried.
+struct StdinRelay {
+    serial: Arc<Mutex<SerialPort>>,
+    pending: Vec<u8>,
+}
+
+impl StdinRelay {
+    fn flush_pending(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let n = self
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .enqueue_input(&self.pending);
+        self.pending.drain(..n);
+    }
+}
+
+impl MutEventSubscriber for StdinRelay {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let mut buf = [0u8; 256];
+        let n = if events.event_set().contains(EventSet::IN) && self.pending.len() < 64 * 1024 {
+            io::stdin().lock().read(&mut buf).unwrap_or(0)
+        } else {
+            usize::from(self.pending.len() >= 64 * 1024)
+        };
+        if n == 0 {
+            // EOF or error: stop watching stdin; the guest keeps running.
+            let _ = ops.remove(events);
+            return;
+        }
+        if self.pending.len() < 64 * 1024 {
+            self.pending.extend_from_slice(&buf[..n]);
+        }
+        self.flush_pending();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        // epoll refuses regular files and /dev/null; such a stdin is simply not relayed.
+        let _ = ops.add(Events::new(&io::stdin(), EventSet::IN));
+    }
+}
+
+/// Watches the stop signal and the i8042 reset line.
+struct StopWatcher {
+    stop: Arc<StopSignal>,
+    reset_evt: vmm_sys_util::eventfd::EventFd,
+}
+
+impl MutEventSubscriber for StopWatcher {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.fd() == self.reset_evt.as_raw_fd() {
+            let _ = self.reset_evt.read();
+            self.stop.stop(StopReason::GuestReset);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let _ = ops.add(Events::new(&self.stop.evt, EventSet::IN));
+        let _ = ops.add(Events::new(&self.reset_evt, EventSet::IN));
+    }
+}
+
+/// The stop signal's fd, for the SIGINT/SIGTERM handler (-1 while no VM runs).
+static INTERRUPT_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn interrupt_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let fd = INTERRUPT_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) on an eventfd with an 8-byte buffer that lives on this stack frame;
+        // async-signal-safe.
+        unsafe { libc::write(fd, (&raw const one).cast(), 8) };
+    }
+}
+
+/// Boots the VM described by `opts` on `kvm`, relays its console to `console_out`, and returns
+/// once the guest has ended.
+pub fn run(
+    kvm: Kvm,
+    opts: &RunOptions,
+    console_out: Box<dyn Write + Send>,
+) -> Result<RunReport, MachineError> {
+    let mut vm = Vm::new(kvm, &opts.vm, console_out)?;
+    let stop = Arc::new(StopSignal::new().map_err(|e| setup_err("eventfd")(e.to_string()))?);
+    vcpu::install_kick_handler().map_err(|e| setup_err("kick signal handler")(e.to_string()))?;
+
+    // SIGINT/SIGTERM end the run cleanly, through the same stop path as the guest.
+    let interrupted = StopSignal::new().map_err(|e| setup_err("eventfd")(e.to_string()))?;
+    INTERRUPT_FD.store(interrupted.evt.as_raw_fd(), Ordering::SeqCst);
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        vmm_sys_util::signal::register_signal_handler(sig, interrupt_handler)
+            .map_err(|e| setup_err("signal handler")(e.to_string()))?;
+    }
+
+    let mut em: EventManager<Box<dyn MutEventSubscriber>> =
+        EventManager::new().map_err(|e| setup_err("event manager")(e.to_string()))?;
+    em.add_subscriber(Box::new(StopWatcher {
+        stop: stop.clone(),
+        reset_evt: vm
+            .reset_evt
+            .try_clone()
+            .map_err(|e| setup_err("eventfd")(e.to_string()))?,
+    }));
+    let stdin_relay = opts.forward_stdin.then(|| {
+        let relay = Arc::new(Mutex::new(StdinRelay {
+            serial: vm.serial.clone(),
+            pending: Vec::new(),
+        }));
+        em.add_subscriber(Box::new(relay.clone()));
+        relay
+    });
+
+    let started = Instant::now();
+    let mut handles: Vec<VcpuHandle> = Vec::new();
+    for (id, fd) in vm.vcpus.drain(..).enumerate() {
+        let ctx = VcpuContext {
+            pio: vm.pio.clone(),
+            stop: stop.clone(),
+        };
+        let handle = vcpu::spawn(id as u32, fd, ctx)
+            .map_err(|e| setup_err("vCPU thread")(e.to_string()))?;
+        handles.push(handle);
+    }
+
+    let deadline = opts.timeout.map(|t| started + t);
+    loop {
+        if let Err(e) = em.run_with_timeout(100) {
+            stop.stop(StopReason::VcpuError(format!("event loop: {e}")));
+        }
+        if interrupted.evt.read().is_ok() {
+            stop.stop(StopReason::Interrupted);
+        }
+        if stop.reason().is_some() {
+            break;
+        }
+        if let Some(relay) = &stdin_relay {
+            relay.lock().unwrap_or_else(|e| e.into_inner()).flush_pending();
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            stop.stop(StopReason::Timeout);
+        }
+    }
+    INTERRUPT_FD.store(-1, Ordering::SeqCst);
+    let run_time = started.elapsed();
+    for h in handles {
+        h.stop_and_join();
+    }
+    let _ = io::stdout().flush();
+
+    let console = vm.console.lock().unwrap_or_else(|e| e.into_inner());
+    let reason = stop.reason().unwrap_or(StopReason::GuestReset);
+    let outcome = match reason {
+        StopReason::Timeout => Outcome::TimedOut(opts.timeout.unwrap_or_default()),
+        StopReason::Interrupted => Outcome::Interrupted,
+        StopReason::VcpuError(e) => Outcome::VcpuError(e),
+        StopReason::GuestReset | StopReason::GuestPoweroff => {
+            match (&console.panic, console.exit_status) {
+                (Some(p), _) => Outcome::Panicked(p.clone()),
+                (None, Some(s)) => Outcome::CommandExited(s),
+                (None, None) => Outcome::ShutDown,
+            }
+        }
+    };
+    Ok(RunReport {
+        outcome,
+        boot_to_init: console.init_ready_at.map(|t| t.saturating_duration_since(started)),
+        run_time,
+        console_tail: console.tail.iter().cloned().collect(),
+    })
+}

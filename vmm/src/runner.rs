@@ -1,0 +1,345 @@
+//! The emulated KVM runner: where the host's KVM cannot boot and debug a stock guest (no
+//! /dev/kvm, the software kvm_pvm module), hvprobe runs itself inside an emulated machine
+//! that has hardware virtualization.
+//!
+//! ```text
+//! host --QEMU TCG, -cpu EPYC--> L1: Debian cloud kernel + kvm, kvm-amd --hvprobe--> L2 guest
+//! ```
+//!
+//! The L1 initramfs holds this very hvprobe binary as `/init` (with the shared libraries it
+//! links), the KVM modules, the L2 kernel and initrd, and the argument list of the inner run.
+//! The inner run's console and messages come back on L1's second serial port, in raw mode;
+//! its exit status comes back through QEMU's `isa-debug-exit` device, which turns a write of
+//! `v` into QEMU's exit status `2v + 1`. L1's own kernel log goes to a file that is shown when
+//! something goes wrong.
+
+use std::fs;
+use std::io::{self, BufWriter, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hvprobe_guest::cpio::CpioWriter;
+use hvprobe_guest::debian::KVM_MODULES;
+
+use crate::cli::RunArgs;
+
+/// Errors of the emulated runner.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    /// The emulator could not be found or started.
+    #[error("cannot start the emulator `{qemu}`: {detail} (install qemu-system-x86 from bookworm-backports: `bash guest/setup-host.sh`)")]
+    NoEmulator {
+        /// The binary tried.
+        qemu: String,
+        /// Why.
+        detail: String,
+    },
+    /// Preparing the L1 image failed.
+    #[error("preparing the emulated runner: {0}")]
+    Prepare(String),
+    /// The L1 machine stopped without reporting the inner run's status.
+    #[error("the emulated runner's L1 machine {how} without reporting a result; last L1 console lines:\n{tail}")]
+    NoResult {
+        /// How it stopped.
+        how: String,
+        /// The end of L1's console log.
+        tail: String,
+    },
+    /// The L1 machine ran over its time limit.
+    #[error("the emulated runner did not finish within {secs} s; last L1 console lines:\n{tail}")]
+    Timeout {
+        /// The limit.
+        secs: u64,
+        /// The end of L1's console log.
+        tail: String,
+    },
+}
+
+fn prep_err(what: &str) -> impl FnOnce(io::Error) -> RunnerError + '_ {
+    move |e| RunnerError::Prepare(format!("{what}: {e}"))
+}
+
+/// Path of the inner run's argument list inside L1 (NUL-separated).
+pub const L1_ARGS_PATH: &str = "/hvprobe/args";
+/// Directory of the KVM modules inside L1.
+pub const L1_MODULES_DIR: &str = "/modules";
+/// I/O port of QEMU's `isa-debug-exit` device in L1.
+pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+/// Time allowed on top of the inner run's own limit for L1 to boot and shut down.
+const L1_MARGIN: Duration = Duration::from_secs(180);
+
+/// The emulator binary: `$HVPROBE_QEMU`, else `qemu-system-x86_64` on PATH.
+pub fn emulator() -> String {
+    std::env::var("HVPROBE_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".to_string())
+}
+
+/// The shared libraries a dynamically linked binary needs, as `ldd` lists them.
+fn shared_libraries(binary: &Path) -> Result<Vec<PathBuf>, RunnerError> {
+    let out = Command::new("ldd")
+        .arg(binary)
+        .output()
+        .map_err(prep_err("running ldd"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(text
+        .lines()
+        .filter_map(|l| {
+            let path = match l.split_once("=>") {
+                Some((_, rhs)) => rhs.split_whitespace().next()?,
+                None => l.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect())
+}
+
+fn add_parents<W: io::Write>(
+    w: &mut CpioWriter<W>,
+    seen: &mut std::collections::BTreeSet<String>,
+    path: &str,
+) -> io::Result<()> {
+    let mut prefix = String::new();
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    for part in &parts[..parts.len().saturating_sub(1)] {
+        if !prefix.is_empty() {
+            prefix.push('/');
+        }
+        prefix.push_str(part);
+        if seen.insert(prefix.clone()) {
+            w.dir(&prefix)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes the L1 initramfs for an inner run with `inner_args` to `out`.
+fn build_l1_initrd(
+    out: &Path,
+    kernel: &hvprobe_guest::KernelPackage,
+    l2_kernel: &Path,
+    l2_initrd: Option<&Path>,
+    inner_args: &[String],
+) -> Result<(), RunnerError> {
+    let exe = std::env::current_exe().map_err(prep_err("locating the hvprobe binary"))?;
+    let libs = shared_libraries(&exe)?;
+    let file = fs::File::create(out).map_err(prep_err("creating the L1 initramfs"))?;
+    let mut w = CpioWriter::new(BufWriter::new(file));
+    let mut seen = std::collections::BTreeSet::new();
+    let mut add = |w: &mut CpioWriter<_>, path: &str, data: &[u8], perm: u32| -> io::Result<()> {
+        add_parents(w, &mut seen, path)?;
+        w.file(path, perm, data)
+    };
+    let mut write = |w: &mut CpioWriter<_>| -> io::Result<()> {
+        for d in ["proc", "sys", "dev", "tmp", "l2"] {
+            w.dir(d)?;
+        }
+        w.char_dev("dev/console", 5, 1)?;
+        add(w, "init", &fs::read(&exe)?, 0o755)?;
+        for lib in &libs {
+            add(w, &lib.to_string_lossy(), &fs::read(lib)?, 0o755)?;
+        }
+        for m in KVM_MODULES {
+            let name = m.rsplit('/').next().unwrap_or(m);
+            let data = fs::read(kernel.module(name))?;
+            add(w, &format!("{L1_MODULES_DIR}/{name}"), &data, 0o644)?;
+        }
+        add(w, "l2/vmlinuz", &fs::read(l2_kernel)?, 0o644)?;
+        if let Some(initrd) = l2_initrd {
+            add(w, "l2/initrd", &fs::read(initrd)?, 0o644)?;
+        }
+        let mut args = Vec::new();
+        for a in inner_args {
+            args.extend_from_slice(a.as_bytes());
+            args.push(0);
+        }
+        add(w, L1_ARGS_PATH, &args, 0o644)?;
+        Ok(())
+    };
+    write(&mut w).map_err(prep_err("writing the L1 initramfs"))?;
+    w.finish().map_err(prep_err("writing the L1 initramfs"))?;
+    Ok(())
+}
+
+/// The argument list of the inner run: the same job with the runner fixed to the host KVM and
+/// the guest files at their L1 paths.
+pub fn inner_args(args: &RunArgs) -> Vec<String> {
+    let mut v: Vec<String> = vec![
+        "run".into(),
+        "--runner".into(),
+        "host".into(),
+        "--kernel".into(),
+        "/l2/vmlinuz".into(),
+    ];
+    if args.initrd.is_some() {
+        v.extend(["--initrd".into(), "/l2/initrd".into()]);
+    }
+    let base = args
+        .cmdline
+        .clone()
+        .unwrap_or_else(|| crate::cli::DEFAULT_CMDLINE.to_string());
+    v.extend(["--cmdline".into(), base]);
+    v.extend(["--vcpus".into(), args.vcpus.to_string()]);
+    v.extend(["--memory".into(), args.memory.to_string()]);
+    if let Some(exec) = &args.exec {
+        v.extend(["--exec".into(), exec.clone()]);
+    }
+    if let Some(t) = args.timeout {
+        v.extend(["--timeout".into(), t.to_string()]);
+    }
+    if args.timings {
+        v.push("--timings".into());
+    }
+    v
+}
+
+fn console_tail(path: &Path) -> String {
+    let text = fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..]
+        .iter()
+        .map(|l| format!("  L1| {}", l.trim_end_matches('\r')))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn wait_with_deadline(child: &mut Child, deadline: Option<Instant>) -> io::Result<Option<std::process::ExitStatus>> {
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs `args` (guest files already resolved) inside the emulated runner and returns the inner
+/// run's exit status.
+pub fn run_emulated(args: &RunArgs) -> Result<i32, RunnerError> {
+    let qemu = emulator();
+    let l1 = hvprobe_guest::default_guest()
+        .map_err(|e| RunnerError::Prepare(format!("the L1 kernel: {e}")))?
+        .kernel;
+    let l2_kernel = args
+        .kernel
+        .as_deref()
+        .ok_or_else(|| RunnerError::Prepare("no guest kernel".into()))?;
+
+    let work = std::env::temp_dir().join(format!("hvprobe-runner-{}", std::process::id()));
+    fs::create_dir_all(&work).map_err(prep_err("creating a work directory"))?;
+    let initrd = work.join("l1.cpio");
+    let console = work.join("l1-console.log");
+    build_l1_initrd(&initrd, &l1, l2_kernel, args.initrd.as_deref(), &inner_args(args))?;
+
+    let l1_mem = (args.memory + 512).max(1024);
+    let l1_cpus = args.vcpus.max(1);
+    let mut cmd = Command::new(&qemu);
+    cmd.args(["-accel", "tcg", "-cpu", "EPYC", "-nodefaults", "-no-reboot"])
+        .args(["-display", "none", "-monitor", "none"])
+        .args(["-smp", &l1_cpus.to_string(), "-m", &l1_mem.to_string()])
+        .arg("-kernel")
+        .arg(l1.vmlinuz())
+        .arg("-initrd")
+        .arg(&initrd)
+        .args([
+            "-append",
+            "console=ttyS0 nokaslr quiet loglevel=3 panic=-1 rdinit=/init",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .args(["-serial", "stdio"])
+        .args([
+            "-device",
+            &format!("isa-debug-exit,iobase={DEBUG_EXIT_PORT:#x},iosize=0x04"),
+        ])
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| RunnerError::NoEmulator {
+        qemu: qemu.clone(),
+        detail: e.to_string(),
+    })?;
+    let mut qemu_stderr = child.stderr.take();
+    let deadline = args.effective_timeout().map(|t| Instant::now() + t + L1_MARGIN);
+    let status = wait_with_deadline(&mut child, deadline)
+        .map_err(|e| RunnerError::Prepare(format!("waiting for the emulator: {e}")))?;
+    let mut stderr_text = String::new();
+    let result = match status {
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(RunnerError::Timeout {
+                secs: deadline
+                    .map(|_| (args.effective_timeout().unwrap_or_default() + L1_MARGIN).as_secs())
+                    .unwrap_or(0),
+                tail: console_tail(&console),
+            })
+        }
+        Some(status) => {
+            if let Some(e) = qemu_stderr.as_mut() {
+                let _ = e.read_to_string(&mut stderr_text);
+            }
+            match status.code() {
+                Some(code) if code % 2 == 1 => Ok((code - 1) / 2),
+                Some(code) => Err(RunnerError::NoResult {
+                    how: format!("exited with status {code}{}", qemu_stderr_note(&stderr_text)),
+                    tail: console_tail(&console),
+                }),
+                None => Err(RunnerError::NoResult {
+                    how: format!("was killed ({status})"),
+                    tail: console_tail(&console),
+                }),
+            }
+        }
+    };
+    let _ = fs::remove_dir_all(&work);
+    result
+}
+
+fn qemu_stderr_note(stderr: &str) -> String {
+    let s = stderr.trim();
+    if s.is_empty() {
+        String::new()
+    } else {
+        format!(" (emulator said: {s})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        args: RunArgs,
+    }
+
+    #[test]
+    fn inner_args_parse_back_to_the_same_job() {
+        let outer = Wrap::parse_from([
+            "x", "--kernel", "/k", "--initrd", "/i", "--vcpus", "2", "--memory", "300", "--exec",
+            "echo 'a b'; exit 3", "--timeout", "50",
+        ])
+        .args;
+        let inner = Wrap::parse_from(std::iter::once("x".to_string()).chain(inner_args(&outer).into_iter().skip(1))).args;
+        assert_eq!(inner.kernel.as_deref(), Some(Path::new("/l2/vmlinuz")));
+        assert_eq!(inner.initrd.as_deref(), Some(Path::new("/l2/initrd")));
+        assert_eq!(inner.vcpus, 2);
+        assert_eq!(inner.memory, 300);
+        assert_eq!(inner.exec.as_deref(), Some("echo 'a b'; exit 3"));
+        assert_eq!(inner.timeout, Some(50));
+        assert_eq!(inner.runner, crate::cli::RunnerChoice::Host);
+        assert_eq!(inner.effective_cmdline(), outer.effective_cmdline());
+    }
+
+    #[test]
+    fn ldd_lists_the_loader_and_libc() {
+        let exe = std::env::current_exe().unwrap();
+        let libs = shared_libraries(&exe).unwrap();
+        assert!(libs.iter().any(|l| l.to_string_lossy().contains("libc.so")), "{libs:?}");
+        assert!(libs.iter().any(|l| l.to_string_lossy().contains("ld-linux")), "{libs:?}");
+    }
+}
