@@ -10,7 +10,7 @@ use linux_loader::loader::bootparam::{boot_params, setup_header};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::layout::*;
-use super::mptable;
+use super::{acpi, mptable};
 
 /// Errors while preparing guest memory or vCPU state for boot.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +34,9 @@ pub enum BootError {
     /// The MP table could not be built.
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
+    /// The ACPI tables could not be built.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
     /// The command line does not fit what the kernel accepts.
     #[error("kernel command line is {len} bytes; this kernel accepts at most {max}")]
     CmdlineTooLong {
@@ -158,6 +161,7 @@ pub fn write_zero_page(mem: &GuestMemoryMmap, info: &BootInfo) -> Result<(), Boo
         params.e820_table[i].r#type = E820_RAM;
     }
     params.e820_entries = e820.len() as u8;
+    params.acpi_rsdp_addr = acpi::RSDP_START;
     mem.write_obj(ZeroPage(params), GuestAddress(ZERO_PAGE_START))
         .map_err(mem_err("zero page"))
 }
@@ -205,7 +209,8 @@ fn boot_gdt() -> [u64; 4] {
     ]
 }
 
-/// Writes the GDT, IDT, identity page tables (first GiB, 2 MiB pages) and the MP table.
+/// Writes the GDT, IDT, identity page tables (first GiB, 2 MiB pages), the ACPI tables and
+/// the MP table (for kernels built with `CONFIG_X86_MPPARSE` and booted with `acpi=off`).
 pub fn write_boot_tables(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<(), BootError> {
     for (i, entry) in boot_gdt().iter().enumerate() {
         mem.write_obj(*entry, GuestAddress(BOOT_GDT_START + i as u64 * 8))
@@ -221,6 +226,9 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<(), Boot
         mem.write_obj((i << 21) | 0x83, GuestAddress(PDE_START + i * 8))
             .map_err(mem_err("page directory"))?;
     }
+    let tables = acpi::build(num_cpus)?;
+    mem.write_slice(&tables, GuestAddress(acpi::RSDP_START))
+        .map_err(mem_err("ACPI tables"))?;
     let mp = mptable::build(num_cpus)?;
     mem.write_slice(&mp, GuestAddress(mptable::MPTABLE_START))
         .map_err(mem_err("MP table"))

@@ -1,5 +1,6 @@
 //! x86_64 specifics of the VMM: memory layout, boot protocol, MP table.
 
+pub mod acpi;
 pub mod boot;
 pub mod layout;
 pub mod mptable;
