@@ -79,8 +79,10 @@ pub struct RunArgs {
     pub timings: bool,
 }
 
-/// The command line every default-guest boot starts from.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nokaslr i8042.noaux i8042.nomux i8042.dumbkbd quiet";
+/// The command line every default-guest boot starts from: console on COM1, reset through the
+/// i8042 on reboot and at once on panic, no KASLR, and only messages of KERN_CRIT and worse
+/// (panics, oopses) on the console.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nokaslr i8042.noaux i8042.nomux i8042.dumbkbd quiet loglevel=3";
 
 /// Default time limit with `--exec`.
 pub const DEFAULT_EXEC_TIMEOUT_SECS: u64 = 600;
@@ -139,6 +141,9 @@ impl RunArgs {
                     bail!("{flag} {}: no such file", p.display());
                 }
             }
+        }
+        if let Some(kernel) = &self.kernel {
+            crate::vm::check_bzimage(kernel)?;
         }
         Ok(())
     }

@@ -9,8 +9,10 @@ use std::os::fd::AsRawFd;
 
 use crate::runner::{DEBUG_EXIT_PORT, L1_ARGS_PATH, L1_MODULES_DIR};
 
-/// The serial port that carries the inner run's output back to the host.
+/// The serial port that carries the inner run's stdin and stdout.
 const RELAY_TTY: &str = "/dev/ttyS1";
+/// The serial port that carries the inner run's stderr.
+const RELAY_ERR_TTY: &str = "/dev/ttyS2";
 
 fn mount(source: &str, target: &str, fstype: &str) {
     let _ = fs::create_dir_all(target);
@@ -60,12 +62,13 @@ fn cpu_flag(flag: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn relay_to_serial() -> Result<(), String> {
+/// Opens `path` as a raw tty and puts it on the standard descriptors `targets`.
+fn relay_to_serial(path: &str, targets: &[i32]) -> Result<(), String> {
     let tty = fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .open(RELAY_TTY)
-        .map_err(|e| format!("{RELAY_TTY}: {e}"))?;
+        .open(path)
+        .map_err(|e| format!("{path}: {e}"))?;
     let fd = tty.as_raw_fd();
     // SAFETY: termios is plain data; tcgetattr fills it for a valid tty fd, cfmakeraw only
     // edits the struct, and tcsetattr reads it.
@@ -76,8 +79,8 @@ fn relay_to_serial() -> Result<(), String> {
             libc::tcsetattr(fd, libc::TCSANOW, &t);
         }
     }
-    for target in 0..=2 {
-        // SAFETY: dup2 of a valid open fd onto the standard descriptors.
+    for &target in targets {
+        // SAFETY: dup2 of a valid open fd onto a standard descriptor.
         unsafe { libc::dup2(fd, target) };
     }
     Ok(())
@@ -102,8 +105,10 @@ pub fn main() -> ! {
     mount("devtmpfs", "/dev", "devtmpfs");
     mount("tmpfs", "/tmp", "tmpfs");
 
-    if let Err(e) = relay_to_serial() {
-        eprintln!("hvprobe-l1: {e}");
+    for (tty, targets) in [(RELAY_TTY, &[0, 1, 2][..]), (RELAY_ERR_TTY, &[2][..])] {
+        if let Err(e) = relay_to_serial(tty, targets) {
+            eprintln!("hvprobe-l1: {e}");
+        }
     }
     let vendor_module = if cpu_flag("vmx") {
         "kvm-intel.ko"
@@ -135,8 +140,11 @@ pub fn main() -> ! {
     }
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
-    // SAFETY: tcdrain on the standard output fd waits until the UART has sent everything.
-    unsafe { libc::tcdrain(1) };
+    // SAFETY: tcdrain on the standard descriptors waits until the UARTs have sent everything.
+    unsafe {
+        libc::tcdrain(1);
+        libc::tcdrain(2);
+    }
     report_exit(code);
     // SAFETY: reboot(2) as PID 1; reached only if the debug-exit device is missing.
     unsafe { libc::reboot(libc::RB_POWER_OFF) };

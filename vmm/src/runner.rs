@@ -8,13 +8,14 @@
 //!
 //! The L1 initramfs holds this very hvprobe binary as `/init` (with the shared libraries it
 //! links), the KVM modules, the L2 kernel and initrd, and the argument list of the inner run.
-//! The inner run's console and messages come back on L1's second serial port, in raw mode;
+//! The inner run's stdout (the guest console) comes back on L1's second serial port and its
+//! stderr on the third, both in raw mode and streamed to hvprobe's own stdout and stderr;
 //! its exit status comes back through QEMU's `isa-debug-exit` device, which turns a write of
 //! `v` into QEMU's exit status `2v + 1`. L1's own kernel log goes to a file that is shown when
 //! something goes wrong.
 
 use std::fs;
-use std::io::{self, BufWriter, Read};
+use std::io::{self, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -250,6 +251,8 @@ pub fn run_emulated(args: &RunArgs) -> Result<i32, RunnerError> {
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
         .args(["-serial", "stdio"])
+        // The inner run's stderr: QEMU's own stderr, which is a pipe read below.
+        .args(["-serial", "file:/proc/self/fd/2"])
         .args([
             "-device",
             &format!("isa-debug-exit,iobase={DEBUG_EXIT_PORT:#x},iosize=0x04"),
@@ -260,11 +263,10 @@ pub fn run_emulated(args: &RunArgs) -> Result<i32, RunnerError> {
         qemu: qemu.clone(),
         detail: e.to_string(),
     })?;
-    let mut qemu_stderr = child.stderr.take();
+    let stderr_copy = child.stderr.take().map(|pipe| std::thread::spawn(move || relay_stderr(pipe)));
     let deadline = args.effective_timeout().map(|t| Instant::now() + t + L1_MARGIN);
     let status = wait_with_deadline(&mut child, deadline)
         .map_err(|e| RunnerError::Prepare(format!("waiting for the emulator: {e}")))?;
-    let mut stderr_text = String::new();
     let result = match status {
         None => {
             let _ = child.kill();
@@ -277,9 +279,9 @@ pub fn run_emulated(args: &RunArgs) -> Result<i32, RunnerError> {
             })
         }
         Some(status) => {
-            if let Some(e) = qemu_stderr.as_mut() {
-                let _ = e.read_to_string(&mut stderr_text);
-            }
+            let stderr_text = stderr_copy
+                .and_then(|t| t.join().ok())
+                .unwrap_or_default();
             match status.code() {
                 Some(code) if code % 2 == 1 => Ok((code - 1) / 2),
                 Some(code) => Err(RunnerError::NoResult {
@@ -295,6 +297,28 @@ pub fn run_emulated(args: &RunArgs) -> Result<i32, RunnerError> {
     };
     let _ = fs::remove_dir_all(&work);
     result
+}
+
+/// Copies the emulator's stderr (its own messages and the inner run's stderr) to ours, and
+/// returns the last part of it for error reports.
+fn relay_stderr(pipe: std::process::ChildStderr) -> String {
+    use std::io::BufRead;
+    let mut kept = Vec::new();
+    let mut reader = io::BufReader::new(pipe);
+    let mut line = Vec::new();
+    let mut out = io::stderr();
+    while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+        // TCG's notes on CPUID bits of `-cpu EPYC` it cannot emulate say nothing to the user.
+        if !String::from_utf8_lossy(&line).contains("TCG doesn't support requested feature") {
+            let _ = out.write_all(&line);
+            kept.extend_from_slice(&line);
+            if kept.len() > 8192 {
+                kept.drain(..kept.len() - 4096);
+            }
+        }
+        line.clear();
+    }
+    String::from_utf8_lossy(&kept).into_owned()
 }
 
 fn qemu_stderr_note(stderr: &str) -> String {

@@ -16,6 +16,7 @@ use vm_memory::{
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::{boot, layout};
+use crate::devices::cmos::{CmosRtc, WallClock};
 use crate::devices::console::{ConsoleOut, ConsoleWatch};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{COM1_BASE, COM1_GSI, COM1_LEN, SerialPort};
@@ -154,6 +155,44 @@ fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<(u64, u64, boot::Bo
     ))
 }
 
+/// Checks that `path` is a bzImage the 64-bit boot protocol can load, without loading it, so
+/// that a wrong file is reported before any VM or emulator starts.
+pub fn check_bzimage(path: &Path) -> Result<(), VmError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let not = |detail: &str| VmError::NotBzImage {
+        path: path.into(),
+        detail: detail.into(),
+    };
+    let mut file = File::open(path).map_err(|source| VmError::KernelFile {
+        path: path.into(),
+        source,
+    })?;
+    let mut header = [0u8; 0x46];
+    file.seek(SeekFrom::Start(0x1f1))
+        .and_then(|_| file.read_exact(&mut header))
+        .map_err(|_| not("file too short for a setup header"))?;
+    // Offsets relative to 0x1f1: `header` magic at 0x202, `version` at 0x206,
+    // `loadflags` at 0x211, `xloadflags` at 0x236 (bit 0: has the 64-bit entry point).
+    if &header[0x11..0x15] != b"HdrS" {
+        return Err(not("no \"HdrS\" boot-protocol magic at offset 0x202"));
+    }
+    let version = u16::from_le_bytes([header[0x15], header[0x16]]);
+    if version < 0x020c {
+        return Err(not(&format!(
+            "boot protocol {}.{:02} is older than 2.12, the first with a 64-bit entry",
+            version >> 8,
+            version & 0xff
+        )));
+    }
+    if header[0x20] & 1 == 0 {
+        return Err(not("kernel is not loaded high (zImage, not bzImage)"));
+    }
+    if header[0x45] & 1 == 0 {
+        return Err(not("no 64-bit entry point (XLF_KERNEL_64 clear)"));
+    }
+    Ok(())
+}
+
 impl Vm {
     /// Creates the VM, loads the kernel and initrd, and configures the vCPUs; the console
     /// output goes to `console_out`.
@@ -251,6 +290,11 @@ impl Vm {
         let mut pio = PioBus::default();
         pio.insert(COM1_BASE, COM1_LEN, serial.clone());
         pio.insert(0x60, 5, i8042);
+        pio.insert(
+            0x70,
+            2,
+            Arc::new(Mutex::new(CmosRtc::new(Box::new(WallClock::now)))),
+        );
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)

@@ -4,6 +4,7 @@
 //! [`crate::vm::Vm::new`] with [`PioBus::insert`], and, if it raises interrupts, give it an
 //! `EventFd` registered as an irqfd on its GSI (see the serial port).
 
+pub mod cmos;
 pub mod console;
 pub mod i8042;
 pub mod serial;

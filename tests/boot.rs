@@ -1,0 +1,184 @@
+//! Boots the real default guest (Debian cloud kernel + hvprobe initramfs) with the `hvprobe`
+//! binary, through the emulated KVM runner where the host's KVM cannot do the job, and checks
+//! what the guest printed and how hvprobe exited.
+
+use std::process::{Command, Output};
+
+const HVPROBE: &str = env!("CARGO_BIN_EXE_hvprobe");
+
+/// Runs `hvprobe ARGS` and returns its output (stdin closed).
+fn hvprobe(args: &[&str]) -> Output {
+    Command::new(HVPROBE)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("hvprobe starts")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).replace('\r', "")
+}
+
+/// Fails with everything hvprobe printed.
+fn explain(out: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status.code(),
+        text(&out.stdout),
+        text(&out.stderr)
+    )
+}
+
+fn boot(vcpus: &str, exec: &str, timeout: &str) -> Output {
+    hvprobe(&[
+        "run", "--vcpus", vcpus, "--exec", exec, "--timeout", timeout, "--timings",
+    ])
+}
+
+#[test]
+fn one_vcpu_boots_to_init_runs_the_command_and_returns_its_status() {
+    let out = boot(
+        "1",
+        "echo sum=$((6 * 7)); uname -r; grep -c ^processor /proc/cpuinfo; exit 7",
+        "300",
+    );
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(7), "{}", explain(&out));
+    assert!(stdout.contains(hvprobe_guest::INIT_READY_MARKER), "{}", explain(&out));
+    assert!(stdout.contains("sum=42\n"), "{}", explain(&out));
+    assert!(stdout.contains("-cloud-amd64\n"), "{}", explain(&out));
+    let lines: Vec<&str> = stdout.lines().collect();
+    let sum_at = lines.iter().position(|l| *l == "sum=42").unwrap();
+    assert_eq!(lines[sum_at + 2], "1", "one CPU online: {}", explain(&out));
+    assert!(
+        text(&out.stderr).contains("boot to /init"),
+        "{}",
+        explain(&out)
+    );
+}
+
+#[test]
+fn two_vcpus_boot_and_both_run() {
+    // Two busy loops pinned to each CPU must both finish; the count of online CPUs is 2.
+    let out = boot(
+        "2",
+        "grep -c ^processor /proc/cpuinfo; cat /sys/devices/system/cpu/online; \
+         getpid-loop 20000 & getpid-loop 20000 & wait",
+        "300",
+    );
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines.contains(&"2"), "{}", explain(&out));
+    assert!(lines.contains(&"0-1"), "{}", explain(&out));
+    assert_eq!(
+        stdout.matches("getpid-loop: calls=20000").count(),
+        2,
+        "{}",
+        explain(&out)
+    );
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(1469598103934665603u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(1099511628211)
+    })
+}
+
+#[test]
+fn workloads_run_and_the_kernel_computes_right_results() {
+    let out = boot(
+        "1",
+        "getpid-loop 5000 && open-read-loop 4 /etc/passwd && fork-exec-loop 6",
+        "300",
+    );
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    assert!(stdout.contains("getpid-loop: calls=5000 pid="), "{}", explain(&out));
+    let passwd = b"root:x:0:0:root:/root:/bin/sh\n";
+    let want = format!(
+        "open-read-loop: path=/etc/passwd opens=4 bytes={} fnv1a={:016x}",
+        4 * passwd.len(),
+        fnv1a(passwd)
+    );
+    assert!(stdout.contains(&want), "want {want}\n{}", explain(&out));
+    assert!(stdout.contains("fork-exec-loop: runs=6 ok=6"), "{}", explain(&out));
+}
+
+#[test]
+fn a_guest_kernel_panic_is_reported() {
+    let out = boot("1", "echo c > /proc/sysrq-trigger; sleep 60", "200");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{}", explain(&out));
+    assert!(stderr.contains("guest kernel panicked"), "{}", explain(&out));
+    assert!(stderr.contains("sysrq"), "panic line names the cause: {}", explain(&out));
+}
+
+#[test]
+fn a_hung_guest_is_stopped_at_the_timeout() {
+    let out = boot("1", "echo hanging; sleep 100000", "40");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(124), "{}", explain(&out));
+    assert!(text(&out.stdout).contains("hanging"), "{}", explain(&out));
+    assert!(
+        stderr.contains("did not finish within 40 s"),
+        "{}",
+        explain(&out)
+    );
+}
+
+#[test]
+fn bad_inputs_get_one_clear_error_each() {
+    let missing = hvprobe(&["run", "--kernel", "/nonexistent/bzImage"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        text(&missing.stderr).contains("--kernel /nonexistent/bzImage: no such file"),
+        "{}",
+        explain(&missing)
+    );
+
+    let dir = std::env::temp_dir().join(format!("hvprobe-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let not_bz = dir.join("not-a-bzimage");
+    std::fs::write(&not_bz, vec![0x7fu8; 4096]).unwrap();
+    let out = hvprobe(&["run", "--kernel", not_bz.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("is not a bzImage"), "{}", explain(&out));
+    assert!(stderr.contains("HdrS"), "{}", explain(&out));
+    assert_eq!(stderr.lines().count(), 1, "{}", explain(&out));
+
+    let out = hvprobe(&["run", "--memory", "0", "--exec", "true"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("--memory 0 MiB is too small"),
+        "{}",
+        explain(&out)
+    );
+    let out = hvprobe(&["run", "--vcpus", "0", "--exec", "true"]);
+    assert!(
+        text(&out.stderr).contains("--vcpus 0 is out of range"),
+        "{}",
+        explain(&out)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn check_host_answers_in_one_line() {
+    let out = hvprobe(&["check-host"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(stdout.lines().count(), 1, "{}", explain(&out));
+    match out.status.code() {
+        Some(0) => assert!(stdout.contains("host KVM is usable"), "{}", explain(&out)),
+        Some(2) => assert!(
+            stdout.contains("host KVM cannot run hvprobe guests: "),
+            "{}",
+            explain(&out)
+        ),
+        _ => panic!("{}", explain(&out)),
+    }
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        assert!(stdout.contains("kvm_pvm"), "{}", explain(&out));
+    }
+}
