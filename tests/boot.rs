@@ -31,7 +31,14 @@ fn explain(out: &Output) -> String {
 
 fn boot(vcpus: &str, exec: &str, timeout: &str) -> Output {
     hvprobe(&[
-        "run", "--vcpus", vcpus, "--exec", exec, "--timeout", timeout, "--timings",
+        "run",
+        "--vcpus",
+        vcpus,
+        "--exec",
+        exec,
+        "--timeout",
+        timeout,
+        "--timings",
     ])
 }
 
@@ -44,7 +51,11 @@ fn one_vcpu_boots_to_init_runs_the_command_and_returns_its_status() {
     );
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(7), "{}", explain(&out));
-    assert!(stdout.contains(hvprobe_guest::INIT_READY_MARKER), "{}", explain(&out));
+    assert!(
+        stdout.contains(hvprobe_guest::INIT_READY_MARKER),
+        "{}",
+        explain(&out)
+    );
     assert!(stdout.contains("sum=42\n"), "{}", explain(&out));
     assert!(stdout.contains("-cloud-amd64\n"), "{}", explain(&out));
     let lines: Vec<&str> = stdout.lines().collect();
@@ -94,7 +105,11 @@ fn workloads_run_and_the_kernel_computes_right_results() {
     );
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
-    assert!(stdout.contains("getpid-loop: calls=5000 pid="), "{}", explain(&out));
+    assert!(
+        stdout.contains("getpid-loop: calls=5000 pid="),
+        "{}",
+        explain(&out)
+    );
     let passwd = b"root:x:0:0:root:/root:/bin/sh\n";
     let want = format!(
         "open-read-loop: path=/etc/passwd opens=4 bytes={} fnv1a={:016x}",
@@ -102,7 +117,11 @@ fn workloads_run_and_the_kernel_computes_right_results() {
         fnv1a(passwd)
     );
     assert!(stdout.contains(&want), "want {want}\n{}", explain(&out));
-    assert!(stdout.contains("fork-exec-loop: runs=6 ok=6"), "{}", explain(&out));
+    assert!(
+        stdout.contains("fork-exec-loop: runs=6 ok=6"),
+        "{}",
+        explain(&out)
+    );
 }
 
 #[test]
@@ -110,8 +129,16 @@ fn a_guest_kernel_panic_is_reported() {
     let out = boot("1", "echo c > /proc/sysrq-trigger; sleep 60", "200");
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "{}", explain(&out));
-    assert!(stderr.contains("guest kernel panicked"), "{}", explain(&out));
-    assert!(stderr.contains("sysrq"), "panic line names the cause: {}", explain(&out));
+    assert!(
+        stderr.contains("guest kernel panicked"),
+        "{}",
+        explain(&out)
+    );
+    assert!(
+        stderr.contains("sysrq"),
+        "panic line names the cause: {}",
+        explain(&out)
+    );
 }
 
 #[test]

@@ -60,7 +60,11 @@ impl<W: Write> CpioWriter<W> {
              {dmaj:08x}{dmin:08x}{rmaj:08x}{rmin:08x}{namesize:08x}{check:08x}",
             uid = 0,
             gid = 0,
-            nlink = if matches!(kind, EntryKind::Dir(_)) { 2 } else { 1 },
+            nlink = if matches!(kind, EntryKind::Dir(_)) {
+                2
+            } else {
+                1
+            },
             mtime = 0,
             size = data_len,
             dmaj = 0,

@@ -4,7 +4,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::{run_output, GuestError};
+use crate::{GuestError, run_output};
 
 /// A Debian kernel image package unpacked in the cache: bzImage, the real System.map and
 /// vmlinux from its `-dbg` package, and the modules that KVM needs when it is used as the L1

@@ -28,7 +28,9 @@ pub enum GuestError {
         detail: String,
     },
     /// The Debian archive could not tell which kernel package is current, and nothing is cached.
-    #[error("cannot resolve the kernel package from `{meta}` ({detail}); run `apt-get update` or `bash guest/setup-host.sh`")]
+    #[error(
+        "cannot resolve the kernel package from `{meta}` ({detail}); run `apt-get update` or `bash guest/setup-host.sh`"
+    )]
     Resolve {
         /// The meta package that was asked.
         meta: String,
@@ -67,8 +69,14 @@ pub const KERNEL_META_PACKAGE: &str = "linux-image-cloud-amd64";
 /// The workload programs built into the default guest, as (name, C source).
 pub const WORKLOADS: &[(&str, &str)] = &[
     ("getpid-loop", include_str!("../workloads/getpid-loop.c")),
-    ("open-read-loop", include_str!("../workloads/open-read-loop.c")),
-    ("fork-exec-loop", include_str!("../workloads/fork-exec-loop.c")),
+    (
+        "open-read-loop",
+        include_str!("../workloads/open-read-loop.c"),
+    ),
+    (
+        "fork-exec-loop",
+        include_str!("../workloads/fork-exec-loop.c"),
+    ),
 ];
 
 /// The default guest's `/init`.

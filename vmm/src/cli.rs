@@ -136,10 +136,10 @@ impl RunArgs {
             bail!("--vcpus {} is out of range: 1 to 254", self.vcpus);
         }
         for (flag, path) in [("--kernel", &self.kernel), ("--initrd", &self.initrd)] {
-            if let Some(p) = path {
-                if !p.is_file() {
-                    bail!("{flag} {}: no such file", p.display());
-                }
+            if let Some(p) = path
+                && !p.is_file()
+            {
+                bail!("{flag} {}: no such file", p.display());
             }
         }
         if let Some(kernel) = &self.kernel {
@@ -155,7 +155,9 @@ where
     I: IntoIterator<Item = S>,
     S: Into<std::ffi::OsString> + Clone,
 {
-    let cli = match Cli::try_parse_from(std::iter::once("hvprobe".into()).chain(args.into_iter().map(Into::into))) {
+    let cli = match Cli::try_parse_from(
+        std::iter::once("hvprobe".into()).chain(args.into_iter().map(Into::into)),
+    ) {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
@@ -213,7 +215,9 @@ fn run(args: &RunArgs) -> Result<i32> {
         RunnerChoice::Auto => match hostcheck::check_host() {
             Ok(_) => true,
             Err(e) => {
-                eprintln!("hvprobe: host KVM cannot run hvprobe guests ({e}); using the emulated KVM runner");
+                eprintln!(
+                    "hvprobe: host KVM cannot run hvprobe guests ({e}); using the emulated KVM runner"
+                );
                 false
             }
         },

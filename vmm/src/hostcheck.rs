@@ -81,7 +81,10 @@ pub fn check_host_at(dev_kvm: &Path, sys_module: &Path) -> Result<KvmFacts, Host
         (Cap::Irqfd, "KVM_CAP_IRQFD"),
         (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
         (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
-        (Cap::SetGuestDebug, "KVM_CAP_SET_GUEST_DEBUG (guest debugging)"),
+        (
+            Cap::SetGuestDebug,
+            "KVM_CAP_SET_GUEST_DEBUG (guest debugging)",
+        ),
     ] {
         if !kvm.check_extension(cap) {
             return Err(HostCheckError::MissingCap(name));

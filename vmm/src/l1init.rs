@@ -37,14 +37,7 @@ fn load_module(name: &str) -> Result<(), String> {
     let params = c"";
     // SAFETY: finit_module(2) with a valid open fd and an empty NUL-terminated parameter
     // string; the kernel only reads them.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_finit_module,
-            file.as_raw_fd(),
-            params.as_ptr(),
-            0,
-        )
-    };
+    let rc = unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), 0) };
     let err = std::io::Error::last_os_error();
     if rc != 0 && err.raw_os_error() != Some(libc::EEXIST) {
         return Err(format!("loading {name}: {err}"));

@@ -213,8 +213,8 @@ pub fn run(
             pio: vm.pio.clone(),
             stop: stop.clone(),
         };
-        let handle = vcpu::spawn(id as u32, fd, ctx)
-            .map_err(|e| setup_err("vCPU thread")(e.to_string()))?;
+        let handle =
+            vcpu::spawn(id as u32, fd, ctx).map_err(|e| setup_err("vCPU thread")(e.to_string()))?;
         handles.push(handle);
     }
 
@@ -230,7 +230,10 @@ pub fn run(
             break;
         }
         if let Some(relay) = &stdin_relay {
-            relay.lock().unwrap_or_else(|e| e.into_inner()).flush_pending();
+            relay
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .flush_pending();
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             stop.stop(StopReason::Timeout);
@@ -259,7 +262,9 @@ pub fn run(
     };
     Ok(RunReport {
         outcome,
-        boot_to_init: console.init_ready_at.map(|t| t.saturating_duration_since(started)),
+        boot_to_init: console
+            .init_ready_at
+            .map(|t| t.saturating_duration_since(started)),
         run_time,
         console_tail: console.tail.iter().cloned().collect(),
     })

@@ -5,5 +5,7 @@ fn main() {
     if std::process::id() == 1 {
         hvprobe_vmm::l1init::main();
     }
-    std::process::exit(hvprobe_vmm::cli::main_with_args(std::env::args_os().skip(1)));
+    std::process::exit(hvprobe_vmm::cli::main_with_args(
+        std::env::args_os().skip(1),
+    ));
 }

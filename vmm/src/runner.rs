@@ -15,7 +15,7 @@
 //! something goes wrong.
 
 use std::fs;
-use std::io::{self, BufWriter, Read, Write};
+use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -29,7 +29,9 @@ use crate::cli::RunArgs;
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
     /// The emulator could not be found or started.
-    #[error("cannot start the emulator `{qemu}`: {detail} (install qemu-system-x86 from bookworm-backports: `bash guest/setup-host.sh`)")]
+    #[error(
+        "cannot start the emulator `{qemu}`: {detail} (install qemu-system-x86 from bookworm-backports: `bash guest/setup-host.sh`)"
+    )]
     NoEmulator {
         /// The binary tried.
         qemu: String,
@@ -40,7 +42,9 @@ pub enum RunnerError {
     #[error("preparing the emulated runner: {0}")]
     Prepare(String),
     /// The L1 machine stopped without reporting the inner run's status.
-    #[error("the emulated runner's L1 machine {how} without reporting a result; last L1 console lines:\n{tail}")]
+    #[error(
+        "the emulated runner's L1 machine {how} without reporting a result; last L1 console lines:\n{tail}"
+    )]
     NoResult {
         /// How it stopped.
         how: String,
@@ -204,7 +208,10 @@ fn console_tail(path: &Path) -> String {
         .join("\n")
 }
 
-fn wait_with_deadline(child: &mut Child, deadline: Option<Instant>) -> io::Result<Option<std::process::ExitStatus>> {
+fn wait_with_deadline(
+    child: &mut Child,
+    deadline: Option<Instant>,
+) -> io::Result<Option<std::process::ExitStatus>> {
     loop {
         if let Some(status) = child.try_wait()? {
             return Ok(Some(status));
@@ -232,7 +239,13 @@ pub fn run_emulated(args: &RunArgs) -> Result<i32, RunnerError> {
     fs::create_dir_all(&work).map_err(prep_err("creating a work directory"))?;
     let initrd = work.join("l1.cpio");
     let console = work.join("l1-console.log");
-    build_l1_initrd(&initrd, &l1, l2_kernel, args.initrd.as_deref(), &inner_args(args))?;
+    build_l1_initrd(
+        &initrd,
+        &l1,
+        l2_kernel,
+        args.initrd.as_deref(),
+        &inner_args(args),
+    )?;
 
     let l1_mem = (args.memory + 512).max(1024);
     let l1_cpus = args.vcpus.max(1);
@@ -263,8 +276,13 @@ pub fn run_emulated(args: &RunArgs) -> Result<i32, RunnerError> {
         qemu: qemu.clone(),
         detail: e.to_string(),
     })?;
-    let stderr_copy = child.stderr.take().map(|pipe| std::thread::spawn(move || relay_stderr(pipe)));
-    let deadline = args.effective_timeout().map(|t| Instant::now() + t + L1_MARGIN);
+    let stderr_copy = child
+        .stderr
+        .take()
+        .map(|pipe| std::thread::spawn(move || relay_stderr(pipe)));
+    let deadline = args
+        .effective_timeout()
+        .map(|t| Instant::now() + t + L1_MARGIN);
     let status = wait_with_deadline(&mut child, deadline)
         .map_err(|e| RunnerError::Prepare(format!("waiting for the emulator: {e}")))?;
     let result = match status {
@@ -279,13 +297,14 @@ pub fn run_emulated(args: &RunArgs) -> Result<i32, RunnerError> {
             })
         }
         Some(status) => {
-            let stderr_text = stderr_copy
-                .and_then(|t| t.join().ok())
-                .unwrap_or_default();
+            let stderr_text = stderr_copy.and_then(|t| t.join().ok()).unwrap_or_default();
             match status.code() {
                 Some(code) if code % 2 == 1 => Ok((code - 1) / 2),
                 Some(code) => Err(RunnerError::NoResult {
-                    how: format!("exited with status {code}{}", qemu_stderr_note(&stderr_text)),
+                    how: format!(
+                        "exited with status {code}{}",
+                        qemu_stderr_note(&stderr_text)
+                    ),
                     tail: console_tail(&console),
                 }),
                 None => Err(RunnerError::NoResult {
@@ -344,11 +363,25 @@ mod tests {
     #[test]
     fn inner_args_parse_back_to_the_same_job() {
         let outer = Wrap::parse_from([
-            "x", "--kernel", "/k", "--initrd", "/i", "--vcpus", "2", "--memory", "300", "--exec",
-            "echo 'a b'; exit 3", "--timeout", "50",
+            "x",
+            "--kernel",
+            "/k",
+            "--initrd",
+            "/i",
+            "--vcpus",
+            "2",
+            "--memory",
+            "300",
+            "--exec",
+            "echo 'a b'; exit 3",
+            "--timeout",
+            "50",
         ])
         .args;
-        let inner = Wrap::parse_from(std::iter::once("x".to_string()).chain(inner_args(&outer).into_iter().skip(1))).args;
+        let inner = Wrap::parse_from(
+            std::iter::once("x".to_string()).chain(inner_args(&outer).into_iter().skip(1)),
+        )
+        .args;
         assert_eq!(inner.kernel.as_deref(), Some(Path::new("/l2/vmlinuz")));
         assert_eq!(inner.initrd.as_deref(), Some(Path::new("/l2/initrd")));
         assert_eq!(inner.vcpus, 2);
@@ -363,7 +396,14 @@ mod tests {
     fn ldd_lists_the_loader_and_libc() {
         let exe = std::env::current_exe().unwrap();
         let libs = shared_libraries(&exe).unwrap();
-        assert!(libs.iter().any(|l| l.to_string_lossy().contains("libc.so")), "{libs:?}");
-        assert!(libs.iter().any(|l| l.to_string_lossy().contains("ld-linux")), "{libs:?}");
+        assert!(
+            libs.iter().any(|l| l.to_string_lossy().contains("libc.so")),
+            "{libs:?}"
+        );
+        assert!(
+            libs.iter()
+                .any(|l| l.to_string_lossy().contains("ld-linux")),
+            "{libs:?}"
+        );
     }
 }

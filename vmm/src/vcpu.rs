@@ -61,7 +61,10 @@ impl StopSignal {
 
     /// The recorded reason.
     pub fn reason(&self) -> Option<StopReason> {
-        self.reason.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -135,10 +138,10 @@ pub struct VcpuHandle {
 impl VcpuHandle {
     /// Sends `cmd` and kicks the thread so it sees it now.
     pub fn send(&self, cmd: VcpuCommand) {
-        if self.commands.send(cmd).is_ok() {
-            if let Some(t) = &self.thread {
-                let _ = t.kill(kick_signal());
-            }
+        if self.commands.send(cmd).is_ok()
+            && let Some(t) = &self.thread
+        {
+            let _ = t.kill(kick_signal());
         }
     }
 
@@ -208,13 +211,18 @@ impl VcpuThread {
                 VcpuExit::MmioWrite(..) => ExitAction::Continue,
                 VcpuExit::Shutdown => ExitAction::Stop(StopReason::GuestReset),
                 VcpuExit::SystemEvent(kind, _) => match kind {
-                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitAction::Stop(StopReason::GuestReset),
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
+                        ExitAction::Stop(StopReason::GuestReset)
+                    }
                     _ => ExitAction::Stop(StopReason::GuestPoweroff),
                 },
                 VcpuExit::Hlt => ExitAction::Stop(StopReason::GuestPoweroff),
-                VcpuExit::FailEntry(reason, cpu) => ExitAction::Stop(StopReason::VcpuError(
-                    format!("vCPU {}: KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x} on CPU {cpu}", self.id),
-                )),
+                VcpuExit::FailEntry(reason, cpu) => {
+                    ExitAction::Stop(StopReason::VcpuError(format!(
+                        "vCPU {}: KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x} on CPU {cpu}",
+                        self.id
+                    )))
+                }
                 VcpuExit::InternalError => {
                     let run = self.fd.get_kvm_run();
                     // SAFETY: KVM filled the `internal` member of the exit union for

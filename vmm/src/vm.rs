@@ -10,9 +10,7 @@ use std::sync::{Arc, Mutex};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use linux_loader::loader::{KernelLoader, bzimage::BzImage};
-use vm_memory::{
-    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::{boot, layout};
@@ -133,11 +131,16 @@ fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<(u64, u64, boot::Bo
         path: path.into(),
         source,
     })?;
-    let loaded = BzImage::load(mem, None, &mut file, Some(GuestAddress(layout::HIMEM_START)))
-        .map_err(|e| VmError::NotBzImage {
-            path: path.into(),
-            detail: e.to_string(),
-        })?;
+    let loaded = BzImage::load(
+        mem,
+        None,
+        &mut file,
+        Some(GuestAddress(layout::HIMEM_START)),
+    )
+    .map_err(|e| VmError::NotBzImage {
+        path: path.into(),
+        detail: e.to_string(),
+    })?;
     let header = loaded.setup_header.ok_or_else(|| VmError::NotBzImage {
         path: path.into(),
         detail: "no setup header".into(),
@@ -265,7 +268,8 @@ impl Vm {
         }
         fd.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
             .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        fd.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -282,11 +286,10 @@ impl Vm {
         )));
         let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
         let reset_signal = reset_evt.try_clone().map_err(VmError::EventFd)?;
-        let i8042: Arc<Mutex<dyn PioDevice>> = Arc::new(Mutex::new(I8042::new(Box::new(
-            move || {
+        let i8042: Arc<Mutex<dyn PioDevice>> =
+            Arc::new(Mutex::new(I8042::new(Box::new(move || {
                 let _ = reset_signal.write(1);
-            },
-        ))));
+            }))));
         let mut pio = PioBus::default();
         pio.insert(COM1_BASE, COM1_LEN, serial.clone());
         pio.insert(0x60, 5, i8042);
@@ -304,7 +307,7 @@ impl Vm {
             let vcpu = fd
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            boot::setup_vcpu(&kvm, &supported, &vcpu, id as u8, config.vcpus as u8)?;
+            boot::setup_vcpu(&supported, &vcpu, id as u8, config.vcpus as u8)?;
             if id == 0 {
                 boot::setup_boot_vcpu(&vcpu, entry)?;
             }

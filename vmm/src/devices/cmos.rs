@@ -111,11 +111,11 @@ impl PioDevice for CmosRtc {
     }
 
     fn write(&mut self, offset: u16, data: &[u8]) {
-        if offset == 0 {
-            if let Some(&b) = data.first() {
-                // Bit 7 is the NMI mask, not part of the index.
-                self.index = b & 0x7f;
-            }
+        // Bit 7 is the NMI mask, not part of the index.
+        if offset == 0
+            && let Some(&b) = data.first()
+        {
+            self.index = b & 0x7f;
         }
     }
 }

@@ -31,10 +31,10 @@ impl ConsoleState {
         if line.contains(INIT_READY_MARKER) && self.init_ready_at.is_none() {
             self.init_ready_at = Some(Instant::now());
         }
-        if let Some(rest) = line.split(EXIT_STATUS_MARKER).nth(1) {
-            if let Ok(status) = rest.trim().parse() {
-                self.exit_status = Some(status);
-            }
+        if let Some(rest) = line.split(EXIT_STATUS_MARKER).nth(1)
+            && let Ok(status) = rest.trim().parse()
+        {
+            self.exit_status = Some(status);
         }
         if self.panic.is_none() && line.contains("Kernel panic - not syncing") {
             self.panic = Some(line.trim().to_string());

@@ -22,8 +22,11 @@ pub trait PioDevice: Send {
 /// The devices on the port-I/O bus, each over a port range. Shared by all vCPU threads.
 #[derive(Clone, Default)]
 pub struct PioBus {
-    ranges: Vec<(u16, u16, Arc<Mutex<dyn PioDevice>>)>,
+    ranges: Vec<PioRange>,
 }
+
+/// One device's port range: first port, number of ports, device.
+type PioRange = (u16, u16, Arc<Mutex<dyn PioDevice>>);
 
 impl PioBus {
     /// Puts `device` on ports `base..base + len`.

@@ -5,7 +5,7 @@
 use kvm_bindings::{
     CpuId, Msrs, kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs,
 };
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_ioctls::VcpuFd;
 use linux_loader::loader::bootparam::{boot_params, setup_header};
 use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -357,13 +357,11 @@ fn set_apic_delivery_mode(lapic: &mut kvm_lapic_state, reg: usize, mode: u32) {
 
 /// Sets up CPUID, MSRs and the local APIC's LINT0 (ExtINT, for the PIC) and LINT1 (NMI).
 pub fn setup_vcpu(
-    kvm: &Kvm,
     supported_cpuid: &CpuId,
     vcpu: &VcpuFd,
     id: u8,
     num_cpus: u8,
 ) -> Result<(), BootError> {
-    let _ = kvm;
     vcpu.set_cpuid2(&vcpu_cpuid(supported_cpuid, id, num_cpus))
         .map_err(kvm_err("KVM_SET_CPUID2"))?;
     let msrs = Msrs::from_entries(&boot_msrs()).expect("MSR list fits the FAM wrapper");

@@ -56,9 +56,6 @@ mod tests {
     #[test]
     fn ram_ranges_skip_the_mmio_gap() {
         assert_eq!(ram_ranges(256 << 20), vec![(0, 256 << 20)]);
-        assert_eq!(
-            ram_ranges(4 << 30),
-            vec![(0, 3 << 30), (4 << 30, 1 << 30)]
-        );
+        assert_eq!(ram_ranges(4 << 30), vec![(0, 3 << 30), (4 << 30, 1 << 30)]);
     }
 }

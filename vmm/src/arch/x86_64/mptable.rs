@@ -27,7 +27,10 @@ pub enum MptableError {
 pub const MPTABLE_START: u64 = EBDA_START;
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |a, b| a.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// Builds the MP floating pointer followed by the MP configuration table for `num_cpus` CPUs,
