@@ -1,14 +1,8 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! probe-core: hvprobe's probe engine, independent of KVM. It reaches the VM only through a
+//! small trait (registers, guest memory, stepping), so everything here is testable without
+//! /dev/kvm.
+//!
+//! Today it holds the guest kernel's symbol table ([`symbols`]); the instruction decoder, the
+//! probe table, the page-table walker and the XOL planner follow (issue "x86_64 probes").
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub mod symbols;

@@ -1,0 +1,229 @@
+//! The guest kernel's symbols, from its System.map: `SYMBOL[+OFFSET]` and address probe
+//! specifications resolved to kernel virtual addresses, and addresses turned back into
+//! `symbol+offset` for output.
+
+use std::collections::HashMap;
+
+/// Errors reading System.map or resolving a probe location.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SymbolError {
+    /// A System.map line is not `ADDRESS TYPE NAME`.
+    #[error("System.map line {line}: expected `ADDRESS TYPE NAME`, found {text:?}")]
+    BadLine {
+        /// 1-based line number.
+        line: usize,
+        /// The line.
+        text: String,
+    },
+    /// No symbol has this name.
+    #[error("unknown symbol `{0}`")]
+    Unknown(String),
+    /// Several symbols share the name (static functions in different files).
+    #[error("symbol `{name}` is ambiguous: it names {} addresses ({})", addrs.len(), addrs.iter().map(|a| format!("{a:#x}")).collect::<Vec<_>>().join(", "))]
+    Ambiguous {
+        /// The name.
+        name: String,
+        /// Every address it names.
+        addrs: Vec<u64>,
+    },
+    /// The location is not `SYMBOL`, `SYMBOL+OFFSET` or an address.
+    #[error("bad probe location `{0}`: expected SYMBOL, SYMBOL+OFFSET or 0xADDRESS")]
+    BadLocation(String),
+}
+
+/// One System.map entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Symbol {
+    /// Kernel virtual address (unrelocated: as linked, before any KASLR slide).
+    pub addr: u64,
+    /// The `nm` type letter (`t`/`T` for text).
+    pub kind: char,
+    /// The name.
+    pub name: String,
+}
+
+impl Symbol {
+    /// Whether the symbol is in a text section.
+    pub fn is_text(&self) -> bool {
+        matches!(self.kind, 't' | 'T' | 'w' | 'W')
+    }
+}
+
+/// The kernel's symbol table, searchable by name and by address.
+#[derive(Debug, Clone, Default)]
+pub struct SymbolMap {
+    by_addr: Vec<Symbol>,
+    by_name: HashMap<String, Vec<usize>>,
+}
+
+impl SymbolMap {
+    /// Parses System.map text.
+    pub fn parse(text: &str) -> Result<SymbolMap, SymbolError> {
+        let mut symbols = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let bad = || SymbolError::BadLine {
+                line: i + 1,
+                text: line.to_string(),
+            };
+            let mut parts = line.split_whitespace();
+            let (Some(addr), Some(kind), Some(name)) = (parts.next(), parts.next(), parts.next())
+            else {
+                return Err(bad());
+            };
+            let addr = u64::from_str_radix(addr, 16).map_err(|_| bad())?;
+            let mut kind_chars = kind.chars();
+            let (Some(kind), None) = (kind_chars.next(), kind_chars.next()) else {
+                return Err(bad());
+            };
+            symbols.push(Symbol {
+                addr,
+                kind,
+                name: name.to_string(),
+            });
+        }
+        symbols.sort_by_key(|s| s.addr);
+        let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, s) in symbols.iter().enumerate() {
+            by_name.entry(s.name.clone()).or_default().push(i);
+        }
+        Ok(SymbolMap {
+            by_addr: symbols,
+            by_name,
+        })
+    }
+
+    /// Number of symbols.
+    pub fn len(&self) -> usize {
+        self.by_addr.len()
+    }
+
+    /// Whether the map is empty (the image package's placeholder System.map is).
+    pub fn is_empty(&self) -> bool {
+        self.by_addr.is_empty()
+    }
+
+    /// The one symbol called `name`.
+    pub fn lookup(&self, name: &str) -> Result<&Symbol, SymbolError> {
+        match self.by_name.get(name).map(Vec::as_slice) {
+            None | Some([]) => Err(SymbolError::Unknown(name.to_string())),
+            Some([one]) => Ok(&self.by_addr[*one]),
+            Some(many) => Err(SymbolError::Ambiguous {
+                name: name.to_string(),
+                addrs: many.iter().map(|i| self.by_addr[*i].addr).collect(),
+            }),
+        }
+    }
+
+    /// Resolves `SYMBOL`, `SYMBOL+OFFSET` (decimal or 0x-hex) or `0xADDRESS` to an address and
+    /// the symbol it falls in.
+    pub fn resolve(&self, location: &str) -> Result<(u64, Option<&Symbol>), SymbolError> {
+        let bad = || SymbolError::BadLocation(location.to_string());
+        let parse_num = |s: &str| match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+            Some(hex) => u64::from_str_radix(hex, 16).ok(),
+            None => s.parse().ok(),
+        };
+        if location.starts_with("0x") || location.starts_with("0X") {
+            let addr = parse_num(location).ok_or_else(bad)?;
+            return Ok((addr, self.containing(addr).map(|(s, _)| s)));
+        }
+        let (name, offset) = match location.split_once('+') {
+            Some((n, off)) => (n, parse_num(off).ok_or_else(bad)?),
+            None => (location, 0),
+        };
+        if name.is_empty() || name.contains(char::is_whitespace) {
+            return Err(bad());
+        }
+        let sym = self.lookup(name)?;
+        Ok((sym.addr.checked_add(offset).ok_or_else(bad)?, Some(sym)))
+    }
+
+    /// The symbol `addr` falls in (the last one at or below it) and the offset into it.
+    pub fn containing(&self, addr: u64) -> Option<(&Symbol, u64)> {
+        let idx = self.by_addr.partition_point(|s| s.addr <= addr);
+        let sym = self.by_addr.get(idx.checked_sub(1)?)?;
+        Some((sym, addr - sym.addr))
+    }
+
+    /// The size of `sym`: the distance to the next symbol at a higher address.
+    pub fn size_of(&self, sym: &Symbol) -> Option<u64> {
+        let idx = self.by_addr.partition_point(|s| s.addr <= sym.addr);
+        self.by_addr.get(idx).map(|next| next.addr - sym.addr)
+    }
+
+    /// `symbol+0xoffset` for `addr`, or the bare address when no symbol covers it.
+    pub fn describe(&self, addr: u64) -> String {
+        match self.containing(addr) {
+            Some((s, 0)) => s.name.clone(),
+            Some((s, off)) => format!("{}+{off:#x}", s.name),
+            None => format!("{addr:#x}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAP: &str = "\
+ffffffff81000000 T _text
+ffffffff81000000 T startup_64
+ffffffff810c5a40 T __x64_sys_getpid
+ffffffff810c5a60 T __ia32_sys_getpid
+ffffffff81200000 t helper
+ffffffff81300000 t helper
+ffffffff82000000 D _etext
+";
+
+    #[test]
+    fn resolves_names_offsets_and_addresses() {
+        let m = SymbolMap::parse(MAP).unwrap();
+        assert_eq!(m.len(), 7);
+        let (addr, sym) = m.resolve("__x64_sys_getpid").unwrap();
+        assert_eq!(addr, 0xffffffff810c5a40);
+        assert_eq!(sym.unwrap().name, "__x64_sys_getpid");
+        assert_eq!(
+            m.resolve("__x64_sys_getpid+4").unwrap().0,
+            0xffffffff810c5a44
+        );
+        assert_eq!(
+            m.resolve("__x64_sys_getpid+0x10").unwrap().0,
+            0xffffffff810c5a50
+        );
+        let (addr, sym) = m.resolve("0xffffffff810c5a48").unwrap();
+        assert_eq!(addr, 0xffffffff810c5a48);
+        assert_eq!(sym.unwrap().name, "__x64_sys_getpid");
+        assert_eq!(m.describe(0xffffffff810c5a48), "__x64_sys_getpid+0x8");
+        assert_eq!(m.describe(0xffffffff810c5a60), "__ia32_sys_getpid");
+        assert_eq!(m.describe(0x1000), "0x1000");
+        let getpid = m.lookup("__x64_sys_getpid").unwrap();
+        assert_eq!(m.size_of(getpid), Some(0x20));
+        assert!(getpid.is_text());
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
+        let m = SymbolMap::parse(MAP).unwrap();
+        assert_eq!(
+            m.resolve("no_such_fn").unwrap_err(),
+            SymbolError::Unknown("no_such_fn".into())
+        );
+        let amb = m.resolve("helper").unwrap_err();
+        assert!(matches!(amb, SymbolError::Ambiguous { ref addrs, .. } if addrs.len() == 2));
+        assert!(amb.to_string().contains("0xffffffff81300000"));
+        assert!(matches!(
+            m.resolve("__x64_sys_getpid+zz"),
+            Err(SymbolError::BadLocation(_))
+        ));
+        assert!(matches!(
+            SymbolMap::parse("ffffffff81000000 T\n"),
+            Err(SymbolError::BadLine { line: 1, .. })
+        ));
+        assert!(matches!(
+            SymbolMap::parse("zzzz T name\n"),
+            Err(SymbolError::BadLine { line: 1, .. })
+        ));
+    }
+}

@@ -1,0 +1,27 @@
+//! The default guest's real System.map (from Debian's `-dbg` package) parses, and the symbols
+//! the probe work relies on resolve to text.
+
+use probe_core::symbols::SymbolMap;
+
+#[test]
+fn the_default_guests_system_map_resolves_syscall_entry_points() {
+    let guest = hvprobe_guest::default_guest().expect("default guest builds");
+    let text = std::fs::read_to_string(guest.kernel.system_map()).unwrap();
+    let map = SymbolMap::parse(&text).unwrap();
+    assert!(
+        map.len() > 50_000,
+        "a real kernel has many symbols: {}",
+        map.len()
+    );
+    let text_start = map.lookup("_text").unwrap().addr;
+    assert_eq!(text_start, 0xffff_ffff_8100_0000, "nokaslr link address");
+    for name in ["__x64_sys_getpid", "do_sys_openat2", "ksys_read"] {
+        let sym = map.lookup(name).unwrap();
+        assert!(sym.is_text(), "{name} is text");
+        assert!(sym.addr > text_start);
+        let size = map.size_of(sym).unwrap();
+        assert!(size > 0 && size < 0x10000, "{name} size {size:#x}");
+        assert_eq!(map.describe(sym.addr + 1), format!("{name}+0x1"));
+    }
+    assert!(map.resolve("no_such_kernel_function").is_err());
+}
