@@ -2,7 +2,8 @@
 //! small trait (registers, guest memory, stepping), so everything here is testable without
 //! /dev/kvm.
 //!
-//! Today it holds the guest kernel's symbol table ([`symbols`]); the instruction decoder, the
-//! probe table, the page-table walker and the XOL planner follow (issue "x86_64 probes").
+//! Today it holds the guest kernel's symbol table ([`symbols`]) and the x86_64 page-table walker
+//! ([`pagewalk`]); the instruction decoder, the probe table and the XOL planner follow.
 
+pub mod pagewalk;
 pub mod symbols;
