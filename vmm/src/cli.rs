@@ -15,8 +15,7 @@ use crate::vm::VmConfig;
 
 /// Exit status when the host cannot run the job (no usable KVM and no emulated runner).
 pub const EXIT_HOST_UNUSABLE: i32 = 2;
-/// Exit status when the guest failed (panic, vCPU error, no status from the command).
-pub const EXIT_GUEST_FAILED: i32 = 125;
+pub use crate::machine::EXIT_GUEST_FAILED;
 
 /// hvprobe: out-of-guest kernel probes on a KVM VMM.
 #[derive(Debug, Parser)]
@@ -256,37 +255,29 @@ fn run_on_host(args: &RunArgs) -> Result<i32> {
             ),
         }
     }
-    let tail = || {
-        eprintln!("hvprobe: last console lines:");
-        for l in &report.console_tail {
-            eprintln!("  | {l}");
-        }
-    };
-    Ok(match &report.outcome {
-        Outcome::Panicked(line) => {
-            eprintln!("hvprobe: guest kernel panicked: {line}");
-            tail();
-            EXIT_GUEST_FAILED
-        }
-        Outcome::TimedOut(t) => {
-            eprintln!("hvprobe: guest did not finish within {} s", t.as_secs());
-            tail();
-            report.outcome.exit_code()
-        }
-        Outcome::VcpuError(e) => {
-            eprintln!("hvprobe: {e}");
-            tail();
-            EXIT_GUEST_FAILED
-        }
+    let problem = match &report.outcome {
+        Outcome::Panicked(line) => Some(format!("guest kernel panicked: {line}")),
+        Outcome::TimedOut(t) => Some(format!("guest did not finish within {} s", t.as_secs())),
+        Outcome::VcpuError(e) => Some(e.clone()),
         Outcome::ShutDown if args.exec.is_some() => {
-            eprintln!("hvprobe: guest shut down without reporting the command's exit status");
-            tail();
-            EXIT_GUEST_FAILED
+            Some("guest shut down without reporting the command's exit status".to_string())
         }
         Outcome::Interrupted => {
             eprintln!("hvprobe: interrupted");
-            report.outcome.exit_code()
+            None
         }
-        other => other.exit_code(),
+        Outcome::CommandExited(_) | Outcome::ShutDown => None,
+    };
+    let Some(problem) = problem else {
+        return Ok(report.outcome.exit_code());
+    };
+    eprintln!("hvprobe: {problem}");
+    eprintln!("hvprobe: last console lines:");
+    for l in &report.console_tail {
+        eprintln!("  | {l}");
+    }
+    Ok(match report.outcome {
+        Outcome::ShutDown => EXIT_GUEST_FAILED,
+        ref other => other.exit_code(),
     })
 }

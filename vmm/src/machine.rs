@@ -52,6 +52,9 @@ pub enum Outcome {
     Interrupted,
 }
 
+/// Exit status when the guest failed (panic, vCPU error, no status from the command).
+pub const EXIT_GUEST_FAILED: i32 = 125;
+
 impl Outcome {
     /// The process exit status that reports this outcome: the guest command's own status,
     /// 0 for a plain shutdown, 124 for a timeout (like `timeout(1)`), 125 for a guest
@@ -61,7 +64,7 @@ impl Outcome {
             Outcome::CommandExited(s) => *s,
             Outcome::ShutDown => 0,
             Outcome::TimedOut(_) => 124,
-            Outcome::Panicked(_) | Outcome::VcpuError(_) => 125,
+            Outcome::Panicked(_) | Outcome::VcpuError(_) => EXIT_GUEST_FAILED,
             Outcome::Interrupted => 130,
         }
     }

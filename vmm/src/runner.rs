@@ -280,9 +280,8 @@ pub fn run_emulated(args: &RunArgs) -> Result<i32, RunnerError> {
         .stderr
         .take()
         .map(|pipe| std::thread::spawn(move || relay_stderr(pipe)));
-    let deadline = args
-        .effective_timeout()
-        .map(|t| Instant::now() + t + L1_MARGIN);
+    let limit = args.effective_timeout().map(|t| t + L1_MARGIN);
+    let deadline = limit.map(|l| Instant::now() + l);
     let status = wait_with_deadline(&mut child, deadline)
         .map_err(|e| RunnerError::Prepare(format!("waiting for the emulator: {e}")))?;
     let result = match status {
@@ -290,9 +289,7 @@ pub fn run_emulated(args: &RunArgs) -> Result<i32, RunnerError> {
             let _ = child.kill();
             let _ = child.wait();
             Err(RunnerError::Timeout {
-                secs: deadline
-                    .map(|_| (args.effective_timeout().unwrap_or_default() + L1_MARGIN).as_secs())
-                    .unwrap_or(0),
+                secs: limit.unwrap_or_default().as_secs(),
                 tail: console_tail(&console),
             })
         }
