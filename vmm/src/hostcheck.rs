@@ -40,12 +40,13 @@ pub struct KvmFacts {
 
 const KVM_CAP_SET_GUEST_DEBUG2: i32 = 195;
 
-fn cpu_has_hardware_virt() -> bool {
+/// Whether `/proc/cpuinfo` lists `flag` (e.g. `svm`, `vmx`) for this machine's CPUs.
+pub fn cpu_flag(flag: &str) -> bool {
     std::fs::read_to_string("/proc/cpuinfo")
         .map(|s| {
             s.lines()
                 .filter(|l| l.starts_with("flags"))
-                .any(|l| l.split_whitespace().any(|f| f == "svm" || f == "vmx"))
+                .any(|l| l.split_whitespace().any(|f| f == flag))
         })
         .unwrap_or(false)
 }
@@ -92,7 +93,7 @@ pub fn check_host_at(dev_kvm: &Path, sys_module: &Path) -> Result<KvmFacts, Host
     }
     let sync_reg_flags = kvm.check_extension_int(Cap::SyncRegs);
     let debug2 = kvm.check_extension_raw(KVM_CAP_SET_GUEST_DEBUG2 as libc::c_ulong);
-    let hardware_virt = cpu_has_hardware_virt();
+    let hardware_virt = cpu_flag("svm") || cpu_flag("vmx");
     if cfg!(target_arch = "x86_64") && !hardware_virt {
         // An x86 KVM that is not backed by SVM or VMX is PVM under another name.
         return Err(HostCheckError::Pvm);

@@ -45,16 +45,6 @@ fn load_module(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn cpu_flag(flag: &str) -> bool {
-    fs::read_to_string("/proc/cpuinfo")
-        .map(|s| {
-            s.lines()
-                .filter(|l| l.starts_with("flags"))
-                .any(|l| l.split_whitespace().any(|f| f == flag))
-        })
-        .unwrap_or(false)
-}
-
 /// Opens `path` as a raw tty and puts it on the standard descriptors `targets`.
 fn relay_to_serial(path: &str, targets: &[i32]) -> Result<(), String> {
     let tty = fs::OpenOptions::new()
@@ -103,7 +93,7 @@ pub fn main() -> ! {
             eprintln!("hvprobe-l1: {e}");
         }
     }
-    let vendor_module = if cpu_flag("vmx") {
+    let vendor_module = if crate::hostcheck::cpu_flag("vmx") {
         "kvm-intel.ko"
     } else {
         "kvm-amd.ko"
