@@ -5,5 +5,6 @@
 //! Today it holds the guest kernel's symbol table ([`symbols`]) and the x86_64 page-table walker
 //! ([`pagewalk`]); the instruction decoder, the probe table and the XOL planner follow.
 
+pub mod arch;
 pub mod pagewalk;
 pub mod symbols;
