@@ -8,3 +8,7 @@
 pub mod arch;
 pub mod pagewalk;
 pub mod symbols;
+pub mod xol;
+pub mod vm;
+pub mod probe;
+pub mod engine;

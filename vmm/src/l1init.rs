@@ -69,9 +69,10 @@ fn relay_to_serial(path: &str, targets: &[i32]) -> Result<(), String> {
     Ok(())
 }
 
-/// Writes `code` to the `isa-debug-exit` port; QEMU then exits with `2 * code + 1`.
+/// Writes `code + 1` to the `isa-debug-exit` port; QEMU then exits with `2 * (code + 1) + 1`.
+/// The offset keeps every report apart from QEMU's own failure status 1.
 fn report_exit(code: i32) {
-    let value = code.clamp(0, 127) as u32;
+    let value = code.clamp(0, 126) as u32 + 1;
     // SAFETY: as PID 1 in L1 we hold CAP_SYS_RAWIO; ioperm grants this process access to the
     // one port of QEMU's isa-debug-exit device, and the `out` only writes that port.
     unsafe {

@@ -11,7 +11,7 @@
 //! The inner run's stdout (the guest console) comes back on L1's second serial port and its
 //! stderr on the third, both in raw mode and streamed to hvprobe's own stdout and stderr;
 //! its exit status comes back through QEMU's `isa-debug-exit` device, which turns a write of
-//! `v` into QEMU's exit status `2v + 1`. L1's own kernel log goes to a file that is shown when
+//! `v` into QEMU's exit status `2v + 1` (L1 writes status + 1, see `l1init`). L1's own kernel log goes to a file that is shown when
 //! something goes wrong.
 
 use std::fs;
@@ -73,6 +73,9 @@ pub const L1_MODULES_DIR: &str = "/modules";
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 /// Time allowed on top of the inner run's own limit for L1 to boot and shut down.
 const L1_MARGIN: Duration = Duration::from_secs(180);
+
+/// Where Debian installs the firmware QEMU loads (SeaBIOS, option ROMs).
+const FIRMWARE_DIRS: [&str; 3] = ["/usr/share/qemu", "/usr/share/seabios", "/usr/lib/ipxe/qemu"];
 
 /// The emulator binary: `$HVPROBE_QEMU`, else `qemu-system-x86_64` on PATH.
 pub fn emulator() -> String {
@@ -251,6 +254,8 @@ pub fn run_emulated(args: &RunArgs) -> Result<i32, RunnerError> {
     let l1_cpus = args.vcpus.max(1);
     let mut cmd = Command::new(&qemu);
     cmd.args(["-accel", "tcg", "-cpu", "EPYC", "-nodefaults", "-no-reboot"])
+        // Debian's firmware, for a QEMU built from source (guest/qemu/build.sh).
+        .args(FIRMWARE_DIRS.iter().flat_map(|d| ["-L", d]))
         .args(["-display", "none", "-monitor", "none"])
         .args(["-smp", &l1_cpus.to_string(), "-m", &l1_mem.to_string()])
         .arg("-kernel")
@@ -296,7 +301,8 @@ pub fn run_emulated(args: &RunArgs) -> Result<i32, RunnerError> {
         Some(status) => {
             let stderr_text = stderr_copy.and_then(|t| t.join().ok()).unwrap_or_default();
             match status.code() {
-                Some(code) if code % 2 == 1 => Ok((code - 1) / 2),
+                // L1 reports status s as s + 1, which QEMU turns into 2(s + 1) + 1.
+                Some(code) if code % 2 == 1 && code >= 3 => Ok((code - 3) / 2),
                 Some(code) => Err(RunnerError::NoResult {
                     how: format!(
                         "exited with status {code}{}",

@@ -1,0 +1,810 @@
+//! The probe engine: the probe table keyed by guest physical address, planting and removal,
+//! and the per-vCPU hit state machine (breakpoint -> handlers -> step plan -> resume).
+//!
+//! The engine runs in the vCPU threads: each debug exit is handled on the thread that took it,
+//! against that vCPU's [`VcpuAccess`] and its own [`VcpuProbeState`]; the table is shared and
+//! only written while every vCPU is out of `KVM_RUN` (the VMM pauses them to plant or remove).
+
+use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
+
+use crate::arch::x86_64::{
+    DecodeError, Decoder, Emulation, EmulationError, Gpr, INT3, OutOfLine, Refusal, Registers,
+    StepPlan,
+};
+use crate::pagewalk::{PagingMode, WalkError, translate};
+use crate::probe::{Handler, PhysMemory, Probe, ProbeContext, TrapKind, Walker, read_virt};
+use crate::vm::{DebugEvent, VcpuAccess, Verdict, VmError};
+use crate::xol::{SLOT_SIZE, XolArea, XolError, XolSlot};
+
+/// Most hardware execute breakpoints x86 offers.
+pub const MAX_HW_BREAKPOINTS: usize = 4;
+
+/// Errors of planting and removing probes.
+#[derive(Debug, thiserror::Error)]
+pub enum PlantError {
+    /// The address is not mapped in the guest's kernel page tables.
+    #[error("{location}: {va:#x} is not mapped in the guest ({source})")]
+    NotMapped {
+        /// The probe location.
+        location: String,
+        /// The address.
+        va: u64,
+        /// The walk error.
+        source: WalkError,
+    },
+    /// Guest memory could not be read or written.
+    #[error("{location}: guest memory at {gpa:#x} is not accessible")]
+    Memory {
+        /// The probe location.
+        location: String,
+        /// The guest physical address.
+        gpa: u64,
+    },
+    /// Decoding failed or the offset is not on an instruction boundary.
+    #[error("{location}: {source}")]
+    Decode {
+        /// The probe location.
+        location: String,
+        /// What went wrong.
+        source: DecodeError,
+    },
+    /// The instruction cannot be probed.
+    #[error("{location}: {source}")]
+    Refused {
+        /// The probe location.
+        location: String,
+        /// Why.
+        source: Refusal,
+    },
+    /// No XOL slot.
+    #[error("{location}: {source}")]
+    Xol {
+        /// The probe location.
+        location: String,
+        /// What went wrong.
+        source: XolError,
+    },
+    /// All hardware breakpoints are taken.
+    #[error("{location}: all {MAX_HW_BREAKPOINTS} hardware breakpoints are in use")]
+    NoHardwareBreakpoint {
+        /// The probe location.
+        location: String,
+    },
+    /// The same address has probes of both trap kinds.
+    #[error("{location}: the address already has a probe with the other trap kind")]
+    MixedTraps {
+        /// The probe location.
+        location: String,
+    },
+    /// No such probe.
+    #[error("no probe with id {0}")]
+    UnknownProbe(usize),
+}
+
+/// Identifies a planted probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProbeId(pub usize);
+
+/// Counters of one probe.
+#[derive(Debug, Default)]
+struct ProbeCounters {
+    hits: AtomicU64,
+    missed: AtomicU64,
+    handler_errors: AtomicU64,
+}
+
+/// A snapshot of one probe's counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeStats {
+    /// The probe's id.
+    pub id: ProbeId,
+    /// Its location as given.
+    pub location: String,
+    /// Its address.
+    pub address: u64,
+    /// Name of the step plan (`emulate`, `xol`, `xol-riprel`, `xol-call`).
+    pub plan: &'static str,
+    /// The probed instruction.
+    pub instruction: String,
+    /// Which trap.
+    pub trap: TrapKind,
+    /// Times a vCPU reached it.
+    pub hits: u64,
+    /// Hits on which the handlers could not run.
+    pub missed: u64,
+    /// Handler calls that returned an error or panicked.
+    pub handler_errors: u64,
+}
+
+struct ProbeEntry {
+    id: ProbeId,
+    location: String,
+    pre: Option<Handler>,
+    post: Option<Handler>,
+    counters: ProbeCounters,
+}
+
+/// One planted breakpoint: an address with one or more probes on it.
+struct Site {
+    va: u64,
+    gpa: u64,
+    trap: TrapKind,
+    /// The guest's bytes under the breakpoint, restored on removal.
+    saved: Vec<u8>,
+    instruction: String,
+    plan: StepPlan,
+    slot: Option<XolSlot>,
+    probes: Vec<Arc<ProbeEntry>>,
+}
+
+/// A trap the engine planted and later found rewritten by the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RewrittenSite {
+    /// The probed address.
+    pub va: u64,
+    /// What the guest wrote there.
+    pub found: Vec<u8>,
+}
+
+/// Counts of debug exits by what they were, for figures.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExitStats {
+    /// Software breakpoint exits that were ours.
+    pub breakpoints: u64,
+    /// Hardware breakpoint exits that were ours.
+    pub hw_breakpoints: u64,
+    /// Single-step exits that completed an out-of-line step.
+    pub steps: u64,
+    /// Traps that were the guest's own and went back to it.
+    pub reinjected: u64,
+    /// Hits per step plan name.
+    pub hits_by_plan: Vec<(&'static str, u64)>,
+}
+
+#[derive(Default)]
+struct ExitCounters {
+    breakpoints: AtomicU64,
+    hw_breakpoints: AtomicU64,
+    steps: AtomicU64,
+    reinjected: AtomicU64,
+    by_plan: [AtomicU64; 4],
+}
+
+const PLAN_NAMES: [&str; 4] = ["emulate", "xol", "xol-riprel", "xol-call"];
+
+/// An out-of-line step under way on one vCPU. Self-contained, so it completes correctly even
+/// if its probe is removed while the step is pending.
+#[derive(Debug, Clone)]
+struct StepInFlight {
+    orig_va: u64,
+    len: u64,
+    slot_va: u64,
+    scratch: Option<(Gpr, u64)>,
+    fix_return_address: bool,
+    site_gpa: u64,
+}
+
+/// Per-vCPU engine state, owned by the vCPU thread.
+#[derive(Debug, Default)]
+pub struct VcpuProbeState {
+    in_flight: Option<StepInFlight>,
+}
+
+impl VcpuProbeState {
+    /// Whether an out-of-line step is pending on this vCPU.
+    pub fn stepping(&self) -> bool {
+        self.in_flight.is_some()
+    }
+}
+
+struct ProbeTable {
+    sites: HashMap<u64, Site>,
+    by_probe: HashMap<ProbeId, u64>,
+    next_id: usize,
+    hw: [Option<u64>; MAX_HW_BREAKPOINTS],
+}
+
+/// The probe engine over guest memory `M`.
+pub struct ProbeEngine<M: GuestMemory + Send + Sync> {
+    mem: M,
+    table: RwLock<ProbeTable>,
+    xol: Mutex<XolArea>,
+    decoder: Mutex<Decoder>,
+    exits: ExitCounters,
+    start: Instant,
+    hw_generation: AtomicU64,
+}
+
+/// Where to plant: the address, and the function start to decode from for the boundary check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlantTarget {
+    /// The probed address.
+    pub va: u64,
+    /// Start of the containing function, when known.
+    pub function_start: Option<u64>,
+}
+
+impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
+    /// An engine over `mem` with the XOL area `xol` (whose page tables it writes now).
+    pub fn new(mem: M, xol: XolArea) -> Result<ProbeEngine<M>, XolError> {
+        xol.write_tables(&mem)?;
+        let decoder = Decoder::new().map_err(|_| XolError::Memory(0))?;
+        Ok(ProbeEngine {
+            mem,
+            table: RwLock::new(ProbeTable {
+                sites: HashMap::new(),
+                by_probe: HashMap::new(),
+                next_id: 0,
+                hw: [None; MAX_HW_BREAKPOINTS],
+            }),
+            xol: Mutex::new(xol),
+            decoder: Mutex::new(decoder),
+            exits: ExitCounters::default(),
+            start: Instant::now(),
+            hw_generation: AtomicU64::new(0),
+        })
+    }
+
+    /// The guest memory.
+    pub fn memory(&self) -> &M {
+        &self.mem
+    }
+
+    fn read_virt_bytes(
+        &self,
+        location: &str,
+        regs: &Registers,
+        va: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, PlantError> {
+        let mode = PagingMode::from_cr4(regs.cr4);
+        let mut buf = vec![0u8; len];
+        // Read what is readable: code near the end of a mapping may be shorter than `len`.
+        for (i, b) in buf.iter_mut().enumerate() {
+            let at = va.wrapping_add(i as u64);
+            match translate(&Walker(&self.mem), regs.cr3, mode, at) {
+                Ok(t) if self.mem.read_phys(t.gpa, std::slice::from_mut(b)) => {}
+                _ if i > 0 => {
+                    return Ok(buf[..i].to_vec());
+                }
+                Ok(t) => {
+                    return Err(PlantError::Memory {
+                        location: location.into(),
+                        gpa: t.gpa,
+                    });
+                }
+                Err(source) => {
+                    return Err(PlantError::NotMapped {
+                        location: location.into(),
+                        va: at,
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(buf)
+    }
+
+    /// Plants `probe` at `target`, using the page tables in `regs` (any vCPU's, all map kernel
+    /// text alike). All checks come first: on error nothing in the guest has changed. Call
+    /// with every vCPU out of `KVM_RUN`.
+    pub fn plant(
+        &self,
+        probe: Probe,
+        target: PlantTarget,
+        regs: &Registers,
+    ) -> Result<ProbeId, PlantError> {
+        let location = probe.location.clone();
+        let mode = PagingMode::from_cr4(regs.cr4);
+        let gpa = translate(&Walker(&self.mem), regs.cr3, mode, target.va)
+            .map_err(|source| PlantError::NotMapped {
+                location: location.clone(),
+                va: target.va,
+                source,
+            })?
+            .gpa;
+        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(site) = table.sites.get_mut(&gpa) {
+            if site.trap != probe.trap {
+                return Err(PlantError::MixedTraps { location });
+            }
+            let id = ProbeId(table.next_id);
+            table.next_id += 1;
+            let site = table.sites.get_mut(&gpa).expect("site present");
+            site.probes.push(Arc::new(ProbeEntry {
+                id,
+                location,
+                pre: probe.pre,
+                post: probe.post,
+                counters: ProbeCounters::default(),
+            }));
+            table.by_probe.insert(id, gpa);
+            return Ok(id);
+        }
+
+        let decoder = self.decoder.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(start) = target.function_start.filter(|s| *s < target.va) {
+            let offset = target.va - start;
+            let code = self.read_virt_bytes(&location, regs, start, offset as usize + 16)?;
+            decoder
+                .check_boundary(&code, start, offset)
+                .map_err(|source| PlantError::Decode {
+                    location: location.clone(),
+                    source,
+                })?;
+        }
+        let code = self.read_virt_bytes(&location, regs, target.va, 16)?;
+        let insn = decoder
+            .decode(&code, target.va)
+            .map_err(|source| PlantError::Decode {
+                location: location.clone(),
+                source,
+            })?;
+        let plan = decoder
+            .plan(&insn)
+            .map_err(|source| PlantError::Refused {
+                location: location.clone(),
+                source,
+            })?;
+        drop(decoder);
+
+        let hw_index = match probe.trap {
+            TrapKind::Hardware => Some(table.hw.iter().position(Option::is_none).ok_or(
+                PlantError::NoHardwareBreakpoint {
+                    location: location.clone(),
+                },
+            )?),
+            TrapKind::Software => None,
+        };
+        let slot = match &plan {
+            StepPlan::StepOutOfLine(ool) => Some(self.prepare_slot(&location, ool, target.va)?),
+            StepPlan::Emulate(_) => None,
+        };
+        let saved = insn.bytes[..1].to_vec();
+        if probe.trap == TrapKind::Software {
+            self.mem
+                .write_slice(&[INT3], GuestAddress(gpa))
+                .map_err(|_| PlantError::Memory {
+                    location: location.clone(),
+                    gpa,
+                })?;
+        }
+        if let Some(i) = hw_index {
+            table.hw[i] = Some(target.va);
+            self.hw_generation.fetch_add(1, Ordering::SeqCst);
+        }
+        let id = ProbeId(table.next_id);
+        table.next_id += 1;
+        table.by_probe.insert(id, gpa);
+        table.sites.insert(
+            gpa,
+            Site {
+                va: target.va,
+                gpa,
+                trap: probe.trap,
+                saved,
+                instruction: insn.text.clone(),
+                plan,
+                slot,
+                probes: vec![Arc::new(ProbeEntry {
+                    id,
+                    location,
+                    pre: probe.pre,
+                    post: probe.post,
+                    counters: ProbeCounters::default(),
+                })],
+            },
+        );
+        Ok(id)
+    }
+
+    /// Writes an instruction's out-of-line copy into a fresh slot, followed by an absolute
+    /// jump back to the original stream (taken only if the guest ever resumes in the slot
+    /// without the host, e.g. after an exception in the stepped instruction), then int3s.
+    fn prepare_slot(&self, location: &str, ool: &OutOfLine, va: u64) -> Result<XolSlot, PlantError> {
+        let slot = self
+            .xol
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .allocate()
+            .map_err(|source| PlantError::Xol {
+                location: location.into(),
+                source,
+            })?;
+        let mut bytes = vec![INT3; SLOT_SIZE as usize];
+        let n = ool.slot_bytes.len();
+        bytes[..n].copy_from_slice(&ool.slot_bytes);
+        if ool.scratch.is_none() && n + 14 <= bytes.len() {
+            // jmp *0(%rip); .quad next
+            bytes[n..n + 6].copy_from_slice(&[0xff, 0x25, 0, 0, 0, 0]);
+            bytes[n + 6..n + 14].copy_from_slice(&(va + u64::from(ool.len)).to_le_bytes());
+        }
+        self.mem
+            .write_slice(&bytes, GuestAddress(slot.gpa))
+            .map_err(|_| PlantError::Memory {
+                location: location.into(),
+                gpa: slot.gpa,
+            })?;
+        Ok(slot)
+    }
+
+    /// Removes one probe; the breakpoint goes when its last probe goes. Returns a rewritten
+    /// site if the guest had replaced the trap byte (then the guest's bytes are kept).
+    pub fn remove(&self, id: ProbeId) -> Result<Option<RewrittenSite>, PlantError> {
+        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        let gpa = table
+            .by_probe
+            .remove(&id)
+            .ok_or(PlantError::UnknownProbe(id.0))?;
+        let site = table.sites.get_mut(&gpa).expect("site of a planted probe");
+        site.probes.retain(|p| p.id != id);
+        if !site.probes.is_empty() {
+            return Ok(None);
+        }
+        let site = table.sites.remove(&gpa).expect("site present");
+        if site.trap == TrapKind::Hardware {
+            for slot in table.hw.iter_mut() {
+                if *slot == Some(site.va) {
+                    *slot = None;
+                }
+            }
+            self.hw_generation.fetch_add(1, Ordering::SeqCst);
+            return Ok(None);
+        }
+        let mut now = vec![0u8; site.saved.len()];
+        if !self.mem.read_phys(gpa, &mut now) {
+            return Err(PlantError::Memory {
+                location: format!("{:#x}", site.va),
+                gpa,
+            });
+        }
+        if now != <crate::arch::x86_64::X86_64 as crate::arch::Arch>::BREAKPOINT {
+            return Ok(Some(RewrittenSite {
+                va: site.va,
+                found: now,
+            }));
+        }
+        self.mem
+            .write_slice(&site.saved, GuestAddress(gpa))
+            .map_err(|_| PlantError::Memory {
+                location: format!("{:#x}", site.va),
+                gpa,
+            })?;
+        Ok(None)
+    }
+
+    /// Removes every probe; returns the sites the guest had rewritten.
+    pub fn remove_all(&self) -> Vec<RewrittenSite> {
+        let ids: Vec<ProbeId> = {
+            let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+            let mut ids: Vec<ProbeId> = table.by_probe.keys().copied().collect();
+            ids.sort();
+            ids
+        };
+        ids.into_iter()
+            .filter_map(|id| self.remove(id).ok().flatten())
+            .collect()
+    }
+
+    /// The hardware breakpoint addresses every vCPU must load, and a generation number that
+    /// changes whenever they change.
+    pub fn hardware_breakpoints(&self) -> ([Option<u64>; MAX_HW_BREAKPOINTS], u64) {
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+        (table.hw, self.hw_generation.load(Ordering::SeqCst))
+    }
+
+    /// Generation of the hardware breakpoint set; cheap to poll before each `KVM_RUN`.
+    pub fn hardware_generation(&self) -> u64 {
+        self.hw_generation.load(Ordering::SeqCst)
+    }
+
+    /// Per-probe counters, in planting order.
+    pub fn stats(&self) -> Vec<ProbeStats> {
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<ProbeStats> = table
+            .sites
+            .values()
+            .flat_map(|site| {
+                site.probes.iter().map(move |p| ProbeStats {
+                    id: p.id,
+                    location: p.location.clone(),
+                    address: site.va,
+                    plan: site.plan.name(),
+                    instruction: site.instruction.clone(),
+                    trap: site.trap,
+                    hits: p.counters.hits.load(Ordering::Relaxed),
+                    missed: p.counters.missed.load(Ordering::Relaxed),
+                    handler_errors: p.counters.handler_errors.load(Ordering::Relaxed),
+                })
+            })
+            .collect();
+        out.sort_by_key(|s| s.id);
+        out
+    }
+
+    /// Exit counts, for figures.
+    pub fn exit_stats(&self) -> ExitStats {
+        let e = &self.exits;
+        ExitStats {
+            breakpoints: e.breakpoints.load(Ordering::Relaxed),
+            hw_breakpoints: e.hw_breakpoints.load(Ordering::Relaxed),
+            steps: e.steps.load(Ordering::Relaxed),
+            reinjected: e.reinjected.load(Ordering::Relaxed),
+            hits_by_plan: PLAN_NAMES
+                .iter()
+                .zip(&e.by_plan)
+                .map(|(n, c)| (*n, c.load(Ordering::Relaxed)))
+                .collect(),
+        }
+    }
+
+    /// Whether the engine has any probe planted.
+    pub fn is_empty(&self) -> bool {
+        self.table
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .sites
+            .is_empty()
+    }
+
+    fn run_handlers(
+        &self,
+        vcpu: u32,
+        site_va: u64,
+        probes: &[Arc<ProbeEntry>],
+        regs: &Registers,
+        post: bool,
+    ) {
+        for p in probes {
+            let handler = if post { &p.post } else { &p.pre };
+            if !post {
+                p.counters.hits.fetch_add(1, Ordering::Relaxed);
+            }
+            let Some(h) = handler else { continue };
+            let ctx = ProbeContext {
+                vcpu,
+                location: &p.location,
+                address: site_va,
+                time: self.start.elapsed(),
+                regs,
+                mem: &self.mem,
+            };
+            match catch_unwind(AssertUnwindSafe(|| h(&ctx))) {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => {
+                    p.counters.handler_errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Handles one debug exit of `vcpu`. On `Resume` the registers and the step state are set
+    /// for the next `KVM_RUN`; on `Reinject` nothing was changed.
+    pub fn handle_debug(
+        &self,
+        vcpu: &mut dyn VcpuAccess,
+        state: &mut VcpuProbeState,
+        event: DebugEvent,
+    ) -> Result<Verdict, VmError> {
+        match event {
+            DebugEvent::SingleStep { pc } => self.complete_step(vcpu, state, pc),
+            DebugEvent::Breakpoint { pc } | DebugEvent::HardwareBreakpoint { pc } => {
+                let hw = matches!(event, DebugEvent::HardwareBreakpoint { .. });
+                self.hit(vcpu, state, pc, hw)
+            }
+        }
+    }
+
+    fn hit(
+        &self,
+        vcpu: &mut dyn VcpuAccess,
+        state: &mut VcpuProbeState,
+        pc: u64,
+        hw: bool,
+    ) -> Result<Verdict, VmError> {
+        let mut regs = vcpu.registers()?;
+        let mode = PagingMode::from_cr4(regs.cr4);
+        let gpa = match translate(&Walker(&self.mem), regs.cr3, mode, pc) {
+            Ok(t) => t.gpa,
+            Err(_) => return self.not_ours(hw),
+        };
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+        let Some(site) = table.sites.get(&gpa).filter(|s| s.va == pc) else {
+            drop(table);
+            // A hardware breakpoint that was just removed: resume where it is (the debug
+            // registers are reloaded before the next entry). Otherwise the guest's own int3.
+            return if hw {
+                Ok(Verdict::Resume)
+            } else {
+                self.not_ours(hw)
+            };
+        };
+        if hw {
+            self.exits.hw_breakpoints.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.exits.breakpoints.fetch_add(1, Ordering::Relaxed);
+        }
+        if state.in_flight.is_some() {
+            // A hit while this vCPU is stepping cannot happen with interrupts blocked; if it
+            // does, do not nest: count it and let the pending step finish first.
+            for p in &site.probes {
+                p.counters.missed.fetch_add(1, Ordering::Relaxed);
+            }
+            return Ok(Verdict::Resume);
+        }
+        let probes = site.probes.clone();
+        let plan = site.plan.clone();
+        let slot = site.slot;
+        let site_va = site.va;
+        drop(table);
+        self.run_handlers(vcpu.id(), site_va, &probes, &regs, false);
+        let has_post = probes.iter().any(|p| p.post.is_some());
+        let plan_index = PLAN_NAMES.iter().position(|n| *n == plan.name()).unwrap_or(0);
+        self.exits.by_plan[plan_index].fetch_add(1, Ordering::Relaxed);
+
+        if let StepPlan::Emulate(emu) = &plan {
+            match self.emulate(emu, &mut regs) {
+                Ok(()) => {
+                    vcpu.set_registers(&regs)?;
+                    if has_post {
+                        self.run_handlers(vcpu.id(), site_va, &probes, &regs, true);
+                    }
+                    return Ok(Verdict::Resume);
+                }
+                Err(_) => {
+                    // The stack is not writable from here (it should always be): the hit is
+                    // counted as missed and the vCPU retries the instruction.
+                    for p in &probes {
+                        p.counters.missed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return Ok(Verdict::Resume);
+                }
+            }
+        }
+        let (StepPlan::StepOutOfLine(ool), Some(slot)) = (&plan, slot) else {
+            return Ok(Verdict::Resume);
+        };
+        if self
+            .xol
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ensure_mapped(&self.mem, regs.cr3, mode)
+            .is_err()
+        {
+            for p in &probes {
+                p.counters.missed.fetch_add(1, Ordering::Relaxed);
+            }
+            // Cannot step here: leave the breakpoint in the way would loop, so resume at the
+            // original instruction is impossible; deliver nothing and retry after removal.
+            return Ok(Verdict::Resume);
+        }
+        let len = u64::from(ool.len);
+        let scratch = ool.scratch.map(|r| {
+            let saved = regs.get(r);
+            regs.set(r, pc + len);
+            (r, saved)
+        });
+        regs.rip = slot.va;
+        vcpu.set_registers(&regs)?;
+        vcpu.set_single_step(true)?;
+        state.in_flight = Some(StepInFlight {
+            orig_va: pc,
+            len,
+            slot_va: slot.va,
+            scratch,
+            fix_return_address: ool.fix_return_address,
+            site_gpa: gpa,
+        });
+        Ok(Verdict::Resume)
+    }
+
+    fn not_ours(&self, hw: bool) -> Result<Verdict, VmError> {
+        if hw {
+            return Ok(Verdict::Resume);
+        }
+        self.exits.reinjected.fetch_add(1, Ordering::Relaxed);
+        Ok(Verdict::Reinject)
+    }
+
+    fn emulate(&self, emu: &Emulation, regs: &mut Registers) -> Result<(), EmulationError> {
+        let cr3 = regs.cr3;
+        let mode = PagingMode::from_cr4(regs.cr4);
+        let mem = &self.mem;
+        emu.apply(regs, &mut |va, value| {
+            write_virt(mem, cr3, mode, va, &value.to_le_bytes())
+        })
+    }
+
+    fn complete_step(
+        &self,
+        vcpu: &mut dyn VcpuAccess,
+        state: &mut VcpuProbeState,
+        pc: u64,
+    ) -> Result<Verdict, VmError> {
+        let Some(step) = state.in_flight.take() else {
+            // A step nobody asked for (a stale single-step flag): just go on.
+            vcpu.set_single_step(false)?;
+            return Ok(Verdict::Resume);
+        };
+        self.exits.steps.fetch_add(1, Ordering::Relaxed);
+        let mut regs = vcpu.registers()?;
+        let fell_through = pc == step.slot_va + step.len;
+        if fell_through {
+            regs.rip = step.orig_va + step.len;
+        }
+        if step.fix_return_address && !fell_through {
+            // An indirect call pushed the slot address as its return address.
+            let sp = regs.get(Gpr::Rsp);
+            let ret = step.orig_va + step.len;
+            let _ = write_virt(
+                &self.mem,
+                regs.cr3,
+                PagingMode::from_cr4(regs.cr4),
+                sp,
+                &ret.to_le_bytes(),
+            );
+        }
+        if let Some((r, saved)) = step.scratch {
+            regs.set(r, saved);
+        }
+        vcpu.set_registers(&regs)?;
+        vcpu.set_single_step(false)?;
+        let probes = {
+            let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+            table
+                .sites
+                .get(&step.site_gpa)
+                .map(|s| s.probes.clone())
+                .unwrap_or_default()
+        };
+        if probes.iter().any(|p| p.post.is_some()) {
+            self.run_handlers(vcpu.id(), step.orig_va, &probes, &regs, true);
+        }
+        Ok(Verdict::Resume)
+    }
+}
+
+/// Writes guest virtual memory (the stack, for emulated pushes) through the page tables.
+fn write_virt<M: GuestMemory + Send + Sync>(
+    mem: &M,
+    cr3: u64,
+    mode: PagingMode,
+    va: u64,
+    bytes: &[u8],
+) -> Result<(), EmulationError> {
+    let err = |why: String| EmulationError::Stack { va, why };
+    // Translate every byte's page first so a split write is all or nothing.
+    let mut parts = Vec::new();
+    let mut done = 0usize;
+    while done < bytes.len() {
+        let at = va.wrapping_add(done as u64);
+        let t = translate(&Walker(mem), cr3, mode, at).map_err(|e| err(e.to_string()))?;
+        if !t.writable {
+            return Err(err("not writable".into()));
+        }
+        let n = ((t.page_size - (at & (t.page_size - 1))) as usize).min(bytes.len() - done);
+        parts.push((t.gpa, done, n));
+        done += n;
+    }
+    for (gpa, off, n) in parts {
+        mem.write_slice(&bytes[off..off + n], GuestAddress(gpa))
+            .map_err(|_| err(format!("guest physical {gpa:#x} is not memory")))?;
+    }
+    Ok(())
+}
+
+/// Reads guest virtual memory through the page tables in `regs`, for the VMM's own checks.
+pub fn read_guest_virtual<M: GuestMemory + Send + Sync>(
+    mem: &M,
+    regs: &Registers,
+    va: u64,
+    buf: &mut [u8],
+) -> Result<(), String> {
+    read_virt(mem, regs.cr3, PagingMode::from_cr4(regs.cr4), va, buf).map_err(|e| e.0)
+}

@@ -1,0 +1,211 @@
+//! What a user of the library writes: a [`Probe`] (where, and the Rust handlers to run), and
+//! the [`ProbeContext`] a handler sees at a hit (registers, guest memory, which probe, which
+//! vCPU).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
+
+use crate::arch::RegisterFile;
+use crate::arch::x86_64::Registers;
+use crate::pagewalk::{PagingMode, PhysRead, translate};
+
+/// An error a handler returns; counted per probe and reported, the guest goes on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct HandlerError(pub String);
+
+impl From<String> for HandlerError {
+    fn from(s: String) -> Self {
+        HandlerError(s)
+    }
+}
+
+impl From<&str> for HandlerError {
+    fn from(s: &str) -> Self {
+        HandlerError(s.to_string())
+    }
+}
+
+/// A pre- or post-handler.
+pub type Handler = Arc<dyn Fn(&ProbeContext<'_>) -> Result<(), HandlerError> + Send + Sync>;
+
+/// Which trap a probe uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TrapKind {
+    /// `int3` written over the instruction; unlimited.
+    #[default]
+    Software,
+    /// A hardware execute breakpoint (debug registers); at most four addresses, guest text
+    /// untouched.
+    Hardware,
+}
+
+/// A probe: a location in guest kernel text and what to run when a vCPU reaches it.
+#[derive(Clone)]
+pub struct Probe {
+    /// Where, as the user wrote it (`SYMBOL[+OFF]` or an address).
+    pub location: String,
+    /// Which trap.
+    pub trap: TrapKind,
+    /// Runs before the probed instruction.
+    pub pre: Option<Handler>,
+    /// Runs after the probed instruction.
+    pub post: Option<Handler>,
+}
+
+impl std::fmt::Debug for Probe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Probe")
+            .field("location", &self.location)
+            .field("trap", &self.trap)
+            .field("pre", &self.pre.is_some())
+            .field("post", &self.post.is_some())
+            .finish()
+    }
+}
+
+impl Probe {
+    /// A probe at `location` with no handlers yet (it still counts hits).
+    pub fn new(location: impl Into<String>) -> Probe {
+        Probe {
+            location: location.into(),
+            trap: TrapKind::Software,
+            pre: None,
+            post: None,
+        }
+    }
+
+    /// Sets the handler that runs before the probed instruction.
+    pub fn on_hit(
+        mut self,
+        f: impl Fn(&ProbeContext<'_>) -> Result<(), HandlerError> + Send + Sync + 'static,
+    ) -> Probe {
+        self.pre = Some(Arc::new(f));
+        self
+    }
+
+    /// Sets the handler that runs after the probed instruction.
+    pub fn after(
+        mut self,
+        f: impl Fn(&ProbeContext<'_>) -> Result<(), HandlerError> + Send + Sync + 'static,
+    ) -> Probe {
+        self.post = Some(Arc::new(f));
+        self
+    }
+
+    /// Uses a hardware breakpoint instead of `int3`.
+    pub fn hardware(mut self) -> Probe {
+        self.trap = TrapKind::Hardware;
+        self
+    }
+}
+
+/// Reads guest physical memory; implemented for every `vm_memory::GuestMemory`.
+pub trait PhysMemory: Send + Sync {
+    /// Fills `buf` from guest physical `gpa`; false if any byte is not memory.
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> bool;
+}
+
+impl<M: GuestMemory + Send + Sync> PhysMemory for M {
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        self.read_slice(buf, GuestAddress(gpa)).is_ok()
+    }
+}
+
+/// Adapter from [`PhysMemory`] to the page walker's reader.
+pub(crate) struct Walker<'a>(pub &'a dyn PhysMemory);
+
+impl PhysRead for Walker<'_> {
+    fn read_phys_u64(&self, gpa: u64) -> Option<u64> {
+        let mut b = [0u8; 8];
+        self.0.read_phys(gpa, &mut b).then(|| u64::from_le_bytes(b))
+    }
+}
+
+/// Reads guest virtual memory through the page tables at `cr3`, page by page.
+pub(crate) fn read_virt(
+    mem: &dyn PhysMemory,
+    cr3: u64,
+    mode: PagingMode,
+    va: u64,
+    buf: &mut [u8],
+) -> Result<(), HandlerError> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let at = va.wrapping_add(done as u64);
+        let t = translate(&Walker(mem), cr3, mode, at)
+            .map_err(|e| HandlerError(format!("reading guest memory: {e}")))?;
+        let in_page = (t.page_size - (at & (t.page_size - 1))) as usize;
+        let n = in_page.min(buf.len() - done);
+        if !mem.read_phys(t.gpa, &mut buf[done..done + n]) {
+            return Err(HandlerError(format!(
+                "reading guest memory: {at:#x} maps to {:#x}, outside guest memory",
+                t.gpa
+            )));
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// What a handler sees at a hit.
+pub struct ProbeContext<'a> {
+    /// The vCPU that hit the probe.
+    pub vcpu: u32,
+    /// The probe's location as the user wrote it.
+    pub location: &'a str,
+    /// The probed address.
+    pub address: u64,
+    /// Time since the engine started.
+    pub time: Duration,
+    /// The registers at the hit (before the probed instruction for pre-handlers, after it for
+    /// post-handlers).
+    pub regs: &'a Registers,
+    pub(crate) mem: &'a dyn PhysMemory,
+}
+
+impl ProbeContext<'_> {
+    /// Argument `n` of the probed function (x86_64 calling convention), valid at its entry.
+    pub fn arg(&self, n: usize) -> Option<u64> {
+        self.regs.arg(n)
+    }
+
+    /// Reads guest virtual memory of the current address space.
+    pub fn read_memory(&self, va: u64, buf: &mut [u8]) -> Result<(), HandlerError> {
+        read_virt(
+            self.mem,
+            self.regs.cr3,
+            PagingMode::from_cr4(self.regs.cr4),
+            va,
+            buf,
+        )
+    }
+
+    /// Reads a little-endian u64 at `va`.
+    pub fn read_u64(&self, va: u64) -> Result<u64, HandlerError> {
+        let mut b = [0u8; 8];
+        self.read_memory(va, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Reads a NUL-terminated string at `va`, at most `max` bytes, lossily as UTF-8.
+    pub fn read_c_string(&self, va: u64, max: usize) -> Result<String, HandlerError> {
+        let mut out = Vec::new();
+        let mut chunk = [0u8; 64];
+        while out.len() < max {
+            let at = va.wrapping_add(out.len() as u64);
+            // Stay inside the page so an unmapped next page does not fail a short string.
+            let room = (4096 - (at & 4095)) as usize;
+            let n = room.min(chunk.len()).min(max - out.len());
+            self.read_memory(at, &mut chunk[..n])?;
+            if let Some(end) = chunk[..n].iter().position(|b| *b == 0) {
+                out.extend_from_slice(&chunk[..end]);
+                return Ok(String::from_utf8_lossy(&out).into_owned());
+            }
+            out.extend_from_slice(&chunk[..n]);
+        }
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+}
