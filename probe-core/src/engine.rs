@@ -133,7 +133,6 @@ struct ProbeEntry {
 /// One planted breakpoint: an address with one or more probes on it.
 struct Site {
     va: u64,
-    gpa: u64,
     trap: TrapKind,
     /// The guest's bytes under the breakpoint, restored on removal.
     saved: Vec<u8>,
@@ -346,12 +345,10 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                 location: location.clone(),
                 source,
             })?;
-        let plan = decoder
-            .plan(&insn)
-            .map_err(|source| PlantError::Refused {
-                location: location.clone(),
-                source,
-            })?;
+        let plan = decoder.plan(&insn).map_err(|source| PlantError::Refused {
+            location: location.clone(),
+            source,
+        })?;
         drop(decoder);
 
         let hw_index = match probe.trap {
@@ -386,7 +383,6 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             gpa,
             Site {
                 va: target.va,
-                gpa,
                 trap: probe.trap,
                 saved,
                 instruction: insn.text.clone(),
@@ -407,7 +403,12 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
     /// Writes an instruction's out-of-line copy into a fresh slot, followed by an absolute
     /// jump back to the original stream (taken only if the guest ever resumes in the slot
     /// without the host, e.g. after an exception in the stepped instruction), then int3s.
-    fn prepare_slot(&self, location: &str, ool: &OutOfLine, va: u64) -> Result<XolSlot, PlantError> {
+    fn prepare_slot(
+        &self,
+        location: &str,
+        ool: &OutOfLine,
+        va: u64,
+    ) -> Result<XolSlot, PlantError> {
         let slot = self
             .xol
             .lock()
@@ -645,7 +646,10 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         drop(table);
         self.run_handlers(vcpu.id(), site_va, &probes, &regs, false);
         let has_post = probes.iter().any(|p| p.post.is_some());
-        let plan_index = PLAN_NAMES.iter().position(|n| *n == plan.name()).unwrap_or(0);
+        let plan_index = PLAN_NAMES
+            .iter()
+            .position(|n| *n == plan.name())
+            .unwrap_or(0);
         self.exits.by_plan[plan_index].fetch_add(1, Ordering::Relaxed);
 
         if let StepPlan::Emulate(emu) = &plan {
@@ -808,3 +812,7 @@ pub fn read_guest_virtual<M: GuestMemory + Send + Sync>(
 ) -> Result<(), String> {
     read_virt(mem, regs.cr3, PagingMode::from_cr4(regs.cr4), va, buf).map_err(|e| e.0)
 }
+
+#[cfg(test)]
+#[path = "engine_tests.rs"]
+mod tests;

@@ -6,9 +6,9 @@
 //! ([`pagewalk`]); the instruction decoder, the probe table and the XOL planner follow.
 
 pub mod arch;
-pub mod pagewalk;
-pub mod symbols;
-pub mod xol;
-pub mod vm;
-pub mod probe;
 pub mod engine;
+pub mod pagewalk;
+pub mod probe;
+pub mod symbols;
+pub mod vm;
+pub mod xol;

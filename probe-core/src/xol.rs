@@ -214,7 +214,9 @@ mod tests {
         let second = xol.allocate().unwrap();
         assert_eq!(second.va, slot.va + SLOT_SIZE);
         assert_eq!(
-            translate(&m, cr3, PagingMode::FourLevel, second.va).unwrap().gpa,
+            translate(&m, cr3, PagingMode::FourLevel, second.va)
+                .unwrap()
+                .gpa,
             second.gpa
         );
         assert!(xol.contains_va(slot.va) && !xol.contains_va(XOL_VA_BASE));
@@ -227,7 +229,8 @@ mod tests {
     #[test]
     fn a_used_hole_and_a_full_area_are_errors() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        mem.write_obj(0x1234_5007u64, GuestAddress(0x1000 + 256 * 8)).unwrap();
+        mem.write_obj(0x1234_5007u64, GuestAddress(0x1000 + 256 * 8))
+            .unwrap();
         let mut xol = XolArea::new(0x8_0000, 1).unwrap();
         assert!(matches!(
             xol.ensure_mapped(&mem, 0x1000, PagingMode::FourLevel),

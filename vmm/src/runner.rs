@@ -75,7 +75,11 @@ pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 const L1_MARGIN: Duration = Duration::from_secs(180);
 
 /// Where Debian installs the firmware QEMU loads (SeaBIOS, option ROMs).
-const FIRMWARE_DIRS: [&str; 3] = ["/usr/share/qemu", "/usr/share/seabios", "/usr/lib/ipxe/qemu"];
+const FIRMWARE_DIRS: [&str; 3] = [
+    "/usr/share/qemu",
+    "/usr/share/seabios",
+    "/usr/lib/ipxe/qemu",
+];
 
 /// The emulator binary: `$HVPROBE_QEMU`, else `qemu-system-x86_64` on PATH.
 pub fn emulator() -> String {

@@ -1,0 +1,357 @@
+//! Engine tests: a fake vCPU over real `GuestMemoryMmap` memory with hand-made page tables.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use vm_memory::GuestMemoryMmap;
+
+use super::*;
+use crate::vm::VcpuAccess;
+
+const TEXT_VA: u64 = 0xffff_ffff_8100_0000;
+const TEXT_GPA: u64 = 0x10000;
+const STACK_VA: u64 = 0xffff_ffff_8100_2000;
+const STACK_GPA: u64 = 0x12000;
+const XOL_GPA: u64 = 0x4000_0000;
+const CR3: u64 = 0x1000;
+
+// endbr64; push %rbp; mov %rsp,%rbp; mov 0x100(%rip),%rax; call *%rax; popfq; ret
+const CODE: &[u8] = &[
+    0xf3, 0x0f, 0x1e, 0xfa, 0x55, 0x48, 0x89, 0xe5, 0x48, 0x8b, 0x05, 0x00, 0x01, 0x00, 0x00, 0xff,
+    0xd0, 0x9d, 0xc3,
+];
+const AT_PUSH: u64 = 4;
+const AT_RIPREL: u64 = 8;
+const AT_CALL: u64 = 15;
+const AT_POPF: u64 = 17;
+
+struct FakeVcpu {
+    regs: Registers,
+    single_step: bool,
+}
+
+impl VcpuAccess for FakeVcpu {
+    fn id(&self) -> u32 {
+        1
+    }
+    fn registers(&mut self) -> Result<Registers, VmError> {
+        Ok(self.regs.clone())
+    }
+    fn set_registers(&mut self, regs: &Registers) -> Result<(), VmError> {
+        self.regs = regs.clone();
+        Ok(())
+    }
+    fn set_single_step(&mut self, on: bool) -> Result<(), VmError> {
+        self.single_step = on;
+        Ok(())
+    }
+}
+
+fn machine() -> (ProbeEngine<GuestMemoryMmap>, FakeVcpu) {
+    let mem = GuestMemoryMmap::<()>::from_ranges(&[
+        (GuestAddress(0), 0x20_0000),
+        (GuestAddress(XOL_GPA), 0x10_0000),
+    ])
+    .unwrap();
+    let w = |gpa: u64, v: u64| mem.write_obj(v, GuestAddress(gpa)).unwrap();
+    // PML4[511] -> PDPT 0x2000; PDPT[510] -> PD 0x3000; PD[8] -> PT 0x4000.
+    w(CR3 + 511 * 8, 0x2000 | 3);
+    w(0x2000 + 510 * 8, 0x3000 | 3);
+    w(0x3000 + 8 * 8, 0x4000 | 3);
+    w(0x4000, TEXT_GPA | 1); // text, read-only
+    w(0x4000 + 2 * 8, STACK_GPA | 3); // stack page
+    mem.write_slice(CODE, GuestAddress(TEXT_GPA)).unwrap();
+    let engine = ProbeEngine::new(mem, XolArea::new(XOL_GPA, 4).unwrap()).unwrap();
+    let mut regs = Registers {
+        cr3: CR3,
+        rflags: 0x2,
+        ..Default::default()
+    };
+    regs.set(Gpr::Rsp, STACK_VA + 0x800);
+    regs.set(Gpr::Rbp, 0xb0b0);
+    regs.set(Gpr::Rcx, 0xc0c0);
+    (
+        engine,
+        FakeVcpu {
+            regs,
+            single_step: false,
+        },
+    )
+}
+
+fn target(off: u64) -> PlantTarget {
+    PlantTarget {
+        va: TEXT_VA + off,
+        function_start: Some(TEXT_VA),
+    }
+}
+
+fn text(engine: &ProbeEngine<GuestMemoryMmap>) -> Vec<u8> {
+    let mut b = vec![0u8; CODE.len()];
+    engine
+        .memory()
+        .read_slice(&mut b, GuestAddress(TEXT_GPA))
+        .unwrap();
+    b
+}
+
+#[test]
+fn an_emulated_hit_runs_the_handler_and_costs_one_exit() {
+    let (engine, mut vcpu) = machine();
+    let seen = Arc::new(AtomicU64::new(0));
+    let s = seen.clone();
+    let probe = Probe::new("f+0x4").on_hit(move |ctx| {
+        s.store(ctx.regs.get(Gpr::Rbp), Ordering::SeqCst);
+        assert_eq!(ctx.read_u64(ctx.regs.get(Gpr::Rsp))?, 0);
+        Ok(())
+    });
+    let regs = vcpu.regs.clone();
+    let id = engine.plant(probe, target(AT_PUSH), &regs).unwrap();
+    assert_eq!(text(&engine)[AT_PUSH as usize], INT3);
+
+    vcpu.regs.rip = TEXT_VA + AT_PUSH;
+    let mut state = VcpuProbeState::default();
+    let v = engine
+        .handle_debug(
+            &mut vcpu,
+            &mut state,
+            DebugEvent::Breakpoint {
+                pc: TEXT_VA + AT_PUSH,
+            },
+        )
+        .unwrap();
+    assert_eq!(v, Verdict::Resume);
+    assert_eq!(seen.load(Ordering::SeqCst), 0xb0b0);
+    // push %rbp was emulated: rsp moved, rbp is on the stack, rip is past the push.
+    assert_eq!(vcpu.regs.rip, TEXT_VA + AT_PUSH + 1);
+    assert_eq!(vcpu.regs.get(Gpr::Rsp), STACK_VA + 0x7f8);
+    let pushed: u64 = engine
+        .memory()
+        .read_obj(GuestAddress(STACK_GPA + 0x7f8))
+        .unwrap();
+    assert_eq!(pushed, 0xb0b0);
+    assert!(!vcpu.single_step && !state.stepping());
+    let stats = engine.stats();
+    assert_eq!((stats[0].hits, stats[0].plan), (1, "emulate"));
+
+    assert_eq!(engine.remove(id).unwrap(), None);
+    assert_eq!(text(&engine), CODE);
+}
+
+#[test]
+fn a_rip_relative_instruction_steps_through_a_scratch_register() {
+    let (engine, mut vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    engine
+        .plant(Probe::new("f+0x8"), target(AT_RIPREL), &regs)
+        .unwrap();
+    let pc = TEXT_VA + AT_RIPREL;
+    vcpu.regs.rip = pc;
+    let mut state = VcpuProbeState::default();
+    engine
+        .handle_debug(&mut vcpu, &mut state, DebugEvent::Breakpoint { pc })
+        .unwrap();
+    assert!(vcpu.single_step && state.stepping());
+    let slot = vcpu.regs.rip;
+    assert!(slot >= crate::xol::XOL_VA_BASE);
+    // The slot maps through the guest's own table now, and holds `mov 0x100(%rcx),%rax`
+    // with rcx = the original next instruction: the same effective address.
+    let mut copy = [0u8; 7];
+    read_guest_virtual(engine.memory(), &vcpu.regs, slot, &mut copy).unwrap();
+    let insn = Decoder::new().unwrap().decode(&copy, slot).unwrap();
+    assert_eq!(insn.text, "mov rax, qword ptr [rcx + 0x100]");
+    assert_eq!(vcpu.regs.get(Gpr::Rcx), pc + 7);
+
+    // The CPU steps the copy: rax loaded, rip at the end of the copy.
+    vcpu.regs.rip = slot + 7;
+    vcpu.regs.set(Gpr::Rax, 0x1234);
+    engine
+        .handle_debug(
+            &mut vcpu,
+            &mut state,
+            DebugEvent::SingleStep { pc: slot + 7 },
+        )
+        .unwrap();
+    assert_eq!(vcpu.regs.rip, pc + 7);
+    assert_eq!(vcpu.regs.get(Gpr::Rcx), 0xc0c0, "scratch restored");
+    assert_eq!(vcpu.regs.get(Gpr::Rax), 0x1234);
+    assert!(!vcpu.single_step && !state.stepping());
+    let e = engine.exit_stats();
+    assert_eq!((e.breakpoints, e.steps), (1, 1));
+}
+
+#[test]
+fn an_indirect_call_gets_its_return_address_fixed() {
+    let (engine, mut vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    engine
+        .plant(Probe::new("f+0xf"), target(AT_CALL), &regs)
+        .unwrap();
+    let pc = TEXT_VA + AT_CALL;
+    vcpu.regs.rip = pc;
+    let mut state = VcpuProbeState::default();
+    engine
+        .handle_debug(&mut vcpu, &mut state, DebugEvent::Breakpoint { pc })
+        .unwrap();
+    let slot = vcpu.regs.rip;
+    // The CPU runs `call *%rax` in the slot: pushes slot+2, jumps to rax.
+    let sp = vcpu.regs.get(Gpr::Rsp) - 8;
+    engine
+        .memory()
+        .write_obj(slot + 2, GuestAddress(STACK_GPA + 0x7f8))
+        .unwrap();
+    vcpu.regs.set(Gpr::Rsp, sp);
+    vcpu.regs.rip = 0xffff_ffff_8100_0100;
+    engine
+        .handle_debug(
+            &mut vcpu,
+            &mut state,
+            DebugEvent::SingleStep {
+                pc: 0xffff_ffff_8100_0100,
+            },
+        )
+        .unwrap();
+    assert_eq!(vcpu.regs.rip, 0xffff_ffff_8100_0100, "the branch stands");
+    let ret: u64 = engine
+        .memory()
+        .read_obj(GuestAddress(STACK_GPA + 0x7f8))
+        .unwrap();
+    assert_eq!(
+        ret,
+        pc + 2,
+        "return address points back into the original stream"
+    );
+}
+
+#[test]
+fn foreign_traps_go_back_and_failing_handlers_are_counted() {
+    let (engine, mut vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    let mut state = VcpuProbeState::default();
+    // Not ours: no probe there.
+    vcpu.regs.rip = TEXT_VA;
+    let before = vcpu.regs.clone();
+    assert_eq!(
+        engine
+            .handle_debug(
+                &mut vcpu,
+                &mut state,
+                DebugEvent::Breakpoint { pc: TEXT_VA }
+            )
+            .unwrap(),
+        Verdict::Reinject
+    );
+    assert_eq!(vcpu.regs, before);
+
+    // Two probes on one address share the breakpoint; one errs, one panics.
+    engine
+        .plant(
+            Probe::new("a").on_hit(|_| Err("no".into())),
+            target(0),
+            &regs,
+        )
+        .unwrap();
+    engine
+        .plant(
+            Probe::new("b").on_hit(|_| panic!("handler bug")),
+            target(0),
+            &regs,
+        )
+        .unwrap();
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let v = engine.handle_debug(
+        &mut vcpu,
+        &mut state,
+        DebugEvent::Breakpoint { pc: TEXT_VA },
+    );
+    std::panic::set_hook(hook);
+    assert_eq!(v.unwrap(), Verdict::Resume);
+    assert_eq!(
+        vcpu.regs.rip,
+        TEXT_VA + 4,
+        "endbr64 emulated, guest goes on"
+    );
+    let stats = engine.stats();
+    assert_eq!(stats.len(), 2);
+    assert!(stats.iter().all(|s| s.hits == 1 && s.handler_errors == 1));
+    assert_eq!(engine.remove_all(), vec![]);
+    assert_eq!(text(&engine), CODE);
+}
+
+#[test]
+fn bad_locations_change_nothing() {
+    let (engine, vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    let err = engine
+        .plant(Probe::new("f+0x11"), target(AT_POPF), &regs)
+        .unwrap_err();
+    assert!(err.to_string().contains("popfq"), "{err}");
+    let err = engine
+        .plant(Probe::new("f+0x6"), target(6), &regs)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("not on an instruction boundary"),
+        "{err}"
+    );
+    let err = engine
+        .plant(
+            Probe::new("0xffffffff82000000"),
+            PlantTarget {
+                va: 0xffff_ffff_8200_0000,
+                function_start: None,
+            },
+            &regs,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("not mapped"), "{err}");
+    assert_eq!(text(&engine), CODE);
+    assert!(engine.is_empty());
+}
+
+#[test]
+fn a_trap_the_guest_rewrote_is_reported_not_restored() {
+    let (engine, vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    let id = engine.plant(Probe::new("f"), target(0), &regs).unwrap();
+    engine
+        .memory()
+        .write_obj(0x90u8, GuestAddress(TEXT_GPA))
+        .unwrap();
+    let r = engine.remove(id).unwrap().unwrap();
+    assert_eq!((r.va, r.found), (TEXT_VA, vec![0x90]));
+    assert_eq!(text(&engine)[0], 0x90);
+}
+
+#[test]
+fn hardware_probes_leave_text_alone_and_are_limited_to_four() {
+    let (engine, mut vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    let g0 = engine.hardware_generation();
+    for off in [0, AT_PUSH, 5, AT_RIPREL] {
+        engine
+            .plant(
+                Probe::new(format!("f+{off}")).hardware(),
+                target(off),
+                &regs,
+            )
+            .unwrap();
+    }
+    assert_eq!(text(&engine), CODE);
+    assert!(engine.hardware_generation() > g0);
+    assert_eq!(engine.hardware_breakpoints().0[1], Some(TEXT_VA + AT_PUSH));
+    let err = engine
+        .plant(Probe::new("f+0xf").hardware(), target(AT_CALL), &regs)
+        .unwrap_err();
+    assert!(matches!(err, PlantError::NoHardwareBreakpoint { .. }));
+    vcpu.regs.rip = TEXT_VA;
+    let mut state = VcpuProbeState::default();
+    engine
+        .handle_debug(
+            &mut vcpu,
+            &mut state,
+            DebugEvent::HardwareBreakpoint { pc: TEXT_VA },
+        )
+        .unwrap();
+    assert_eq!(vcpu.regs.rip, TEXT_VA + 4);
+    assert_eq!(engine.exit_stats().hw_breakpoints, 1);
+}
