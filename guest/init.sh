@@ -12,7 +12,17 @@ mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /tmp
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 hostname hvprobe-guest
-echo "HVPROBE-INIT-READY"
+case " $(cat /proc/cmdline) " in
+*" hvprobe.wait=1 "*)
+	# The VMM plants its probes when it sees the marker, then sends one line on the console:
+	# wait for it so the command's first calls are already probed.
+	stty -echo 2>/dev/null
+	echo "HVPROBE-INIT-READY"
+	read -r -t 120 _ || echo "hvprobe-init: no go-ahead from the VMM, running anyway"
+	stty echo 2>/dev/null
+	;;
+*) echo "HVPROBE-INIT-READY" ;;
+esac
 cmd=
 for arg in $(cat /proc/cmdline); do
 	case "$arg" in

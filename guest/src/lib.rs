@@ -8,6 +8,7 @@
 
 pub mod cpio;
 pub mod debian;
+pub mod qemu;
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter};
@@ -90,6 +91,9 @@ pub const EXIT_STATUS_MARKER: &str = "HVPROBE-EXIT-STATUS=";
 
 /// Kernel command-line key carrying the base64-encoded command for `/init` to run.
 pub const EXEC_PARAM: &str = "hvprobe.exec";
+/// Kernel parameter that makes `/init` wait, after its ready marker, for one line on the
+/// console before it runs the command (the VMM sends it once the probes are planted).
+pub const WAIT_PARAM: &str = "hvprobe.wait=1";
 
 /// Where downloads and built images are kept: `$HVPROBE_CACHE`, else
 /// `$XDG_CACHE_HOME/hvprobe`, else `~/.cache/hvprobe`.

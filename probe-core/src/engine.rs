@@ -214,7 +214,6 @@ pub struct ProbeEngine<M: GuestMemory + Send + Sync> {
     mem: M,
     table: RwLock<ProbeTable>,
     xol: Mutex<XolArea>,
-    decoder: Mutex<Decoder>,
     exits: ExitCounters,
     start: Instant,
     hw_generation: AtomicU64,
@@ -233,7 +232,6 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
     /// An engine over `mem` with the XOL area `xol` (whose page tables it writes now).
     pub fn new(mem: M, xol: XolArea) -> Result<ProbeEngine<M>, XolError> {
         xol.write_tables(&mem)?;
-        let decoder = Decoder::new().map_err(|_| XolError::Memory(0))?;
         Ok(ProbeEngine {
             mem,
             table: RwLock::new(ProbeTable {
@@ -243,7 +241,6 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                 hw: [None; MAX_HW_BREAKPOINTS],
             }),
             xol: Mutex::new(xol),
-            decoder: Mutex::new(decoder),
             exits: ExitCounters::default(),
             start: Instant::now(),
             hw_generation: AtomicU64::new(0),
@@ -327,7 +324,11 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             return Ok(id);
         }
 
-        let decoder = self.decoder.lock().unwrap_or_else(|e| e.into_inner());
+        // Capstone handles are not Send; planting is rare, so each plant makes its own.
+        let decoder = Decoder::new().map_err(|source| PlantError::Decode {
+            location: location.clone(),
+            source,
+        })?;
         if let Some(start) = target.function_start.filter(|s| *s < target.va) {
             let offset = target.va - start;
             let code = self.read_virt_bytes(&location, regs, start, offset as usize + 16)?;
@@ -816,3 +817,26 @@ pub fn read_guest_virtual<M: GuestMemory + Send + Sync>(
 #[cfg(test)]
 #[path = "engine_tests.rs"]
 mod tests;
+
+/// FNV-1a hash of guest virtual memory `[start, end)` as mapped by the page tables in `regs`:
+/// the check that removing probes leaves kernel text byte-for-byte as it was.
+pub fn hash_guest_virtual<M: GuestMemory + Send + Sync>(
+    mem: &M,
+    regs: &Registers,
+    start: u64,
+    end: u64,
+) -> Result<u64, String> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut buf = vec![0u8; 4096];
+    let mut at = start;
+    while at < end {
+        let n = ((4096 - (at & 4095)).min(end - at)) as usize;
+        read_guest_virtual(mem, regs, at, &mut buf[..n])?;
+        for b in &buf[..n] {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        at += n as u64;
+    }
+    Ok(h)
+}

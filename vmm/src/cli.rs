@@ -8,9 +8,18 @@ use anyhow::{Context, Result, bail};
 use base64::Engine as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
+use std::io::Write as _;
+
+use probe_core::engine::{MAX_HW_BREAKPOINTS, PlantTarget};
+use probe_core::probe::{Probe, TrapKind};
+use probe_core::symbols::SymbolMap;
+use probe_core::xol::XolArea;
+
 use crate::hostcheck;
-use crate::machine::{self, Outcome, RunOptions};
+use crate::machine::{self, Outcome, ProbeRequest, ProbeSetup, RunOptions};
+use crate::report;
 use crate::runner;
+use crate::selftest::{self, TrapSupport};
 use crate::vm::VmConfig;
 
 /// Exit status when the host cannot run the job (no usable KVM and no emulated runner).
@@ -76,6 +85,29 @@ pub struct RunArgs {
     /// Print boot and run times on stderr at the end.
     #[arg(long)]
     pub timings: bool,
+    /// Probe SYMBOL[+OFFSET] or an address in guest kernel text; repeat for more probes.
+    #[arg(short = 'p', long = "probe", value_name = "SYMBOL[+OFF]|ADDR")]
+    pub probes: Vec<String>,
+    /// Print only the per-probe summary, not a line per hit.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Which trap the probes use [auto: int3 if this KVM delivers int3 exits, else hardware].
+    #[arg(long, value_enum, default_value_t = TrapChoice::Auto)]
+    pub trap: TrapChoice,
+    /// System.map of the guest kernel [default: the default guest's].
+    #[arg(long, value_name = "PATH")]
+    pub system_map: Option<PathBuf>,
+}
+
+/// Which trap probes use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TrapChoice {
+    /// int3 when this KVM delivers it (self-test), else hardware breakpoints.
+    Auto,
+    /// int3 written over the instruction: unlimited probes.
+    Int3,
+    /// Hardware execute breakpoints: at most 4 probes, guest text untouched.
+    Hw,
 }
 
 /// The command line every default-guest boot starts from: console on COM1, reset through the
@@ -110,7 +142,7 @@ impl RunArgs {
         cmdline
     }
 
-    /// Fills in the default guest's kernel and initrd where none were given.
+    /// Fills in the default guest's kernel, initrd and System.map where none were given.
     pub fn resolve_guest(&self) -> Result<RunArgs> {
         let mut resolved = self.clone();
         if self.kernel.is_none() {
@@ -119,8 +151,43 @@ impl RunArgs {
             if self.initrd.is_none() {
                 resolved.initrd = Some(guest.initrd);
             }
+            if self.system_map.is_none() {
+                resolved.system_map = Some(guest.kernel.system_map());
+            }
         }
         Ok(resolved)
+    }
+
+    /// Resolves every `--probe` against the System.map; fails on the first that does not
+    /// resolve, before anything runs.
+    pub fn resolve_probes(&self) -> Result<Option<(SymbolMap, Vec<(String, PlantTarget)>)>> {
+        if self.probes.is_empty() {
+            return Ok(None);
+        }
+        let path = self
+            .system_map
+            .as_ref()
+            .context("--probe needs the guest kernel's System.map (--system-map)")?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading System.map {}", path.display()))?;
+        let map = SymbolMap::parse(&text)
+            .with_context(|| format!("parsing System.map {}", path.display()))?;
+        let mut targets = Vec::new();
+        for p in &self.probes {
+            let (va, sym) = map.resolve(p).with_context(|| format!("--probe {p}"))?;
+            let function_start = match sym {
+                Some(s) => Some(s.addr),
+                None => map.containing(va).map(|(s, _)| s.addr),
+            };
+            targets.push((p.clone(), PlantTarget { va, function_start }));
+        }
+        if self.trap == TrapChoice::Hw && targets.len() > MAX_HW_BREAKPOINTS {
+            bail!(
+                "--trap hw allows at most {MAX_HW_BREAKPOINTS} probes ({} given)",
+                targets.len()
+            );
+        }
+        Ok(Some((map, targets)))
     }
 
     /// Checks what can be checked before any VM or emulator is started.
@@ -143,6 +210,9 @@ impl RunArgs {
         }
         if let Some(kernel) = &self.kernel {
             crate::vm::check_bzimage(kernel)?;
+        }
+        if !self.probes.is_empty() && self.kernel.is_some() && self.system_map.is_none() {
+            bail!("--probe with --kernel needs that kernel's System.map (--system-map)");
         }
         Ok(())
     }
@@ -222,26 +292,110 @@ fn run(args: &RunArgs) -> Result<i32> {
         },
     };
     let args = args.resolve_guest()?;
+    // Unknown symbols and bad syntax fail here, before any VM starts.
+    args.resolve_probes()?;
     if !on_host {
         return runner::run_emulated(&args).map_err(Into::into);
     }
     run_on_host(&args)
 }
 
+/// XOL code pages reserved for a run with probes (128 slots a page).
+const XOL_PAGES: usize = 64;
+
+/// Picks the trap kind from the user's choice and what the self-test found.
+fn choose_trap(choice: TrapChoice, support: &TrapSupport, probes: usize) -> Result<TrapKind> {
+    let summary = support.summary();
+    let int3 = support.software.is_ok() && support.single_step.is_ok();
+    match choice {
+        TrapChoice::Int3 if int3 => Ok(TrapKind::Software),
+        TrapChoice::Int3 => {
+            bail!("--trap int3: this KVM does not deliver what int3 probes need: {summary}")
+        }
+        TrapChoice::Hw if support.hardware.is_ok() => Ok(TrapKind::Hardware),
+        TrapChoice::Hw => {
+            bail!("--trap hw: this KVM does not deliver hardware breakpoints: {summary}")
+        }
+        TrapChoice::Auto if int3 => Ok(TrapKind::Software),
+        TrapChoice::Auto if support.hardware.is_ok() && probes <= MAX_HW_BREAKPOINTS => {
+            Ok(TrapKind::Hardware)
+        }
+        TrapChoice::Auto => bail!("this KVM cannot run {probes} probe(s): {summary}"),
+    }
+}
+
+/// Builds the probes of a run: resolution, trap choice, handlers.
+fn probe_setup(args: &RunArgs, kvm: &kvm_ioctls::Kvm) -> Result<Option<ProbeSetup>> {
+    let Some((map, targets)) = args.resolve_probes()? else {
+        return Ok(None);
+    };
+    let support = selftest::probe_traps(kvm).map_err(|e| anyhow::anyhow!("trap self-test: {e}"))?;
+    let trap = choose_trap(args.trap, &support, targets.len())?;
+    eprintln!(
+        "hvprobe: trap self-test: {}; probes use {}",
+        support.summary(),
+        match trap {
+            TrapKind::Software => "int3",
+            TrapKind::Hardware => "hardware breakpoints",
+        }
+    );
+    let requests = targets
+        .into_iter()
+        .map(|(location, target)| {
+            let mut probe = Probe::new(location);
+            probe.trap = trap;
+            if !args.quiet {
+                probe = probe.on_hit(|ctx| {
+                    report::print_hit(ctx);
+                    Ok(())
+                });
+            }
+            ProbeRequest { probe, target }
+        })
+        .collect();
+    let text = match (map.lookup("_stext"), map.lookup("_etext")) {
+        (Ok(s), Ok(e)) => Some((s.addr, e.addr)),
+        _ => None,
+    };
+    Ok(Some(ProbeSetup {
+        requests,
+        software_breakpoints: trap == TrapKind::Software,
+        text,
+        xol_pages: XOL_PAGES,
+    }))
+}
+
 fn run_on_host(args: &RunArgs) -> Result<i32> {
     let kvm = kvm_ioctls::Kvm::new().context("opening /dev/kvm")?;
+    let probes = probe_setup(args, &kvm)?;
+    let mut cmdline = args.effective_cmdline();
+    if probes.is_some() {
+        cmdline.push(' ');
+        cmdline.push_str(hvprobe_guest::WAIT_PARAM);
+    }
     let opts = RunOptions {
         vm: VmConfig {
             kernel: args.kernel.clone().context("no kernel")?,
             initrd: args.initrd.clone(),
-            cmdline: args.effective_cmdline(),
+            cmdline,
             vcpus: args.vcpus,
             memory_mib: args.memory,
+            xol_bytes: if probes.is_some() {
+                XolArea::new(0, XOL_PAGES).map(|x| x.size()).unwrap_or(0)
+            } else {
+                0
+            },
         },
         timeout: args.effective_timeout(),
         forward_stdin: true,
     };
-    let report = machine::run(kvm, &opts, Box::new(std::io::stdout()))?;
+    let report = machine::run(kvm, &opts, probes, Box::new(std::io::stdout()))?;
+    if let Some(p) = &report.probes {
+        let mut out = std::io::stdout().lock();
+        for line in report::summary(p) {
+            let _ = writeln!(out, "{line}");
+        }
+    }
     if args.timings {
         match report.boot_to_init {
             Some(t) => eprintln!(
@@ -265,6 +419,11 @@ fn run_on_host(args: &RunArgs) -> Result<i32> {
         Outcome::Interrupted => {
             eprintln!("hvprobe: interrupted");
             None
+        }
+        Outcome::ProbeRefused(e) => {
+            eprintln!("hvprobe: {e}");
+            eprintln!("hvprobe: no probe was left in the guest");
+            return Ok(report.outcome.exit_code());
         }
         Outcome::CommandExited(_) | Outcome::ShutDown => None,
     };

@@ -9,6 +9,9 @@ pub mod hostcheck;
 #[cfg(target_arch = "x86_64")]
 pub mod l1init;
 pub mod machine;
+pub mod probing;
+pub mod report;
 pub mod runner;
+pub mod selftest;
 pub mod vcpu;
 pub mod vm;

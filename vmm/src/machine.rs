@@ -11,7 +11,14 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use kvm_ioctls::Kvm;
 
 use crate::devices::serial::SerialPort;
-use crate::vcpu::{self, StopReason, StopSignal, VcpuContext, VcpuHandle};
+use probe_core::arch::x86_64::Registers;
+use probe_core::engine::{ExitStats, PlantTarget, ProbeStats, RewrittenSite, hash_guest_virtual};
+use probe_core::probe::Probe;
+use probe_core::xol::XolArea;
+
+use crate::arch::x86_64::layout;
+use crate::probing::{Engine, Probing};
+use crate::vcpu::{self, StopReason, StopSignal, VcpuCommand, VcpuContext, VcpuEvent, VcpuHandle};
 use crate::vm::{Vm, VmConfig, VmError};
 
 /// Errors that keep a VM from running at all (as opposed to a guest that ends badly, which is
@@ -50,10 +57,14 @@ pub enum Outcome {
     VcpuError(String),
     /// The user interrupted the run.
     Interrupted,
+    /// A probe could not be planted; nothing was left in the guest.
+    ProbeRefused(String),
 }
 
 /// Exit status when the guest failed (panic, vCPU error, no status from the command).
 pub const EXIT_GUEST_FAILED: i32 = 125;
+/// Exit status when a probe could not be planted (bad location, refused instruction).
+pub const EXIT_PROBE_REFUSED: i32 = 2;
 
 impl Outcome {
     /// The process exit status that reports this outcome: the guest command's own status,
@@ -66,6 +77,7 @@ impl Outcome {
             Outcome::TimedOut(_) => 124,
             Outcome::Panicked(_) | Outcome::VcpuError(_) => EXIT_GUEST_FAILED,
             Outcome::Interrupted => 130,
+            Outcome::ProbeRefused(_) => EXIT_PROBE_REFUSED,
         }
     }
 }
@@ -81,6 +93,56 @@ pub struct RunReport {
     pub run_time: Duration,
     /// The last console lines, for error reports.
     pub console_tail: Vec<String>,
+    /// What the probes saw, when the run had any.
+    pub probes: Option<ProbeReport>,
+}
+
+/// A probe to plant once the guest is up.
+pub struct ProbeRequest {
+    /// The probe and its handlers.
+    pub probe: Probe,
+    /// Where.
+    pub target: PlantTarget,
+}
+
+/// The probes of a run.
+pub struct ProbeSetup {
+    /// What to plant, in order.
+    pub requests: Vec<ProbeRequest>,
+    /// Trap `int3`; off when every probe uses a hardware breakpoint.
+    pub software_breakpoints: bool,
+    /// Kernel text `[start, end)` (virtual), hashed before planting and after removal.
+    pub text: Option<(u64, u64)>,
+    /// XOL code pages to reserve.
+    pub xol_pages: usize,
+}
+
+/// Hashes of the kernel text around probing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextHashes {
+    /// Before anything was planted.
+    pub before: u64,
+    /// With the probes in place.
+    pub planted: u64,
+    /// After every probe was removed.
+    pub after: Option<u64>,
+}
+
+/// What the probes saw.
+#[derive(Debug, Default)]
+pub struct ProbeReport {
+    /// Per-probe counters.
+    pub stats: Vec<ProbeStats>,
+    /// Exit counts.
+    pub exits: ExitStats,
+    /// When the probes went in, from VM start.
+    pub planted_at: Option<Duration>,
+    /// Kernel text hashes.
+    pub text: Option<TextHashes>,
+    /// Traps the guest had overwritten by removal time (kept as the guest wrote them).
+    pub rewritten: Vec<RewrittenSite>,
+    /// Why probing could not be finished, if it could not.
+    pub error: Option<String>,
 }
 
 /// What to run and for how long.
@@ -92,6 +154,120 @@ pub struct RunOptions {
     pub timeout: Option<Duration>,
     /// Relay this process's stdin to the guest console.
     pub forward_stdin: bool,
+}
+
+/// Pauses every vCPU and waits until each is out of `KVM_RUN`.
+fn pause_all(handles: &[VcpuHandle]) {
+    for h in handles {
+        h.send(VcpuCommand::Pause);
+    }
+    for h in handles {
+        while let Some(ev) = h.wait_event() {
+            if ev == VcpuEvent::Paused {
+                break;
+            }
+        }
+    }
+}
+
+/// Lets every paused vCPU run again.
+fn resume_all(handles: &[VcpuHandle]) {
+    for h in handles {
+        h.send(VcpuCommand::Resume);
+    }
+    for h in handles {
+        while let Some(ev) = h.wait_event() {
+            if ev == VcpuEvent::Resumed {
+                break;
+            }
+        }
+    }
+}
+
+/// The registers of paused vCPU `h`.
+fn paused_registers(h: &VcpuHandle) -> Result<Registers, String> {
+    h.send(VcpuCommand::ReadRegisters);
+    while let Some(ev) = h.wait_event() {
+        if let VcpuEvent::Registers(r) = ev {
+            return r.map(|b| *b);
+        }
+    }
+    Err("vCPU thread ended".into())
+}
+
+/// The probing side of a run: plants once the guest is up, removes at the end.
+struct ProbeSession {
+    setup: ProbeSetup,
+    engine: Arc<Engine>,
+    report: ProbeReport,
+    planted: bool,
+    regs: Option<Registers>,
+}
+
+impl ProbeSession {
+    fn hash_text(&self, regs: &Registers) -> Option<u64> {
+        let (start, end) = self.setup.text?;
+        hash_guest_virtual(self.engine.memory(), regs, start, end).ok()
+    }
+
+    /// Plants every requested probe with all vCPUs paused; all or nothing.
+    fn plant(&mut self, handles: &[VcpuHandle], started: Instant) -> Result<(), String> {
+        self.planted = true;
+        pause_all(handles);
+        let result = (|| {
+            let regs = paused_registers(&handles[0])?;
+            let before = self.hash_text(&regs);
+            let mut ids = Vec::new();
+            let requests = std::mem::take(&mut self.setup.requests);
+            for req in requests {
+                match self.engine.plant(req.probe, req.target, &regs) {
+                    Ok(id) => ids.push(id),
+                    Err(e) => {
+                        for id in ids {
+                            let _ = self.engine.remove(id);
+                        }
+                        if let (Some(b), Some(a)) = (before, self.hash_text(&regs)) {
+                            self.report.text = Some(TextHashes {
+                                before: b,
+                                planted: a,
+                                after: Some(a),
+                            });
+                        }
+                        return Err(e.to_string());
+                    }
+                }
+            }
+            if let (Some(b), Some(p)) = (before, self.hash_text(&regs)) {
+                self.report.text = Some(TextHashes {
+                    before: b,
+                    planted: p,
+                    after: None,
+                });
+            }
+            self.regs = Some(regs);
+            Ok(())
+        })();
+        self.report.planted_at = Some(started.elapsed());
+        resume_all(handles);
+        result
+    }
+
+    /// Removes every probe with all vCPUs paused and fills in the report.
+    fn finish(mut self, handles: &[VcpuHandle]) -> ProbeReport {
+        if self.regs.is_some() {
+            pause_all(handles);
+            self.report.stats = self.engine.stats();
+            self.report.rewritten = self.engine.remove_all();
+            if let Some(regs) = &self.regs {
+                let after = self.hash_text(regs);
+                if let Some(t) = &mut self.report.text {
+                    t.after = after;
+                }
+            }
+        }
+        self.report.exits = self.engine.exit_stats();
+        self.report
+    }
 }
 
 /// Relays stdin to COM1. Bytes the UART's FIFO cannot take yet are kept and retried.
@@ -177,9 +353,36 @@ extern "C" fn interrupt_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut
 pub fn run(
     kvm: Kvm,
     opts: &RunOptions,
+    probes: Option<ProbeSetup>,
     console_out: Box<dyn Write + Send>,
 ) -> Result<RunReport, MachineError> {
     let mut vm = Vm::new(kvm, &opts.vm, console_out)?;
+    let mut session = match probes {
+        Some(setup) => {
+            let xol = XolArea::new(layout::XOL_GPA_BASE, setup.xol_pages)
+                .map_err(|e| setup_err("XOL area")(e.to_string()))?;
+            let engine = Engine::new(vm.memory.clone(), xol)
+                .map_err(|e| setup_err("XOL area")(e.to_string()))?;
+            Some(ProbeSession {
+                setup,
+                engine: Arc::new(engine),
+                report: ProbeReport::default(),
+                planted: false,
+                regs: None,
+            })
+        }
+        None => None,
+    };
+    let probing = session.as_ref().map(|s| {
+        Arc::new(Probing {
+            engine: s.engine.clone(),
+            software_breakpoints: s.setup.software_breakpoints,
+        })
+    });
+    let sync_regs = vm
+        .kvm
+        .check_extension_raw(kvm_bindings::KVM_CAP_SYNC_REGS.into())
+        > 0;
     let stop = Arc::new(StopSignal::new().map_err(|e| setup_err("eventfd")(e.to_string()))?);
     vcpu::install_kick_handler().map_err(|e| setup_err("kick signal handler")(e.to_string()))?;
 
@@ -210,11 +413,14 @@ pub fn run(
     });
 
     let started = Instant::now();
+    let mut probe_refused: Option<String> = None;
     let mut handles: Vec<VcpuHandle> = Vec::new();
     for (id, fd) in vm.vcpus.drain(..).enumerate() {
         let ctx = VcpuContext {
             pio: vm.pio.clone(),
             stop: stop.clone(),
+            probing: probing.clone(),
+            sync_regs,
         };
         let handle =
             vcpu::spawn(id as u32, fd, ctx).map_err(|e| setup_err("vCPU thread")(e.to_string()))?;
@@ -241,7 +447,32 @@ pub fn run(
         if deadline.is_some_and(|d| Instant::now() >= d) {
             stop.stop(StopReason::Timeout);
         }
+        if let Some(s) = &mut session
+            && !s.planted
+            && vm
+                .console
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .init_ready_at
+                .is_some()
+        {
+            match s.plant(&handles, started) {
+                Ok(()) => {}
+                Err(e) => {
+                    s.report.error = Some(e.clone());
+                    probe_refused = Some(e);
+                    stop.stop(StopReason::Interrupted);
+                }
+            }
+            // The default guest's /init waits for a line on its console before it runs the
+            // command, so that no probed call happens before the probes are in.
+            vm.serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .enqueue_input(b"\n");
+        }
     }
+    let probe_report = session.map(|s| s.finish(&handles));
     INTERRUPT_FD.store(-1, Ordering::SeqCst);
     let run_time = started.elapsed();
     for h in handles {
@@ -252,6 +483,7 @@ pub fn run(
     let console = vm.console.lock().unwrap_or_else(|e| e.into_inner());
     let reason = stop.reason().unwrap_or(StopReason::GuestReset);
     let outcome = match reason {
+        _ if probe_refused.is_some() => Outcome::ProbeRefused(probe_refused.unwrap_or_default()),
         StopReason::Timeout => Outcome::TimedOut(opts.timeout.unwrap_or_default()),
         StopReason::Interrupted => Outcome::Interrupted,
         StopReason::VcpuError(e) => Outcome::VcpuError(e),
@@ -270,5 +502,6 @@ pub fn run(
             .map(|t| t.saturating_duration_since(started)),
         run_time,
         console_tail: console.tail.iter().cloned().collect(),
+        probes: probe_report,
     })
 }

@@ -81,9 +81,22 @@ const FIRMWARE_DIRS: [&str; 3] = [
     "/usr/lib/ipxe/qemu",
 ];
 
-/// The emulator binary: `$HVPROBE_QEMU`, else `qemu-system-x86_64` on PATH.
+/// The emulator binary: `$HVPROBE_QEMU`, else the project's patched QEMU (built and cached on
+/// first use, see `guest/qemu/`), else the stock `qemu-system-x86_64` on PATH, with which int3
+/// probes are unavailable (the trap self-test inside L1 then says so).
 pub fn emulator() -> String {
-    std::env::var("HVPROBE_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".to_string())
+    if let Ok(q) = std::env::var("HVPROBE_QEMU") {
+        return q;
+    }
+    match hvprobe_guest::qemu::patched_qemu() {
+        Ok(p) => p.display().to_string(),
+        Err(e) => {
+            eprintln!(
+                "hvprobe: cannot build the runner's patched QEMU ({e}); using the stock qemu-system-x86_64, which does not deliver int3 exits to nested guests"
+            );
+            "qemu-system-x86_64".to_string()
+        }
+    }
 }
 
 /// The shared libraries a dynamically linked binary needs, as `ldd` lists them.
@@ -130,6 +143,7 @@ fn build_l1_initrd(
     kernel: &hvprobe_guest::KernelPackage,
     l2_kernel: &Path,
     l2_initrd: Option<&Path>,
+    system_map: Option<&Path>,
     inner_args: &[String],
 ) -> Result<(), RunnerError> {
     let exe = std::env::current_exe().map_err(prep_err("locating the hvprobe binary"))?;
@@ -156,6 +170,14 @@ fn build_l1_initrd(
             add(w, &format!("{L1_MODULES_DIR}/{name}"), &data, 0o644)?;
         }
         add(w, "l2/vmlinuz", &fs::read(l2_kernel)?, 0o644)?;
+        if let Some(map) = system_map {
+            add(
+                w,
+                L1_SYSTEM_MAP.trim_start_matches('/'),
+                &fs::read(map)?,
+                0o644,
+            )?;
+        }
         if let Some(initrd) = l2_initrd {
             add(w, "l2/initrd", &fs::read(initrd)?, 0o644)?;
         }
@@ -201,8 +223,26 @@ pub fn inner_args(args: &RunArgs) -> Vec<String> {
     if args.timings {
         v.push("--timings".into());
     }
+    for p in &args.probes {
+        v.extend(["--probe".into(), p.clone()]);
+    }
+    if !args.probes.is_empty() {
+        v.extend(["--system-map".into(), L1_SYSTEM_MAP.into()]);
+    }
+    if args.quiet {
+        v.push("--quiet".into());
+    }
+    v.extend([
+        "--trap".into(),
+        clap::ValueEnum::to_possible_value(&args.trap)
+            .map(|p| p.get_name().to_string())
+            .unwrap_or_else(|| "auto".into()),
+    ]);
     v
 }
+
+/// Where the guest's System.map goes inside L1.
+pub const L1_SYSTEM_MAP: &str = "/l2/System.map";
 
 fn console_tail(path: &Path) -> String {
     let text = fs::read(path).unwrap_or_default();
@@ -251,6 +291,9 @@ pub fn run_emulated(args: &RunArgs) -> Result<i32, RunnerError> {
         &l1,
         l2_kernel,
         args.initrd.as_deref(),
+        args.system_map
+            .as_deref()
+            .filter(|_| !args.probes.is_empty()),
         &inner_args(args),
     )?;
 

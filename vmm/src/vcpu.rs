@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use crate::devices::PioBus;
+use crate::probing::{Probing, VcpuProbing};
 
 /// Why the machine is stopping, as first reported by a vCPU, a device or the main loop.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,6 +78,8 @@ pub enum VcpuCommand {
     Resume,
     /// Leave for good; answered with [`VcpuEvent::Exited`].
     Stop,
+    /// While paused: report the registers; answered with [`VcpuEvent::Registers`].
+    ReadRegisters,
 }
 
 /// What a vCPU thread reports back.
@@ -88,6 +91,8 @@ pub enum VcpuEvent {
     Resumed,
     /// The thread ends.
     Exited,
+    /// The registers, or why they could not be read.
+    Registers(Result<Box<probe_core::arch::x86_64::Registers>, String>),
 }
 
 /// The vCPU thread's state.
@@ -165,6 +170,10 @@ pub struct VcpuContext {
     pub pio: PioBus,
     /// Where to report that the machine must stop.
     pub stop: Arc<StopSignal>,
+    /// The probe engine, when the run probes the guest.
+    pub probing: Option<Arc<Probing>>,
+    /// Whether KVM offers `KVM_CAP_SYNC_REGS`.
+    pub sync_regs: bool,
 }
 
 struct VcpuThread {
@@ -174,6 +183,7 @@ struct VcpuThread {
     commands: Receiver<VcpuCommand>,
     events: Sender<VcpuEvent>,
     state: VcpuState,
+    probing: Option<VcpuProbing>,
 }
 
 /// What one `KVM_RUN` exit means for the state machine.
@@ -188,12 +198,21 @@ impl VcpuThread {
             VcpuCommand::Pause => (VcpuState::Paused, VcpuEvent::Paused),
             VcpuCommand::Resume => (VcpuState::Running, VcpuEvent::Resumed),
             VcpuCommand::Stop => (VcpuState::Exited, VcpuEvent::Exited),
+            VcpuCommand::ReadRegisters => (
+                self.state,
+                VcpuEvent::Registers(VcpuProbing::registers(&mut self.fd).map(Box::new)),
+            ),
         };
         self.state = state;
         let _ = self.events.send(event);
     }
 
     fn run_once(&mut self) -> ExitAction {
+        if let Some(p) = &mut self.probing
+            && let Err(e) = p.prepare_entry(&mut self.fd)
+        {
+            return ExitAction::Stop(StopReason::VcpuError(format!("vCPU {}: {e}", self.id)));
+        }
         match self.fd.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
@@ -209,6 +228,16 @@ impl VcpuThread {
                     ExitAction::Continue
                 }
                 VcpuExit::MmioWrite(..) => ExitAction::Continue,
+                VcpuExit::Debug(arch) => match &mut self.probing {
+                    Some(p) => match p.handle_exit(self.id, &mut self.fd, &arch) {
+                        Ok(()) => ExitAction::Continue,
+                        Err(e) => ExitAction::Stop(StopReason::VcpuError(e)),
+                    },
+                    None => ExitAction::Stop(StopReason::VcpuError(format!(
+                        "vCPU {}: debug exit without probes (vector {})",
+                        self.id, arch.exception
+                    ))),
+                },
                 VcpuExit::Shutdown => ExitAction::Stop(StopReason::GuestReset),
                 VcpuExit::SystemEvent(kind, _) => match kind {
                     kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
@@ -278,13 +307,18 @@ impl VcpuThread {
 }
 
 /// Starts a thread running vCPU `id`.
-pub fn spawn(id: u32, fd: VcpuFd, ctx: VcpuContext) -> std::io::Result<VcpuHandle> {
+pub fn spawn(id: u32, mut fd: VcpuFd, ctx: VcpuContext) -> std::io::Result<VcpuHandle> {
     let (cmd_tx, cmd_rx) = channel();
     let (evt_tx, evt_rx) = channel();
     let thread = std::thread::Builder::new()
         .name(format!("vcpu{id}"))
         .spawn(move || {
+            let probing = ctx
+                .probing
+                .clone()
+                .map(|p| VcpuProbing::new(p, &mut fd, ctx.sync_regs));
             let mut t = VcpuThread {
+                probing,
                 id,
                 fd,
                 ctx,

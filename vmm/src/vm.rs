@@ -35,6 +35,8 @@ pub enum VmError {
     #[error("guest memory of {0} MiB is too small: at least 64 MiB are needed to boot Linux")]
     MemoryTooSmall(u64),
     /// Too many or too few vCPUs.
+    #[error("guest memory of {0} MiB is too large: the XOL area sits at 64 GiB")]
+    MemoryTooLarge(u64),
     #[error("vCPU count {0} is out of range: 1 to 254")]
     VcpuCount(u32),
     /// Guest memory could not be allocated.
@@ -102,6 +104,8 @@ pub struct VmConfig {
     pub vcpus: u32,
     /// Guest memory in MiB.
     pub memory_mib: u64,
+    /// Size of the XOL area to reserve (0: none), outside the guest's RAM map.
+    pub xol_bytes: u64,
 }
 
 /// A VM ready to run: memory loaded, devices attached, vCPUs configured.
@@ -219,10 +223,19 @@ impl Vm {
             None => None,
         };
         let mem_size = config.memory_mib << 20;
-        let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(mem_size)
+        if mem_size > layout::XOL_GPA_BASE - layout::MMIO_GAP_END + layout::MMIO_GAP_START {
+            return Err(VmError::MemoryTooLarge(config.memory_mib));
+        }
+        let mut ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(mem_size)
             .into_iter()
             .map(|(s, l)| (GuestAddress(s), l as usize))
             .collect();
+        if config.xol_bytes > 0 {
+            ranges.push((
+                GuestAddress(layout::XOL_GPA_BASE),
+                config.xol_bytes as usize,
+            ));
+        }
         let memory = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| VmError::Memory {
             mib: config.memory_mib,
             detail: e.to_string(),
@@ -254,12 +267,19 @@ impl Vm {
             let host = memory
                 .get_host_address(region.start_addr())
                 .expect("region start is inside guest memory");
+            // The XOL area is read-only to the guest: it may execute the slots but never
+            // rewrite them or their page tables.
+            let xol = region.start_addr().raw_value() == layout::XOL_GPA_BASE;
             let region_desc = kvm_bindings::kvm_userspace_memory_region {
                 slot: slot as u32,
                 guest_phys_addr: region.start_addr().raw_value(),
                 memory_size: region.len(),
                 userspace_addr: host as u64,
-                flags: 0,
+                flags: if xol {
+                    kvm_bindings::KVM_MEM_READONLY
+                } else {
+                    0
+                },
             };
             // SAFETY: the host range is a live mmap owned by `memory`, which the returned Vm
             // keeps for as long as the VM fd exists, and slots do not overlap.

@@ -33,6 +33,9 @@ pub const APIC_START: u64 = 0xfee0_0000;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Address of the TSS pages KVM needs on Intel (`KVM_SET_TSS_ADDR`), inside the MMIO gap.
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
+/// Guest physical base of the XOL area: far above RAM, never in the e820 map, below the
+/// 40-bit physical address width of every CPU KVM runs on.
+pub const XOL_GPA_BASE: u64 = 0x10_0000_0000;
 /// Entry point offset of the 64-bit boot protocol inside the protected-mode kernel.
 pub const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 

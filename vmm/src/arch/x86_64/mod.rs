@@ -2,5 +2,6 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod debug;
 pub mod layout;
 pub mod mptable;

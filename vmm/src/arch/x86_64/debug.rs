@@ -1,0 +1,215 @@
+//! x86_64 guest-debug set-up: the `kvm_guest_debug` control word and debug registers for
+//! software breakpoints, hardware execute breakpoints and single-stepping, the decoding of
+//! `KVM_EXIT_DEBUG`, and conversion between KVM's register structs and probe-core's.
+
+use kvm_bindings::{
+    KVM_GUESTDBG_BLOCKIRQ, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_INJECT_BP, KVM_GUESTDBG_SINGLESTEP,
+    KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP, kvm_debug_exit_arch, kvm_guest_debug, kvm_regs,
+    kvm_sregs,
+};
+use probe_core::arch::x86_64::{Gpr, Registers};
+use probe_core::engine::MAX_HW_BREAKPOINTS;
+use probe_core::vm::DebugEvent;
+
+/// #DB vector.
+const DB_VECTOR: u32 = 1;
+/// #BP vector.
+const BP_VECTOR: u32 = 3;
+/// DR6.BS: the #DB came from single-stepping.
+const DR6_BS: u64 = 1 << 14;
+
+/// What one vCPU's guest debugging should look like.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GuestDebugSetup {
+    /// Trap `int3` (#BP) to the VMM.
+    pub software_breakpoints: bool,
+    /// Hardware execute breakpoints.
+    pub hardware: [Option<u64>; MAX_HW_BREAKPOINTS],
+    /// Single-step with interrupts blocked.
+    pub single_step: bool,
+    /// Deliver a #BP to the guest now (a trap that was not ours).
+    pub inject_breakpoint: bool,
+}
+
+impl GuestDebugSetup {
+    /// Whether anything is enabled at all.
+    pub fn enabled(&self) -> bool {
+        self.software_breakpoints
+            || self.single_step
+            || self.inject_breakpoint
+            || self.hardware.iter().any(Option::is_some)
+    }
+
+    /// The `KVM_SET_GUEST_DEBUG` argument.
+    pub fn to_kvm(&self) -> kvm_guest_debug {
+        let mut dbg = kvm_guest_debug::default();
+        if !self.enabled() {
+            return dbg;
+        }
+        dbg.control = KVM_GUESTDBG_ENABLE;
+        if self.software_breakpoints {
+            dbg.control |= KVM_GUESTDBG_USE_SW_BP;
+        }
+        if self.single_step {
+            // Without BLOCKIRQ a pending interrupt is taken first and the "step" lands in the
+            // interrupt handler.
+            dbg.control |= KVM_GUESTDBG_SINGLESTEP | KVM_GUESTDBG_BLOCKIRQ;
+        }
+        if self.inject_breakpoint {
+            dbg.control |= KVM_GUESTDBG_INJECT_BP;
+        }
+        let mut dr7 = 0u64;
+        for (i, addr) in self.hardware.iter().enumerate() {
+            if let Some(a) = addr {
+                dbg.arch.debugreg[i] = *a;
+                // Gi enables breakpoint i globally; R/Wi = 00 (execute) and LENi = 00.
+                dr7 |= 1 << (2 * i + 1);
+            }
+        }
+        if dr7 != 0 {
+            dbg.control |= KVM_GUESTDBG_USE_HW_BP;
+            // GE, as QEMU's gdbstub and firecracker set it.
+            dbg.arch.debugreg[7] = dr7 | (1 << 9);
+        }
+        dbg
+    }
+}
+
+/// What a `KVM_EXIT_DEBUG` reported, or `None` for a vector hvprobe never asks for.
+pub fn debug_event(arch: &kvm_debug_exit_arch) -> Option<DebugEvent> {
+    match arch.exception {
+        BP_VECTOR => Some(DebugEvent::Breakpoint { pc: arch.pc }),
+        DB_VECTOR if arch.dr6 & 0xf != 0 && arch.dr6 & DR6_BS == 0 => {
+            Some(DebugEvent::HardwareBreakpoint { pc: arch.pc })
+        }
+        DB_VECTOR => Some(DebugEvent::SingleStep { pc: arch.pc }),
+        _ => None,
+    }
+}
+
+/// probe-core registers from KVM's.
+pub fn registers_from_kvm(r: &kvm_regs, s: &kvm_sregs) -> Registers {
+    let mut out = Registers {
+        rip: r.rip,
+        rflags: r.rflags,
+        cr3: s.cr3,
+        cr4: s.cr4,
+        ..Default::default()
+    };
+    for (g, v) in [
+        (Gpr::Rax, r.rax),
+        (Gpr::Rcx, r.rcx),
+        (Gpr::Rdx, r.rdx),
+        (Gpr::Rbx, r.rbx),
+        (Gpr::Rsp, r.rsp),
+        (Gpr::Rbp, r.rbp),
+        (Gpr::Rsi, r.rsi),
+        (Gpr::Rdi, r.rdi),
+        (Gpr::R8, r.r8),
+        (Gpr::R9, r.r9),
+        (Gpr::R10, r.r10),
+        (Gpr::R11, r.r11),
+        (Gpr::R12, r.r12),
+        (Gpr::R13, r.r13),
+        (Gpr::R14, r.r14),
+        (Gpr::R15, r.r15),
+    ] {
+        out.set(g, v);
+    }
+    out
+}
+
+/// KVM's general-purpose registers from probe-core's.
+pub fn registers_to_kvm(r: &Registers) -> kvm_regs {
+    kvm_regs {
+        rax: r.get(Gpr::Rax),
+        rbx: r.get(Gpr::Rbx),
+        rcx: r.get(Gpr::Rcx),
+        rdx: r.get(Gpr::Rdx),
+        rsi: r.get(Gpr::Rsi),
+        rdi: r.get(Gpr::Rdi),
+        rsp: r.get(Gpr::Rsp),
+        rbp: r.get(Gpr::Rbp),
+        r8: r.get(Gpr::R8),
+        r9: r.get(Gpr::R9),
+        r10: r.get(Gpr::R10),
+        r11: r.get(Gpr::R11),
+        r12: r.get(Gpr::R12),
+        r13: r.get(Gpr::R13),
+        r14: r.get(Gpr::R14),
+        r15: r.get(Gpr::R15),
+        rip: r.rip,
+        rflags: r.rflags,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_word_and_debug_registers() {
+        assert_eq!(GuestDebugSetup::default().to_kvm().control, 0);
+        let sw = GuestDebugSetup {
+            software_breakpoints: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            sw.to_kvm().control,
+            KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP
+        );
+        let step = GuestDebugSetup {
+            single_step: true,
+            inject_breakpoint: true,
+            ..sw
+        };
+        let c = step.to_kvm().control;
+        assert_ne!(c & KVM_GUESTDBG_BLOCKIRQ, 0);
+        assert_ne!(c & KVM_GUESTDBG_SINGLESTEP, 0);
+        assert_ne!(c & KVM_GUESTDBG_INJECT_BP, 0);
+        let hw = GuestDebugSetup {
+            hardware: [None, Some(0xffff_ffff_8100_0000), None, Some(0x1000)],
+            ..Default::default()
+        };
+        let k = hw.to_kvm();
+        assert_eq!(k.control, KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP);
+        assert_eq!(k.arch.debugreg[1], 0xffff_ffff_8100_0000);
+        assert_eq!(k.arch.debugreg[7], (1 << 3) | (1 << 7) | (1 << 9));
+    }
+
+    #[test]
+    fn debug_exits_are_told_apart() {
+        let exit = |exception, dr6| kvm_debug_exit_arch {
+            exception,
+            pad: 0,
+            pc: 0x10,
+            dr6,
+            dr7: 0,
+        };
+        assert_eq!(
+            debug_event(&exit(3, 0)),
+            Some(DebugEvent::Breakpoint { pc: 0x10 })
+        );
+        assert_eq!(
+            debug_event(&exit(1, 0xffff_4ff0)),
+            Some(DebugEvent::SingleStep { pc: 0x10 })
+        );
+        assert_eq!(
+            debug_event(&exit(1, 0xffff_0ff2)),
+            Some(DebugEvent::HardwareBreakpoint { pc: 0x10 })
+        );
+        assert_eq!(debug_event(&exit(14, 0)), None);
+    }
+
+    #[test]
+    fn registers_round_trip() {
+        let mut r = Registers::default();
+        for (i, g) in Gpr::ALL.iter().enumerate() {
+            r.set(*g, i as u64 * 0x101);
+        }
+        r.rip = 0xffff_ffff_8100_0000;
+        r.rflags = 0x246;
+        let back = registers_from_kvm(&registers_to_kvm(&r), &kvm_sregs::default());
+        assert_eq!(back, r);
+    }
+}

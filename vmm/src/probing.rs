@@ -1,0 +1,168 @@
+//! The KVM side of probing: the [`VcpuAccess`] implementation over a `VcpuFd` (registers through
+//! `KVM_CAP_SYNC_REGS` when KVM offers it), the per-vCPU guest-debug state, and the handling of
+//! `KVM_EXIT_DEBUG` on the vCPU thread that took it.
+
+use std::sync::Arc;
+
+use kvm_ioctls::{SyncReg, VcpuFd};
+use probe_core::arch::x86_64::Registers;
+use probe_core::engine::{ProbeEngine, VcpuProbeState};
+use probe_core::vm::{VcpuAccess, Verdict, VmError};
+use vm_memory::GuestMemoryMmap;
+
+use crate::arch::x86_64::debug::{
+    GuestDebugSetup, debug_event, registers_from_kvm, registers_to_kvm,
+};
+
+/// The engine type the VMM uses.
+pub type Engine = ProbeEngine<GuestMemoryMmap>;
+
+/// Probing shared by all vCPU threads.
+pub struct Probing {
+    /// The engine.
+    pub engine: Arc<Engine>,
+    /// Trap `int3` (software breakpoints); off when only hardware breakpoints are used.
+    pub software_breakpoints: bool,
+}
+
+/// One vCPU's probing state, owned by its thread.
+pub struct VcpuProbing {
+    shared: Arc<Probing>,
+    state: VcpuProbeState,
+    setup: GuestDebugSetup,
+    applied: Option<GuestDebugSetup>,
+    applied_generation: u64,
+    sync_regs: bool,
+}
+
+/// A vCPU as probe-core sees it.
+struct KvmVcpu<'a> {
+    id: u32,
+    fd: &'a mut VcpuFd,
+    sync_regs: bool,
+    single_step: &'a mut bool,
+}
+
+fn err(what: &str) -> impl FnOnce(kvm_ioctls::Error) -> VmError + '_ {
+    move |e| VmError(format!("{what}: {e}"))
+}
+
+impl VcpuAccess for KvmVcpu<'_> {
+    fn id(&self) -> u32 {
+        self.id
+    }
+
+    fn registers(&mut self) -> Result<Registers, VmError> {
+        if self.sync_regs {
+            let s = self.fd.sync_regs();
+            return Ok(registers_from_kvm(&s.regs, &s.sregs));
+        }
+        let r = self.fd.get_regs().map_err(err("KVM_GET_REGS"))?;
+        let s = self.fd.get_sregs().map_err(err("KVM_GET_SREGS"))?;
+        Ok(registers_from_kvm(&r, &s))
+    }
+
+    fn set_registers(&mut self, regs: &Registers) -> Result<(), VmError> {
+        let r = registers_to_kvm(regs);
+        if self.sync_regs {
+            self.fd.sync_regs_mut().regs = r;
+            self.fd.set_sync_dirty_reg(SyncReg::Register);
+            return Ok(());
+        }
+        self.fd.set_regs(&r).map_err(err("KVM_SET_REGS"))
+    }
+
+    fn set_single_step(&mut self, on: bool) -> Result<(), VmError> {
+        *self.single_step = on;
+        Ok(())
+    }
+}
+
+impl VcpuProbing {
+    /// Probing state for one vCPU; turns on register syncing through `kvm_run` if KVM has it.
+    pub fn new(shared: Arc<Probing>, fd: &mut VcpuFd, sync_regs: bool) -> VcpuProbing {
+        if sync_regs {
+            fd.set_sync_valid_reg(SyncReg::Register);
+            fd.set_sync_valid_reg(SyncReg::SystemRegister);
+        }
+        VcpuProbing {
+            shared,
+            state: VcpuProbeState::default(),
+            setup: GuestDebugSetup::default(),
+            applied: None,
+            applied_generation: u64::MAX,
+            sync_regs,
+        }
+    }
+
+    /// Brings the vCPU's guest debugging up to date; call before every `KVM_RUN`. Costs an
+    /// ioctl only when something changed.
+    pub fn prepare_entry(&mut self, fd: &mut VcpuFd) -> Result<(), String> {
+        let engine = &self.shared.engine;
+        let generation = engine.hardware_generation();
+        if generation != self.applied_generation {
+            self.setup.hardware = engine.hardware_breakpoints().0;
+            self.applied_generation = generation;
+        }
+        self.setup.software_breakpoints = self.shared.software_breakpoints;
+        if self.applied != Some(self.setup) {
+            // KVM_SET_GUEST_DEBUG computes TF from the registers KVM holds now, so registers
+            // the engine left in the sync area must reach KVM first.
+            if self.sync_regs
+                && fd.get_kvm_run().kvm_dirty_regs & u64::from(kvm_bindings::KVM_SYNC_X86_REGS) != 0
+            {
+                let regs = fd.sync_regs().regs;
+                fd.set_regs(&regs)
+                    .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+                fd.get_kvm_run().kvm_dirty_regs &= !u64::from(kvm_bindings::KVM_SYNC_X86_REGS);
+            }
+            fd.set_guest_debug(&self.setup.to_kvm())
+                .map_err(|e| format!("KVM_SET_GUEST_DEBUG: {e}"))?;
+            self.applied = Some(self.setup);
+            // INJECT_BP acts once, at the ioctl.
+            if self.setup.inject_breakpoint {
+                self.setup.inject_breakpoint = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles a `KVM_EXIT_DEBUG` of vCPU `id`.
+    pub fn handle_exit(
+        &mut self,
+        id: u32,
+        fd: &mut VcpuFd,
+        arch: &kvm_bindings::kvm_debug_exit_arch,
+    ) -> Result<(), String> {
+        let Some(event) = debug_event(arch) else {
+            return Err(format!(
+                "vCPU {id}: debug exit for vector {} that hvprobe did not ask for",
+                arch.exception
+            ));
+        };
+        let mut single_step = self.setup.single_step;
+        let mut vcpu = KvmVcpu {
+            id,
+            fd,
+            sync_regs: self.sync_regs,
+            single_step: &mut single_step,
+        };
+        let verdict = self
+            .shared
+            .engine
+            .handle_debug(&mut vcpu, &mut self.state, event)
+            .map_err(|e| format!("vCPU {id}: {e}"))?;
+        self.setup.single_step = single_step;
+        if verdict == Verdict::Reinject {
+            self.setup.inject_breakpoint = true;
+        }
+        Ok(())
+    }
+
+    /// Reads the registers of a vCPU that is out of `KVM_RUN`.
+    pub fn registers(fd: &mut VcpuFd) -> Result<Registers, String> {
+        let r = fd.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
+        let s = fd.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+        Ok(registers_from_kvm(&r, &s))
+    }
+}

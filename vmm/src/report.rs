@@ -1,0 +1,95 @@
+//! What `hvprobe run` prints about probes: one line per hit, and a summary per probe at the end.
+
+use std::io::Write;
+
+use probe_core::arch::x86_64::Gpr;
+use probe_core::probe::{ProbeContext, TrapKind};
+
+use crate::machine::ProbeReport;
+
+/// The line printed for one hit: time since start, vCPU, probe, RIP and the first argument
+/// registers.
+pub fn hit_line(ctx: &ProbeContext<'_>) -> String {
+    let r = ctx.regs;
+    format!(
+        "hit {:>12.6} cpu{} {} rip={:#x} rdi={:#x} rsi={:#x} rdx={:#x} rcx={:#x}",
+        ctx.time.as_secs_f64(),
+        ctx.vcpu,
+        ctx.location,
+        r.rip,
+        r.get(Gpr::Rdi),
+        r.get(Gpr::Rsi),
+        r.get(Gpr::Rdx),
+        r.get(Gpr::Rcx),
+    )
+}
+
+/// Prints a hit line to stdout in one write, so lines from several vCPUs do not interleave.
+pub fn print_hit(ctx: &ProbeContext<'_>) {
+    let mut line = hit_line(ctx);
+    line.push('\n');
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(line.as_bytes());
+}
+
+/// The end-of-run summary lines.
+pub fn summary(report: &ProbeReport) -> Vec<String> {
+    let mut out = Vec::new();
+    for s in &report.stats {
+        out.push(format!(
+            "hvprobe: probe {} at {:#x} ({}; plan {}; trap {}): hits={} missed={} handler_errors={}",
+            s.location,
+            s.address,
+            s.instruction,
+            s.plan,
+            match s.trap {
+                TrapKind::Software => "int3",
+                TrapKind::Hardware => "hw",
+            },
+            s.hits,
+            s.missed,
+            s.handler_errors
+        ));
+    }
+    let e = &report.exits;
+    let hits: u64 = report.stats.iter().map(|s| s.hits).sum();
+    let exits = e.breakpoints + e.hw_breakpoints + e.steps;
+    let plans: Vec<String> = e
+        .hits_by_plan
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(p, n)| format!("{p}={n}"))
+        .collect();
+    out.push(format!(
+        "hvprobe: exits: breakpoint={} hw_breakpoint={} step={} reinjected={} (sites hit by plan: {}); exits per probe hit {}",
+        e.breakpoints,
+        e.hw_breakpoints,
+        e.steps,
+        e.reinjected,
+        if plans.is_empty() { "none".to_string() } else { plans.join(" ") },
+        if hits == 0 {
+            "n/a".to_string()
+        } else {
+            format!("{:.2}", exits as f64 / e.hits_by_plan.iter().map(|(_, n)| n).sum::<u64>().max(1) as f64)
+        }
+    ));
+    if let Some(t) = &report.text {
+        let after = t.after.map(|a| format!("{a:#018x}")).unwrap_or("-".into());
+        let verdict = match t.after {
+            Some(a) if a == t.before => "restored byte-for-byte",
+            Some(_) => "DIFFERS",
+            None => "not checked",
+        };
+        out.push(format!(
+            "hvprobe: kernel text hash before={:#018x} planted={:#018x} after={after} ({verdict})",
+            t.before, t.planted
+        ));
+    }
+    for r in &report.rewritten {
+        out.push(format!(
+            "hvprobe: warning: the guest rewrote the probed byte at {:#x} (now {:02x?}); left as the guest wrote it",
+            r.va, r.found
+        ));
+    }
+    out
+}
