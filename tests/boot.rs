@@ -2,42 +2,10 @@
 //! binary, through the emulated KVM runner where the host's KVM cannot do the job, and checks
 //! what the guest printed and how hvprobe exited.
 
-use std::process::{Command, Output};
+mod common;
 
-const HVPROBE: &str = env!("CARGO_BIN_EXE_hvprobe");
-
-/// Runs `hvprobe ARGS` and returns its output (stdin closed).
-fn hvprobe(args: &[&str]) -> Output {
-    Command::new(HVPROBE)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("hvprobe starts")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).replace('\r', "")
-}
-
-/// Fails with everything hvprobe printed.
-fn explain(out: &Output) -> String {
-    format!(
-        "status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status.code(),
-        text(&out.stdout),
-        text(&out.stderr)
-    )
-}
-
-/// Asserts that `haystack` (stdout or stderr of `out`) contains `needle`.
-#[track_caller]
-fn assert_has(haystack: &str, needle: &str, out: &Output) {
-    assert!(
-        haystack.contains(needle),
-        "expected {needle:?}\n{}",
-        explain(out)
-    );
-}
+use common::{assert_has, explain, fnv1a, hvprobe, text};
+use std::process::Output;
 
 fn boot(vcpus: &str, exec: &str, timeout: &str) -> Output {
     hvprobe(&[
@@ -90,12 +58,6 @@ fn two_vcpus_boot_and_both_run() {
         "{}",
         explain(&out)
     );
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(1469598103934665603u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(1099511628211)
-    })
 }
 
 #[test]

@@ -22,6 +22,9 @@ use crate::probe::{Handler, PhysMemory, Probe, ProbeContext, TrapKind, Walker, r
 use crate::vm::{DebugEvent, VcpuAccess, Verdict, VmError};
 use crate::xol::{SLOT_SIZE, XolArea, XolError, XolSlot};
 
+/// RFLAGS.RF: suppresses instruction breakpoints for one instruction.
+const RFLAGS_RF: u64 = 1 << 16;
+
 /// Most hardware execute breakpoints x86 offers.
 pub const MAX_HW_BREAKPOINTS: usize = 4;
 
@@ -331,7 +334,16 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         })?;
         if let Some(start) = target.function_start.filter(|s| *s < target.va) {
             let offset = target.va - start;
-            let code = self.read_virt_bytes(&location, regs, start, offset as usize + 16)?;
+            let mut code = self.read_virt_bytes(&location, regs, start, offset as usize + 16)?;
+            // Decode what the guest wrote, not our own breakpoints (kprobes'
+            // recover_probed_instruction).
+            for site in table.sites.values() {
+                if let Some(i) = site.va.checked_sub(start).map(|i| i as usize)
+                    && i < code.len()
+                {
+                    code[i] = site.saved[0];
+                }
+            }
             decoder
                 .check_boundary(&code, start, offset)
                 .map_err(|source| PlantError::Decode {
@@ -656,6 +668,9 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         if let StepPlan::Emulate(emu) = &plan {
             match self.emulate(emu, &mut regs) {
                 Ok(()) => {
+                    // RIP moved on: a resume flag left from a hardware-breakpoint #DB would
+                    // suppress a breakpoint on the next instruction.
+                    regs.rflags &= !RFLAGS_RF;
                     vcpu.set_registers(&regs)?;
                     if has_post {
                         self.run_handlers(vcpu.id(), site_va, &probes, &regs, true);
@@ -738,6 +753,12 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             return Ok(Verdict::Resume);
         };
         self.exits.steps.fetch_add(1, Ordering::Relaxed);
+        if pc == step.slot_va {
+            // A `rep` string instruction traps after each iteration with RIP unchanged: keep
+            // stepping until it falls through.
+            state.in_flight = Some(step);
+            return Ok(Verdict::Resume);
+        }
         let mut regs = vcpu.registers()?;
         let fell_through = pc == step.slot_va + step.len;
         if fell_through {
@@ -758,6 +779,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         if let Some((r, saved)) = step.scratch {
             regs.set(r, saved);
         }
+        regs.rflags &= !RFLAGS_RF;
         vcpu.set_registers(&regs)?;
         vcpu.set_single_step(false)?;
         let probes = {

@@ -309,6 +309,29 @@ fn bad_locations_change_nothing() {
 }
 
 #[test]
+fn boundaries_are_checked_against_the_original_bytes_not_our_traps() {
+    let (engine, vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    engine.plant(Probe::new("f"), target(0), &regs).unwrap();
+    engine
+        .plant(Probe::new("f+0x4"), target(AT_PUSH), &regs)
+        .unwrap();
+    engine
+        .plant(Probe::new("f+0x8"), target(AT_RIPREL), &regs)
+        .unwrap();
+    let err = engine
+        .plant(Probe::new("f+0x9"), target(9), &regs)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("inside the instruction at +0x8"),
+        "{err}"
+    );
+    assert_eq!(engine.stats().len(), 3);
+    assert_eq!(engine.remove_all(), vec![]);
+    assert_eq!(text(&engine), CODE);
+}
+
+#[test]
 fn a_trap_the_guest_rewrote_is_reported_not_restored() {
     let (engine, vcpu) = machine();
     let regs = vcpu.regs.clone();

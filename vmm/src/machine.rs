@@ -457,19 +457,21 @@ pub fn run(
                 .is_some()
         {
             match s.plant(&handles, started) {
-                Ok(()) => {}
+                // The default guest's /init waits for a line on its console before it runs
+                // the command, so that no probed call happens before the probes are in.
+                Ok(()) => {
+                    vm.serial
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .enqueue_input(b"\n");
+                }
+                // The command never runs.
                 Err(e) => {
                     s.report.error = Some(e.clone());
                     probe_refused = Some(e);
                     stop.stop(StopReason::Interrupted);
                 }
             }
-            // The default guest's /init waits for a line on its console before it runs the
-            // command, so that no probed call happens before the probes are in.
-            vm.serial
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .enqueue_input(b"\n");
         }
     }
     let probe_report = session.map(|s| s.finish(&handles));

@@ -105,7 +105,10 @@ impl VcpuProbing {
             self.applied_generation = generation;
         }
         self.setup.software_breakpoints = self.shared.software_breakpoints;
-        if self.applied != Some(self.setup) {
+        // INJECT_BP acts once, at the ioctl: a request for it always needs one, and what KVM
+        // keeps afterwards is the set-up without it. (Comparing with it included would skip
+        // the ioctl for a second foreign int3 in a row, and the guest would loop on it.)
+        if self.applied != Some(self.setup) || self.setup.inject_breakpoint {
             // KVM_SET_GUEST_DEBUG computes TF from the registers KVM holds now, so registers
             // the engine left in the sync area must reach KVM first.
             if self.sync_regs
@@ -118,11 +121,8 @@ impl VcpuProbing {
             }
             fd.set_guest_debug(&self.setup.to_kvm())
                 .map_err(|e| format!("KVM_SET_GUEST_DEBUG: {e}"))?;
+            self.setup.inject_breakpoint = false;
             self.applied = Some(self.setup);
-            // INJECT_BP acts once, at the ioctl.
-            if self.setup.inject_breakpoint {
-                self.setup.inject_breakpoint = false;
-            }
         }
         Ok(())
     }
