@@ -1,13 +1,19 @@
-//! Host-side costs of the probe engine's pure parts: resolving a probe location against a
-//! kernel-sized symbol table, symbolizing a hit address, and a page walk per translation.
-//! Run with `cargo bench -p probe-core`.
+//! Host-side costs of the probe engine: resolving a probe location against a kernel-sized
+//! symbol table, symbolizing a hit address, a page walk per translation, and the engine's own
+//! time per probe hit for each step plan (a fake vCPU over real guest memory, so the figure
+//! excludes the VM exit itself). Run with `cargo bench -p probe-core`.
 
 use std::collections::HashMap;
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use probe_core::arch::x86_64::Gpr;
+use probe_core::engine::{PlantTarget, VcpuProbeState};
+use probe_core::fake::{AT_CALL, AT_PUSH, AT_RIPREL, STACK_VA, TEXT_VA, machine};
 use probe_core::pagewalk::{PagingMode, PhysRead, translate};
+use probe_core::probe::Probe;
 use probe_core::symbols::SymbolMap;
+use probe_core::vm::DebugEvent;
 
 /// A synthetic System.map the size of a distribution kernel's (about 100k symbols).
 fn kernel_sized_map() -> String {
@@ -56,5 +62,52 @@ fn engine(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, engine);
+/// One hit per iteration on a probe at `offset` of the fake text, the step completed too
+/// when the plan steps out of line; registers are reset each time.
+fn hit_cost(c: &mut Criterion, name: &str, offset: u64, with_handler: bool) {
+    let (engine, mut vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    let mut probe = Probe::new(name);
+    if with_handler {
+        probe = probe.on_hit(|ctx| {
+            black_box(ctx.arg(0));
+            Ok(())
+        });
+    }
+    let target = PlantTarget {
+        va: TEXT_VA + offset,
+        function_start: Some(TEXT_VA),
+    };
+    engine.plant(probe, target, &regs).unwrap();
+    let mut state = VcpuProbeState::default();
+    let pc = TEXT_VA + offset;
+    c.bench_function(name, |b| {
+        b.iter(|| {
+            vcpu.regs.rip = pc;
+            vcpu.regs.set(Gpr::Rsp, STACK_VA + 0x800);
+            engine
+                .handle_debug(&mut vcpu, &mut state, DebugEvent::Breakpoint { pc })
+                .unwrap();
+            if state.stepping() {
+                let slot_end = vcpu.regs.rip + 7;
+                engine
+                    .handle_debug(
+                        &mut vcpu,
+                        &mut state,
+                        DebugEvent::SingleStep { pc: slot_end },
+                    )
+                    .unwrap();
+            }
+        })
+    });
+}
+
+fn hits(c: &mut Criterion) {
+    hit_cost(c, "hit/emulate_push", AT_PUSH, false);
+    hit_cost(c, "hit/emulate_push_with_handler", AT_PUSH, true);
+    hit_cost(c, "hit/xol_riprel_step", AT_RIPREL, false);
+    hit_cost(c, "hit/xol_indirect_call_step", AT_CALL, false);
+}
+
+criterion_group!(benches, engine, hits);
 criterion_main!(benches);

@@ -4,79 +4,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use vm_memory::GuestMemoryMmap;
 
+use crate::fake::*;
+
 use super::*;
-use crate::vm::VcpuAccess;
-
-const TEXT_VA: u64 = 0xffff_ffff_8100_0000;
-const TEXT_GPA: u64 = 0x10000;
-const STACK_VA: u64 = 0xffff_ffff_8100_2000;
-const STACK_GPA: u64 = 0x12000;
-const XOL_GPA: u64 = 0x4000_0000;
-const CR3: u64 = 0x1000;
-
-// endbr64; push %rbp; mov %rsp,%rbp; mov 0x100(%rip),%rax; call *%rax; popfq; ret
-const CODE: &[u8] = &[
-    0xf3, 0x0f, 0x1e, 0xfa, 0x55, 0x48, 0x89, 0xe5, 0x48, 0x8b, 0x05, 0x00, 0x01, 0x00, 0x00, 0xff,
-    0xd0, 0x9d, 0xc3,
-];
-const AT_PUSH: u64 = 4;
-const AT_RIPREL: u64 = 8;
-const AT_CALL: u64 = 15;
-const AT_POPF: u64 = 17;
-
-struct FakeVcpu {
-    regs: Registers,
-    single_step: bool,
-}
-
-impl VcpuAccess for FakeVcpu {
-    fn id(&self) -> u32 {
-        1
-    }
-    fn registers(&mut self) -> Result<Registers, VmError> {
-        Ok(self.regs.clone())
-    }
-    fn set_registers(&mut self, regs: &Registers) -> Result<(), VmError> {
-        self.regs = regs.clone();
-        Ok(())
-    }
-    fn set_single_step(&mut self, on: bool) -> Result<(), VmError> {
-        self.single_step = on;
-        Ok(())
-    }
-}
-
-fn machine() -> (ProbeEngine<GuestMemoryMmap>, FakeVcpu) {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[
-        (GuestAddress(0), 0x20_0000),
-        (GuestAddress(XOL_GPA), 0x10_0000),
-    ])
-    .unwrap();
-    let w = |gpa: u64, v: u64| mem.write_obj(v, GuestAddress(gpa)).unwrap();
-    // PML4[511] -> PDPT 0x2000; PDPT[510] -> PD 0x3000; PD[8] -> PT 0x4000.
-    w(CR3 + 511 * 8, 0x2000 | 3);
-    w(0x2000 + 510 * 8, 0x3000 | 3);
-    w(0x3000 + 8 * 8, 0x4000 | 3);
-    w(0x4000, TEXT_GPA | 1); // text, read-only
-    w(0x4000 + 2 * 8, STACK_GPA | 3); // stack page
-    mem.write_slice(CODE, GuestAddress(TEXT_GPA)).unwrap();
-    let engine = ProbeEngine::new(mem, XolArea::new(XOL_GPA, 4).unwrap()).unwrap();
-    let mut regs = Registers {
-        cr3: CR3,
-        rflags: 0x2,
-        ..Default::default()
-    };
-    regs.set(Gpr::Rsp, STACK_VA + 0x800);
-    regs.set(Gpr::Rbp, 0xb0b0);
-    regs.set(Gpr::Rcx, 0xc0c0);
-    (
-        engine,
-        FakeVcpu {
-            regs,
-            single_step: false,
-        },
-    )
-}
 
 fn target(off: u64) -> PlantTarget {
     PlantTarget {

@@ -7,6 +7,7 @@
 
 pub mod arch;
 pub mod engine;
+pub mod fake;
 pub mod pagewalk;
 pub mod probe;
 pub mod symbols;

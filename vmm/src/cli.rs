@@ -99,6 +99,14 @@ pub struct RunArgs {
     pub system_map: Option<PathBuf>,
 }
 
+/// The `--probe` locations resolved against the guest's System.map.
+pub struct ResolvedProbes {
+    /// The symbol table.
+    pub map: SymbolMap,
+    /// Each location as given, and where to plant it.
+    pub targets: Vec<(String, PlantTarget)>,
+}
+
 /// Which trap probes use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum TrapChoice {
@@ -160,7 +168,7 @@ impl RunArgs {
 
     /// Resolves every `--probe` against the System.map; fails on the first that does not
     /// resolve, before anything runs.
-    pub fn resolve_probes(&self) -> Result<Option<(SymbolMap, Vec<(String, PlantTarget)>)>> {
+    pub fn resolve_probes(&self) -> Result<Option<ResolvedProbes>> {
         if self.probes.is_empty() {
             return Ok(None);
         }
@@ -187,7 +195,7 @@ impl RunArgs {
                 targets.len()
             );
         }
-        Ok(Some((map, targets)))
+        Ok(Some(ResolvedProbes { map, targets }))
     }
 
     /// Checks what can be checked before any VM or emulator is started.
@@ -326,7 +334,7 @@ fn choose_trap(choice: TrapChoice, support: &TrapSupport, probes: usize) -> Resu
 
 /// Builds the probes of a run: resolution, trap choice, handlers.
 fn probe_setup(args: &RunArgs, kvm: &kvm_ioctls::Kvm) -> Result<Option<ProbeSetup>> {
-    let Some((map, targets)) = args.resolve_probes()? else {
+    let Some(ResolvedProbes { map, targets }) = args.resolve_probes()? else {
         return Ok(None);
     };
     let support = selftest::probe_traps(kvm).map_err(|e| anyhow::anyhow!("trap self-test: {e}"))?;
