@@ -143,6 +143,8 @@ struct Site {
     plan: StepPlan,
     slot: Option<XolSlot>,
     probes: Vec<Arc<ProbeEntry>>,
+    /// Set when the engine had to take the trap out while the probe stays listed.
+    disarmed: std::sync::atomic::AtomicBool,
 }
 
 /// A trap the engine planted and later found rewritten by the guest.
@@ -372,6 +374,12 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             )?),
             TrapKind::Software => None,
         };
+        if matches!(plan, StepPlan::StepOutOfLine(_)) && mode == PagingMode::FiveLevel {
+            return Err(PlantError::Xol {
+                location,
+                source: XolError::FiveLevel,
+            });
+        }
         let slot = match &plan {
             StepPlan::StepOutOfLine(ool) => Some(self.prepare_slot(&location, ool, target.va)?),
             StepPlan::Emulate(_) => None,
@@ -401,6 +409,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                 instruction: insn.text.clone(),
                 plan,
                 slot,
+                disarmed: std::sync::atomic::AtomicBool::new(false),
                 probes: vec![Arc::new(ProbeEntry {
                     id,
                     location,
@@ -462,6 +471,9 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             return Ok(None);
         }
         let site = table.sites.remove(&gpa).expect("site present");
+        if site.disarmed.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
         if site.trap == TrapKind::Hardware {
             for slot in table.hw.iter_mut() {
                 if *slot == Some(site.va) {
@@ -697,11 +709,14 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             .ensure_mapped(&self.mem, regs.cr3, mode)
             .is_err()
         {
+            // The slot cannot be mapped in this address space (the guest uses the hole): the
+            // instruction cannot run out of line, and leaving the trap in place would trap
+            // forever. Disarm the site (the guest's byte goes back), count the miss, and let
+            // the vCPU run the original instruction.
             for p in &probes {
                 p.counters.missed.fetch_add(1, Ordering::Relaxed);
             }
-            // Cannot step here: leave the breakpoint in the way would loop, so resume at the
-            // original instruction is impossible; deliver nothing and retry after removal.
+            self.disarm(gpa);
             return Ok(Verdict::Resume);
         }
         let len = u64::from(ool.len);
@@ -722,6 +737,17 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             site_gpa: gpa,
         });
         Ok(Verdict::Resume)
+    }
+
+    /// Writes the guest's byte back under a site whose probes cannot run any more.
+    fn disarm(&self, gpa: u64) {
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(site) = table.sites.get(&gpa)
+            && site.trap == TrapKind::Software
+            && !site.disarmed.swap(true, Ordering::SeqCst)
+        {
+            let _ = self.mem.write_slice(&site.saved, GuestAddress(gpa));
+        }
     }
 
     fn not_ours(&self, hw: bool) -> Result<Verdict, VmError> {

@@ -308,3 +308,45 @@ fn hardware_probes_leave_text_alone_and_are_limited_to_four() {
     assert_eq!(vcpu.regs.rip, TEXT_VA + 4);
     assert_eq!(engine.exit_stats().hw_breakpoints, 1);
 }
+
+#[test]
+fn a_site_that_cannot_step_is_disarmed_instead_of_trapping_forever() {
+    let (engine, mut vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    engine.plant(Probe::new("f+0x8"), target(AT_RIPREL), &regs).unwrap();
+    // The guest puts its own mapping in the hypervisor hole.
+    engine
+        .memory()
+        .write_obj(0x7777_7007u64, GuestAddress(CR3 + 256 * 8))
+        .unwrap();
+    let pc = TEXT_VA + AT_RIPREL;
+    vcpu.regs.rip = pc;
+    let mut state = VcpuProbeState::default();
+    engine
+        .handle_debug(&mut vcpu, &mut state, DebugEvent::Breakpoint { pc })
+        .unwrap();
+    assert_eq!(vcpu.regs.rip, pc, "the original instruction runs next");
+    assert!(!state.stepping());
+    assert_eq!(text(&engine), CODE, "the trap is gone");
+    assert_eq!(engine.stats()[0].missed, 1);
+    assert_eq!(engine.remove_all(), vec![], "not reported as a guest rewrite");
+    assert_eq!(text(&engine), CODE);
+}
+
+#[test]
+fn five_level_guests_refuse_stepped_probes_and_take_emulated_ones() {
+    let (engine, vcpu) = machine();
+    let mut regs = vcpu.regs.clone();
+    // A PML5 whose entry 511 points at the 4-level table maps the same text.
+    engine
+        .memory()
+        .write_obj(CR3 | 3, GuestAddress(0x5000 + 511 * 8))
+        .unwrap();
+    regs.cr3 = 0x5000;
+    regs.cr4 |= 1 << 12;
+    let err = engine
+        .plant(Probe::new("f+0x8"), target(AT_RIPREL), &regs)
+        .unwrap_err();
+    assert!(err.to_string().contains("5-level"), "{err}");
+    engine.plant(Probe::new("f+0x4"), target(AT_PUSH), &regs).unwrap();
+}
