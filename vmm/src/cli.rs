@@ -254,8 +254,13 @@ fn dispatch(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::CheckHost => Ok(match hostcheck::check_host() {
             Ok(facts) => {
+                let traps = kvm_ioctls::Kvm::new()
+                    .map_err(|e| e.to_string())
+                    .and_then(|kvm| selftest::probe_traps(&kvm))
+                    .map(|t| t.summary())
+                    .unwrap_or_else(|e| format!("trap self-test failed: {e}"));
                 println!(
-                    "hvprobe: host KVM is usable (guest-debug flags {:#x}, sync regs {})",
+                    "hvprobe: host KVM is usable (guest-debug flags {:#x}, sync regs {}; {traps})",
                     facts.guest_debug_flags, facts.sync_regs
                 );
                 0
