@@ -37,18 +37,9 @@ echo "qemu build: building patched QEMU $upstream (one time, about 5 minutes on 
 
 . /etc/os-release
 codename=${VERSION_CODENAME:-bookworm}
-if ! grep -rqs -- "deb-src.*${codename}-backports\|Types: deb-src" /etc/apt/sources.list.d/ /etc/apt/sources.list; then
-	uri=$(grep -hs '^URIs:' /etc/apt/sources.list.d/debian.sources | head -n1 | awk '{print $2}')
-	[ -n "$uri" ] || uri=$(grep -hs "^deb .* ${codename} " /etc/apt/sources.list | head -n1 | awk '{print $2}')
-	[ -n "$uri" ] || { echo "qemu build: cannot find this machine's Debian mirror" >&2; exit 1; }
-	$SUDO tee /etc/apt/sources.list.d/hvprobe-backports-src.sources >/dev/null <<SRC
-Types: deb-src
-URIs: ${uri}
-Suites: ${codename}-backports
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-	$SUDO apt-get update -qq
+if ! grep -rqsE -- "^(deb-src .*${codename}-backports|Types: deb-src$)" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+	echo "qemu build: no deb-src line for ${codename}-backports; run guest/setup-host.sh" >&2
+	exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get install -y -qq --no-install-recommends -t "${codename}-backports" meson python3-pycotap >/dev/null

@@ -313,7 +313,9 @@ fn hardware_probes_leave_text_alone_and_are_limited_to_four() {
 fn a_site_that_cannot_step_is_disarmed_instead_of_trapping_forever() {
     let (engine, mut vcpu) = machine();
     let regs = vcpu.regs.clone();
-    engine.plant(Probe::new("f+0x8"), target(AT_RIPREL), &regs).unwrap();
+    engine
+        .plant(Probe::new("f+0x8"), target(AT_RIPREL), &regs)
+        .unwrap();
     // The guest puts its own mapping in the hypervisor hole.
     engine
         .memory()
@@ -329,7 +331,11 @@ fn a_site_that_cannot_step_is_disarmed_instead_of_trapping_forever() {
     assert!(!state.stepping());
     assert_eq!(text(&engine), CODE, "the trap is gone");
     assert_eq!(engine.stats()[0].missed, 1);
-    assert_eq!(engine.remove_all(), vec![], "not reported as a guest rewrite");
+    assert_eq!(
+        engine.remove_all(),
+        vec![],
+        "not reported as a guest rewrite"
+    );
     assert_eq!(text(&engine), CODE);
 }
 
@@ -348,5 +354,7 @@ fn five_level_guests_refuse_stepped_probes_and_take_emulated_ones() {
         .plant(Probe::new("f+0x8"), target(AT_RIPREL), &regs)
         .unwrap_err();
     assert!(err.to_string().contains("5-level"), "{err}");
-    engine.plant(Probe::new("f+0x4"), target(AT_PUSH), &regs).unwrap();
+    engine
+        .plant(Probe::new("f+0x4"), target(AT_PUSH), &regs)
+        .unwrap();
 }

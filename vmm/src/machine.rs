@@ -156,32 +156,28 @@ pub struct RunOptions {
     pub forward_stdin: bool,
 }
 
-/// Pauses every vCPU and waits until each is out of `KVM_RUN`.
-fn pause_all(handles: &[VcpuHandle]) {
+/// Sends `cmd` to every vCPU, then waits until each has answered with `answer`.
+fn command_all(handles: &[VcpuHandle], cmd: VcpuCommand, answer: VcpuEvent) {
     for h in handles {
-        h.send(VcpuCommand::Pause);
+        h.send(cmd);
     }
     for h in handles {
         while let Some(ev) = h.wait_event() {
-            if ev == VcpuEvent::Paused {
+            if ev == answer {
                 break;
             }
         }
     }
 }
 
+/// Pauses every vCPU and waits until each is out of `KVM_RUN`.
+fn pause_all(handles: &[VcpuHandle]) {
+    command_all(handles, VcpuCommand::Pause, VcpuEvent::Paused);
+}
+
 /// Lets every paused vCPU run again.
 fn resume_all(handles: &[VcpuHandle]) {
-    for h in handles {
-        h.send(VcpuCommand::Resume);
-    }
-    for h in handles {
-        while let Some(ev) = h.wait_event() {
-            if ev == VcpuEvent::Resumed {
-                break;
-            }
-        }
-    }
+    command_all(handles, VcpuCommand::Resume, VcpuEvent::Resumed);
 }
 
 /// The registers of paused vCPU `h`.

@@ -105,42 +105,38 @@ pub fn probe_traps(kvm: &Kvm) -> Result<TrapSupport, String> {
     })
     .map_err(|e| e.to_string())?;
 
-    let hardware = match run_to_exit(
-        &mut vcpu,
+    // Each trap: where the vCPU starts, what is enabled, and the exit that proves delivery.
+    let mut check = |rip: u64, setup: GuestDebugSetup, want: DebugEvent| match run_to_exit(
+        &mut vcpu, rip, setup,
+    ) {
+        Ok(got) if got == want => Ok(()),
+        Ok(other) => Err(format!("got {other:?}")),
+        Err(e) => Err(e),
+    };
+    let hardware = check(
         CODE_AT + 2,
         GuestDebugSetup {
             hardware: [Some(CODE_AT + 2), None, None, None],
             ..Default::default()
         },
-    ) {
-        Ok(DebugEvent::HardwareBreakpoint { pc }) if pc == CODE_AT + 2 => Ok(()),
-        Ok(other) => Err(format!("got {other:?}")),
-        Err(e) => Err(e),
-    };
-    let software = match run_to_exit(
-        &mut vcpu,
+        DebugEvent::HardwareBreakpoint { pc: CODE_AT + 2 },
+    );
+    let software = check(
         CODE_AT,
         GuestDebugSetup {
             software_breakpoints: true,
             ..Default::default()
         },
-    ) {
-        Ok(DebugEvent::Breakpoint { pc }) if pc == CODE_AT + 1 => Ok(()),
-        Ok(other) => Err(format!("got {other:?}")),
-        Err(e) => Err(e),
-    };
-    let single_step = match run_to_exit(
-        &mut vcpu,
+        DebugEvent::Breakpoint { pc: CODE_AT + 1 },
+    );
+    let single_step = check(
         CODE_AT,
         GuestDebugSetup {
             single_step: true,
             ..Default::default()
         },
-    ) {
-        Ok(DebugEvent::SingleStep { pc }) if pc == CODE_AT + 1 => Ok(()),
-        Ok(other) => Err(format!("got {other:?}")),
-        Err(e) => Err(e),
-    };
+        DebugEvent::SingleStep { pc: CODE_AT + 1 },
+    );
     drop(vcpu);
     drop(vm);
     Ok(TrapSupport {
