@@ -358,3 +358,55 @@ fn five_level_guests_refuse_stepped_probes_and_take_emulated_ones() {
         .plant(Probe::new("f+0x4"), target(AT_PUSH), &regs)
         .unwrap();
 }
+
+#[test]
+fn post_handlers_see_the_state_after_the_instruction() {
+    let (engine, mut vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    let after_push = Arc::new(AtomicU64::new(0));
+    let after_step = Arc::new(AtomicU64::new(0));
+    let (a, b) = (after_push.clone(), after_step.clone());
+    engine
+        .plant(
+            Probe::new("f+0x4").after(move |ctx| {
+                a.store(ctx.regs.get(Gpr::Rsp), Ordering::SeqCst);
+                Ok(())
+            }),
+            target(AT_PUSH),
+            &regs,
+        )
+        .unwrap();
+    engine
+        .plant(
+            Probe::new("f+0x8").after(move |ctx| {
+                b.store(ctx.regs.rip, Ordering::SeqCst);
+                Ok(())
+            }),
+            target(AT_RIPREL),
+            &regs,
+        )
+        .unwrap();
+    let mut state = VcpuProbeState::default();
+    let pc = TEXT_VA + AT_PUSH;
+    vcpu.regs.rip = pc;
+    engine
+        .handle_debug(&mut vcpu, &mut state, DebugEvent::Breakpoint { pc })
+        .unwrap();
+    assert_eq!(after_push.load(Ordering::SeqCst), STACK_VA + 0x7f8);
+
+    let pc = TEXT_VA + AT_RIPREL;
+    vcpu.regs.rip = pc;
+    engine
+        .handle_debug(&mut vcpu, &mut state, DebugEvent::Breakpoint { pc })
+        .unwrap();
+    assert_eq!(after_step.load(Ordering::SeqCst), 0, "not before the step");
+    let slot_end = vcpu.regs.rip + 7;
+    engine
+        .handle_debug(
+            &mut vcpu,
+            &mut state,
+            DebugEvent::SingleStep { pc: slot_end },
+        )
+        .unwrap();
+    assert_eq!(after_step.load(Ordering::SeqCst), pc + 7);
+}
