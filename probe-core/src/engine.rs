@@ -644,8 +644,13 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         let Some(site) = table.sites.get(&gpa).filter(|s| s.va == pc) else {
             drop(table);
             // A hardware breakpoint that was just removed: resume where it is (the debug
-            // registers are reloaded before the next entry). Otherwise the guest's own int3.
-            return if hw {
+            // registers are reloaded before the next entry). An int3 that is no longer there
+            // (ours removed while this exit was on its way, or the guest's own taken out by
+            // text_poke) is retried as the guest's own handler would. Otherwise the trap is
+            // the guest's own int3 and goes back to it.
+            let mut byte = [0u8];
+            let gone = self.mem.read_phys(gpa, &mut byte) && byte[0] != INT3;
+            return if hw || gone {
                 Ok(Verdict::Resume)
             } else {
                 self.not_ours(hw)

@@ -157,20 +157,27 @@ fn foreign_traps_go_back_and_failing_handlers_are_counted() {
     let (engine, mut vcpu) = machine();
     let regs = vcpu.regs.clone();
     let mut state = VcpuProbeState::default();
-    // Not ours: no probe there.
-    vcpu.regs.rip = TEXT_VA;
+    // Not ours: the guest's own int3 at the ret, no probe there.
+    let own = TEXT_VA + CODE.len() as u64 - 1;
+    engine
+        .memory()
+        .write_obj(INT3, GuestAddress(TEXT_GPA + CODE.len() as u64 - 1))
+        .unwrap();
+    vcpu.regs.rip = own;
     let before = vcpu.regs.clone();
     assert_eq!(
         engine
-            .handle_debug(
-                &mut vcpu,
-                &mut state,
-                DebugEvent::Breakpoint { pc: TEXT_VA }
-            )
+            .handle_debug(&mut vcpu, &mut state, DebugEvent::Breakpoint { pc: own })
             .unwrap(),
         Verdict::Reinject
     );
     assert_eq!(vcpu.regs, before);
+    assert_eq!(engine.exit_stats().reinjected, 1);
+    engine
+        .memory()
+        .write_obj(0xc3u8, GuestAddress(TEXT_GPA + CODE.len() as u64 - 1))
+        .unwrap();
+    vcpu.regs.rip = TEXT_VA;
 
     // Two probes on one address share the breakpoint; one errs, one panics.
     engine
@@ -409,4 +416,23 @@ fn post_handlers_see_the_state_after_the_instruction() {
         )
         .unwrap();
     assert_eq!(after_step.load(Ordering::SeqCst), pc + 7);
+}
+
+#[test]
+fn a_trap_that_arrives_after_its_probe_was_removed_is_retried_not_reinjected() {
+    let (engine, mut vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    let id = engine
+        .plant(Probe::new("f+0x4"), target(AT_PUSH), &regs)
+        .unwrap();
+    engine.remove(id).unwrap();
+    let pc = TEXT_VA + AT_PUSH;
+    vcpu.regs.rip = pc;
+    let mut state = VcpuProbeState::default();
+    let v = engine
+        .handle_debug(&mut vcpu, &mut state, DebugEvent::Breakpoint { pc })
+        .unwrap();
+    assert_eq!(v, Verdict::Resume);
+    assert_eq!(vcpu.regs.rip, pc, "the restored instruction runs");
+    assert_eq!(engine.exit_stats().reinjected, 0);
 }
