@@ -159,10 +159,23 @@ fn a_getpid_probe_counts_the_workload_calls_and_prints_each_hit() {
 
 #[test]
 fn two_vcpus_hitting_one_probe_are_all_counted() {
+    // An emulated and a stepped probe on the same calls, and a RIP-relative stepped one on
+    // the read path, while both vCPUs run a workload.
+    let k = KernelText::load();
+    let stepped = k.find("__x64_sys_getpid", |i| plan_of(i) == Some("xol"));
+    let rip_relative = k.find("copy_page_to_iter", |i| {
+        matches!(
+            i.kind,
+            InstructionKind::OutOfLine {
+                rip_relative: true,
+                ..
+            }
+        ) && !i.text.contains("gs:")
+    });
     let out = run_probed(
         "2",
-        "getpid-loop 3000 & getpid-loop 3000 & wait",
-        &["__x64_sys_getpid"],
+        "getpid-loop 3000 & getpid-loop 3000 & open-read-loop 30 /etc/passwd & wait",
+        &["__x64_sys_getpid", &stepped, &rip_relative],
         &["--quiet"],
     );
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
@@ -173,13 +186,24 @@ fn two_vcpus_hitting_one_probe_are_all_counted() {
         "{}",
         explain(&out)
     );
-    let (_, hits, missed, _) = summary(&out, "__x64_sys_getpid");
-    assert!(
-        (6000..=6000 + OTHER_GETPID_CALLERS).contains(&hits),
-        "hits {hits}\n{}",
-        explain(&out)
+    let passwd = b"root:x:0:0:root:/root:/bin/sh\n";
+    let want = format!(
+        "open-read-loop: path=/etc/passwd opens=30 bytes={} fnv1a={:016x}",
+        30 * passwd.len(),
+        fnv1a(passwd)
     );
-    assert_eq!(missed, 0);
+    assert_has(&stdout, &want, &out);
+    for loc in ["__x64_sys_getpid", stepped.as_str()] {
+        let (_, hits, missed, _) = summary(&out, loc);
+        assert!(
+            (6000..=6000 + OTHER_GETPID_CALLERS).contains(&hits),
+            "{loc}: hits {hits}\n{}",
+            explain(&out)
+        );
+        assert_eq!(missed, 0);
+    }
+    let (_, hits, _, _) = summary(&out, &rip_relative);
+    assert!(hits >= 30, "{rip_relative}: {hits}");
     assert!(!stdout.contains("\nhit "), "--quiet prints no hit lines");
     assert_text_restored(&out);
 }
