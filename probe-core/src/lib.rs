@@ -6,6 +6,7 @@
 //! ([`pagewalk`]); the instruction decoder, the probe table and the XOL planner follow.
 
 pub mod arch;
+pub mod definition;
 pub mod engine;
 pub mod fake;
 pub mod pagewalk;
