@@ -25,6 +25,9 @@ use crate::xol::{SLOT_SIZE, XolArea, XolError, XolSlot};
 /// RFLAGS.RF: suppresses instruction breakpoints for one instruction.
 const RFLAGS_RF: u64 = 1 << 16;
 
+/// How many probed instructions in a row one exit follows through emulation.
+const MAX_CHAINED_HITS: usize = 8;
+
 /// Most hardware execute breakpoints x86 offers.
 pub const MAX_HW_BREAKPOINTS: usize = 4;
 
@@ -636,77 +639,121 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
     ) -> Result<Verdict, VmError> {
         let mut regs = vcpu.registers()?;
         let mode = PagingMode::from_cr4(regs.cr4);
-        let gpa = match translate(&Walker(&self.mem), regs.cr3, mode, pc) {
-            Ok(t) => t.gpa,
-            Err(_) => return self.not_ours(hw),
-        };
-        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
-        let Some(site) = table.sites.get(&gpa).filter(|s| s.va == pc) else {
-            drop(table);
-            // A hardware breakpoint that was just removed: resume where it is (the debug
-            // registers are reloaded before the next entry). An int3 that is no longer there
-            // (ours removed while this exit was on its way, or the guest's own taken out by
-            // text_poke) is retried as the guest's own handler would. Otherwise the trap is
-            // the guest's own int3 and goes back to it.
-            let mut byte = [0u8];
-            let gone = self.mem.read_phys(gpa, &mut byte) && byte[0] != INT3;
-            return if hw || gone {
-                Ok(Verdict::Resume)
-            } else {
-                self.not_ours(hw)
+        let mut pc = pc;
+        // An emulated instruction whose successor is probed too is followed into that probe in
+        // the same exit, instead of re-entering the guest only to trap again at once.
+        for chained in 0..=MAX_CHAINED_HITS {
+            let site = translate(&Walker(&self.mem), regs.cr3, mode, pc)
+                .ok()
+                .and_then(|t| {
+                    let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+                    table
+                        .sites
+                        .get(&t.gpa)
+                        .filter(|s| s.va == pc && !s.disarmed.load(Ordering::SeqCst))
+                        .map(|s| (t.gpa, s.probes.clone(), s.plan.clone(), s.slot))
+                });
+            let Some((gpa, probes, plan, slot)) = site else {
+                if chained > 0 {
+                    vcpu.set_registers(&regs)?;
+                    return Ok(Verdict::Resume);
+                }
+                return self.not_probed(pc, regs.cr3, mode, hw);
             };
-        };
-        if hw {
-            self.exits.hw_breakpoints.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.exits.breakpoints.fetch_add(1, Ordering::Relaxed);
-        }
-        if state.in_flight.is_some() {
-            // A hit while this vCPU is stepping cannot happen with interrupts blocked; if it
-            // does, do not nest: count it and let the pending step finish first.
-            for p in &site.probes {
-                p.counters.missed.fetch_add(1, Ordering::Relaxed);
+            if chained == 0 {
+                let counter = if hw {
+                    &self.exits.hw_breakpoints
+                } else {
+                    &self.exits.breakpoints
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
             }
-            return Ok(Verdict::Resume);
-        }
-        let probes = site.probes.clone();
-        let plan = site.plan.clone();
-        let slot = site.slot;
-        let site_va = site.va;
-        drop(table);
-        self.run_handlers(vcpu.id(), site_va, &probes, &regs, false);
-        let has_post = probes.iter().any(|p| p.post.is_some());
-        let plan_index = PLAN_NAMES
-            .iter()
-            .position(|n| *n == plan.name())
-            .unwrap_or(0);
-        self.exits.by_plan[plan_index].fetch_add(1, Ordering::Relaxed);
+            if state.in_flight.is_some() {
+                // A hit while this vCPU is stepping cannot happen with interrupts blocked; if
+                // it does, do not nest: count it and let the pending step finish first.
+                for p in &probes {
+                    p.counters.missed.fetch_add(1, Ordering::Relaxed);
+                }
+                return Ok(Verdict::Resume);
+            }
+            self.run_handlers(vcpu.id(), pc, &probes, &regs, false);
+            let has_post = probes.iter().any(|p| p.post.is_some());
+            let plan_index = PLAN_NAMES
+                .iter()
+                .position(|n| *n == plan.name())
+                .unwrap_or(0);
+            self.exits.by_plan[plan_index].fetch_add(1, Ordering::Relaxed);
 
-        if let StepPlan::Emulate(emu) = &plan {
-            match self.emulate(emu, &mut regs) {
-                Ok(()) => {
+            match &plan {
+                StepPlan::Emulate(emu) => {
+                    if self.emulate(emu, &mut regs).is_err() {
+                        // The stack is not writable from here (it should always be): the hit
+                        // is counted as missed and the vCPU retries the instruction.
+                        for p in &probes {
+                            p.counters.missed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        vcpu.set_registers(&regs)?;
+                        return Ok(Verdict::Resume);
+                    }
                     // RIP moved on: a resume flag left from a hardware-breakpoint #DB would
                     // suppress a breakpoint on the next instruction.
                     regs.rflags &= !RFLAGS_RF;
-                    vcpu.set_registers(&regs)?;
                     if has_post {
-                        self.run_handlers(vcpu.id(), site_va, &probes, &regs, true);
+                        self.run_handlers(vcpu.id(), pc, &probes, &regs, true);
                     }
-                    return Ok(Verdict::Resume);
+                    pc = regs.rip;
                 }
-                Err(_) => {
-                    // The stack is not writable from here (it should always be): the hit is
-                    // counted as missed and the vCPU retries the instruction.
-                    for p in &probes {
-                        p.counters.missed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    return Ok(Verdict::Resume);
+                StepPlan::StepOutOfLine(ool) => {
+                    let Some(slot) = slot else {
+                        return Ok(Verdict::Resume);
+                    };
+                    return self.start_step(vcpu, state, regs, pc, gpa, ool, slot, &probes);
                 }
             }
         }
-        let (StepPlan::StepOutOfLine(ool), Some(slot)) = (&plan, slot) else {
+        vcpu.set_registers(&regs)?;
+        Ok(Verdict::Resume)
+    }
+
+    /// What to do with a trap at `pc` where no probe is: a hardware breakpoint that was just
+    /// removed resumes where it is (the debug registers are reloaded before the next entry);
+    /// an int3 that is no longer there (ours removed while this exit was on its way, or the
+    /// guest's own taken out by text_poke) is retried as the guest's own handler would;
+    /// otherwise the trap is the guest's own int3 and goes back to it.
+    fn not_probed(
+        &self,
+        pc: u64,
+        cr3: u64,
+        mode: PagingMode,
+        hw: bool,
+    ) -> Result<Verdict, VmError> {
+        if hw {
             return Ok(Verdict::Resume);
-        };
+        }
+        if let Ok(t) = translate(&Walker(&self.mem), cr3, mode, pc) {
+            let mut byte = [0u8];
+            if self.mem.read_phys(t.gpa, &mut byte) && byte[0] != INT3 {
+                return Ok(Verdict::Resume);
+            }
+        }
+        self.exits.reinjected.fetch_add(1, Ordering::Relaxed);
+        Ok(Verdict::Reinject)
+    }
+
+    /// Points the vCPU at the slot holding the instruction at `pc` and turns single-stepping on.
+    #[allow(clippy::too_many_arguments)]
+    fn start_step(
+        &self,
+        vcpu: &mut dyn VcpuAccess,
+        state: &mut VcpuProbeState,
+        mut regs: Registers,
+        pc: u64,
+        gpa: u64,
+        ool: &OutOfLine,
+        slot: XolSlot,
+        probes: &[Arc<ProbeEntry>],
+    ) -> Result<Verdict, VmError> {
+        let mode = PagingMode::from_cr4(regs.cr4);
         if self
             .xol
             .lock()
@@ -718,10 +765,11 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             // instruction cannot run out of line, and leaving the trap in place would trap
             // forever. Disarm the site (the guest's byte goes back), count the miss, and let
             // the vCPU run the original instruction.
-            for p in &probes {
+            for p in probes {
                 p.counters.missed.fetch_add(1, Ordering::Relaxed);
             }
             self.disarm(gpa);
+            vcpu.set_registers(&regs)?;
             return Ok(Verdict::Resume);
         }
         let len = u64::from(ool.len);
@@ -753,14 +801,6 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         {
             let _ = self.mem.write_slice(&site.saved, GuestAddress(gpa));
         }
-    }
-
-    fn not_ours(&self, hw: bool) -> Result<Verdict, VmError> {
-        if hw {
-            return Ok(Verdict::Resume);
-        }
-        self.exits.reinjected.fetch_add(1, Ordering::Relaxed);
-        Ok(Verdict::Reinject)
     }
 
     fn emulate(&self, emu: &Emulation, regs: &mut Registers) -> Result<(), EmulationError> {

@@ -312,8 +312,41 @@ fn hardware_probes_leave_text_alone_and_are_limited_to_four() {
             DebugEvent::HardwareBreakpoint { pc: TEXT_VA },
         )
         .unwrap();
-    assert_eq!(vcpu.regs.rip, TEXT_VA + 4);
+    // One exit: endbr64, push and mov are emulated in a row, each probe's handlers run, and
+    // the RIP-relative mov at +8 is set up to step in its slot.
+    assert!(
+        vcpu.regs.rip >= crate::xol::XOL_VA_BASE,
+        "{:#x}",
+        vcpu.regs.rip
+    );
+    assert!(state.stepping() && vcpu.single_step);
+    assert_eq!(vcpu.regs.get(Gpr::Rsp), STACK_VA + 0x7f8, "push emulated");
+    assert!(engine.stats().iter().all(|s| s.hits == 1));
     assert_eq!(engine.exit_stats().hw_breakpoints, 1);
+}
+
+#[test]
+fn one_exit_follows_emulated_instructions_into_the_next_probe() {
+    let (engine, mut vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    engine.plant(Probe::new("f"), target(0), &regs).unwrap();
+    engine
+        .plant(Probe::new("f+0x4"), target(AT_PUSH), &regs)
+        .unwrap();
+    vcpu.regs.rip = TEXT_VA;
+    let mut state = VcpuProbeState::default();
+    engine
+        .handle_debug(
+            &mut vcpu,
+            &mut state,
+            DebugEvent::Breakpoint { pc: TEXT_VA },
+        )
+        .unwrap();
+    // Past both: the next instruction (mov %rsp,%rbp) has no probe, so the chain stops there.
+    assert_eq!(vcpu.regs.rip, TEXT_VA + AT_PUSH + 1);
+    assert!(engine.stats().iter().all(|s| s.hits == 1));
+    let e = engine.exit_stats();
+    assert_eq!((e.breakpoints, e.hits_by_plan[0].1), (1, 2));
 }
 
 #[test]

@@ -9,6 +9,7 @@ pub mod arch;
 pub mod definition;
 pub mod engine;
 pub mod fake;
+pub mod fetch;
 pub mod pagewalk;
 pub mod probe;
 pub mod symbols;

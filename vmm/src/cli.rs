@@ -10,6 +10,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use std::io::Write as _;
 
+use std::sync::Arc;
+
+use probe_core::definition::{Fetch, ProbeDefinition, ProbeKind};
 use probe_core::engine::{MAX_HW_BREAKPOINTS, PlantTarget};
 use probe_core::probe::{Probe, TrapKind};
 use probe_core::symbols::SymbolMap;
@@ -85,8 +88,13 @@ pub struct RunArgs {
     /// Print boot and run times on stderr at the end.
     #[arg(long)]
     pub timings: bool,
-    /// Probe SYMBOL[+OFFSET] or an address in guest kernel text; repeat for more probes.
-    #[arg(short = 'p', long = "probe", value_name = "SYMBOL[+OFF]|ADDR")]
+    /// Probe SYMBOL[+OFFSET] or an address in guest kernel text, or a kprobe_events
+    /// definition (`p[:[GRP/]EVENT] SYMBOL[+OFFS] [NAME=FETCHARG[:TYPE] ...]`); repeatable.
+    #[arg(
+        short = 'p',
+        long = "probe",
+        value_name = "SYMBOL[+OFF]|ADDR|DEFINITION"
+    )]
     pub probes: Vec<String>,
     /// Print only the per-probe summary, not a line per hit.
     #[arg(long)]
@@ -103,8 +111,29 @@ pub struct RunArgs {
 pub struct ResolvedProbes {
     /// The symbol table.
     pub map: SymbolMap,
-    /// Each location as given, and where to plant it.
-    pub targets: Vec<(String, PlantTarget)>,
+    /// Each probe, in the order given.
+    pub targets: Vec<ResolvedProbe>,
+}
+
+/// One resolved `--probe`.
+pub struct ResolvedProbe {
+    /// The location as the summary shows it.
+    pub location: String,
+    /// Where to plant.
+    pub target: PlantTarget,
+    /// The kprobe_events definition, when the probe was given as one.
+    pub definition: Option<ProbeDefinition>,
+}
+
+/// Whether a `--probe` is a kprobe_events definition (`p ...`, `p:...`, `r...`) rather than
+/// a bare location.
+fn is_definition(p: &str) -> bool {
+    let head = p.trim_start();
+    let rest = head.strip_prefix('p').or_else(|| {
+        head.strip_prefix('r')
+            .map(|r| r.trim_start_matches(|c: char| c.is_ascii_digit()))
+    });
+    rest.is_some_and(|r| r.starts_with([' ', '\t', ':']))
 }
 
 /// Which trap probes use.
@@ -182,12 +211,33 @@ impl RunArgs {
             .with_context(|| format!("parsing System.map {}", path.display()))?;
         let mut targets = Vec::new();
         for p in &self.probes {
-            let (va, sym) = map.resolve(p).with_context(|| format!("--probe {p}"))?;
+            let definition = if is_definition(p) {
+                let d = ProbeDefinition::parse(p).map_err(|e| anyhow::anyhow!("--probe: {e}"))?;
+                if matches!(d.kind, ProbeKind::Return { .. }) {
+                    bail!("--probe {p}: return probes (r:) are not implemented yet");
+                }
+                if d.args.iter().any(|a| a.fetch == Fetch::Comm) {
+                    bail!("--probe {p}: $comm needs task awareness, not implemented yet");
+                }
+                Some(d)
+            } else {
+                None
+            };
+            let location = definition
+                .as_ref()
+                .map_or_else(|| p.clone(), |d| d.location_text());
+            let (va, sym) = map
+                .resolve(&location)
+                .with_context(|| format!("--probe {p}"))?;
             let function_start = match sym {
                 Some(s) => Some(s.addr),
                 None => map.containing(va).map(|(s, _)| s.addr),
             };
-            targets.push((p.clone(), PlantTarget { va, function_start }));
+            targets.push(ResolvedProbe {
+                location,
+                target: PlantTarget { va, function_start },
+                definition,
+            });
         }
         if self.trap == TrapChoice::Hw && targets.len() > MAX_HW_BREAKPOINTS {
             bail!(
@@ -352,18 +402,29 @@ fn probe_setup(args: &RunArgs, kvm: &kvm_ioctls::Kvm) -> Result<Option<ProbeSetu
             TrapKind::Hardware => "hardware breakpoints",
         }
     );
+    let map = Arc::new(map);
     let requests = targets
         .into_iter()
-        .map(|(location, target)| {
-            let mut probe = Probe::new(location);
+        .map(|resolved| {
+            let mut probe = Probe::new(resolved.location);
             probe.trap = trap;
             if !args.quiet {
-                probe = probe.on_hit(|ctx| {
-                    report::print_hit(ctx);
-                    Ok(())
-                });
+                let map = map.clone();
+                probe = match resolved.definition {
+                    Some(def) => probe.on_hit(move |ctx| {
+                        report::print_event(ctx, &def, &map);
+                        Ok(())
+                    }),
+                    None => probe.on_hit(|ctx| {
+                        report::print_hit(ctx);
+                        Ok(())
+                    }),
+                };
             }
-            ProbeRequest { probe, target }
+            ProbeRequest {
+                probe,
+                target: resolved.target,
+            }
         })
         .collect();
     let text = match (map.lookup("_stext"), map.lookup("_etext")) {

@@ -3,7 +3,10 @@
 use std::io::Write;
 
 use probe_core::arch::x86_64::Gpr;
+use probe_core::definition::ProbeDefinition;
+use probe_core::fetch::format_args;
 use probe_core::probe::{ProbeContext, TrapKind};
+use probe_core::symbols::SymbolMap;
 
 use crate::machine::ProbeReport;
 
@@ -30,6 +33,21 @@ pub fn print_hit(ctx: &ProbeContext<'_>) {
     line.push('\n');
     let mut out = std::io::stdout().lock();
     let _ = out.write_all(line.as_bytes());
+}
+
+/// Prints the line for a hit on a kprobe_events definition: time, vCPU, location, the event
+/// and its fetch arguments.
+pub fn print_event(ctx: &ProbeContext<'_>, def: &ProbeDefinition, map: &SymbolMap) {
+    let line = format!(
+        "hit {:>12.6} cpu{} {} {}/{}: {}\n",
+        ctx.time.as_secs_f64(),
+        ctx.vcpu,
+        ctx.location,
+        def.group,
+        def.event,
+        format_args(ctx, &def.args, Some(map))
+    );
+    let _ = std::io::stdout().lock().write_all(line.as_bytes());
 }
 
 /// The end-of-run summary lines.

@@ -1,0 +1,181 @@
+//! Evaluation of kprobe_events fetch arguments ([`crate::definition`]) at a hit, against the
+//! handler context: registers, the stack, guest memory, symbols.
+
+use crate::arch::x86_64::Gpr;
+use crate::definition::{Fetch, FetchArg, FetchType};
+use crate::probe::{HandlerError, ProbeContext};
+use crate::symbols::SymbolMap;
+
+/// The kernel's names for x86_64 registers in fetch args (`%di`, `%ax`, `%r8`, `%ip`, ...),
+/// also accepted with the `r` prefix (`%rdi`).
+fn register(ctx: &ProbeContext<'_>, name: &str) -> Option<u64> {
+    use crate::arch::RegisterFile;
+    let regs = ctx.regs;
+    let legacy = ["ax", "bx", "cx", "dx", "si", "di", "bp", "sp"];
+    let full = if legacy.contains(&name) {
+        format!("r{name}")
+    } else {
+        name.to_string()
+    };
+    match full.as_str() {
+        "ip" | "rip" => Some(regs.rip),
+        "flags" => Some(regs.rflags),
+        n => Gpr::from_name(n)
+            .map(|g| regs.get(g))
+            .or_else(|| regs.by_name(n)),
+    }
+}
+
+/// A fetched value, ready to print.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FetchValue {
+    /// A number, with how to show it.
+    Number(u64, FetchType),
+    /// A string.
+    Text(String),
+}
+
+impl std::fmt::Display for FetchValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FetchValue::Number(v, FetchType::Unsigned(_)) => write!(f, "{v}"),
+            FetchValue::Number(v, FetchType::Signed(bits)) => {
+                let shift = 64 - u32::from(*bits);
+                write!(f, "{}", ((*v << shift) as i64) >> shift)
+            }
+            FetchValue::Number(v, _) => write!(f, "{v:#x}"),
+            FetchValue::Text(s) => write!(f, "\"{}\"", s.escape_default()),
+        }
+    }
+}
+
+/// Longest string a fetch reads.
+const MAX_STRING: usize = 256;
+
+fn mask(v: u64, bits: u8) -> u64 {
+    if bits >= 64 {
+        v
+    } else {
+        v & ((1u64 << bits) - 1)
+    }
+}
+
+/// The raw 64-bit value of `fetch`.
+fn raw(
+    ctx: &ProbeContext<'_>,
+    fetch: &Fetch,
+    symbols: Option<&SymbolMap>,
+) -> Result<u64, HandlerError> {
+    use crate::arch::RegisterFile;
+    Ok(match fetch {
+        Fetch::Register(r) => {
+            register(ctx, r).ok_or_else(|| HandlerError(format!("unknown register %{r}")))?
+        }
+        Fetch::Memory(a) => ctx.read_u64(*a)?,
+        Fetch::SymbolMemory { name, offset } => {
+            let map = symbols.ok_or_else(|| HandlerError("no symbol table".into()))?;
+            let sym = map.lookup(name).map_err(|e| HandlerError(e.to_string()))?;
+            ctx.read_u64(sym.addr.wrapping_add(*offset as u64))?
+        }
+        Fetch::StackEntry(n) => ctx.read_u64(ctx.regs.sp().wrapping_add(8 * u64::from(*n)))?,
+        Fetch::StackPointer => ctx.regs.sp(),
+        Fetch::ReturnValue => ctx.regs.get(Gpr::Rax),
+        Fetch::Argument(n) => ctx
+            .arg(*n as usize - 1)
+            .ok_or_else(|| HandlerError(format!("$arg{n}: only 6 register arguments")))?,
+        Fetch::Comm => {
+            return Err(HandlerError(
+                "$comm needs task awareness, which is not implemented yet".into(),
+            ));
+        }
+        Fetch::Dereference { offset, inner, .. } => {
+            let base = raw(ctx, inner, symbols)?;
+            ctx.read_u64(base.wrapping_add(*offset as u64))?
+        }
+    })
+}
+
+/// Evaluates one fetch argument at a hit.
+pub fn evaluate(
+    ctx: &ProbeContext<'_>,
+    arg: &FetchArg,
+    symbols: Option<&SymbolMap>,
+) -> Result<FetchValue, HandlerError> {
+    let value = raw(ctx, &arg.fetch, symbols)?;
+    Ok(match arg.ty {
+        FetchType::String | FetchType::UserString => {
+            FetchValue::Text(ctx.read_c_string(value, MAX_STRING)?)
+        }
+        FetchType::Symbol => {
+            FetchValue::Text(symbols.map_or_else(|| format!("{value:#x}"), |m| m.describe(value)))
+        }
+        FetchType::Unsigned(b) | FetchType::Signed(b) | FetchType::Hex(b) => {
+            FetchValue::Number(mask(value, b), arg.ty)
+        }
+    })
+}
+
+/// `name=value` for every argument; an argument that cannot be read shows as `name=(fault)`,
+/// as the kernel's trace output does.
+pub fn format_args(
+    ctx: &ProbeContext<'_>,
+    args: &[FetchArg],
+    symbols: Option<&SymbolMap>,
+) -> String {
+    args.iter()
+        .map(|a| match evaluate(ctx, a, symbols) {
+            Ok(v) => format!("{}={v}", a.name),
+            Err(_) => format!("{}=(fault)", a.name),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::definition::ProbeDefinition;
+    use crate::fake::{STACK_GPA, STACK_VA, machine};
+
+    #[test]
+    fn fetch_args_read_registers_stack_memory_and_strings() {
+        let (engine, mut vcpu) = machine();
+        let sp = STACK_VA + 0x100;
+        vcpu.regs.set(Gpr::Rsp, sp);
+        vcpu.regs.set(Gpr::Rdi, 0x1ff);
+        vcpu.regs.set(Gpr::Rsi, STACK_VA + 0x200);
+        vcpu.regs.set(Gpr::Rax, (-5i64) as u64);
+        let mem = engine.memory();
+        mem.write_obj(STACK_VA + 0x200, GuestAddress(STACK_GPA + 0x100))
+            .unwrap();
+        mem.write_obj(0x1234_5678u64, GuestAddress(STACK_GPA + 0x108))
+            .unwrap();
+        mem.write_slice(b"hello\0", GuestAddress(STACK_GPA + 0x200))
+            .unwrap();
+        let ctx = ProbeContext {
+            vcpu: 0,
+            location: "f",
+            address: 0,
+            time: Duration::ZERO,
+            regs: &vcpu.regs,
+            mem,
+        };
+        let def = ProbeDefinition::parse(
+            "r f di=%di:u8 rdi=%rdi:u64 a1=$arg1:s8 s1=$stack1 st=$stack p=+0(%sp):x64 \
+             str=$arg2:string d=+8($stack):u32 ret=$retval:s64 bad=+0(%ip)",
+        )
+        .unwrap();
+        let line = format_args(&ctx, &def.args, None);
+        assert_eq!(
+            line,
+            format!(
+                "di=255 rdi=511 a1=-1 s1=0x12345678 st={sp:#x} p={:#x} str=\"hello\" d=305419896 ret=-5 bad=(fault)",
+                STACK_VA + 0x200
+            )
+        );
+    }
+}
