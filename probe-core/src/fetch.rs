@@ -101,6 +101,17 @@ pub fn evaluate(
     arg: &FetchArg,
     symbols: Option<&SymbolMap>,
 ) -> Result<FetchValue, HandlerError> {
+    if matches!(arg.ty, FetchType::String | FetchType::UserString) {
+        // As the kernel does: for a string the outermost dereference names the string's
+        // address (`+0(%si):string` is the string at %si), and a plain value is the address.
+        let at = match &arg.fetch {
+            Fetch::Dereference { offset, inner, .. } => {
+                raw(ctx, inner, symbols)?.wrapping_add(*offset as u64)
+            }
+            other => raw(ctx, other, symbols)?,
+        };
+        return Ok(FetchValue::Text(ctx.read_c_string(at, MAX_STRING)?));
+    }
     let value = raw(ctx, &arg.fetch, symbols)?;
     Ok(match arg.ty {
         FetchType::String | FetchType::UserString => {
@@ -166,14 +177,14 @@ mod tests {
         };
         let def = ProbeDefinition::parse(
             "r f di=%di:u8 rdi=%rdi:u64 a1=$arg1:s8 s1=$stack1 st=$stack p=+0(%sp):x64 \
-             str=$arg2:string d=+8($stack):u32 ret=$retval:s64 bad=+0(%ip)",
+             str=$arg2:string str2=+1($arg2):string d=+8($stack):u32 ret=$retval:s64 bad=+0(%ip)",
         )
         .unwrap();
         let line = format_args(&ctx, &def.args, None);
         assert_eq!(
             line,
             format!(
-                "di=255 rdi=511 a1=-1 s1=0x12345678 st={sp:#x} p={:#x} str=\"hello\" d=305419896 ret=-5 bad=(fault)",
+                "di=255 rdi=511 a1=-1 s1=0x12345678 st={sp:#x} p={:#x} str=\"hello\" str2=\"ello\" d=305419896 ret=-5 bad=(fault)",
                 STACK_VA + 0x200
             )
         );
