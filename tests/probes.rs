@@ -409,27 +409,34 @@ fn bad_probes_are_refused_and_leave_the_guest_unchanged() {
 #[test]
 fn kprobe_event_definitions_fetch_arguments_from_guest_memory() {
     // do_sys_openat2(int dfd, const char __user *filename, struct open_how *how): the
-    // filename string from user memory, dfd as a signed register, how->flags dereferenced.
+    // filename string from user memory, dfd as a signed register, how->flags dereferenced,
+    // and the task's name from its task_struct (offsets from the kernel's BTF).
     let out = run_probed(
         "1",
         "open-read-loop 3 /etc/passwd",
-        &["p:hv/open do_sys_openat2 dfd=%di:s32 name=+0($arg2):ustring flags=+0($arg3):x32"],
+        &[
+            "p:hv/open do_sys_openat2 dfd=%di:s32 name=+0($arg2):ustring flags=+0($arg3):x32 c=$comm",
+        ],
         &[],
     );
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
     let stdout = text(&out.stdout);
     let opens: Vec<&str> = stdout
         .lines()
-        .filter(|l| l.starts_with("hit ") && l.contains(" hv/open: "))
+        .filter(|l| l.contains(" hv/open: (do_sys_openat2) "))
         .filter(|l| l.contains("name=\"/etc/passwd\""))
         .collect();
     assert_eq!(opens.len(), 3, "{}", explain(&out));
+    // comm-pid [cpu] time: event: (location) args, as the kernel's trace output reads.
     // AT_FDCWD, and O_RDONLY with the O_LARGEFILE the kernel adds on 64-bit.
-    assert!(
-        opens
-            .iter()
-            .all(|l| l.contains("dfd=-100 ") && l.contains("flags=0x8000"))
-    );
+    for l in &opens {
+        assert!(
+            l.starts_with("open-read-loop-") && l.contains(" [000] "),
+            "{l}"
+        );
+        assert!(l.contains("dfd=-100 ") && l.contains("flags=0x8000"), "{l}");
+        assert!(l.ends_with("c=\"open-read-loop\""), "{l}");
+    }
     assert_text_restored(&out);
 
     // A definition that does not parse: the column is shown, nothing runs.

@@ -25,3 +25,17 @@ fn the_default_guests_system_map_resolves_syscall_entry_points() {
     }
     assert!(map.resolve("no_such_kernel_function").is_err());
 }
+
+#[test]
+fn the_guest_kernels_btf_gives_task_struct_offsets() {
+    let guest = hvprobe_guest::default_guest().expect("default guest");
+    let vmlinux = std::fs::read(guest.kernel.vmlinux()).unwrap();
+    let btf =
+        probe_core::btf::Btf::parse(probe_core::elf::section(&vmlinux, ".BTF").unwrap()).unwrap();
+    let pid = btf.member_offset("task_struct", "pid").unwrap();
+    let tgid = btf.member_offset("task_struct", "tgid").unwrap();
+    let comm = btf.member_offset("task_struct", "comm").unwrap();
+    // pid_t pid; pid_t tgid; are adjacent in every kernel; comm is a 16-byte array further on.
+    assert_eq!(tgid, pid + 4);
+    assert!(comm > tgid && comm < 8192, "comm at {comm}");
+}

@@ -5,6 +5,16 @@ use crate::arch::x86_64::Gpr;
 use crate::definition::{Fetch, FetchArg, FetchType};
 use crate::probe::{HandlerError, ProbeContext};
 use crate::symbols::SymbolMap;
+use crate::task::TaskLayout;
+
+/// What fetch arguments may need besides the hit itself.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FetchEnv<'a> {
+    /// The guest kernel's symbols (`@SYMBOL`, `:symbol`).
+    pub symbols: Option<&'a SymbolMap>,
+    /// Where the current task is (`$comm`).
+    pub task: Option<&'a TaskLayout>,
+}
 
 /// The kernel's names for x86_64 registers in fetch args (`%di`, `%ax`, `%r8`, `%ip`, ...),
 /// also accepted with the `r` prefix (`%rdi`).
@@ -61,11 +71,7 @@ fn mask(v: u64, bits: u8) -> u64 {
 }
 
 /// The raw 64-bit value of `fetch`.
-fn raw(
-    ctx: &ProbeContext<'_>,
-    fetch: &Fetch,
-    symbols: Option<&SymbolMap>,
-) -> Result<u64, HandlerError> {
+fn raw(ctx: &ProbeContext<'_>, fetch: &Fetch, env: FetchEnv<'_>) -> Result<u64, HandlerError> {
     use crate::arch::RegisterFile;
     Ok(match fetch {
         Fetch::Register(r) => {
@@ -73,7 +79,9 @@ fn raw(
         }
         Fetch::Memory(a) => ctx.read_u64(*a)?,
         Fetch::SymbolMemory { name, offset } => {
-            let map = symbols.ok_or_else(|| HandlerError("no symbol table".into()))?;
+            let map = env
+                .symbols
+                .ok_or_else(|| HandlerError("no symbol table".into()))?;
             let sym = map.lookup(name).map_err(|e| HandlerError(e.to_string()))?;
             ctx.read_u64(sym.addr.wrapping_add(*offset as u64))?
         }
@@ -84,12 +92,11 @@ fn raw(
             .arg(*n as usize - 1)
             .ok_or_else(|| HandlerError(format!("$arg{n}: only 6 register arguments")))?,
         Fetch::Comm => {
-            return Err(HandlerError(
-                "$comm needs task awareness, which is not implemented yet".into(),
-            ));
+            // A string fetch: evaluate() reads the name itself; as a number it has no value.
+            return Err(HandlerError("$comm is a string".into()));
         }
         Fetch::Dereference { offset, inner, .. } => {
-            let base = raw(ctx, inner, symbols)?;
+            let base = raw(ctx, inner, env)?;
             ctx.read_u64(base.wrapping_add(*offset as u64))?
         }
     })
@@ -99,27 +106,34 @@ fn raw(
 pub fn evaluate(
     ctx: &ProbeContext<'_>,
     arg: &FetchArg,
-    symbols: Option<&SymbolMap>,
+    env: FetchEnv<'_>,
 ) -> Result<FetchValue, HandlerError> {
+    if arg.fetch == Fetch::Comm {
+        let layout = env
+            .task
+            .ok_or_else(|| HandlerError("$comm needs the kernel's BTF (task layout)".into()))?;
+        return Ok(FetchValue::Text(layout.current(ctx)?.comm));
+    }
     if matches!(arg.ty, FetchType::String | FetchType::UserString) {
         // As the kernel does: for a string the outermost dereference names the string's
         // address (`+0(%si):string` is the string at %si), and a plain value is the address.
         let at = match &arg.fetch {
             Fetch::Dereference { offset, inner, .. } => {
-                raw(ctx, inner, symbols)?.wrapping_add(*offset as u64)
+                raw(ctx, inner, env)?.wrapping_add(*offset as u64)
             }
-            other => raw(ctx, other, symbols)?,
+            other => raw(ctx, other, env)?,
         };
         return Ok(FetchValue::Text(ctx.read_c_string(at, MAX_STRING)?));
     }
-    let value = raw(ctx, &arg.fetch, symbols)?;
+    let value = raw(ctx, &arg.fetch, env)?;
     Ok(match arg.ty {
         FetchType::String | FetchType::UserString => {
             FetchValue::Text(ctx.read_c_string(value, MAX_STRING)?)
         }
-        FetchType::Symbol => {
-            FetchValue::Text(symbols.map_or_else(|| format!("{value:#x}"), |m| m.describe(value)))
-        }
+        FetchType::Symbol => FetchValue::Text(
+            env.symbols
+                .map_or_else(|| format!("{value:#x}"), |m| m.describe(value)),
+        ),
         FetchType::Unsigned(b) | FetchType::Signed(b) | FetchType::Hex(b) => {
             FetchValue::Number(mask(value, b), arg.ty)
         }
@@ -128,13 +142,9 @@ pub fn evaluate(
 
 /// `name=value` for every argument; an argument that cannot be read shows as `name=(fault)`,
 /// as the kernel's trace output does.
-pub fn format_args(
-    ctx: &ProbeContext<'_>,
-    args: &[FetchArg],
-    symbols: Option<&SymbolMap>,
-) -> String {
+pub fn format_args(ctx: &ProbeContext<'_>, args: &[FetchArg], env: FetchEnv<'_>) -> String {
     args.iter()
-        .map(|a| match evaluate(ctx, a, symbols) {
+        .map(|a| match evaluate(ctx, a, env) {
             Ok(v) => format!("{}={v}", a.name),
             Err(_) => format!("{}=(fault)", a.name),
         })
@@ -180,7 +190,7 @@ mod tests {
              str=$arg2:string str2=+1($arg2):string d=+8($stack):u32 ret=$retval:s64 bad=+0(%ip)",
         )
         .unwrap();
-        let line = format_args(&ctx, &def.args, None);
+        let line = format_args(&ctx, &def.args, FetchEnv::default());
         assert_eq!(
             line,
             format!(

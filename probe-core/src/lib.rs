@@ -6,12 +6,15 @@
 //! ([`pagewalk`]); the instruction decoder, the probe table and the XOL planner follow.
 
 pub mod arch;
+pub mod btf;
 pub mod definition;
+pub mod elf;
 pub mod engine;
 pub mod fake;
 pub mod fetch;
 pub mod pagewalk;
 pub mod probe;
 pub mod symbols;
+pub mod task;
 pub mod vm;
 pub mod xol;

@@ -12,10 +12,11 @@ use std::io::Write as _;
 
 use std::sync::Arc;
 
-use probe_core::definition::{Fetch, ProbeDefinition, ProbeKind};
+use probe_core::definition::{ProbeDefinition, ProbeKind};
 use probe_core::engine::{MAX_HW_BREAKPOINTS, PlantTarget};
 use probe_core::probe::{Probe, TrapKind};
 use probe_core::symbols::SymbolMap;
+use probe_core::task::TaskLayout;
 use probe_core::xol::XolArea;
 
 use crate::hostcheck;
@@ -105,6 +106,10 @@ pub struct RunArgs {
     /// System.map of the guest kernel [default: the default guest's].
     #[arg(long, value_name = "PATH")]
     pub system_map: Option<PathBuf>,
+    /// The guest kernel's BTF, as its vmlinux or a raw .BTF section, for task awareness
+    /// ($comm, comm-pid in event lines) [default: the default guest's vmlinux].
+    #[arg(long, value_name = "PATH")]
+    pub btf: Option<PathBuf>,
 }
 
 /// The `--probe` locations resolved against the guest's System.map.
@@ -191,6 +196,9 @@ impl RunArgs {
             if self.system_map.is_none() {
                 resolved.system_map = Some(guest.kernel.system_map());
             }
+            if self.btf.is_none() {
+                resolved.btf = Some(guest.kernel.vmlinux());
+            }
         }
         Ok(resolved)
     }
@@ -215,9 +223,6 @@ impl RunArgs {
                 let d = ProbeDefinition::parse(p).map_err(|e| anyhow::anyhow!("--probe: {e}"))?;
                 if matches!(d.kind, ProbeKind::Return { .. }) {
                     bail!("--probe {p}: return probes (r:) are not implemented yet");
-                }
-                if d.args.iter().any(|a| a.fetch == Fetch::Comm) {
-                    bail!("--probe {p}: $comm needs task awareness, not implemented yet");
                 }
                 Some(d)
             } else {
@@ -387,6 +392,29 @@ fn choose_trap(choice: TrapChoice, support: &TrapSupport, probes: usize) -> Resu
     }
 }
 
+/// Reads the guest kernel's BTF (a vmlinux, or a raw `.BTF` section).
+pub fn read_btf(path: &std::path::Path) -> Result<Vec<u8>> {
+    let data =
+        std::fs::read(path).with_context(|| format!("reading BTF from {}", path.display()))?;
+    if data.starts_with(b"\x7fELF") {
+        let section = probe_core::elf::section(&data, ".BTF")
+            .with_context(|| format!("{}: the kernel's BTF", path.display()))?;
+        return Ok(section.to_vec());
+    }
+    Ok(data)
+}
+
+/// The guest kernel's task layout, from its BTF and System.map.
+fn task_layout(args: &RunArgs, map: &SymbolMap) -> Result<TaskLayout> {
+    let path = args
+        .btf
+        .as_ref()
+        .context("task awareness needs the guest kernel's BTF (--btf)")?;
+    let btf = probe_core::btf::Btf::parse(&read_btf(path)?)
+        .with_context(|| format!("parsing BTF from {}", path.display()))?;
+    TaskLayout::from_kernel(&btf, map).context("finding the current task in the guest kernel")
+}
+
 /// Builds the probes of a run: resolution, trap choice, handlers.
 fn probe_setup(args: &RunArgs, kvm: &kvm_ioctls::Kvm) -> Result<Option<ProbeSetup>> {
     let Some(ResolvedProbes { map, targets }) = args.resolve_probes()? else {
@@ -402,6 +430,11 @@ fn probe_setup(args: &RunArgs, kvm: &kvm_ioctls::Kvm) -> Result<Option<ProbeSetu
             TrapKind::Hardware => "hardware breakpoints",
         }
     );
+    let task = if targets.iter().any(|t| t.definition.is_some()) {
+        Some(Arc::new(task_layout(args, &map)?))
+    } else {
+        None
+    };
     let map = Arc::new(map);
     let requests = targets
         .into_iter()
@@ -410,9 +443,10 @@ fn probe_setup(args: &RunArgs, kvm: &kvm_ioctls::Kvm) -> Result<Option<ProbeSetu
             probe.trap = trap;
             if !args.quiet {
                 let map = map.clone();
+                let task = task.clone();
                 probe = match resolved.definition {
                     Some(def) => probe.on_hit(move |ctx| {
-                        report::print_event(ctx, &def, &map);
+                        report::print_event(ctx, &def, &map, task.as_deref());
                         Ok(())
                     }),
                     None => probe.on_hit(|ctx| {

@@ -4,9 +4,10 @@ use std::io::Write;
 
 use probe_core::arch::x86_64::Gpr;
 use probe_core::definition::ProbeDefinition;
-use probe_core::fetch::format_args;
+use probe_core::fetch::{FetchEnv, format_args};
 use probe_core::probe::{ProbeContext, TrapKind};
 use probe_core::symbols::SymbolMap;
+use probe_core::task::TaskLayout;
 
 use crate::machine::ProbeReport;
 
@@ -35,17 +36,30 @@ pub fn print_hit(ctx: &ProbeContext<'_>) {
     let _ = out.write_all(line.as_bytes());
 }
 
-/// Prints the line for a hit on a kprobe_events definition: time, vCPU, location, the event
-/// and its fetch arguments.
-pub fn print_event(ctx: &ProbeContext<'_>, def: &ProbeDefinition, map: &SymbolMap) {
+/// Prints the line for a hit on a kprobe_events definition, in the trace format kprobe users
+/// know: `comm-pid [cpu] seconds: group/event: (location) name=value ...`.
+pub fn print_event(
+    ctx: &ProbeContext<'_>,
+    def: &ProbeDefinition,
+    map: &SymbolMap,
+    task: Option<&TaskLayout>,
+) {
+    let who = task.and_then(|t| t.current(ctx).ok()).map_or_else(
+        || "<unknown>-0".to_string(),
+        |t| format!("{}-{}", t.comm, t.pid),
+    );
+    let env = FetchEnv {
+        symbols: Some(map),
+        task,
+    };
     let line = format!(
-        "hit {:>12.6} cpu{} {} {}/{}: {}\n",
-        ctx.time.as_secs_f64(),
+        "{who} [{:03}] {:.6}: {}/{}: ({}) {}\n",
         ctx.vcpu,
-        ctx.location,
+        ctx.time.as_secs_f64(),
         def.group,
         def.event,
-        format_args(ctx, &def.args, Some(map))
+        ctx.location,
+        format_args(ctx, &def.args, env)
     );
     let _ = std::io::stdout().lock().write_all(line.as_bytes());
 }

@@ -144,6 +144,7 @@ fn build_l1_initrd(
     l2_kernel: &Path,
     l2_initrd: Option<&Path>,
     system_map: Option<&Path>,
+    btf: Option<&[u8]>,
     inner_args: &[String],
 ) -> Result<(), RunnerError> {
     let exe = std::env::current_exe().map_err(prep_err("locating the hvprobe binary"))?;
@@ -177,6 +178,9 @@ fn build_l1_initrd(
                 &fs::read(map)?,
                 0o644,
             )?;
+        }
+        if let Some(btf) = btf {
+            add(w, L1_BTF.trim_start_matches('/'), btf, 0o644)?;
         }
         if let Some(initrd) = l2_initrd {
             add(w, "l2/initrd", &fs::read(initrd)?, 0o644)?;
@@ -228,6 +232,9 @@ pub fn inner_args(args: &RunArgs) -> Vec<String> {
     }
     if !args.probes.is_empty() {
         v.extend(["--system-map".into(), L1_SYSTEM_MAP.into()]);
+        if args.btf.is_some() {
+            v.extend(["--btf".into(), L1_BTF.into()]);
+        }
     }
     if args.quiet {
         v.push("--quiet".into());
@@ -240,6 +247,9 @@ pub fn inner_args(args: &RunArgs) -> Vec<String> {
     ]);
     v
 }
+
+/// Where the guest kernel's BTF (the raw section, not the whole vmlinux) goes inside L1.
+pub const L1_BTF: &str = "/l2/btf";
 
 /// Where the guest's System.map goes inside L1.
 pub const L1_SYSTEM_MAP: &str = "/l2/System.map";
@@ -282,6 +292,13 @@ pub fn run_emulated(args: &RunArgs) -> Result<i32, RunnerError> {
         .as_deref()
         .ok_or_else(|| RunnerError::Prepare("no guest kernel".into()))?;
 
+    // Only the BTF section travels into L1: a vmlinux with debug info is hundreds of MiB.
+    let btf = match (&args.btf, args.probes.is_empty()) {
+        (Some(path), false) => {
+            Some(crate::cli::read_btf(path).map_err(|e| RunnerError::Prepare(format!("{e:#}")))?)
+        }
+        _ => None,
+    };
     let work = std::env::temp_dir().join(format!("hvprobe-runner-{}", std::process::id()));
     fs::create_dir_all(&work).map_err(prep_err("creating a work directory"))?;
     let initrd = work.join("l1.cpio");
@@ -294,6 +311,7 @@ pub fn run_emulated(args: &RunArgs) -> Result<i32, RunnerError> {
         args.system_map
             .as_deref()
             .filter(|_| !args.probes.is_empty()),
+        btf.as_deref(),
         &inner_args(args),
     )?;
 

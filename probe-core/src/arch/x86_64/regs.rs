@@ -83,6 +83,8 @@ pub struct Registers {
     pub cr3: u64,
     /// CR4 (LA57 selects 5-level paging).
     pub cr4: u64,
+    /// GS base: in kernel mode, this CPU's per-CPU area (Linux's `%gs:` variables).
+    pub gs_base: u64,
 }
 
 impl Registers {

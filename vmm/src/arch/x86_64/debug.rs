@@ -94,6 +94,7 @@ pub fn registers_from_kvm(r: &kvm_regs, s: &kvm_sregs) -> Registers {
         rflags: r.rflags,
         cr3: s.cr3,
         cr4: s.cr4,
+        gs_base: s.gs.base,
         ..Default::default()
     };
     for (g, v) in [

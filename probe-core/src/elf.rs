@@ -1,0 +1,74 @@
+//! Minimal ELF64 little-endian section lookup, to take the `.BTF` section out of a guest
+//! kernel's vmlinux without a full ELF library.
+
+/// Errors of section lookup.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ElfError {
+    /// Not a 64-bit little-endian ELF file, or truncated.
+    #[error("not a 64-bit little-endian ELF file ({0})")]
+    Invalid(&'static str),
+    /// No section of that name.
+    #[error("no {0} section")]
+    NoSection(String),
+}
+
+fn u16_at(b: &[u8], at: usize) -> Result<usize, ElfError> {
+    b.get(at..at + 2)
+        .map(|s| usize::from(u16::from_le_bytes([s[0], s[1]])))
+        .ok_or(ElfError::Invalid("truncated"))
+}
+
+fn u64_at(b: &[u8], at: usize) -> Result<usize, ElfError> {
+    b.get(at..at + 8)
+        .map(|s| u64::from_le_bytes(s.try_into().unwrap_or([0; 8])) as usize)
+        .ok_or(ElfError::Invalid("truncated"))
+}
+
+/// The bytes of section `name` in the ELF file `elf`.
+pub fn section<'a>(elf: &'a [u8], name: &str) -> Result<&'a [u8], ElfError> {
+    if elf.get(..6) != Some(&[0x7f, b'E', b'L', b'F', 2, 1][..]) {
+        return Err(ElfError::Invalid("bad header"));
+    }
+    let shoff = u64_at(elf, 0x28)?;
+    let shentsize = u16_at(elf, 0x3a)?;
+    let shnum = u16_at(elf, 0x3c)?;
+    let shstrndx = u16_at(elf, 0x3e)?;
+    let header = |i: usize| shoff + i * shentsize;
+    let strtab_off = u64_at(elf, header(shstrndx) + 0x18)?;
+    for i in 0..shnum {
+        let h = header(i);
+        let name_off = elf
+            .get(h..h + 4)
+            .map(|s| u32::from_le_bytes(s.try_into().unwrap_or([0; 4])) as usize)
+            .ok_or(ElfError::Invalid("truncated"))?;
+        let n = elf
+            .get(strtab_off + name_off..)
+            .ok_or(ElfError::Invalid("bad section name"))?;
+        let end = n.iter().position(|b| *b == 0).unwrap_or(n.len());
+        if &n[..end] == name.as_bytes() {
+            let off = u64_at(elf, h + 0x18)?;
+            let size = u64_at(elf, h + 0x20)?;
+            return elf
+                .get(off..off + size)
+                .ok_or(ElfError::Invalid("section out of bounds"));
+        }
+    }
+    Err(ElfError::NoSection(name.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_sections_of_this_test_binary_and_rejects_junk() {
+        let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        assert!(!section(&me, ".text").unwrap().is_empty());
+        assert!(matches!(
+            section(&me, ".no-such"),
+            Err(ElfError::NoSection(_))
+        ));
+        assert!(section(b"junk", ".text").is_err());
+        assert!(section(&me[..100], ".text").is_err());
+    }
+}

@@ -1,0 +1,143 @@
+//! Which guest task a probe hit happened in, without a guest agent: the per-CPU
+//! `current_task` pointer (through the GS base, as the kernel's `current` does) and the
+//! `task_struct` offsets of `comm`, `pid` and `tgid` from the kernel's own BTF.
+
+use crate::btf::{Btf, BtfError};
+use crate::probe::{HandlerError, ProbeContext};
+use crate::symbols::SymbolMap;
+
+/// Errors of working out the task layout.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    /// A `task_struct` member is missing from BTF.
+    #[error("task_struct layout: {0}")]
+    Btf(#[from] BtfError),
+    /// Neither `current_task` nor `pcpu_hot` is in System.map.
+    #[error("System.map has neither the per-CPU current_task nor pcpu_hot")]
+    NoCurrentTask,
+}
+
+/// Where the current task and its identity are in this kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskLayout {
+    /// Per-CPU offset of the current task pointer.
+    pub current_task: u64,
+    /// `task_struct.pid`.
+    pub pid: u64,
+    /// `task_struct.tgid`.
+    pub tgid: u64,
+    /// `task_struct.comm`.
+    pub comm: u64,
+}
+
+/// The task a hit happened in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskInfo {
+    /// `comm`, the task's name.
+    pub comm: String,
+    /// Thread id.
+    pub pid: u32,
+    /// Process id.
+    pub tgid: u32,
+}
+
+/// Length of `task_struct.comm` (TASK_COMM_LEN).
+const COMM_LEN: usize = 16;
+
+impl TaskLayout {
+    /// The layout of the kernel that `btf` and `map` describe.
+    pub fn from_kernel(btf: &Btf, map: &SymbolMap) -> Result<TaskLayout, TaskError> {
+        let current_task = match map.lookup("current_task") {
+            Ok(s) => s.addr,
+            // Since 6.2 the pointer lives in struct pcpu_hot.
+            Err(_) => {
+                let hot = map
+                    .lookup("pcpu_hot")
+                    .map_err(|_| TaskError::NoCurrentTask)?;
+                hot.addr + btf.member_offset("pcpu_hot", "current_task")?
+            }
+        };
+        Ok(TaskLayout {
+            current_task,
+            pid: btf.member_offset("task_struct", "pid")?,
+            tgid: btf.member_offset("task_struct", "tgid")?,
+            comm: btf.member_offset("task_struct", "comm")?,
+        })
+    }
+
+    /// The task running on the vCPU of `ctx` (valid in kernel mode, after `swapgs`).
+    pub fn current(&self, ctx: &ProbeContext<'_>) -> Result<TaskInfo, HandlerError> {
+        let task = ctx.read_u64(ctx.regs.gs_base.wrapping_add(self.current_task))?;
+        let mut ids = [0u8; 8];
+        ctx.read_memory(task.wrapping_add(self.pid), &mut ids[..4])?;
+        ctx.read_memory(task.wrapping_add(self.tgid), &mut ids[4..])?;
+        let mut comm = [0u8; COMM_LEN];
+        ctx.read_memory(task.wrapping_add(self.comm), &mut comm)?;
+        let end = comm.iter().position(|b| *b == 0).unwrap_or(COMM_LEN);
+        Ok(TaskInfo {
+            comm: String::from_utf8_lossy(&comm[..end]).into_owned(),
+            pid: u32::from_le_bytes(ids[..4].try_into().unwrap_or([0; 4])),
+            tgid: u32::from_le_bytes(ids[4..].try_into().unwrap_or([0; 4])),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::btf::build_test_btf;
+    use crate::fake::{STACK_GPA, STACK_VA, machine};
+
+    #[test]
+    fn the_current_task_is_read_through_the_per_cpu_pointer() {
+        let btf = Btf::parse(&build_test_btf(&[(
+            "task_struct",
+            512,
+            &[("pid", 0x40), ("tgid", 0x44), ("comm", 0x80)],
+        )]))
+        .unwrap();
+        let map = SymbolMap::parse("0000000000000010 D current_task\n").unwrap();
+        let layout = TaskLayout::from_kernel(&btf, &map).unwrap();
+        assert_eq!((layout.current_task, layout.comm), (0x10, 0x80));
+
+        // The stack page doubles as the per-CPU area (GS base) and the task_struct.
+        let (engine, mut vcpu) = machine();
+        vcpu.regs.gs_base = STACK_VA;
+        let task = STACK_VA + 0x100;
+        let mem = engine.memory();
+        mem.write_obj(task, GuestAddress(STACK_GPA + 0x10)).unwrap();
+        mem.write_obj(77u32, GuestAddress(STACK_GPA + 0x140))
+            .unwrap();
+        mem.write_obj(70u32, GuestAddress(STACK_GPA + 0x144))
+            .unwrap();
+        mem.write_slice(b"getpid-loop\0", GuestAddress(STACK_GPA + 0x180))
+            .unwrap();
+        let ctx = ProbeContext {
+            vcpu: 0,
+            location: "f",
+            address: 0,
+            time: Duration::ZERO,
+            regs: &vcpu.regs,
+            mem,
+        };
+        let t = layout.current(&ctx).unwrap();
+        assert_eq!(
+            t,
+            TaskInfo {
+                comm: "getpid-loop".into(),
+                pid: 77,
+                tgid: 70
+            }
+        );
+
+        let no = SymbolMap::parse("ffffffff81000000 T _stext\n").unwrap();
+        assert!(matches!(
+            TaskLayout::from_kernel(&btf, &no),
+            Err(TaskError::NoCurrentTask)
+        ));
+    }
+}
