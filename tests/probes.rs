@@ -439,6 +439,22 @@ fn kprobe_event_definitions_fetch_arguments_from_guest_memory() {
     }
     assert_text_restored(&out);
 
+    // A probe file: a bad line is named by file and line, nothing runs.
+    let file = std::env::temp_dir().join(format!("hvprobe-defs-{}", std::process::id()));
+    std::fs::write(
+        &file,
+        "# comment\n\np:hv/ok vfs_read\np:hv/bad vfs_read x=$nope\n",
+    )
+    .unwrap();
+    let out = hvprobe(&["run", "-f", file.to_str().unwrap(), "--exec", "true"]);
+    std::fs::remove_file(&file).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", explain(&out));
+    assert_has(
+        &text(&out.stderr),
+        ":4: bad probe definition at column 21: unknown variable $nope",
+        &out,
+    );
+
     // A definition that does not parse: the column is shown, nothing runs.
     let out = run_probed("1", "true", &["p:hv/open do_sys_openat2 x=+8(%di"], &[]);
     assert_eq!(out.status.code(), Some(1), "{}", explain(&out));

@@ -41,7 +41,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Boot a guest kernel and run it to the end.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Say whether this host's KVM can run and debug a stock guest, in one line.
     CheckHost,
     /// Fetch and build the default guest (Debian cloud kernel + initramfs); print its files.
@@ -97,6 +97,10 @@ pub struct RunArgs {
         value_name = "SYMBOL[+OFF]|ADDR|DEFINITION"
     )]
     pub probes: Vec<String>,
+    /// Read probe definitions from FILE, one per line (blank lines and `#` comments skipped);
+    /// repeatable, combined with any `-p`.
+    #[arg(short = 'f', long = "probe-file", value_name = "FILE")]
+    pub probe_files: Vec<PathBuf>,
     /// Print only the per-probe summary, not a line per hit.
     #[arg(long)]
     pub quiet: bool,
@@ -128,6 +132,15 @@ pub struct ResolvedProbe {
     pub target: PlantTarget,
     /// The kprobe_events definition, when the probe was given as one.
     pub definition: Option<ProbeDefinition>,
+}
+
+/// The definitions in a probe file with their 1-based line numbers: blank lines and lines
+/// starting with `#` are skipped.
+fn probe_file_lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    text.lines()
+        .enumerate()
+        .map(|(i, l)| (i + 1, l.trim()))
+        .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
 }
 
 /// Whether a `--probe` is a kprobe_events definition (`p ...`, `p:...`, `r...`) rather than
@@ -201,6 +214,21 @@ impl RunArgs {
             }
         }
         Ok(resolved)
+    }
+
+    /// Moves the definitions of every `-f FILE` into `probes`, checking each on the way so
+    /// that an error names the file and line.
+    pub fn read_probe_files(&mut self) -> Result<()> {
+        for file in std::mem::take(&mut self.probe_files) {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading probe file {}", file.display()))?;
+            for (n, line) in probe_file_lines(&text) {
+                ProbeDefinition::parse(line)
+                    .map_err(|e| anyhow::anyhow!("{}:{n}: {e}", file.display()))?;
+                self.probes.push(line.to_string());
+            }
+        }
+        Ok(())
     }
 
     /// Resolves every `--probe` against the System.map; fails on the first that does not
@@ -339,6 +367,9 @@ fn dispatch(cli: Cli) -> Result<i32> {
 }
 
 fn run(args: &RunArgs) -> Result<i32> {
+    let mut args = args.clone();
+    args.read_probe_files()?;
+    let args = &args;
     args.validate()?;
     let on_host = match args.runner {
         RunnerChoice::Host => match hostcheck::check_host() {
@@ -547,4 +578,38 @@ fn run_on_host(args: &RunArgs) -> Result<i32> {
         Outcome::ShutDown => EXIT_GUEST_FAILED,
         ref other => other.exit_code(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_files_skip_blanks_and_comments_and_keep_line_numbers() {
+        let text = "# opens\np:a do_sys_openat2 n=+0($arg2):ustring\n\n  r vfs_read\n";
+        let lines: Vec<(usize, &str)> = probe_file_lines(text).collect();
+        assert_eq!(
+            lines,
+            vec![
+                (2, "p:a do_sys_openat2 n=+0($arg2):ustring"),
+                (4, "r vfs_read")
+            ]
+        );
+    }
+
+    #[test]
+    fn definitions_are_told_from_bare_locations() {
+        for d in ["p do_sys_openat2", "p:grp/ev f", "r f", "r16:x f", "  p f"] {
+            assert!(is_definition(d), "{d}");
+        }
+        for l in [
+            "pid_vnr",
+            "r",
+            "proc_pid_status+0x4",
+            "0xffffffff81000000",
+            "ptrace",
+        ] {
+            assert!(!is_definition(l), "{l}");
+        }
+    }
 }
