@@ -154,6 +154,8 @@ fn a_getpid_probe_counts_the_workload_calls_and_prints_each_hit() {
         .count() as u64;
     assert_eq!(hit_lines, hits, "one line per hit");
     assert_has(&stdout, "getpid-loop: calls=2000 pid=", &out);
+    // Booted with nokaslr: the slide found from the running guest is zero.
+    assert_has(&stdout, "hvprobe: kernel base slide 0x0 ", &out);
     assert_text_restored(&out);
 }
 
@@ -463,4 +465,49 @@ fn kprobe_event_definitions_fetch_arguments_from_guest_memory() {
         "bad probe definition at column 34: expected ')'",
         &out,
     );
+}
+
+#[test]
+fn a_kaslr_guest_is_probed_like_a_nokaslr_one() {
+    // The default command line without `nokaslr`: the slide is found from the running guest.
+    let cmdline = "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux i8042.nomux \
+                   i8042.dumbkbd quiet loglevel=3";
+    assert!(!cmdline.contains("nokaslr"));
+    let k = KernelText::load();
+    let stepped = k.find("__x64_sys_getpid", |i| plan_of(i) == Some("xol"));
+    let out = run_probed(
+        "1",
+        "getpid-loop 500; cat /etc/passwd > /dev/null",
+        &[
+            "__x64_sys_getpid",
+            &stepped,
+            "p:hv/open do_sys_openat2 name=+0($arg2):ustring c=$comm at=%ip:symbol",
+        ],
+        &["--cmdline", cmdline],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    let stdout = text(&out.stdout);
+    let slide = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("hvprobe: kernel base slide 0x"))
+        .and_then(|r| u64::from_str_radix(r.split_whitespace().next()?, 16).ok())
+        .unwrap_or_else(|| panic!("no slide line\n{}", explain(&out)));
+    assert_eq!(
+        slide % (2 << 20),
+        0,
+        "KASLR moves the kernel in 2 MiB steps"
+    );
+    for loc in ["__x64_sys_getpid", stepped.as_str()] {
+        let (_, hits, _, _) = summary(&out, loc);
+        assert!(
+            (500..=500 + OTHER_GETPID_CALLERS).contains(&hits),
+            "{loc}: {hits}"
+        );
+    }
+    assert_has(
+        &stdout,
+        "hv/open: (do_sys_openat2) name=\"/etc/passwd\" c=\"cat\" at=\"do_sys_openat2\"",
+        &out,
+    );
+    assert_text_restored(&out);
 }

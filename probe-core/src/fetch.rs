@@ -14,6 +14,8 @@ pub struct FetchEnv<'a> {
     pub symbols: Option<&'a SymbolMap>,
     /// Where the current task is (`$comm`).
     pub task: Option<&'a TaskLayout>,
+    /// How far KASLR moved the kernel from its System.map addresses.
+    pub slide: u64,
 }
 
 /// The kernel's names for x86_64 registers in fetch args (`%di`, `%ax`, `%r8`, `%ip`, ...),
@@ -83,7 +85,11 @@ fn raw(ctx: &ProbeContext<'_>, fetch: &Fetch, env: FetchEnv<'_>) -> Result<u64, 
                 .symbols
                 .ok_or_else(|| HandlerError("no symbol table".into()))?;
             let sym = map.lookup(name).map_err(|e| HandlerError(e.to_string()))?;
-            ctx.read_u64(sym.addr.wrapping_add(*offset as u64))?
+            ctx.read_u64(
+                sym.addr
+                    .wrapping_add(env.slide)
+                    .wrapping_add(*offset as u64),
+            )?
         }
         Fetch::StackEntry(n) => ctx.read_u64(ctx.regs.sp().wrapping_add(8 * u64::from(*n)))?,
         Fetch::StackPointer => ctx.regs.sp(),
@@ -130,10 +136,10 @@ pub fn evaluate(
         FetchType::String | FetchType::UserString => {
             FetchValue::Text(ctx.read_c_string(value, MAX_STRING)?)
         }
-        FetchType::Symbol => FetchValue::Text(
-            env.symbols
-                .map_or_else(|| format!("{value:#x}"), |m| m.describe(value)),
-        ),
+        FetchType::Symbol => FetchValue::Text(env.symbols.map_or_else(
+            || format!("{value:#x}"),
+            |m| m.describe(value.wrapping_sub(env.slide)),
+        )),
         FetchType::Unsigned(b) | FetchType::Signed(b) | FetchType::Hex(b) => {
             FetchValue::Number(mask(value, b), arg.ty)
         }

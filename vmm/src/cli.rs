@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use std::io::Write as _;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use probe_core::definition::{ProbeDefinition, ProbeKind};
 use probe_core::engine::{MAX_HW_BREAKPOINTS, PlantTarget};
@@ -467,6 +468,7 @@ fn probe_setup(args: &RunArgs, kvm: &kvm_ioctls::Kvm) -> Result<Option<ProbeSetu
         None
     };
     let map = Arc::new(map);
+    let slide = Arc::new(AtomicU64::new(0));
     let requests = targets
         .into_iter()
         .map(|resolved| {
@@ -475,9 +477,11 @@ fn probe_setup(args: &RunArgs, kvm: &kvm_ioctls::Kvm) -> Result<Option<ProbeSetu
             if !args.quiet {
                 let map = map.clone();
                 let task = task.clone();
+                let slide = slide.clone();
                 probe = match resolved.definition {
                     Some(def) => probe.on_hit(move |ctx| {
-                        report::print_event(ctx, &def, &map, task.as_deref());
+                        let slide = slide.load(Ordering::Relaxed);
+                        report::print_event(ctx, &def, &map, task.as_deref(), slide);
                         Ok(())
                     }),
                     None => probe.on_hit(|ctx| {
@@ -501,6 +505,8 @@ fn probe_setup(args: &RunArgs, kvm: &kvm_ioctls::Kvm) -> Result<Option<ProbeSetu
         software_breakpoints: trap == TrapKind::Software,
         text,
         xol_pages: XOL_PAGES,
+        syscall_entry: map.lookup("entry_SYSCALL_64").ok().map(|s| s.addr),
+        slide,
     }))
 }
 

@@ -3,7 +3,7 @@
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,7 @@ use probe_core::probe::Probe;
 use probe_core::xol::XolArea;
 
 use crate::arch::x86_64::layout;
-use crate::probing::{Engine, Probing};
+use crate::probing::{Engine, PausedState, Probing};
 use crate::vcpu::{self, StopReason, StopSignal, VcpuCommand, VcpuContext, VcpuEvent, VcpuHandle};
 use crate::vm::{Vm, VmConfig, VmError};
 
@@ -115,7 +115,14 @@ pub struct ProbeSetup {
     pub text: Option<(u64, u64)>,
     /// XOL code pages to reserve.
     pub xol_pages: usize,
+    /// System.map's `entry_SYSCALL_64`, to find the KASLR slide from the running guest.
+    pub syscall_entry: Option<u64>,
+    /// The KASLR slide once found, shared with handlers that symbolize addresses.
+    pub slide: Arc<AtomicU64>,
 }
+
+/// KASLR moves the x86_64 kernel by multiples of CONFIG_PHYSICAL_ALIGN (2 MiB).
+const KASLR_ALIGN: u64 = 2 << 20;
 
 /// Hashes of the kernel text around probing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,6 +150,8 @@ pub struct ProbeReport {
     pub rewritten: Vec<RewrittenSite>,
     /// Why probing could not be finished, if it could not.
     pub error: Option<String>,
+    /// The KASLR slide found in the running guest.
+    pub kaslr_slide: Option<u64>,
 }
 
 /// What to run and for how long.
@@ -180,8 +189,8 @@ fn resume_all(handles: &[VcpuHandle]) {
     command_all(handles, VcpuCommand::Resume, VcpuEvent::Resumed);
 }
 
-/// The registers of paused vCPU `h`.
-fn paused_registers(h: &VcpuHandle) -> Result<Registers, String> {
+/// The state of paused vCPU `h`.
+fn paused_state(h: &VcpuHandle) -> Result<PausedState, String> {
     h.send(VcpuCommand::ReadRegisters);
     while let Some(ev) = h.wait_event() {
         if let VcpuEvent::Registers(r) = ev {
@@ -206,12 +215,46 @@ impl ProbeSession {
         hash_guest_virtual(self.engine.memory(), regs, start, end).ok()
     }
 
+    /// Finds the running kernel's KASLR slide from its syscall entry point (`MSR_LSTAR`)
+    /// against System.map's `entry_SYSCALL_64`, and moves every probe address by it.
+    fn apply_kaslr_slide(&mut self, syscall_entry: u64) -> Result<(), String> {
+        let Some(linked) = self.setup.syscall_entry else {
+            return Ok(());
+        };
+        if syscall_entry == 0 {
+            return Err("cannot read the guest's syscall entry point (MSR_LSTAR)".into());
+        }
+        let slide = syscall_entry.wrapping_sub(linked);
+        if slide % KASLR_ALIGN != 0 {
+            return Err(format!(
+                "the guest's syscall entry {syscall_entry:#x} is not entry_SYSCALL_64 ({linked:#x}) \
+                 moved by a multiple of 2 MiB: System.map does not match the running kernel"
+            ));
+        }
+        self.report.kaslr_slide = Some(slide);
+        self.setup.slide.store(slide, Ordering::SeqCst);
+        if slide != 0 {
+            for req in &mut self.setup.requests {
+                req.target.va = req.target.va.wrapping_add(slide);
+                req.target.function_start =
+                    req.target.function_start.map(|f| f.wrapping_add(slide));
+            }
+            if let Some((start, end)) = &mut self.setup.text {
+                *start = start.wrapping_add(slide);
+                *end = end.wrapping_add(slide);
+            }
+        }
+        Ok(())
+    }
+
     /// Plants every requested probe with all vCPUs paused; all or nothing.
     fn plant(&mut self, handles: &[VcpuHandle], started: Instant) -> Result<(), String> {
         self.planted = true;
         pause_all(handles);
         let result = (|| {
-            let regs = paused_registers(&handles[0])?;
+            let state = paused_state(&handles[0])?;
+            let regs = state.regs;
+            self.apply_kaslr_slide(state.syscall_entry)?;
             let before = self.hash_text(&regs);
             let mut ids = Vec::new();
             let requests = std::mem::take(&mut self.setup.requests);

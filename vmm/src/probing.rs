@@ -14,6 +14,18 @@ use crate::arch::x86_64::debug::{
     GuestDebugSetup, debug_event, registers_from_kvm, registers_to_kvm,
 };
 
+/// `MSR_LSTAR`: the 64-bit syscall entry point.
+const MSR_LSTAR: u32 = 0xc000_0082;
+
+/// What the VMM reads from a paused vCPU before planting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PausedState {
+    /// The registers (page tables included).
+    pub regs: Registers,
+    /// `MSR_LSTAR`: where the running kernel's `entry_SYSCALL_64` is.
+    pub syscall_entry: u64,
+}
+
 /// The engine type the VMM uses.
 pub type Engine = ProbeEngine<GuestMemoryMmap>;
 
@@ -159,10 +171,23 @@ impl VcpuProbing {
         Ok(())
     }
 
-    /// Reads the registers of a vCPU that is out of `KVM_RUN`.
-    pub fn registers(fd: &mut VcpuFd) -> Result<Registers, String> {
+    /// Reads the state of a vCPU that is out of `KVM_RUN`: registers and the syscall entry
+    /// point (`MSR_LSTAR`), from which the KASLR slide follows.
+    pub fn paused_state(fd: &mut VcpuFd) -> Result<PausedState, String> {
         let r = fd.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
         let s = fd.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
-        Ok(registers_from_kvm(&r, &s))
+        let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+            index: MSR_LSTAR,
+            ..Default::default()
+        }])
+        .map_err(|e| format!("MSR list: {e:?}"))?;
+        let n = fd
+            .get_msrs(&mut msrs)
+            .map_err(|e| format!("KVM_GET_MSRS: {e}"))?;
+        let syscall_entry = if n == 1 { msrs.as_slice()[0].data } else { 0 };
+        Ok(PausedState {
+            regs: registers_from_kvm(&r, &s),
+            syscall_entry,
+        })
     }
 }

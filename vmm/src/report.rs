@@ -43,6 +43,7 @@ pub fn print_event(
     def: &ProbeDefinition,
     map: &SymbolMap,
     task: Option<&TaskLayout>,
+    slide: u64,
 ) {
     let who = task.and_then(|t| t.current(ctx).ok()).map_or_else(
         || "<unknown>-0".to_string(),
@@ -51,6 +52,7 @@ pub fn print_event(
     let env = FetchEnv {
         symbols: Some(map),
         task,
+        slide,
     };
     let line = format!(
         "{who} [{:03}] {:.6}: {}/{}: ({}) {}\n",
@@ -115,6 +117,11 @@ pub fn summary(report: &ProbeReport) -> Vec<String> {
         out.push(format!(
             "hvprobe: kernel text hash before={:#018x} planted={:#018x} after={after} ({verdict})",
             t.before, t.planted
+        ));
+    }
+    if let Some(slide) = report.kaslr_slide {
+        out.push(format!(
+            "hvprobe: kernel base slide {slide:#x} (the guest's syscall entry point against System.map)"
         ));
     }
     for r in &report.rewritten {

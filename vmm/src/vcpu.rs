@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use crate::devices::PioBus;
-use crate::probing::{Probing, VcpuProbing};
+use crate::probing::{PausedState, Probing, VcpuProbing};
 
 /// Why the machine is stopping, as first reported by a vCPU, a device or the main loop.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -92,7 +92,7 @@ pub enum VcpuEvent {
     /// The thread ends.
     Exited,
     /// The registers, or why they could not be read.
-    Registers(Result<Box<probe_core::arch::x86_64::Registers>, String>),
+    Registers(Result<Box<PausedState>, String>),
 }
 
 /// The vCPU thread's state.
@@ -200,7 +200,7 @@ impl VcpuThread {
             VcpuCommand::Stop => (VcpuState::Exited, VcpuEvent::Exited),
             VcpuCommand::ReadRegisters => (
                 self.state,
-                VcpuEvent::Registers(VcpuProbing::registers(&mut self.fd).map(Box::new)),
+                VcpuEvent::Registers(VcpuProbing::paused_state(&mut self.fd).map(Box::new)),
             ),
         };
         self.state = state;
