@@ -19,6 +19,7 @@ use crate::arch::x86_64::{
 };
 use crate::pagewalk::{PagingMode, WalkError, translate};
 use crate::probe::{Handler, PhysMemory, Probe, ProbeContext, TrapKind, Walker, read_virt};
+use crate::retprobe::{Instance, InstanceTable};
 use crate::vm::{DebugEvent, VcpuAccess, Verdict, VmError};
 use crate::xol::{SLOT_SIZE, XolArea, XolError, XolSlot};
 
@@ -91,6 +92,12 @@ pub enum PlantError {
     /// No such probe.
     #[error("no probe with id {0}")]
     UnknownProbe(usize),
+    /// A return probe away from a function's first instruction.
+    #[error("{location}: a return probe must be on a function's first instruction")]
+    NotFunctionEntry {
+        /// The probe location.
+        location: String,
+    },
 }
 
 /// Identifies a planted probe.
@@ -103,6 +110,8 @@ struct ProbeCounters {
     hits: AtomicU64,
     missed: AtomicU64,
     handler_errors: AtomicU64,
+    returns: AtomicU64,
+    nmissed: AtomicU64,
 }
 
 /// A snapshot of one probe's counters.
@@ -126,6 +135,13 @@ pub struct ProbeStats {
     pub missed: u64,
     /// Handler calls that returned an error or panicked.
     pub handler_errors: u64,
+    /// Whether it is a return probe.
+    pub return_probe: bool,
+    /// Returns seen (return probes).
+    pub returns: u64,
+    /// Entries whose return could not be watched: `max_active` instances were live, or the
+    /// frame never returned through its caller.
+    pub nmissed: u64,
 }
 
 struct ProbeEntry {
@@ -133,7 +149,23 @@ struct ProbeEntry {
     location: String,
     pre: Option<Handler>,
     post: Option<Handler>,
+    on_return: Option<Handler>,
+    max_active: usize,
     counters: ProbeCounters,
+}
+
+impl ProbeEntry {
+    fn new(id: ProbeId, location: String, probe: Probe) -> Arc<ProbeEntry> {
+        Arc::new(ProbeEntry {
+            id,
+            location,
+            pre: probe.pre,
+            post: probe.post,
+            on_return: probe.on_return,
+            max_active: probe.max_active,
+            counters: ProbeCounters::default(),
+        })
+    }
 }
 
 /// One planted breakpoint: an address with one or more probes on it.
@@ -170,6 +202,8 @@ pub struct ExitStats {
     pub steps: u64,
     /// Traps that were the guest's own and went back to it.
     pub reinjected: u64,
+    /// Returns through the return-probe trampoline.
+    pub returns: u64,
     /// Hits per step plan name.
     pub hits_by_plan: Vec<(&'static str, u64)>,
 }
@@ -180,6 +214,7 @@ struct ExitCounters {
     hw_breakpoints: AtomicU64,
     steps: AtomicU64,
     reinjected: AtomicU64,
+    returns: AtomicU64,
     by_plan: [AtomicU64; 4],
 }
 
@@ -225,6 +260,8 @@ pub struct ProbeEngine<M: GuestMemory + Send + Sync> {
     exits: ExitCounters,
     start: Instant,
     hw_generation: AtomicU64,
+    returns: Mutex<InstanceTable<Arc<ProbeEntry>>>,
+    trampoline: Mutex<Option<XolSlot>>,
 }
 
 /// Where to plant: the address, and the function start to decode from for the boundary check.
@@ -252,6 +289,8 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             exits: ExitCounters::default(),
             start: Instant::now(),
             hw_generation: AtomicU64::new(0),
+            returns: Mutex::new(InstanceTable::default()),
+            trampoline: Mutex::new(None),
         })
     }
 
@@ -318,16 +357,16 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             if site.trap != probe.trap {
                 return Err(PlantError::MixedTraps { location });
             }
+            if probe.on_return.is_some() {
+                if target.function_start.is_some_and(|f| f != target.va) {
+                    return Err(PlantError::NotFunctionEntry { location });
+                }
+                self.trampoline(&location)?;
+            }
             let id = ProbeId(table.next_id);
             table.next_id += 1;
             let site = table.sites.get_mut(&gpa).expect("site present");
-            site.probes.push(Arc::new(ProbeEntry {
-                id,
-                location,
-                pre: probe.pre,
-                post: probe.post,
-                counters: ProbeCounters::default(),
-            }));
+            site.probes.push(ProbeEntry::new(id, location, probe));
             table.by_probe.insert(id, gpa);
             return Ok(id);
         }
@@ -369,6 +408,12 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         })?;
         drop(decoder);
 
+        if probe.on_return.is_some() {
+            if target.function_start.is_some_and(|f| f != target.va) {
+                return Err(PlantError::NotFunctionEntry { location });
+            }
+            self.trampoline(&location)?;
+        }
         let hw_index = match probe.trap {
             TrapKind::Hardware => Some(table.hw.iter().position(Option::is_none).ok_or(
                 PlantError::NoHardwareBreakpoint {
@@ -413,13 +458,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                 plan,
                 slot,
                 disarmed: std::sync::atomic::AtomicBool::new(false),
-                probes: vec![Arc::new(ProbeEntry {
-                    id,
-                    location,
-                    pre: probe.pre,
-                    post: probe.post,
-                    counters: ProbeCounters::default(),
-                })],
+                probes: vec![ProbeEntry::new(id, location, probe)],
             },
         );
         Ok(id)
@@ -458,6 +497,160 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                 gpa: slot.gpa,
             })?;
         Ok(slot)
+    }
+
+    /// The return trampoline: an XOL slot of int3s that replaced return addresses point to.
+    fn trampoline(&self, location: &str) -> Result<XolSlot, PlantError> {
+        let mut t = self.trampoline.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = *t {
+            return Ok(slot);
+        }
+        let slot = self
+            .xol
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .allocate()
+            .map_err(|source| PlantError::Xol {
+                location: location.into(),
+                source,
+            })?;
+        self.mem
+            .write_slice(&[INT3; SLOT_SIZE as usize], GuestAddress(slot.gpa))
+            .map_err(|_| PlantError::Memory {
+                location: location.into(),
+                gpa: slot.gpa,
+            })?;
+        *t = Some(slot);
+        Ok(slot)
+    }
+
+    /// Maps the XOL area in the top-level page table at guest physical `table` (the kernel's
+    /// initial one, which every new page table copies its kernel half from).
+    pub fn map_xol_into(&self, table: u64) -> Result<bool, XolError> {
+        self.xol
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ensure_mapped(&self.mem, table, PagingMode::FourLevel)
+    }
+
+    /// Live return-probe instances.
+    pub fn live_returns(&self) -> usize {
+        self.returns.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// At the entry of a function with return probes: replaces the return address at the top
+    /// of the stack with the trampoline and records the instance, within each probe's
+    /// `max_active`.
+    fn enter_returns(&self, probes: &[Arc<ProbeEntry>], regs: &Registers) {
+        let wanting: Vec<&Arc<ProbeEntry>> =
+            probes.iter().filter(|p| p.on_return.is_some()).collect();
+        if wanting.is_empty() {
+            return;
+        }
+        let Some(trampoline) = *self.trampoline.lock().unwrap_or_else(|e| e.into_inner()) else {
+            return;
+        };
+        let mode = PagingMode::from_cr4(regs.cr4);
+        let mut table = self.returns.lock().unwrap_or_else(|e| e.into_inner());
+        let mut taking = Vec::new();
+        for p in wanting {
+            if table.count(|q| q.id == p.id) >= p.max_active {
+                p.counters.nmissed.fetch_add(1, Ordering::Relaxed);
+            } else {
+                taking.push(p.clone());
+            }
+        }
+        let miss_all = |taking: &[Arc<ProbeEntry>]| {
+            for p in taking {
+                p.counters.nmissed.fetch_add(1, Ordering::Relaxed);
+            }
+        };
+        if taking.is_empty() {
+            return;
+        }
+        let mapped = self
+            .xol
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ensure_mapped(&self.mem, regs.cr3, mode)
+            .is_ok();
+        let slot = regs.get(Gpr::Rsp);
+        let mut ret = [0u8; 8];
+        if !mapped || read_virt(&self.mem, regs.cr3, mode, slot, &mut ret).is_err() {
+            miss_all(&taking);
+            return;
+        }
+        let return_address = u64::from_le_bytes(ret);
+        if return_address == trampoline.va
+            || write_virt(
+                &self.mem,
+                regs.cr3,
+                mode,
+                slot,
+                &trampoline.va.to_le_bytes(),
+            )
+            .is_err()
+        {
+            miss_all(&taking);
+            return;
+        }
+        let stale = table.enter(
+            slot,
+            Instance {
+                return_address,
+                entry_regs: regs.clone(),
+                probes: taking,
+            },
+        );
+        if let Some(stale) = stale {
+            miss_all(&stale.probes);
+        }
+    }
+
+    /// A return through the trampoline: back to the real return address, return handlers.
+    fn leave_return(
+        &self,
+        vcpu: &mut dyn VcpuAccess,
+        mut regs: Registers,
+    ) -> Result<Verdict, VmError> {
+        self.exits.returns.fetch_add(1, Ordering::Relaxed);
+        let (found, dropped) = self
+            .returns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .leave(regs.get(Gpr::Rsp));
+        for d in dropped {
+            for p in &d.probes {
+                p.counters.nmissed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let Some(instance) = found else {
+            return Err(VmError(format!(
+                "vCPU {}: a return through the trampoline with no live instance (rsp {:#x}); \
+                 the real return address is lost",
+                vcpu.id(),
+                regs.get(Gpr::Rsp)
+            )));
+        };
+        regs.rip = instance.return_address;
+        vcpu.set_registers(&regs)?;
+        for p in &instance.probes {
+            p.counters.returns.fetch_add(1, Ordering::Relaxed);
+            let Some(h) = &p.on_return else { continue };
+            let ctx = ProbeContext {
+                vcpu: vcpu.id(),
+                location: &p.location,
+                address: instance.entry_regs.rip,
+                time: self.start.elapsed(),
+                regs: &regs,
+                entry_regs: Some(&instance.entry_regs),
+                mem: &self.mem,
+            };
+            if !matches!(catch_unwind(AssertUnwindSafe(|| h(&ctx))), Ok(Ok(()))) {
+                p.counters.handler_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(Verdict::Resume)
     }
 
     /// Removes one probe; the breakpoint goes when its last probe goes. Returns a rewritten
@@ -550,6 +743,9 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                     hits: p.counters.hits.load(Ordering::Relaxed),
                     missed: p.counters.missed.load(Ordering::Relaxed),
                     handler_errors: p.counters.handler_errors.load(Ordering::Relaxed),
+                    return_probe: p.on_return.is_some(),
+                    returns: p.counters.returns.load(Ordering::Relaxed),
+                    nmissed: p.counters.nmissed.load(Ordering::Relaxed),
                 })
             })
             .collect();
@@ -565,6 +761,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             hw_breakpoints: e.hw_breakpoints.load(Ordering::Relaxed),
             steps: e.steps.load(Ordering::Relaxed),
             reinjected: e.reinjected.load(Ordering::Relaxed),
+            returns: e.returns.load(Ordering::Relaxed),
             hits_by_plan: PLAN_NAMES
                 .iter()
                 .zip(&e.by_plan)
@@ -602,6 +799,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                 address: site_va,
                 time: self.start.elapsed(),
                 regs,
+                entry_regs: None,
                 mem: &self.mem,
             };
             match catch_unwind(AssertUnwindSafe(|| h(&ctx))) {
@@ -637,7 +835,12 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         pc: u64,
         hw: bool,
     ) -> Result<Verdict, VmError> {
-        let mut regs = vcpu.registers()?;
+        let regs = vcpu.registers()?;
+        let trampoline = *self.trampoline.lock().unwrap_or_else(|e| e.into_inner());
+        if !hw && trampoline.is_some_and(|t| t.va == pc) {
+            return self.leave_return(vcpu, regs);
+        }
+        let mut regs = regs;
         let mode = PagingMode::from_cr4(regs.cr4);
         let mut pc = pc;
         // An emulated instruction whose successor is probed too is followed into that probe in
@@ -677,6 +880,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                 return Ok(Verdict::Resume);
             }
             self.run_handlers(vcpu.id(), pc, &probes, &regs, false);
+            self.enter_returns(&probes, &regs);
             let has_post = probes.iter().any(|p| p.post.is_some());
             let plan_index = PLAN_NAMES
                 .iter()

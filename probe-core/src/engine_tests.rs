@@ -469,3 +469,138 @@ fn a_trap_that_arrives_after_its_probe_was_removed_is_retried_not_reinjected() {
     assert_eq!(vcpu.regs.rip, pc, "the restored instruction runs");
     assert_eq!(engine.exit_stats().reinjected, 0);
 }
+
+#[test]
+fn a_return_probe_sees_the_return_value_and_the_entry_registers() {
+    let (engine, mut vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    engine
+        .plant(
+            Probe::new("f").on_return(move |ctx| {
+                let entry = ctx.entry_regs.unwrap();
+                s.lock()
+                    .unwrap()
+                    .push((ctx.regs.get(Gpr::Rax), entry.get(Gpr::Rdi), ctx.regs.rip));
+                Ok(())
+            }),
+            target(0),
+            &regs,
+        )
+        .unwrap();
+    let err = engine
+        .plant(
+            Probe::new("f+0x4").on_return(|_| Ok(())),
+            target(AT_PUSH),
+            &regs,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("first instruction"), "{err}");
+
+    let caller = 0xffff_ffff_8100_0777u64;
+    let sp = STACK_VA + 0x800;
+    engine
+        .memory()
+        .write_obj(caller, GuestAddress(STACK_GPA + 0x800))
+        .unwrap();
+    vcpu.regs.rip = TEXT_VA;
+    vcpu.regs.set(Gpr::Rdi, 42);
+    let mut state = VcpuProbeState::default();
+    engine
+        .handle_debug(
+            &mut vcpu,
+            &mut state,
+            DebugEvent::Breakpoint { pc: TEXT_VA },
+        )
+        .unwrap();
+    let trampoline: u64 = engine
+        .memory()
+        .read_obj(GuestAddress(STACK_GPA + 0x800))
+        .unwrap();
+    assert!(
+        trampoline >= crate::xol::XOL_VA_BASE,
+        "return address replaced"
+    );
+    assert_eq!(engine.live_returns(), 1);
+
+    // The function returns: `ret` pops the trampoline address.
+    vcpu.regs.set(Gpr::Rsp, sp + 8);
+    vcpu.regs.set(Gpr::Rax, 7);
+    vcpu.regs.rip = trampoline;
+    engine
+        .handle_debug(
+            &mut vcpu,
+            &mut state,
+            DebugEvent::Breakpoint { pc: trampoline },
+        )
+        .unwrap();
+    assert_eq!(vcpu.regs.rip, caller, "back to the real caller");
+    assert_eq!(*seen.lock().unwrap(), vec![(7, 42, caller)]);
+    assert_eq!(engine.live_returns(), 0);
+    let st = &engine.stats()[0];
+    assert_eq!((st.hits, st.returns, st.nmissed), (1, 1, 0));
+    assert_eq!(engine.exit_stats().returns, 1);
+}
+
+#[test]
+fn max_active_and_frames_that_never_return_are_counted_as_nmissed() {
+    let (engine, mut vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    engine
+        .plant(
+            Probe::new("f").on_return(|_| Ok(())).max_active(2),
+            target(0),
+            &regs,
+        )
+        .unwrap();
+    let mut state = VcpuProbeState::default();
+    let enter = |vcpu: &mut FakeVcpu, state: &mut VcpuProbeState, sp: u64| {
+        engine
+            .memory()
+            .write_obj(
+                0xffff_ffff_8100_0777u64,
+                GuestAddress(STACK_GPA + (sp - STACK_VA)),
+            )
+            .unwrap();
+        vcpu.regs.set(Gpr::Rsp, sp);
+        vcpu.regs.rip = TEXT_VA;
+        engine
+            .handle_debug(vcpu, state, DebugEvent::Breakpoint { pc: TEXT_VA })
+            .unwrap();
+    };
+    // Three nested entries (recursion): the third is over max_active.
+    enter(&mut vcpu, &mut state, STACK_VA + 0x800);
+    enter(&mut vcpu, &mut state, STACK_VA + 0x700);
+    enter(&mut vcpu, &mut state, STACK_VA + 0x600);
+    assert_eq!(engine.live_returns(), 2);
+    assert_eq!(engine.stats()[0].nmissed, 1);
+    // The outer frame returns although the inner one never did (an unwind past it).
+    let trampoline: u64 = engine
+        .memory()
+        .read_obj(GuestAddress(STACK_GPA + 0x800))
+        .unwrap();
+    vcpu.regs.set(Gpr::Rsp, STACK_VA + 0x808);
+    vcpu.regs.rip = trampoline;
+    engine
+        .handle_debug(
+            &mut vcpu,
+            &mut state,
+            DebugEvent::Breakpoint { pc: trampoline },
+        )
+        .unwrap();
+    assert_eq!(engine.live_returns(), 0, "the dead inner frame is dropped");
+    let st = &engine.stats()[0];
+    assert_eq!((st.hits, st.returns, st.nmissed), (3, 1, 2));
+    // A return nobody recorded cannot be resumed safely: an error, not a guess.
+    vcpu.regs.rip = trampoline;
+    assert!(
+        engine
+            .handle_debug(
+                &mut vcpu,
+                &mut state,
+                DebugEvent::Breakpoint { pc: trampoline }
+            )
+            .is_err()
+    );
+}

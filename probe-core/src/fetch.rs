@@ -16,6 +16,8 @@ pub struct FetchEnv<'a> {
     pub task: Option<&'a TaskLayout>,
     /// How far KASLR moved the kernel from its System.map addresses.
     pub slide: u64,
+    /// For a return probe evaluated against its entry registers: the return value.
+    pub retval: Option<u64>,
 }
 
 /// The kernel's names for x86_64 registers in fetch args (`%di`, `%ax`, `%r8`, `%ip`, ...),
@@ -93,7 +95,7 @@ fn raw(ctx: &ProbeContext<'_>, fetch: &Fetch, env: FetchEnv<'_>) -> Result<u64, 
         }
         Fetch::StackEntry(n) => ctx.read_u64(ctx.regs.sp().wrapping_add(8 * u64::from(*n)))?,
         Fetch::StackPointer => ctx.regs.sp(),
-        Fetch::ReturnValue => ctx.regs.get(Gpr::Rax),
+        Fetch::ReturnValue => env.retval.unwrap_or(ctx.regs.get(Gpr::Rax)),
         Fetch::Argument(n) => ctx
             .arg(*n as usize - 1)
             .ok_or_else(|| HandlerError(format!("$arg{n}: only 6 register arguments")))?,
@@ -189,6 +191,7 @@ mod tests {
             address: 0,
             time: Duration::ZERO,
             regs: &vcpu.regs,
+            entry_regs: None,
             mem,
         };
         let def = ProbeDefinition::parse(

@@ -14,6 +14,7 @@ pub mod fake;
 pub mod fetch;
 pub mod pagewalk;
 pub mod probe;
+pub mod retprobe;
 pub mod symbols;
 pub mod task;
 pub mod vm;

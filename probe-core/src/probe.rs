@@ -53,7 +53,15 @@ pub struct Probe {
     pub pre: Option<Handler>,
     /// Runs after the probed instruction.
     pub post: Option<Handler>,
+    /// Makes this a return probe (the location must be a function entry): runs when the
+    /// function returns, with the entry registers in [`ProbeContext::entry_regs`].
+    pub on_return: Option<Handler>,
+    /// Most live instances of a return probe; further entries are counted as `nmissed`.
+    pub max_active: usize,
 }
+
+/// Live return-probe instances per probe when not set (kretprobe's floor).
+pub const DEFAULT_MAX_ACTIVE: usize = 16;
 
 impl std::fmt::Debug for Probe {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -62,6 +70,8 @@ impl std::fmt::Debug for Probe {
             .field("trap", &self.trap)
             .field("pre", &self.pre.is_some())
             .field("post", &self.post.is_some())
+            .field("on_return", &self.on_return.is_some())
+            .field("max_active", &self.max_active)
             .finish()
     }
 }
@@ -74,7 +84,24 @@ impl Probe {
             trap: TrapKind::Software,
             pre: None,
             post: None,
+            on_return: None,
+            max_active: DEFAULT_MAX_ACTIVE,
         }
+    }
+
+    /// Makes this a return probe with handler `f`.
+    pub fn on_return(
+        mut self,
+        f: impl Fn(&ProbeContext<'_>) -> Result<(), HandlerError> + Send + Sync + 'static,
+    ) -> Probe {
+        self.on_return = Some(Arc::new(f));
+        self
+    }
+
+    /// Sets the most live instances of a return probe.
+    pub fn max_active(mut self, n: usize) -> Probe {
+        self.max_active = n.max(1);
+        self
     }
 
     /// Sets the handler that runs before the probed instruction.
@@ -163,10 +190,26 @@ pub struct ProbeContext<'a> {
     /// The registers at the hit (before the probed instruction for pre-handlers, after it for
     /// post-handlers).
     pub regs: &'a Registers,
+    /// For a return probe's handler: the registers at function entry.
+    pub entry_regs: Option<&'a Registers>,
     pub(crate) mem: &'a dyn PhysMemory,
 }
 
-impl ProbeContext<'_> {
+impl<'a> ProbeContext<'a> {
+    /// For a return probe: the same hit seen with the entry registers (to evaluate the entry's
+    /// arguments at return time).
+    pub fn entry_context(&self) -> Option<ProbeContext<'a>> {
+        self.entry_regs.map(|regs| ProbeContext {
+            vcpu: self.vcpu,
+            location: self.location,
+            address: self.address,
+            time: self.time,
+            regs,
+            entry_regs: None,
+            mem: self.mem,
+        })
+    }
+
     /// Argument `n` of the probed function (x86_64 calling convention), valid at its entry.
     pub fn arg(&self, n: usize) -> Option<u64> {
         self.regs.arg(n)

@@ -122,6 +122,7 @@ mod tests {
             address: 0,
             time: Duration::ZERO,
             regs: &vcpu.regs,
+            entry_regs: None,
             mem,
         };
         let t = layout.current(&ctx).unwrap();

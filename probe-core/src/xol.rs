@@ -47,6 +47,8 @@ pub const XOL_PML4_INDEX: u64 = 256;
 pub const SLOT_SIZE: u64 = 32;
 const PAGE: u64 = 4096;
 const TABLE_PAGES: u64 = 3;
+/// Bytes of the area's own page tables, at its start; the code pages follow.
+pub const TABLE_BYTES: u64 = TABLE_PAGES * PAGE;
 const P: u64 = 1;
 const A: u64 = 1 << 5;
 const D: u64 = 1 << 6;

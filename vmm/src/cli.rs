@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use probe_core::definition::{ProbeDefinition, ProbeKind};
 use probe_core::engine::{MAX_HW_BREAKPOINTS, PlantTarget};
-use probe_core::probe::{Probe, TrapKind};
+use probe_core::probe::{DEFAULT_MAX_ACTIVE, Probe, ProbeContext, TrapKind};
 use probe_core::symbols::SymbolMap;
 use probe_core::task::TaskLayout;
 use probe_core::xol::XolArea;
@@ -250,9 +250,6 @@ impl RunArgs {
         for p in &self.probes {
             let definition = if is_definition(p) {
                 let d = ProbeDefinition::parse(p).map_err(|e| anyhow::anyhow!("--probe: {e}"))?;
-                if matches!(d.kind, ProbeKind::Return { .. }) {
-                    bail!("--probe {p}: return probes (r:) are not implemented yet");
-                }
                 Some(d)
             } else {
                 None
@@ -454,6 +451,14 @@ fn probe_setup(args: &RunArgs, kvm: &kvm_ioctls::Kvm) -> Result<Option<ProbeSetu
     };
     let support = selftest::probe_traps(kvm).map_err(|e| anyhow::anyhow!("trap self-test: {e}"))?;
     let trap = choose_trap(args.trap, &support, targets.len())?;
+    let returns = targets.iter().any(|t| {
+        t.definition
+            .as_ref()
+            .is_some_and(|d| matches!(d.kind, ProbeKind::Return { .. }))
+    });
+    if returns && trap == TrapKind::Hardware {
+        bail!("return probes need int3 (their trampoline is an int3), not --trap hw");
+    }
     eprintln!(
         "hvprobe: trap self-test: {}; probes use {}",
         support.summary(),
@@ -474,16 +479,33 @@ fn probe_setup(args: &RunArgs, kvm: &kvm_ioctls::Kvm) -> Result<Option<ProbeSetu
         .map(|resolved| {
             let mut probe = Probe::new(resolved.location);
             probe.trap = trap;
+            if let Some(ProbeKind::Return { maxactive }) =
+                resolved.definition.as_ref().map(|d| d.kind.clone())
+                && args.quiet
+            {
+                probe = probe
+                    .on_return(|_| Ok(()))
+                    .max_active(maxactive.map_or(DEFAULT_MAX_ACTIVE, |m| m as usize));
+            }
             if !args.quiet {
                 let map = map.clone();
                 let task = task.clone();
                 let slide = slide.clone();
                 probe = match resolved.definition {
-                    Some(def) => probe.on_hit(move |ctx| {
-                        let slide = slide.load(Ordering::Relaxed);
-                        report::print_event(ctx, &def, &map, task.as_deref(), slide);
-                        Ok(())
-                    }),
+                    Some(def) => {
+                        let kind = def.kind.clone();
+                        let print = move |ctx: &ProbeContext<'_>| {
+                            let slide = slide.load(Ordering::Relaxed);
+                            report::print_event(ctx, &def, &map, task.as_deref(), slide);
+                            Ok(())
+                        };
+                        match kind {
+                            ProbeKind::Return { maxactive } => probe
+                                .on_return(print)
+                                .max_active(maxactive.map_or(DEFAULT_MAX_ACTIVE, |m| m as usize)),
+                            ProbeKind::Entry => probe.on_hit(print),
+                        }
+                    }
                     None => probe.on_hit(|ctx| {
                         report::print_hit(ctx);
                         Ok(())
@@ -506,6 +528,7 @@ fn probe_setup(args: &RunArgs, kvm: &kvm_ioctls::Kvm) -> Result<Option<ProbeSetu
         text,
         xol_pages: XOL_PAGES,
         syscall_entry: map.lookup("entry_SYSCALL_64").ok().map(|s| s.addr),
+        initial_page_table: map.lookup("init_top_pgt").ok().map(|s| s.addr),
         slide,
     }))
 }

@@ -13,8 +13,10 @@ use kvm_ioctls::Kvm;
 use crate::devices::serial::SerialPort;
 use probe_core::arch::x86_64::Registers;
 use probe_core::engine::{ExitStats, PlantTarget, ProbeStats, RewrittenSite, hash_guest_virtual};
+use probe_core::pagewalk::{PagingMode, PhysRead, translate};
 use probe_core::probe::Probe;
 use probe_core::xol::XolArea;
+use vm_memory::GuestMemoryMmap;
 
 use crate::arch::x86_64::layout;
 use crate::probing::{Engine, PausedState, Probing};
@@ -119,6 +121,9 @@ pub struct ProbeSetup {
     pub syscall_entry: Option<u64>,
     /// The KASLR slide once found, shared with handlers that symbolize addresses.
     pub slide: Arc<AtomicU64>,
+    /// System.map's `init_top_pgt`: the kernel's initial top-level page table, which every
+    /// new page table copies its kernel half from; the XOL area is mapped there at planting.
+    pub initial_page_table: Option<u64>,
 }
 
 /// KASLR moves the x86_64 kernel by multiples of CONFIG_PHYSICAL_ALIGN (2 MiB).
@@ -200,6 +205,15 @@ fn paused_state(h: &VcpuHandle) -> Result<PausedState, String> {
     Err("vCPU thread ended".into())
 }
 
+/// Guest memory as the page walker reads it.
+struct GuestPhys<'a>(&'a GuestMemoryMmap);
+
+impl PhysRead for GuestPhys<'_> {
+    fn read_phys_u64(&self, gpa: u64) -> Option<u64> {
+        vm_memory::Bytes::read_obj(self.0, vm_memory::GuestAddress(gpa)).ok()
+    }
+}
+
 /// The probing side of a run: plants once the guest is up, removes at the end.
 struct ProbeSession {
     setup: ProbeSetup,
@@ -255,6 +269,16 @@ impl ProbeSession {
             let state = paused_state(&handles[0])?;
             let regs = state.regs;
             self.apply_kaslr_slide(state.syscall_entry)?;
+            if let Some(va) = self.setup.initial_page_table {
+                let va = va.wrapping_add(self.setup.slide.load(Ordering::SeqCst));
+                let mode = PagingMode::from_cr4(regs.cr4);
+                let gpa = translate(&GuestPhys(self.engine.memory()), regs.cr3, mode, va)
+                    .map_err(|e| format!("the kernel's initial page table (init_top_pgt): {e}"))?
+                    .gpa;
+                self.engine
+                    .map_xol_into(gpa)
+                    .map_err(|e| format!("mapping the XOL area: {e}"))?;
+            }
             let before = self.hash_text(&regs);
             let mut ids = Vec::new();
             let requests = std::mem::take(&mut self.setup.requests);

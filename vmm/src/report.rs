@@ -37,7 +37,9 @@ pub fn print_hit(ctx: &ProbeContext<'_>) {
 }
 
 /// Prints the line for a hit on a kprobe_events definition, in the trace format kprobe users
-/// know: `comm-pid [cpu] seconds: group/event: (location) name=value ...`.
+/// know: `comm-pid [cpu] seconds: group/event: (location) name=value ...`; for a return probe
+/// `(caller <- function)`, with `$retval` from the return and the other arguments from the
+/// entry.
 pub fn print_event(
     ctx: &ProbeContext<'_>,
     def: &ProbeDefinition,
@@ -49,19 +51,32 @@ pub fn print_event(
         || "<unknown>-0".to_string(),
         |t| format!("{}-{}", t.comm, t.pid),
     );
+    let entry = ctx.entry_context();
+    let (retval, place) = match &entry {
+        Some(_) => (
+            Some(ctx.regs.get(Gpr::Rax)),
+            format!(
+                "{} <- {}",
+                map.describe(ctx.regs.rip.wrapping_sub(slide)),
+                ctx.location
+            ),
+        ),
+        None => (None, ctx.location.to_string()),
+    };
+    let args_ctx = entry.as_ref().unwrap_or(ctx);
     let env = FetchEnv {
         symbols: Some(map),
         task,
         slide,
+        retval,
     };
     let line = format!(
-        "{who} [{:03}] {:.6}: {}/{}: ({}) {}\n",
+        "{who} [{:03}] {:.6}: {}/{}: ({place}) {}\n",
         ctx.vcpu,
         ctx.time.as_secs_f64(),
         def.group,
         def.event,
-        ctx.location,
-        format_args(ctx, &def.args, env)
+        format_args(args_ctx, &def.args, env)
     );
     let _ = std::io::stdout().lock().write_all(line.as_bytes());
 }
@@ -70,8 +85,13 @@ pub fn print_event(
 pub fn summary(report: &ProbeReport) -> Vec<String> {
     let mut out = Vec::new();
     for s in &report.stats {
+        let returns = if s.return_probe {
+            format!(" returns={} nmissed={}", s.returns, s.nmissed)
+        } else {
+            String::new()
+        };
         out.push(format!(
-            "hvprobe: probe {} at {:#x} ({}; plan {}; trap {}): hits={} missed={} handler_errors={}",
+            "hvprobe: probe {} at {:#x} ({}; plan {}; trap {}): hits={} missed={} handler_errors={}{returns}",
             s.location,
             s.address,
             s.instruction,

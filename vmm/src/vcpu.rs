@@ -256,10 +256,12 @@ impl VcpuThread {
                     let run = self.fd.get_kvm_run();
                     // SAFETY: KVM filled the `internal` member of the exit union for
                     // KVM_EXIT_INTERNAL_ERROR.
-                    let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
+                    let internal = unsafe { run.__bindgen_anon_1.internal };
+                    let data = &internal.data[..(internal.ndata as usize).min(internal.data.len())];
+                    let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
                     ExitAction::Stop(StopReason::VcpuError(format!(
-                        "vCPU {}: KVM_EXIT_INTERNAL_ERROR, suberror {suberror}",
-                        self.id
+                        "vCPU {}: KVM_EXIT_INTERNAL_ERROR, suberror {}, rip {rip:#x}, data {data:x?}",
+                        self.id, internal.suberror
                     )))
                 }
                 other => ExitAction::Stop(StopReason::VcpuError(format!(

@@ -263,23 +263,39 @@ impl Vm {
         boot::write_boot_tables(&memory, config.vcpus as u8)?;
 
         let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        for (slot, region) in memory.iter().enumerate() {
+        // KVM memslots: one per RAM region; the XOL area as two, its page tables writable and
+        // its code pages read-only, so the guest may execute the slots but never rewrite them.
+        // (The tables are writable because QEMU's TCG, under the emulated runner, probes every
+        // guest page-table page for write access during a walk even when Accessed and Dirty
+        // are already set; a read-only table makes each walk a fault that KVM cannot emulate.)
+        let mut slots = Vec::new();
+        for region in memory.iter() {
+            let start = region.start_addr().raw_value();
             let host = memory
                 .get_host_address(region.start_addr())
-                .expect("region start is inside guest memory");
-            // The XOL area is read-only to the guest: it may execute the slots but never
-            // rewrite them or their page tables.
-            let xol = region.start_addr().raw_value() == layout::XOL_GPA_BASE;
+                .expect("region start is inside guest memory") as u64;
+            if start == layout::XOL_GPA_BASE && region.len() > probe_core::xol::TABLE_BYTES {
+                let tables = probe_core::xol::TABLE_BYTES;
+                slots.push((start, tables, host, 0));
+                slots.push((
+                    start + tables,
+                    region.len() - tables,
+                    host + tables,
+                    kvm_bindings::KVM_MEM_READONLY,
+                ));
+            } else {
+                slots.push((start, region.len(), host, 0));
+            }
+        }
+        for (slot, (guest_phys_addr, memory_size, userspace_addr, flags)) in
+            slots.into_iter().enumerate()
+        {
             let region_desc = kvm_bindings::kvm_userspace_memory_region {
                 slot: slot as u32,
-                guest_phys_addr: region.start_addr().raw_value(),
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-                flags: if xol {
-                    kvm_bindings::KVM_MEM_READONLY
-                } else {
-                    0
-                },
+                guest_phys_addr,
+                memory_size,
+                userspace_addr,
+                flags,
             };
             // SAFETY: the host range is a live mmap owned by `memory`, which the returned Vm
             // keeps for as long as the VM fd exists, and slots do not overlap.
