@@ -107,7 +107,7 @@ pub fn summary(report: &ProbeReport) -> Vec<String> {
     }
     let e = &report.exits;
     let hits: u64 = report.stats.iter().map(|s| s.hits).sum();
-    let exits = e.breakpoints + e.hw_breakpoints + e.steps;
+    let exits = e.breakpoints + e.hw_breakpoints + e.steps + e.returns;
     let plans: Vec<String> = e
         .hits_by_plan
         .iter()
@@ -115,10 +115,11 @@ pub fn summary(report: &ProbeReport) -> Vec<String> {
         .map(|(p, n)| format!("{p}={n}"))
         .collect();
     out.push(format!(
-        "hvprobe: exits: breakpoint={} hw_breakpoint={} step={} reinjected={} (sites hit by plan: {}); exits per probe hit {}",
+        "hvprobe: exits: breakpoint={} hw_breakpoint={} step={} return={} reinjected={} (sites hit by plan: {}); exits per probe hit {}",
         e.breakpoints,
         e.hw_breakpoints,
         e.steps,
+        e.returns,
         e.reinjected,
         if plans.is_empty() { "none".to_string() } else { plans.join(" ") },
         if hits == 0 {
