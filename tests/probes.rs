@@ -86,21 +86,28 @@ fn plan_of(i: &Instruction) -> Option<&'static str> {
         .map(|p: StepPlan| p.name())
 }
 
-/// The summary line hvprobe printed for `location`, as (plan, hits, missed, errors).
-fn summary(out: &Output, location: &str) -> (String, u64, u64, u64) {
-    let stdout = text(&out.stdout);
+/// The summary line hvprobe printed for `location`.
+fn summary_line(out: &Output, location: &str) -> String {
     let prefix = format!("hvprobe: probe {location} at ");
-    let line = stdout
+    text(&out.stdout)
         .lines()
         .find(|l| l.starts_with(&prefix))
-        .unwrap_or_else(|| panic!("no summary for {location}\n{}", explain(out)));
-    let field = |k: &str| -> u64 {
-        line.split(&format!("{k}="))
-            .nth(1)
-            .and_then(|r| r.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {k} in {line}"))
-    };
+        .unwrap_or_else(|| panic!("no summary for {location}\n{}", explain(out)))
+        .to_string()
+}
+
+/// The number after `key=` in a summary line.
+fn field(line: &str, key: &str) -> u64 {
+    line.split(&format!("{key}="))
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+}
+
+/// The summary line hvprobe printed for `location`, as (plan, hits, missed, errors).
+fn summary(out: &Output, location: &str) -> (String, u64, u64, u64) {
+    let line = summary_line(out, location);
     let plan = line
         .split("plan ")
         .nth(1)
@@ -109,9 +116,9 @@ fn summary(out: &Output, location: &str) -> (String, u64, u64, u64) {
         .to_string();
     (
         plan,
-        field("hits"),
-        field("missed"),
-        field("handler_errors"),
+        field(&line, "hits"),
+        field(&line, "missed"),
+        field(&line, "handler_errors"),
     )
 }
 
@@ -347,7 +354,7 @@ fn hardware_breakpoints_probe_without_touching_text() {
         .lines()
         .find(|l| l.starts_with("hvprobe: kernel text hash"))
         .unwrap();
-    let field = |k: &str| {
+    let hash = |k: &str| {
         line.split(&format!("{k}="))
             .nth(1)
             .unwrap()
@@ -355,7 +362,7 @@ fn hardware_breakpoints_probe_without_touching_text() {
             .next()
             .unwrap()
     };
-    assert_eq!(field("before"), field("planted"), "{line}");
+    assert_eq!(hash("before"), hash("planted"), "{line}");
     assert_text_restored(&out);
 }
 
@@ -539,23 +546,10 @@ fn return_probes_report_every_return_with_its_value() {
         reads.iter().all(|l| l.contains(" <- ksys_read) ")),
         "{reads:?}"
     );
-    let stats = stdout
-        .lines()
-        .find(|l| l.starts_with("hvprobe: probe ksys_read at "))
-        .unwrap();
-    let field = |k: &str| -> u64 {
-        stats
-            .split(&format!("{k}="))
-            .nth(1)
-            .unwrap()
-            .split(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    assert_eq!(field("returns"), field("hits"), "{stats}");
-    assert_eq!(field("nmissed"), 0);
+    let stats = summary_line(&out, "ksys_read");
+    let get = |k: &str| field(&stats, k);
+    assert_eq!(get("returns"), get("hits"), "{stats}");
+    assert_eq!(get("nmissed"), 0);
     assert_text_restored(&out);
 
     // Two vCPUs entering the same function at once: every return is seen exactly once.
@@ -566,27 +560,14 @@ fn return_probes_report_every_return_with_its_value() {
         &["--quiet"],
     );
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
-    let stdout = text(&out.stdout);
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("hvprobe: probe __x64_sys_getpid at "))
-        .unwrap();
-    let field = |k: &str| -> u64 {
-        line.split(&format!("{k}="))
-            .nth(1)
-            .unwrap()
-            .split(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let line = summary_line(&out, "__x64_sys_getpid");
+    let get = |k: &str| field(&line, k);
     assert!(
-        (4000..=4000 + OTHER_GETPID_CALLERS).contains(&field("hits")),
+        (4000..=4000 + OTHER_GETPID_CALLERS).contains(&get("hits")),
         "{line}"
     );
-    assert_eq!(field("returns"), field("hits"), "{line}");
-    assert_eq!(field("nmissed"), 0, "{line}");
+    assert_eq!(get("returns"), get("hits"), "{line}");
+    assert_eq!(get("nmissed"), 0, "{line}");
     assert_text_restored(&out);
 }
 
@@ -602,24 +583,12 @@ fn max_active_exhausted_counts_misses_and_the_guest_is_unharmed() {
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
     let stdout = text(&out.stdout);
     assert_has(&stdout, "both-slept", &out);
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("hvprobe: probe hrtimer_nanosleep at "))
-        .unwrap();
-    let field = |k: &str| -> u64 {
-        line.split(&format!("{k}="))
-            .nth(1)
-            .unwrap()
-            .split(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let line = summary_line(&out, "hrtimer_nanosleep");
+    let get = |k: &str| field(&line, k);
     // The two concurrent sleeps (and any other nanosleep in the guest, e.g. at shutdown):
     // every entry is either returned through or counted as missed, and at least one missed.
-    assert!(field("hits") >= 2, "{line}");
-    assert!(field("nmissed") >= 1, "{line}");
-    assert_eq!(field("returns") + field("nmissed"), field("hits"), "{line}");
+    assert!(get("hits") >= 2, "{line}");
+    assert!(get("nmissed") >= 1, "{line}");
+    assert_eq!(get("returns") + get("nmissed"), get("hits"), "{line}");
     assert_text_restored(&out);
 }

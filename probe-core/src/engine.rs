@@ -464,6 +464,26 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         Ok(id)
     }
 
+    /// Takes a fresh XOL slot and writes `bytes` into it.
+    fn fill_slot(&self, location: &str, bytes: &[u8]) -> Result<XolSlot, PlantError> {
+        let slot = self
+            .xol
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .allocate()
+            .map_err(|source| PlantError::Xol {
+                location: location.into(),
+                source,
+            })?;
+        self.mem
+            .write_slice(bytes, GuestAddress(slot.gpa))
+            .map_err(|_| PlantError::Memory {
+                location: location.into(),
+                gpa: slot.gpa,
+            })?;
+        Ok(slot)
+    }
+
     /// Writes an instruction's out-of-line copy into a fresh slot, followed by an absolute
     /// jump back to the original stream (taken only if the guest ever resumes in the slot
     /// without the host, e.g. after an exception in the stepped instruction), then int3s.
@@ -473,15 +493,6 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         ool: &OutOfLine,
         va: u64,
     ) -> Result<XolSlot, PlantError> {
-        let slot = self
-            .xol
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .allocate()
-            .map_err(|source| PlantError::Xol {
-                location: location.into(),
-                source,
-            })?;
         let mut bytes = vec![INT3; SLOT_SIZE as usize];
         let n = ool.slot_bytes.len();
         bytes[..n].copy_from_slice(&ool.slot_bytes);
@@ -490,13 +501,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             bytes[n..n + 6].copy_from_slice(&[0xff, 0x25, 0, 0, 0, 0]);
             bytes[n + 6..n + 14].copy_from_slice(&(va + u64::from(ool.len)).to_le_bytes());
         }
-        self.mem
-            .write_slice(&bytes, GuestAddress(slot.gpa))
-            .map_err(|_| PlantError::Memory {
-                location: location.into(),
-                gpa: slot.gpa,
-            })?;
-        Ok(slot)
+        self.fill_slot(location, &bytes)
     }
 
     /// The return trampoline: an XOL slot of int3s that replaced return addresses point to.
@@ -505,21 +510,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         if let Some(slot) = *t {
             return Ok(slot);
         }
-        let slot = self
-            .xol
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .allocate()
-            .map_err(|source| PlantError::Xol {
-                location: location.into(),
-                source,
-            })?;
-        self.mem
-            .write_slice(&[INT3; SLOT_SIZE as usize], GuestAddress(slot.gpa))
-            .map_err(|_| PlantError::Memory {
-                location: location.into(),
-                gpa: slot.gpa,
-            })?;
+        let slot = self.fill_slot(location, &[INT3; SLOT_SIZE as usize])?;
         *t = Some(slot);
         Ok(slot)
     }
