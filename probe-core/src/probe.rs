@@ -89,6 +89,25 @@ impl Probe {
         }
     }
 
+    /// A probe from a kprobe_events definition (`p:grp/ev do_sys_openat2 ...`,
+    /// `r16 vfs_read ...`), with the definition for the caller's handlers to evaluate its
+    /// fetch arguments ([`crate::fetch::format_args`]). A return definition gives a return
+    /// probe with its MAXACTIVE; add handlers with [`Probe::on_hit`] / [`Probe::on_return`].
+    pub fn parse(
+        definition: &str,
+    ) -> Result<(Probe, crate::definition::ProbeDefinition), crate::definition::DefinitionError>
+    {
+        use crate::definition::{ProbeDefinition, ProbeKind};
+        let def = ProbeDefinition::parse(definition)?;
+        let mut probe = Probe::new(def.location_text());
+        if let ProbeKind::Return { maxactive } = def.kind {
+            probe = probe
+                .on_return(|_| Ok(()))
+                .max_active(maxactive.map_or(DEFAULT_MAX_ACTIVE, |m| m as usize));
+        }
+        Ok((probe, def))
+    }
+
     /// Makes this a return probe with handler `f`.
     pub fn on_return(
         mut self,
@@ -250,5 +269,23 @@ impl<'a> ProbeContext<'a> {
             out.extend_from_slice(&chunk[..n]);
         }
         Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_parse_from_definitions() {
+        let (p, def) = Probe::parse("p:hv/open do_sys_openat2+4 name=+0($arg2):ustring").unwrap();
+        assert_eq!(p.location, "do_sys_openat2+0x4");
+        assert!(p.on_return.is_none());
+        assert_eq!(def.args[0].name, "name");
+        let (r, _) = Probe::parse("r8 vfs_read").unwrap();
+        assert!(r.on_return.is_some());
+        assert_eq!(r.max_active, 8);
+        let err = Probe::parse("q vfs_read").unwrap_err();
+        assert_eq!(err.column, 0);
     }
 }
