@@ -592,3 +592,44 @@ fn max_active_exhausted_counts_misses_and_the_guest_is_unharmed() {
     assert_eq!(get("returns") + get("nmissed"), get("hits"), "{line}");
     assert_text_restored(&out);
 }
+
+#[test]
+fn json_output_gives_one_object_per_hit() {
+    let out = run_probed(
+        "1",
+        "open-read-loop 1 /etc/passwd",
+        &[
+            "p:hv/open do_sys_openat2 dfd=%di:s32 name=+0($arg2):ustring",
+            "r:hv/rd ksys_read n=$retval:s64",
+        ],
+        &["--json"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    let stdout = text(&out.stdout);
+    let objects: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let open = objects
+        .iter()
+        .find(|o| o["event"] == "hv/open" && o["args"]["name"] == "/etc/passwd")
+        .unwrap_or_else(|| panic!("no open of /etc/passwd\n{}", explain(&out)));
+    assert_eq!(open["comm"], "open-read-loop");
+    assert_eq!(open["args"]["dfd"], -100);
+    assert_eq!(open["return"], false);
+    assert!(open["pid"].as_u64().unwrap() > 1 && open["pid"] == open["tgid"]);
+    // It read the 30-byte file: a return object from the same process says so.
+    let read = objects
+        .iter()
+        .find(|o| o["event"] == "hv/rd" && o["pid"] == open["pid"] && o["args"]["n"] == 30)
+        .unwrap_or_else(|| panic!("no read of 30 bytes\n{}", explain(&out)));
+    assert_eq!(read["return"], true);
+    assert!(
+        read["location"]
+            .as_str()
+            .unwrap()
+            .ends_with(" <- ksys_read")
+    );
+    assert_text_restored(&out);
+}

@@ -105,6 +105,10 @@ pub struct RunArgs {
     /// Print only the per-probe summary, not a line per hit.
     #[arg(long)]
     pub quiet: bool,
+    /// Print each hit of a probe definition as one JSON object (time, cpu, comm, pid, tgid,
+    /// event, location, return, args).
+    #[arg(long)]
+    pub json: bool,
     /// Which trap the probes use [auto: int3 if this KVM delivers int3 exits, else hardware].
     #[arg(long, value_enum, default_value_t = TrapChoice::Auto)]
     pub trap: TrapChoice,
@@ -491,12 +495,13 @@ fn probe_setup(args: &RunArgs, kvm: &kvm_ioctls::Kvm) -> Result<Option<ProbeSetu
                 let map = map.clone();
                 let task = task.clone();
                 let slide = slide.clone();
+                let json = args.json;
                 probe = match resolved.definition {
                     Some(def) => {
                         let kind = def.kind.clone();
                         let print = move |ctx: &ProbeContext<'_>| {
                             let slide = slide.load(Ordering::Relaxed);
-                            report::print_event(ctx, &def, &map, task.as_deref(), slide);
+                            report::print_event(ctx, &def, &map, task.as_deref(), slide, json);
                             Ok(())
                         };
                         match kind {

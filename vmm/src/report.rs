@@ -3,8 +3,9 @@
 use std::io::Write;
 
 use probe_core::arch::x86_64::Gpr;
+use probe_core::definition::FetchType;
 use probe_core::definition::ProbeDefinition;
-use probe_core::fetch::{FetchEnv, format_args};
+use probe_core::fetch::{FetchEnv, FetchValue, evaluate, format_args};
 use probe_core::probe::{ProbeContext, TrapKind};
 use probe_core::symbols::SymbolMap;
 use probe_core::task::TaskLayout;
@@ -39,18 +40,16 @@ pub fn print_hit(ctx: &ProbeContext<'_>) {
 /// Prints the line for a hit on a kprobe_events definition, in the trace format kprobe users
 /// know: `comm-pid [cpu] seconds: group/event: (location) name=value ...`; for a return probe
 /// `(caller <- function)`, with `$retval` from the return and the other arguments from the
-/// entry.
+/// entry. With `json`, one JSON object per hit instead.
 pub fn print_event(
     ctx: &ProbeContext<'_>,
     def: &ProbeDefinition,
     map: &SymbolMap,
     task: Option<&TaskLayout>,
     slide: u64,
+    json: bool,
 ) {
-    let who = task.and_then(|t| t.current(ctx).ok()).map_or_else(
-        || "<unknown>-0".to_string(),
-        |t| format!("{}-{}", t.comm, t.pid),
-    );
+    let who = task.and_then(|t| t.current(ctx).ok());
     let entry = ctx.entry_context();
     let (retval, place) = match &entry {
         Some(_) => (
@@ -70,14 +69,51 @@ pub fn print_event(
         slide,
         retval,
     };
-    let line = format!(
-        "{who} [{:03}] {:.6}: {}/{}: ({place}) {}\n",
-        ctx.vcpu,
-        ctx.time.as_secs_f64(),
-        def.group,
-        def.event,
-        format_args(args_ctx, &def.args, env)
-    );
+    let mut line = if json {
+        let args: serde_json::Map<String, serde_json::Value> = def
+            .args
+            .iter()
+            .map(|a| {
+                let v = match evaluate(args_ctx, a, env) {
+                    Ok(FetchValue::Text(t)) => serde_json::Value::from(t),
+                    Ok(FetchValue::Number(n, FetchType::Unsigned(_))) => n.into(),
+                    Ok(v @ FetchValue::Number(_, FetchType::Signed(_))) => v
+                        .to_string()
+                        .parse::<i64>()
+                        .map_or(serde_json::Value::Null, Into::into),
+                    Ok(v) => v.to_string().into(),
+                    Err(_) => serde_json::Value::Null,
+                };
+                (a.name.clone(), v)
+            })
+            .collect();
+        serde_json::json!({
+            "time": ctx.time.as_secs_f64(),
+            "cpu": ctx.vcpu,
+            "comm": who.as_ref().map(|t| t.comm.clone()),
+            "pid": who.as_ref().map(|t| t.pid),
+            "tgid": who.as_ref().map(|t| t.tgid),
+            "event": format!("{}/{}", def.group, def.event),
+            "location": place,
+            "return": entry.is_some(),
+            "args": args,
+        })
+        .to_string()
+    } else {
+        let who = who.map_or_else(
+            || "<unknown>-0".to_string(),
+            |t| format!("{}-{}", t.comm, t.pid),
+        );
+        format!(
+            "{who} [{:03}] {:.6}: {}/{}: ({place}) {}",
+            ctx.vcpu,
+            ctx.time.as_secs_f64(),
+            def.group,
+            def.event,
+            format_args(args_ctx, &def.args, env)
+        )
+    };
+    line.push('\n');
     let _ = std::io::stdout().lock().write_all(line.as_bytes());
 }
 

@@ -239,6 +239,9 @@ pub fn inner_args(args: &RunArgs) -> Vec<String> {
     if args.quiet {
         v.push("--quiet".into());
     }
+    if args.json {
+        v.push("--json".into());
+    }
     v.extend([
         "--trap".into(),
         clap::ValueEnum::to_possible_value(&args.trap)
