@@ -633,3 +633,25 @@ fn json_output_gives_one_object_per_hit() {
     );
     assert_text_restored(&out);
 }
+
+#[test]
+fn a_task_filter_reports_only_the_matching_task() {
+    let out = run_probed(
+        "1",
+        "cat /etc/passwd > /dev/null; open-read-loop 2 /etc/passwd",
+        &["p:hv/o do_sys_openat2 n=+0($arg2):ustring if comm == \"open-read-loop\""],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    let stdout = text(&out.stdout);
+    let events: Vec<&str> = stdout.lines().filter(|l| l.contains(" hv/o: (")).collect();
+    assert_eq!(events.len(), 2, "{}", explain(&out));
+    assert!(
+        events.iter().all(|l| l.starts_with("open-read-loop-")),
+        "{events:?}"
+    );
+    // cat, the shell and init opened files too: counted, not reported.
+    let (_, hits, _, _) = summary(&out, "do_sys_openat2");
+    assert!(hits > 2, "hits {hits}");
+    assert_text_restored(&out);
+}

@@ -114,6 +114,95 @@ pub struct ProbeDefinition {
     pub location: Location,
     /// The fetch arguments.
     pub args: Vec<FetchArg>,
+    /// `if FIELD ==|!= VALUE` at the end: report only hits of matching tasks.
+    pub filter: Option<TaskFilter>,
+}
+
+/// A filter on the task a hit happened in (an hvprobe extension after the fetch args:
+/// `if comm == "cat"`, `if pid != 1`, `if tgid == 42`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskFilter {
+    /// What is compared.
+    pub field: TaskField,
+    /// `==` (true) or `!=` (false).
+    pub equal: bool,
+    /// The value: a name for `comm`, a number for `pid` and `tgid`.
+    pub value: String,
+}
+
+/// The task fields a filter can test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskField {
+    /// The task's name.
+    Comm,
+    /// Its thread id.
+    Pid,
+    /// Its process id.
+    Tgid,
+}
+
+impl TaskFilter {
+    /// Whether a task with this name, pid and tgid passes.
+    pub fn matches(&self, comm: &str, pid: u32, tgid: u32) -> bool {
+        let hit = match self.field {
+            TaskField::Comm => comm == self.value,
+            TaskField::Pid => pid.to_string() == self.value,
+            TaskField::Tgid => tgid.to_string() == self.value,
+        };
+        hit == self.equal
+    }
+}
+
+fn parse_filter(c: &mut Cursor<'_>) -> Parsed<TaskFilter> {
+    c.skip_spaces();
+    let at = c.pos;
+    let field = match c.take_while(|ch| ch.is_ascii_alphabetic()) {
+        "comm" => TaskField::Comm,
+        "pid" => TaskField::Pid,
+        "tgid" => TaskField::Tgid,
+        other => {
+            return c.error(
+                at,
+                format!("a filter tests comm, pid or tgid, not {other:?}"),
+            );
+        }
+    };
+    c.skip_spaces();
+    let op = c.pos;
+    let equal = if c.rest().starts_with("==") {
+        true
+    } else if c.rest().starts_with("!=") {
+        false
+    } else {
+        return c.error(op, "expected == or !=");
+    };
+    c.pos += 2;
+    c.skip_spaces();
+    let v = c.pos;
+    let value = if c.eat('"') {
+        let s = c.take_while(|ch| ch != '"').to_string();
+        if !c.eat('"') {
+            return c.error(c.pos, "unterminated string");
+        }
+        s
+    } else {
+        c.take_while(|ch| !ch.is_whitespace()).to_string()
+    };
+    if field != TaskField::Comm && value.parse::<u32>().is_err() {
+        return c.error(v, "pid and tgid compare with a number");
+    }
+    if value.is_empty() {
+        return c.error(v, "expected a value");
+    }
+    c.skip_spaces();
+    if c.peek().is_some() {
+        return c.error(c.pos, "nothing may follow the filter");
+    }
+    Ok(TaskFilter {
+        field,
+        equal,
+        value,
+    })
 }
 
 /// A definition that does not parse: where and why.
@@ -404,10 +493,16 @@ fn parse(input: &str) -> Parsed<ProbeDefinition> {
         );
     }
     let mut args: Vec<FetchArg> = Vec::new();
+    let mut filter = None;
     loop {
         let before = c.pos;
         c.skip_spaces();
         if c.peek().is_none() {
+            break;
+        }
+        if c.pos > before && (c.rest() == "if" || c.rest().starts_with("if ")) {
+            c.pos += 2;
+            filter = Some(parse_filter(&mut c)?);
             break;
         }
         if c.pos == before {
@@ -464,6 +559,7 @@ fn parse(input: &str) -> Parsed<ProbeDefinition> {
         event,
         location,
         args,
+        filter,
     })
 }
 
@@ -567,6 +663,30 @@ mod tests {
             let shown = e.to_string();
             let caret_line = shown.lines().last().unwrap();
             assert_eq!(caret_line.find('^'), Some(column + 2), "{shown}");
+        }
+    }
+
+    #[test]
+    fn task_filters_follow_the_fetch_args() {
+        let d =
+            ProbeDefinition::parse("p:hv/o do_sys_openat2 n=+0($arg2):ustring if comm == \"cat\"")
+                .unwrap();
+        let f = d.filter.unwrap();
+        assert!(f.matches("cat", 5, 5) && !f.matches("sh", 5, 5));
+        let d = ProbeDefinition::parse("r vfs_read if pid != 1").unwrap();
+        let f = d.filter.unwrap();
+        assert!(!f.matches("init", 1, 1) && f.matches("sh", 7, 7));
+        assert_eq!(d.args.len(), 0);
+        for (bad, col, needle) in [
+            ("p f if uid == 0", 7, "comm, pid or tgid"),
+            ("p f if pid = 1", 11, "expected == or !="),
+            ("p f if pid == cat", 14, "compare with a number"),
+            ("p f if comm == \"cat", 19, "unterminated"),
+            ("p f if comm == cat x", 19, "nothing may follow"),
+        ] {
+            let e = ProbeDefinition::parse(bad).unwrap_err();
+            assert!(e.message.contains(needle), "{bad}: {}", e.message);
+            assert_eq!(e.column, col, "{bad}: {}", e.message);
         }
     }
 

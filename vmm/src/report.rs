@@ -50,6 +50,14 @@ pub fn print_event(
     json: bool,
 ) {
     let who = task.and_then(|t| t.current(ctx).ok());
+    // A task filter selects which hits are reported (the counters count them all).
+    if let Some(filter) = &def.filter
+        && !who
+            .as_ref()
+            .is_some_and(|t| filter.matches(&t.comm, t.pid, t.tgid))
+    {
+        return;
+    }
     let entry = ctx.entry_context();
     let (retval, place) = match &entry {
         Some(_) => (
