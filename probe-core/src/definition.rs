@@ -573,6 +573,17 @@ impl ProbeDefinition {
         })
     }
 
+    /// For a return probe, its MAXACTIVE (the default when not given); `None` for an entry
+    /// probe.
+    pub fn max_active(&self) -> Option<usize> {
+        match self.kind {
+            ProbeKind::Return { maxactive } => {
+                Some(maxactive.map_or(crate::probe::DEFAULT_MAX_ACTIVE, |m| m as usize))
+            }
+            ProbeKind::Entry => None,
+        }
+    }
+
     /// The location as `SYMBOL+0xOFF` or `0xADDR`, for the symbol resolver.
     pub fn location_text(&self) -> String {
         match &self.location {

@@ -6,6 +6,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::arch::x86_64::{Gpr, Registers};
 use crate::engine::ProbeEngine;
+use crate::probe::ProbeContext;
 use crate::vm::{VcpuAccess, VmError};
 use crate::xol::XolArea;
 
@@ -92,4 +93,17 @@ pub fn machine() -> (ProbeEngine<GuestMemoryMmap>, FakeVcpu) {
             single_step: false,
         },
     )
+}
+
+/// A handler context over `mem` and `regs`, as the engine builds one at a hit on vCPU 0.
+pub fn context<'a>(mem: &'a GuestMemoryMmap, regs: &'a Registers) -> ProbeContext<'a> {
+    ProbeContext {
+        vcpu: 0,
+        location: "f",
+        address: 0,
+        time: std::time::Duration::ZERO,
+        regs,
+        entry_regs: None,
+        mem,
+    }
 }

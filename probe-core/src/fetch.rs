@@ -162,13 +162,11 @@ pub fn format_args(ctx: &ProbeContext<'_>, args: &[FetchArg], env: FetchEnv<'_>)
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
     use crate::definition::ProbeDefinition;
-    use crate::fake::{STACK_GPA, STACK_VA, machine};
+    use crate::fake::{STACK_GPA, STACK_VA, context, machine};
 
     #[test]
     fn fetch_args_read_registers_stack_memory_and_strings() {
@@ -185,15 +183,7 @@ mod tests {
             .unwrap();
         mem.write_slice(b"hello\0", GuestAddress(STACK_GPA + 0x200))
             .unwrap();
-        let ctx = ProbeContext {
-            vcpu: 0,
-            location: "f",
-            address: 0,
-            time: Duration::ZERO,
-            regs: &vcpu.regs,
-            entry_regs: None,
-            mem,
-        };
+        let ctx = context(mem, &vcpu.regs);
         let def = ProbeDefinition::parse(
             "r f di=%di:u8 rdi=%rdi:u64 a1=$arg1:s8 s1=$stack1 st=$stack p=+0(%sp):x64 \
              str=$arg2:string str2=+1($arg2):string d=+8($stack):u32 ret=$retval:s64 bad=+0(%ip)",

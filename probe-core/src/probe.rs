@@ -97,13 +97,10 @@ impl Probe {
         definition: &str,
     ) -> Result<(Probe, crate::definition::ProbeDefinition), crate::definition::DefinitionError>
     {
-        use crate::definition::{ProbeDefinition, ProbeKind};
-        let def = ProbeDefinition::parse(definition)?;
+        let def = crate::definition::ProbeDefinition::parse(definition)?;
         let mut probe = Probe::new(def.location_text());
-        if let ProbeKind::Return { maxactive } = def.kind {
-            probe = probe
-                .on_return(|_| Ok(()))
-                .max_active(maxactive.map_or(DEFAULT_MAX_ACTIVE, |m| m as usize));
+        if let Some(n) = def.max_active() {
+            probe = probe.on_return(|_| Ok(())).max_active(n);
         }
         Ok((probe, def))
     }

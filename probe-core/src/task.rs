@@ -84,13 +84,11 @@ impl TaskLayout {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
     use crate::btf::build_test_btf;
-    use crate::fake::{STACK_GPA, STACK_VA, machine};
+    use crate::fake::{STACK_GPA, STACK_VA, context, machine};
 
     #[test]
     fn the_current_task_is_read_through_the_per_cpu_pointer() {
@@ -116,15 +114,7 @@ mod tests {
             .unwrap();
         mem.write_slice(b"getpid-loop\0", GuestAddress(STACK_GPA + 0x180))
             .unwrap();
-        let ctx = ProbeContext {
-            vcpu: 0,
-            location: "f",
-            address: 0,
-            time: Duration::ZERO,
-            regs: &vcpu.regs,
-            entry_regs: None,
-            mem,
-        };
+        let ctx = context(mem, &vcpu.regs);
         let t = layout.current(&ctx).unwrap();
         assert_eq!(
             t,

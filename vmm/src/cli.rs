@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use probe_core::definition::{ProbeDefinition, ProbeKind};
 use probe_core::engine::{MAX_HW_BREAKPOINTS, PlantTarget};
-use probe_core::probe::{DEFAULT_MAX_ACTIVE, Probe, ProbeContext, TrapKind};
+use probe_core::probe::{Probe, ProbeContext, TrapKind};
 use probe_core::symbols::SymbolMap;
 use probe_core::task::TaskLayout;
 use probe_core::xol::XolArea;
@@ -483,13 +483,10 @@ fn probe_setup(args: &RunArgs, kvm: &kvm_ioctls::Kvm) -> Result<Option<ProbeSetu
         .map(|resolved| {
             let mut probe = Probe::new(resolved.location);
             probe.trap = trap;
-            if let Some(ProbeKind::Return { maxactive }) =
-                resolved.definition.as_ref().map(|d| d.kind.clone())
-                && args.quiet
-            {
-                probe = probe
-                    .on_return(|_| Ok(()))
-                    .max_active(maxactive.map_or(DEFAULT_MAX_ACTIVE, |m| m as usize));
+            // A return definition makes a return probe, printed or not.
+            let max_active = resolved.definition.as_ref().and_then(|d| d.max_active());
+            if let Some(n) = max_active {
+                probe = probe.on_return(|_| Ok(())).max_active(n);
             }
             if !args.quiet {
                 let map = map.clone();
@@ -498,17 +495,14 @@ fn probe_setup(args: &RunArgs, kvm: &kvm_ioctls::Kvm) -> Result<Option<ProbeSetu
                 let json = args.json;
                 probe = match resolved.definition {
                     Some(def) => {
-                        let kind = def.kind.clone();
                         let print = move |ctx: &ProbeContext<'_>| {
                             let slide = slide.load(Ordering::Relaxed);
                             report::print_event(ctx, &def, &map, task.as_deref(), slide, json);
                             Ok(())
                         };
-                        match kind {
-                            ProbeKind::Return { maxactive } => probe
-                                .on_return(print)
-                                .max_active(maxactive.map_or(DEFAULT_MAX_ACTIVE, |m| m as usize)),
-                            ProbeKind::Entry => probe.on_hit(print),
+                        match max_active {
+                            Some(_) => probe.on_return(print),
+                            None => probe.on_hit(print),
                         }
                     }
                     None => probe.on_hit(|ctx| {
