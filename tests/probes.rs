@@ -167,16 +167,16 @@ fn a_getpid_probe_counts_the_workload_calls_and_prints_each_hit() {
 }
 
 #[test]
-#[ignore = "flaky under the emulated runner: with 2 vCPUs and probes the L2 guest resets now and then (docs/probing.md, Known limits); run with --ignored"]
 fn two_vcpus_hitting_one_probe_are_all_counted() {
-    // An emulated probe hit from both vCPUs while both run a workload. (Stepped plans are
-    // tested on one vCPU: with two, the emulated runner has reset the guest mid-step in about
-    // one run in five; see docs/probing.md, "Known limits".)
+    // An emulated probe (the entry) and a stepped one (a later instruction) hit from both
+    // vCPUs while both run a workload; every hit counted, both vCPUs seen, outputs right.
+    let k = KernelText::load();
+    let stepped = k.find("__x64_sys_getpid", |i| plan_of(i) == Some("xol"));
     let out = run_probed(
         "2",
         "getpid-loop 3000 & getpid-loop 3000 & open-read-loop 30 /etc/passwd & wait",
-        &["__x64_sys_getpid"],
-        &["--quiet"],
+        &["__x64_sys_getpid", &stepped],
+        &[],
     );
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
     let stdout = text(&out.stdout);
@@ -193,14 +193,33 @@ fn two_vcpus_hitting_one_probe_are_all_counted() {
         fnv1a(passwd)
     );
     assert_has(&stdout, &want, &out);
-    let (_, hits, missed, _) = summary(&out, "__x64_sys_getpid");
-    assert!(
-        (6000..=6000 + OTHER_GETPID_CALLERS).contains(&hits),
-        "hits {hits}\n{}",
-        explain(&out)
-    );
-    assert_eq!(missed, 0);
-    assert!(!stdout.contains("\nhit "), "--quiet prints no hit lines");
+    for (loc, plan_name) in [("__x64_sys_getpid", "emulate"), (stepped.as_str(), "xol")] {
+        let (plan, hits, missed, errors) = summary(&out, loc);
+        assert_eq!(plan, plan_name, "{loc}");
+        assert!(
+            (6000..=6000 + OTHER_GETPID_CALLERS).contains(&hits),
+            "{loc}: hits {hits}\n{}",
+            explain(&out)
+        );
+        assert_eq!((missed, errors), (0, 0), "{loc}");
+        // One line per hit, and both vCPUs took a share of them.
+        let per_cpu = |cpu: &str| {
+            stdout
+                .lines()
+                .filter(|l| {
+                    l.starts_with("hit ")
+                        && l.split_whitespace().nth(2) == Some(cpu)
+                        && l.split_whitespace().nth(3) == Some(loc)
+                })
+                .count() as u64
+        };
+        let (cpu0, cpu1) = (per_cpu("cpu0"), per_cpu("cpu1"));
+        assert_eq!(cpu0 + cpu1, hits, "{loc}: one hit line per hit");
+        assert!(
+            cpu0 >= 500 && cpu1 >= 500,
+            "{loc}: both vCPUs hit it (cpu0 {cpu0}, cpu1 {cpu1})"
+        );
+    }
     assert_text_restored(&out);
 }
 
@@ -555,7 +574,6 @@ fn return_probes_report_every_return_with_its_value() {
 }
 
 #[test]
-#[ignore = "flaky under the emulated runner: with 2 vCPUs and probes the L2 guest resets now and then (docs/probing.md, Known limits); run with --ignored"]
 fn return_probes_on_two_vcpus_see_every_return_once() {
     // Two vCPUs entering the same function at once: every return is seen exactly once.
     let out = run_probed(

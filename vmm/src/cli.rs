@@ -8,8 +8,6 @@ use anyhow::{Context, Result, bail};
 use base64::Engine as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use std::io::Write as _;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -22,6 +20,7 @@ use probe_core::xol::XolArea;
 
 use crate::hostcheck;
 use crate::machine::{self, Outcome, ProbeRequest, ProbeSetup, RunOptions};
+use crate::output::TraceOutput;
 use crate::report;
 use crate::runner;
 use crate::selftest::{self, TrapSupport};
@@ -109,6 +108,10 @@ pub struct RunArgs {
     /// event, location, return, args).
     #[arg(long)]
     pub json: bool,
+    /// Write hit lines and the end-of-run summary to FILE instead of stdout; the guest
+    /// console stays on stdout.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: Option<PathBuf>,
     /// Which trap the probes use [auto: int3 if this KVM delivers int3 exits, else hardware].
     #[arg(long, value_enum, default_value_t = TrapChoice::Auto)]
     pub trap: TrapChoice,
@@ -449,7 +452,11 @@ fn task_layout(args: &RunArgs, map: &SymbolMap) -> Result<TaskLayout> {
 }
 
 /// Builds the probes of a run: resolution, trap choice, handlers.
-fn probe_setup(args: &RunArgs, kvm: &kvm_ioctls::Kvm) -> Result<Option<ProbeSetup>> {
+fn probe_setup(
+    args: &RunArgs,
+    kvm: &kvm_ioctls::Kvm,
+    output: &Arc<TraceOutput>,
+) -> Result<Option<ProbeSetup>> {
     let Some(ResolvedProbes { map, targets }) = args.resolve_probes()? else {
         return Ok(None);
     };
@@ -493,11 +500,13 @@ fn probe_setup(args: &RunArgs, kvm: &kvm_ioctls::Kvm) -> Result<Option<ProbeSetu
                 let task = task.clone();
                 let slide = slide.clone();
                 let json = args.json;
+                let out = output.clone();
                 probe = match resolved.definition {
                     Some(def) => {
                         let print = move |ctx: &ProbeContext<'_>| {
                             let slide = slide.load(Ordering::Relaxed);
-                            report::print_event(ctx, &def, &map, task.as_deref(), slide, json);
+                            let task = task.as_deref();
+                            report::print_event(ctx, &def, &map, task, slide, json, &out);
                             Ok(())
                         };
                         match max_active {
@@ -505,8 +514,8 @@ fn probe_setup(args: &RunArgs, kvm: &kvm_ioctls::Kvm) -> Result<Option<ProbeSetu
                             None => probe.on_hit(print),
                         }
                     }
-                    None => probe.on_hit(|ctx| {
-                        report::print_hit(ctx);
+                    None => probe.on_hit(move |ctx| {
+                        report::print_hit(ctx, &out);
                         Ok(())
                     }),
                 };
@@ -534,7 +543,12 @@ fn probe_setup(args: &RunArgs, kvm: &kvm_ioctls::Kvm) -> Result<Option<ProbeSetu
 
 fn run_on_host(args: &RunArgs) -> Result<i32> {
     let kvm = kvm_ioctls::Kvm::new().context("opening /dev/kvm")?;
-    let probes = probe_setup(args, &kvm)?;
+    let output = match &args.output {
+        Some(path) => TraceOutput::file(path)
+            .with_context(|| format!("creating the output file {}", path.display()))?,
+        None => TraceOutput::stdout(),
+    };
+    let probes = probe_setup(args, &kvm, &output)?;
     let mut cmdline = args.effective_cmdline();
     if probes.is_some() {
         cmdline.push(' ');
@@ -556,13 +570,13 @@ fn run_on_host(args: &RunArgs) -> Result<i32> {
         timeout: args.effective_timeout(),
         forward_stdin: true,
     };
-    let report = machine::run(kvm, &opts, probes, Box::new(std::io::stdout()))?;
+    let report = machine::run(kvm, &opts, probes, output.clone())?;
     if let Some(p) = &report.probes {
-        let mut out = std::io::stdout().lock();
         for line in report::summary(p) {
-            let _ = writeln!(out, "{line}");
+            output.line(&format!("{line}\n"));
         }
     }
+    output.flush();
     if args.timings {
         match report.boot_to_init {
             Some(t) => eprintln!(

@@ -9,6 +9,7 @@ pub mod hostcheck;
 #[cfg(target_arch = "x86_64")]
 pub mod l1init;
 pub mod machine;
+pub mod output;
 pub mod probing;
 pub mod report;
 pub mod runner;

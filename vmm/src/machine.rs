@@ -11,6 +11,7 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use kvm_ioctls::Kvm;
 
 use crate::devices::serial::SerialPort;
+use crate::output::{ConsoleSink, TraceOutput};
 use probe_core::arch::x86_64::Registers;
 use probe_core::engine::{ExitStats, PlantTarget, ProbeStats, RewrittenSite, hash_guest_virtual};
 use probe_core::pagewalk::{PagingMode, PhysRead, translate};
@@ -411,14 +412,20 @@ extern "C" fn interrupt_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut
     }
 }
 
-/// Boots the VM described by `opts` on `kvm`, relays its console to `console_out`, and returns
-/// once the guest has ended.
+/// Boots the VM described by `opts` on `kvm`, relays its console to stdout (sharing it with
+/// `output` when trace lines go there too), and returns once the guest has ended.
 pub fn run(
     kvm: Kvm,
     opts: &RunOptions,
     probes: Option<ProbeSetup>,
-    console_out: Box<dyn Write + Send>,
+    output: Arc<TraceOutput>,
 ) -> Result<RunReport, MachineError> {
+    // The console shares stdout with trace lines unless those go to a file of their own.
+    let console_out: Box<dyn Write + Send> = if output.is_stdout() {
+        Box::new(ConsoleSink(output.clone()))
+    } else {
+        Box::new(io::stdout())
+    };
     let mut vm = Vm::new(kvm, &opts.vm, console_out)?;
     let mut session = match probes {
         Some(setup) => {
@@ -507,6 +514,7 @@ pub fn run(
                 .unwrap_or_else(|e| e.into_inner())
                 .flush_pending();
         }
+        output.tick();
         if deadline.is_some_and(|d| Instant::now() >= d) {
             stop.stop(StopReason::Timeout);
         }
@@ -543,6 +551,7 @@ pub fn run(
     for h in handles {
         h.stop_and_join();
     }
+    output.flush();
     let _ = io::stdout().flush();
 
     let console = vm.console.lock().unwrap_or_else(|e| e.into_inner());

@@ -1,6 +1,6 @@
 //! What `hvprobe run` prints about probes: one line per hit, and a summary per probe at the end.
 
-use std::io::Write;
+use crate::output::TraceOutput;
 
 use probe_core::arch::x86_64::Gpr;
 use probe_core::definition::FetchType;
@@ -29,12 +29,12 @@ pub fn hit_line(ctx: &ProbeContext<'_>) -> String {
     )
 }
 
-/// Prints a hit line to stdout in one write, so lines from several vCPUs do not interleave.
-pub fn print_hit(ctx: &ProbeContext<'_>) {
+/// Prints a hit line to the run's trace output in one piece, so lines from several vCPUs do
+/// not interleave.
+pub fn print_hit(ctx: &ProbeContext<'_>, out: &TraceOutput) {
     let mut line = hit_line(ctx);
     line.push('\n');
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(line.as_bytes());
+    out.line(&line);
 }
 
 /// Prints the line for a hit on a kprobe_events definition, in the trace format kprobe users
@@ -48,6 +48,7 @@ pub fn print_event(
     task: Option<&TaskLayout>,
     slide: u64,
     json: bool,
+    out: &TraceOutput,
 ) {
     let who = task.and_then(|t| t.current(ctx).ok());
     // A task filter selects which hits are reported (the counters count them all).
@@ -122,7 +123,7 @@ pub fn print_event(
         )
     };
     line.push('\n');
-    let _ = std::io::stdout().lock().write_all(line.as_bytes());
+    out.line(&line);
 }
 
 /// The end-of-run summary lines.

@@ -242,6 +242,9 @@ pub fn inner_args(args: &RunArgs) -> Vec<String> {
     if args.json {
         v.push("--json".into());
     }
+    if args.output.is_some() {
+        v.extend(["--output".into(), L1_OUTPUT_TTY.into()]);
+    }
     v.extend([
         "--trap".into(),
         clap::ValueEnum::to_possible_value(&args.trap)
@@ -250,6 +253,10 @@ pub fn inner_args(args: &RunArgs) -> Vec<String> {
     ]);
     v
 }
+
+/// The L1 serial port that carries the inner run's `--output` to the file named on the host
+/// (the fourth `-serial`; the first three are L1's console and the inner stdout and stderr).
+pub const L1_OUTPUT_TTY: &str = "/dev/ttyS3";
 
 /// Where the guest kernel's BTF (the raw section, not the whole vmlinux) goes inside L1.
 pub const L1_BTF: &str = "/l2/btf";
@@ -302,6 +309,21 @@ pub fn run_emulated(args: &RunArgs) -> Result<i32, RunnerError> {
         }
         _ => None,
     };
+    // `-o FILE`: the inner run writes to L1's fourth serial port, which QEMU writes to FILE.
+    // Created here first, so that a path that cannot be written fails before anything boots.
+    let trace_file = match &args.output {
+        Some(path) => {
+            fs::File::create(path).map_err(|e| {
+                RunnerError::Prepare(format!("creating the output file {}: {e}", path.display()))
+            })?;
+            // QEMU's option syntax doubles a comma that is part of a value.
+            Some(format!(
+                "file:{}",
+                path.display().to_string().replace(',', ",,")
+            ))
+        }
+        None => None,
+    };
     let work = std::env::temp_dir().join(format!("hvprobe-runner-{}", std::process::id()));
     fs::create_dir_all(&work).map_err(prep_err("creating a work directory"))?;
     let initrd = work.join("l1.cpio");
@@ -319,7 +341,12 @@ pub fn run_emulated(args: &RunArgs) -> Result<i32, RunnerError> {
     )?;
 
     let l1_mem = (args.memory + 512).max(1024);
-    let l1_cpus = args.vcpus.max(1);
+    // One L1 CPU whatever the guest's vCPU count: the L2 vCPU threads share it. With two
+    // emulated L1 CPUs, QEMU's TCG nested SVM corrupts state now and then under a stream of
+    // exits (L2 triple faults, L1 panics with a zeroed register file in `error_entry`, or L1
+    // resets silently; 10 of 23 two-vCPU probe runs), none of it in 10 runs with one L1 CPU.
+    // docs/probing.md, "The runner's QEMU", has the figures.
+    let l1_cpus = L1_CPUS;
     let mut cmd = Command::new(&qemu);
     cmd.args(["-accel", "tcg", "-cpu", "EPYC", "-nodefaults", "-no-reboot"])
         // Debian's firmware, for a QEMU built from source (guest/qemu/build.sh).
@@ -339,6 +366,11 @@ pub fn run_emulated(args: &RunArgs) -> Result<i32, RunnerError> {
         .args(["-serial", "stdio"])
         // The inner run's stderr: QEMU's own stderr, which is a pipe read below.
         .args(["-serial", "file:/proc/self/fd/2"])
+        .args(
+            trace_file
+                .iter()
+                .flat_map(|f| ["-serial".to_string(), f.clone()]),
+        )
         .args([
             "-device",
             &format!("isa-debug-exit,iobase={DEBUG_EXIT_PORT:#x},iosize=0x04"),
@@ -388,6 +420,9 @@ pub fn run_emulated(args: &RunArgs) -> Result<i32, RunnerError> {
     let _ = fs::remove_dir_all(&work);
     result
 }
+
+/// CPUs of the emulated L1 machine (see the comment on `-smp` in [`run_emulated`]).
+const L1_CPUS: u32 = 1;
 
 /// Copies the emulator's stderr (its own messages and the inner run's stderr) to ours, and
 /// returns the last part of it for error reports.

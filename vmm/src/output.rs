@@ -1,0 +1,223 @@
+//! Where a run's trace output goes: hit lines and the end-of-run summary, on stdout next to
+//! the guest console or in a file (`-o FILE`).
+//!
+//! On stdout the two streams must not cut into each other. The guest writes its console a
+//! byte at a time, and a hit line printed between two bytes of a guest line splits it. So
+//! while the console has a line open, hit lines are held back and go out right after the
+//! guest ends its line; a line left open longer than [`HOLD_LIMIT`] (a shell prompt, progress
+//! dots) stops holding them: they then start on a fresh line.
+
+use std::fs::File;
+use std::io::{self, BufWriter, Write};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long hit lines wait for the guest to finish a console line.
+pub const HOLD_LIMIT: Duration = Duration::from_secs(2);
+
+/// The trace output of a run, shared by the vCPU threads (hit lines), the serial port (the
+/// console, when it goes to the same terminal) and the end-of-run report.
+pub struct TraceOutput {
+    state: Mutex<OutputState>,
+}
+
+struct OutputState {
+    /// Where trace lines go.
+    target: Target,
+    /// When the console's current line was opened, if it is open.
+    console_line_opened: Option<Instant>,
+    /// Trace lines waiting for the console line to end.
+    held: Vec<u8>,
+}
+
+enum Target {
+    /// Stdout, shared with the console.
+    Stdout,
+    /// A file (or a device such as a serial port) of its own.
+    File(BufWriter<File>),
+}
+
+impl TraceOutput {
+    /// Trace output on stdout, next to the console.
+    pub fn stdout() -> Arc<TraceOutput> {
+        Self::with_target(Target::Stdout)
+    }
+
+    /// Trace output in `path`, created or truncated. A terminal or serial device is put in
+    /// raw mode, so the bytes arrive as written.
+    pub fn file(path: &Path) -> io::Result<Arc<TraceOutput>> {
+        let file = File::create(path)?;
+        let fd = file.as_raw_fd();
+        // SAFETY: termios is plain data; tcgetattr fills it for a valid tty fd (and fails for
+        // anything else, leaving it unused), cfmakeraw only edits the struct, tcsetattr reads it.
+        unsafe {
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(fd, &mut t) == 0 {
+                libc::cfmakeraw(&mut t);
+                libc::tcsetattr(fd, libc::TCSANOW, &t);
+            }
+        }
+        Ok(Self::with_target(Target::File(BufWriter::new(file))))
+    }
+
+    fn with_target(target: Target) -> Arc<TraceOutput> {
+        Arc::new(TraceOutput {
+            state: Mutex::new(OutputState {
+                target,
+                console_line_opened: None,
+                held: Vec::new(),
+            }),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutputState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes one trace line (`line` ends with a newline), or holds it while the console has a
+    /// line open on the same terminal.
+    pub fn line(&self, line: &str) {
+        let mut st = self.lock();
+        match &mut st.target {
+            Target::File(f) => {
+                // A failing output file must not stop the guest; the report says nothing more.
+                let _ = f.write_all(line.as_bytes());
+            }
+            Target::Stdout => match st.console_line_opened {
+                Some(t) if t.elapsed() < HOLD_LIMIT => st.held.extend_from_slice(line.as_bytes()),
+                Some(_) => {
+                    // The guest left its line open too long: start on a fresh line.
+                    let mut out = io::stdout().lock();
+                    let _ = out.write_all(b"\n");
+                    let _ = out.write_all(&std::mem::take(&mut st.held));
+                    let _ = out.write_all(line.as_bytes());
+                    let _ = out.flush();
+                    st.console_line_opened = None;
+                }
+                None => {
+                    let mut out = io::stdout().lock();
+                    let _ = out.write_all(line.as_bytes());
+                    let _ = out.flush();
+                }
+            },
+        }
+    }
+
+    /// Writes guest console bytes to stdout; releases held trace lines when the console
+    /// line ends.
+    pub fn console(&self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let mut st = self.lock();
+        let mut out = io::stdout().lock();
+        // The user's output going away (a closed pipe) must not stop the guest.
+        let _ = out.write_all(bytes);
+        if bytes.ends_with(b"\n") {
+            st.console_line_opened = None;
+            let _ = out.write_all(&std::mem::take(&mut st.held));
+            let _ = out.flush();
+        } else if st.console_line_opened.is_none() || bytes.contains(&b'\n') {
+            st.console_line_opened = Some(Instant::now());
+        }
+    }
+
+    /// Called on the main loop's tick: an open console line (a prompt) is shown, and trace
+    /// lines held past [`HOLD_LIMIT`] go out.
+    pub fn tick(&self) {
+        let overdue = {
+            let st = self.lock();
+            if st.console_line_opened.is_some() {
+                let _ = io::stdout().lock().flush();
+            }
+            !st.held.is_empty()
+                && st
+                    .console_line_opened
+                    .is_some_and(|t| t.elapsed() >= HOLD_LIMIT)
+        };
+        if overdue {
+            self.line("");
+        }
+    }
+
+    /// Writes out everything held or buffered; call at the end of a run.
+    pub fn flush(&self) {
+        let mut st = self.lock();
+        let held = std::mem::take(&mut st.held);
+        let open = st.console_line_opened.take().is_some();
+        match &mut st.target {
+            Target::File(f) => {
+                let _ = f.flush();
+            }
+            Target::Stdout => {
+                let mut out = io::stdout().lock();
+                if !held.is_empty() {
+                    if open {
+                        let _ = out.write_all(b"\n");
+                    }
+                    let _ = out.write_all(&held);
+                }
+                let _ = out.flush();
+            }
+        }
+    }
+
+    /// Whether trace lines share stdout with the console.
+    pub fn is_stdout(&self) -> bool {
+        matches!(self.lock().target, Target::Stdout)
+    }
+}
+
+/// The console's side of a [`TraceOutput`]: a `Write` for the serial port.
+pub struct ConsoleSink(pub Arc<TraceOutput>);
+
+impl Write for ConsoleSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.console(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_lines_in_a_file_come_out_in_order() {
+        let dir = std::env::temp_dir().join(format!("hvprobe-output-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("trace");
+        let out = TraceOutput::file(&path).unwrap();
+        assert!(!out.is_stdout());
+        out.line("one\n");
+        // Console bytes never go to the trace file.
+        out.console(b"guest says");
+        out.line("two\n");
+        out.flush();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "one\ntwo\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn held_lines_wait_for_the_console_line_to_end() {
+        let out = TraceOutput::stdout();
+        out.console(b"half a li");
+        out.line("hit 1\n");
+        assert_eq!(out.lock().held, b"hit 1\n");
+        out.console(b"ne\r\n");
+        assert!(out.lock().held.is_empty());
+        assert!(out.lock().console_line_opened.is_none());
+        // A console write that ends a line and opens another keeps the new one open.
+        out.console(b"end\nnext");
+        assert!(out.lock().console_line_opened.is_some());
+        out.line("hit 2\n");
+        out.flush();
+        assert!(out.lock().held.is_empty());
+    }
+}
