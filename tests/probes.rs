@@ -617,6 +617,65 @@ fn max_active_exhausted_counts_misses_and_the_guest_is_unharmed() {
 }
 
 #[test]
+fn output_file_takes_hit_lines_summary_and_retval_histogram() {
+    // `-o FILE`: hit lines, the summary and the `--hist` histogram go to the file, the guest
+    // console stays on stdout. The histogram of do_sys_openat2's return: 20 opens give fd 3,
+    // two opens of missing files give -ENOENT.
+    let file = std::env::temp_dir().join(format!("hvprobe-trace-{}", std::process::id()));
+    let out = run_probed(
+        "1",
+        "getpid-loop 3; open-read-loop 20 /etc/passwd; cat /missing-1 /missing-2 2>/dev/null; echo cat=$?",
+        &[
+            "r:hv/open do_sys_openat2 fd=$retval:s32",
+            "__x64_sys_getpid",
+        ],
+        &["--hist", "-o", file.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    let stdout = text(&out.stdout);
+    assert_has(&stdout, "open-read-loop: path=/etc/passwd opens=20", &out);
+    assert_has(&stdout, "cat=1", &out);
+    assert!(
+        !stdout.contains("hv/open") && !stdout.contains("hvprobe: probe "),
+        "trace lines stayed off stdout\n{}",
+        explain(&out)
+    );
+    let trace = std::fs::read_to_string(&file).unwrap();
+    let _ = std::fs::remove_file(&file);
+    assert!(!trace.contains('\r'), "the file has the bytes as written");
+    // Every line of the file is a trace line, a summary line or the histogram.
+    let opens = trace.lines().filter(|l| l.contains(": hv/open: (")).count() as u64;
+    let summary = trace
+        .lines()
+        .find(|l| l.starts_with("hvprobe: probe do_sys_openat2 at "))
+        .unwrap_or_else(|| panic!("no summary in the file\n{trace}"));
+    assert_eq!(opens, field(summary, "returns"), "{trace}");
+    assert!(
+        trace.contains("hvprobe: kernel text hash") && trace.contains("(restored byte-for-byte)")
+    );
+    let (_, hist) = trace
+        .split_once("hvprobe: histogram of hv/open fd ($retval of do_sys_openat2), ")
+        .unwrap_or_else(|| panic!("no histogram\n{trace}"));
+    let total: u64 = hist.split(' ').next().unwrap().parse().unwrap();
+    assert_eq!(total, field(summary, "returns"), "{trace}");
+    let row = |label: &str| -> u64 {
+        hist.lines()
+            .find(|l| l.starts_with(label))
+            .and_then(|l| l[label.len()..].split_whitespace().next())
+            .map_or(0, |n| n.parse().unwrap())
+    };
+    // fd 3 for each open of the loop (and maybe a few other opens of low fds).
+    assert!(row("[2, 4) ") >= 20, "{hist}");
+    assert!(row("-2 (ENOENT) ") >= 2, "{hist}");
+    assert!(
+        trace
+            .lines()
+            .any(|l| l.starts_with("hit ") && l.contains(" __x64_sys_getpid ")),
+        "{trace}"
+    );
+}
+
+#[test]
 fn json_output_gives_one_object_per_hit() {
     let out = run_probed(
         "1",

@@ -2,8 +2,10 @@
 //! small trait (registers, guest memory, stepping), so everything here is testable without
 //! /dev/kvm.
 //!
-//! Today it holds the guest kernel's symbol table ([`symbols`]) and the x86_64 page-table walker
-//! ([`pagewalk`]); the instruction decoder, the probe table and the XOL planner follow.
+//! The engine ([`engine`]: probe table, per-vCPU hit state machine, return probes) sits on the
+//! arch back ends ([`arch`]: decoding, step plans, emulation), the XOL area ([`xol`]), the page
+//! walker ([`pagewalk`]) and the guest kernel's symbols and BTF ([`symbols`], [`btf`]); the
+//! probe language ([`definition`], [`fetch`], [`histogram`]) turns hits into values.
 
 pub mod arch;
 pub mod btf;
@@ -12,6 +14,7 @@ pub mod elf;
 pub mod engine;
 pub mod fake;
 pub mod fetch;
+pub mod histogram;
 pub mod pagewalk;
 pub mod probe;
 pub mod retprobe;

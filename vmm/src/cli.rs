@@ -21,7 +21,7 @@ use probe_core::xol::XolArea;
 use crate::hostcheck;
 use crate::machine::{self, Outcome, ProbeRequest, ProbeSetup, RunOptions};
 use crate::output::TraceOutput;
-use crate::report;
+use crate::report::{self, RetvalHistogram};
 use crate::runner;
 use crate::selftest::{self, TrapSupport};
 use crate::vm::VmConfig;
@@ -112,6 +112,10 @@ pub struct RunArgs {
     /// console stays on stdout.
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     pub output: Option<PathBuf>,
+    /// At exit, print a histogram of `$retval` for each return probe definition that fetches
+    /// it (power-of-two buckets; `-errno` values exact and named).
+    #[arg(long)]
+    pub hist: bool,
     /// Which trap the probes use [auto: int3 if this KVM delivers int3 exits, else hardware].
     #[arg(long, value_enum, default_value_t = TrapChoice::Auto)]
     pub trap: TrapChoice,
@@ -456,6 +460,7 @@ fn probe_setup(
     args: &RunArgs,
     kvm: &kvm_ioctls::Kvm,
     output: &Arc<TraceOutput>,
+    hists: &mut Vec<Arc<RetvalHistogram>>,
 ) -> Result<Option<ProbeSetup>> {
     let Some(ResolvedProbes { map, targets }) = args.resolve_probes()? else {
         return Ok(None);
@@ -488,6 +493,13 @@ fn probe_setup(
     let requests = targets
         .into_iter()
         .map(|resolved| {
+            let hist = match &resolved.definition {
+                Some(def) if args.hist => {
+                    RetvalHistogram::for_definition(def, resolved.location.clone()).map(Arc::new)
+                }
+                _ => None,
+            };
+            hists.extend(hist.clone());
             let mut probe = Probe::new(resolved.location);
             probe.trap = trap;
             // A return definition makes a return probe, printed or not.
@@ -495,30 +507,37 @@ fn probe_setup(
             if let Some(n) = max_active {
                 probe = probe.on_return(|_| Ok(())).max_active(n);
             }
-            if !args.quiet {
-                let map = map.clone();
-                let task = task.clone();
-                let slide = slide.clone();
-                let json = args.json;
-                let out = output.clone();
-                probe = match resolved.definition {
-                    Some(def) => {
-                        let print = move |ctx: &ProbeContext<'_>| {
-                            let slide = slide.load(Ordering::Relaxed);
-                            let task = task.as_deref();
-                            report::print_event(ctx, &def, &map, task, slide, json, &out);
-                            Ok(())
-                        };
-                        match max_active {
-                            Some(_) => probe.on_return(print),
-                            None => probe.on_hit(print),
+            let print = !args.quiet;
+            let map = map.clone();
+            let task = task.clone();
+            let slide = slide.clone();
+            let json = args.json;
+            let out = output.clone();
+            match resolved.definition {
+                Some(def) if print || hist.is_some() => {
+                    let handler = move |ctx: &ProbeContext<'_>| {
+                        let task = task.as_deref();
+                        if let Some(h) = &hist {
+                            report::count_return(ctx, &def, task, h);
                         }
-                    }
-                    None => probe.on_hit(move |ctx| {
+                        if print {
+                            let slide = slide.load(Ordering::Relaxed);
+                            report::print_event(ctx, &def, &map, task, slide, json, &out);
+                        }
+                        Ok(())
+                    };
+                    probe = match max_active {
+                        Some(_) => probe.on_return(handler),
+                        None => probe.on_hit(handler),
+                    };
+                }
+                None if print => {
+                    probe = probe.on_hit(move |ctx| {
                         report::print_hit(ctx, &out);
                         Ok(())
-                    }),
-                };
+                    });
+                }
+                _ => {}
             }
             ProbeRequest {
                 probe,
@@ -548,7 +567,8 @@ fn run_on_host(args: &RunArgs) -> Result<i32> {
             .with_context(|| format!("creating the output file {}", path.display()))?,
         None => TraceOutput::stdout(),
     };
-    let probes = probe_setup(args, &kvm, &output)?;
+    let mut hists = Vec::new();
+    let probes = probe_setup(args, &kvm, &output, &mut hists)?;
     let mut cmdline = args.effective_cmdline();
     if probes.is_some() {
         cmdline.push(' ');
@@ -575,6 +595,9 @@ fn run_on_host(args: &RunArgs) -> Result<i32> {
         for line in report::summary(p) {
             output.line(&format!("{line}\n"));
         }
+    }
+    for h in &hists {
+        output.line(&h.render());
     }
     output.flush();
     if args.timings {

@@ -4,11 +4,12 @@ use crate::output::TraceOutput;
 
 use probe_core::arch::x86_64::Gpr;
 use probe_core::definition::FetchType;
-use probe_core::definition::ProbeDefinition;
+use probe_core::definition::{Fetch, ProbeDefinition};
 use probe_core::fetch::{FetchEnv, FetchValue, evaluate, format_args};
+use probe_core::histogram::ValueHistogram;
 use probe_core::probe::{ProbeContext, TrapKind};
 use probe_core::symbols::SymbolMap;
-use probe_core::task::TaskLayout;
+use probe_core::task::{TaskInfo, TaskLayout};
 
 use crate::machine::ProbeReport;
 
@@ -37,6 +38,71 @@ pub fn print_hit(ctx: &ProbeContext<'_>, out: &TraceOutput) {
     out.line(&line);
 }
 
+/// Whether a hit by task `who` is reported: a definition's task filter selects which hits are
+/// printed and counted in histograms (the probe counters count them all).
+fn passes_filter(def: &ProbeDefinition, who: Option<&TaskInfo>) -> bool {
+    match &def.filter {
+        Some(filter) => who.is_some_and(|t| filter.matches(&t.comm, t.pid, t.tgid)),
+        None => true,
+    }
+}
+
+/// Counts a return of a definition in its `$retval` histogram, if the task filter lets it.
+pub fn count_return(
+    ctx: &ProbeContext<'_>,
+    def: &ProbeDefinition,
+    task: Option<&TaskLayout>,
+    hist: &RetvalHistogram,
+) {
+    let who = def
+        .filter
+        .as_ref()
+        .and_then(|_| task.and_then(|t| t.current(ctx).ok()));
+    if passes_filter(def, who.as_ref()) {
+        hist.values
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add(ctx.regs.get(Gpr::Rax), hist.ty);
+    }
+}
+
+/// The `--hist` histogram of one definition's `$retval`.
+pub struct RetvalHistogram {
+    /// What the heading names: `group/event name`.
+    pub title: String,
+    /// The probed function.
+    pub location: String,
+    /// The type the definition gives `$retval`.
+    pub ty: FetchType,
+    /// The counts.
+    pub values: std::sync::Mutex<ValueHistogram>,
+}
+
+impl RetvalHistogram {
+    /// The histogram for `def` (probing `location`), if it fetches `$retval`.
+    pub fn for_definition(def: &ProbeDefinition, location: String) -> Option<RetvalHistogram> {
+        let arg = def.args.iter().find(|a| a.fetch == Fetch::ReturnValue)?;
+        Some(RetvalHistogram {
+            title: format!("{}/{} {}", def.group, def.event, arg.name),
+            location,
+            ty: arg.ty,
+            values: std::sync::Mutex::new(ValueHistogram::new()),
+        })
+    }
+
+    /// The heading and rows printed at exit.
+    pub fn render(&self) -> String {
+        let values = self.values.lock().unwrap_or_else(|e| e.into_inner());
+        format!(
+            "hvprobe: histogram of {} ($retval of {}), {} returns:\n{}",
+            self.title,
+            self.location,
+            values.total(),
+            values.render()
+        )
+    }
+}
+
 /// Prints the line for a hit on a kprobe_events definition, in the trace format kprobe users
 /// know: `comm-pid [cpu] seconds: group/event: (location) name=value ...`; for a return probe
 /// `(caller <- function)`, with `$retval` from the return and the other arguments from the
@@ -51,12 +117,7 @@ pub fn print_event(
     out: &TraceOutput,
 ) {
     let who = task.and_then(|t| t.current(ctx).ok());
-    // A task filter selects which hits are reported (the counters count them all).
-    if let Some(filter) = &def.filter
-        && !who
-            .as_ref()
-            .is_some_and(|t| filter.matches(&t.comm, t.pid, t.tgid))
-    {
+    if !passes_filter(def, who.as_ref()) {
         return;
     }
     let entry = ctx.entry_context();

@@ -242,6 +242,9 @@ pub fn inner_args(args: &RunArgs) -> Vec<String> {
     if args.json {
         v.push("--json".into());
     }
+    if args.hist {
+        v.push("--hist".into());
+    }
     if args.output.is_some() {
         v.extend(["--output".into(), L1_OUTPUT_TTY.into()]);
     }
