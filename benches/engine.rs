@@ -1,19 +1,25 @@
 //! Host-side costs of the probe engine: resolving a probe location against a kernel-sized
 //! symbol table, symbolizing a hit address, a page walk per translation, and the engine's own
 //! time per probe hit for each step plan (a fake vCPU over real guest memory, so the figure
-//! excludes the VM exit itself). Run with `cargo bench -p probe-core`.
+//! excludes the VM exit itself), and the cost of a definition's fetch arguments. Run with
+//! `cargo bench -p probe-core`.
 
 use std::collections::HashMap;
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use probe_core::arch::x86_64::Gpr;
+use probe_core::definition::ProbeDefinition;
 use probe_core::engine::{PlantTarget, VcpuProbeState};
-use probe_core::fake::{AT_CALL, AT_PUSH, AT_RIPREL, STACK_VA, TEXT_VA, machine};
+use probe_core::fake::{
+    AT_CALL, AT_PUSH, AT_RIPREL, STACK_GPA, STACK_VA, TEXT_VA, context, machine,
+};
+use probe_core::fetch::{FetchEnv, format_args};
 use probe_core::pagewalk::{PagingMode, PhysRead, translate};
 use probe_core::probe::Probe;
 use probe_core::symbols::SymbolMap;
 use probe_core::vm::DebugEvent;
+use vm_memory::{Bytes, GuestAddress};
 
 /// A synthetic System.map the size of a distribution kernel's (about 100k symbols).
 fn kernel_sized_map() -> String {
@@ -109,5 +115,35 @@ fn hits(c: &mut Criterion) {
     hit_cost(c, "hit/xol_indirect_call_step", AT_CALL, false);
 }
 
-criterion_group!(benches, engine, hits);
+/// The handler-side cost of a definition's fetch arguments: three numbers (a register, two
+/// reads through a pointer) and a string, formatted into the event line's argument part, against
+/// a definition with none. Guest memory reads go through the page walk, as at a real hit.
+fn fetch_cost(c: &mut Criterion) {
+    let (engine, mut vcpu) = machine();
+    let mem = engine.memory();
+    vcpu.regs.set(Gpr::Rdi, (-100i64) as u64);
+    vcpu.regs.set(Gpr::Rsi, STACK_VA + 0x200);
+    vcpu.regs.set(Gpr::Rdx, STACK_VA + 0x100);
+    mem.write_obj(0x8241u64, GuestAddress(STACK_GPA + 0x100))
+        .unwrap();
+    mem.write_obj(0x1b6u64, GuestAddress(STACK_GPA + 0x108))
+        .unwrap();
+    mem.write_slice(b"/etc/passwd\0", GuestAddress(STACK_GPA + 0x200))
+        .unwrap();
+    let ctx = context(mem, &vcpu.regs);
+    for (name, text) in [
+        ("fetch/bare", "p:hv/open f"),
+        (
+            "fetch/3_args_and_a_string",
+            "p:hv/open f dfd=$arg1:s32 flags=+0($arg3):x64 mode=+8($arg3):x64 name=+0($arg2):string",
+        ),
+    ] {
+        let def = ProbeDefinition::parse(text).unwrap();
+        c.bench_function(name, |b| {
+            b.iter(|| format_args(&ctx, black_box(&def.args), FetchEnv::default()))
+        });
+    }
+}
+
+criterion_group!(benches, engine, hits, fetch_cost);
 criterion_main!(benches);

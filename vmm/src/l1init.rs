@@ -53,15 +53,7 @@ fn relay_to_serial(path: &str, targets: &[i32]) -> Result<(), String> {
         .open(path)
         .map_err(|e| format!("{path}: {e}"))?;
     let fd = tty.as_raw_fd();
-    // SAFETY: termios is plain data; tcgetattr fills it for a valid tty fd, cfmakeraw only
-    // edits the struct, and tcsetattr reads it.
-    unsafe {
-        let mut t: libc::termios = std::mem::zeroed();
-        if libc::tcgetattr(fd, &mut t) == 0 {
-            libc::cfmakeraw(&mut t);
-            libc::tcsetattr(fd, libc::TCSANOW, &t);
-        }
-    }
+    crate::output::make_raw_if_tty(fd);
     for &target in targets {
         // SAFETY: dup2 of a valid open fd onto a standard descriptor.
         unsafe { libc::dup2(fd, target) };

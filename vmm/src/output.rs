@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -49,16 +49,7 @@ impl TraceOutput {
     /// raw mode, so the bytes arrive as written.
     pub fn file(path: &Path) -> io::Result<Arc<TraceOutput>> {
         let file = File::create(path)?;
-        let fd = file.as_raw_fd();
-        // SAFETY: termios is plain data; tcgetattr fills it for a valid tty fd (and fails for
-        // anything else, leaving it unused), cfmakeraw only edits the struct, tcsetattr reads it.
-        unsafe {
-            let mut t: libc::termios = std::mem::zeroed();
-            if libc::tcgetattr(fd, &mut t) == 0 {
-                libc::cfmakeraw(&mut t);
-                libc::tcsetattr(fd, libc::TCSANOW, &t);
-            }
-        }
+        make_raw_if_tty(file.as_raw_fd());
         Ok(Self::with_target(Target::File(BufWriter::new(file))))
     }
 
@@ -167,6 +158,20 @@ impl TraceOutput {
     /// Whether trace lines share stdout with the console.
     pub fn is_stdout(&self) -> bool {
         matches!(self.lock().target, Target::Stdout)
+    }
+}
+
+/// Puts `fd` in raw mode if it is a terminal (a serial port), so bytes pass unchanged (no
+/// `\r` added to `\n`, no echo); anything else is left alone.
+pub fn make_raw_if_tty(fd: RawFd) {
+    // SAFETY: termios is plain data; tcgetattr fills it for a valid tty fd (and fails for
+    // anything else, leaving it unused), cfmakeraw only edits the struct, tcsetattr reads it.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        if libc::tcgetattr(fd, &mut t) == 0 {
+            libc::cfmakeraw(&mut t);
+            libc::tcsetattr(fd, libc::TCSANOW, &t);
+        }
     }
 }
 
