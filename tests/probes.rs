@@ -440,7 +440,7 @@ fn kprobe_event_definitions_fetch_arguments_from_guest_memory() {
         "1",
         "open-read-loop 3 /etc/passwd",
         &[
-            "p:hv/open do_sys_openat2 dfd=%di:s32 name=+0($arg2):ustring flags=+0($arg3):x32 c=$comm",
+            "p:hv/open do_sys_openat2 dfd=%di:s32 a1=$arg1:s32 dx=%dx a3=$arg3 name=+0($arg2):ustring flags=+0($arg3):x32 c=$comm",
         ],
         &[],
     );
@@ -459,7 +459,18 @@ fn kprobe_event_definitions_fetch_arguments_from_guest_memory() {
             l.starts_with("open-read-loop-") && l.contains(" [000] "),
             "{l}"
         );
-        assert!(l.contains("dfd=-100 ") && l.contains("flags=0x8000"), "{l}");
+        assert!(
+            l.contains("dfd=-100 a1=-100 ") && l.contains("flags=0x8000"),
+            "{l}"
+        );
+        // $argN is the calling convention's register: $arg3 is %dx.
+        let value = |k: &str| {
+            l.split(&format!(" {k}="))
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+        };
+        assert!(value("dx").is_some_and(|v| v.starts_with("0xffff")), "{l}");
+        assert_eq!(value("dx"), value("a3"), "{l}");
         assert!(l.ends_with("c=\"open-read-loop\""), "{l}");
     }
     assert_text_restored(&out);

@@ -420,13 +420,7 @@ pub fn run(
     probes: Option<ProbeSetup>,
     output: Arc<TraceOutput>,
 ) -> Result<RunReport, MachineError> {
-    // The console shares stdout with trace lines unless those go to a file of their own.
-    let console_out: Box<dyn Write + Send> = if output.is_stdout() {
-        Box::new(ConsoleSink(output.clone()))
-    } else {
-        Box::new(io::stdout())
-    };
-    let mut vm = Vm::new(kvm, &opts.vm, console_out)?;
+    let mut vm = Vm::new(kvm, &opts.vm, Box::new(ConsoleSink(output.clone())))?;
     let mut session = match probes {
         Some(setup) => {
             let xol = XolArea::new(layout::XOL_GPA_BASE, setup.xol_pages)

@@ -96,8 +96,8 @@ impl TraceOutput {
         }
     }
 
-    /// Writes guest console bytes to stdout; releases held trace lines when the console
-    /// line ends.
+    /// Writes guest console bytes to stdout (always stdout, whatever the trace target);
+    /// releases held trace lines when the console line ends.
     pub fn console(&self, bytes: &[u8]) {
         if bytes.is_empty() {
             return;
