@@ -154,11 +154,6 @@ impl TraceOutput {
             }
         }
     }
-
-    /// Whether trace lines share stdout with the console.
-    pub fn is_stdout(&self) -> bool {
-        matches!(self.lock().target, Target::Stdout)
-    }
 }
 
 /// Puts `fd` in raw mode if it is a terminal (a serial port), so bytes pass unchanged (no
@@ -199,7 +194,6 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("trace");
         let out = TraceOutput::file(&path).unwrap();
-        assert!(!out.is_stdout());
         out.line("one\n");
         // Console bytes never go to the trace file.
         out.console(b"guest says");
