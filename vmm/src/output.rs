@@ -76,23 +76,23 @@ impl TraceOutput {
                 // A failing output file must not stop the guest; the report says nothing more.
                 let _ = f.write_all(line.as_bytes());
             }
-            Target::Stdout => match st.console_line_opened {
-                Some(t) if t.elapsed() < HOLD_LIMIT => st.held.extend_from_slice(line.as_bytes()),
-                Some(_) => {
-                    // The guest left its line open too long: start on a fresh line.
-                    let mut out = io::stdout().lock();
+            Target::Stdout => {
+                if st
+                    .console_line_opened
+                    .is_some_and(|t| t.elapsed() < HOLD_LIMIT)
+                {
+                    st.held.extend_from_slice(line.as_bytes());
+                    return;
+                }
+                // The guest left its line open too long, if at all: start on a fresh line.
+                let mut out = io::stdout().lock();
+                st.release_held(&mut out);
+                if st.console_line_opened.take().is_some() {
                     let _ = out.write_all(b"\n");
-                    let _ = out.write_all(&std::mem::take(&mut st.held));
-                    let _ = out.write_all(line.as_bytes());
-                    let _ = out.flush();
-                    st.console_line_opened = None;
                 }
-                None => {
-                    let mut out = io::stdout().lock();
-                    let _ = out.write_all(line.as_bytes());
-                    let _ = out.flush();
-                }
-            },
+                let _ = out.write_all(line.as_bytes());
+                let _ = out.flush();
+            }
         }
     }
 
@@ -108,7 +108,7 @@ impl TraceOutput {
         let _ = out.write_all(bytes);
         if bytes.ends_with(b"\n") {
             st.console_line_opened = None;
-            let _ = out.write_all(&std::mem::take(&mut st.held));
+            st.release_held(&mut out);
             let _ = out.flush();
         } else if st.console_line_opened.is_none() || bytes.contains(&b'\n') {
             st.console_line_opened = Some(Instant::now());
@@ -118,41 +118,40 @@ impl TraceOutput {
     /// Called on the main loop's tick: an open console line (a prompt) is shown, and trace
     /// lines held past [`HOLD_LIMIT`] go out.
     pub fn tick(&self) {
-        let overdue = {
-            let st = self.lock();
-            if st.console_line_opened.is_some() {
-                let _ = io::stdout().lock().flush();
+        let mut st = self.lock();
+        if let Some(opened) = st.console_line_opened {
+            let mut out = io::stdout().lock();
+            if opened.elapsed() >= HOLD_LIMIT {
+                st.release_held(&mut out);
             }
-            !st.held.is_empty()
-                && st
-                    .console_line_opened
-                    .is_some_and(|t| t.elapsed() >= HOLD_LIMIT)
-        };
-        if overdue {
-            self.line("");
+            let _ = out.flush();
         }
     }
 
     /// Writes out everything held or buffered; call at the end of a run.
     pub fn flush(&self) {
         let mut st = self.lock();
-        let held = std::mem::take(&mut st.held);
-        let open = st.console_line_opened.take().is_some();
-        match &mut st.target {
-            Target::File(f) => {
-                let _ = f.flush();
-            }
-            Target::Stdout => {
-                let mut out = io::stdout().lock();
-                if !held.is_empty() {
-                    if open {
-                        let _ = out.write_all(b"\n");
-                    }
-                    let _ = out.write_all(&held);
-                }
-                let _ = out.flush();
-            }
+        let mut out = io::stdout().lock();
+        st.release_held(&mut out);
+        st.console_line_opened = None;
+        let _ = out.flush();
+        if let Target::File(f) = &mut st.target {
+            let _ = f.flush();
         }
+    }
+}
+
+impl OutputState {
+    /// Writes the held trace lines to `out`, on a fresh line if the console's line is still
+    /// open; nothing when none are held (an open line with nothing waiting stays open).
+    fn release_held(&mut self, out: &mut impl Write) {
+        if self.held.is_empty() {
+            return;
+        }
+        if self.console_line_opened.take().is_some() {
+            let _ = out.write_all(b"\n");
+        }
+        let _ = out.write_all(&std::mem::take(&mut self.held));
     }
 }
 
@@ -218,5 +217,17 @@ mod tests {
         out.line("hit 2\n");
         out.flush();
         assert!(out.lock().held.is_empty());
+        assert!(out.lock().console_line_opened.is_none());
+    }
+
+    #[test]
+    fn a_line_left_open_too_long_stops_holding() {
+        let out = TraceOutput::stdout();
+        out.console(b"prompt # ");
+        out.line("hit 1\n");
+        out.lock().console_line_opened = Some(Instant::now() - HOLD_LIMIT);
+        out.tick();
+        let st = out.lock();
+        assert!(st.held.is_empty() && st.console_line_opened.is_none());
     }
 }
