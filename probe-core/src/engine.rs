@@ -5,7 +5,7 @@
 //! against that vCPU's [`VcpuAccess`] and its own [`VcpuProbeState`]; the table is shared and
 //! only written while every vCPU is out of `KVM_RUN` (the VMM pauses them to plant or remove).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -175,9 +175,11 @@ struct Site {
     /// The guest's bytes under the breakpoint, restored on removal.
     saved: Vec<u8>,
     instruction: String,
-    plan: StepPlan,
+    /// Shared so that a hit takes it without copying (the table lock is not held meanwhile).
+    plan: Arc<StepPlan>,
     slot: Option<XolSlot>,
-    probes: Vec<Arc<ProbeEntry>>,
+    /// Shared for the same reason; planting and removal copy on write.
+    probes: Arc<Vec<Arc<ProbeEntry>>>,
     /// Set when the engine had to take the trap out while the probe stays listed.
     disarmed: std::sync::atomic::AtomicBool,
 }
@@ -247,6 +249,9 @@ impl VcpuProbeState {
 
 struct ProbeTable {
     sites: HashMap<u64, Site>,
+    /// The virtual addresses of the sites: after an emulated instruction, whether the next
+    /// one may be probed too is answered here without a page walk.
+    site_vas: HashSet<u64>,
     by_probe: HashMap<ProbeId, u64>,
     next_id: usize,
     hw: [Option<u64>; MAX_HW_BREAKPOINTS],
@@ -281,6 +286,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             mem,
             table: RwLock::new(ProbeTable {
                 sites: HashMap::new(),
+                site_vas: HashSet::new(),
                 by_probe: HashMap::new(),
                 next_id: 0,
                 hw: [None; MAX_HW_BREAKPOINTS],
@@ -366,7 +372,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             let id = ProbeId(table.next_id);
             table.next_id += 1;
             let site = table.sites.get_mut(&gpa).expect("site present");
-            site.probes.push(ProbeEntry::new(id, location, probe));
+            Arc::make_mut(&mut site.probes).push(ProbeEntry::new(id, location, probe));
             table.by_probe.insert(id, gpa);
             return Ok(id);
         }
@@ -448,6 +454,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         let id = ProbeId(table.next_id);
         table.next_id += 1;
         table.by_probe.insert(id, gpa);
+        table.site_vas.insert(target.va);
         table.sites.insert(
             gpa,
             Site {
@@ -455,10 +462,10 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                 trap: probe.trap,
                 saved,
                 instruction: insn.text.clone(),
-                plan,
+                plan: Arc::new(plan),
                 slot,
                 disarmed: std::sync::atomic::AtomicBool::new(false),
-                probes: vec![ProbeEntry::new(id, location, probe)],
+                probes: Arc::new(vec![ProbeEntry::new(id, location, probe)]),
             },
         );
         Ok(id)
@@ -653,11 +660,14 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             .remove(&id)
             .ok_or(PlantError::UnknownProbe(id.0))?;
         let site = table.sites.get_mut(&gpa).expect("site of a planted probe");
-        site.probes.retain(|p| p.id != id);
+        Arc::make_mut(&mut site.probes).retain(|p| p.id != id);
         if !site.probes.is_empty() {
             return Ok(None);
         }
         let site = table.sites.remove(&gpa).expect("site present");
+        if !table.sites.values().any(|s| s.va == site.va) {
+            table.site_vas.remove(&site.va);
+        }
         if site.disarmed.load(Ordering::SeqCst) {
             return Ok(None);
         }
@@ -837,6 +847,17 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         // An emulated instruction whose successor is probed too is followed into that probe in
         // the same exit, instead of re-entering the guest only to trap again at once.
         for chained in 0..=MAX_CHAINED_HITS {
+            if chained > 0
+                && !self
+                    .table
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .site_vas
+                    .contains(&pc)
+            {
+                vcpu.set_registers(&regs)?;
+                return Ok(Verdict::Resume);
+            }
             let site = translate(&Walker(&self.mem), regs.cr3, mode, pc)
                 .ok()
                 .and_then(|t| {
@@ -865,7 +886,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             if state.in_flight.is_some() {
                 // A hit while this vCPU is stepping cannot happen with interrupts blocked; if
                 // it does, do not nest: count it and let the pending step finish first.
-                for p in &probes {
+                for p in probes.iter() {
                     p.counters.missed.fetch_add(1, Ordering::Relaxed);
                 }
                 return Ok(Verdict::Resume);
@@ -879,12 +900,12 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                 .unwrap_or(0);
             self.exits.by_plan[plan_index].fetch_add(1, Ordering::Relaxed);
 
-            match &plan {
+            match &*plan {
                 StepPlan::Emulate(emu) => {
                     if self.emulate(emu, &mut regs).is_err() {
                         // The stack is not writable from here (it should always be): the hit
                         // is counted as missed and the vCPU retries the instruction.
-                        for p in &probes {
+                        for p in probes.iter() {
                             p.counters.missed.fetch_add(1, Ordering::Relaxed);
                         }
                         vcpu.set_registers(&regs)?;
