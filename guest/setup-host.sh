@@ -11,34 +11,11 @@ SUDO=
 . /etc/os-release
 codename=${VERSION_CODENAME:-bookworm}
 
-# The mirror this machine already uses for Debian itself.
-debian_mirror() {
-	local uri
-	uri=$(grep -hs '^URIs:' /etc/apt/sources.list.d/debian.sources | head -n1 | awk '{print $2}')
-	[ -n "$uri" ] || uri=$(grep -hs "^deb .* ${codename} " /etc/apt/sources.list | head -n1 | awk '{print $2}')
-	[ -n "$uri" ] || { echo "setup-host: cannot find this machine's Debian mirror" >&2; exit 1; }
-	echo "$uri"
-}
+here=$(cd "$(dirname "$0")" && pwd)
+# bookworm-backports for binary and source packages, decided per type (guest/apt-backports.sh).
+bash "$here/apt-backports.sh"
 
-# Adds `TYPE` lines for bookworm-backports unless the machine has them.
-add_backports() {
-	local type=$1 file=$2
-	if ! grep -rqsE -- "^(${type} .*${codename}-backports|Types: ${type}$)" /etc/apt/sources.list /etc/apt/sources.list.d/; then
-		$SUDO tee "/etc/apt/sources.list.d/${file}" >/dev/null <<SRC
-Types: ${type}
-URIs: $(debian_mirror)
-Suites: ${codename}-backports
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-SRC
-	fi
-}
-
-add_backports deb hvprobe-backports.sources
-# Source packages too: the emulated runner builds Debian's own QEMU source with a patch
-# (guest/qemu/build.sh).
-add_backports deb-src hvprobe-backports-src.sources
-
+echo "setup-host: apt-get update and install (gcc, dpkg-dev, QEMU ${codename}-backports; about a minute the first time)" >&2
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends gcc libc6-dev dpkg-dev ca-certificates >/dev/null
 $SUDO apt-get install -y -qq --no-install-recommends -t "${codename}-backports" qemu-system-x86 >/dev/null

@@ -37,8 +37,8 @@ echo "qemu build: building patched QEMU $upstream (one time, about 5 minutes on 
 
 . /etc/os-release
 codename=${VERSION_CODENAME:-bookworm}
-if ! grep -rqsE -- "^(deb-src .*${codename}-backports|Types: deb-src$)" /etc/apt/sources.list /etc/apt/sources.list.d/; then
-	echo "qemu build: no deb-src line for ${codename}-backports; run guest/setup-host.sh" >&2
+if ! bash "$here/../apt-backports.sh" --check | grep -qx 'deb-src yes'; then
+	echo "qemu build: apt has no deb-src entry for ${codename}-backports; run guest/setup-host.sh" >&2
 	exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive

@@ -169,6 +169,11 @@ pub fn kernel_package(cache: &Path, meta: &str) -> Result<KernelPackage, GuestEr
     }
 
     let _ = fs::remove_dir_all(&dir);
+    eprintln!(
+        "hvprobe: fetching guest kernel {package} {version} and its -dbg package \
+         (one time, about 1 GB from the Debian mirror: 1-3 minutes; cached in {})",
+        root.display()
+    );
     let dl = dir.join("deb");
     download(
         &dl,
@@ -241,6 +246,7 @@ pub fn busybox(cache: &Path) -> Result<PathBuf, GuestError> {
         return Ok(bin);
     }
     let _ = fs::remove_dir_all(&dir);
+    eprintln!("hvprobe: fetching busybox-static for the guest's initramfs (one time, seconds)");
     let dl = dir.join("deb");
     download(&dl, &["busybox-static".to_string()])?;
     let deb = find_deb(&dl, "busybox-static")?;

@@ -184,6 +184,11 @@ fn build_initrd(cache: &Path, busybox: &Path) -> Result<PathBuf, GuestError> {
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work).map_err(GuestError::io(&work))?;
 
+    eprintln!(
+        "hvprobe: building the guest initramfs (busybox and {} workload programs, about 10 seconds; cached in {})",
+        WORKLOADS.len(),
+        dir.display()
+    );
     let mut programs = Vec::new();
     for (name, src) in WORKLOADS {
         let c = work.join(format!("{name}.c"));
