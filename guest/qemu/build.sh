@@ -37,7 +37,9 @@ echo "qemu build: building patched QEMU $upstream (one time, about 5 minutes on 
 
 . /etc/os-release
 codename=${VERSION_CODENAME:-bookworm}
-if ! bash "$here/../apt-backports.sh" --check | grep -qx 'deb-src yes'; then
+# hvprobe writes this script beside a copy of the check (HVPROBE_APT_BACKPORTS); in the source
+# tree the check is guest/apt-backports.sh.
+if ! bash "${HVPROBE_APT_BACKPORTS:-$here/../apt-backports.sh}" --check | grep -qx 'deb-src yes'; then
 	echo "qemu build: apt has no deb-src entry for ${codename}-backports; run guest/setup-host.sh" >&2
 	exit 1
 fi

@@ -10,6 +10,8 @@ use std::process::{Command, Stdio};
 pub const BUILD_SCRIPT: &str = include_str!("../qemu/build.sh");
 /// The patch that makes TCG deliver int3/into through the #BP/#OF exception intercepts.
 pub const INT3_PATCH: &str = include_str!("../qemu/int3-into-exception-intercept.patch");
+/// The apt-sources check the build script runs (is there a `deb-src` entry for backports?).
+pub const APT_BACKPORTS_SCRIPT: &str = include_str!("../apt-backports.sh");
 
 /// Path of the patched `qemu-system-x86_64`, building it first if the cache has none (about
 /// five minutes on two cores; the script prints a line when it starts).
@@ -20,8 +22,11 @@ pub fn patched_qemu() -> io::Result<PathBuf> {
     let script = dir.join("build.sh");
     std::fs::write(&script, BUILD_SCRIPT)?;
     std::fs::write(dir.join("int3-into-exception-intercept.patch"), INT3_PATCH)?;
+    let apt_check = dir.join("apt-backports.sh");
+    std::fs::write(&apt_check, APT_BACKPORTS_SCRIPT)?;
     let out = Command::new("bash")
         .arg(&script)
+        .env("HVPROBE_APT_BACKPORTS", &apt_check)
         .arg(&cache)
         .stderr(Stdio::inherit())
         .output()?;
