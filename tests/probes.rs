@@ -232,13 +232,9 @@ fn every_step_plan_keeps_the_kernel_computing_right_results() {
         i.text.starts_with('j') && !i.text.starts_with("jmp") && plan_of(i) == Some("emulate")
     });
     let rip_relative = k.find("copy_page_to_iter", |i| {
-        matches!(
-            i.kind,
-            InstructionKind::OutOfLine {
-                rip_relative: true,
-                ..
-            }
-        ) && !i.text.contains("gs:")
+        matches!(i.kind, InstructionKind::OutOfLine { .. })
+            && i.rip_disp.is_some()
+            && !i.text.contains("gs:")
     });
     // strlen's loop: the instruction a backward jump goes to, stepped once per character.
     let loop_body = {
@@ -602,6 +598,54 @@ fn return_probes_on_two_vcpus_see_every_return_once() {
     );
     assert_eq!(get("returns"), get("hits"), "{line}");
     assert_eq!(get("nmissed"), 0, "{line}");
+    assert_text_restored(&out);
+}
+
+#[test]
+fn a_return_probe_on_exec_returns_through_the_new_address_space() {
+    // bprm_execve returns under the page tables of the program it loaded (an mm created after
+    // planting): the trampoline must be mapped there too, or the guest oopses at its address.
+    // With it in PGD 511's shared PUD table, every return comes back.
+    let out = run_probed(
+        "1",
+        "fork-exec-loop 30; ls / | wc -l",
+        &["r:hv/ex bprm_execve ret=$retval:s32"],
+        &["--quiet"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    assert_has(&text(&out.stdout), "fork-exec-loop: runs=30 ok=30", &out);
+    let line = summary_line(&out, "bprm_execve");
+    let get = |k: &str| field(&line, k);
+    assert!(get("hits") >= 31, "{line}");
+    assert_eq!(get("returns"), get("hits"), "{line}");
+    assert_eq!(get("nmissed"), 0, "{line}");
+    let console = text(&out.stdout);
+    for bad in ["BUG:", "Oops", "WARNING:", "Kernel panic"] {
+        assert!(
+            !console.contains(bad),
+            "{bad} in the guest console\n{}",
+            explain(&out)
+        );
+    }
+    assert_text_restored(&out);
+}
+
+#[test]
+fn an_instruction_with_an_exception_table_entry_is_refused_by_name() {
+    // copy_user_enhanced_fast_string's `rep movsb` faults on bad user pointers and is fixed up
+    // through __ex_table; a copy of it in a slot would oops the guest instead.
+    let k = KernelText::load();
+    let rep = k.find("copy_user_enhanced_fast_string", |i| {
+        i.text.starts_with("rep movsb")
+    });
+    let out = run_probed("1", "echo SHOULD-NOT-RUN", &["__x64_sys_getpid", &rep], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", explain(&out));
+    assert_has(&text(&out.stderr), "exception table (__ex_table)", &out);
+    assert!(
+        !text(&out.stdout).contains("SHOULD-NOT-RUN\n"),
+        "{}",
+        explain(&out)
+    );
     assert_text_restored(&out);
 }
 

@@ -14,8 +14,8 @@ use std::time::Instant;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use crate::arch::x86_64::{
-    DecodeError, Decoder, Emulation, EmulationError, Gpr, INT3, OutOfLine, Refusal, Registers,
-    StepPlan,
+    DecodeError, Decoder, Emulation, EmulationError, Gpr, GuestStack, INT3, OutOfLine, Refusal,
+    Registers, StepPlan,
 };
 use crate::pagewalk::{PagingMode, WalkError, translate};
 use crate::probe::{Handler, PhysMemory, Probe, ProbeContext, TrapKind, Walker, read_virt};
@@ -25,6 +25,12 @@ use crate::xol::{SLOT_SIZE, XolArea, XolError, XolSlot};
 
 /// RFLAGS.RF: suppresses instruction breakpoints for one instruction.
 const RFLAGS_RF: u64 = 1 << 16;
+/// RFLAGS.IF: a trapped step runs with it clear, as Linux kprobes' int3 single-step does.
+const RFLAGS_IF: u64 = 1 << 9;
+
+/// How long a trapped step may stay pending on a vCPU before it counts as abandoned (its copy
+/// faulted and the guest went elsewhere): with interrupts off it completes at once otherwise.
+const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How many probed instructions in a row one exit follows through emulation.
 const MAX_CHAINED_HITS: usize = 8;
@@ -92,6 +98,38 @@ pub enum PlantError {
     /// No such probe.
     #[error("no probe with id {0}")]
     UnknownProbe(usize),
+    /// A post handler on an instruction whose copy cannot be followed by the host's trap.
+    #[error("{location}: a post handler cannot run after `{instruction}`: it {reason}")]
+    Untrappable {
+        /// The probe location.
+        location: String,
+        /// The instruction.
+        instruction: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// A RIP-relative operand whose target a copy in the XOL area cannot reach.
+    #[error(
+        "{location}: `{instruction}` addresses memory beyond +-2 GiB of the XOL area; its copy cannot be relocated"
+    )]
+    OutOfReach {
+        /// The probe location.
+        location: String,
+        /// The instruction.
+        instruction: String,
+    },
+    /// The instruction may fault with a fix-up in the guest's exception table.
+    #[error(
+        "{location}: refusing to probe `{instruction}` at {va:#x}: it has an entry in the guest's exception table (__ex_table), so a fault in a copy out of line could not be fixed up"
+    )]
+    ExceptionTable {
+        /// The probe location.
+        location: String,
+        /// The instruction.
+        instruction: String,
+        /// Its address.
+        va: u64,
+    },
     /// A return probe away from a function's first instruction.
     #[error("{location}: a return probe must be on a function's first instruction")]
     NotFunctionEntry {
@@ -177,7 +215,11 @@ struct Site {
     instruction: String,
     /// Shared so that a hit takes it without copying (the table lock is not held meanwhile).
     plan: Arc<StepPlan>,
-    slot: Option<XolSlot>,
+    /// The boosted copy (the copy, then `jmp` back): where an out-of-line plan runs, or where
+    /// the real instruction of an emulated plan runs when its stack access fails.
+    boosted: Option<XolSlot>,
+    /// The trapped copy (the copy, then the host's int3), for post handlers.
+    trapped: Option<XolSlot>,
     /// Shared for the same reason; planting and removal copy on write.
     probes: Arc<Vec<Arc<ProbeEntry>>>,
     /// Set when the engine had to take the trap out while the probe stays listed.
@@ -200,12 +242,20 @@ pub struct ExitStats {
     pub breakpoints: u64,
     /// Hardware breakpoint exits that were ours.
     pub hw_breakpoints: u64,
-    /// Single-step exits that completed an out-of-line step.
-    pub steps: u64,
     /// Traps that were the guest's own and went back to it.
     pub reinjected: u64,
     /// Returns through the return-probe trampoline.
     pub returns: u64,
+    /// Trapped steps completed through a slot's int3.
+    pub slot_traps: u64,
+    /// Debug exceptions that were the guest's own (its single-step) and went back to it.
+    pub reinjected_debug: u64,
+    /// Trapped steps that never reached their trap (the copy faulted and the guest went on
+    /// elsewhere), dropped after a bound.
+    pub abandoned_steps: u64,
+    /// Emulated instructions whose stack access failed, left to the real instruction in a
+    /// boosted slot so that the guest takes its own fault.
+    pub emulation_fallbacks: u64,
     /// Hits per step plan name.
     pub hits_by_plan: Vec<(&'static str, u64)>,
 }
@@ -214,37 +264,46 @@ pub struct ExitStats {
 struct ExitCounters {
     breakpoints: AtomicU64,
     hw_breakpoints: AtomicU64,
-    steps: AtomicU64,
     reinjected: AtomicU64,
     returns: AtomicU64,
-    by_plan: [AtomicU64; 4],
+    slot_traps: AtomicU64,
+    reinjected_debug: AtomicU64,
+    abandoned_steps: AtomicU64,
+    emulation_fallbacks: AtomicU64,
+    by_plan: [AtomicU64; 3],
 }
 
-const PLAN_NAMES: [&str; 4] = ["emulate", "xol", "xol-riprel", "xol-call"];
+const PLAN_NAMES: [&str; 3] = ["emulate", "xol", "xol-riprel"];
 
-/// An out-of-line step under way on one vCPU. Self-contained, so it completes correctly even
-/// if its probe is removed while the step is pending.
+/// A trapped step under way on one vCPU: its copy runs with interrupts off until the slot's
+/// int3, which is found by its address (never by "a step is pending").
 #[derive(Debug, Clone)]
-struct StepInFlight {
-    orig_va: u64,
-    len: u64,
-    slot_va: u64,
-    scratch: Option<(Gpr, u64)>,
-    fix_return_address: bool,
-    site_gpa: u64,
+struct PendingStep {
+    trap_va: u64,
+    interrupts: u64,
+    since: Instant,
 }
 
-/// Per-vCPU engine state, owned by the vCPU thread.
+/// Per-vCPU engine state, owned by the vCPU thread: the trapped steps under way (more than
+/// one only when an NMI handler hits a probe between a copy and its trap).
 #[derive(Debug, Default)]
 pub struct VcpuProbeState {
-    in_flight: Option<StepInFlight>,
+    pending: Vec<PendingStep>,
 }
 
 impl VcpuProbeState {
-    /// Whether an out-of-line step is pending on this vCPU.
+    /// Whether a trapped step is pending on this vCPU.
     pub fn stepping(&self) -> bool {
-        self.in_flight.is_some()
+        !self.pending.is_empty()
     }
+}
+
+/// Where a trapped slot's int3 sends the vCPU.
+#[derive(Debug, Clone, Copy)]
+struct SlotTrap {
+    orig_va: u64,
+    len: u64,
+    site_gpa: u64,
 }
 
 struct ProbeTable {
@@ -253,6 +312,10 @@ struct ProbeTable {
     /// one may be probed too is answered here without a page walk.
     site_vas: HashSet<u64>,
     by_probe: HashMap<ProbeId, u64>,
+    /// The int3 of each trapped slot, by its address.
+    slot_traps: HashMap<u64, SlotTrap>,
+    /// Addresses of the instructions with an entry in the guest's exception table.
+    exception_table: HashSet<u64>,
     next_id: usize,
     hw: [Option<u64>; MAX_HW_BREAKPOINTS],
 }
@@ -288,6 +351,8 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                 sites: HashMap::new(),
                 site_vas: HashSet::new(),
                 by_probe: HashMap::new(),
+                slot_traps: HashMap::new(),
+                exception_table: HashSet::new(),
                 next_id: 0,
                 hw: [None; MAX_HW_BREAKPOINTS],
             }),
@@ -340,9 +405,16 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         Ok(buf)
     }
 
+    /// Records the addresses of the instructions the guest's exception table lists
+    /// (`__start___ex_table`..`__stop___ex_table`): they are never copied out of line.
+    pub fn set_exception_table(&self, addresses: impl IntoIterator<Item = u64>) {
+        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        table.exception_table = addresses.into_iter().collect();
+    }
+
     /// Plants `probe` at `target`, using the page tables in `regs` (any vCPU's, all map kernel
-    /// text alike). All checks come first: on error nothing in the guest has changed. Call
-    /// with every vCPU out of `KVM_RUN`.
+    /// text alike). All checks come first: on error nothing in the guest's text has changed.
+    /// Call with every vCPU out of `KVM_RUN`.
     pub fn plant(
         &self,
         probe: Probe,
@@ -358,21 +430,44 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                 source,
             })?
             .gpa;
+        if probe.on_return.is_some() && target.function_start.is_some_and(|f| f != target.va) {
+            return Err(PlantError::NotFunctionEntry { location });
+        }
         let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(site) = table.sites.get_mut(&gpa) {
+        if let Some(site) = table.sites.get(&gpa) {
             if site.trap != probe.trap {
                 return Err(PlantError::MixedTraps { location });
             }
-            if probe.on_return.is_some() {
-                if target.function_start.is_some_and(|f| f != target.va) {
-                    return Err(PlantError::NotFunctionEntry { location });
+            let trapped = match (&*site.plan, site.trapped) {
+                (StepPlan::StepOutOfLine(ool), None) if probe.post.is_some() => {
+                    self.map_xol(&location, regs)?;
+                    Some(self.trapped_slot(&location, &site.instruction, ool, site.va)?)
                 }
+                _ => None,
+            };
+            if probe.on_return.is_some() {
+                self.map_xol(&location, regs)?;
                 self.trampoline(&location)?;
             }
             let id = ProbeId(table.next_id);
             table.next_id += 1;
             let site = table.sites.get_mut(&gpa).expect("site present");
+            if let Some(slot) = trapped {
+                site.trapped = Some(slot);
+            }
+            let site_va = site.va;
+            let plan = site.plan.clone();
             Arc::make_mut(&mut site.probes).push(ProbeEntry::new(id, location, probe));
+            if let (Some(slot), StepPlan::StepOutOfLine(ool)) = (trapped, &*plan) {
+                table.slot_traps.insert(
+                    slot.va + u64::from(ool.len),
+                    SlotTrap {
+                        orig_va: site_va,
+                        len: u64::from(ool.len),
+                        site_gpa: gpa,
+                    },
+                );
+            }
             table.by_probe.insert(id, gpa);
             return Ok(id);
         }
@@ -412,13 +507,17 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             location: location.clone(),
             source,
         })?;
+        let fallback = match &plan {
+            StepPlan::Emulate(e) if e.touches_stack() => decoder.fallback_copy(&insn),
+            _ => None,
+        };
         drop(decoder);
-
-        if probe.on_return.is_some() {
-            if target.function_start.is_some_and(|f| f != target.va) {
-                return Err(PlantError::NotFunctionEntry { location });
-            }
-            self.trampoline(&location)?;
+        if table.exception_table.contains(&target.va) {
+            return Err(PlantError::ExceptionTable {
+                location,
+                instruction: insn.text,
+                va: target.va,
+            });
         }
         let hw_index = match probe.trap {
             TrapKind::Hardware => Some(table.hw.iter().position(Option::is_none).ok_or(
@@ -428,15 +527,46 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             )?),
             TrapKind::Software => None,
         };
-        if matches!(plan, StepPlan::StepOutOfLine(_)) && mode == PagingMode::FiveLevel {
-            return Err(PlantError::Xol {
+        let copy = match &plan {
+            StepPlan::StepOutOfLine(ool) => Some(ool),
+            StepPlan::Emulate(_) => fallback.as_ref(),
+        };
+        if copy.is_some() || probe.on_return.is_some() {
+            self.map_xol(&location, regs)?;
+        }
+        if let (Some(reason), StepPlan::StepOutOfLine(_), true) = (
+            copy.and_then(|c| c.untrappable),
+            &plan,
+            probe.post.is_some(),
+        ) {
+            return Err(PlantError::Untrappable {
                 location,
-                source: XolError::FiveLevel,
+                instruction: insn.text,
+                reason,
             });
         }
-        let slot = match &plan {
-            StepPlan::StepOutOfLine(ool) => Some(self.prepare_slot(&location, ool, target.va)?),
-            StepPlan::Emulate(_) => None,
+        // Check that the copies can be made before anything is written.
+        if let Some(ool) = copy
+            && ool
+                .boosted_slot(target.va, crate::xol::XOL_VA_BASE)
+                .is_none()
+        {
+            return Err(PlantError::OutOfReach {
+                location,
+                instruction: insn.text,
+            });
+        }
+        if probe.on_return.is_some() {
+            self.trampoline(&location)?;
+        }
+        let boosted = copy
+            .map(|ool| self.boosted_slot(&location, &insn.text, ool, target.va))
+            .transpose()?;
+        let trapped = match &plan {
+            StepPlan::StepOutOfLine(ool) if probe.post.is_some() => {
+                Some(self.trapped_slot(&location, &insn.text, ool, target.va)?)
+            }
+            _ => None,
         };
         let saved = insn.bytes[..1].to_vec();
         if probe.trap == TrapKind::Software {
@@ -455,6 +585,16 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         table.next_id += 1;
         table.by_probe.insert(id, gpa);
         table.site_vas.insert(target.va);
+        if let Some(slot) = trapped {
+            table.slot_traps.insert(
+                slot.va + insn.bytes.len() as u64,
+                SlotTrap {
+                    orig_va: target.va,
+                    len: insn.bytes.len() as u64,
+                    site_gpa: gpa,
+                },
+            );
+        }
         table.sites.insert(
             gpa,
             Site {
@@ -463,7 +603,8 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                 saved,
                 instruction: insn.text.clone(),
                 plan: Arc::new(plan),
-                slot,
+                boosted,
+                trapped,
                 disarmed: std::sync::atomic::AtomicBool::new(false),
                 probes: Arc::new(vec![ProbeEntry::new(id, location, probe)]),
             },
@@ -471,8 +612,26 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         Ok(id)
     }
 
-    /// Takes a fresh XOL slot and writes `bytes` into it.
-    fn fill_slot(&self, location: &str, bytes: &[u8]) -> Result<XolSlot, PlantError> {
+    /// Maps the XOL area through the kernel PUD table that every address space shares.
+    fn map_xol(&self, location: &str, regs: &Registers) -> Result<(), PlantError> {
+        self.xol
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ensure_mapped(&self.mem, regs.cr3, PagingMode::from_cr4(regs.cr4))
+            .map(|_| ())
+            .map_err(|source| PlantError::Xol {
+                location: location.into(),
+                source,
+            })
+    }
+
+    /// Takes a fresh XOL slot and writes what `bytes` makes of its address into it, int3s
+    /// after.
+    fn fill_slot(
+        &self,
+        location: &str,
+        bytes: impl FnOnce(u64) -> Option<Vec<u8>>,
+    ) -> Result<Option<XolSlot>, PlantError> {
         let slot = self
             .xol
             .lock()
@@ -482,33 +641,55 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                 location: location.into(),
                 source,
             })?;
+        let Some(code) = bytes(slot.va) else {
+            return Ok(None);
+        };
+        let mut fill = vec![INT3; SLOT_SIZE as usize];
+        fill[..code.len()].copy_from_slice(&code);
         self.mem
-            .write_slice(bytes, GuestAddress(slot.gpa))
+            .write_slice(&fill, GuestAddress(slot.gpa))
             .map_err(|_| PlantError::Memory {
                 location: location.into(),
                 gpa: slot.gpa,
             })?;
-        Ok(slot)
+        Ok(Some(slot))
     }
 
-    /// Writes an instruction's out-of-line copy into a fresh slot, followed by an absolute
-    /// jump back to the original stream (taken only if the guest ever resumes in the slot
-    /// without the host, e.g. after an exception in the stepped instruction), then int3s.
-    fn prepare_slot(
+    /// A boosted slot for the instruction at `va`: its copy, then `jmp` back to `va + len`.
+    fn boosted_slot(
         &self,
         location: &str,
+        instruction: &str,
         ool: &OutOfLine,
         va: u64,
     ) -> Result<XolSlot, PlantError> {
-        let mut bytes = vec![INT3; SLOT_SIZE as usize];
-        let n = ool.slot_bytes.len();
-        bytes[..n].copy_from_slice(&ool.slot_bytes);
-        if ool.scratch.is_none() && n + 14 <= bytes.len() {
-            // jmp *0(%rip); .quad next
-            bytes[n..n + 6].copy_from_slice(&[0xff, 0x25, 0, 0, 0, 0]);
-            bytes[n + 6..n + 14].copy_from_slice(&(va + u64::from(ool.len)).to_le_bytes());
+        self.fill_slot(location, |slot| ool.boosted_slot(va, slot))?
+            .ok_or_else(|| PlantError::OutOfReach {
+                location: location.into(),
+                instruction: instruction.into(),
+            })
+    }
+
+    /// A trapped slot for the instruction at `va`: its copy, then the host's int3.
+    fn trapped_slot(
+        &self,
+        location: &str,
+        instruction: &str,
+        ool: &OutOfLine,
+        va: u64,
+    ) -> Result<XolSlot, PlantError> {
+        if let Some(reason) = ool.untrappable {
+            return Err(PlantError::Untrappable {
+                location: location.into(),
+                instruction: instruction.into(),
+                reason,
+            });
         }
-        self.fill_slot(location, &bytes)
+        self.fill_slot(location, |slot| ool.trapped_slot(va, slot))?
+            .ok_or_else(|| PlantError::OutOfReach {
+                location: location.into(),
+                instruction: instruction.into(),
+            })
     }
 
     /// The return trampoline: an XOL slot of int3s that replaced return addresses point to.
@@ -517,13 +698,16 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         if let Some(slot) = *t {
             return Ok(slot);
         }
-        let slot = self.fill_slot(location, &[INT3; SLOT_SIZE as usize])?;
+        let slot = self
+            .fill_slot(location, |_| Some(Vec::new()))?
+            .expect("an empty slot always fits");
         *t = Some(slot);
         Ok(slot)
     }
 
-    /// Maps the XOL area in the top-level page table at guest physical `table` (the kernel's
-    /// initial one, which every new page table copies its kernel half from).
+    /// Maps the XOL area through the kernel PUD table reached from the top-level page table at
+    /// guest physical `table` (the kernel's initial one; every address space shares the PUD
+    /// table). Returns whether it wrote the entry.
     pub fn map_xol_into(&self, table: u64) -> Result<bool, XolError> {
         self.xol
             .lock()
@@ -760,9 +944,12 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         ExitStats {
             breakpoints: e.breakpoints.load(Ordering::Relaxed),
             hw_breakpoints: e.hw_breakpoints.load(Ordering::Relaxed),
-            steps: e.steps.load(Ordering::Relaxed),
             reinjected: e.reinjected.load(Ordering::Relaxed),
             returns: e.returns.load(Ordering::Relaxed),
+            slot_traps: e.slot_traps.load(Ordering::Relaxed),
+            reinjected_debug: e.reinjected_debug.load(Ordering::Relaxed),
+            abandoned_steps: e.abandoned_steps.load(Ordering::Relaxed),
+            emulation_fallbacks: e.emulation_fallbacks.load(Ordering::Relaxed),
             hits_by_plan: PLAN_NAMES
                 .iter()
                 .zip(&e.by_plan)
@@ -812,8 +999,8 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         }
     }
 
-    /// Handles one debug exit of `vcpu`. On `Resume` the registers and the step state are set
-    /// for the next `KVM_RUN`; on `Reinject` nothing was changed.
+    /// Handles one debug exit of `vcpu`. On `Resume` the registers are set for the next
+    /// `KVM_RUN`; on a reinjection nothing was changed.
     pub fn handle_debug(
         &self,
         vcpu: &mut dyn VcpuAccess,
@@ -821,7 +1008,12 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         event: DebugEvent,
     ) -> Result<Verdict, VmError> {
         match event {
-            DebugEvent::SingleStep { pc } => self.complete_step(vcpu, state, pc),
+            // The engine never single-steps: a #DB that is not one of its hardware breakpoints
+            // is the guest's own (its TF, its debug registers) and goes back to it.
+            DebugEvent::SingleStep { .. } => {
+                self.exits.reinjected_debug.fetch_add(1, Ordering::Relaxed);
+                Ok(Verdict::ReinjectDebug)
+            }
             DebugEvent::Breakpoint { pc } | DebugEvent::HardwareBreakpoint { pc } => {
                 let hw = matches!(event, DebugEvent::HardwareBreakpoint { .. });
                 self.hit(vcpu, state, pc, hw)
@@ -836,12 +1028,24 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         pc: u64,
         hw: bool,
     ) -> Result<Verdict, VmError> {
-        let regs = vcpu.registers()?;
-        let trampoline = *self.trampoline.lock().unwrap_or_else(|e| e.into_inner());
-        if !hw && trampoline.is_some_and(|t| t.va == pc) {
-            return self.leave_return(vcpu, regs);
+        let mut regs = vcpu.registers()?;
+        if !hw {
+            let trampoline = *self.trampoline.lock().unwrap_or_else(|e| e.into_inner());
+            if trampoline.is_some_and(|t| t.va == pc) {
+                return self.leave_return(vcpu, regs);
+            }
+            let slot_trap = self
+                .table
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .slot_traps
+                .get(&pc)
+                .copied();
+            if let Some(trap) = slot_trap {
+                return self.finish_trapped_step(vcpu, state, regs, pc, trap);
+            }
         }
-        let mut regs = regs;
+        self.drop_abandoned(state);
         let mode = PagingMode::from_cr4(regs.cr4);
         let mut pc = pc;
         // An emulated instruction whose successor is probed too is followed into that probe in
@@ -855,8 +1059,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                     .site_vas
                     .contains(&pc)
             {
-                vcpu.set_registers(&regs)?;
-                return Ok(Verdict::Resume);
+                break;
             }
             let site = translate(&Walker(&self.mem), regs.cr3, mode, pc)
                 .ok()
@@ -866,12 +1069,19 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                         .sites
                         .get(&t.gpa)
                         .filter(|s| s.va == pc && !s.disarmed.load(Ordering::SeqCst))
-                        .map(|s| (t.gpa, s.probes.clone(), s.plan.clone(), s.slot))
+                        .map(|s| {
+                            (
+                                t.gpa,
+                                s.probes.clone(),
+                                s.plan.clone(),
+                                s.boosted,
+                                s.trapped,
+                            )
+                        })
                 });
-            let Some((gpa, probes, plan, slot)) = site else {
+            let Some((gpa, probes, plan, boosted, trapped)) = site else {
                 if chained > 0 {
-                    vcpu.set_registers(&regs)?;
-                    return Ok(Verdict::Resume);
+                    break;
                 }
                 return self.not_probed(pc, regs.cr3, mode, hw);
             };
@@ -883,14 +1093,6 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
             }
-            if state.in_flight.is_some() {
-                // A hit while this vCPU is stepping cannot happen with interrupts blocked; if
-                // it does, do not nest: count it and let the pending step finish first.
-                for p in probes.iter() {
-                    p.counters.missed.fetch_add(1, Ordering::Relaxed);
-                }
-                return Ok(Verdict::Resume);
-            }
             self.run_handlers(vcpu.id(), pc, &probes, &regs, false);
             self.enter_returns(&probes, &regs);
             let has_post = probes.iter().any(|p| p.post.is_some());
@@ -899,31 +1101,45 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                 .position(|n| *n == plan.name())
                 .unwrap_or(0);
             self.exits.by_plan[plan_index].fetch_add(1, Ordering::Relaxed);
+            // RIP moves on: a resume flag left from a hardware-breakpoint #DB would suppress a
+            // breakpoint on the next instruction.
+            regs.rflags &= !RFLAGS_RF;
 
             match &*plan {
                 StepPlan::Emulate(emu) => {
                     if self.emulate(emu, &mut regs).is_err() {
-                        // The stack is not writable from here (it should always be): the hit
-                        // is counted as missed and the vCPU retries the instruction.
+                        // The stack is not accessible from here: the real instruction runs in
+                        // its boosted slot, where the guest takes its own fault.
+                        if let Some(slot) = boosted {
+                            self.exits
+                                .emulation_fallbacks
+                                .fetch_add(1, Ordering::Relaxed);
+                            regs.rip = slot.va;
+                            vcpu.set_registers(&regs)?;
+                            return Ok(Verdict::Resume);
+                        }
                         for p in probes.iter() {
                             p.counters.missed.fetch_add(1, Ordering::Relaxed);
                         }
                         vcpu.set_registers(&regs)?;
                         return Ok(Verdict::Resume);
                     }
-                    // RIP moved on: a resume flag left from a hardware-breakpoint #DB would
-                    // suppress a breakpoint on the next instruction.
-                    regs.rflags &= !RFLAGS_RF;
                     if has_post {
                         self.run_handlers(vcpu.id(), pc, &probes, &regs, true);
+                    }
+                    if emu.opens_interrupt_shadow() {
+                        // `sti` blocks interrupts for one more instruction (`sti; hlt` relies
+                        // on it): the VMM sets the shadow, and the chain stops here.
+                        vcpu.set_registers(&regs)?;
+                        vcpu.block_interrupts_once()?;
+                        return Ok(Verdict::Resume);
                     }
                     pc = regs.rip;
                 }
                 StepPlan::StepOutOfLine(ool) => {
-                    let Some(slot) = slot else {
-                        return Ok(Verdict::Resume);
-                    };
-                    return self.start_step(vcpu, state, regs, pc, gpa, ool, slot, &probes);
+                    return self.start_step(
+                        vcpu, state, regs, gpa, ool, boosted, trapped, has_post, &probes,
+                    );
                 }
             }
         }
@@ -956,28 +1172,36 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         Ok(Verdict::Reinject)
     }
 
-    /// Points the vCPU at the slot holding the instruction at `pc` and turns single-stepping on.
+    /// Sends the vCPU to the copy of the instruction: the boosted slot (copy, `jmp` back: no
+    /// further exit), or, when post handlers want control after it, the trapped slot with
+    /// interrupts off until its int3 (Linux x86 kprobes' int3 single-step).
     #[allow(clippy::too_many_arguments)]
     fn start_step(
         &self,
         vcpu: &mut dyn VcpuAccess,
         state: &mut VcpuProbeState,
         mut regs: Registers,
-        pc: u64,
         gpa: u64,
         ool: &OutOfLine,
-        slot: XolSlot,
+        boosted: Option<XolSlot>,
+        trapped: Option<XolSlot>,
+        has_post: bool,
         probes: &[Arc<ProbeEntry>],
     ) -> Result<Verdict, VmError> {
         let mode = PagingMode::from_cr4(regs.cr4);
-        if self
+        let mapped = self
             .xol
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .ensure_mapped(&self.mem, regs.cr3, mode)
-            .is_err()
-        {
-            // The slot cannot be mapped in this address space (the guest uses the hole): the
+            .is_ok();
+        let slot = match (trapped, boosted) {
+            (Some(t), _) if has_post => Some((t, true)),
+            (_, Some(b)) => Some((b, false)),
+            _ => None,
+        };
+        let Some((slot, trapping)) = slot.filter(|_| mapped) else {
+            // The slot cannot be reached in this address space (the guest took the hole): the
             // instruction cannot run out of line, and leaving the trap in place would trap
             // forever. Disarm the site (the guest's byte goes back), count the miss, and let
             // the vCPU run the original instruction.
@@ -987,25 +1211,70 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             self.disarm(gpa);
             vcpu.set_registers(&regs)?;
             return Ok(Verdict::Resume);
+        };
+        if trapping {
+            state.pending.push(PendingStep {
+                trap_va: slot.va + u64::from(ool.len),
+                interrupts: regs.rflags & RFLAGS_IF,
+                since: Instant::now(),
+            });
+            regs.rflags &= !RFLAGS_IF;
         }
-        let len = u64::from(ool.len);
-        let scratch = ool.scratch.map(|r| {
-            let saved = regs.get(r);
-            regs.set(r, pc + len);
-            (r, saved)
-        });
         regs.rip = slot.va;
         vcpu.set_registers(&regs)?;
-        vcpu.set_single_step(true)?;
-        state.in_flight = Some(StepInFlight {
-            orig_va: pc,
-            len,
-            slot_va: slot.va,
-            scratch,
-            fix_return_address: ool.fix_return_address,
-            site_gpa: gpa,
-        });
         Ok(Verdict::Resume)
+    }
+
+    /// A trapped slot's int3: back to the original stream after the copied instruction, the
+    /// interrupt flag as it was at the hit, post handlers.
+    fn finish_trapped_step(
+        &self,
+        vcpu: &mut dyn VcpuAccess,
+        state: &mut VcpuProbeState,
+        mut regs: Registers,
+        pc: u64,
+        trap: SlotTrap,
+    ) -> Result<Verdict, VmError> {
+        self.exits.slot_traps.fetch_add(1, Ordering::Relaxed);
+        regs.rip = trap.orig_va + trap.len;
+        match state.pending.iter().rposition(|p| p.trap_va == pc) {
+            Some(i) => {
+                let step = state.pending.remove(i);
+                regs.rflags |= step.interrupts;
+            }
+            // Not started on this vCPU (it cannot move with interrupts off, but a guest can
+            // jump anywhere): the flags stay as the guest has them.
+            None => {
+                self.exits.abandoned_steps.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        vcpu.set_registers(&regs)?;
+        let probes = {
+            let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+            table
+                .sites
+                .get(&trap.site_gpa)
+                .map(|s| s.probes.clone())
+                .unwrap_or_default()
+        };
+        if probes.iter().any(|p| p.post.is_some()) {
+            self.run_handlers(vcpu.id(), trap.orig_va, &probes, &regs, true);
+        }
+        Ok(Verdict::Resume)
+    }
+
+    /// Forgets trapped steps that never reached their trap within [`ABANDONED_AFTER`].
+    fn drop_abandoned(&self, state: &mut VcpuProbeState) {
+        let before = state.pending.len();
+        state
+            .pending
+            .retain(|p| p.since.elapsed() < ABANDONED_AFTER);
+        let dropped = (before - state.pending.len()) as u64;
+        if dropped > 0 {
+            self.exits
+                .abandoned_steps
+                .fetch_add(dropped, Ordering::Relaxed);
+        }
     }
 
     /// Writes the guest's byte back under a site whose probes cannot run any more.
@@ -1020,67 +1289,32 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
     }
 
     fn emulate(&self, emu: &Emulation, regs: &mut Registers) -> Result<(), EmulationError> {
-        let cr3 = regs.cr3;
-        let mode = PagingMode::from_cr4(regs.cr4);
-        let mem = &self.mem;
-        emu.apply(regs, &mut |va, value| {
-            write_virt(mem, cr3, mode, va, &value.to_le_bytes())
-        })
+        let mut stack = VirtualStack {
+            mem: &self.mem,
+            cr3: regs.cr3,
+            mode: PagingMode::from_cr4(regs.cr4),
+        };
+        emu.apply(regs, &mut stack)
+    }
+}
+
+/// The guest stack through the page tables of one vCPU, for emulation.
+struct VirtualStack<'a, M: GuestMemory + Send + Sync> {
+    mem: &'a M,
+    cr3: u64,
+    mode: PagingMode,
+}
+
+impl<M: GuestMemory + Send + Sync> GuestStack for VirtualStack<'_, M> {
+    fn read_u64(&mut self, va: u64) -> Result<u64, EmulationError> {
+        let mut b = [0u8; 8];
+        read_virt(self.mem, self.cr3, self.mode, va, &mut b)
+            .map_err(|e| EmulationError::Stack { va, why: e.0 })?;
+        Ok(u64::from_le_bytes(b))
     }
 
-    fn complete_step(
-        &self,
-        vcpu: &mut dyn VcpuAccess,
-        state: &mut VcpuProbeState,
-        pc: u64,
-    ) -> Result<Verdict, VmError> {
-        let Some(step) = state.in_flight.take() else {
-            // A step nobody asked for (a stale single-step flag): just go on.
-            vcpu.set_single_step(false)?;
-            return Ok(Verdict::Resume);
-        };
-        self.exits.steps.fetch_add(1, Ordering::Relaxed);
-        if pc == step.slot_va {
-            // A `rep` string instruction traps after each iteration with RIP unchanged: keep
-            // stepping until it falls through.
-            state.in_flight = Some(step);
-            return Ok(Verdict::Resume);
-        }
-        let mut regs = vcpu.registers()?;
-        let fell_through = pc == step.slot_va + step.len;
-        if fell_through {
-            regs.rip = step.orig_va + step.len;
-        }
-        if step.fix_return_address && !fell_through {
-            // An indirect call pushed the slot address as its return address.
-            let sp = regs.get(Gpr::Rsp);
-            let ret = step.orig_va + step.len;
-            let _ = write_virt(
-                &self.mem,
-                regs.cr3,
-                PagingMode::from_cr4(regs.cr4),
-                sp,
-                &ret.to_le_bytes(),
-            );
-        }
-        if let Some((r, saved)) = step.scratch {
-            regs.set(r, saved);
-        }
-        regs.rflags &= !RFLAGS_RF;
-        vcpu.set_registers(&regs)?;
-        vcpu.set_single_step(false)?;
-        let probes = {
-            let table = self.table.read().unwrap_or_else(|e| e.into_inner());
-            table
-                .sites
-                .get(&step.site_gpa)
-                .map(|s| s.probes.clone())
-                .unwrap_or_default()
-        };
-        if probes.iter().any(|p| p.post.is_some()) {
-            self.run_handlers(vcpu.id(), step.orig_va, &probes, &regs, true);
-        }
-        Ok(Verdict::Resume)
+    fn write_u64(&mut self, va: u64, value: u64) -> Result<(), EmulationError> {
+        write_virt(self.mem, self.cr3, self.mode, va, &value.to_le_bytes())
     }
 }
 

@@ -59,7 +59,7 @@ fn an_emulated_hit_runs_the_handler_and_costs_one_exit() {
         .read_obj(GuestAddress(STACK_GPA + 0x7f8))
         .unwrap();
     assert_eq!(pushed, 0xb0b0);
-    assert!(!vcpu.single_step && !state.stepping());
+    assert!(!state.stepping());
     let stats = engine.stats();
     assert_eq!((stats[0].hits, stats[0].plan), (1, "emulate"));
 
@@ -67,8 +67,15 @@ fn an_emulated_hit_runs_the_handler_and_costs_one_exit() {
     assert_eq!(text(&engine), CODE);
 }
 
+/// Reads a slot's bytes through the guest's page tables.
+fn slot_bytes(engine: &ProbeEngine<GuestMemoryMmap>, regs: &Registers, va: u64) -> Vec<u8> {
+    let mut b = vec![0u8; SLOT_SIZE as usize];
+    read_guest_virtual(engine.memory(), regs, va, &mut b).unwrap();
+    b
+}
+
 #[test]
-fn a_rip_relative_instruction_steps_through_a_scratch_register() {
+fn a_rip_relative_instruction_runs_boosted_with_its_displacement_retargeted() {
     let (engine, mut vcpu) = machine();
     let regs = vcpu.regs.clone();
     engine
@@ -77,40 +84,38 @@ fn a_rip_relative_instruction_steps_through_a_scratch_register() {
     let pc = TEXT_VA + AT_RIPREL;
     vcpu.regs.rip = pc;
     let mut state = VcpuProbeState::default();
+    let before = vcpu.regs.clone();
     engine
         .handle_debug(&mut vcpu, &mut state, DebugEvent::Breakpoint { pc })
         .unwrap();
-    assert!(vcpu.single_step && state.stepping());
+    assert!(!state.stepping(), "a boosted step leaves no state behind");
     let slot = vcpu.regs.rip;
     assert!(slot >= crate::xol::XOL_VA_BASE);
-    // The slot maps through the guest's own table now, and holds `mov 0x100(%rcx),%rax`
-    // with rcx = the original next instruction: the same effective address.
-    let mut copy = [0u8; 7];
-    read_guest_virtual(engine.memory(), &vcpu.regs, slot, &mut copy).unwrap();
-    let insn = Decoder::new().unwrap().decode(&copy, slot).unwrap();
-    assert_eq!(insn.text, "mov rax, qword ptr [rcx + 0x100]");
-    assert_eq!(vcpu.regs.get(Gpr::Rcx), pc + 7);
-
-    // The CPU steps the copy: rax loaded, rip at the end of the copy.
-    vcpu.regs.rip = slot + 7;
-    vcpu.regs.set(Gpr::Rax, 0x1234);
-    engine
-        .handle_debug(
-            &mut vcpu,
-            &mut state,
-            DebugEvent::SingleStep { pc: slot + 7 },
-        )
-        .unwrap();
-    assert_eq!(vcpu.regs.rip, pc + 7);
-    assert_eq!(vcpu.regs.get(Gpr::Rcx), 0xc0c0, "scratch restored");
-    assert_eq!(vcpu.regs.get(Gpr::Rax), 0x1234);
-    assert!(!vcpu.single_step && !state.stepping());
+    assert_eq!(
+        Registers {
+            rip: pc,
+            ..vcpu.regs.clone()
+        },
+        before,
+        "only RIP moved"
+    );
+    // The slot holds `mov disp(%rip),%rax` addressing the same byte as the original, then
+    // `jmp` back to the next original instruction.
+    let bytes = slot_bytes(&engine, &vcpu.regs, slot);
+    let d = Decoder::new().unwrap();
+    let copy = d.decode(&bytes, slot).unwrap();
+    assert_eq!(copy.len(), 7);
+    let disp = i32::from_le_bytes(bytes[3..7].try_into().unwrap());
+    assert_eq!(slot + 7 + disp as i64 as u64, pc + 7 + 0x100);
+    let jmp = d.decode(&bytes[7..], slot + 7).unwrap();
+    assert_eq!(jmp.text, format!("jmp {:#x}", pc + 7));
     let e = engine.exit_stats();
-    assert_eq!((e.breakpoints, e.steps), (1, 1));
+    assert_eq!((e.breakpoints, e.slot_traps), (1, 0));
+    assert_eq!(engine.stats()[0].plan, "xol-riprel");
 }
 
 #[test]
-fn an_indirect_call_gets_its_return_address_fixed() {
+fn an_indirect_call_through_a_register_is_emulated() {
     let (engine, mut vcpu) = machine();
     let regs = vcpu.regs.clone();
     engine
@@ -118,38 +123,49 @@ fn an_indirect_call_gets_its_return_address_fixed() {
         .unwrap();
     let pc = TEXT_VA + AT_CALL;
     vcpu.regs.rip = pc;
+    vcpu.regs.set(Gpr::Rax, 0xffff_ffff_8100_0100);
+    let mut state = VcpuProbeState::default();
+    engine
+        .handle_debug(&mut vcpu, &mut state, DebugEvent::Breakpoint { pc })
+        .unwrap();
+    assert_eq!(vcpu.regs.rip, 0xffff_ffff_8100_0100, "the branch is taken");
+    let ret: u64 = engine
+        .memory()
+        .read_obj(GuestAddress(STACK_GPA + 0x7f8))
+        .unwrap();
+    assert_eq!(ret, pc + 2, "the return address is in the original stream");
+    assert_eq!(engine.stats()[0].plan, "emulate");
+}
+
+#[test]
+fn a_failing_stack_push_falls_back_to_the_real_instruction_in_a_boosted_slot() {
+    let (engine, mut vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    engine
+        .plant(Probe::new("f+0x4"), target(AT_PUSH), &regs)
+        .unwrap();
+    let pc = TEXT_VA + AT_PUSH;
+    vcpu.regs.rip = pc;
+    // A stack pointer into an unmapped page (a guard page).
+    vcpu.regs.set(Gpr::Rsp, STACK_VA + 0x10_0000);
     let mut state = VcpuProbeState::default();
     engine
         .handle_debug(&mut vcpu, &mut state, DebugEvent::Breakpoint { pc })
         .unwrap();
     let slot = vcpu.regs.rip;
-    // The CPU runs `call *%rax` in the slot: pushes slot+2, jumps to rax.
-    let sp = vcpu.regs.get(Gpr::Rsp) - 8;
-    engine
-        .memory()
-        .write_obj(slot + 2, GuestAddress(STACK_GPA + 0x7f8))
-        .unwrap();
-    vcpu.regs.set(Gpr::Rsp, sp);
-    vcpu.regs.rip = 0xffff_ffff_8100_0100;
-    engine
-        .handle_debug(
-            &mut vcpu,
-            &mut state,
-            DebugEvent::SingleStep {
-                pc: 0xffff_ffff_8100_0100,
-            },
-        )
-        .unwrap();
-    assert_eq!(vcpu.regs.rip, 0xffff_ffff_8100_0100, "the branch stands");
-    let ret: u64 = engine
-        .memory()
-        .read_obj(GuestAddress(STACK_GPA + 0x7f8))
-        .unwrap();
-    assert_eq!(
-        ret,
-        pc + 2,
-        "return address points back into the original stream"
+    assert!(
+        slot >= crate::xol::XOL_VA_BASE,
+        "not retried in place: {slot:#x}"
     );
+    assert_eq!(vcpu.regs.get(Gpr::Rsp), STACK_VA + 0x10_0000);
+    let bytes = slot_bytes(&engine, &vcpu.regs, slot);
+    let d = Decoder::new().unwrap();
+    assert_eq!(d.decode(&bytes, slot).unwrap().text, "push rbp");
+    assert_eq!(
+        d.decode(&bytes[1..], slot + 1).unwrap().text,
+        format!("jmp {:#x}", pc + 1)
+    );
+    assert_eq!(engine.exit_stats().emulation_fallbacks, 1);
 }
 
 #[test]
@@ -219,10 +235,29 @@ fn foreign_traps_go_back_and_failing_handlers_are_counted() {
 fn bad_locations_change_nothing() {
     let (engine, vcpu) = machine();
     let regs = vcpu.regs.clone();
+    // ud2 past the function: refused by name.
+    let ud2 = TEXT_VA + 0x40;
+    engine
+        .memory()
+        .write_slice(&[0x0f, 0x0b], GuestAddress(TEXT_GPA + 0x40))
+        .unwrap();
     let err = engine
-        .plant(Probe::new("f+0x11"), target(AT_POPF), &regs)
+        .plant(
+            Probe::new("ud2"),
+            PlantTarget {
+                va: ud2,
+                function_start: None,
+            },
+            &regs,
+        )
         .unwrap_err();
-    assert!(err.to_string().contains("popfq"), "{err}");
+    assert!(err.to_string().contains("ud2"), "{err}");
+    // An instruction the guest's exception table lists.
+    engine.set_exception_table([TEXT_VA + AT_RIPREL]);
+    let err = engine
+        .plant(Probe::new("f+0x8"), target(AT_RIPREL), &regs)
+        .unwrap_err();
+    assert!(err.to_string().contains("exception table"), "{err}");
     let err = engine
         .plant(Probe::new("f+0x6"), target(6), &regs)
         .unwrap_err();
@@ -319,7 +354,7 @@ fn hardware_probes_leave_text_alone_and_are_limited_to_four() {
         "{:#x}",
         vcpu.regs.rip
     );
-    assert!(state.stepping() && vcpu.single_step);
+    assert!(!state.stepping(), "boosted");
     assert_eq!(vcpu.regs.get(Gpr::Rsp), STACK_VA + 0x7f8, "push emulated");
     assert!(engine.stats().iter().all(|s| s.hits == 1));
     assert_eq!(engine.exit_stats().hw_breakpoints, 1);
@@ -356,10 +391,11 @@ fn a_site_that_cannot_step_is_disarmed_instead_of_trapping_forever() {
     engine
         .plant(Probe::new("f+0x8"), target(AT_RIPREL), &regs)
         .unwrap();
-    // The guest puts its own mapping in the hypervisor hole.
+    // The guest puts its own mapping in the hole the XOL area uses (PUD 509 of the kernel's
+    // shared PUD table at 0x2000).
     engine
         .memory()
-        .write_obj(0x7777_7007u64, GuestAddress(CR3 + 256 * 8))
+        .write_obj(0x7777_7007u64, GuestAddress(0x2000 + 509 * 8))
         .unwrap();
     let pc = TEXT_VA + AT_RIPREL;
     vcpu.regs.rip = pc;
@@ -380,7 +416,7 @@ fn a_site_that_cannot_step_is_disarmed_instead_of_trapping_forever() {
 }
 
 #[test]
-fn five_level_guests_refuse_stepped_probes_and_take_emulated_ones() {
+fn five_level_guests_get_their_slots_through_pml5_entry_511() {
     let (engine, vcpu) = machine();
     let mut regs = vcpu.regs.clone();
     // A PML5 whose entry 511 points at the 4-level table maps the same text.
@@ -390,13 +426,26 @@ fn five_level_guests_refuse_stepped_probes_and_take_emulated_ones() {
         .unwrap();
     regs.cr3 = 0x5000;
     regs.cr4 |= 1 << 12;
-    let err = engine
-        .plant(Probe::new("f+0x8"), target(AT_RIPREL), &regs)
-        .unwrap_err();
-    assert!(err.to_string().contains("5-level"), "{err}");
     engine
-        .plant(Probe::new("f+0x4"), target(AT_PUSH), &regs)
+        .plant(Probe::new("f+0x8"), target(AT_RIPREL), &regs)
         .unwrap();
+    let mut vcpu = FakeVcpu {
+        regs,
+        interrupt_shadows: 0,
+    };
+    let pc = TEXT_VA + AT_RIPREL;
+    vcpu.regs.rip = pc;
+    engine
+        .handle_debug(
+            &mut vcpu,
+            &mut VcpuProbeState::default(),
+            DebugEvent::Breakpoint { pc },
+        )
+        .unwrap();
+    let slot = vcpu.regs.rip;
+    assert!(slot >= crate::xol::XOL_VA_BASE);
+    let bytes = slot_bytes(&engine, &vcpu.regs, slot);
+    assert_eq!(bytes[..3], CODE[AT_RIPREL as usize..AT_RIPREL as usize + 3]);
 }
 
 #[test]
@@ -436,19 +485,37 @@ fn post_handlers_see_the_state_after_the_instruction() {
 
     let pc = TEXT_VA + AT_RIPREL;
     vcpu.regs.rip = pc;
+    vcpu.regs.rflags |= 1 << 9;
     engine
         .handle_debug(&mut vcpu, &mut state, DebugEvent::Breakpoint { pc })
         .unwrap();
     assert_eq!(after_step.load(Ordering::SeqCst), 0, "not before the step");
-    let slot_end = vcpu.regs.rip + 7;
+    // The trapped slot runs with interrupts off; its int3 follows the copy.
+    let slot = vcpu.regs.rip;
+    assert!(state.stepping());
+    assert_eq!(
+        vcpu.regs.rflags & (1 << 9),
+        0,
+        "IF off during the trapped step"
+    );
+    let bytes = slot_bytes(&engine, &vcpu.regs, slot);
+    assert_eq!(bytes[7], INT3);
+    // The CPU ran the copy and reaches the int3; an unrelated vCPU state is untouched.
+    vcpu.regs.set(Gpr::Rax, 0x1234);
+    vcpu.regs.rip = slot + 7;
     engine
         .handle_debug(
             &mut vcpu,
             &mut state,
-            DebugEvent::SingleStep { pc: slot_end },
+            DebugEvent::Breakpoint { pc: slot + 7 },
         )
         .unwrap();
     assert_eq!(after_step.load(Ordering::SeqCst), pc + 7);
+    assert_eq!(vcpu.regs.rip, pc + 7);
+    assert_eq!(vcpu.regs.get(Gpr::Rax), 0x1234);
+    assert!(!state.stepping());
+    assert_eq!(vcpu.regs.rflags & (1 << 9), 1 << 9, "IF back as it was");
+    assert_eq!(engine.exit_stats().slot_traps, 1);
 }
 
 #[test]

@@ -41,8 +41,8 @@ pub const AT_POPF: u64 = 17;
 pub struct FakeVcpu {
     /// Its registers.
     pub regs: Registers,
-    /// Whether single-stepping is on.
-    pub single_step: bool,
+    /// How many times the engine asked for an interrupt shadow (emulated `sti`).
+    pub interrupt_shadows: u32,
 }
 
 impl VcpuAccess for FakeVcpu {
@@ -56,8 +56,8 @@ impl VcpuAccess for FakeVcpu {
         self.regs = regs.clone();
         Ok(())
     }
-    fn set_single_step(&mut self, on: bool) -> Result<(), VmError> {
-        self.single_step = on;
+    fn block_interrupts_once(&mut self) -> Result<(), VmError> {
+        self.interrupt_shadows += 1;
         Ok(())
     }
 }
@@ -90,7 +90,7 @@ pub fn machine() -> (ProbeEngine<GuestMemoryMmap>, FakeVcpu) {
         engine,
         FakeVcpu {
             regs,
-            single_step: false,
+            interrupt_shadows: 0,
         },
     )
 }

@@ -17,8 +17,9 @@ pub trait VcpuAccess {
     fn registers(&mut self) -> Result<Registers, VmError>;
     /// Writes the registers back before the next entry.
     fn set_registers(&mut self, regs: &Registers) -> Result<(), VmError>;
-    /// Turns single-stepping (with interrupts blocked) on or off for this vCPU.
-    fn set_single_step(&mut self, on: bool) -> Result<(), VmError>;
+    /// Blocks interrupts for the next instruction the vCPU runs, as `sti` does (the interrupt
+    /// shadow), for an emulated `sti`.
+    fn block_interrupts_once(&mut self) -> Result<(), VmError>;
 }
 
 /// What a debug exit reported.
@@ -34,7 +35,8 @@ pub enum DebugEvent {
         /// Address of the instruction.
         pc: u64,
     },
-    /// A single step completed; `pc` is where the vCPU is now.
+    /// A debug exception that is not a hardware breakpoint of the engine (a single step);
+    /// `pc` is where the vCPU is now.
     SingleStep {
         /// The new instruction pointer.
         pc: u64,
@@ -48,4 +50,6 @@ pub enum Verdict {
     Resume,
     /// The trap is not ours: deliver #BP to the guest as if no debugger were attached.
     Reinject,
+    /// The debug exception (#DB) is the guest's own: deliver it to the guest.
+    ReinjectDebug,
 }

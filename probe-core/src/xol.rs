@@ -1,12 +1,26 @@
 //! The XOL (execute out of line) area: guest physical memory that the guest's e820 map does not
 //! list, owned by the VMM, mapped into the guest kernel's address space by page tables that the
-//! VMM builds inside the area itself, at the x86_64 "reserved for hypervisor" guard hole
-//! (0xffff800000000000, top-level slot 256 with 4-level paging; Documentation/arch/x86/x86_64/
-//! mm.rst). The VMM registers the area as a read-only memslot, so the guest can execute the
-//! slots but cannot rewrite them or their page tables; Accessed and Dirty bits are preset
-//! because the CPU cannot set them in read-only memory.
+//! VMM builds inside the area itself.
 //!
-//! Layout (one 4 KiB page each): PDPT, PD, PT, then the code pages holding the slots.
+//! Where: the last 2 MiB of PUD entry 509 under the top-level entry 511
+//! (`0xffffffff7fe00000..0xffffffff80000000`), inside the unused hole
+//! `ffffffff00000000-ffffffff7fffffff` that Documentation/arch/x86/x86_64/mm.rst lists right
+//! below the kernel text mapping. The PUD table of top-level entry 511 (`level3_kernel_pgt`) is
+//! shared by every address space: `pgd_ctor()` copies the top-level entries from
+//! `KERNEL_PGD_BOUNDARY` (slot 273) up into each new mm, so all of them point at the same PUD
+//! table, and one PUD entry written there maps the area in every page table, present and
+//! future, kthreads and exec'd tasks alike. (Slot 256, the "hypervisor" guard hole, is below the
+//! boundary and is NOT copied: an area there is missing from every mm created after it.) The
+//! area is also within +-2 GiB of all kernel text, KASLR range included, so a copied
+//! instruction's RIP-relative displacement is re-targeted in place and a `jmp rel32` from a
+//! slot reaches back into the text.
+//!
+//! The VMM registers the code pages as a read-only memslot, so the guest can execute the slots
+//! but cannot rewrite them; the two table pages are a writable memslot (QEMU's TCG probes
+//! page-table pages for write during walks) that the guest maps nowhere. Accessed and Dirty bits
+//! are preset.
+//!
+//! Layout (one 4 KiB page each): PD, PT, then the code pages holding the slots.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
@@ -19,40 +33,49 @@ pub enum XolError {
     #[error("the XOL area is full ({0} slots)")]
     Full(usize),
     /// The area does not fit the page-table layout.
-    #[error("an XOL area of {0} code pages does not fit one page table (at most 509)")]
+    #[error("an XOL area of {0} code pages does not fit one page table (at most 512)")]
     TooLarge(usize),
-    /// The guest uses the top-level slot that the area needs.
+    /// The guest uses the PUD entry that the area needs.
     #[error(
-        "the guest's top-level page table at {table:#x} already uses entry 256 ({entry:#x}); the XOL area cannot be mapped"
+        "the guest's kernel PUD table at {table:#x} already uses entry 509 ({entry:#x}, the unused hole below the kernel text); the XOL area cannot be mapped"
     )]
     HoleInUse {
-        /// The top-level table.
+        /// The PUD table.
         table: u64,
         /// What is there.
         entry: u64,
     },
-    /// 5-level paging is not supported for the XOL mapping.
-    #[error("the guest uses 5-level paging (LA57); the XOL mapping supports 4-level paging only")]
-    FiveLevel,
+    /// The guest's page tables do not have the expected kernel layout above the PUD level.
+    #[error(
+        "the guest's page tables have no kernel PUD table for {XOL_VA_BASE:#x} (level-{level} entry {entry:#x}); the XOL area cannot be mapped"
+    )]
+    NoKernelTable {
+        /// The level whose entry is not a table.
+        level: u8,
+        /// The entry.
+        entry: u64,
+    },
     /// Guest memory access failed.
     #[error("guest memory at {0:#x} is not accessible")]
     Memory(u64),
 }
 
-/// Guest virtual base of the XOL area.
-pub const XOL_VA_BASE: u64 = 0xffff_8000_0000_0000;
-/// Top-level page-table index of [`XOL_VA_BASE`] with 4-level paging.
-pub const XOL_PML4_INDEX: u64 = 256;
-/// Bytes per slot: the longest instruction (15) plus an absolute jump back (14), rounded up.
+/// Guest virtual base of the XOL area's code pages.
+pub const XOL_VA_BASE: u64 = 0xffff_ffff_7fe0_0000;
+/// PUD index (under top-level entry 511) that maps the area.
+pub const XOL_PUD_INDEX: u64 = 509;
+/// Bytes per slot: the longest instruction (15) plus a `jmp rel32` back (5) or an int3,
+/// rounded up.
 pub const SLOT_SIZE: u64 = 32;
 const PAGE: u64 = 4096;
-const TABLE_PAGES: u64 = 3;
+const TABLE_PAGES: u64 = 2;
 /// Bytes of the area's own page tables, at its start; the code pages follow.
 pub const TABLE_BYTES: u64 = TABLE_PAGES * PAGE;
 const P: u64 = 1;
+const PS: u64 = 1 << 7;
 const A: u64 = 1 << 5;
 const D: u64 = 1 << 6;
-const NX: u64 = 1 << 63;
+const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
 /// One slot of the area.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +89,8 @@ pub struct XolSlot {
 }
 
 /// The XOL area and its slot allocator. Slots are never handed out twice: a slot that a probe
-/// used may still be the RIP of a vCPU that is mid-step when the probe is removed.
+/// used may still hold the saved RIP of a preempted task (a boosted slot runs with interrupts
+/// on) after the probe is gone.
 #[derive(Debug)]
 pub struct XolArea {
     gpa_base: u64,
@@ -77,7 +101,7 @@ pub struct XolArea {
 impl XolArea {
     /// An area at guest physical `gpa_base` with `code_pages` pages of slots.
     pub fn new(gpa_base: u64, code_pages: usize) -> Result<XolArea, XolError> {
-        if code_pages == 0 || code_pages as u64 + TABLE_PAGES > 512 {
+        if code_pages == 0 || code_pages as u64 > 512 {
             return Err(XolError::TooLarge(code_pages));
         }
         Ok(XolArea {
@@ -104,32 +128,26 @@ impl XolArea {
 
     /// Whether `va` lies in the code pages of the area.
     pub fn contains_va(&self, va: u64) -> bool {
-        let start = XOL_VA_BASE + TABLE_PAGES * PAGE;
-        (start..start + self.code_pages * PAGE).contains(&va)
+        (XOL_VA_BASE..XOL_VA_BASE + self.code_pages * PAGE).contains(&va)
     }
 
-    /// The top-level entry that maps the area.
-    pub fn top_level_entry(&self) -> u64 {
+    /// The PUD entry that maps the area.
+    pub fn pud_entry(&self) -> u64 {
         self.gpa_base | P | A
     }
 
-    /// Writes the area's own page tables (through the host mapping, which may write the
-    /// read-only memslot).
+    /// Writes the area's own page tables (through the host mapping).
     pub fn write_tables<M: GuestMemory>(&self, mem: &M) -> Result<(), XolError> {
-        let pdpt = self.gpa_base;
-        let pd = pdpt + PAGE;
+        let pd = self.gpa_base;
         let pt = pd + PAGE;
         let zero = vec![0u8; (TABLE_PAGES * PAGE) as usize];
-        write(mem, pdpt, &zero)?;
-        write(mem, pdpt, &(pd | P | A).to_le_bytes())?;
-        write(mem, pd, &(pt | P | A).to_le_bytes())?;
+        write(mem, pd, &zero)?;
+        let pd_index = (XOL_VA_BASE >> 21) & 0x1ff;
+        write(mem, pd + pd_index * 8, &(pt | P | A).to_le_bytes())?;
         for page in 0..self.code_pages {
-            let index = TABLE_PAGES + page;
-            let pte = (self.gpa_base + index * PAGE) | P | A | D;
-            write(mem, pt + index * 8, &pte.to_le_bytes())?;
+            let pte = (self.gpa_base + (TABLE_PAGES + page) * PAGE) | P | A | D;
+            write(mem, pt + page * 8, &pte.to_le_bytes())?;
         }
-        // The table pages themselves are mapped nowhere; data pages are never writable.
-        let _ = NX;
         Ok(())
     }
 
@@ -140,32 +158,45 @@ impl XolArea {
         }
         let index = self.next;
         self.next += 1;
-        let offset = TABLE_PAGES * PAGE + index as u64 * SLOT_SIZE;
+        let offset = index as u64 * SLOT_SIZE;
         Ok(XolSlot {
             index,
             va: XOL_VA_BASE + offset,
-            gpa: self.gpa_base + offset,
+            gpa: self.gpa_base + TABLE_BYTES + offset,
         })
     }
 
-    /// Makes sure the top-level table at `cr3` maps the area, writing the entry if it is
-    /// missing (new page tables copy the kernel half from init's, but tables created before
-    /// the entry was written do not have it). Returns whether it wrote.
+    /// Makes sure the kernel PUD table reached from `cr3` maps the area: finds the shared PUD
+    /// table through the top-level entry 511 (and PML4 entry 511 with 5-level paging), checks
+    /// that entry 509 is absent or already ours, and writes it if absent. Returns whether it
+    /// wrote. One write serves every address space, since all share that PUD table.
     pub fn ensure_mapped<M: GuestMemory>(
         &self,
         mem: &M,
         cr3: u64,
         mode: PagingMode,
     ) -> Result<bool, XolError> {
-        if mode == PagingMode::FiveLevel {
-            return Err(XolError::FiveLevel);
+        let top = match mode {
+            PagingMode::FourLevel => 4u8,
+            PagingMode::FiveLevel => 5,
+        };
+        let mut table = cr3 & ADDR_MASK;
+        for level in (4..=top).rev() {
+            let index = (XOL_VA_BASE >> (12 + 9 * (u32::from(level) - 1))) & 0x1ff;
+            let at = table + index * 8;
+            let entry: u64 = mem
+                .read_obj(GuestAddress(at))
+                .map_err(|_| XolError::Memory(at))?;
+            if entry & P == 0 || entry & PS != 0 {
+                return Err(XolError::NoKernelTable { level, entry });
+            }
+            table = entry & ADDR_MASK;
         }
-        let table = cr3 & 0x000f_ffff_ffff_f000;
-        let at = table + XOL_PML4_INDEX * 8;
+        let at = table + XOL_PUD_INDEX * 8;
         let entry: u64 = mem
             .read_obj(GuestAddress(at))
             .map_err(|_| XolError::Memory(at))?;
-        let want = self.top_level_entry();
+        let want = self.pud_entry();
         if entry == want {
             return Ok(false);
         }
@@ -195,53 +226,94 @@ mod tests {
         }
     }
 
-    #[test]
-    fn slots_are_mapped_at_the_hypervisor_hole_once_the_entry_is_written() {
+    /// Two top-level tables (two "mms") at 0x1000 and 0x2000 whose entry 511 share one PUD
+    /// table at 0x3000, as `pgd_ctor` makes them.
+    fn two_mms() -> GuestMemoryMmap {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[
             (GuestAddress(0), 0x10_0000),
             (GuestAddress(0x4000_0000), 0x10_0000),
         ])
         .unwrap();
+        for pgd in [0x1000u64, 0x2000] {
+            mem.write_obj(0x3000u64 | 0x63, GuestAddress(pgd + 511 * 8))
+                .unwrap();
+        }
+        mem
+    }
+
+    #[test]
+    fn one_pud_entry_maps_the_slots_in_every_address_space() {
+        let mem = two_mms();
         let mut xol = XolArea::new(0x4000_0000, 4).unwrap();
         xol.write_tables(&mem).unwrap();
-        let cr3 = 0x1000;
         let slot = xol.allocate().unwrap();
         let m = Mem(mem);
-        assert!(translate(&m, cr3, PagingMode::FourLevel, slot.va).is_err());
-        assert!(xol.ensure_mapped(&m.0, cr3, PagingMode::FourLevel).unwrap());
-        assert!(!xol.ensure_mapped(&m.0, cr3, PagingMode::FourLevel).unwrap());
-        let t = translate(&m, cr3, PagingMode::FourLevel, slot.va).unwrap();
-        assert_eq!(t.gpa, slot.gpa);
-        assert!(!t.writable && !t.user && !t.no_execute);
+        assert!(translate(&m, 0x1000, PagingMode::FourLevel, slot.va).is_err());
+        assert!(
+            xol.ensure_mapped(&m.0, 0x1000, PagingMode::FourLevel)
+                .unwrap()
+        );
+        // The other mm sees it with no write of its own.
+        assert!(
+            !xol.ensure_mapped(&m.0, 0x2000, PagingMode::FourLevel)
+                .unwrap()
+        );
+        for cr3 in [0x1000, 0x2000] {
+            let t = translate(&m, cr3, PagingMode::FourLevel, slot.va).unwrap();
+            assert_eq!(t.gpa, slot.gpa);
+            assert!(!t.writable && !t.user && !t.no_execute);
+        }
         let second = xol.allocate().unwrap();
         assert_eq!(second.va, slot.va + SLOT_SIZE);
         assert_eq!(
-            translate(&m, cr3, PagingMode::FourLevel, second.va)
+            translate(&m, 0x2000, PagingMode::FourLevel, second.va)
                 .unwrap()
                 .gpa,
             second.gpa
         );
-        assert!(xol.contains_va(slot.va) && !xol.contains_va(XOL_VA_BASE));
-        assert_eq!(
-            xol.ensure_mapped(&m.0, cr3, PagingMode::FiveLevel),
-            Err(XolError::FiveLevel)
-        );
+        assert!(xol.contains_va(slot.va) && !xol.contains_va(XOL_VA_BASE - 1));
+        // Within +-2 GiB of the lowest and the highest kernel text address.
+        for text in [0xffff_ffff_8000_0000u64, 0xffff_ffff_c000_0000] {
+            assert!(text - slot.va < 1 << 31);
+        }
     }
 
     #[test]
-    fn a_used_hole_and_a_full_area_are_errors() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
-        mem.write_obj(0x1234_5007u64, GuestAddress(0x1000 + 256 * 8))
+    fn five_level_paging_goes_through_pml5_entry_511() {
+        let mem = two_mms();
+        // PML5 at 0x5000 whose entry 511 points at the PML4 at 0x1000.
+        mem.write_obj(0x1000u64 | 0x63, GuestAddress(0x5000 + 511 * 8))
+            .unwrap();
+        let mut xol = XolArea::new(0x4000_0000, 1).unwrap();
+        xol.write_tables(&mem).unwrap();
+        let slot = xol.allocate().unwrap();
+        assert!(
+            xol.ensure_mapped(&mem, 0x5000, PagingMode::FiveLevel)
+                .unwrap()
+        );
+        let m = Mem(mem);
+        let t = translate(&m, 0x5000, PagingMode::FiveLevel, slot.va).unwrap();
+        assert_eq!(t.gpa, slot.gpa);
+    }
+
+    #[test]
+    fn a_used_hole_a_missing_kernel_table_and_a_full_area_are_errors() {
+        let mem = two_mms();
+        mem.write_obj(0x1234_5007u64, GuestAddress(0x3000 + 509 * 8))
             .unwrap();
         let mut xol = XolArea::new(0x8_0000, 1).unwrap();
         assert!(matches!(
             xol.ensure_mapped(&mem, 0x1000, PagingMode::FourLevel),
             Err(XolError::HoleInUse { .. })
         ));
+        assert!(matches!(
+            xol.ensure_mapped(&mem, 0x6000, PagingMode::FourLevel),
+            Err(XolError::NoKernelTable { level: 4, .. })
+        ));
         for _ in 0..xol.capacity() {
             xol.allocate().unwrap();
         }
         assert_eq!(xol.allocate(), Err(XolError::Full(128)));
-        assert!(XolArea::new(0, 600).is_err());
+        assert!(XolArea::new(0, 513).is_err());
     }
 }

@@ -556,6 +556,13 @@ fn probe_setup(
         xol_pages: XOL_PAGES,
         syscall_entry: map.lookup("entry_SYSCALL_64").ok().map(|s| s.addr),
         initial_page_table: map.lookup("init_top_pgt").ok().map(|s| s.addr),
+        exception_table: match (
+            map.lookup("__start___ex_table"),
+            map.lookup("__stop___ex_table"),
+        ) {
+            (Ok(s), Ok(e)) => Some((s.addr, e.addr)),
+            _ => None,
+        },
         slide,
     }))
 }

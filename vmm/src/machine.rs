@@ -12,8 +12,10 @@ use kvm_ioctls::Kvm;
 
 use crate::devices::serial::SerialPort;
 use crate::output::{ConsoleSink, TraceOutput};
-use probe_core::arch::x86_64::Registers;
-use probe_core::engine::{ExitStats, PlantTarget, ProbeStats, RewrittenSite, hash_guest_virtual};
+use probe_core::arch::x86_64::{Registers, extable};
+use probe_core::engine::{
+    ExitStats, PlantTarget, ProbeStats, RewrittenSite, hash_guest_virtual, read_guest_virtual,
+};
 use probe_core::pagewalk::{PagingMode, PhysRead, translate};
 use probe_core::probe::Probe;
 use probe_core::xol::XolArea;
@@ -125,6 +127,9 @@ pub struct ProbeSetup {
     /// System.map's `init_top_pgt`: the kernel's initial top-level page table, which every
     /// new page table copies its kernel half from; the XOL area is mapped there at planting.
     pub initial_page_table: Option<u64>,
+    /// System.map's `__start___ex_table` and `__stop___ex_table`: instructions listed there are
+    /// never copied out of line.
+    pub exception_table: Option<(u64, u64)>,
 }
 
 /// KASLR moves the x86_64 kernel by multiples of CONFIG_PHYSICAL_ALIGN (2 MiB).
@@ -279,6 +284,15 @@ impl ProbeSession {
                 self.engine
                     .map_xol_into(gpa)
                     .map_err(|e| format!("mapping the XOL area: {e}"))?;
+            }
+            if let Some((start, end)) = self.setup.exception_table {
+                let slide = self.setup.slide.load(Ordering::SeqCst);
+                let (start, end) = (start.wrapping_add(slide), end.wrapping_add(slide));
+                let mut bytes = vec![0u8; end.saturating_sub(start) as usize];
+                read_guest_virtual(self.engine.memory(), &regs, start, &mut bytes)
+                    .map_err(|e| format!("reading the guest's exception table: {e}"))?;
+                self.engine
+                    .set_exception_table(extable::instruction_addresses(start, &bytes));
             }
             let before = self.hash_text(&regs);
             let mut ids = Vec::new();

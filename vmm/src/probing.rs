@@ -52,7 +52,6 @@ struct KvmVcpu<'a> {
     id: u32,
     fd: &'a mut VcpuFd,
     sync_regs: bool,
-    single_step: &'a mut bool,
 }
 
 fn err(what: &str) -> impl FnOnce(kvm_ioctls::Error) -> VmError + '_ {
@@ -84,9 +83,16 @@ impl VcpuAccess for KvmVcpu<'_> {
         self.fd.set_regs(&r).map_err(err("KVM_SET_REGS"))
     }
 
-    fn set_single_step(&mut self, on: bool) -> Result<(), VmError> {
-        *self.single_step = on;
-        Ok(())
+    fn block_interrupts_once(&mut self) -> Result<(), VmError> {
+        let mut events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(err("KVM_GET_VCPU_EVENTS"))?;
+        events.interrupt.shadow = kvm_bindings::KVM_X86_SHADOW_INT_STI as u8;
+        events.flags |= kvm_bindings::KVM_VCPUEVENT_VALID_SHADOW;
+        self.fd
+            .set_vcpu_events(&events)
+            .map_err(err("KVM_SET_VCPU_EVENTS"))
     }
 }
 
@@ -120,7 +126,10 @@ impl VcpuProbing {
         // INJECT_BP acts once, at the ioctl: a request for it always needs one, and what KVM
         // keeps afterwards is the set-up without it. (Comparing with it included would skip
         // the ioctl for a second foreign int3 in a row, and the guest would loop on it.)
-        if self.applied != Some(self.setup) || self.setup.inject_breakpoint {
+        if self.applied != Some(self.setup)
+            || self.setup.inject_breakpoint
+            || self.setup.inject_debug
+        {
             // KVM_SET_GUEST_DEBUG computes TF from the registers KVM holds now, so registers
             // the engine left in the sync area must reach KVM first.
             if self.sync_regs
@@ -134,6 +143,7 @@ impl VcpuProbing {
             fd.set_guest_debug(&self.setup.to_kvm())
                 .map_err(|e| format!("KVM_SET_GUEST_DEBUG: {e}"))?;
             self.setup.inject_breakpoint = false;
+            self.setup.inject_debug = false;
             self.applied = Some(self.setup);
         }
         Ok(())
@@ -152,21 +162,20 @@ impl VcpuProbing {
                 arch.exception
             ));
         };
-        let mut single_step = self.setup.single_step;
         let mut vcpu = KvmVcpu {
             id,
             fd,
             sync_regs: self.sync_regs,
-            single_step: &mut single_step,
         };
         let verdict = self
             .shared
             .engine
             .handle_debug(&mut vcpu, &mut self.state, event)
             .map_err(|e| format!("vCPU {id}: {e}"))?;
-        self.setup.single_step = single_step;
-        if verdict == Verdict::Reinject {
-            self.setup.inject_breakpoint = true;
+        match verdict {
+            Verdict::Resume => {}
+            Verdict::Reinject => self.setup.inject_breakpoint = true,
+            Verdict::ReinjectDebug => self.setup.inject_debug = true,
         }
         Ok(())
     }

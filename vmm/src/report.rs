@@ -213,7 +213,7 @@ pub fn summary(report: &ProbeReport) -> Vec<String> {
     }
     let e = &report.exits;
     let hits: u64 = report.stats.iter().map(|s| s.hits).sum();
-    let exits = e.breakpoints + e.hw_breakpoints + e.steps + e.returns;
+    let exits = e.breakpoints + e.hw_breakpoints + e.slot_traps + e.returns;
     let plans: Vec<String> = e
         .hits_by_plan
         .iter()
@@ -221,12 +221,15 @@ pub fn summary(report: &ProbeReport) -> Vec<String> {
         .map(|(p, n)| format!("{p}={n}"))
         .collect();
     out.push(format!(
-        "hvprobe: exits: breakpoint={} hw_breakpoint={} step={} return={} reinjected={} (sites hit by plan: {}); exits per probe hit {}",
+        "hvprobe: exits: breakpoint={} hw_breakpoint={} slot_trap={} return={} reinjected={} reinjected_debug={} abandoned_steps={} emulation_fallbacks={} (sites hit by plan: {}); exits per probe hit {}",
         e.breakpoints,
         e.hw_breakpoints,
-        e.steps,
+        e.slot_traps,
         e.returns,
         e.reinjected,
+        e.reinjected_debug,
+        e.abandoned_steps,
+        e.emulation_fallbacks,
         if plans.is_empty() { "none".to_string() } else { plans.join(" ") },
         if hits == 0 {
             "n/a".to_string()

@@ -8,7 +8,7 @@ use capstone::{Capstone, InsnId, RegId};
 
 use super::emulate::Emulation;
 use super::regs::Gpr;
-use super::{OutOfLine, StepPlan};
+use super::{OutOfLine, RipDisplacement, StepPlan};
 
 /// Errors of decoding.
 #[derive(Debug, thiserror::Error)]
@@ -60,13 +60,11 @@ pub struct Refusal {
 pub enum InstructionKind {
     /// Can be emulated on the host.
     Emulable(Emulation),
-    /// Runs out of line; `rip_relative` if it addresses memory relative to RIP, `call` if it is
-    /// an indirect call.
+    /// Runs out of line; `untrappable` says why it cannot run in a trapped slot, if so.
     OutOfLine {
-        /// Addresses memory relative to RIP.
-        rip_relative: bool,
-        /// An indirect call.
-        call: bool,
+        /// Why the copy cannot be followed by the host's trap (it leaves the slot, or waits for
+        /// an interrupt).
+        untrappable: Option<&'static str>,
     },
     /// Must not be probed.
     Refused(&'static str),
@@ -87,6 +85,10 @@ pub struct Instruction {
     pub touches: Vec<Gpr>,
     /// Offset of the ModRM byte, when the instruction has one.
     pub modrm_offset: Option<usize>,
+    /// A RIP- (or EIP-) relative memory operand.
+    pub rip_disp: Option<RipDisplacement>,
+    /// Offset of a relative branch's 32-bit displacement (`call`/`jmp rel32`).
+    pub rel32_offset: Option<usize>,
 }
 
 impl Instruction {
@@ -225,84 +227,77 @@ fn gpr64(r: RegId) -> Option<Gpr> {
 /// `can_probe` / `insn_is_*` checks).
 fn refusal_of(id: InsnId) -> Option<&'static str> {
     use X86Insn::*;
+    const INTERRUPT: &str = "raises a software interrupt";
+    const BUG: &str = "is a trap the kernel uses for BUG()/WARN()";
+    const IRET: &str = "returns from an interrupt (changes privilege and flags)";
+    const PRIVILEGE: &str = "changes privilege level";
+    const VIRT: &str = "is a virtualization instruction (VMX/SVM)";
     let table: &[(X86Insn, &str)] = &[
         (
             X86_INS_INT3,
             "a breakpoint the guest placed itself (text_poke, its own kprobes)",
         ),
-        (X86_INS_INT, "raises a software interrupt"),
-        (X86_INS_INTO, "raises a software interrupt"),
+        (X86_INS_INT, INTERRUPT),
+        (X86_INS_INTO, INTERRUPT),
         (X86_INS_INT1, "raises a debug exception"),
-        (X86_INS_UD0, "is a trap the kernel uses for BUG()/WARN()"),
-        (X86_INS_UD1, "is a trap the kernel uses for BUG()/WARN()"),
-        (X86_INS_UD2, "is a trap the kernel uses for BUG()/WARN()"),
-        (
-            X86_INS_IRET,
-            "returns from an interrupt (changes privilege and flags)",
-        ),
-        (
-            X86_INS_IRETD,
-            "returns from an interrupt (changes privilege and flags)",
-        ),
-        (
-            X86_INS_IRETQ,
-            "returns from an interrupt (changes privilege and flags)",
-        ),
-        (X86_INS_SYSCALL, "changes privilege level"),
-        (X86_INS_SYSRET, "changes privilege level"),
-        (X86_INS_SYSRETQ, "changes privilege level"),
-        (X86_INS_SYSENTER, "changes privilege level"),
-        (X86_INS_SYSEXIT, "changes privilege level"),
-        (
-            X86_INS_POPF,
-            "changes IF/TF, which single-stepping relies on",
-        ),
+        (X86_INS_UD0, BUG),
+        (X86_INS_UD1, BUG),
+        (X86_INS_UD2, BUG),
+        (X86_INS_IRET, IRET),
+        (X86_INS_IRETD, IRET),
+        (X86_INS_IRETQ, IRET),
+        (X86_INS_SYSCALL, PRIVILEGE),
+        (X86_INS_SYSRET, PRIVILEGE),
+        (X86_INS_SYSRETQ, PRIVILEGE),
+        (X86_INS_SYSENTER, PRIVILEGE),
+        (X86_INS_SYSEXIT, PRIVILEGE),
+        (X86_INS_PUSHF, "is a 16-bit pushf, which is not emulated"),
+        (X86_INS_POPF, "is a 16-bit popf, which is not emulated"),
         (
             X86_INS_POPFD,
-            "changes IF/TF, which single-stepping relies on",
-        ),
-        (
-            X86_INS_POPFQ,
-            "changes IF/TF, which single-stepping relies on",
-        ),
-        (X86_INS_STI, "changes IF and opens an interrupt shadow"),
-        (X86_INS_CLI, "changes IF"),
-        (X86_INS_HLT, "halts the vCPU"),
-        (
-            X86_INS_LOOP,
-            "is a RIP-relative loop that is neither stepped nor emulated",
-        ),
-        (
-            X86_INS_LOOPE,
-            "is a RIP-relative loop that is neither stepped nor emulated",
-        ),
-        (
-            X86_INS_LOOPNE,
-            "is a RIP-relative loop that is neither stepped nor emulated",
-        ),
-        (
-            X86_INS_JCXZ,
-            "is a RIP-relative branch that is neither stepped nor emulated",
-        ),
-        (
-            X86_INS_JECXZ,
-            "is a RIP-relative branch that is neither stepped nor emulated",
-        ),
-        (
-            X86_INS_JRCXZ,
-            "is a RIP-relative branch that is neither stepped nor emulated",
+            "is a 32-bit popf, which does not exist in 64-bit mode",
         ),
         (X86_INS_XBEGIN, "has a RIP-relative abort target"),
         (X86_INS_LCALL, "is a far call"),
         (X86_INS_LJMP, "is a far jump"),
+        (X86_INS_RETF, "is a far return"),
+        (X86_INS_RETFQ, "is a far return"),
         (X86_INS_RSM, "leaves system management mode"),
-        (X86_INS_VMCALL, "is a hypercall"),
-        (X86_INS_VMMCALL, "is a hypercall"),
+        (X86_INS_VMCALL, VIRT),
+        (X86_INS_VMMCALL, VIRT),
+        (X86_INS_VMLAUNCH, VIRT),
+        (X86_INS_VMRESUME, VIRT),
+        (X86_INS_VMXOFF, VIRT),
+        (X86_INS_VMXON, VIRT),
+        (X86_INS_VMFUNC, VIRT),
+        (X86_INS_VMRUN, VIRT),
+        (X86_INS_VMLOAD, VIRT),
+        (X86_INS_VMSAVE, VIRT),
+        (X86_INS_STGI, VIRT),
+        (X86_INS_CLGI, VIRT),
+        (X86_INS_SKINIT, VIRT),
+        (X86_INS_INVLPGA, VIRT),
+        (X86_INS_ENCLS, "is an SGX instruction"),
+        (X86_INS_ENCLU, "is an SGX instruction"),
     ];
     table
         .iter()
         .find(|(i, _)| insn(*i) == id)
         .map(|(_, why)| *why)
+}
+
+/// The legacy prefixes at the start of `bytes`.
+fn legacy_prefixes(bytes: &[u8]) -> &[u8] {
+    let n = bytes
+        .iter()
+        .take_while(|b| {
+            matches!(
+                b,
+                0xf0 | 0xf2 | 0xf3 | 0x2e | 0x36 | 0x3e | 0x26 | 0x64 | 0x65 | 0x66 | 0x67
+            )
+        })
+        .count();
+    &bytes[..n]
 }
 
 impl Decoder {
@@ -344,14 +339,28 @@ impl Decoder {
             .chain(detail.regs_write())
             .filter_map(|r| gpr_of(*r))
             .collect();
-        let mut rip_relative = false;
+        let mut rip_disp = None;
+        let mut rip_based = false;
+        let encoding = x86.encoding();
         let operands: Vec<X86OperandType> = x86.operands().map(|op| op.op_type).collect();
         for op in &operands {
             match op {
                 X86OperandType::Reg(r) => touches.extend(gpr_of(*r)),
                 X86OperandType::Mem(m) => {
-                    if m.base() == reg(X86Reg::X86_REG_RIP) {
-                        rip_relative = true;
+                    let eip = m.base() == reg(X86Reg::X86_REG_EIP);
+                    // RIP-relative addressing is ModRM mod=00 rm=101 with no SIB: the
+                    // 32-bit displacement follows the ModRM byte (capstone's own displacement
+                    // offset is missing for some encodings, e.g. pcmpestrm).
+                    let modrm_at = usize::from(encoding.modrm_offset);
+                    rip_based |= m.base() == reg(X86Reg::X86_REG_RIP) || eip;
+                    if (m.base() == reg(X86Reg::X86_REG_RIP) || eip)
+                        && modrm_at != 0
+                        && i.bytes().get(modrm_at).is_some_and(|b| b & 0xc7 == 0x05)
+                    {
+                        rip_disp = Some(RipDisplacement {
+                            offset: (modrm_at + 1) as u8,
+                            eip,
+                        });
                     }
                     touches.extend(gpr_of(m.base()));
                     touches.extend(gpr_of(m.index()));
@@ -361,47 +370,79 @@ impl Decoder {
         }
         touches.sort_by_key(|g| g.number());
         touches.dedup();
-        let encoding = x86.encoding();
         let modrm_offset = (encoding.modrm_offset != 0).then_some(encoding.modrm_offset as usize);
+        let prefixes = legacy_prefixes(&bytes);
         let branch_target = || match operands.first() {
             Some(X86OperandType::Imm(t)) => Some(*t as u64),
             _ => None,
         };
+        let is_branch = detail.groups().iter().any(|g| {
+            [
+                capstone::InsnGroupType::CS_GRP_JUMP,
+                capstone::InsnGroupType::CS_GRP_CALL,
+                capstone::InsnGroupType::CS_GRP_RET,
+                capstone::InsnGroupType::CS_GRP_BRANCH_RELATIVE,
+            ]
+            .iter()
+            .any(|k| g.0 == *k as u8)
+        });
+        let rel32_offset = encoding
+            .imm
+            .filter(|i| {
+                i.size == 4
+                    && branch_target().is_some()
+                    && (id == insn(X86Insn::X86_INS_CALL) || id == insn(X86Insn::X86_INS_JMP))
+            })
+            .map(|i| usize::from(i.offset));
+        let single_reg = || match operands.as_slice() {
+            [X86OperandType::Reg(r)] => gpr64(*r),
+            _ => None,
+        };
         let next = va.wrapping_add(len);
+        let is = |i: X86Insn| id == insn(i);
+        let stepped = InstructionKind::OutOfLine { untrappable: None };
+        let leaves = InstructionKind::OutOfLine {
+            untrappable: Some("may leave the slot (an indirect branch) before the host's trap"),
+        };
+        let addr32 = prefixes.contains(&0x67);
         let kind = if let Some(why) = refusal_of(id) {
             InstructionKind::Refused(why)
-        } else if id == insn(X86Insn::X86_INS_NOP) || id == insn(X86Insn::X86_INS_ENDBR64) {
+        } else if rip_based && rip_disp.is_none() {
+            InstructionKind::Refused(
+                "has a RIP-relative operand whose displacement cannot be found",
+            )
+        } else if is_branch && prefixes.contains(&0x66) {
+            InstructionKind::Refused(
+                "is a branch with an operand-size prefix (the target is truncated)",
+            )
+        } else if operands
+            .iter()
+            .any(|op| matches!(op, X86OperandType::Reg(r) if *r == reg(X86Reg::X86_REG_SS)))
+            && (is(X86Insn::X86_INS_MOV) || is(X86Insn::X86_INS_POP))
+        {
+            InstructionKind::Refused(
+                "loads SS, which blocks interrupts and debug traps for one instruction",
+            )
+        } else if is(X86Insn::X86_INS_NOP) || is(X86Insn::X86_INS_ENDBR64) {
             InstructionKind::Emulable(Emulation::Nop { next })
-        } else if id == insn(X86Insn::X86_INS_PUSH) {
-            match operands.as_slice() {
-                [X86OperandType::Reg(r)] if gpr64(*r).is_some() => {
-                    InstructionKind::Emulable(Emulation::Push {
-                        reg: gpr64(*r).unwrap_or(Gpr::Rax),
-                        next,
-                    })
-                }
-                _ => InstructionKind::OutOfLine {
-                    rip_relative,
-                    call: false,
-                },
-            }
-        } else if id == insn(X86Insn::X86_INS_MOV) {
-            match operands.as_slice() {
-                [X86OperandType::Reg(d), X86OperandType::Reg(s)]
-                    if gpr64(*d).is_some() && gpr64(*s).is_some() =>
-                {
-                    InstructionKind::Emulable(Emulation::MovRegReg {
-                        dst: gpr64(*d).unwrap_or(Gpr::Rax),
-                        src: gpr64(*s).unwrap_or(Gpr::Rax),
-                        next,
-                    })
-                }
-                _ => InstructionKind::OutOfLine {
-                    rip_relative,
-                    call: false,
-                },
-            }
-        } else if id == insn(X86Insn::X86_INS_SUB)
+        } else if is(X86Insn::X86_INS_PUSH) && single_reg().is_some() {
+            InstructionKind::Emulable(Emulation::Push {
+                reg: single_reg().unwrap_or(Gpr::Rax),
+                next,
+            })
+        } else if is(X86Insn::X86_INS_MOV)
+            && matches!(operands.as_slice(), [X86OperandType::Reg(d), X86OperandType::Reg(s)] if gpr64(*d).is_some() && gpr64(*s).is_some())
+        {
+            let (X86OperandType::Reg(d), X86OperandType::Reg(s)) = (&operands[0], &operands[1])
+            else {
+                unreachable!("matched above")
+            };
+            InstructionKind::Emulable(Emulation::MovRegReg {
+                dst: gpr64(*d).unwrap_or(Gpr::Rax),
+                src: gpr64(*s).unwrap_or(Gpr::Rax),
+                next,
+            })
+        } else if is(X86Insn::X86_INS_SUB)
             && matches!(operands.as_slice(), [X86OperandType::Reg(r), X86OperandType::Imm(_)] if *r == reg(X86Reg::X86_REG_RSP))
         {
             let imm = match operands[1] {
@@ -409,32 +450,78 @@ impl Decoder {
                 _ => 0,
             };
             InstructionKind::Emulable(Emulation::SubRspImm { imm, next })
-        } else if id == insn(X86Insn::X86_INS_JMP) && branch_target().is_some() {
+        } else if is(X86Insn::X86_INS_PUSHFQ) {
+            InstructionKind::Emulable(Emulation::Pushf { next })
+        } else if is(X86Insn::X86_INS_POPFQ) {
+            InstructionKind::Emulable(Emulation::Popf { next })
+        } else if is(X86Insn::X86_INS_CLI) {
+            InstructionKind::Emulable(Emulation::Cli { next })
+        } else if is(X86Insn::X86_INS_STI) {
+            InstructionKind::Emulable(Emulation::Sti { next })
+        } else if let (true, Some(target)) = (
+            is(X86Insn::X86_INS_LOOP) || is(X86Insn::X86_INS_LOOPE) || is(X86Insn::X86_INS_LOOPNE),
+            branch_target(),
+        ) {
+            if addr32 {
+                InstructionKind::Refused(
+                    "is a loop on ECX (address-size prefix), which is not emulated",
+                )
+            } else {
+                let zf = if is(X86Insn::X86_INS_LOOPE) {
+                    Some(true)
+                } else if is(X86Insn::X86_INS_LOOPNE) {
+                    Some(false)
+                } else {
+                    None
+                };
+                InstructionKind::Emulable(Emulation::Loop { zf, target, next })
+            }
+        } else if let (true, Some(target)) = (
+            is(X86Insn::X86_INS_JRCXZ) || is(X86Insn::X86_INS_JECXZ),
+            branch_target(),
+        ) {
+            InstructionKind::Emulable(Emulation::Jrcxz {
+                ecx: is(X86Insn::X86_INS_JECXZ),
+                target,
+                next,
+            })
+        } else if is(X86Insn::X86_INS_RET) {
+            let pop = match operands.first() {
+                Some(X86OperandType::Imm(v)) => *v as u64 & 0xffff,
+                _ => 0,
+            };
+            InstructionKind::Emulable(Emulation::Ret { pop })
+        } else if is(X86Insn::X86_INS_JMP) && branch_target().is_some() {
             InstructionKind::Emulable(Emulation::Jmp {
                 target: branch_target().unwrap_or(next),
             })
-        } else if id == insn(X86Insn::X86_INS_CALL) && branch_target().is_some() {
+        } else if is(X86Insn::X86_INS_CALL) && branch_target().is_some() {
             InstructionKind::Emulable(Emulation::Call {
                 target: branch_target().unwrap_or(next),
                 ret: next,
             })
         } else if let (Some(cond), Some(target)) = (jcc_condition(x86.opcode()), branch_target()) {
-            if detail
-                .groups()
-                .iter()
-                .any(|g| g.0 == capstone::InsnGroupType::CS_GRP_JUMP as u8)
-            {
+            if is_branch {
                 InstructionKind::Emulable(Emulation::Jcc { cond, target, next })
             } else {
-                InstructionKind::OutOfLine {
-                    rip_relative,
-                    call: false,
-                }
+                InstructionKind::Refused(
+                    "is a RIP-relative branch that is neither stepped nor emulated",
+                )
             }
-        } else if id == insn(X86Insn::X86_INS_JMP) || id == insn(X86Insn::X86_INS_CALL) {
+        } else if is(X86Insn::X86_INS_CALL) && single_reg().is_some() {
+            InstructionKind::Emulable(Emulation::CallIndirect {
+                reg: single_reg().unwrap_or(Gpr::Rax),
+                ret: next,
+            })
+        } else if is(X86Insn::X86_INS_JMP) && single_reg().is_some() {
+            InstructionKind::Emulable(Emulation::JmpIndirect {
+                reg: single_reg().unwrap_or(Gpr::Rax),
+            })
+        } else if is(X86Insn::X86_INS_JMP) || is(X86Insn::X86_INS_CALL) {
+            leaves
+        } else if is(X86Insn::X86_INS_HLT) {
             InstructionKind::OutOfLine {
-                rip_relative,
-                call: id == insn(X86Insn::X86_INS_CALL),
+                untrappable: Some("waits for an interrupt, which a trapped step keeps off"),
             }
         } else if detail
             .groups()
@@ -444,11 +531,10 @@ impl Decoder {
             InstructionKind::Refused(
                 "is a RIP-relative branch that is neither stepped nor emulated",
             )
+        } else if is_branch {
+            leaves
         } else {
-            InstructionKind::OutOfLine {
-                rip_relative,
-                call: false,
-            }
+            stepped
         };
         Ok(Instruction {
             va,
@@ -457,6 +543,8 @@ impl Decoder {
             kind,
             touches,
             modrm_offset,
+            rip_disp,
+            rel32_offset,
         })
     }
 
@@ -501,67 +589,51 @@ impl Decoder {
         match &i.kind {
             InstructionKind::Refused(why) => Err(refuse(why)),
             InstructionKind::Emulable(e) => Ok(StepPlan::Emulate(e.clone())),
-            InstructionKind::OutOfLine { rip_relative, call } => {
-                let (slot_bytes, scratch) = if *rip_relative {
-                    let (bytes, scratch) = self.rewrite_rip_relative(i).map_err(refuse)?;
-                    (bytes, Some(scratch))
-                } else {
-                    (i.bytes.clone(), None)
-                };
-                Ok(StepPlan::StepOutOfLine(OutOfLine {
-                    slot_bytes,
-                    len: i.len() as u8,
-                    scratch,
-                    fix_return_address: *call,
-                }))
-            }
+            InstructionKind::OutOfLine { untrappable } => Ok(StepPlan::StepOutOfLine(OutOfLine {
+                bytes: i.bytes.clone(),
+                len: i.len() as u8,
+                rip_disp: i.rip_disp,
+                untrappable: *untrappable,
+            })),
         }
     }
 
-    /// Rewrites a RIP-relative memory operand `disp32(%rip)` into `disp32(%scratch)`, choosing a
-    /// scratch register the instruction does not touch (uprobes' approach). The host loads
-    /// the scratch register with the address of the next original instruction, so the
-    /// effective address is unchanged wherever the copy runs.
-    fn rewrite_rip_relative(&self, i: &Instruction) -> Result<(Vec<u8>, Gpr), &'static str> {
-        let modrm_at = i
-            .modrm_offset
-            .ok_or("is RIP-relative without a ModRM byte")?;
-        let modrm = *i.bytes.get(modrm_at).ok_or("has a truncated encoding")?;
-        if modrm & 0xc7 != 0x05 {
-            return Err("has a RIP-relative form the rewriter does not know");
-        }
-        // Legacy prefixes, then an optional REX, then the opcode.
-        let mut p = 0;
-        while p < i.bytes.len()
-            && matches!(
-                i.bytes[p],
-                0xf0 | 0xf2 | 0xf3 | 0x2e | 0x36 | 0x3e | 0x26 | 0x64 | 0x65 | 0x66 | 0x67
+    /// The real instruction as an out-of-line copy, for an emulated instruction whose stack
+    /// access failed: run by the guest itself in a boosted slot, it takes its own fault there.
+    /// `None` where the copy cannot be relocated (short relative branches).
+    pub fn fallback_copy(&self, i: &Instruction) -> Option<OutOfLine> {
+        let rip_disp = match (i.rip_disp, i.rel32_offset) {
+            (Some(d), _) => Some(d),
+            (None, Some(offset)) => Some(RipDisplacement {
+                offset: offset as u8,
+                eip: false,
+            }),
+            (None, None) if i.kind_is_relative_branch() => return None,
+            (None, None) => None,
+        };
+        Some(OutOfLine {
+            bytes: i.bytes.clone(),
+            len: i.len() as u8,
+            rip_disp,
+            untrappable: Some("is the fallback of an emulated instruction"),
+        })
+    }
+}
+
+impl Instruction {
+    /// A relative branch (`jcc`, `loop`, `jrcxz`, `jmp`/`call` with an 8-bit displacement):
+    /// its copy cannot be relocated.
+    fn kind_is_relative_branch(&self) -> bool {
+        matches!(
+            self.kind,
+            InstructionKind::Emulable(
+                Emulation::Jcc { .. }
+                    | Emulation::Loop { .. }
+                    | Emulation::Jrcxz { .. }
+                    | Emulation::Jmp { .. }
+                    | Emulation::Call { .. }
             )
-        {
-            p += 1;
-        }
-        let first = *i.bytes.get(p).ok_or("has a truncated encoding")?;
-        if matches!(first, 0xc4 | 0xc5 | 0x62 | 0x8f) {
-            return Err(
-                "is a VEX/EVEX/XOP-encoded RIP-relative instruction, which is not rewritten",
-            );
-        }
-        let scratch = [Gpr::Rax, Gpr::Rcx, Gpr::Rdx, Gpr::Rbx, Gpr::Rsi, Gpr::Rdi]
-            .into_iter()
-            .find(|g| !i.touches.contains(g))
-            .ok_or("touches every scratch register candidate")?;
-        let mut out = i.bytes.clone();
-        if (0x40..=0x4f).contains(&first) {
-            out[p] &= !0x01; // REX.B off: the base is one of the low eight registers
-        }
-        out[modrm_at] = 0x80 | (modrm & 0x38) | scratch.number();
-        let check = self
-            .decode(&out, i.va)
-            .map_err(|_| "cannot be re-encoded with a scratch base register")?;
-        if check.len() != i.len() || check.text.split(' ').next() != i.text.split(' ').next() {
-            return Err("cannot be re-encoded with a scratch base register");
-        }
-        Ok((out, scratch))
+        ) && self.rel32_offset.is_none()
     }
 }
 
@@ -665,44 +737,81 @@ mod tests {
         }
     }
 
+    fn out_of_line(bytes: &[u8]) -> OutOfLine {
+        match plan(bytes).unwrap() {
+            StepPlan::StepOutOfLine(o) => o,
+            p => panic!("{bytes:x?} is not out of line: {p:?}"),
+        }
+    }
+
+    /// The effective address of a copy's RIP-relative operand when it runs at `at`.
+    fn target_of(copy: &[u8], disp_at: usize, at: u64, eip: bool) -> u64 {
+        let disp = i32::from_le_bytes(copy[disp_at..disp_at + 4].try_into().unwrap());
+        let ea = at
+            .wrapping_add(copy.len() as u64)
+            .wrapping_add(disp as i64 as u64);
+        if eip { ea & 0xffff_ffff } else { ea }
+    }
+
     #[test]
-    fn rip_relative_operands_are_rewritten_through_a_free_register() {
-        // mov 0x1234(%rip),%rax: rax is the destination, so the scratch is rcx.
-        let p = plan(&[0x48, 0x8b, 0x05, 0x34, 0x12, 0x00, 0x00]).unwrap();
-        let StepPlan::StepOutOfLine(o) = p else {
-            panic!("not out of line")
-        };
-        assert_eq!(o.scratch, Some(Gpr::Rcx));
-        assert_eq!(o.slot_bytes, vec![0x48, 0x8b, 0x81, 0x34, 0x12, 0x00, 0x00]);
-        let d = Decoder::new().unwrap();
+    fn rip_relative_operands_are_retargeted_for_the_slot() {
+        let slot = crate::xol::XOL_VA_BASE + 0x40;
+        for (bytes, text) in [
+            // mov 0x1234(%rip),%rax
+            (&[0x48, 0x8b, 0x05, 0x34, 0x12, 0x00, 0x00][..], "mov"),
+            // lea -0x10(%rip),%r8
+            (&[0x4c, 0x8d, 0x05, 0xf0, 0xff, 0xff, 0xff][..], "lea"),
+            // cmpl $0x0,0x100(%rip): an immediate after the displacement
+            (&[0x83, 0x3d, 0x00, 0x01, 0x00, 0x00, 0x00][..], "cmp"),
+            // pcmpestrm $0x0,0x10(%rip),%xmm1: implicit rax/rdx/rcx, no scratch needed
+            (
+                &[0x66, 0x0f, 0x3a, 0x60, 0x0d, 0x10, 0x00, 0x00, 0x00, 0x00][..],
+                "pcmpestrm",
+            ),
+            // pop 0x10(%rip) (8f /0 is not XOP)
+            (&[0x8f, 0x05, 0x10, 0x00, 0x00, 0x00][..], "pop"),
+            // vmovdqu 0x20(%rip),%ymm0 (VEX)
+            (
+                &[0xc5, 0xfe, 0x6f, 0x05, 0x20, 0x00, 0x00, 0x00][..],
+                "vmovdqu",
+            ),
+        ] {
+            let i = decode(bytes);
+            assert!(i.text.starts_with(text), "{}", i.text);
+            let o = out_of_line(bytes);
+            let d = o
+                .rip_disp
+                .unwrap_or_else(|| panic!("{} not rip-relative", i.text));
+            assert!(!d.eip);
+            let copy = o.relocate(VA, slot).unwrap();
+            assert_eq!(copy.len(), bytes.len());
+            let at = usize::from(d.offset);
+            assert_eq!(
+                target_of(&copy, at, slot, false),
+                target_of(bytes, at, VA, false),
+                "{}",
+                i.text
+            );
+            // Only the displacement changed.
+            assert_eq!(copy[..at], bytes[..at]);
+            assert_eq!(copy[at + 4..], bytes[at + 4..]);
+            assert_eq!(p_name(bytes), "xol-riprel");
+        }
+        // addr32: mov 0x10(%eip),%eax is EIP-relative, retargeted modulo 2^32.
+        let bytes = [0x67, 0x8b, 0x05, 0x10, 0x00, 0x00, 0x00];
+        let o = out_of_line(&bytes);
+        let d = o.rip_disp.expect("eip-relative");
+        assert!(d.eip);
+        let copy = o.relocate(VA, slot).unwrap();
         assert_eq!(
-            d.decode(&o.slot_bytes, 0).unwrap().text,
-            "mov rax, qword ptr [rcx + 0x1234]"
+            target_of(&copy, 3, slot, true),
+            target_of(&bytes, 3, VA, true)
         );
-
-        // lea -0x10(%rip),%r8 with REX.R: the REX byte keeps R, drops B.
-        let p = plan(&[0x4c, 0x8d, 0x05, 0xf0, 0xff, 0xff, 0xff]).unwrap();
-        let StepPlan::StepOutOfLine(o) = p else {
-            panic!("not out of line")
-        };
-        assert_eq!(o.scratch, Some(Gpr::Rax));
-        assert_eq!(
-            d.decode(&o.slot_bytes, 0).unwrap().text,
-            "lea r8, [rax - 0x10]"
-        );
-
-        // cmpl $0x0,0x100(%rip) with an immediate after the displacement.
-        let p = plan(&[0x83, 0x3d, 0x00, 0x01, 0x00, 0x00, 0x00]).unwrap();
-        let StepPlan::StepOutOfLine(o) = p else {
-            panic!("not out of line")
-        };
-        assert_eq!(
-            d.decode(&o.slot_bytes, 0).unwrap().text,
-            "cmp dword ptr [rax + 0x100], 0"
-        );
-        assert_eq!(
-            p_name(&[0x83, 0x3d, 0x00, 0x01, 0x00, 0x00, 0x00]),
-            "xol-riprel"
+        // A target beyond +-2 GiB of the slot cannot be relocated.
+        assert!(
+            out_of_line(&[0x48, 0x8b, 0x05, 0x34, 0x12, 0x00, 0x00])
+                .relocate(0xffff_8880_0000_0000, slot)
+                .is_none()
         );
     }
 
@@ -711,12 +820,98 @@ mod tests {
     }
 
     #[test]
-    fn indirect_calls_fix_their_return_address_and_others_step_plainly() {
-        let p = plan(&[0xff, 0xd0]).unwrap(); // call *%rax
-        assert_eq!(p.name(), "xol-call");
+    fn branches_and_flag_instructions_are_emulated_and_indirect_memory_branches_step() {
+        let emulated: &[(&[u8], Emulation)] = &[
+            (
+                &[0xff, 0xd0],
+                Emulation::CallIndirect {
+                    reg: Gpr::Rax,
+                    ret: VA + 2,
+                },
+            ),
+            (
+                &[0x41, 0xff, 0xe3],
+                Emulation::JmpIndirect { reg: Gpr::R11 },
+            ),
+            (&[0xc3], Emulation::Ret { pop: 0 }),
+            (&[0xc2, 0x08, 0x00], Emulation::Ret { pop: 8 }),
+            (&[0x9c], Emulation::Pushf { next: VA + 1 }),
+            (&[0x9d], Emulation::Popf { next: VA + 1 }),
+            (&[0xfa], Emulation::Cli { next: VA + 1 }),
+            (&[0xfb], Emulation::Sti { next: VA + 1 }),
+            (
+                &[0xe2, 0xfe],
+                Emulation::Loop {
+                    zf: None,
+                    target: VA,
+                    next: VA + 2,
+                },
+            ),
+            (
+                &[0xe1, 0x00],
+                Emulation::Loop {
+                    zf: Some(true),
+                    target: VA + 2,
+                    next: VA + 2,
+                },
+            ),
+            (
+                &[0xe0, 0x10],
+                Emulation::Loop {
+                    zf: Some(false),
+                    target: VA + 0x12,
+                    next: VA + 2,
+                },
+            ),
+            (
+                &[0xe3, 0x00],
+                Emulation::Jrcxz {
+                    ecx: false,
+                    target: VA + 2,
+                    next: VA + 2,
+                },
+            ),
+            (
+                &[0x67, 0xe3, 0x00],
+                Emulation::Jrcxz {
+                    ecx: true,
+                    target: VA + 3,
+                    next: VA + 3,
+                },
+            ),
+        ];
+        for (bytes, want) in emulated {
+            assert_eq!(
+                plan(bytes).unwrap(),
+                StepPlan::Emulate(want.clone()),
+                "{bytes:x?}"
+            );
+        }
+        // Memory-indirect branches run boosted (the copy jumps where the original would) and
+        // take no post handler.
+        for bytes in [&[0xff, 0x10][..], &[0xff, 0x25, 0x10, 0x00, 0x00, 0x00][..]] {
+            let o = out_of_line(bytes);
+            assert!(o.untrappable.is_some(), "{bytes:x?}");
+        }
         assert_eq!(p_name(&[0x48, 0x89, 0x07]), "xol"); // mov %rax,(%rdi)
-        assert_eq!(p_name(&[0xc3]), "xol"); // ret
         assert_eq!(p_name(&[0x31, 0xc0]), "xol"); // xor %eax,%eax
+        assert!(out_of_line(&[0xf4]).untrappable.is_some(), "hlt");
+        assert!(out_of_line(&[0x31, 0xc0]).untrappable.is_none());
+    }
+
+    #[test]
+    fn an_emulated_stack_instruction_has_a_relocatable_fallback_copy() {
+        let d = Decoder::new().unwrap();
+        // call rel32: the copy's displacement is retargeted like a RIP-relative operand.
+        let call = d.decode(&[0xe8, 0xfb, 0xff, 0xff, 0xff], VA).unwrap();
+        let f = d.fallback_copy(&call).unwrap();
+        let slot = crate::xol::XOL_VA_BASE;
+        let copy = f.relocate(VA, slot).unwrap();
+        assert_eq!(d.decode(&copy, slot).unwrap().text, format!("call {VA:#x}"));
+        let push = d.decode(&[0x55], VA).unwrap();
+        assert_eq!(d.fallback_copy(&push).unwrap().bytes, vec![0x55]);
+        let jcc = d.decode(&[0x74, 0x05], VA).unwrap();
+        assert!(d.fallback_copy(&jcc).is_none());
     }
 
     #[test]
@@ -724,17 +919,27 @@ mod tests {
         for (bytes, name) in [
             (&[0xcc][..], "int3"),
             (&[0xcd, 0x80][..], "int"),
-            (&[0x9d][..], "popfq"),
-            (&[0xfb][..], "sti"),
-            (&[0xfa][..], "cli"),
+            (&[0x66, 0x9d][..], "popf"),
             (&[0x0f, 0x05][..], "syscall"),
             (&[0x48, 0xcf][..], "iretq"),
             (&[0x0f, 0x0b][..], "ud2"),
-            (&[0xe2, 0xfe][..], "loop"),
-            (&[0xe3, 0x00][..], "jrcxz"),
+            (&[0x8e, 0xd0][..], "mov ss"),
+            (&[0x0f, 0x01, 0xc2][..], "vmlaunch"),
+            (&[0x0f, 0x01, 0xc3][..], "vmresume"),
+            (&[0x0f, 0x01, 0xd8][..], "vmrun"),
+            (&[0x66, 0xe9, 0x10, 0x00, 0x00, 0x00][..], "jmp"),
+            (&[0x66, 0xc3][..], "ret"),
+            (&[0x67, 0xe2, 0xfe][..], "loop"),
+            (&[0xcb][..], "retf"),
         ] {
-            let err = plan(bytes).unwrap_err();
-            assert!(err.to_string().contains(name), "{err}");
+            let err = Decoder::new()
+                .unwrap()
+                .decode(bytes, VA)
+                .map_err(|e| format!("{bytes:x?}: {e}"))
+                .map(|i| Decoder::new().unwrap().plan(&i))
+                .unwrap()
+                .unwrap_err();
+            assert!(err.to_string().contains(name), "{bytes:x?}: {err}");
             assert!(err.to_string().starts_with("refusing to probe"), "{err}");
         }
     }

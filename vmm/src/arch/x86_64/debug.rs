@@ -3,9 +3,9 @@
 //! `KVM_EXIT_DEBUG`, and conversion between KVM's register structs and probe-core's.
 
 use kvm_bindings::{
-    KVM_GUESTDBG_BLOCKIRQ, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_INJECT_BP, KVM_GUESTDBG_SINGLESTEP,
-    KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP, kvm_debug_exit_arch, kvm_guest_debug, kvm_regs,
-    kvm_sregs,
+    KVM_GUESTDBG_BLOCKIRQ, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_INJECT_BP, KVM_GUESTDBG_INJECT_DB,
+    KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP, kvm_debug_exit_arch,
+    kvm_guest_debug, kvm_regs, kvm_sregs,
 };
 use probe_core::arch::x86_64::{Gpr, Registers};
 use probe_core::engine::MAX_HW_BREAKPOINTS;
@@ -29,6 +29,8 @@ pub struct GuestDebugSetup {
     pub single_step: bool,
     /// Deliver a #BP to the guest now (a trap that was not ours).
     pub inject_breakpoint: bool,
+    /// Deliver a #DB to the guest now (its own single-step or debug-register trap).
+    pub inject_debug: bool,
 }
 
 impl GuestDebugSetup {
@@ -37,6 +39,7 @@ impl GuestDebugSetup {
         self.software_breakpoints
             || self.single_step
             || self.inject_breakpoint
+            || self.inject_debug
             || self.hardware.iter().any(Option::is_some)
     }
 
@@ -57,6 +60,9 @@ impl GuestDebugSetup {
         }
         if self.inject_breakpoint {
             dbg.control |= KVM_GUESTDBG_INJECT_BP;
+        }
+        if self.inject_debug {
+            dbg.control |= KVM_GUESTDBG_INJECT_DB;
         }
         let mut dr7 = 0u64;
         for (i, addr) in self.hardware.iter().enumerate() {
