@@ -171,7 +171,7 @@ pub fn kernel_package(cache: &Path, meta: &str) -> Result<KernelPackage, GuestEr
     let _ = fs::remove_dir_all(&dir);
     eprintln!(
         "hvprobe: fetching guest kernel {package} {version} and its -dbg package \
-         (one time, about 1 GB from the Debian mirror: 1-3 minutes; cached in {})",
+         (one time, a large download from the Debian mirror: a minute or more; cached in {})",
         root.display()
     );
     let dl = dir.join("deb");
