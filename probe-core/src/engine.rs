@@ -663,11 +663,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         ool: &OutOfLine,
         va: u64,
     ) -> Result<XolSlot, PlantError> {
-        self.fill_slot(location, |slot| ool.boosted_slot(va, slot))?
-            .ok_or_else(|| PlantError::OutOfReach {
-                location: location.into(),
-                instruction: instruction.into(),
-            })
+        self.copy_slot(location, instruction, |slot| ool.boosted_slot(va, slot))
     }
 
     /// A trapped slot for the instruction at `va`: its copy, then the host's int3.
@@ -685,7 +681,18 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                 reason,
             });
         }
-        self.fill_slot(location, |slot| ool.trapped_slot(va, slot))?
+        self.copy_slot(location, instruction, |slot| ool.trapped_slot(va, slot))
+    }
+
+    /// A slot holding a copy of `instruction` that `bytes` makes for the slot's address; a copy
+    /// that cannot be relocated there is out of reach.
+    fn copy_slot(
+        &self,
+        location: &str,
+        instruction: &str,
+        bytes: impl FnOnce(u64) -> Option<Vec<u8>>,
+    ) -> Result<XolSlot, PlantError> {
+        self.fill_slot(location, bytes)?
             .ok_or_else(|| PlantError::OutOfReach {
                 location: location.into(),
                 instruction: instruction.into(),
