@@ -12,6 +12,9 @@ mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /tmp
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 hostname hvprobe-guest
+# The boot stays quiet (loglevel=3), but from here on warnings reach the console too: the VMM
+# reads WARN() and lockup reports there while its probes are in.
+echo 5 > /proc/sys/kernel/printk
 case " $(cat /proc/cmdline) " in
 *" hvprobe.wait=1 "*)
 	# The VMM plants its probes when it sees the marker, then sends one line on the console:

@@ -650,6 +650,30 @@ fn an_instruction_with_an_exception_table_entry_is_refused_by_name() {
 }
 
 #[test]
+fn a_guest_kernel_fault_report_while_probes_are_in_fails_the_run_and_names_the_probes() {
+    // A WARN-level report reaches the guest console through printk (here written by the
+    // workload through /dev/kmsg, at KERN_WARNING, the level of a real WARN()): the command
+    // still exits 0, but hvprobe must not pass the run as clean.
+    let out = run_probed(
+        "1",
+        "getpid-loop 10; echo '<4>WARNING: CPU: 0 PID: 1 at hvprobe/fault-test.c:1 test+0x0/0x1' > /dev/kmsg; echo after-report",
+        &["__x64_sys_getpid"],
+        &["--quiet"],
+    );
+    assert_eq!(out.status.code(), Some(125), "{}", explain(&out));
+    assert_has(&text(&out.stdout), "after-report", &out);
+    let stderr = text(&out.stderr);
+    assert_has(
+        &stderr,
+        "the guest kernel reported a fault while probes were in: WARNING: CPU: 0 PID: 1 at hvprobe/fault-test.c:1",
+        &out,
+    );
+    assert_has(&stderr, "probes in at the time:", &out);
+    assert_has(&stderr, "  __x64_sys_getpid at 0x", &out);
+    assert_text_restored(&out);
+}
+
+#[test]
 fn max_active_exhausted_counts_misses_and_the_guest_is_unharmed() {
     // Two sleeps blocked inside hrtimer_nanosleep at once, one instance allowed.
     let out = run_probed(

@@ -622,6 +622,9 @@ fn run_on_host(args: &RunArgs) -> Result<i32> {
     }
     let problem = match &report.outcome {
         Outcome::Panicked(line) => Some(format!("guest kernel panicked: {line}")),
+        Outcome::KernelFault(line) => Some(format!(
+            "the guest kernel reported a fault while probes were in: {line}"
+        )),
         Outcome::TimedOut(t) => Some(format!("guest did not finish within {} s", t.as_secs())),
         Outcome::VcpuError(e) => Some(e.clone()),
         Outcome::ShutDown if args.exec.is_some() => {
@@ -642,6 +645,24 @@ fn run_on_host(args: &RunArgs) -> Result<i32> {
         return Ok(report.outcome.exit_code());
     };
     eprintln!("hvprobe: {problem}");
+    if !report.faults_with_probes.is_empty() {
+        eprintln!(
+            "hvprobe: guest kernel fault reports while probes were in ({}):",
+            report.faults_with_probes.len()
+        );
+        for f in &report.faults_with_probes {
+            eprintln!("  ! {f}");
+        }
+        if let Some(p) = &report.probes {
+            eprintln!("hvprobe: probes in at the time:");
+            for s in &p.stats {
+                eprintln!(
+                    "  {} at {:#x} ({}; plan {}): hits={}",
+                    s.location, s.address, s.instruction, s.plan, s.hits
+                );
+            }
+        }
+    }
     eprintln!("hvprobe: last console lines:");
     for l in &report.console_tail {
         eprintln!("  | {l}");

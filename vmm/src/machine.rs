@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::Kvm;
 
+use crate::devices::console::ConsoleWatch;
 use crate::devices::serial::SerialPort;
 use crate::output::{ConsoleSink, TraceOutput};
 use probe_core::arch::x86_64::{Registers, extable};
@@ -56,6 +57,10 @@ pub enum Outcome {
     ShutDown,
     /// The guest kernel panicked; the panic line.
     Panicked(String),
+    /// The guest kernel reported an oops, BUG, WARN or lockup while probes were in, and the
+    /// guest went on to shut down; the first report line. Never passed over as a success:
+    /// a probe may be what broke the guest.
+    KernelFault(String),
     /// The guest did not finish within the time limit.
     TimedOut(Duration),
     /// A vCPU failed in a way KVM cannot continue from.
@@ -80,7 +85,9 @@ impl Outcome {
             Outcome::CommandExited(s) => *s,
             Outcome::ShutDown => 0,
             Outcome::TimedOut(_) => 124,
-            Outcome::Panicked(_) | Outcome::VcpuError(_) => EXIT_GUEST_FAILED,
+            Outcome::Panicked(_) | Outcome::KernelFault(_) | Outcome::VcpuError(_) => {
+                EXIT_GUEST_FAILED
+            }
             Outcome::Interrupted => 130,
             Outcome::ProbeRefused(_) => EXIT_PROBE_REFUSED,
         }
@@ -98,6 +105,9 @@ pub struct RunReport {
     pub run_time: Duration,
     /// The last console lines, for error reports.
     pub console_tail: Vec<String>,
+    /// The first line of each guest kernel fault report (oops, BUG, WARN, lockup, panic)
+    /// printed while probes were in.
+    pub faults_with_probes: Vec<String>,
     /// What the probes saw, when the run had any.
     pub probes: Option<ProbeReport>,
 }
@@ -267,8 +277,14 @@ impl ProbeSession {
         Ok(())
     }
 
-    /// Plants every requested probe with all vCPUs paused; all or nothing.
-    fn plant(&mut self, handles: &[VcpuHandle], started: Instant) -> Result<(), String> {
+    /// Plants every requested probe with all vCPUs paused; all or nothing. Once they are in,
+    /// the console keeps the guest kernel's fault reports.
+    fn plant(
+        &mut self,
+        handles: &[VcpuHandle],
+        started: Instant,
+        console: &ConsoleWatch,
+    ) -> Result<(), String> {
         self.planted = true;
         pause_all(handles);
         let result = (|| {
@@ -326,14 +342,18 @@ impl ProbeSession {
             Ok(())
         })();
         self.report.planted_at = Some(started.elapsed());
+        if result.is_ok() {
+            console.lock().unwrap_or_else(|e| e.into_inner()).probes_in = true;
+        }
         resume_all(handles);
         result
     }
 
     /// Removes every probe with all vCPUs paused and fills in the report.
-    fn finish(mut self, handles: &[VcpuHandle]) -> ProbeReport {
+    fn finish(mut self, handles: &[VcpuHandle], console: &ConsoleWatch) -> ProbeReport {
         if self.regs.is_some() {
             pause_all(handles);
+            console.lock().unwrap_or_else(|e| e.into_inner()).probes_in = false;
             self.report.stats = self.engine.stats();
             self.report.rewritten = self.engine.remove_all();
             if let Some(regs) = &self.regs {
@@ -535,7 +555,7 @@ pub fn run(
                 .init_ready_at
                 .is_some()
         {
-            match s.plant(&handles, started) {
+            match s.plant(&handles, started, &vm.console) {
                 // The default guest's /init waits for a line on its console before it runs
                 // the command, so that no probed call happens before the probes are in.
                 Ok(()) => {
@@ -553,7 +573,7 @@ pub fn run(
             }
         }
     }
-    let probe_report = session.map(|s| s.finish(&handles));
+    let probe_report = session.map(|s| s.finish(&handles, &vm.console));
     INTERRUPT_FD.store(-1, Ordering::SeqCst);
     let run_time = started.elapsed();
     for h in handles {
@@ -570,10 +590,15 @@ pub fn run(
         StopReason::Interrupted => Outcome::Interrupted,
         StopReason::VcpuError(e) => Outcome::VcpuError(e),
         StopReason::GuestReset | StopReason::GuestPoweroff => {
-            match (&console.panic, console.exit_status) {
-                (Some(p), _) => Outcome::Panicked(p.clone()),
-                (None, Some(s)) => Outcome::CommandExited(s),
-                (None, None) => Outcome::ShutDown,
+            match (
+                &console.panic,
+                console.faults_with_probes.first(),
+                console.exit_status,
+            ) {
+                (Some(p), _, _) => Outcome::Panicked(p.clone()),
+                (None, Some(f), _) => Outcome::KernelFault(f.clone()),
+                (None, None, Some(s)) => Outcome::CommandExited(s),
+                (None, None, None) => Outcome::ShutDown,
             }
         }
     };
@@ -584,6 +609,7 @@ pub fn run(
             .map(|t| t.saturating_duration_since(started)),
         run_time,
         console_tail: console.tail.iter().cloned().collect(),
+        faults_with_probes: console.faults_with_probes.clone(),
         probes: probe_report,
     })
 }

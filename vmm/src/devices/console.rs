@@ -1,6 +1,7 @@
 //! The guest console as the VMM sees it: bytes from the serial port go to the user's output
-//! unchanged, and complete lines are watched for the default guest's marker lines and for a
-//! kernel panic, so the VMM can report what happened.
+//! unchanged, and complete lines are watched for the default guest's marker lines, for a
+//! kernel panic, and for the first line of every oops, BUG, WARN or lockup report the guest
+//! kernel prints, so the VMM can report what happened.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -11,6 +12,59 @@ use hvprobe_guest::{EXIT_STATUS_MARKER, INIT_READY_MARKER};
 
 /// How many console lines are kept for error reports.
 const TAIL_LINES: usize = 40;
+
+/// How many kernel fault reports are kept (the first ones tell the story).
+const MAX_FAULTS: usize = 16;
+
+/// Prefixes of the first line of a guest kernel report that something went wrong
+/// (`WARN()`, `BUG()`, bad page faults, lockup and stall detectors, x86 and arm64 wording).
+const FAULT_PREFIXES: &[&str] = &[
+    "BUG: ",
+    "kernel BUG at ",
+    "WARNING: CPU: ",
+    "Oops: ",
+    "Oops - ",
+    "general protection fault",
+    "Unable to handle kernel ",
+    "Internal error: ",
+    "watchdog: BUG: ",
+    "rcu: INFO: rcu_",
+    "INFO: task ",
+    "Kernel panic - not syncing",
+];
+
+/// The console line without the kernel's `[    1.234567] ` time stamp.
+fn without_timestamp(line: &str) -> &str {
+    let t = line.trim_start();
+    if let Some(rest) = t.strip_prefix('[')
+        && let Some((stamp, after)) = rest.split_once(']')
+        && stamp.trim().chars().all(|c| c.is_ascii_digit() || c == '.')
+    {
+        return after.trim_start();
+    }
+    t
+}
+
+/// Whether `line` (time stamp removed) has the shape of x86's `die()` header:
+/// `<what>: <4 hex digits> [#<n>]`, as in `int3: 0000 [#1] PREEMPT SMP NOPTI`.
+fn is_die_header(line: &str) -> bool {
+    let Some((what, rest)) = line.split_once(": ") else {
+        return false;
+    };
+    let code = rest.get(..4).unwrap_or("");
+    !what.is_empty()
+        && what.chars().all(|c| c.is_ascii_lowercase() || c == ' ')
+        && code.len() == 4
+        && code.chars().all(|c| c.is_ascii_hexdigit())
+        && rest[4..].starts_with(" [#")
+}
+
+/// The report line if `line` opens a guest kernel fault report (oops, BUG, WARN, lockup,
+/// panic), without its time stamp.
+pub fn kernel_fault(line: &str) -> Option<&str> {
+    let text = without_timestamp(line);
+    (FAULT_PREFIXES.iter().any(|p| text.starts_with(p)) || is_die_header(text)).then_some(text)
+}
 
 /// What the console has shown so far.
 #[derive(Debug, Default)]
@@ -23,6 +77,11 @@ pub struct ConsoleState {
     pub panic: Option<String>,
     /// The last lines printed.
     pub tail: VecDeque<String>,
+    /// Set by the VMM while probes are planted: fault reports seen then are kept in
+    /// `faults_with_probes`.
+    pub probes_in: bool,
+    /// The first line of each guest kernel fault report printed while probes were in.
+    pub faults_with_probes: Vec<String>,
     partial: Vec<u8>,
 }
 
@@ -38,6 +97,12 @@ impl ConsoleState {
         }
         if self.panic.is_none() && line.contains("Kernel panic - not syncing") {
             self.panic = Some(line.trim().to_string());
+        }
+        if self.probes_in
+            && self.faults_with_probes.len() < MAX_FAULTS
+            && let Some(fault) = kernel_fault(line)
+        {
+            self.faults_with_probes.push(fault.to_string());
         }
         if self.tail.len() == TAIL_LINES {
             self.tail.pop_front();
@@ -116,5 +181,73 @@ mod tests {
             Some("[  1.0] Kernel panic - not syncing: VFS")
         );
         assert_eq!(st.tail.front().unwrap(), "hello");
+    }
+
+    #[test]
+    fn kernel_fault_reports_are_told_from_ordinary_lines() {
+        for (line, report) in [
+            (
+                "[   12.345678] BUG: kernel NULL pointer dereference, address: 0000000000000000",
+                "BUG: kernel NULL pointer dereference, address: 0000000000000000",
+            ),
+            (
+                "[    3.1] WARNING: CPU: 0 PID: 1 at kernel/fork.c:123 copy_process+0x5/0x10",
+                "WARNING: CPU: 0 PID: 1 at kernel/fork.c:123 copy_process+0x5/0x10",
+            ),
+            (
+                "[    5.000000] int3: 0000 [#1] PREEMPT SMP NOPTI",
+                "int3: 0000 [#1] PREEMPT SMP NOPTI",
+            ),
+            (
+                "general protection fault, probably for non-canonical address 0xdead: 0000 [#1] SMP",
+                "general protection fault, probably for non-canonical address 0xdead: 0000 [#1] SMP",
+            ),
+            (
+                "[ 9.9] invalid opcode: 0000 [#2] SMP NOPTI",
+                "invalid opcode: 0000 [#2] SMP NOPTI",
+            ),
+            (
+                "[ 1.0] kernel BUG at mm/slub.c:400!",
+                "kernel BUG at mm/slub.c:400!",
+            ),
+            (
+                "[ 22.0] watchdog: BUG: soft lockup - CPU#0 stuck for 22s! [sh:1]",
+                "watchdog: BUG: soft lockup - CPU#0 stuck for 22s! [sh:1]",
+            ),
+            (
+                "[ 1.0] Unable to handle kernel paging request at virtual address 0000000000000008",
+                "Unable to handle kernel paging request at virtual address 0000000000000008",
+            ),
+        ] {
+            assert_eq!(kernel_fault(line), Some(report), "{line}");
+        }
+        for line in [
+            "[    0.285562] Speculative Return Stack Overflow: WARNING: See https://kernel.org/doc/html/latest/admin-guide/hw-vuln/srso.html for mitigation options.",
+            "[    0.428755] PCI: Fatal: No config space access function found",
+            "hello BUG: not at the start",
+            "HVPROBE-EXIT-STATUS=0",
+            "[    1.844320] reboot: Restarting system",
+            "ls: /x: No such file or directory",
+            "abc: 12345 [#1]",
+        ] {
+            assert_eq!(kernel_fault(line), None, "{line}");
+        }
+    }
+
+    #[test]
+    fn faults_are_kept_only_while_probes_are_in() {
+        let watch = ConsoleWatch::default();
+        let mut out = ConsoleOut::new(Box::new(io::sink()), watch.clone());
+        out.write_all(b"[ 0.1] WARNING: CPU: 0 PID: 0 at boot.c:1 x+0x0/0x1\n")
+            .unwrap();
+        watch.lock().unwrap().probes_in = true;
+        out.write_all(b"[ 2.0] BUG: unable to handle page fault for address: ffff\n")
+            .unwrap();
+        watch.lock().unwrap().probes_in = false;
+        out.write_all(b"[ 3.0] Oops: 0002 [#1] SMP\n").unwrap();
+        assert_eq!(
+            watch.lock().unwrap().faults_with_probes,
+            vec!["BUG: unable to handle page fault for address: ffff".to_string()]
+        );
     }
 }
