@@ -53,7 +53,9 @@ fn is_die_header(line: &str) -> bool {
     };
     let code = rest.get(..4).unwrap_or("");
     !what.is_empty()
-        && what.chars().all(|c| c.is_ascii_lowercase() || c == ' ')
+        && what
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == ' ')
         && code.len() == 4
         && code.chars().all(|c| c.is_ascii_hexdigit())
         && rest[4..].starts_with(" [#")
