@@ -428,6 +428,83 @@ fn bad_probes_are_refused_and_leave_the_guest_unchanged() {
 }
 
 #[test]
+fn every_refused_probe_is_named_in_one_pass_and_skip_refused_plants_the_rest() {
+    let k = KernelText::load();
+    let (off, insn) = k
+        .function("__x64_sys_getpid")
+        .into_iter()
+        .skip(1)
+        .find(|(_, i)| i.len() > 1)
+        .unwrap();
+    let inside = format!("__x64_sys_getpid+{:#x}", off + 1);
+    let sysret = k.find("syscall_return_via_sysret", |i| {
+        i.text.starts_with("sysret")
+    });
+    // A probe file takes every form -p takes: a bare location, an address, a definition.
+    let file = std::env::temp_dir().join(format!("hvprobe-probes-{}", std::process::id()));
+    let write = |lines: &[&str]| std::fs::write(&file, lines.join("\n")).unwrap();
+    let f = file.to_str().unwrap();
+
+    // Refusals found before boot (unknown symbols, bad syntax): all of them, no VM.
+    write(&[
+        "# mixed forms",
+        "__x64_sys_getpid",
+        "p:hv/open do_sys_openat2",
+        "no_such_function_hvprobe_a",
+        "no_such_function_hvprobe_b+0x4",
+        "p:hv/bad do_sys_openat2 x=%nosuchreg",
+    ]);
+    let out = run_probed("1", "true", &[], &["-f", f]);
+    assert_eq!(out.status.code(), Some(1), "{}", explain(&out));
+    let stderr = text(&out.stderr);
+    assert_has(&stderr, "no_such_function_hvprobe_a", &out);
+    assert_has(&stderr, "no_such_function_hvprobe_b", &out);
+    assert_has(&stderr, "%nosuchreg", &out);
+    assert!(!text(&out.stdout).contains(hvprobe_guest::INIT_READY_MARKER));
+
+    // Refusals found at planting (instruction checks): all of them, nothing left planted.
+    write(&["__x64_sys_getpid", &inside, &sysret]);
+    let out = run_probed("1", "echo SHOULD-NOT-RUN", &[], &["-f", f]);
+    assert_eq!(out.status.code(), Some(2), "{}", explain(&out));
+    let stderr = text(&out.stderr);
+    assert_has(&stderr, "2 probes refused", &out);
+    assert_has(&stderr, "not on an instruction boundary", &out);
+    assert_has(&stderr, &insn.text, &out);
+    assert_has(&stderr, "refusing to probe `sysretq`", &out);
+    assert!(!text(&out.stdout).contains("SHOULD-NOT-RUN\n"));
+    assert_text_restored(&out);
+
+    // --skip-refused: the rest is planted and counts; the skipped ones are listed; the exit
+    // status is the command's.
+    write(&[
+        "__x64_sys_getpid",
+        "no_such_function_hvprobe_a",
+        &inside,
+        &sysret,
+    ]);
+    let out = run_probed(
+        "1",
+        "getpid-loop 50",
+        &[],
+        &["-f", f, "--skip-refused", "--quiet"],
+    );
+    std::fs::remove_file(&file).ok();
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    let stderr = text(&out.stderr);
+    let skipped: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("hvprobe: skipped refused probe: "))
+        .collect();
+    assert_eq!(skipped.len(), 3, "{}", explain(&out));
+    assert_has(&stderr, "no_such_function_hvprobe_a", &out);
+    assert_has(&stderr, "not on an instruction boundary", &out);
+    assert_has(&stderr, "refusing to probe `sysretq`", &out);
+    let (_, hits, _, _) = summary(&out, "__x64_sys_getpid");
+    assert!((50..50 + OTHER_GETPID_CALLERS).contains(&hits), "{hits}");
+    assert_text_restored(&out);
+}
+
+#[test]
 fn kprobe_event_definitions_fetch_arguments_from_guest_memory() {
     // do_sys_openat2(int dfd, const char __user *filename, struct open_how *how): the
     // filename string from user memory, dfd as a signed register, how->flags dereferenced,

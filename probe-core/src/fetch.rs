@@ -1,8 +1,8 @@
 //! Evaluation of kprobe_events fetch arguments ([`crate::definition`]) at a hit, against the
 //! handler context: registers, the stack, guest memory, symbols.
 
-use crate::arch::x86_64::Gpr;
-use crate::definition::{Fetch, FetchArg, FetchType};
+use crate::arch::x86_64::{Gpr, Registers};
+use crate::definition::{Fetch, FetchArg, FetchType, ProbeDefinition};
 use crate::probe::{HandlerError, ProbeContext};
 use crate::symbols::SymbolMap;
 use crate::task::TaskLayout;
@@ -22,9 +22,8 @@ pub struct FetchEnv<'a> {
 
 /// The kernel's names for x86_64 registers in fetch args (`%di`, `%ax`, `%r8`, `%ip`, ...),
 /// also accepted with the `r` prefix (`%rdi`).
-fn register(ctx: &ProbeContext<'_>, name: &str) -> Option<u64> {
+fn register(regs: &Registers, name: &str) -> Option<u64> {
     use crate::arch::RegisterFile;
-    let regs = ctx.regs;
     let legacy = ["ax", "bx", "cx", "dx", "si", "di", "bp", "sp"];
     let full = if legacy.contains(&name) {
         format!("r{name}")
@@ -38,6 +37,19 @@ fn register(ctx: &ProbeContext<'_>, name: &str) -> Option<u64> {
             .map(|g| regs.get(g))
             .or_else(|| regs.by_name(n)),
     }
+}
+
+/// The first `%REG` in `def`'s fetch args that names no register, so that a typo fails
+/// when the definition is given rather than as a handler error at every hit.
+pub fn unknown_register(def: &ProbeDefinition) -> Option<&str> {
+    fn walk(f: &Fetch) -> Option<&str> {
+        match f {
+            Fetch::Register(r) if register(&Registers::default(), r).is_none() => Some(r),
+            Fetch::Dereference { inner, .. } => walk(inner),
+            _ => None,
+        }
+    }
+    def.args.iter().find_map(|a| walk(&a.fetch))
 }
 
 /// A fetched value, ready to print.
@@ -79,7 +91,7 @@ fn raw(ctx: &ProbeContext<'_>, fetch: &Fetch, env: FetchEnv<'_>) -> Result<u64, 
     use crate::arch::RegisterFile;
     Ok(match fetch {
         Fetch::Register(r) => {
-            register(ctx, r).ok_or_else(|| HandlerError(format!("unknown register %{r}")))?
+            register(ctx.regs, r).ok_or_else(|| HandlerError(format!("unknown register %{r}")))?
         }
         Fetch::Memory(a) => ctx.read_u64(*a)?,
         Fetch::SymbolMemory { name, offset } => {
@@ -197,5 +209,13 @@ mod tests {
                 STACK_VA + 0x200
             )
         );
+    }
+
+    #[test]
+    fn unknown_registers_are_found_in_nested_fetch_args() {
+        let ok = ProbeDefinition::parse("p f a=%di b=%r15 c=%ip d=%flags e=+8(+0(%rsi))").unwrap();
+        assert_eq!(unknown_register(&ok), None);
+        let bad = ProbeDefinition::parse("p f a=%di b=+4(+0(%xyz)):u32").unwrap();
+        assert_eq!(unknown_register(&bad), Some("xyz"));
     }
 }

@@ -126,14 +126,22 @@ pub struct RunArgs {
     /// ($comm, comm-pid in event lines) [default: the default guest's vmlinux].
     #[arg(long, value_name = "PATH")]
     pub btf: Option<PathBuf>,
+    /// Plant the probes that can be planted and list the refused ones (unknown symbol, bad
+    /// offset, refused instruction) on stderr, instead of refusing the whole run; the exit
+    /// status is the run's own.
+    #[arg(long)]
+    pub skip_refused: bool,
 }
 
 /// The `--probe` locations resolved against the guest's System.map.
 pub struct ResolvedProbes {
     /// The symbol table.
     pub map: SymbolMap,
-    /// Each probe, in the order given.
+    /// Each probe that resolved, in the order given.
     pub targets: Vec<ResolvedProbe>,
+    /// Each probe that did not (only with `--skip-refused`; otherwise resolution fails),
+    /// with the reason.
+    pub refused: Vec<String>,
 }
 
 /// One resolved `--probe`.
@@ -164,6 +172,43 @@ fn is_definition(p: &str) -> bool {
             .map(|r| r.trim_start_matches(|c: char| c.is_ascii_digit()))
     });
     rest.is_some_and(|r| r.starts_with([' ', '\t', ':']))
+}
+
+/// Resolves one `--probe` against `map`.
+fn resolve_probe(map: &SymbolMap, p: &str) -> Result<ResolvedProbe> {
+    let definition = if is_definition(p) {
+        let d = ProbeDefinition::parse(p).map_err(|e| anyhow::anyhow!("--probe {p}: {e}"))?;
+        if let Some(r) = probe_core::fetch::unknown_register(&d) {
+            bail!("--probe {p}: unknown register %{r}");
+        }
+        Some(d)
+    } else {
+        None
+    };
+    let location = definition
+        .as_ref()
+        .map_or_else(|| p.to_string(), |d| d.location_text());
+    let (va, sym) = map
+        .resolve(&location)
+        .with_context(|| format!("--probe {p}"))?;
+    let function_start = match sym {
+        Some(s) => Some(s.addr),
+        None => map.containing(va).map(|(s, _)| s.addr),
+    };
+    Ok(ResolvedProbe {
+        location,
+        target: PlantTarget { va, function_start },
+        definition,
+    })
+}
+
+/// Fails with every problem in `problems`, one per line, when there is any.
+fn refusals(problems: Vec<String>, what: &str) -> Result<()> {
+    match problems.as_slice() {
+        [] => Ok(()),
+        [one] => bail!("{one}"),
+        many => bail!("{} {what}:\n  {}", many.len(), many.join("\n  ")),
+    }
 }
 
 /// Which trap probes use.
@@ -228,23 +273,30 @@ impl RunArgs {
         Ok(resolved)
     }
 
-    /// Moves the definitions of every `-f FILE` into `probes`, checking each on the way so
-    /// that an error names the file and line.
+    /// Moves the probes of every `-f FILE` into `probes` (a line takes any form `-p` takes),
+    /// checking each definition on the way so that an error names the file and line; every
+    /// bad line is reported, not only the first.
     pub fn read_probe_files(&mut self) -> Result<()> {
+        let mut bad = Vec::new();
         for file in std::mem::take(&mut self.probe_files) {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading probe file {}", file.display()))?;
             for (n, line) in probe_file_lines(&text) {
-                ProbeDefinition::parse(line)
-                    .map_err(|e| anyhow::anyhow!("{}:{n}: {e}", file.display()))?;
+                if is_definition(line)
+                    && let Err(e) = ProbeDefinition::parse(line)
+                {
+                    bad.push(format!("{}:{n}: {e}", file.display()));
+                    continue;
+                }
                 self.probes.push(line.to_string());
             }
         }
-        Ok(())
+        refusals(bad, "probe file line(s)")
     }
 
-    /// Resolves every `--probe` against the System.map; fails on the first that does not
-    /// resolve, before anything runs.
+    /// Resolves every `--probe` against the System.map, before anything runs. A probe that
+    /// does not resolve (bad syntax, unknown symbol, offset past the symbol) fails the run,
+    /// with every such probe named, unless `--skip-refused` is given.
     pub fn resolve_probes(&self) -> Result<Option<ResolvedProbes>> {
         if self.probes.is_empty() {
             return Ok(None);
@@ -258,28 +310,15 @@ impl RunArgs {
         let map = SymbolMap::parse(&text)
             .with_context(|| format!("parsing System.map {}", path.display()))?;
         let mut targets = Vec::new();
+        let mut refused = Vec::new();
         for p in &self.probes {
-            let definition = if is_definition(p) {
-                let d = ProbeDefinition::parse(p).map_err(|e| anyhow::anyhow!("--probe: {e}"))?;
-                Some(d)
-            } else {
-                None
-            };
-            let location = definition
-                .as_ref()
-                .map_or_else(|| p.clone(), |d| d.location_text());
-            let (va, sym) = map
-                .resolve(&location)
-                .with_context(|| format!("--probe {p}"))?;
-            let function_start = match sym {
-                Some(s) => Some(s.addr),
-                None => map.containing(va).map(|(s, _)| s.addr),
-            };
-            targets.push(ResolvedProbe {
-                location,
-                target: PlantTarget { va, function_start },
-                definition,
-            });
+            match resolve_probe(&map, p) {
+                Ok(t) => targets.push(t),
+                Err(e) => refused.push(format!("{e:#}")),
+            }
+        }
+        if !self.skip_refused {
+            refusals(std::mem::take(&mut refused), "probe(s) refused")?;
         }
         if self.trap == TrapChoice::Hw && targets.len() > MAX_HW_BREAKPOINTS {
             bail!(
@@ -287,7 +326,11 @@ impl RunArgs {
                 targets.len()
             );
         }
-        Ok(Some(ResolvedProbes { map, targets }))
+        Ok(Some(ResolvedProbes {
+            map,
+            targets,
+            refused,
+        }))
     }
 
     /// Checks what can be checked before any VM or emulator is started.
@@ -462,9 +505,17 @@ fn probe_setup(
     output: &Arc<TraceOutput>,
     hists: &mut Vec<Arc<RetvalHistogram>>,
 ) -> Result<Option<ProbeSetup>> {
-    let Some(ResolvedProbes { map, targets }) = args.resolve_probes()? else {
+    let Some(ResolvedProbes {
+        map,
+        targets,
+        refused,
+    }) = args.resolve_probes()?
+    else {
         return Ok(None);
     };
+    for r in &refused {
+        eprintln!("hvprobe: skipped refused probe: {r}");
+    }
     let support = selftest::probe_traps(kvm).map_err(|e| anyhow::anyhow!("trap self-test: {e}"))?;
     let trap = choose_trap(args.trap, &support, targets.len())?;
     let returns = targets.iter().any(|t| {
@@ -564,6 +615,7 @@ fn probe_setup(
             _ => None,
         },
         slide,
+        skip_refused: args.skip_refused,
     }))
 }
 

@@ -140,6 +140,8 @@ pub struct ProbeSetup {
     /// System.map's `__start___ex_table` and `__stop___ex_table`: instructions listed there are
     /// never copied out of line.
     pub exception_table: Option<(u64, u64)>,
+    /// Plant what can be planted and report the refused probes, instead of all or nothing.
+    pub skip_refused: bool,
 }
 
 /// KASLR moves the x86_64 kernel by multiples of CONFIG_PHYSICAL_ALIGN (2 MiB).
@@ -171,6 +173,8 @@ pub struct ProbeReport {
     pub rewritten: Vec<RewrittenSite>,
     /// Why probing could not be finished, if it could not.
     pub error: Option<String>,
+    /// Probes refused at planting and skipped (`--skip-refused`), with the reason.
+    pub skipped: Vec<String>,
     /// The KASLR slide found in the running guest.
     pub kaslr_slide: Option<u64>,
 }
@@ -312,25 +316,34 @@ impl ProbeSession {
             }
             let before = self.hash_text(&regs);
             let mut ids = Vec::new();
+            let mut refused = Vec::new();
             let requests = std::mem::take(&mut self.setup.requests);
             for req in requests {
                 match self.engine.plant(req.probe, req.target, &regs) {
                     Ok(id) => ids.push(id),
-                    Err(e) => {
-                        for id in ids {
-                            let _ = self.engine.remove(id);
-                        }
-                        if let (Some(b), Some(a)) = (before, self.hash_text(&regs)) {
-                            self.report.text = Some(TextHashes {
-                                before: b,
-                                planted: a,
-                                after: Some(a),
-                            });
-                        }
-                        return Err(e.to_string());
-                    }
+                    Err(e) => refused.push(e.to_string()),
                 }
             }
+            if !refused.is_empty() && !self.setup.skip_refused {
+                for id in ids {
+                    let _ = self.engine.remove(id);
+                }
+                if let (Some(b), Some(a)) = (before, self.hash_text(&regs)) {
+                    self.report.text = Some(TextHashes {
+                        before: b,
+                        planted: a,
+                        after: Some(a),
+                    });
+                }
+                return Err(match refused.as_slice() {
+                    [one] => one.clone(),
+                    many => format!("{} probes refused:\n  {}", many.len(), many.join("\n  ")),
+                });
+            }
+            for r in &refused {
+                eprintln!("hvprobe: skipped refused probe: {r}");
+            }
+            self.report.skipped = refused;
             if let (Some(b), Some(p)) = (before, self.hash_text(&regs)) {
                 self.report.text = Some(TextHashes {
                     before: b,

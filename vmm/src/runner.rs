@@ -245,6 +245,9 @@ pub fn inner_args(args: &RunArgs) -> Vec<String> {
     if args.hist {
         v.push("--hist".into());
     }
+    if args.skip_refused {
+        v.push("--skip-refused".into());
+    }
     if args.output.is_some() {
         v.extend(["--output".into(), L1_OUTPUT_TTY.into()]);
     }
