@@ -751,6 +751,70 @@ fn a_guest_kernel_fault_report_while_probes_are_in_fails_the_run_and_names_the_p
 }
 
 #[test]
+fn boundaries_are_walked_past_instructions_capstone_lacks_and_stop_at_a_guest_breakpoint() {
+    let k = KernelText::load();
+    // finish_task_switch.isra.0 has a `serialize` (0f 01 e8, unknown to capstone 5) before
+    // the iret-to-self sequence of sync_core: the walk used to stop there, so its `pushf`
+    // was refused as "past the decodable code".
+    let func = "finish_task_switch.isra.0";
+    let sym = k.map.lookup(func).unwrap();
+    let size = k.map.size_of(sym).unwrap() as usize;
+    let code = k.bytes(sym.addr, size);
+    let serialize = code
+        .windows(3)
+        .position(|w| w == [0x0f, 0x01, 0xe8])
+        .expect("a serialize in finish_task_switch");
+    let iret_frame = [0x8c, 0xd0, 0x50, 0x54, 0x48, 0x83, 0x04, 0x24, 0x08, 0x9c];
+    let pushf = code
+        .windows(iret_frame.len())
+        .position(|w| w == iret_frame)
+        .expect("the iret frame of sync_core")
+        + iret_frame.len()
+        - 1;
+    assert!(pushf > serialize);
+    let pushf = format!("{func}+{pushf:#x}");
+    let out = run_probed(
+        "1",
+        "getpid-loop 20",
+        &[&pushf, "__x64_sys_getpid"],
+        &["--quiet"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    let (plan, _, _, _) = summary(&out, &pushf);
+    assert_eq!(plan, "emulate", "{}", explain(&out));
+    assert_text_restored(&out);
+
+    // A guest kprobe (set from the kernel command line, so it is in before hvprobe plants,
+    // and not optimized into a jump) writes int3 over the first byte of `sub $N,%rsp` in
+    // vfs_read. Decoding through it would take the rest of that instruction for the next
+    // one and accept an offset inside it; the probe must be refused instead.
+    let (sub_off, _) = k
+        .function("vfs_read")
+        .into_iter()
+        .find(|(_, i)| i.text.starts_with("sub rsp,") && i.len() == 4)
+        .expect("sub $N,%rsp in vfs_read");
+    let cmdline = format!(
+        "{} kprobe_event=p:hvt,vfs_read+{sub_off:#x} trace_event=kprobes:hvt sysctl.debug.kprobes-optimization=0",
+        hvprobe_vmm::cli::DEFAULT_CMDLINE
+    );
+    let inside = format!("vfs_read+{:#x}", sub_off + 1);
+    let out = run_probed(
+        "1",
+        "echo SHOULD-NOT-RUN",
+        &[&inside],
+        &["--cmdline", &cmdline],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", explain(&out));
+    assert_has(
+        &text(&out.stderr),
+        &format!("the guest has its own breakpoint (int3) over the instruction at +{sub_off:#x}"),
+        &out,
+    );
+    assert!(!text(&out.stdout).contains("SHOULD-NOT-RUN\n"));
+    assert_text_restored(&out);
+}
+
+#[test]
 fn max_active_exhausted_counts_misses_and_the_guest_is_unharmed() {
     // Two sleeps blocked inside hrtimer_nanosleep at once, one instance allowed.
     let out = run_probed(

@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -328,6 +328,7 @@ pub struct ProbeEngine<M: GuestMemory + Send + Sync> {
     exits: ExitCounters,
     start: Instant,
     hw_generation: AtomicU64,
+    int3_written: AtomicBool,
     returns: Mutex<InstanceTable<Arc<ProbeEntry>>>,
     trampoline: Mutex<Option<XolSlot>>,
 }
@@ -360,6 +361,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             exits: ExitCounters::default(),
             start: Instant::now(),
             hw_generation: AtomicU64::new(0),
+            int3_written: AtomicBool::new(false),
             returns: Mutex::new(InstanceTable::default()),
             trampoline: Mutex::new(None),
         })
@@ -570,6 +572,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         };
         let saved = insn.bytes[..1].to_vec();
         if probe.trap == TrapKind::Software {
+            self.int3_written.store(true, Ordering::SeqCst);
             self.mem
                 .write_slice(&[INT3], GuestAddress(gpa))
                 .map_err(|_| PlantError::Memory {
@@ -911,6 +914,13 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
     pub fn hardware_breakpoints(&self) -> ([Option<u64>; MAX_HW_BREAKPOINTS], u64) {
         let table = self.table.read().unwrap_or_else(|e| e.into_inner());
         (table.hw, self.hw_generation.load(Ordering::SeqCst))
+    }
+
+    /// Whether an int3 of ours has ever been written into the guest: until then no #BP can be
+    /// ours, and the VMM leaves the guest's own int3s (its kprobes, text patching) to the
+    /// guest instead of trapping and handing each back.
+    pub fn int3_written(&self) -> bool {
+        self.int3_written.load(Ordering::SeqCst)
     }
 
     /// Generation of the hardware breakpoint set; cheap to poll before each `KVM_RUN`.

@@ -122,7 +122,9 @@ impl VcpuProbing {
             self.setup.hardware = engine.hardware_breakpoints().0;
             self.applied_generation = generation;
         }
-        self.setup.software_breakpoints = self.shared.software_breakpoints;
+        // #BP is trapped only once an int3 of ours is in the guest: before that (boot, a run
+        // whose probes were all refused) the guest's own int3s stay the guest's business.
+        self.setup.software_breakpoints = self.shared.software_breakpoints && engine.int3_written();
         // INJECT_BP acts once, at the ioctl: a request for it always needs one, and what KVM
         // keeps afterwards is the set-up without it. (Comparing with it included would skip
         // the ioctl for a second foreign int3 in a row, and the guest would loop on it.)

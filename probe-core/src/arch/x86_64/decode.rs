@@ -16,8 +16,8 @@ pub enum DecodeError {
     /// Capstone could not be set up.
     #[error("cannot initialise the x86_64 disassembler: {0}")]
     Capstone(String),
-    /// The bytes at an address are not a valid instruction.
-    #[error("no valid x86_64 instruction at {0:#x}")]
+    /// The bytes at an address are not an instruction the decoder knows.
+    #[error("no x86_64 instruction the decoder knows at {0:#x}")]
     Invalid(u64),
     /// An offset does not start an instruction.
     #[error(
@@ -33,14 +33,101 @@ pub enum DecodeError {
         /// That instruction's text.
         text: String,
     },
-    /// The offset lies past the decodable code.
-    #[error("offset {offset:#x} lies past the decodable code ({decoded:#x} bytes decoded)")]
+    /// The walk from the function start met bytes that are no instruction it knows.
+    #[error(
+        "offset {offset:#x} cannot be checked: the bytes at +{decoded:#x} ({bytes}) are no instruction the decoder knows, so the instruction boundaries past them are unknown"
+    )]
     PastCode {
         /// The requested offset.
         offset: u64,
         /// How far decoding got.
         decoded: u64,
+        /// The first bytes it could not decode, in hex.
+        bytes: String,
     },
+    /// The walk from the function start met an `int3` the guest wrote over an instruction.
+    #[error(
+        "offset {offset:#x} cannot be checked: the guest has its own breakpoint (int3) over the instruction at +{at:#x} (a guest kprobe, kgdb, or a text patch in progress), so the instruction boundaries past it are unknown"
+    )]
+    GuestBreakpoint {
+        /// The requested offset.
+        offset: u64,
+        /// Where the guest's int3 is.
+        at: u64,
+    },
+}
+
+/// Number of legacy prefixes and REX bytes before the opcode of the instruction in `bytes`.
+fn prefix_len(bytes: &[u8]) -> usize {
+    let legacy = bytes
+        .iter()
+        .take_while(|b| {
+            matches!(
+                b,
+                0x66 | 0x67 | 0xf0 | 0xf2 | 0xf3 | 0x2e | 0x36 | 0x3e | 0x26 | 0x64 | 0x65
+            )
+        })
+        .count();
+    legacy + usize::from(bytes.get(legacy).is_some_and(|b| b & 0xf0 == 0x40))
+}
+
+/// Length of a ModRM byte with its SIB and displacement (64-bit mode, which has no 16-bit
+/// addressing), from the ModRM byte on.
+fn modrm_len(b: &[u8]) -> Option<usize> {
+    let modrm = *b.first()?;
+    let (md, rm) = (modrm >> 6, modrm & 7);
+    if md == 3 {
+        return Some(1);
+    }
+    let mut n = 1;
+    if rm == 4 {
+        let sib = *b.get(1)?;
+        n += 1;
+        if md == 0 && sib & 7 == 5 {
+            n += 4;
+        }
+    } else if md == 0 && rm == 5 {
+        n += 4;
+    }
+    Some(
+        n + match md {
+            1 => 1,
+            2 => 4,
+            _ => 0,
+        },
+    )
+}
+
+/// The length of an instruction the disassembler (capstone 5) does not know but the kernel
+/// uses, for the boundary walk only (such an instruction is never probed): the `0f 01` group
+/// (`serialize`, `pvalidate`, `rmpadjust`, ...: ModRM, no immediate) and VEX opcode maps
+/// `0f38` (no immediate) and `0f3a` (imm8), as AMX's `tilerelease`.
+pub fn fallback_length(bytes: &[u8]) -> Option<usize> {
+    let p = prefix_len(bytes);
+    let rest = bytes.get(p..)?;
+    let len = match rest {
+        [0x0f, 0x01, modrm @ ..] => 2 + modrm_len(modrm)?,
+        [0xc4, p1, _, _, modrm @ ..] if p == 0 => match p1 & 0x1f {
+            2 => 4 + modrm_len(modrm)?,
+            3 => 4 + modrm_len(modrm)? + 1,
+            _ => return None,
+        },
+        _ => return None,
+    };
+    let len = p + len;
+    (len <= 15 && len <= bytes.len()).then_some(len)
+}
+
+/// Whether execution never goes on from this instruction to the next byte (`ret`, `jmp`,
+/// `int3`): an `int3` right after one is padding the compiler put there (straight-line
+/// speculation, function alignment), not a breakpoint written over an instruction.
+fn ends_flow(bytes: &[u8]) -> bool {
+    let rest = &bytes[prefix_len(bytes).min(bytes.len())..];
+    match rest {
+        [0xc3, ..] | [0xc2, ..] | [0xe9, ..] | [0xeb, ..] | [0xcc, ..] => true,
+        [0xff, modrm, ..] => matches!((modrm >> 3) & 7, 4 | 5),
+        _ => false,
+    }
 }
 
 /// Why an instruction cannot be probed.
@@ -548,8 +635,11 @@ impl Decoder {
         })
     }
 
-    /// Decodes `code` (a function from its first byte, at `start_va`) up to `offset` and checks
-    /// that `offset` starts an instruction.
+    /// Decodes `code` (a function from its first byte, at `start_va`, with hvprobe's own
+    /// breakpoints already replaced by the bytes they cover) up to `offset` and checks that
+    /// `offset` starts an instruction, as Linux's `can_probe` does. An `int3` that does not
+    /// follow an instruction ending the flow (padding does) is the guest's own breakpoint over
+    /// an instruction whose length is then unknown: the check fails rather than guess.
     pub fn check_boundary(
         &self,
         code: &[u8],
@@ -557,23 +647,39 @@ impl Decoder {
         offset: u64,
     ) -> Result<(), DecodeError> {
         let mut at = 0u64;
+        let mut after_flow_end = false;
         while at < offset {
             let rest = code.get(at as usize..).unwrap_or(&[]);
-            let i = self
-                .decode(rest, start_va + at)
-                .map_err(|_| DecodeError::PastCode {
-                    offset,
-                    decoded: at,
-                })?;
-            let len = i.len() as u64;
+            if rest.first() == Some(&0xcc) && !after_flow_end {
+                return Err(DecodeError::GuestBreakpoint { offset, at });
+            }
+            let (len, text) = match self.decode(rest, start_va + at) {
+                Ok(i) => (i.len() as u64, i.text),
+                Err(_) => match fallback_length(rest) {
+                    Some(len) => (len as u64, format!("{:02x?}", &rest[..len])),
+                    None => {
+                        return Err(DecodeError::PastCode {
+                            offset,
+                            decoded: at,
+                            bytes: rest
+                                .iter()
+                                .take(8)
+                                .map(|b| format!("{b:02x}"))
+                                .collect::<Vec<_>>()
+                                .join(" "),
+                        });
+                    }
+                },
+            };
             if at + len > offset {
                 return Err(DecodeError::NotOnBoundary {
                     offset,
                     insn_start: at,
-                    len: i.len(),
-                    text: i.text,
+                    len: len as usize,
+                    text,
                 });
             }
+            after_flow_end = ends_flow(&rest[..len as usize]);
             at += len;
         }
         Ok(())
@@ -970,5 +1076,63 @@ mod tests {
             Err(DecodeError::PastCode { .. })
         ));
         assert_eq!(decode(&code).len(), 4);
+    }
+
+    #[test]
+    fn instructions_capstone_lacks_are_walked_over_by_length() {
+        // serialize, pvalidate (f2 prefix), tilerelease (VEX 0f38), a 0f01 memory form with
+        // SIB + disp32, and a VEX 0f3a form with its imm8.
+        for (bytes, len) in [
+            (&[0x0f, 0x01, 0xe8, 0xe9][..], 3),
+            (&[0xf2, 0x0f, 0x01, 0xff][..], 4),
+            (&[0xc4, 0xe2, 0x78, 0x49, 0xc0, 0x90][..], 5),
+            (&[0x0f, 0x01, 0x84, 0x24, 1, 2, 3, 4, 0x90][..], 8),
+            (&[0xc4, 0xe3, 0x79, 0x0f, 0xc1, 0x08][..], 6),
+        ] {
+            assert_eq!(fallback_length(bytes), Some(len), "{bytes:02x?}");
+        }
+        assert_eq!(fallback_length(&[0xea, 0xa7, 0x08]), None);
+        assert_eq!(fallback_length(&[0x0f, 0x01]), None);
+        // finish_task_switch: the walk goes on past a serialize to the pushf behind it.
+        let d = Decoder::new().unwrap();
+        let code = [
+            0x0f, 0x01, 0xe8, 0xe9, 0x10, 0xfe, 0xff, 0xff, 0x8c, 0xd0, 0x50, 0x9c,
+        ];
+        d.check_boundary(&code, VA, 11).unwrap();
+    }
+
+    #[test]
+    fn padding_int3_is_walked_over_and_a_guest_breakpoint_is_refused() {
+        let d = Decoder::new().unwrap();
+        // ret; int3; push %rbp; mov %rsp,%rbp; ret: SLS padding after the ret.
+        let code = [0xc3, 0xcc, 0x55, 0x48, 0x89, 0xe5, 0xc3];
+        d.check_boundary(&code, VA, 6).unwrap();
+        // jmp rel8; int3; int3 (a run of padding); nop.
+        let code = [0xeb, 0x02, 0xcc, 0xcc, 0x90, 0xc3];
+        d.check_boundary(&code, VA, 5).unwrap();
+        // jmp *%rax; int3; nop.
+        let code = [0xff, 0xe0, 0xcc, 0x90, 0xc3];
+        d.check_boundary(&code, VA, 4).unwrap();
+        // push %rbp; int3 over `mov %rsp,%rbp` (48 89 e5): the guest's breakpoint.
+        let code = [0x55, 0xcc, 0x89, 0xe5, 0xc3];
+        let err = d.check_boundary(&code, VA, 4).unwrap_err();
+        assert!(
+            matches!(err, DecodeError::GuestBreakpoint { at: 1, offset: 4 }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("own breakpoint (int3)"), "{err}");
+        // An int3 over the first instruction.
+        let err = d
+            .check_boundary(&[0xcc, 0x89, 0xe5, 0xc3], VA, 3)
+            .unwrap_err();
+        assert!(
+            matches!(err, DecodeError::GuestBreakpoint { at: 0, .. }),
+            "{err}"
+        );
+        // Unknown bytes name themselves.
+        let err = d
+            .check_boundary(&[0x90, 0xea, 0xa7, 0x08, 0x00], VA, 3)
+            .unwrap_err();
+        assert!(err.to_string().contains("+0x1 (ea a7 08 00)"), "{err}");
     }
 }
