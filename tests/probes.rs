@@ -236,6 +236,12 @@ fn every_step_plan_keeps_the_kernel_computing_right_results() {
             && i.rip_disp.is_some()
             && !i.text.contains("gs:")
     });
+    // Per-CPU operands (`gs:[rip+X]` reaches a small per-CPU offset, 2 GiB from every slot):
+    // a read-modify-write of the preempt count on every open, and a load of it on every close.
+    let percpu_rmw = k.find("fd_install", |i| {
+        i.text.starts_with("inc dword ptr gs:[rip")
+    });
+    let percpu_add = k.find("fput", |i| i.text.starts_with("mov eax, dword ptr gs:[rip"));
     // strlen's loop: the instruction a backward jump goes to, stepped once per character.
     let loop_body = {
         let f = k.function("strlen");
@@ -256,6 +262,8 @@ fn every_step_plan_keeps_the_kernel_computing_right_results() {
         jcc.clone(),
         rip_relative.clone(),
         loop_body.clone(),
+        percpu_rmw.clone(),
+        percpu_add.clone(),
     ];
     let refs: Vec<&str> = probes.iter().map(String::as_str).collect();
     let out = run_probed(
@@ -293,6 +301,8 @@ fn every_step_plan_keeps_the_kernel_computing_right_results() {
         (&jcc, "emulate", 300),
         (&rip_relative, "xol-riprel", 20),
         (&loop_body, "xol", 2),
+        (&percpu_rmw, "xol-riprel", 20),
+        (&percpu_add, "xol-riprel", 20),
     ] {
         let (plan, hits, missed, errors) = summary(&out, loc);
         assert_eq!(plan, want_plan, "{loc}");
@@ -955,5 +965,199 @@ fn a_task_filter_reports_only_the_matching_task() {
     // cat, the shell and init opened files too: counted, not reported.
     let (_, hits, _, _) = summary(&out, "do_sys_openat2");
     assert!(hits > 2, "hits {hits}");
+    assert_text_restored(&out);
+}
+
+/// splitmix64: a small seeded generator, so that a sweep can be replayed from its seed.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// A number from the environment, or `default`.
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The workload of the sweeps: forks, execs, opens, reads, writes, pipes, sleeps, and a
+/// line that says every part finished with the right result.
+const SWEEP_WORKLOAD: &str = "fork-exec-loop 10; open-read-loop 20 /etc/passwd; \
+     echo hello > /tmp/f; n=$(cat /tmp/f | wc -c); sleep 0.2; l=$(ls / | wc -l); \
+     getpid-loop 100; echo sweep-result bytes=$n entries=$l";
+
+#[test]
+fn a_random_sweep_of_instruction_boundaries_leaves_the_guest_working() {
+    // N random instruction boundaries anywhere in the kernel's text (decoded from vmlinux,
+    // so alternatives may have changed a few: those are refused or planted at the running
+    // instruction), planted at once with --skip-refused. Replay a failure with the printed
+    // HVPROBE_SWEEP_SEED (and HVPROBE_SWEEP_N).
+    let seed = env_u64("HVPROBE_SWEEP_SEED", 0x5eed_0001);
+    let n = env_u64("HVPROBE_SWEEP_N", 300) as usize;
+    eprintln!("sweep: HVPROBE_SWEEP_SEED={seed} HVPROBE_SWEEP_N={n}");
+    let k = KernelText::load();
+    let guest = hvprobe_guest::default_guest().unwrap();
+    let map_text = std::fs::read_to_string(guest.kernel.system_map()).unwrap();
+    let addr_of = |name: &str| k.map.lookup(name).unwrap().addr;
+    let (stext, etext) = (addr_of("_stext"), addr_of("_etext"));
+    let mut funcs: Vec<(u64, &str)> = map_text
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let a = u64::from_str_radix(it.next()?, 16).ok()?;
+            let kind = it.next()?;
+            let name = it.next()?;
+            (matches!(kind, "t" | "T") && (stext..etext).contains(&a)).then_some((a, name))
+        })
+        .collect();
+    funcs.sort_unstable();
+    funcs.dedup_by_key(|f| f.0);
+    // Half the picks anywhere, half inside functions on the workload's paths (so that many
+    // are hit, error and slow paths included).
+    let hot_prefixes = [
+        "do_sys_",
+        "vfs_",
+        "ksys_",
+        "__x64_sys_",
+        "path_",
+        "link_path_walk",
+        "do_filp_open",
+        "copy_process",
+        "kernel_clone",
+        "do_exit",
+        "do_wait",
+        "wait_consider_task",
+        "bprm_",
+        "load_elf_binary",
+        "begin_new_exec",
+        "pipe_",
+        "anon_pipe",
+        "__schedule",
+        "schedule",
+        "hrtimer_",
+        "do_nanosleep",
+        "mmap_region",
+        "do_mmap",
+        "handle_mm_fault",
+        "do_user_addr_fault",
+        "filemap_",
+        "generic_file_",
+        "shmem_",
+        "dput",
+        "d_alloc",
+        "lookup_fast",
+        "walk_component",
+        "copy_page_range",
+        "unmap_page_range",
+        "do_wp_page",
+        "do_anonymous_page",
+        "wake_up_new_task",
+        "try_to_wake_up",
+        "enqueue_task_fair",
+        "dequeue_task_fair",
+        "update_curr",
+        "tick_",
+        "irq_",
+        "__handle_irq",
+        "exit_mmap",
+        "fd_install",
+        "alloc_fd",
+        "__fput",
+        "fput",
+        "new_sync_",
+        "tty_",
+        "n_tty_",
+        "serial8250_",
+    ];
+    let hot: Vec<usize> = (0..funcs.len() - 1)
+        .filter(|&i| hot_prefixes.iter().any(|p| funcs[i].1.starts_with(p)))
+        .collect();
+    let d = Decoder::new().unwrap();
+    let mut rng = SplitMix(seed);
+    let mut picks: Vec<(u64, String)> = Vec::new();
+    while picks.len() < n {
+        let i = if picks.len() % 2 == 0 {
+            rng.below(funcs.len() - 1)
+        } else {
+            hot[rng.below(hot.len())]
+        };
+        let (start, end) = (funcs[i].0, funcs[i + 1].0.min(etext));
+        let code = k.bytes(start, (end - start) as usize);
+        let mut at = 0usize;
+        let mut boundaries = Vec::new();
+        while at < code.len() {
+            let Ok(insn) = d.decode(&code[at..], start + at as u64) else {
+                break;
+            };
+            boundaries.push((at, insn.text.clone()));
+            at += insn.len();
+        }
+        if boundaries.is_empty() {
+            continue;
+        }
+        let (off, text) = &boundaries[rng.below(boundaries.len())];
+        let va = start + *off as u64;
+        if picks.iter().any(|(a, _)| *a == va) {
+            continue;
+        }
+        picks.push((va, format!("{} ({text})", k.map.describe(va))));
+    }
+    let locations: Vec<String> = picks.iter().map(|(va, _)| format!("{va:#x}")).collect();
+    let probes: Vec<&str> = locations.iter().map(String::as_str).collect();
+    let out = run_probed("2", SWEEP_WORKLOAD, &probes, &["--skip-refused", "--quiet"]);
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    let describe = || {
+        picks
+            .iter()
+            .map(|(va, what)| format!("  {va:#x} {what}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "seed {seed}\n{}\nprobes:\n{}",
+        explain(&out),
+        describe()
+    );
+    assert_has(&stdout, "fork-exec-loop: runs=10 ok=10", &out);
+    assert_has(&stdout, "sweep-result bytes=6 entries=", &out);
+    // Every probe is planted (a summary line) or refused with its reason.
+    let mut planted = 0;
+    let mut refused = 0;
+    let mut hit = 0;
+    for loc in &locations {
+        let prefix = format!("hvprobe: probe {loc} at ");
+        if let Some(line) = stdout.lines().find(|l| l.starts_with(&prefix)) {
+            planted += 1;
+            hit += u64::from(field(line, "hits") > 0);
+        } else if stderr
+            .lines()
+            .any(|l| l.starts_with("hvprobe: skipped refused probe: ") && l.contains(loc.as_str()))
+        {
+            refused += 1;
+        } else {
+            panic!("{loc}: neither planted nor refused\n{}", explain(&out));
+        }
+    }
+    eprintln!("sweep: seed {seed}: {planted} planted ({hit} hit), {refused} refused of {n}");
+    for l in stderr.lines().filter(|l| l.starts_with("hvprobe: skipped")) {
+        eprintln!("sweep: {l}");
+    }
+    assert_eq!(planted + refused, n);
     assert_text_restored(&out);
 }

@@ -462,7 +462,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             Arc::make_mut(&mut site.probes).push(ProbeEntry::new(id, location, probe));
             if let (Some(slot), StepPlan::StepOutOfLine(ool)) = (trapped, &*plan) {
                 table.slot_traps.insert(
-                    slot.va + u64::from(ool.len),
+                    slot.va + ool.copy_len(site_va),
                     SlotTrap {
                         orig_va: site_va,
                         len: u64::from(ool.len),
@@ -589,8 +589,12 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         table.by_probe.insert(id, gpa);
         table.site_vas.insert(target.va);
         if let Some(slot) = trapped {
+            let copy_len = match &plan {
+                StepPlan::StepOutOfLine(ool) => ool.copy_len(target.va),
+                StepPlan::Emulate(_) => insn.bytes.len() as u64,
+            };
             table.slot_traps.insert(
-                slot.va + insn.bytes.len() as u64,
+                slot.va + copy_len,
                 SlotTrap {
                     orig_va: target.va,
                     len: insn.bytes.len() as u64,
@@ -1231,7 +1235,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         };
         if trapping {
             state.pending.push(PendingStep {
-                trap_va: slot.va + u64::from(ool.len),
+                trap_va: slot.va + ool.copy_len(regs.rip),
                 interrupts: regs.rflags & RFLAGS_IF,
                 since: Instant::now(),
             });

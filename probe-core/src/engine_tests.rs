@@ -75,7 +75,7 @@ fn slot_bytes(engine: &ProbeEngine<GuestMemoryMmap>, regs: &Registers, va: u64) 
 }
 
 #[test]
-fn a_rip_relative_instruction_runs_boosted_with_its_displacement_retargeted() {
+fn a_rip_relative_instruction_runs_boosted_with_its_operand_made_absolute() {
     let (engine, mut vcpu) = machine();
     let regs = vcpu.regs.clone();
     engine
@@ -99,15 +99,18 @@ fn a_rip_relative_instruction_runs_boosted_with_its_displacement_retargeted() {
         before,
         "only RIP moved"
     );
-    // The slot holds `mov disp(%rip),%rax` addressing the same byte as the original, then
-    // `jmp` back to the next original instruction.
+    // The slot holds `mov disp(%rip),%rax` made absolute (the target is in the kernel image,
+    // within a sign-extended disp32), addressing the same byte as the original, then `jmp`
+    // back to the next original instruction.
     let bytes = slot_bytes(&engine, &vcpu.regs, slot);
     let d = Decoder::new().unwrap();
     let copy = d.decode(&bytes, slot).unwrap();
-    assert_eq!(copy.len(), 7);
-    let disp = i32::from_le_bytes(bytes[3..7].try_into().unwrap());
-    assert_eq!(slot + 7 + disp as i64 as u64, pc + 7 + 0x100);
-    let jmp = d.decode(&bytes[7..], slot + 7).unwrap();
+    assert_eq!(copy.len(), 8);
+    assert_eq!(
+        copy.text,
+        format!("mov rax, qword ptr [{:#x}]", pc + 7 + 0x100)
+    );
+    let jmp = d.decode(&bytes[8..], slot + 8).unwrap();
     assert_eq!(jmp.text, format!("jmp {:#x}", pc + 7));
     let e = engine.exit_stats();
     assert_eq!((e.breakpoints, e.slot_traps), (1, 0));
@@ -445,7 +448,7 @@ fn five_level_guests_get_their_slots_through_pml5_entry_511() {
     let slot = vcpu.regs.rip;
     assert!(slot >= crate::xol::XOL_VA_BASE);
     let bytes = slot_bytes(&engine, &vcpu.regs, slot);
-    assert_eq!(bytes[..3], CODE[AT_RIPREL as usize..AT_RIPREL as usize + 3]);
+    assert_eq!(bytes[..2], CODE[AT_RIPREL as usize..AT_RIPREL as usize + 2]);
 }
 
 #[test]
@@ -499,15 +502,15 @@ fn post_handlers_see_the_state_after_the_instruction() {
         "IF off during the trapped step"
     );
     let bytes = slot_bytes(&engine, &vcpu.regs, slot);
-    assert_eq!(bytes[7], INT3);
+    assert_eq!(bytes[8], INT3, "after the 8-byte absolute copy");
     // The CPU ran the copy and reaches the int3; an unrelated vCPU state is untouched.
     vcpu.regs.set(Gpr::Rax, 0x1234);
-    vcpu.regs.rip = slot + 7;
+    vcpu.regs.rip = slot + 8;
     engine
         .handle_debug(
             &mut vcpu,
             &mut state,
-            DebugEvent::Breakpoint { pc: slot + 7 },
+            DebugEvent::Breakpoint { pc: slot + 8 },
         )
         .unwrap();
     assert_eq!(after_step.load(Ordering::SeqCst), pc + 7);

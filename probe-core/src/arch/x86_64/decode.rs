@@ -889,12 +889,16 @@ mod tests {
                 .rip_disp
                 .unwrap_or_else(|| panic!("{} not rip-relative", i.text));
             assert!(!d.eip);
-            let copy = o.relocate(VA, slot).unwrap();
+            // From an address whose targets do not fit a sign-extended disp32 (below the
+            // kernel image, within 2 GiB of the slot): the displacement is re-targeted.
+            let near: u64 = 0xffff_ffff_7000_0000;
+            let copy = o.relocate(near, slot).unwrap();
             assert_eq!(copy.len(), bytes.len());
+            assert_eq!(o.copy_len(near), bytes.len() as u64);
             let at = usize::from(d.offset);
             assert_eq!(
                 target_of(&copy, at, slot, false),
-                target_of(bytes, at, VA, false),
+                target_of(bytes, at, near, false),
                 "{}",
                 i.text
             );
@@ -902,7 +906,47 @@ mod tests {
             assert_eq!(copy[..at], bytes[..at]);
             assert_eq!(copy[at + 4..], bytes[at + 4..]);
             assert_eq!(p_name(bytes), "xol-riprel");
+            // From kernel text: the operand is made absolute (`[disp32]` through a SIB byte),
+            // one byte longer, the same instruction otherwise; VEX forms keep re-targeting.
+            let target = target_of(bytes, at, VA, false);
+            let copy = o.relocate(VA, slot).unwrap();
+            if bytes[0] == 0xc5 {
+                assert_eq!(copy.len(), bytes.len());
+                assert_eq!(target_of(&copy, at, slot, false), target);
+                continue;
+            }
+            assert_eq!(copy.len(), bytes.len() + 1, "{}", i.text);
+            assert_eq!(o.copy_len(VA), copy.len() as u64);
+            let c = decode(&copy);
+            assert_eq!(c.len(), copy.len(), "{}", c.text);
+            assert!(c.rip_disp.is_none(), "{}", c.text);
+            assert_eq!(c.text.split(' ').next(), i.text.split(' ').next());
+            assert!(
+                c.text.contains(&format!("[{target:#x}]")),
+                "{} -> {} (target {target:#x})",
+                i.text,
+                c.text
+            );
+            assert_eq!(copy[at + 5..], bytes[at + 4..], "{}", i.text);
         }
+        // gs:[rip+X] reaches a per-CPU offset (a small number, 2 GiB from every slot): only
+        // the absolute form reaches it. mov %gs:0x7eed1aaa(%rip),%eax at 0xffffffff81a07055.
+        let bytes = [0x65, 0x8b, 0x05, 0xaa, 0x1a, 0xed, 0x7e];
+        let va = 0xffff_ffff_81a0_7055;
+        let o = out_of_line(&bytes);
+        let copy = o.relocate(va, slot).unwrap();
+        let percpu = (va + 7).wrapping_add(0x7eed_1aaa);
+        assert!(percpu < 0x100_0000, "{percpu:#x}: a small per-CPU offset");
+        let c = decode(&copy);
+        assert_eq!(c.text, format!("mov eax, dword ptr gs:[{percpu:#x}]"));
+        // REX.X is cleared (SIB index 100 means "no index" only without it).
+        let bytes = [0x4a, 0x8b, 0x05, 0x10, 0x00, 0x00, 0x00];
+        let copy = out_of_line(&bytes).relocate(VA, slot).unwrap();
+        assert_eq!(copy[0], 0x48);
+        assert_eq!(
+            decode(&copy).text,
+            format!("mov rax, qword ptr [{:#x}]", VA + 0x17)
+        );
         // addr32: mov 0x10(%eip),%eax is EIP-relative, retargeted modulo 2^32.
         let bytes = [0x67, 0x8b, 0x05, 0x10, 0x00, 0x00, 0x00];
         let o = out_of_line(&bytes);

@@ -75,17 +75,80 @@ pub struct OutOfLine {
 const JMP_REL32: u8 = 0xe9;
 
 impl OutOfLine {
-    /// The copy for a slot at `slot_va`, its RIP-relative displacement re-targeted so that it
-    /// addresses what the original at `orig_va` addressed; `None` if the target is out of reach
-    /// of a 32-bit displacement from the slot.
+    /// The address a RIP-relative operand of the original at `orig_va` refers to (before any
+    /// segment base is added).
+    fn rip_target(&self, d: RipDisplacement, orig_va: u64) -> Option<u64> {
+        let at = usize::from(d.offset);
+        let disp = i32::from_le_bytes(self.bytes.get(at..at + 4)?.try_into().ok()?);
+        Some(
+            orig_va
+                .wrapping_add(u64::from(self.len))
+                .wrapping_add(disp as i64 as u64),
+        )
+    }
+
+    /// The copy with its RIP-relative operand rewritten as an absolute `[disp32]` (ModRM
+    /// `rm=100` with a SIB byte of no base and no index), when the target fits a sign-extended
+    /// 32 bits: kernel image and module addresses, and the small per-CPU offsets that
+    /// `gs:[rip+X]` operands reach, which are 2 GiB away from every slot. The copy is one byte
+    /// longer, and the same wherever the slot is.
+    fn absolute_copy(&self, orig_va: u64) -> Option<Vec<u8>> {
+        let d = self.rip_disp.filter(|d| !d.eip)?;
+        let target = i32::try_from(self.rip_target(d, orig_va)? as i64).ok()?;
+        let at = usize::from(d.offset);
+        let modrm_at = at.checked_sub(1)?;
+        let legacy = self
+            .bytes
+            .iter()
+            .take_while(|b| {
+                matches!(
+                    b,
+                    0x66 | 0x67 | 0xf0 | 0xf2 | 0xf3 | 0x2e | 0x36 | 0x3e | 0x26 | 0x64 | 0x65
+                )
+            })
+            .count();
+        // VEX, EVEX and XOP carry REX.X inverted inside their payload: leave them to
+        // displacement re-targeting.
+        let xop = self.bytes.get(legacy) == Some(&0x8f)
+            && self.bytes.get(legacy + 1).is_some_and(|b| b & 0x1f >= 8);
+        if xop || matches!(self.bytes.get(legacy), Some(0xc4 | 0xc5 | 0x62)) {
+            return None;
+        }
+        let modrm = *self.bytes.get(modrm_at)?;
+        if modrm & 0xc7 != 0x05 || self.bytes.len() + 1 > 15 {
+            return None;
+        }
+        let mut out = self.bytes[..modrm_at].to_vec();
+        if let Some(rex) = out.get_mut(legacy).filter(|b| **b & 0xf0 == 0x40) {
+            // SIB index 100 means "no index" only without REX.X.
+            *rex &= !0x02;
+        }
+        out.push((modrm & 0x38) | 0x04);
+        out.push(0x25);
+        out.extend_from_slice(&target.to_le_bytes());
+        out.extend_from_slice(self.bytes.get(at + 4..)?);
+        Some(out)
+    }
+
+    /// Length of the copy of the original at `orig_va` in a slot (the original's, or one more
+    /// when its RIP-relative operand is rewritten as absolute): the slot's own trap follows it.
+    pub fn copy_len(&self, orig_va: u64) -> u64 {
+        self.absolute_copy(orig_va)
+            .map_or(u64::from(self.len), |c| c.len() as u64)
+    }
+
+    /// The copy for a slot at `slot_va` that addresses what the original at `orig_va`
+    /// addressed: its RIP-relative operand made absolute where the target allows it, else its
+    /// displacement re-targeted for the slot; `None` if neither reaches the target.
     pub fn relocate(&self, orig_va: u64, slot_va: u64) -> Option<Vec<u8>> {
+        if let Some(copy) = self.absolute_copy(orig_va) {
+            return Some(copy);
+        }
         let mut out = self.bytes.clone();
         if let Some(d) = self.rip_disp {
             let at = usize::from(d.offset);
-            let disp = i32::from_le_bytes(out.get(at..at + 4)?.try_into().ok()?);
-            let len = u64::from(self.len);
-            let target = orig_va.wrapping_add(len).wrapping_add(disp as i64 as u64);
-            let new = target.wrapping_sub(slot_va.wrapping_add(len)) as i64;
+            let target = self.rip_target(d, orig_va)?;
+            let new = target.wrapping_sub(slot_va.wrapping_add(u64::from(self.len))) as i64;
             let new = if d.eip {
                 // Address-size 32: only the low 32 bits of the sum count.
                 new as i32
