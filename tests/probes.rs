@@ -1089,7 +1089,7 @@ fn a_random_sweep_of_instruction_boundaries_leaves_the_guest_working() {
     let mut rng = SplitMix(seed);
     let mut picks: Vec<(u64, String)> = Vec::new();
     while picks.len() < n {
-        let i = if picks.len() % 2 == 0 {
+        let i = if picks.len().is_multiple_of(2) {
             rng.below(funcs.len() - 1)
         } else {
             hot[rng.below(hot.len())]
