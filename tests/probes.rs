@@ -795,32 +795,49 @@ fn boundaries_are_walked_past_instructions_capstone_lacks_and_stop_at_a_guest_br
     assert_text_restored(&out);
 
     // A guest kprobe (set from the kernel command line, so it is in before hvprobe plants,
-    // and not optimized into a jump) writes int3 over the first byte of `sub $N,%rsp` in
-    // vfs_read. Decoding through it would take the rest of that instruction for the next
-    // one and accept an offset inside it; the probe must be refused instead.
-    let (sub_off, _) = k
-        .function("vfs_read")
+    // and not optimized into a jump) writes int3 over the first byte of an instruction of a
+    // function the workload does not call. Decoding through the int3 would take the rest of
+    // that instruction for the next one; hvprobe reads the guest's kprobe table and decodes
+    // the original bytes instead: inside the instruction is refused, the kprobe's own address
+    // is refused, the next instruction is planted.
+    let func = "vfs_fallocate";
+    let (kp_off, kp_insn) = k
+        .function(func)
         .into_iter()
-        .find(|(_, i)| i.text.starts_with("sub rsp,") && i.len() == 4)
-        .expect("sub $N,%rsp in vfs_read");
+        .find(|(off, i)| *off >= 8 && i.len() >= 3 && plan_of(i).is_some())
+        .expect("a multi-byte instruction in vfs_fallocate");
     let cmdline = format!(
-        "{} kprobe_event=p:hvt,vfs_read+{sub_off:#x} trace_event=kprobes:hvt sysctl.debug.kprobes-optimization=0",
+        "{} kprobe_event=p:hvt,{func}+{kp_off:#x} trace_event=kprobes:hvt sysctl.debug.kprobes-optimization=0",
         hvprobe_vmm::cli::DEFAULT_CMDLINE
     );
-    let inside = format!("vfs_read+{:#x}", sub_off + 1);
+    let inside = format!("{func}+{:#x}", kp_off + 1);
+    let at = format!("{func}+{kp_off:#x}");
+    let after = format!("{func}+{:#x}", kp_off + kp_insn.len() as u64);
     let out = run_probed(
         "1",
-        "echo SHOULD-NOT-RUN",
-        &[&inside],
-        &["--cmdline", &cmdline],
+        "cat /sys/kernel/tracing/kprobe_events",
+        &[&inside, &at, &after],
+        &["--cmdline", &cmdline, "--skip-refused", "--quiet"],
     );
-    assert_eq!(out.status.code(), Some(2), "{}", explain(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    // The guest's kprobe is really there.
     assert_has(
-        &text(&out.stderr),
-        &format!("the guest has its own breakpoint (int3) over the instruction at +{sub_off:#x}"),
+        &text(&out.stdout),
+        &format!("p:kprobes/hvt {func}+{}", kp_off),
         &out,
     );
-    assert!(!text(&out.stdout).contains("SHOULD-NOT-RUN\n"));
+    let stderr = text(&out.stderr);
+    assert_has(
+        &stderr,
+        &format!(
+            "skipped refused probe: {inside}: offset {:#x} is not on an instruction boundary",
+            kp_off + 1
+        ),
+        &out,
+    );
+    assert_has(&stderr, &format!("skipped refused probe: {at}: "), &out);
+    assert_has(&stderr, "is at the guest's own kprobe at", &out);
+    summary_line(&out, &after);
     assert_text_restored(&out);
 }
 

@@ -14,9 +14,10 @@ use std::time::Instant;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use crate::arch::x86_64::{
-    DecodeError, Decoder, Emulation, EmulationError, Gpr, GuestStack, INT3, OutOfLine, Refusal,
-    Registers, StepPlan,
+    DecodeError, Decoder, Emulation, EmulationError, Gpr, GuestInt3, GuestStack, INT3, OutOfLine,
+    Refusal, Registers, StepPlan,
 };
+use crate::guest_kprobes::GuestKprobe;
 use crate::pagewalk::{PagingMode, WalkError, translate};
 use crate::probe::{Handler, PhysMemory, Probe, ProbeContext, TrapKind, Walker, read_virt};
 use crate::retprobe::{Instance, InstanceTable};
@@ -98,6 +99,20 @@ pub enum PlantError {
     /// No such probe.
     #[error("no probe with id {0}")]
     UnknownProbe(usize),
+    /// The address is on, or inside the text taken by, one of the guest's own kprobes.
+    #[error(
+        "{location}: {va:#x} is {where_} the guest's own kprobe at {kprobe:#x}; hvprobe does not plant over it"
+    )]
+    GuestKprobe {
+        /// The probe location.
+        location: String,
+        /// The probed address.
+        va: u64,
+        /// The guest kprobe's address.
+        kprobe: u64,
+        /// "at" or "inside the optimized jump of".
+        where_: &'static str,
+    },
     /// A post handler on an instruction whose copy cannot be followed by the host's trap.
     #[error("{location}: a post handler cannot run after `{instruction}`: it {reason}")]
     Untrappable {
@@ -316,6 +331,8 @@ struct ProbeTable {
     slot_traps: HashMap<u64, SlotTrap>,
     /// Addresses of the instructions with an entry in the guest's exception table.
     exception_table: HashSet<u64>,
+    /// The guest's own armed kprobes, when its kprobe table could be read.
+    guest_kprobes: Option<HashMap<u64, GuestKprobe>>,
     next_id: usize,
     hw: [Option<u64>; MAX_HW_BREAKPOINTS],
 }
@@ -354,6 +371,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                 by_probe: HashMap::new(),
                 slot_traps: HashMap::new(),
                 exception_table: HashSet::new(),
+                guest_kprobes: None,
                 next_id: 0,
                 hw: [None; MAX_HW_BREAKPOINTS],
             }),
@@ -412,6 +430,14 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
     pub fn set_exception_table(&self, addresses: impl IntoIterator<Item = u64>) {
         let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
         table.exception_table = addresses.into_iter().collect();
+    }
+
+    /// Records the guest's own armed kprobes (from its `kprobe_table`): the boundary walk puts
+    /// back the bytes they cover, and no probe is planted over one. Without them an int3 in
+    /// the walk that may cover an instruction makes the check fail.
+    pub fn set_guest_kprobes(&self, kprobes: HashMap<u64, GuestKprobe>) {
+        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        table.guest_kprobes = Some(kprobes);
     }
 
     /// Plants `probe` at `target`, using the page tables in `regs` (any vCPU's, all map kernel
@@ -474,6 +500,23 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             return Ok(id);
         }
 
+        if let Some((&kprobe, _)) = table
+            .guest_kprobes
+            .iter()
+            .flatten()
+            .find(|(va, kp)| (**va..**va + kp.span).contains(&target.va))
+        {
+            return Err(PlantError::GuestKprobe {
+                location,
+                va: target.va,
+                kprobe,
+                where_: if kprobe == target.va {
+                    "at"
+                } else {
+                    "inside the optimized jump of"
+                },
+            });
+        }
         // Capstone handles are not Send; planting is rare, so each plant makes its own.
         let decoder = Decoder::new().map_err(|source| PlantError::Decode {
             location: location.clone(),
@@ -482,8 +525,8 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         if let Some(start) = target.function_start.filter(|s| *s < target.va) {
             let offset = target.va - start;
             let mut code = self.read_virt_bytes(&location, regs, start, offset as usize + 16)?;
-            // Decode what the guest wrote, not our own breakpoints (kprobes'
-            // recover_probed_instruction).
+            // Decode what the guest wrote, not our own breakpoints, nor the guest's kprobes
+            // (kprobes' recover_probed_instruction).
             for site in table.sites.values() {
                 if let Some(i) = site.va.checked_sub(start).map(|i| i as usize)
                     && i < code.len()
@@ -491,8 +534,22 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                     code[i] = site.saved[0];
                 }
             }
+            for (va, kp) in table.guest_kprobes.iter().flatten() {
+                if let Some(i) = va.checked_sub(start).map(|i| i as usize) {
+                    for (j, b) in kp.original.iter().enumerate() {
+                        if let Some(c) = code.get_mut(i + j) {
+                            *c = *b;
+                        }
+                    }
+                }
+            }
+            let int3 = if table.guest_kprobes.is_some() {
+                GuestInt3::Padding
+            } else {
+                GuestInt3::Unknown
+            };
             decoder
-                .check_boundary(&code, start, offset)
+                .check_boundary(&code, start, offset, int3)
                 .map_err(|source| PlantError::Decode {
                     location: location.clone(),
                     source,

@@ -674,3 +674,85 @@ fn max_active_and_frames_that_never_return_are_counted_as_nmissed() {
             .is_err()
     );
 }
+
+#[test]
+fn the_walk_reads_through_the_guests_kprobes_and_never_plants_over_one() {
+    let (engine, vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    // The guest's kprobe on `mov %rsp,%rbp` (48 89 e5 at +5): an int3 over its REX byte.
+    engine
+        .memory()
+        .write_slice(&[INT3], GuestAddress(TEXT_GPA + 5))
+        .unwrap();
+    // Unknown guest kprobes: the int3 follows `push %rbp`, which falls through.
+    let err = engine
+        .plant(Probe::new("f+0x8"), target(AT_RIPREL), &regs)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("may be the guest's own breakpoint"),
+        "{err}"
+    );
+    // Known: its byte is put back, the walk finds +8 on a boundary (and +6 inside).
+    let mut kprobes = HashMap::new();
+    kprobes.insert(
+        TEXT_VA + 5,
+        GuestKprobe {
+            original: vec![0x48],
+            span: 1,
+        },
+    );
+    engine.set_guest_kprobes(kprobes.clone());
+    let err = engine
+        .plant(Probe::new("f+0x6"), target(6), &regs)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("not on an instruction boundary"),
+        "{err}"
+    );
+    let err = engine
+        .plant(Probe::new("f+0x5"), target(5), &regs)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("is at the guest's own kprobe at 0xffffffff81000005"),
+        "{err}"
+    );
+    let id = engine
+        .plant(Probe::new("f+0x8"), target(AT_RIPREL), &regs)
+        .unwrap();
+    engine.remove(id).unwrap();
+    // An optimized guest kprobe at +4 whose jump (and detour) covers push + mov (4 bytes,
+    // padded to its 5-byte jump): nothing inside it is probed.
+    let mut code = CODE.to_vec();
+    code[4..9].copy_from_slice(&[0xe9, 0x10, 0x20, 0x30, 0x40]);
+    engine
+        .memory()
+        .write_slice(&code, GuestAddress(TEXT_GPA))
+        .unwrap();
+    kprobes.clear();
+    kprobes.insert(
+        TEXT_VA + 4,
+        GuestKprobe {
+            original: CODE[4..9].to_vec(),
+            span: 4 + 7,
+        },
+    );
+    engine.set_guest_kprobes(kprobes);
+    let err = engine
+        .plant(Probe::new("f+0x8"), target(AT_RIPREL), &regs)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("inside the optimized jump of the guest's own kprobe"),
+        "{err}"
+    );
+    let before = text(&engine);
+    engine
+        .plant(Probe::new("f+0xf"), target(AT_CALL), &regs)
+        .unwrap();
+    assert_eq!(
+        text(&engine)[..AT_CALL as usize],
+        before[..AT_CALL as usize]
+    );
+}

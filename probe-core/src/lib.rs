@@ -14,6 +14,7 @@ pub mod elf;
 pub mod engine;
 pub mod fake;
 pub mod fetch;
+pub mod guest_kprobes;
 pub mod histogram;
 pub mod pagewalk;
 pub mod probe;

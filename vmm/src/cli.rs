@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use probe_core::definition::{ProbeDefinition, ProbeKind};
 use probe_core::engine::{MAX_HW_BREAKPOINTS, PlantTarget};
+use probe_core::guest_kprobes::KprobeTableLayout;
 use probe_core::probe::{Probe, ProbeContext, TrapKind};
 use probe_core::symbols::SymbolMap;
 use probe_core::task::TaskLayout;
@@ -487,15 +488,13 @@ pub fn read_btf(path: &std::path::Path) -> Result<Vec<u8>> {
     Ok(data)
 }
 
-/// The guest kernel's task layout, from its BTF and System.map.
-fn task_layout(args: &RunArgs, map: &SymbolMap) -> Result<TaskLayout> {
-    let path = args
-        .btf
-        .as_ref()
-        .context("task awareness needs the guest kernel's BTF (--btf)")?;
-    let btf = probe_core::btf::Btf::parse(&read_btf(path)?)
-        .with_context(|| format!("parsing BTF from {}", path.display()))?;
-    TaskLayout::from_kernel(&btf, map).context("finding the current task in the guest kernel")
+/// The guest kernel's BTF, parsed, when `--btf` (or the default guest) gives it.
+fn guest_btf(args: &RunArgs) -> Option<Result<probe_core::btf::Btf>> {
+    let path = args.btf.as_ref()?;
+    Some(read_btf(path).and_then(|data| {
+        probe_core::btf::Btf::parse(&data)
+            .with_context(|| format!("parsing BTF from {}", path.display()))
+    }))
 }
 
 /// Builds the probes of a run: resolution, trap choice, handlers.
@@ -534,10 +533,34 @@ fn probe_setup(
             TrapKind::Hardware => "hardware breakpoints",
         }
     );
+    let btf = guest_btf(args);
     let task = if targets.iter().any(|t| t.definition.is_some()) {
-        Some(Arc::new(task_layout(args, &map)?))
+        let btf = btf
+            .as_ref()
+            .context("task awareness needs the guest kernel's BTF (--btf)")?
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let layout = TaskLayout::from_kernel(btf, &map)
+            .context("finding the current task in the guest kernel")?;
+        Some(Arc::new(layout))
     } else {
         None
+    };
+    // The guest's own kprobes, so that the boundary walk can read through them; without BTF
+    // an int3 that may cover an instruction stops the walk instead.
+    let guest_kprobes = match btf.as_ref().map(|b| {
+        b.as_ref()
+            .map_err(|e| format!("{e:#}"))
+            .and_then(|b| KprobeTableLayout::from_kernel(b, &map).map_err(|e| e.to_string()))
+    }) {
+        Some(Ok(layout)) => Some(layout),
+        Some(Err(e)) => {
+            eprintln!(
+                "hvprobe: the guest's kprobes cannot be located ({e}); probes past an int3 that may be one are refused"
+            );
+            None
+        }
+        None => None,
     };
     let map = Arc::new(map);
     let slide = Arc::new(AtomicU64::new(0));
@@ -616,6 +639,7 @@ fn probe_setup(
         },
         slide,
         skip_refused: args.skip_refused,
+        guest_kprobes,
     }))
 }
 

@@ -17,6 +17,7 @@ use probe_core::arch::x86_64::{Registers, extable};
 use probe_core::engine::{
     ExitStats, PlantTarget, ProbeStats, RewrittenSite, hash_guest_virtual, read_guest_virtual,
 };
+use probe_core::guest_kprobes::KprobeTableLayout;
 use probe_core::pagewalk::{PagingMode, PhysRead, translate};
 use probe_core::probe::Probe;
 use probe_core::xol::XolArea;
@@ -142,6 +143,9 @@ pub struct ProbeSetup {
     pub exception_table: Option<(u64, u64)>,
     /// Plant what can be planted and report the refused probes, instead of all or nothing.
     pub skip_refused: bool,
+    /// Where the guest keeps its own kprobes, read at planting so that the boundary walk
+    /// reads through them.
+    pub guest_kprobes: Option<KprobeTableLayout>,
 }
 
 /// KASLR moves the x86_64 kernel by multiples of CONFIG_PHYSICAL_ALIGN (2 MiB).
@@ -313,6 +317,18 @@ impl ProbeSession {
                     .map_err(|e| format!("reading the guest's exception table: {e}"))?;
                 self.engine
                     .set_exception_table(extable::instruction_addresses(start, &bytes));
+            }
+            if let Some(layout) = self.setup.guest_kprobes {
+                let slide = self.setup.slide.load(Ordering::SeqCst);
+                let mem = self.engine.memory();
+                let read =
+                    |va: u64, buf: &mut [u8]| read_guest_virtual(mem, &regs, va, buf).is_ok();
+                match layout.read(slide, &read) {
+                    Ok(kprobes) => self.engine.set_guest_kprobes(kprobes),
+                    Err(e) => eprintln!(
+                        "hvprobe: {e}; probes past an int3 that may be a guest kprobe are refused"
+                    ),
+                }
             }
             let before = self.hash_text(&regs);
             let mut ids = Vec::new();

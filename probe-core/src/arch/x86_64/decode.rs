@@ -45,9 +45,10 @@ pub enum DecodeError {
         /// The first bytes it could not decode, in hex.
         bytes: String,
     },
-    /// The walk from the function start met an `int3` the guest wrote over an instruction.
+    /// The walk from the function start met an `int3` that may cover an instruction, and the
+    /// guest's kprobes could not be read to tell.
     #[error(
-        "offset {offset:#x} cannot be checked: the guest has its own breakpoint (int3) over the instruction at +{at:#x} (a guest kprobe, kgdb, or a text patch in progress), so the instruction boundaries past it are unknown"
+        "offset {offset:#x} cannot be checked: the int3 at +{at:#x} follows an instruction that may fall through, so it may be the guest's own breakpoint over an instruction (a guest kprobe, kgdb), and the guest's kprobe table could not be read to tell; the instruction boundaries past it are unknown"
     )]
     GuestBreakpoint {
         /// The requested offset.
@@ -116,6 +117,18 @@ pub fn fallback_length(bytes: &[u8]) -> Option<usize> {
     };
     let len = p + len;
     (len <= 15 && len <= bytes.len()).then_some(len)
+}
+
+/// How the boundary walk takes an `int3` it meets in the guest's text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestInt3 {
+    /// The guest's kprobes were read and the bytes under them put back: an int3 left is an
+    /// instruction (padding after a `ret`, a `jmp` or a call that does not return), as Linux's
+    /// `can_probe` takes it.
+    Padding,
+    /// The guest's kprobes are unknown: an int3 is taken as padding only after an instruction
+    /// that never falls through; elsewhere it may cover an instruction, and the walk stops.
+    Unknown,
 }
 
 /// Whether execution never goes on from this instruction to the next byte (`ret`, `jmp`,
@@ -322,7 +335,7 @@ fn refusal_of(id: InsnId) -> Option<&'static str> {
     let table: &[(X86Insn, &str)] = &[
         (
             X86_INS_INT3,
-            "a breakpoint the guest placed itself (text_poke, its own kprobes)",
+            "an int3: padding the compiler left (never run), or a breakpoint the guest placed itself",
         ),
         (X86_INS_INT, INTERRUPT),
         (X86_INS_INTO, INTERRUPT),
@@ -636,21 +649,21 @@ impl Decoder {
     }
 
     /// Decodes `code` (a function from its first byte, at `start_va`, with hvprobe's own
-    /// breakpoints already replaced by the bytes they cover) up to `offset` and checks that
-    /// `offset` starts an instruction, as Linux's `can_probe` does. An `int3` that does not
-    /// follow an instruction ending the flow (padding does) is the guest's own breakpoint over
-    /// an instruction whose length is then unknown: the check fails rather than guess.
+    /// breakpoints and the guest's known kprobes already replaced by the bytes they cover) up
+    /// to `offset` and checks that `offset` starts an instruction, as Linux's `can_probe`
+    /// does. `int3` says how an int3 met on the way is taken.
     pub fn check_boundary(
         &self,
         code: &[u8],
         start_va: u64,
         offset: u64,
+        int3: GuestInt3,
     ) -> Result<(), DecodeError> {
         let mut at = 0u64;
         let mut after_flow_end = false;
         while at < offset {
             let rest = code.get(at as usize..).unwrap_or(&[]);
-            if rest.first() == Some(&0xcc) && !after_flow_end {
+            if rest.first() == Some(&0xcc) && !after_flow_end && int3 == GuestInt3::Unknown {
                 return Err(DecodeError::GuestBreakpoint { offset, at });
             }
             let (len, text) = match self.decode(rest, start_va + at) {
@@ -1100,9 +1113,11 @@ mod tests {
         // endbr64; push %rbp; mov %rsp,%rbp; ret
         let code = [0xf3, 0x0f, 0x1e, 0xfa, 0x55, 0x48, 0x89, 0xe5, 0xc3];
         for ok in [0, 4, 5, 8] {
-            d.check_boundary(&code, VA, ok).unwrap();
+            d.check_boundary(&code, VA, ok, GuestInt3::Unknown).unwrap();
         }
-        let err = d.check_boundary(&code, VA, 6).unwrap_err();
+        let err = d
+            .check_boundary(&code, VA, 6, GuestInt3::Unknown)
+            .unwrap_err();
         assert!(
             matches!(
                 err,
@@ -1116,7 +1131,7 @@ mod tests {
         );
         assert!(err.to_string().contains("mov rbp, rsp"), "{err}");
         assert!(matches!(
-            d.check_boundary(&code, VA, 40),
+            d.check_boundary(&code, VA, 40, GuestInt3::Unknown),
             Err(DecodeError::PastCode { .. })
         ));
         assert_eq!(decode(&code).len(), 4);
@@ -1142,7 +1157,7 @@ mod tests {
         let code = [
             0x0f, 0x01, 0xe8, 0xe9, 0x10, 0xfe, 0xff, 0xff, 0x8c, 0xd0, 0x50, 0x9c,
         ];
-        d.check_boundary(&code, VA, 11).unwrap();
+        d.check_boundary(&code, VA, 11, GuestInt3::Unknown).unwrap();
     }
 
     #[test]
@@ -1150,24 +1165,38 @@ mod tests {
         let d = Decoder::new().unwrap();
         // ret; int3; push %rbp; mov %rsp,%rbp; ret: SLS padding after the ret.
         let code = [0xc3, 0xcc, 0x55, 0x48, 0x89, 0xe5, 0xc3];
-        d.check_boundary(&code, VA, 6).unwrap();
+        d.check_boundary(&code, VA, 6, GuestInt3::Unknown).unwrap();
         // jmp rel8; int3; int3 (a run of padding); nop.
         let code = [0xeb, 0x02, 0xcc, 0xcc, 0x90, 0xc3];
-        d.check_boundary(&code, VA, 5).unwrap();
+        d.check_boundary(&code, VA, 5, GuestInt3::Unknown).unwrap();
         // jmp *%rax; int3; nop.
         let code = [0xff, 0xe0, 0xcc, 0x90, 0xc3];
-        d.check_boundary(&code, VA, 4).unwrap();
+        d.check_boundary(&code, VA, 4, GuestInt3::Unknown).unwrap();
         // push %rbp; int3 over `mov %rsp,%rbp` (48 89 e5): the guest's breakpoint.
         let code = [0x55, 0xcc, 0x89, 0xe5, 0xc3];
-        let err = d.check_boundary(&code, VA, 4).unwrap_err();
+        let err = d
+            .check_boundary(&code, VA, 4, GuestInt3::Unknown)
+            .unwrap_err();
         assert!(
             matches!(err, DecodeError::GuestBreakpoint { at: 1, offset: 4 }),
             "{err}"
         );
-        assert!(err.to_string().contains("own breakpoint (int3)"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("own breakpoint over an instruction"),
+            "{err}"
+        );
+        // After a call that does not return (call __stack_chk_fail; int3): padding, which
+        // only the guest's kprobe table can tell from a breakpoint.
+        let code = [0xe8, 0, 0, 0, 0, 0xcc, 0x55, 0xc3];
+        assert!(matches!(
+            d.check_boundary(&code, VA, 7, GuestInt3::Unknown),
+            Err(DecodeError::GuestBreakpoint { at: 5, .. })
+        ));
+        d.check_boundary(&code, VA, 7, GuestInt3::Padding).unwrap();
         // An int3 over the first instruction.
         let err = d
-            .check_boundary(&[0xcc, 0x89, 0xe5, 0xc3], VA, 3)
+            .check_boundary(&[0xcc, 0x89, 0xe5, 0xc3], VA, 3, GuestInt3::Unknown)
             .unwrap_err();
         assert!(
             matches!(err, DecodeError::GuestBreakpoint { at: 0, .. }),
@@ -1175,7 +1204,7 @@ mod tests {
         );
         // Unknown bytes name themselves.
         let err = d
-            .check_boundary(&[0x90, 0xea, 0xa7, 0x08, 0x00], VA, 3)
+            .check_boundary(&[0x90, 0xea, 0xa7, 0x08, 0x00], VA, 3, GuestInt3::Padding)
             .unwrap_err();
         assert!(err.to_string().contains("+0x1 (ea a7 08 00)"), "{err}");
     }

@@ -6,7 +6,7 @@ mod emulate;
 pub mod extable;
 mod regs;
 
-pub use decode::{DecodeError, Decoder, Instruction, InstructionKind, Refusal};
+pub use decode::{DecodeError, Decoder, GuestInt3, Instruction, InstructionKind, Refusal};
 pub use emulate::{Emulation, EmulationError, GuestStack, condition_holds};
 pub use regs::{Gpr, Registers};
 
