@@ -66,6 +66,17 @@ impl KernelText {
         out
     }
 
+    /// Every instruction of `func` (to the next symbol), as `func+0xOFF` locations.
+    fn boundaries(&self, func: &str) -> Vec<String> {
+        let sym = self.map.lookup(func).unwrap_or_else(|e| panic!("{e}"));
+        let size = self.map.size_of(sym).expect("a symbol after it");
+        self.function(func)
+            .into_iter()
+            .take_while(|(off, _)| *off < size)
+            .map(|(off, _)| format!("{func}+{off:#x}"))
+            .collect()
+    }
+
     /// `func+0xOFF` of the first instruction after the first that `pick` accepts.
     fn find(&self, func: &str, pick: impl Fn(&Instruction) -> bool) -> String {
         let (off, _) = self
@@ -838,6 +849,83 @@ fn boundaries_are_walked_past_instructions_capstone_lacks_and_stop_at_a_guest_br
     assert_has(&stderr, &format!("skipped refused probe: {at}: "), &out);
     assert_has(&stderr, "is at the guest's own kprobe at", &out);
     summary_line(&out, &after);
+    assert_text_restored(&out);
+}
+
+#[test]
+fn bad_user_pointers_through_probed_user_copy_paths_fail_with_efault_and_the_guest_is_fine() {
+    // Every instruction of the user-copy paths that bad pointers go through: the faulting
+    // ones (with __ex_table fix-ups) are refused by name, the rest planted; the faults then
+    // happen in the guest's own text (or in the instructions around them, run in slots) and
+    // the fix-ups return EFAULT as without probes.
+    let k = KernelText::load();
+    let mut probes = Vec::new();
+    for func in [
+        "_copy_to_user",
+        "_copy_from_user",
+        "strncpy_from_user",
+        "copy_user_enhanced_fast_string",
+        "copy_user_generic_string",
+        "copy_user_generic_unrolled",
+        "getname_flags",
+        "cp_new_stat",
+    ] {
+        probes.extend(k.boundaries(func));
+    }
+    let refs: Vec<&str> = probes.iter().map(String::as_str).collect();
+    let out = run_probed(
+        "1",
+        "bad-pointer-loop 30; open-read-loop 5 /etc/passwd",
+        &refs,
+        &["--skip-refused", "--quiet"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    let stdout = text(&out.stdout);
+    assert_has(
+        &stdout,
+        "bad-pointer-loop: runs=30 efault=240 good=30 wrong=0",
+        &out,
+    );
+    let passwd = b"root:x:0:0:root:/root:/bin/sh\n";
+    assert_has(
+        &stdout,
+        &format!(
+            "open-read-loop: path=/etc/passwd opens=5 bytes={} fnv1a={:016x}",
+            5 * passwd.len(),
+            fnv1a(passwd)
+        ),
+        &out,
+    );
+    let stderr = text(&out.stderr);
+    let skipped = stderr
+        .lines()
+        .filter(|l| l.starts_with("hvprobe: skipped refused probe: "))
+        .count();
+    assert!(
+        stderr.contains("exception table (__ex_table)"),
+        "{}",
+        explain(&out)
+    );
+    let mut planted = 0;
+    let mut hits = 0;
+    for p in &probes {
+        if let Some(line) = text(&out.stdout)
+            .lines()
+            .find(|l| l.starts_with(&format!("hvprobe: probe {p} at ")))
+        {
+            planted += 1;
+            hits += field(line, "hits");
+        }
+    }
+    assert_eq!(planted + skipped, probes.len(), "{}", explain(&out));
+    assert!(hits > 1000, "{hits} hits on the user-copy paths");
+    eprintln!(
+        "user-copy probes: {} instructions, {planted} planted, {skipped} refused, {hits} hits",
+        probes.len()
+    );
+    for l in stderr.lines().filter(|l| l.starts_with("hvprobe: skipped")) {
+        eprintln!("user-copy: {l}");
+    }
     assert_text_restored(&out);
 }
 

@@ -78,6 +78,10 @@ pub const WORKLOADS: &[(&str, &str)] = &[
         "fork-exec-loop",
         include_str!("../workloads/fork-exec-loop.c"),
     ),
+    (
+        "bad-pointer-loop",
+        include_str!("../workloads/bad-pointer-loop.c"),
+    ),
 ];
 
 /// The default guest's `/init`.
