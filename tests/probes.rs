@@ -729,6 +729,36 @@ fn a_return_probe_on_exec_returns_through_the_new_address_space() {
 }
 
 #[test]
+fn a_return_probe_on_schedule_sees_kworkers_return_under_other_address_spaces() {
+    // Kernel threads sleep in schedule() and return from it on whatever page tables the
+    // task before them left loaded (they have no mm of their own): every return must still
+    // reach the trampoline. Tasks asleep at the end are live instances, not misses.
+    let out = run_probed(
+        "2",
+        "sleep 0.3; fork-exec-loop 10; sync; echo done",
+        &["r:hv/sch schedule c=$comm"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    let stdout = text(&out.stdout);
+    assert_has(&stdout, "fork-exec-loop: runs=10 ok=10", &out);
+    assert_has(&stdout, "\ndone", &out);
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("kworker/") && l.contains("(worker_thread+0x")),
+        "no kworker returned from schedule\n{}",
+        explain(&out)
+    );
+    let line = summary_line(&out, "schedule");
+    let get = |k: &str| field(&line, k);
+    assert!(get("returns") >= 20, "{line}");
+    assert!(get("returns") + get("nmissed") <= get("hits"), "{line}");
+    assert_eq!(get("handler_errors"), 0, "{line}");
+    assert_text_restored(&out);
+}
+
+#[test]
 fn an_instruction_with_an_exception_table_entry_is_refused_by_name() {
     // copy_user_enhanced_fast_string's `rep movsb` faults on bad user pointers and is fixed up
     // through __ex_table; a copy of it in a slot would oops the guest instead.
