@@ -1296,3 +1296,199 @@ fn a_random_sweep_of_instruction_boundaries_leaves_the_guest_working() {
     assert_eq!(planted + refused, n);
     assert_text_restored(&out);
 }
+
+#[test]
+fn entry_block_probes_count_at_least_what_the_guests_own_kprobes_count() {
+    // The guest's kprobes on the entries of N functions that open-read-loop calls (through
+    // ftrace, so no guest int3 is involved) and hvprobe's probes on a random instruction of
+    // each one's entry block, both counting only open-read-loop's calls (the guest through an
+    // event filter on its trace buffer, hvprobe through a task filter), so that both windows
+    // hold the whole workload. Every call to a function runs its entry block: hvprobe's count
+    // is >= the guest's, and equal when no jump lands inside the entry block before the probe.
+    let seed = env_u64("HVPROBE_SWEEP_SEED", 0x5eed_0002);
+    eprintln!("kprobe sweep: HVPROBE_SWEEP_SEED={seed}");
+    let k = KernelText::load();
+    let fentry = k.map.lookup("__fentry__").unwrap().addr;
+    let candidates = [
+        "do_sys_openat2",
+        "do_filp_open",
+        "path_openat",
+        "link_path_walk",
+        "getname_flags",
+        "putname",
+        "alloc_empty_file",
+        "do_dentry_open",
+        "fd_install",
+        "alloc_fd",
+        "ksys_read",
+        "vfs_read",
+        "__fdget_pos",
+        "__fget_light",
+        "fput",
+        "close_fd",
+        "filp_close",
+        "filemap_read",
+        "touch_atime",
+        "rw_verify_area",
+        "security_file_open",
+        "lookup_fast",
+        "walk_component",
+        "step_into",
+        "complete_walk",
+        "terminate_walk",
+        "may_open",
+        "vfs_open",
+        "generic_permission",
+        "inode_permission",
+        "dput",
+        "kmem_cache_alloc",
+        "kmem_cache_free",
+        "copy_page_to_iter",
+        "_copy_to_user",
+        "strncpy_from_user",
+        "__fput",
+    ];
+    let mut rng = SplitMix(seed);
+    // (function, probe offset, whether a jump lands in (0, offset])
+    let mut picks: Vec<(&str, u64, bool)> = Vec::new();
+    for func in candidates {
+        let Ok(sym) = k.map.lookup(func) else {
+            continue;
+        };
+        let Some(size) = k.map.size_of(sym) else {
+            continue;
+        };
+        let insns: Vec<(u64, Instruction)> = k
+            .function(func)
+            .into_iter()
+            .take_while(|(off, _)| *off < size)
+            .collect();
+        // Traced through ftrace: the first instruction is the call to __fentry__.
+        if insns.first().map(|(_, i)| i.text.clone()) != Some(format!("call {fentry:#x}")) {
+            continue;
+        }
+        let mut entry_block = Vec::new();
+        for (off, i) in insns.iter().skip(1) {
+            if plan_of(i).is_some() {
+                entry_block.push(*off);
+            }
+            let t = &i.text;
+            if t.starts_with('j') || t.starts_with("call") || t.starts_with("ret") {
+                break;
+            }
+        }
+        if entry_block.is_empty() {
+            continue;
+        }
+        let off = entry_block[rng.below(entry_block.len())];
+        let landing = insns.iter().any(|(_, i)| {
+            let target = i
+                .text
+                .strip_prefix('j')
+                .and_then(|r| r.split("0x").nth(1))
+                .and_then(|h| u64::from_str_radix(h.trim(), 16).ok());
+            target.is_some_and(|t| t > sym.addr && t <= sym.addr + off)
+        });
+        picks.push((func, off, landing));
+    }
+    assert!(
+        picks.len() >= 20,
+        "only {} candidate functions",
+        picks.len()
+    );
+    // Kept short: the command travels on the guest's kernel command line.
+    let names: Vec<&str> = picks.iter().map(|(f, _, _)| *f).collect();
+    let exec = format!(
+        "cd /sys/kernel/tracing;echo 8192 >buffer_size_kb;set -- {};i=0;for f;do \
+         echo \"p:kprobes/s$i $f\">>kprobe_events&&\
+         echo 'comm==\"open-read-loop\"'>events/kprobes/s$i/filter||echo kprobe-refused $i;\
+         i=$((i+1));done;echo 1 >events/kprobes/enable;\
+         open-read-loop 20 /etc/passwd /init /missing;echo 0 >events/kprobes/enable;\
+         i=0;for f;do echo guest s$i $(grep -c \" s$i: \" trace) $(grep \" s$i \" kprobe_profile);\
+         i=$((i+1));done;echo counted",
+        names.join(" ")
+    );
+    let probes: Vec<String> = picks
+        .iter()
+        .enumerate()
+        .map(|(i, (func, off, _))| {
+            format!("p:hv/s{i} {func}+{off:#x} if comm == \"open-read-loop\"")
+        })
+        .collect();
+    let refs: Vec<&str> = probes.iter().map(String::as_str).collect();
+    let file = std::env::temp_dir().join(format!("hvprobe-ksweep-{}", std::process::id()));
+    let out = run_probed("1", &exec, &refs, &["-o", file.to_str().unwrap()]);
+    let trace = std::fs::read_to_string(&file).unwrap_or_default();
+    std::fs::remove_file(&file).ok();
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    let stdout = text(&out.stdout);
+    assert_has(&stdout, "open-read-loop: path=/init opens=20", &out);
+    assert_has(&stdout, "counted", &out);
+    let mut report = Vec::new();
+    let mut equal = 0;
+    let mut compared = 0;
+    for (i, (func, off, landing)) in picks.iter().enumerate() {
+        if stdout.contains(&format!("kprobe-refused {i}\n")) {
+            report.push(format!("  s{i} {func}: the guest refused its kprobe"));
+            continue;
+        }
+        // "guest sI COUNT sI HITS MISSES": the filtered trace lines, then kprobe_profile's
+        // line (hits of every task, and the hits its own handlers' recursion made it miss).
+        let counts: Vec<u64> = stdout
+            .split(&format!("guest s{i} "))
+            .nth(1)
+            .and_then(|r| r.lines().next())
+            .map(|l| {
+                l.split_whitespace()
+                    .filter_map(|v| v.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let [guest, _, missed] = counts[..] else {
+            panic!("no guest counts for s{i}\n{}", explain(&out));
+        };
+        let ours = trace
+            .lines()
+            .filter(|l| l.contains(&format!(" hv/s{i}: ")))
+            .count() as u64;
+        report.push(format!(
+            "  s{i} {func}+{off:#x}: guest {guest} (missed {missed}) hvprobe {ours}{}",
+            if *landing {
+                " (a jump lands in the entry block)"
+            } else {
+                ""
+            }
+        ));
+        compared += 1;
+        equal += u64::from(ours == guest);
+        assert!(
+            ours >= guest,
+            "s{i} {func}+{off:#x}: hvprobe {ours} < guest {guest}\n{}",
+            report.join("\n")
+        );
+        // The same window: equal, but for calls the guest's kprobe missed (its own handlers
+        // calling the function).
+        if !landing {
+            assert!(
+                ours <= guest + missed,
+                "s{i} {func}+{off:#x}: hvprobe {ours} > guest {guest} + missed {missed}\n{}",
+                report.join("\n")
+            );
+        }
+    }
+    eprintln!(
+        "kprobe sweep: seed {seed}: {compared} functions compared, {equal} equal\n{}",
+        report.join("\n")
+    );
+    assert!(
+        report
+            .iter()
+            .filter(|l| l.contains("guest ") && !l.contains("guest 0 "))
+            .count()
+            >= 10,
+        "too few functions were called\n{}",
+        report.join("\n")
+    );
+    // With -o, the summary is in the file.
+    assert!(trace.contains("(restored byte-for-byte)"), "{trace}");
+}
