@@ -729,14 +729,14 @@ fn a_return_probe_on_exec_returns_through_the_new_address_space() {
 }
 
 #[test]
-fn a_return_probe_on_schedule_sees_kworkers_return_under_other_address_spaces() {
+fn return_probes_on_schedule_and_the_timer_tick_see_kworkers_and_irq_stacks_return() {
     // Kernel threads sleep in schedule() and return from it on whatever page tables the
     // task before them left loaded (they have no mm of their own): every return must still
     // reach the trampoline. Tasks asleep at the end are live instances, not misses.
     let out = run_probed(
         "2",
         "sleep 0.3; fork-exec-loop 10; sync; echo done",
-        &["r:hv/sch schedule c=$comm"],
+        &["r:hv/sch schedule c=$comm", "r:hv/tick tick_sched_timer"],
         &[],
     );
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
@@ -755,6 +755,13 @@ fn a_return_probe_on_schedule_sees_kworkers_return_under_other_address_spaces() 
     assert!(get("returns") >= 20, "{line}");
     assert!(get("returns") + get("nmissed") <= get("hits"), "{line}");
     assert_eq!(get("handler_errors"), 0, "{line}");
+    // The timer tick returns on the IRQ stack (a page-aligned vmap area) while tasks return
+    // on theirs: none of its frames is retired for another stack's return.
+    let line = summary_line(&out, "tick_sched_timer");
+    let get = |k: &str| field(&line, k);
+    assert!(get("hits") >= 1, "{line}");
+    assert!(get("returns") + 2 >= get("hits"), "{line}");
+    assert_eq!(get("nmissed"), 0, "{line}");
     assert_text_restored(&out);
 }
 

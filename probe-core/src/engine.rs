@@ -20,7 +20,7 @@ use crate::arch::x86_64::{
 use crate::guest_kprobes::GuestKprobe;
 use crate::pagewalk::{PagingMode, WalkError, translate};
 use crate::probe::{Handler, PhysMemory, Probe, ProbeContext, TrapKind, Walker, read_virt};
-use crate::retprobe::{Instance, InstanceTable};
+use crate::retprobe::{Instance, InstanceTable, Returning};
 use crate::vm::{DebugEvent, VcpuAccess, Verdict, VmError};
 use crate::xol::{SLOT_SIZE, XolArea, XolError, XolSlot};
 
@@ -867,17 +867,32 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         mut regs: Registers,
     ) -> Result<Verdict, VmError> {
         self.exits.returns.fetch_add(1, Ordering::Relaxed);
-        let (found, dropped) = self
+        let (found, retired) = self
             .returns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .leave(regs.get(Gpr::Rsp));
-        for d in dropped {
-            for p in &d.probes {
+        for probes in retired {
+            for p in &probes {
                 p.counters.nmissed.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let Some(instance) = found else {
+        let instance = match found {
+            Some(Returning::Live(i)) => Some(i),
+            // Retired by a return on a neighbouring stack, but alive: its miss is taken back.
+            Some(Returning::Retired(i)) => {
+                for p in &i.probes {
+                    let _ = p.counters.nmissed.fetch_update(
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                        |n| n.checked_sub(1),
+                    );
+                }
+                Some(i)
+            }
+            None => None,
+        };
+        let Some(instance) = instance else {
             return Err(VmError(format!(
                 "vCPU {}: a return through the trampoline with no live instance (rsp {:#x}); \
                  the real return address is lost",

@@ -5,10 +5,14 @@
 //!
 //! Frames that never return through their caller (exit paths, longjmp-like unwinds) would
 //! leak; two rules bound that: a new frame at the same stack slot replaces the stale instance,
-//! and a return on a kernel stack drops every instance deeper on that same stack (those
-//! frames are gone).
+//! and a return on a kernel stack retires every instance deeper on what looks like that same
+//! stack (those frames are gone). "Looks like" is a 16 KiB-aligned region: task stacks are
+//! aligned so, but IRQ and exception stacks are page-aligned vmap areas, so a live frame on a
+//! neighbouring stack can be retired by mistake. A retired instance is therefore kept (a
+//! bounded number of them) and a return that reaches one is still sent to its real return
+//! address: a wrong guess costs a `nmissed` count for a while, never the guest's return.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 use crate::arch::x86_64::Registers;
 
@@ -26,18 +30,35 @@ pub struct Instance<P> {
     pub probes: Vec<P>,
 }
 
-/// The live instances.
+/// How many retired instances are kept for a return that may still come.
+pub const RETIRED_KEPT: usize = 16 * 1024;
+
+/// The live instances, and the retired ones a return may still reach.
 #[derive(Debug)]
 pub struct InstanceTable<P> {
     live: HashMap<u64, Instance<P>>,
+    retired: HashMap<u64, Instance<P>>,
+    retired_order: VecDeque<u64>,
 }
 
 impl<P> Default for InstanceTable<P> {
     fn default() -> Self {
         InstanceTable {
             live: HashMap::new(),
+            retired: HashMap::new(),
+            retired_order: VecDeque::new(),
         }
     }
+}
+
+/// The instance a return through the trampoline belongs to.
+#[derive(Debug)]
+pub enum Returning<P> {
+    /// A live instance.
+    Live(Instance<P>),
+    /// An instance retired by a return on what looked like the same stack, whose frame was in
+    /// fact alive (it was on a neighbouring IRQ or exception stack): its miss was counted.
+    Retired(Instance<P>),
 }
 
 fn same_stack(a: u64, b: u64) -> bool {
@@ -48,23 +69,52 @@ impl<P> InstanceTable<P> {
     /// Records a frame whose return address sits at `slot`; returns a stale instance that held
     /// the same slot (its function never returned through it).
     pub fn enter(&mut self, slot: u64, instance: Instance<P>) -> Option<Instance<P>> {
+        // A retired instance at this slot is certainly dead now.
+        self.retired.remove(&slot);
         self.live.insert(slot, instance)
     }
 
     /// Takes the instance of a return that left the stack pointer at `sp_after` (the `ret`
-    /// popped the slot at `sp_after - 8`), and drops the instances of deeper frames on the same
-    /// stack, which can no longer return. Returns the instance and the dropped ones.
-    pub fn leave(&mut self, sp_after: u64) -> (Option<Instance<P>>, Vec<Instance<P>>) {
+    /// popped the slot at `sp_after - 8`), and retires the instances of deeper frames on the
+    /// same stack, which can no longer return. Returns the instance (live or retired) and the
+    /// probes of each instance retired now (for their miss counts).
+    pub fn leave(&mut self, sp_after: u64) -> (Option<Returning<P>>, Vec<Vec<P>>)
+    where
+        P: Clone,
+    {
         let slot = sp_after.wrapping_sub(8);
-        let found = self.live.remove(&slot);
+        let found = match self.live.remove(&slot) {
+            Some(i) => Some(Returning::Live(i)),
+            None => self.retired.remove(&slot).map(Returning::Retired),
+        };
         let dead: Vec<u64> = self
             .live
             .keys()
             .copied()
             .filter(|k| *k < slot && same_stack(*k, slot))
             .collect();
-        let dropped = dead.iter().filter_map(|k| self.live.remove(k)).collect();
-        (found, dropped)
+        let mut retired_now = Vec::new();
+        for k in dead {
+            if let Some(i) = self.live.remove(&k) {
+                retired_now.push(i.probes.clone());
+                self.retire(k, i);
+            }
+        }
+        (found, retired_now)
+    }
+
+    fn retire(&mut self, slot: u64, instance: Instance<P>) {
+        if self.retired.insert(slot, instance).is_none() {
+            self.retired_order.push_back(slot);
+        }
+        while self.retired.len() > RETIRED_KEPT {
+            match self.retired_order.pop_front() {
+                Some(old) => {
+                    self.retired.remove(&old);
+                }
+                None => break,
+            }
+        }
     }
 
     /// Live instances that include a probe `pred` accepts.
@@ -110,14 +160,38 @@ mod tests {
         t.enter(stack + 0x8000 + 0x3d00, inst(4));
         assert_eq!(t.count(|p| *p == 1), 4);
         let (found, dropped) = t.leave(stack + 0x3f08);
-        assert_eq!(found.unwrap().return_address, 1);
+        assert!(matches!(found, Some(Returning::Live(i)) if i.return_address == 1));
         assert_eq!(dropped.len(), 2);
         assert_eq!(t.len(), 1);
         // A reused slot replaces a stale frame.
         t.enter(stack + 0x8000 + 0x3d00, inst(5));
         let (found, _) = t.leave(stack + 0x8000 + 0x3d08);
-        assert_eq!(found.unwrap().return_address, 5);
+        assert!(matches!(found, Some(Returning::Live(i)) if i.return_address == 5));
         assert!(t.is_empty());
         assert!(t.leave(stack).0.is_none());
+        // A retired frame's slot reused by a new frame is forgotten.
+        t.enter(stack + 0x3e00, inst(6));
+        assert!(matches!(
+            t.leave(stack + 0x3e08).0,
+            Some(Returning::Live(_))
+        ));
+    }
+
+    #[test]
+    fn a_frame_on_a_neighbouring_page_aligned_stack_still_returns_after_a_wrong_retirement() {
+        // Two IRQ stacks, page-aligned vmap areas in one 16 KiB-aligned region: a return on
+        // the upper one retires a live frame of the lower one, whose return still arrives.
+        let mut t = InstanceTable::default();
+        let region = 0xffff_c900_0080_0000u64;
+        let (lower, upper) = (region + 0x1000, region + 0x2000);
+        t.enter(lower + 0xf00, inst(1));
+        t.enter(upper + 0xf00, inst(2));
+        let (found, retired) = t.leave(upper + 0xf08);
+        assert!(matches!(found, Some(Returning::Live(i)) if i.return_address == 2));
+        assert_eq!(retired, vec![vec![1]]);
+        assert!(t.is_empty());
+        let (found, _) = t.leave(lower + 0xf08);
+        assert!(matches!(found, Some(Returning::Retired(i)) if i.return_address == 1));
+        assert!(t.leave(lower + 0xf08).0.is_none());
     }
 }
