@@ -357,6 +357,60 @@ fn the_guest_kprobe_and_an_hvprobe_probe_on_one_function_both_count() {
 }
 
 #[test]
+fn the_guests_own_int3_kprobe_keeps_working_beside_an_hvprobe_probe_in_the_same_function() {
+    // A guest kprobe that is a real int3 (set on the command line, not optimized, not on an
+    // ftrace site) in vfs_read, and hvprobe's probe on the next instruction. Every guest int3
+    // (the kprobe's, and the one after its copied instruction) reaches hvprobe, which hands
+    // it back: the guest's kprobe must count every read and the reads must stay right.
+    let k = KernelText::load();
+    let (kp_off, kp_insn) = k
+        .function("vfs_read")
+        .into_iter()
+        .find(|(off, i)| *off >= 8 && i.text.starts_with("sub rsp,"))
+        .expect("sub $N,%rsp in vfs_read");
+    let ours = format!("vfs_read+{:#x}", kp_off + kp_insn.len() as u64);
+    let cmdline = format!(
+        "{} kprobe_event=p:hvt,vfs_read+{kp_off:#x} trace_event=kprobes:hvt sysctl.debug.kprobes-optimization=0",
+        hvprobe_vmm::cli::DEFAULT_CMDLINE
+    );
+    let out = run_probed(
+        "1",
+        "open-read-loop 100 /etc/passwd; cat /sys/kernel/tracing/kprobe_profile",
+        &[&ours],
+        &["--cmdline", &cmdline, "--quiet"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    let stdout = text(&out.stdout);
+    let passwd = b"root:x:0:0:root:/root:/bin/sh\n";
+    assert_has(
+        &stdout,
+        &format!(
+            "open-read-loop: path=/etc/passwd opens=100 bytes={} fnv1a={:016x}",
+            100 * passwd.len(),
+            fnv1a(passwd)
+        ),
+        &out,
+    );
+    let guest_hits: u64 = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("hvt "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no kprobe_profile line\n{}", explain(&out)));
+    let (_, ours_hits, missed, _) = summary(&out, &ours);
+    // Two reads per open (the data, then end of file), and the boot's own reads before.
+    assert!(guest_hits >= 200, "guest kprobe hits {guest_hits}");
+    assert!(ours_hits >= 200 && missed == 0, "hvprobe hits {ours_hits}");
+    let exits = stdout
+        .lines()
+        .find(|l| l.starts_with("hvprobe: exits:"))
+        .unwrap_or_default()
+        .to_string();
+    assert!(field(&exits, "reinjected") >= 2 * 200, "{exits}");
+    assert_text_restored(&out);
+}
+
+#[test]
 fn hardware_breakpoints_probe_without_touching_text() {
     let k = KernelText::load();
     // A stepped instruction apart from the entry probe, so each trap is taken on its own

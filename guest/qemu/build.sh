@@ -2,7 +2,8 @@
 # Builds the runner's QEMU: Debian's own qemu source (the version of the installed
 # qemu-system-x86, from bookworm-backports) with int3-into-exception-intercept.patch, so
 # that a nested guest's int3 reaches its hypervisor as a #BP exit the way it does on AMD
-# hardware. x86_64-softmmu only, TCG only. The result is cached by QEMU version and patch
+# hardware, and SVM has NRIP save as every AMD CPU does (a nested KVM re-injects int3 through
+# NRIP). x86_64-softmmu only, TCG only. The result is cached by QEMU version and patch
 # hash; a second call prints the cached binary's path at once.
 #
 # Usage: guest/qemu/build.sh CACHE_DIR   (prints the path of qemu-system-x86_64)

@@ -1,4 +1,4 @@
-//! The runner's emulator: Debian's QEMU source with the project's int3 patch
+//! The runner's emulator: Debian's QEMU source with the project's int3 and NRIP-save patch
 //! (`guest/qemu/int3-into-exception-intercept.patch`), built once by `guest/qemu/build.sh` and
 //! cached. Both files are compiled into hvprobe so a bare binary can build it too.
 
@@ -8,7 +8,8 @@ use std::process::{Command, Stdio};
 
 /// The build script.
 pub const BUILD_SCRIPT: &str = include_str!("../qemu/build.sh");
-/// The patch that makes TCG deliver int3/into through the #BP/#OF exception intercepts.
+/// The patch that makes TCG deliver int3/into through the #BP/#OF exception intercepts and gives
+/// its SVM the NRIP save of AMD hardware.
 pub const INT3_PATCH: &str = include_str!("../qemu/int3-into-exception-intercept.patch");
 /// The apt-sources check the build script runs (is there a `deb-src` entry for backports?).
 pub const APT_BACKPORTS_SCRIPT: &str = include_str!("../apt-backports.sh");
