@@ -411,6 +411,66 @@ fn the_guests_own_int3_kprobe_keeps_working_beside_an_hvprobe_probe_in_the_same_
 }
 
 #[test]
+fn ring0_flag_instructions_are_emulated_in_the_running_kernel() {
+    // pushf, cli and sti only run in ring 0 as the kernel uses them, so the user-space corpus
+    // cannot check them: here they are probed where the running kernel executes them most.
+    // Paravirt call sites in vmlinux (`call *pv_ops.irq.save_fl/irq_disable/irq_enable`) are
+    // patched at boot into `pushf; pop %rax`, `cli` and `sti`; native_safe_halt is `sti; hlt`,
+    // where the sti's one-instruction interrupt shadow keeps the wake-up from being lost.
+    let k = KernelText::load();
+    let pv_ops = k.map.lookup("pv_ops").unwrap().addr;
+    let pv_call = |func: &str, slot: u64| -> String {
+        let (off, _) = k
+            .function(func)
+            .into_iter()
+            .find(|(_, i)| {
+                i.text.starts_with("call qword ptr [rip") && {
+                    let target = i.rip_disp.map(|d| {
+                        let at = usize::from(d.offset);
+                        let disp = i32::from_le_bytes(i.bytes[at..at + 4].try_into().unwrap());
+                        i.va + i.len() as u64 + disp as i64 as u64
+                    });
+                    target == Some(pv_ops + slot)
+                }
+            })
+            .unwrap_or_else(|| panic!("no pv_ops+{slot:#x} call in {func}"));
+        format!("{func}+{off:#x}")
+    };
+    let pushf = pv_call("_raw_spin_lock_irqsave", 0xf0);
+    let cli = pv_call("_raw_spin_lock_irqsave", 0xf8);
+    let sti = pv_call("_raw_spin_unlock_irq", 0x100);
+    let (halt_off, _) = k
+        .function("native_safe_halt")
+        .into_iter()
+        .find(|(_, i)| i.text == "sti")
+        .expect("sti in native_safe_halt");
+    let safe_halt_sti = format!("native_safe_halt+{halt_off:#x}");
+    let out = run_probed(
+        "1",
+        "sleep 0.5; getpid-loop 200; sleep 0.5; fork-exec-loop 5; echo ring0-done",
+        &[&pushf, &cli, &sti, &safe_halt_sti],
+        &["--quiet"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    let stdout = text(&out.stdout);
+    assert_has(&stdout, "fork-exec-loop: runs=5 ok=5", &out);
+    assert_has(&stdout, "ring0-done", &out);
+    for (loc, insn, min_hits) in [
+        (&pushf, "pushfq", 100),
+        (&cli, "cli", 100),
+        (&sti, "sti", 10),
+        (&safe_halt_sti, "sti", 2),
+    ] {
+        let line = summary_line(&out, loc);
+        assert!(line.contains(&format!("({insn}; plan emulate;")), "{line}");
+        let (_, hits, missed, errors) = summary(&out, loc);
+        assert!(hits >= min_hits, "{line}");
+        assert_eq!((missed, errors), (0, 0), "{line}");
+    }
+    assert_text_restored(&out);
+}
+
+#[test]
 fn hardware_breakpoints_probe_without_touching_text() {
     let k = KernelText::load();
     // A stepped instruction apart from the entry probe, so each trap is taken on its own
