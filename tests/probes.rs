@@ -484,13 +484,21 @@ fn hardware_breakpoints_probe_without_touching_text() {
             .expect("a stepped instruction in getpid");
         format!("__x64_sys_getpid+{off:#x}")
     };
+    // A return probe too: its entry is a hardware breakpoint, its trampoline an int3 in the
+    // XOL area (not in text), trapped from the moment it is written.
     let out = run_probed(
         "1",
-        "getpid-loop 500",
-        &["__x64_sys_getpid", &xol],
+        "getpid-loop 500; open-read-loop 10 /etc/passwd",
+        &["__x64_sys_getpid", &xol, "r:hv/rd ksys_read n=$retval:s64"],
         &["--quiet", "--trap", "hw"],
     );
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    let line = summary_line(&out, "ksys_read");
+    assert!(field(&line, "returns") >= 20, "{line}");
+    assert!(
+        field(&line, "returns") + 2 >= field(&line, "hits"),
+        "{line}"
+    );
     for loc in ["__x64_sys_getpid", xol.as_str()] {
         let (_, hits, _, _) = summary(&out, loc);
         assert!(

@@ -99,6 +99,17 @@ pub enum PlantError {
     /// No such probe.
     #[error("no probe with id {0}")]
     UnknownProbe(usize),
+    /// The probe needs an int3 trap of the host's (a trampoline, a trapped slot) and this KVM
+    /// does not deliver int3 exits.
+    #[error(
+        "{location}: {what} needs int3 traps, which this KVM does not deliver (the trap self-test found hardware breakpoints only)"
+    )]
+    NeedsInt3 {
+        /// The probe location.
+        location: String,
+        /// What needs it.
+        what: &'static str,
+    },
     /// The address is on, or inside the text taken by, one of the guest's own kprobes.
     #[error(
         "{location}: {va:#x} is {where_} the guest's own kprobe at {kprobe:#x}; hvprobe does not plant over it"
@@ -346,6 +357,7 @@ pub struct ProbeEngine<M: GuestMemory + Send + Sync> {
     start: Instant,
     hw_generation: AtomicU64,
     int3_written: AtomicBool,
+    int3_trappable: AtomicBool,
     returns: Mutex<InstanceTable<Arc<ProbeEntry>>>,
     trampoline: Mutex<Option<XolSlot>>,
 }
@@ -380,6 +392,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             start: Instant::now(),
             hw_generation: AtomicU64::new(0),
             int3_written: AtomicBool::new(false),
+            int3_trappable: AtomicBool::new(true),
             returns: Mutex::new(InstanceTable::default()),
             trampoline: Mutex::new(None),
         })
@@ -629,7 +642,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         };
         let saved = insn.bytes[..1].to_vec();
         if probe.trap == TrapKind::Software {
-            self.int3_written.store(true, Ordering::SeqCst);
+            self.will_write_int3(&location, "an int3 probe")?;
             self.mem
                 .write_slice(&[INT3], GuestAddress(gpa))
                 .map_err(|_| PlantError::Memory {
@@ -745,6 +758,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                 reason,
             });
         }
+        self.will_write_int3(location, "a post handler after a stepped instruction")?;
         self.copy_slot(location, instruction, |slot| ool.trapped_slot(va, slot))
     }
 
@@ -769,6 +783,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         if let Some(slot) = *t {
             return Ok(slot);
         }
+        self.will_write_int3(location, "a return probe (its trampoline is an int3)")?;
         let slot = self
             .fill_slot(location, |_| Some(Vec::new()))?
             .expect("an empty slot always fits");
@@ -997,6 +1012,26 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
     /// guest instead of trapping and handing each back.
     pub fn int3_written(&self) -> bool {
         self.int3_written.load(Ordering::SeqCst)
+    }
+
+    /// Says whether this KVM delivers int3 exits (the trap self-test): without them, probes
+    /// that need an int3 of the host's (return probes' trampoline, trapped slots for post
+    /// handlers) are refused, even with hardware breakpoints as their trap.
+    pub fn set_int3_trappable(&self, trappable: bool) {
+        self.int3_trappable.store(trappable, Ordering::SeqCst);
+    }
+
+    /// An int3 of the host's is about to be written (a site, a trapped slot, the trampoline):
+    /// refused if this KVM cannot trap it, else recorded so that #BP is trapped from now on.
+    fn will_write_int3(&self, location: &str, what: &'static str) -> Result<(), PlantError> {
+        if !self.int3_trappable.load(Ordering::SeqCst) {
+            return Err(PlantError::NeedsInt3 {
+                location: location.into(),
+                what,
+            });
+        }
+        self.int3_written.store(true, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Generation of the hardware breakpoint set; cheap to poll before each `KVM_RUN`.

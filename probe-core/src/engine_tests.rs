@@ -756,3 +756,32 @@ fn the_walk_reads_through_the_guests_kprobes_and_never_plants_over_one() {
         before[..AT_CALL as usize]
     );
 }
+
+#[test]
+fn without_int3_exits_what_needs_an_int3_of_the_hosts_is_refused_and_nothing_is_written() {
+    let (engine, vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    engine.set_int3_trappable(false);
+    let before = text(&engine);
+    let hw = |p: Probe| {
+        let mut p = p;
+        p.trap = TrapKind::Hardware;
+        p
+    };
+    for (probe, at) in [
+        (hw(Probe::new("f").on_return(|_| Ok(()))), 0),
+        (hw(Probe::new("f+0x8").after(|_| Ok(()))), AT_RIPREL),
+        (Probe::new("f+0x4"), AT_PUSH),
+    ] {
+        let err = engine.plant(probe, target(at), &regs).unwrap_err();
+        assert!(matches!(err, PlantError::NeedsInt3 { .. }), "{err}");
+        assert!(err.to_string().contains("needs int3 traps"), "{err}");
+    }
+    assert_eq!(text(&engine), before);
+    assert!(!engine.int3_written(), "#BP need not be trapped");
+    // A hardware-breakpoint probe needs none.
+    engine
+        .plant(hw(Probe::new("f+0x8")), target(AT_RIPREL), &regs)
+        .unwrap();
+    assert!(!engine.int3_written());
+}

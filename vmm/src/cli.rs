@@ -522,8 +522,11 @@ fn probe_setup(
             .as_ref()
             .is_some_and(|d| matches!(d.kind, ProbeKind::Return { .. }))
     });
-    if returns && trap == TrapKind::Hardware {
-        bail!("return probes need int3 (their trampoline is an int3), not --trap hw");
+    if returns && support.software.is_err() {
+        bail!(
+            "return probes need int3 exits (their trampoline is an int3), which this KVM does not deliver: {}",
+            support.summary()
+        );
     }
     eprintln!(
         "hvprobe: trap self-test: {}; probes use {}",
@@ -625,7 +628,7 @@ fn probe_setup(
     };
     Ok(Some(ProbeSetup {
         requests,
-        software_breakpoints: trap == TrapKind::Software,
+        int3_exits: support.software.is_ok(),
         text,
         xol_pages: XOL_PAGES,
         syscall_entry: map.lookup("entry_SYSCALL_64").ok().map(|s| s.addr),

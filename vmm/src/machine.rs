@@ -125,8 +125,10 @@ pub struct ProbeRequest {
 pub struct ProbeSetup {
     /// What to plant, in order.
     pub requests: Vec<ProbeRequest>,
-    /// Trap `int3`; off when every probe uses a hardware breakpoint.
-    pub software_breakpoints: bool,
+    /// This KVM delivers int3 exits (the trap self-test). #BP is trapped from the first int3
+    /// of hvprobe's in the guest (a probe, a trapped slot, the return trampoline), whatever
+    /// trap the probes use; without int3 exits, what needs one is refused.
+    pub int3_exits: bool,
     /// Kernel text `[start, end)` (virtual), hashed before planting and after removal.
     pub text: Option<(u64, u64)>,
     /// XOL code pages to reserve.
@@ -490,6 +492,7 @@ pub fn run(
                 .map_err(|e| setup_err("XOL area")(e.to_string()))?;
             let engine = Engine::new(vm.memory.clone(), xol)
                 .map_err(|e| setup_err("XOL area")(e.to_string()))?;
+            engine.set_int3_trappable(setup.int3_exits);
             Some(ProbeSession {
                 setup,
                 engine: Arc::new(engine),
@@ -503,7 +506,7 @@ pub fn run(
     let probing = session.as_ref().map(|s| {
         Arc::new(Probing {
             engine: s.engine.clone(),
-            software_breakpoints: s.setup.software_breakpoints,
+            int3_exits: s.setup.int3_exits,
         })
     });
     let sync_regs = vm

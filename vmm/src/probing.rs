@@ -33,8 +33,8 @@ pub type Engine = ProbeEngine<GuestMemoryMmap>;
 pub struct Probing {
     /// The engine.
     pub engine: Arc<Engine>,
-    /// Trap `int3` (software breakpoints); off when only hardware breakpoints are used.
-    pub software_breakpoints: bool,
+    /// This KVM delivers int3 exits; #BP is trapped once an int3 of hvprobe's is in the guest.
+    pub int3_exits: bool,
 }
 
 /// One vCPU's probing state, owned by its thread.
@@ -124,7 +124,7 @@ impl VcpuProbing {
         }
         // #BP is trapped only once an int3 of ours is in the guest: before that (boot, a run
         // whose probes were all refused) the guest's own int3s stay the guest's business.
-        self.setup.software_breakpoints = self.shared.software_breakpoints && engine.int3_written();
+        self.setup.software_breakpoints = self.shared.int3_exits && engine.int3_written();
         // INJECT_BP acts once, at the ioctl: a request for it always needs one, and what KVM
         // keeps afterwards is the set-up without it. (Comparing with it included would skip
         // the ioctl for a second foreign int3 in a row, and the guest would loop on it.)
