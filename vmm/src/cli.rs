@@ -2,24 +2,25 @@
 //! (which is hvprobe itself) can run the same code in-process.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use base64::Engine as _;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use probe_core::definition::{ProbeDefinition, ProbeKind};
-use probe_core::engine::{MAX_HW_BREAKPOINTS, PlantTarget};
+use probe_core::definition::ProbeKind;
+use probe_core::engine::MAX_HW_BREAKPOINTS;
 use probe_core::guest_kprobes::KprobeTableLayout;
 use probe_core::probe::{Probe, ProbeContext, TrapKind};
-use probe_core::symbols::SymbolMap;
 use probe_core::task::TaskLayout;
 use probe_core::xol::XolArea;
 
 use crate::hostcheck;
+pub use crate::job::{
+    DEFAULT_CMDLINE, DEFAULT_EXEC_TIMEOUT_SECS, Job, ResolvedProbe, ResolvedProbes, RunnerChoice,
+    TrapChoice, read_btf,
+};
 use crate::machine::{self, Outcome, ProbeRequest, ProbeSetup, RunOptions};
 use crate::output::TraceOutput;
 use crate::report::{self, RetvalHistogram};
@@ -42,324 +43,17 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Boot a guest kernel and run it to the end.
-    Run(Box<RunArgs>),
+    Run(Box<Job>),
+    /// Run a job given as JSON (how the emulated runner starts the hvprobe inside L1).
+    #[command(hide = true)]
+    RunJob {
+        /// The job file.
+        file: PathBuf,
+    },
     /// Say whether this host's KVM can run and debug a stock guest, in one line.
     CheckHost,
     /// Fetch and build the default guest (Debian cloud kernel + initramfs); print its files.
     Guest,
-}
-
-/// Where the VM runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum RunnerChoice {
-    /// The host's KVM when it can do the job, else the emulated runner.
-    Auto,
-    /// The host's KVM, or fail.
-    Host,
-    /// Inside an emulated machine with hardware virtualization (QEMU TCG, L1 Debian kernel).
-    Emulated,
-}
-
-/// Arguments of `hvprobe run`.
-#[derive(Clone, Debug, clap::Args)]
-pub struct RunArgs {
-    /// bzImage to boot [default: the default guest's Debian cloud kernel].
-    #[arg(long)]
-    pub kernel: Option<PathBuf>,
-    /// initrd to load [default: the default guest's initramfs when --kernel is not given].
-    #[arg(long)]
-    pub initrd: Option<PathBuf>,
-    /// Kernel command line [default: serial console, reboot through i8042, no KASLR, quiet].
-    #[arg(long)]
-    pub cmdline: Option<String>,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    pub vcpus: u32,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 512)]
-    pub memory: u64,
-    /// Shell command for the default guest's /init to run; hvprobe exits with its status.
-    #[arg(long)]
-    pub exec: Option<String>,
-    /// Give up after this many seconds [default: 600 with --exec, none without].
-    #[arg(long)]
-    pub timeout: Option<u64>,
-    /// Where the VM runs.
-    #[arg(long, value_enum, default_value_t = RunnerChoice::Auto)]
-    pub runner: RunnerChoice,
-    /// Print boot and run times on stderr at the end.
-    #[arg(long)]
-    pub timings: bool,
-    /// Probe SYMBOL[+OFFSET] or an address in guest kernel text, or a kprobe_events
-    /// definition (`p[:[GRP/]EVENT] SYMBOL[+OFFS] [NAME=FETCHARG[:TYPE] ...]`); repeatable.
-    #[arg(
-        short = 'p',
-        long = "probe",
-        value_name = "SYMBOL[+OFF]|ADDR|DEFINITION"
-    )]
-    pub probes: Vec<String>,
-    /// Read probe definitions from FILE, one per line (blank lines and `#` comments skipped);
-    /// repeatable, combined with any `-p`.
-    #[arg(short = 'f', long = "probe-file", value_name = "FILE")]
-    pub probe_files: Vec<PathBuf>,
-    /// Print only the per-probe summary, not a line per hit.
-    #[arg(long)]
-    pub quiet: bool,
-    /// Print each hit of a probe definition as one JSON object (time, cpu, comm, pid, tgid,
-    /// event, location, return, args).
-    #[arg(long)]
-    pub json: bool,
-    /// Write hit lines and the end-of-run summary to FILE instead of stdout; the guest
-    /// console stays on stdout.
-    #[arg(short = 'o', long = "output", value_name = "FILE")]
-    pub output: Option<PathBuf>,
-    /// At exit, print a histogram of `$retval` for each return probe definition that fetches
-    /// it (power-of-two buckets; `-errno` values exact and named).
-    #[arg(long)]
-    pub hist: bool,
-    /// Which trap the probes use [auto: int3 if this KVM delivers int3 exits, else hardware].
-    #[arg(long, value_enum, default_value_t = TrapChoice::Auto)]
-    pub trap: TrapChoice,
-    /// System.map of the guest kernel [default: the default guest's].
-    #[arg(long, value_name = "PATH")]
-    pub system_map: Option<PathBuf>,
-    /// The guest kernel's BTF, as its vmlinux or a raw .BTF section, for task awareness
-    /// ($comm, comm-pid in event lines) [default: the default guest's vmlinux].
-    #[arg(long, value_name = "PATH")]
-    pub btf: Option<PathBuf>,
-    /// Plant the probes that can be planted and list the refused ones (unknown symbol, bad
-    /// offset, refused instruction) on stderr, instead of refusing the whole run; the exit
-    /// status is the run's own.
-    #[arg(long)]
-    pub skip_refused: bool,
-}
-
-/// The `--probe` locations resolved against the guest's System.map.
-pub struct ResolvedProbes {
-    /// The symbol table.
-    pub map: SymbolMap,
-    /// Each probe that resolved, in the order given.
-    pub targets: Vec<ResolvedProbe>,
-    /// Each probe that did not (only with `--skip-refused`; otherwise resolution fails),
-    /// with the reason.
-    pub refused: Vec<String>,
-}
-
-/// One resolved `--probe`.
-pub struct ResolvedProbe {
-    /// The location as the summary shows it.
-    pub location: String,
-    /// Where to plant.
-    pub target: PlantTarget,
-    /// The kprobe_events definition, when the probe was given as one.
-    pub definition: Option<ProbeDefinition>,
-}
-
-/// The definitions in a probe file with their 1-based line numbers: blank lines and lines
-/// starting with `#` are skipped.
-fn probe_file_lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
-    text.lines()
-        .enumerate()
-        .map(|(i, l)| (i + 1, l.trim()))
-        .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
-}
-
-/// Whether a `--probe` is a kprobe_events definition (`p ...`, `p:...`, `r...`) rather than
-/// a bare location.
-fn is_definition(p: &str) -> bool {
-    let head = p.trim_start();
-    let rest = head.strip_prefix('p').or_else(|| {
-        head.strip_prefix('r')
-            .map(|r| r.trim_start_matches(|c: char| c.is_ascii_digit()))
-    });
-    rest.is_some_and(|r| r.starts_with([' ', '\t', ':']))
-}
-
-/// Resolves one `--probe` against `map`.
-fn resolve_probe(map: &SymbolMap, p: &str) -> Result<ResolvedProbe> {
-    let definition = if is_definition(p) {
-        let d = ProbeDefinition::parse(p).map_err(|e| anyhow::anyhow!("--probe {p}: {e}"))?;
-        if let Some(r) = probe_core::fetch::unknown_register(&d) {
-            bail!("--probe {p}: unknown register %{r}");
-        }
-        Some(d)
-    } else {
-        None
-    };
-    let location = definition
-        .as_ref()
-        .map_or_else(|| p.to_string(), |d| d.location_text());
-    let (va, sym) = map
-        .resolve(&location)
-        .with_context(|| format!("--probe {p}"))?;
-    let function_start = match sym {
-        Some(s) => Some(s.addr),
-        None => map.containing(va).map(|(s, _)| s.addr),
-    };
-    Ok(ResolvedProbe {
-        location,
-        target: PlantTarget { va, function_start },
-        definition,
-    })
-}
-
-/// Fails with every problem in `problems`, one per line, when there is any.
-fn refusals(problems: Vec<String>, what: &str) -> Result<()> {
-    match problems.as_slice() {
-        [] => Ok(()),
-        [one] => bail!("{one}"),
-        many => bail!("{} {what}:\n  {}", many.len(), many.join("\n  ")),
-    }
-}
-
-/// Which trap probes use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum TrapChoice {
-    /// int3 when this KVM delivers it (self-test), else hardware breakpoints.
-    Auto,
-    /// int3 written over the instruction: unlimited probes.
-    Int3,
-    /// Hardware execute breakpoints: at most 4 probes, guest text untouched.
-    Hw,
-}
-
-/// The command line every default-guest boot starts from: console on COM1, reset through the
-/// i8042 on reboot and at once on panic, no KASLR, and only messages of KERN_CRIT and worse
-/// (panics, oopses) on the console.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nokaslr i8042.noaux i8042.nomux i8042.dumbkbd quiet loglevel=3";
-
-/// Default time limit with `--exec`.
-pub const DEFAULT_EXEC_TIMEOUT_SECS: u64 = 600;
-
-impl RunArgs {
-    /// The time limit in force.
-    pub fn effective_timeout(&self) -> Option<Duration> {
-        match (self.timeout, &self.exec) {
-            (Some(0), _) => None,
-            (Some(s), _) => Some(Duration::from_secs(s)),
-            (None, Some(_)) => Some(Duration::from_secs(DEFAULT_EXEC_TIMEOUT_SECS)),
-            (None, None) => None,
-        }
-    }
-
-    /// The kernel command line with the `--exec` command appended for `/init`.
-    pub fn effective_cmdline(&self) -> String {
-        let mut cmdline = self
-            .cmdline
-            .clone()
-            .unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
-        if let Some(exec) = &self.exec {
-            let encoded = base64::engine::general_purpose::STANDARD.encode(exec.as_bytes());
-            cmdline.push_str(&format!(" {}={encoded}", hvprobe_guest::EXEC_PARAM));
-        }
-        cmdline
-    }
-
-    /// Fills in the default guest's kernel, initrd and System.map where none were given.
-    pub fn resolve_guest(&self) -> Result<RunArgs> {
-        let mut resolved = self.clone();
-        if self.kernel.is_none() {
-            let guest = hvprobe_guest::default_guest().context("preparing the default guest")?;
-            resolved.kernel = Some(guest.kernel.vmlinuz());
-            if self.initrd.is_none() {
-                resolved.initrd = Some(guest.initrd);
-            }
-            if self.system_map.is_none() {
-                resolved.system_map = Some(guest.kernel.system_map());
-            }
-            if self.btf.is_none() {
-                resolved.btf = Some(guest.kernel.vmlinux());
-            }
-        }
-        Ok(resolved)
-    }
-
-    /// Moves the probes of every `-f FILE` into `probes` (a line takes any form `-p` takes),
-    /// checking each definition on the way so that an error names the file and line; every
-    /// bad line is reported, not only the first.
-    pub fn read_probe_files(&mut self) -> Result<()> {
-        let mut bad = Vec::new();
-        for file in std::mem::take(&mut self.probe_files) {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("reading probe file {}", file.display()))?;
-            for (n, line) in probe_file_lines(&text) {
-                if is_definition(line)
-                    && let Err(e) = ProbeDefinition::parse(line)
-                {
-                    bad.push(format!("{}:{n}: {e}", file.display()));
-                    continue;
-                }
-                self.probes.push(line.to_string());
-            }
-        }
-        refusals(bad, "probe file line(s)")
-    }
-
-    /// Resolves every `--probe` against the System.map, before anything runs. A probe that
-    /// does not resolve (bad syntax, unknown symbol, offset past the symbol) fails the run,
-    /// with every such probe named, unless `--skip-refused` is given.
-    pub fn resolve_probes(&self) -> Result<Option<ResolvedProbes>> {
-        if self.probes.is_empty() {
-            return Ok(None);
-        }
-        let path = self
-            .system_map
-            .as_ref()
-            .context("--probe needs the guest kernel's System.map (--system-map)")?;
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading System.map {}", path.display()))?;
-        let map = SymbolMap::parse(&text)
-            .with_context(|| format!("parsing System.map {}", path.display()))?;
-        let mut targets = Vec::new();
-        let mut refused = Vec::new();
-        for p in &self.probes {
-            match resolve_probe(&map, p) {
-                Ok(t) => targets.push(t),
-                Err(e) => refused.push(format!("{e:#}")),
-            }
-        }
-        if !self.skip_refused {
-            refusals(std::mem::take(&mut refused), "probe(s) refused")?;
-        }
-        if self.trap == TrapChoice::Hw && targets.len() > MAX_HW_BREAKPOINTS {
-            bail!(
-                "--trap hw allows at most {MAX_HW_BREAKPOINTS} probes ({} given)",
-                targets.len()
-            );
-        }
-        Ok(Some(ResolvedProbes {
-            map,
-            targets,
-            refused,
-        }))
-    }
-
-    /// Checks what can be checked before any VM or emulator is started.
-    pub fn validate(&self) -> Result<()> {
-        if self.memory < 64 {
-            bail!(
-                "--memory {} MiB is too small: at least 64 MiB are needed to boot Linux",
-                self.memory
-            );
-        }
-        if self.vcpus == 0 || self.vcpus > 254 {
-            bail!("--vcpus {} is out of range: 1 to 254", self.vcpus);
-        }
-        for (flag, path) in [("--kernel", &self.kernel), ("--initrd", &self.initrd)] {
-            if let Some(p) = path
-                && !p.is_file()
-            {
-                bail!("{flag} {}: no such file", p.display());
-            }
-        }
-        if let Some(kernel) = &self.kernel {
-            crate::vm::check_bzimage(kernel)?;
-        }
-        if !self.probes.is_empty() && self.kernel.is_some() && self.system_map.is_none() {
-            bail!("--probe with --kernel needs that kernel's System.map (--system-map)");
-        }
-        Ok(())
-    }
 }
 
 /// Runs hvprobe with `args` (without the program name) and returns the process exit status.
@@ -416,10 +110,17 @@ fn dispatch(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Run(args) => run(&args),
+        Command::RunJob { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading the job {}", file.display()))?;
+            let job: Job = serde_json::from_str(&text)
+                .with_context(|| format!("parsing the job {}", file.display()))?;
+            run(&job)
+        }
     }
 }
 
-fn run(args: &RunArgs) -> Result<i32> {
+fn run(args: &Job) -> Result<i32> {
     let mut args = args.clone();
     args.read_probe_files()?;
     let args = &args;
@@ -476,20 +177,8 @@ fn choose_trap(choice: TrapChoice, support: &TrapSupport, probes: usize) -> Resu
     }
 }
 
-/// Reads the guest kernel's BTF (a vmlinux, or a raw `.BTF` section).
-pub fn read_btf(path: &std::path::Path) -> Result<Vec<u8>> {
-    let data =
-        std::fs::read(path).with_context(|| format!("reading BTF from {}", path.display()))?;
-    if data.starts_with(b"\x7fELF") {
-        let section = probe_core::elf::section(&data, ".BTF")
-            .with_context(|| format!("{}: the kernel's BTF", path.display()))?;
-        return Ok(section.to_vec());
-    }
-    Ok(data)
-}
-
 /// The guest kernel's BTF, parsed, when `--btf` (or the default guest) gives it.
-fn guest_btf(args: &RunArgs) -> Option<Result<probe_core::btf::Btf>> {
+fn guest_btf(args: &Job) -> Option<Result<probe_core::btf::Btf>> {
     let path = args.btf.as_ref()?;
     Some(read_btf(path).and_then(|data| {
         probe_core::btf::Btf::parse(&data)
@@ -499,7 +188,7 @@ fn guest_btf(args: &RunArgs) -> Option<Result<probe_core::btf::Btf>> {
 
 /// Builds the probes of a run: resolution, trap choice, handlers.
 fn probe_setup(
-    args: &RunArgs,
+    args: &Job,
     kvm: &kvm_ioctls::Kvm,
     output: &Arc<TraceOutput>,
     hists: &mut Vec<Arc<RetvalHistogram>>,
@@ -646,7 +335,7 @@ fn probe_setup(
     }))
 }
 
-fn run_on_host(args: &RunArgs) -> Result<i32> {
+fn run_on_host(args: &Job) -> Result<i32> {
     let kvm = kvm_ioctls::Kvm::new().context("opening /dev/kvm")?;
     let output = match &args.output {
         Some(path) => TraceOutput::file(path)
@@ -750,38 +439,4 @@ fn run_on_host(args: &RunArgs) -> Result<i32> {
         Outcome::ShutDown => EXIT_GUEST_FAILED,
         ref other => other.exit_code(),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn probe_files_skip_blanks_and_comments_and_keep_line_numbers() {
-        let text = "# opens\np:a do_sys_openat2 n=+0($arg2):ustring\n\n  r vfs_read\n";
-        let lines: Vec<(usize, &str)> = probe_file_lines(text).collect();
-        assert_eq!(
-            lines,
-            vec![
-                (2, "p:a do_sys_openat2 n=+0($arg2):ustring"),
-                (4, "r vfs_read")
-            ]
-        );
-    }
-
-    #[test]
-    fn definitions_are_told_from_bare_locations() {
-        for d in ["p do_sys_openat2", "p:grp/ev f", "r f", "r16:x f", "  p f"] {
-            assert!(is_definition(d), "{d}");
-        }
-        for l in [
-            "pid_vnr",
-            "r",
-            "proc_pid_status+0x4",
-            "0xffffffff81000000",
-            "ptrace",
-        ] {
-            assert!(!is_definition(l), "{l}");
-        }
-    }
 }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use hvprobe_guest::cpio::CpioWriter;
 use hvprobe_guest::debian::KVM_MODULES;
 
-use crate::cli::RunArgs;
+use crate::job::{Job, RunnerChoice};
 
 /// Errors of the emulated runner.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +67,8 @@ fn prep_err(what: &str) -> impl FnOnce(io::Error) -> RunnerError + '_ {
 
 /// Path of the inner run's argument list inside L1 (NUL-separated).
 pub const L1_ARGS_PATH: &str = "/hvprobe/args";
+/// Path of the inner run's [`Job`] (JSON) inside L1.
+pub const L1_JOB_PATH: &str = "/hvprobe/job.json";
 /// Directory of the KVM modules inside L1.
 pub const L1_MODULES_DIR: &str = "/modules";
 /// I/O port of QEMU's `isa-debug-exit` device in L1.
@@ -145,8 +147,11 @@ fn build_l1_initrd(
     l2_initrd: Option<&Path>,
     system_map: Option<&Path>,
     btf: Option<&[u8]>,
-    inner_args: &[String],
+    inner_job: &Job,
 ) -> Result<(), RunnerError> {
+    let job_json = serde_json::to_vec_pretty(inner_job)
+        .map_err(|e| RunnerError::Prepare(format!("writing the inner job: {e}")))?;
+    let inner_args = ["run-job".to_string(), L1_JOB_PATH.to_string()];
     let exe = std::env::current_exe().map_err(prep_err("locating the hvprobe binary"))?;
     let libs = shared_libraries(&exe)?;
     let file = fs::File::create(out).map_err(prep_err("creating the L1 initramfs"))?;
@@ -186,11 +191,12 @@ fn build_l1_initrd(
             add(w, "l2/initrd", &fs::read(initrd)?, 0o644)?;
         }
         let mut args = Vec::new();
-        for a in inner_args {
+        for a in &inner_args {
             args.extend_from_slice(a.as_bytes());
             args.push(0);
         }
         add(w, L1_ARGS_PATH, &args, 0o644)?;
+        add(w, L1_JOB_PATH, &job_json, 0o644)?;
         Ok(())
     };
     write(&mut w).map_err(prep_err("writing the L1 initramfs"))?;
@@ -198,66 +204,29 @@ fn build_l1_initrd(
     Ok(())
 }
 
-/// The argument list of the inner run: the same job with the runner fixed to the host KVM and
-/// the guest files at their L1 paths.
-pub fn inner_args(args: &RunArgs) -> Vec<String> {
-    let mut v: Vec<String> = vec![
-        "run".into(),
-        "--runner".into(),
-        "host".into(),
-        "--kernel".into(),
-        "/l2/vmlinuz".into(),
-    ];
-    if args.initrd.is_some() {
-        v.extend(["--initrd".into(), "/l2/initrd".into()]);
+/// The inner run's job: the same job, whole, with the runner fixed to the host KVM and the
+/// guest's files and the output at their L1 paths.
+pub fn inner_job(job: &Job) -> Job {
+    let probing = !job.probes.is_empty();
+    Job {
+        runner: RunnerChoice::Host,
+        kernel: Some(PathBuf::from("/l2/vmlinuz")),
+        initrd: job.initrd.as_ref().map(|_| PathBuf::from("/l2/initrd")),
+        system_map: job
+            .system_map
+            .as_ref()
+            .filter(|_| probing)
+            .map(|_| PathBuf::from(L1_SYSTEM_MAP)),
+        btf: job
+            .btf
+            .as_ref()
+            .filter(|_| probing)
+            .map(|_| PathBuf::from(L1_BTF)),
+        output: job.output.as_ref().map(|_| PathBuf::from(L1_OUTPUT_TTY)),
+        // Probe files were read into `probes` on the host.
+        probe_files: Vec::new(),
+        ..job.clone()
     }
-    let base = args
-        .cmdline
-        .clone()
-        .unwrap_or_else(|| crate::cli::DEFAULT_CMDLINE.to_string());
-    v.extend(["--cmdline".into(), base]);
-    v.extend(["--vcpus".into(), args.vcpus.to_string()]);
-    v.extend(["--memory".into(), args.memory.to_string()]);
-    if let Some(exec) = &args.exec {
-        v.extend(["--exec".into(), exec.clone()]);
-    }
-    if let Some(t) = args.timeout {
-        v.extend(["--timeout".into(), t.to_string()]);
-    }
-    if args.timings {
-        v.push("--timings".into());
-    }
-    for p in &args.probes {
-        v.extend(["--probe".into(), p.clone()]);
-    }
-    if !args.probes.is_empty() {
-        v.extend(["--system-map".into(), L1_SYSTEM_MAP.into()]);
-        if args.btf.is_some() {
-            v.extend(["--btf".into(), L1_BTF.into()]);
-        }
-    }
-    if args.quiet {
-        v.push("--quiet".into());
-    }
-    if args.json {
-        v.push("--json".into());
-    }
-    if args.hist {
-        v.push("--hist".into());
-    }
-    if args.skip_refused {
-        v.push("--skip-refused".into());
-    }
-    if args.output.is_some() {
-        v.extend(["--output".into(), L1_OUTPUT_TTY.into()]);
-    }
-    v.extend([
-        "--trap".into(),
-        clap::ValueEnum::to_possible_value(&args.trap)
-            .map(|p| p.get_name().to_string())
-            .unwrap_or_else(|| "auto".into()),
-    ]);
-    v
 }
 
 /// The L1 serial port that carries the inner run's `--output` to the file named on the host
@@ -298,7 +267,7 @@ fn wait_with_deadline(
 
 /// Runs `args` (guest files already resolved) inside the emulated runner and returns the inner
 /// run's exit status.
-pub fn run_emulated(args: &RunArgs) -> Result<i32, RunnerError> {
+pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
     let qemu = emulator();
     let l1 = hvprobe_guest::default_guest()
         .map_err(|e| RunnerError::Prepare(format!("the L1 kernel: {e}")))?
@@ -311,7 +280,7 @@ pub fn run_emulated(args: &RunArgs) -> Result<i32, RunnerError> {
     // Only the BTF section travels into L1: a vmlinux with debug info is hundreds of MiB.
     let btf = match (&args.btf, args.probes.is_empty()) {
         (Some(path), false) => {
-            Some(crate::cli::read_btf(path).map_err(|e| RunnerError::Prepare(format!("{e:#}")))?)
+            Some(crate::job::read_btf(path).map_err(|e| RunnerError::Prepare(format!("{e:#}")))?)
         }
         _ => None,
     };
@@ -343,7 +312,7 @@ pub fn run_emulated(args: &RunArgs) -> Result<i32, RunnerError> {
             .as_deref()
             .filter(|_| !args.probes.is_empty()),
         btf.as_deref(),
-        &inner_args(args),
+        &inner_job(args),
     )?;
 
     let l1_mem = (args.memory + 512).max(1024);
@@ -469,17 +438,19 @@ mod tests {
     #[derive(Parser)]
     struct Wrap {
         #[command(flatten)]
-        args: RunArgs,
+        job: Job,
     }
 
     #[test]
-    fn inner_args_parse_back_to_the_same_job() {
+    fn the_inner_job_is_the_whole_outer_job_with_l1_paths() {
         let outer = Wrap::parse_from([
             "x",
             "--kernel",
             "/k",
             "--initrd",
             "/i",
+            "--cmdline",
+            "console=ttyS0 quiet",
             "--vcpus",
             "2",
             "--memory",
@@ -488,20 +459,51 @@ mod tests {
             "echo 'a b'; exit 3",
             "--timeout",
             "50",
+            "--runner",
+            "emulated",
+            "--timings",
+            "-p",
+            "p:hv/o do_sys_openat2 n=+0($arg2):ustring",
+            "-p",
+            "vfs_read+0x4",
+            "--quiet",
+            "--json",
+            "-o",
+            "/tmp/trace",
+            "--hist",
+            "--trap",
+            "hw",
+            "--system-map",
+            "/m",
+            "--btf",
+            "/b",
+            "--skip-refused",
         ])
-        .args;
-        let inner = Wrap::parse_from(
-            std::iter::once("x".to_string()).chain(inner_args(&outer).into_iter().skip(1)),
-        )
-        .args;
-        assert_eq!(inner.kernel.as_deref(), Some(Path::new("/l2/vmlinuz")));
-        assert_eq!(inner.initrd.as_deref(), Some(Path::new("/l2/initrd")));
-        assert_eq!(inner.vcpus, 2);
-        assert_eq!(inner.memory, 300);
-        assert_eq!(inner.exec.as_deref(), Some("echo 'a b'; exit 3"));
-        assert_eq!(inner.timeout, Some(50));
-        assert_eq!(inner.runner, crate::cli::RunnerChoice::Host);
+        .job;
+        let inner = inner_job(&outer);
+        // Through JSON and back, as L1 reads it.
+        let json = serde_json::to_string(&inner).unwrap();
+        let read: Job = serde_json::from_str(&json).unwrap();
+        assert_eq!(read, inner);
+        // Every field is the outer job's but the paths and the runner.
+        let expected = Job {
+            kernel: Some("/l2/vmlinuz".into()),
+            initrd: Some("/l2/initrd".into()),
+            system_map: Some(L1_SYSTEM_MAP.into()),
+            btf: Some(L1_BTF.into()),
+            output: Some(L1_OUTPUT_TTY.into()),
+            runner: RunnerChoice::Host,
+            ..outer.clone()
+        };
+        assert_eq!(inner, expected);
         assert_eq!(inner.effective_cmdline(), outer.effective_cmdline());
+        // Without probes, neither System.map nor BTF travels.
+        let plain = Wrap::parse_from(["x", "--kernel", "/k", "--btf", "/b"]).job;
+        let inner = inner_job(&plain);
+        assert_eq!(
+            (inner.system_map, inner.btf, inner.initrd),
+            (None, None, None)
+        );
     }
 
     #[test]
