@@ -21,11 +21,12 @@ pub use crate::job::{
     DEFAULT_CMDLINE, DEFAULT_EXEC_TIMEOUT_SECS, Job, ResolvedProbe, ResolvedProbes, RunnerChoice,
     TrapChoice, read_btf,
 };
-use crate::machine::{self, Outcome, ProbeRequest, ProbeSetup, RunOptions};
+use crate::machine::{self, Outcome, ProbeRequest, ProbeSetup, RunOptions, RunReport};
 use crate::output::TraceOutput;
 use crate::report::{self, RetvalHistogram};
 use crate::runner;
 use crate::selftest::{self, TrapSupport};
+use crate::summary::{self, RunSummary};
 use crate::vm::VmConfig;
 
 /// Exit status when the host cannot run the job (no usable KVM and no emulated runner).
@@ -388,6 +389,15 @@ fn run_on_host(args: &Job) -> Result<i32> {
             ),
         }
     }
+    let code = report_outcome(args, &report);
+    if let Some(path) = &args.summary_json {
+        write_summary(path, &RunSummary::new(&report, code))?;
+    }
+    Ok(code)
+}
+
+/// Says on stderr how the run ended when that is worth saying, and returns the exit status.
+fn report_outcome(args: &Job, report: &RunReport) -> i32 {
     let problem = match &report.outcome {
         Outcome::Panicked(line) => Some(format!("guest kernel panicked: {line}")),
         Outcome::KernelFault(line) => Some(format!(
@@ -405,12 +415,12 @@ fn run_on_host(args: &Job) -> Result<i32> {
         Outcome::ProbeRefused(e) => {
             eprintln!("hvprobe: {e}");
             eprintln!("hvprobe: no probe was left in the guest");
-            return Ok(report.outcome.exit_code());
+            return report.outcome.exit_code();
         }
         Outcome::CommandExited(_) | Outcome::ShutDown => None,
     };
     let Some(problem) = problem else {
-        return Ok(report.outcome.exit_code());
+        return report.outcome.exit_code();
     };
     eprintln!("hvprobe: {problem}");
     if !report.faults_with_probes.is_empty() {
@@ -435,8 +445,20 @@ fn run_on_host(args: &Job) -> Result<i32> {
     for l in &report.console_tail {
         eprintln!("  | {l}");
     }
-    Ok(match report.outcome {
+    match report.outcome {
         Outcome::ShutDown => EXIT_GUEST_FAILED,
         ref other => other.exit_code(),
-    })
+    }
+}
+
+/// Writes the run's summary as JSON to `path`, or, inside the emulated runner's L1, as one
+/// stderr line that the runner on the host turns back into the file.
+fn write_summary(path: &std::path::Path, summary: &RunSummary) -> Result<()> {
+    let json = serde_json::to_string(summary).context("encoding the run summary")?;
+    if path == std::path::Path::new(summary::ON_STDERR) {
+        eprintln!("{}{json}", summary::STDERR_PREFIX);
+        return Ok(());
+    }
+    std::fs::write(path, json + "\n")
+        .with_context(|| format!("writing the run summary {}", path.display()))
 }

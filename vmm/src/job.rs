@@ -98,6 +98,11 @@ pub struct Job {
     /// status is the run's own.
     #[arg(long)]
     pub skip_refused: bool,
+    /// Write a machine-readable summary of the run to FILE (JSON: outcome and exit status,
+    /// per-probe counters, exits, kernel text hashes, KASLR slide, skipped probes, guest fault
+    /// reports).
+    #[arg(long, value_name = "FILE")]
+    pub summary_json: Option<PathBuf>,
 }
 
 /// The `--probe` locations resolved against the guest's System.map.

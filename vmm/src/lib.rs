@@ -15,5 +15,6 @@ pub mod probing;
 pub mod report;
 pub mod runner;
 pub mod selftest;
+pub mod summary;
 pub mod vcpu;
 pub mod vm;

@@ -223,6 +223,10 @@ pub fn inner_job(job: &Job) -> Job {
             .filter(|_| probing)
             .map(|_| PathBuf::from(L1_BTF)),
         output: job.output.as_ref().map(|_| PathBuf::from(L1_OUTPUT_TTY)),
+        summary_json: job
+            .summary_json
+            .as_ref()
+            .map(|_| PathBuf::from(crate::summary::ON_STDERR)),
         // Probe files were read into `probes` on the host.
         probe_files: Vec::new(),
         ..job.clone()
@@ -356,10 +360,10 @@ pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
         qemu: qemu.clone(),
         detail: e.to_string(),
     })?;
-    let stderr_copy = child
-        .stderr
-        .take()
-        .map(|pipe| std::thread::spawn(move || relay_stderr(pipe)));
+    let stderr_copy = child.stderr.take().map(|pipe| {
+        let summary = args.summary_json.clone();
+        std::thread::spawn(move || relay_stderr(pipe, summary))
+    });
     let limit = args.effective_timeout().map(|t| t + L1_MARGIN);
     let deadline = limit.map(|l| Instant::now() + l);
     let status = wait_with_deadline(&mut child, deadline)
@@ -401,15 +405,30 @@ const L1_CPUS: u32 = 1;
 
 /// Copies the emulator's stderr (its own messages and the inner run's stderr) to ours, and
 /// returns the last part of it for error reports.
-fn relay_stderr(pipe: std::process::ChildStderr) -> String {
+fn relay_stderr(pipe: std::process::ChildStderr, summary: Option<PathBuf>) -> String {
     use std::io::BufRead;
     let mut kept = Vec::new();
     let mut reader = io::BufReader::new(pipe);
     let mut line = Vec::new();
     let mut out = io::stderr();
     while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+        let text = String::from_utf8_lossy(&line);
+        // The inner run's summary: to the file named on the host, not to the user.
+        if let Some(json) = text.trim_end().strip_prefix(crate::summary::STDERR_PREFIX) {
+            if let Some(path) = &summary
+                && let Err(e) = fs::write(path, format!("{json}\n"))
+            {
+                let _ = writeln!(
+                    out,
+                    "hvprobe: writing the run summary {}: {e}",
+                    path.display()
+                );
+            }
+            line.clear();
+            continue;
+        }
         // TCG's notes on CPUID bits of `-cpu EPYC` it cannot emulate say nothing to the user.
-        if !String::from_utf8_lossy(&line).contains("TCG doesn't support requested feature") {
+        if !text.contains("TCG doesn't support requested feature") {
             let _ = out.write_all(&line);
             kept.extend_from_slice(&line);
             if kept.len() > 8192 {
@@ -478,6 +497,8 @@ mod tests {
             "--btf",
             "/b",
             "--skip-refused",
+            "--summary-json",
+            "/tmp/summary",
         ])
         .job;
         let inner = inner_job(&outer);
@@ -492,6 +513,7 @@ mod tests {
             system_map: Some(L1_SYSTEM_MAP.into()),
             btf: Some(L1_BTF.into()),
             output: Some(L1_OUTPUT_TTY.into()),
+            summary_json: Some(crate::summary::ON_STDERR.into()),
             runner: RunnerChoice::Host,
             ..outer.clone()
         };
