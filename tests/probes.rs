@@ -8,10 +8,10 @@
 
 mod common;
 
-use common::{assert_has, explain, fnv1a, hvprobe, text};
+use common::{Run, assert_has, explain, fnv1a, hvprobe, text};
+use hvprobe_vmm::summary::ProbeSummary;
 use probe_core::arch::x86_64::{Decoder, Instruction, InstructionKind, StepPlan};
 use probe_core::symbols::SymbolMap;
-use std::process::Output;
 
 /// The default guest's kernel text, read from its vmlinux.
 struct KernelText {
@@ -28,22 +28,10 @@ impl KernelText {
         KernelText { map, elf }
     }
 
-    /// The file bytes at virtual address `va` (ELF64 section headers, PROGBITS only).
+    /// The file bytes at virtual address `va`.
     fn bytes(&self, va: u64, len: usize) -> &[u8] {
-        let e = &self.elf;
-        let u16_at = |o: usize| u16::from_le_bytes([e[o], e[o + 1]]) as usize;
-        let u64_at = |o: usize| u64::from_le_bytes(e[o..o + 8].try_into().unwrap());
-        let (shoff, shentsize, shnum) = (u64_at(0x28) as usize, u16_at(0x3a), u16_at(0x3c));
-        for i in 0..shnum {
-            let sh = shoff + i * shentsize;
-            let kind = u32::from_le_bytes(e[sh + 4..sh + 8].try_into().unwrap());
-            let (addr, off, size) = (u64_at(sh + 0x10), u64_at(sh + 0x18), u64_at(sh + 0x20));
-            if kind == 1 && (addr..addr + size).contains(&va) {
-                let at = (off + va - addr) as usize;
-                return &e[at..at + len];
-            }
-        }
-        panic!("{va:#x} is in no section of vmlinux");
+        probe_core::elf::bytes_at(&self.elf, va, len)
+            .unwrap_or_else(|e| panic!("{va:#x} in vmlinux: {e}"))
     }
 
     /// The instructions of `func` (at least its first 256 bytes, for entry code whose labels
@@ -97,18 +85,25 @@ fn plan_of(i: &Instruction) -> Option<&'static str> {
         .map(|p: StepPlan| p.name())
 }
 
-/// The summary line hvprobe printed for `location`.
-fn summary_line(out: &Output, location: &str) -> String {
-    let prefix = format!("hvprobe: probe {location} at ");
-    text(&out.stdout)
-        .lines()
-        .find(|l| l.starts_with(&prefix))
-        .unwrap_or_else(|| panic!("no summary for {location}\n{}", explain(out)))
-        .to_string()
+/// The counters of the probe at `location`, from the run's summary.
+fn summary_line<'a>(out: &'a Run, location: &str) -> &'a ProbeSummary {
+    out.probe(location)
 }
 
-/// The number after `key=` in a summary line.
-fn field(line: &str, key: &str) -> u64 {
+/// One counter of a probe, by the name the summary line gives it.
+fn field(p: &ProbeSummary, key: &str) -> u64 {
+    match key {
+        "hits" => p.hits,
+        "missed" => p.missed,
+        "handler_errors" => p.handler_errors,
+        "returns" => p.returns,
+        "nmissed" => p.nmissed,
+        _ => panic!("no counter {key}"),
+    }
+}
+
+/// The number after `key=` in a printed line (the `-o` file's summary lines).
+fn line_field(line: &str, key: &str) -> u64 {
     line.split(&format!("{key}="))
         .nth(1)
         .and_then(|r| r.split_whitespace().next())
@@ -116,36 +111,25 @@ fn field(line: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key} in {line}"))
 }
 
-/// The summary line hvprobe printed for `location`, as (plan, hits, missed, errors).
-fn summary(out: &Output, location: &str) -> (String, u64, u64, u64) {
-    let line = summary_line(out, location);
-    let plan = line
-        .split("plan ")
-        .nth(1)
-        .and_then(|r| r.split(';').next())
-        .unwrap_or("?")
-        .to_string();
-    (
-        plan,
-        field(&line, "hits"),
-        field(&line, "missed"),
-        field(&line, "handler_errors"),
-    )
+/// The probe at `location` as (plan, hits, missed, errors).
+fn summary(out: &Run, location: &str) -> (String, u64, u64, u64) {
+    let p = out.probe(location);
+    (p.plan.clone(), p.hits, p.missed, p.handler_errors)
 }
 
 /// Asserts the kernel text hash after removal equals the one before planting.
 #[track_caller]
-fn assert_text_restored(out: &Output) {
-    assert_has(&text(&out.stdout), "(restored byte-for-byte)", out);
+fn assert_text_restored(out: &Run) {
+    out.assert_text_restored();
 }
 
-fn run_probed(vcpus: &str, exec: &str, probes: &[&str], extra: &[&str]) -> Output {
+fn run_probed(vcpus: &str, exec: &str, probes: &[&str], extra: &[&str]) -> Run {
     let mut args = vec!["run", "--vcpus", vcpus, "--exec", exec, "--timeout", "400"];
     for p in probes {
         args.extend(["-p", p]);
     }
     args.extend_from_slice(extra);
-    hvprobe(&args)
+    Run::new(&args)
 }
 
 /// The shell and /init call getpid a few times around the workload; allow for them.
@@ -401,12 +385,8 @@ fn the_guests_own_int3_kprobe_keeps_working_beside_an_hvprobe_probe_in_the_same_
     // Two reads per open (the data, then end of file), and the boot's own reads before.
     assert!(guest_hits >= 200, "guest kprobe hits {guest_hits}");
     assert!(ours_hits >= 200 && missed == 0, "hvprobe hits {ours_hits}");
-    let exits = stdout
-        .lines()
-        .find(|l| l.starts_with("hvprobe: exits:"))
-        .unwrap_or_default()
-        .to_string();
-    assert!(field(&exits, "reinjected") >= 2 * 200, "{exits}");
+    let exits = &out.summary().exits;
+    assert!(exits.reinjected >= 2 * 200, "{exits:?}");
     assert_text_restored(&out);
 }
 
@@ -462,7 +442,11 @@ fn ring0_flag_instructions_are_emulated_in_the_running_kernel() {
         (&safe_halt_sti, "sti", 2),
     ] {
         let line = summary_line(&out, loc);
-        assert!(line.contains(&format!("({insn}; plan emulate;")), "{line}");
+        assert_eq!(
+            (line.instruction.as_str(), line.plan.as_str()),
+            (insn, "emulate"),
+            "{line:?}"
+        );
         let (_, hits, missed, errors) = summary(&out, loc);
         assert!(hits >= min_hits, "{line}");
         assert_eq!((missed, errors), (0, 0), "{line}");
@@ -494,9 +478,9 @@ fn hardware_breakpoints_probe_without_touching_text() {
     );
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
     let line = summary_line(&out, "ksys_read");
-    assert!(field(&line, "returns") >= 20, "{line}");
+    assert!(field(line, "returns") >= 20, "{line}");
     assert!(
-        field(&line, "returns") + 2 >= field(&line, "hits"),
+        field(line, "returns") + 2 >= field(line, "hits"),
         "{line}"
     );
     for loc in ["__x64_sys_getpid", xol.as_str()] {
@@ -794,7 +778,7 @@ fn return_probes_report_every_return_with_its_value() {
         "{reads:?}"
     );
     let stats = summary_line(&out, "ksys_read");
-    let get = |k: &str| field(&stats, k);
+    let get = |k: &str| field(stats, k);
     assert_eq!(get("returns"), get("hits"), "{stats}");
     assert_eq!(get("nmissed"), 0);
     assert_text_restored(&out);
@@ -811,7 +795,7 @@ fn return_probes_on_two_vcpus_see_every_return_once() {
     );
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
     let line = summary_line(&out, "__x64_sys_getpid");
-    let get = |k: &str| field(&line, k);
+    let get = |k: &str| field(line, k);
     assert!(
         (4000..=4000 + OTHER_GETPID_CALLERS).contains(&get("hits")),
         "{line}"
@@ -835,7 +819,7 @@ fn a_return_probe_on_exec_returns_through_the_new_address_space() {
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
     assert_has(&text(&out.stdout), "fork-exec-loop: runs=30 ok=30", &out);
     let line = summary_line(&out, "bprm_execve");
-    let get = |k: &str| field(&line, k);
+    let get = |k: &str| field(line, k);
     assert!(get("hits") >= 31, "{line}");
     assert_eq!(get("returns"), get("hits"), "{line}");
     assert_eq!(get("nmissed"), 0, "{line}");
@@ -873,14 +857,14 @@ fn return_probes_on_schedule_and_the_timer_tick_see_kworkers_and_irq_stacks_retu
         explain(&out)
     );
     let line = summary_line(&out, "schedule");
-    let get = |k: &str| field(&line, k);
+    let get = |k: &str| field(line, k);
     assert!(get("returns") >= 20, "{line}");
     assert!(get("returns") + get("nmissed") <= get("hits"), "{line}");
     assert_eq!(get("handler_errors"), 0, "{line}");
     // The timer tick returns on the IRQ stack (a page-aligned vmap area) while tasks return
     // on theirs: none of its frames is retired for another stack's return.
     let line = summary_line(&out, "tick_sched_timer");
-    let get = |k: &str| field(&line, k);
+    let get = |k: &str| field(line, k);
     assert!(get("hits") >= 1, "{line}");
     assert!(get("returns") + 2 >= get("hits"), "{line}");
     assert_eq!(get("nmissed"), 0, "{line}");
@@ -1007,7 +991,7 @@ fn boundaries_are_walked_past_instructions_capstone_lacks_and_stop_at_a_guest_br
     );
     assert_has(&stderr, &format!("skipped refused probe: {at}: "), &out);
     assert_has(&stderr, "is at the guest's own kprobe at", &out);
-    summary_line(&out, &after);
+    assert_eq!(out.probe(&after).location, after);
     assert_text_restored(&out);
 }
 
@@ -1068,12 +1052,9 @@ fn bad_user_pointers_through_probed_user_copy_paths_fail_with_efault_and_the_gue
     let mut planted = 0;
     let mut hits = 0;
     for p in &probes {
-        if let Some(line) = text(&out.stdout)
-            .lines()
-            .find(|l| l.starts_with(&format!("hvprobe: probe {p} at ")))
-        {
+        if let Some(planted_probe) = out.summary().probes.iter().find(|s| s.location == *p) {
             planted += 1;
-            hits += field(line, "hits");
+            hits += planted_probe.hits;
         }
     }
     assert_eq!(planted + skipped, probes.len(), "{}", explain(&out));
@@ -1101,7 +1082,7 @@ fn max_active_exhausted_counts_misses_and_the_guest_is_unharmed() {
     let stdout = text(&out.stdout);
     assert_has(&stdout, "both-slept", &out);
     let line = summary_line(&out, "hrtimer_nanosleep");
-    let get = |k: &str| field(&line, k);
+    let get = |k: &str| field(line, k);
     // The two concurrent sleeps (and any other nanosleep in the guest, e.g. at shutdown):
     // every entry is either returned through or counted as missed, and at least one missed.
     assert!(get("hits") >= 2, "{line}");
@@ -1143,7 +1124,7 @@ fn output_file_takes_hit_lines_summary_and_retval_histogram() {
         .lines()
         .find(|l| l.starts_with("hvprobe: probe do_sys_openat2 at "))
         .unwrap_or_else(|| panic!("no summary in the file\n{trace}"));
-    assert_eq!(opens, field(summary, "returns"), "{trace}");
+    assert_eq!(opens, line_field(summary, "returns"), "{trace}");
     assert!(
         trace.contains("hvprobe: kernel text hash") && trace.contains("(restored byte-for-byte)")
     );
@@ -1151,7 +1132,7 @@ fn output_file_takes_hit_lines_summary_and_retval_histogram() {
         .split_once("hvprobe: histogram of hv/open fd ($retval of do_sys_openat2), ")
         .unwrap_or_else(|| panic!("no histogram\n{trace}"));
     let total: u64 = hist.split(' ').next().unwrap().parse().unwrap();
-    assert_eq!(total, field(summary, "returns"), "{trace}");
+    assert_eq!(total, line_field(summary, "returns"), "{trace}");
     let row = |label: &str| -> u64 {
         hist.lines()
             .find(|l| l.starts_with(label))
@@ -1405,10 +1386,9 @@ fn a_random_sweep_of_instruction_boundaries_leaves_the_guest_working() {
     let mut refused = 0;
     let mut hit = 0;
     for loc in &locations {
-        let prefix = format!("hvprobe: probe {loc} at ");
-        if let Some(line) = stdout.lines().find(|l| l.starts_with(&prefix)) {
+        if let Some(p) = out.summary().probes.iter().find(|p| p.location == *loc) {
             planted += 1;
-            hit += u64::from(field(line, "hits") > 0);
+            hit += u64::from(p.hits > 0);
         } else if stderr
             .lines()
             .any(|l| l.starts_with("hvprobe: skipped refused probe: ") && l.contains(loc.as_str()))
@@ -1618,6 +1598,7 @@ fn entry_block_probes_count_at_least_what_the_guests_own_kprobes_count() {
         "too few functions were called\n{}",
         report.join("\n")
     );
-    // With -o, the summary is in the file.
+    // With -o, the summary lines are in the file; the summary data says the same.
     assert!(trace.contains("(restored byte-for-byte)"), "{trace}");
+    out.assert_text_restored();
 }

@@ -56,6 +56,36 @@ pub fn section<'a>(elf: &'a [u8], name: &str) -> Result<&'a [u8], ElfError> {
     Err(ElfError::NoSection(name.to_string()))
 }
 
+/// The file bytes at virtual address `va` (`len` of them), from the `PROGBITS` section that
+/// holds them: the kernel's text as linked, read from its vmlinux.
+pub fn bytes_at(elf: &[u8], va: u64, len: usize) -> Result<&[u8], ElfError> {
+    if elf.get(..6) != Some(&[0x7f, b'E', b'L', b'F', 2, 1][..]) {
+        return Err(ElfError::Invalid("bad header"));
+    }
+    let shoff = u64_at(elf, 0x28)?;
+    let shentsize = u16_at(elf, 0x3a)?;
+    let shnum = u16_at(elf, 0x3c)?;
+    for i in 0..shnum {
+        let h = shoff + i * shentsize;
+        let kind = elf
+            .get(h + 4..h + 8)
+            .map(|s| u32::from_le_bytes(s.try_into().unwrap_or([0; 4])))
+            .ok_or(ElfError::Invalid("truncated"))?;
+        let (addr, off, size) = (
+            u64_at(elf, h + 0x10)? as u64,
+            u64_at(elf, h + 0x18)?,
+            u64_at(elf, h + 0x20)? as u64,
+        );
+        if kind == 1 && (addr..addr + size).contains(&va) && va + len as u64 <= addr + size {
+            let at = off + (va - addr) as usize;
+            return elf
+                .get(at..at + len)
+                .ok_or(ElfError::Invalid("section out of bounds"));
+        }
+    }
+    Err(ElfError::NoSection(format!("section holding {va:#x}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -69,6 +99,13 @@ mod tests {
             Err(ElfError::NoSection(_))
         ));
         assert!(section(b"junk", ".text").is_err());
+        // bytes_at on junk and on an address no section holds (the runner tests read the
+        // guest kernel's text with it).
+        assert!(bytes_at(b"junk", 0, 1).is_err());
+        assert!(matches!(
+            bytes_at(&me, u64::MAX - 8, 4),
+            Err(ElfError::NoSection(_))
+        ));
         assert!(section(&me[..100], ".text").is_err());
     }
 }

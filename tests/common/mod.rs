@@ -2,7 +2,10 @@
 //! printed.
 #![allow(dead_code)]
 
+use std::ops::Deref;
 use std::process::{Command, Output};
+
+use hvprobe_vmm::summary::{ProbeSummary, RunSummary};
 
 pub const HVPROBE: &str = env!("CARGO_BIN_EXE_hvprobe");
 
@@ -44,4 +47,72 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(1469598103934665603u64, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(1099511628211)
     })
+}
+
+/// A finished `hvprobe run`: its output and its `--summary-json` summary, so that tests read
+/// counters as data instead of scraping summary lines.
+pub struct Run {
+    /// What hvprobe printed and its exit status.
+    pub out: Output,
+    /// The summary, when the run got as far as a VM.
+    pub summary: Option<RunSummary>,
+}
+
+impl Deref for Run {
+    type Target = Output;
+
+    fn deref(&self) -> &Output {
+        &self.out
+    }
+}
+
+impl Run {
+    /// Runs `hvprobe run ARGS --summary-json TMP` and reads the summary.
+    pub fn new(args: &[&str]) -> Run {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "hvprobe-summary-{}-{}.json",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_file(&path);
+        let mut all: Vec<&str> = args.to_vec();
+        let p = path.to_str().expect("utf-8 temp path");
+        all.extend(["--summary-json", p]);
+        let out = hvprobe(&all);
+        let summary = std::fs::read_to_string(&path)
+            .ok()
+            .map(|t| serde_json::from_str(&t).expect("a valid summary"));
+        let _ = std::fs::remove_file(&path);
+        Run { out, summary }
+    }
+
+    /// The summary; fails with everything hvprobe printed when there is none.
+    #[track_caller]
+    pub fn summary(&self) -> &RunSummary {
+        self.summary
+            .as_ref()
+            .unwrap_or_else(|| panic!("no run summary\n{}", explain(&self.out)))
+    }
+
+    /// The counters of the probe at `location` (as given).
+    #[track_caller]
+    pub fn probe(&self, location: &str) -> &ProbeSummary {
+        self.summary()
+            .probes
+            .iter()
+            .find(|p| p.location == location)
+            .unwrap_or_else(|| panic!("no probe {location}\n{}", explain(&self.out)))
+    }
+
+    /// Asserts the kernel text came back byte-for-byte after the probes were removed.
+    #[track_caller]
+    pub fn assert_text_restored(&self) {
+        let text = self.summary().text.as_ref();
+        assert!(
+            text.is_some_and(|t| t.restored),
+            "text not restored: {text:?}\n{}",
+            explain(&self.out)
+        );
+    }
 }

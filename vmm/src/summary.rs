@@ -53,6 +53,28 @@ pub struct ProbeSummary {
     pub nmissed: u64,
 }
 
+impl std::fmt::Display for ProbeSummary {
+    /// The probe as its summary line shows it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} at {:#x} ({}; plan {}; trap {}): hits={} missed={} handler_errors={}",
+            self.location,
+            self.address,
+            self.instruction,
+            self.plan,
+            self.trap,
+            self.hits,
+            self.missed,
+            self.handler_errors
+        )?;
+        if self.return_probe {
+            write!(f, " returns={} nmissed={}", self.returns, self.nmissed)?;
+        }
+        Ok(())
+    }
+}
+
 /// The exit counts of the run.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExitSummary {
