@@ -1,0 +1,329 @@
+//! The hit path: a debug exit -> the site -> handlers -> the step plan -> resume, and the
+//! trapped slots' int3s, all on the vCPU thread that took the exit.
+
+use super::*;
+
+impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
+    pub(super) fn run_handlers(
+        &self,
+        vcpu: u32,
+        site_va: u64,
+        probes: &[Arc<ProbeEntry>],
+        regs: &Registers,
+        post: bool,
+    ) {
+        for p in probes {
+            let handler = if post { &p.post } else { &p.pre };
+            if !post {
+                p.counters.hits.fetch_add(1, Ordering::Relaxed);
+            }
+            let Some(h) = handler else { continue };
+            let ctx = ProbeContext {
+                vcpu,
+                location: &p.location,
+                address: site_va,
+                time: self.start.elapsed(),
+                regs,
+                entry_regs: None,
+                mem: &self.mem,
+            };
+            match catch_unwind(AssertUnwindSafe(|| h(&ctx))) {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => {
+                    p.counters.handler_errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Handles one debug exit of `vcpu`. On `Resume` the registers are set for the next
+    /// `KVM_RUN`; on a reinjection nothing was changed.
+    pub fn handle_debug(
+        &self,
+        vcpu: &mut dyn VcpuAccess,
+        state: &mut VcpuProbeState,
+        event: DebugEvent,
+    ) -> Result<Verdict, VmError> {
+        match event {
+            // The engine never single-steps: a #DB that is not one of its hardware breakpoints
+            // is the guest's own (its TF, its debug registers) and goes back to it.
+            DebugEvent::SingleStep { .. } => {
+                self.exits.reinjected_debug.fetch_add(1, Ordering::Relaxed);
+                Ok(Verdict::ReinjectDebug)
+            }
+            DebugEvent::Breakpoint { pc } | DebugEvent::HardwareBreakpoint { pc } => {
+                let hw = matches!(event, DebugEvent::HardwareBreakpoint { .. });
+                self.hit(vcpu, state, pc, hw)
+            }
+        }
+    }
+
+    pub(super) fn hit(
+        &self,
+        vcpu: &mut dyn VcpuAccess,
+        state: &mut VcpuProbeState,
+        pc: u64,
+        hw: bool,
+    ) -> Result<Verdict, VmError> {
+        let mut regs = vcpu.registers()?;
+        if !hw {
+            let trampoline = *self.trampoline.lock().unwrap_or_else(|e| e.into_inner());
+            if trampoline.is_some_and(|t| t.va == pc) {
+                return self.leave_return(vcpu, regs);
+            }
+            let slot_trap = self
+                .table
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .slot_traps
+                .get(&pc)
+                .copied();
+            if let Some(trap) = slot_trap {
+                return self.finish_trapped_step(vcpu, state, regs, pc, trap);
+            }
+        }
+        self.drop_abandoned(state);
+        let mode = PagingMode::from_cr4(regs.cr4);
+        let mut pc = pc;
+        // An emulated instruction whose successor is probed too is followed into that probe in
+        // the same exit, instead of re-entering the guest only to trap again at once.
+        for chained in 0..=MAX_CHAINED_HITS {
+            if chained > 0
+                && !self
+                    .table
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .site_vas
+                    .contains(&pc)
+            {
+                break;
+            }
+            let site = translate(&Walker(&self.mem), regs.cr3, mode, pc)
+                .ok()
+                .and_then(|t| {
+                    let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+                    table
+                        .sites
+                        .get(&t.gpa)
+                        .filter(|s| s.va == pc && !s.disarmed.load(Ordering::SeqCst))
+                        .map(|s| {
+                            (
+                                t.gpa,
+                                s.probes.clone(),
+                                s.plan.clone(),
+                                s.boosted,
+                                s.trapped,
+                            )
+                        })
+                });
+            let Some((gpa, probes, plan, boosted, trapped)) = site else {
+                if chained > 0 {
+                    break;
+                }
+                return self.not_probed(pc, regs.cr3, mode, hw);
+            };
+            if chained == 0 {
+                let counter = if hw {
+                    &self.exits.hw_breakpoints
+                } else {
+                    &self.exits.breakpoints
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            self.run_handlers(vcpu.id(), pc, &probes, &regs, false);
+            self.enter_returns(&probes, &regs);
+            let has_post = probes.iter().any(|p| p.post.is_some());
+            let plan_index = PLAN_NAMES
+                .iter()
+                .position(|n| *n == plan.name())
+                .unwrap_or(0);
+            self.exits.by_plan[plan_index].fetch_add(1, Ordering::Relaxed);
+            // RIP moves on: a resume flag left from a hardware-breakpoint #DB would suppress a
+            // breakpoint on the next instruction.
+            regs.rflags &= !RFLAGS_RF;
+
+            match &*plan {
+                StepPlan::Emulate(emu) => {
+                    if self.emulate(emu, &mut regs).is_err() {
+                        // The stack is not accessible from here: the real instruction runs in
+                        // its boosted slot, where the guest takes its own fault.
+                        if let Some(slot) = boosted {
+                            self.exits
+                                .emulation_fallbacks
+                                .fetch_add(1, Ordering::Relaxed);
+                            regs.rip = slot.va;
+                            vcpu.set_registers(&regs)?;
+                            return Ok(Verdict::Resume);
+                        }
+                        for p in probes.iter() {
+                            p.counters.missed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        vcpu.set_registers(&regs)?;
+                        return Ok(Verdict::Resume);
+                    }
+                    if has_post {
+                        self.run_handlers(vcpu.id(), pc, &probes, &regs, true);
+                    }
+                    if emu.opens_interrupt_shadow() {
+                        // `sti` blocks interrupts for one more instruction (`sti; hlt` relies
+                        // on it): the VMM sets the shadow, and the chain stops here.
+                        vcpu.set_registers(&regs)?;
+                        vcpu.block_interrupts_once()?;
+                        return Ok(Verdict::Resume);
+                    }
+                    pc = regs.rip;
+                }
+                StepPlan::StepOutOfLine(ool) => {
+                    return self.start_step(
+                        vcpu, state, regs, gpa, ool, boosted, trapped, has_post, &probes,
+                    );
+                }
+            }
+        }
+        vcpu.set_registers(&regs)?;
+        Ok(Verdict::Resume)
+    }
+
+    /// What to do with a trap at `pc` where no probe is: a hardware breakpoint that was just
+    /// removed resumes where it is (the debug registers are reloaded before the next entry);
+    /// an int3 that is no longer there (ours removed while this exit was on its way, or the
+    /// guest's own taken out by text_poke) is retried as the guest's own handler would;
+    /// otherwise the trap is the guest's own int3 and goes back to it.
+    pub(super) fn not_probed(
+        &self,
+        pc: u64,
+        cr3: u64,
+        mode: PagingMode,
+        hw: bool,
+    ) -> Result<Verdict, VmError> {
+        if hw {
+            return Ok(Verdict::Resume);
+        }
+        if let Ok(t) = translate(&Walker(&self.mem), cr3, mode, pc) {
+            let mut byte = [0u8];
+            if self.mem.read_phys(t.gpa, &mut byte) && byte[0] != INT3 {
+                return Ok(Verdict::Resume);
+            }
+        }
+        self.exits.reinjected.fetch_add(1, Ordering::Relaxed);
+        Ok(Verdict::Reinject)
+    }
+
+    /// Sends the vCPU to the copy of the instruction: the boosted slot (copy, `jmp` back: no
+    /// further exit), or, when post handlers want control after it, the trapped slot with
+    /// interrupts off until its int3 (Linux x86 kprobes' int3 single-step).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn start_step(
+        &self,
+        vcpu: &mut dyn VcpuAccess,
+        state: &mut VcpuProbeState,
+        mut regs: Registers,
+        gpa: u64,
+        ool: &OutOfLine,
+        boosted: Option<XolSlot>,
+        trapped: Option<XolSlot>,
+        has_post: bool,
+        probes: &[Arc<ProbeEntry>],
+    ) -> Result<Verdict, VmError> {
+        let mode = PagingMode::from_cr4(regs.cr4);
+        let mapped = self
+            .xol
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ensure_mapped(&self.mem, regs.cr3, mode)
+            .is_ok();
+        let slot = match (trapped, boosted) {
+            (Some(t), _) if has_post => Some((t, true)),
+            (_, Some(b)) => Some((b, false)),
+            _ => None,
+        };
+        let Some((slot, trapping)) = slot.filter(|_| mapped) else {
+            // The slot cannot be reached in this address space (the guest took the hole): the
+            // instruction cannot run out of line, and leaving the trap in place would trap
+            // forever. Disarm the site (the guest's byte goes back), count the miss, and let
+            // the vCPU run the original instruction.
+            for p in probes {
+                p.counters.missed.fetch_add(1, Ordering::Relaxed);
+            }
+            self.disarm(gpa);
+            vcpu.set_registers(&regs)?;
+            return Ok(Verdict::Resume);
+        };
+        if trapping {
+            state.pending.push(PendingStep {
+                trap_va: slot.va + ool.copy_len(regs.rip),
+                interrupts: regs.rflags & RFLAGS_IF,
+                since: Instant::now(),
+            });
+            regs.rflags &= !RFLAGS_IF;
+        }
+        regs.rip = slot.va;
+        vcpu.set_registers(&regs)?;
+        Ok(Verdict::Resume)
+    }
+
+    /// A trapped slot's int3: back to the original stream after the copied instruction, the
+    /// interrupt flag as it was at the hit, post handlers.
+    pub(super) fn finish_trapped_step(
+        &self,
+        vcpu: &mut dyn VcpuAccess,
+        state: &mut VcpuProbeState,
+        mut regs: Registers,
+        pc: u64,
+        trap: SlotTrap,
+    ) -> Result<Verdict, VmError> {
+        self.exits.slot_traps.fetch_add(1, Ordering::Relaxed);
+        regs.rip = trap.orig_va + trap.len;
+        match state.pending.iter().rposition(|p| p.trap_va == pc) {
+            Some(i) => {
+                let step = state.pending.remove(i);
+                regs.rflags |= step.interrupts;
+            }
+            // Not started on this vCPU (it cannot move with interrupts off, but a guest can
+            // jump anywhere): the flags stay as the guest has them.
+            None => {
+                self.exits.abandoned_steps.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        vcpu.set_registers(&regs)?;
+        let probes = {
+            let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+            table
+                .sites
+                .get(&trap.site_gpa)
+                .map(|s| s.probes.clone())
+                .unwrap_or_default()
+        };
+        if probes.iter().any(|p| p.post.is_some()) {
+            self.run_handlers(vcpu.id(), trap.orig_va, &probes, &regs, true);
+        }
+        Ok(Verdict::Resume)
+    }
+
+    /// Forgets trapped steps that never reached their trap within [`ABANDONED_AFTER`].
+    pub(super) fn drop_abandoned(&self, state: &mut VcpuProbeState) {
+        let before = state.pending.len();
+        state
+            .pending
+            .retain(|p| p.since.elapsed() < ABANDONED_AFTER);
+        let dropped = (before - state.pending.len()) as u64;
+        if dropped > 0 {
+            self.exits
+                .abandoned_steps
+                .fetch_add(dropped, Ordering::Relaxed);
+        }
+    }
+
+    pub(super) fn emulate(
+        &self,
+        emu: &Emulation,
+        regs: &mut Registers,
+    ) -> Result<(), EmulationError> {
+        let mut stack = VirtualStack {
+            mem: &self.mem,
+            cr3: regs.cr3,
+            mode: PagingMode::from_cr4(regs.cr4),
+        };
+        emu.apply(regs, &mut stack)
+    }
+}

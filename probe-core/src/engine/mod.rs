@@ -1,0 +1,467 @@
+//! The probe engine: the probe table keyed by guest physical address, planting and removal,
+//! and the per-vCPU hit state machine (breakpoint -> handlers -> step plan -> resume).
+//!
+//! The engine runs in the vCPU threads: each debug exit is handled on the thread that took it,
+//! against that vCPU's [`VcpuAccess`] and its own [`VcpuProbeState`]; the table is shared and
+//! only written while every vCPU is out of `KVM_RUN` (the VMM pauses them to plant or remove).
+
+use std::collections::{HashMap, HashSet};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
+
+use crate::arch::x86_64::{
+    DecodeError, Decoder, Emulation, EmulationError, Gpr, GuestInt3, GuestStack, INT3, OutOfLine,
+    Refusal, Registers, StepPlan,
+};
+use crate::guest_kprobes::GuestKprobe;
+use crate::pagewalk::{PagingMode, WalkError, translate};
+use crate::probe::{Handler, PhysMemory, Probe, ProbeContext, TrapKind, Walker, read_virt};
+use crate::retprobe::{Instance, InstanceTable, Returning};
+use crate::vm::{DebugEvent, VcpuAccess, Verdict, VmError};
+use crate::xol::{SLOT_SIZE, XolArea, XolError, XolSlot};
+
+/// RFLAGS.RF: suppresses instruction breakpoints for one instruction.
+const RFLAGS_RF: u64 = 1 << 16;
+/// RFLAGS.IF: a trapped step runs with it clear, as Linux kprobes' int3 single-step does.
+const RFLAGS_IF: u64 = 1 << 9;
+
+/// How long a trapped step may stay pending on a vCPU before it counts as abandoned (its copy
+/// faulted and the guest went elsewhere): with interrupts off it completes at once otherwise.
+const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How many probed instructions in a row one exit follows through emulation.
+const MAX_CHAINED_HITS: usize = 8;
+
+/// Most hardware execute breakpoints x86 offers.
+pub const MAX_HW_BREAKPOINTS: usize = 4;
+
+/// Errors of planting and removing probes.
+#[derive(Debug, thiserror::Error)]
+pub enum PlantError {
+    /// The address is not mapped in the guest's kernel page tables.
+    #[error("{location}: {va:#x} is not mapped in the guest ({source})")]
+    NotMapped {
+        /// The probe location.
+        location: String,
+        /// The address.
+        va: u64,
+        /// The walk error.
+        source: WalkError,
+    },
+    /// Guest memory could not be read or written.
+    #[error("{location}: guest memory at {gpa:#x} is not accessible")]
+    Memory {
+        /// The probe location.
+        location: String,
+        /// The guest physical address.
+        gpa: u64,
+    },
+    /// Decoding failed or the offset is not on an instruction boundary.
+    #[error("{location}: {source}")]
+    Decode {
+        /// The probe location.
+        location: String,
+        /// What went wrong.
+        source: DecodeError,
+    },
+    /// The instruction cannot be probed.
+    #[error("{location}: {source}")]
+    Refused {
+        /// The probe location.
+        location: String,
+        /// Why.
+        source: Refusal,
+    },
+    /// No XOL slot.
+    #[error("{location}: {source}")]
+    Xol {
+        /// The probe location.
+        location: String,
+        /// What went wrong.
+        source: XolError,
+    },
+    /// All hardware breakpoints are taken.
+    #[error("{location}: all {MAX_HW_BREAKPOINTS} hardware breakpoints are in use")]
+    NoHardwareBreakpoint {
+        /// The probe location.
+        location: String,
+    },
+    /// The same address has probes of both trap kinds.
+    #[error("{location}: the address already has a probe with the other trap kind")]
+    MixedTraps {
+        /// The probe location.
+        location: String,
+    },
+    /// No such probe.
+    #[error("no probe with id {0}")]
+    UnknownProbe(usize),
+    /// The probe needs an int3 trap of the host's (a trampoline, a trapped slot) and this KVM
+    /// does not deliver int3 exits.
+    #[error(
+        "{location}: {what} needs int3 traps, which this KVM does not deliver (the trap self-test found hardware breakpoints only)"
+    )]
+    NeedsInt3 {
+        /// The probe location.
+        location: String,
+        /// What needs it.
+        what: &'static str,
+    },
+    /// The address is on, or inside the text taken by, one of the guest's own kprobes.
+    #[error(
+        "{location}: {va:#x} is {where_} the guest's own kprobe at {kprobe:#x}; hvprobe does not plant over it"
+    )]
+    GuestKprobe {
+        /// The probe location.
+        location: String,
+        /// The probed address.
+        va: u64,
+        /// The guest kprobe's address.
+        kprobe: u64,
+        /// "at" or "inside the optimized jump of".
+        where_: &'static str,
+    },
+    /// A post handler on an instruction whose copy cannot be followed by the host's trap.
+    #[error("{location}: a post handler cannot run after `{instruction}`: it {reason}")]
+    Untrappable {
+        /// The probe location.
+        location: String,
+        /// The instruction.
+        instruction: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// A RIP-relative operand whose target a copy in the XOL area cannot reach.
+    #[error(
+        "{location}: `{instruction}` addresses memory beyond +-2 GiB of the XOL area; its copy cannot be relocated"
+    )]
+    OutOfReach {
+        /// The probe location.
+        location: String,
+        /// The instruction.
+        instruction: String,
+    },
+    /// The instruction may fault with a fix-up in the guest's exception table.
+    #[error(
+        "{location}: refusing to probe `{instruction}` at {va:#x}: it has an entry in the guest's exception table (__ex_table), so a fault in a copy out of line could not be fixed up"
+    )]
+    ExceptionTable {
+        /// The probe location.
+        location: String,
+        /// The instruction.
+        instruction: String,
+        /// Its address.
+        va: u64,
+    },
+    /// A return probe away from a function's first instruction.
+    #[error("{location}: a return probe must be on a function's first instruction")]
+    NotFunctionEntry {
+        /// The probe location.
+        location: String,
+    },
+}
+
+/// Identifies a planted probe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ProbeId(pub usize);
+
+/// Counters of one probe.
+#[derive(Debug, Default)]
+struct ProbeCounters {
+    hits: AtomicU64,
+    missed: AtomicU64,
+    handler_errors: AtomicU64,
+    returns: AtomicU64,
+    nmissed: AtomicU64,
+}
+
+/// A snapshot of one probe's counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeStats {
+    /// The probe's id.
+    pub id: ProbeId,
+    /// Its location as given.
+    pub location: String,
+    /// Its address.
+    pub address: u64,
+    /// Name of the step plan (`emulate`, `xol`, `xol-riprel`, `xol-call`).
+    pub plan: &'static str,
+    /// The probed instruction.
+    pub instruction: String,
+    /// Which trap.
+    pub trap: TrapKind,
+    /// Times a vCPU reached it.
+    pub hits: u64,
+    /// Hits on which the handlers could not run.
+    pub missed: u64,
+    /// Handler calls that returned an error or panicked.
+    pub handler_errors: u64,
+    /// Whether it is a return probe.
+    pub return_probe: bool,
+    /// Returns seen (return probes).
+    pub returns: u64,
+    /// Entries whose return could not be watched: `max_active` instances were live, or the
+    /// frame never returned through its caller.
+    pub nmissed: u64,
+}
+
+struct ProbeEntry {
+    id: ProbeId,
+    location: String,
+    pre: Option<Handler>,
+    post: Option<Handler>,
+    on_return: Option<Handler>,
+    max_active: usize,
+    counters: ProbeCounters,
+}
+
+impl ProbeEntry {
+    fn new(id: ProbeId, location: String, probe: Probe) -> Arc<ProbeEntry> {
+        Arc::new(ProbeEntry {
+            id,
+            location,
+            pre: probe.pre,
+            post: probe.post,
+            on_return: probe.on_return,
+            max_active: probe.max_active,
+            counters: ProbeCounters::default(),
+        })
+    }
+}
+
+/// One planted breakpoint: an address with one or more probes on it.
+struct Site {
+    va: u64,
+    trap: TrapKind,
+    /// The guest's bytes under the breakpoint, restored on removal.
+    saved: Vec<u8>,
+    instruction: String,
+    /// Shared so that a hit takes it without copying (the table lock is not held meanwhile).
+    plan: Arc<StepPlan>,
+    /// The boosted copy (the copy, then `jmp` back): where an out-of-line plan runs, or where
+    /// the real instruction of an emulated plan runs when its stack access fails.
+    boosted: Option<XolSlot>,
+    /// The trapped copy (the copy, then the host's int3), for post handlers.
+    trapped: Option<XolSlot>,
+    /// Shared for the same reason; planting and removal copy on write.
+    probes: Arc<Vec<Arc<ProbeEntry>>>,
+    /// Set when the engine had to take the trap out while the probe stays listed.
+    disarmed: std::sync::atomic::AtomicBool,
+}
+
+/// A trap the engine planted and later found rewritten by the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RewrittenSite {
+    /// The probed address.
+    pub va: u64,
+    /// What the guest wrote there.
+    pub found: Vec<u8>,
+}
+
+/// Counts of debug exits by what they were, for figures.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExitStats {
+    /// Software breakpoint exits that were ours.
+    pub breakpoints: u64,
+    /// Hardware breakpoint exits that were ours.
+    pub hw_breakpoints: u64,
+    /// Traps that were the guest's own and went back to it.
+    pub reinjected: u64,
+    /// Returns through the return-probe trampoline.
+    pub returns: u64,
+    /// Trapped steps completed through a slot's int3.
+    pub slot_traps: u64,
+    /// Debug exceptions that were the guest's own (its single-step) and went back to it.
+    pub reinjected_debug: u64,
+    /// Trapped steps that never reached their trap (the copy faulted and the guest went on
+    /// elsewhere), dropped after a bound.
+    pub abandoned_steps: u64,
+    /// Emulated instructions whose stack access failed, left to the real instruction in a
+    /// boosted slot so that the guest takes its own fault.
+    pub emulation_fallbacks: u64,
+    /// Hits per step plan name.
+    pub hits_by_plan: Vec<(&'static str, u64)>,
+}
+
+#[derive(Default)]
+struct ExitCounters {
+    breakpoints: AtomicU64,
+    hw_breakpoints: AtomicU64,
+    reinjected: AtomicU64,
+    returns: AtomicU64,
+    slot_traps: AtomicU64,
+    reinjected_debug: AtomicU64,
+    abandoned_steps: AtomicU64,
+    emulation_fallbacks: AtomicU64,
+    by_plan: [AtomicU64; 3],
+}
+
+const PLAN_NAMES: [&str; 3] = ["emulate", "xol", "xol-riprel"];
+
+/// A trapped step under way on one vCPU: its copy runs with interrupts off until the slot's
+/// int3, which is found by its address (never by "a step is pending").
+#[derive(Debug, Clone)]
+struct PendingStep {
+    trap_va: u64,
+    interrupts: u64,
+    since: Instant,
+}
+
+/// Per-vCPU engine state, owned by the vCPU thread: the trapped steps under way (more than
+/// one only when an NMI handler hits a probe between a copy and its trap).
+#[derive(Debug, Default)]
+pub struct VcpuProbeState {
+    pending: Vec<PendingStep>,
+}
+
+impl VcpuProbeState {
+    /// Whether a trapped step is pending on this vCPU.
+    pub fn stepping(&self) -> bool {
+        !self.pending.is_empty()
+    }
+}
+
+/// Where a trapped slot's int3 sends the vCPU.
+#[derive(Debug, Clone, Copy)]
+struct SlotTrap {
+    orig_va: u64,
+    len: u64,
+    site_gpa: u64,
+}
+
+struct ProbeTable {
+    sites: HashMap<u64, Site>,
+    /// The virtual addresses of the sites: after an emulated instruction, whether the next
+    /// one may be probed too is answered here without a page walk.
+    site_vas: HashSet<u64>,
+    by_probe: HashMap<ProbeId, u64>,
+    /// The int3 of each trapped slot, by its address.
+    slot_traps: HashMap<u64, SlotTrap>,
+    /// Addresses of the instructions with an entry in the guest's exception table.
+    exception_table: HashSet<u64>,
+    /// The guest's own armed kprobes, when its kprobe table could be read.
+    guest_kprobes: Option<HashMap<u64, GuestKprobe>>,
+    next_id: usize,
+    hw: [Option<u64>; MAX_HW_BREAKPOINTS],
+}
+
+/// The probe engine over guest memory `M`.
+pub struct ProbeEngine<M: GuestMemory + Send + Sync> {
+    mem: M,
+    table: RwLock<ProbeTable>,
+    xol: Mutex<XolArea>,
+    exits: ExitCounters,
+    start: Instant,
+    hw_generation: AtomicU64,
+    int3_written: AtomicBool,
+    int3_trappable: AtomicBool,
+    returns: Mutex<InstanceTable<Arc<ProbeEntry>>>,
+    trampoline: Mutex<Option<XolSlot>>,
+}
+
+/// Where to plant: the address, and the function start to decode from for the boundary check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlantTarget {
+    /// The probed address.
+    pub va: u64,
+    /// Start of the containing function, when known.
+    pub function_start: Option<u64>,
+}
+
+impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
+    /// An engine over `mem` with the XOL area `xol` (whose page tables it writes now).
+    pub fn new(mem: M, xol: XolArea) -> Result<ProbeEngine<M>, XolError> {
+        xol.write_tables(&mem)?;
+        Ok(ProbeEngine {
+            mem,
+            table: RwLock::new(ProbeTable {
+                sites: HashMap::new(),
+                site_vas: HashSet::new(),
+                by_probe: HashMap::new(),
+                slot_traps: HashMap::new(),
+                exception_table: HashSet::new(),
+                guest_kprobes: None,
+                next_id: 0,
+                hw: [None; MAX_HW_BREAKPOINTS],
+            }),
+            xol: Mutex::new(xol),
+            exits: ExitCounters::default(),
+            start: Instant::now(),
+            hw_generation: AtomicU64::new(0),
+            int3_written: AtomicBool::new(false),
+            int3_trappable: AtomicBool::new(true),
+            returns: Mutex::new(InstanceTable::default()),
+            trampoline: Mutex::new(None),
+        })
+    }
+
+    /// The guest memory.
+    pub fn memory(&self) -> &M {
+        &self.mem
+    }
+
+    /// Records the addresses of the instructions the guest's exception table lists
+    /// (`__start___ex_table`..`__stop___ex_table`): they are never copied out of line.
+    pub fn set_exception_table(&self, addresses: impl IntoIterator<Item = u64>) {
+        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        table.exception_table = addresses.into_iter().collect();
+    }
+
+    /// Records the guest's own armed kprobes (from its `kprobe_table`): the boundary walk puts
+    /// back the bytes they cover, and no probe is planted over one. Without them an int3 in
+    /// the walk that may cover an instruction makes the check fail.
+    pub fn set_guest_kprobes(&self, kprobes: HashMap<u64, GuestKprobe>) {
+        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        table.guest_kprobes = Some(kprobes);
+    }
+
+    /// The hardware breakpoint addresses every vCPU must load, and a generation number that
+    /// changes whenever they change.
+    pub fn hardware_breakpoints(&self) -> ([Option<u64>; MAX_HW_BREAKPOINTS], u64) {
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+        (table.hw, self.hw_generation.load(Ordering::SeqCst))
+    }
+
+    /// Whether an int3 of ours has ever been written into the guest: until then no #BP can be
+    /// ours, and the VMM leaves the guest's own int3s (its kprobes, text patching) to the
+    /// guest instead of trapping and handing each back.
+    pub fn int3_written(&self) -> bool {
+        self.int3_written.load(Ordering::SeqCst)
+    }
+
+    /// Says whether this KVM delivers int3 exits (the trap self-test): without them, probes
+    /// that need an int3 of the host's (return probes' trampoline, trapped slots for post
+    /// handlers) are refused, even with hardware breakpoints as their trap.
+    pub fn set_int3_trappable(&self, trappable: bool) {
+        self.int3_trappable.store(trappable, Ordering::SeqCst);
+    }
+
+    /// Generation of the hardware breakpoint set; cheap to poll before each `KVM_RUN`.
+    pub fn hardware_generation(&self) -> u64 {
+        self.hw_generation.load(Ordering::SeqCst)
+    }
+
+    /// Whether the engine has any probe planted.
+    pub fn is_empty(&self) -> bool {
+        self.table
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .sites
+            .is_empty()
+    }
+}
+
+mod hit;
+mod memory;
+mod returns;
+mod stats;
+mod table;
+
+use memory::{VirtualStack, write_virt};
+pub use memory::{hash_guest_virtual, read_guest_virtual};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,141 @@
+//! Return probes: the return address swapped for the trampoline at entry, the instance found
+//! again by its stack slot at the return.
+
+use super::*;
+
+impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
+    /// Live return-probe instances.
+    pub fn live_returns(&self) -> usize {
+        self.returns.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// At the entry of a function with return probes: replaces the return address at the top
+    /// of the stack with the trampoline and records the instance, within each probe's
+    /// `max_active`.
+    pub(super) fn enter_returns(&self, probes: &[Arc<ProbeEntry>], regs: &Registers) {
+        let wanting: Vec<&Arc<ProbeEntry>> =
+            probes.iter().filter(|p| p.on_return.is_some()).collect();
+        if wanting.is_empty() {
+            return;
+        }
+        let Some(trampoline) = *self.trampoline.lock().unwrap_or_else(|e| e.into_inner()) else {
+            return;
+        };
+        let mode = PagingMode::from_cr4(regs.cr4);
+        let mut table = self.returns.lock().unwrap_or_else(|e| e.into_inner());
+        let mut taking = Vec::new();
+        for p in wanting {
+            if table.count(|q| q.id == p.id) >= p.max_active {
+                p.counters.nmissed.fetch_add(1, Ordering::Relaxed);
+            } else {
+                taking.push(p.clone());
+            }
+        }
+        let miss_all = |taking: &[Arc<ProbeEntry>]| {
+            for p in taking {
+                p.counters.nmissed.fetch_add(1, Ordering::Relaxed);
+            }
+        };
+        if taking.is_empty() {
+            return;
+        }
+        let mapped = self
+            .xol
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ensure_mapped(&self.mem, regs.cr3, mode)
+            .is_ok();
+        let slot = regs.get(Gpr::Rsp);
+        let mut ret = [0u8; 8];
+        if !mapped || read_virt(&self.mem, regs.cr3, mode, slot, &mut ret).is_err() {
+            miss_all(&taking);
+            return;
+        }
+        let return_address = u64::from_le_bytes(ret);
+        if return_address == trampoline.va
+            || write_virt(
+                &self.mem,
+                regs.cr3,
+                mode,
+                slot,
+                &trampoline.va.to_le_bytes(),
+            )
+            .is_err()
+        {
+            miss_all(&taking);
+            return;
+        }
+        let stale = table.enter(
+            slot,
+            Instance {
+                return_address,
+                entry_regs: regs.clone(),
+                probes: taking,
+            },
+        );
+        if let Some(stale) = stale {
+            miss_all(&stale.probes);
+        }
+    }
+
+    /// A return through the trampoline: back to the real return address, return handlers.
+    pub(super) fn leave_return(
+        &self,
+        vcpu: &mut dyn VcpuAccess,
+        mut regs: Registers,
+    ) -> Result<Verdict, VmError> {
+        self.exits.returns.fetch_add(1, Ordering::Relaxed);
+        let (found, retired) = self
+            .returns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .leave(regs.get(Gpr::Rsp));
+        for probes in retired {
+            for p in &probes {
+                p.counters.nmissed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let instance = match found {
+            Some(Returning::Live(i)) => Some(i),
+            // Retired by a return on a neighbouring stack, but alive: its miss is taken back.
+            Some(Returning::Retired(i)) => {
+                for p in &i.probes {
+                    let _ = p.counters.nmissed.fetch_update(
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                        |n| n.checked_sub(1),
+                    );
+                }
+                Some(i)
+            }
+            None => None,
+        };
+        let Some(instance) = instance else {
+            return Err(VmError(format!(
+                "vCPU {}: a return through the trampoline with no live instance (rsp {:#x}); \
+                 the real return address is lost",
+                vcpu.id(),
+                regs.get(Gpr::Rsp)
+            )));
+        };
+        regs.rip = instance.return_address;
+        vcpu.set_registers(&regs)?;
+        for p in &instance.probes {
+            p.counters.returns.fetch_add(1, Ordering::Relaxed);
+            let Some(h) = &p.on_return else { continue };
+            let ctx = ProbeContext {
+                vcpu: vcpu.id(),
+                location: &p.location,
+                address: instance.entry_regs.rip,
+                time: self.start.elapsed(),
+                regs: &regs,
+                entry_regs: Some(&instance.entry_regs),
+                mem: &self.mem,
+            };
+            if !matches!(catch_unwind(AssertUnwindSafe(|| h(&ctx))), Ok(Ok(()))) {
+                p.counters.handler_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(Verdict::Resume)
+    }
+}

@@ -1,0 +1,52 @@
+//! Per-probe and per-exit counters, as the VMM reports them.
+
+use super::*;
+
+impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
+    /// Per-probe counters, in planting order.
+    pub fn stats(&self) -> Vec<ProbeStats> {
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<ProbeStats> = table
+            .sites
+            .values()
+            .flat_map(|site| {
+                site.probes.iter().map(move |p| ProbeStats {
+                    id: p.id,
+                    location: p.location.clone(),
+                    address: site.va,
+                    plan: site.plan.name(),
+                    instruction: site.instruction.clone(),
+                    trap: site.trap,
+                    hits: p.counters.hits.load(Ordering::Relaxed),
+                    missed: p.counters.missed.load(Ordering::Relaxed),
+                    handler_errors: p.counters.handler_errors.load(Ordering::Relaxed),
+                    return_probe: p.on_return.is_some(),
+                    returns: p.counters.returns.load(Ordering::Relaxed),
+                    nmissed: p.counters.nmissed.load(Ordering::Relaxed),
+                })
+            })
+            .collect();
+        out.sort_by_key(|s| s.id);
+        out
+    }
+
+    /// Exit counts, for figures.
+    pub fn exit_stats(&self) -> ExitStats {
+        let e = &self.exits;
+        ExitStats {
+            breakpoints: e.breakpoints.load(Ordering::Relaxed),
+            hw_breakpoints: e.hw_breakpoints.load(Ordering::Relaxed),
+            reinjected: e.reinjected.load(Ordering::Relaxed),
+            returns: e.returns.load(Ordering::Relaxed),
+            slot_traps: e.slot_traps.load(Ordering::Relaxed),
+            reinjected_debug: e.reinjected_debug.load(Ordering::Relaxed),
+            abandoned_steps: e.abandoned_steps.load(Ordering::Relaxed),
+            emulation_fallbacks: e.emulation_fallbacks.load(Ordering::Relaxed),
+            hits_by_plan: PLAN_NAMES
+                .iter()
+                .zip(&e.by_plan)
+                .map(|(n, c)| (*n, c.load(Ordering::Relaxed)))
+                .collect(),
+        }
+    }
+}

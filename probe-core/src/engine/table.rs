@@ -1,0 +1,481 @@
+//! The probe table: planting (the boundary walk, the plan, the slots, the trap written last),
+//! removal, and the XOL slots and trampoline the sites use.
+
+use super::*;
+
+impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
+    pub(super) fn read_virt_bytes(
+        &self,
+        location: &str,
+        regs: &Registers,
+        va: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, PlantError> {
+        let mode = PagingMode::from_cr4(regs.cr4);
+        let mut buf = vec![0u8; len];
+        // Read what is readable: code near the end of a mapping may be shorter than `len`.
+        for (i, b) in buf.iter_mut().enumerate() {
+            let at = va.wrapping_add(i as u64);
+            match translate(&Walker(&self.mem), regs.cr3, mode, at) {
+                Ok(t) if self.mem.read_phys(t.gpa, std::slice::from_mut(b)) => {}
+                _ if i > 0 => {
+                    return Ok(buf[..i].to_vec());
+                }
+                Ok(t) => {
+                    return Err(PlantError::Memory {
+                        location: location.into(),
+                        gpa: t.gpa,
+                    });
+                }
+                Err(source) => {
+                    return Err(PlantError::NotMapped {
+                        location: location.into(),
+                        va: at,
+                        source,
+                    });
+                }
+            }
+        }
+        Ok(buf)
+    }
+
+    /// Plants `probe` at `target`, using the page tables in `regs` (any vCPU's, all map kernel
+    /// text alike). All checks come first: on error nothing in the guest's text has changed.
+    /// Call with every vCPU out of `KVM_RUN`.
+    pub fn plant(
+        &self,
+        probe: Probe,
+        target: PlantTarget,
+        regs: &Registers,
+    ) -> Result<ProbeId, PlantError> {
+        let location = probe.location.clone();
+        let mode = PagingMode::from_cr4(regs.cr4);
+        let gpa = translate(&Walker(&self.mem), regs.cr3, mode, target.va)
+            .map_err(|source| PlantError::NotMapped {
+                location: location.clone(),
+                va: target.va,
+                source,
+            })?
+            .gpa;
+        if probe.on_return.is_some() && target.function_start.is_some_and(|f| f != target.va) {
+            return Err(PlantError::NotFunctionEntry { location });
+        }
+        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(site) = table.sites.get(&gpa) {
+            if site.trap != probe.trap {
+                return Err(PlantError::MixedTraps { location });
+            }
+            let trapped = match (&*site.plan, site.trapped) {
+                (StepPlan::StepOutOfLine(ool), None) if probe.post.is_some() => {
+                    self.map_xol(&location, regs)?;
+                    Some(self.trapped_slot(&location, &site.instruction, ool, site.va)?)
+                }
+                _ => None,
+            };
+            if probe.on_return.is_some() {
+                self.map_xol(&location, regs)?;
+                self.trampoline(&location)?;
+            }
+            let id = ProbeId(table.next_id);
+            table.next_id += 1;
+            let site = table.sites.get_mut(&gpa).expect("site present");
+            if let Some(slot) = trapped {
+                site.trapped = Some(slot);
+            }
+            let site_va = site.va;
+            let plan = site.plan.clone();
+            Arc::make_mut(&mut site.probes).push(ProbeEntry::new(id, location, probe));
+            if let (Some(slot), StepPlan::StepOutOfLine(ool)) = (trapped, &*plan) {
+                table.slot_traps.insert(
+                    slot.va + ool.copy_len(site_va),
+                    SlotTrap {
+                        orig_va: site_va,
+                        len: u64::from(ool.len),
+                        site_gpa: gpa,
+                    },
+                );
+            }
+            table.by_probe.insert(id, gpa);
+            return Ok(id);
+        }
+
+        if let Some((&kprobe, _)) = table
+            .guest_kprobes
+            .iter()
+            .flatten()
+            .find(|(va, kp)| (**va..**va + kp.span).contains(&target.va))
+        {
+            return Err(PlantError::GuestKprobe {
+                location,
+                va: target.va,
+                kprobe,
+                where_: if kprobe == target.va {
+                    "at"
+                } else {
+                    "inside the optimized jump of"
+                },
+            });
+        }
+        // Capstone handles are not Send; planting is rare, so each plant makes its own.
+        let decoder = Decoder::new().map_err(|source| PlantError::Decode {
+            location: location.clone(),
+            source,
+        })?;
+        if let Some(start) = target.function_start.filter(|s| *s < target.va) {
+            let offset = target.va - start;
+            let mut code = self.read_virt_bytes(&location, regs, start, offset as usize + 16)?;
+            // Decode what the guest wrote, not our own breakpoints, nor the guest's kprobes
+            // (kprobes' recover_probed_instruction).
+            for site in table.sites.values() {
+                if let Some(i) = site.va.checked_sub(start).map(|i| i as usize)
+                    && i < code.len()
+                {
+                    code[i] = site.saved[0];
+                }
+            }
+            for (va, kp) in table.guest_kprobes.iter().flatten() {
+                if let Some(i) = va.checked_sub(start).map(|i| i as usize) {
+                    for (j, b) in kp.original.iter().enumerate() {
+                        if let Some(c) = code.get_mut(i + j) {
+                            *c = *b;
+                        }
+                    }
+                }
+            }
+            let int3 = if table.guest_kprobes.is_some() {
+                GuestInt3::Padding
+            } else {
+                GuestInt3::Unknown
+            };
+            decoder
+                .check_boundary(&code, start, offset, int3)
+                .map_err(|source| PlantError::Decode {
+                    location: location.clone(),
+                    source,
+                })?;
+        }
+        let code = self.read_virt_bytes(&location, regs, target.va, 16)?;
+        let insn = decoder
+            .decode(&code, target.va)
+            .map_err(|source| PlantError::Decode {
+                location: location.clone(),
+                source,
+            })?;
+        let plan = decoder.plan(&insn).map_err(|source| PlantError::Refused {
+            location: location.clone(),
+            source,
+        })?;
+        let fallback = match &plan {
+            StepPlan::Emulate(e) if e.touches_stack() => decoder.fallback_copy(&insn),
+            _ => None,
+        };
+        drop(decoder);
+        if table.exception_table.contains(&target.va) {
+            return Err(PlantError::ExceptionTable {
+                location,
+                instruction: insn.text,
+                va: target.va,
+            });
+        }
+        let hw_index = match probe.trap {
+            TrapKind::Hardware => Some(table.hw.iter().position(Option::is_none).ok_or(
+                PlantError::NoHardwareBreakpoint {
+                    location: location.clone(),
+                },
+            )?),
+            TrapKind::Software => None,
+        };
+        let copy = match &plan {
+            StepPlan::StepOutOfLine(ool) => Some(ool),
+            StepPlan::Emulate(_) => fallback.as_ref(),
+        };
+        if copy.is_some() || probe.on_return.is_some() {
+            self.map_xol(&location, regs)?;
+        }
+        if let (Some(reason), StepPlan::StepOutOfLine(_), true) = (
+            copy.and_then(|c| c.untrappable),
+            &plan,
+            probe.post.is_some(),
+        ) {
+            return Err(PlantError::Untrappable {
+                location,
+                instruction: insn.text,
+                reason,
+            });
+        }
+        // Check that the copies can be made before anything is written.
+        if let Some(ool) = copy
+            && ool
+                .boosted_slot(target.va, crate::xol::XOL_VA_BASE)
+                .is_none()
+        {
+            return Err(PlantError::OutOfReach {
+                location,
+                instruction: insn.text,
+            });
+        }
+        if probe.on_return.is_some() {
+            self.trampoline(&location)?;
+        }
+        let boosted = copy
+            .map(|ool| self.boosted_slot(&location, &insn.text, ool, target.va))
+            .transpose()?;
+        let trapped = match &plan {
+            StepPlan::StepOutOfLine(ool) if probe.post.is_some() => {
+                Some(self.trapped_slot(&location, &insn.text, ool, target.va)?)
+            }
+            _ => None,
+        };
+        let saved = insn.bytes[..1].to_vec();
+        if probe.trap == TrapKind::Software {
+            self.will_write_int3(&location, "an int3 probe")?;
+            self.mem
+                .write_slice(&[INT3], GuestAddress(gpa))
+                .map_err(|_| PlantError::Memory {
+                    location: location.clone(),
+                    gpa,
+                })?;
+        }
+        if let Some(i) = hw_index {
+            table.hw[i] = Some(target.va);
+            self.hw_generation.fetch_add(1, Ordering::SeqCst);
+        }
+        let id = ProbeId(table.next_id);
+        table.next_id += 1;
+        table.by_probe.insert(id, gpa);
+        table.site_vas.insert(target.va);
+        if let Some(slot) = trapped {
+            let copy_len = match &plan {
+                StepPlan::StepOutOfLine(ool) => ool.copy_len(target.va),
+                StepPlan::Emulate(_) => insn.bytes.len() as u64,
+            };
+            table.slot_traps.insert(
+                slot.va + copy_len,
+                SlotTrap {
+                    orig_va: target.va,
+                    len: insn.bytes.len() as u64,
+                    site_gpa: gpa,
+                },
+            );
+        }
+        table.sites.insert(
+            gpa,
+            Site {
+                va: target.va,
+                trap: probe.trap,
+                saved,
+                instruction: insn.text.clone(),
+                plan: Arc::new(plan),
+                boosted,
+                trapped,
+                disarmed: std::sync::atomic::AtomicBool::new(false),
+                probes: Arc::new(vec![ProbeEntry::new(id, location, probe)]),
+            },
+        );
+        Ok(id)
+    }
+
+    /// Maps the XOL area through the kernel PUD table that every address space shares.
+    pub(super) fn map_xol(&self, location: &str, regs: &Registers) -> Result<(), PlantError> {
+        self.xol
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ensure_mapped(&self.mem, regs.cr3, PagingMode::from_cr4(regs.cr4))
+            .map(|_| ())
+            .map_err(|source| PlantError::Xol {
+                location: location.into(),
+                source,
+            })
+    }
+
+    /// Takes a fresh XOL slot and writes what `bytes` makes of its address into it, int3s
+    /// after.
+    pub(super) fn fill_slot(
+        &self,
+        location: &str,
+        bytes: impl FnOnce(u64) -> Option<Vec<u8>>,
+    ) -> Result<Option<XolSlot>, PlantError> {
+        let slot = self
+            .xol
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .allocate()
+            .map_err(|source| PlantError::Xol {
+                location: location.into(),
+                source,
+            })?;
+        let Some(code) = bytes(slot.va) else {
+            return Ok(None);
+        };
+        let mut fill = vec![INT3; SLOT_SIZE as usize];
+        fill[..code.len()].copy_from_slice(&code);
+        self.mem
+            .write_slice(&fill, GuestAddress(slot.gpa))
+            .map_err(|_| PlantError::Memory {
+                location: location.into(),
+                gpa: slot.gpa,
+            })?;
+        Ok(Some(slot))
+    }
+
+    /// A boosted slot for the instruction at `va`: its copy, then `jmp` back to `va + len`.
+    pub(super) fn boosted_slot(
+        &self,
+        location: &str,
+        instruction: &str,
+        ool: &OutOfLine,
+        va: u64,
+    ) -> Result<XolSlot, PlantError> {
+        self.copy_slot(location, instruction, |slot| ool.boosted_slot(va, slot))
+    }
+
+    /// A trapped slot for the instruction at `va`: its copy, then the host's int3.
+    pub(super) fn trapped_slot(
+        &self,
+        location: &str,
+        instruction: &str,
+        ool: &OutOfLine,
+        va: u64,
+    ) -> Result<XolSlot, PlantError> {
+        if let Some(reason) = ool.untrappable {
+            return Err(PlantError::Untrappable {
+                location: location.into(),
+                instruction: instruction.into(),
+                reason,
+            });
+        }
+        self.will_write_int3(location, "a post handler after a stepped instruction")?;
+        self.copy_slot(location, instruction, |slot| ool.trapped_slot(va, slot))
+    }
+
+    /// A slot holding a copy of `instruction` that `bytes` makes for the slot's address; a copy
+    /// that cannot be relocated there is out of reach.
+    pub(super) fn copy_slot(
+        &self,
+        location: &str,
+        instruction: &str,
+        bytes: impl FnOnce(u64) -> Option<Vec<u8>>,
+    ) -> Result<XolSlot, PlantError> {
+        self.fill_slot(location, bytes)?
+            .ok_or_else(|| PlantError::OutOfReach {
+                location: location.into(),
+                instruction: instruction.into(),
+            })
+    }
+
+    /// The return trampoline: an XOL slot of int3s that replaced return addresses point to.
+    pub(super) fn trampoline(&self, location: &str) -> Result<XolSlot, PlantError> {
+        let mut t = self.trampoline.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = *t {
+            return Ok(slot);
+        }
+        self.will_write_int3(location, "a return probe (its trampoline is an int3)")?;
+        let slot = self
+            .fill_slot(location, |_| Some(Vec::new()))?
+            .expect("an empty slot always fits");
+        *t = Some(slot);
+        Ok(slot)
+    }
+
+    /// Maps the XOL area through the kernel PUD table reached from the top-level page table at
+    /// guest physical `table` (the kernel's initial one; every address space shares the PUD
+    /// table). Returns whether it wrote the entry.
+    pub fn map_xol_into(&self, table: u64) -> Result<bool, XolError> {
+        self.xol
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ensure_mapped(&self.mem, table, PagingMode::FourLevel)
+    }
+
+    /// Removes one probe; the breakpoint goes when its last probe goes. Returns a rewritten
+    /// site if the guest had replaced the trap byte (then the guest's bytes are kept).
+    pub fn remove(&self, id: ProbeId) -> Result<Option<RewrittenSite>, PlantError> {
+        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        let gpa = table
+            .by_probe
+            .remove(&id)
+            .ok_or(PlantError::UnknownProbe(id.0))?;
+        let site = table.sites.get_mut(&gpa).expect("site of a planted probe");
+        Arc::make_mut(&mut site.probes).retain(|p| p.id != id);
+        if !site.probes.is_empty() {
+            return Ok(None);
+        }
+        let site = table.sites.remove(&gpa).expect("site present");
+        if !table.sites.values().any(|s| s.va == site.va) {
+            table.site_vas.remove(&site.va);
+        }
+        if site.disarmed.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        if site.trap == TrapKind::Hardware {
+            for slot in table.hw.iter_mut() {
+                if *slot == Some(site.va) {
+                    *slot = None;
+                }
+            }
+            self.hw_generation.fetch_add(1, Ordering::SeqCst);
+            return Ok(None);
+        }
+        let mut now = vec![0u8; site.saved.len()];
+        if !self.mem.read_phys(gpa, &mut now) {
+            return Err(PlantError::Memory {
+                location: format!("{:#x}", site.va),
+                gpa,
+            });
+        }
+        if now != <crate::arch::x86_64::X86_64 as crate::arch::Arch>::BREAKPOINT {
+            return Ok(Some(RewrittenSite {
+                va: site.va,
+                found: now,
+            }));
+        }
+        self.mem
+            .write_slice(&site.saved, GuestAddress(gpa))
+            .map_err(|_| PlantError::Memory {
+                location: format!("{:#x}", site.va),
+                gpa,
+            })?;
+        Ok(None)
+    }
+
+    /// Removes every probe; returns the sites the guest had rewritten.
+    pub fn remove_all(&self) -> Vec<RewrittenSite> {
+        let ids: Vec<ProbeId> = {
+            let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+            let mut ids: Vec<ProbeId> = table.by_probe.keys().copied().collect();
+            ids.sort();
+            ids
+        };
+        ids.into_iter()
+            .filter_map(|id| self.remove(id).ok().flatten())
+            .collect()
+    }
+
+    /// Writes the guest's byte back under a site whose probes cannot run any more.
+    pub(super) fn disarm(&self, gpa: u64) {
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(site) = table.sites.get(&gpa)
+            && site.trap == TrapKind::Software
+            && !site.disarmed.swap(true, Ordering::SeqCst)
+        {
+            let _ = self.mem.write_slice(&site.saved, GuestAddress(gpa));
+        }
+    }
+
+    /// An int3 of the host's is about to be written (a site, a trapped slot, the trampoline):
+    /// refused if this KVM cannot trap it, else recorded so that #BP is trapped from now on.
+    pub(super) fn will_write_int3(
+        &self,
+        location: &str,
+        what: &'static str,
+    ) -> Result<(), PlantError> {
+        if !self.int3_trappable.load(Ordering::SeqCst) {
+            return Err(PlantError::NeedsInt3 {
+                location: location.into(),
+                what,
+            });
+        }
+        self.int3_written.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+}
