@@ -164,7 +164,7 @@ impl RunSummary {
                             location: s.location.clone(),
                             address: s.address,
                             instruction: s.instruction.clone(),
-                            plan: s.plan.into(),
+                            plan: s.plan.name().into(),
                             trap: match s.trap {
                                 TrapKind::Software => "int3",
                                 TrapKind::Hardware => "hw",

@@ -133,11 +133,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             self.run_handlers(vcpu.id(), pc, &probes, &regs, false);
             self.enter_returns(&probes, &regs);
             let has_post = probes.iter().any(|p| p.post.is_some());
-            let plan_index = PLAN_NAMES
-                .iter()
-                .position(|n| *n == plan.name())
-                .unwrap_or(0);
-            self.exits.by_plan[plan_index].fetch_add(1, Ordering::Relaxed);
+            self.exits.by_plan[plan.kind() as usize].fetch_add(1, Ordering::Relaxed);
             // RIP moves on: a resume flag left from a hardware-breakpoint #DB would suppress a
             // breakpoint on the next instruction.
             regs.rflags &= !RFLAGS_RF;

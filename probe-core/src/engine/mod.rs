@@ -15,7 +15,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use crate::arch::x86_64::{
     DecodeError, Decoder, Emulation, EmulationError, Gpr, GuestInt3, GuestStack, INT3, OutOfLine,
-    Refusal, Registers, StepPlan,
+    PlanKind, Refusal, Registers, StepPlan,
 };
 use crate::guest_kprobes::GuestKprobe;
 use crate::pagewalk::{PagingMode, WalkError, translate};
@@ -188,7 +188,7 @@ pub struct ProbeStats {
     /// Its address.
     pub address: u64,
     /// Name of the step plan (`emulate`, `xol`, `xol-riprel`, `xol-call`).
-    pub plan: &'static str,
+    pub plan: PlanKind,
     /// The probed instruction.
     pub instruction: String,
     /// Which trap.
@@ -283,7 +283,7 @@ pub struct ExitStats {
     /// boosted slot so that the guest takes its own fault.
     pub emulation_fallbacks: u64,
     /// Hits per step plan name.
-    pub hits_by_plan: Vec<(&'static str, u64)>,
+    pub hits_by_plan: Vec<(PlanKind, u64)>,
 }
 
 #[derive(Default)]
@@ -296,10 +296,9 @@ struct ExitCounters {
     reinjected_debug: AtomicU64,
     abandoned_steps: AtomicU64,
     emulation_fallbacks: AtomicU64,
-    by_plan: [AtomicU64; 3],
+    /// Hits by plan, indexed by [`PlanKind`] as `usize`.
+    by_plan: [AtomicU64; PlanKind::ALL.len()],
 }
-
-const PLAN_NAMES: [&str; 3] = ["emulate", "xol", "xol-riprel"];
 
 /// A trapped step under way on one vCPU: its copy runs with interrupts off until the slot's
 /// int3, which is found by its address (never by "a step is pending").

@@ -14,7 +14,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                     id: p.id,
                     location: p.location.clone(),
                     address: site.va,
-                    plan: site.plan.name(),
+                    plan: site.plan.kind(),
                     instruction: site.instruction.clone(),
                     trap: site.trap,
                     hits: p.counters.hits.load(Ordering::Relaxed),
@@ -42,10 +42,10 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             reinjected_debug: e.reinjected_debug.load(Ordering::Relaxed),
             abandoned_steps: e.abandoned_steps.load(Ordering::Relaxed),
             emulation_fallbacks: e.emulation_fallbacks.load(Ordering::Relaxed),
-            hits_by_plan: PLAN_NAMES
+            hits_by_plan: PlanKind::ALL
                 .iter()
                 .zip(&e.by_plan)
-                .map(|(n, c)| (*n, c.load(Ordering::Relaxed)))
+                .map(|(k, c)| (*k, c.load(Ordering::Relaxed)))
                 .collect(),
         }
     }

@@ -61,7 +61,7 @@ fn an_emulated_hit_runs_the_handler_and_costs_one_exit() {
     assert_eq!(pushed, 0xb0b0);
     assert!(!state.stepping());
     let stats = engine.stats();
-    assert_eq!((stats[0].hits, stats[0].plan), (1, "emulate"));
+    assert_eq!((stats[0].hits, stats[0].plan), (1, PlanKind::Emulate));
 
     assert_eq!(engine.remove(id).unwrap(), None);
     assert_eq!(text(&engine), CODE);
@@ -114,7 +114,7 @@ fn a_rip_relative_instruction_runs_boosted_with_its_operand_made_absolute() {
     assert_eq!(jmp.text, format!("jmp {:#x}", pc + 7));
     let e = engine.exit_stats();
     assert_eq!((e.breakpoints, e.slot_traps), (1, 0));
-    assert_eq!(engine.stats()[0].plan, "xol-riprel");
+    assert_eq!(engine.stats()[0].plan, PlanKind::XolRiprel);
 }
 
 #[test]
@@ -137,7 +137,7 @@ fn an_indirect_call_through_a_register_is_emulated() {
         .read_obj(GuestAddress(STACK_GPA + 0x7f8))
         .unwrap();
     assert_eq!(ret, pc + 2, "the return address is in the original stream");
-    assert_eq!(engine.stats()[0].plan, "emulate");
+    assert_eq!(engine.stats()[0].plan, PlanKind::Emulate);
 }
 
 #[test]

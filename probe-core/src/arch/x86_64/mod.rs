@@ -36,14 +36,50 @@ pub enum StepPlan {
     StepOutOfLine(OutOfLine),
 }
 
+/// Which kind of plan a site has, for statistics and messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PlanKind {
+    /// Emulated on the host.
+    Emulate,
+    /// Copied out of line.
+    Xol,
+    /// Copied out of line with its RIP-relative operand rewritten.
+    XolRiprel,
+}
+
+impl PlanKind {
+    /// Every kind, in the order statistics list them.
+    pub const ALL: [PlanKind; 3] = [PlanKind::Emulate, PlanKind::Xol, PlanKind::XolRiprel];
+
+    /// Short name, for figures and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            PlanKind::Emulate => "emulate",
+            PlanKind::Xol => "xol",
+            PlanKind::XolRiprel => "xol-riprel",
+        }
+    }
+}
+
+impl std::fmt::Display for PlanKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl StepPlan {
+    /// The kind of the plan.
+    pub fn kind(&self) -> PlanKind {
+        match self {
+            StepPlan::Emulate(_) => PlanKind::Emulate,
+            StepPlan::StepOutOfLine(o) if o.rip_disp.is_some() => PlanKind::XolRiprel,
+            StepPlan::StepOutOfLine(_) => PlanKind::Xol,
+        }
+    }
+
     /// Short name of the plan, for figures and messages.
     pub fn name(&self) -> &'static str {
-        match self {
-            StepPlan::Emulate(_) => "emulate",
-            StepPlan::StepOutOfLine(o) if o.rip_disp.is_some() => "xol-riprel",
-            StepPlan::StepOutOfLine(_) => "xol",
-        }
+        self.kind().name()
     }
 }
 
