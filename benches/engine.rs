@@ -15,10 +15,11 @@ use probe_core::fake::{
     AT_CALL, AT_PUSH, AT_RIPREL, STACK_GPA, STACK_VA, TEXT_VA, context, machine,
 };
 use probe_core::fetch::{FetchEnv, format_args};
-use probe_core::pagewalk::{PagingMode, PhysRead, translate};
+use probe_core::pagewalk::{PagingMode, translate};
 use probe_core::probe::Probe;
 use probe_core::symbols::SymbolMap;
 use probe_core::vm::DebugEvent;
+use probe_core::vm::GuestPhysMemory;
 use vm_memory::{Bytes, GuestAddress};
 
 /// A synthetic System.map the size of a distribution kernel's (about 100k symbols).
@@ -35,9 +36,14 @@ fn kernel_sized_map() -> String {
 
 struct Tables(HashMap<u64, u64>);
 
-impl PhysRead for Tables {
-    fn read_phys_u64(&self, gpa: u64) -> Option<u64> {
-        Some(*self.0.get(&gpa).unwrap_or(&0))
+impl GuestPhysMemory for Tables {
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        // Page-table entries only: aligned 8-byte reads.
+        if buf.len() != 8 {
+            return false;
+        }
+        buf.copy_from_slice(&self.0.get(&gpa).unwrap_or(&0).to_le_bytes());
+        true
     }
 }
 

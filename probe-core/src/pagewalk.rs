@@ -6,6 +6,8 @@
 //! The walk has a fixed depth, so a hostile table that points back at itself cannot make it
 //! loop; an entry that points past guest memory is an error, not a crash.
 
+use crate::vm::GuestPhysMemory;
+
 /// Errors of a page walk.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WalkError {
@@ -31,12 +33,6 @@ pub enum WalkError {
         /// The level of the offending entry.
         level: u8,
     },
-}
-
-/// Reads guest physical memory for the walker.
-pub trait PhysRead {
-    /// Reads the little-endian u64 at guest physical `gpa`, or `None` if it is not memory.
-    fn read_phys_u64(&self, gpa: u64) -> Option<u64>;
 }
 
 /// Which paging mode the guest uses.
@@ -100,7 +96,7 @@ fn is_canonical(va: u64, mode: PagingMode) -> bool {
 
 /// Translates `va` through the page tables rooted at `cr3`.
 pub fn translate(
-    mem: &dyn PhysRead,
+    mem: &dyn GuestPhysMemory,
     cr3: u64,
     mode: PagingMode,
     va: u64,
@@ -168,9 +164,14 @@ mod tests {
         }
     }
 
-    impl PhysRead for FakeMem {
-        fn read_phys_u64(&self, gpa: u64) -> Option<u64> {
-            (gpa + 8 <= self.size).then(|| *self.words.get(&gpa).unwrap_or(&0))
+    impl GuestPhysMemory for FakeMem {
+        fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> bool {
+            // Page-table entries only: aligned 8-byte reads.
+            if buf.len() != 8 || gpa + 8 > self.size {
+                return false;
+            }
+            buf.copy_from_slice(&self.words.get(&gpa).unwrap_or(&0).to_le_bytes());
+            true
         }
     }
 

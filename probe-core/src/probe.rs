@@ -5,11 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
-
 use crate::arch::RegisterFile;
 use crate::arch::x86_64::Registers;
-use crate::pagewalk::{PagingMode, PhysRead, translate};
+use crate::pagewalk::{PagingMode, translate};
+use crate::vm::GuestPhysMemory;
 
 /// An error a handler returns; counted per probe and reported, the guest goes on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -145,31 +144,9 @@ impl Probe {
     }
 }
 
-/// Reads guest physical memory; implemented for every `vm_memory::GuestMemory`.
-pub trait PhysMemory: Send + Sync {
-    /// Fills `buf` from guest physical `gpa`; false if any byte is not memory.
-    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> bool;
-}
-
-impl<M: GuestMemory + Send + Sync> PhysMemory for M {
-    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> bool {
-        self.read_slice(buf, GuestAddress(gpa)).is_ok()
-    }
-}
-
-/// Adapter from [`PhysMemory`] to the page walker's reader.
-pub(crate) struct Walker<'a>(pub &'a dyn PhysMemory);
-
-impl PhysRead for Walker<'_> {
-    fn read_phys_u64(&self, gpa: u64) -> Option<u64> {
-        let mut b = [0u8; 8];
-        self.0.read_phys(gpa, &mut b).then(|| u64::from_le_bytes(b))
-    }
-}
-
 /// Reads guest virtual memory through the page tables at `cr3`, page by page.
 pub(crate) fn read_virt(
-    mem: &dyn PhysMemory,
+    mem: &dyn GuestPhysMemory,
     cr3: u64,
     mode: PagingMode,
     va: u64,
@@ -178,7 +155,7 @@ pub(crate) fn read_virt(
     let mut done = 0usize;
     while done < buf.len() {
         let at = va.wrapping_add(done as u64);
-        let t = translate(&Walker(mem), cr3, mode, at)
+        let t = translate(mem, cr3, mode, at)
             .map_err(|e| HandlerError(format!("reading guest memory: {e}")))?;
         let in_page = (t.page_size - (at & (t.page_size - 1))) as usize;
         let n = in_page.min(buf.len() - done);
@@ -208,7 +185,7 @@ pub struct ProbeContext<'a> {
     pub regs: &'a Registers,
     /// For a return probe's handler: the registers at function entry.
     pub entry_regs: Option<&'a Registers>,
-    pub(crate) mem: &'a dyn PhysMemory,
+    pub(crate) mem: &'a dyn GuestPhysMemory,
 }
 
 impl<'a> ProbeContext<'a> {

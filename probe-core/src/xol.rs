@@ -216,13 +216,13 @@ fn write<M: GuestMemory>(mem: &M, gpa: u64, bytes: &[u8]) -> Result<(), XolError
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pagewalk::{PhysRead, translate};
+    use crate::pagewalk::translate;
     use vm_memory::GuestMemoryMmap;
 
     struct Mem(GuestMemoryMmap);
-    impl PhysRead for Mem {
-        fn read_phys_u64(&self, gpa: u64) -> Option<u64> {
-            self.0.read_obj(GuestAddress(gpa)).ok()
+    impl crate::vm::GuestPhysMemory for Mem {
+        fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> bool {
+            self.0.read_slice(buf, GuestAddress(gpa)).is_ok()
         }
     }
 

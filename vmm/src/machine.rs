@@ -18,10 +18,9 @@ use probe_core::engine::{
     ExitStats, PlantTarget, ProbeStats, RewrittenSite, hash_guest_virtual, read_guest_virtual,
 };
 use probe_core::guest_kprobes::KprobeTableLayout;
-use probe_core::pagewalk::{PagingMode, PhysRead, translate};
+use probe_core::pagewalk::{PagingMode, translate};
 use probe_core::probe::Probe;
 use probe_core::xol::XolArea;
-use vm_memory::GuestMemoryMmap;
 
 use crate::arch::x86_64::layout;
 use crate::probing::{Engine, PausedState, Probing};
@@ -231,15 +230,6 @@ fn paused_state(h: &VcpuHandle) -> Result<PausedState, String> {
     Err("vCPU thread ended".into())
 }
 
-/// Guest memory as the page walker reads it.
-struct GuestPhys<'a>(&'a GuestMemoryMmap);
-
-impl PhysRead for GuestPhys<'_> {
-    fn read_phys_u64(&self, gpa: u64) -> Option<u64> {
-        vm_memory::Bytes::read_obj(self.0, vm_memory::GuestAddress(gpa)).ok()
-    }
-}
-
 /// The probing side of a run: plants once the guest is up, removes at the end.
 struct ProbeSession {
     setup: ProbeSetup,
@@ -304,7 +294,7 @@ impl ProbeSession {
             if let Some(va) = self.setup.initial_page_table {
                 let va = va.wrapping_add(self.setup.slide.load(Ordering::SeqCst));
                 let mode = PagingMode::from_cr4(regs.cr4);
-                let gpa = translate(&GuestPhys(self.engine.memory()), regs.cr3, mode, va)
+                let gpa = translate(self.engine.memory(), regs.cr3, mode, va)
                     .map_err(|e| format!("the kernel's initial page table (init_top_pgt): {e}"))?
                     .gpa;
                 self.engine

@@ -98,24 +98,22 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             {
                 break;
             }
-            let site = translate(&Walker(&self.mem), regs.cr3, mode, pc)
-                .ok()
-                .and_then(|t| {
-                    let table = self.table.read().unwrap_or_else(|e| e.into_inner());
-                    table
-                        .sites
-                        .get(&t.gpa)
-                        .filter(|s| s.va == pc && !s.disarmed.load(Ordering::SeqCst))
-                        .map(|s| {
-                            (
-                                t.gpa,
-                                s.probes.clone(),
-                                s.plan.clone(),
-                                s.boosted,
-                                s.trapped,
-                            )
-                        })
-                });
+            let site = translate(&self.mem, regs.cr3, mode, pc).ok().and_then(|t| {
+                let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+                table
+                    .sites
+                    .get(&t.gpa)
+                    .filter(|s| s.va == pc && !s.disarmed.load(Ordering::SeqCst))
+                    .map(|s| {
+                        (
+                            t.gpa,
+                            s.probes.clone(),
+                            s.plan.clone(),
+                            s.boosted,
+                            s.trapped,
+                        )
+                    })
+            });
             let Some((gpa, probes, plan, boosted, trapped)) = site else {
                 if chained > 0 {
                     break;
@@ -195,7 +193,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         if hw {
             return Ok(Verdict::Resume);
         }
-        if let Ok(t) = translate(&Walker(&self.mem), cr3, mode, pc) {
+        if let Ok(t) = translate(&self.mem, cr3, mode, pc) {
             let mut byte = [0u8];
             if self.mem.read_phys(t.gpa, &mut byte) && byte[0] != INT3 {
                 return Ok(Verdict::Resume);

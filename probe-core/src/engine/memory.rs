@@ -37,7 +37,7 @@ pub(super) fn write_virt<M: GuestMemory + Send + Sync>(
     let mut done = 0usize;
     while done < bytes.len() {
         let at = va.wrapping_add(done as u64);
-        let t = translate(&Walker(mem), cr3, mode, at).map_err(|e| err(e.to_string()))?;
+        let t = translate(mem, cr3, mode, at).map_err(|e| err(e.to_string()))?;
         if !t.writable {
             return Err(err("not writable".into()));
         }

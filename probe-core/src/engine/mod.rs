@@ -19,9 +19,9 @@ use crate::arch::x86_64::{
 };
 use crate::guest_kprobes::GuestKprobe;
 use crate::pagewalk::{PagingMode, WalkError, translate};
-use crate::probe::{Handler, PhysMemory, Probe, ProbeContext, TrapKind, Walker, read_virt};
+use crate::probe::{Handler, Probe, ProbeContext, TrapKind, read_virt};
 use crate::retprobe::{Instance, InstanceTable, Returning};
-use crate::vm::{DebugEvent, VcpuAccess, Verdict, VmError};
+use crate::vm::{DebugEvent, GuestPhysMemory, VcpuAccess, Verdict, VmError};
 use crate::xol::{SLOT_SIZE, XolArea, XolError, XolSlot};
 
 /// RFLAGS.RF: suppresses instruction breakpoints for one instruction.

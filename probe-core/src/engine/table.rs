@@ -16,7 +16,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         // Read what is readable: code near the end of a mapping may be shorter than `len`.
         for (i, b) in buf.iter_mut().enumerate() {
             let at = va.wrapping_add(i as u64);
-            match translate(&Walker(&self.mem), regs.cr3, mode, at) {
+            match translate(&self.mem, regs.cr3, mode, at) {
                 Ok(t) if self.mem.read_phys(t.gpa, std::slice::from_mut(b)) => {}
                 _ if i > 0 => {
                     return Ok(buf[..i].to_vec());
@@ -50,7 +50,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
     ) -> Result<ProbeId, PlantError> {
         let location = probe.location.clone();
         let mode = PagingMode::from_cr4(regs.cr4);
-        let gpa = translate(&Walker(&self.mem), regs.cr3, mode, target.va)
+        let gpa = translate(&self.mem, regs.cr3, mode, target.va)
             .map_err(|source| PlantError::NotMapped {
                 location: location.clone(),
                 va: target.va,
