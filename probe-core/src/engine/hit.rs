@@ -104,17 +104,9 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                     .sites
                     .get(&t.gpa)
                     .filter(|s| s.va == pc && !s.disarmed.load(Ordering::SeqCst))
-                    .map(|s| {
-                        (
-                            t.gpa,
-                            s.probes.clone(),
-                            s.plan.clone(),
-                            s.boosted,
-                            s.trapped,
-                        )
-                    })
+                    .map(|s| (t.gpa, s.probes.clone(), s.run.clone()))
             });
-            let Some((gpa, probes, plan, boosted, trapped)) = site else {
+            let Some((gpa, probes, run)) = site else {
                 if chained > 0 {
                     break;
                 }
@@ -131,17 +123,20 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             self.run_handlers(vcpu.id(), pc, &probes, &regs, false);
             self.enter_returns(&probes, &regs);
             let has_post = probes.iter().any(|p| p.post.is_some());
-            self.exits.by_plan[plan.kind() as usize].fetch_add(1, Ordering::Relaxed);
+            self.exits.by_plan[run.kind() as usize].fetch_add(1, Ordering::Relaxed);
             // RIP moves on: a resume flag left from a hardware-breakpoint #DB would suppress a
             // breakpoint on the next instruction.
             regs.rflags &= !RFLAGS_RF;
 
-            match &*plan {
-                StepPlan::Emulate(emu) => {
+            match &*run {
+                SiteRun::Emulate {
+                    emulation: emu,
+                    fallback,
+                } => {
                     if self.emulate(emu, &mut regs).is_err() {
                         // The stack is not accessible from here: the real instruction runs in
                         // its boosted slot, where the guest takes its own fault.
-                        if let Some(slot) = boosted {
+                        if let Some(slot) = fallback {
                             self.exits
                                 .emulation_fallbacks
                                 .fetch_add(1, Ordering::Relaxed);
@@ -167,9 +162,13 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                     }
                     pc = regs.rip;
                 }
-                StepPlan::StepOutOfLine(ool) => {
+                SiteRun::OutOfLine {
+                    ool,
+                    boosted,
+                    trapped,
+                } => {
                     return self.start_step(
-                        vcpu, state, regs, gpa, ool, boosted, trapped, has_post, &probes,
+                        vcpu, state, regs, gpa, ool, *boosted, *trapped, has_post, &probes,
                     );
                 }
             }
@@ -214,7 +213,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         mut regs: Registers,
         gpa: u64,
         ool: &OutOfLine,
-        boosted: Option<XolSlot>,
+        boosted: XolSlot,
         trapped: Option<XolSlot>,
         has_post: bool,
         probes: &[Arc<ProbeEntry>],
@@ -226,12 +225,11 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             .unwrap_or_else(|e| e.into_inner())
             .ensure_mapped(&self.mem, regs.cr3, mode)
             .is_ok();
-        let slot = match (trapped, boosted) {
-            (Some(t), _) if has_post => Some((t, true)),
-            (_, Some(b)) => Some((b, false)),
-            _ => None,
+        let slot = match trapped {
+            Some(t) if has_post => (t, true),
+            _ => (boosted, false),
         };
-        let Some((slot, trapping)) = slot.filter(|_| mapped) else {
+        let Some((slot, trapping)) = Some(slot).filter(|_| mapped) else {
             // The slot cannot be reached in this address space (the guest took the hole): the
             // instruction cannot run out of line, and leaving the trap in place would trap
             // forever. Disarm the site (the guest's byte goes back), count the miss, and let

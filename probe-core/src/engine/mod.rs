@@ -239,17 +239,48 @@ struct Site {
     /// The guest's bytes under the breakpoint, restored on removal.
     saved: Vec<u8>,
     instruction: String,
-    /// Shared so that a hit takes it without copying (the table lock is not held meanwhile).
-    plan: Arc<StepPlan>,
-    /// The boosted copy (the copy, then `jmp` back): where an out-of-line plan runs, or where
-    /// the real instruction of an emulated plan runs when its stack access fails.
-    boosted: Option<XolSlot>,
-    /// The trapped copy (the copy, then the host's int3), for post handlers.
-    trapped: Option<XolSlot>,
+    /// How the instruction runs; shared so that a hit takes it without copying (the table
+    /// lock is not held meanwhile), copied on write when a probe adds a trapped slot.
+    run: Arc<SiteRun>,
     /// Shared for the same reason; planting and removal copy on write.
     probes: Arc<Vec<Arc<ProbeEntry>>>,
     /// Set when the engine had to take the trap out while the probe stays listed.
     disarmed: std::sync::atomic::AtomicBool,
+}
+
+/// How a site's instruction runs once its handlers have. Each variant holds exactly the slots
+/// it uses, so that an out-of-line site without its copy, or a trapped slot for an emulated
+/// instruction, cannot be written.
+#[derive(Debug, Clone)]
+enum SiteRun {
+    /// Emulated on the host.
+    Emulate {
+        /// The emulation.
+        emulation: Emulation,
+        /// The boosted copy of the real instruction, where it runs when the emulated stack
+        /// access fails (stack-touching instructions only).
+        fallback: Option<XolSlot>,
+    },
+    /// Copied out of line.
+    OutOfLine {
+        /// The copy and its fix-ups.
+        ool: OutOfLine,
+        /// The boosted slot (the copy, then `jmp` back): where the instruction runs.
+        boosted: XolSlot,
+        /// The trapped slot (the copy, then the host's int3), once a post handler wants one.
+        trapped: Option<XolSlot>,
+    },
+}
+
+impl SiteRun {
+    /// The kind of plan, for statistics.
+    fn kind(&self) -> PlanKind {
+        match self {
+            SiteRun::Emulate { .. } => PlanKind::Emulate,
+            SiteRun::OutOfLine { ool, .. } if ool.rip_disp.is_some() => PlanKind::XolRiprel,
+            SiteRun::OutOfLine { .. } => PlanKind::Xol,
+        }
+    }
 }
 
 /// A trap the engine planted and later found rewritten by the guest.

@@ -14,7 +14,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                     id: p.id,
                     location: p.location.clone(),
                     address: site.va,
-                    plan: site.plan.kind(),
+                    plan: site.run.kind(),
                     instruction: site.instruction.clone(),
                     trap: site.trap,
                     hits: p.counters.hits.load(Ordering::Relaxed),

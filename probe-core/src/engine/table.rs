@@ -65,8 +65,10 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             if site.trap != probe.trap {
                 return Err(PlantError::MixedTraps { location });
             }
-            let trapped = match (&*site.plan, site.trapped) {
-                (StepPlan::StepOutOfLine(ool), None) if probe.post.is_some() => {
+            let trapped = match &*site.run {
+                SiteRun::OutOfLine {
+                    ool, trapped: None, ..
+                } if probe.post.is_some() => {
                     self.map_xol(&location, regs)?;
                     Some(self.trapped_slot(&location, &site.instruction, ool, site.va)?)
                 }
@@ -79,13 +81,15 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             let id = ProbeId(table.next_id);
             table.next_id += 1;
             let site = table.sites.get_mut(&gpa).expect("site present");
-            if let Some(slot) = trapped {
-                site.trapped = Some(slot);
+            if let (Some(slot), SiteRun::OutOfLine { trapped, .. }) =
+                (trapped, Arc::make_mut(&mut site.run))
+            {
+                *trapped = Some(slot);
             }
             let site_va = site.va;
-            let plan = site.plan.clone();
+            let run = site.run.clone();
             Arc::make_mut(&mut site.probes).push(ProbeEntry::new(id, location, probe));
-            if let (Some(slot), StepPlan::StepOutOfLine(ool)) = (trapped, &*plan) {
+            if let (Some(slot), SiteRun::OutOfLine { ool, .. }) = (trapped, &*run) {
                 table.slot_traps.insert(
                     slot.va + ool.copy_len(site_va),
                     SlotTrap {
@@ -226,6 +230,21 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             }
             _ => None,
         };
+        let run = match plan {
+            StepPlan::Emulate(emulation) => SiteRun::Emulate {
+                emulation,
+                fallback: boosted,
+            },
+            StepPlan::StepOutOfLine(ool) => SiteRun::OutOfLine {
+                // An out-of-line plan always has its copy (made above, or refused there).
+                boosted: boosted.ok_or(PlantError::OutOfReach {
+                    location: location.clone(),
+                    instruction: insn.text.clone(),
+                })?,
+                ool,
+                trapped,
+            },
+        };
         let saved = insn.bytes[..1].to_vec();
         if probe.trap == TrapKind::Software {
             self.will_write_int3(&location, "an int3 probe")?;
@@ -244,13 +263,14 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         table.next_id += 1;
         table.by_probe.insert(id, gpa);
         table.site_vas.insert(target.va);
-        if let Some(slot) = trapped {
-            let copy_len = match &plan {
-                StepPlan::StepOutOfLine(ool) => ool.copy_len(target.va),
-                StepPlan::Emulate(_) => insn.bytes.len() as u64,
-            };
+        if let SiteRun::OutOfLine {
+            ool,
+            trapped: Some(slot),
+            ..
+        } = &run
+        {
             table.slot_traps.insert(
-                slot.va + copy_len,
+                slot.va + ool.copy_len(target.va),
                 SlotTrap {
                     orig_va: target.va,
                     len: insn.bytes.len() as u64,
@@ -265,9 +285,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                 trap: probe.trap,
                 saved,
                 instruction: insn.text.clone(),
-                plan: Arc::new(plan),
-                boosted,
-                trapped,
+                run: Arc::new(run),
                 disarmed: std::sync::atomic::AtomicBool::new(false),
                 probes: Arc::new(vec![ProbeEntry::new(id, location, probe)]),
             },
