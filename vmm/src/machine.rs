@@ -205,6 +205,10 @@ fn command_all(handles: &[VcpuHandle], cmd: VcpuCommand, answer: VcpuEvent) {
             if ev == answer {
                 break;
             }
+            if let VcpuEvent::Refused { command, state } = ev {
+                eprintln!("hvprobe: vCPU {} refused {command:?} while {state}", h.id);
+                break;
+            }
         }
     }
 }
@@ -219,15 +223,51 @@ fn resume_all(handles: &[VcpuHandle]) {
     command_all(handles, VcpuCommand::Resume, VcpuEvent::Resumed);
 }
 
+/// Why probes could not be planted; the command never runs and nothing is left in the guest.
+#[derive(Debug, thiserror::Error)]
+pub enum PlantingError {
+    /// The paused vCPU's state could not be read.
+    #[error("reading vCPU 0's state: {0}")]
+    VcpuState(String),
+    /// The running kernel does not match System.map.
+    #[error("{0}")]
+    Kaslr(String),
+    /// The kernel's initial page table could not be found or the XOL area mapped.
+    #[error("{what}: {detail}")]
+    XolArea {
+        /// What failed.
+        what: &'static str,
+        /// The error.
+        detail: String,
+    },
+    /// The guest's exception table could not be read.
+    #[error("reading the guest's exception table: {0}")]
+    ExceptionTable(String),
+    /// Probes were refused, each with its reason.
+    #[error("{}", refusal_text(.0))]
+    Refused(Vec<String>),
+}
+
+fn refusal_text(refused: &[String]) -> String {
+    match refused {
+        [one] => one.clone(),
+        many => format!("{} probes refused:\n  {}", many.len(), many.join("\n  ")),
+    }
+}
+
 /// The state of paused vCPU `h`.
-fn paused_state(h: &VcpuHandle) -> Result<PausedState, String> {
+fn paused_state(h: &VcpuHandle) -> Result<PausedState, PlantingError> {
     h.send(VcpuCommand::ReadRegisters);
     while let Some(ev) = h.wait_event() {
-        if let VcpuEvent::Registers(r) = ev {
-            return r.map(|b| *b);
+        match ev {
+            VcpuEvent::Registers(r) => return r.map(|b| *b).map_err(PlantingError::VcpuState),
+            VcpuEvent::Refused { state, .. } => {
+                return Err(PlantingError::VcpuState(format!("the vCPU is {state}")));
+            }
+            _ => {}
         }
     }
-    Err("vCPU thread ended".into())
+    Err(PlantingError::VcpuState("the vCPU thread ended".into()))
 }
 
 /// The probing side of a run: plants once the guest is up, removes at the end.
@@ -247,19 +287,21 @@ impl ProbeSession {
 
     /// Finds the running kernel's KASLR slide from its syscall entry point (`MSR_LSTAR`)
     /// against System.map's `entry_SYSCALL_64`, and moves every probe address by it.
-    fn apply_kaslr_slide(&mut self, syscall_entry: u64) -> Result<(), String> {
+    fn apply_kaslr_slide(&mut self, syscall_entry: u64) -> Result<(), PlantingError> {
         let Some(linked) = self.setup.syscall_entry else {
             return Ok(());
         };
         if syscall_entry == 0 {
-            return Err("cannot read the guest's syscall entry point (MSR_LSTAR)".into());
+            return Err(PlantingError::Kaslr(
+                "cannot read the guest's syscall entry point (MSR_LSTAR)".into(),
+            ));
         }
         let slide = syscall_entry.wrapping_sub(linked);
         if slide % KASLR_ALIGN != 0 {
-            return Err(format!(
+            return Err(PlantingError::Kaslr(format!(
                 "the guest's syscall entry {syscall_entry:#x} is not entry_SYSCALL_64 ({linked:#x}) \
                  moved by a multiple of 2 MiB: System.map does not match the running kernel"
-            ));
+            )));
         }
         self.report.kaslr_slide = Some(slide);
         self.setup.slide.store(slide, Ordering::SeqCst);
@@ -284,7 +326,7 @@ impl ProbeSession {
         handles: &[VcpuHandle],
         started: Instant,
         console: &ConsoleWatch,
-    ) -> Result<(), String> {
+    ) -> Result<(), PlantingError> {
         self.planted = true;
         pause_all(handles);
         let result = (|| {
@@ -295,18 +337,24 @@ impl ProbeSession {
                 let va = va.wrapping_add(self.setup.slide.load(Ordering::SeqCst));
                 let mode = PagingMode::from_cr4(regs.cr4);
                 let gpa = translate(self.engine.memory(), regs.cr3, mode, va)
-                    .map_err(|e| format!("the kernel's initial page table (init_top_pgt): {e}"))?
+                    .map_err(|e| PlantingError::XolArea {
+                        what: "the kernel's initial page table (init_top_pgt)",
+                        detail: e.to_string(),
+                    })?
                     .gpa;
                 self.engine
                     .map_xol_into(gpa)
-                    .map_err(|e| format!("mapping the XOL area: {e}"))?;
+                    .map_err(|e| PlantingError::XolArea {
+                        what: "mapping the XOL area",
+                        detail: e.to_string(),
+                    })?;
             }
             if let Some((start, end)) = self.setup.exception_table {
                 let slide = self.setup.slide.load(Ordering::SeqCst);
                 let (start, end) = (start.wrapping_add(slide), end.wrapping_add(slide));
                 let mut bytes = vec![0u8; end.saturating_sub(start) as usize];
                 read_guest_virtual(self.engine.memory(), &regs, start, &mut bytes)
-                    .map_err(|e| format!("reading the guest's exception table: {e}"))?;
+                    .map_err(PlantingError::ExceptionTable)?;
                 self.engine
                     .set_exception_table(extable::instruction_addresses(start, &bytes));
             }
@@ -343,10 +391,7 @@ impl ProbeSession {
                         after: Some(a),
                     });
                 }
-                return Err(match refused.as_slice() {
-                    [one] => one.clone(),
-                    many => format!("{} probes refused:\n  {}", many.len(), many.join("\n  ")),
-                });
+                return Err(PlantingError::Refused(refused));
             }
             for r in &refused {
                 eprintln!("hvprobe: skipped refused probe: {r}");
@@ -588,6 +633,7 @@ pub fn run(
                 }
                 // The command never runs.
                 Err(e) => {
+                    let e = e.to_string();
                     s.report.error = Some(e.clone());
                     probe_refused = Some(e);
                     stop.stop(StopReason::Interrupted);

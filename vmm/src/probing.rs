@@ -17,6 +17,81 @@ use crate::arch::x86_64::debug::{
 /// `MSR_LSTAR`: the 64-bit syscall entry point.
 const MSR_LSTAR: u32 = 0xc000_0082;
 
+/// Errors of the probing side of a vCPU: a KVM call that failed, or a debug exit the engine
+/// could not handle. Any of them stops the machine.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbingError {
+    /// A KVM ioctl failed.
+    #[error("{what}: {source}")]
+    Kvm {
+        /// Which ioctl.
+        what: &'static str,
+        /// The error.
+        source: kvm_ioctls::Error,
+    },
+    /// KVM reported a debug exit for a vector hvprobe did not ask for.
+    #[error("debug exit for vector {0} that hvprobe did not ask for")]
+    UnexpectedVector(u32),
+    /// The engine could not handle the exit.
+    #[error(transparent)]
+    Engine(#[from] VmError),
+    /// A debug exit on a vCPU of a run without probes.
+    #[error("debug exit without probes (vector {0})")]
+    NoProbes(u32),
+}
+
+fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> ProbingError {
+    move |source| ProbingError::Kvm { what, source }
+}
+
+/// What the vCPU loop asks of the component that watches its debug exits: bring the vCPU's
+/// guest debugging up to date before each `KVM_RUN`, and handle each `KVM_EXIT_DEBUG`. The
+/// loop knows nothing more about probing.
+pub trait DebugExitHook: Send {
+    /// Called before every `KVM_RUN`.
+    fn before_run(&mut self, fd: &mut VcpuFd) -> Result<(), ProbingError>;
+    /// Called on every `KVM_EXIT_DEBUG` of vCPU `id`.
+    fn on_debug_exit(
+        &mut self,
+        id: u32,
+        fd: &mut VcpuFd,
+        arch: &kvm_bindings::kvm_debug_exit_arch,
+    ) -> Result<(), ProbingError>;
+}
+
+/// The hook of a run without probes: no guest debugging, and a debug exit is an error.
+pub struct NoProbes;
+
+impl DebugExitHook for NoProbes {
+    fn before_run(&mut self, _fd: &mut VcpuFd) -> Result<(), ProbingError> {
+        Ok(())
+    }
+
+    fn on_debug_exit(
+        &mut self,
+        _id: u32,
+        _fd: &mut VcpuFd,
+        arch: &kvm_bindings::kvm_debug_exit_arch,
+    ) -> Result<(), ProbingError> {
+        Err(ProbingError::NoProbes(arch.exception))
+    }
+}
+
+impl DebugExitHook for VcpuProbing {
+    fn before_run(&mut self, fd: &mut VcpuFd) -> Result<(), ProbingError> {
+        self.prepare_entry(fd)
+    }
+
+    fn on_debug_exit(
+        &mut self,
+        id: u32,
+        fd: &mut VcpuFd,
+        arch: &kvm_bindings::kvm_debug_exit_arch,
+    ) -> Result<(), ProbingError> {
+        self.handle_exit(id, fd, arch)
+    }
+}
+
 /// What the VMM reads from a paused vCPU before planting.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PausedState {
@@ -115,7 +190,7 @@ impl VcpuProbing {
 
     /// Brings the vCPU's guest debugging up to date; call before every `KVM_RUN`. Costs an
     /// ioctl only when something changed.
-    pub fn prepare_entry(&mut self, fd: &mut VcpuFd) -> Result<(), String> {
+    pub fn prepare_entry(&mut self, fd: &mut VcpuFd) -> Result<(), ProbingError> {
         let engine = &self.shared.engine;
         let generation = engine.hardware_generation();
         if generation != self.applied_generation {
@@ -138,12 +213,11 @@ impl VcpuProbing {
                 && fd.get_kvm_run().kvm_dirty_regs & u64::from(kvm_bindings::KVM_SYNC_X86_REGS) != 0
             {
                 let regs = fd.sync_regs().regs;
-                fd.set_regs(&regs)
-                    .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+                fd.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
                 fd.get_kvm_run().kvm_dirty_regs &= !u64::from(kvm_bindings::KVM_SYNC_X86_REGS);
             }
             fd.set_guest_debug(&self.setup.to_kvm())
-                .map_err(|e| format!("KVM_SET_GUEST_DEBUG: {e}"))?;
+                .map_err(kvm("KVM_SET_GUEST_DEBUG"))?;
             self.setup.inject_breakpoint = false;
             self.setup.inject_debug = false;
             self.applied = Some(self.setup);
@@ -157,12 +231,9 @@ impl VcpuProbing {
         id: u32,
         fd: &mut VcpuFd,
         arch: &kvm_bindings::kvm_debug_exit_arch,
-    ) -> Result<(), String> {
+    ) -> Result<(), ProbingError> {
         let Some(event) = debug_event(arch) else {
-            return Err(format!(
-                "vCPU {id}: debug exit for vector {} that hvprobe did not ask for",
-                arch.exception
-            ));
+            return Err(ProbingError::UnexpectedVector(arch.exception));
         };
         let mut vcpu = KvmVcpu {
             id,
@@ -172,8 +243,7 @@ impl VcpuProbing {
         let verdict = self
             .shared
             .engine
-            .handle_debug(&mut vcpu, &mut self.state, event)
-            .map_err(|e| format!("vCPU {id}: {e}"))?;
+            .handle_debug(&mut vcpu, &mut self.state, event)?;
         match verdict {
             Verdict::Resume => {}
             Verdict::Reinject => self.setup.inject_breakpoint = true,

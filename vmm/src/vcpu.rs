@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
 use crate::devices::PioBus;
-use crate::probing::{PausedState, Probing, VcpuProbing};
+use crate::probing::{DebugExitHook, NoProbes, PausedState, Probing, VcpuProbing};
 
 /// Why the machine is stopping, as first reported by a vCPU, a device or the main loop.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,6 +93,13 @@ pub enum VcpuEvent {
     Exited,
     /// The registers, or why they could not be read.
     Registers(Result<Box<PausedState>, String>),
+    /// The command is not one the vCPU takes in its present state (nothing was done).
+    Refused {
+        /// The command.
+        command: VcpuCommand,
+        /// The state it was refused in.
+        state: &'static str,
+    },
 }
 
 /// The vCPU thread's state.
@@ -183,7 +190,8 @@ struct VcpuThread {
     commands: Receiver<VcpuCommand>,
     events: Sender<VcpuEvent>,
     state: VcpuState,
-    probing: Option<VcpuProbing>,
+    /// Whoever watches debug exits (the prober, or [`NoProbes`]).
+    debug: Box<dyn DebugExitHook>,
 }
 
 /// What one `KVM_RUN` exit means for the state machine.
@@ -193,24 +201,72 @@ enum ExitAction {
 }
 
 impl VcpuThread {
-    fn handle_command(&mut self, cmd: VcpuCommand) {
-        let (state, event) = match cmd {
-            VcpuCommand::Pause => (VcpuState::Paused, VcpuEvent::Paused),
-            VcpuCommand::Resume => (VcpuState::Running, VcpuEvent::Resumed),
-            VcpuCommand::Stop => (VcpuState::Exited, VcpuEvent::Exited),
-            VcpuCommand::ReadRegisters => (
-                self.state,
-                VcpuEvent::Registers(VcpuProbing::paused_state(&mut self.fd).map(Box::new)),
-            ),
-        };
-        self.state = state;
+    fn answer(&self, event: VcpuEvent) {
         let _ = self.events.send(event);
     }
 
+    /// A command while running: pause or stop; reading registers needs a paused vCPU, and a
+    /// running vCPU has nothing to resume (refused, nothing done).
+    fn command_while_running(&mut self, cmd: VcpuCommand) {
+        match cmd {
+            VcpuCommand::Pause => {
+                self.state = VcpuState::Paused;
+                self.answer(VcpuEvent::Paused);
+            }
+            VcpuCommand::Stop => {
+                self.state = VcpuState::Exited;
+                self.answer(VcpuEvent::Exited);
+            }
+            VcpuCommand::Resume | VcpuCommand::ReadRegisters => self.answer(VcpuEvent::Refused {
+                command: cmd,
+                state: "running",
+            }),
+        }
+    }
+
+    /// A command while paused: resume, stop, read the registers; pausing again is answered as
+    /// done (a vCPU that stopped itself is paused when the machine pauses everyone).
+    fn command_while_paused(&mut self, cmd: VcpuCommand) {
+        match cmd {
+            VcpuCommand::Pause => self.answer(VcpuEvent::Paused),
+            VcpuCommand::Resume => {
+                self.state = VcpuState::Running;
+                self.answer(VcpuEvent::Resumed);
+            }
+            VcpuCommand::Stop => {
+                self.state = VcpuState::Exited;
+                self.answer(VcpuEvent::Exited);
+            }
+            VcpuCommand::ReadRegisters => {
+                let state = VcpuProbing::paused_state(&mut self.fd).map(Box::new);
+                self.answer(VcpuEvent::Registers(state));
+            }
+        }
+    }
+
+    /// The running state: a pending command first, else one `KVM_RUN`; an exit that stops the
+    /// machine reports its reason and leaves the vCPU paused for the main thread's `Stop`.
+    fn running(&mut self) {
+        if let Ok(cmd) = self.commands.try_recv() {
+            self.command_while_running(cmd);
+            return;
+        }
+        if let ExitAction::Stop(reason) = self.run_once() {
+            self.ctx.stop.stop(reason);
+            self.state = VcpuState::Paused;
+        }
+    }
+
+    /// The paused state: out of `KVM_RUN` until a command comes (or the machine is gone).
+    fn paused(&mut self) {
+        match self.commands.recv() {
+            Ok(cmd) => self.command_while_paused(cmd),
+            Err(_) => self.state = VcpuState::Exited,
+        }
+    }
+
     fn run_once(&mut self) -> ExitAction {
-        if let Some(p) = &mut self.probing
-            && let Err(e) = p.prepare_entry(&mut self.fd)
-        {
+        if let Err(e) = self.debug.before_run(&mut self.fd) {
             return ExitAction::Stop(StopReason::VcpuError(format!("vCPU {}: {e}", self.id)));
         }
         match self.fd.run() {
@@ -228,16 +284,15 @@ impl VcpuThread {
                     ExitAction::Continue
                 }
                 VcpuExit::MmioWrite(..) => ExitAction::Continue,
-                VcpuExit::Debug(arch) => match &mut self.probing {
-                    Some(p) => match p.handle_exit(self.id, &mut self.fd, &arch) {
+                VcpuExit::Debug(arch) => {
+                    match self.debug.on_debug_exit(self.id, &mut self.fd, &arch) {
                         Ok(()) => ExitAction::Continue,
-                        Err(e) => ExitAction::Stop(StopReason::VcpuError(e)),
-                    },
-                    None => ExitAction::Stop(StopReason::VcpuError(format!(
-                        "vCPU {}: debug exit without probes (vector {})",
-                        self.id, arch.exception
-                    ))),
-                },
+                        Err(e) => ExitAction::Stop(StopReason::VcpuError(format!(
+                            "vCPU {}: {e}",
+                            self.id
+                        ))),
+                    }
+                }
                 VcpuExit::Shutdown => ExitAction::Stop(StopReason::GuestReset),
                 VcpuExit::SystemEvent(kind, _) => match kind {
                     kvm_bindings::KVM_SYSTEM_EVENT_RESET => {
@@ -286,21 +341,8 @@ impl VcpuThread {
         KVM_RUN_PAGE.with(|p| p.set(run_page));
         loop {
             match self.state {
-                VcpuState::Running => {
-                    if let Ok(cmd) = self.commands.try_recv() {
-                        self.handle_command(cmd);
-                        continue;
-                    }
-                    if let ExitAction::Stop(reason) = self.run_once() {
-                        self.ctx.stop.stop(reason);
-                        // Wait for the main thread to decide; it will send Stop.
-                        self.state = VcpuState::Paused;
-                    }
-                }
-                VcpuState::Paused => match self.commands.recv() {
-                    Ok(cmd) => self.handle_command(cmd),
-                    Err(_) => self.state = VcpuState::Exited,
-                },
+                VcpuState::Running => self.running(),
+                VcpuState::Paused => self.paused(),
                 VcpuState::Exited => break,
             }
         }
@@ -315,12 +357,12 @@ pub fn spawn(id: u32, mut fd: VcpuFd, ctx: VcpuContext) -> std::io::Result<VcpuH
     let thread = std::thread::Builder::new()
         .name(format!("vcpu{id}"))
         .spawn(move || {
-            let probing = ctx
-                .probing
-                .clone()
-                .map(|p| VcpuProbing::new(p, &mut fd, ctx.sync_regs));
+            let debug: Box<dyn DebugExitHook> = match ctx.probing.clone() {
+                Some(p) => Box::new(VcpuProbing::new(p, &mut fd, ctx.sync_regs)),
+                None => Box::new(NoProbes),
+            };
             let mut t = VcpuThread {
-                probing,
+                debug,
                 id,
                 fd,
                 ctx,
