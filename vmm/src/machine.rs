@@ -583,6 +583,7 @@ pub fn run(
     for (id, fd) in vm.vcpus.drain(..).enumerate() {
         let ctx = VcpuContext {
             pio: vm.pio.clone(),
+            mmio: vm.mmio.clone(),
             stop: stop.clone(),
             probing: probing.clone(),
             sync_regs,

@@ -17,7 +17,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
-use crate::devices::PioBus;
+use crate::devices::{MmioBus, PioBus};
 use crate::probing::{DebugExitHook, NoProbes, PausedState, Probing, VcpuProbing};
 
 /// Why the machine is stopping, as first reported by a vCPU, a device or the main loop.
@@ -175,6 +175,8 @@ impl VcpuHandle {
 pub struct VcpuContext {
     /// Port-I/O devices.
     pub pio: PioBus,
+    /// MMIO devices (none on x86 today; arm64's UART goes here).
+    pub mmio: MmioBus,
     /// Where to report that the machine must stop.
     pub stop: Arc<StopSignal>,
     /// The probe engine, when the run probes the guest.
@@ -272,18 +274,21 @@ impl VcpuThread {
         match self.fd.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
-                    self.ctx.pio.read(port, data);
+                    self.ctx.pio.read(u64::from(port), data);
                     ExitAction::Continue
                 }
                 VcpuExit::IoOut(port, data) => {
-                    self.ctx.pio.write(port, data);
+                    self.ctx.pio.write(u64::from(port), data);
                     ExitAction::Continue
                 }
-                VcpuExit::MmioRead(_, data) => {
-                    data.fill(0xff);
+                VcpuExit::MmioRead(addr, data) => {
+                    self.ctx.mmio.read(addr, data);
                     ExitAction::Continue
                 }
-                VcpuExit::MmioWrite(..) => ExitAction::Continue,
+                VcpuExit::MmioWrite(addr, data) => {
+                    self.ctx.mmio.write(addr, data);
+                    ExitAction::Continue
+                }
                 VcpuExit::Debug(arch) => {
                     match self.debug.on_debug_exit(self.id, &mut self.fd, &arch) {
                         Ok(()) => ExitAction::Continue,

@@ -18,7 +18,7 @@ use crate::devices::cmos::{CmosRtc, WallClock};
 use crate::devices::console::{ConsoleOut, ConsoleWatch};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{COM1_BASE, COM1_GSI, COM1_LEN, SerialPort};
-use crate::devices::{PioBus, PioDevice};
+use crate::devices::{BusDevice, MmioBus, PioBus};
 
 /// Errors while building the VM. Each names the input or the KVM call that failed.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +120,8 @@ pub struct Vm {
     pub vcpus: Vec<VcpuFd>,
     /// The port-I/O bus shared by the vCPU threads.
     pub pio: PioBus,
+    /// MMIO devices, shared by the vCPU threads (empty on x86: its devices are on ports).
+    pub mmio: MmioBus,
     /// COM1, also reachable here for console input.
     pub serial: Arc<Mutex<SerialPort>>,
     /// What the console has shown.
@@ -322,12 +324,12 @@ impl Vm {
         )));
         let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
         let reset_signal = reset_evt.try_clone().map_err(VmError::EventFd)?;
-        let i8042: Arc<Mutex<dyn PioDevice>> =
+        let i8042: Arc<Mutex<dyn BusDevice>> =
             Arc::new(Mutex::new(I8042::new(Box::new(move || {
                 let _ = reset_signal.write(1);
             }))));
         let mut pio = PioBus::default();
-        pio.insert(COM1_BASE, COM1_LEN, serial.clone());
+        pio.insert(u64::from(COM1_BASE), u64::from(COM1_LEN), serial.clone());
         pio.insert(0x60, 5, i8042);
         pio.insert(
             0x70,
@@ -355,6 +357,7 @@ impl Vm {
             memory,
             vcpus,
             pio,
+            mmio: MmioBus::default(),
             serial,
             console,
             reset_evt,

@@ -3,7 +3,7 @@
 //! ends (unclaimed ports read 0xff, which has the update-in-progress bit set), and the guest's
 //! wall clock starts at 1970.
 
-use super::PioDevice;
+use super::BusDevice;
 
 const REG_SECONDS: u8 = 0x00;
 const REG_MINUTES: u8 = 0x02;
@@ -97,8 +97,8 @@ impl CmosRtc {
     }
 }
 
-impl PioDevice for CmosRtc {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl BusDevice for CmosRtc {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         let value = if offset == 1 {
             self.register(self.index)
         } else {
@@ -110,7 +110,7 @@ impl PioDevice for CmosRtc {
         }
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         // Bit 7 is the NMI mask, not part of the index.
         if offset == 0
             && let Some(&b) = data.first()

@@ -1,12 +1,12 @@
 //! The part of the i8042 keyboard controller a Linux guest uses to reboot (`reboot=k`): a write
 //! of 0xFE (pulse reset line) to the command port. Everything else reads as "no data".
 
-use super::PioDevice;
+use super::BusDevice;
 
 /// Command written to port 0x64 to reset the machine.
 const CMD_RESET_CPU: u8 = 0xfe;
 /// Offset of the command/status port (0x64) from the data port (0x60).
-const COMMAND_OFFSET: u16 = 4;
+const COMMAND_OFFSET: u64 = 4;
 
 /// A minimal i8042 that turns the reset command into a call of `on_reset`.
 pub struct I8042 {
@@ -20,12 +20,12 @@ impl I8042 {
     }
 }
 
-impl PioDevice for I8042 {
-    fn read(&mut self, _offset: u16, data: &mut [u8]) {
+impl BusDevice for I8042 {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if offset == COMMAND_OFFSET && data.first() == Some(&CMD_RESET_CPU) {
             (self.on_reset)();
         }

@@ -1,7 +1,8 @@
-//! Emulated devices and the port-I/O bus that routes vCPU exits to them.
+//! Emulated devices and the buses that route vCPU exits to them: port I/O (x86) and MMIO
+//! (every architecture; arm64's UART lives there). One [`Bus`] type serves both.
 //!
-//! To add a device: implement [`PioDevice`], give it a port range in
-//! [`crate::vm::Vm::new`] with [`PioBus::insert`], and, if it raises interrupts, give it an
+//! To add a device: implement [`BusDevice`], give it a range in [`crate::vm::Vm::new`] with
+//! [`Bus::insert`] on the port-I/O or the MMIO bus, and, if it raises interrupts, give it an
 //! `EventFd` registered as an irqfd on its GSI (see the serial port).
 
 pub mod cmos;
@@ -11,39 +12,45 @@ pub mod serial;
 
 use std::sync::{Arc, Mutex};
 
-/// A device on the x86 port-I/O bus. `offset` is relative to the start of its range.
-pub trait PioDevice: Send {
-    /// Handles an `in` from the guest; fills `data`.
-    fn read(&mut self, offset: u16, data: &mut [u8]);
-    /// Handles an `out` from the guest.
-    fn write(&mut self, offset: u16, data: &[u8]);
+/// A device on a bus. `offset` is relative to the start of its range.
+pub trait BusDevice: Send {
+    /// Handles a read from the guest (`in`, or a load from MMIO); fills `data`.
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    /// Handles a write from the guest (`out`, or a store to MMIO).
+    fn write(&mut self, offset: u64, data: &[u8]);
 }
 
-/// The devices on the port-I/O bus, each over a port range. Shared by all vCPU threads.
+/// The devices on one bus (ports or guest physical addresses), each over a range. Shared by
+/// all vCPU threads.
 #[derive(Clone, Default)]
-pub struct PioBus {
-    ranges: Vec<PioRange>,
+pub struct Bus {
+    ranges: Vec<BusRange>,
 }
 
-/// One device's port range: first port, number of ports, device.
-type PioRange = (u16, u16, Arc<Mutex<dyn PioDevice>>);
+/// The x86 port-I/O bus.
+pub type PioBus = Bus;
+/// The MMIO bus: guest physical addresses no memslot backs.
+pub type MmioBus = Bus;
 
-impl PioBus {
-    /// Puts `device` on ports `base..base + len`.
-    pub fn insert(&mut self, base: u16, len: u16, device: Arc<Mutex<dyn PioDevice>>) {
+/// One device's range: first address, length, device.
+type BusRange = (u64, u64, Arc<Mutex<dyn BusDevice>>);
+
+impl Bus {
+    /// Puts `device` on `base..base + len`.
+    pub fn insert(&mut self, base: u64, len: u64, device: Arc<Mutex<dyn BusDevice>>) {
         self.ranges.push((base, len, device));
     }
 
-    fn find(&self, port: u16) -> Option<(u16, &Arc<Mutex<dyn PioDevice>>)> {
+    fn find(&self, addr: u64) -> Option<(u64, &Arc<Mutex<dyn BusDevice>>)> {
         self.ranges
             .iter()
-            .find(|(base, len, _)| port >= *base && port - base < *len)
-            .map(|(base, _, dev)| (port - base, dev))
+            .find(|(base, len, _)| addr >= *base && addr - base < *len)
+            .map(|(base, _, dev)| (addr - base, dev))
     }
 
-    /// Handles an `in`: unclaimed ports read as all ones, like an empty ISA bus.
-    pub fn read(&self, port: u16, data: &mut [u8]) {
-        match self.find(port) {
+    /// Handles a read: unclaimed addresses read as all ones, like an empty bus.
+    pub fn read(&self, addr: u64, data: &mut [u8]) {
+        match self.find(addr) {
             Some((offset, dev)) => dev
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -52,9 +59,9 @@ impl PioBus {
         }
     }
 
-    /// Handles an `out`: writes to unclaimed ports are dropped.
-    pub fn write(&self, port: u16, data: &[u8]) {
-        if let Some((offset, dev)) = self.find(port) {
+    /// Handles a write: writes to unclaimed addresses are dropped.
+    pub fn write(&self, addr: u64, data: &[u8]) {
+        if let Some((offset, dev)) = self.find(addr) {
             dev.lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .write(offset, data);
@@ -67,11 +74,11 @@ mod tests {
     use super::*;
 
     struct Latch(u8);
-    impl PioDevice for Latch {
-        fn read(&mut self, offset: u16, data: &mut [u8]) {
+    impl BusDevice for Latch {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
             data[0] = self.0 + offset as u8;
         }
-        fn write(&mut self, _offset: u16, data: &[u8]) {
+        fn write(&mut self, _offset: u64, data: &[u8]) {
             self.0 = data[0];
         }
     }
@@ -85,6 +92,13 @@ mod tests {
         bus.read(0x3fa, &mut b);
         assert_eq!(b[0], 0x42);
         bus.read(0x400, &mut b);
+        assert_eq!(b[0], 0xff);
+        // The same bus type over guest physical addresses (MMIO).
+        let mut mmio = MmioBus::default();
+        mmio.insert(0x0900_0000, 0x1000, Arc::new(Mutex::new(Latch(7))));
+        mmio.read(0x0900_0004, &mut b);
+        assert_eq!(b[0], 11);
+        mmio.read(0x0900_1000, &mut b);
         assert_eq!(b[0], 0xff);
     }
 }

@@ -7,7 +7,7 @@ use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::PioDevice;
+use super::BusDevice;
 use super::console::ConsoleOut;
 
 /// COM1's first port.
@@ -46,14 +46,14 @@ impl SerialPort {
     }
 }
 
-impl PioDevice for SerialPort {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl BusDevice for SerialPort {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         if let Some(first) = data.first_mut() {
             *first = self.uart.read(offset as u8);
         }
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if let Some(&first) = data.first() {
             // An error here is a failed interrupt or output write; the guest cannot act on
             // it, and the output side already ignores a closed pipe.
