@@ -132,6 +132,16 @@ fn run_probed(vcpus: &str, exec: &str, probes: &[&str], extra: &[&str]) -> Run {
     Run::new(&args)
 }
 
+/// The hit count of the guest's kprobe `event` in the `kprobe_profile` the run's command printed.
+fn kprobe_profile_hits(out: &Run, event: &str) -> u64 {
+    text(&out.stdout)
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(event))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no kprobe_profile line for {event}\n{}", explain(out)))
+}
+
 /// The shell and /init call getpid a few times around the workload; allow for them.
 const OTHER_GETPID_CALLERS: u64 = 10;
 
@@ -321,13 +331,7 @@ fn the_guest_kprobe_and_an_hvprobe_probe_on_one_function_both_count() {
     );
     let out = run_probed("1", &exec, &[&ours], &["--quiet"]);
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
-    let stdout = text(&out.stdout);
-    let guest_hits: u64 = stdout
-        .lines()
-        .find(|l| l.trim_start().starts_with("hvtest"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no kprobe_profile line\n{}", explain(&out)));
+    let guest_hits = kprobe_profile_hits(&out, "hvtest");
     let (_, ours_hits, _, _) = summary(&out, &ours);
     assert!(
         (1000..=1000 + OTHER_GETPID_CALLERS).contains(&guest_hits),
@@ -375,12 +379,7 @@ fn the_guests_own_int3_kprobe_keeps_working_beside_an_hvprobe_probe_in_the_same_
         ),
         &out,
     );
-    let guest_hits: u64 = stdout
-        .lines()
-        .find(|l| l.trim_start().starts_with("hvt "))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no kprobe_profile line\n{}", explain(&out)));
+    let guest_hits = kprobe_profile_hits(&out, "hvt");
     let (_, ours_hits, missed, _) = summary(&out, &ours);
     // Two reads per open (the data, then end of file), and the boot's own reads before.
     assert!(guest_hits >= 200, "guest kprobe hits {guest_hits}");

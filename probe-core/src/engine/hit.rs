@@ -218,13 +218,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         has_post: bool,
         probes: &[Arc<ProbeEntry>],
     ) -> Result<Verdict, VmError> {
-        let mode = PagingMode::from_cr4(regs.cr4);
-        let mapped = self
-            .xol
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .ensure_mapped(&self.mem, regs.cr3, mode)
-            .is_ok();
+        let mapped = self.ensure_xol_mapped(&regs).is_ok();
         let slot = match trapped {
             Some(t) if has_post => (t, true),
             _ => (boosted, false),

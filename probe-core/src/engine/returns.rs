@@ -39,12 +39,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         if taking.is_empty() {
             return;
         }
-        let mapped = self
-            .xol
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .ensure_mapped(&self.mem, regs.cr3, mode)
-            .is_ok();
+        let mapped = self.ensure_xol_mapped(regs).is_ok();
         let slot = regs.get(Gpr::Rsp);
         let mut ret = [0u8; 8];
         if !mapped || read_virt(&self.mem, regs.cr3, mode, slot, &mut ret).is_err() {

@@ -295,15 +295,21 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
 
     /// Maps the XOL area through the kernel PUD table that every address space shares.
     pub(super) fn map_xol(&self, location: &str, regs: &Registers) -> Result<(), PlantError> {
+        self.ensure_xol_mapped(regs)
+            .map_err(|source| PlantError::Xol {
+                location: location.into(),
+                source,
+            })
+    }
+
+    /// Makes sure the XOL area is mapped in the address space of `regs` (checked, and written
+    /// if absent, at every use: the guest could take the hole).
+    pub(super) fn ensure_xol_mapped(&self, regs: &Registers) -> Result<(), XolError> {
         self.xol
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .ensure_mapped(&self.mem, regs.cr3, PagingMode::from_cr4(regs.cr4))
             .map(|_| ())
-            .map_err(|source| PlantError::Xol {
-                location: location.into(),
-                source,
-            })
     }
 
     /// Takes a fresh XOL slot and writes what `bytes` makes of its address into it, int3s
