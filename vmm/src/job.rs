@@ -324,7 +324,7 @@ impl Job {
             }
         }
         if let Some(kernel) = &self.kernel {
-            crate::vm::check_bzimage(kernel)?;
+            crate::arch::check_kernel_image(kernel)?;
         }
         if !self.probes.is_empty() && self.kernel.is_some() && self.system_map.is_none() {
             bail!("--probe with --kernel needs that kernel's System.map (--system-map)");

@@ -2,18 +2,16 @@
 //! and PIT, devices on the port-I/O bus, the kernel, initrd and command line in memory, and
 //! vCPUs configured for the 64-bit boot protocol.
 
-use std::fs::File;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use linux_loader::loader::{KernelLoader, bzimage::BzImage};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::arch::x86_64::{boot, layout};
+use crate::arch::{self, x86_64::boot, x86_64::layout};
 use crate::devices::cmos::{CmosRtc, WallClock};
 use crate::devices::console::{ConsoleOut, ConsoleWatch};
 use crate::devices::i8042::I8042;
@@ -132,76 +130,6 @@ pub struct Vm {
 
 const MIN_MEMORY_MIB: u64 = 64;
 
-fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<(u64, u64, boot::BootInfo), VmError> {
-    let mut file = File::open(path).map_err(|source| VmError::KernelFile {
-        path: path.into(),
-        source,
-    })?;
-    let loaded = BzImage::load(
-        mem,
-        None,
-        &mut file,
-        Some(GuestAddress(layout::HIMEM_START)),
-    )
-    .map_err(|e| VmError::NotBzImage {
-        path: path.into(),
-        detail: e.to_string(),
-    })?;
-    let header = loaded.setup_header.ok_or_else(|| VmError::NotBzImage {
-        path: path.into(),
-        detail: "no setup header".into(),
-    })?;
-    let entry = loaded.kernel_load.raw_value() + layout::BZIMAGE_64BIT_ENTRY_OFFSET;
-    Ok((
-        entry,
-        loaded.kernel_end,
-        boot::BootInfo {
-            setup_header: header,
-            cmdline_len: 0,
-            initrd: None,
-            mem_size: 0,
-        },
-    ))
-}
-
-/// Checks that `path` is a bzImage the 64-bit boot protocol can load, without loading it, so
-/// that a wrong file is reported before any VM or emulator starts.
-pub fn check_bzimage(path: &Path) -> Result<(), VmError> {
-    use std::io::{Read, Seek, SeekFrom};
-    let not = |detail: &str| VmError::NotBzImage {
-        path: path.into(),
-        detail: detail.into(),
-    };
-    let mut file = File::open(path).map_err(|source| VmError::KernelFile {
-        path: path.into(),
-        source,
-    })?;
-    let mut header = [0u8; 0x46];
-    file.seek(SeekFrom::Start(0x1f1))
-        .and_then(|_| file.read_exact(&mut header))
-        .map_err(|_| not("file too short for a setup header"))?;
-    // Offsets relative to 0x1f1: `header` magic at 0x202, `version` at 0x206,
-    // `loadflags` at 0x211, `xloadflags` at 0x236 (bit 0: has the 64-bit entry point).
-    if &header[0x11..0x15] != b"HdrS" {
-        return Err(not("no \"HdrS\" boot-protocol magic at offset 0x202"));
-    }
-    let version = u16::from_le_bytes([header[0x15], header[0x16]]);
-    if version < 0x020c {
-        return Err(not(&format!(
-            "boot protocol {}.{:02} is older than 2.12, the first with a 64-bit entry",
-            version >> 8,
-            version & 0xff
-        )));
-    }
-    if header[0x20] & 1 == 0 {
-        return Err(not("kernel is not loaded high (zImage, not bzImage)"));
-    }
-    if header[0x45] & 1 == 0 {
-        return Err(not("no 64-bit entry point (XLF_KERNEL_64 clear)"));
-    }
-    Ok(())
-}
-
 impl Vm {
     /// Creates the VM, loads the kernel and initrd, and configures the vCPUs; the console
     /// output goes to `console_out`.
@@ -243,7 +171,7 @@ impl Vm {
             detail: e.to_string(),
         })?;
 
-        let (entry, kernel_end, mut info) = load_kernel(&memory, &config.kernel)?;
+        let (entry, kernel_end, mut info) = arch::load_kernel(&memory, &config.kernel)?;
         info.mem_size = mem_size;
         if let (Some(bytes), Some(path)) = (&initrd_bytes, &config.initrd) {
             let len = bytes.len() as u64;

@@ -3,5 +3,6 @@
 pub mod acpi;
 pub mod boot;
 pub mod debug;
+pub mod kernel;
 pub mod layout;
 pub mod mptable;
