@@ -35,6 +35,9 @@ pub enum ProbingError {
     /// The engine could not handle the exit.
     #[error(transparent)]
     Engine(#[from] VmError),
+    /// The MSR list for `KVM_GET_MSRS` could not be built.
+    #[error("building the MSR list: {0}")]
+    MsrList(String),
     /// A debug exit on a vCPU of a run without probes.
     #[error("debug exit without probes (vector {0})")]
     NoProbes(u32),
@@ -254,17 +257,15 @@ impl VcpuProbing {
 
     /// Reads the state of a vCPU that is out of `KVM_RUN`: registers and the syscall entry
     /// point (`MSR_LSTAR`), from which the KASLR slide follows.
-    pub fn paused_state(fd: &mut VcpuFd) -> Result<PausedState, String> {
-        let r = fd.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?;
-        let s = fd.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+    pub fn paused_state(fd: &mut VcpuFd) -> Result<PausedState, ProbingError> {
+        let r = fd.get_regs().map_err(kvm("KVM_GET_REGS"))?;
+        let s = fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
         let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
             index: MSR_LSTAR,
             ..Default::default()
         }])
-        .map_err(|e| format!("MSR list: {e:?}"))?;
-        let n = fd
-            .get_msrs(&mut msrs)
-            .map_err(|e| format!("KVM_GET_MSRS: {e}"))?;
+        .map_err(|e| ProbingError::MsrList(format!("{e:?}")))?;
+        let n = fd.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
         let syscall_entry = if n == 1 { msrs.as_slice()[0].data } else { 0 };
         Ok(PausedState {
             regs: registers_from_kvm(&r, &s),

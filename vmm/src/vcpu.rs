@@ -240,7 +240,9 @@ impl VcpuThread {
                 self.answer(VcpuEvent::Exited);
             }
             VcpuCommand::ReadRegisters => {
-                let state = VcpuProbing::paused_state(&mut self.fd).map(Box::new);
+                let state = VcpuProbing::paused_state(&mut self.fd)
+                    .map(Box::new)
+                    .map_err(|e| e.to_string());
                 self.answer(VcpuEvent::Registers(state));
             }
         }
