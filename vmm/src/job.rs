@@ -176,10 +176,17 @@ fn resolve_probe(map: &SymbolMap, p: &str) -> Result<ResolvedProbe> {
 
 /// Fails with every problem in `problems`, one per line, when there is any.
 fn refusals(problems: Vec<String>, what: &str) -> Result<()> {
-    match problems.as_slice() {
-        [] => Ok(()),
-        [one] => bail!("{one}"),
-        many => bail!("{} {what}:\n  {}", many.len(), many.join("\n  ")),
+    if problems.is_empty() {
+        return Ok(());
+    }
+    bail!("{}", problem_list(&problems, what))
+}
+
+/// One problem as it is, or several as `N WHAT:` and one per indented line.
+pub fn problem_list(problems: &[String], what: &str) -> String {
+    match problems {
+        [one] => one.clone(),
+        many => format!("{} {what}:\n  {}", many.len(), many.join("\n  ")),
     }
 }
 

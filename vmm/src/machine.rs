@@ -244,15 +244,8 @@ pub enum PlantingError {
     #[error("reading the guest's exception table: {0}")]
     ExceptionTable(String),
     /// Probes were refused, each with its reason.
-    #[error("{}", refusal_text(.0))]
+    #[error("{}", crate::job::problem_list(.0, "probes refused"))]
     Refused(Vec<String>),
-}
-
-fn refusal_text(refused: &[String]) -> String {
-    match refused {
-        [one] => one.clone(),
-        many => format!("{} probes refused:\n  {}", many.len(), many.join("\n  ")),
-    }
 }
 
 /// The state of paused vCPU `h`.

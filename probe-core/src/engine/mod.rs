@@ -277,8 +277,7 @@ impl SiteRun {
     fn kind(&self) -> PlanKind {
         match self {
             SiteRun::Emulate { .. } => PlanKind::Emulate,
-            SiteRun::OutOfLine { ool, .. } if ool.rip_disp.is_some() => PlanKind::XolRiprel,
-            SiteRun::OutOfLine { .. } => PlanKind::Xol,
+            SiteRun::OutOfLine { ool, .. } => ool.kind(),
         }
     }
 }

@@ -60,15 +60,7 @@ pub enum DecodeError {
 
 /// Number of legacy prefixes and REX bytes before the opcode of the instruction in `bytes`.
 fn prefix_len(bytes: &[u8]) -> usize {
-    let legacy = bytes
-        .iter()
-        .take_while(|b| {
-            matches!(
-                b,
-                0x66 | 0x67 | 0xf0 | 0xf2 | 0xf3 | 0x2e | 0x36 | 0x3e | 0x26 | 0x64 | 0x65
-            )
-        })
-        .count();
+    let legacy = legacy_prefixes(bytes).len();
     legacy + usize::from(bytes.get(legacy).is_some_and(|b| b & 0xf0 == 0x40))
 }
 
@@ -387,7 +379,7 @@ fn refusal_of(id: InsnId) -> Option<&'static str> {
 }
 
 /// The legacy prefixes at the start of `bytes`.
-fn legacy_prefixes(bytes: &[u8]) -> &[u8] {
+pub(super) fn legacy_prefixes(bytes: &[u8]) -> &[u8] {
     let n = bytes
         .iter()
         .take_while(|b| {

@@ -72,8 +72,7 @@ impl StepPlan {
     pub fn kind(&self) -> PlanKind {
         match self {
             StepPlan::Emulate(_) => PlanKind::Emulate,
-            StepPlan::StepOutOfLine(o) if o.rip_disp.is_some() => PlanKind::XolRiprel,
-            StepPlan::StepOutOfLine(_) => PlanKind::Xol,
+            StepPlan::StepOutOfLine(o) => o.kind(),
         }
     }
 
@@ -111,6 +110,15 @@ pub struct OutOfLine {
 const JMP_REL32: u8 = 0xe9;
 
 impl OutOfLine {
+    /// The kind of plan a copy is: `xol-riprel` when its RIP-relative operand is rewritten.
+    pub fn kind(&self) -> PlanKind {
+        if self.rip_disp.is_some() {
+            PlanKind::XolRiprel
+        } else {
+            PlanKind::Xol
+        }
+    }
+
     /// The address a RIP-relative operand of the original at `orig_va` refers to (before any
     /// segment base is added).
     fn rip_target(&self, d: RipDisplacement, orig_va: u64) -> Option<u64> {
@@ -133,16 +141,7 @@ impl OutOfLine {
         let target = i32::try_from(self.rip_target(d, orig_va)? as i64).ok()?;
         let at = usize::from(d.offset);
         let modrm_at = at.checked_sub(1)?;
-        let legacy = self
-            .bytes
-            .iter()
-            .take_while(|b| {
-                matches!(
-                    b,
-                    0x66 | 0x67 | 0xf0 | 0xf2 | 0xf3 | 0x2e | 0x36 | 0x3e | 0x26 | 0x64 | 0x65
-                )
-            })
-            .count();
+        let legacy = decode::legacy_prefixes(&self.bytes).len();
         // VEX, EVEX and XOP carry REX.X inverted inside their payload: leave them to
         // displacement re-targeting.
         let xop = self.bytes.get(legacy) == Some(&0x8f)
