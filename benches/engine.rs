@@ -8,14 +8,14 @@ use std::collections::HashMap;
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use probe_core::arch::x86_64::Gpr;
+use probe_core::arch::x86_64::pagewalk::{PagingMode, translate};
+use probe_core::arch::x86_64::{Gpr, X86_64};
 use probe_core::definition::ProbeDefinition;
 use probe_core::engine::{PlantTarget, VcpuProbeState};
 use probe_core::fake::{
     AT_CALL, AT_PUSH, AT_RIPREL, STACK_GPA, STACK_VA, TEXT_VA, context, machine,
 };
 use probe_core::fetch::{FetchEnv, format_args};
-use probe_core::pagewalk::{PagingMode, translate};
 use probe_core::probe::Probe;
 use probe_core::symbols::SymbolMap;
 use probe_core::vm::DebugEvent;
@@ -79,7 +79,7 @@ fn engine(c: &mut Criterion) {
 fn hit_cost(c: &mut Criterion, name: &str, offset: u64, with_handler: bool) {
     let (engine, mut vcpu) = machine();
     let regs = vcpu.regs.clone();
-    let mut probe = Probe::new(name);
+    let mut probe = Probe::<X86_64>::new(name);
     if with_handler {
         probe = probe.on_hit(|ctx| {
             black_box(ctx.arg(0));

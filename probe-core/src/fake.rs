@@ -1,10 +1,11 @@
-//! A fake machine for tests and benchmarks of the engine: real `GuestMemoryMmap` memory with
-//! hand-made 4-level page tables mapping a page of kernel text and a stack page, an XOL area,
-//! and a vCPU whose registers live in a struct. No KVM.
+//! Fake machines for tests and benchmarks of the engine, one per architecture: real
+//! `GuestMemoryMmap` memory with hand-made page tables mapping a page of kernel text and a
+//! stack page, an XOL area, and a vCPU whose registers live in a struct. No KVM.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::arch::x86_64::{Gpr, Registers};
+use crate::arch::Arch;
+use crate::arch::x86_64::{Gpr, Registers, X86_64};
 use crate::engine::ProbeEngine;
 use crate::probe::ProbeContext;
 use crate::vm::{VcpuAccess, VmError};
@@ -38,21 +39,21 @@ pub const AT_CALL: u64 = 15;
 pub const AT_POPF: u64 = 17;
 
 /// A vCPU whose state is a struct.
-pub struct FakeVcpu {
+pub struct FakeVcpu<A: Arch = X86_64> {
     /// Its registers.
-    pub regs: Registers,
+    pub regs: A::Registers,
     /// How many times the engine asked for an interrupt shadow (emulated `sti`).
     pub interrupt_shadows: u32,
 }
 
-impl VcpuAccess for FakeVcpu {
+impl<A: Arch> VcpuAccess<A> for FakeVcpu<A> {
     fn id(&self) -> u32 {
         1
     }
-    fn registers(&mut self) -> Result<Registers, VmError> {
+    fn registers(&mut self) -> Result<A::Registers, VmError> {
         Ok(self.regs.clone())
     }
-    fn set_registers(&mut self, regs: &Registers) -> Result<(), VmError> {
+    fn set_registers(&mut self, regs: &A::Registers) -> Result<(), VmError> {
         self.regs = regs.clone();
         Ok(())
     }
@@ -62,8 +63,8 @@ impl VcpuAccess for FakeVcpu {
     }
 }
 
-/// An engine over the fake memory and a vCPU about to run the fake text.
-pub fn machine() -> (ProbeEngine<GuestMemoryMmap>, FakeVcpu) {
+/// An x86_64 engine over the fake memory and a vCPU about to run the fake text.
+pub fn machine() -> (ProbeEngine<X86_64, GuestMemoryMmap>, FakeVcpu) {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[
         (GuestAddress(0), 0x20_0000),
         (GuestAddress(XOL_GPA), 0x10_0000),
@@ -77,7 +78,7 @@ pub fn machine() -> (ProbeEngine<GuestMemoryMmap>, FakeVcpu) {
     w(0x4000, TEXT_GPA | 1); // text, read-only
     w(0x4000 + 2 * 8, STACK_GPA | 3); // stack page
     mem.write_slice(CODE, GuestAddress(TEXT_GPA)).unwrap();
-    let engine = ProbeEngine::new(mem, XolArea::new(XOL_GPA, 4).unwrap()).unwrap();
+    let engine = ProbeEngine::new(mem, XolArea::new::<X86_64>(XOL_GPA, 4).unwrap()).unwrap();
     let mut regs = Registers {
         cr3: CR3,
         rflags: 0x2,
@@ -96,7 +97,7 @@ pub fn machine() -> (ProbeEngine<GuestMemoryMmap>, FakeVcpu) {
 }
 
 /// A handler context over `mem` and `regs`, as the engine builds one at a hit on vCPU 0.
-pub fn context<'a>(mem: &'a GuestMemoryMmap, regs: &'a Registers) -> ProbeContext<'a> {
+pub fn context<'a>(mem: &'a GuestMemoryMmap, regs: &'a Registers) -> ProbeContext<'a, X86_64> {
     ProbeContext {
         vcpu: 0,
         location: "f",
@@ -105,5 +106,82 @@ pub fn context<'a>(mem: &'a GuestMemoryMmap, regs: &'a Registers) -> ProbeContex
         regs,
         entry_regs: None,
         mem,
+    }
+}
+
+/// The aarch64 fake machine: TTBR1 tables (4 KiB granule, 48-bit) mapping a text page and a
+/// stack page of a kernel at the arm64 kernel image's usual address.
+pub mod aarch64 {
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    use super::FakeVcpu;
+    use crate::arch::aarch64::{Aarch64, NOP, Registers};
+    use crate::engine::ProbeEngine;
+    use crate::xol::XolArea;
+
+    /// Virtual address of the fake kernel text.
+    pub const TEXT_VA: u64 = 0xffff_8000_0801_0000;
+    /// Where the text lives in guest memory.
+    pub const TEXT_GPA: u64 = 0x10000;
+    /// Virtual address of the stack page.
+    pub const STACK_VA: u64 = TEXT_VA + 0x2000;
+    /// Where the stack page lives.
+    pub const STACK_GPA: u64 = 0x12000;
+    /// The level-0 table (TTBR1_EL1).
+    pub const TTBR1: u64 = 0x1000;
+    /// TCR_EL1 for 4 KiB pages and 48-bit addresses in both halves.
+    pub const TCR: u64 = 16 | (16 << 16) | (2 << 30);
+
+    /// The fake text: `bti c; nop; stp x29, x30, [sp, #-16]!; mov x29, sp; ret`.
+    pub const CODE: [u32; 5] = [0xd503_245f, NOP, 0xa9bf_7bfd, 0x9100_03fd, 0xd65f_03c0];
+    /// Offset of `nop`.
+    pub const AT_NOP: u64 = 4;
+    /// Offset of the `stp`.
+    pub const AT_STP: u64 = 8;
+
+    /// The text as bytes.
+    pub fn code_bytes() -> Vec<u8> {
+        CODE.iter().flat_map(|w| w.to_le_bytes()).collect()
+    }
+
+    /// An aarch64 engine over the fake memory and a vCPU about to run the fake text.
+    pub fn machine() -> (ProbeEngine<Aarch64, GuestMemoryMmap>, FakeVcpu<Aarch64>) {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 0x20_0000),
+            (GuestAddress(super::XOL_GPA), 0x10_0000),
+        ])
+        .unwrap();
+        let w = |gpa: u64, v: u64| mem.write_obj(v, GuestAddress(gpa)).unwrap();
+        let idx = |level: u32| (TEXT_VA >> (39 - 9 * level)) & 0x1ff;
+        // L0 -> L1 0x2000 -> L2 0x3000 -> L3 0x4000 (table descriptors: bits 1:0 = 0b11).
+        w(TTBR1 + idx(0) * 8, 0x2000 | 3);
+        w(0x2000 + idx(1) * 8, 0x3000 | 3);
+        w(0x3000 + idx(2) * 8, 0x4000 | 3);
+        // Text read-only (AP[2]), stack writable and never executable (PXN); AF set.
+        w(0x4000 + idx(3) * 8, TEXT_GPA | (1 << 7) | (1 << 10) | 3);
+        w(
+            0x4000 + (idx(3) + 2) * 8,
+            STACK_GPA | (1 << 53) | (1 << 10) | 3,
+        );
+        mem.write_slice(&code_bytes(), GuestAddress(TEXT_GPA))
+            .unwrap();
+        let engine =
+            ProbeEngine::new(mem, XolArea::new::<Aarch64>(super::XOL_GPA, 4).unwrap()).unwrap();
+        let mut regs = Registers {
+            ttbr1: TTBR1,
+            tcr: TCR,
+            sp: STACK_VA + 0x800,
+            pstate: 0x3c5,
+            ..Default::default()
+        };
+        regs.x[29] = 0xf0f0;
+        regs.x[30] = TEXT_VA + 0x100;
+        (
+            engine,
+            FakeVcpu {
+                regs,
+                interrupt_shadows: 0,
+            },
+        )
     }
 }

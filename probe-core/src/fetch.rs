@@ -1,7 +1,7 @@
 //! Evaluation of kprobe_events fetch arguments ([`crate::definition`]) at a hit, against the
 //! handler context: registers, the stack, guest memory, symbols.
 
-use crate::arch::x86_64::{Gpr, Registers};
+use crate::arch::{Arch, RegisterFile};
 use crate::definition::{Fetch, FetchArg, FetchType, ProbeDefinition};
 use crate::probe::{HandlerError, ProbeContext};
 use crate::symbols::SymbolMap;
@@ -20,36 +20,17 @@ pub struct FetchEnv<'a> {
     pub retval: Option<u64>,
 }
 
-/// The kernel's names for x86_64 registers in fetch args (`%di`, `%ax`, `%r8`, `%ip`, ...),
-/// also accepted with the `r` prefix (`%rdi`).
-fn register(regs: &Registers, name: &str) -> Option<u64> {
-    use crate::arch::RegisterFile;
-    let legacy = ["ax", "bx", "cx", "dx", "si", "di", "bp", "sp"];
-    let full = if legacy.contains(&name) {
-        format!("r{name}")
-    } else {
-        name.to_string()
-    };
-    match full.as_str() {
-        "ip" | "rip" => Some(regs.rip),
-        "flags" => Some(regs.rflags),
-        n => Gpr::from_name(n)
-            .map(|g| regs.get(g))
-            .or_else(|| regs.by_name(n)),
-    }
-}
-
 /// The first `%REG` in `def`'s fetch args that names no register, so that a typo fails
 /// when the definition is given rather than as a handler error at every hit.
-pub fn unknown_register(def: &ProbeDefinition) -> Option<&str> {
-    fn walk(f: &Fetch) -> Option<&str> {
+pub fn unknown_register<A: Arch>(def: &ProbeDefinition) -> Option<&str> {
+    fn walk<A: Arch>(f: &Fetch) -> Option<&str> {
         match f {
-            Fetch::Register(r) if register(&Registers::default(), r).is_none() => Some(r),
-            Fetch::Dereference { inner, .. } => walk(inner),
+            Fetch::Register(r) if A::Registers::default().by_name(r).is_none() => Some(r),
+            Fetch::Dereference { inner, .. } => walk::<A>(inner),
             _ => None,
         }
     }
-    def.args.iter().find_map(|a| walk(&a.fetch))
+    def.args.iter().find_map(|a| walk::<A>(&a.fetch))
 }
 
 /// A fetched value, ready to print.
@@ -87,12 +68,16 @@ fn mask(v: u64, bits: u8) -> u64 {
 }
 
 /// The raw 64-bit value of `fetch`.
-fn raw(ctx: &ProbeContext<'_>, fetch: &Fetch, env: FetchEnv<'_>) -> Result<u64, HandlerError> {
-    use crate::arch::RegisterFile;
+fn raw<A: Arch>(
+    ctx: &ProbeContext<'_, A>,
+    fetch: &Fetch,
+    env: FetchEnv<'_>,
+) -> Result<u64, HandlerError> {
     Ok(match fetch {
-        Fetch::Register(r) => {
-            register(ctx.regs, r).ok_or_else(|| HandlerError(format!("unknown register %{r}")))?
-        }
+        Fetch::Register(r) => ctx
+            .regs
+            .by_name(r)
+            .ok_or_else(|| HandlerError(format!("unknown register %{r}")))?,
         Fetch::Memory(a) => ctx.read_u64(*a)?,
         Fetch::SymbolMemory { name, offset } => {
             let map = env
@@ -107,10 +92,14 @@ fn raw(ctx: &ProbeContext<'_>, fetch: &Fetch, env: FetchEnv<'_>) -> Result<u64, 
         }
         Fetch::StackEntry(n) => ctx.read_u64(ctx.regs.sp().wrapping_add(8 * u64::from(*n)))?,
         Fetch::StackPointer => ctx.regs.sp(),
-        Fetch::ReturnValue => env.retval.unwrap_or(ctx.regs.get(Gpr::Rax)),
-        Fetch::Argument(n) => ctx
-            .arg(*n as usize - 1)
-            .ok_or_else(|| HandlerError(format!("$arg{n}: only 6 register arguments")))?,
+        Fetch::ReturnValue => env.retval.unwrap_or(ctx.regs.return_value()),
+        Fetch::Argument(n) => ctx.arg(*n as usize - 1).ok_or_else(|| {
+            HandlerError(format!(
+                "$arg{n}: {} passes only {} arguments in registers",
+                A::NAME,
+                ctx.regs.register_args()
+            ))
+        })?,
         Fetch::Comm => {
             // A string fetch: evaluate() reads the name itself; as a number it has no value.
             return Err(HandlerError("$comm is a string".into()));
@@ -123,8 +112,8 @@ fn raw(ctx: &ProbeContext<'_>, fetch: &Fetch, env: FetchEnv<'_>) -> Result<u64, 
 }
 
 /// Evaluates one fetch argument at a hit.
-pub fn evaluate(
-    ctx: &ProbeContext<'_>,
+pub fn evaluate<A: Arch>(
+    ctx: &ProbeContext<'_, A>,
     arg: &FetchArg,
     env: FetchEnv<'_>,
 ) -> Result<FetchValue, HandlerError> {
@@ -162,7 +151,11 @@ pub fn evaluate(
 
 /// `name=value` for every argument; an argument that cannot be read shows as `name=(fault)`,
 /// as the kernel's trace output does.
-pub fn format_args(ctx: &ProbeContext<'_>, args: &[FetchArg], env: FetchEnv<'_>) -> String {
+pub fn format_args<A: Arch>(
+    ctx: &ProbeContext<'_, A>,
+    args: &[FetchArg],
+    env: FetchEnv<'_>,
+) -> String {
     args.iter()
         .map(|a| match evaluate(ctx, a, env) {
             Ok(v) => format!("{}={v}", a.name),
@@ -177,6 +170,7 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
+    use crate::arch::x86_64::{Gpr, X86_64};
     use crate::definition::ProbeDefinition;
     use crate::fake::{STACK_GPA, STACK_VA, context, machine};
 
@@ -214,8 +208,8 @@ mod tests {
     #[test]
     fn unknown_registers_are_found_in_nested_fetch_args() {
         let ok = ProbeDefinition::parse("p f a=%di b=%r15 c=%ip d=%flags e=+8(+0(%rsi))").unwrap();
-        assert_eq!(unknown_register(&ok), None);
+        assert_eq!(unknown_register::<X86_64>(&ok), None);
         let bad = ProbeDefinition::parse("p f a=%di b=+4(+0(%xyz)):u32").unwrap();
-        assert_eq!(unknown_register(&bad), Some("xyz"));
+        assert_eq!(unknown_register::<X86_64>(&bad), Some("xyz"));
     }
 }

@@ -12,6 +12,7 @@ pub mod btf;
 pub mod definition;
 pub mod elf;
 pub mod engine;
+pub mod extable;
 pub mod fake;
 pub mod fetch;
 pub mod guest_kprobes;

@@ -5,9 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::arch::RegisterFile;
-use crate::arch::x86_64::Registers;
-use crate::pagewalk::{PagingMode, translate};
+use crate::arch::{Arch, Host, RegisterFile};
 use crate::vm::GuestPhysMemory;
 
 /// An error a handler returns; counted per probe and reported, the guest goes on.
@@ -28,33 +26,33 @@ impl From<&str> for HandlerError {
 }
 
 /// A pre- or post-handler.
-pub type Handler = Arc<dyn Fn(&ProbeContext<'_>) -> Result<(), HandlerError> + Send + Sync>;
+pub type Handler<A = Host> =
+    Arc<dyn Fn(&ProbeContext<'_, A>) -> Result<(), HandlerError> + Send + Sync>;
 
 /// Which trap a probe uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum TrapKind {
-    /// `int3` written over the instruction; unlimited.
+    /// A breakpoint instruction written over the probed one (`int3`, `BRK`); unlimited.
     #[default]
     Software,
-    /// A hardware execute breakpoint (debug registers); at most four addresses, guest text
-    /// untouched.
+    /// A hardware execute breakpoint (debug registers); as many addresses as the CPU has
+    /// breakpoints (four on x86_64), guest text untouched.
     Hardware,
 }
 
 /// A probe: a location in guest kernel text and what to run when a vCPU reaches it.
-#[derive(Clone)]
-pub struct Probe {
+pub struct Probe<A: Arch = Host> {
     /// Where, as the user wrote it (`SYMBOL[+OFF]` or an address).
     pub location: String,
     /// Which trap.
     pub trap: TrapKind,
     /// Runs before the probed instruction.
-    pub pre: Option<Handler>,
+    pub pre: Option<Handler<A>>,
     /// Runs after the probed instruction.
-    pub post: Option<Handler>,
+    pub post: Option<Handler<A>>,
     /// Makes this a return probe (the location must be a function entry): runs when the
     /// function returns, with the entry registers in [`ProbeContext::entry_regs`].
-    pub on_return: Option<Handler>,
+    pub on_return: Option<Handler<A>>,
     /// Most live instances of a return probe; further entries are counted as `nmissed`.
     pub max_active: usize,
 }
@@ -62,7 +60,20 @@ pub struct Probe {
 /// Live return-probe instances per probe when not set (kretprobe's floor).
 pub const DEFAULT_MAX_ACTIVE: usize = 16;
 
-impl std::fmt::Debug for Probe {
+impl<A: Arch> Clone for Probe<A> {
+    fn clone(&self) -> Self {
+        Probe {
+            location: self.location.clone(),
+            trap: self.trap,
+            pre: self.pre.clone(),
+            post: self.post.clone(),
+            on_return: self.on_return.clone(),
+            max_active: self.max_active,
+        }
+    }
+}
+
+impl<A: Arch> std::fmt::Debug for Probe<A> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Probe")
             .field("location", &self.location)
@@ -75,9 +86,9 @@ impl std::fmt::Debug for Probe {
     }
 }
 
-impl Probe {
+impl<A: Arch> Probe<A> {
     /// A probe at `location` with no handlers yet (it still counts hits).
-    pub fn new(location: impl Into<String>) -> Probe {
+    pub fn new(location: impl Into<String>) -> Probe<A> {
         Probe {
             location: location.into(),
             trap: TrapKind::Software,
@@ -94,7 +105,7 @@ impl Probe {
     /// probe with its MAXACTIVE; add handlers with [`Probe::on_hit`] / [`Probe::on_return`].
     pub fn parse(
         definition: &str,
-    ) -> Result<(Probe, crate::definition::ProbeDefinition), crate::definition::DefinitionError>
+    ) -> Result<(Probe<A>, crate::definition::ProbeDefinition), crate::definition::DefinitionError>
     {
         let def = crate::definition::ProbeDefinition::parse(definition)?;
         let mut probe = Probe::new(def.location_text());
@@ -107,14 +118,14 @@ impl Probe {
     /// Makes this a return probe with handler `f`.
     pub fn on_return(
         mut self,
-        f: impl Fn(&ProbeContext<'_>) -> Result<(), HandlerError> + Send + Sync + 'static,
-    ) -> Probe {
+        f: impl Fn(&ProbeContext<'_, A>) -> Result<(), HandlerError> + Send + Sync + 'static,
+    ) -> Probe<A> {
         self.on_return = Some(Arc::new(f));
         self
     }
 
     /// Sets the most live instances of a return probe.
-    pub fn max_active(mut self, n: usize) -> Probe {
+    pub fn max_active(mut self, n: usize) -> Probe<A> {
         self.max_active = n.max(1);
         self
     }
@@ -122,8 +133,8 @@ impl Probe {
     /// Sets the handler that runs before the probed instruction.
     pub fn on_hit(
         mut self,
-        f: impl Fn(&ProbeContext<'_>) -> Result<(), HandlerError> + Send + Sync + 'static,
-    ) -> Probe {
+        f: impl Fn(&ProbeContext<'_, A>) -> Result<(), HandlerError> + Send + Sync + 'static,
+    ) -> Probe<A> {
         self.pre = Some(Arc::new(f));
         self
     }
@@ -131,31 +142,30 @@ impl Probe {
     /// Sets the handler that runs after the probed instruction.
     pub fn after(
         mut self,
-        f: impl Fn(&ProbeContext<'_>) -> Result<(), HandlerError> + Send + Sync + 'static,
-    ) -> Probe {
+        f: impl Fn(&ProbeContext<'_, A>) -> Result<(), HandlerError> + Send + Sync + 'static,
+    ) -> Probe<A> {
         self.post = Some(Arc::new(f));
         self
     }
 
     /// Uses a hardware breakpoint instead of `int3`.
-    pub fn hardware(mut self) -> Probe {
+    pub fn hardware(mut self) -> Probe<A> {
         self.trap = TrapKind::Hardware;
         self
     }
 }
 
-/// Reads guest virtual memory through the page tables at `cr3`, page by page.
-pub(crate) fn read_virt(
+/// Reads guest virtual memory through the page tables of `space`, page by page.
+pub(crate) fn read_virt<A: Arch>(
     mem: &dyn GuestPhysMemory,
-    cr3: u64,
-    mode: PagingMode,
+    space: A::AddressSpace,
     va: u64,
     buf: &mut [u8],
 ) -> Result<(), HandlerError> {
     let mut done = 0usize;
     while done < buf.len() {
         let at = va.wrapping_add(done as u64);
-        let t = translate(mem, cr3, mode, at)
+        let t = A::translate(mem, space, at)
             .map_err(|e| HandlerError(format!("reading guest memory: {e}")))?;
         let in_page = (t.page_size - (at & (t.page_size - 1))) as usize;
         let n = in_page.min(buf.len() - done);
@@ -171,7 +181,7 @@ pub(crate) fn read_virt(
 }
 
 /// What a handler sees at a hit.
-pub struct ProbeContext<'a> {
+pub struct ProbeContext<'a, A: Arch = Host> {
     /// The vCPU that hit the probe.
     pub vcpu: u32,
     /// The probe's location as the user wrote it.
@@ -182,16 +192,16 @@ pub struct ProbeContext<'a> {
     pub time: Duration,
     /// The registers at the hit (before the probed instruction for pre-handlers, after it for
     /// post-handlers).
-    pub regs: &'a Registers,
+    pub regs: &'a A::Registers,
     /// For a return probe's handler: the registers at function entry.
-    pub entry_regs: Option<&'a Registers>,
+    pub entry_regs: Option<&'a A::Registers>,
     pub(crate) mem: &'a dyn GuestPhysMemory,
 }
 
-impl<'a> ProbeContext<'a> {
+impl<'a, A: Arch> ProbeContext<'a, A> {
     /// For a return probe: the same hit seen with the entry registers (to evaluate the entry's
     /// arguments at return time).
-    pub fn entry_context(&self) -> Option<ProbeContext<'a>> {
+    pub fn entry_context(&self) -> Option<ProbeContext<'a, A>> {
         self.entry_regs.map(|regs| ProbeContext {
             vcpu: self.vcpu,
             location: self.location,
@@ -203,20 +213,15 @@ impl<'a> ProbeContext<'a> {
         })
     }
 
-    /// Argument `n` of the probed function (x86_64 calling convention), valid at its entry.
+    /// Argument `n` (0-based) of the probed function (the kernel's calling convention), valid
+    /// at its entry.
     pub fn arg(&self, n: usize) -> Option<u64> {
         self.regs.arg(n)
     }
 
     /// Reads guest virtual memory of the current address space.
     pub fn read_memory(&self, va: u64, buf: &mut [u8]) -> Result<(), HandlerError> {
-        read_virt(
-            self.mem,
-            self.regs.cr3,
-            PagingMode::from_cr4(self.regs.cr4),
-            va,
-            buf,
-        )
+        read_virt::<A>(self.mem, A::address_space(self.regs), va, buf)
     }
 
     /// Reads a little-endian u64 at `va`.
@@ -252,14 +257,17 @@ mod tests {
 
     #[test]
     fn probes_parse_from_definitions() {
-        let (p, def) = Probe::parse("p:hv/open do_sys_openat2+4 name=+0($arg2):ustring").unwrap();
+        let (p, def) = Probe::<crate::arch::x86_64::X86_64>::parse(
+            "p:hv/open do_sys_openat2+4 name=+0($arg2):ustring",
+        )
+        .unwrap();
         assert_eq!(p.location, "do_sys_openat2+0x4");
         assert!(p.on_return.is_none());
         assert_eq!(def.args[0].name, "name");
-        let (r, _) = Probe::parse("r8 vfs_read").unwrap();
+        let (r, _) = Probe::<crate::arch::x86_64::X86_64>::parse("r8 vfs_read").unwrap();
         assert!(r.on_return.is_some());
         assert_eq!(r.max_active, 8);
-        let err = Probe::parse("q vfs_read").unwrap_err();
+        let err = Probe::<crate::arch::x86_64::X86_64>::parse("q vfs_read").unwrap_err();
         assert_eq!(err.column, 0);
     }
 }

@@ -1,7 +1,9 @@
-//! Which guest task a probe hit happened in, without a guest agent: the per-CPU
-//! `current_task` pointer (through the GS base, as the kernel's `current` does) and the
-//! `task_struct` offsets of `comm`, `pid` and `tgid` from the kernel's own BTF.
+//! Which guest task a probe hit happened in, without a guest agent: `current` as the kernel
+//! finds it (the architecture's [`Arch::current_task`]: the per-CPU `current_task` pointer
+//! through the GS base on x86_64, SP_EL0 on arm64) and the `task_struct` offsets of `comm`,
+//! `pid` and `tgid` from the kernel's own BTF.
 
+use crate::arch::Arch;
 use crate::btf::{Btf, BtfError};
 use crate::probe::{HandlerError, ProbeContext};
 use crate::symbols::SymbolMap;
@@ -20,8 +22,9 @@ pub enum TaskError {
 /// Where the current task and its identity are in this kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TaskLayout {
-    /// Per-CPU offset of the current task pointer.
-    pub current_task: u64,
+    /// Where the architecture finds the current task: the per-CPU offset of its pointer on
+    /// x86_64, nothing on arm64 (a register holds it).
+    pub current_task: Option<u64>,
     /// `task_struct.pid`.
     pub pid: u64,
     /// `task_struct.tgid`.
@@ -45,29 +48,19 @@ pub struct TaskInfo {
 const COMM_LEN: usize = 16;
 
 impl TaskLayout {
-    /// The layout of the kernel that `btf` and `map` describe.
-    pub fn from_kernel(btf: &Btf, map: &SymbolMap) -> Result<TaskLayout, TaskError> {
-        let current_task = match map.lookup("current_task") {
-            Ok(s) => s.addr,
-            // Since 6.2 the pointer lives in struct pcpu_hot.
-            Err(_) => {
-                let hot = map
-                    .lookup("pcpu_hot")
-                    .map_err(|_| TaskError::NoCurrentTask)?;
-                hot.addr + btf.member_offset("pcpu_hot", "current_task")?
-            }
-        };
+    /// The layout of the `A` kernel that `btf` and `map` describe.
+    pub fn from_kernel<A: Arch>(btf: &Btf, map: &SymbolMap) -> Result<TaskLayout, TaskError> {
         Ok(TaskLayout {
-            current_task,
+            current_task: A::current_task_anchor(map, btf)?,
             pid: btf.member_offset("task_struct", "pid")?,
             tgid: btf.member_offset("task_struct", "tgid")?,
             comm: btf.member_offset("task_struct", "comm")?,
         })
     }
 
-    /// The task running on the vCPU of `ctx` (valid in kernel mode, after `swapgs`).
-    pub fn current(&self, ctx: &ProbeContext<'_>) -> Result<TaskInfo, HandlerError> {
-        let task = ctx.read_u64(ctx.regs.gs_base.wrapping_add(self.current_task))?;
+    /// The task running on the vCPU of `ctx` (valid in kernel mode).
+    pub fn current<A: Arch>(&self, ctx: &ProbeContext<'_, A>) -> Result<TaskInfo, HandlerError> {
+        let task = A::current_task(ctx, self.current_task)?;
         let mut ids = [0u8; 8];
         ctx.read_memory(task.wrapping_add(self.pid), &mut ids[..4])?;
         ctx.read_memory(task.wrapping_add(self.tgid), &mut ids[4..])?;
@@ -87,6 +80,7 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
+    use crate::arch::x86_64::X86_64;
     use crate::btf::build_test_btf;
     use crate::fake::{STACK_GPA, STACK_VA, context, machine};
 
@@ -99,8 +93,8 @@ mod tests {
         )]))
         .unwrap();
         let map = SymbolMap::parse("0000000000000010 D current_task\n").unwrap();
-        let layout = TaskLayout::from_kernel(&btf, &map).unwrap();
-        assert_eq!((layout.current_task, layout.comm), (0x10, 0x80));
+        let layout = TaskLayout::from_kernel::<X86_64>(&btf, &map).unwrap();
+        assert_eq!((layout.current_task, layout.comm), (Some(0x10), 0x80));
 
         // The stack page doubles as the per-CPU area (GS base) and the task_struct.
         let (engine, mut vcpu) = machine();
@@ -127,7 +121,7 @@ mod tests {
 
         let no = SymbolMap::parse("ffffffff81000000 T _stext\n").unwrap();
         assert!(matches!(
-            TaskLayout::from_kernel(&btf, &no),
+            TaskLayout::from_kernel::<X86_64>(&btf, &no),
             Err(TaskError::NoCurrentTask)
         ));
     }

@@ -4,7 +4,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-use crate::arch::x86_64::Registers;
+use crate::arch::Arch;
 
 /// Guest physical memory as probe-core reads it: the page walker, handlers, the engine. Every
 /// `vm_memory::GuestMemory` is one; tests give the walker small fakes.
@@ -30,23 +30,24 @@ impl<M: GuestMemory + Send + Sync> GuestPhysMemory for M {
 #[error("{0}")]
 pub struct VmError(pub String);
 
-/// One vCPU, as the engine drives it while handling one of its debug exits.
-pub trait VcpuAccess {
+/// One vCPU of architecture `A`, as the engine drives it while handling one of its debug exits.
+pub trait VcpuAccess<A: Arch> {
     /// The vCPU index.
     fn id(&self) -> u32;
     /// Reads the registers (from the shared `kvm_run` page where KVM offers sync regs).
-    fn registers(&mut self) -> Result<Registers, VmError>;
+    fn registers(&mut self) -> Result<A::Registers, VmError>;
     /// Writes the registers back before the next entry.
-    fn set_registers(&mut self, regs: &Registers) -> Result<(), VmError>;
+    fn set_registers(&mut self, regs: &A::Registers) -> Result<(), VmError>;
     /// Blocks interrupts for the next instruction the vCPU runs, as `sti` does (the interrupt
-    /// shadow), for an emulated `sti`.
+    /// shadow), for an emulated `sti`; asked only where [`crate::arch::HostEmulation`] says an
+    /// instruction opens one (x86_64).
     fn block_interrupts_once(&mut self) -> Result<(), VmError>;
 }
 
 /// What a debug exit reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DebugEvent {
-    /// A software breakpoint (#BP); `pc` is the breakpoint instruction itself.
+    /// A software breakpoint (#BP, BRK); `pc` is the breakpoint instruction itself.
     Breakpoint {
         /// Address of the breakpoint.
         pc: u64,
@@ -69,8 +70,9 @@ pub enum DebugEvent {
 pub enum Verdict {
     /// Resume the vCPU (registers and debug state already set).
     Resume,
-    /// The trap is not ours: deliver #BP to the guest as if no debugger were attached.
+    /// The trap is not ours: deliver the breakpoint exception to the guest as if no debugger
+    /// were attached.
     Reinject,
-    /// The debug exception (#DB) is the guest's own: deliver it to the guest.
+    /// The debug exception (#DB, a step) is the guest's own: deliver it to the guest.
     ReinjectDebug,
 }

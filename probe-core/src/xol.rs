@@ -1,30 +1,15 @@
-//! The XOL (execute out of line) area: guest physical memory that the guest's e820 map does not
-//! list, owned by the VMM, mapped into the guest kernel's address space by page tables that the
-//! VMM builds inside the area itself.
-//!
-//! Where: the last 2 MiB of PUD entry 509 under the top-level entry 511
-//! (`0xffffffff7fe00000..0xffffffff80000000`), inside the unused hole
-//! `ffffffff00000000-ffffffff7fffffff` that Documentation/arch/x86/x86_64/mm.rst lists right
-//! below the kernel text mapping. The PUD table of top-level entry 511 (`level3_kernel_pgt`) is
-//! shared by every address space: `pgd_ctor()` copies the top-level entries from
-//! `KERNEL_PGD_BOUNDARY` (slot 273) up into each new mm, so all of them point at the same PUD
-//! table, and one PUD entry written there maps the area in every page table, present and
-//! future, kthreads and exec'd tasks alike. (Slot 256, the "hypervisor" guard hole, is below the
-//! boundary and is NOT copied: an area there is missing from every mm created after it.) The
-//! area is also within +-2 GiB of all kernel text, KASLR range included, so a copied
-//! instruction's RIP-relative displacement is re-targeted in place and a `jmp rel32` from a
-//! slot reaches back into the text.
+//! The XOL (execute out of line) area: guest physical memory that the guest's memory map does
+//! not list, owned by the VMM, mapped into the guest kernel's address space by page tables that
+//! the VMM builds inside the area itself (where, and how the mapping is hooked into the
+//! kernel's tables, is the architecture's: [`crate::arch::Arch::XOL`],
+//! [`crate::arch::Arch::ensure_xol_mapped`]).
 //!
 //! The VMM registers the code pages as a read-only memslot, so the guest can execute the slots
-//! but cannot rewrite them; the two table pages are a writable memslot (QEMU's TCG probes
-//! page-table pages for write during walks) that the guest maps nowhere. Accessed and Dirty bits
-//! are preset.
+//! but cannot rewrite them; the table pages are a writable memslot that the guest maps nowhere.
 //!
-//! Layout (one 4 KiB page each): PD, PT, then the code pages holding the slots.
+//! Layout: the architecture's table pages, then the code pages holding the slots.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
-
-use crate::pagewalk::PagingMode;
+use crate::arch::{Arch, XolLayout};
 
 /// Errors of the XOL area.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -33,49 +18,46 @@ pub enum XolError {
     #[error("the XOL area is full ({0} slots)")]
     Full(usize),
     /// The area does not fit the page-table layout.
-    #[error("an XOL area of {0} code pages does not fit one page table (at most 512)")]
-    TooLarge(usize),
-    /// The guest uses the PUD entry that the area needs.
+    #[error("an XOL area of {pages} code pages does not fit its page tables (at most {max})")]
+    TooLarge {
+        /// Code pages asked for.
+        pages: usize,
+        /// Most the layout maps.
+        max: u64,
+    },
+    /// The guest uses the page-table entry that the area needs.
     #[error(
-        "the guest's kernel PUD table at {table:#x} already uses entry 509 ({entry:#x}, the unused hole below the kernel text); the XOL area cannot be mapped"
+        "the guest's kernel page table at {table:#x} already uses entry {index} ({entry:#x}, the unused hole the XOL area goes in); the XOL area cannot be mapped"
     )]
     HoleInUse {
-        /// The PUD table.
+        /// The table.
         table: u64,
+        /// The entry's index.
+        index: u64,
         /// What is there.
         entry: u64,
     },
-    /// The guest's page tables do not have the expected kernel layout above the PUD level.
+    /// The guest's page tables do not have the expected kernel layout above the area's entry.
     #[error(
-        "the guest's page tables have no kernel PUD table for {XOL_VA_BASE:#x} (level-{level} entry {entry:#x}); the XOL area cannot be mapped"
+        "the guest's page tables have no kernel table for {va:#x} (level-{level} entry {entry:#x}); the XOL area cannot be mapped"
     )]
     NoKernelTable {
+        /// The area's address.
+        va: u64,
         /// The level whose entry is not a table.
         level: u8,
         /// The entry.
         entry: u64,
     },
+    /// The architecture back end cannot map an XOL area (yet).
+    #[error("{0}")]
+    Unsupported(&'static str),
     /// Guest memory access failed.
     #[error("guest memory at {0:#x} is not accessible")]
     Memory(u64),
 }
 
-/// Guest virtual base of the XOL area's code pages.
-pub const XOL_VA_BASE: u64 = 0xffff_ffff_7fe0_0000;
-/// PUD index (under top-level entry 511) that maps the area.
-pub const XOL_PUD_INDEX: u64 = 509;
-/// Bytes per slot: the longest instruction (15) plus a `jmp rel32` back (5) or an int3,
-/// rounded up.
-pub const SLOT_SIZE: u64 = 32;
 const PAGE: u64 = 4096;
-const TABLE_PAGES: u64 = 2;
-/// Bytes of the area's own page tables, at its start; the code pages follow.
-pub const TABLE_BYTES: u64 = TABLE_PAGES * PAGE;
-const P: u64 = 1;
-const PS: u64 = 1 << 7;
-const A: u64 = 1 << 5;
-const D: u64 = 1 << 6;
-const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
 /// One slot of the area.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,22 +71,29 @@ pub struct XolSlot {
 }
 
 /// The XOL area and its slot allocator. Slots are never handed out twice: a slot that a probe
-/// used may still hold the saved RIP of a preempted task (a boosted slot runs with interrupts
+/// used may still hold the saved PC of a preempted task (a boosted slot runs with interrupts
 /// on) after the probe is gone.
 #[derive(Debug)]
 pub struct XolArea {
+    layout: XolLayout,
     gpa_base: u64,
     code_pages: u64,
     next: usize,
 }
 
 impl XolArea {
-    /// An area at guest physical `gpa_base` with `code_pages` pages of slots.
-    pub fn new(gpa_base: u64, code_pages: usize) -> Result<XolArea, XolError> {
-        if code_pages == 0 || code_pages as u64 > 512 {
-            return Err(XolError::TooLarge(code_pages));
+    /// An area for architecture `A` at guest physical `gpa_base` with `code_pages` pages of
+    /// slots.
+    pub fn new<A: Arch>(gpa_base: u64, code_pages: usize) -> Result<XolArea, XolError> {
+        let layout = A::XOL;
+        if code_pages == 0 || code_pages as u64 > layout.max_code_pages {
+            return Err(XolError::TooLarge {
+                pages: code_pages,
+                max: layout.max_code_pages,
+            });
         }
         Ok(XolArea {
+            layout,
             gpa_base,
             code_pages: code_pages as u64,
             next: 0,
@@ -113,7 +102,13 @@ impl XolArea {
 
     /// Total size in bytes, tables included: what the VMM must back with memory.
     pub fn size(&self) -> u64 {
-        (TABLE_PAGES + self.code_pages) * PAGE
+        (self.layout.table_pages + self.code_pages) * PAGE
+    }
+
+    /// Bytes of the area's own page tables, at its start (a writable memslot); the code pages
+    /// follow (a read-only one).
+    pub fn table_bytes(&self) -> u64 {
+        self.layout.table_pages * PAGE
     }
 
     /// Guest physical base.
@@ -121,34 +116,34 @@ impl XolArea {
         self.gpa_base
     }
 
+    /// Guest physical address of the first code page.
+    pub fn code_gpa(&self) -> u64 {
+        self.gpa_base + self.table_bytes()
+    }
+
+    /// Number of code pages.
+    pub fn code_pages(&self) -> u64 {
+        self.code_pages
+    }
+
+    /// Guest virtual base of the code pages.
+    pub fn va_base(&self) -> u64 {
+        self.layout.va_base
+    }
+
     /// Number of slots.
     pub fn capacity(&self) -> usize {
-        (self.code_pages * PAGE / SLOT_SIZE) as usize
+        (self.code_pages * PAGE / self.layout.slot_size) as usize
+    }
+
+    /// Bytes per slot.
+    pub fn slot_size(&self) -> u64 {
+        self.layout.slot_size
     }
 
     /// Whether `va` lies in the code pages of the area.
     pub fn contains_va(&self, va: u64) -> bool {
-        (XOL_VA_BASE..XOL_VA_BASE + self.code_pages * PAGE).contains(&va)
-    }
-
-    /// The PUD entry that maps the area.
-    pub fn pud_entry(&self) -> u64 {
-        self.gpa_base | P | A
-    }
-
-    /// Writes the area's own page tables (through the host mapping).
-    pub fn write_tables<M: GuestMemory>(&self, mem: &M) -> Result<(), XolError> {
-        let pd = self.gpa_base;
-        let pt = pd + PAGE;
-        let zero = vec![0u8; (TABLE_PAGES * PAGE) as usize];
-        write(mem, pd, &zero)?;
-        let pd_index = (XOL_VA_BASE >> 21) & 0x1ff;
-        write(mem, pd + pd_index * 8, &(pt | P | A).to_le_bytes())?;
-        for page in 0..self.code_pages {
-            let pte = (self.gpa_base + (TABLE_PAGES + page) * PAGE) | P | A | D;
-            write(mem, pt + page * 8, &pte.to_le_bytes())?;
-        }
-        Ok(())
+        (self.layout.va_base..self.layout.va_base + self.code_pages * PAGE).contains(&va)
     }
 
     /// Takes a fresh slot.
@@ -158,162 +153,11 @@ impl XolArea {
         }
         let index = self.next;
         self.next += 1;
-        let offset = index as u64 * SLOT_SIZE;
+        let offset = index as u64 * self.layout.slot_size;
         Ok(XolSlot {
             index,
-            va: XOL_VA_BASE + offset,
-            gpa: self.gpa_base + TABLE_BYTES + offset,
+            va: self.layout.va_base + offset,
+            gpa: self.code_gpa() + offset,
         })
-    }
-
-    /// Makes sure the kernel PUD table reached from `cr3` maps the area: finds the shared PUD
-    /// table through the top-level entry 511 (and PML4 entry 511 with 5-level paging), checks
-    /// that entry 509 is absent or already ours, and writes it if absent. Returns whether it
-    /// wrote. One write serves every address space, since all share that PUD table.
-    pub fn ensure_mapped<M: GuestMemory>(
-        &self,
-        mem: &M,
-        cr3: u64,
-        mode: PagingMode,
-    ) -> Result<bool, XolError> {
-        let top = match mode {
-            PagingMode::FourLevel => 4u8,
-            PagingMode::FiveLevel => 5,
-        };
-        let mut table = cr3 & ADDR_MASK;
-        for level in (4..=top).rev() {
-            let index = (XOL_VA_BASE >> (12 + 9 * (u32::from(level) - 1))) & 0x1ff;
-            let at = table + index * 8;
-            let entry: u64 = mem
-                .read_obj(GuestAddress(at))
-                .map_err(|_| XolError::Memory(at))?;
-            if entry & P == 0 || entry & PS != 0 {
-                return Err(XolError::NoKernelTable { level, entry });
-            }
-            table = entry & ADDR_MASK;
-        }
-        let at = table + XOL_PUD_INDEX * 8;
-        let entry: u64 = mem
-            .read_obj(GuestAddress(at))
-            .map_err(|_| XolError::Memory(at))?;
-        let want = self.pud_entry();
-        if entry == want {
-            return Ok(false);
-        }
-        if entry & P != 0 {
-            return Err(XolError::HoleInUse { table, entry });
-        }
-        write(mem, at, &want.to_le_bytes())?;
-        Ok(true)
-    }
-}
-
-fn write<M: GuestMemory>(mem: &M, gpa: u64, bytes: &[u8]) -> Result<(), XolError> {
-    mem.write_slice(bytes, GuestAddress(gpa))
-        .map_err(|_| XolError::Memory(gpa))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::pagewalk::translate;
-    use vm_memory::GuestMemoryMmap;
-
-    struct Mem(GuestMemoryMmap);
-    impl crate::vm::GuestPhysMemory for Mem {
-        fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> bool {
-            self.0.read_slice(buf, GuestAddress(gpa)).is_ok()
-        }
-    }
-
-    /// Two top-level tables (two "mms") at 0x1000 and 0x2000 whose entry 511 share one PUD
-    /// table at 0x3000, as `pgd_ctor` makes them.
-    fn two_mms() -> GuestMemoryMmap {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[
-            (GuestAddress(0), 0x10_0000),
-            (GuestAddress(0x4000_0000), 0x10_0000),
-        ])
-        .unwrap();
-        for pgd in [0x1000u64, 0x2000] {
-            mem.write_obj(0x3000u64 | 0x63, GuestAddress(pgd + 511 * 8))
-                .unwrap();
-        }
-        mem
-    }
-
-    #[test]
-    fn one_pud_entry_maps_the_slots_in_every_address_space() {
-        let mem = two_mms();
-        let mut xol = XolArea::new(0x4000_0000, 4).unwrap();
-        xol.write_tables(&mem).unwrap();
-        let slot = xol.allocate().unwrap();
-        let m = Mem(mem);
-        assert!(translate(&m, 0x1000, PagingMode::FourLevel, slot.va).is_err());
-        assert!(
-            xol.ensure_mapped(&m.0, 0x1000, PagingMode::FourLevel)
-                .unwrap()
-        );
-        // The other mm sees it with no write of its own.
-        assert!(
-            !xol.ensure_mapped(&m.0, 0x2000, PagingMode::FourLevel)
-                .unwrap()
-        );
-        for cr3 in [0x1000, 0x2000] {
-            let t = translate(&m, cr3, PagingMode::FourLevel, slot.va).unwrap();
-            assert_eq!(t.gpa, slot.gpa);
-            assert!(!t.writable && !t.user && !t.no_execute);
-        }
-        let second = xol.allocate().unwrap();
-        assert_eq!(second.va, slot.va + SLOT_SIZE);
-        assert_eq!(
-            translate(&m, 0x2000, PagingMode::FourLevel, second.va)
-                .unwrap()
-                .gpa,
-            second.gpa
-        );
-        assert!(xol.contains_va(slot.va) && !xol.contains_va(XOL_VA_BASE - 1));
-        // Within +-2 GiB of the lowest and the highest kernel text address.
-        for text in [0xffff_ffff_8000_0000u64, 0xffff_ffff_c000_0000] {
-            assert!(text - slot.va < 1 << 31);
-        }
-    }
-
-    #[test]
-    fn five_level_paging_goes_through_pml5_entry_511() {
-        let mem = two_mms();
-        // PML5 at 0x5000 whose entry 511 points at the PML4 at 0x1000.
-        mem.write_obj(0x1000u64 | 0x63, GuestAddress(0x5000 + 511 * 8))
-            .unwrap();
-        let mut xol = XolArea::new(0x4000_0000, 1).unwrap();
-        xol.write_tables(&mem).unwrap();
-        let slot = xol.allocate().unwrap();
-        assert!(
-            xol.ensure_mapped(&mem, 0x5000, PagingMode::FiveLevel)
-                .unwrap()
-        );
-        let m = Mem(mem);
-        let t = translate(&m, 0x5000, PagingMode::FiveLevel, slot.va).unwrap();
-        assert_eq!(t.gpa, slot.gpa);
-    }
-
-    #[test]
-    fn a_used_hole_a_missing_kernel_table_and_a_full_area_are_errors() {
-        let mem = two_mms();
-        mem.write_obj(0x1234_5007u64, GuestAddress(0x3000 + 509 * 8))
-            .unwrap();
-        let mut xol = XolArea::new(0x8_0000, 1).unwrap();
-        assert!(matches!(
-            xol.ensure_mapped(&mem, 0x1000, PagingMode::FourLevel),
-            Err(XolError::HoleInUse { .. })
-        ));
-        assert!(matches!(
-            xol.ensure_mapped(&mem, 0x6000, PagingMode::FourLevel),
-            Err(XolError::NoKernelTable { level: 4, .. })
-        ));
-        for _ in 0..xol.capacity() {
-            xol.allocate().unwrap();
-        }
-        assert_eq!(xol.allocate(), Err(XolError::Full(128)));
-        assert!(XolArea::new(0, 513).is_err());
     }
 }

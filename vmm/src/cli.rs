@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use probe_core::definition::ProbeKind;
-use probe_core::engine::MAX_HW_BREAKPOINTS;
 use probe_core::guest_kprobes::KprobeTableLayout;
 use probe_core::probe::{Probe, ProbeContext, TrapKind};
 use probe_core::task::TaskLayout;
@@ -171,7 +170,7 @@ fn choose_trap(choice: TrapChoice, support: &TrapSupport, probes: usize) -> Resu
             bail!("--trap hw: this KVM does not deliver hardware breakpoints: {summary}")
         }
         TrapChoice::Auto if int3 => Ok(TrapKind::Software),
-        TrapChoice::Auto if support.hardware.is_ok() && probes <= MAX_HW_BREAKPOINTS => {
+        TrapChoice::Auto if support.hardware.is_ok() && probes <= crate::arch::HW_BREAKPOINTS => {
             Ok(TrapKind::Hardware)
         }
         TrapChoice::Auto => bail!("this KVM cannot run {probes} probe(s): {summary}"),
@@ -233,7 +232,7 @@ fn probe_setup(
             .context("task awareness needs the guest kernel's BTF (--btf)")?
             .as_ref()
             .map_err(|e| anyhow::anyhow!("{e:#}"))?;
-        let layout = TaskLayout::from_kernel(btf, &map)
+        let layout = TaskLayout::from_kernel::<crate::arch::Guest>(btf, &map)
             .context("finding the current task in the guest kernel")?;
         Some(Arc::new(layout))
     } else {
@@ -318,11 +317,13 @@ fn probe_setup(
     };
     Ok(Some(ProbeSetup {
         requests,
-        int3_exits: support.software.is_ok(),
+        breakpoint_exits: support.software.is_ok(),
         text,
         xol_pages: XOL_PAGES,
-        syscall_entry: map.lookup("entry_SYSCALL_64").ok().map(|s| s.addr),
-        initial_page_table: map.lookup("init_top_pgt").ok().map(|s| s.addr),
+        kaslr_anchor: map
+            .lookup(crate::arch::KASLR_ANCHOR.symbol)
+            .ok()
+            .map(|s| s.addr),
         exception_table: match (
             map.lookup("__start___ex_table"),
             map.lookup("__stop___ex_table"),
@@ -358,7 +359,9 @@ fn run_on_host(args: &Job) -> Result<i32> {
             vcpus: args.vcpus,
             memory_mib: args.memory,
             xol_bytes: if probes.is_some() {
-                XolArea::new(0, XOL_PAGES).map(|x| x.size()).unwrap_or(0)
+                XolArea::new::<crate::arch::Guest>(0, XOL_PAGES)
+                    .map(|x| x.size())
+                    .unwrap_or(0)
             } else {
                 0
             },

@@ -74,19 +74,7 @@ pub fn check_host_at(dev_kvm: &Path, sys_module: &Path) -> Result<KvmFacts, Host
     if api != 12 {
         return Err(HostCheckError::ApiVersion(api));
     }
-    for (cap, name) in [
-        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
-        (Cap::Pit2, "KVM_CAP_PIT2"),
-        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
-        (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
-        (Cap::Irqfd, "KVM_CAP_IRQFD"),
-        (Cap::ExtCpuid, "KVM_CAP_EXT_CPUID"),
-        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
-        (
-            Cap::SetGuestDebug,
-            "KVM_CAP_SET_GUEST_DEBUG (guest debugging)",
-        ),
-    ] {
+    for &(cap, name) in crate::arch::REQUIRED_CAPS {
         if !kvm.check_extension(cap) {
             return Err(HostCheckError::MissingCap(name));
         }

@@ -11,7 +11,7 @@ use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
 use probe_core::definition::ProbeDefinition;
-use probe_core::engine::{MAX_HW_BREAKPOINTS, PlantTarget};
+use probe_core::engine::PlantTarget;
 use probe_core::symbols::SymbolMap;
 
 /// Where the VM runs.
@@ -150,7 +150,7 @@ fn is_definition(p: &str) -> bool {
 fn resolve_probe(map: &SymbolMap, p: &str) -> Result<ResolvedProbe> {
     let definition = if is_definition(p) {
         let d = ProbeDefinition::parse(p).map_err(|e| anyhow::anyhow!("--probe {p}: {e}"))?;
-        if let Some(r) = probe_core::fetch::unknown_register(&d) {
+        if let Some(r) = probe_core::fetch::unknown_register::<crate::arch::Guest>(&d) {
             bail!("--probe {p}: unknown register %{r}");
         }
         Some(d)
@@ -299,9 +299,10 @@ impl Job {
         if !self.skip_refused {
             refusals(std::mem::take(&mut refused), "probe(s) refused")?;
         }
-        if self.trap == TrapChoice::Hw && targets.len() > MAX_HW_BREAKPOINTS {
+        if self.trap == TrapChoice::Hw && targets.len() > crate::arch::HW_BREAKPOINTS {
             bail!(
-                "--trap hw allows at most {MAX_HW_BREAKPOINTS} probes ({} given)",
+                "--trap hw allows at most {} probes ({} given)",
+                crate::arch::HW_BREAKPOINTS,
                 targets.len()
             );
         }

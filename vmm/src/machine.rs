@@ -13,16 +13,15 @@ use kvm_ioctls::Kvm;
 use crate::devices::console::ConsoleWatch;
 use crate::devices::serial::SerialPort;
 use crate::output::{ConsoleSink, TraceOutput};
-use probe_core::arch::x86_64::{Registers, extable};
 use probe_core::engine::{
     ExitStats, PlantTarget, ProbeStats, RewrittenSite, hash_guest_virtual, read_guest_virtual,
 };
+use probe_core::extable;
 use probe_core::guest_kprobes::KprobeTableLayout;
-use probe_core::pagewalk::{PagingMode, translate};
 use probe_core::probe::Probe;
 use probe_core::xol::XolArea;
 
-use crate::arch::x86_64::layout;
+use crate::arch::{self, Guest, GuestRegisters};
 use crate::probing::{Engine, PausedState, Probing};
 use crate::vcpu::{self, StopReason, StopSignal, VcpuCommand, VcpuContext, VcpuEvent, VcpuHandle};
 use crate::vm::{Vm, VmConfig, VmError};
@@ -124,21 +123,19 @@ pub struct ProbeRequest {
 pub struct ProbeSetup {
     /// What to plant, in order.
     pub requests: Vec<ProbeRequest>,
-    /// This KVM delivers int3 exits (the trap self-test). #BP is trapped from the first int3
-    /// of hvprobe's in the guest (a probe, a trapped slot, the return trampoline), whatever
-    /// trap the probes use; without int3 exits, what needs one is refused.
-    pub int3_exits: bool,
+    /// This KVM delivers software-breakpoint exits (the trap self-test). They are trapped from
+    /// the first breakpoint of hvprobe's in the guest (a probe, a trapped slot, the return
+    /// trampoline), whatever trap the probes use; without them, what needs one is refused.
+    pub breakpoint_exits: bool,
     /// Kernel text `[start, end)` (virtual), hashed before planting and after removal.
     pub text: Option<(u64, u64)>,
     /// XOL code pages to reserve.
     pub xol_pages: usize,
-    /// System.map's `entry_SYSCALL_64`, to find the KASLR slide from the running guest.
-    pub syscall_entry: Option<u64>,
+    /// System.map's address of the architecture's KASLR anchor ([`arch::KASLR_ANCHOR`]), to
+    /// find the slide from the running guest.
+    pub kaslr_anchor: Option<u64>,
     /// The KASLR slide once found, shared with handlers that symbolize addresses.
     pub slide: Arc<AtomicU64>,
-    /// System.map's `init_top_pgt`: the kernel's initial top-level page table, which every
-    /// new page table copies its kernel half from; the XOL area is mapped there at planting.
-    pub initial_page_table: Option<u64>,
     /// System.map's `__start___ex_table` and `__stop___ex_table`: instructions listed there are
     /// never copied out of line.
     pub exception_table: Option<(u64, u64)>,
@@ -148,9 +145,6 @@ pub struct ProbeSetup {
     /// reads through them.
     pub guest_kprobes: Option<KprobeTableLayout>,
 }
-
-/// KASLR moves the x86_64 kernel by multiples of CONFIG_PHYSICAL_ALIGN (2 MiB).
-const KASLR_ALIGN: u64 = 2 << 20;
 
 /// Hashes of the kernel text around probing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,31 +263,37 @@ struct ProbeSession {
     engine: Arc<Engine>,
     report: ProbeReport,
     planted: bool,
-    regs: Option<Registers>,
+    regs: Option<GuestRegisters>,
 }
 
 impl ProbeSession {
-    fn hash_text(&self, regs: &Registers) -> Option<u64> {
+    fn hash_text(&self, regs: &GuestRegisters) -> Option<u64> {
         let (start, end) = self.setup.text?;
-        hash_guest_virtual(self.engine.memory(), regs, start, end).ok()
+        hash_guest_virtual::<Guest, _>(self.engine.memory(), regs, start, end).ok()
     }
 
-    /// Finds the running kernel's KASLR slide from its syscall entry point (`MSR_LSTAR`)
-    /// against System.map's `entry_SYSCALL_64`, and moves every probe address by it.
-    fn apply_kaslr_slide(&mut self, syscall_entry: u64) -> Result<(), PlantingError> {
-        let Some(linked) = self.setup.syscall_entry else {
+    /// Finds the running kernel's KASLR slide from the architecture's anchor register
+    /// (`running`) against System.map's address of its symbol, and moves every probe address
+    /// by it.
+    fn apply_kaslr_slide(&mut self, running: u64) -> Result<(), PlantingError> {
+        let anchor = arch::KASLR_ANCHOR;
+        let Some(linked) = self.setup.kaslr_anchor else {
             return Ok(());
         };
-        if syscall_entry == 0 {
-            return Err(PlantingError::Kaslr(
-                "cannot read the guest's syscall entry point (MSR_LSTAR)".into(),
-            ));
-        }
-        let slide = syscall_entry.wrapping_sub(linked);
-        if slide % KASLR_ALIGN != 0 {
+        if running == 0 {
             return Err(PlantingError::Kaslr(format!(
-                "the guest's syscall entry {syscall_entry:#x} is not entry_SYSCALL_64 ({linked:#x}) \
-                 moved by a multiple of 2 MiB: System.map does not match the running kernel"
+                "cannot read the guest's {}",
+                anchor.register
+            )));
+        }
+        let slide = running.wrapping_sub(linked);
+        if slide % anchor.align != 0 {
+            return Err(PlantingError::Kaslr(format!(
+                "the guest's {} {running:#x} is not {} ({linked:#x}) moved by a multiple of \
+                 {} KiB: System.map does not match the running kernel",
+                anchor.register,
+                anchor.symbol,
+                anchor.align >> 10
             )));
         }
         self.report.kaslr_slide = Some(slide);
@@ -325,28 +325,12 @@ impl ProbeSession {
         let result = (|| {
             let state = paused_state(&handles[0])?;
             let regs = state.regs;
-            self.apply_kaslr_slide(state.syscall_entry)?;
-            if let Some(va) = self.setup.initial_page_table {
-                let va = va.wrapping_add(self.setup.slide.load(Ordering::SeqCst));
-                let mode = PagingMode::from_cr4(regs.cr4);
-                let gpa = translate(self.engine.memory(), regs.cr3, mode, va)
-                    .map_err(|e| PlantingError::XolArea {
-                        what: "the kernel's initial page table (init_top_pgt)",
-                        detail: e.to_string(),
-                    })?
-                    .gpa;
-                self.engine
-                    .map_xol_into(gpa)
-                    .map_err(|e| PlantingError::XolArea {
-                        what: "mapping the XOL area",
-                        detail: e.to_string(),
-                    })?;
-            }
+            self.apply_kaslr_slide(state.kaslr_anchor)?;
             if let Some((start, end)) = self.setup.exception_table {
                 let slide = self.setup.slide.load(Ordering::SeqCst);
                 let (start, end) = (start.wrapping_add(slide), end.wrapping_add(slide));
                 let mut bytes = vec![0u8; end.saturating_sub(start) as usize];
-                read_guest_virtual(self.engine.memory(), &regs, start, &mut bytes)
+                read_guest_virtual::<Guest, _>(self.engine.memory(), &regs, start, &mut bytes)
                     .map_err(PlantingError::ExceptionTable)?;
                 self.engine
                     .set_exception_table(extable::instruction_addresses(start, &bytes));
@@ -354,8 +338,9 @@ impl ProbeSession {
             if let Some(layout) = self.setup.guest_kprobes {
                 let slide = self.setup.slide.load(Ordering::SeqCst);
                 let mem = self.engine.memory();
-                let read =
-                    |va: u64, buf: &mut [u8]| read_guest_virtual(mem, &regs, va, buf).is_ok();
+                let read = |va: u64, buf: &mut [u8]| {
+                    read_guest_virtual::<Guest, _>(mem, &regs, va, buf).is_ok()
+                };
                 match layout.read(slide, &read) {
                     Ok(kprobes) => self.engine.set_guest_kprobes(kprobes),
                     Err(e) => eprintln!(
@@ -516,11 +501,12 @@ pub fn run(
     let mut vm = Vm::new(kvm, &opts.vm, Box::new(ConsoleSink(output.clone())))?;
     let mut session = match probes {
         Some(setup) => {
-            let xol = XolArea::new(layout::XOL_GPA_BASE, setup.xol_pages)
+            let xol = XolArea::new::<Guest>(arch::XOL_GPA_BASE, setup.xol_pages)
                 .map_err(|e| setup_err("XOL area")(e.to_string()))?;
             let engine = Engine::new(vm.memory.clone(), xol)
                 .map_err(|e| setup_err("XOL area")(e.to_string()))?;
-            engine.set_int3_trappable(setup.int3_exits);
+            engine.set_breakpoints_trappable(setup.breakpoint_exits);
+            engine.set_hardware_breakpoint_count(arch::hw_breakpoint_count(&vm.kvm));
             Some(ProbeSession {
                 setup,
                 engine: Arc::new(engine),
@@ -534,7 +520,7 @@ pub fn run(
     let probing = session.as_ref().map(|s| {
         Arc::new(Probing {
             engine: s.engine.clone(),
-            int3_exits: s.setup.int3_exits,
+            breakpoint_exits: s.setup.breakpoint_exits,
         })
     });
     let sync_regs = vm

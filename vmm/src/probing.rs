@@ -1,21 +1,15 @@
-//! The KVM side of probing: the [`VcpuAccess`] implementation over a `VcpuFd` (registers through
-//! `KVM_CAP_SYNC_REGS` when KVM offers it), the per-vCPU guest-debug state, and the handling of
-//! `KVM_EXIT_DEBUG` on the vCPU thread that took it.
+//! The KVM side of probing: the per-vCPU guest-debug state and the handling of
+//! `KVM_EXIT_DEBUG` on the vCPU thread that took it. What differs per architecture (registers,
+//! the `kvm_guest_debug` layout, decoding the exit, the KASLR anchor) comes from [`crate::arch`].
 
 use std::sync::Arc;
 
-use kvm_ioctls::{SyncReg, VcpuFd};
-use probe_core::arch::x86_64::Registers;
+use kvm_ioctls::VcpuFd;
 use probe_core::engine::{ProbeEngine, VcpuProbeState};
-use probe_core::vm::{VcpuAccess, Verdict, VmError};
+use probe_core::vm::{Verdict, VmError};
 use vm_memory::GuestMemoryMmap;
 
-use crate::arch::x86_64::debug::{
-    GuestDebugSetup, debug_event, registers_from_kvm, registers_to_kvm,
-};
-
-/// `MSR_LSTAR`: the 64-bit syscall entry point.
-const MSR_LSTAR: u32 = 0xc000_0082;
+use crate::arch::{self, Guest, GuestDebugSetup, GuestRegisters, KvmVcpu};
 
 /// Errors of the probing side of a vCPU: a KVM call that failed, or a debug exit the engine
 /// could not handle. Any of them stops the machine.
@@ -29,18 +23,21 @@ pub enum ProbingError {
         /// The error.
         source: kvm_ioctls::Error,
     },
-    /// KVM reported a debug exit for a vector hvprobe did not ask for.
-    #[error("debug exit for vector {0} that hvprobe did not ask for")]
-    UnexpectedVector(u32),
+    /// KVM reported a debug exit hvprobe did not ask for.
+    #[error("debug exit for {0} that hvprobe did not ask for")]
+    UnexpectedExit(String),
     /// The engine could not handle the exit.
     #[error(transparent)]
     Engine(#[from] VmError),
-    /// The MSR list for `KVM_GET_MSRS` could not be built.
-    #[error("building the MSR list: {0}")]
-    MsrList(String),
+    /// The register list for a `KVM_GET_MSRS`/`KVM_GET_ONE_REG` batch could not be built.
+    #[error("building the register list: {0}")]
+    RegisterList(String),
     /// A debug exit on a vCPU of a run without probes.
-    #[error("debug exit without probes (vector {0})")]
-    NoProbes(u32),
+    #[error("debug exit without probes ({0})")]
+    NoProbes(String),
+    /// This build's architecture has no VMM yet.
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> ProbingError {
@@ -58,7 +55,7 @@ pub trait DebugExitHook: Send {
         &mut self,
         id: u32,
         fd: &mut VcpuFd,
-        arch: &kvm_bindings::kvm_debug_exit_arch,
+        exit: &kvm_bindings::kvm_debug_exit_arch,
     ) -> Result<(), ProbingError>;
 }
 
@@ -74,9 +71,9 @@ impl DebugExitHook for NoProbes {
         &mut self,
         _id: u32,
         _fd: &mut VcpuFd,
-        arch: &kvm_bindings::kvm_debug_exit_arch,
+        exit: &kvm_bindings::kvm_debug_exit_arch,
     ) -> Result<(), ProbingError> {
-        Err(ProbingError::NoProbes(arch.exception))
+        Err(ProbingError::NoProbes(arch::describe_debug_exit(exit)))
     }
 }
 
@@ -89,9 +86,9 @@ impl DebugExitHook for VcpuProbing {
         &mut self,
         id: u32,
         fd: &mut VcpuFd,
-        arch: &kvm_bindings::kvm_debug_exit_arch,
+        exit: &kvm_bindings::kvm_debug_exit_arch,
     ) -> Result<(), ProbingError> {
-        self.handle_exit(id, fd, arch)
+        self.handle_exit(id, fd, exit)
     }
 }
 
@@ -99,20 +96,22 @@ impl DebugExitHook for VcpuProbing {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PausedState {
     /// The registers (page tables included).
-    pub regs: Registers,
-    /// `MSR_LSTAR`: where the running kernel's `entry_SYSCALL_64` is.
-    pub syscall_entry: u64,
+    pub regs: GuestRegisters,
+    /// Where the running kernel's KASLR anchor is ([`crate::arch::KASLR_ANCHOR`]), 0 if it
+    /// could not be read.
+    pub kaslr_anchor: u64,
 }
 
-/// The engine type the VMM uses.
-pub type Engine = ProbeEngine<GuestMemoryMmap>;
+/// The engine type the VMM uses: the host's architecture over mmap'd guest memory.
+pub type Engine = ProbeEngine<Guest, GuestMemoryMmap>;
 
 /// Probing shared by all vCPU threads.
 pub struct Probing {
     /// The engine.
     pub engine: Arc<Engine>,
-    /// This KVM delivers int3 exits; #BP is trapped once an int3 of hvprobe's is in the guest.
-    pub int3_exits: bool,
+    /// This KVM delivers software-breakpoint exits; they are trapped once a breakpoint of
+    /// hvprobe's is in the guest.
+    pub breakpoint_exits: bool,
 }
 
 /// One vCPU's probing state, owned by its thread.
@@ -125,61 +124,11 @@ pub struct VcpuProbing {
     sync_regs: bool,
 }
 
-/// A vCPU as probe-core sees it.
-struct KvmVcpu<'a> {
-    id: u32,
-    fd: &'a mut VcpuFd,
-    sync_regs: bool,
-}
-
-fn err(what: &str) -> impl FnOnce(kvm_ioctls::Error) -> VmError + '_ {
-    move |e| VmError(format!("{what}: {e}"))
-}
-
-impl VcpuAccess for KvmVcpu<'_> {
-    fn id(&self) -> u32 {
-        self.id
-    }
-
-    fn registers(&mut self) -> Result<Registers, VmError> {
-        if self.sync_regs {
-            let s = self.fd.sync_regs();
-            return Ok(registers_from_kvm(&s.regs, &s.sregs));
-        }
-        let r = self.fd.get_regs().map_err(err("KVM_GET_REGS"))?;
-        let s = self.fd.get_sregs().map_err(err("KVM_GET_SREGS"))?;
-        Ok(registers_from_kvm(&r, &s))
-    }
-
-    fn set_registers(&mut self, regs: &Registers) -> Result<(), VmError> {
-        let r = registers_to_kvm(regs);
-        if self.sync_regs {
-            self.fd.sync_regs_mut().regs = r;
-            self.fd.set_sync_dirty_reg(SyncReg::Register);
-            return Ok(());
-        }
-        self.fd.set_regs(&r).map_err(err("KVM_SET_REGS"))
-    }
-
-    fn block_interrupts_once(&mut self) -> Result<(), VmError> {
-        let mut events = self
-            .fd
-            .get_vcpu_events()
-            .map_err(err("KVM_GET_VCPU_EVENTS"))?;
-        events.interrupt.shadow = kvm_bindings::KVM_X86_SHADOW_INT_STI as u8;
-        events.flags |= kvm_bindings::KVM_VCPUEVENT_VALID_SHADOW;
-        self.fd
-            .set_vcpu_events(&events)
-            .map_err(err("KVM_SET_VCPU_EVENTS"))
-    }
-}
-
 impl VcpuProbing {
     /// Probing state for one vCPU; turns on register syncing through `kvm_run` if KVM has it.
     pub fn new(shared: Arc<Probing>, fd: &mut VcpuFd, sync_regs: bool) -> VcpuProbing {
         if sync_regs {
-            fd.set_sync_valid_reg(SyncReg::Register);
-            fd.set_sync_valid_reg(SyncReg::SystemRegister);
+            arch::enable_register_sync(fd);
         }
         VcpuProbing {
             shared,
@@ -197,32 +146,23 @@ impl VcpuProbing {
         let engine = &self.shared.engine;
         let generation = engine.hardware_generation();
         if generation != self.applied_generation {
-            self.setup.hardware = engine.hardware_breakpoints().0;
+            self.setup.set_hardware(&engine.hardware_breakpoints().0);
             self.applied_generation = generation;
         }
-        // #BP is trapped only once an int3 of ours is in the guest: before that (boot, a run
-        // whose probes were all refused) the guest's own int3s stay the guest's business.
-        self.setup.software_breakpoints = self.shared.int3_exits && engine.int3_written();
-        // INJECT_BP acts once, at the ioctl: a request for it always needs one, and what KVM
+        // Breakpoints are trapped only once one of ours is in the guest: before that (boot, a
+        // run whose probes were all refused) the guest's own stay the guest's business.
+        self.setup
+            .trap_breakpoints(self.shared.breakpoint_exits && engine.breakpoint_written());
+        // An injection acts once, at the ioctl: a request for it always needs one, and what KVM
         // keeps afterwards is the set-up without it. (Comparing with it included would skip
-        // the ioctl for a second foreign int3 in a row, and the guest would loop on it.)
-        if self.applied != Some(self.setup)
-            || self.setup.inject_breakpoint
-            || self.setup.inject_debug
-        {
-            // KVM_SET_GUEST_DEBUG computes TF from the registers KVM holds now, so registers
-            // the engine left in the sync area must reach KVM first.
-            if self.sync_regs
-                && fd.get_kvm_run().kvm_dirty_regs & u64::from(kvm_bindings::KVM_SYNC_X86_REGS) != 0
-            {
-                let regs = fd.sync_regs().regs;
-                fd.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
-                fd.get_kvm_run().kvm_dirty_regs &= !u64::from(kvm_bindings::KVM_SYNC_X86_REGS);
+        // the ioctl for a second foreign breakpoint in a row, and the guest would loop on it.)
+        if self.applied != Some(self.setup) || self.setup.injecting() {
+            if self.sync_regs {
+                arch::flush_register_sync(fd)?;
             }
             fd.set_guest_debug(&self.setup.to_kvm())
                 .map_err(kvm("KVM_SET_GUEST_DEBUG"))?;
-            self.setup.inject_breakpoint = false;
-            self.setup.inject_debug = false;
+            self.setup.applied();
             self.applied = Some(self.setup);
         }
         Ok(())
@@ -233,43 +173,28 @@ impl VcpuProbing {
         &mut self,
         id: u32,
         fd: &mut VcpuFd,
-        arch: &kvm_bindings::kvm_debug_exit_arch,
+        exit: &kvm_bindings::kvm_debug_exit_arch,
     ) -> Result<(), ProbingError> {
-        let Some(event) = debug_event(arch) else {
-            return Err(ProbingError::UnexpectedVector(arch.exception));
+        let Some(event) = arch::decode_debug_exit(fd, exit) else {
+            return Err(ProbingError::UnexpectedExit(arch::describe_debug_exit(
+                exit,
+            )));
         };
-        let mut vcpu = KvmVcpu {
-            id,
-            fd,
-            sync_regs: self.sync_regs,
-        };
+        let mut vcpu = KvmVcpu::new(id, fd, self.sync_regs);
         let verdict = self
             .shared
             .engine
             .handle_debug(&mut vcpu, &mut self.state, event)?;
         match verdict {
             Verdict::Resume => {}
-            Verdict::Reinject => self.setup.inject_breakpoint = true,
-            Verdict::ReinjectDebug => self.setup.inject_debug = true,
+            Verdict::Reinject => self.setup.reinject_breakpoint()?,
+            Verdict::ReinjectDebug => self.setup.reinject_debug()?,
         }
         Ok(())
     }
 
-    /// Reads the state of a vCPU that is out of `KVM_RUN`: registers and the syscall entry
-    /// point (`MSR_LSTAR`), from which the KASLR slide follows.
+    /// Reads the state of a vCPU that is out of `KVM_RUN`: registers and the KASLR anchor.
     pub fn paused_state(fd: &mut VcpuFd) -> Result<PausedState, ProbingError> {
-        let r = fd.get_regs().map_err(kvm("KVM_GET_REGS"))?;
-        let s = fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
-        let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
-            index: MSR_LSTAR,
-            ..Default::default()
-        }])
-        .map_err(|e| ProbingError::MsrList(format!("{e:?}")))?;
-        let n = fd.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
-        let syscall_entry = if n == 1 { msrs.as_slice()[0].data } else { 0 };
-        Ok(PausedState {
-            regs: registers_from_kvm(&r, &s),
-            syscall_entry,
-        })
+        arch::paused_state(fd)
     }
 }

@@ -2,7 +2,9 @@
 
 use crate::output::TraceOutput;
 
-use probe_core::arch::x86_64::Gpr;
+use probe_core::arch::RegisterFile;
+
+use crate::arch::GuestRegisters;
 use probe_core::definition::FetchType;
 use probe_core::definition::{Fetch, ProbeDefinition};
 use probe_core::fetch::{FetchEnv, FetchValue, evaluate, format_args};
@@ -13,21 +15,22 @@ use probe_core::task::{TaskInfo, TaskLayout};
 
 use crate::machine::ProbeReport;
 
-/// The line printed for one hit: time since start, vCPU, probe, RIP and the first argument
-/// registers.
+/// The line printed for one hit: time since start, vCPU, probe, the PC and the first four
+/// argument registers, by their architecture's names (`rip=... rdi=...`, `pc=... x0=...`).
 pub fn hit_line(ctx: &ProbeContext<'_>) -> String {
     let r = ctx.regs;
-    format!(
-        "hit {:>12.6} cpu{} {} rip={:#x} rdi={:#x} rsi={:#x} rdx={:#x} rcx={:#x}",
+    let mut line = format!(
+        "hit {:>12.6} cpu{} {} {}={:#x}",
         ctx.time.as_secs_f64(),
         ctx.vcpu,
         ctx.location,
-        r.rip,
-        r.get(Gpr::Rdi),
-        r.get(Gpr::Rsi),
-        r.get(Gpr::Rdx),
-        r.get(Gpr::Rcx),
-    )
+        GuestRegisters::PC_NAME,
+        r.pc(),
+    );
+    for (n, name) in GuestRegisters::ARG_NAMES.iter().take(4).enumerate() {
+        line.push_str(&format!(" {name}={:#x}", r.arg(n).unwrap_or(0)));
+    }
+    line
 }
 
 /// Prints a hit line to the run's trace output in one piece, so lines from several vCPUs do
@@ -62,7 +65,7 @@ pub fn count_return(
         hist.values
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .add(ctx.regs.get(Gpr::Rax), hist.ty);
+            .add(ctx.regs.return_value(), hist.ty);
     }
 }
 
@@ -123,10 +126,10 @@ pub fn print_event(
     let entry = ctx.entry_context();
     let (retval, place) = match &entry {
         Some(_) => (
-            Some(ctx.regs.get(Gpr::Rax)),
+            Some(ctx.regs.return_value()),
             format!(
                 "{} <- {}",
-                map.describe(ctx.regs.rip.wrapping_sub(slide)),
+                map.describe(ctx.regs.pc().wrapping_sub(slide)),
                 ctx.location
             ),
         ),

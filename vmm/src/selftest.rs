@@ -1,15 +1,10 @@
-//! The trap self-test: a tiny real-mode guest (a few bytes of code in one page) run on this
-//! KVM to learn which debug traps it actually delivers: `int3` exits (software breakpoints),
-//! hardware execute breakpoints and single-steps. Nested or emulated KVMs differ here (QEMU's
-//! TCG, for one, hides a nested guest's int3 unless patched), so hvprobe measures instead of
-//! assuming. Takes a few milliseconds.
+//! The trap self-test: a tiny guest (a few instructions in one page, the architecture's:
+//! [`crate::arch::probe_traps`]) run on this KVM to learn which debug traps it actually
+//! delivers: software-breakpoint exits, hardware execute breakpoints and single-steps. Nested
+//! or emulated KVMs differ here (QEMU's TCG, for one, hides a nested x86 guest's int3 unless
+//! patched), so hvprobe measures instead of assuming. Takes a few milliseconds.
 
-use kvm_bindings::{kvm_regs, kvm_userspace_memory_region};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-
-use crate::arch::x86_64::debug::{GuestDebugSetup, debug_event};
-use probe_core::vm::DebugEvent;
+use kvm_ioctls::Kvm;
 
 /// Which traps this KVM delivers; each is `Err(why)` when it does not.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,110 +33,7 @@ impl TrapSupport {
     }
 }
 
-const CODE_AT: u64 = 0x1000;
-// nop; int3; nop; hlt
-const CODE: [u8; 4] = [0x90, 0xcc, 0x90, 0xf4];
-
-fn describe(exit: Result<VcpuExit<'_>, kvm_ioctls::Error>) -> Result<DebugEvent, String> {
-    match exit {
-        Ok(VcpuExit::Debug(arch)) => {
-            debug_event(&arch).ok_or(format!("debug exit for vector {}", arch.exception))
-        }
-        Ok(VcpuExit::Hlt) => Err("the guest ran on to its hlt without an exit".into()),
-        Ok(VcpuExit::InternalError) => Err("KVM_EXIT_INTERNAL_ERROR".into()),
-        Ok(other) => Err(format!("unexpected exit {other:?}")),
-        Err(e) => Err(format!("KVM_RUN: {e}")),
-    }
-}
-
-fn run_to_exit(vcpu: &mut VcpuFd, rip: u64, setup: GuestDebugSetup) -> Result<DebugEvent, String> {
-    let mut regs = vcpu.get_regs().map_err(|e| e.to_string())?;
-    regs.rip = rip;
-    vcpu.set_regs(&regs).map_err(|e| e.to_string())?;
-    vcpu.set_guest_debug(&setup.to_kvm())
-        .map_err(|e| format!("KVM_SET_GUEST_DEBUG: {e}"))?;
-    describe(vcpu.run())
-}
-
 /// Runs the self-test on `kvm`.
 pub fn probe_traps(kvm: &Kvm) -> Result<TrapSupport, String> {
-    let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)])
-        .map_err(|e| e.to_string())?;
-    mem.write_slice(&CODE, GuestAddress(CODE_AT))
-        .map_err(|e| e.to_string())?;
-    // Real-mode IVT: every vector lands on the hlt, so a trap KVM does not intercept ends in
-    // a KVM_EXIT_HLT rather than a runaway guest.
-    for v in 0..32u64 {
-        let entry = (CODE_AT + 3) as u32; // segment 0, offset of the hlt
-        mem.write_obj(entry, GuestAddress(v * 4))
-            .map_err(|e| e.to_string())?;
-    }
-    let host = mem
-        .get_host_address(GuestAddress(0))
-        .map_err(|e| e.to_string())?;
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        guest_phys_addr: 0,
-        memory_size: 0x10000,
-        userspace_addr: host as u64,
-        flags: 0,
-    };
-    // SAFETY: `mem` maps 64 KiB at `host` and outlives `vm`, which is dropped at the end of
-    // this function before `mem`.
-    unsafe { vm.set_user_memory_region(region) }
-        .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {e}"))?;
-    let mut vcpu = vm
-        .create_vcpu(0)
-        .map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
-    let mut sregs = vcpu.get_sregs().map_err(|e| e.to_string())?;
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    vcpu.set_sregs(&sregs).map_err(|e| e.to_string())?;
-    vcpu.set_regs(&kvm_regs {
-        rflags: 0x2,
-        rsp: 0x8000,
-        ..Default::default()
-    })
-    .map_err(|e| e.to_string())?;
-
-    // Each trap: where the vCPU starts, what is enabled, and the exit that proves delivery.
-    let mut check = |rip: u64, setup: GuestDebugSetup, want: DebugEvent| match run_to_exit(
-        &mut vcpu, rip, setup,
-    ) {
-        Ok(got) if got == want => Ok(()),
-        Ok(other) => Err(format!("got {other:?}")),
-        Err(e) => Err(e),
-    };
-    let hardware = check(
-        CODE_AT + 2,
-        GuestDebugSetup {
-            hardware: [Some(CODE_AT + 2), None, None, None],
-            ..Default::default()
-        },
-        DebugEvent::HardwareBreakpoint { pc: CODE_AT + 2 },
-    );
-    let software = check(
-        CODE_AT,
-        GuestDebugSetup {
-            software_breakpoints: true,
-            ..Default::default()
-        },
-        DebugEvent::Breakpoint { pc: CODE_AT + 1 },
-    );
-    let single_step = check(
-        CODE_AT,
-        GuestDebugSetup {
-            single_step: true,
-            ..Default::default()
-        },
-        DebugEvent::SingleStep { pc: CODE_AT + 1 },
-    );
-    drop(vcpu);
-    drop(vm);
-    Ok(TrapSupport {
-        software,
-        hardware,
-        single_step,
-    })
+    crate::arch::probe_traps(kvm)
 }

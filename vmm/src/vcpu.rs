@@ -320,9 +320,9 @@ impl VcpuThread {
                     // KVM_EXIT_INTERNAL_ERROR.
                     let internal = unsafe { run.__bindgen_anon_1.internal };
                     let data = &internal.data[..(internal.ndata as usize).min(internal.data.len())];
-                    let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                    let pc = crate::arch::read_pc(&self.fd).unwrap_or(0);
                     ExitAction::Stop(StopReason::VcpuError(format!(
-                        "vCPU {}: KVM_EXIT_INTERNAL_ERROR, suberror {}, rip {rip:#x}, data {data:x?}",
+                        "vCPU {}: KVM_EXIT_INTERNAL_ERROR, suberror {}, pc {pc:#x}, data {data:x?}",
                         self.id, internal.suberror
                     )))
                 }

@@ -1,15 +1,38 @@
-//! Architecture back ends. Each architecture is a marker type implementing [`Arch`]: what a
-//! breakpoint looks like, how an instruction is decoded and classified into a step plan, and
-//! how its register file exposes the few values the engine needs. The engine is written against
-//! the trait; the per-arch code stays in this directory.
+//! Architecture back ends. Each architecture is a marker type implementing [`Arch`], whose
+//! associated types carry what differs (as gdbstub's `Arch` does): the register file, the
+//! decoder and its instructions, host emulation, out-of-line copies, the address space a vCPU's
+//! registers select. The probe engine ([`crate::engine::ProbeEngine`]) is generic over it and
+//! holds no architecture's details; x86_64 lives in [`x86_64`], aarch64 in [`aarch64`].
+//!
+//! What a new architecture implements, file by file, is listed in `docs/architecture.md`.
 
 pub mod aarch64;
 pub mod x86_64;
 
 use std::fmt::Debug;
 
+use vm_memory::GuestMemory;
+
+use crate::pagewalk::{Translation, WalkError};
+use crate::probe::{HandlerError, ProbeContext};
+use crate::vm::GuestPhysMemory;
+use crate::xol::{XolArea, XolError};
+
+/// The architecture of the machine this library is built for: the engine inside a VMM always
+/// probes guests of its host's architecture (an x86_64 host reaches arm64 guests through an
+/// emulated arm64 host running the aarch64 build).
+#[cfg(target_arch = "x86_64")]
+pub type Host = x86_64::X86_64;
+/// The architecture of the machine this library is built for.
+#[cfg(target_arch = "aarch64")]
+pub type Host = aarch64::Aarch64;
+
 /// The registers of one vCPU as the engine and the handlers see them.
-pub trait RegisterFile: Clone + Debug + Default + Send {
+pub trait RegisterFile: Clone + Debug + Default + Send + Sync + 'static {
+    /// The program counter's name in output (`rip`, `pc`).
+    const PC_NAME: &'static str;
+    /// The argument registers' names, in order (`rdi`, `rsi`, ...; `x0`, `x1`, ...).
+    const ARG_NAMES: &'static [&'static str];
     /// The program counter.
     fn pc(&self) -> u64;
     /// Sets the program counter.
@@ -18,20 +41,360 @@ pub trait RegisterFile: Clone + Debug + Default + Send {
     fn sp(&self) -> u64;
     /// Argument register `n` (0-based) of the kernel's calling convention, if there is one.
     fn arg(&self, n: usize) -> Option<u64>;
-    /// A register by its conventional name (`rdi`, `x0`, ...), for output and fetch args.
+    /// How many arguments the calling convention passes in registers.
+    fn register_args(&self) -> usize;
+    /// The register a function returns its value in (`rax`, `x0`).
+    fn return_value(&self) -> u64;
+    /// A register by the name the kernel's kprobe_events syntax uses for it (`di`, `rdi`, `ip`
+    /// on x86_64; `x0`, `sp`, `pc` on arm64), for output and fetch args.
     fn by_name(&self, name: &str) -> Option<u64>;
 }
 
-/// An instruction set the probe engine supports.
-pub trait Arch: Send + Sync + 'static {
+/// Which kind of plan a probed instruction has, for statistics and messages. One list for all
+/// architectures, so that figures compare across them (arm64 has no RIP-relative copies: its
+/// PC-relative instructions are emulated).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PlanKind {
+    /// Emulated on the host.
+    Emulate,
+    /// Copied out of line.
+    Xol,
+    /// Copied out of line with its PC-relative operand rewritten.
+    XolRiprel,
+}
+
+impl PlanKind {
+    /// Every kind, in the order statistics list them.
+    pub const ALL: [PlanKind; 3] = [PlanKind::Emulate, PlanKind::Xol, PlanKind::XolRiprel];
+
+    /// Short name, for figures and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            PlanKind::Emulate => "emulate",
+            PlanKind::Xol => "xol",
+            PlanKind::XolRiprel => "xol-riprel",
+        }
+    }
+}
+
+impl std::fmt::Display for PlanKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How the instruction displaced by a breakpoint is executed once the handlers ran.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepPlan<E, C> {
+    /// Emulated on the host: one exit per hit.
+    Emulate(E),
+    /// Copied into XOL slots and run there by the guest itself: a "boosted" slot (the copy, then
+    /// a branch back to the next original instruction) costs no exit of its own; a "trapped"
+    /// slot (the copy, then a breakpoint the host owns) brings control back for post handlers.
+    StepOutOfLine(C),
+}
+
+/// The step plan of architecture `A`.
+pub type PlanOf<A> = StepPlan<<A as Arch>::Emulation, <A as Arch>::Copy>;
+
+impl<E, C: OutOfLineCopy> StepPlan<E, C> {
+    /// The kind of the plan.
+    pub fn kind(&self) -> PlanKind {
+        match self {
+            StepPlan::Emulate(_) => PlanKind::Emulate,
+            StepPlan::StepOutOfLine(o) => o.kind(),
+        }
+    }
+
+    /// Short name of the plan, for figures and messages.
+    pub fn name(&self) -> &'static str {
+        self.kind().name()
+    }
+}
+
+/// Errors of emulation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EmulationError {
+    /// The stack slot could not be read or written.
+    #[error("cannot write the guest stack at {va:#x}: {why}")]
+    Stack {
+        /// The stack address.
+        va: u64,
+        /// Why.
+        why: String,
+    },
+}
+
+/// The guest stack as emulation reaches it: 64-bit reads and writes at guest virtual addresses.
+pub trait GuestStack {
+    /// Reads the 64-bit value at `va`.
+    fn read_u64(&mut self, va: u64) -> Result<u64, EmulationError>;
+    /// Writes a 64-bit value at `va`.
+    fn write_u64(&mut self, va: u64, value: u64) -> Result<(), EmulationError>;
+}
+
+/// An instruction the host emulates instead of the guest running it.
+pub trait HostEmulation<R>: Clone + Debug + Send + Sync + 'static {
+    /// Applies the instruction to `regs`, reading and writing the guest stack through `stack`.
+    /// Nothing is changed in `regs` if a stack access fails.
+    fn apply(&self, regs: &mut R, stack: &mut dyn GuestStack) -> Result<(), EmulationError>;
+    /// Whether it reads or writes the guest stack (and so may fail where the stack is not
+    /// accessible, which the engine then leaves to the real instruction in a slot).
+    fn touches_stack(&self) -> bool;
+    /// Whether the real instruction blocks interrupts for one more instruction (x86 `sti`).
+    fn opens_interrupt_shadow(&self) -> bool {
+        false
+    }
+}
+
+/// An instruction prepared for execution out of line, and the bytes of its slots.
+pub trait OutOfLineCopy: Clone + Debug + Send + Sync + 'static {
+    /// The kind of plan the copy is.
+    fn kind(&self) -> PlanKind;
+    /// Length of the original instruction.
+    fn original_len(&self) -> u64;
+    /// Length of the copy of the original at `orig_va` in a slot: the slot's trap follows it.
+    fn copy_len(&self, orig_va: u64) -> u64;
+    /// A boosted slot at `slot_va`: the copy, then a branch back to the next original
+    /// instruction; `None` if either is out of reach.
+    fn boosted_slot(&self, orig_va: u64, slot_va: u64) -> Option<Vec<u8>>;
+    /// A trapped slot at `slot_va`: the copy, then the host's breakpoint at
+    /// `slot_va + copy_len`; `None` if the copy is out of reach.
+    fn trapped_slot(&self, orig_va: u64, slot_va: u64) -> Option<Vec<u8>>;
+    /// Why the copy cannot run in a trapped slot (it may leave the slot without reaching the
+    /// trap, or wait for an interrupt): such an instruction takes no post handler.
+    fn untrappable(&self) -> Option<&'static str>;
+}
+
+/// Errors of decoding, shared by the back ends.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The disassembler could not be set up.
+    #[error("cannot initialise the {arch} disassembler: {why}")]
+    Disassembler {
+        /// The architecture.
+        arch: &'static str,
+        /// What the disassembler said.
+        why: String,
+    },
+    /// The bytes at an address are not an instruction the decoder knows.
+    #[error("no {arch} instruction the decoder knows at {va:#x}")]
+    Invalid {
+        /// The architecture.
+        arch: &'static str,
+        /// The address.
+        va: u64,
+    },
+    /// An offset does not start an instruction.
+    #[error(
+        "offset {offset:#x} is not on an instruction boundary (it falls inside the instruction at +{insn_start:#x}, {len} bytes: {text})"
+    )]
+    NotOnBoundary {
+        /// The requested offset from the symbol.
+        offset: u64,
+        /// Offset of the instruction that contains it.
+        insn_start: u64,
+        /// That instruction's length.
+        len: usize,
+        /// That instruction's text.
+        text: String,
+    },
+    /// The walk from the function start met bytes that are no instruction it knows.
+    #[error(
+        "offset {offset:#x} cannot be checked: the bytes at +{decoded:#x} ({bytes}) are no instruction the decoder knows, so the instruction boundaries past them are unknown"
+    )]
+    PastCode {
+        /// The requested offset.
+        offset: u64,
+        /// How far decoding got.
+        decoded: u64,
+        /// The first bytes it could not decode, in hex.
+        bytes: String,
+    },
+    /// The walk from the function start met a breakpoint that may cover an instruction, and the
+    /// guest's kprobes could not be read to tell.
+    #[error(
+        "offset {offset:#x} cannot be checked: the breakpoint (int3, brk) at +{at:#x} follows an instruction that may fall through, so it may be the guest's own breakpoint over an instruction (a guest kprobe, kgdb), and the guest's kprobe table could not be read to tell; the instruction boundaries past it are unknown"
+    )]
+    GuestBreakpoint {
+        /// The requested offset.
+        offset: u64,
+        /// Where the guest's breakpoint is.
+        at: u64,
+    },
+}
+
+/// Why an instruction cannot be probed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("refusing to probe `{text}` at {va:#x}: {reason}")]
+pub struct Refusal {
+    /// Address of the instruction.
+    pub va: u64,
+    /// The instruction as text.
+    pub text: String,
+    /// Why.
+    pub reason: &'static str,
+}
+
+/// How the boundary walk takes a breakpoint instruction it meets in the guest's text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestBreakpoints {
+    /// The guest's kprobes were read and the bytes under them put back: a breakpoint left is
+    /// an instruction (padding after a `ret`, a `jmp` or a call that does not return), as
+    /// Linux's `can_probe` takes it.
+    Known,
+    /// The guest's kprobes are unknown: a breakpoint is taken as padding only after an
+    /// instruction that never falls through; elsewhere it may cover an instruction, and the
+    /// walk stops.
+    Unknown,
+}
+
+/// One decoded instruction, as the engine needs it.
+pub trait DecodedInstruction {
+    /// Its bytes.
+    fn bytes(&self) -> &[u8];
+    /// Mnemonic and operands.
+    fn text(&self) -> &str;
+}
+
+/// The decoder and classifier of one architecture. One is made per planting (capstone handles
+/// are not `Send`), never on the hit path.
+pub trait InstructionDecoder<A: Arch>: Sized {
+    /// A decoder.
+    fn new() -> Result<Self, DecodeError>;
+    /// Decodes the instruction at the start of `bytes`, which is at `va`.
+    fn decode(&self, bytes: &[u8], va: u64) -> Result<A::Instruction, DecodeError>;
+    /// Checks that `offset` into the function whose code (from its start `start`) is `code`
+    /// starts an instruction.
+    fn check_boundary(
+        &self,
+        code: &[u8],
+        start: u64,
+        offset: u64,
+        guest: GuestBreakpoints,
+    ) -> Result<(), DecodeError>;
+    /// The plan for a decoded instruction, or why it is refused.
+    fn plan(&self, insn: &A::Instruction) -> Result<PlanOf<A>, Refusal>;
+    /// For an emulated instruction that touches the stack: a copy of the real instruction to
+    /// run out of line when the emulated stack access fails.
+    fn fallback_copy(&self, insn: &A::Instruction) -> Option<A::Copy>;
+}
+
+/// Where an architecture's XOL area sits and how big its own page tables are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XolLayout {
+    /// Guest virtual base of the code pages.
+    pub va_base: u64,
+    /// Pages of page tables at the start of the area, before the code pages.
+    pub table_pages: u64,
+    /// Most code pages the tables can map.
+    pub max_code_pages: u64,
+    /// Bytes per slot.
+    pub slot_size: u64,
+}
+
+/// An instruction set the probe engine supports: the behaviour the engine needs, carried by
+/// associated types and functions.
+pub trait Arch: Sized + Copy + Debug + Default + Send + Sync + 'static {
     /// The register file.
     type Registers: RegisterFile;
-    /// How one probed instruction is executed after the handlers ran.
-    type Plan: Clone + Debug + Send + Sync;
+    /// What the decoder makes of one instruction.
+    type Instruction: DecodedInstruction + Debug;
+    /// The decoder and classifier.
+    type Decoder: InstructionDecoder<Self>;
+    /// An instruction emulated on the host.
+    type Emulation: HostEmulation<Self::Registers>;
+    /// An instruction copied out of line.
+    type Copy: OutOfLineCopy;
+    /// What selects the page tables of a vCPU (CR3 and the paging mode; TTBR0/1 and TCR).
+    type AddressSpace: Copy + Debug + Send + Sync;
+
     /// Short name for messages.
     const NAME: &'static str;
     /// The bytes of the software breakpoint written over a probed instruction.
     const BREAKPOINT: &'static [u8];
+    /// The breakpoint that fills the rest of every slot and the return trampoline, and follows
+    /// a trapped slot's copy.
+    const SLOT_BREAKPOINT: &'static [u8];
     /// Longest instruction encoding.
     const MAX_INSN_LEN: usize;
+    /// Most hardware execute breakpoints the architecture defines; how many a host offers comes
+    /// from KVM ([`crate::engine::ProbeEngine::set_hardware_breakpoint_count`]).
+    const MAX_HW_BREAKPOINTS: usize;
+    /// Size and alignment of a kernel task stack (THREAD_SIZE), for return-probe bookkeeping.
+    const KERNEL_STACK_SIZE: u64;
+    /// Where the XOL area is mapped.
+    const XOL: XolLayout;
+
+    /// Whether `insn` (the first [`Arch::BREAKPOINT`]`.len()` bytes at an address) is a
+    /// software breakpoint of any owner: a trap where no probe is goes back to the guest only
+    /// while one is still there.
+    fn is_breakpoint(insn: &[u8]) -> bool {
+        insn == Self::BREAKPOINT
+    }
+
+    /// The address space the registers select.
+    fn address_space(regs: &Self::Registers) -> Self::AddressSpace;
+
+    /// Translates `va` through the page tables of `space`.
+    fn translate(
+        mem: &dyn GuestPhysMemory,
+        space: Self::AddressSpace,
+        va: u64,
+    ) -> Result<Translation, WalkError>;
+
+    /// Writes the XOL area's own page tables.
+    fn write_xol_tables<M: GuestMemory>(area: &XolArea, mem: &M) -> Result<(), XolError>;
+
+    /// Makes sure the XOL area is mapped in `space` (checked, and written if absent: the guest
+    /// could take the hole). Returns whether it wrote.
+    fn ensure_xol_mapped<M: GuestMemory>(
+        area: &XolArea,
+        mem: &M,
+        space: Self::AddressSpace,
+    ) -> Result<bool, XolError>;
+
+    /// The PC moves on from a trap: clears what belongs to the trapped instruction (RFLAGS.RF
+    /// after a hardware breakpoint on x86; PSTATE.BTYPE on arm64).
+    fn after_trap(regs: &mut Self::Registers);
+
+    /// A trapped step starts: interrupts are masked until the slot's breakpoint, as Linux
+    /// kprobes do. Returns the bits [`Arch::finish_trapped_step`] puts back.
+    fn begin_trapped_step(regs: &mut Self::Registers) -> u64;
+
+    /// A trapped step reached its breakpoint: the interrupt mask as it was.
+    fn finish_trapped_step(regs: &mut Self::Registers, saved: u64);
+
+    /// At a function's first instruction: the return address (at the top of the stack on
+    /// x86_64, in the link register on arm64).
+    fn return_address(
+        regs: &Self::Registers,
+        stack: &mut dyn GuestStack,
+    ) -> Result<u64, EmulationError>;
+
+    /// At a function's first instruction: replaces the return address.
+    fn set_return_address(
+        regs: &mut Self::Registers,
+        stack: &mut dyn GuestStack,
+        to: u64,
+    ) -> Result<(), EmulationError>;
+
+    /// The key of a probed function's frame at its entry: unique among live frames (the stack
+    /// slot of the return address on x86_64, the stack pointer on arm64).
+    fn frame_at_entry(regs: &Self::Registers) -> u64;
+
+    /// The same key, seen when the function has returned to the trampoline.
+    fn frame_at_return(regs: &Self::Registers) -> u64;
+
+    /// Where the kernel keeps the current task: the per-CPU offset of its pointer (x86_64),
+    /// or `None` when a register holds it (arm64's SP_EL0). An error if this kernel's symbols
+    /// do not say.
+    fn current_task_anchor(
+        map: &crate::symbols::SymbolMap,
+        btf: &crate::btf::Btf,
+    ) -> Result<Option<u64>, crate::task::TaskError>;
+
+    /// The address of the current `task_struct` at a hit.
+    fn current_task(ctx: &ProbeContext<'_, Self>, anchor: Option<u64>)
+    -> Result<u64, HandlerError>;
 }

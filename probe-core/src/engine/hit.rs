@@ -1,15 +1,15 @@
 //! The hit path: a debug exit -> the site -> handlers -> the step plan -> resume, and the
-//! trapped slots' int3s, all on the vCPU thread that took the exit.
+//! trapped slots' breakpoints, all on the vCPU thread that took the exit.
 
 use super::*;
 
-impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
+impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
     pub(super) fn run_handlers(
         &self,
         vcpu: u32,
         site_va: u64,
-        probes: &[Arc<ProbeEntry>],
-        regs: &Registers,
+        probes: &[Arc<ProbeEntry<A>>],
+        regs: &A::Registers,
         post: bool,
     ) {
         for p in probes {
@@ -40,7 +40,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
     /// `KVM_RUN`; on a reinjection nothing was changed.
     pub fn handle_debug(
         &self,
-        vcpu: &mut dyn VcpuAccess,
+        vcpu: &mut dyn VcpuAccess<A>,
         state: &mut VcpuProbeState,
         event: DebugEvent,
     ) -> Result<Verdict, VmError> {
@@ -60,7 +60,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
 
     pub(super) fn hit(
         &self,
-        vcpu: &mut dyn VcpuAccess,
+        vcpu: &mut dyn VcpuAccess<A>,
         state: &mut VcpuProbeState,
         pc: u64,
         hw: bool,
@@ -83,7 +83,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             }
         }
         self.drop_abandoned(state);
-        let mode = PagingMode::from_cr4(regs.cr4);
+        let space = A::address_space(&regs);
         let mut pc = pc;
         // An emulated instruction whose successor is probed too is followed into that probe in
         // the same exit, instead of re-entering the guest only to trap again at once.
@@ -98,7 +98,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             {
                 break;
             }
-            let site = translate(&self.mem, regs.cr3, mode, pc).ok().and_then(|t| {
+            let site = A::translate(&self.mem, space, pc).ok().and_then(|t| {
                 let table = self.table.read().unwrap_or_else(|e| e.into_inner());
                 table
                     .sites
@@ -110,7 +110,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                 if chained > 0 {
                     break;
                 }
-                return self.not_probed(pc, regs.cr3, mode, hw);
+                return self.not_probed(pc, space, hw);
             };
             if chained == 0 {
                 let counter = if hw {
@@ -121,12 +121,10 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                 counter.fetch_add(1, Ordering::Relaxed);
             }
             self.run_handlers(vcpu.id(), pc, &probes, &regs, false);
-            self.enter_returns(&probes, &regs);
+            self.enter_returns(&probes, &mut regs);
             let has_post = probes.iter().any(|p| p.post.is_some());
             self.exits.by_plan[run.kind() as usize].fetch_add(1, Ordering::Relaxed);
-            // RIP moves on: a resume flag left from a hardware-breakpoint #DB would suppress a
-            // breakpoint on the next instruction.
-            regs.rflags &= !RFLAGS_RF;
+            A::after_trap(&mut regs);
 
             match &*run {
                 SiteRun::Emulate {
@@ -140,7 +138,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                             self.exits
                                 .emulation_fallbacks
                                 .fetch_add(1, Ordering::Relaxed);
-                            regs.rip = slot.va;
+                            regs.set_pc(slot.va);
                             vcpu.set_registers(&regs)?;
                             return Ok(Verdict::Resume);
                         }
@@ -160,7 +158,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                         vcpu.block_interrupts_once()?;
                         return Ok(Verdict::Resume);
                     }
-                    pc = regs.rip;
+                    pc = regs.pc();
                 }
                 SiteRun::OutOfLine {
                     ool,
@@ -179,22 +177,22 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
 
     /// What to do with a trap at `pc` where no probe is: a hardware breakpoint that was just
     /// removed resumes where it is (the debug registers are reloaded before the next entry);
-    /// an int3 that is no longer there (ours removed while this exit was on its way, or the
-    /// guest's own taken out by text_poke) is retried as the guest's own handler would;
-    /// otherwise the trap is the guest's own int3 and goes back to it.
+    /// a breakpoint that is no longer there (ours removed while this exit was on its way, or
+    /// the guest's own taken out by text patching) is retried as the guest's own handler would;
+    /// otherwise the trap is the guest's own breakpoint and goes back to it.
     pub(super) fn not_probed(
         &self,
         pc: u64,
-        cr3: u64,
-        mode: PagingMode,
+        space: A::AddressSpace,
         hw: bool,
     ) -> Result<Verdict, VmError> {
         if hw {
             return Ok(Verdict::Resume);
         }
-        if let Ok(t) = translate(&self.mem, cr3, mode, pc) {
-            let mut byte = [0u8];
-            if self.mem.read_phys(t.gpa, &mut byte) && byte[0] != INT3 {
+        if let Ok(t) = A::translate(&self.mem, space, pc) {
+            let mut bytes = [0u8; 16];
+            let insn = &mut bytes[..A::BREAKPOINT.len()];
+            if self.mem.read_phys(t.gpa, insn) && !A::is_breakpoint(insn) {
                 return Ok(Verdict::Resume);
             }
         }
@@ -202,23 +200,23 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         Ok(Verdict::Reinject)
     }
 
-    /// Sends the vCPU to the copy of the instruction: the boosted slot (copy, `jmp` back: no
+    /// Sends the vCPU to the copy of the instruction: the boosted slot (copy, branch back: no
     /// further exit), or, when post handlers want control after it, the trapped slot with
-    /// interrupts off until its int3 (Linux x86 kprobes' int3 single-step).
+    /// interrupts off until its breakpoint (as Linux kprobes step out of line).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn start_step(
         &self,
-        vcpu: &mut dyn VcpuAccess,
+        vcpu: &mut dyn VcpuAccess<A>,
         state: &mut VcpuProbeState,
-        mut regs: Registers,
+        mut regs: A::Registers,
         gpa: u64,
-        ool: &OutOfLine,
+        ool: &A::Copy,
         boosted: XolSlot,
         trapped: Option<XolSlot>,
         has_post: bool,
-        probes: &[Arc<ProbeEntry>],
+        probes: &[Arc<ProbeEntry<A>>],
     ) -> Result<Verdict, VmError> {
-        let mapped = self.ensure_xol_mapped(&regs).is_ok();
+        let mapped = self.ensure_xol_mapped(A::address_space(&regs)).is_ok();
         let slot = match trapped {
             Some(t) if has_post => (t, true),
             _ => (boosted, false),
@@ -236,34 +234,34 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             return Ok(Verdict::Resume);
         };
         if trapping {
+            let trap_va = slot.va + ool.copy_len(regs.pc());
             state.pending.push(PendingStep {
-                trap_va: slot.va + ool.copy_len(regs.rip),
-                interrupts: regs.rflags & RFLAGS_IF,
+                trap_va,
+                interrupts: A::begin_trapped_step(&mut regs),
                 since: Instant::now(),
             });
-            regs.rflags &= !RFLAGS_IF;
         }
-        regs.rip = slot.va;
+        regs.set_pc(slot.va);
         vcpu.set_registers(&regs)?;
         Ok(Verdict::Resume)
     }
 
-    /// A trapped slot's int3: back to the original stream after the copied instruction, the
-    /// interrupt flag as it was at the hit, post handlers.
+    /// A trapped slot's breakpoint: back to the original stream after the copied instruction,
+    /// the interrupt mask as it was at the hit, post handlers.
     pub(super) fn finish_trapped_step(
         &self,
-        vcpu: &mut dyn VcpuAccess,
+        vcpu: &mut dyn VcpuAccess<A>,
         state: &mut VcpuProbeState,
-        mut regs: Registers,
+        mut regs: A::Registers,
         pc: u64,
         trap: SlotTrap,
     ) -> Result<Verdict, VmError> {
         self.exits.slot_traps.fetch_add(1, Ordering::Relaxed);
-        regs.rip = trap.orig_va + trap.len;
+        regs.set_pc(trap.orig_va + trap.len);
         match state.pending.iter().rposition(|p| p.trap_va == pc) {
             Some(i) => {
                 let step = state.pending.remove(i);
-                regs.rflags |= step.interrupts;
+                A::finish_trapped_step(&mut regs, step.interrupts);
             }
             // Not started on this vCPU (it cannot move with interrupts off, but a guest can
             // jump anywhere): the flags stay as the guest has them.
@@ -302,13 +300,12 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
 
     pub(super) fn emulate(
         &self,
-        emu: &Emulation,
-        regs: &mut Registers,
+        emu: &A::Emulation,
+        regs: &mut A::Registers,
     ) -> Result<(), EmulationError> {
-        let mut stack = VirtualStack {
+        let mut stack = VirtualStack::<A, M> {
             mem: &self.mem,
-            cr3: regs.cr3,
-            mode: PagingMode::from_cr4(regs.cr4),
+            space: A::address_space(regs),
         };
         emu.apply(regs, &mut stack)
     }

@@ -1,5 +1,7 @@
 //! The probe engine: the probe table keyed by guest physical address, planting and removal,
-//! and the per-vCPU hit state machine (breakpoint -> handlers -> step plan -> resume).
+//! and the per-vCPU hit state machine (breakpoint -> handlers -> step plan -> resume). It is
+//! generic over the architecture ([`Arch`]): nothing here knows an instruction set, a register
+//! file or a page-table format.
 //!
 //! The engine runs in the vCPU threads: each debug exit is handled on the thread that took it,
 //! against that vCPU's [`VcpuAccess`] and its own [`VcpuProbeState`]; the table is shared and
@@ -13,21 +15,16 @@ use std::time::Instant;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-use crate::arch::x86_64::{
-    DecodeError, Decoder, Emulation, EmulationError, Gpr, GuestInt3, GuestStack, INT3, OutOfLine,
-    PlanKind, Refusal, Registers, StepPlan,
+use crate::arch::{
+    Arch, DecodeError, DecodedInstruction, EmulationError, GuestBreakpoints, GuestStack,
+    HostEmulation, InstructionDecoder, OutOfLineCopy, PlanKind, Refusal, RegisterFile, StepPlan,
 };
 use crate::guest_kprobes::GuestKprobe;
-use crate::pagewalk::{PagingMode, WalkError, translate};
-use crate::probe::{Handler, Probe, ProbeContext, TrapKind, read_virt};
+use crate::pagewalk::WalkError;
+use crate::probe::{Handler, Probe, ProbeContext, TrapKind};
 use crate::retprobe::{Instance, InstanceTable, Returning};
 use crate::vm::{DebugEvent, GuestPhysMemory, VcpuAccess, Verdict, VmError};
-use crate::xol::{SLOT_SIZE, XolArea, XolError, XolSlot};
-
-/// RFLAGS.RF: suppresses instruction breakpoints for one instruction.
-const RFLAGS_RF: u64 = 1 << 16;
-/// RFLAGS.IF: a trapped step runs with it clear, as Linux kprobes' int3 single-step does.
-const RFLAGS_IF: u64 = 1 << 9;
+use crate::xol::{XolArea, XolError, XolSlot};
 
 /// How long a trapped step may stay pending on a vCPU before it counts as abandoned (its copy
 /// faulted and the guest went elsewhere): with interrupts off it completes at once otherwise.
@@ -35,9 +32,6 @@ const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How many probed instructions in a row one exit follows through emulation.
 const MAX_CHAINED_HITS: usize = 8;
-
-/// Most hardware execute breakpoints x86 offers.
-pub const MAX_HW_BREAKPOINTS: usize = 4;
 
 /// Errors of planting and removing probes.
 #[derive(Debug, thiserror::Error)]
@@ -85,10 +79,12 @@ pub enum PlantError {
         source: XolError,
     },
     /// All hardware breakpoints are taken.
-    #[error("{location}: all {MAX_HW_BREAKPOINTS} hardware breakpoints are in use")]
+    #[error("{location}: all {count} hardware breakpoints are in use")]
     NoHardwareBreakpoint {
         /// The probe location.
         location: String,
+        /// How many the vCPUs have.
+        count: usize,
     },
     /// The same address has probes of both trap kinds.
     #[error("{location}: the address already has a probe with the other trap kind")]
@@ -99,10 +95,10 @@ pub enum PlantError {
     /// No such probe.
     #[error("no probe with id {0}")]
     UnknownProbe(usize),
-    /// The probe needs an int3 trap of the host's (a trampoline, a trapped slot) and this KVM
-    /// does not deliver int3 exits.
+    /// The probe needs a software breakpoint of the host's (a trampoline, a trapped slot) and
+    /// this KVM does not deliver breakpoint exits.
     #[error(
-        "{location}: {what} needs int3 traps, which this KVM does not deliver (the trap self-test found hardware breakpoints only)"
+        "{location}: {what} needs software-breakpoint traps (int3, BRK), which this KVM does not deliver (the trap self-test found hardware breakpoints only)"
     )]
     NeedsInt3 {
         /// The probe location.
@@ -208,18 +204,18 @@ pub struct ProbeStats {
     pub nmissed: u64,
 }
 
-struct ProbeEntry {
+struct ProbeEntry<A: Arch> {
     id: ProbeId,
     location: String,
-    pre: Option<Handler>,
-    post: Option<Handler>,
-    on_return: Option<Handler>,
+    pre: Option<Handler<A>>,
+    post: Option<Handler<A>>,
+    on_return: Option<Handler<A>>,
     max_active: usize,
     counters: ProbeCounters,
 }
 
-impl ProbeEntry {
-    fn new(id: ProbeId, location: String, probe: Probe) -> Arc<ProbeEntry> {
+impl<A: Arch> ProbeEntry<A> {
+    fn new(id: ProbeId, location: String, probe: Probe<A>) -> Arc<ProbeEntry<A>> {
         Arc::new(ProbeEntry {
             id,
             location,
@@ -233,7 +229,7 @@ impl ProbeEntry {
 }
 
 /// One planted breakpoint: an address with one or more probes on it.
-struct Site {
+struct Site<A: Arch> {
     va: u64,
     trap: TrapKind,
     /// The guest's bytes under the breakpoint, restored on removal.
@@ -241,9 +237,9 @@ struct Site {
     instruction: String,
     /// How the instruction runs; shared so that a hit takes it without copying (the table
     /// lock is not held meanwhile), copied on write when a probe adds a trapped slot.
-    run: Arc<SiteRun>,
+    run: Arc<SiteRun<A>>,
     /// Shared for the same reason; planting and removal copy on write.
-    probes: Arc<Vec<Arc<ProbeEntry>>>,
+    probes: Arc<Vec<Arc<ProbeEntry<A>>>>,
     /// Set when the engine had to take the trap out while the probe stays listed.
     disarmed: std::sync::atomic::AtomicBool,
 }
@@ -251,12 +247,12 @@ struct Site {
 /// How a site's instruction runs once its handlers have. Each variant holds exactly the slots
 /// it uses, so that an out-of-line site without its copy, or a trapped slot for an emulated
 /// instruction, cannot be written.
-#[derive(Debug, Clone)]
-enum SiteRun {
+#[derive(Debug)]
+enum SiteRun<A: Arch> {
     /// Emulated on the host.
     Emulate {
         /// The emulation.
-        emulation: Emulation,
+        emulation: A::Emulation,
         /// The boosted copy of the real instruction, where it runs when the emulated stack
         /// access fails (stack-touching instructions only).
         fallback: Option<XolSlot>,
@@ -264,15 +260,39 @@ enum SiteRun {
     /// Copied out of line.
     OutOfLine {
         /// The copy and its fix-ups.
-        ool: OutOfLine,
-        /// The boosted slot (the copy, then `jmp` back): where the instruction runs.
+        ool: A::Copy,
+        /// The boosted slot (the copy, then a branch back): where the instruction runs.
         boosted: XolSlot,
-        /// The trapped slot (the copy, then the host's int3), once a post handler wants one.
+        /// The trapped slot (the copy, then the host's breakpoint), once a post handler wants
+        /// one.
         trapped: Option<XolSlot>,
     },
 }
 
-impl SiteRun {
+impl<A: Arch> Clone for SiteRun<A> {
+    fn clone(&self) -> Self {
+        match self {
+            SiteRun::Emulate {
+                emulation,
+                fallback,
+            } => SiteRun::Emulate {
+                emulation: emulation.clone(),
+                fallback: *fallback,
+            },
+            SiteRun::OutOfLine {
+                ool,
+                boosted,
+                trapped,
+            } => SiteRun::OutOfLine {
+                ool: ool.clone(),
+                boosted: *boosted,
+                trapped: *trapped,
+            },
+        }
+    }
+}
+
+impl<A: Arch> SiteRun<A> {
     /// The kind of plan, for statistics.
     fn kind(&self) -> PlanKind {
         match self {
@@ -331,10 +351,11 @@ struct ExitCounters {
 }
 
 /// A trapped step under way on one vCPU: its copy runs with interrupts off until the slot's
-/// int3, which is found by its address (never by "a step is pending").
+/// breakpoint, which is found by its address (never by "a step is pending").
 #[derive(Debug, Clone)]
 struct PendingStep {
     trap_va: u64,
+    /// What [`Arch::begin_trapped_step`] saved of the interrupt mask.
     interrupts: u64,
     since: Instant,
 }
@@ -353,7 +374,7 @@ impl VcpuProbeState {
     }
 }
 
-/// Where a trapped slot's int3 sends the vCPU.
+/// Where a trapped slot's breakpoint sends the vCPU.
 #[derive(Debug, Clone, Copy)]
 struct SlotTrap {
     orig_va: u64,
@@ -361,33 +382,36 @@ struct SlotTrap {
     site_gpa: u64,
 }
 
-struct ProbeTable {
-    sites: HashMap<u64, Site>,
+struct ProbeTable<A: Arch> {
+    sites: HashMap<u64, Site<A>>,
     /// The virtual addresses of the sites: after an emulated instruction, whether the next
     /// one may be probed too is answered here without a page walk.
     site_vas: HashSet<u64>,
     by_probe: HashMap<ProbeId, u64>,
-    /// The int3 of each trapped slot, by its address.
+    /// The breakpoint of each trapped slot, by its address.
     slot_traps: HashMap<u64, SlotTrap>,
     /// Addresses of the instructions with an entry in the guest's exception table.
     exception_table: HashSet<u64>,
     /// The guest's own armed kprobes, when its kprobe table could be read.
     guest_kprobes: Option<HashMap<u64, GuestKprobe>>,
     next_id: usize,
-    hw: [Option<u64>; MAX_HW_BREAKPOINTS],
+    /// The hardware breakpoint addresses, one entry per breakpoint the vCPUs have.
+    hw: Vec<Option<u64>>,
 }
 
-/// The probe engine over guest memory `M`.
-pub struct ProbeEngine<M: GuestMemory + Send + Sync> {
+/// The probe engine for guests of architecture `A` over guest memory `M`.
+pub struct ProbeEngine<A: Arch, M: GuestMemory + Send + Sync> {
     mem: M,
-    table: RwLock<ProbeTable>,
+    table: RwLock<ProbeTable<A>>,
     xol: Mutex<XolArea>,
+    /// Base of the XOL area's code pages (fixed): where a copy's reach is checked.
+    xol_va_base: u64,
     exits: ExitCounters,
     start: Instant,
     hw_generation: AtomicU64,
-    int3_written: AtomicBool,
-    int3_trappable: AtomicBool,
-    returns: Mutex<InstanceTable<Arc<ProbeEntry>>>,
+    breakpoint_written: AtomicBool,
+    breakpoints_trappable: AtomicBool,
+    returns: Mutex<InstanceTable<A::Registers, Arc<ProbeEntry<A>>>>,
     trampoline: Mutex<Option<XolSlot>>,
 }
 
@@ -400,11 +424,14 @@ pub struct PlantTarget {
     pub function_start: Option<u64>,
 }
 
-impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
-    /// An engine over `mem` with the XOL area `xol` (whose page tables it writes now).
-    pub fn new(mem: M, xol: XolArea) -> Result<ProbeEngine<M>, XolError> {
-        xol.write_tables(&mem)?;
+impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
+    /// An engine over `mem` with the XOL area `xol` (whose page tables it writes now), with
+    /// every hardware breakpoint the architecture defines until
+    /// [`ProbeEngine::set_hardware_breakpoint_count`] says how many the vCPUs have.
+    pub fn new(mem: M, xol: XolArea) -> Result<ProbeEngine<A, M>, XolError> {
+        A::write_xol_tables(&xol, &mem)?;
         Ok(ProbeEngine {
+            xol_va_base: xol.va_base(),
             mem,
             table: RwLock::new(ProbeTable {
                 sites: HashMap::new(),
@@ -414,15 +441,15 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                 exception_table: HashSet::new(),
                 guest_kprobes: None,
                 next_id: 0,
-                hw: [None; MAX_HW_BREAKPOINTS],
+                hw: vec![None; A::MAX_HW_BREAKPOINTS],
             }),
             xol: Mutex::new(xol),
             exits: ExitCounters::default(),
             start: Instant::now(),
             hw_generation: AtomicU64::new(0),
-            int3_written: AtomicBool::new(false),
-            int3_trappable: AtomicBool::new(true),
-            returns: Mutex::new(InstanceTable::default()),
+            breakpoint_written: AtomicBool::new(false),
+            breakpoints_trappable: AtomicBool::new(true),
+            returns: Mutex::new(InstanceTable::new(A::KERNEL_STACK_SIZE)),
             trampoline: Mutex::new(None),
         })
     }
@@ -447,25 +474,44 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         table.guest_kprobes = Some(kprobes);
     }
 
+    /// Says how many hardware breakpoints the vCPUs have (from KVM: x86 always has four, arm64
+    /// reports its count in `KVM_CAP_GUEST_DEBUG_HW_BPS`), at most the architecture's own
+    /// limit. Call before planting.
+    pub fn set_hardware_breakpoint_count(&self, count: usize) {
+        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        table.hw.resize(count.min(A::MAX_HW_BREAKPOINTS), None);
+        self.hw_generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// How many hardware breakpoints the vCPUs have.
+    pub fn hardware_breakpoint_count(&self) -> usize {
+        self.table
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .hw
+            .len()
+    }
+
     /// The hardware breakpoint addresses every vCPU must load, and a generation number that
     /// changes whenever they change.
-    pub fn hardware_breakpoints(&self) -> ([Option<u64>; MAX_HW_BREAKPOINTS], u64) {
+    pub fn hardware_breakpoints(&self) -> (Vec<Option<u64>>, u64) {
         let table = self.table.read().unwrap_or_else(|e| e.into_inner());
-        (table.hw, self.hw_generation.load(Ordering::SeqCst))
+        (table.hw.clone(), self.hw_generation.load(Ordering::SeqCst))
     }
 
-    /// Whether an int3 of ours has ever been written into the guest: until then no #BP can be
-    /// ours, and the VMM leaves the guest's own int3s (its kprobes, text patching) to the
-    /// guest instead of trapping and handing each back.
-    pub fn int3_written(&self) -> bool {
-        self.int3_written.load(Ordering::SeqCst)
+    /// Whether a software breakpoint of ours has ever been written into the guest: until then
+    /// no breakpoint exception can be ours, and the VMM leaves the guest's own (its kprobes,
+    /// text patching) to the guest instead of trapping and handing each back.
+    pub fn breakpoint_written(&self) -> bool {
+        self.breakpoint_written.load(Ordering::SeqCst)
     }
 
-    /// Says whether this KVM delivers int3 exits (the trap self-test): without them, probes
-    /// that need an int3 of the host's (return probes' trampoline, trapped slots for post
-    /// handlers) are refused, even with hardware breakpoints as their trap.
-    pub fn set_int3_trappable(&self, trappable: bool) {
-        self.int3_trappable.store(trappable, Ordering::SeqCst);
+    /// Says whether this KVM delivers software-breakpoint exits (the trap self-test): without
+    /// them, probes that need a breakpoint of the host's (return probes' trampoline, trapped
+    /// slots for post handlers) are refused, even with hardware breakpoints as their trap.
+    pub fn set_breakpoints_trappable(&self, trappable: bool) {
+        self.breakpoints_trappable
+            .store(trappable, Ordering::SeqCst);
     }
 
     /// Generation of the hardware breakpoint set; cheap to poll before each `KVM_RUN`.
@@ -489,7 +535,7 @@ mod returns;
 mod stats;
 mod table;
 
-use memory::{VirtualStack, write_virt};
+use memory::VirtualStack;
 pub use memory::{hash_guest_virtual, read_guest_virtual};
 
 #[cfg(test)]

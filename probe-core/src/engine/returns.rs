@@ -1,19 +1,19 @@
-//! Return probes: the return address swapped for the trampoline at entry, the instance found
-//! again by its stack slot at the return.
+//! Return probes: the return address swapped for the trampoline at entry (where it is, the
+//! stack or the link register, is the architecture's), the instance found again by its frame
+//! key at the return.
 
 use super::*;
 
-impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
+impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
     /// Live return-probe instances.
     pub fn live_returns(&self) -> usize {
         self.returns.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// At the entry of a function with return probes: replaces the return address at the top
-    /// of the stack with the trampoline and records the instance, within each probe's
-    /// `max_active`.
-    pub(super) fn enter_returns(&self, probes: &[Arc<ProbeEntry>], regs: &Registers) {
-        let wanting: Vec<&Arc<ProbeEntry>> =
+    /// At the entry of a function with return probes: replaces the return address with the
+    /// trampoline and records the instance, within each probe's `max_active`.
+    pub(super) fn enter_returns(&self, probes: &[Arc<ProbeEntry<A>>], regs: &mut A::Registers) {
+        let wanting: Vec<&Arc<ProbeEntry<A>>> =
             probes.iter().filter(|p| p.on_return.is_some()).collect();
         if wanting.is_empty() {
             return;
@@ -21,7 +21,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         let Some(trampoline) = *self.trampoline.lock().unwrap_or_else(|e| e.into_inner()) else {
             return;
         };
-        let mode = PagingMode::from_cr4(regs.cr4);
+        let space = A::address_space(regs);
         let mut table = self.returns.lock().unwrap_or_else(|e| e.into_inner());
         let mut taking = Vec::new();
         for p in wanting {
@@ -31,7 +31,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                 taking.push(p.clone());
             }
         }
-        let miss_all = |taking: &[Arc<ProbeEntry>]| {
+        let miss_all = |taking: &[Arc<ProbeEntry<A>>]| {
             for p in taking {
                 p.counters.nmissed.fetch_add(1, Ordering::Relaxed);
             }
@@ -39,32 +39,30 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         if taking.is_empty() {
             return;
         }
-        let mapped = self.ensure_xol_mapped(regs).is_ok();
-        let slot = regs.get(Gpr::Rsp);
-        let mut ret = [0u8; 8];
-        if !mapped || read_virt(&self.mem, regs.cr3, mode, slot, &mut ret).is_err() {
+        let mapped = self.ensure_xol_mapped(space).is_ok();
+        let mut stack = VirtualStack::<A, M> {
+            mem: &self.mem,
+            space,
+        };
+        let Some(return_address) = mapped
+            .then(|| A::return_address(regs, &mut stack).ok())
+            .flatten()
+        else {
             miss_all(&taking);
             return;
-        }
-        let return_address = u64::from_le_bytes(ret);
+        };
+        let entry_regs = regs.clone();
         if return_address == trampoline.va
-            || write_virt(
-                &self.mem,
-                regs.cr3,
-                mode,
-                slot,
-                &trampoline.va.to_le_bytes(),
-            )
-            .is_err()
+            || A::set_return_address(regs, &mut stack, trampoline.va).is_err()
         {
             miss_all(&taking);
             return;
         }
         let stale = table.enter(
-            slot,
+            A::frame_at_entry(&entry_regs),
             Instance {
                 return_address,
-                entry_regs: regs.clone(),
+                entry_regs,
                 probes: taking,
             },
         );
@@ -76,15 +74,15 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
     /// A return through the trampoline: back to the real return address, return handlers.
     pub(super) fn leave_return(
         &self,
-        vcpu: &mut dyn VcpuAccess,
-        mut regs: Registers,
+        vcpu: &mut dyn VcpuAccess<A>,
+        mut regs: A::Registers,
     ) -> Result<Verdict, VmError> {
         self.exits.returns.fetch_add(1, Ordering::Relaxed);
         let (found, retired) = self
             .returns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .leave(regs.get(Gpr::Rsp));
+            .leave(A::frame_at_return(&regs));
         for probes in retired {
             for p in &probes {
                 p.counters.nmissed.fetch_add(1, Ordering::Relaxed);
@@ -107,13 +105,13 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         };
         let Some(instance) = instance else {
             return Err(VmError(format!(
-                "vCPU {}: a return through the trampoline with no live instance (rsp {:#x}); \
+                "vCPU {}: a return through the trampoline with no live instance (sp {:#x}); \
                  the real return address is lost",
                 vcpu.id(),
-                regs.get(Gpr::Rsp)
+                regs.sp()
             )));
         };
-        regs.rip = instance.return_address;
+        regs.set_pc(instance.return_address);
         vcpu.set_registers(&regs)?;
         for p in &instance.probes {
             p.counters.returns.fetch_add(1, Ordering::Relaxed);
@@ -121,7 +119,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             let ctx = ProbeContext {
                 vcpu: vcpu.id(),
                 location: &p.location,
-                address: instance.entry_regs.rip,
+                address: instance.entry_regs.pc(),
                 time: self.start.elapsed(),
                 regs: &regs,
                 entry_regs: Some(&instance.entry_regs),

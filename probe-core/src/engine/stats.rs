@@ -2,7 +2,7 @@
 
 use super::*;
 
-impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
+impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
     /// Per-probe counters, in planting order.
     pub fn stats(&self) -> Vec<ProbeStats> {
         let table = self.table.read().unwrap_or_else(|e| e.into_inner());

@@ -3,20 +3,19 @@
 
 use super::*;
 
-impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
+impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
     pub(super) fn read_virt_bytes(
         &self,
         location: &str,
-        regs: &Registers,
+        space: A::AddressSpace,
         va: u64,
         len: usize,
     ) -> Result<Vec<u8>, PlantError> {
-        let mode = PagingMode::from_cr4(regs.cr4);
         let mut buf = vec![0u8; len];
         // Read what is readable: code near the end of a mapping may be shorter than `len`.
         for (i, b) in buf.iter_mut().enumerate() {
             let at = va.wrapping_add(i as u64);
-            match translate(&self.mem, regs.cr3, mode, at) {
+            match A::translate(&self.mem, space, at) {
                 Ok(t) if self.mem.read_phys(t.gpa, std::slice::from_mut(b)) => {}
                 _ if i > 0 => {
                     return Ok(buf[..i].to_vec());
@@ -44,13 +43,13 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
     /// Call with every vCPU out of `KVM_RUN`.
     pub fn plant(
         &self,
-        probe: Probe,
+        probe: Probe<A>,
         target: PlantTarget,
-        regs: &Registers,
+        regs: &A::Registers,
     ) -> Result<ProbeId, PlantError> {
         let location = probe.location.clone();
-        let mode = PagingMode::from_cr4(regs.cr4);
-        let gpa = translate(&self.mem, regs.cr3, mode, target.va)
+        let space = A::address_space(regs);
+        let gpa = A::translate(&self.mem, space, target.va)
             .map_err(|source| PlantError::NotMapped {
                 location: location.clone(),
                 va: target.va,
@@ -69,13 +68,13 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                 SiteRun::OutOfLine {
                     ool, trapped: None, ..
                 } if probe.post.is_some() => {
-                    self.map_xol(&location, regs)?;
+                    self.map_xol(&location, space)?;
                     Some(self.trapped_slot(&location, &site.instruction, ool, site.va)?)
                 }
                 _ => None,
             };
             if probe.on_return.is_some() {
-                self.map_xol(&location, regs)?;
+                self.map_xol(&location, space)?;
                 self.trampoline(&location)?;
             }
             let id = ProbeId(table.next_id);
@@ -94,7 +93,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                     slot.va + ool.copy_len(site_va),
                     SlotTrap {
                         orig_va: site_va,
-                        len: u64::from(ool.len),
+                        len: ool.original_len(),
                         site_gpa: gpa,
                     },
                 );
@@ -121,20 +120,27 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             });
         }
         // Capstone handles are not Send; planting is rare, so each plant makes its own.
-        let decoder = Decoder::new().map_err(|source| PlantError::Decode {
+        let decoder = A::Decoder::new().map_err(|source| PlantError::Decode {
             location: location.clone(),
             source,
         })?;
         if let Some(start) = target.function_start.filter(|s| *s < target.va) {
             let offset = target.va - start;
-            let mut code = self.read_virt_bytes(&location, regs, start, offset as usize + 16)?;
+            let mut code = self.read_virt_bytes(
+                &location,
+                space,
+                start,
+                offset as usize + A::MAX_INSN_LEN + 1,
+            )?;
             // Decode what the guest wrote, not our own breakpoints, nor the guest's kprobes
             // (kprobes' recover_probed_instruction).
             for site in table.sites.values() {
-                if let Some(i) = site.va.checked_sub(start).map(|i| i as usize)
-                    && i < code.len()
-                {
-                    code[i] = site.saved[0];
+                if let Some(i) = site.va.checked_sub(start).map(|i| i as usize) {
+                    for (j, b) in site.saved.iter().enumerate() {
+                        if let Some(c) = code.get_mut(i + j) {
+                            *c = *b;
+                        }
+                    }
                 }
             }
             for (va, kp) in table.guest_kprobes.iter().flatten() {
@@ -146,19 +152,19 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                     }
                 }
             }
-            let int3 = if table.guest_kprobes.is_some() {
-                GuestInt3::Padding
+            let guest = if table.guest_kprobes.is_some() {
+                GuestBreakpoints::Known
             } else {
-                GuestInt3::Unknown
+                GuestBreakpoints::Unknown
             };
             decoder
-                .check_boundary(&code, start, offset, int3)
+                .check_boundary(&code, start, offset, guest)
                 .map_err(|source| PlantError::Decode {
                     location: location.clone(),
                     source,
                 })?;
         }
-        let code = self.read_virt_bytes(&location, regs, target.va, 16)?;
+        let code = self.read_virt_bytes(&location, space, target.va, A::MAX_INSN_LEN + 1)?;
         let insn = decoder
             .decode(&code, target.va)
             .map_err(|source| PlantError::Decode {
@@ -177,7 +183,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         if table.exception_table.contains(&target.va) {
             return Err(PlantError::ExceptionTable {
                 location,
-                instruction: insn.text,
+                instruction: insn.text().into(),
                 va: target.va,
             });
         }
@@ -185,6 +191,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             TrapKind::Hardware => Some(table.hw.iter().position(Option::is_none).ok_or(
                 PlantError::NoHardwareBreakpoint {
                     location: location.clone(),
+                    count: table.hw.len(),
                 },
             )?),
             TrapKind::Software => None,
@@ -194,43 +201,41 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             StepPlan::Emulate(_) => fallback.as_ref(),
         };
         if copy.is_some() || probe.on_return.is_some() {
-            self.map_xol(&location, regs)?;
+            self.map_xol(&location, space)?;
         }
         if let (Some(reason), StepPlan::StepOutOfLine(_), true) = (
-            copy.and_then(|c| c.untrappable),
+            copy.and_then(|c| c.untrappable()),
             &plan,
             probe.post.is_some(),
         ) {
             return Err(PlantError::Untrappable {
                 location,
-                instruction: insn.text,
+                instruction: insn.text().into(),
                 reason,
             });
         }
         // Check that the copies can be made before anything is written.
         if let Some(ool) = copy
-            && ool
-                .boosted_slot(target.va, crate::xol::XOL_VA_BASE)
-                .is_none()
+            && ool.boosted_slot(target.va, self.xol_va_base).is_none()
         {
             return Err(PlantError::OutOfReach {
                 location,
-                instruction: insn.text,
+                instruction: insn.text().into(),
             });
         }
         if probe.on_return.is_some() {
             self.trampoline(&location)?;
         }
         let boosted = copy
-            .map(|ool| self.boosted_slot(&location, &insn.text, ool, target.va))
+            .map(|ool| self.boosted_slot(&location, insn.text(), ool, target.va))
             .transpose()?;
         let trapped = match &plan {
             StepPlan::StepOutOfLine(ool) if probe.post.is_some() => {
-                Some(self.trapped_slot(&location, &insn.text, ool, target.va)?)
+                Some(self.trapped_slot(&location, insn.text(), ool, target.va)?)
             }
             _ => None,
         };
-        let run = match plan {
+        let run: SiteRun<A> = match plan {
             StepPlan::Emulate(emulation) => SiteRun::Emulate {
                 emulation,
                 fallback: boosted,
@@ -239,17 +244,17 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                 // An out-of-line plan always has its copy (made above, or refused there).
                 boosted: boosted.ok_or(PlantError::OutOfReach {
                     location: location.clone(),
-                    instruction: insn.text.clone(),
+                    instruction: insn.text().into(),
                 })?,
                 ool,
                 trapped,
             },
         };
-        let saved = insn.bytes[..1].to_vec();
+        let saved = insn.bytes()[..A::BREAKPOINT.len()].to_vec();
         if probe.trap == TrapKind::Software {
-            self.will_write_int3(&location, "an int3 probe")?;
+            self.will_write_breakpoint(&location, "a software-breakpoint probe")?;
             self.mem
-                .write_slice(&[INT3], GuestAddress(gpa))
+                .write_slice(A::BREAKPOINT, GuestAddress(gpa))
                 .map_err(|_| PlantError::Memory {
                     location: location.clone(),
                     gpa,
@@ -273,7 +278,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                 slot.va + ool.copy_len(target.va),
                 SlotTrap {
                     orig_va: target.va,
-                    len: insn.bytes.len() as u64,
+                    len: insn.bytes().len() as u64,
                     site_gpa: gpa,
                 },
             );
@@ -284,7 +289,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                 va: target.va,
                 trap: probe.trap,
                 saved,
-                instruction: insn.text.clone(),
+                instruction: insn.text().into(),
                 run: Arc::new(run),
                 disarmed: std::sync::atomic::AtomicBool::new(false),
                 probes: Arc::new(vec![ProbeEntry::new(id, location, probe)]),
@@ -293,27 +298,31 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         Ok(id)
     }
 
-    /// Maps the XOL area through the kernel PUD table that every address space shares.
-    pub(super) fn map_xol(&self, location: &str, regs: &Registers) -> Result<(), PlantError> {
-        self.ensure_xol_mapped(regs)
+    /// Maps the XOL area in `space` (and, through the kernel table they share, in every
+    /// address space).
+    pub(super) fn map_xol(&self, location: &str, space: A::AddressSpace) -> Result<(), PlantError> {
+        self.ensure_xol_mapped(space)
             .map_err(|source| PlantError::Xol {
                 location: location.into(),
                 source,
             })
     }
 
-    /// Makes sure the XOL area is mapped in the address space of `regs` (checked, and written
-    /// if absent, at every use: the guest could take the hole).
-    pub(super) fn ensure_xol_mapped(&self, regs: &Registers) -> Result<(), XolError> {
-        self.xol
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .ensure_mapped(&self.mem, regs.cr3, PagingMode::from_cr4(regs.cr4))
-            .map(|_| ())
+    /// Makes sure the XOL area is mapped in `space` (checked, and written if absent, at every
+    /// use: the guest could take the hole).
+    pub(super) fn ensure_xol_mapped(&self, space: A::AddressSpace) -> Result<(), XolError> {
+        self.map_xol_in(space).map(|_| ())
     }
 
-    /// Takes a fresh XOL slot and writes what `bytes` makes of its address into it, int3s
-    /// after.
+    /// Maps the XOL area in the address space `space` (the VMM calls it with the kernel's
+    /// initial page tables, before any vCPU has run); returns whether it wrote.
+    pub fn map_xol_in(&self, space: A::AddressSpace) -> Result<bool, XolError> {
+        let xol = self.xol.lock().unwrap_or_else(|e| e.into_inner());
+        A::ensure_xol_mapped(&xol, &self.mem, space)
+    }
+
+    /// Takes a fresh XOL slot and writes what `bytes` makes of its address into it, the
+    /// architecture's slot breakpoint after.
     pub(super) fn fill_slot(
         &self,
         location: &str,
@@ -331,7 +340,17 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         let Some(code) = bytes(slot.va) else {
             return Ok(None);
         };
-        let mut fill = vec![INT3; SLOT_SIZE as usize];
+        let slot_size = self
+            .xol
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .slot_size() as usize;
+        let mut fill: Vec<u8> = A::SLOT_BREAKPOINT
+            .iter()
+            .copied()
+            .cycle()
+            .take(slot_size)
+            .collect();
         fill[..code.len()].copy_from_slice(&code);
         self.mem
             .write_slice(&fill, GuestAddress(slot.gpa))
@@ -342,33 +361,33 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         Ok(Some(slot))
     }
 
-    /// A boosted slot for the instruction at `va`: its copy, then `jmp` back to `va + len`.
+    /// A boosted slot for the instruction at `va`: its copy, then a branch back to `va + len`.
     pub(super) fn boosted_slot(
         &self,
         location: &str,
         instruction: &str,
-        ool: &OutOfLine,
+        ool: &A::Copy,
         va: u64,
     ) -> Result<XolSlot, PlantError> {
         self.copy_slot(location, instruction, |slot| ool.boosted_slot(va, slot))
     }
 
-    /// A trapped slot for the instruction at `va`: its copy, then the host's int3.
+    /// A trapped slot for the instruction at `va`: its copy, then the host's breakpoint.
     pub(super) fn trapped_slot(
         &self,
         location: &str,
         instruction: &str,
-        ool: &OutOfLine,
+        ool: &A::Copy,
         va: u64,
     ) -> Result<XolSlot, PlantError> {
-        if let Some(reason) = ool.untrappable {
+        if let Some(reason) = ool.untrappable() {
             return Err(PlantError::Untrappable {
                 location: location.into(),
                 instruction: instruction.into(),
                 reason,
             });
         }
-        self.will_write_int3(location, "a post handler after a stepped instruction")?;
+        self.will_write_breakpoint(location, "a post handler after a stepped instruction")?;
         self.copy_slot(location, instruction, |slot| ool.trapped_slot(va, slot))
     }
 
@@ -387,28 +406,19 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
             })
     }
 
-    /// The return trampoline: an XOL slot of int3s that replaced return addresses point to.
+    /// The return trampoline: an XOL slot of breakpoints that replaced return addresses point
+    /// to.
     pub(super) fn trampoline(&self, location: &str) -> Result<XolSlot, PlantError> {
         let mut t = self.trampoline.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(slot) = *t {
             return Ok(slot);
         }
-        self.will_write_int3(location, "a return probe (its trampoline is an int3)")?;
+        self.will_write_breakpoint(location, "a return probe (its trampoline is a breakpoint)")?;
         let slot = self
             .fill_slot(location, |_| Some(Vec::new()))?
             .expect("an empty slot always fits");
         *t = Some(slot);
         Ok(slot)
-    }
-
-    /// Maps the XOL area through the kernel PUD table reached from the top-level page table at
-    /// guest physical `table` (the kernel's initial one; every address space shares the PUD
-    /// table). Returns whether it wrote the entry.
-    pub fn map_xol_into(&self, table: u64) -> Result<bool, XolError> {
-        self.xol
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .ensure_mapped(&self.mem, table, PagingMode::FourLevel)
     }
 
     /// Removes one probe; the breakpoint goes when its last probe goes. Returns a rewritten
@@ -447,7 +457,7 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
                 gpa,
             });
         }
-        if now != <crate::arch::x86_64::X86_64 as crate::arch::Arch>::BREAKPOINT {
+        if now != A::BREAKPOINT {
             return Ok(Some(RewrittenSite {
                 va: site.va,
                 found: now,
@@ -486,20 +496,21 @@ impl<M: GuestMemory + Send + Sync> ProbeEngine<M> {
         }
     }
 
-    /// An int3 of the host's is about to be written (a site, a trapped slot, the trampoline):
-    /// refused if this KVM cannot trap it, else recorded so that #BP is trapped from now on.
-    pub(super) fn will_write_int3(
+    /// A breakpoint of the host's is about to be written (a site, a trapped slot, the
+    /// trampoline): refused if this KVM cannot trap it, else recorded so that breakpoint
+    /// exceptions are trapped from now on.
+    pub(super) fn will_write_breakpoint(
         &self,
         location: &str,
         what: &'static str,
     ) -> Result<(), PlantError> {
-        if !self.int3_trappable.load(Ordering::SeqCst) {
+        if !self.breakpoints_trappable.load(Ordering::SeqCst) {
             return Err(PlantError::NeedsInt3 {
                 location: location.into(),
                 what,
             });
         }
-        self.int3_written.store(true, Ordering::SeqCst);
+        self.breakpoint_written.store(true, Ordering::SeqCst);
         Ok(())
     }
 }

@@ -1,12 +1,20 @@
-//! Engine tests: a fake vCPU over real `GuestMemoryMmap` memory with hand-made page tables.
+//! Engine tests: a fake vCPU over real `GuestMemoryMmap` memory with hand-made page tables,
+//! for x86_64 (most of them) and aarch64 (planting a BRK, refusals, removal).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use vm_memory::GuestMemoryMmap;
 
+use crate::arch::x86_64::xol::XOL_VA_BASE;
+use crate::arch::x86_64::{Decoder, Gpr, INT3, Registers, X86_64};
 use crate::fake::*;
 
 use super::*;
+
+type Engine = ProbeEngine<X86_64, GuestMemoryMmap>;
+const SLOT_SIZE: u64 = crate::arch::x86_64::xol::LAYOUT.slot_size;
+
+mod aarch64;
 
 fn target(off: u64) -> PlantTarget {
     PlantTarget {
@@ -15,7 +23,7 @@ fn target(off: u64) -> PlantTarget {
     }
 }
 
-fn text(engine: &ProbeEngine<GuestMemoryMmap>) -> Vec<u8> {
+fn text(engine: &Engine) -> Vec<u8> {
     let mut b = vec![0u8; CODE.len()];
     engine
         .memory()
@@ -29,7 +37,7 @@ fn an_emulated_hit_runs_the_handler_and_costs_one_exit() {
     let (engine, mut vcpu) = machine();
     let seen = Arc::new(AtomicU64::new(0));
     let s = seen.clone();
-    let probe = Probe::new("f+0x4").on_hit(move |ctx| {
+    let probe = Probe::<X86_64>::new("f+0x4").on_hit(move |ctx| {
         s.store(ctx.regs.get(Gpr::Rbp), Ordering::SeqCst);
         assert_eq!(ctx.read_u64(ctx.regs.get(Gpr::Rsp))?, 0);
         Ok(())
@@ -68,9 +76,9 @@ fn an_emulated_hit_runs_the_handler_and_costs_one_exit() {
 }
 
 /// Reads a slot's bytes through the guest's page tables.
-fn slot_bytes(engine: &ProbeEngine<GuestMemoryMmap>, regs: &Registers, va: u64) -> Vec<u8> {
+fn slot_bytes(engine: &Engine, regs: &Registers, va: u64) -> Vec<u8> {
     let mut b = vec![0u8; SLOT_SIZE as usize];
-    read_guest_virtual(engine.memory(), regs, va, &mut b).unwrap();
+    read_guest_virtual::<X86_64, _>(engine.memory(), regs, va, &mut b).unwrap();
     b
 }
 
@@ -79,7 +87,7 @@ fn a_rip_relative_instruction_runs_boosted_with_its_operand_made_absolute() {
     let (engine, mut vcpu) = machine();
     let regs = vcpu.regs.clone();
     engine
-        .plant(Probe::new("f+0x8"), target(AT_RIPREL), &regs)
+        .plant(Probe::<X86_64>::new("f+0x8"), target(AT_RIPREL), &regs)
         .unwrap();
     let pc = TEXT_VA + AT_RIPREL;
     vcpu.regs.rip = pc;
@@ -90,7 +98,7 @@ fn a_rip_relative_instruction_runs_boosted_with_its_operand_made_absolute() {
         .unwrap();
     assert!(!state.stepping(), "a boosted step leaves no state behind");
     let slot = vcpu.regs.rip;
-    assert!(slot >= crate::xol::XOL_VA_BASE);
+    assert!(slot >= XOL_VA_BASE);
     assert_eq!(
         Registers {
             rip: pc,
@@ -122,7 +130,7 @@ fn an_indirect_call_through_a_register_is_emulated() {
     let (engine, mut vcpu) = machine();
     let regs = vcpu.regs.clone();
     engine
-        .plant(Probe::new("f+0xf"), target(AT_CALL), &regs)
+        .plant(Probe::<X86_64>::new("f+0xf"), target(AT_CALL), &regs)
         .unwrap();
     let pc = TEXT_VA + AT_CALL;
     vcpu.regs.rip = pc;
@@ -145,7 +153,7 @@ fn a_failing_stack_push_falls_back_to_the_real_instruction_in_a_boosted_slot() {
     let (engine, mut vcpu) = machine();
     let regs = vcpu.regs.clone();
     engine
-        .plant(Probe::new("f+0x4"), target(AT_PUSH), &regs)
+        .plant(Probe::<X86_64>::new("f+0x4"), target(AT_PUSH), &regs)
         .unwrap();
     let pc = TEXT_VA + AT_PUSH;
     vcpu.regs.rip = pc;
@@ -156,10 +164,7 @@ fn a_failing_stack_push_falls_back_to_the_real_instruction_in_a_boosted_slot() {
         .handle_debug(&mut vcpu, &mut state, DebugEvent::Breakpoint { pc })
         .unwrap();
     let slot = vcpu.regs.rip;
-    assert!(
-        slot >= crate::xol::XOL_VA_BASE,
-        "not retried in place: {slot:#x}"
-    );
+    assert!(slot >= XOL_VA_BASE, "not retried in place: {slot:#x}");
     assert_eq!(vcpu.regs.get(Gpr::Rsp), STACK_VA + 0x10_0000);
     let bytes = slot_bytes(&engine, &vcpu.regs, slot);
     let d = Decoder::new().unwrap();
@@ -201,14 +206,14 @@ fn foreign_traps_go_back_and_failing_handlers_are_counted() {
     // Two probes on one address share the breakpoint; one errs, one panics.
     engine
         .plant(
-            Probe::new("a").on_hit(|_| Err("no".into())),
+            Probe::<X86_64>::new("a").on_hit(|_| Err("no".into())),
             target(0),
             &regs,
         )
         .unwrap();
     engine
         .plant(
-            Probe::new("b").on_hit(|_| panic!("handler bug")),
+            Probe::<X86_64>::new("b").on_hit(|_| panic!("handler bug")),
             target(0),
             &regs,
         )
@@ -246,7 +251,7 @@ fn bad_locations_change_nothing() {
         .unwrap();
     let err = engine
         .plant(
-            Probe::new("ud2"),
+            Probe::<X86_64>::new("ud2"),
             PlantTarget {
                 va: ud2,
                 function_start: None,
@@ -258,11 +263,11 @@ fn bad_locations_change_nothing() {
     // An instruction the guest's exception table lists.
     engine.set_exception_table([TEXT_VA + AT_RIPREL]);
     let err = engine
-        .plant(Probe::new("f+0x8"), target(AT_RIPREL), &regs)
+        .plant(Probe::<X86_64>::new("f+0x8"), target(AT_RIPREL), &regs)
         .unwrap_err();
     assert!(err.to_string().contains("exception table"), "{err}");
     let err = engine
-        .plant(Probe::new("f+0x6"), target(6), &regs)
+        .plant(Probe::<X86_64>::new("f+0x6"), target(6), &regs)
         .unwrap_err();
     assert!(
         err.to_string().contains("not on an instruction boundary"),
@@ -270,7 +275,7 @@ fn bad_locations_change_nothing() {
     );
     let err = engine
         .plant(
-            Probe::new("0xffffffff82000000"),
+            Probe::<X86_64>::new("0xffffffff82000000"),
             PlantTarget {
                 va: 0xffff_ffff_8200_0000,
                 function_start: None,
@@ -287,15 +292,17 @@ fn bad_locations_change_nothing() {
 fn boundaries_are_checked_against_the_original_bytes_not_our_traps() {
     let (engine, vcpu) = machine();
     let regs = vcpu.regs.clone();
-    engine.plant(Probe::new("f"), target(0), &regs).unwrap();
     engine
-        .plant(Probe::new("f+0x4"), target(AT_PUSH), &regs)
+        .plant(Probe::<X86_64>::new("f"), target(0), &regs)
         .unwrap();
     engine
-        .plant(Probe::new("f+0x8"), target(AT_RIPREL), &regs)
+        .plant(Probe::<X86_64>::new("f+0x4"), target(AT_PUSH), &regs)
+        .unwrap();
+    engine
+        .plant(Probe::<X86_64>::new("f+0x8"), target(AT_RIPREL), &regs)
         .unwrap();
     let err = engine
-        .plant(Probe::new("f+0x9"), target(9), &regs)
+        .plant(Probe::<X86_64>::new("f+0x9"), target(9), &regs)
         .unwrap_err();
     assert!(
         err.to_string().contains("inside the instruction at +0x8"),
@@ -310,7 +317,9 @@ fn boundaries_are_checked_against_the_original_bytes_not_our_traps() {
 fn a_trap_the_guest_rewrote_is_reported_not_restored() {
     let (engine, vcpu) = machine();
     let regs = vcpu.regs.clone();
-    let id = engine.plant(Probe::new("f"), target(0), &regs).unwrap();
+    let id = engine
+        .plant(Probe::<X86_64>::new("f"), target(0), &regs)
+        .unwrap();
     engine
         .memory()
         .write_obj(0x90u8, GuestAddress(TEXT_GPA))
@@ -328,7 +337,7 @@ fn hardware_probes_leave_text_alone_and_are_limited_to_four() {
     for off in [0, AT_PUSH, 5, AT_RIPREL] {
         engine
             .plant(
-                Probe::new(format!("f+{off}")).hardware(),
+                Probe::<X86_64>::new(format!("f+{off}")).hardware(),
                 target(off),
                 &regs,
             )
@@ -338,7 +347,11 @@ fn hardware_probes_leave_text_alone_and_are_limited_to_four() {
     assert!(engine.hardware_generation() > g0);
     assert_eq!(engine.hardware_breakpoints().0[1], Some(TEXT_VA + AT_PUSH));
     let err = engine
-        .plant(Probe::new("f+0xf").hardware(), target(AT_CALL), &regs)
+        .plant(
+            Probe::<X86_64>::new("f+0xf").hardware(),
+            target(AT_CALL),
+            &regs,
+        )
         .unwrap_err();
     assert!(matches!(err, PlantError::NoHardwareBreakpoint { .. }));
     vcpu.regs.rip = TEXT_VA;
@@ -352,11 +365,7 @@ fn hardware_probes_leave_text_alone_and_are_limited_to_four() {
         .unwrap();
     // One exit: endbr64, push and mov are emulated in a row, each probe's handlers run, and
     // the RIP-relative mov at +8 is set up to step in its slot.
-    assert!(
-        vcpu.regs.rip >= crate::xol::XOL_VA_BASE,
-        "{:#x}",
-        vcpu.regs.rip
-    );
+    assert!(vcpu.regs.rip >= XOL_VA_BASE, "{:#x}", vcpu.regs.rip);
     assert!(!state.stepping(), "boosted");
     assert_eq!(vcpu.regs.get(Gpr::Rsp), STACK_VA + 0x7f8, "push emulated");
     assert!(engine.stats().iter().all(|s| s.hits == 1));
@@ -367,9 +376,11 @@ fn hardware_probes_leave_text_alone_and_are_limited_to_four() {
 fn one_exit_follows_emulated_instructions_into_the_next_probe() {
     let (engine, mut vcpu) = machine();
     let regs = vcpu.regs.clone();
-    engine.plant(Probe::new("f"), target(0), &regs).unwrap();
     engine
-        .plant(Probe::new("f+0x4"), target(AT_PUSH), &regs)
+        .plant(Probe::<X86_64>::new("f"), target(0), &regs)
+        .unwrap();
+    engine
+        .plant(Probe::<X86_64>::new("f+0x4"), target(AT_PUSH), &regs)
         .unwrap();
     vcpu.regs.rip = TEXT_VA;
     let mut state = VcpuProbeState::default();
@@ -392,7 +403,7 @@ fn a_site_that_cannot_step_is_disarmed_instead_of_trapping_forever() {
     let (engine, mut vcpu) = machine();
     let regs = vcpu.regs.clone();
     engine
-        .plant(Probe::new("f+0x8"), target(AT_RIPREL), &regs)
+        .plant(Probe::<X86_64>::new("f+0x8"), target(AT_RIPREL), &regs)
         .unwrap();
     // The guest puts its own mapping in the hole the XOL area uses (PUD 509 of the kernel's
     // shared PUD table at 0x2000).
@@ -430,9 +441,9 @@ fn five_level_guests_get_their_slots_through_pml5_entry_511() {
     regs.cr3 = 0x5000;
     regs.cr4 |= 1 << 12;
     engine
-        .plant(Probe::new("f+0x8"), target(AT_RIPREL), &regs)
+        .plant(Probe::<X86_64>::new("f+0x8"), target(AT_RIPREL), &regs)
         .unwrap();
-    let mut vcpu = FakeVcpu {
+    let mut vcpu = FakeVcpu::<X86_64> {
         regs,
         interrupt_shadows: 0,
     };
@@ -446,7 +457,7 @@ fn five_level_guests_get_their_slots_through_pml5_entry_511() {
         )
         .unwrap();
     let slot = vcpu.regs.rip;
-    assert!(slot >= crate::xol::XOL_VA_BASE);
+    assert!(slot >= XOL_VA_BASE);
     let bytes = slot_bytes(&engine, &vcpu.regs, slot);
     assert_eq!(bytes[..2], CODE[AT_RIPREL as usize..AT_RIPREL as usize + 2]);
 }
@@ -460,7 +471,7 @@ fn post_handlers_see_the_state_after_the_instruction() {
     let (a, b) = (after_push.clone(), after_step.clone());
     engine
         .plant(
-            Probe::new("f+0x4").after(move |ctx| {
+            Probe::<X86_64>::new("f+0x4").after(move |ctx| {
                 a.store(ctx.regs.get(Gpr::Rsp), Ordering::SeqCst);
                 Ok(())
             }),
@@ -470,7 +481,7 @@ fn post_handlers_see_the_state_after_the_instruction() {
         .unwrap();
     engine
         .plant(
-            Probe::new("f+0x8").after(move |ctx| {
+            Probe::<X86_64>::new("f+0x8").after(move |ctx| {
                 b.store(ctx.regs.rip, Ordering::SeqCst);
                 Ok(())
             }),
@@ -526,7 +537,7 @@ fn a_trap_that_arrives_after_its_probe_was_removed_is_retried_not_reinjected() {
     let (engine, mut vcpu) = machine();
     let regs = vcpu.regs.clone();
     let id = engine
-        .plant(Probe::new("f+0x4"), target(AT_PUSH), &regs)
+        .plant(Probe::<X86_64>::new("f+0x4"), target(AT_PUSH), &regs)
         .unwrap();
     engine.remove(id).unwrap();
     let pc = TEXT_VA + AT_PUSH;
@@ -548,7 +559,7 @@ fn a_return_probe_sees_the_return_value_and_the_entry_registers() {
     let s = seen.clone();
     engine
         .plant(
-            Probe::new("f").on_return(move |ctx| {
+            Probe::<X86_64>::new("f").on_return(move |ctx| {
                 let entry = ctx.entry_regs.unwrap();
                 s.lock()
                     .unwrap()
@@ -561,7 +572,7 @@ fn a_return_probe_sees_the_return_value_and_the_entry_registers() {
         .unwrap();
     let err = engine
         .plant(
-            Probe::new("f+0x4").on_return(|_| Ok(())),
+            Probe::<X86_64>::new("f+0x4").on_return(|_| Ok(())),
             target(AT_PUSH),
             &regs,
         )
@@ -588,10 +599,7 @@ fn a_return_probe_sees_the_return_value_and_the_entry_registers() {
         .memory()
         .read_obj(GuestAddress(STACK_GPA + 0x800))
         .unwrap();
-    assert!(
-        trampoline >= crate::xol::XOL_VA_BASE,
-        "return address replaced"
-    );
+    assert!(trampoline >= XOL_VA_BASE, "return address replaced");
     assert_eq!(engine.live_returns(), 1);
 
     // The function returns: `ret` pops the trampoline address.
@@ -619,7 +627,9 @@ fn max_active_and_frames_that_never_return_are_counted_as_nmissed() {
     let regs = vcpu.regs.clone();
     engine
         .plant(
-            Probe::new("f").on_return(|_| Ok(())).max_active(2),
+            Probe::<X86_64>::new("f")
+                .on_return(|_| Ok(()))
+                .max_active(2),
             target(0),
             &regs,
         )
@@ -686,7 +696,7 @@ fn the_walk_reads_through_the_guests_kprobes_and_never_plants_over_one() {
         .unwrap();
     // Unknown guest kprobes: the int3 follows `push %rbp`, which falls through.
     let err = engine
-        .plant(Probe::new("f+0x8"), target(AT_RIPREL), &regs)
+        .plant(Probe::<X86_64>::new("f+0x8"), target(AT_RIPREL), &regs)
         .unwrap_err();
     assert!(
         err.to_string()
@@ -704,14 +714,14 @@ fn the_walk_reads_through_the_guests_kprobes_and_never_plants_over_one() {
     );
     engine.set_guest_kprobes(kprobes.clone());
     let err = engine
-        .plant(Probe::new("f+0x6"), target(6), &regs)
+        .plant(Probe::<X86_64>::new("f+0x6"), target(6), &regs)
         .unwrap_err();
     assert!(
         err.to_string().contains("not on an instruction boundary"),
         "{err}"
     );
     let err = engine
-        .plant(Probe::new("f+0x5"), target(5), &regs)
+        .plant(Probe::<X86_64>::new("f+0x5"), target(5), &regs)
         .unwrap_err();
     assert!(
         err.to_string()
@@ -719,7 +729,7 @@ fn the_walk_reads_through_the_guests_kprobes_and_never_plants_over_one() {
         "{err}"
     );
     let id = engine
-        .plant(Probe::new("f+0x8"), target(AT_RIPREL), &regs)
+        .plant(Probe::<X86_64>::new("f+0x8"), target(AT_RIPREL), &regs)
         .unwrap();
     engine.remove(id).unwrap();
     // An optimized guest kprobe at +4 whose jump (and detour) covers push + mov (4 bytes,
@@ -740,7 +750,7 @@ fn the_walk_reads_through_the_guests_kprobes_and_never_plants_over_one() {
     );
     engine.set_guest_kprobes(kprobes);
     let err = engine
-        .plant(Probe::new("f+0x8"), target(AT_RIPREL), &regs)
+        .plant(Probe::<X86_64>::new("f+0x8"), target(AT_RIPREL), &regs)
         .unwrap_err();
     assert!(
         err.to_string()
@@ -749,7 +759,7 @@ fn the_walk_reads_through_the_guests_kprobes_and_never_plants_over_one() {
     );
     let before = text(&engine);
     engine
-        .plant(Probe::new("f+0xf"), target(AT_CALL), &regs)
+        .plant(Probe::<X86_64>::new("f+0xf"), target(AT_CALL), &regs)
         .unwrap();
     assert_eq!(
         text(&engine)[..AT_CALL as usize],
@@ -761,7 +771,7 @@ fn the_walk_reads_through_the_guests_kprobes_and_never_plants_over_one() {
 fn without_int3_exits_what_needs_an_int3_of_the_hosts_is_refused_and_nothing_is_written() {
     let (engine, vcpu) = machine();
     let regs = vcpu.regs.clone();
-    engine.set_int3_trappable(false);
+    engine.set_breakpoints_trappable(false);
     let before = text(&engine);
     let hw = |p: Probe| {
         let mut p = p;
@@ -769,19 +779,25 @@ fn without_int3_exits_what_needs_an_int3_of_the_hosts_is_refused_and_nothing_is_
         p
     };
     for (probe, at) in [
-        (hw(Probe::new("f").on_return(|_| Ok(()))), 0),
-        (hw(Probe::new("f+0x8").after(|_| Ok(()))), AT_RIPREL),
-        (Probe::new("f+0x4"), AT_PUSH),
+        (hw(Probe::<X86_64>::new("f").on_return(|_| Ok(()))), 0),
+        (
+            hw(Probe::<X86_64>::new("f+0x8").after(|_| Ok(()))),
+            AT_RIPREL,
+        ),
+        (Probe::<X86_64>::new("f+0x4"), AT_PUSH),
     ] {
         let err = engine.plant(probe, target(at), &regs).unwrap_err();
         assert!(matches!(err, PlantError::NeedsInt3 { .. }), "{err}");
-        assert!(err.to_string().contains("needs int3 traps"), "{err}");
+        assert!(
+            err.to_string().contains("needs software-breakpoint traps"),
+            "{err}"
+        );
     }
     assert_eq!(text(&engine), before);
-    assert!(!engine.int3_written(), "#BP need not be trapped");
+    assert!(!engine.breakpoint_written(), "#BP need not be trapped");
     // A hardware-breakpoint probe needs none.
     engine
-        .plant(hw(Probe::new("f+0x8")), target(AT_RIPREL), &regs)
+        .plant(hw(Probe::<X86_64>::new("f+0x8")), target(AT_RIPREL), &regs)
         .unwrap();
-    assert!(!engine.int3_written());
+    assert!(!engine.breakpoint_written());
 }

@@ -1,7 +1,25 @@
-//! The aarch64 back end: the register file and the breakpoint encoding. It builds and is
-//! unit-tested; the KVM side for arm64 is not wired up yet.
+//! The aarch64 back end: the register file, the BRK encodings, decoding and classification,
+//! the stage-1 page walker, and the [`Arch`] implementation the engine runs on. Planting,
+//! removal, emulated `nop`/`bti` probes and the refusals run through the engine today (see the
+//! engine's tests); out-of-line slots and return probes are refused until the arm64 XOL area
+//! exists.
 
-use crate::arch::{Arch, RegisterFile};
+mod decode;
+pub mod pagewalk;
+mod regs;
+pub mod xol;
+
+pub use decode::{Decoder, Instruction, NOP};
+pub use pagewalk::AddressSpace;
+pub use regs::{PSTATE_BTYPE, PSTATE_DAIF, Registers};
+
+use crate::arch::{
+    Arch, EmulationError, GuestStack, HostEmulation, OutOfLineCopy, PlanKind, XolLayout,
+};
+use crate::pagewalk::{Translation, WalkError};
+use crate::probe::{HandlerError, ProbeContext};
+use crate::vm::GuestPhysMemory;
+use crate::xol::{XolArea, XolError};
 
 /// Marker type of the aarch64 architecture.
 #[derive(Debug, Clone, Copy, Default)]
@@ -12,78 +30,190 @@ pub const fn brk(imm: u16) -> u32 {
     0xd420_0000 | ((imm as u32) << 5)
 }
 
-/// The immediate hvprobe's probe breakpoints carry (kprobes uses 0x004, uprobes 0x005).
+/// The immediate of hvprobe's probe breakpoints: distinct from every immediate the kernel
+/// uses (arch/arm64/include/asm/brk-imm.h: kprobes 0x004-0x007, uprobes 0x005, fault 0x100,
+/// KGDB 0x400/0x401, BUG 0x800, KASAN 0x900-0x9ff, UBSAN 0x5500-0x55ff, CFI 0x8000-0x8fff).
 pub const PROBE_BRK_IMM: u16 = 0x0a5;
+/// The immediate of the BRKs after a slot's copy and in the return trampoline.
+pub const SLOT_BRK_IMM: u16 = 0x0a6;
 
 const PROBE_BRK: [u8; 4] = brk(PROBE_BRK_IMM).to_le_bytes();
+const SLOT_BRK: [u8; 4] = brk(SLOT_BRK_IMM).to_le_bytes();
+
+/// An instruction the host emulates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Emulation {
+    /// `nop` or a BTI landing pad: the PC moves on.
+    Nop {
+        /// Address of the next instruction.
+        next: u64,
+    },
+}
+
+impl HostEmulation<Registers> for Emulation {
+    fn apply(
+        &self,
+        regs: &mut Registers,
+        _stack: &mut dyn GuestStack,
+    ) -> Result<(), EmulationError> {
+        match *self {
+            Emulation::Nop { next } => regs.pc = next,
+        }
+        Ok(())
+    }
+
+    fn touches_stack(&self) -> bool {
+        false
+    }
+}
+
+/// An instruction word to be copied out of line (no plan produces one yet: see
+/// [`xol::NOT_YET`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutOfLine {
+    /// The instruction word.
+    pub word: u32,
+}
+
+impl OutOfLineCopy for OutOfLine {
+    fn kind(&self) -> PlanKind {
+        PlanKind::Xol
+    }
+
+    fn original_len(&self) -> u64 {
+        4
+    }
+
+    fn copy_len(&self, _orig_va: u64) -> u64 {
+        4
+    }
+
+    /// arm64 has no boosted slots: a branch back cannot reach the text from the XOL area, so
+    /// every copy is followed by a BRK.
+    fn boosted_slot(&self, _orig_va: u64, _slot_va: u64) -> Option<Vec<u8>> {
+        None
+    }
+
+    fn trapped_slot(&self, _orig_va: u64, _slot_va: u64) -> Option<Vec<u8>> {
+        let mut out = self.word.to_le_bytes().to_vec();
+        out.extend_from_slice(&SLOT_BRK);
+        Some(out)
+    }
+
+    fn untrappable(&self) -> Option<&'static str> {
+        None
+    }
+}
 
 impl Arch for Aarch64 {
     type Registers = Registers;
-    type Plan = StepPlan;
+    type Instruction = Instruction;
+    type Decoder = Decoder;
+    type Emulation = Emulation;
+    type Copy = OutOfLine;
+    type AddressSpace = AddressSpace;
+
     const NAME: &'static str = "aarch64";
     const BREAKPOINT: &'static [u8] = &PROBE_BRK;
+    const SLOT_BREAKPOINT: &'static [u8] = &SLOT_BRK;
     const MAX_INSN_LEN: usize = 4;
-}
+    /// DBGBCR<n>_EL1 go up to 16.
+    const MAX_HW_BREAKPOINTS: usize = 16;
+    /// THREAD_SIZE with 4 KiB pages and KASAN off.
+    const KERNEL_STACK_SIZE: u64 = 16 << 10;
+    const XOL: XolLayout = xol::LAYOUT;
 
-/// How a displaced aarch64 instruction runs: emulated (`nop`) or stepped in a slot.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StepPlan {
-    /// `nop`: advance the PC.
-    Nop,
-    /// Step a copy out of line.
-    StepOutOfLine(u32),
-}
-
-/// Classifies one instruction word.
-pub fn plan(word: u32) -> StepPlan {
-    if word == 0xd503_201f {
-        StepPlan::Nop
-    } else {
-        StepPlan::StepOutOfLine(word)
-    }
-}
-
-/// x0-x30, sp, pc and pstate.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Registers {
-    /// x0-x30.
-    pub x: [u64; 31],
-    /// Stack pointer.
-    pub sp: u64,
-    /// Program counter.
-    pub pc: u64,
-    /// PSTATE.
-    pub pstate: u64,
-}
-
-impl RegisterFile for Registers {
-    fn pc(&self) -> u64 {
-        self.pc
+    /// Any `BRK #imm`: the guest's own (kprobes, BUG, KGDB) as well as ours.
+    fn is_breakpoint(insn: &[u8]) -> bool {
+        insn.try_into()
+            .is_ok_and(|w: [u8; 4]| u32::from_le_bytes(w) & 0xffe0_001f == 0xd420_0000)
     }
 
-    fn set_pc(&mut self, pc: u64) {
-        self.pc = pc;
-    }
-
-    fn sp(&self) -> u64 {
-        self.sp
-    }
-
-    fn arg(&self, n: usize) -> Option<u64> {
-        (n < 8).then(|| self.x[n])
-    }
-
-    fn by_name(&self, name: &str) -> Option<u64> {
-        match name {
-            "sp" => Some(self.sp),
-            "pc" => Some(self.pc),
-            "lr" => Some(self.x[30]),
-            "fp" => Some(self.x[29]),
-            _ => name
-                .strip_prefix('x')
-                .and_then(|n| n.parse::<usize>().ok())
-                .and_then(|n| self.x.get(n).copied()),
+    fn address_space(regs: &Registers) -> AddressSpace {
+        AddressSpace {
+            ttbr0: regs.ttbr0,
+            ttbr1: regs.ttbr1,
+            tcr: regs.tcr,
         }
+    }
+
+    fn translate(
+        mem: &dyn GuestPhysMemory,
+        space: AddressSpace,
+        va: u64,
+    ) -> Result<Translation, WalkError> {
+        pagewalk::translate(mem, space, va)
+    }
+
+    fn write_xol_tables<M: vm_memory::GuestMemory>(
+        _area: &XolArea,
+        _mem: &M,
+    ) -> Result<(), XolError> {
+        // Nothing to write while the area is never mapped (ensure_xol_mapped refuses).
+        Ok(())
+    }
+
+    fn ensure_xol_mapped<M: vm_memory::GuestMemory>(
+        _area: &XolArea,
+        _mem: &M,
+        _space: AddressSpace,
+    ) -> Result<bool, XolError> {
+        Err(xol::NOT_YET)
+    }
+
+    fn after_trap(regs: &mut Registers) {
+        // The host moved the PC: no branch type is pending for a BTI check.
+        regs.pstate &= !PSTATE_BTYPE;
+    }
+
+    fn begin_trapped_step(regs: &mut Registers) -> u64 {
+        let saved = regs.pstate & PSTATE_DAIF;
+        regs.pstate |= PSTATE_DAIF;
+        saved
+    }
+
+    fn finish_trapped_step(regs: &mut Registers, saved: u64) {
+        regs.pstate = (regs.pstate & !PSTATE_DAIF) | (saved & PSTATE_DAIF);
+    }
+
+    fn return_address(
+        regs: &Registers,
+        _stack: &mut dyn GuestStack,
+    ) -> Result<u64, EmulationError> {
+        Ok(regs.x[30])
+    }
+
+    fn set_return_address(
+        regs: &mut Registers,
+        _stack: &mut dyn GuestStack,
+        to: u64,
+    ) -> Result<(), EmulationError> {
+        regs.x[30] = to;
+        Ok(())
+    }
+
+    fn frame_at_entry(regs: &Registers) -> u64 {
+        regs.sp
+    }
+
+    fn frame_at_return(regs: &Registers) -> u64 {
+        // A function returns with the stack pointer it was entered with.
+        regs.sp
+    }
+
+    fn current_task_anchor(
+        _map: &crate::symbols::SymbolMap,
+        _btf: &crate::btf::Btf,
+    ) -> Result<Option<u64>, crate::task::TaskError> {
+        Ok(None)
+    }
+
+    fn current_task(
+        ctx: &ProbeContext<'_, Aarch64>,
+        _anchor: Option<u64>,
+    ) -> Result<u64, HandlerError> {
+        // arm64 keeps `current` in SP_EL0 while in the kernel.
+        Ok(ctx.regs.sp_el0)
     }
 }
 
@@ -92,23 +222,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn breakpoint_is_a_brk_with_the_probe_immediate() {
+    fn breakpoints_are_brks_with_hvprobes_immediates() {
         assert_eq!(brk(0), 0xd420_0000);
         assert_eq!(brk(0x004), 0xd420_0080); // the kprobes BRK
         assert_eq!(u32::from_le_bytes(PROBE_BRK), 0xd420_14a0);
         assert_eq!(<Aarch64 as Arch>::BREAKPOINT.len(), 4);
+        assert!(Aarch64::is_breakpoint(&brk(0x800).to_le_bytes()));
+        assert!(Aarch64::is_breakpoint(&PROBE_BRK));
+        assert!(!Aarch64::is_breakpoint(&NOP.to_le_bytes()));
+        // HLT #0 is not a BRK.
+        assert!(!Aarch64::is_breakpoint(&0xd440_0000u32.to_le_bytes()));
     }
 
     #[test]
-    fn registers_follow_the_aapcs() {
-        let mut r = Registers::default();
-        r.x[0] = 7;
-        r.x[30] = 0x1234;
-        assert_eq!(r.arg(0), Some(7));
-        assert_eq!(r.arg(8), None);
-        assert_eq!(r.by_name("lr"), Some(0x1234));
-        assert_eq!(r.by_name("x0"), Some(7));
-        assert_eq!(r.by_name("x31"), None);
-        assert_eq!(plan(0xd503_201f), StepPlan::Nop);
+    fn trapped_steps_mask_daif_and_put_it_back() {
+        let mut r = Registers {
+            pstate: 0x3c5 & !PSTATE_DAIF | (1 << 11),
+            ..Default::default()
+        };
+        let before = r.pstate;
+        let saved = Aarch64::begin_trapped_step(&mut r);
+        assert_eq!(r.pstate & PSTATE_DAIF, PSTATE_DAIF);
+        Aarch64::finish_trapped_step(&mut r, saved);
+        assert_eq!(r.pstate, before);
+        Aarch64::after_trap(&mut r);
+        assert_eq!(r.pstate & PSTATE_BTYPE, 0);
     }
 }

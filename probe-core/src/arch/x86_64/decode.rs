@@ -9,54 +9,7 @@ use capstone::{Capstone, InsnId, RegId};
 use super::emulate::Emulation;
 use super::regs::Gpr;
 use super::{OutOfLine, RipDisplacement, StepPlan};
-
-/// Errors of decoding.
-#[derive(Debug, thiserror::Error)]
-pub enum DecodeError {
-    /// Capstone could not be set up.
-    #[error("cannot initialise the x86_64 disassembler: {0}")]
-    Capstone(String),
-    /// The bytes at an address are not an instruction the decoder knows.
-    #[error("no x86_64 instruction the decoder knows at {0:#x}")]
-    Invalid(u64),
-    /// An offset does not start an instruction.
-    #[error(
-        "offset {offset:#x} is not on an instruction boundary (it falls inside the instruction at +{insn_start:#x}, {len} bytes: {text})"
-    )]
-    NotOnBoundary {
-        /// The requested offset from the symbol.
-        offset: u64,
-        /// Offset of the instruction that contains it.
-        insn_start: u64,
-        /// That instruction's length.
-        len: usize,
-        /// That instruction's text.
-        text: String,
-    },
-    /// The walk from the function start met bytes that are no instruction it knows.
-    #[error(
-        "offset {offset:#x} cannot be checked: the bytes at +{decoded:#x} ({bytes}) are no instruction the decoder knows, so the instruction boundaries past them are unknown"
-    )]
-    PastCode {
-        /// The requested offset.
-        offset: u64,
-        /// How far decoding got.
-        decoded: u64,
-        /// The first bytes it could not decode, in hex.
-        bytes: String,
-    },
-    /// The walk from the function start met an `int3` that may cover an instruction, and the
-    /// guest's kprobes could not be read to tell.
-    #[error(
-        "offset {offset:#x} cannot be checked: the int3 at +{at:#x} follows an instruction that may fall through, so it may be the guest's own breakpoint over an instruction (a guest kprobe, kgdb), and the guest's kprobe table could not be read to tell; the instruction boundaries past it are unknown"
-    )]
-    GuestBreakpoint {
-        /// The requested offset.
-        offset: u64,
-        /// Where the guest's int3 is.
-        at: u64,
-    },
-}
+use crate::arch::{DecodeError, GuestBreakpoints, Refusal};
 
 /// Number of legacy prefixes and REX bytes before the opcode of the instruction in `bytes`.
 fn prefix_len(bytes: &[u8]) -> usize {
@@ -111,18 +64,6 @@ pub fn fallback_length(bytes: &[u8]) -> Option<usize> {
     (len <= 15 && len <= bytes.len()).then_some(len)
 }
 
-/// How the boundary walk takes an `int3` it meets in the guest's text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GuestInt3 {
-    /// The guest's kprobes were read and the bytes under them put back: an int3 left is an
-    /// instruction (padding after a `ret`, a `jmp` or a call that does not return), as Linux's
-    /// `can_probe` takes it.
-    Padding,
-    /// The guest's kprobes are unknown: an int3 is taken as padding only after an instruction
-    /// that never falls through; elsewhere it may cover an instruction, and the walk stops.
-    Unknown,
-}
-
 /// Whether execution never goes on from this instruction to the next byte (`ret`, `jmp`,
 /// `int3`): an `int3` right after one is padding the compiler put there (straight-line
 /// speculation, function alignment), not a breakpoint written over an instruction.
@@ -133,18 +74,6 @@ fn ends_flow(bytes: &[u8]) -> bool {
         [0xff, modrm, ..] => matches!((modrm >> 3) & 7, 4 | 5),
         _ => false,
     }
-}
-
-/// Why an instruction cannot be probed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("refusing to probe `{text}` at {va:#x}: {reason}")]
-pub struct Refusal {
-    /// Address of the instruction.
-    pub va: u64,
-    /// The instruction as text.
-    pub text: String,
-    /// Why.
-    pub reason: &'static str,
 }
 
 /// What the classifier found an instruction to be.
@@ -400,7 +329,10 @@ impl Decoder {
             .mode(ArchMode::Mode64)
             .detail(true)
             .build()
-            .map_err(|e| DecodeError::Capstone(e.to_string()))?;
+            .map_err(|e| DecodeError::Disassembler {
+                arch: "x86_64",
+                why: e.to_string(),
+            })?;
         Ok(Decoder { cs })
     }
 
@@ -409,14 +341,22 @@ impl Decoder {
         let insns = self
             .cs
             .disasm_count(bytes, va, 1)
-            .map_err(|_| DecodeError::Invalid(va))?;
-        let i = insns.iter().next().ok_or(DecodeError::Invalid(va))?;
+            .map_err(|_| DecodeError::Invalid { arch: "x86_64", va })?;
+        let i = insns
+            .iter()
+            .next()
+            .ok_or(DecodeError::Invalid { arch: "x86_64", va })?;
         let detail = self
             .cs
             .insn_detail(i)
-            .map_err(|e| DecodeError::Capstone(e.to_string()))?;
+            .map_err(|e| DecodeError::Disassembler {
+                arch: "x86_64",
+                why: e.to_string(),
+            })?;
         let arch = detail.arch_detail();
-        let x86 = arch.x86().ok_or(DecodeError::Invalid(va))?;
+        let x86 = arch
+            .x86()
+            .ok_or(DecodeError::Invalid { arch: "x86_64", va })?;
         let text = match (i.mnemonic(), i.op_str()) {
             (Some(m), Some(o)) if !o.is_empty() => format!("{m} {o}"),
             (Some(m), _) => m.to_string(),
@@ -649,13 +589,13 @@ impl Decoder {
         code: &[u8],
         start_va: u64,
         offset: u64,
-        int3: GuestInt3,
+        int3: GuestBreakpoints,
     ) -> Result<(), DecodeError> {
         let mut at = 0u64;
         let mut after_flow_end = false;
         while at < offset {
             let rest = code.get(at as usize..).unwrap_or(&[]);
-            if rest.first() == Some(&0xcc) && !after_flow_end && int3 == GuestInt3::Unknown {
+            if rest.first() == Some(&0xcc) && !after_flow_end && int3 == GuestBreakpoints::Unknown {
                 return Err(DecodeError::GuestBreakpoint { offset, at });
             }
             let (len, text) = match self.decode(rest, start_va + at) {
@@ -866,7 +806,7 @@ mod tests {
 
     #[test]
     fn rip_relative_operands_are_retargeted_for_the_slot() {
-        let slot = crate::xol::XOL_VA_BASE + 0x40;
+        let slot = crate::arch::x86_64::xol::XOL_VA_BASE + 0x40;
         for (bytes, text) in [
             // mov 0x1234(%rip),%rax
             (&[0x48, 0x8b, 0x05, 0x34, 0x12, 0x00, 0x00][..], "mov"),
@@ -1060,7 +1000,7 @@ mod tests {
         // call rel32: the copy's displacement is retargeted like a RIP-relative operand.
         let call = d.decode(&[0xe8, 0xfb, 0xff, 0xff, 0xff], VA).unwrap();
         let f = d.fallback_copy(&call).unwrap();
-        let slot = crate::xol::XOL_VA_BASE;
+        let slot = crate::arch::x86_64::xol::XOL_VA_BASE;
         let copy = f.relocate(VA, slot).unwrap();
         assert_eq!(d.decode(&copy, slot).unwrap().text, format!("call {VA:#x}"));
         let push = d.decode(&[0x55], VA).unwrap();
@@ -1105,10 +1045,11 @@ mod tests {
         // endbr64; push %rbp; mov %rsp,%rbp; ret
         let code = [0xf3, 0x0f, 0x1e, 0xfa, 0x55, 0x48, 0x89, 0xe5, 0xc3];
         for ok in [0, 4, 5, 8] {
-            d.check_boundary(&code, VA, ok, GuestInt3::Unknown).unwrap();
+            d.check_boundary(&code, VA, ok, GuestBreakpoints::Unknown)
+                .unwrap();
         }
         let err = d
-            .check_boundary(&code, VA, 6, GuestInt3::Unknown)
+            .check_boundary(&code, VA, 6, GuestBreakpoints::Unknown)
             .unwrap_err();
         assert!(
             matches!(
@@ -1123,7 +1064,7 @@ mod tests {
         );
         assert!(err.to_string().contains("mov rbp, rsp"), "{err}");
         assert!(matches!(
-            d.check_boundary(&code, VA, 40, GuestInt3::Unknown),
+            d.check_boundary(&code, VA, 40, GuestBreakpoints::Unknown),
             Err(DecodeError::PastCode { .. })
         ));
         assert_eq!(decode(&code).len(), 4);
@@ -1149,7 +1090,8 @@ mod tests {
         let code = [
             0x0f, 0x01, 0xe8, 0xe9, 0x10, 0xfe, 0xff, 0xff, 0x8c, 0xd0, 0x50, 0x9c,
         ];
-        d.check_boundary(&code, VA, 11, GuestInt3::Unknown).unwrap();
+        d.check_boundary(&code, VA, 11, GuestBreakpoints::Unknown)
+            .unwrap();
     }
 
     #[test]
@@ -1157,17 +1099,20 @@ mod tests {
         let d = Decoder::new().unwrap();
         // ret; int3; push %rbp; mov %rsp,%rbp; ret: SLS padding after the ret.
         let code = [0xc3, 0xcc, 0x55, 0x48, 0x89, 0xe5, 0xc3];
-        d.check_boundary(&code, VA, 6, GuestInt3::Unknown).unwrap();
+        d.check_boundary(&code, VA, 6, GuestBreakpoints::Unknown)
+            .unwrap();
         // jmp rel8; int3; int3 (a run of padding); nop.
         let code = [0xeb, 0x02, 0xcc, 0xcc, 0x90, 0xc3];
-        d.check_boundary(&code, VA, 5, GuestInt3::Unknown).unwrap();
+        d.check_boundary(&code, VA, 5, GuestBreakpoints::Unknown)
+            .unwrap();
         // jmp *%rax; int3; nop.
         let code = [0xff, 0xe0, 0xcc, 0x90, 0xc3];
-        d.check_boundary(&code, VA, 4, GuestInt3::Unknown).unwrap();
+        d.check_boundary(&code, VA, 4, GuestBreakpoints::Unknown)
+            .unwrap();
         // push %rbp; int3 over `mov %rsp,%rbp` (48 89 e5): the guest's breakpoint.
         let code = [0x55, 0xcc, 0x89, 0xe5, 0xc3];
         let err = d
-            .check_boundary(&code, VA, 4, GuestInt3::Unknown)
+            .check_boundary(&code, VA, 4, GuestBreakpoints::Unknown)
             .unwrap_err();
         assert!(
             matches!(err, DecodeError::GuestBreakpoint { at: 1, offset: 4 }),
@@ -1182,13 +1127,14 @@ mod tests {
         // only the guest's kprobe table can tell from a breakpoint.
         let code = [0xe8, 0, 0, 0, 0, 0xcc, 0x55, 0xc3];
         assert!(matches!(
-            d.check_boundary(&code, VA, 7, GuestInt3::Unknown),
+            d.check_boundary(&code, VA, 7, GuestBreakpoints::Unknown),
             Err(DecodeError::GuestBreakpoint { at: 5, .. })
         ));
-        d.check_boundary(&code, VA, 7, GuestInt3::Padding).unwrap();
+        d.check_boundary(&code, VA, 7, GuestBreakpoints::Known)
+            .unwrap();
         // An int3 over the first instruction.
         let err = d
-            .check_boundary(&[0xcc, 0x89, 0xe5, 0xc3], VA, 3, GuestInt3::Unknown)
+            .check_boundary(&[0xcc, 0x89, 0xe5, 0xc3], VA, 3, GuestBreakpoints::Unknown)
             .unwrap_err();
         assert!(
             matches!(err, DecodeError::GuestBreakpoint { at: 0, .. }),
@@ -1196,7 +1142,12 @@ mod tests {
         );
         // Unknown bytes name themselves.
         let err = d
-            .check_boundary(&[0x90, 0xea, 0xa7, 0x08, 0x00], VA, 3, GuestInt3::Padding)
+            .check_boundary(
+                &[0x90, 0xea, 0xa7, 0x08, 0x00],
+                VA,
+                3,
+                GuestBreakpoints::Known,
+            )
             .unwrap_err();
         assert!(err.to_string().contains("+0x1 (ea a7 08 00)"), "{err}");
     }

@@ -2,19 +2,7 @@
 //! prologues, nops, relative branches), so that a hit on them costs one exit instead of two.
 
 use super::regs::{Gpr, Registers};
-
-/// Errors of emulation.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum EmulationError {
-    /// The stack slot to push to could not be written.
-    #[error("cannot write the guest stack at {va:#x}: {why}")]
-    Stack {
-        /// The stack address.
-        va: u64,
-        /// Why.
-        why: String,
-    },
-}
+use crate::arch::{EmulationError, GuestStack, HostEmulation};
 
 /// An instruction the host emulates. Addresses are absolute guest virtual addresses, computed
 /// when the probe is planted.
@@ -129,14 +117,6 @@ pub enum Emulation {
     },
 }
 
-/// The guest stack as emulation reaches it: 64-bit reads and writes at guest virtual addresses.
-pub trait GuestStack {
-    /// Reads the 64-bit value at `va`.
-    fn read_u64(&mut self, va: u64) -> Result<u64, EmulationError>;
-    /// Writes a 64-bit value at `va`.
-    fn write_u64(&mut self, va: u64, value: u64) -> Result<(), EmulationError>;
-}
-
 const CF: u64 = 1 << 0;
 const PF: u64 = 1 << 2;
 const AF: u64 = 1 << 4;
@@ -194,6 +174,24 @@ fn sub_flags(rflags: u64, a: u64, b: u64) -> u64 {
         f |= OF;
     }
     f
+}
+
+impl HostEmulation<Registers> for Emulation {
+    fn apply(
+        &self,
+        regs: &mut Registers,
+        stack: &mut dyn GuestStack,
+    ) -> Result<(), EmulationError> {
+        Emulation::apply(self, regs, stack)
+    }
+
+    fn touches_stack(&self) -> bool {
+        Emulation::touches_stack(self)
+    }
+
+    fn opens_interrupt_shadow(&self) -> bool {
+        Emulation::opens_interrupt_shadow(self)
+    }
 }
 
 impl Emulation {

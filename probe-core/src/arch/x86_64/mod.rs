@@ -1,14 +1,26 @@
 //! The x86_64 back end: registers, instruction decoding and classification (capstone), the
-//! step plans and the host-side emulation of simple instructions.
+//! step plans and the host-side emulation of simple instructions, the page walker and the XOL
+//! layout, and the [`Arch`] implementation that hands them to the engine.
 
 mod decode;
 mod emulate;
-pub mod extable;
+pub mod pagewalk;
 mod regs;
+pub mod xol;
 
-pub use decode::{DecodeError, Decoder, GuestInt3, Instruction, InstructionKind, Refusal};
-pub use emulate::{Emulation, EmulationError, GuestStack, condition_holds};
+pub use crate::arch::{
+    DecodeError, EmulationError, GuestBreakpoints, GuestStack, PlanKind, Refusal,
+};
+pub use decode::{Decoder, Instruction, InstructionKind};
+pub use emulate::{Emulation, condition_holds};
+pub use pagewalk::{AddressSpace, PagingMode};
 pub use regs::{Gpr, Registers};
+
+use crate::arch::{Arch, DecodedInstruction, InstructionDecoder, OutOfLineCopy, PlanOf, XolLayout};
+use crate::pagewalk::{Translation, WalkError};
+use crate::probe::{HandlerError, ProbeContext};
+use crate::vm::GuestPhysMemory;
+use crate::xol::{XolArea, XolError};
 
 /// Marker type of the x86_64 architecture.
 #[derive(Debug, Clone, Copy, Default)]
@@ -17,70 +29,189 @@ pub struct X86_64;
 /// The `int3` opcode.
 pub const INT3: u8 = 0xcc;
 
-impl crate::arch::Arch for X86_64 {
+/// RFLAGS.RF: suppresses instruction breakpoints for one instruction.
+const RFLAGS_RF: u64 = 1 << 16;
+/// RFLAGS.IF: a trapped step runs with it clear, as Linux kprobes' int3 single-step does.
+const RFLAGS_IF: u64 = 1 << 9;
+
+impl Arch for X86_64 {
     type Registers = Registers;
-    type Plan = StepPlan;
+    type Instruction = Instruction;
+    type Decoder = Decoder;
+    type Emulation = Emulation;
+    type Copy = OutOfLine;
+    type AddressSpace = AddressSpace;
+
     const NAME: &'static str = "x86_64";
     const BREAKPOINT: &'static [u8] = &[INT3];
+    const SLOT_BREAKPOINT: &'static [u8] = &[INT3];
     const MAX_INSN_LEN: usize = 15;
-}
+    const MAX_HW_BREAKPOINTS: usize = 4;
+    /// THREAD_SIZE with KASAN off.
+    const KERNEL_STACK_SIZE: u64 = 16 << 10;
+    const XOL: XolLayout = xol::LAYOUT;
 
-/// How the instruction displaced by a breakpoint is executed once the handlers ran.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StepPlan {
-    /// Emulated on the host: one exit per hit.
-    Emulate(Emulation),
-    /// Copied into XOL slots and run there by the guest itself: a "boosted" slot (the copy, then
-    /// `jmp` back to the next original instruction) costs no exit of its own; a "trapped" slot
-    /// (the copy, then an int3 the host owns) brings control back for post handlers.
-    StepOutOfLine(OutOfLine),
-}
-
-/// Which kind of plan a site has, for statistics and messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum PlanKind {
-    /// Emulated on the host.
-    Emulate,
-    /// Copied out of line.
-    Xol,
-    /// Copied out of line with its RIP-relative operand rewritten.
-    XolRiprel,
-}
-
-impl PlanKind {
-    /// Every kind, in the order statistics list them.
-    pub const ALL: [PlanKind; 3] = [PlanKind::Emulate, PlanKind::Xol, PlanKind::XolRiprel];
-
-    /// Short name, for figures and messages.
-    pub fn name(self) -> &'static str {
-        match self {
-            PlanKind::Emulate => "emulate",
-            PlanKind::Xol => "xol",
-            PlanKind::XolRiprel => "xol-riprel",
-        }
-    }
-}
-
-impl std::fmt::Display for PlanKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl StepPlan {
-    /// The kind of the plan.
-    pub fn kind(&self) -> PlanKind {
-        match self {
-            StepPlan::Emulate(_) => PlanKind::Emulate,
-            StepPlan::StepOutOfLine(o) => o.kind(),
+    fn address_space(regs: &Registers) -> AddressSpace {
+        AddressSpace {
+            cr3: regs.cr3,
+            mode: PagingMode::from_cr4(regs.cr4),
         }
     }
 
-    /// Short name of the plan, for figures and messages.
-    pub fn name(&self) -> &'static str {
-        self.kind().name()
+    fn translate(
+        mem: &dyn GuestPhysMemory,
+        space: AddressSpace,
+        va: u64,
+    ) -> Result<Translation, WalkError> {
+        pagewalk::translate(mem, space.cr3, space.mode, va)
+    }
+
+    fn write_xol_tables<M: vm_memory::GuestMemory>(
+        area: &XolArea,
+        mem: &M,
+    ) -> Result<(), XolError> {
+        xol::write_tables(area, mem)
+    }
+
+    fn ensure_xol_mapped<M: vm_memory::GuestMemory>(
+        area: &XolArea,
+        mem: &M,
+        space: AddressSpace,
+    ) -> Result<bool, XolError> {
+        xol::ensure_mapped(area, mem, space.cr3, space.mode)
+    }
+
+    fn after_trap(regs: &mut Registers) {
+        // RIP moves on: a resume flag left from a hardware-breakpoint #DB would suppress a
+        // breakpoint on the next instruction.
+        regs.rflags &= !RFLAGS_RF;
+    }
+
+    fn begin_trapped_step(regs: &mut Registers) -> u64 {
+        let saved = regs.rflags & RFLAGS_IF;
+        regs.rflags &= !RFLAGS_IF;
+        saved
+    }
+
+    fn finish_trapped_step(regs: &mut Registers, saved: u64) {
+        regs.rflags |= saved & RFLAGS_IF;
+    }
+
+    fn return_address(regs: &Registers, stack: &mut dyn GuestStack) -> Result<u64, EmulationError> {
+        stack.read_u64(regs.get(Gpr::Rsp))
+    }
+
+    fn set_return_address(
+        regs: &mut Registers,
+        stack: &mut dyn GuestStack,
+        to: u64,
+    ) -> Result<(), EmulationError> {
+        stack.write_u64(regs.get(Gpr::Rsp), to)
+    }
+
+    fn frame_at_entry(regs: &Registers) -> u64 {
+        regs.get(Gpr::Rsp)
+    }
+
+    fn frame_at_return(regs: &Registers) -> u64 {
+        // The `ret` popped the slot just below the stack pointer.
+        regs.get(Gpr::Rsp).wrapping_sub(8)
+    }
+
+    fn current_task_anchor(
+        map: &crate::symbols::SymbolMap,
+        btf: &crate::btf::Btf,
+    ) -> Result<Option<u64>, crate::task::TaskError> {
+        match map.lookup("current_task") {
+            Ok(s) => Ok(Some(s.addr)),
+            // Since 6.2 the pointer lives in struct pcpu_hot.
+            Err(_) => {
+                let hot = map
+                    .lookup("pcpu_hot")
+                    .map_err(|_| crate::task::TaskError::NoCurrentTask)?;
+                Ok(Some(
+                    hot.addr + btf.member_offset("pcpu_hot", "current_task")?,
+                ))
+            }
+        }
+    }
+
+    fn current_task(
+        ctx: &ProbeContext<'_, X86_64>,
+        anchor: Option<u64>,
+    ) -> Result<u64, HandlerError> {
+        // In kernel mode, after `swapgs`, GS base is this CPU's per-CPU area.
+        let offset = anchor.ok_or_else(|| HandlerError("no per-CPU current_task offset".into()))?;
+        ctx.read_u64(ctx.regs.gs_base.wrapping_add(offset))
     }
 }
+
+impl DecodedInstruction for Instruction {
+    fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    fn text(&self) -> &str {
+        &self.text
+    }
+}
+
+impl InstructionDecoder<X86_64> for Decoder {
+    fn new() -> Result<Decoder, DecodeError> {
+        Decoder::new()
+    }
+
+    fn decode(&self, bytes: &[u8], va: u64) -> Result<Instruction, DecodeError> {
+        Decoder::decode(self, bytes, va)
+    }
+
+    fn check_boundary(
+        &self,
+        code: &[u8],
+        start: u64,
+        offset: u64,
+        guest: GuestBreakpoints,
+    ) -> Result<(), DecodeError> {
+        Decoder::check_boundary(self, code, start, offset, guest)
+    }
+
+    fn plan(&self, insn: &Instruction) -> Result<PlanOf<X86_64>, Refusal> {
+        Decoder::plan(self, insn)
+    }
+
+    fn fallback_copy(&self, insn: &Instruction) -> Option<OutOfLine> {
+        Decoder::fallback_copy(self, insn)
+    }
+}
+
+impl OutOfLineCopy for OutOfLine {
+    fn kind(&self) -> PlanKind {
+        OutOfLine::kind(self)
+    }
+
+    fn original_len(&self) -> u64 {
+        u64::from(self.len)
+    }
+
+    fn copy_len(&self, orig_va: u64) -> u64 {
+        OutOfLine::copy_len(self, orig_va)
+    }
+
+    fn boosted_slot(&self, orig_va: u64, slot_va: u64) -> Option<Vec<u8>> {
+        OutOfLine::boosted_slot(self, orig_va, slot_va)
+    }
+
+    fn trapped_slot(&self, orig_va: u64, slot_va: u64) -> Option<Vec<u8>> {
+        OutOfLine::trapped_slot(self, orig_va, slot_va)
+    }
+
+    fn untrappable(&self) -> Option<&'static str> {
+        self.untrappable
+    }
+}
+
+/// How the instruction displaced by an int3 is executed once the handlers ran.
+pub type StepPlan = crate::arch::StepPlan<Emulation, OutOfLine>;
 
 /// Where a copied instruction addresses memory relative to the instruction pointer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

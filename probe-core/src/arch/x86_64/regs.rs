@@ -103,6 +103,9 @@ impl Registers {
 pub const ARG_REGS: [Gpr; 6] = [Gpr::Rdi, Gpr::Rsi, Gpr::Rdx, Gpr::Rcx, Gpr::R8, Gpr::R9];
 
 impl RegisterFile for Registers {
+    const PC_NAME: &'static str = "rip";
+    const ARG_NAMES: &'static [&'static str] = &["rdi", "rsi", "rdx", "rcx", "r8", "r9"];
+
     fn pc(&self) -> u64 {
         self.rip
     }
@@ -119,11 +122,23 @@ impl RegisterFile for Registers {
         ARG_REGS.get(n).map(|r| self.get(*r))
     }
 
+    fn register_args(&self) -> usize {
+        ARG_REGS.len()
+    }
+
+    fn return_value(&self) -> u64 {
+        self.get(Gpr::Rax)
+    }
+
+    /// The kernel's names for x86_64 registers in fetch args (`%di`, `%ax`, `%r8`, `%ip`,
+    /// `%flags`), also with the `r` prefix (`%rdi`), and `cr3`.
     fn by_name(&self, name: &str) -> Option<u64> {
+        const LEGACY: [&str; 8] = ["ax", "bx", "cx", "dx", "si", "di", "bp", "sp"];
         match name {
             "rip" | "ip" => Some(self.rip),
             "rflags" | "flags" => Some(self.rflags),
             "cr3" => Some(self.cr3),
+            n if LEGACY.contains(&n) => Gpr::from_name(&format!("r{n}")).map(|r| self.get(r)),
             _ => Gpr::from_name(name).map(|r| self.get(r)),
         }
     }

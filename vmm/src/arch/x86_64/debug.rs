@@ -7,9 +7,18 @@ use kvm_bindings::{
     KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP, kvm_debug_exit_arch,
     kvm_guest_debug, kvm_regs, kvm_sregs,
 };
-use probe_core::arch::x86_64::{Gpr, Registers};
-use probe_core::engine::MAX_HW_BREAKPOINTS;
+use probe_core::arch::Arch;
+use probe_core::arch::x86_64::{Gpr, Registers, X86_64};
 use probe_core::vm::DebugEvent;
+
+/// The debug registers DR0-DR3: x86's hardware breakpoints, always four.
+pub const HW_BREAKPOINTS: usize = X86_64::MAX_HW_BREAKPOINTS;
+
+/// How many hardware breakpoints a vCPU of this KVM has: x86 has no capability for it, the
+/// four debug registers are always there.
+pub fn hw_breakpoint_count(_kvm: &kvm_ioctls::Kvm) -> usize {
+    HW_BREAKPOINTS
+}
 
 /// #DB vector.
 const DB_VECTOR: u32 = 1;
@@ -24,7 +33,7 @@ pub struct GuestDebugSetup {
     /// Trap `int3` (#BP) to the VMM.
     pub software_breakpoints: bool,
     /// Hardware execute breakpoints.
-    pub hardware: [Option<u64>; MAX_HW_BREAKPOINTS],
+    pub hardware: [Option<u64>; HW_BREAKPOINTS],
     /// Single-step with interrupts blocked.
     pub single_step: bool,
     /// Deliver a #BP to the guest now (a trap that was not ours).
@@ -34,6 +43,44 @@ pub struct GuestDebugSetup {
 }
 
 impl GuestDebugSetup {
+    /// Loads the engine's hardware breakpoint addresses.
+    pub fn set_hardware(&mut self, addresses: &[Option<u64>]) {
+        self.hardware = [None; HW_BREAKPOINTS];
+        for (slot, a) in self.hardware.iter_mut().zip(addresses) {
+            *slot = *a;
+        }
+    }
+
+    /// Traps the guest's breakpoint instruction (`int3`) to the VMM.
+    pub fn trap_breakpoints(&mut self, on: bool) {
+        self.software_breakpoints = on;
+    }
+
+    /// Hands a breakpoint trap that was not ours back to the guest at the next entry
+    /// (`KVM_GUESTDBG_INJECT_BP`).
+    pub fn reinject_breakpoint(&mut self) -> Result<(), crate::probing::ProbingError> {
+        self.inject_breakpoint = true;
+        Ok(())
+    }
+
+    /// Hands the guest's own debug exception back at the next entry (`KVM_GUESTDBG_INJECT_DB`).
+    pub fn reinject_debug(&mut self) -> Result<(), crate::probing::ProbingError> {
+        self.inject_debug = true;
+        Ok(())
+    }
+
+    /// Whether an injection is pending: it acts once, at the ioctl, so the set-up must be
+    /// applied again even if it looks unchanged.
+    pub fn injecting(&self) -> bool {
+        self.inject_breakpoint || self.inject_debug
+    }
+
+    /// The set-up as KVM keeps it after the ioctl (injections done).
+    pub fn applied(&mut self) {
+        self.inject_breakpoint = false;
+        self.inject_debug = false;
+    }
+
     /// Whether anything is enabled at all.
     pub fn enabled(&self) -> bool {
         self.software_breakpoints
@@ -79,6 +126,21 @@ impl GuestDebugSetup {
         }
         dbg
     }
+}
+
+/// What a `KVM_EXIT_DEBUG` reported (its vector), for an error about an exit hvprobe did not
+/// ask for.
+pub fn describe_debug_exit(arch: &kvm_debug_exit_arch) -> String {
+    format!("vector {}", arch.exception)
+}
+
+/// What a `KVM_EXIT_DEBUG` of the vCPU `_fd` reported, or `None` for a vector hvprobe never
+/// asks for (x86 has the PC in the exit itself).
+pub fn decode_debug_exit(
+    _fd: &kvm_ioctls::VcpuFd,
+    exit: &kvm_debug_exit_arch,
+) -> Option<DebugEvent> {
+    debug_event(exit)
 }
 
 /// What a `KVM_EXIT_DEBUG` reported, or `None` for a vector hvprobe never asks for.

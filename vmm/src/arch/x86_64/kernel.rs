@@ -25,11 +25,13 @@ pub fn load_kernel(
         &mut file,
         Some(GuestAddress(layout::HIMEM_START)),
     )
-    .map_err(|e| VmError::NotBzImage {
+    .map_err(|e| VmError::BadKernel {
+        format: "bzImage",
         path: path.into(),
         detail: e.to_string(),
     })?;
-    let header = loaded.setup_header.ok_or_else(|| VmError::NotBzImage {
+    let header = loaded.setup_header.ok_or_else(|| VmError::BadKernel {
+        format: "bzImage",
         path: path.into(),
         detail: "no setup header".into(),
     })?;
@@ -50,7 +52,8 @@ pub fn load_kernel(
 /// that a wrong file is reported before any VM or emulator starts.
 pub fn check_kernel_image(path: &Path) -> Result<(), VmError> {
     use std::io::{Read, Seek, SeekFrom};
-    let not = |detail: &str| VmError::NotBzImage {
+    let not = |detail: &str| VmError::BadKernel {
+        format: "bzImage",
         path: path.into(),
         detail: detail.into(),
     };

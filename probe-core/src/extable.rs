@@ -4,7 +4,8 @@
 //! guest would oops instead of taking its fix-up, so the engine never copies them.
 //!
 //! x86_64 entries are 12 bytes since Linux 4.6 (`struct exception_table_entry { int insn, fixup,
-//! data; }`, `data` named `handler` before 5.17), each field relative to its own address.
+//! data; }`, `data` named `handler` before 5.17), arm64 entries too since 5.16 (`int insn,
+//! fixup; short type, data;`); `insn` and `fixup` are relative to their own addresses in both.
 
 /// Bytes per entry.
 pub const ENTRY_SIZE: usize = 12;

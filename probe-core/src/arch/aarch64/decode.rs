@@ -1,0 +1,212 @@
+//! aarch64 decoding and classification. Every instruction is one 32-bit word, so a boundary is
+//! a multiple of four from the function start; capstone gives the text. Classification today
+//! covers what runs without out-of-line slots: `nop` and the BTI landing pads are emulated (the
+//! PC moves on), and everything else is refused with the instruction named, until arm64 gets
+//! its XOL area and step plans.
+
+use capstone::Capstone;
+use capstone::arch::BuildsCapstone;
+use capstone::arch::arm64::ArchMode;
+
+use super::{Aarch64, Emulation, OutOfLine};
+use crate::arch::{
+    DecodeError, DecodedInstruction, GuestBreakpoints, InstructionDecoder, PlanOf, Refusal,
+    StepPlan,
+};
+
+/// `NOP`.
+pub const NOP: u32 = 0xd503_201f;
+
+/// One decoded instruction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instruction {
+    /// Its guest virtual address.
+    pub va: u64,
+    /// The instruction word.
+    pub word: u32,
+    /// Its bytes (little-endian).
+    pub bytes: Vec<u8>,
+    /// Mnemonic and operands.
+    pub text: String,
+}
+
+impl DecodedInstruction for Instruction {
+    fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    fn text(&self) -> &str {
+        &self.text
+    }
+}
+
+/// A capstone-backed aarch64 decoder.
+pub struct Decoder {
+    cs: Capstone,
+}
+
+impl std::fmt::Debug for Decoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Decoder(aarch64)")
+    }
+}
+
+/// Whether `word` is a BTI landing pad (`bti`, `bti c`, `bti j`, `bti jc`): a hint, a `nop` to
+/// a CPU without BTI.
+fn is_bti(word: u32) -> bool {
+    word & 0xffff_ff3f == 0xd503_241f
+}
+
+impl Decoder {
+    fn text(&self, word: u32, va: u64) -> String {
+        self.cs
+            .disasm_count(&word.to_le_bytes(), va, 1)
+            .ok()
+            .and_then(|insns| {
+                insns.iter().next().map(|i| {
+                    let ops = i.op_str().unwrap_or("");
+                    let m = i.mnemonic().unwrap_or("?");
+                    if ops.is_empty() {
+                        m.to_string()
+                    } else {
+                        format!("{m} {ops}")
+                    }
+                })
+            })
+            .unwrap_or_else(|| format!(".inst {word:#010x}"))
+    }
+}
+
+impl InstructionDecoder<Aarch64> for Decoder {
+    fn new() -> Result<Decoder, DecodeError> {
+        let cs = Capstone::new()
+            .arm64()
+            .mode(ArchMode::Arm)
+            .build()
+            .map_err(|e| DecodeError::Disassembler {
+                arch: "aarch64",
+                why: e.to_string(),
+            })?;
+        Ok(Decoder { cs })
+    }
+
+    fn decode(&self, bytes: &[u8], va: u64) -> Result<Instruction, DecodeError> {
+        let word: [u8; 4] =
+            bytes
+                .get(..4)
+                .and_then(|b| b.try_into().ok())
+                .ok_or(DecodeError::Invalid {
+                    arch: "aarch64",
+                    va,
+                })?;
+        if !va.is_multiple_of(4) {
+            return Err(DecodeError::Invalid {
+                arch: "aarch64",
+                va,
+            });
+        }
+        let word = u32::from_le_bytes(word);
+        Ok(Instruction {
+            va,
+            word,
+            bytes: word.to_le_bytes().to_vec(),
+            text: self.text(word, va),
+        })
+    }
+
+    fn check_boundary(
+        &self,
+        code: &[u8],
+        start: u64,
+        offset: u64,
+        _guest: GuestBreakpoints,
+    ) -> Result<(), DecodeError> {
+        if offset.is_multiple_of(4) {
+            return Ok(());
+        }
+        let insn_start = offset & !3;
+        let text = code
+            .get(insn_start as usize..insn_start as usize + 4)
+            .map(|w| {
+                self.text(
+                    u32::from_le_bytes(w.try_into().unwrap_or([0; 4])),
+                    start + insn_start,
+                )
+            })
+            .unwrap_or_default();
+        Err(DecodeError::NotOnBoundary {
+            offset,
+            insn_start,
+            len: 4,
+            text,
+        })
+    }
+
+    fn plan(&self, insn: &Instruction) -> Result<PlanOf<Aarch64>, Refusal> {
+        if insn.word == NOP || is_bti(insn.word) {
+            return Ok(StepPlan::Emulate(Emulation::Nop {
+                next: insn.va.wrapping_add(4),
+            }));
+        }
+        Err(Refusal {
+            va: insn.va,
+            text: insn.text.clone(),
+            reason: "aarch64 has no out-of-line slots yet: only `nop` and `bti` (emulated on the host) can be probed",
+        })
+    }
+
+    fn fallback_copy(&self, _insn: &Instruction) -> Option<OutOfLine> {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VA: u64 = 0xffff_8000_0801_0000;
+
+    #[test]
+    fn words_decode_and_classify() {
+        let d = Decoder::new().unwrap();
+        let nop = d.decode(&NOP.to_le_bytes(), VA).unwrap();
+        assert_eq!(nop.text, "nop");
+        assert_eq!(
+            d.plan(&nop).unwrap(),
+            StepPlan::Emulate(Emulation::Nop { next: VA + 4 })
+        );
+        // bti c
+        let bti = d.decode(&0xd503_245fu32.to_le_bytes(), VA).unwrap();
+        assert!(matches!(d.plan(&bti), Ok(StepPlan::Emulate(_))));
+        // stp x29, x30, [sp, #-16]!: refused, named.
+        let stp = d.decode(&0xa9bf_7bfdu32.to_le_bytes(), VA).unwrap();
+        let err = d.plan(&stp).unwrap_err();
+        assert!(
+            err.to_string().contains("stp x29, x30, [sp, #-0x10]!"),
+            "{err}"
+        );
+        assert!(d.decode(&[0x1f, 0x20], VA).is_err());
+    }
+
+    #[test]
+    fn boundaries_are_multiples_of_four() {
+        let d = Decoder::new().unwrap();
+        let code: Vec<u8> = [NOP, 0xa9bf_7bfd]
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        d.check_boundary(&code, VA, 4, GuestBreakpoints::Unknown)
+            .unwrap();
+        let err = d
+            .check_boundary(&code, VA, 6, GuestBreakpoints::Unknown)
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            DecodeError::NotOnBoundary {
+                insn_start: 4,
+                len: 4,
+                ..
+            }
+        ));
+    }
+}

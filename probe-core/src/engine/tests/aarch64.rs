@@ -1,0 +1,160 @@
+//! The engine on the aarch64 back end, through its fake machine: a BRK planted and removed
+//! byte for byte, an emulated hit, refusals that leave the text untouched, the guest's own
+//! BRK handed back.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::arch::aarch64::{Aarch64, PROBE_BRK_IMM, brk};
+use crate::engine::{PlantError, PlantTarget, ProbeEngine, VcpuProbeState};
+use crate::fake::aarch64::*;
+use crate::probe::Probe;
+use crate::vm::{DebugEvent, Verdict};
+
+fn target(off: u64) -> PlantTarget {
+    PlantTarget {
+        va: TEXT_VA + off,
+        function_start: Some(TEXT_VA),
+    }
+}
+
+fn text(engine: &ProbeEngine<Aarch64, GuestMemoryMmap>) -> Vec<u8> {
+    let mut b = vec![0u8; CODE.len() * 4];
+    engine
+        .memory()
+        .read_slice(&mut b, GuestAddress(TEXT_GPA))
+        .unwrap();
+    b
+}
+
+fn word_at(engine: &ProbeEngine<Aarch64, GuestMemoryMmap>, off: u64) -> u32 {
+    engine
+        .memory()
+        .read_obj(GuestAddress(TEXT_GPA + off))
+        .unwrap()
+}
+
+#[test]
+fn a_brk_is_planted_hit_emulated_and_removed_byte_for_byte() {
+    let (engine, mut vcpu) = machine();
+    let seen = Arc::new(AtomicU64::new(0));
+    let s = seen.clone();
+    let probe = Probe::<Aarch64>::new("f+0x4").on_hit(move |ctx| {
+        s.store(ctx.regs.x[29], Ordering::SeqCst);
+        Ok(())
+    });
+    let regs = vcpu.regs.clone();
+    let id = engine.plant(probe, target(AT_NOP), &regs).unwrap();
+    assert_eq!(word_at(&engine, AT_NOP), brk(PROBE_BRK_IMM));
+
+    vcpu.regs.pc = TEXT_VA + AT_NOP;
+    // A pending branch type (as after a `br` to a BTI pad) is cleared when the host moves PC.
+    vcpu.regs.pstate |= 1 << 10;
+    let mut state = VcpuProbeState::default();
+    let v = engine
+        .handle_debug(
+            &mut vcpu,
+            &mut state,
+            DebugEvent::Breakpoint {
+                pc: TEXT_VA + AT_NOP,
+            },
+        )
+        .unwrap();
+    assert_eq!(v, Verdict::Resume);
+    assert_eq!(seen.load(Ordering::SeqCst), 0xf0f0);
+    assert_eq!(vcpu.regs.pc, TEXT_VA + AT_NOP + 4);
+    assert_eq!(vcpu.regs.pstate & (3 << 10), 0);
+    let stats = engine.stats();
+    assert_eq!(
+        (stats[0].hits, stats[0].plan, stats[0].instruction.as_str()),
+        (1, crate::arch::PlanKind::Emulate, "nop")
+    );
+
+    assert_eq!(engine.remove(id).unwrap(), None);
+    assert_eq!(text(&engine), code_bytes());
+}
+
+#[test]
+fn refusals_name_the_instruction_and_leave_the_text_untouched() {
+    let (engine, vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    // A stepped instruction: no out-of-line slots on aarch64 yet.
+    let err = engine
+        .plant(Probe::new("f+0x8"), target(AT_STP), &regs)
+        .unwrap_err();
+    assert!(matches!(err, PlantError::Refused { .. }), "{err}");
+    assert!(err.to_string().contains("stp x29, x30"), "{err}");
+    // Off an instruction boundary.
+    let err = engine
+        .plant(Probe::new("f+0x6"), target(6), &regs)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("not on an instruction boundary"),
+        "{err}"
+    );
+    // A return probe needs the trampoline, a slot.
+    let err = engine
+        .plant(
+            Probe::new("f").on_return(|_| Ok(())),
+            PlantTarget {
+                va: TEXT_VA,
+                function_start: Some(TEXT_VA),
+            },
+            &regs,
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("not implemented on aarch64"),
+        "{err}"
+    );
+    assert_eq!(text(&engine), code_bytes());
+    assert!(engine.is_empty());
+}
+
+#[test]
+fn a_brk_that_is_not_ours_goes_back_to_the_guest() {
+    let (engine, mut vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    engine
+        .plant(Probe::new("f+0x4"), target(AT_NOP), &regs)
+        .unwrap();
+    // The guest's own BUG() BRK at the function start.
+    engine
+        .memory()
+        .write_obj(brk(0x800), GuestAddress(TEXT_GPA))
+        .unwrap();
+    vcpu.regs.pc = TEXT_VA;
+    let v = engine
+        .handle_debug(
+            &mut vcpu,
+            &mut VcpuProbeState::default(),
+            DebugEvent::Breakpoint { pc: TEXT_VA },
+        )
+        .unwrap();
+    assert_eq!(v, Verdict::Reinject);
+    assert_eq!(vcpu.regs.pc, TEXT_VA);
+    assert_eq!(engine.exit_stats().reinjected, 1);
+}
+
+#[test]
+fn hardware_breakpoints_follow_the_count_kvm_reports() {
+    let (engine, vcpu) = machine();
+    engine.set_hardware_breakpoint_count(1);
+    let regs = vcpu.regs.clone();
+    engine
+        .plant(Probe::new("f").hardware(), target(0), &regs)
+        .unwrap();
+    let err = engine
+        .plant(Probe::new("f+0x4").hardware(), target(AT_NOP), &regs)
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("all 1 hardware breakpoints are in use"),
+        "{err}"
+    );
+    assert_eq!(engine.hardware_breakpoints().0, vec![Some(TEXT_VA)]);
+    // The text is untouched by a hardware probe.
+    assert_eq!(text(&engine), code_bytes());
+}

@@ -1,0 +1,193 @@
+//! The arm64 vCPU as probe-core sees it: registers through `KVM_GET/SET_ONE_REG` (arm64 KVM has
+//! no sync regs), read once per exit and written back only where the engine changed them (a
+//! dirty-tracked cache: a hit that emulates a `nop` writes the PC alone), and what the VMM reads
+//! from a paused vCPU (registers, and VBAR_EL1 as the KASLR anchor: the kernel's `vectors`).
+
+use kvm_bindings::{KVM_REG_ARM_CORE, KVM_REG_ARM64, KVM_REG_ARM64_SYSREG, KVM_REG_SIZE_U64};
+use kvm_ioctls::VcpuFd;
+use probe_core::arch::aarch64::{Aarch64, Registers};
+use probe_core::vm::{VcpuAccess, VmError};
+
+use crate::arch::KaslrAnchor;
+use crate::probing::{PausedState, ProbingError};
+
+/// The running kernel's exception vectors (`VBAR_EL1`) against System.map's `vectors`; KASLR
+/// moves the arm64 kernel by multiples of 64 KiB (its `MIN_KIMG_ALIGN` granule).
+pub const KASLR_ANCHOR: KaslrAnchor = KaslrAnchor {
+    symbol: "vectors",
+    register: "exception vector base (VBAR_EL1)",
+    align: 64 << 10,
+};
+
+/// The id of the 64-bit core register at byte `offset` of `struct kvm_regs`.
+const fn core_reg(offset: u64) -> u64 {
+    KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE as u64 | (offset / 4)
+}
+
+/// The id of system register `op0, op1, CRn, CRm, op2`.
+const fn sys_reg(op0: u64, op1: u64, crn: u64, crm: u64, op2: u64) -> u64 {
+    KVM_REG_ARM64
+        | KVM_REG_SIZE_U64
+        | KVM_REG_ARM64_SYSREG as u64
+        | (op0 << 14)
+        | (op1 << 11)
+        | (crn << 7)
+        | (crm << 3)
+        | op2
+}
+
+/// `user_pt_regs.sp`: SP_EL0.
+const SP_EL0: u64 = core_reg(31 * 8);
+const PC: u64 = core_reg(32 * 8);
+const PSTATE: u64 = core_reg(33 * 8);
+/// `kvm_regs.sp_el1`.
+const SP_EL1: u64 = core_reg(34 * 8);
+const TTBR0_EL1: u64 = sys_reg(3, 0, 2, 0, 0);
+const TTBR1_EL1: u64 = sys_reg(3, 0, 2, 0, 1);
+const TCR_EL1: u64 = sys_reg(3, 0, 2, 0, 2);
+const VBAR_EL1: u64 = sys_reg(3, 0, 12, 0, 0);
+
+/// PSTATE.M[0]: the stack pointer is the current EL's (SP_ELx), not SP_EL0.
+const PSTATE_SPSEL: u64 = 1;
+
+fn get(fd: &VcpuFd, id: u64) -> Result<u64, kvm_ioctls::Error> {
+    let mut b = [0u8; 8];
+    fd.get_one_reg(id, &mut b)?;
+    Ok(u64::from_le_bytes(b))
+}
+
+fn set(fd: &VcpuFd, id: u64, v: u64) -> Result<(), kvm_ioctls::Error> {
+    fd.set_one_reg(id, &v.to_le_bytes()).map(|_| ())
+}
+
+/// The PC of a vCPU out of `KVM_RUN`.
+pub fn read_pc(fd: &VcpuFd) -> Result<u64, kvm_ioctls::Error> {
+    get(fd, PC)
+}
+
+/// Every register the engine sees, one `KVM_GET_ONE_REG` each.
+fn read_registers(fd: &VcpuFd) -> Result<Registers, kvm_ioctls::Error> {
+    let mut r = Registers::default();
+    for (i, x) in r.x.iter_mut().enumerate() {
+        *x = get(fd, core_reg(i as u64 * 8))?;
+    }
+    r.pc = get(fd, PC)?;
+    r.pstate = get(fd, PSTATE)?;
+    r.sp_el0 = get(fd, SP_EL0)?;
+    r.sp = if r.pstate & PSTATE_SPSEL != 0 {
+        get(fd, SP_EL1)?
+    } else {
+        r.sp_el0
+    };
+    r.ttbr0 = get(fd, TTBR0_EL1)?;
+    r.ttbr1 = get(fd, TTBR1_EL1)?;
+    r.tcr = get(fd, TCR_EL1)?;
+    Ok(r)
+}
+
+/// One arm64 vCPU handling a debug exit.
+pub struct KvmVcpu<'a> {
+    /// The vCPU index.
+    pub id: u32,
+    /// Its fd.
+    pub fd: &'a mut VcpuFd,
+    /// Unused on arm64 (no sync regs); kept for the shared constructor.
+    pub sync_regs: bool,
+    /// The registers as last read, to write back only what changed.
+    pub cache: Option<Registers>,
+}
+
+impl<'a> KvmVcpu<'a> {
+    /// A vCPU with an empty register cache.
+    pub fn new(id: u32, fd: &'a mut VcpuFd, sync_regs: bool) -> KvmVcpu<'a> {
+        KvmVcpu {
+            id,
+            fd,
+            sync_regs,
+            cache: None,
+        }
+    }
+}
+
+fn vm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |e| VmError(format!("{what}: {e}"))
+}
+
+impl VcpuAccess<Aarch64> for KvmVcpu<'_> {
+    fn id(&self) -> u32 {
+        self.id
+    }
+
+    fn registers(&mut self) -> Result<Registers, VmError> {
+        if let Some(r) = &self.cache {
+            return Ok(r.clone());
+        }
+        let r = read_registers(self.fd).map_err(vm_err("KVM_GET_ONE_REG"))?;
+        self.cache = Some(r.clone());
+        Ok(r)
+    }
+
+    fn set_registers(&mut self, regs: &Registers) -> Result<(), VmError> {
+        let old = match &self.cache {
+            Some(r) => r.clone(),
+            None => read_registers(self.fd).map_err(vm_err("KVM_GET_ONE_REG"))?,
+        };
+        let w = |id: u64, new: u64, old: u64| -> Result<(), VmError> {
+            if new != old {
+                set(self.fd, id, new).map_err(vm_err("KVM_SET_ONE_REG"))?;
+            }
+            Ok(())
+        };
+        for (i, (new, old)) in regs.x.iter().zip(old.x.iter()).enumerate() {
+            w(core_reg(i as u64 * 8), *new, *old)?;
+        }
+        w(PC, regs.pc, old.pc)?;
+        w(PSTATE, regs.pstate, old.pstate)?;
+        w(SP_EL0, regs.sp_el0, old.sp_el0)?;
+        let sp_reg = if regs.pstate & PSTATE_SPSEL != 0 {
+            SP_EL1
+        } else {
+            SP_EL0
+        };
+        w(sp_reg, regs.sp, old.sp)?;
+        self.cache = Some(regs.clone());
+        Ok(())
+    }
+
+    /// arm64 has no `sti` interrupt shadow; the engine never asks.
+    fn block_interrupts_once(&mut self) -> Result<(), VmError> {
+        Ok(())
+    }
+}
+
+/// arm64 KVM has no sync regs: nothing to turn on.
+pub fn enable_register_sync(_fd: &mut VcpuFd) {}
+
+/// arm64 KVM has no sync regs: nothing to flush.
+pub fn flush_register_sync(_fd: &mut VcpuFd) -> Result<(), ProbingError> {
+    Ok(())
+}
+
+/// Reads the state of a vCPU that is out of `KVM_RUN`: registers and VBAR_EL1.
+pub fn paused_state(fd: &mut VcpuFd) -> Result<PausedState, ProbingError> {
+    let kvm = |what| move |source| ProbingError::Kvm { what, source };
+    Ok(PausedState {
+        regs: read_registers(fd).map_err(kvm("KVM_GET_ONE_REG"))?,
+        kaslr_anchor: get(fd, VBAR_EL1).map_err(kvm("KVM_GET_ONE_REG (VBAR_EL1)"))?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn register_ids_match_the_kernels_encoding() {
+        // arch/arm64/include/uapi/asm/kvm.h: KVM_REG_ARM_CORE_REG(regs.pc) = 0x6030 0000 0010 0040.
+        assert_eq!(PC, 0x6030_0000_0010_0040);
+        assert_eq!(core_reg(0), 0x6030_0000_0010_0000);
+        // ARM64_SYS_REG(3, 0, 12, 0, 0), VBAR_EL1 = 0x6030 0000 0013 c600.
+        assert_eq!(VBAR_EL1, 0x6030_0000_0013_c600);
+        assert_eq!(TTBR1_EL1, 0x6030_0000_0013_8101);
+    }
+}
