@@ -2,8 +2,10 @@
 # Installs what hvprobe needs on a fresh Debian 12 (bookworm) machine: QEMU 10 from
 # bookworm-backports (binary and source) for the emulated KVM runner (7.2 lacks hardware
 # breakpoints under TCG),
-# gcc and static libc for the guest's workload programs, and the tools that fetch Debian
-# packages. Idempotent; safe to run before every build.
+# gcc and static libc for the guest's workload programs, the tools that fetch Debian
+# packages, and the aarch64 cross toolchain (Debian's gcc-aarch64-linux-gnu as linker and C
+# compiler, rustup's aarch64 standard library, qemu-user to run the aarch64 unit tests).
+# Idempotent; safe to run before every build.
 set -euo pipefail
 
 SUDO=
@@ -17,6 +19,11 @@ bash "$here/apt-backports.sh"
 
 echo "setup-host: apt-get update and install (gcc, dpkg-dev, QEMU ${codename}-backports; about a minute the first time)" >&2
 $SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends gcc libc6-dev dpkg-dev ca-certificates >/dev/null
+$SUDO apt-get install -y -qq --no-install-recommends gcc libc6-dev dpkg-dev ca-certificates \
+    gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user >/dev/null
+if command -v rustup >/dev/null; then
+    rustup target add aarch64-unknown-linux-gnu >/dev/null 2>&1 ||
+        echo "setup-host: rustup could not add aarch64-unknown-linux-gnu; the aarch64 build will fail" >&2
+fi
 $SUDO apt-get install -y -qq --no-install-recommends -t "${codename}-backports" qemu-system-x86 >/dev/null
 qemu-system-x86_64 --version | head -n1

@@ -10,6 +10,9 @@
 //! through or branching to `TARGET` stops at an int3; the slot in a page of its own; a data
 //! page for memory operands; a stack page. RIP-relative cases run twice: near address 0 (their
 //! copy is made absolute) and above 4 GiB (their displacement is re-targeted for the slot).
+//!
+//! x86_64 hosts only: the encodings run natively.
+#![cfg(target_arch = "x86_64")]
 
 use probe_core::arch::x86_64::{
     Decoder, EmulationError, Gpr, GuestStack, Instruction, InstructionKind, Registers, StepPlan,

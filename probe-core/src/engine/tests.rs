@@ -773,7 +773,7 @@ fn without_int3_exits_what_needs_an_int3_of_the_hosts_is_refused_and_nothing_is_
     let regs = vcpu.regs.clone();
     engine.set_breakpoints_trappable(false);
     let before = text(&engine);
-    let hw = |p: Probe| {
+    let hw = |p: Probe<X86_64>| {
         let mut p = p;
         p.trap = TrapKind::Hardware;
         p

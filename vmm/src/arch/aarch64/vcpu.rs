@@ -188,6 +188,6 @@ mod tests {
         assert_eq!(core_reg(0), 0x6030_0000_0010_0000);
         // ARM64_SYS_REG(3, 0, 12, 0, 0), VBAR_EL1 = 0x6030 0000 0013 c600.
         assert_eq!(VBAR_EL1, 0x6030_0000_0013_c600);
-        assert_eq!(TTBR1_EL1, 0x6030_0000_0013_8101);
+        assert_eq!(TTBR1_EL1, 0x6030_0000_0013_c101);
     }
 }
