@@ -81,6 +81,9 @@ pub enum VmError {
     #[cfg(target_arch = "x86_64")]
     #[error(transparent)]
     Boot(#[from] crate::arch::x86_64::boot::BootError),
+    /// The device tree could not be written.
+    #[error("device tree: {0}")]
+    Fdt(String),
     /// This build's architecture cannot build a VM yet.
     #[error("{0}")]
     Unsupported(&'static str),
@@ -131,6 +134,8 @@ pub struct Vm {
     pub console: ConsoleWatch,
     /// Signalled by the i8042 when the guest resets itself.
     pub reset_evt: EventFd,
+    /// In-kernel devices (arm64's GIC), kept open for the VM's life.
+    pub devices: Vec<kvm_ioctls::DeviceFd>,
 }
 
 const MIN_MEMORY_MIB: u64 = 64;

@@ -1,47 +1,33 @@
 //! aarch64 specifics of the VMM, behind the same names as x86_64's (see [`crate::arch`]): the
 //! vCPU's registers through `KVM_GET/SET_ONE_REG` with a dirty-tracked cache, the
 //! `kvm_guest_debug` layout (BCR/BVR pairs), decoding `KVM_EXIT_DEBUG` by exception class, the
-//! KASLR anchor (VBAR_EL1), and the Image header check. Building the VM itself (FDT, GICv3,
-//! PSCI, the UART) is not written yet: [`create_vm`] says so in one line.
+//! KASLR anchor (VBAR_EL1), the Image, and the machine (`machine.rs`: GICv3, PSCI, timer,
+//! UART, device tree).
 
 pub mod debug;
+pub mod fdt;
 pub mod kernel;
+pub mod layout;
+pub mod machine;
 pub mod vcpu;
-
-use std::io::Write;
 
 use kvm_ioctls::Kvm;
 
 pub use debug::{GuestDebugSetup, HW_BREAKPOINTS, decode_debug_exit, describe_debug_exit};
 pub use kernel::check_kernel_image;
+pub use layout::XOL_GPA_BASE;
+pub use machine::create_vm;
 pub use vcpu::{
     KASLR_ANCHOR, KvmVcpu, enable_register_sync, flush_register_sync, paused_state, read_pc,
 };
 
-use crate::vm::{Vm, VmConfig, VmError};
-
 /// The probe engine's architecture for arm64 guests.
 pub type Guest = probe_core::arch::aarch64::Aarch64;
-
-/// Where the XOL area sits in guest physical memory: above any RAM the VMM gives a guest.
-pub const XOL_GPA_BASE: u64 = 0x10_0000_0000;
 
 /// How many hardware breakpoints a vCPU of this KVM has (`KVM_CAP_GUEST_DEBUG_HW_BPS`).
 pub fn hw_breakpoint_count(kvm: &Kvm) -> usize {
     let n = kvm.check_extension_raw(kvm_bindings::KVM_CAP_GUEST_DEBUG_HW_BPS.into());
     usize::try_from(n).unwrap_or(0).min(HW_BREAKPOINTS)
-}
-
-/// Builds the arm64 VM of `config`: not written yet.
-pub fn create_vm(
-    _kvm: Kvm,
-    _config: &VmConfig,
-    _initrd_bytes: Option<Vec<u8>>,
-    _console_out: Box<dyn Write + Send>,
-) -> Result<Vm, VmError> {
-    Err(VmError::Unsupported(
-        "hvprobe cannot boot arm64 guests yet: its arm64 VMM (FDT, GICv3, PSCI, UART) is not written",
-    ))
 }
 
 /// The KVM capabilities the arm64 VMM needs, each with the name the host check reports.

@@ -46,11 +46,16 @@ const TTBR0_EL1: u64 = sys_reg(3, 0, 2, 0, 0);
 const TTBR1_EL1: u64 = sys_reg(3, 0, 2, 0, 1);
 const TCR_EL1: u64 = sys_reg(3, 0, 2, 0, 2);
 const VBAR_EL1: u64 = sys_reg(3, 0, 12, 0, 0);
+/// MPIDR_EL1: the vCPU's affinity, for the device tree's `cpu` nodes.
+pub const MPIDR_EL1: u64 = sys_reg(3, 0, 0, 0, 5);
+/// PSTATE at boot: EL1h with D, A, I and F masked, as the boot protocol wants.
+const BOOT_PSTATE: u64 = 0x3c5;
 
 /// PSTATE.M[0]: the stack pointer is the current EL's (SP_ELx), not SP_EL0.
 const PSTATE_SPSEL: u64 = 1;
 
-fn get(fd: &VcpuFd, id: u64) -> Result<u64, kvm_ioctls::Error> {
+/// Reads the 64-bit register `id`.
+pub fn get(fd: &VcpuFd, id: u64) -> Result<u64, kvm_ioctls::Error> {
     let mut b = [0u8; 8];
     fd.get_one_reg(id, &mut b)?;
     Ok(u64::from_le_bytes(b))
@@ -58,6 +63,18 @@ fn get(fd: &VcpuFd, id: u64) -> Result<u64, kvm_ioctls::Error> {
 
 fn set(fd: &VcpuFd, id: u64, v: u64) -> Result<(), kvm_ioctls::Error> {
     fd.set_one_reg(id, &v.to_le_bytes()).map(|_| ())
+}
+
+/// Sets the boot vCPU's registers for the arm64 boot protocol: PC at the Image's entry, x0
+/// the device tree's address, x1-x3 zero, EL1h with exceptions masked.
+pub fn boot_registers(fd: &VcpuFd, entry: u64, fdt: u64) -> Result<(), kvm_ioctls::Error> {
+    set(fd, PSTATE, BOOT_PSTATE)?;
+    set(fd, PC, entry)?;
+    set(fd, core_reg(0), fdt)?;
+    for i in 1..4 {
+        set(fd, core_reg(i * 8), 0)?;
+    }
+    Ok(())
 }
 
 /// The PC of a vCPU out of `KVM_RUN`.

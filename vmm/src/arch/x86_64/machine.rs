@@ -133,5 +133,6 @@ pub fn create_vm(
         serial,
         console,
         reset_evt,
+        devices: Vec::new(),
     })
 }
