@@ -4,11 +4,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::{GuestError, run_output};
+use crate::{GuestArch, GuestError, run_output};
 
-/// A Debian kernel image package unpacked in the cache: bzImage, the real System.map and
-/// vmlinux from its `-dbg` package, and the modules that KVM needs when it is used as the L1
-/// kernel of the emulated runner.
+/// A Debian kernel image package unpacked in the cache: the kernel image (a bzImage, or arm64's
+/// uncompressed Image), the real System.map and vmlinux from its `-dbg` package, and the
+/// modules it needs as the L1 kernel of the emulated runner.
 #[derive(Clone, Debug)]
 pub struct KernelPackage {
     /// Package name, e.g. `linux-image-6.1.0-56-cloud-amd64`.
@@ -22,7 +22,7 @@ pub struct KernelPackage {
 }
 
 impl KernelPackage {
-    /// The bzImage.
+    /// The kernel image (bzImage on x86_64, Image on arm64).
     pub fn vmlinuz(&self) -> PathBuf {
         self.dir.join("vmlinuz")
     }
@@ -38,14 +38,14 @@ impl KernelPackage {
     pub fn config(&self) -> PathBuf {
         self.dir.join("config")
     }
-    /// A module kept from the package (see [`KVM_MODULES`]), by file name.
+    /// A module kept from the package (see [`crate::GuestArch::l1_modules`]), by file name.
     pub fn module(&self, name: &str) -> PathBuf {
         self.dir.join("modules").join(name)
     }
 }
 
-/// Modules kept from the kernel package, relative to `lib/modules/<release>/kernel`, in load
-/// order: what an L1 kernel needs to offer `/dev/kvm`.
+/// Modules kept from an x86_64 kernel package, relative to `lib/modules/<release>/kernel`, in
+/// load order: what an L1 kernel needs to offer `/dev/kvm`.
 pub const KVM_MODULES: &[&str] = &[
     "virt/lib/irqbypass.ko",
     "arch/x86/kvm/kvm.ko",
@@ -53,9 +53,19 @@ pub const KVM_MODULES: &[&str] = &[
     "arch/x86/kvm/kvm-intel.ko",
 ];
 
+/// Modules kept from an arm64 kernel package, in load order: the virtio console over virtio-mmio
+/// (KVM is built in).
+pub const ARM64_L1_MODULES: &[&str] = &[
+    "drivers/virtio/virtio_ring.ko",
+    "drivers/virtio/virtio.ko",
+    "drivers/virtio/virtio_mmio.ko",
+    "drivers/char/virtio_console.ko",
+];
+
 const COMPLETE: &str = ".complete";
 
-/// Asks apt which package the meta package `meta` depends on (the current kernel image).
+/// Asks apt which package the meta package `meta` depends on (the current kernel image), without
+/// an architecture suffix.
 fn resolve_meta(meta: &str) -> Result<String, GuestError> {
     let out = run_output(Command::new("apt-cache").args(["depends", meta]))?;
     let out = String::from_utf8_lossy(&out);
@@ -63,7 +73,7 @@ fn resolve_meta(meta: &str) -> Result<String, GuestError> {
         .filter_map(|l| l.trim().strip_prefix("Depends:"))
         .map(str::trim)
         .find(|p| p.starts_with("linux-image-"))
-        .map(str::to_string)
+        .map(|p| p.split(':').next().unwrap_or(p).to_string())
         .ok_or_else(|| GuestError::Resolve {
             meta: meta.into(),
             detail: "no linux-image dependency listed".into(),
@@ -83,13 +93,14 @@ fn candidate_version(package: &str) -> Result<String, GuestError> {
         })
 }
 
-/// The newest complete cache entry under `dir` whose name starts with `prefix`.
-fn newest_cached(dir: &Path, prefix: &str) -> Option<PathBuf> {
+/// The newest complete cache entry under `dir` whose name starts with `prefix` and contains
+/// `infix`.
+fn newest_cached(dir: &Path, prefix: &str, infix: &str) -> Option<PathBuf> {
     let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
     for entry in fs::read_dir(dir).ok()?.flatten() {
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.starts_with(prefix) || !path.join(COMPLETE).exists() {
+        if !name.starts_with(prefix) || !name.contains(infix) || !path.join(COMPLETE).exists() {
             continue;
         }
         let mtime = fs::metadata(path.join(COMPLETE))
@@ -133,19 +144,22 @@ fn find_deb(dir: &Path, package: &str) -> Result<PathBuf, GuestError> {
         })
 }
 
-/// Returns the kernel package that `meta` currently depends on, downloading and unpacking it
-/// (and its `-dbg` package, for System.map and vmlinux) if it is not cached yet.
-pub fn kernel_package(cache: &Path, meta: &str) -> Result<KernelPackage, GuestError> {
+/// Returns the kernel package of `arch` that its cloud meta package currently depends on,
+/// downloading and unpacking it (and its `-dbg` package, for System.map and vmlinux) if it is
+/// not cached yet.
+pub fn kernel_package(cache: &Path, arch: GuestArch) -> Result<KernelPackage, GuestError> {
     let root = cache.join("kernel");
-    let resolved = resolve_meta(meta).and_then(|pkg| {
-        let ver = candidate_version(&pkg)?;
+    let meta = arch.apt_name(arch.kernel_meta_package());
+    let resolved = resolve_meta(&meta).and_then(|pkg| {
+        let ver = candidate_version(&arch.apt_name(&pkg))?;
         Ok((pkg, ver))
     });
     let (package, version) = match resolved {
         Ok(pv) => pv,
         Err(err) => {
             // Offline or no apt lists: fall back to what a previous run cached.
-            let Some(dir) = newest_cached(&root, "linux-image-") else {
+            let suffix = format!("-{}_", arch.debian());
+            let Some(dir) = newest_cached(&root, "linux-image-", &suffix) else {
                 return Err(err);
             };
             let name = dir.file_name().unwrap().to_string_lossy().into_owned();
@@ -178,8 +192,8 @@ pub fn kernel_package(cache: &Path, meta: &str) -> Result<KernelPackage, GuestEr
     download(
         &dl,
         &[
-            format!("{package}={version}"),
-            format!("{package}-dbg={version}"),
+            format!("{}={version}", arch.apt_name(&package)),
+            format!("{}={version}", arch.apt_name(&format!("{package}-dbg"))),
         ],
     )?;
     let image = find_deb(&dl, &package)?;
@@ -208,7 +222,7 @@ pub fn kernel_package(cache: &Path, meta: &str) -> Result<KernelPackage, GuestEr
     ];
     let modules = dir.join("modules");
     fs::create_dir_all(&modules).map_err(GuestError::io(&modules))?;
-    let module_moves = KVM_MODULES.iter().map(|m| {
+    let module_moves = arch.l1_modules().iter().map(|m| {
         (
             format!("lib/modules/{release}/kernel/{m}"),
             format!("modules/{}", m.rsplit('/').next().unwrap()),
@@ -234,21 +248,31 @@ pub fn kernel_package(cache: &Path, meta: &str) -> Result<KernelPackage, GuestEr
     Ok(kp)
 }
 
-/// Returns the path of a static busybox from Debian's `busybox-static`, fetching it if needed.
-pub fn busybox(cache: &Path) -> Result<PathBuf, GuestError> {
+/// Returns the path of a static busybox of `arch` from Debian's `busybox-static`, fetching it if
+/// needed.
+pub fn busybox(cache: &Path, arch: GuestArch) -> Result<PathBuf, GuestError> {
     let root = cache.join("busybox");
-    let dir = match candidate_version("busybox-static") {
-        Ok(v) => root.join(format!("busybox-static_{}", v.replace(':', "%3a"))),
-        Err(err) => newest_cached(&root, "busybox-static_").ok_or(err)?,
+    let spec = arch.apt_name("busybox-static");
+    // The x86_64 one keeps its original cache name.
+    let prefix = match arch {
+        GuestArch::X86_64 => "busybox-static_".to_string(),
+        GuestArch::Aarch64 => format!("busybox-static-{}_", arch.debian()),
+    };
+    let dir = match candidate_version(&spec) {
+        Ok(v) => root.join(format!("{prefix}{}", v.replace(':', "%3a"))),
+        Err(err) => newest_cached(&root, &prefix, "").ok_or(err)?,
     };
     let bin = dir.join("busybox");
     if dir.join(COMPLETE).exists() {
         return Ok(bin);
     }
     let _ = fs::remove_dir_all(&dir);
-    eprintln!("hvprobe: fetching busybox-static for the guest's initramfs (one time, seconds)");
+    eprintln!(
+        "hvprobe: fetching busybox-static ({}) for the guest's initramfs (one time, seconds)",
+        arch.debian()
+    );
     let dl = dir.join("deb");
-    download(&dl, &["busybox-static".to_string()])?;
+    download(&dl, &[spec])?;
     let deb = find_deb(&dl, "busybox-static")?;
     let unpack = dir.join("unpack");
     run_output(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpack))?;

@@ -3,8 +3,9 @@
 //!
 //! Everything is fetched from Debian's archive with `apt-get download` on first use and cached
 //! under [`cache_dir`], keyed by package version, so the second run costs nothing. The kernel
-//! version is resolved from the `linux-image-cloud-amd64` meta package each time the archive
-//! answers, never hard-coded.
+//! version is resolved from the `linux-image-cloud-amd64` (or `-arm64`) meta package each time
+//! the archive answers, never hard-coded. Guests of both architectures are built on any host:
+//! arm64 packages through dpkg's foreign architecture, the workloads with the cross compiler.
 
 pub mod cpio;
 pub mod debian;
@@ -55,6 +56,86 @@ impl GuestError {
     }
 }
 
+/// The architecture of a guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GuestArch {
+    /// x86_64 (Debian's amd64).
+    X86_64,
+    /// aarch64 (Debian's arm64).
+    Aarch64,
+}
+
+impl GuestArch {
+    /// The architecture this program runs on.
+    pub fn host() -> GuestArch {
+        if cfg!(target_arch = "aarch64") {
+            GuestArch::Aarch64
+        } else {
+            GuestArch::X86_64
+        }
+    }
+
+    /// The Rust/kernel name (`x86_64`, `aarch64`).
+    pub fn name(self) -> &'static str {
+        match self {
+            GuestArch::X86_64 => "x86_64",
+            GuestArch::Aarch64 => "aarch64",
+        }
+    }
+
+    /// Debian's name (`amd64`, `arm64`).
+    pub fn debian(self) -> &'static str {
+        match self {
+            GuestArch::X86_64 => "amd64",
+            GuestArch::Aarch64 => "arm64",
+        }
+    }
+
+    /// The Debian meta package whose dependency names the current cloud kernel.
+    pub fn kernel_meta_package(self) -> &'static str {
+        match self {
+            GuestArch::X86_64 => KERNEL_META_PACKAGE,
+            GuestArch::Aarch64 => "linux-image-cloud-arm64",
+        }
+    }
+
+    /// The C compiler that builds static programs for this architecture.
+    pub fn c_compiler(self) -> &'static str {
+        match (self, GuestArch::host()) {
+            (a, h) if a == h => "gcc",
+            (GuestArch::Aarch64, _) => "aarch64-linux-gnu-gcc",
+            (GuestArch::X86_64, _) => "x86_64-linux-gnu-gcc",
+        }
+    }
+
+    /// The modules kept from the kernel package for its use as the emulated runner's L1
+    /// kernel, relative to `lib/modules/<release>/kernel`, in load order: KVM on x86_64 (a
+    /// module there); on arm64 KVM is built in and L1 needs the virtio console instead, which
+    /// carries the inner run's output.
+    pub fn l1_modules(self) -> &'static [&'static str] {
+        match self {
+            GuestArch::X86_64 => debian::KVM_MODULES,
+            GuestArch::Aarch64 => debian::ARM64_L1_MODULES,
+        }
+    }
+
+    /// `package` as apt names it for this architecture (`busybox-static:arm64` on a host of
+    /// another architecture).
+    pub fn apt_name(self, package: &str) -> String {
+        if self == GuestArch::host() {
+            package.to_string()
+        } else {
+            format!("{package}:{}", self.debian())
+        }
+    }
+}
+
+impl std::fmt::Display for GuestArch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// The default guest: a Debian cloud kernel and the hvprobe initramfs.
 #[derive(Clone, Debug)]
 pub struct DefaultGuest {
@@ -64,7 +145,7 @@ pub struct DefaultGuest {
     pub initrd: PathBuf,
 }
 
-/// Name of the Debian meta package whose dependency names the current cloud kernel.
+/// Name of the Debian meta package whose dependency names the current x86_64 cloud kernel.
 pub const KERNEL_META_PACKAGE: &str = "linux-image-cloud-amd64";
 
 /// The workload programs built into the default guest, as (name, C source).
@@ -149,13 +230,19 @@ pub(crate) fn run_output(cmd: &mut Command) -> Result<Vec<u8>, GuestError> {
     Ok(out.stdout)
 }
 
-/// Returns the default guest, fetching and building whatever is not cached yet.
+/// Returns the default guest of the host's architecture, fetching and building whatever is not
+/// cached yet.
 pub fn default_guest() -> Result<DefaultGuest, GuestError> {
+    default_guest_for(GuestArch::host())
+}
+
+/// Returns the default guest of `arch`, fetching and building whatever is not cached yet.
+pub fn default_guest_for(arch: GuestArch) -> Result<DefaultGuest, GuestError> {
     let cache = cache_dir();
     let _lock = lock_cache(&cache)?;
-    let kernel = debian::kernel_package(&cache, KERNEL_META_PACKAGE)?;
-    let busybox = debian::busybox(&cache)?;
-    let initrd = build_initrd(&cache, &busybox)?;
+    let kernel = debian::kernel_package(&cache, arch)?;
+    let busybox = debian::busybox(&cache, arch)?;
+    let initrd = build_initrd(&cache, &busybox, arch)?;
     Ok(DefaultGuest { kernel, initrd })
 }
 
@@ -170,16 +257,20 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
 }
 
 /// Builds (or finds cached) the initramfs from busybox, `/init` and the workloads.
-fn build_initrd(cache: &Path, busybox: &Path) -> Result<PathBuf, GuestError> {
+fn build_initrd(cache: &Path, busybox: &Path, arch: GuestArch) -> Result<PathBuf, GuestError> {
     let busybox_bytes = fs::read(busybox).map_err(GuestError::io(busybox))?;
-    let mut parts: Vec<&[u8]> = vec![&busybox_bytes, INIT_SCRIPT.as_bytes()];
+    let mut parts: Vec<&[u8]> = vec![
+        &busybox_bytes,
+        INIT_SCRIPT.as_bytes(),
+        arch.name().as_bytes(),
+    ];
     for (name, src) in WORKLOADS {
         parts.push(name.as_bytes());
         parts.push(src.as_bytes());
     }
     let key = fnv1a(&parts);
     let dir = cache.join("initrd");
-    let out = dir.join(format!("hvprobe-guest-{key:016x}.cpio"));
+    let out = dir.join(format!("hvprobe-guest-{}-{key:016x}.cpio", arch.name()));
     if out.exists() {
         return Ok(out);
     }
@@ -189,7 +280,8 @@ fn build_initrd(cache: &Path, busybox: &Path) -> Result<PathBuf, GuestError> {
     fs::create_dir_all(&work).map_err(GuestError::io(&work))?;
 
     eprintln!(
-        "hvprobe: building the guest initramfs (busybox and {} workload programs, about 10 seconds; cached in {})",
+        "hvprobe: building the {} guest initramfs (busybox and {} workload programs, about 10 seconds; cached in {})",
+        arch.name(),
         WORKLOADS.len(),
         dir.display()
     );
@@ -199,7 +291,7 @@ fn build_initrd(cache: &Path, busybox: &Path) -> Result<PathBuf, GuestError> {
         fs::write(&c, src).map_err(GuestError::io(&c))?;
         let bin = work.join(name);
         run_output(
-            Command::new("gcc")
+            Command::new(arch.c_compiler())
                 .args(["-static", "-O2", "-Wall", "-o"])
                 .arg(&bin)
                 .arg(&c),
@@ -207,7 +299,16 @@ fn build_initrd(cache: &Path, busybox: &Path) -> Result<PathBuf, GuestError> {
         let bytes = fs::read(&bin).map_err(GuestError::io(&bin))?;
         programs.push((*name, bytes));
     }
-    let applets = run_output(Command::new(busybox).arg("--list-full"))?;
+    // A foreign busybox lists its applets under user-mode emulation (qemu-user).
+    let applets = if arch == GuestArch::host() {
+        run_output(Command::new(busybox).arg("--list-full"))?
+    } else {
+        run_output(
+            Command::new(format!("qemu-{}", arch.name()))
+                .arg(busybox)
+                .arg("--list-full"),
+        )?
+    };
     let applets = String::from_utf8_lossy(&applets).into_owned();
 
     let tmp = out.with_extension("tmp");

@@ -53,7 +53,11 @@ enum Command {
     /// Say whether this host's KVM can run and debug a stock guest, in one line.
     CheckHost,
     /// Fetch and build the default guest (Debian cloud kernel + initramfs); print its files.
-    Guest,
+    Guest {
+        /// The guest's architecture [default: the host's].
+        #[arg(long, value_enum)]
+        arch: Option<crate::job::ArchChoice>,
+    },
 }
 
 /// Runs hvprobe with `args` (without the program name) and returns the process exit status.
@@ -100,8 +104,11 @@ fn dispatch(cli: Cli) -> Result<i32> {
                 EXIT_HOST_UNUSABLE
             }
         }),
-        Command::Guest => {
-            let g = hvprobe_guest::default_guest()?;
+        Command::Guest { arch } => {
+            let arch = arch
+                .map(Into::into)
+                .unwrap_or_else(hvprobe_guest::GuestArch::host);
+            let g = hvprobe_guest::default_guest_for(arch)?;
             println!("kernel-package {} {}", g.kernel.package, g.kernel.version);
             println!("vmlinuz {}", g.kernel.vmlinuz().display());
             println!("system-map {}", g.kernel.system_map().display());
@@ -126,6 +133,12 @@ fn run(args: &Job) -> Result<i32> {
     let args = &args;
     args.validate()?;
     let on_host = match args.runner {
+        RunnerChoice::Host if !args.native() => bail!(
+            "--runner host cannot run an {} guest on this {} host; use --runner auto or emulated",
+            args.guest_arch(),
+            hvprobe_guest::GuestArch::host()
+        ),
+        RunnerChoice::Auto if !args.native() => false,
         RunnerChoice::Host => match hostcheck::check_host() {
             Ok(_) => true,
             Err(e) => {

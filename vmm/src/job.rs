@@ -25,17 +25,46 @@ pub enum RunnerChoice {
     Emulated,
 }
 
+/// A guest architecture on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+pub enum ArchChoice {
+    /// x86_64 guests.
+    #[value(name = "x86_64", alias = "amd64")]
+    #[serde(rename = "x86_64")]
+    X86_64,
+    /// aarch64 (arm64) guests.
+    #[value(name = "aarch64", alias = "arm64")]
+    #[serde(rename = "aarch64")]
+    Aarch64,
+}
+
+impl From<ArchChoice> for hvprobe_guest::GuestArch {
+    fn from(a: ArchChoice) -> Self {
+        match a {
+            ArchChoice::X86_64 => hvprobe_guest::GuestArch::X86_64,
+            ArchChoice::Aarch64 => hvprobe_guest::GuestArch::Aarch64,
+        }
+    }
+}
+
 /// A run of hvprobe: the arguments of `hvprobe run`, and what the emulated runner hands to the
 /// hvprobe inside L1 as JSON (every field, so that no option is lost on the way).
 #[derive(Clone, Debug, PartialEq, Eq, clap::Args, Serialize, Deserialize)]
 pub struct Job {
-    /// bzImage to boot [default: the default guest's Debian cloud kernel].
+    /// The guest's architecture [default: the host's]. A guest of another architecture than
+    /// the host's runs in the emulated runner of its architecture.
+    #[arg(long, value_enum)]
+    #[serde(default)]
+    pub arch: Option<ArchChoice>,
+    /// Kernel image to boot (a bzImage; an uncompressed Image on arm64) [default: the default
+    /// guest's Debian cloud kernel].
     #[arg(long)]
     pub kernel: Option<PathBuf>,
     /// initrd to load [default: the default guest's initramfs when --kernel is not given].
     #[arg(long)]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line [default: serial console, reboot through i8042, no KASLR, quiet].
+    /// Kernel command line [default: serial console, no KASLR, quiet; on x86_64 reboot through
+    /// the i8042].
     #[arg(long)]
     pub cmdline: Option<String>,
     /// Number of vCPUs.
@@ -206,6 +235,18 @@ pub enum TrapChoice {
 /// (panics, oopses) on the console.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nokaslr i8042.noaux i8042.nomux i8042.dumbkbd quiet loglevel=3";
 
+/// The default kernel command line of arm64 guests: the ns16550a console; the guest resets
+/// through PSCI.
+pub const DEFAULT_CMDLINE_AARCH64: &str = "console=ttyS0 panic=-1 nokaslr quiet loglevel=3";
+
+/// The default kernel command line for guests of `arch`.
+pub fn default_cmdline(arch: hvprobe_guest::GuestArch) -> &'static str {
+    match arch {
+        hvprobe_guest::GuestArch::X86_64 => DEFAULT_CMDLINE,
+        hvprobe_guest::GuestArch::Aarch64 => DEFAULT_CMDLINE_AARCH64,
+    }
+}
+
 /// Default time limit with `--exec`.
 pub const DEFAULT_EXEC_TIMEOUT_SECS: u64 = 600;
 
@@ -225,7 +266,7 @@ impl Job {
         let mut cmdline = self
             .cmdline
             .clone()
-            .unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+            .unwrap_or_else(|| default_cmdline(self.guest_arch()).to_string());
         if let Some(exec) = &self.exec {
             let encoded = base64::engine::general_purpose::STANDARD.encode(exec.as_bytes());
             cmdline.push_str(&format!(" {}={encoded}", hvprobe_guest::EXEC_PARAM));
@@ -233,11 +274,26 @@ impl Job {
         cmdline
     }
 
+    /// The guest's architecture: `--arch`, else the host's.
+    pub fn guest_arch(&self) -> hvprobe_guest::GuestArch {
+        self.arch
+            .map(Into::into)
+            .unwrap_or_else(hvprobe_guest::GuestArch::host)
+    }
+
+    /// Whether the guest's architecture is the host's (else only the emulated runner of the
+    /// guest's architecture can run it).
+    pub fn native(&self) -> bool {
+        self.guest_arch() == hvprobe_guest::GuestArch::host()
+    }
+
     /// Fills in the default guest's kernel, initrd and System.map where none were given.
     pub fn resolve_guest(&self) -> Result<Job> {
         let mut resolved = self.clone();
         if self.kernel.is_none() {
-            let guest = hvprobe_guest::default_guest().context("preparing the default guest")?;
+            let arch = self.guest_arch();
+            let guest = hvprobe_guest::default_guest_for(arch)
+                .with_context(|| format!("preparing the default {arch} guest"))?;
             resolved.kernel = Some(guest.kernel.vmlinuz());
             if self.initrd.is_none() {
                 resolved.initrd = Some(guest.initrd);

@@ -1,17 +1,24 @@
 //! hvprobe as `/init` of the emulated runner's L1 machine: mount the kernel file systems, load
-//! the KVM modules, put the relay serial port in raw mode, run the inner job in-process, and
-//! report its exit status through QEMU's `isa-debug-exit` device.
+//! the modules, connect the inner run's standard streams to the ports that carry them out, run
+//! the inner job in-process, and report its exit status.
+//!
+//! x86_64 L1: KVM modules; the streams on serial ports in raw mode (`ttyS1`, `ttyS2`); the status
+//! through QEMU's `isa-debug-exit` device. arm64 L1 (KVM built in): the virtio console
+//! modules; the streams, the `-o` output and the status on virtio-serial ports (the virt board
+//! has one UART and no debug-exit device); then PSCI SYSTEM_OFF.
 
 use std::ffi::CString;
 use std::fs;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 
-use crate::runner::{DEBUG_EXIT_PORT, L1_ARGS_PATH, L1_MODULES_DIR};
+use crate::runner::{L1_ARGS_PATH, L1_MODULES_DIR};
 
-/// The serial port that carries the inner run's stdin and stdout.
+/// The port that carries the inner run's stdin and stdout.
+#[cfg(target_arch = "x86_64")]
 const RELAY_TTY: &str = "/dev/ttyS1";
-/// The serial port that carries the inner run's stderr.
+/// The port that carries the inner run's stderr.
+#[cfg(target_arch = "x86_64")]
 const RELAY_ERR_TTY: &str = "/dev/ttyS2";
 
 fn mount(source: &str, target: &str, fstype: &str) {
@@ -45,13 +52,24 @@ fn load_module(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Opens `path` read-write, retrying for a few seconds: a virtio port's device node appears
+/// before the driver lists the port, and an open in between fails with ENXIO.
+fn open_port(path: &str) -> std::io::Result<fs::File> {
+    let mut tries = 0;
+    loop {
+        match fs::OpenOptions::new().read(true).write(true).open(path) {
+            Err(e) if tries < 100 && e.raw_os_error() == Some(libc::ENXIO) => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Opens `path` as a raw tty and puts it on the standard descriptors `targets`.
 fn relay_to_serial(path: &str, targets: &[i32]) -> Result<(), String> {
-    let tty = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| format!("{path}: {e}"))?;
+    let tty = open_port(path).map_err(|e| format!("{path}: {e}"))?;
     let fd = tty.as_raw_fd();
     crate::output::make_raw_if_tty(fd);
     for &target in targets {
@@ -61,9 +79,75 @@ fn relay_to_serial(path: &str, targets: &[i32]) -> Result<(), String> {
     Ok(())
 }
 
+/// The ports and the standard descriptors each goes on, in order.
+#[cfg(target_arch = "x86_64")]
+fn relays() -> [(&'static str, &'static [i32]); 2] {
+    [(RELAY_TTY, &[0, 1, 2]), (RELAY_ERR_TTY, &[2])]
+}
+
+/// The ports and the standard descriptors each goes on, in order.
+#[cfg(target_arch = "aarch64")]
+fn relays() -> [(&'static str, &'static [i32]); 3] {
+    use crate::runner::{VPORT_STDERR, VPORT_STDIN, VPORT_STDOUT};
+    [
+        (VPORT_STDIN, &[0]),
+        (VPORT_STDOUT, &[1]),
+        (VPORT_STDERR, &[2]),
+    ]
+}
+
+/// Waits (a few seconds at most) for the device node `path`: virtio ports appear once their
+/// driver has probed, after the module load returned.
+fn wait_for(path: &str) {
+    for _ in 0..100 {
+        if std::path::Path::new(path).exists() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Writes the status line to the status port, which QEMU writes to a file the outer hvprobe
+/// reads.
+#[cfg(target_arch = "aarch64")]
+fn report_exit(code: i32) {
+    match open_port(crate::runner::VPORT_STATUS) {
+        Ok(mut f) => {
+            let _ = writeln!(f, "{}{code}", crate::runner::STATUS_PREFIX);
+            let _ = f.flush();
+            // SAFETY: fsync on an open fd; it waits until the port has passed the bytes on.
+            unsafe { libc::fsync(f.as_raw_fd()) };
+        }
+        Err(e) => eprintln!("hvprobe-l1: {}: {e}", crate::runner::VPORT_STATUS),
+    }
+}
+
+/// The modules to load, in order.
+#[cfg(target_arch = "aarch64")]
+fn modules() -> Vec<&'static str> {
+    hvprobe_guest::GuestArch::Aarch64
+        .l1_modules()
+        .iter()
+        .map(|m| m.rsplit('/').next().unwrap_or(m))
+        .collect()
+}
+
+/// The modules to load, in order: KVM for this CPU's vendor.
+#[cfg(target_arch = "x86_64")]
+fn modules() -> Vec<&'static str> {
+    let vendor_module = if crate::hostcheck::cpu_flag("vmx") {
+        "kvm-intel.ko"
+    } else {
+        "kvm-amd.ko"
+    };
+    vec!["irqbypass.ko", "kvm.ko", vendor_module]
+}
+
 /// Writes `code + 1` to the `isa-debug-exit` port; QEMU then exits with `2 * (code + 1) + 1`.
 /// The offset keeps every report apart from QEMU's own failure status 1.
+#[cfg(target_arch = "x86_64")]
 fn report_exit(code: i32) {
+    use crate::runner::DEBUG_EXIT_PORT;
     let value = code.clamp(0, 126) as u32 + 1;
     // SAFETY: as PID 1 in L1 we hold CAP_SYS_RAWIO; ioperm grants this process access to the
     // one port of QEMU's isa-debug-exit device, and the `out` only writes that port.
@@ -81,22 +165,28 @@ pub fn main() -> ! {
     mount("devtmpfs", "/dev", "devtmpfs");
     mount("tmpfs", "/tmp", "tmpfs");
 
-    for (tty, targets) in [(RELAY_TTY, &[0, 1, 2][..]), (RELAY_ERR_TTY, &[2][..])] {
-        if let Err(e) = relay_to_serial(tty, targets) {
-            eprintln!("hvprobe-l1: {e}");
+    let relay = || {
+        for (tty, targets) in relays() {
+            wait_for(tty);
+            if let Err(e) = relay_to_serial(tty, targets) {
+                eprintln!("hvprobe-l1: {e}");
+            }
         }
-    }
-    let vendor_module = if crate::hostcheck::cpu_flag("vmx") {
-        "kvm-intel.ko"
-    } else {
-        "kvm-amd.ko"
     };
+    // The serial ports exist from boot; the virtio ports once their modules are loaded.
+    let ports_need_modules = cfg!(target_arch = "aarch64");
+    if !ports_need_modules {
+        relay();
+    }
     let mut code = 0;
-    for m in ["irqbypass.ko", "kvm.ko", vendor_module] {
+    for m in modules() {
         if let Err(e) = load_module(m) {
             eprintln!("hvprobe-l1: {e}");
             code = crate::cli::EXIT_HOST_UNUSABLE;
         }
+    }
+    if ports_need_modules {
+        relay();
     }
     if code == 0 {
         code = match fs::read(L1_ARGS_PATH) {
@@ -122,7 +212,8 @@ pub fn main() -> ! {
         libc::tcdrain(2);
     }
     report_exit(code);
-    // SAFETY: reboot(2) as PID 1; reached only if the debug-exit device is missing.
+    // SAFETY: reboot(2) as PID 1: PSCI SYSTEM_OFF on arm64 (QEMU exits); on x86_64 reached only
+    // if the debug-exit device is missing.
     unsafe { libc::reboot(libc::RB_POWER_OFF) };
     loop {
         std::thread::park();

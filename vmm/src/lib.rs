@@ -7,7 +7,6 @@ pub mod cli;
 pub mod devices;
 pub mod hostcheck;
 pub mod job;
-#[cfg(target_arch = "x86_64")]
 pub mod l1init;
 pub mod machine;
 pub mod output;

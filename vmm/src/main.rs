@@ -1,7 +1,6 @@
 //! The `hvprobe` binary. When it runs as PID 1 it is the emulated runner's L1 `/init`.
 
 fn main() {
-    #[cfg(target_arch = "x86_64")]
     if std::process::id() == 1 {
         hvprobe_vmm::l1init::main();
     }

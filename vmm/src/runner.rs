@@ -1,10 +1,17 @@
 //! The emulated KVM runner: where the host's KVM cannot boot and debug a stock guest (no
-//! /dev/kvm, the software kvm_pvm module), hvprobe runs itself inside an emulated machine
-//! that has hardware virtualization.
+//! /dev/kvm, the software kvm_pvm module), or the guest is of another architecture than the
+//! host, hvprobe runs itself inside an emulated machine that has hardware virtualization.
 //!
 //! ```text
 //! host --QEMU TCG, -cpu EPYC--> L1: Debian cloud kernel + kvm, kvm-amd --hvprobe--> L2 guest
+//! host --QEMU TCG, virt,virtualization=on, -cpu max--> L1: Debian arm64 kernel (KVM, VHE)
+//!      --aarch64 hvprobe--> L2 arm64 guest
 //! ```
+//!
+//! The arm64 L1 runs the static aarch64 build of hvprobe as `/init`; the virt board has one UART
+//! (L1's console) and no debug-exit device, so the inner run's streams, its `-o` output and its
+//! exit status travel on virtio-serial ports (never semihosting, which would let a guest reach
+//! host files).
 //!
 //! The L1 initramfs holds this very hvprobe binary as `/init` (with the shared libraries it
 //! links), the KVM modules, the L2 kernel and initrd, and the argument list of the inner run.
@@ -20,8 +27,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use hvprobe_guest::GuestArch;
 use hvprobe_guest::cpio::CpioWriter;
-use hvprobe_guest::debian::KVM_MODULES;
 
 use crate::job::{Job, RunnerChoice};
 
@@ -30,7 +37,7 @@ use crate::job::{Job, RunnerChoice};
 pub enum RunnerError {
     /// The emulator could not be found or started.
     #[error(
-        "cannot start the emulator `{qemu}`: {detail} (install qemu-system-x86 from bookworm-backports: `bash guest/setup-host.sh`)"
+        "cannot start the emulator `{qemu}`: {detail} (install QEMU from bookworm-backports: `bash guest/setup-host.sh`)"
     )]
     NoEmulator {
         /// The binary tried.
@@ -69,7 +76,21 @@ fn prep_err(what: &str) -> impl FnOnce(io::Error) -> RunnerError + '_ {
 pub const L1_ARGS_PATH: &str = "/hvprobe/args";
 /// Path of the inner run's [`Job`] (JSON) inside L1.
 pub const L1_JOB_PATH: &str = "/hvprobe/job.json";
-/// Directory of the KVM modules inside L1.
+/// The arm64 L1's virtio-serial port for the inner run's stdout. (Output and input are apart:
+/// a guest's write to a port blocks while the host side is disconnected, and QEMU's stdio
+/// backend disconnects when its stdin ends.)
+pub const VPORT_STDOUT: &str = "/dev/vport0p1";
+/// The arm64 L1's port for the inner run's stderr.
+pub const VPORT_STDERR: &str = "/dev/vport0p2";
+/// The arm64 L1's port for the inner run's `-o` output.
+pub const VPORT_OUTPUT: &str = "/dev/vport0p3";
+/// The arm64 L1's port for the inner run's exit status.
+pub const VPORT_STATUS: &str = "/dev/vport0p4";
+/// The arm64 L1's port for the inner run's stdin.
+pub const VPORT_STDIN: &str = "/dev/vport0p5";
+/// What the status line starts with.
+pub const STATUS_PREFIX: &str = "HVPROBE-L1-STATUS=";
+/// Directory of the modules inside L1.
 pub const L1_MODULES_DIR: &str = "/modules";
 /// I/O port of QEMU's `isa-debug-exit` device in L1.
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
@@ -139,10 +160,19 @@ fn add_parents<W: io::Write>(
     Ok(())
 }
 
-/// Writes the L1 initramfs for an inner run with `inner_args` to `out`.
+/// What goes into L1 besides the guest's files: the hvprobe binary that is its `/init` (with the
+/// shared libraries it needs) and the modules.
+struct L1Image<'a> {
+    exe: PathBuf,
+    libs: Vec<PathBuf>,
+    kernel: &'a hvprobe_guest::KernelPackage,
+    arch: GuestArch,
+}
+
+/// Writes the L1 initramfs for an inner run of `inner_job` to `out`.
 fn build_l1_initrd(
     out: &Path,
-    kernel: &hvprobe_guest::KernelPackage,
+    image: &L1Image<'_>,
     l2_kernel: &Path,
     l2_initrd: Option<&Path>,
     system_map: Option<&Path>,
@@ -152,8 +182,7 @@ fn build_l1_initrd(
     let job_json = serde_json::to_vec_pretty(inner_job)
         .map_err(|e| RunnerError::Prepare(format!("writing the inner job: {e}")))?;
     let inner_args = ["run-job".to_string(), L1_JOB_PATH.to_string()];
-    let exe = std::env::current_exe().map_err(prep_err("locating the hvprobe binary"))?;
-    let libs = shared_libraries(&exe)?;
+    let (exe, libs, kernel) = (&image.exe, &image.libs, image.kernel);
     let file = fs::File::create(out).map_err(prep_err("creating the L1 initramfs"))?;
     let mut w = CpioWriter::new(BufWriter::new(file));
     let mut seen = std::collections::BTreeSet::new();
@@ -166,11 +195,11 @@ fn build_l1_initrd(
             w.dir(d)?;
         }
         w.char_dev("dev/console", 5, 1)?;
-        add(w, "init", &fs::read(&exe)?, 0o755)?;
-        for lib in &libs {
+        add(w, "init", &fs::read(exe)?, 0o755)?;
+        for lib in libs {
             add(w, &lib.to_string_lossy(), &fs::read(lib)?, 0o755)?;
         }
-        for m in KVM_MODULES {
+        for m in image.arch.l1_modules() {
             let name = m.rsplit('/').next().unwrap_or(m);
             let data = fs::read(kernel.module(name))?;
             add(w, &format!("{L1_MODULES_DIR}/{name}"), &data, 0o644)?;
@@ -222,7 +251,10 @@ pub fn inner_job(job: &Job) -> Job {
             .as_ref()
             .filter(|_| probing)
             .map(|_| PathBuf::from(L1_BTF)),
-        output: job.output.as_ref().map(|_| PathBuf::from(L1_OUTPUT_TTY)),
+        output: job
+            .output
+            .as_ref()
+            .map(|_| PathBuf::from(l1_output_port(job.guest_arch()))),
         summary_json: job
             .summary_json
             .as_ref()
@@ -233,9 +265,15 @@ pub fn inner_job(job: &Job) -> Job {
     }
 }
 
-/// The L1 serial port that carries the inner run's `--output` to the file named on the host
-/// (the fourth `-serial`; the first three are L1's console and the inner stdout and stderr).
-pub const L1_OUTPUT_TTY: &str = "/dev/ttyS3";
+/// The L1 port that carries the inner run's `--output` to the file named on the host (x86_64:
+/// the fourth `-serial`, the first three being L1's console and the inner stdout and stderr;
+/// arm64: a virtio-serial port).
+pub fn l1_output_port(arch: GuestArch) -> &'static str {
+    match arch {
+        GuestArch::X86_64 => "/dev/ttyS3",
+        GuestArch::Aarch64 => VPORT_OUTPUT,
+    }
+}
 
 /// Where the guest kernel's BTF (the raw section, not the whole vmlinux) goes inside L1.
 pub const L1_BTF: &str = "/l2/btf";
@@ -269,17 +307,45 @@ fn wait_with_deadline(
     }
 }
 
-/// Runs `args` (guest files already resolved) inside the emulated runner and returns the inner
-/// run's exit status.
+/// Runs `args` (guest files already resolved) inside the emulated runner of the guest's
+/// architecture and returns the inner run's exit status.
 pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
-    let qemu = emulator();
-    let l1 = hvprobe_guest::default_guest()
+    let arch = args.guest_arch();
+    let qemu = match arch {
+        GuestArch::X86_64 if GuestArch::host() == GuestArch::X86_64 => emulator(),
+        GuestArch::Aarch64 => std::env::var("HVPROBE_QEMU_AARCH64")
+            .unwrap_or_else(|_| "qemu-system-aarch64".to_string()),
+        GuestArch::X86_64 => {
+            return Err(RunnerError::Prepare(format!(
+                "an x86_64 guest on this {} host: the emulated x86_64 runner runs on x86_64 hosts only",
+                GuestArch::host()
+            )));
+        }
+    };
+    let l1 = hvprobe_guest::default_guest_for(arch)
         .map_err(|e| RunnerError::Prepare(format!("the L1 kernel: {e}")))?
         .kernel;
     let l2_kernel = args
         .kernel
         .as_deref()
         .ok_or_else(|| RunnerError::Prepare("no guest kernel".into()))?;
+    let image = match arch {
+        GuestArch::X86_64 => {
+            let exe = std::env::current_exe().map_err(prep_err("locating the hvprobe binary"))?;
+            L1Image {
+                libs: shared_libraries(&exe)?,
+                exe,
+                kernel: &l1,
+                arch,
+            }
+        }
+        GuestArch::Aarch64 => L1Image {
+            exe: aarch64_hvprobe()?,
+            libs: Vec::new(),
+            kernel: &l1,
+            arch,
+        },
+    };
 
     // Only the BTF section travels into L1: a vmlinux with debug info is hundreds of MiB.
     let btf = match (&args.btf, args.probes.is_empty()) {
@@ -288,18 +354,15 @@ pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
         }
         _ => None,
     };
-    // `-o FILE`: the inner run writes to L1's fourth serial port, which QEMU writes to FILE.
-    // Created here first, so that a path that cannot be written fails before anything boots.
+    // `-o FILE`: the inner run writes to an L1 port, which QEMU writes to FILE. Created here
+    // first, so that a path that cannot be written fails before anything boots.
     let trace_file = match &args.output {
         Some(path) => {
             fs::File::create(path).map_err(|e| {
                 RunnerError::Prepare(format!("creating the output file {}: {e}", path.display()))
             })?;
             // QEMU's option syntax doubles a comma that is part of a value.
-            Some(format!(
-                "file:{}",
-                path.display().to_string().replace(',', ",,")
-            ))
+            Some(path.display().to_string().replace(',', ",,"))
         }
         None => None,
     };
@@ -307,9 +370,10 @@ pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
     fs::create_dir_all(&work).map_err(prep_err("creating a work directory"))?;
     let initrd = work.join("l1.cpio");
     let console = work.join("l1-console.log");
+    let status_file = work.join("status");
     build_l1_initrd(
         &initrd,
-        &l1,
+        &image,
         l2_kernel,
         args.initrd.as_deref(),
         args.system_map
@@ -320,40 +384,18 @@ pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
     )?;
 
     let l1_mem = (args.memory + 512).max(1024);
-    // One L1 CPU whatever the guest's vCPU count: the L2 vCPU threads share it. With two
-    // emulated L1 CPUs, QEMU's TCG nested SVM corrupts state now and then under a stream of
-    // exits (L2 triple faults, L1 panics with a zeroed register file in `error_entry`, or L1
-    // resets silently; 10 of 23 two-vCPU probe runs), none of it in 10 runs with one L1 CPU.
-    // docs/probing.md, "The runner's QEMU", has the figures.
-    let l1_cpus = L1_CPUS;
     let mut cmd = Command::new(&qemu);
-    cmd.args(["-accel", "tcg", "-cpu", "EPYC", "-nodefaults", "-no-reboot"])
-        // Debian's firmware, for a QEMU built from source (guest/qemu/build.sh).
-        .args(FIRMWARE_DIRS.iter().flat_map(|d| ["-L", d]))
-        .args(["-display", "none", "-monitor", "none"])
-        .args(["-smp", &l1_cpus.to_string(), "-m", &l1_mem.to_string()])
+    match arch {
+        GuestArch::X86_64 => x86_64_machine(&mut cmd, &console, trace_file.as_deref()),
+        GuestArch::Aarch64 => {
+            aarch64_machine(&mut cmd, &console, trace_file.as_deref(), &status_file)
+        }
+    }
+    cmd.args(["-smp", &L1_CPUS.to_string(), "-m", &l1_mem.to_string()])
         .arg("-kernel")
         .arg(l1.vmlinuz())
         .arg("-initrd")
         .arg(&initrd)
-        .args([
-            "-append",
-            "console=ttyS0 nokaslr quiet loglevel=3 panic=-1 rdinit=/init",
-        ])
-        .arg("-serial")
-        .arg(format!("file:{}", console.display()))
-        .args(["-serial", "stdio"])
-        // The inner run's stderr: QEMU's own stderr, which is a pipe read below.
-        .args(["-serial", "file:/proc/self/fd/2"])
-        .args(
-            trace_file
-                .iter()
-                .flat_map(|f| ["-serial".to_string(), f.clone()]),
-        )
-        .args([
-            "-device",
-            &format!("isa-debug-exit,iobase={DEBUG_EXIT_PORT:#x},iosize=0x04"),
-        ])
         .stdout(Stdio::inherit())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().map_err(|e| RunnerError::NoEmulator {
@@ -379,28 +421,166 @@ pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
         }
         Some(status) => {
             let stderr_text = stderr_copy.and_then(|t| t.join().ok()).unwrap_or_default();
-            match status.code() {
-                // L1 reports status s as s + 1, which QEMU turns into 2(s + 1) + 1.
-                Some(code) if code % 2 == 1 && code >= 3 => Ok((code - 3) / 2),
-                Some(code) => Err(RunnerError::NoResult {
-                    how: format!(
+            let reported = match arch {
+                GuestArch::X86_64 => x86_64_status(status),
+                GuestArch::Aarch64 => aarch64_status(&status_file),
+            };
+            reported.ok_or_else(|| RunnerError::NoResult {
+                how: match status.code() {
+                    Some(code) => format!(
                         "exited with status {code}{}",
                         qemu_stderr_note(&stderr_text)
                     ),
-                    tail: console_tail(&console),
-                }),
-                None => Err(RunnerError::NoResult {
-                    how: format!("was killed ({status})"),
-                    tail: console_tail(&console),
-                }),
-            }
+                    None => format!("was killed ({status})"),
+                },
+                tail: console_tail(&console),
+            })
         }
     };
-    let _ = fs::remove_dir_all(&work);
+    if std::env::var_os("HVPROBE_RUNNER_KEEP").is_some() {
+        eprintln!(
+            "hvprobe: kept the runner's work directory {} (HVPROBE_RUNNER_KEEP)",
+            work.display()
+        );
+    } else {
+        let _ = fs::remove_dir_all(&work);
+    }
     result
 }
 
-/// CPUs of the emulated L1 machine (see the comment on `-smp` in [`run_emulated`]).
+/// The x86_64 L1 machine: TCG with SVM (`-cpu EPYC`), the console and the inner run's streams
+/// on serial ports, the status through `isa-debug-exit`.
+fn x86_64_machine(cmd: &mut Command, console: &Path, trace_file: Option<&str>) {
+    cmd.args(["-accel", "tcg", "-cpu", "EPYC", "-nodefaults", "-no-reboot"])
+        // Debian's firmware, for a QEMU built from source (guest/qemu/build.sh).
+        .args(FIRMWARE_DIRS.iter().flat_map(|d| ["-L", d]))
+        .args(["-display", "none", "-monitor", "none"])
+        .args([
+            "-append",
+            "console=ttyS0 nokaslr quiet loglevel=3 panic=-1 rdinit=/init",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .args(["-serial", "stdio"])
+        // The inner run's stderr: QEMU's own stderr, which is a pipe read by the caller.
+        .args(["-serial", "file:/proc/self/fd/2"])
+        .args(
+            trace_file
+                .iter()
+                .flat_map(|f| ["-serial".to_string(), format!("file:{f}")]),
+        )
+        .args([
+            "-device",
+            &format!("isa-debug-exit,iobase={DEBUG_EXIT_PORT:#x},iosize=0x04"),
+        ]);
+}
+
+/// The inner run's status from the x86_64 L1's exit: L1 reports status s as s + 1, which QEMU
+/// turns into 2(s + 1) + 1; anything else means L1 died without reporting.
+fn x86_64_status(status: std::process::ExitStatus) -> Option<i32> {
+    match status.code() {
+        Some(code) if code % 2 == 1 && code >= 3 => Some((code - 3) / 2),
+        _ => None,
+    }
+}
+
+/// The arm64 L1 machine: TCG emulating EL2 (`virtualization=on`) with a GICv3, L1's console on
+/// the PL011, the inner run's streams, output and status on virtio-serial ports (virtio-mmio).
+fn aarch64_machine(cmd: &mut Command, console: &Path, trace_file: Option<&str>, status: &Path) {
+    // Appending: a redirected stdout or stderr keeps what hvprobe wrote before.
+    let file_port = |nr: u32, id: &str, path: &str| {
+        [
+            "-chardev".to_string(),
+            format!("file,id={id},path={path},append=on"),
+            "-device".to_string(),
+            format!("virtserialport,nr={nr},chardev={id},name=hvprobe.{id}"),
+        ]
+    };
+    cmd.args(["-machine", "virt,virtualization=on,gic-version=3"])
+        .args(["-accel", "tcg", "-cpu", "max", "-nodefaults", "-no-reboot"])
+        .args(["-display", "none", "-monitor", "none"])
+        .args([
+            "-append",
+            "console=ttyAMA0 nokaslr quiet loglevel=3 panic=-1 rdinit=/init",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .args(["-device", "virtio-serial-device"])
+        .args(file_port(1, "stdout", "/proc/self/fd/1"))
+        .args(file_port(2, "stderr", "/proc/self/fd/2"))
+        .args(file_port(3, "output", trace_file.unwrap_or("/dev/null")))
+        .args(file_port(
+            4,
+            "status",
+            &status.display().to_string().replace(',', ",,"),
+        ))
+        .args(["-chardev", "stdio,id=stdin,signal=off"])
+        .args([
+            "-device",
+            "virtserialport,nr=5,chardev=stdin,name=hvprobe.stdin",
+        ]);
+}
+
+/// The inner run's status from the arm64 L1's status port.
+fn aarch64_status(status_file: &Path) -> Option<i32> {
+    let text = fs::read_to_string(status_file).ok()?;
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(STATUS_PREFIX))
+        .and_then(|v| v.parse().ok())
+}
+
+/// The static aarch64 hvprobe that is the arm64 L1's `/init`: `$HVPROBE_AARCH64_BIN`, else the
+/// workspace's cross build (`target/aarch64-unknown-linux-gnu/release/hvprobe`), built now with
+/// cargo when the source tree is there (cargo makes it a no-op when it is up to date).
+fn aarch64_hvprobe() -> Result<PathBuf, RunnerError> {
+    if let Ok(p) = std::env::var("HVPROBE_AARCH64_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let built = workspace.join("target/aarch64-unknown-linux-gnu/release/hvprobe");
+    let how = "cargo build --release --target aarch64-unknown-linux-gnu -p hvprobe-vmm";
+    if manifest.exists() {
+        eprintln!("hvprobe: checking the aarch64 hvprobe for the arm64 runner ({how})");
+        let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "build",
+                "--release",
+                "--quiet",
+                "--target",
+                "aarch64-unknown-linux-gnu",
+                "-p",
+                "hvprobe-vmm",
+                "--bin",
+                "hvprobe",
+            ])
+            .arg("--manifest-path")
+            .arg(workspace.join("Cargo.toml"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .status();
+        if !out.is_ok_and(|s| s.success()) {
+            return Err(RunnerError::Prepare(format!(
+                "building the aarch64 hvprobe for the arm64 runner failed (`{how}`; the cross toolchain comes from `bash guest/setup-host.sh`)"
+            )));
+        }
+    }
+    if built.exists() {
+        return Ok(built);
+    }
+    Err(RunnerError::Prepare(format!(
+        "the arm64 runner needs the static aarch64 hvprobe: build it with `{how}` in the source tree, or name one in $HVPROBE_AARCH64_BIN"
+    )))
+}
+
+/// CPUs of the emulated L1 machine: one, whatever the guest's vCPU count (the L2 vCPU threads
+/// share it). With two emulated x86 L1 CPUs, QEMU's TCG nested SVM corrupts state now and then
+/// under a stream of exits (L2 triple faults, L1 panics with a zeroed register file in
+/// `error_entry`, or L1 resets silently; 10 of 23 two-vCPU probe runs), none of it in 10 runs
+/// with one L1 CPU. docs/probing.md, "The runner's QEMU", has the figures.
 const L1_CPUS: u32 = 1;
 
 /// Copies the emulator's stderr (its own messages and the inner run's stderr) to ours, and
