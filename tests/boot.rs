@@ -4,7 +4,8 @@
 
 mod common;
 
-use common::{assert_has, explain, fnv1a, hvprobe, text};
+use common::{assert_has, explain, fnv1a, guest_arch, hvprobe, kernel_release_suffix, text};
+use hvprobe_guest::GuestArch;
 use std::process::Output;
 
 fn boot(vcpus: &str, exec: &str, timeout: &str) -> Output {
@@ -31,7 +32,7 @@ fn one_vcpu_boots_to_init_runs_the_command_and_returns_its_status() {
     assert_eq!(out.status.code(), Some(7), "{}", explain(&out));
     assert_has(&stdout, hvprobe_guest::INIT_READY_MARKER, &out);
     assert_has(&stdout, "sum=42\n", &out);
-    assert_has(&stdout, "-cloud-amd64\n", &out);
+    assert_has(&stdout, &format!("{}\n", kernel_release_suffix()), &out);
     let lines: Vec<&str> = stdout.lines().collect();
     let sum_at = lines.iter().position(|l| *l == "sum=42").unwrap();
     assert_eq!(lines[sum_at + 2], "1", "one CPU online: {}", explain(&out));
@@ -111,14 +112,30 @@ fn bad_inputs_get_one_clear_error_each() {
 
     let dir = std::env::temp_dir().join(format!("hvprobe-bad-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let not_bz = dir.join("not-a-bzimage");
+    let not_bz = dir.join("not-a-kernel");
     std::fs::write(&not_bz, vec![0x7fu8; 4096]).unwrap();
     let out = hvprobe(&["run", "--kernel", not_bz.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
-    assert_has(&stderr, "is not a bzImage", &out);
-    assert_has(&stderr, "HdrS", &out);
+    let (format, magic) = match guest_arch() {
+        GuestArch::X86_64 => ("is not a bzImage", "HdrS"),
+        GuestArch::Aarch64 => ("is not an arm64 Image", "ARM\\x64"),
+    };
+    assert_has(&stderr, format, &out);
+    assert_has(&stderr, magic, &out);
     assert_eq!(stderr.lines().count(), 1, "{}", explain(&out));
+    if guest_arch() == GuestArch::Aarch64 {
+        // A compressed EFI_ZBOOT image is named as such.
+        let mut zboot = vec![0u8; 4096];
+        zboot[..2].copy_from_slice(b"MZ");
+        zboot[4..8].copy_from_slice(b"zimg");
+        let path = dir.join("vmlinuz.efi");
+        std::fs::write(&path, zboot).unwrap();
+        let out = hvprobe(&["run", "--kernel", path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(1));
+        assert_has(&text(&out.stderr), "compressed EFI_ZBOOT image", &out);
+        assert_eq!(text(&out.stderr).lines().count(), 1, "{}", explain(&out));
+    }
 
     let out = hvprobe(&["run", "--memory", "0", "--exec", "true"]);
     assert_eq!(out.status.code(), Some(1));

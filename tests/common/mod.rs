@@ -9,11 +9,35 @@ use hvprobe_vmm::summary::{ProbeSummary, RunSummary};
 
 pub const HVPROBE: &str = env!("CARGO_BIN_EXE_hvprobe");
 
-/// Runs `hvprobe ARGS` and returns its output (stdin closed).
+/// The guest architecture under test: `$HVPROBE_TEST_ARCH` (`x86_64`, `aarch64`), else the
+/// host's. One suite serves both; `.ci/run` runs it once per architecture.
+pub fn guest_arch() -> hvprobe_guest::GuestArch {
+    match std::env::var("HVPROBE_TEST_ARCH").as_deref() {
+        Ok("aarch64") | Ok("arm64") => hvprobe_guest::GuestArch::Aarch64,
+        Ok("x86_64") | Ok("amd64") => hvprobe_guest::GuestArch::X86_64,
+        Ok(other) => panic!("HVPROBE_TEST_ARCH={other}: expected x86_64 or aarch64"),
+        Err(_) => hvprobe_guest::GuestArch::host(),
+    }
+}
+
+/// The suffix of the default guest kernel's release (`-cloud-amd64`, `-cloud-arm64`).
+pub fn kernel_release_suffix() -> String {
+    format!("-cloud-{}", guest_arch().debian())
+}
+
+/// Runs `hvprobe ARGS` and returns its output (stdin closed); `run` gets the architecture under
+/// test (`--arch`).
 pub fn hvprobe(args: &[&str]) -> Output {
-    Command::new(HVPROBE)
-        .args(args)
-        .stdin(std::process::Stdio::null())
+    let mut cmd = Command::new(HVPROBE);
+    match args.split_first() {
+        Some((&"run", rest)) => {
+            cmd.args(["run", "--arch", guest_arch().name()]).args(rest);
+        }
+        _ => {
+            cmd.args(args);
+        }
+    }
+    cmd.stdin(std::process::Stdio::null())
         .output()
         .expect("hvprobe starts")
 }

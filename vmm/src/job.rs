@@ -388,7 +388,7 @@ impl Job {
             }
         }
         if let Some(kernel) = &self.kernel {
-            crate::arch::check_kernel_image(kernel)?;
+            crate::arch::image::check_kernel_image(self.guest_arch(), kernel)?;
         }
         if !self.probes.is_empty() && self.kernel.is_some() && self.system_map.is_none() {
             bail!("--probe with --kernel needs that kernel's System.map (--system-map)");

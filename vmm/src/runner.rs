@@ -692,7 +692,7 @@ mod tests {
             initrd: Some("/l2/initrd".into()),
             system_map: Some(L1_SYSTEM_MAP.into()),
             btf: Some(L1_BTF.into()),
-            output: Some(L1_OUTPUT_TTY.into()),
+            output: Some(l1_output_port(outer.guest_arch()).into()),
             summary_json: Some(crate::summary::ON_STDERR.into()),
             runner: RunnerChoice::Host,
             ..outer.clone()

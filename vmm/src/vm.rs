@@ -52,11 +52,11 @@ pub enum VmError {
         source: std::io::Error,
     },
     /// The kernel file is not an image of the format the architecture boots.
-    #[error("kernel image {path} is not a {format}: {detail}")]
+    #[error("kernel image {path} is not {format}: {detail}")]
     BadKernel {
         /// The path given.
         path: PathBuf,
-        /// The format expected (`bzImage`, `arm64 Image`).
+        /// The format expected, with its article (`a bzImage`, `an arm64 Image`).
         format: &'static str,
         /// What the loader said.
         detail: String,

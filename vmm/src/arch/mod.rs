@@ -3,7 +3,6 @@
 //! architecture's module. Each architecture implements the same items:
 //!
 //! - `Guest`: probe-core's [`probe_core::arch::Arch`] for its guests, and `GuestRegisters`;
-//! - `check_kernel_image`: the kernel image format, checked before anything starts;
 //! - `REQUIRED_CAPS`: the KVM capabilities the VMM cannot do without (the host check);
 //! - `create_vm`: memory, interrupt controller, devices and vCPUs of a bootable VM;
 //! - `probe_traps`: the trap self-test's tiny guest;
@@ -16,18 +15,21 @@
 //!   and how many this KVM gives;
 //! - `XOL_GPA_BASE`: where the XOL area sits in guest physical memory.
 //!
-//! The probe engine's arch back ends live in `probe-core`.
+//! Kernel image formats are checked for either architecture on any host (`image.rs`): the
+//! emulated runner of another architecture takes the guest's kernel too. The probe engine's
+//! arch back ends live in `probe-core`.
 
 #[cfg(target_arch = "aarch64")]
 pub mod aarch64;
+pub mod image;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;
 
 #[cfg(target_arch = "aarch64")]
 pub use aarch64::{
     Guest, GuestDebugSetup, HW_BREAKPOINTS, KASLR_ANCHOR, KvmVcpu, REQUIRED_CAPS, XOL_GPA_BASE,
-    check_kernel_image, create_vm, decode_debug_exit, describe_debug_exit, enable_register_sync,
-    flush_register_sync, hw_breakpoint_count, paused_state, probe_traps, read_pc,
+    create_vm, decode_debug_exit, describe_debug_exit, enable_register_sync, flush_register_sync,
+    hw_breakpoint_count, paused_state, probe_traps, read_pc,
 };
 #[cfg(target_arch = "x86_64")]
 pub use x86_64::{
@@ -37,7 +39,6 @@ pub use x86_64::{
         hw_breakpoint_count,
     },
     hostcheck::REQUIRED_CAPS,
-    kernel::check_kernel_image,
     layout::XOL_GPA_BASE,
     machine::create_vm,
     selftest::probe_traps,

@@ -14,7 +14,6 @@ pub mod vcpu;
 use kvm_ioctls::Kvm;
 
 pub use debug::{GuestDebugSetup, HW_BREAKPOINTS, decode_debug_exit, describe_debug_exit};
-pub use kernel::check_kernel_image;
 pub use layout::XOL_GPA_BASE;
 pub use machine::create_vm;
 pub use vcpu::{
