@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what hvprobe needs on a fresh Debian 12 (bookworm) machine: QEMU 10 from
-# bookworm-backports (binary and source) for the emulated KVM runner (7.2 lacks hardware
-# breakpoints under TCG),
+# bookworm-backports (binary and source) for the emulated KVM runners, x86_64 and arm64 (7.2
+# lacks hardware breakpoints under TCG), dpkg's arm64 architecture for the arm64 guest's
+# packages (kernel, busybox-static:arm64),
 # gcc and static libc for the guest's workload programs, the tools that fetch Debian
 # packages, and the aarch64 cross toolchain (Debian's gcc-aarch64-linux-gnu as linker and C
 # compiler, rustup's aarch64 standard library, qemu-user to run the aarch64 unit tests).
@@ -17,6 +18,11 @@ here=$(cd "$(dirname "$0")" && pwd)
 # bookworm-backports for binary and source packages, decided per type (guest/apt-backports.sh).
 bash "$here/apt-backports.sh"
 
+# The arm64 guest's packages come from the same mirror as a foreign architecture.
+if ! dpkg --print-foreign-architectures | grep -qx arm64; then
+    $SUDO dpkg --add-architecture arm64
+fi
+
 echo "setup-host: apt-get update and install (gcc, dpkg-dev, QEMU ${codename}-backports; about a minute the first time)" >&2
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends gcc libc6-dev dpkg-dev ca-certificates \
@@ -25,5 +31,6 @@ if command -v rustup >/dev/null; then
     rustup target add aarch64-unknown-linux-gnu >/dev/null 2>&1 ||
         echo "setup-host: rustup could not add aarch64-unknown-linux-gnu; the aarch64 build will fail" >&2
 fi
-$SUDO apt-get install -y -qq --no-install-recommends -t "${codename}-backports" qemu-system-x86 >/dev/null
+$SUDO apt-get install -y -qq --no-install-recommends -t "${codename}-backports" qemu-system-x86 qemu-system-arm >/dev/null
 qemu-system-x86_64 --version | head -n1
+qemu-system-aarch64 --version | head -n1

@@ -159,3 +159,25 @@ fn check_host_answers_in_one_line() {
         assert_has(&stdout, "kvm_pvm", &out);
     }
 }
+
+#[test]
+fn the_arm64_trap_self_test_sees_every_trap_and_hands_a_brk_back() {
+    if guest_arch() != GuestArch::Aarch64 || GuestArch::host() == GuestArch::Aarch64 {
+        // On an arm64 host `check-host` above runs the same self-test on the host's KVM.
+        return;
+    }
+    let out = hvprobe(&["check-host", "--arch", "aarch64"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    assert_eq!(stdout.lines().count(), 1, "{}", explain(&out));
+    assert_has(&stdout, "usable for aarch64 guests", &out);
+    assert_has(&stdout, "brk exits yes, step yes, hw breakpoints ", &out);
+    assert_has(&stdout, ", reinjection yes)", &out);
+    let n: usize = stdout
+        .split("hw breakpoints ")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(n >= 2, "{}", explain(&out));
+}

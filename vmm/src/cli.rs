@@ -50,8 +50,13 @@ enum Command {
         /// The job file.
         file: PathBuf,
     },
-    /// Say whether this host's KVM can run and debug a stock guest, in one line.
-    CheckHost,
+    /// Say whether this host's KVM can run and debug a stock guest, in one line; with
+    /// `--arch` of another architecture, the KVM inside its emulated runner.
+    CheckHost {
+        /// The guest architecture to check for [default: the host's].
+        #[arg(long, value_enum)]
+        arch: Option<crate::job::ArchChoice>,
+    },
     /// Fetch and build the default guest (Debian cloud kernel + initramfs); print its files.
     Guest {
         /// The guest's architecture [default: the host's].
@@ -86,24 +91,25 @@ where
 
 fn dispatch(cli: Cli) -> Result<i32> {
     match cli.command {
-        Command::CheckHost => Ok(match hostcheck::check_host() {
-            Ok(facts) => {
-                let traps = kvm_ioctls::Kvm::new()
-                    .map_err(|e| e.to_string())
-                    .and_then(|kvm| selftest::probe_traps(&kvm))
-                    .map(|t| t.summary())
-                    .unwrap_or_else(|e| format!("trap self-test failed: {e}"));
-                println!(
-                    "hvprobe: host KVM is usable (guest-debug flags {:#x}, sync regs {}; {traps})",
-                    facts.guest_debug_flags, facts.sync_regs
-                );
-                0
+        Command::CheckHost { arch } => {
+            let arch: hvprobe_guest::GuestArch = arch
+                .map(Into::into)
+                .unwrap_or_else(hvprobe_guest::GuestArch::host);
+            if arch == hvprobe_guest::GuestArch::host() {
+                return Ok(check_host_here());
             }
-            Err(e) => {
-                println!("hvprobe: host KVM cannot run hvprobe guests: {e}");
-                EXIT_HOST_UNUSABLE
-            }
-        }),
+            // Another architecture: its emulated runner, which runs this check inside.
+            let job = Job {
+                arch: Some(match arch {
+                    hvprobe_guest::GuestArch::X86_64 => crate::job::ArchChoice::X86_64,
+                    hvprobe_guest::GuestArch::Aarch64 => crate::job::ArchChoice::Aarch64,
+                }),
+                check_host: true,
+                ..Job::empty()
+            };
+            let job = job.resolve_guest()?;
+            Ok(runner::run_emulated(&job)?)
+        }
         Command::Guest { arch } => {
             let arch = arch
                 .map(Into::into)
@@ -127,7 +133,34 @@ fn dispatch(cli: Cli) -> Result<i32> {
     }
 }
 
+/// Checks this host's KVM and prints the one-line verdict; the exit status says whether it is
+/// usable.
+fn check_host_here() -> i32 {
+    let arch = hvprobe_guest::GuestArch::host();
+    match hostcheck::check_host() {
+        Ok(facts) => {
+            let traps = kvm_ioctls::Kvm::new()
+                .map_err(|e| e.to_string())
+                .and_then(|kvm| selftest::probe_traps(&kvm))
+                .map(|t| t.summary())
+                .unwrap_or_else(|e| format!("trap self-test failed: {e}"));
+            println!(
+                "hvprobe: host KVM is usable for {arch} guests (guest-debug flags {:#x}, sync regs {}; {traps})",
+                facts.guest_debug_flags, facts.sync_regs
+            );
+            0
+        }
+        Err(e) => {
+            println!("hvprobe: host KVM cannot run hvprobe guests: {e}");
+            EXIT_HOST_UNUSABLE
+        }
+    }
+}
+
 fn run(args: &Job) -> Result<i32> {
+    if args.check_host && args.native() {
+        return Ok(check_host_here());
+    }
     let mut args = args.clone();
     args.read_probe_files()?;
     let args = &args;

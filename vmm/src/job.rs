@@ -132,6 +132,12 @@ pub struct Job {
     /// reports).
     #[arg(long, value_name = "FILE")]
     pub summary_json: Option<PathBuf>,
+    /// Instead of booting a guest, check the host's KVM and print the one-line verdict (how
+    /// `hvprobe check-host --arch` checks the KVM inside another architecture's emulated
+    /// runner).
+    #[arg(skip)]
+    #[serde(default)]
+    pub check_host: bool,
 }
 
 /// The `--probe` locations resolved against the guest's System.map.
@@ -272,6 +278,16 @@ impl Job {
             cmdline.push_str(&format!(" {}={encoded}", hvprobe_guest::EXEC_PARAM));
         }
         cmdline
+    }
+
+    /// A job with every option at its default, as `hvprobe run` with no arguments.
+    pub fn empty() -> Job {
+        #[derive(clap::Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            job: Job,
+        }
+        <Wrap as clap::Parser>::parse_from(["hvprobe"]).job
     }
 
     /// The guest's architecture: `--arch`, else the host's.

@@ -187,8 +187,8 @@ impl VcpuProbing {
             .handle_debug(&mut vcpu, &mut self.state, event)?;
         match verdict {
             Verdict::Resume => {}
-            Verdict::Reinject => self.setup.reinject_breakpoint()?,
-            Verdict::ReinjectDebug => self.setup.reinject_debug()?,
+            Verdict::Reinject => self.setup.reinject_breakpoint(fd, exit)?,
+            Verdict::ReinjectDebug => self.setup.reinject_debug(fd, exit)?,
         }
         Ok(())
     }

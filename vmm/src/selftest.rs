@@ -9,12 +9,20 @@ use kvm_ioctls::Kvm;
 /// Which traps this KVM delivers; each is `Err(why)` when it does not.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrapSupport {
-    /// `int3` reaches the VMM as a #BP debug exit.
+    /// The software breakpoint instruction reaches the VMM as a debug exit (`int3` as #BP,
+    /// `BRK` as EC 0x3C).
     pub software: Result<(), String>,
-    /// A hardware execute breakpoint reaches the VMM as a #DB debug exit.
+    /// A hardware execute breakpoint reaches the VMM as a debug exit.
     pub hardware: Result<(), String>,
-    /// Single-stepping reaches the VMM as a #DB debug exit after one instruction.
+    /// Single-stepping reaches the VMM as a debug exit after one instruction.
     pub single_step: Result<(), String>,
+    /// How many hardware breakpoints KVM reports (arm64's `KVM_CAP_GUEST_DEBUG_HW_BPS`; x86
+    /// always has four and does not say).
+    pub hardware_count: Option<usize>,
+    /// A breakpoint trap handed back to the guest reaches the guest's own vector with the
+    /// right syndrome and return address (arm64, where the VMM emulates the exception entry;
+    /// x86 KVM does it with `KVM_GUESTDBG_INJECT_BP`).
+    pub reinjection: Option<Result<(), String>>,
 }
 
 impl TrapSupport {
@@ -24,12 +32,26 @@ impl TrapSupport {
             Ok(()) => "yes".to_string(),
             Err(e) => format!("no ({e})"),
         };
-        format!(
-            "int3 exits {}, hardware breakpoints {}, single-step {}",
-            f(&self.software),
-            f(&self.hardware),
-            f(&self.single_step)
-        )
+        match (&self.hardware_count, &self.reinjection) {
+            (Some(n), Some(reinjection)) => {
+                let hw = match &self.hardware {
+                    Ok(()) => n.to_string(),
+                    Err(e) => format!("0 (of {n}: {e})"),
+                };
+                format!(
+                    "brk exits {}, step {}, hw breakpoints {hw}, reinjection {}",
+                    f(&self.software),
+                    f(&self.single_step),
+                    f(reinjection)
+                )
+            }
+            _ => format!(
+                "int3 exits {}, hardware breakpoints {}, single-step {}",
+                f(&self.software),
+                f(&self.hardware),
+                f(&self.single_step)
+            ),
+        }
     }
 }
 

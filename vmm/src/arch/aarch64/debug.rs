@@ -11,7 +11,7 @@ use probe_core::arch::Arch;
 use probe_core::arch::aarch64::Aarch64;
 use probe_core::vm::DebugEvent;
 
-use super::vcpu::read_pc;
+use super::vcpu::{inject_sync_exception, read_pc};
 use crate::probing::ProbingError;
 
 /// DBGBCR<n>/DBGBVR<n>: at most 16 on arm64.
@@ -52,23 +52,34 @@ impl GuestDebugSetup {
         self.software_breakpoints = on;
     }
 
-    /// Hands a BRK that was not ours back to the guest. arm64 KVM has no `INJECT_BP`: this
-    /// needs the exception entry emulated through the vCPU's registers, which is not written
-    /// yet, so it stops the machine with that reason instead of letting the guest loop.
-    pub fn reinject_breakpoint(&mut self) -> Result<(), ProbingError> {
-        Err(ProbingError::Unsupported(
-            "a BRK of the guest's own was trapped, and handing it back (exception-entry emulation) is not written yet on arm64",
-        ))
+    /// Hands a BRK that was not ours back to the guest now. arm64 KVM has no `INJECT_BP`: the
+    /// exception entry is emulated through the vCPU's registers (ESR, ELR, SPSR, PSTATE, PC =
+    /// VBAR_EL1 + the vector's offset), with the syndrome KVM reported.
+    pub fn reinject_breakpoint(
+        &mut self,
+        fd: &VcpuFd,
+        exit: &kvm_debug_exit_arch,
+    ) -> Result<(), ProbingError> {
+        inject_sync_exception(fd, exit.hsr).map_err(|source| ProbingError::Kvm {
+            what: "handing a BRK back to the guest (KVM_SET_ONE_REG)",
+            source,
+        })
     }
 
-    /// Hands the guest's own debug exception back: as [`GuestDebugSetup::reinject_breakpoint`].
-    pub fn reinject_debug(&mut self) -> Result<(), ProbingError> {
-        Err(ProbingError::Unsupported(
-            "a debug exception of the guest's own was trapped, and handing it back is not written yet on arm64",
-        ))
+    /// Hands the guest's own debug exception (its step, its hardware breakpoint: guest
+    /// debugging routes them all to KVM) back the same way.
+    pub fn reinject_debug(
+        &mut self,
+        fd: &VcpuFd,
+        exit: &kvm_debug_exit_arch,
+    ) -> Result<(), ProbingError> {
+        inject_sync_exception(fd, exit.hsr).map_err(|source| ProbingError::Kvm {
+            what: "handing a debug exception back to the guest (KVM_SET_ONE_REG)",
+            source,
+        })
     }
 
-    /// Whether an injection is pending (never: see [`GuestDebugSetup::reinject_breakpoint`]).
+    /// Whether an injection is pending at the next entry (never: arm64 injects at once).
     pub fn injecting(&self) -> bool {
         false
     }

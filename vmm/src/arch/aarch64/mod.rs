@@ -9,6 +9,7 @@ pub mod fdt;
 pub mod kernel;
 pub mod layout;
 pub mod machine;
+pub mod selftest;
 pub mod vcpu;
 
 use kvm_ioctls::Kvm;
@@ -16,6 +17,7 @@ use kvm_ioctls::Kvm;
 pub use debug::{GuestDebugSetup, HW_BREAKPOINTS, decode_debug_exit, describe_debug_exit};
 pub use layout::XOL_GPA_BASE;
 pub use machine::create_vm;
+pub use selftest::probe_traps;
 pub use vcpu::{
     KASLR_ANCHOR, KvmVcpu, enable_register_sync, flush_register_sync, paused_state, read_pc,
 };
@@ -42,9 +44,3 @@ pub const REQUIRED_CAPS: &[(kvm_ioctls::Cap, &str)] = &[
         "KVM_CAP_SET_GUEST_DEBUG (guest debugging)",
     ),
 ];
-
-/// The arm64 trap self-test (an EL1 payload with BRK, a hardware breakpoint and a step): not
-/// written yet.
-pub fn probe_traps(_kvm: &Kvm) -> Result<crate::selftest::TrapSupport, String> {
-    Err("the arm64 trap self-test is not written yet".into())
-}

@@ -53,6 +53,66 @@ const BOOT_PSTATE: u64 = 0x3c5;
 
 /// PSTATE.M[0]: the stack pointer is the current EL's (SP_ELx), not SP_EL0.
 const PSTATE_SPSEL: u64 = 1;
+/// `kvm_regs.elr_el1`.
+const ELR_EL1: u64 = core_reg(35 * 8);
+/// `kvm_regs.spsr[KVM_SPSR_EL1]`.
+const SPSR_EL1: u64 = core_reg(36 * 8);
+const ESR_EL1: u64 = sys_reg(3, 0, 5, 2, 0);
+const SCTLR_EL1: u64 = sys_reg(3, 0, 1, 0, 0);
+/// PSTATE.PAN.
+const PSTATE_PAN: u64 = 1 << 22;
+/// SCTLR_EL1.SPAN: when clear, taking an exception to EL1 sets PAN.
+const SCTLR_SPAN: u64 = 1 << 23;
+
+/// Where a synchronous exception taken to EL1 from `mode` (PSTATE.M[3:0]) enters the vector
+/// table, and whether it comes from EL1 itself; `None` for a mode that cannot take one to EL1.
+fn sync_vector(mode: u64) -> Option<(u64, bool)> {
+    match mode {
+        // EL1h: current EL with SP_EL1.
+        0b0101 => Some((0x200, true)),
+        // EL1t: current EL with SP_EL0.
+        0b0100 => Some((0x000, true)),
+        // EL0t: lower EL, AArch64.
+        0b0000 => Some((0x400, false)),
+        _ => None,
+    }
+}
+
+/// The syndrome the guest sees for a debug exception KVM reported with `esr` (taken to EL2
+/// from the guest, a "lower EL" for the hardware): from EL1 the guest's own EL1 takes it, so
+/// breakpoint, step and watchpoint classes become their "current EL" twins (EC + 1). BRK has
+/// one class for both.
+fn guest_syndrome(esr: u32, from_el1: bool) -> u32 {
+    let ec = esr >> 26;
+    if from_el1 && matches!(ec, 0x30 | 0x32 | 0x34) {
+        esr + (1 << 26)
+    } else {
+        esr
+    }
+}
+
+/// Emulates the guest taking a synchronous exception with syndrome `esr` at its current PC, as
+/// the hardware would: ESR_EL1 and ELR_EL1 (the PC) and SPSR_EL1 (PSTATE) saved, PSTATE to EL1h
+/// with D, A, I and F masked (PAN set unless SCTLR_EL1.SPAN), PC to VBAR_EL1 plus the vector
+/// for where it came from. arm64 KVM has no way to inject a debug exception itself.
+pub fn inject_sync_exception(fd: &VcpuFd, esr: u32) -> Result<(), kvm_ioctls::Error> {
+    let pstate = get(fd, PSTATE)?;
+    let pc = get(fd, PC)?;
+    let vbar = get(fd, VBAR_EL1)?;
+    let Some((offset, from_el1)) = sync_vector(pstate & 0xf) else {
+        return Err(kvm_ioctls::Error::new(libc::EINVAL));
+    };
+    let pan = if get(fd, SCTLR_EL1)? & SCTLR_SPAN == 0 {
+        PSTATE_PAN
+    } else {
+        pstate & PSTATE_PAN
+    };
+    set(fd, ESR_EL1, u64::from(guest_syndrome(esr, from_el1)))?;
+    set(fd, ELR_EL1, pc)?;
+    set(fd, SPSR_EL1, pstate)?;
+    set(fd, PSTATE, BOOT_PSTATE | pan)?;
+    set(fd, PC, vbar + offset)
+}
 
 /// Reads the 64-bit register `id`.
 pub fn get(fd: &VcpuFd, id: u64) -> Result<u64, kvm_ioctls::Error> {
@@ -63,6 +123,13 @@ pub fn get(fd: &VcpuFd, id: u64) -> Result<u64, kvm_ioctls::Error> {
 
 fn set(fd: &VcpuFd, id: u64, v: u64) -> Result<(), kvm_ioctls::Error> {
     fd.set_one_reg(id, &v.to_le_bytes()).map(|_| ())
+}
+
+/// Sets the self-test vCPU's PC and VBAR_EL1 (EL1h, exceptions masked).
+pub fn set_pc_and_vectors(fd: &VcpuFd, pc: u64, vbar: u64) -> Result<(), kvm_ioctls::Error> {
+    set(fd, PSTATE, BOOT_PSTATE)?;
+    set(fd, VBAR_EL1, vbar)?;
+    set(fd, PC, pc)
 }
 
 /// Sets the boot vCPU's registers for the arm64 boot protocol: PC at the Image's entry, x0
@@ -199,6 +266,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn exceptions_enter_the_vector_of_where_they_came_from() {
+        assert_eq!(sync_vector(0b0101), Some((0x200, true)));
+        assert_eq!(sync_vector(0b0100), Some((0x000, true)));
+        assert_eq!(sync_vector(0b0000), Some((0x400, false)));
+        assert_eq!(sync_vector(0b1001), None);
+        // A software step from EL1 is the guest's "current EL" class; BRK keeps its class.
+        assert_eq!(guest_syndrome(0x32 << 26 | 1 << 25, true) >> 26, 0x33);
+        assert_eq!(guest_syndrome(0x32 << 26, false) >> 26, 0x32);
+        assert_eq!(guest_syndrome(0x3c << 26 | 0x800, true), 0x3c << 26 | 0x800);
+    }
+
+    #[test]
     fn register_ids_match_the_kernels_encoding() {
         // arch/arm64/include/uapi/asm/kvm.h: KVM_REG_ARM_CORE_REG(regs.pc) = 0x6030 0000 0010 0040.
         assert_eq!(PC, 0x6030_0000_0010_0040);
@@ -206,5 +285,9 @@ mod tests {
         // ARM64_SYS_REG(3, 0, 12, 0, 0), VBAR_EL1 = 0x6030 0000 0013 c600.
         assert_eq!(VBAR_EL1, 0x6030_0000_0013_c600);
         assert_eq!(TTBR1_EL1, 0x6030_0000_0013_c101);
+        // KVM_REG_ARM_CORE_REG(elr_el1) and spsr[0]: offsets 0x118 and 0x120 of kvm_regs.
+        assert_eq!(ELR_EL1, 0x6030_0000_0010_0046);
+        assert_eq!(SPSR_EL1, 0x6030_0000_0010_0048);
+        assert_eq!(ESR_EL1, 0x6030_0000_0013_c290);
     }
 }

@@ -58,13 +58,21 @@ impl GuestDebugSetup {
 
     /// Hands a breakpoint trap that was not ours back to the guest at the next entry
     /// (`KVM_GUESTDBG_INJECT_BP`).
-    pub fn reinject_breakpoint(&mut self) -> Result<(), crate::probing::ProbingError> {
+    pub fn reinject_breakpoint(
+        &mut self,
+        _fd: &kvm_ioctls::VcpuFd,
+        _exit: &kvm_debug_exit_arch,
+    ) -> Result<(), crate::probing::ProbingError> {
         self.inject_breakpoint = true;
         Ok(())
     }
 
     /// Hands the guest's own debug exception back at the next entry (`KVM_GUESTDBG_INJECT_DB`).
-    pub fn reinject_debug(&mut self) -> Result<(), crate::probing::ProbingError> {
+    pub fn reinject_debug(
+        &mut self,
+        _fd: &kvm_ioctls::VcpuFd,
+        _exit: &kvm_debug_exit_arch,
+    ) -> Result<(), crate::probing::ProbingError> {
         self.inject_debug = true;
         Ok(())
     }

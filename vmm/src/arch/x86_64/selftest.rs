@@ -114,5 +114,7 @@ pub fn probe_traps(kvm: &Kvm) -> Result<TrapSupport, String> {
         software,
         hardware,
         single_step,
+        hardware_count: None,
+        reinjection: None,
     })
 }
