@@ -132,12 +132,21 @@ pub mod aarch64 {
     /// TCR_EL1 for 4 KiB pages and 48-bit addresses in both halves.
     pub const TCR: u64 = 16 | (16 << 16) | (2 << 30);
 
-    /// The fake text: `bti c; nop; stp x29, x30, [sp, #-16]!; mov x29, sp; ret`.
-    pub const CODE: [u32; 5] = [0xd503_245f, NOP, 0xa9bf_7bfd, 0x9100_03fd, 0xd65f_03c0];
+    /// The fake text: `bti c; nop; stp x29, x30, [sp, #-16]!; mov x29, sp; ldr x0, [x1]; ret`.
+    pub const CODE: [u32; 6] = [
+        0xd503_245f,
+        NOP,
+        0xa9bf_7bfd,
+        0x9100_03fd,
+        0xf940_0020,
+        0xd65f_03c0,
+    ];
     /// Offset of `nop`.
     pub const AT_NOP: u64 = 4;
     /// Offset of the `stp`.
     pub const AT_STP: u64 = 8;
+    /// Offset of the `ldr`.
+    pub const AT_LDR: u64 = 16;
 
     /// The text as bytes.
     pub fn code_bytes() -> Vec<u8> {

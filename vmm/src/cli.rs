@@ -267,7 +267,7 @@ fn probe_setup(
         "hvprobe: trap self-test: {}; probes use {}",
         support.summary(),
         match trap {
-            TrapKind::Software => "int3",
+            TrapKind::Software => crate::arch::BREAKPOINT_NAME,
             TrapKind::Hardware => "hardware breakpoints",
         }
     );

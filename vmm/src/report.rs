@@ -206,7 +206,7 @@ pub fn summary(report: &ProbeReport) -> Vec<String> {
             s.instruction,
             s.plan,
             match s.trap {
-                TrapKind::Software => "int3",
+                TrapKind::Software => crate::arch::BREAKPOINT_NAME,
                 TrapKind::Hardware => "hw",
             },
             s.hits,
@@ -254,7 +254,8 @@ pub fn summary(report: &ProbeReport) -> Vec<String> {
     }
     if let Some(slide) = report.kaslr_slide {
         out.push(format!(
-            "hvprobe: kernel base slide {slide:#x} (the guest's syscall entry point against System.map)"
+            "hvprobe: kernel base slide {slide:#x} (the guest's {} against System.map)",
+            crate::arch::KASLR_ANCHOR.register
         ));
     }
     for r in &report.rewritten {

@@ -166,7 +166,7 @@ impl RunSummary {
                             instruction: s.instruction.clone(),
                             plan: s.plan.name().into(),
                             trap: match s.trap {
-                                TrapKind::Software => "int3",
+                                TrapKind::Software => crate::arch::BREAKPOINT_NAME,
                                 TrapKind::Hardware => "hw",
                             }
                             .into(),

@@ -142,9 +142,13 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                             vcpu.set_registers(&regs)?;
                             return Ok(Verdict::Resume);
                         }
+                        // No copy to run instead (none could be made, or the architecture
+                        // has no slots): the guest's own instruction goes back under the trap
+                        // and runs, taking its own fault; resuming on the trap would loop.
                         for p in probes.iter() {
                             p.counters.missed.fetch_add(1, Ordering::Relaxed);
                         }
+                        self.disarm(gpa);
                         vcpu.set_registers(&regs)?;
                         return Ok(Verdict::Resume);
                     }

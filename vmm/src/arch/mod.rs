@@ -47,6 +47,13 @@ pub use x86_64::{
     },
 };
 
+/// The software breakpoint's name in output (`int3`, `brk`).
+#[cfg(target_arch = "x86_64")]
+pub const BREAKPOINT_NAME: &str = "int3";
+/// The software breakpoint's name in output (`int3`, `brk`).
+#[cfg(target_arch = "aarch64")]
+pub const BREAKPOINT_NAME: &str = "brk";
+
 /// The registers of the host architecture's guests, as the engine sees them.
 pub type GuestRegisters = <Guest as probe_core::arch::Arch>::Registers;
 

@@ -1,14 +1,14 @@
 //! aarch64 decoding and classification. Every instruction is one 32-bit word, so a boundary is
 //! a multiple of four from the function start; capstone gives the text. Classification today
-//! covers what runs without out-of-line slots: `nop` and the BTI landing pads are emulated (the
-//! PC moves on), and everything else is refused with the instruction named, until arm64 gets
-//! its XOL area and step plans.
+//! covers what runs without out-of-line slots: the instructions emulated on the host
+//! ([`super::classify`]); everything else is refused with the instruction named, until arm64
+//! gets its XOL area and step plans.
 
 use capstone::Capstone;
 use capstone::arch::BuildsCapstone;
 use capstone::arch::arm64::ArchMode;
 
-use super::{Aarch64, Emulation, OutOfLine};
+use super::{Aarch64, OutOfLine};
 use crate::arch::{
     DecodeError, DecodedInstruction, GuestBreakpoints, InstructionDecoder, PlanOf, Refusal,
     StepPlan,
@@ -49,12 +49,6 @@ impl std::fmt::Debug for Decoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Decoder(aarch64)")
     }
-}
-
-/// Whether `word` is a BTI landing pad (`bti`, `bti c`, `bti j`, `bti jc`): a hint, a `nop` to
-/// a CPU without BTI.
-fn is_bti(word: u32) -> bool {
-    word & 0xffff_ff3f == 0xd503_241f
 }
 
 impl Decoder {
@@ -143,15 +137,13 @@ impl InstructionDecoder<Aarch64> for Decoder {
     }
 
     fn plan(&self, insn: &Instruction) -> Result<PlanOf<Aarch64>, Refusal> {
-        if insn.word == NOP || is_bti(insn.word) {
-            return Ok(StepPlan::Emulate(Emulation::Nop {
-                next: insn.va.wrapping_add(4),
-            }));
+        if let Some(emulation) = super::classify(insn.word, insn.va) {
+            return Ok(StepPlan::Emulate(emulation));
         }
         Err(Refusal {
             va: insn.va,
             text: insn.text.clone(),
-            reason: "aarch64 has no out-of-line slots yet: only `nop` and `bti` (emulated on the host) can be probed",
+            reason: "aarch64 has no out-of-line slots yet: only the instructions emulated on the host (nop, bti, mov, add/sub immediate, stp pre-index, b, bl, adr, adrp) can be probed",
         })
     }
 
@@ -162,6 +154,7 @@ impl InstructionDecoder<Aarch64> for Decoder {
 
 #[cfg(test)]
 mod tests {
+    use super::super::Emulation;
     use super::*;
 
     const VA: u64 = 0xffff_8000_0801_0000;
@@ -178,13 +171,13 @@ mod tests {
         // bti c
         let bti = d.decode(&0xd503_245fu32.to_le_bytes(), VA).unwrap();
         assert!(matches!(d.plan(&bti), Ok(StepPlan::Emulate(_))));
-        // stp x29, x30, [sp, #-16]!: refused, named.
+        // stp x29, x30, [sp, #-16]! is emulated; ldr x0, [x1] refused, named.
         let stp = d.decode(&0xa9bf_7bfdu32.to_le_bytes(), VA).unwrap();
-        let err = d.plan(&stp).unwrap_err();
-        assert!(
-            err.to_string().contains("stp x29, x30, [sp, #-0x10]!"),
-            "{err}"
-        );
+        assert_eq!(stp.text, "stp x29, x30, [sp, #-0x10]!");
+        assert!(matches!(d.plan(&stp), Ok(StepPlan::Emulate(_))));
+        let ldr = d.decode(&0xf940_0020u32.to_le_bytes(), VA).unwrap();
+        let err = d.plan(&ldr).unwrap_err();
+        assert!(err.to_string().contains("`ldr x0, [x1]`"), "{err}");
         assert!(d.decode(&[0x1f, 0x20], VA).is_err());
     }
 

@@ -5,17 +5,17 @@
 //! exists.
 
 mod decode;
+mod emulate;
 pub mod pagewalk;
 mod regs;
 pub mod xol;
 
 pub use decode::{Decoder, Instruction, NOP};
+pub use emulate::{Emulation, classify};
 pub use pagewalk::AddressSpace;
 pub use regs::{PSTATE_BTYPE, PSTATE_DAIF, Registers};
 
-use crate::arch::{
-    Arch, EmulationError, GuestStack, HostEmulation, OutOfLineCopy, PlanKind, XolLayout,
-};
+use crate::arch::{Arch, EmulationError, GuestStack, OutOfLineCopy, PlanKind, XolLayout};
 use crate::pagewalk::{Translation, WalkError};
 use crate::probe::{HandlerError, ProbeContext};
 use crate::vm::GuestPhysMemory;
@@ -39,33 +39,6 @@ pub const SLOT_BRK_IMM: u16 = 0x0a6;
 
 const PROBE_BRK: [u8; 4] = brk(PROBE_BRK_IMM).to_le_bytes();
 const SLOT_BRK: [u8; 4] = brk(SLOT_BRK_IMM).to_le_bytes();
-
-/// An instruction the host emulates.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Emulation {
-    /// `nop` or a BTI landing pad: the PC moves on.
-    Nop {
-        /// Address of the next instruction.
-        next: u64,
-    },
-}
-
-impl HostEmulation<Registers> for Emulation {
-    fn apply(
-        &self,
-        regs: &mut Registers,
-        _stack: &mut dyn GuestStack,
-    ) -> Result<(), EmulationError> {
-        match *self {
-            Emulation::Nop { next } => regs.pc = next,
-        }
-        Ok(())
-    }
-
-    fn touches_stack(&self) -> bool {
-        false
-    }
-}
 
 /// An instruction word to be copied out of line (no plan produces one yet: see
 /// [`xol::NOT_YET`]).

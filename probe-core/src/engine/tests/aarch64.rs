@@ -82,10 +82,10 @@ fn refusals_name_the_instruction_and_leave_the_text_untouched() {
     let regs = vcpu.regs.clone();
     // A stepped instruction: no out-of-line slots on aarch64 yet.
     let err = engine
-        .plant(Probe::new("f+0x8"), target(AT_STP), &regs)
+        .plant(Probe::new("f+0x10"), target(AT_LDR), &regs)
         .unwrap_err();
     assert!(matches!(err, PlantError::Refused { .. }), "{err}");
-    assert!(err.to_string().contains("stp x29, x30"), "{err}");
+    assert!(err.to_string().contains("ldr x0, [x1]"), "{err}");
     // Off an instruction boundary.
     let err = engine
         .plant(Probe::new("f+0x6"), target(6), &regs)
@@ -111,6 +111,39 @@ fn refusals_name_the_instruction_and_leave_the_text_untouched() {
     );
     assert_eq!(text(&engine), code_bytes());
     assert!(engine.is_empty());
+}
+
+#[test]
+fn the_prologue_store_pair_is_emulated_through_the_guest_page_tables() {
+    let (engine, mut vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    let id = engine
+        .plant(Probe::new("f+0x8"), target(AT_STP), &regs)
+        .unwrap();
+    vcpu.regs.pc = TEXT_VA + AT_STP;
+    let v = engine
+        .handle_debug(
+            &mut vcpu,
+            &mut VcpuProbeState::default(),
+            DebugEvent::Breakpoint {
+                pc: TEXT_VA + AT_STP,
+            },
+        )
+        .unwrap();
+    assert_eq!(v, Verdict::Resume);
+    assert_eq!(vcpu.regs.sp, STACK_VA + 0x7f0);
+    assert_eq!(vcpu.regs.pc, TEXT_VA + AT_STP + 4);
+    let fp: u64 = engine
+        .memory()
+        .read_obj(GuestAddress(STACK_GPA + 0x7f0))
+        .unwrap();
+    let lr: u64 = engine
+        .memory()
+        .read_obj(GuestAddress(STACK_GPA + 0x7f8))
+        .unwrap();
+    assert_eq!((fp, lr), (0xf0f0, TEXT_VA + 0x100));
+    engine.remove(id).unwrap();
+    assert_eq!(text(&engine), code_bytes());
 }
 
 #[test]
@@ -157,4 +190,30 @@ fn hardware_breakpoints_follow_the_count_kvm_reports() {
     assert_eq!(engine.hardware_breakpoints().0, vec![Some(TEXT_VA)]);
     // The text is untouched by a hardware probe.
     assert_eq!(text(&engine), code_bytes());
+}
+
+#[test]
+fn an_emulated_store_that_faults_disarms_the_site_instead_of_trapping_forever() {
+    let (engine, mut vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    engine
+        .plant(Probe::new("f+0x8"), target(AT_STP), &regs)
+        .unwrap();
+    // The stack pointer is on an unmapped page: the emulated stp cannot write.
+    vcpu.regs.sp = TEXT_VA + 0x10_0000;
+    vcpu.regs.pc = TEXT_VA + AT_STP;
+    let v = engine
+        .handle_debug(
+            &mut vcpu,
+            &mut VcpuProbeState::default(),
+            DebugEvent::Breakpoint {
+                pc: TEXT_VA + AT_STP,
+            },
+        )
+        .unwrap();
+    assert_eq!(v, Verdict::Resume);
+    // The vCPU runs the guest's own stp (and takes its fault); the trap is gone.
+    assert_eq!(vcpu.regs.pc, TEXT_VA + AT_STP);
+    assert_eq!(text(&engine), code_bytes());
+    assert_eq!(engine.stats()[0].missed, 1);
 }
