@@ -8,10 +8,22 @@
 
 mod common;
 
-use common::{Run, assert_has, explain, fnv1a, hvprobe, text};
+use common::{Run, assert_has, explain, fnv1a, guest_arch, hvprobe, text};
+use hvprobe_guest::GuestArch;
 use hvprobe_vmm::summary::ProbeSummary;
 use probe_core::arch::x86_64::{Decoder, Instruction, InstructionKind, StepPlan};
 use probe_core::symbols::SymbolMap;
+
+/// Whether the guests under test are x86_64: the tests written against x86_64 instructions
+/// (its decoder, its syscall entry points, its step plans) run only then; the arm64 tests at
+/// the end of this file run with `HVPROBE_TEST_ARCH=aarch64`.
+fn x86_64_guest() -> bool {
+    let x86 = guest_arch() == GuestArch::X86_64;
+    if !x86 {
+        eprintln!("skipped: written against x86_64 guests");
+    }
+    x86
+}
 
 /// The default guest's kernel text, read from its vmlinux.
 struct KernelText {
@@ -147,6 +159,9 @@ const OTHER_GETPID_CALLERS: u64 = 10;
 
 #[test]
 fn a_getpid_probe_counts_the_workload_calls_and_prints_each_hit() {
+    if !x86_64_guest() {
+        return;
+    }
     let out = run_probed("1", "getpid-loop 2000", &["__x64_sys_getpid"], &[]);
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
     // The runner's emulator must deliver int3 exits: the self-test says so, or this fails.
@@ -173,6 +188,9 @@ fn a_getpid_probe_counts_the_workload_calls_and_prints_each_hit() {
 
 #[test]
 fn two_vcpus_hitting_one_probe_are_all_counted() {
+    if !x86_64_guest() {
+        return;
+    }
     // An emulated probe (the entry) and a stepped one (a later instruction) hit from both
     // vCPUs while both run a workload; every hit counted, both vCPUs seen, outputs right.
     let k = KernelText::load();
@@ -230,6 +248,9 @@ fn two_vcpus_hitting_one_probe_are_all_counted() {
 
 #[test]
 fn every_step_plan_keeps_the_kernel_computing_right_results() {
+    if !x86_64_guest() {
+        return;
+    }
     let k = KernelText::load();
     let plain_xol = k.find("__x64_sys_getpid", |i| plan_of(i) == Some("xol"));
     let call = k.find("__x64_sys_getpid", |i| i.text.starts_with("call 0x"));
@@ -319,6 +340,9 @@ fn every_step_plan_keeps_the_kernel_computing_right_results() {
 
 #[test]
 fn the_guest_kprobe_and_an_hvprobe_probe_on_one_function_both_count() {
+    if !x86_64_guest() {
+        return;
+    }
     let k = KernelText::load();
     // The guest's kprobe on the function entry goes through ftrace (the fentry nop at +0);
     // hvprobe's probe sits on a later instruction of the same function.
@@ -346,6 +370,9 @@ fn the_guest_kprobe_and_an_hvprobe_probe_on_one_function_both_count() {
 
 #[test]
 fn the_guests_own_int3_kprobe_keeps_working_beside_an_hvprobe_probe_in_the_same_function() {
+    if !x86_64_guest() {
+        return;
+    }
     // A guest kprobe that is a real int3 (set on the command line, not optimized, not on an
     // ftrace site) in vfs_read, and hvprobe's probe on the next instruction. Every guest int3
     // (the kprobe's, and the one after its copied instruction) reaches hvprobe, which hands
@@ -391,6 +418,9 @@ fn the_guests_own_int3_kprobe_keeps_working_beside_an_hvprobe_probe_in_the_same_
 
 #[test]
 fn ring0_flag_instructions_are_emulated_in_the_running_kernel() {
+    if !x86_64_guest() {
+        return;
+    }
     // pushf, cli and sti only run in ring 0 as the kernel uses them, so the user-space corpus
     // cannot check them: here they are probed where the running kernel executes them most.
     // Paravirt call sites in vmlinux (`call *pv_ops.irq.save_fl/irq_disable/irq_enable`) are
@@ -455,6 +485,9 @@ fn ring0_flag_instructions_are_emulated_in_the_running_kernel() {
 
 #[test]
 fn hardware_breakpoints_probe_without_touching_text() {
+    if !x86_64_guest() {
+        return;
+    }
     let k = KernelText::load();
     // A stepped instruction apart from the entry probe, so each trap is taken on its own
     // (adjacent probes are chained in one exit, which the engine's unit tests cover).
@@ -507,6 +540,9 @@ fn hardware_breakpoints_probe_without_touching_text() {
 
 #[test]
 fn bad_probes_are_refused_and_leave_the_guest_unchanged() {
+    if !x86_64_guest() {
+        return;
+    }
     // Unknown symbol: refused before any VM starts.
     let out = run_probed("1", "true", &["no_such_function_hvprobe"], &[]);
     assert_eq!(out.status.code(), Some(1), "{}", explain(&out));
@@ -552,6 +588,9 @@ fn bad_probes_are_refused_and_leave_the_guest_unchanged() {
 
 #[test]
 fn every_refused_probe_is_named_in_one_pass_and_skip_refused_plants_the_rest() {
+    if !x86_64_guest() {
+        return;
+    }
     let k = KernelText::load();
     let (off, insn) = k
         .function("__x64_sys_getpid")
@@ -629,6 +668,9 @@ fn every_refused_probe_is_named_in_one_pass_and_skip_refused_plants_the_rest() {
 
 #[test]
 fn kprobe_event_definitions_fetch_arguments_from_guest_memory() {
+    if !x86_64_guest() {
+        return;
+    }
     // do_sys_openat2(int dfd, const char __user *filename, struct open_how *how): the
     // filename string from user memory, dfd as a signed register, how->flags dereferenced,
     // and the task's name from its task_struct (offsets from the kernel's BTF).
@@ -699,6 +741,9 @@ fn kprobe_event_definitions_fetch_arguments_from_guest_memory() {
 
 #[test]
 fn a_kaslr_guest_is_probed_like_a_nokaslr_one() {
+    if !x86_64_guest() {
+        return;
+    }
     // The default command line without `nokaslr`: the slide is found from the running guest.
     let cmdline = "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux i8042.nomux \
                    i8042.dumbkbd quiet loglevel=3";
@@ -744,6 +789,9 @@ fn a_kaslr_guest_is_probed_like_a_nokaslr_one() {
 
 #[test]
 fn return_probes_report_every_return_with_its_value() {
+    if !x86_64_guest() {
+        return;
+    }
     // ksys_read(fd, buf, count): the value returned, and the entry's fd.
     let out = run_probed(
         "1",
@@ -782,6 +830,9 @@ fn return_probes_report_every_return_with_its_value() {
 
 #[test]
 fn return_probes_on_two_vcpus_see_every_return_once() {
+    if !x86_64_guest() {
+        return;
+    }
     // Two vCPUs entering the same function at once: every return is seen exactly once.
     let out = run_probed(
         "2",
@@ -803,6 +854,9 @@ fn return_probes_on_two_vcpus_see_every_return_once() {
 
 #[test]
 fn a_return_probe_on_exec_returns_through_the_new_address_space() {
+    if !x86_64_guest() {
+        return;
+    }
     // bprm_execve returns under the page tables of the program it loaded (an mm created after
     // planting): the trampoline must be mapped there too, or the guest oopses at its address.
     // With it in PGD 511's shared PUD table, every return comes back.
@@ -832,6 +886,9 @@ fn a_return_probe_on_exec_returns_through_the_new_address_space() {
 
 #[test]
 fn return_probes_on_schedule_and_the_timer_tick_see_kworkers_and_irq_stacks_return() {
+    if !x86_64_guest() {
+        return;
+    }
     // Kernel threads sleep in schedule() and return from it on whatever page tables the
     // task before them left loaded (they have no mm of their own): every return must still
     // reach the trampoline. Tasks asleep at the end are live instances, not misses.
@@ -869,6 +926,9 @@ fn return_probes_on_schedule_and_the_timer_tick_see_kworkers_and_irq_stacks_retu
 
 #[test]
 fn an_instruction_with_an_exception_table_entry_is_refused_by_name() {
+    if !x86_64_guest() {
+        return;
+    }
     // copy_user_enhanced_fast_string's `rep movsb` faults on bad user pointers and is fixed up
     // through __ex_table; a copy of it in a slot would oops the guest instead.
     let k = KernelText::load();
@@ -888,6 +948,9 @@ fn an_instruction_with_an_exception_table_entry_is_refused_by_name() {
 
 #[test]
 fn a_guest_kernel_fault_report_while_probes_are_in_fails_the_run_and_names_the_probes() {
+    if !x86_64_guest() {
+        return;
+    }
     // A WARN-level report reaches the guest console through printk (here written by the
     // workload through /dev/kmsg, at KERN_WARNING, the level of a real WARN()): the command
     // still exits 0, but hvprobe must not pass the run as clean.
@@ -912,6 +975,9 @@ fn a_guest_kernel_fault_report_while_probes_are_in_fails_the_run_and_names_the_p
 
 #[test]
 fn boundaries_are_walked_past_instructions_capstone_lacks_and_stop_at_a_guest_breakpoint() {
+    if !x86_64_guest() {
+        return;
+    }
     let k = KernelText::load();
     // finish_task_switch.isra.0 has a `serialize` (0f 01 e8, unknown to capstone 5) before
     // the iret-to-self sequence of sync_core: the walk used to stop there, so its `pushf`
@@ -993,6 +1059,9 @@ fn boundaries_are_walked_past_instructions_capstone_lacks_and_stop_at_a_guest_br
 
 #[test]
 fn bad_user_pointers_through_probed_user_copy_paths_fail_with_efault_and_the_guest_is_fine() {
+    if !x86_64_guest() {
+        return;
+    }
     // Every instruction of the user-copy paths that bad pointers go through: the faulting
     // ones (with __ex_table fix-ups) are refused by name, the rest planted; the faults then
     // happen in the guest's own text (or in the instructions around them, run in slots) and
@@ -1067,6 +1136,9 @@ fn bad_user_pointers_through_probed_user_copy_paths_fail_with_efault_and_the_gue
 
 #[test]
 fn max_active_exhausted_counts_misses_and_the_guest_is_unharmed() {
+    if !x86_64_guest() {
+        return;
+    }
     // Two sleeps blocked inside hrtimer_nanosleep at once, one instance allowed.
     let out = run_probed(
         "1",
@@ -1089,6 +1161,9 @@ fn max_active_exhausted_counts_misses_and_the_guest_is_unharmed() {
 
 #[test]
 fn output_file_takes_hit_lines_summary_and_retval_histogram() {
+    if !x86_64_guest() {
+        return;
+    }
     // `-o FILE`: hit lines, the summary and the `--hist` histogram go to the file, the guest
     // console stays on stdout. The histogram of do_sys_openat2's return: 20 opens give fd 3,
     // two opens of missing files give -ENOENT.
@@ -1148,6 +1223,9 @@ fn output_file_takes_hit_lines_summary_and_retval_histogram() {
 
 #[test]
 fn json_output_gives_one_object_per_hit() {
+    if !x86_64_guest() {
+        return;
+    }
     let out = run_probed(
         "1",
         "open-read-loop 1 /etc/passwd",
@@ -1189,6 +1267,9 @@ fn json_output_gives_one_object_per_hit() {
 
 #[test]
 fn a_task_filter_reports_only_the_matching_task() {
+    if !x86_64_guest() {
+        return;
+    }
     let out = run_probed(
         "1",
         "cat /etc/passwd > /dev/null; open-read-loop 2 /etc/passwd",
@@ -1242,6 +1323,9 @@ const SWEEP_WORKLOAD: &str = "fork-exec-loop 10; open-read-loop 20 /etc/passwd; 
 
 #[test]
 fn a_random_sweep_of_instruction_boundaries_leaves_the_guest_working() {
+    if !x86_64_guest() {
+        return;
+    }
     // N random instruction boundaries anywhere in the kernel's text (decoded from vmlinux,
     // so alternatives may have changed a few: those are refused or planted at the running
     // instruction), planted at once with --skip-refused. Replay a failure with the printed
@@ -1404,6 +1488,9 @@ fn a_random_sweep_of_instruction_boundaries_leaves_the_guest_working() {
 
 #[test]
 fn entry_block_probes_count_at_least_what_the_guests_own_kprobes_count() {
+    if !x86_64_guest() {
+        return;
+    }
     // The guest's kprobes on the entries of N functions that open-read-loop calls (through
     // ftrace, so no guest int3 is involved) and hvprobe's probes on a random instruction of
     // each one's entry block, both counting only open-read-loop's calls (the guest through an
@@ -1596,5 +1683,262 @@ fn entry_block_probes_count_at_least_what_the_guests_own_kprobes_count() {
     );
     // With -o, the summary lines are in the file; the summary data says the same.
     assert!(trace.contains("(restored byte-for-byte)"), "{trace}");
+    out.assert_text_restored();
+}
+
+// ---------------------------------------------------------------------------------------
+// arm64 guests (`HVPROBE_TEST_ARCH=aarch64`): the probes the arm64 back end runs today, on
+// instructions it emulates on the host, with the rest refused by name.
+// ---------------------------------------------------------------------------------------
+
+/// Whether the guests under test are arm64.
+fn arm64_guest() -> bool {
+    let arm = guest_arch() == GuestArch::Aarch64;
+    if !arm {
+        eprintln!("skipped: written against arm64 guests");
+    }
+    arm
+}
+
+/// The arm64 default guest's kernel: its symbols and its instruction words.
+struct Arm64Text {
+    map: SymbolMap,
+    elf: Vec<u8>,
+}
+
+impl Arm64Text {
+    fn load() -> Arm64Text {
+        let guest = hvprobe_guest::default_guest_for(GuestArch::Aarch64).expect("arm64 guest");
+        let map =
+            SymbolMap::parse(&std::fs::read_to_string(guest.kernel.system_map()).unwrap()).unwrap();
+        let elf = std::fs::read(guest.kernel.vmlinux()).expect("vmlinux");
+        Arm64Text { map, elf }
+    }
+
+    /// The instruction words of `func`'s first `n` instructions, with their offsets.
+    fn words(&self, func: &str, n: usize) -> Vec<(u64, u32)> {
+        let sym = self.map.lookup(func).unwrap_or_else(|e| panic!("{e}"));
+        let code = probe_core::elf::bytes_at(&self.elf, sym.addr, n * 4).unwrap();
+        code.chunks(4)
+            .enumerate()
+            .map(|(i, w)| (i as u64 * 4, u32::from_le_bytes(w.try_into().unwrap())))
+            .collect()
+    }
+
+    /// `func+0xOFF` of the first instruction the host emulates after the entry, and of the
+    /// first it does not.
+    fn emulated_and_refused(&self, func: &str) -> (String, String) {
+        let sym = self.map.lookup(func).unwrap().addr;
+        let words = self.words(func, 64);
+        let emulated =
+            |(off, w): &&(u64, u32)| probe_core::arch::aarch64::classify(*w, sym + off).is_some();
+        let (e, _) = words
+            .iter()
+            .skip(1)
+            .find(emulated)
+            .expect("an emulated one");
+        let (r, _) = words
+            .iter()
+            .skip(1)
+            .find(|x| !emulated(x))
+            .expect("a refused one");
+        (format!("{func}+{e:#x}"), format!("{func}+{r:#x}"))
+    }
+}
+
+#[test]
+fn arm64_getpid_probes_count_every_call_with_one_exit_for_two_chained_probes() {
+    if !arm64_guest() {
+        return;
+    }
+    let k = Arm64Text::load();
+    let (second, _) = k.emulated_and_refused("__arm64_sys_getpid");
+    let out = run_probed(
+        "1",
+        "getpid-loop 2000",
+        &["__arm64_sys_getpid", &second],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    let stderr = text(&out.stderr);
+    assert_has(&stderr, "brk exits yes, step yes, hw breakpoints ", &out);
+    assert_has(&stderr, "reinjection yes; probes use brk", &out);
+    for loc in ["__arm64_sys_getpid", second.as_str()] {
+        let p = out.probe(loc);
+        assert!(
+            (2000..=2000 + OTHER_GETPID_CALLERS).contains(&p.hits),
+            "{loc}: {}\n{}",
+            p.hits,
+            explain(&out)
+        );
+        assert_eq!((p.plan.as_str(), p.trap.as_str()), ("emulate", "brk"));
+        assert_eq!((p.missed, p.handler_errors), (0, 0));
+    }
+    let stdout = text(&out.stdout);
+    let lines = stdout
+        .lines()
+        .filter(|l| l.starts_with("hit ") && l.contains(" cpu0 __arm64_sys_getpid pc=0xffff8000"))
+        .count() as u64;
+    assert_eq!(
+        lines,
+        out.probe("__arm64_sys_getpid").hits,
+        "one line per hit"
+    );
+    assert_has(&stdout, " x0=0x", &out);
+    // The second probe is followed into in the same exit as the first.
+    let exits = out.summary().exits.breakpoints;
+    assert_eq!(
+        exits,
+        out.probe("__arm64_sys_getpid").hits,
+        "{}",
+        explain(&out)
+    );
+    assert_has(&stdout, "getpid-loop: calls=2000 pid=", &out);
+    assert_eq!(out.summary().kaslr_slide, Some(0));
+    out.assert_text_restored();
+}
+
+#[test]
+fn arm64_two_vcpus_hitting_one_probe_are_all_counted() {
+    if !arm64_guest() {
+        return;
+    }
+    let out = run_probed(
+        "2",
+        "getpid-loop 3000 & getpid-loop 3000 & wait",
+        &["__arm64_sys_getpid"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    let hits = out.probe("__arm64_sys_getpid").hits;
+    assert!(
+        (6000..=6000 + OTHER_GETPID_CALLERS).contains(&hits),
+        "{hits}"
+    );
+    let stdout = text(&out.stdout);
+    let per_cpu = |cpu: &str| {
+        stdout
+            .lines()
+            .filter(|l| l.starts_with("hit ") && l.split_whitespace().nth(2) == Some(cpu))
+            .count()
+    };
+    assert!(
+        per_cpu("cpu0") >= 500 && per_cpu("cpu1") >= 500,
+        "{}",
+        explain(&out)
+    );
+    out.assert_text_restored();
+}
+
+#[test]
+fn arm64_definitions_fetch_arguments_and_the_task_on_a_kaslr_guest() {
+    if !arm64_guest() {
+        return;
+    }
+    // No `nokaslr`: the device tree carries a seed, the kernel moves, the slide is found from
+    // VBAR_EL1.
+    let out = run_probed(
+        "1",
+        "cat /etc/passwd > /dev/null",
+        &["p:hv/open do_sys_openat2 name=+0($arg2):ustring c=$comm dfd=$arg1:s32 at=%pc:symbol"],
+        &["--cmdline", "console=ttyS0 panic=-1 quiet loglevel=3"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    assert_has(
+        &text(&out.stdout),
+        "hv/open: (do_sys_openat2) name=\"/etc/passwd\" c=\"cat\" dfd=-100 at=\"do_sys_openat2\"",
+        &out,
+    );
+    let slide = out.summary().kaslr_slide.expect("a slide");
+    assert_eq!(slide % (64 << 10), 0, "{slide:#x}");
+    out.assert_text_restored();
+}
+
+#[test]
+fn arm64_hardware_breakpoints_probe_without_touching_text() {
+    if !arm64_guest() {
+        return;
+    }
+    let out = run_probed(
+        "1",
+        "getpid-loop 500",
+        &["__arm64_sys_getpid"],
+        &["--quiet", "--trap", "hw"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    let p = out.probe("__arm64_sys_getpid");
+    assert_eq!(p.trap, "hw");
+    assert!(
+        (500..=500 + OTHER_GETPID_CALLERS).contains(&p.hits),
+        "{}",
+        p.hits
+    );
+    let t = out.summary().text.as_ref().unwrap();
+    assert_eq!(t.before, t.planted, "nothing written into the text");
+    out.assert_text_restored();
+}
+
+#[test]
+fn arm64_refusals_name_the_instruction_and_plant_nothing() {
+    if !arm64_guest() {
+        return;
+    }
+    let k = Arm64Text::load();
+    let (good, refused) = k.emulated_and_refused("__arm64_sys_getpid");
+    let out = run_probed(
+        "1",
+        "echo SHOULD-NOT-RUN",
+        &[
+            &good,
+            &refused,
+            "__arm64_sys_getpid+0x2",
+            "r:hv/r do_sys_openat2 fd=$retval:s32",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", explain(&out));
+    let stderr = text(&out.stderr);
+    assert_has(&stderr, "3 probes refused", &out);
+    assert_has(&stderr, "aarch64 has no out-of-line slots yet", &out);
+    assert_has(&stderr, "not on an instruction boundary", &out);
+    assert_has(
+        &stderr,
+        "out-of-line slots (stepped instructions, return probes) are not implemented on aarch64 yet",
+        &out,
+    );
+    assert_has(&stderr, "no probe was left in the guest", &out);
+    assert!(!text(&out.stdout).contains("SHOULD-NOT-RUN\n"));
+    out.assert_text_restored();
+}
+
+#[test]
+fn arm64_the_guests_own_kprobe_and_an_hvprobe_probe_on_one_function_both_count() {
+    if !arm64_guest() {
+        return;
+    }
+    // The guest's kprobe BRKs (its probe and its own step-out-of-line BRK) reach hvprobe once
+    // hvprobe's BRK is in, and go back to the guest by exception-entry emulation.
+    let k = Arm64Text::load();
+    let (ours, _) = k.emulated_and_refused("__arm64_sys_getpid");
+    let t = "/sys/kernel/tracing";
+    let exec = format!(
+        "echo 'p:hvtest __arm64_sys_getpid' > {t}/kprobe_events && \
+         echo 1 > {t}/events/kprobes/hvtest/enable && getpid-loop 1000 && \
+         echo 0 > {t}/events/kprobes/hvtest/enable && cat {t}/kprobe_profile"
+    );
+    let out = run_probed("1", &exec, &[&ours], &["--quiet"]);
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    let guest_hits = kprobe_profile_hits(&out, "hvtest");
+    let ours_hits = out.probe(&ours).hits;
+    assert!(
+        (1000..=1000 + OTHER_GETPID_CALLERS).contains(&guest_hits),
+        "guest {guest_hits}\n{}",
+        explain(&out)
+    );
+    assert!(
+        (1000..=1000 + OTHER_GETPID_CALLERS).contains(&ours_hits),
+        "ours {ours_hits}"
+    );
+    assert!(out.summary().exits.reinjected >= 1000, "{}", explain(&out));
     out.assert_text_restored();
 }

@@ -181,12 +181,26 @@ fn is_definition(p: &str) -> bool {
     rest.is_some_and(|r| r.starts_with([' ', '\t', ':']))
 }
 
-/// Resolves one `--probe` against `map`.
-fn resolve_probe(map: &SymbolMap, p: &str) -> Result<ResolvedProbe> {
+/// Resolves one `--probe` against `map`, for guests of `arch` (whose register names the
+/// definition's fetch args use; the emulated runner of another architecture resolves them on
+/// this host first).
+fn resolve_probe(
+    map: &SymbolMap,
+    p: &str,
+    arch: hvprobe_guest::GuestArch,
+) -> Result<ResolvedProbe> {
     let definition = if is_definition(p) {
         let d = ProbeDefinition::parse(p).map_err(|e| anyhow::anyhow!("--probe {p}: {e}"))?;
-        if let Some(r) = probe_core::fetch::unknown_register::<crate::arch::Guest>(&d) {
-            bail!("--probe {p}: unknown register %{r}");
+        let unknown = match arch {
+            hvprobe_guest::GuestArch::X86_64 => {
+                probe_core::fetch::unknown_register::<probe_core::arch::x86_64::X86_64>(&d)
+            }
+            hvprobe_guest::GuestArch::Aarch64 => {
+                probe_core::fetch::unknown_register::<probe_core::arch::aarch64::Aarch64>(&d)
+            }
+        };
+        if let Some(r) = unknown {
+            bail!("--probe {p}: unknown register %{r} for {arch} guests");
         }
         Some(d)
     } else {
@@ -363,7 +377,7 @@ impl Job {
         let mut targets = Vec::new();
         let mut refused = Vec::new();
         for p in &self.probes {
-            match resolve_probe(&map, p) {
+            match resolve_probe(&map, p, self.guest_arch()) {
                 Ok(t) => targets.push(t),
                 Err(e) => refused.push(format!("{e:#}")),
             }

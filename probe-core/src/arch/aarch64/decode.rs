@@ -143,7 +143,7 @@ impl InstructionDecoder<Aarch64> for Decoder {
         Err(Refusal {
             va: insn.va,
             text: insn.text.clone(),
-            reason: "aarch64 has no out-of-line slots yet: only the instructions emulated on the host (nop, bti, mov, add/sub immediate, stp pre-index, b, bl, adr, adrp) can be probed",
+            reason: "aarch64 has no out-of-line slots yet: only the instructions emulated on the host (nop, bti, the PAC hints, mov, add/sub immediate, stp pre-index, b, bl, adr, adrp) can be probed",
         })
     }
 

@@ -185,6 +185,15 @@ pub fn classify(word: u32, pc: u64) -> Option<Emulation> {
     if word == 0xd503_201f || word & 0xffff_ff3f == 0xd503_241f {
         return Some(Emulation::Nop { next });
     }
+    // The pointer-authentication hints on the return address (paciasp, pacibsp, autiasp,
+    // autibsp, xpaclri): NOPs to a CPU without pointer authentication, which hvprobe's VMM
+    // gives its guests (it never asks KVM for KVM_ARM_VCPU_PTRAUTH_*).
+    if matches!(
+        word,
+        0xd503_233f | 0xd503_237f | 0xd503_23bf | 0xd503_23ff | 0xd503_20ff
+    ) {
+        return Some(Emulation::Nop { next });
+    }
     // mov Xd, Xm = orr Xd, xzr, Xm (no shift); the 32-bit form too.
     if word & 0x7fe0_ffe0 == 0x2a00_03e0 {
         return Some(Emulation::MovRegister {
@@ -339,6 +348,11 @@ mod tests {
         assert!(e.touches_stack());
         assert!(e.apply(&mut r, &mut s).is_err());
         assert_eq!(r, before);
+        // paciasp is a NOP here (no pointer authentication in hvprobe's guests).
+        assert_eq!(
+            classify(0xd503_233f, PC),
+            Some(Emulation::Nop { next: PC + 4 })
+        );
         // ldr x0, [x1]; adds x0, x0, #1 (sets flags); ret; svc #0
         for w in [0xf940_0020, 0xb100_0400, 0xd65f_03c0, 0xd400_0001] {
             assert_eq!(classify(w, PC), None, "{w:#x}");
