@@ -55,6 +55,35 @@ impl TrapSupport {
     }
 }
 
+/// A VM for a self-test payload: `mem` (one region at `base`) as its only memslot, and one vCPU.
+/// The caller keeps `mem` alive for as long as the VM.
+pub fn payload_vm(
+    kvm: &Kvm,
+    mem: &vm_memory::GuestMemoryMmap,
+    base: u64,
+    size: u64,
+) -> Result<(kvm_ioctls::VmFd, kvm_ioctls::VcpuFd), String> {
+    use vm_memory::GuestMemoryBackend;
+    let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
+    let host = mem
+        .get_host_address(vm_memory::GuestAddress(base))
+        .map_err(|e| e.to_string())?;
+    let region = kvm_bindings::kvm_userspace_memory_region {
+        slot: 0,
+        guest_phys_addr: base,
+        memory_size: size,
+        userspace_addr: host as u64,
+        flags: 0,
+    };
+    // SAFETY: `mem` maps `size` bytes at `host`, and the caller keeps it alive past the VM.
+    unsafe { vm.set_user_memory_region(region) }
+        .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {e}"))?;
+    let vcpu = vm
+        .create_vcpu(0)
+        .map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
+    Ok((vm, vcpu))
+}
+
 /// Runs the self-test on `kvm`.
 pub fn probe_traps(kvm: &Kvm) -> Result<TrapSupport, String> {
     crate::arch::probe_traps(kvm)

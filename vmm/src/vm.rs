@@ -12,7 +12,7 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion}
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch;
-use crate::devices::console::ConsoleWatch;
+use crate::devices::console::{ConsoleOut, ConsoleWatch};
 use crate::devices::serial::SerialPort;
 use crate::devices::{MmioBus, PioBus};
 
@@ -164,6 +164,24 @@ impl Vm {
         };
         arch::create_vm(kvm, config, initrd_bytes, console_out)
     }
+}
+
+/// The console UART (vm-superio's 8250) raising `gsi` through an irqfd, writing to
+/// `console_out`, and the watcher of what it shows.
+pub fn console_uart(
+    fd: &VmFd,
+    gsi: u32,
+    console_out: Box<dyn Write + Send>,
+) -> Result<(Arc<Mutex<SerialPort>>, ConsoleWatch), VmError> {
+    let console = ConsoleWatch::default();
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    fd.register_irqfd(&irq, gsi)
+        .map_err(kvm_err("KVM_IRQFD (console UART)"))?;
+    let serial = Arc::new(Mutex::new(SerialPort::new(
+        irq,
+        ConsoleOut::new(console_out, console.clone()),
+    )));
+    Ok((serial, console))
 }
 
 /// Registers guest memory with KVM: one memslot per RAM region; the XOL area as two, its page

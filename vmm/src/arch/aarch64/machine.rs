@@ -6,7 +6,6 @@
 //! SYSTEM_RESET, which KVM reports as system events.
 
 use std::io::Write;
-use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
     KVM_ARM_VCPU_POWER_OFF, KVM_ARM_VCPU_PSCI_0_2, KVM_DEV_ARM_VGIC_CTRL_INIT,
@@ -23,10 +22,8 @@ use super::fdt::{BoardDescription, create_fdt};
 use super::layout::*;
 use super::vcpu::{MPIDR_EL1, boot_registers, get};
 use super::{Guest, kernel};
-use crate::devices::console::{ConsoleOut, ConsoleWatch};
-use crate::devices::serial::SerialPort;
 use crate::devices::{MmioBus, PioBus};
-use crate::vm::{Vm, VmConfig, VmError, kvm_err, register_memory};
+use crate::vm::{Vm, VmConfig, VmError, console_uart, kvm_err, register_memory};
 
 /// Builds the arm64 VM of `config` (its initrd already read into `initrd_bytes`).
 pub fn create_vm(
@@ -106,14 +103,7 @@ pub fn create_vm(
     }
     let gic = create_gic(&fd)?;
 
-    let console = ConsoleWatch::default();
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
-    fd.register_irqfd(&serial_irq, UART_SPI)
-        .map_err(kvm_err("KVM_IRQFD (UART)"))?;
-    let serial = Arc::new(Mutex::new(SerialPort::new(
-        serial_irq,
-        ConsoleOut::new(console_out, console.clone()),
-    )));
+    let (serial, console) = console_uart(&fd, UART_SPI, console_out)?;
     let mut mmio = MmioBus::default();
     mmio.insert(UART_BASE, UART_SIZE, serial.clone());
 

@@ -6,10 +6,10 @@
 
 use kvm_bindings::{
     KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW, KVM_GUESTDBG_USE_SW_BP,
-    kvm_debug_exit_arch, kvm_guest_debug, kvm_userspace_memory_region, kvm_vcpu_init,
+    kvm_debug_exit_arch, kvm_guest_debug, kvm_vcpu_init,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::hw_breakpoint_count;
 use super::vcpu::{inject_sync_exception, read_pc, set_pc_and_vectors};
@@ -131,7 +131,6 @@ fn reinjection(vcpu: &mut VcpuFd) -> Result<(), String> {
 
 /// Runs the self-test on `kvm`.
 pub fn probe_traps(kvm: &Kvm) -> Result<TrapSupport, String> {
-    let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(BASE), 0x2000)])
         .map_err(|e| e.to_string())?;
     let words = |ws: &[u32]| ws.iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<u8>>();
@@ -139,23 +138,7 @@ pub fn probe_traps(kvm: &Kvm) -> Result<TrapSupport, String> {
         .map_err(|e| e.to_string())?;
     mem.write_slice(&words(&VECTOR), GuestAddress(BASE + 0x200))
         .map_err(|e| e.to_string())?;
-    let host = mem
-        .get_host_address(GuestAddress(BASE))
-        .map_err(|e| e.to_string())?;
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        guest_phys_addr: BASE,
-        memory_size: 0x2000,
-        userspace_addr: host as u64,
-        flags: 0,
-    };
-    // SAFETY: `mem` maps 8 KiB at `host` and outlives `vm`, which is dropped at the end of
-    // this function before `mem`.
-    unsafe { vm.set_user_memory_region(region) }
-        .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {e}"))?;
-    let mut vcpu = vm
-        .create_vcpu(0)
-        .map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
+    let (vm, mut vcpu) = crate::selftest::payload_vm(kvm, &mem, BASE, 0x2000)?;
     let mut kvi = kvm_vcpu_init::default();
     vm.get_preferred_target(&mut kvi)
         .map_err(|e| format!("KVM_ARM_PREFERRED_TARGET: {e}"))?;

@@ -14,11 +14,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{Guest, boot, layout};
 use crate::devices::cmos::{CmosRtc, WallClock};
-use crate::devices::console::{ConsoleOut, ConsoleWatch};
 use crate::devices::i8042::I8042;
-use crate::devices::serial::{COM1_BASE, COM1_GSI, COM1_LEN, SerialPort};
+use crate::devices::serial::{COM1_BASE, COM1_GSI, COM1_LEN};
 use crate::devices::{BusDevice, MmioBus, PioBus};
-use crate::vm::{Vm, VmConfig, VmError, kvm_err, register_memory};
+use crate::vm::{Vm, VmConfig, VmError, console_uart, kvm_err, register_memory};
 
 /// Builds the x86_64 VM of `config` (its initrd already read into `initrd_bytes`).
 pub fn create_vm(
@@ -87,14 +86,7 @@ pub fn create_vm(
     };
     fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
-    let console = ConsoleWatch::default();
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
-    fd.register_irqfd(&serial_irq, COM1_GSI)
-        .map_err(kvm_err("KVM_IRQFD (COM1)"))?;
-    let serial = Arc::new(Mutex::new(SerialPort::new(
-        serial_irq,
-        ConsoleOut::new(console_out, console.clone()),
-    )));
+    let (serial, console) = console_uart(&fd, COM1_GSI, console_out)?;
     let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
     let reset_signal = reset_evt.try_clone().map_err(VmError::EventFd)?;
     let i8042: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(I8042::new(Box::new(move || {

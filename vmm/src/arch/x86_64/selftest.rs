@@ -1,10 +1,10 @@
 //! The x86_64 trap self-test: a real-mode guest `nop; int3; nop; hlt` whose every interrupt
 //! vector lands on the `hlt`, run once per trap with guest debugging set for it.
 
-use kvm_bindings::{kvm_regs, kvm_userspace_memory_region};
+use kvm_bindings::kvm_regs;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use probe_core::vm::DebugEvent;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::debug::{GuestDebugSetup, debug_event};
 use crate::selftest::TrapSupport;
@@ -36,7 +36,6 @@ fn run_to_exit(vcpu: &mut VcpuFd, rip: u64, setup: GuestDebugSetup) -> Result<De
 
 /// Runs the self-test on `kvm`.
 pub fn probe_traps(kvm: &Kvm) -> Result<TrapSupport, String> {
-    let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)])
         .map_err(|e| e.to_string())?;
     mem.write_slice(&CODE, GuestAddress(CODE_AT))
@@ -48,23 +47,7 @@ pub fn probe_traps(kvm: &Kvm) -> Result<TrapSupport, String> {
         mem.write_obj(entry, GuestAddress(v * 4))
             .map_err(|e| e.to_string())?;
     }
-    let host = mem
-        .get_host_address(GuestAddress(0))
-        .map_err(|e| e.to_string())?;
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        guest_phys_addr: 0,
-        memory_size: 0x10000,
-        userspace_addr: host as u64,
-        flags: 0,
-    };
-    // SAFETY: `mem` maps 64 KiB at `host` and outlives `vm`, which is dropped at the end of
-    // this function before `mem`.
-    unsafe { vm.set_user_memory_region(region) }
-        .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {e}"))?;
-    let mut vcpu = vm
-        .create_vcpu(0)
-        .map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
+    let (vm, mut vcpu) = crate::selftest::payload_vm(kvm, &mem, 0, 0x10000)?;
     let mut sregs = vcpu.get_sregs().map_err(|e| e.to_string())?;
     sregs.cs.base = 0;
     sregs.cs.selector = 0;
