@@ -132,21 +132,25 @@ pub mod aarch64 {
     /// TCR_EL1 for 4 KiB pages and 48-bit addresses in both halves.
     pub const TCR: u64 = 16 | (16 << 16) | (2 << 30);
 
-    /// The fake text: `bti c; nop; stp x29, x30, [sp, #-16]!; mov x29, sp; ldr x0, [x1]; ret`.
-    pub const CODE: [u32; 6] = [
+    /// The fake text: `bti c; nop; stp x29, x30, [sp, #-16]!; mov x29, sp; ldr x0, [x1];
+    /// ldxr x0, [x1]; ret`.
+    pub const CODE: [u32; 7] = [
         0xd503_245f,
         NOP,
         0xa9bf_7bfd,
         0x9100_03fd,
         0xf940_0020,
+        0xc85f_7c20,
         0xd65f_03c0,
     ];
     /// Offset of `nop`.
     pub const AT_NOP: u64 = 4;
     /// Offset of the `stp`.
     pub const AT_STP: u64 = 8;
-    /// Offset of the `ldr`.
+    /// Offset of the `ldr` (run out of line).
     pub const AT_LDR: u64 = 16;
+    /// Offset of the `ldxr` (refused).
+    pub const AT_LDXR: u64 = 20;
 
     /// The text as bytes.
     pub fn code_bytes() -> Vec<u8> {

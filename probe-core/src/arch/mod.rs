@@ -325,6 +325,11 @@ pub trait Arch: Sized + Copy + Debug + Default + Send + Sync + 'static {
     const KERNEL_STACK_SIZE: u64;
     /// Where the XOL area is mapped.
     const XOL: XolLayout;
+    /// Whether a copy can return to the text by itself (a "boosted" slot ending in a branch
+    /// back, one exit per hit: x86_64's `jmp rel32`); else every copy is followed by the slot's
+    /// breakpoint and costs a second exit (arm64, whose `b` cannot reach the text from the XOL
+    /// area).
+    const BOOSTED_SLOTS: bool = true;
 
     /// Whether `insn` (the first [`Arch::BREAKPOINT`]`.len()` bytes at an address) is a
     /// software breakpoint of any owner: a trap where no probe is goes back to the guest only

@@ -222,7 +222,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
     ) -> Result<Verdict, VmError> {
         let mapped = self.ensure_xol_mapped(A::address_space(&regs)).is_ok();
         let slot = match trapped {
-            Some(t) if has_post => (t, true),
+            Some(t) if has_post || !A::BOOSTED_SLOTS => (t, true),
             _ => (boosted, false),
         };
         let Some((slot, trapping)) = Some(slot).filter(|_| mapped) else {

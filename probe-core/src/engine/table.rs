@@ -216,7 +216,12 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         }
         // Check that the copies can be made before anything is written.
         if let Some(ool) = copy
-            && ool.boosted_slot(target.va, self.xol_va_base).is_none()
+            && if A::BOOSTED_SLOTS {
+                ool.boosted_slot(target.va, self.xol_va_base)
+            } else {
+                ool.trapped_slot(target.va, self.xol_va_base)
+            }
+            .is_none()
         {
             return Err(PlantError::OutOfReach {
                 location,
@@ -226,10 +231,19 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         if probe.on_return.is_some() {
             self.trampoline(&location)?;
         }
+        // Where the architecture has no boosted slots, the one slot is a trapped one, and
+        // every step goes through its breakpoint.
         let boosted = copy
-            .map(|ool| self.boosted_slot(&location, insn.text(), ool, target.va))
+            .map(|ool| {
+                if A::BOOSTED_SLOTS {
+                    self.boosted_slot(&location, insn.text(), ool, target.va)
+                } else {
+                    self.trapped_slot(&location, insn.text(), ool, target.va)
+                }
+            })
             .transpose()?;
         let trapped = match &plan {
+            StepPlan::StepOutOfLine(_) if !A::BOOSTED_SLOTS => boosted,
             StepPlan::StepOutOfLine(ool) if probe.post.is_some() => {
                 Some(self.trapped_slot(&location, insn.text(), ool, target.va)?)
             }

@@ -1,8 +1,8 @@
 //! aarch64 decoding and classification. Every instruction is one 32-bit word, so a boundary is
-//! a multiple of four from the function start; capstone gives the text. Classification today
-//! covers what runs without out-of-line slots: the instructions emulated on the host
-//! ([`super::classify`]); everything else is refused with the instruction named, until arm64
-//! gets its XOL area and step plans.
+//! a multiple of four from the function start; capstone gives the text. Classification: the
+//! instructions emulated on the host ([`super::classify`], every PC-relative one among them),
+//! then what may run out of line ([`super::out_of_line`]), and the rest refused with the
+//! instruction and the reason named.
 
 use capstone::Capstone;
 use capstone::arch::BuildsCapstone;
@@ -140,11 +140,13 @@ impl InstructionDecoder<Aarch64> for Decoder {
         if let Some(emulation) = super::classify(insn.word, insn.va) {
             return Ok(StepPlan::Emulate(emulation));
         }
-        Err(Refusal {
-            va: insn.va,
-            text: insn.text.clone(),
-            reason: "aarch64 has no out-of-line slots yet: only the instructions emulated on the host (nop, bti, the PAC hints, mov, add/sub immediate, stp pre-index, b, bl, adr, adrp) can be probed",
-        })
+        super::out_of_line(insn.word)
+            .map(|()| StepPlan::StepOutOfLine(OutOfLine { word: insn.word }))
+            .map_err(|reason| Refusal {
+                va: insn.va,
+                text: insn.text.clone(),
+                reason,
+            })
     }
 
     fn fallback_copy(&self, _insn: &Instruction) -> Option<OutOfLine> {
@@ -171,13 +173,17 @@ mod tests {
         // bti c
         let bti = d.decode(&0xd503_245fu32.to_le_bytes(), VA).unwrap();
         assert!(matches!(d.plan(&bti), Ok(StepPlan::Emulate(_))));
-        // stp x29, x30, [sp, #-16]! is emulated; ldr x0, [x1] refused, named.
+        // stp x29, x30, [sp, #-16]! is emulated; ldr x0, [x1] runs out of line; ldxr is
+        // refused, named.
         let stp = d.decode(&0xa9bf_7bfdu32.to_le_bytes(), VA).unwrap();
         assert_eq!(stp.text, "stp x29, x30, [sp, #-0x10]!");
         assert!(matches!(d.plan(&stp), Ok(StepPlan::Emulate(_))));
         let ldr = d.decode(&0xf940_0020u32.to_le_bytes(), VA).unwrap();
-        let err = d.plan(&ldr).unwrap_err();
-        assert!(err.to_string().contains("`ldr x0, [x1]`"), "{err}");
+        assert!(matches!(d.plan(&ldr), Ok(StepPlan::StepOutOfLine(_))));
+        let ldxr = d.decode(&0xc85f_7c20u32.to_le_bytes(), VA).unwrap();
+        let err = d.plan(&ldxr).unwrap_err();
+        assert!(err.to_string().contains("`ldxr x0, [x1]`"), "{err}");
+        assert!(err.to_string().contains("exclusive monitor"), "{err}");
         assert!(d.decode(&[0x1f, 0x20], VA).is_err());
     }
 

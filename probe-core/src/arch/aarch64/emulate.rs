@@ -4,7 +4,7 @@
 //! `stp x29, x30, [sp, #-N]!`, and the PC-relative `b`, `bl`, `adr`, `adrp`. Addresses are
 //! absolute, computed when the probe is planted.
 
-use super::regs::Registers;
+use super::regs::{PSTATE_BTYPE, Registers};
 use crate::arch::{EmulationError, GuestStack, HostEmulation};
 
 /// An instruction the host emulates.
@@ -63,6 +63,66 @@ pub enum Emulation {
         target: u64,
         /// The return address (the next instruction).
         ret: u64,
+    },
+    /// `b.cond target`: taken when `cond` holds for PSTATE.NZCV.
+    BranchConditional {
+        /// The condition (ARM encoding).
+        cond: u8,
+        /// The target.
+        target: u64,
+        /// Address of the next instruction.
+        next: u64,
+    },
+    /// `cbz`/`cbnz Rt, target`.
+    CompareBranch {
+        /// The register (31 is XZR).
+        rt: u8,
+        /// 64-bit (else the low 32 bits are compared).
+        wide: bool,
+        /// Branch when non-zero (`cbnz`).
+        nonzero: bool,
+        /// The target.
+        target: u64,
+        /// Address of the next instruction.
+        next: u64,
+    },
+    /// `tbz`/`tbnz Rt, #bit, target`.
+    TestBranch {
+        /// The register (31 is XZR).
+        rt: u8,
+        /// The bit tested.
+        bit: u8,
+        /// Branch when the bit is set (`tbnz`).
+        set: bool,
+        /// The target.
+        target: u64,
+        /// Address of the next instruction.
+        next: u64,
+    },
+    /// `br Xn` / `blr Xn` / `ret {Xn}`: to the address in a register; `blr` links. `br` and
+    /// `blr` set PSTATE.BTYPE as the hardware would for a BTI landing pad.
+    BranchRegister {
+        /// The register holding the target.
+        rn: u8,
+        /// Links (`blr`).
+        link: bool,
+        /// The BTYPE the branch leaves (0 for `ret`).
+        btype: u8,
+        /// The return address, for `blr`.
+        ret: u64,
+    },
+    /// `ldr Wt|Xt, label` / `ldrsw Xt, label`: a load from an address computed at planting.
+    LoadLiteral {
+        /// The destination (31 is XZR).
+        rt: u8,
+        /// The address.
+        address: u64,
+        /// Bytes: 4 or 8.
+        size: u8,
+        /// Sign-extend a 4-byte load (`ldrsw`).
+        signed: bool,
+        /// Address of the next instruction.
+        next: u64,
     },
     /// `adr`/`adrp`: a register gets an address computed at planting.
     SetRegister {
@@ -152,8 +212,97 @@ impl Emulation {
                 regs.set_x_or_zr(rd, value);
                 regs.pc = next;
             }
+            Emulation::BranchConditional { cond, target, next } => {
+                regs.pc = if condition_holds(cond, regs.pstate) {
+                    target
+                } else {
+                    next
+                };
+            }
+            Emulation::CompareBranch {
+                rt,
+                wide,
+                nonzero,
+                target,
+                next,
+            } => {
+                let v = regs.x_or_zr(rt);
+                let v = if wide { v } else { v & 0xffff_ffff };
+                regs.pc = if (v != 0) == nonzero { target } else { next };
+            }
+            Emulation::TestBranch {
+                rt,
+                bit,
+                set,
+                target,
+                next,
+            } => {
+                let on = regs.x_or_zr(rt) >> bit & 1 == 1;
+                regs.pc = if on == set { target } else { next };
+            }
+            Emulation::BranchRegister {
+                rn,
+                link,
+                btype,
+                ret,
+            } => {
+                let target = regs.x_or_zr(rn);
+                if link {
+                    regs.x[30] = ret;
+                }
+                regs.pc = target;
+                regs.pstate = (regs.pstate & !PSTATE_BTYPE) | (u64::from(btype) << 10);
+            }
+            Emulation::LoadLiteral {
+                rt,
+                address,
+                size,
+                signed,
+                next,
+            } => {
+                // Aligned 8-byte reads: a 4-byte literal is the half of its word it sits in.
+                let word = stack.read_u64(address & !7)?;
+                let v = if size == 8 {
+                    word
+                } else {
+                    let half = (word >> ((address & 4) * 8)) & 0xffff_ffff;
+                    if signed {
+                        half as u32 as i32 as i64 as u64
+                    } else {
+                        half
+                    }
+                };
+                regs.set_x_or_zr(rt, v);
+                regs.pc = next;
+            }
         }
         Ok(())
+    }
+}
+
+/// Whether condition `cond` holds for the NZCV flags in `pstate` (Arm ARM, ConditionHolds).
+pub fn condition_holds(cond: u8, pstate: u64) -> bool {
+    let (n, z, c, v) = (
+        pstate >> 31 & 1 == 1,
+        pstate >> 30 & 1 == 1,
+        pstate >> 29 & 1 == 1,
+        pstate >> 28 & 1 == 1,
+    );
+    let base = match cond >> 1 {
+        0 => z,
+        1 => c,
+        2 => n,
+        3 => v,
+        4 => c && !z,
+        5 => n == v,
+        6 => n == v && !z,
+        _ => true,
+    };
+    // The low bit inverts, except for 0b1111 ("always" too).
+    if cond & 1 == 1 && cond != 0xf {
+        !base
+    } else {
+        base
     }
 }
 
@@ -167,7 +316,10 @@ impl HostEmulation<Registers> for Emulation {
     }
 
     fn touches_stack(&self) -> bool {
-        matches!(self, Emulation::StorePairPreIndex { .. })
+        matches!(
+            self,
+            Emulation::StorePairPreIndex { .. } | Emulation::LoadLiteral { .. }
+        )
     }
 }
 
@@ -233,6 +385,93 @@ pub fn classify(word: u32, pc: u64) -> Option<Emulation> {
         } else {
             Emulation::Branch { target }
         });
+    }
+    // b.cond: 0101010 0 imm19 0 cond.
+    if word & 0xff00_0010 == 0x5400_0000 {
+        return Some(Emulation::BranchConditional {
+            cond: (word & 0xf) as u8,
+            target: pc.wrapping_add((sign_extend((w >> 5) & 0x7_ffff, 19) * 4) as u64),
+            next,
+        });
+    }
+    // cbz/cbnz: sf 011010 op imm19 Rt.
+    if word & 0x7e00_0000 == 0x3400_0000 {
+        return Some(Emulation::CompareBranch {
+            rt: rd,
+            wide: word >> 31 == 1,
+            nonzero: word & (1 << 24) != 0,
+            target: pc.wrapping_add((sign_extend((w >> 5) & 0x7_ffff, 19) * 4) as u64),
+            next,
+        });
+    }
+    // tbz/tbnz: b5 011011 op b40 imm14 Rt.
+    if word & 0x7e00_0000 == 0x3600_0000 {
+        return Some(Emulation::TestBranch {
+            rt: rd,
+            bit: (((word >> 31) << 5) | ((word >> 19) & 0x1f)) as u8,
+            set: word & (1 << 24) != 0,
+            target: pc.wrapping_add((sign_extend((w >> 5) & 0x3fff, 14) * 4) as u64),
+            next,
+        });
+    }
+    // br / blr / ret (no pointer authentication): 1101011 0 0 op 11111 000000 Rn 00000.
+    match word & 0xffff_fc1f {
+        0xd61f_0000 => {
+            return Some(Emulation::BranchRegister {
+                rn,
+                link: false,
+                // BTYPE 01 for br through x16/x17, 11 otherwise.
+                btype: if rn == 16 || rn == 17 { 1 } else { 3 },
+                ret: next,
+            });
+        }
+        0xd63f_0000 => {
+            return Some(Emulation::BranchRegister {
+                rn,
+                link: true,
+                btype: 2,
+                ret: next,
+            });
+        }
+        0xd65f_0000 => {
+            return Some(Emulation::BranchRegister {
+                rn,
+                link: false,
+                btype: 0,
+                ret: next,
+            });
+        }
+        _ => {}
+    }
+    // ldr (literal) to a general register, ldrsw (literal), prfm (literal): opc 011 0 00
+    // imm19 Rt.
+    if word & 0x3f00_0000 == 0x1800_0000 {
+        let address = pc.wrapping_add((sign_extend((w >> 5) & 0x7_ffff, 19) * 4) as u64);
+        return match word >> 30 {
+            0 => Some(Emulation::LoadLiteral {
+                rt: rd,
+                address,
+                size: 4,
+                signed: false,
+                next,
+            }),
+            1 => Some(Emulation::LoadLiteral {
+                rt: rd,
+                address,
+                size: 8,
+                signed: false,
+                next,
+            }),
+            2 => Some(Emulation::LoadLiteral {
+                rt: rd,
+                address,
+                size: 4,
+                signed: true,
+                next,
+            }),
+            // prfm: a hint.
+            _ => Some(Emulation::Nop { next }),
+        };
     }
     // adr / adrp: op immlo 10000 immhi Rd.
     if word & 0x1f00_0000 == 0x1000_0000 {
@@ -353,9 +592,151 @@ mod tests {
             classify(0xd503_233f, PC),
             Some(Emulation::Nop { next: PC + 4 })
         );
-        // ldr x0, [x1]; adds x0, x0, #1 (sets flags); ret; svc #0
-        for w in [0xf940_0020, 0xb100_0400, 0xd65f_03c0, 0xd400_0001] {
+        // ldr x0, [x1]; adds x0, x0, #1 (sets flags); svc #0; retaa
+        for w in [0xf940_0020, 0xb100_0400, 0xd400_0001, 0xd65f_0bff] {
             assert_eq!(classify(w, PC), None, "{w:#x}");
         }
+    }
+
+    #[test]
+    fn branches_follow_the_flags_and_registers() {
+        let st = &mut Stack(HashMap::new(), None);
+        let mut r = Registers::default();
+        // b.eq +8 with Z set, then clear.
+        r.pstate = 1 << 30;
+        classify(0x5400_0040, PC)
+            .unwrap()
+            .apply(&mut r, st)
+            .unwrap();
+        assert_eq!(r.pc, PC + 8);
+        r.pstate = 0;
+        classify(0x5400_0040, PC)
+            .unwrap()
+            .apply(&mut r, st)
+            .unwrap();
+        assert_eq!(r.pc, PC + 4);
+        // cbnz w3, -4 ; tbz x2, #33, +0x10
+        r.x[3] = 0x1_0000_0000;
+        classify(0x35ff_ffe3, PC)
+            .unwrap()
+            .apply(&mut r, st)
+            .unwrap();
+        assert_eq!(r.pc, PC + 4, "cbnz looks at w3 only");
+        r.x[2] = 1 << 33;
+        classify(0xb608_0082, PC)
+            .unwrap()
+            .apply(&mut r, st)
+            .unwrap();
+        assert_eq!(r.pc, PC + 4, "bit 33 set: tbz falls through");
+        // blr x8 links and leaves BTYPE 0b10; ret goes to x30.
+        r.x[8] = 0x1234;
+        classify(0xd63f_0100, PC)
+            .unwrap()
+            .apply(&mut r, st)
+            .unwrap();
+        assert_eq!((r.pc, r.x[30], r.pstate >> 10 & 3), (0x1234, PC + 4, 2));
+        classify(0xd65f_03c0, PC)
+            .unwrap()
+            .apply(&mut r, st)
+            .unwrap();
+        assert_eq!(r.pc, PC + 4);
+        // ldrsw x1, +8 reads the literal's high half sign-extended.
+        st.0.insert((PC + 8) & !7, 0xfff0_0000_0000_0000 | 0x8000_0000_0000_0000);
+        let ldrsw = classify(0x9800_0041, PC).unwrap();
+        assert!(ldrsw.touches_stack());
+        ldrsw.apply(&mut r, st).unwrap();
+        assert_eq!(
+            r.x[1],
+            if (PC + 8) & 4 == 4 {
+                0xffff_ffff_fff0_0000
+            } else {
+                0
+            }
+        );
+        // Conditions: ge with N == V, lt otherwise, al always.
+        assert!(condition_holds(0b1010, 0));
+        assert!(!condition_holds(0b1011, 0));
+        assert!(condition_holds(0b1110, 0));
+    }
+
+    #[test]
+    fn what_may_run_out_of_line_and_what_is_refused() {
+        // ldr x0, [x1]; add x0, x1, x2; mrs x0, sp_el0; dmb ish; ldar x0, [x1]
+        for w in [
+            0xf940_0020,
+            0x8b02_0020,
+            0xd538_4100,
+            0xd503_3bbf,
+            0xc8df_fc20,
+        ] {
+            assert_eq!(out_of_line(w), Ok(()), "{w:#x}");
+        }
+        // svc #0; eret; wfi; msr daifset, #2; ldxr x0, [x1]; stxr w2, x0, [x1]; clrex; msr
+        // sp_el0, x0
+        for w in [
+            0xd400_0001,
+            0xd69f_03e0,
+            0xd503_207f,
+            0xd503_42df,
+            0xc85f_7c20,
+            0xc802_7c20,
+            0xd503_3f5f,
+            0xd518_4100,
+        ] {
+            assert!(out_of_line(w).is_err(), "{w:#x}");
+        }
+    }
+}
+
+/// Whether `word`, which the host does not emulate, may run out of line (a copy at another
+/// address, followed by the slot's BRK), or why not. The classes follow the Arm ARM's top-level
+/// encoding table and Linux's arm64 kprobes (`decode-insn.c`): every PC-relative instruction
+/// is emulated before this is asked; what changes the exception level, the PSTATE or system
+/// state, what waits, and what the exclusive monitor watches is refused.
+pub fn out_of_line(word: u32) -> Result<(), &'static str> {
+    let op0 = (word >> 25) & 0xf;
+    match op0 {
+        // Data processing, immediate (the PC-relative adr/adrp are emulated).
+        0b1000 | 0b1001 => Ok(()),
+        // Branches, exception generation, system.
+        0b1010 | 0b1011 => {
+            if word & 0xff00_0000 == 0xd400_0000 {
+                return Err("it generates an exception (svc, hvc, smc, brk, hlt)");
+            }
+            if word & 0xfe00_0000 == 0xd600_0000 {
+                return Err(
+                    "it is a branch through a register with pointer authentication, or an exception return",
+                );
+            }
+            // Hints: wfe, wfi and the rest that are not emulated.
+            if word & 0xffff_f01f == 0xd503_201f {
+                return Err("it is a hint that waits or changes execution state (wfe, wfi, ...)");
+            }
+            // Barriers (dsb, dmb, isb, sb, clrex): clrex touches the exclusive monitor.
+            if word & 0xffff_f01f == 0xd503_301f {
+                return if (word >> 5) & 7 == 2 {
+                    Err("clrex clears the exclusive monitor")
+                } else {
+                    Ok(())
+                };
+            }
+            // mrs: a read of a system register.
+            if word & 0xfff0_0000 == 0xd530_0000 {
+                return Ok(());
+            }
+            Err("it writes PSTATE or system state (msr, sys)")
+        }
+        // Loads and stores.
+        0b0100 | 0b0110 | 0b1100 | 0b1110 => {
+            // Load/store exclusive (o2 = 0 in the exclusive/ordered group): the monitor would
+            // be lost between the slot's BRK exits.
+            if word & 0x3f00_0000 == 0x0800_0000 && word & (1 << 23) == 0 {
+                return Err("it is a load/store exclusive, watched by the exclusive monitor");
+            }
+            Ok(())
+        }
+        // Data processing, register; SIMD and floating point.
+        0b0101 | 0b1101 | 0b0111 | 0b1111 => Ok(()),
+        _ => Err("its encoding is unallocated or SME/SVE, which the kernel does not run"),
     }
 }

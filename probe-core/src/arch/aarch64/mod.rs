@@ -11,7 +11,7 @@ mod regs;
 pub mod xol;
 
 pub use decode::{Decoder, Instruction, NOP};
-pub use emulate::{Emulation, classify};
+pub use emulate::{Emulation, classify, condition_holds, out_of_line};
 pub use pagewalk::AddressSpace;
 pub use regs::{PSTATE_BTYPE, PSTATE_DAIF, Registers};
 
@@ -40,8 +40,8 @@ pub const SLOT_BRK_IMM: u16 = 0x0a6;
 const PROBE_BRK: [u8; 4] = brk(PROBE_BRK_IMM).to_le_bytes();
 const SLOT_BRK: [u8; 4] = brk(SLOT_BRK_IMM).to_le_bytes();
 
-/// An instruction word to be copied out of line (no plan produces one yet: see
-/// [`xol::NOT_YET`]).
+/// An instruction word to be copied out of line: position-independent (every PC-relative
+/// instruction is emulated instead), so the copy is the word itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutOfLine {
     /// The instruction word.
@@ -61,8 +61,8 @@ impl OutOfLineCopy for OutOfLine {
         4
     }
 
-    /// arm64 has no boosted slots: a branch back cannot reach the text from the XOL area, so
-    /// every copy is followed by a BRK.
+    /// arm64 has no boosted slots: a branch back cannot reach the text from the XOL area (it
+    /// is far beyond `b`'s 128 MiB), so every copy is followed by a BRK ([`Arch::BOOSTED_SLOTS`]).
     fn boosted_slot(&self, _orig_va: u64, _slot_va: u64) -> Option<Vec<u8>> {
         None
     }
@@ -95,6 +95,7 @@ impl Arch for Aarch64 {
     /// THREAD_SIZE with 4 KiB pages and KASAN off.
     const KERNEL_STACK_SIZE: u64 = 16 << 10;
     const XOL: XolLayout = xol::LAYOUT;
+    const BOOSTED_SLOTS: bool = false;
 
     /// Any `BRK #imm`: the guest's own (kprobes, BUG, KGDB) as well as ours.
     fn is_breakpoint(insn: &[u8]) -> bool {
@@ -119,19 +120,18 @@ impl Arch for Aarch64 {
     }
 
     fn write_xol_tables<M: vm_memory::GuestMemory>(
-        _area: &XolArea,
-        _mem: &M,
+        area: &XolArea,
+        mem: &M,
     ) -> Result<(), XolError> {
-        // Nothing to write while the area is never mapped (ensure_xol_mapped refuses).
-        Ok(())
+        xol::write_tables(area, mem)
     }
 
     fn ensure_xol_mapped<M: vm_memory::GuestMemory>(
-        _area: &XolArea,
-        _mem: &M,
-        _space: AddressSpace,
+        area: &XolArea,
+        mem: &M,
+        space: AddressSpace,
     ) -> Result<bool, XolError> {
-        Err(xol::NOT_YET)
+        xol::ensure_mapped(area, mem, space)
     }
 
     fn after_trap(regs: &mut Registers) {

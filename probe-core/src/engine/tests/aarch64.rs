@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::arch::aarch64::{Aarch64, PROBE_BRK_IMM, brk};
+use crate::arch::aarch64::{Aarch64, PROBE_BRK_IMM, PSTATE_DAIF, SLOT_BRK_IMM, brk};
 use crate::engine::{PlantError, PlantTarget, ProbeEngine, VcpuProbeState};
 use crate::fake::aarch64::*;
 use crate::probe::Probe;
@@ -80,12 +80,12 @@ fn a_brk_is_planted_hit_emulated_and_removed_byte_for_byte() {
 fn refusals_name_the_instruction_and_leave_the_text_untouched() {
     let (engine, vcpu) = machine();
     let regs = vcpu.regs.clone();
-    // A stepped instruction: no out-of-line slots on aarch64 yet.
+    // A load-exclusive: refused, named.
     let err = engine
-        .plant(Probe::new("f+0x10"), target(AT_LDR), &regs)
+        .plant(Probe::new("f+0x14"), target(AT_LDXR), &regs)
         .unwrap_err();
     assert!(matches!(err, PlantError::Refused { .. }), "{err}");
-    assert!(err.to_string().contains("ldr x0, [x1]"), "{err}");
+    assert!(err.to_string().contains("ldxr x0, [x1]"), "{err}");
     // Off an instruction boundary.
     let err = engine
         .plant(Probe::new("f+0x6"), target(6), &regs)
@@ -94,21 +94,15 @@ fn refusals_name_the_instruction_and_leave_the_text_untouched() {
         err.to_string().contains("not on an instruction boundary"),
         "{err}"
     );
-    // A return probe needs the trampoline, a slot.
+    // A return probe away from a function's entry.
     let err = engine
         .plant(
-            Probe::new("f").on_return(|_| Ok(())),
-            PlantTarget {
-                va: TEXT_VA,
-                function_start: Some(TEXT_VA),
-            },
+            Probe::new("f+0x4").on_return(|_| Ok(())),
+            target(AT_NOP),
             &regs,
         )
         .unwrap_err();
-    assert!(
-        err.to_string().contains("not implemented on aarch64"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("first instruction"), "{err}");
     assert_eq!(text(&engine), code_bytes());
     assert!(engine.is_empty());
 }
@@ -216,4 +210,102 @@ fn an_emulated_store_that_faults_disarms_the_site_instead_of_trapping_forever() 
     assert_eq!(vcpu.regs.pc, TEXT_VA + AT_STP);
     assert_eq!(text(&engine), code_bytes());
     assert_eq!(engine.stats()[0].missed, 1);
+}
+
+#[test]
+fn a_stepped_load_runs_in_a_slot_followed_by_a_brk_with_interrupts_masked() {
+    let (engine, mut vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    let id = engine
+        .plant(Probe::new("f+0x10"), target(AT_LDR), &regs)
+        .unwrap();
+    assert_eq!(engine.stats()[0].plan, crate::arch::PlanKind::Xol);
+    vcpu.regs.pc = TEXT_VA + AT_LDR;
+    let mut state = VcpuProbeState::default();
+    let hit = DebugEvent::Breakpoint {
+        pc: TEXT_VA + AT_LDR,
+    };
+    engine.handle_debug(&mut vcpu, &mut state, hit).unwrap();
+    let slot = vcpu.regs.pc;
+    assert!(slot >= crate::arch::aarch64::xol::XOL_VA_BASE, "{slot:#x}");
+    assert_eq!(
+        vcpu.regs.pstate & PSTATE_DAIF,
+        PSTATE_DAIF,
+        "masked for the step"
+    );
+    assert!(state.stepping());
+    // The slot, read through the guest's own tables: the copy, then hvprobe's slot BRK.
+    let mut b = [0u8; 8];
+    crate::engine::read_guest_virtual::<Aarch64, _>(engine.memory(), &vcpu.regs, slot, &mut b)
+        .unwrap();
+    assert_eq!(u32::from_le_bytes(b[..4].try_into().unwrap()), CODE[4]);
+    assert_eq!(
+        u32::from_le_bytes(b[4..].try_into().unwrap()),
+        brk(SLOT_BRK_IMM)
+    );
+    // The guest ran the copy and reached the slot's BRK.
+    vcpu.regs.pc = slot + 4;
+    engine
+        .handle_debug(
+            &mut vcpu,
+            &mut state,
+            DebugEvent::Breakpoint { pc: slot + 4 },
+        )
+        .unwrap();
+    assert_eq!(vcpu.regs.pc, TEXT_VA + AT_LDR + 4);
+    assert_eq!(
+        vcpu.regs.pstate & PSTATE_DAIF,
+        0x3c5 & PSTATE_DAIF,
+        "as it was"
+    );
+    assert!(!state.stepping());
+    assert_eq!(engine.exit_stats().slot_traps, 1);
+    engine.remove(id).unwrap();
+    assert_eq!(text(&engine), code_bytes());
+}
+
+#[test]
+fn a_return_probe_swaps_the_link_register_and_returns_through_the_trampoline() {
+    let (engine, mut vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    let seen = Arc::new(AtomicU64::new(0));
+    let s = seen.clone();
+    engine
+        .plant(
+            Probe::<Aarch64>::new("f").on_return(move |ctx| {
+                s.store(ctx.regs.x[0], Ordering::SeqCst);
+                Ok(())
+            }),
+            target(0),
+            &regs,
+        )
+        .unwrap();
+    let caller = vcpu.regs.x[30];
+    vcpu.regs.pc = TEXT_VA;
+    let mut state = VcpuProbeState::default();
+    engine
+        .handle_debug(
+            &mut vcpu,
+            &mut state,
+            DebugEvent::Breakpoint { pc: TEXT_VA },
+        )
+        .unwrap();
+    let trampoline = vcpu.regs.x[30];
+    assert!(trampoline >= crate::arch::aarch64::xol::XOL_VA_BASE);
+    assert_eq!(vcpu.regs.pc, TEXT_VA + 4, "bti c emulated");
+    // The function returns (`ret` to x30) with x0 = 42 and its entry stack pointer.
+    vcpu.regs.x[0] = 42;
+    vcpu.regs.pc = trampoline;
+    engine
+        .handle_debug(
+            &mut vcpu,
+            &mut state,
+            DebugEvent::Breakpoint { pc: trampoline },
+        )
+        .unwrap();
+    assert_eq!(vcpu.regs.pc, caller);
+    assert_eq!(seen.load(Ordering::SeqCst), 42);
+    let st = &engine.stats()[0];
+    assert_eq!((st.hits, st.returns, st.nmissed), (1, 1, 0));
+    assert_eq!(engine.live_returns(), 0);
 }
