@@ -486,6 +486,59 @@ pub fn classify(word: u32, pc: u64) -> Option<Emulation> {
     None
 }
 
+/// Whether `word`, which the host does not emulate, may run out of line (a copy at another
+/// address, followed by the slot's BRK), or why not. The classes follow the Arm ARM's top-level
+/// encoding table and Linux's arm64 kprobes (`decode-insn.c`): every PC-relative instruction
+/// is emulated before this is asked; what changes the exception level, the PSTATE or system
+/// state, what waits, and what the exclusive monitor watches is refused.
+pub fn out_of_line(word: u32) -> Result<(), &'static str> {
+    let op0 = (word >> 25) & 0xf;
+    match op0 {
+        // Data processing, immediate (the PC-relative adr/adrp are emulated).
+        0b1000 | 0b1001 => Ok(()),
+        // Branches, exception generation, system.
+        0b1010 | 0b1011 => {
+            if word & 0xff00_0000 == 0xd400_0000 {
+                return Err("it generates an exception (svc, hvc, smc, brk, hlt)");
+            }
+            if word & 0xfe00_0000 == 0xd600_0000 {
+                return Err(
+                    "it is a branch through a register with pointer authentication, or an exception return",
+                );
+            }
+            // Hints: wfe, wfi and the rest that are not emulated.
+            if word & 0xffff_f01f == 0xd503_201f {
+                return Err("it is a hint that waits or changes execution state (wfe, wfi, ...)");
+            }
+            // Barriers (dsb, dmb, isb, sb, clrex): clrex touches the exclusive monitor.
+            if word & 0xffff_f01f == 0xd503_301f {
+                return if (word >> 5) & 7 == 2 {
+                    Err("clrex clears the exclusive monitor")
+                } else {
+                    Ok(())
+                };
+            }
+            // mrs: a read of a system register.
+            if word & 0xfff0_0000 == 0xd530_0000 {
+                return Ok(());
+            }
+            Err("it writes PSTATE or system state (msr, sys)")
+        }
+        // Loads and stores.
+        0b0100 | 0b0110 | 0b1100 | 0b1110 => {
+            // Load/store exclusive (o2 = 0 in the exclusive/ordered group): the monitor would
+            // be lost between the slot's BRK exits.
+            if word & 0x3f00_0000 == 0x0800_0000 && word & (1 << 23) == 0 {
+                return Err("it is a load/store exclusive, watched by the exclusive monitor");
+            }
+            Ok(())
+        }
+        // Data processing, register; SIMD and floating point.
+        0b0101 | 0b1101 | 0b0111 | 0b1111 => Ok(()),
+        _ => Err("its encoding is unallocated or SME/SVE, which the kernel does not run"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -601,9 +654,11 @@ mod tests {
     #[test]
     fn branches_follow_the_flags_and_registers() {
         let st = &mut Stack(HashMap::new(), None);
-        let mut r = Registers::default();
         // b.eq +8 with Z set, then clear.
-        r.pstate = 1 << 30;
+        let mut r = Registers {
+            pstate: 1 << 30,
+            ..Default::default()
+        };
         classify(0x5400_0040, PC)
             .unwrap()
             .apply(&mut r, st)
@@ -685,58 +740,5 @@ mod tests {
         ] {
             assert!(out_of_line(w).is_err(), "{w:#x}");
         }
-    }
-}
-
-/// Whether `word`, which the host does not emulate, may run out of line (a copy at another
-/// address, followed by the slot's BRK), or why not. The classes follow the Arm ARM's top-level
-/// encoding table and Linux's arm64 kprobes (`decode-insn.c`): every PC-relative instruction
-/// is emulated before this is asked; what changes the exception level, the PSTATE or system
-/// state, what waits, and what the exclusive monitor watches is refused.
-pub fn out_of_line(word: u32) -> Result<(), &'static str> {
-    let op0 = (word >> 25) & 0xf;
-    match op0 {
-        // Data processing, immediate (the PC-relative adr/adrp are emulated).
-        0b1000 | 0b1001 => Ok(()),
-        // Branches, exception generation, system.
-        0b1010 | 0b1011 => {
-            if word & 0xff00_0000 == 0xd400_0000 {
-                return Err("it generates an exception (svc, hvc, smc, brk, hlt)");
-            }
-            if word & 0xfe00_0000 == 0xd600_0000 {
-                return Err(
-                    "it is a branch through a register with pointer authentication, or an exception return",
-                );
-            }
-            // Hints: wfe, wfi and the rest that are not emulated.
-            if word & 0xffff_f01f == 0xd503_201f {
-                return Err("it is a hint that waits or changes execution state (wfe, wfi, ...)");
-            }
-            // Barriers (dsb, dmb, isb, sb, clrex): clrex touches the exclusive monitor.
-            if word & 0xffff_f01f == 0xd503_301f {
-                return if (word >> 5) & 7 == 2 {
-                    Err("clrex clears the exclusive monitor")
-                } else {
-                    Ok(())
-                };
-            }
-            // mrs: a read of a system register.
-            if word & 0xfff0_0000 == 0xd530_0000 {
-                return Ok(());
-            }
-            Err("it writes PSTATE or system state (msr, sys)")
-        }
-        // Loads and stores.
-        0b0100 | 0b0110 | 0b1100 | 0b1110 => {
-            // Load/store exclusive (o2 = 0 in the exclusive/ordered group): the monitor would
-            // be lost between the slot's BRK exits.
-            if word & 0x3f00_0000 == 0x0800_0000 && word & (1 << 23) == 0 {
-                return Err("it is a load/store exclusive, watched by the exclusive monitor");
-            }
-            Ok(())
-        }
-        // Data processing, register; SIMD and floating point.
-        0b0101 | 0b1101 | 0b0111 | 0b1111 => Ok(()),
-        _ => Err("its encoding is unallocated or SME/SVE, which the kernel does not run"),
     }
 }
