@@ -1725,24 +1725,25 @@ impl Arm64Text {
             .collect()
     }
 
-    /// `func+0xOFF` of the first instruction the host emulates after the entry, and of the
-    /// first it does not.
-    fn emulated_and_refused(&self, func: &str) -> (String, String) {
+    /// `func+0xOFF` of the first instruction after the entry whose plan is `plan`
+    /// (`emulate`, `xol`, `refused`).
+    fn find(&self, func: &str, plan: &str) -> String {
+        use probe_core::arch::aarch64::{classify, out_of_line};
         let sym = self.map.lookup(func).unwrap().addr;
-        let words = self.words(func, 64);
-        let emulated =
-            |(off, w): &&(u64, u32)| probe_core::arch::aarch64::classify(*w, sym + off).is_some();
-        let (e, _) = words
-            .iter()
+        let (off, _) = self
+            .words(func, 256)
+            .into_iter()
             .skip(1)
-            .find(emulated)
-            .expect("an emulated one");
-        let (r, _) = words
-            .iter()
-            .skip(1)
-            .find(|x| !emulated(x))
-            .expect("a refused one");
-        (format!("{func}+{e:#x}"), format!("{func}+{r:#x}"))
+            .find(|(off, w)| {
+                let p = match (classify(*w, sym + off), out_of_line(*w)) {
+                    (Some(_), _) => "emulate",
+                    (None, Ok(())) => "xol",
+                    (None, Err(_)) => "refused",
+                };
+                p == plan
+            })
+            .unwrap_or_else(|| panic!("no {plan} instruction in {func}"));
+        format!("{func}+{off:#x}")
     }
 }
 
@@ -1752,7 +1753,7 @@ fn arm64_getpid_probes_count_every_call_with_one_exit_for_two_chained_probes() {
         return;
     }
     let k = Arm64Text::load();
-    let (second, _) = k.emulated_and_refused("__arm64_sys_getpid");
+    let second = k.find("__arm64_sys_getpid", "emulate");
     let out = run_probed(
         "1",
         "getpid-loop 2000",
@@ -1884,28 +1885,21 @@ fn arm64_refusals_name_the_instruction_and_plant_nothing() {
         return;
     }
     let k = Arm64Text::load();
-    let (good, refused) = k.emulated_and_refused("__arm64_sys_getpid");
+    let good = k.find("__arm64_sys_getpid", "xol");
+    // cpu_do_idle waits (`wfi`): refused.
+    let refused = k.find("cpu_do_idle", "refused");
     let out = run_probed(
         "1",
         "echo SHOULD-NOT-RUN",
-        &[
-            &good,
-            &refused,
-            "__arm64_sys_getpid+0x2",
-            "r:hv/r do_sys_openat2 fd=$retval:s32",
-        ],
+        &[&good, &refused, "__arm64_sys_getpid+0x2"],
         &[],
     );
     assert_eq!(out.status.code(), Some(2), "{}", explain(&out));
     let stderr = text(&out.stderr);
-    assert_has(&stderr, "3 probes refused", &out);
-    assert_has(&stderr, "aarch64 has no out-of-line slots yet", &out);
+    assert_has(&stderr, "2 probes refused", &out);
+    assert_has(&stderr, "refusing to probe `wfi`", &out);
+    assert_has(&stderr, "it is a hint that waits", &out);
     assert_has(&stderr, "not on an instruction boundary", &out);
-    assert_has(
-        &stderr,
-        "out-of-line slots (stepped instructions, return probes) are not implemented on aarch64 yet",
-        &out,
-    );
     assert_has(&stderr, "no probe was left in the guest", &out);
     assert!(!text(&out.stdout).contains("SHOULD-NOT-RUN\n"));
     out.assert_text_restored();
@@ -1919,7 +1913,7 @@ fn arm64_the_guests_own_kprobe_and_an_hvprobe_probe_on_one_function_both_count()
     // The guest's kprobe BRKs (its probe and its own step-out-of-line BRK) reach hvprobe once
     // hvprobe's BRK is in, and go back to the guest by exception-entry emulation.
     let k = Arm64Text::load();
-    let (ours, _) = k.emulated_and_refused("__arm64_sys_getpid");
+    let ours = k.find("__arm64_sys_getpid", "xol");
     let t = "/sys/kernel/tracing";
     let exec = format!(
         "echo 'p:hvtest __arm64_sys_getpid' > {t}/kprobe_events && \
@@ -1940,5 +1934,64 @@ fn arm64_the_guests_own_kprobe_and_an_hvprobe_probe_on_one_function_both_count()
         "ours {ours_hits}"
     );
     assert!(out.summary().exits.reinjected >= 1000, "{}", explain(&out));
+    out.assert_text_restored();
+}
+
+#[test]
+fn arm64_stepped_instructions_and_return_probes_keep_the_workloads_right() {
+    if !arm64_guest() {
+        return;
+    }
+    let k = Arm64Text::load();
+    let stepped = k.find("__arm64_sys_getpid", "xol");
+    let out = run_probed(
+        "2",
+        "getpid-loop 1500 & open-read-loop 20 /etc/passwd & fork-exec-loop 10 & wait; \
+         cat /etc/passwd > /dev/null",
+        &[
+            &stepped,
+            "r:hv/g __arm64_sys_getpid",
+            "r:hv/open do_sys_openat2 fd=$retval:s32 c=$comm",
+            "r:hv/exec bprm_execve",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    let stdout = text(&out.stdout);
+    assert_has(&stdout, "getpid-loop: calls=1500 pid=", &out);
+    let passwd = b"root:x:0:0:root:/root:/bin/sh\n";
+    let want = format!(
+        "open-read-loop: path=/etc/passwd opens=20 bytes={} fnv1a={:016x}",
+        20 * passwd.len(),
+        fnv1a(passwd)
+    );
+    assert_has(&stdout, &want, &out);
+    assert_has(&stdout, "fork-exec-loop: runs=10 ok=10", &out);
+    let p = out.probe(&stepped);
+    assert_eq!(p.plan, "xol");
+    assert!(
+        (1500..=1500 + OTHER_GETPID_CALLERS).contains(&p.hits),
+        "{}",
+        p.hits
+    );
+    assert_eq!(
+        out.summary().exits.slot_traps,
+        p.hits,
+        "one slot BRK per step"
+    );
+    for loc in ["__arm64_sys_getpid", "do_sys_openat2", "bprm_execve"] {
+        let r = out.probe(loc);
+        assert!(r.return_probe && r.hits > 0, "{loc}: {r:?}");
+        assert_eq!((r.returns, r.nmissed), (r.hits, 0), "{loc}: {r:?}");
+    }
+    assert!(out.probe("bprm_execve").hits >= 10);
+    // The open of /etc/passwd by cat returned a descriptor.
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("hv/open: (") && l.contains("c=\"cat\"") && l.contains("fd=3")),
+        "{}",
+        explain(&out)
+    );
     out.assert_text_restored();
 }
