@@ -1995,3 +1995,140 @@ fn arm64_stepped_instructions_and_return_probes_keep_the_workloads_right() {
     );
     out.assert_text_restored();
 }
+
+#[test]
+fn arm64_a_random_sweep_of_instruction_boundaries_leaves_the_guest_working() {
+    if !arm64_guest() {
+        return;
+    }
+    // N random instructions anywhere in the arm64 kernel's text (every 4 bytes is a boundary),
+    // half of them in functions on the workload's paths, planted at once with
+    // --skip-refused. Replay with HVPROBE_SWEEP_SEED and HVPROBE_SWEEP_N.
+    let seed = env_u64("HVPROBE_SWEEP_SEED", 0x5eed_a064);
+    let n = env_u64("HVPROBE_SWEEP_N", 250) as usize;
+    eprintln!("sweep: HVPROBE_SWEEP_SEED={seed} HVPROBE_SWEEP_N={n}");
+    let k = Arm64Text::load();
+    let guest = hvprobe_guest::default_guest_for(GuestArch::Aarch64).unwrap();
+    let map_text = std::fs::read_to_string(guest.kernel.system_map()).unwrap();
+    let addr_of = |name: &str| k.map.lookup(name).unwrap().addr;
+    let (stext, etext) = (addr_of("_stext"), addr_of("_etext"));
+    let mut funcs: Vec<(u64, &str)> = map_text
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let a = u64::from_str_radix(it.next()?, 16).ok()?;
+            let kind = it.next()?;
+            let name = it.next()?;
+            (matches!(kind, "t" | "T") && (stext..etext).contains(&a)).then_some((a, name))
+        })
+        .collect();
+    funcs.sort_unstable();
+    funcs.dedup_by_key(|f| f.0);
+    let hot_prefixes = [
+        "do_sys_",
+        "vfs_",
+        "ksys_",
+        "__arm64_sys_",
+        "el0_",
+        "el0t_",
+        "invoke_syscall",
+        "do_el0_svc",
+        "path_",
+        "link_path_walk",
+        "do_filp_open",
+        "copy_process",
+        "kernel_clone",
+        "do_exit",
+        "do_wait",
+        "bprm_",
+        "load_elf_binary",
+        "begin_new_exec",
+        "pipe_",
+        "__schedule",
+        "schedule",
+        "hrtimer_",
+        "do_nanosleep",
+        "do_mmap",
+        "handle_mm_fault",
+        "do_page_fault",
+        "filemap_",
+        "dput",
+        "lookup_fast",
+        "walk_component",
+        "try_to_wake_up",
+        "update_curr",
+        "tick_",
+        "__fput",
+        "alloc_fd",
+        "tty_",
+        "n_tty_",
+        "serial8250_",
+    ];
+    let hot: Vec<usize> = (0..funcs.len() - 1)
+        .filter(|&i| hot_prefixes.iter().any(|p| funcs[i].1.starts_with(p)))
+        .collect();
+    let mut rng = SplitMix(seed);
+    let mut picks: Vec<u64> = Vec::new();
+    while picks.len() < n {
+        let i = if picks.len().is_multiple_of(2) {
+            rng.below(funcs.len() - 1)
+        } else {
+            hot[rng.below(hot.len())]
+        };
+        let (start, end) = (funcs[i].0, funcs[i + 1].0.min(etext));
+        let words = ((end - start) / 4) as usize;
+        if words == 0 {
+            continue;
+        }
+        let va = start + 4 * rng.below(words) as u64;
+        if !picks.contains(&va) {
+            picks.push(va);
+        }
+    }
+    let locations: Vec<String> = picks.iter().map(|va| format!("{va:#x}")).collect();
+    let probes: Vec<&str> = locations.iter().map(String::as_str).collect();
+    let out = run_probed("2", SWEEP_WORKLOAD, &probes, &["--skip-refused", "--quiet"]);
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    let describe = || {
+        picks
+            .iter()
+            .map(|va| format!("  {va:#x} {}", k.map.describe(*va)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "seed {seed}\n{}\nprobes:\n{}",
+        explain(&out),
+        describe()
+    );
+    assert_has(&stdout, "fork-exec-loop: runs=10 ok=10", &out);
+    assert_has(&stdout, "sweep-result bytes=6 entries=", &out);
+    let (mut planted, mut refused, mut hit) = (0, 0, 0u64);
+    for loc in &locations {
+        if let Some(p) = out.summary().probes.iter().find(|p| p.location == *loc) {
+            planted += 1;
+            hit += u64::from(p.hits > 0);
+        } else if stderr
+            .lines()
+            .any(|l| l.starts_with("hvprobe: skipped refused probe: ") && l.contains(loc.as_str()))
+        {
+            refused += 1;
+        } else {
+            panic!("{loc}: neither planted nor refused\n{}", explain(&out));
+        }
+    }
+    eprintln!("sweep: seed {seed}: {planted} planted ({hit} hit), {refused} refused of {n}");
+    for l in stderr.lines().filter(|l| l.starts_with("hvprobe: skipped")) {
+        eprintln!("sweep: {l}");
+    }
+    assert_eq!(planted + refused, n);
+    assert!(
+        planted * 2 > n,
+        "most boundaries are probed: {planted} of {n}"
+    );
+    assert!(hit >= 10, "{hit} of the planted probes were hit");
+    out.assert_text_restored();
+}

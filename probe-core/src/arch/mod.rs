@@ -278,6 +278,13 @@ pub trait InstructionDecoder<A: Arch>: Sized {
     /// For an emulated instruction that touches the stack: a copy of the real instruction to
     /// run out of line when the emulated stack access fails.
     fn fallback_copy(&self, insn: &A::Instruction) -> Option<A::Copy>;
+    /// Refuses an instruction whose neighbourhood makes any trap on it unsafe (arm64: inside
+    /// the exclusive-monitor window after a load-exclusive, where every trap clears the monitor
+    /// and the store-exclusive would fail forever), given the code from the function start up
+    /// to it. Nothing to check by default.
+    fn check_context(&self, _preceding: &[u8], _insn: &A::Instruction) -> Result<(), Refusal> {
+        Ok(())
+    }
 }
 
 /// Where an architecture's XOL area sits and how big its own page tables are.

@@ -124,6 +124,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             location: location.clone(),
             source,
         })?;
+        let mut preceding = Vec::new();
         if let Some(start) = target.function_start.filter(|s| *s < target.va) {
             let offset = target.va - start;
             let mut code = self.read_virt_bytes(
@@ -163,6 +164,8 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                     location: location.clone(),
                     source,
                 })?;
+            code.truncate(offset as usize);
+            preceding = code;
         }
         let code = self.read_virt_bytes(&location, space, target.va, A::MAX_INSN_LEN + 1)?;
         let insn = decoder
@@ -171,10 +174,13 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 location: location.clone(),
                 source,
             })?;
-        let plan = decoder.plan(&insn).map_err(|source| PlantError::Refused {
-            location: location.clone(),
-            source,
-        })?;
+        let plan = decoder
+            .check_context(&preceding, &insn)
+            .and_then(|()| decoder.plan(&insn))
+            .map_err(|source| PlantError::Refused {
+                location: location.clone(),
+                source,
+            })?;
         let fallback = match &plan {
             StepPlan::Emulate(e) if e.touches_stack() => decoder.fallback_copy(&insn),
             _ => None,

@@ -152,6 +152,21 @@ impl InstructionDecoder<Aarch64> for Decoder {
     fn fallback_copy(&self, _insn: &Instruction) -> Option<OutOfLine> {
         None
     }
+
+    fn check_context(&self, preceding: &[u8], insn: &Instruction) -> Result<(), Refusal> {
+        match super::exclusive_window(preceding) {
+            Some(back) => Err(Refusal {
+                va: insn.va,
+                text: insn.text.clone(),
+                reason: if back <= 4 {
+                    "it follows a load-exclusive: a trap inside the exclusive-monitor window clears the monitor and the store-exclusive would fail forever"
+                } else {
+                    "it sits inside the exclusive-monitor window of a load-exclusive before it: a trap there clears the monitor and the store-exclusive would fail forever"
+                },
+            }),
+            None => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]

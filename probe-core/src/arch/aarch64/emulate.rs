@@ -539,6 +539,33 @@ pub fn out_of_line(word: u32) -> Result<(), &'static str> {
     }
 }
 
+/// Most instructions looked back over for an open load-exclusive.
+const EXCLUSIVE_LOOKBACK: usize = 32;
+
+/// If the instruction after `preceding` (the code before it, from a function start) lies inside
+/// an exclusive-monitor window (a load-exclusive before it with no store-exclusive or `clrex`
+/// in between), how many bytes back that load-exclusive is.
+pub fn exclusive_window(preceding: &[u8]) -> Option<usize> {
+    let words = preceding.len() / 4;
+    for back in 1..=words.min(EXCLUSIVE_LOOKBACK) {
+        let at = (words - back) * 4;
+        let w = u32::from_le_bytes(preceding[at..at + 4].try_into().ok()?);
+        // clrex closes the window.
+        if w & 0xffff_f0ff == 0xd503_305f {
+            return None;
+        }
+        // The load/store exclusive group with o2 = 0: L (bit 22) tells load from store.
+        if w & 0x3f00_0000 == 0x0800_0000 && w & (1 << 23) == 0 {
+            return if w & (1 << 22) != 0 {
+                Some(back * 4)
+            } else {
+                None
+            };
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -712,6 +739,19 @@ mod tests {
         assert!(condition_holds(0b1010, 0));
         assert!(!condition_holds(0b1011, 0));
         assert!(condition_holds(0b1110, 0));
+    }
+
+    #[test]
+    fn the_exclusive_monitor_window_is_found_looking_back() {
+        let code = |ws: &[u32]| ws.iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<u8>>();
+        // 1: ldaxr x0, [x1]; add x0, x0, #1; stlxr w2, x0, [x1]; cbnz w2, 1b
+        let loop_ = [0xc85f_fc20, 0x9100_0400, 0xc802_fc20, 0x3500_0002];
+        assert_eq!(exclusive_window(&code(&loop_[..1])), Some(4), "the add");
+        assert_eq!(exclusive_window(&code(&loop_[..2])), Some(8), "the stlxr");
+        assert_eq!(exclusive_window(&code(&loop_[..3])), None, "the cbnz");
+        assert_eq!(exclusive_window(&code(&[0x9100_0400])), None);
+        // clrex closes it.
+        assert_eq!(exclusive_window(&code(&[0xc85f_fc20, 0xd503_3f5f])), None);
     }
 
     #[test]

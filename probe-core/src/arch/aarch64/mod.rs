@@ -11,7 +11,7 @@ mod regs;
 pub mod xol;
 
 pub use decode::{Decoder, Instruction, NOP};
-pub use emulate::{Emulation, classify, condition_holds, out_of_line};
+pub use emulate::{Emulation, classify, condition_holds, exclusive_window, out_of_line};
 pub use pagewalk::AddressSpace;
 pub use regs::{PSTATE_BTYPE, PSTATE_DAIF, Registers};
 
