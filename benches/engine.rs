@@ -8,10 +8,12 @@ use std::collections::HashMap;
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use probe_core::arch::aarch64::Aarch64;
 use probe_core::arch::x86_64::pagewalk::{PagingMode, translate};
 use probe_core::arch::x86_64::{Gpr, X86_64};
 use probe_core::definition::ProbeDefinition;
 use probe_core::engine::{PlantTarget, VcpuProbeState};
+use probe_core::fake;
 use probe_core::fake::{
     AT_CALL, AT_PUSH, AT_RIPREL, STACK_GPA, STACK_VA, TEXT_VA, context, machine,
 };
@@ -109,6 +111,42 @@ fn hits(c: &mut Criterion) {
     hit_cost(c, "hit/emulate_push_with_handler", AT_PUSH, true);
     hit_cost(c, "hit/xol_riprel_boosted", AT_RIPREL, false);
     hit_cost(c, "hit/emulate_indirect_call", AT_CALL, false);
+    arm64_hit_cost(c, "hit/arm64_emulate_stp", fake::aarch64::AT_STP);
+    arm64_hit_cost(c, "hit/arm64_xol_ldr", fake::aarch64::AT_LDR);
+}
+
+/// The engine's time for one hit of an arm64 probe: the BRK exit, and for an out-of-line plan
+/// the slot's BRK exit too (arm64 has no boosted slots), through the aarch64 fake machine.
+fn arm64_hit_cost(c: &mut Criterion, name: &str, offset: u64) {
+    use fake::aarch64::{STACK_VA as SP, TEXT_VA as TEXT, machine};
+    let (engine, mut vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    let target = PlantTarget {
+        va: TEXT + offset,
+        function_start: Some(TEXT),
+    };
+    engine
+        .plant(Probe::<Aarch64>::new(name), target, &regs)
+        .unwrap();
+    let mut state = VcpuProbeState::default();
+    let pc = TEXT + offset;
+    c.bench_function(name, |b| {
+        b.iter(|| {
+            vcpu.regs.pc = pc;
+            vcpu.regs.sp = SP + 0x800;
+            engine
+                .handle_debug(&mut vcpu, &mut state, DebugEvent::Breakpoint { pc })
+                .unwrap();
+            if vcpu.regs.pc != pc + 4 {
+                // Out of line: the guest ran the copy and reached the slot's BRK.
+                let trap = vcpu.regs.pc + 4;
+                vcpu.regs.pc = trap;
+                engine
+                    .handle_debug(&mut vcpu, &mut state, DebugEvent::Breakpoint { pc: trap })
+                    .unwrap();
+            }
+        })
+    });
 }
 
 /// The handler-side cost of a definition's fetch arguments: three numbers (a register, two

@@ -345,6 +345,11 @@ pub trait Arch: Sized + Copy + Debug + Default + Send + Sync + 'static {
         insn == Self::BREAKPOINT
     }
 
+    /// Makes instructions the host wrote at guest physical `gpa..gpa + len` visible to the
+    /// guest's instruction fetch. Nothing to do where the host's writes are coherent with
+    /// instruction fetch (x86_64).
+    fn sync_instructions<M: GuestMemory>(_mem: &M, _gpa: u64, _len: usize) {}
+
     /// The address space the registers select.
     fn address_space(regs: &Self::Registers) -> Self::AddressSpace;
 

@@ -413,6 +413,8 @@ pub struct ProbeEngine<A: Arch, M: GuestMemory + Send + Sync> {
     breakpoints_trappable: AtomicBool,
     returns: Mutex<InstanceTable<A::Registers, Arc<ProbeEntry<A>>>>,
     trampoline: Mutex<Option<XolSlot>>,
+    /// Instruction writes made visible to instruction fetch ([`Arch::sync_instructions`]).
+    instruction_syncs: AtomicU64,
 }
 
 /// Where to plant: the address, and the function start to decode from for the boundary check.
@@ -451,6 +453,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             breakpoints_trappable: AtomicBool::new(true),
             returns: Mutex::new(InstanceTable::new(A::KERNEL_STACK_SIZE)),
             trampoline: Mutex::new(None),
+            instruction_syncs: AtomicU64::new(0),
         })
     }
 
@@ -517,6 +520,12 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
     /// Generation of the hardware breakpoint set; cheap to poll before each `KVM_RUN`.
     pub fn hardware_generation(&self) -> u64 {
         self.hw_generation.load(Ordering::SeqCst)
+    }
+
+    /// How many instruction writes (breakpoints, slots, restored bytes) the engine has made
+    /// visible to instruction fetch so far.
+    pub fn instruction_syncs(&self) -> u64 {
+        self.instruction_syncs.load(Ordering::Relaxed)
     }
 
     /// Whether the engine has any probe planted.

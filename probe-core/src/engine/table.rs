@@ -279,6 +279,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                     location: location.clone(),
                     gpa,
                 })?;
+            self.wrote_code(gpa, A::BREAKPOINT.len());
         }
         if let Some(i) = hw_index {
             table.hw[i] = Some(target.va);
@@ -378,6 +379,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 location: location.into(),
                 gpa: slot.gpa,
             })?;
+        self.wrote_code(slot.gpa, fill.len());
         Ok(Some(slot))
     }
 
@@ -489,6 +491,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 location: format!("{:#x}", site.va),
                 gpa,
             })?;
+        self.wrote_code(gpa, site.saved.len());
         Ok(None)
     }
 
@@ -512,8 +515,19 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             && site.trap == TrapKind::Software
             && !site.disarmed.swap(true, Ordering::SeqCst)
         {
-            let _ = self.mem.write_slice(&site.saved, GuestAddress(gpa));
+            if self.mem.write_slice(&site.saved, GuestAddress(gpa)).is_ok() {
+                self.wrote_code(gpa, site.saved.len());
+            }
         }
+    }
+
+    /// Instructions were written at guest physical `gpa..gpa + len` (a breakpoint, a slot, the
+    /// guest's bytes back): the architecture makes them visible to instruction fetch (arm64:
+    /// the data and instruction caches cleaned and invalidated, as `__clear_cache` does), and
+    /// the write is counted.
+    pub(super) fn wrote_code(&self, gpa: u64, len: usize) {
+        A::sync_instructions(&self.mem, gpa, len);
+        self.instruction_syncs.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A breakpoint of the host's is about to be written (a site, a trapped slot, the

@@ -103,6 +103,25 @@ impl Arch for Aarch64 {
             .is_ok_and(|w: [u8; 4]| u32::from_le_bytes(w) & 0xffe0_001f == 0xd420_0000)
     }
 
+    /// On an arm64 host, the data cache is cleaned and the instruction cache invalidated to the
+    /// point of unification over the host's mapping of the bytes (`__clear_cache`: DC CVAU, DSB,
+    /// IC IVAU, DSB, ISB), as the kernel does after patching text; the caches are physically
+    /// indexed for the data side and the guest fetches through the same physical memory.
+    fn sync_instructions<M: vm_memory::GuestMemory>(_mem: &M, _gpa: u64, _len: usize) {
+        #[cfg(target_arch = "aarch64")]
+        if let Some(host) = _mem.physical_memory().and_then(|p| {
+            vm_memory::GuestMemoryBackend::get_host_address(p, vm_memory::GuestAddress(_gpa)).ok()
+        }) {
+            unsafe extern "C" {
+                fn __clear_cache(start: *mut core::ffi::c_char, end: *mut core::ffi::c_char);
+            }
+            // SAFETY: `host` maps `_gpa` and the `_len` bytes the engine just wrote through the
+            // same mapping (one region: a breakpoint, a slot, saved bytes); `__clear_cache` only
+            // performs cache maintenance on that range.
+            unsafe { __clear_cache(host.cast(), host.add(_len).cast()) }
+        }
+    }
+
     fn address_space(regs: &Registers) -> AddressSpace {
         AddressSpace {
             ttbr0: regs.ttbr0,

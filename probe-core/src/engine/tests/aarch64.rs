@@ -48,6 +48,8 @@ fn a_brk_is_planted_hit_emulated_and_removed_byte_for_byte() {
     let regs = vcpu.regs.clone();
     let id = engine.plant(probe, target(AT_NOP), &regs).unwrap();
     assert_eq!(word_at(&engine, AT_NOP), brk(PROBE_BRK_IMM));
+    // The BRK was made visible to instruction fetch (the spy: the engine's count of syncs).
+    assert_eq!(engine.instruction_syncs(), 1);
 
     vcpu.regs.pc = TEXT_VA + AT_NOP;
     // A pending branch type (as after a `br` to a BTI pad) is cleared when the host moves PC.
@@ -74,6 +76,7 @@ fn a_brk_is_planted_hit_emulated_and_removed_byte_for_byte() {
 
     assert_eq!(engine.remove(id).unwrap(), None);
     assert_eq!(text(&engine), code_bytes());
+    assert_eq!(engine.instruction_syncs(), 2, "the restored word too");
 }
 
 #[test]
@@ -105,6 +108,7 @@ fn refusals_name_the_instruction_and_leave_the_text_untouched() {
     assert!(err.to_string().contains("first instruction"), "{err}");
     assert_eq!(text(&engine), code_bytes());
     assert!(engine.is_empty());
+    assert_eq!(engine.instruction_syncs(), 0, "nothing written");
 }
 
 #[test]
@@ -220,6 +224,8 @@ fn a_stepped_load_runs_in_a_slot_followed_by_a_brk_with_interrupts_masked() {
         .plant(Probe::new("f+0x10"), target(AT_LDR), &regs)
         .unwrap();
     assert_eq!(engine.stats()[0].plan, crate::arch::PlanKind::Xol);
+    // The slot and the BRK in the text, each synced once written.
+    assert_eq!(engine.instruction_syncs(), 2);
     vcpu.regs.pc = TEXT_VA + AT_LDR;
     let mut state = VcpuProbeState::default();
     let hit = DebugEvent::Breakpoint {
