@@ -514,10 +514,9 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         if let Some(site) = table.sites.get(&gpa)
             && site.trap == TrapKind::Software
             && !site.disarmed.swap(true, Ordering::SeqCst)
+            && self.mem.write_slice(&site.saved, GuestAddress(gpa)).is_ok()
         {
-            if self.mem.write_slice(&site.saved, GuestAddress(gpa)).is_ok() {
-                self.wrote_code(gpa, site.saved.len());
-            }
+            self.wrote_code(gpa, site.saved.len());
         }
     }
 
