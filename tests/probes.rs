@@ -1330,28 +1330,7 @@ fn a_random_sweep_of_instruction_boundaries_leaves_the_guest_working() {
     // so alternatives may have changed a few: those are refused or planted at the running
     // instruction), planted at once with --skip-refused. Replay a failure with the printed
     // HVPROBE_SWEEP_SEED (and HVPROBE_SWEEP_N).
-    let seed = env_u64("HVPROBE_SWEEP_SEED", 0x5eed_0001);
-    let n = env_u64("HVPROBE_SWEEP_N", 300) as usize;
-    eprintln!("sweep: HVPROBE_SWEEP_SEED={seed} HVPROBE_SWEEP_N={n}");
     let k = KernelText::load();
-    let guest = hvprobe_guest::default_guest().unwrap();
-    let map_text = std::fs::read_to_string(guest.kernel.system_map()).unwrap();
-    let addr_of = |name: &str| k.map.lookup(name).unwrap().addr;
-    let (stext, etext) = (addr_of("_stext"), addr_of("_etext"));
-    let mut funcs: Vec<(u64, &str)> = map_text
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            let a = u64::from_str_radix(it.next()?, 16).ok()?;
-            let kind = it.next()?;
-            let name = it.next()?;
-            (matches!(kind, "t" | "T") && (stext..etext).contains(&a)).then_some((a, name))
-        })
-        .collect();
-    funcs.sort_unstable();
-    funcs.dedup_by_key(|f| f.0);
-    // Half the picks anywhere, half inside functions on the workload's paths (so that many
-    // are hit, error and slow paths included).
     let hot_prefixes = [
         "do_sys_",
         "vfs_",
@@ -1407,19 +1386,8 @@ fn a_random_sweep_of_instruction_boundaries_leaves_the_guest_working() {
         "n_tty_",
         "serial8250_",
     ];
-    let hot: Vec<usize> = (0..funcs.len() - 1)
-        .filter(|&i| hot_prefixes.iter().any(|p| funcs[i].1.starts_with(p)))
-        .collect();
     let d = Decoder::new().unwrap();
-    let mut rng = SplitMix(seed);
-    let mut picks: Vec<(u64, String)> = Vec::new();
-    while picks.len() < n {
-        let i = if picks.len().is_multiple_of(2) {
-            rng.below(funcs.len() - 1)
-        } else {
-            hot[rng.below(hot.len())]
-        };
-        let (start, end) = (funcs[i].0, funcs[i + 1].0.min(etext));
+    random_sweep(&k.map, 0x5eed_0001, 300, &hot_prefixes, |start, end| {
         let code = k.bytes(start, (end - start) as usize);
         let mut at = 0usize;
         let mut boundaries = Vec::new();
@@ -1427,63 +1395,11 @@ fn a_random_sweep_of_instruction_boundaries_leaves_the_guest_working() {
             let Ok(insn) = d.decode(&code[at..], start + at as u64) else {
                 break;
             };
-            boundaries.push((at, insn.text.clone()));
+            boundaries.push((start + at as u64, insn.text.clone()));
             at += insn.len();
         }
-        if boundaries.is_empty() {
-            continue;
-        }
-        let (off, text) = &boundaries[rng.below(boundaries.len())];
-        let va = start + *off as u64;
-        if picks.iter().any(|(a, _)| *a == va) {
-            continue;
-        }
-        picks.push((va, format!("{} ({text})", k.map.describe(va))));
-    }
-    let locations: Vec<String> = picks.iter().map(|(va, _)| format!("{va:#x}")).collect();
-    let probes: Vec<&str> = locations.iter().map(String::as_str).collect();
-    let out = run_probed("2", SWEEP_WORKLOAD, &probes, &["--skip-refused", "--quiet"]);
-    let stdout = text(&out.stdout);
-    let stderr = text(&out.stderr);
-    let describe = || {
-        picks
-            .iter()
-            .map(|(va, what)| format!("  {va:#x} {what}"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "seed {seed}\n{}\nprobes:\n{}",
-        explain(&out),
-        describe()
-    );
-    assert_has(&stdout, "fork-exec-loop: runs=10 ok=10", &out);
-    assert_has(&stdout, "sweep-result bytes=6 entries=", &out);
-    // Every probe is planted (a summary line) or refused with its reason.
-    let mut planted = 0;
-    let mut refused = 0;
-    let mut hit = 0;
-    for loc in &locations {
-        if let Some(p) = out.summary().probes.iter().find(|p| p.location == *loc) {
-            planted += 1;
-            hit += u64::from(p.hits > 0);
-        } else if stderr
-            .lines()
-            .any(|l| l.starts_with("hvprobe: skipped refused probe: ") && l.contains(loc.as_str()))
-        {
-            refused += 1;
-        } else {
-            panic!("{loc}: neither planted nor refused\n{}", explain(&out));
-        }
-    }
-    eprintln!("sweep: seed {seed}: {planted} planted ({hit} hit), {refused} refused of {n}");
-    for l in stderr.lines().filter(|l| l.starts_with("hvprobe: skipped")) {
-        eprintln!("sweep: {l}");
-    }
-    assert_eq!(planted + refused, n);
-    assert_text_restored(&out);
+        boundaries
+    });
 }
 
 #[test]
@@ -2004,26 +1920,7 @@ fn arm64_a_random_sweep_of_instruction_boundaries_leaves_the_guest_working() {
     // N random instructions anywhere in the arm64 kernel's text (every 4 bytes is a boundary),
     // half of them in functions on the workload's paths, planted at once with
     // --skip-refused. Replay with HVPROBE_SWEEP_SEED and HVPROBE_SWEEP_N.
-    let seed = env_u64("HVPROBE_SWEEP_SEED", 0x5eed_a064);
-    let n = env_u64("HVPROBE_SWEEP_N", 250) as usize;
-    eprintln!("sweep: HVPROBE_SWEEP_SEED={seed} HVPROBE_SWEEP_N={n}");
     let k = Arm64Text::load();
-    let guest = hvprobe_guest::default_guest_for(GuestArch::Aarch64).unwrap();
-    let map_text = std::fs::read_to_string(guest.kernel.system_map()).unwrap();
-    let addr_of = |name: &str| k.map.lookup(name).unwrap().addr;
-    let (stext, etext) = (addr_of("_stext"), addr_of("_etext"));
-    let mut funcs: Vec<(u64, &str)> = map_text
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            let a = u64::from_str_radix(it.next()?, 16).ok()?;
-            let kind = it.next()?;
-            let name = it.next()?;
-            (matches!(kind, "t" | "T") && (stext..etext).contains(&a)).then_some((a, name))
-        })
-        .collect();
-    funcs.sort_unstable();
-    funcs.dedup_by_key(|f| f.0);
     let hot_prefixes = [
         "do_sys_",
         "vfs_",
@@ -2064,28 +1961,69 @@ fn arm64_a_random_sweep_of_instruction_boundaries_leaves_the_guest_working() {
         "n_tty_",
         "serial8250_",
     ];
+    let (planted, _, hit) = random_sweep(&k.map, 0x5eed_a064, 250, &hot_prefixes, |start, end| {
+        (start..end)
+            .step_by(4)
+            .map(|va| (va, String::new()))
+            .collect()
+    });
+    assert!(hit >= 10, "{hit} of the {planted} planted probes were hit");
+}
+
+/// Plants `HVPROBE_SWEEP_N` (default `n`) random instruction boundaries at once
+/// (`--skip-refused`, two vCPUs, [`SWEEP_WORKLOAD`]), half anywhere in the kernel's text and
+/// half in functions whose names start with one of `hot_prefixes`, each function's boundaries
+/// (address, text) given by `boundaries(start, end)`; checks that the guest ran right, that
+/// every probe was planted or refused by name, that most were planted and that the text came
+/// back. Returns (planted, refused, hit).
+fn random_sweep(
+    map: &SymbolMap,
+    default_seed: u64,
+    n: u64,
+    hot_prefixes: &[&str],
+    boundaries: impl Fn(u64, u64) -> Vec<(u64, String)>,
+) -> (usize, usize, u64) {
+    let seed = env_u64("HVPROBE_SWEEP_SEED", default_seed);
+    let n = env_u64("HVPROBE_SWEEP_N", n) as usize;
+    eprintln!("sweep: HVPROBE_SWEEP_SEED={seed} HVPROBE_SWEEP_N={n}");
+    let guest = hvprobe_guest::default_guest_for(guest_arch()).unwrap();
+    let map_text = std::fs::read_to_string(guest.kernel.system_map()).unwrap();
+    let addr_of = |name: &str| map.lookup(name).unwrap().addr;
+    let (stext, etext) = (addr_of("_stext"), addr_of("_etext"));
+    let mut funcs: Vec<(u64, &str)> = map_text
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let a = u64::from_str_radix(it.next()?, 16).ok()?;
+            let kind = it.next()?;
+            let name = it.next()?;
+            (matches!(kind, "t" | "T") && (stext..etext).contains(&a)).then_some((a, name))
+        })
+        .collect();
+    funcs.sort_unstable();
+    funcs.dedup_by_key(|f| f.0);
     let hot: Vec<usize> = (0..funcs.len() - 1)
         .filter(|&i| hot_prefixes.iter().any(|p| funcs[i].1.starts_with(p)))
         .collect();
     let mut rng = SplitMix(seed);
-    let mut picks: Vec<u64> = Vec::new();
+    let mut picks: Vec<(u64, String)> = Vec::new();
     while picks.len() < n {
         let i = if picks.len().is_multiple_of(2) {
             rng.below(funcs.len() - 1)
         } else {
             hot[rng.below(hot.len())]
         };
-        let (start, end) = (funcs[i].0, funcs[i + 1].0.min(etext));
-        let words = ((end - start) / 4) as usize;
-        if words == 0 {
+        let all = boundaries(funcs[i].0, funcs[i + 1].0.min(etext));
+        if all.is_empty() {
             continue;
         }
-        let va = start + 4 * rng.below(words) as u64;
-        if !picks.contains(&va) {
-            picks.push(va);
+        let (va, text) = &all[rng.below(all.len())];
+        if picks.iter().any(|(a, _)| a == va) {
+            continue;
         }
+        picks.push((*va, format!("{} ({text})", map.describe(*va))));
     }
-    let locations: Vec<String> = picks.iter().map(|va| format!("{va:#x}")).collect();
+    let locations: Vec<String> = picks.iter().map(|(va, _)| format!("{va:#x}")).collect();
     let probes: Vec<&str> = locations.iter().map(String::as_str).collect();
     let out = run_probed("2", SWEEP_WORKLOAD, &probes, &["--skip-refused", "--quiet"]);
     let stdout = text(&out.stdout);
@@ -2093,7 +2031,7 @@ fn arm64_a_random_sweep_of_instruction_boundaries_leaves_the_guest_working() {
     let describe = || {
         picks
             .iter()
-            .map(|va| format!("  {va:#x} {}", k.map.describe(*va)))
+            .map(|(va, what)| format!("  {va:#x} {what}"))
             .collect::<Vec<_>>()
             .join("\n")
     };
@@ -2106,6 +2044,7 @@ fn arm64_a_random_sweep_of_instruction_boundaries_leaves_the_guest_working() {
     );
     assert_has(&stdout, "fork-exec-loop: runs=10 ok=10", &out);
     assert_has(&stdout, "sweep-result bytes=6 entries=", &out);
+    // Every probe is planted (a summary line) or refused with its reason.
     let (mut planted, mut refused, mut hit) = (0, 0, 0u64);
     for loc in &locations {
         if let Some(p) = out.summary().probes.iter().find(|p| p.location == *loc) {
@@ -2129,6 +2068,6 @@ fn arm64_a_random_sweep_of_instruction_boundaries_leaves_the_guest_working() {
         planted * 2 > n,
         "most boundaries are probed: {planted} of {n}"
     );
-    assert!(hit >= 10, "{hit} of the planted probes were hit");
-    out.assert_text_restored();
+    assert_text_restored(&out);
+    (planted, refused, hit)
 }
