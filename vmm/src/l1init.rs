@@ -52,13 +52,17 @@ fn load_module(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Opens `path` read-write, retrying for a few seconds: a virtio port's device node appears
-/// before the driver lists the port, and an open in between fails with ENXIO.
+/// Opens `path` read-write, retrying for a few seconds: virtio ports appear once their driver
+/// has probed, after the module load returned (ENOENT until then), and a port's device node
+/// appears before the driver lists the port (ENXIO in between).
 fn open_port(path: &str) -> std::io::Result<fs::File> {
     let mut tries = 0;
     loop {
         match fs::OpenOptions::new().read(true).write(true).open(path) {
-            Err(e) if tries < 100 && e.raw_os_error() == Some(libc::ENXIO) => {
+            Err(e)
+                if tries < 100
+                    && matches!(e.raw_os_error(), Some(libc::ENXIO) | Some(libc::ENOENT)) =>
+            {
                 tries += 1;
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
@@ -94,17 +98,6 @@ fn relays() -> [(&'static str, &'static [i32]); 3] {
         (VPORT_STDOUT, &[1]),
         (VPORT_STDERR, &[2]),
     ]
-}
-
-/// Waits (a few seconds at most) for the device node `path`: virtio ports appear once their
-/// driver has probed, after the module load returned.
-fn wait_for(path: &str) {
-    for _ in 0..100 {
-        if std::path::Path::new(path).exists() {
-            return;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
 }
 
 /// Writes the status line to the status port, which QEMU writes to a file the outer hvprobe
@@ -167,7 +160,6 @@ pub fn main() -> ! {
 
     let relay = || {
         for (tty, targets) in relays() {
-            wait_for(tty);
             if let Err(e) = relay_to_serial(tty, targets) {
                 eprintln!("hvprobe-l1: {e}");
             }

@@ -361,16 +361,11 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         let Some(code) = bytes(slot.va) else {
             return Ok(None);
         };
-        let slot_size = self
-            .xol
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .slot_size() as usize;
         let mut fill: Vec<u8> = A::SLOT_BREAKPOINT
             .iter()
             .copied()
             .cycle()
-            .take(slot_size)
+            .take(A::XOL.slot_size as usize)
             .collect();
         fill[..code.len()].copy_from_slice(&code);
         self.mem

@@ -4,13 +4,11 @@
 //! 0x32), and the `brk` handed back to the guest by exception-entry emulation, whose vector
 //! reports ESR_EL1 and ELR_EL1 through two MMIO writes the VMM checks.
 
-use kvm_bindings::{
-    KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW, KVM_GUESTDBG_USE_SW_BP,
-    kvm_debug_exit_arch, kvm_guest_debug, kvm_vcpu_init,
-};
+use kvm_bindings::{kvm_debug_exit_arch, kvm_guest_debug, kvm_vcpu_init};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::debug::GuestDebugSetup;
 use super::hw_breakpoint_count;
 use super::vcpu::{inject_sync_exception, read_pc, set_pc_and_vectors};
 use crate::selftest::TrapSupport;
@@ -42,18 +40,15 @@ const VECTOR: [u32; 6] = [
     0x1400_0000,
 ];
 
-fn debug(control: u32, hw_at: Option<u64>) -> kvm_guest_debug {
-    let mut dbg = kvm_guest_debug {
-        control: KVM_GUESTDBG_ENABLE | control,
+/// The guest debugging of one check, as probing sets it.
+fn debug(software_breakpoints: bool, single_step: bool, hw_at: Option<u64>) -> kvm_guest_debug {
+    let mut setup = GuestDebugSetup {
+        software_breakpoints,
+        single_step,
         ..Default::default()
     };
-    if let Some(at) = hw_at {
-        dbg.control |= KVM_GUESTDBG_USE_HW;
-        // Enabled, EL1 and EL0, all four bytes.
-        dbg.arch.dbg_bcr[0] = 1 | (0b11 << 1) | (0xf << 5);
-        dbg.arch.dbg_bvr[0] = at;
-    }
-    dbg
+    setup.set_hardware(&[hw_at]);
+    setup.to_kvm()
 }
 
 /// Runs from `pc` with `dbg` to the next exit: the debug exit's syndrome and PC.
@@ -109,7 +104,7 @@ fn mmio_write(vcpu: &mut VcpuFd) -> Result<(u64, u64), String> {
 /// The BRK trapped, handed back, and seen by the guest's vector with its own syndrome and
 /// return address.
 fn reinjection(vcpu: &mut VcpuFd) -> Result<(), String> {
-    let (exit, at) = run_to_debug_exit(vcpu, CODE_AT, &debug(KVM_GUESTDBG_USE_SW_BP, None))?;
+    let (exit, at) = run_to_debug_exit(vcpu, CODE_AT, &debug(true, false, None))?;
     if exit.hsr >> 26 != 0x3c || at != CODE_AT + 4 {
         return Err(format!(
             "the BRK did not exit (ESR {:#x} at {at:#x})",
@@ -150,19 +145,25 @@ pub fn probe_traps(kvm: &Kvm) -> Result<TrapSupport, String> {
         Err("KVM reports no hardware breakpoints".to_string())
     } else {
         // On the first instruction: past it the BRK would stop the vCPU first.
-        expect(&mut vcpu, CODE_AT, &debug(0, Some(CODE_AT)), 0x30, CODE_AT)
+        expect(
+            &mut vcpu,
+            CODE_AT,
+            &debug(false, false, Some(CODE_AT)),
+            0x30,
+            CODE_AT,
+        )
     };
     let software = expect(
         &mut vcpu,
         CODE_AT,
-        &debug(KVM_GUESTDBG_USE_SW_BP, None),
+        &debug(true, false, None),
         0x3c,
         CODE_AT + 4,
     );
     let single_step = expect(
         &mut vcpu,
         CODE_AT,
-        &debug(KVM_GUESTDBG_SINGLESTEP, None),
+        &debug(false, true, None),
         0x32,
         CODE_AT + 4,
     );
