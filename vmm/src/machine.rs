@@ -325,6 +325,7 @@ impl ProbeSession {
         let result = (|| {
             let state = paused_state(&handles[0])?;
             let regs = state.regs;
+            self.engine.set_cpu_features(state.cpu_features);
             self.apply_kaslr_slide(state.kaslr_anchor)?;
             if let Some((start, end)) = self.setup.exception_table {
                 let slide = self.setup.slide.load(Ordering::SeqCst);

@@ -100,6 +100,8 @@ pub struct PausedState {
     /// Where the running kernel's KASLR anchor is ([`crate::arch::KASLR_ANCHOR`]), 0 if it
     /// could not be read.
     pub kaslr_anchor: u64,
+    /// What the guest's CPU offers, for the engine's plans.
+    pub cpu_features: <Guest as probe_core::arch::Arch>::CpuFeatures,
 }
 
 /// The engine type the VMM uses: the host's architecture over mmap'd guest memory.

@@ -260,8 +260,8 @@ pub trait DecodedInstruction {
 /// The decoder and classifier of one architecture. One is made per planting (capstone handles
 /// are not `Send`), never on the hit path.
 pub trait InstructionDecoder<A: Arch>: Sized {
-    /// A decoder.
-    fn new() -> Result<Self, DecodeError>;
+    /// A decoder that plans for a guest CPU with `features`.
+    fn new(features: A::CpuFeatures) -> Result<Self, DecodeError>;
     /// Decodes the instruction at the start of `bytes`, which is at `va`.
     fn decode(&self, bytes: &[u8], va: u64) -> Result<A::Instruction, DecodeError>;
     /// Checks that `offset` into the function whose code (from its start `start`) is `code`
@@ -315,6 +315,9 @@ pub trait Arch: Sized + Copy + Debug + Default + Send + Sync + 'static {
     type Copy: OutOfLineCopy;
     /// What selects the page tables of a vCPU (CR3 and the paging mode; TTBR0/1 and TCR).
     type AddressSpace: Copy + Debug + Send + Sync;
+    /// What the guest's CPU offers that changes how instructions are planned (arm64: pointer
+    /// authentication). The default is the safe assumption for a CPU the VMM did not describe.
+    type CpuFeatures: Copy + Debug + Default + PartialEq + Send + Sync;
 
     /// Short name for messages.
     const NAME: &'static str;
@@ -370,6 +373,17 @@ pub trait Arch: Sized + Copy + Debug + Default + Send + Sync + 'static {
         mem: &M,
         space: Self::AddressSpace,
     ) -> Result<bool, XolError>;
+
+    /// Why a return probe cannot go at its address on a CPU with `features`, given whether the
+    /// address is known to be a function's first instruction (arm64 with pointer
+    /// authentication: the return address is signed once the function's `paciasp` ran, so
+    /// only a known entry is safe). `None`: no rule beyond the engine's own.
+    fn return_probe_refusal(
+        _features: Self::CpuFeatures,
+        _at_known_entry: bool,
+    ) -> Option<&'static str> {
+        None
+    }
 
     /// The PC moves on from a trap: clears what belongs to the trapped instruction (RFLAGS.RF
     /// after a hardware breakpoint on x86; PSTATE.BTYPE on arm64).

@@ -158,6 +158,14 @@ pub enum PlantError {
         /// The probe location.
         location: String,
     },
+    /// A return probe the architecture's rule refuses at its address.
+    #[error("{location}: refusing the return probe: {reason}")]
+    ReturnProbeRefused {
+        /// The probe location.
+        location: String,
+        /// Why.
+        reason: &'static str,
+    },
 }
 
 /// Identifies a planted probe.
@@ -397,6 +405,8 @@ struct ProbeTable<A: Arch> {
     next_id: usize,
     /// The hardware breakpoint addresses, one entry per breakpoint the vCPUs have.
     hw: Vec<Option<u64>>,
+    /// What the guest's CPU offers, for planning.
+    cpu_features: A::CpuFeatures,
 }
 
 /// The probe engine for guests of architecture `A` over guest memory `M`.
@@ -444,6 +454,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 guest_kprobes: None,
                 next_id: 0,
                 hw: vec![None; A::MAX_HW_BREAKPOINTS],
+                cpu_features: A::CpuFeatures::default(),
             }),
             xol: Mutex::new(xol),
             exits: ExitCounters::default(),
@@ -484,6 +495,15 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
         table.hw.resize(count.min(A::MAX_HW_BREAKPOINTS), None);
         self.hw_generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Says what the guest's CPU offers (from its ID registers, as KVM shows them); until
+    /// then the architecture's safe default is assumed. Call before planting.
+    pub fn set_cpu_features(&self, features: A::CpuFeatures) {
+        self.table
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .cpu_features = features;
     }
 
     /// How many hardware breakpoints the vCPUs have.

@@ -60,6 +60,12 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             return Err(PlantError::NotFunctionEntry { location });
         }
         let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        if probe.on_return.is_some() {
+            let at_known_entry = target.function_start == Some(target.va);
+            if let Some(reason) = A::return_probe_refusal(table.cpu_features, at_known_entry) {
+                return Err(PlantError::ReturnProbeRefused { location, reason });
+            }
+        }
         if let Some(site) = table.sites.get(&gpa) {
             if site.trap != probe.trap {
                 return Err(PlantError::MixedTraps { location });
@@ -120,7 +126,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             });
         }
         // Capstone handles are not Send; planting is rare, so each plant makes its own.
-        let decoder = A::Decoder::new().map_err(|source| PlantError::Decode {
+        let decoder = A::Decoder::new(table.cpu_features).map_err(|source| PlantError::Decode {
             location: location.clone(),
             source,
         })?;

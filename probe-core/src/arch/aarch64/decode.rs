@@ -8,7 +8,7 @@ use capstone::Capstone;
 use capstone::arch::BuildsCapstone;
 use capstone::arch::arm64::ArchMode;
 
-use super::{Aarch64, OutOfLine};
+use super::{Aarch64, CpuFeatures, OutOfLine};
 use crate::arch::{
     DecodeError, DecodedInstruction, GuestBreakpoints, InstructionDecoder, PlanOf, Refusal,
     StepPlan,
@@ -40,9 +40,10 @@ impl DecodedInstruction for Instruction {
     }
 }
 
-/// A capstone-backed aarch64 decoder.
+/// A capstone-backed aarch64 decoder for a CPU with given features.
 pub struct Decoder {
     cs: Capstone,
+    features: CpuFeatures,
 }
 
 impl std::fmt::Debug for Decoder {
@@ -72,7 +73,7 @@ impl Decoder {
 }
 
 impl InstructionDecoder<Aarch64> for Decoder {
-    fn new() -> Result<Decoder, DecodeError> {
+    fn new(features: CpuFeatures) -> Result<Decoder, DecodeError> {
         let cs = Capstone::new()
             .arm64()
             .mode(ArchMode::Arm)
@@ -81,7 +82,7 @@ impl InstructionDecoder<Aarch64> for Decoder {
                 arch: "aarch64",
                 why: e.to_string(),
             })?;
-        Ok(Decoder { cs })
+        Ok(Decoder { cs, features })
     }
 
     fn decode(&self, bytes: &[u8], va: u64) -> Result<Instruction, DecodeError> {
@@ -137,7 +138,9 @@ impl InstructionDecoder<Aarch64> for Decoder {
     }
 
     fn plan(&self, insn: &Instruction) -> Result<PlanOf<Aarch64>, Refusal> {
-        if let Some(emulation) = super::classify(insn.word, insn.va) {
+        // With pointer authentication a PAC hint is no NOP: it runs out of line.
+        let authenticates = self.features.pointer_authentication && super::is_pac_hint(insn.word);
+        if let Some(emulation) = super::classify(insn.word, insn.va).filter(|_| !authenticates) {
             return Ok(StepPlan::Emulate(emulation));
         }
         super::out_of_line(insn.word)
@@ -178,7 +181,7 @@ mod tests {
 
     #[test]
     fn words_decode_and_classify() {
-        let d = Decoder::new().unwrap();
+        let d = Decoder::new(CpuFeatures::WITHOUT_PAC).unwrap();
         let nop = d.decode(&NOP.to_le_bytes(), VA).unwrap();
         assert_eq!(nop.text, "nop");
         assert_eq!(
@@ -204,7 +207,7 @@ mod tests {
 
     #[test]
     fn boundaries_are_multiples_of_four() {
-        let d = Decoder::new().unwrap();
+        let d = Decoder::new(CpuFeatures::WITHOUT_PAC).unwrap();
         let code: Vec<u8> = [NOP, 0xa9bf_7bfd]
             .iter()
             .flat_map(|w| w.to_le_bytes())
@@ -222,5 +225,41 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn pac_hints_are_nops_only_where_the_cpu_does_not_authenticate() {
+        let paciasp = 0xd503_233fu32;
+        let without = Decoder::new(CpuFeatures::WITHOUT_PAC).unwrap();
+        let insn = without.decode(&paciasp.to_le_bytes(), VA).unwrap();
+        assert_eq!(insn.text, "paciasp");
+        assert_eq!(
+            without.plan(&insn).unwrap(),
+            StepPlan::Emulate(Emulation::Nop { next: VA + 4 })
+        );
+        // A CPU nobody described may authenticate: the hint runs out of line, as every PAC
+        // hint does (xpaclri, autibsp), while wfi stays refused.
+        let with = Decoder::new(CpuFeatures::default()).unwrap();
+        for word in [paciasp, 0xd503_20ff, 0xd503_23ff] {
+            let insn = with.decode(&word.to_le_bytes(), VA).unwrap();
+            assert_eq!(
+                with.plan(&insn).unwrap(),
+                StepPlan::StepOutOfLine(OutOfLine { word }),
+                "{}",
+                insn.text
+            );
+        }
+        let wfi = with.decode(&0xd503_207fu32.to_le_bytes(), VA).unwrap();
+        assert!(with.plan(&wfi).is_err());
+        // The ID registers: APA (ISAR1 bits 7:4), API (11:8), APA3 (ISAR2 bits 15:12).
+        assert_eq!(
+            CpuFeatures::from_id_registers(0, 0),
+            CpuFeatures::WITHOUT_PAC
+        );
+        assert!(CpuFeatures::from_id_registers(1 << 4, 0).pointer_authentication);
+        assert!(CpuFeatures::from_id_registers(1 << 8, 0).pointer_authentication);
+        assert!(CpuFeatures::from_id_registers(0, 1 << 12).pointer_authentication);
+        // GPA/GPI (generic authentication) alone sign no return address.
+        assert!(!CpuFeatures::from_id_registers(0xff << 24, 0).pointer_authentication);
     }
 }

@@ -327,7 +327,18 @@ fn sign_extend(v: u64, bits: u32) -> i64 {
     ((v << (64 - bits)) as i64) >> (64 - bits)
 }
 
-/// The emulation of `word` at `pc`, if it is one of the emulated instructions.
+/// Whether `word` is one of the pointer-authentication hints on the return address
+/// (`paciasp`, `pacibsp`, `autiasp`, `autibsp`, `xpaclri`): NOPs without pointer
+/// authentication; with it they sign, check or strip x30 using SP, which a slot keeps.
+pub fn is_pac_hint(word: u32) -> bool {
+    matches!(
+        word,
+        0xd503_233f | 0xd503_237f | 0xd503_23bf | 0xd503_23ff | 0xd503_20ff
+    )
+}
+
+/// The emulation of `word` at `pc`, if it is one of the emulated instructions (on a CPU
+/// without pointer authentication: see [`is_pac_hint`]).
 pub fn classify(word: u32, pc: u64) -> Option<Emulation> {
     let next = pc.wrapping_add(4);
     let w = u64::from(word);
@@ -337,13 +348,10 @@ pub fn classify(word: u32, pc: u64) -> Option<Emulation> {
     if word == 0xd503_201f || word & 0xffff_ff3f == 0xd503_241f {
         return Some(Emulation::Nop { next });
     }
-    // The pointer-authentication hints on the return address (paciasp, pacibsp, autiasp,
-    // autibsp, xpaclri): NOPs to a CPU without pointer authentication, which hvprobe's VMM
-    // gives its guests (it never asks KVM for KVM_ARM_VCPU_PTRAUTH_*).
-    if matches!(
-        word,
-        0xd503_233f | 0xd503_237f | 0xd503_23bf | 0xd503_23ff | 0xd503_20ff
-    ) {
+    // The pointer-authentication hints on the return address: NOPs to a CPU without pointer
+    // authentication, which hvprobe's VMM gives its guests (it never asks KVM for
+    // KVM_ARM_VCPU_PTRAUTH_*). The decoder sends them out of line on a CPU that has it.
+    if is_pac_hint(word) {
         return Some(Emulation::Nop { next });
     }
     // mov Xd, Xm = orr Xd, xzr, Xm (no shift); the 32-bit form too.
@@ -506,7 +514,11 @@ pub fn out_of_line(word: u32) -> Result<(), &'static str> {
                     "it is a branch through a register with pointer authentication, or an exception return",
                 );
             }
-            // Hints: wfe, wfi and the rest that are not emulated.
+            // The PAC hints run out of line where the CPU authenticates (they depend on x30
+            // and SP only); wfe, wfi and the rest of the hints that are not emulated do not.
+            if is_pac_hint(word) {
+                return Ok(());
+            }
             if word & 0xffff_f01f == 0xd503_201f {
                 return Err("it is a hint that waits or changes execution state (wfe, wfi, ...)");
             }

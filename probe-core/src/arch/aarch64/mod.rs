@@ -1,8 +1,6 @@
-//! The aarch64 back end: the register file, the BRK encodings, decoding and classification,
-//! the stage-1 page walker, and the [`Arch`] implementation the engine runs on. Planting,
-//! removal, emulated `nop`/`bti` probes and the refusals run through the engine today (see the
-//! engine's tests); out-of-line slots and return probes are refused until the arm64 XOL area
-//! exists.
+//! The aarch64 back end: the register file, the BRK encodings, decoding and classification
+//! (host emulation, out-of-line copies, refusals), the stage-1 page walker, the XOL area's
+//! descriptors under TTBR1, and the [`Arch`] implementation the engine runs on.
 
 mod decode;
 mod emulate;
@@ -11,7 +9,9 @@ mod regs;
 pub mod xol;
 
 pub use decode::{Decoder, Instruction, NOP};
-pub use emulate::{Emulation, classify, condition_holds, exclusive_window, out_of_line};
+pub use emulate::{
+    Emulation, classify, condition_holds, exclusive_window, is_pac_hint, out_of_line,
+};
 pub use pagewalk::AddressSpace;
 pub use regs::{PSTATE_BTYPE, PSTATE_DAIF, Registers};
 
@@ -39,6 +39,43 @@ pub const SLOT_BRK_IMM: u16 = 0x0a6;
 
 const PROBE_BRK: [u8; 4] = brk(PROBE_BRK_IMM).to_le_bytes();
 const SLOT_BRK: [u8; 4] = brk(SLOT_BRK_IMM).to_le_bytes();
+
+/// What the guest's CPU offers that changes the plans: whether it may sign return addresses
+/// (pointer authentication). The default assumes it may, the safe side for a CPU nobody
+/// described: the PAC hints then run out of line instead of being emulated as NOPs, and return
+/// probes go only on known function entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuFeatures {
+    /// The guest's ID registers show an address-authentication algorithm (ID_AA64ISAR1_EL1
+    /// APA/API, ID_AA64ISAR2_EL1 APA3): `paciasp` and friends may sign and check x30.
+    pub pointer_authentication: bool,
+}
+
+impl Default for CpuFeatures {
+    fn default() -> CpuFeatures {
+        CpuFeatures {
+            pointer_authentication: true,
+        }
+    }
+}
+
+impl CpuFeatures {
+    /// A CPU without pointer authentication: its PAC hints are NOPs.
+    pub const WITHOUT_PAC: CpuFeatures = CpuFeatures {
+        pointer_authentication: false,
+    };
+
+    /// The features the guest's ID registers describe: `isar1` is ID_AA64ISAR1_EL1, `isar2`
+    /// ID_AA64ISAR2_EL1 (as KVM gives them to the guest, with what it hides already hidden).
+    pub fn from_id_registers(isar1: u64, isar2: u64) -> CpuFeatures {
+        let field = |reg: u64, shift: u32| (reg >> shift) & 0xf;
+        CpuFeatures {
+            pointer_authentication: field(isar1, 4) != 0
+                || field(isar1, 8) != 0
+                || field(isar2, 12) != 0,
+        }
+    }
+}
 
 /// An instruction word to be copied out of line: position-independent (every PC-relative
 /// instruction is emulated instead), so the copy is the word itself.
@@ -85,6 +122,7 @@ impl Arch for Aarch64 {
     type Emulation = Emulation;
     type Copy = OutOfLine;
     type AddressSpace = AddressSpace;
+    type CpuFeatures = CpuFeatures;
 
     const NAME: &'static str = "aarch64";
     const BREAKPOINT: &'static [u8] = &PROBE_BRK;
@@ -151,6 +189,15 @@ impl Arch for Aarch64 {
         space: AddressSpace,
     ) -> Result<bool, XolError> {
         xol::ensure_mapped(area, mem, space)
+    }
+
+    /// With pointer authentication the function's `paciasp` signs x30: the trampoline must be
+    /// in x30 before it (and is then signed and checked like the real return address), which
+    /// only a probe on the function's first instruction guarantees.
+    fn return_probe_refusal(features: CpuFeatures, at_known_entry: bool) -> Option<&'static str> {
+        (features.pointer_authentication && !at_known_entry).then_some(
+            "the guest may sign return addresses (pointer authentication), so a return probe must be on a known function entry, before its paciasp",
+        )
     }
 
     fn after_trap(regs: &mut Registers) {

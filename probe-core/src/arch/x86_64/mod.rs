@@ -41,6 +41,8 @@ impl Arch for X86_64 {
     type Emulation = Emulation;
     type Copy = OutOfLine;
     type AddressSpace = AddressSpace;
+    /// Nothing in the x86_64 plans depends on the CPU's features.
+    type CpuFeatures = ();
 
     const NAME: &'static str = "x86_64";
     const BREAKPOINT: &'static [u8] = &[INT3];
@@ -157,7 +159,7 @@ impl DecodedInstruction for Instruction {
 }
 
 impl InstructionDecoder<X86_64> for Decoder {
-    fn new() -> Result<Decoder, DecodeError> {
+    fn new(_features: ()) -> Result<Decoder, DecodeError> {
         Decoder::new()
     }
 

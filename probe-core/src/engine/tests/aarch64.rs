@@ -315,3 +315,35 @@ fn a_return_probe_swaps_the_link_register_and_returns_through_the_trampoline() {
     assert_eq!((st.hits, st.returns, st.nmissed), (1, 1, 0));
     assert_eq!(engine.live_returns(), 0);
 }
+
+#[test]
+fn with_pointer_authentication_a_return_probe_needs_a_known_function_entry() {
+    let (engine, vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    // An address whose function is unknown: on a CPU that may sign x30 (the default until the
+    // VMM says otherwise), the trampoline could be put in after `paciasp` signed the real
+    // return address; refused, nothing written.
+    let bare = PlantTarget {
+        va: TEXT_VA,
+        function_start: None,
+    };
+    let err = engine
+        .plant(Probe::new("0x0").on_return(|_| Ok(())), bare, &regs)
+        .unwrap_err();
+    assert!(
+        matches!(err, PlantError::ReturnProbeRefused { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("pointer authentication"), "{err}");
+    assert_eq!(text(&engine), code_bytes());
+    assert_eq!(engine.instruction_syncs(), 0, "nothing written");
+    // A known entry is fine with it, and an unknown one once the CPU is known not to sign.
+    let id = engine
+        .plant(Probe::new("f").on_return(|_| Ok(())), target(0), &regs)
+        .unwrap();
+    engine.remove(id).unwrap();
+    engine.set_cpu_features(crate::arch::aarch64::CpuFeatures::WITHOUT_PAC);
+    engine
+        .plant(Probe::new("0x0").on_return(|_| Ok(())), bare, &regs)
+        .unwrap();
+}

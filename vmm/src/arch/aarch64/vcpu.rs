@@ -5,7 +5,7 @@
 
 use kvm_bindings::{KVM_REG_ARM_CORE, KVM_REG_ARM64, KVM_REG_ARM64_SYSREG, KVM_REG_SIZE_U64};
 use kvm_ioctls::VcpuFd;
-use probe_core::arch::aarch64::{Aarch64, Registers};
+use probe_core::arch::aarch64::{Aarch64, CpuFeatures, Registers};
 use probe_core::vm::{VcpuAccess, VmError};
 
 use crate::arch::KaslrAnchor;
@@ -46,6 +46,8 @@ const TTBR0_EL1: u64 = sys_reg(3, 0, 2, 0, 0);
 const TTBR1_EL1: u64 = sys_reg(3, 0, 2, 0, 1);
 const TCR_EL1: u64 = sys_reg(3, 0, 2, 0, 2);
 const VBAR_EL1: u64 = sys_reg(3, 0, 12, 0, 0);
+const ID_AA64ISAR1_EL1: u64 = sys_reg(3, 0, 0, 6, 1);
+const ID_AA64ISAR2_EL1: u64 = sys_reg(3, 0, 0, 6, 2);
 /// MPIDR_EL1: the vCPU's affinity, for the device tree's `cpu` nodes.
 pub const MPIDR_EL1: u64 = sys_reg(3, 0, 0, 0, 5);
 /// PSTATE at boot: EL1h with D, A, I and F masked, as the boot protocol wants.
@@ -252,12 +254,24 @@ pub fn flush_register_sync(_fd: &mut VcpuFd) -> Result<(), ProbingError> {
     Ok(())
 }
 
-/// Reads the state of a vCPU that is out of `KVM_RUN`: registers and VBAR_EL1.
+/// What the guest's ID registers say it can do (KVM hides pointer authentication unless the
+/// vCPU was made with it, which hvprobe's VMM never asks for); if they cannot be read, the
+/// safe default (it may authenticate).
+fn cpu_features(fd: &VcpuFd) -> CpuFeatures {
+    match (get(fd, ID_AA64ISAR1_EL1), get(fd, ID_AA64ISAR2_EL1)) {
+        (Ok(isar1), Ok(isar2)) => CpuFeatures::from_id_registers(isar1, isar2),
+        _ => CpuFeatures::default(),
+    }
+}
+
+/// Reads the state of a vCPU that is out of `KVM_RUN`: registers, VBAR_EL1 and the CPU
+/// features from the ID registers.
 pub fn paused_state(fd: &mut VcpuFd) -> Result<PausedState, ProbingError> {
     let kvm = |what| move |source| ProbingError::Kvm { what, source };
     Ok(PausedState {
         regs: read_registers(fd).map_err(kvm("KVM_GET_ONE_REG"))?,
         kaslr_anchor: get(fd, VBAR_EL1).map_err(kvm("KVM_GET_ONE_REG (VBAR_EL1)"))?,
+        cpu_features: cpu_features(fd),
     })
 }
 
@@ -289,5 +303,7 @@ mod tests {
         assert_eq!(ELR_EL1, 0x6030_0000_0010_0046);
         assert_eq!(SPSR_EL1, 0x6030_0000_0010_0048);
         assert_eq!(ESR_EL1, 0x6030_0000_0013_c290);
+        // ARM64_SYS_REG(3, 0, 0, 6, 1): ID_AA64ISAR1_EL1 = 0x6030 0000 0013 c031.
+        assert_eq!(ID_AA64ISAR1_EL1, 0x6030_0000_0013_c031);
     }
 }

@@ -122,5 +122,6 @@ pub fn paused_state(fd: &mut VcpuFd) -> Result<PausedState, ProbingError> {
     Ok(PausedState {
         regs: registers_from_kvm(&r, &s),
         kaslr_anchor,
+        cpu_features: (),
     })
 }
