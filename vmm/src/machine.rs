@@ -325,6 +325,8 @@ impl ProbeSession {
         let result = (|| {
             let state = paused_state(&handles[0])?;
             let regs = state.regs;
+            // The features are `()` on x86_64, where no plan depends on them.
+            #[allow(clippy::unit_arg)]
             self.engine.set_cpu_features(state.cpu_features);
             self.apply_kaslr_slide(state.kaslr_anchor)?;
             if let Some((start, end)) = self.setup.exception_table {
