@@ -187,7 +187,7 @@ mod tests {
 
     #[test]
     fn the_payload_is_the_code_it_claims_to_be() {
-        let d = <Decoder as InstructionDecoder<Aarch64>>::new().unwrap();
+        let d = <Decoder as InstructionDecoder<Aarch64>>::new(Default::default()).unwrap();
         let text = |w: u32| d.decode(&w.to_le_bytes(), CODE_AT).unwrap().text;
         assert_eq!(text(CODE[1]), "brk #7");
         assert_eq!(text(VECTOR[0]), "mrs x0, esr_el1");
