@@ -4,8 +4,8 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::arch::Arch;
 use crate::arch::x86_64::{Gpr, Registers, X86_64};
+use crate::arch::{Arch, RegisterFile};
 use crate::engine::ProbeEngine;
 use crate::probe::ProbeContext;
 use crate::vm::{VcpuAccess, VmError};
@@ -44,6 +44,27 @@ pub struct FakeVcpu<A: Arch = X86_64> {
     pub regs: A::Registers,
     /// How many times the engine asked for an interrupt shadow (emulated `sti`).
     pub interrupt_shadows: u32,
+    /// Exits on which the engine read every register: a full read, or the control registers
+    /// completed. Set back to zero by the test that counts.
+    pub full_reads: u32,
+    /// Whether the engine holds registers whose general-purpose part it has not read (they
+    /// read as [`UNREAD`] so that using them shows).
+    partial: bool,
+}
+
+/// What the fake vCPU gives for a general-purpose register the engine did not read.
+pub const UNREAD: u64 = 0xdead_0000_dead_0000;
+
+impl<A: Arch> FakeVcpu<A> {
+    /// A vCPU with these registers.
+    pub fn new(regs: A::Registers) -> FakeVcpu<A> {
+        FakeVcpu {
+            regs,
+            interrupt_shadows: 0,
+            full_reads: 0,
+            partial: false,
+        }
+    }
 }
 
 impl<A: Arch> VcpuAccess<A> for FakeVcpu<A> {
@@ -51,10 +72,40 @@ impl<A: Arch> VcpuAccess<A> for FakeVcpu<A> {
         1
     }
     fn registers(&mut self) -> Result<A::Registers, VmError> {
+        self.full_reads += 1;
+        self.partial = false;
         Ok(self.regs.clone())
     }
+    /// As the arm64 VMM does: the general-purpose registers are left unread.
+    fn control_registers(&mut self) -> Result<A::Registers, VmError> {
+        let mut r = self.regs.clone();
+        r.general_purpose_mut().fill(UNREAD);
+        self.partial = true;
+        Ok(r)
+    }
+    fn complete_registers(&mut self, regs: &mut A::Registers) -> Result<(), VmError> {
+        if self.partial {
+            regs.general_purpose_mut()
+                .copy_from_slice(self.regs.general_purpose());
+            self.partial = false;
+            self.full_reads += 1;
+        }
+        Ok(())
+    }
+    /// Refuses general-purpose registers the engine changed without having read them.
     fn set_registers(&mut self, regs: &A::Registers) -> Result<(), VmError> {
-        self.regs = regs.clone();
+        if self.partial {
+            if regs.general_purpose().iter().any(|&v| v != UNREAD) {
+                return Err(VmError(
+                    "general-purpose registers written without having been read".into(),
+                ));
+            }
+            let gprs = self.regs.general_purpose().to_vec();
+            self.regs = regs.clone();
+            self.regs.general_purpose_mut().copy_from_slice(&gprs);
+        } else {
+            self.regs = regs.clone();
+        }
         Ok(())
     }
     fn block_interrupts_once(&mut self) -> Result<(), VmError> {
@@ -87,13 +138,7 @@ pub fn machine() -> (ProbeEngine<X86_64, GuestMemoryMmap>, FakeVcpu) {
     regs.set(Gpr::Rsp, STACK_VA + 0x800);
     regs.set(Gpr::Rbp, 0xb0b0);
     regs.set(Gpr::Rcx, 0xc0c0);
-    (
-        engine,
-        FakeVcpu {
-            regs,
-            interrupt_shadows: 0,
-        },
-    )
+    (engine, FakeVcpu::new(regs))
 }
 
 /// A handler context over `mem` and `regs`, as the engine builds one at a hit on vCPU 0.
@@ -189,12 +234,6 @@ pub mod aarch64 {
         };
         regs.x[29] = 0xf0f0;
         regs.x[30] = TEXT_VA + 0x100;
-        (
-            engine,
-            FakeVcpu {
-                regs,
-                interrupt_shadows: 0,
-            },
-        )
+        (engine, FakeVcpu::new(regs))
     }
 }

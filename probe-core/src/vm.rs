@@ -36,6 +36,18 @@ pub trait VcpuAccess<A: Arch> {
     fn id(&self) -> u32;
     /// Reads the registers (from the shared `kvm_run` page where KVM offers sync regs).
     fn registers(&mut self) -> Result<A::Registers, VmError>;
+    /// Reads the registers the engine needs to find a site and move the vCPU on (the PC, the
+    /// flags, the stack pointers, the page-table roots), where reading the general-purpose ones
+    /// too costs (arm64: one `KVM_GET_ONE_REG` each). Those read as zero until
+    /// [`VcpuAccess::complete_registers`] and must not be changed before. By default all.
+    fn control_registers(&mut self) -> Result<A::Registers, VmError> {
+        self.registers()
+    }
+    /// Fills in the general-purpose registers of `regs`, which came from
+    /// [`VcpuAccess::control_registers`]; nothing if they were read already.
+    fn complete_registers(&mut self, _regs: &mut A::Registers) -> Result<(), VmError> {
+        Ok(())
+    }
     /// Writes the registers back before the next entry.
     fn set_registers(&mut self, regs: &A::Registers) -> Result<(), VmError>;
     /// Blocks interrupts for the next instruction the vCPU runs, as `sti` does (the interrupt
@@ -63,6 +75,17 @@ pub enum DebugEvent {
         /// The new instruction pointer.
         pc: u64,
     },
+}
+
+impl DebugEvent {
+    /// Where the vCPU is: the breakpoint, the instruction, or where the step left it.
+    pub fn pc(&self) -> u64 {
+        match *self {
+            DebugEvent::Breakpoint { pc }
+            | DebugEvent::HardwareBreakpoint { pc }
+            | DebugEvent::SingleStep { pc } => pc,
+        }
+    }
 }
 
 /// What the hypervisor should do after the engine handled a debug exit.

@@ -22,7 +22,7 @@ use probe_core::probe::Probe;
 use probe_core::xol::XolArea;
 
 use crate::arch::{self, Guest, GuestRegisters};
-use crate::probing::{Engine, PausedState, Probing};
+use crate::probing::{Engine, PausedState, Probing, RegisterIoctls};
 use crate::vcpu::{self, StopReason, StopSignal, VcpuCommand, VcpuContext, VcpuEvent, VcpuHandle};
 use crate::vm::{Vm, VmConfig, VmError};
 
@@ -164,6 +164,8 @@ pub struct ProbeReport {
     pub stats: Vec<ProbeStats>,
     /// Exit counts.
     pub exits: ExitStats,
+    /// Register ioctls (reads, writes) made while handling the exits.
+    pub register_ioctls: (u64, u64),
     /// When the probes went in, from VM start.
     pub planted_at: Option<Duration>,
     /// Kernel text hashes.
@@ -264,6 +266,7 @@ struct ProbeSession {
     report: ProbeReport,
     planted: bool,
     regs: Option<GuestRegisters>,
+    register_ioctls: Arc<RegisterIoctls>,
 }
 
 impl ProbeSession {
@@ -411,6 +414,7 @@ impl ProbeSession {
             }
         }
         self.report.exits = self.engine.exit_stats();
+        self.report.register_ioctls = self.register_ioctls.counts();
         self.report
     }
 }
@@ -516,6 +520,7 @@ pub fn run(
                 report: ProbeReport::default(),
                 planted: false,
                 regs: None,
+                register_ioctls: Arc::default(),
             })
         }
         None => None,
@@ -524,6 +529,7 @@ pub fn run(
         Arc::new(Probing {
             engine: s.engine.clone(),
             breakpoint_exits: s.setup.breakpoint_exits,
+            register_ioctls: s.register_ioctls.clone(),
         })
     });
     let sync_regs = vm

@@ -3,6 +3,7 @@
 //! the `kvm_guest_debug` layout, decoding the exit, the KASLR anchor) comes from [`crate::arch`].
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use kvm_ioctls::VcpuFd;
 use probe_core::engine::{ProbeEngine, VcpuProbeState};
@@ -114,6 +115,26 @@ pub struct Probing {
     /// This KVM delivers software-breakpoint exits; they are trapped once a breakpoint of
     /// hvprobe's is in the guest.
     pub breakpoint_exits: bool,
+    /// Register ioctls made while handling debug exits, for figures.
+    pub register_ioctls: Arc<RegisterIoctls>,
+}
+
+/// Register ioctls made while handling debug exits (`KVM_GET/SET_ONE_REG` on arm64, which has
+/// no sync regs; on x86_64 none while sync regs are on): what a hit costs beyond the exit.
+#[derive(Debug, Default)]
+pub struct RegisterIoctls {
+    reads: AtomicU64,
+    writes: AtomicU64,
+}
+
+impl RegisterIoctls {
+    /// Reads and writes so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.reads.load(Ordering::Relaxed),
+            self.writes.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// One vCPU's probing state, owned by its thread.
@@ -182,11 +203,15 @@ impl VcpuProbing {
                 exit,
             )));
         };
-        let mut vcpu = KvmVcpu::new(id, fd, self.sync_regs);
+        let mut vcpu = KvmVcpu::new(id, fd, self.sync_regs, event.pc());
         let verdict = self
             .shared
             .engine
-            .handle_debug(&mut vcpu, &mut self.state, event)?;
+            .handle_debug(&mut vcpu, &mut self.state, event);
+        let ioctls = &self.shared.register_ioctls;
+        ioctls.reads.fetch_add(vcpu.reads, Ordering::Relaxed);
+        ioctls.writes.fetch_add(vcpu.writes, Ordering::Relaxed);
+        let verdict = verdict?;
         match verdict {
             Verdict::Resume => {}
             Verdict::Reinject => self.setup.reinject_breakpoint(fd, exit)?,

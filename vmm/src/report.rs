@@ -217,6 +217,7 @@ pub fn summary(report: &ProbeReport) -> Vec<String> {
     let e = &report.exits;
     let hits: u64 = report.stats.iter().map(|s| s.hits).sum();
     let exits = e.breakpoints + e.hw_breakpoints + e.slot_traps + e.returns;
+    let all_exits = exits + e.reinjected + e.reinjected_debug;
     let plans: Vec<String> = e
         .hits_by_plan
         .iter()
@@ -240,6 +241,14 @@ pub fn summary(report: &ProbeReport) -> Vec<String> {
             format!("{:.2}", exits as f64 / e.hits_by_plan.iter().map(|(_, n)| n).sum::<u64>().max(1) as f64)
         }
     ));
+    let (reads, writes) = report.register_ioctls;
+    if all_exits > 0 {
+        out.push(format!(
+            "hvprobe: register ioctls: reads={reads} writes={writes} ({:.1} reads and {:.1} writes per exit)",
+            reads as f64 / all_exits as f64,
+            writes as f64 / all_exits as f64
+        ));
+    }
     if let Some(t) = &report.text {
         let after = t.after.map(|a| format!("{a:#018x}")).unwrap_or("-".into());
         let verdict = match t.after {

@@ -96,6 +96,13 @@ pub struct ExitSummary {
     pub emulation_fallbacks: u64,
     /// Sites hit, by step plan.
     pub hits_by_plan: Vec<(String, u64)>,
+    /// Register reads made while handling the exits (arm64: `KVM_GET_ONE_REG` calls; x86_64:
+    /// none with sync regs).
+    #[serde(default)]
+    pub register_reads: u64,
+    /// Register writes made while handling the exits.
+    #[serde(default)]
+    pub register_writes: u64,
 }
 
 /// Kernel text hashes around probing.
@@ -197,6 +204,8 @@ impl RunSummary {
                             .iter()
                             .map(|(n, c)| (n.to_string(), *c))
                             .collect(),
+                        register_reads: p.register_ioctls.0,
+                        register_writes: p.register_ioctls.1,
                     }
                 })
                 .unwrap_or_default(),

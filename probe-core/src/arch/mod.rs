@@ -45,6 +45,12 @@ pub trait RegisterFile: Clone + Debug + Default + Send + Sync + 'static {
     fn register_args(&self) -> usize;
     /// The register a function returns its value in (`rax`, `x0`).
     fn return_value(&self) -> u64;
+    /// The general-purpose registers (`rax`..`r15`; `x0`..`x30`): what a vCPU may leave unread
+    /// on an exit that needs only the control registers
+    /// ([`crate::vm::VcpuAccess::control_registers`]).
+    fn general_purpose(&self) -> &[u64];
+    /// The same, to fill in.
+    fn general_purpose_mut(&mut self) -> &mut [u64];
     /// A register by the name the kernel's kprobe_events syntax uses for it (`di`, `rdi`, `ip`
     /// on x86_64; `x0`, `sp`, `pc` on arm64), for output and fetch args.
     fn by_name(&self, name: &str) -> Option<u64>;
@@ -144,6 +150,12 @@ pub trait HostEmulation<R>: Clone + Debug + Send + Sync + 'static {
     /// Whether the real instruction blocks interrupts for one more instruction (x86 `sti`).
     fn opens_interrupt_shadow(&self) -> bool {
         false
+    }
+    /// Whether applying it reads or writes a general-purpose register: if not (arm64 hints,
+    /// `b`, `b.cond`, `add sp, sp, #imm`), a hit without handlers needs only the control
+    /// registers. Assumed so unless the architecture says otherwise.
+    fn needs_general_registers(&self) -> bool {
+        true
     }
 }
 

@@ -65,10 +65,14 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         pc: u64,
         hw: bool,
     ) -> Result<Verdict, VmError> {
-        let mut regs = vcpu.registers()?;
+        // The control registers first: a hit whose handlers and plan touch no general-purpose
+        // register costs no more (arm64 reads each register with its own ioctl).
+        let mut regs = vcpu.control_registers()?;
+        let mut complete = false;
         if !hw {
             let trampoline = *self.trampoline.lock().unwrap_or_else(|e| e.into_inner());
             if trampoline.is_some_and(|t| t.va == pc) {
+                vcpu.complete_registers(&mut regs)?;
                 return self.leave_return(vcpu, regs);
             }
             let slot_trap = self
@@ -112,6 +116,12 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 }
                 return self.not_probed(pc, space, hw);
             };
+            if !complete
+                && (run.needs_general_registers() || probes.iter().any(|p| p.sees_registers()))
+            {
+                vcpu.complete_registers(&mut regs)?;
+                complete = true;
+            }
             if chained == 0 {
                 let counter = if hw {
                     &self.exits.hw_breakpoints
@@ -261,6 +271,18 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         trap: SlotTrap,
     ) -> Result<Verdict, VmError> {
         self.exits.slot_traps.fetch_add(1, Ordering::Relaxed);
+        let probes = {
+            let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+            table
+                .sites
+                .get(&trap.site_gpa)
+                .map(|s| s.probes.clone())
+                .unwrap_or_default()
+        };
+        let has_post = probes.iter().any(|p| p.post.is_some());
+        if has_post {
+            vcpu.complete_registers(&mut regs)?;
+        }
         regs.set_pc(trap.orig_va + trap.len);
         match state.pending.iter().rposition(|p| p.trap_va == pc) {
             Some(i) => {
@@ -274,15 +296,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             }
         }
         vcpu.set_registers(&regs)?;
-        let probes = {
-            let table = self.table.read().unwrap_or_else(|e| e.into_inner());
-            table
-                .sites
-                .get(&trap.site_gpa)
-                .map(|s| s.probes.clone())
-                .unwrap_or_default()
-        };
-        if probes.iter().any(|p| p.post.is_some()) {
+        if has_post {
             self.run_handlers(vcpu.id(), trap.orig_va, &probes, &regs, true);
         }
         Ok(Verdict::Resume)

@@ -223,6 +223,12 @@ struct ProbeEntry<A: Arch> {
 }
 
 impl<A: Arch> ProbeEntry<A> {
+    /// Whether a hit hands the registers to code of the probe's (a handler, or the return
+    /// instance that keeps the entry registers): they must all have been read.
+    fn sees_registers(&self) -> bool {
+        self.pre.is_some() || self.post.is_some() || self.on_return.is_some()
+    }
+
     fn new(id: ProbeId, location: String, probe: Probe<A>) -> Arc<ProbeEntry<A>> {
         Arc::new(ProbeEntry {
             id,
@@ -301,6 +307,15 @@ impl<A: Arch> Clone for SiteRun<A> {
 }
 
 impl<A: Arch> SiteRun<A> {
+    /// Whether running the instruction reads or writes a general-purpose register on the host
+    /// (an out-of-line copy runs in the guest: the host moves only the PC and the flags).
+    fn needs_general_registers(&self) -> bool {
+        match self {
+            SiteRun::Emulate { emulation, .. } => emulation.needs_general_registers(),
+            SiteRun::OutOfLine { .. } => false,
+        }
+    }
+
     /// The kind of plan, for statistics.
     fn kind(&self) -> PlanKind {
         match self {

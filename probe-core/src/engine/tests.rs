@@ -443,10 +443,7 @@ fn five_level_guests_get_their_slots_through_pml5_entry_511() {
     engine
         .plant(Probe::<X86_64>::new("f+0x8"), target(AT_RIPREL), &regs)
         .unwrap();
-    let mut vcpu = FakeVcpu::<X86_64> {
-        regs,
-        interrupt_shadows: 0,
-    };
+    let mut vcpu = FakeVcpu::<X86_64>::new(regs);
     let pc = TEXT_VA + AT_RIPREL;
     vcpu.regs.rip = pc;
     engine

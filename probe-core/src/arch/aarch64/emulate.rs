@@ -321,6 +321,23 @@ impl HostEmulation<Registers> for Emulation {
             Emulation::StorePairPreIndex { .. } | Emulation::LoadLiteral { .. }
         )
     }
+
+    /// The hints and the branches on an immediate or the flags move only the PC (and clear
+    /// BTYPE); `add`/`sub` between SP and SP touches only the stack pointer.
+    fn needs_general_registers(&self) -> bool {
+        !matches!(
+            self,
+            Emulation::Nop { .. }
+                | Emulation::Branch { .. }
+                | Emulation::BranchConditional { .. }
+                | Emulation::AddImmediate {
+                    rd: 31,
+                    rn: 31,
+                    wide: true,
+                    ..
+                }
+        )
+    }
 }
 
 fn sign_extend(v: u64, bits: u32) -> i64 {

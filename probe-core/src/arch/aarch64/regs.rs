@@ -38,6 +38,14 @@ impl RegisterFile for Registers {
     const PC_NAME: &'static str = "pc";
     const ARG_NAMES: &'static [&'static str] = &["x0", "x1", "x2", "x3", "x4", "x5", "x6", "x7"];
 
+    fn general_purpose(&self) -> &[u64] {
+        &self.x
+    }
+
+    fn general_purpose_mut(&mut self) -> &mut [u64] {
+        &mut self.x
+    }
+
     fn pc(&self) -> u64 {
         self.pc
     }

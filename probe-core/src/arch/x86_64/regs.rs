@@ -103,6 +103,14 @@ impl Registers {
 pub const ARG_REGS: [Gpr; 6] = [Gpr::Rdi, Gpr::Rsi, Gpr::Rdx, Gpr::Rcx, Gpr::R8, Gpr::R9];
 
 impl RegisterFile for Registers {
+    fn general_purpose(&self) -> &[u64] {
+        &self.gpr
+    }
+
+    fn general_purpose_mut(&mut self) -> &mut [u64] {
+        &mut self.gpr
+    }
+
     const PC_NAME: &'static str = "rip";
     const ARG_NAMES: &'static [&'static str] = &["rdi", "rsi", "rdx", "rcx", "r8", "r9"];
 

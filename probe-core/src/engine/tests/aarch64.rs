@@ -347,3 +347,56 @@ fn with_pointer_authentication_a_return_probe_needs_a_known_function_entry() {
         .plant(Probe::new("0x0").on_return(|_| Ok(())), bare, &regs)
         .unwrap();
 }
+
+#[test]
+fn the_general_purpose_registers_are_read_only_when_something_uses_them() {
+    let (engine, mut vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    // Without handlers: `bti c` (emulated, touches no general-purpose register) and the
+    // stepped `ldr` (both of its exits) run on the control registers alone; the fake vCPU
+    // refuses a write of a general-purpose register the engine did not read.
+    engine.plant(Probe::new("f"), target(0), &regs).unwrap();
+    engine
+        .plant(Probe::new("f+0x10"), target(AT_LDR), &regs)
+        .unwrap();
+    let mut state = VcpuProbeState::default();
+    let mut exit = |vcpu: &mut crate::fake::FakeVcpu<Aarch64>, pc: u64| {
+        vcpu.regs.pc = pc;
+        engine
+            .handle_debug(vcpu, &mut state, DebugEvent::Breakpoint { pc })
+            .unwrap();
+        vcpu.regs.pc
+    };
+    assert_eq!(exit(&mut vcpu, TEXT_VA), TEXT_VA + 4);
+    let slot = exit(&mut vcpu, TEXT_VA + AT_LDR);
+    assert_eq!(exit(&mut vcpu, slot + 4), TEXT_VA + AT_LDR + 4);
+    assert_eq!(vcpu.full_reads, 0, "three exits on the control registers");
+    assert_eq!(vcpu.regs.x[29], 0xf0f0, "nothing written over them");
+
+    // The prologue's `stp x29, x30` stores them: read, and the stack holds the real values.
+    let (engine, mut vcpu) = machine();
+    engine
+        .plant(Probe::new("f+0x8"), target(AT_STP), &regs)
+        .unwrap();
+    vcpu.regs.pc = TEXT_VA + AT_STP;
+    let sp = vcpu.regs.sp;
+    engine
+        .handle_debug(
+            &mut vcpu,
+            &mut VcpuProbeState::default(),
+            DebugEvent::Breakpoint {
+                pc: TEXT_VA + AT_STP,
+            },
+        )
+        .unwrap();
+    assert_eq!(vcpu.full_reads, 1);
+    let mut saved = [0u8; 8];
+    crate::engine::read_guest_virtual::<Aarch64, _>(
+        engine.memory(),
+        &vcpu.regs,
+        sp - 16,
+        &mut saved,
+    )
+    .unwrap();
+    assert_eq!(u64::from_le_bytes(saved), 0xf0f0, "x29 as the guest has it");
+}

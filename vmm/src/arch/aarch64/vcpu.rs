@@ -1,7 +1,9 @@
 //! The arm64 vCPU as probe-core sees it: registers through `KVM_GET/SET_ONE_REG` (arm64 KVM has
-//! no sync regs), read once per exit and written back only where the engine changed them (a
-//! dirty-tracked cache: a hit that emulates a `nop` writes the PC alone), and what the VMM reads
-//! from a paused vCPU (registers, and VBAR_EL1 as the KASLR anchor: the kernel's `vectors`).
+//! no sync regs, so every register is an ioctl), read lazily (the control registers first,
+//! x0-x30 only when a handler or the plan needs them) and written back only where the engine
+//! changed them (a dirty-tracked cache: a hit that emulates a `nop` writes the PC alone), and
+//! what the VMM reads from a paused vCPU (registers, VBAR_EL1 as the KASLR anchor: the kernel's
+//! `vectors`, and the CPU features from the ID registers).
 
 use kvm_bindings::{KVM_REG_ARM_CORE, KVM_REG_ARM64, KVM_REG_ARM64_SYSREG, KVM_REG_SIZE_U64};
 use kvm_ioctls::VcpuFd;
@@ -151,47 +153,102 @@ pub fn read_pc(fd: &VcpuFd) -> Result<u64, kvm_ioctls::Error> {
     get(fd, PC)
 }
 
-/// Every register the engine sees, one `KVM_GET_ONE_REG` each.
-fn read_registers(fd: &VcpuFd) -> Result<Registers, kvm_ioctls::Error> {
+/// The control registers (everything but x0-x30), one `KVM_GET_ONE_REG` each; the PC is taken
+/// from `pc` when the exit's decoding read it already. Returns the registers and the reads.
+fn read_control(fd: &VcpuFd, pc: Option<u64>) -> Result<(Registers, u64), kvm_ioctls::Error> {
     let mut r = Registers::default();
-    for (i, x) in r.x.iter_mut().enumerate() {
-        *x = get(fd, core_reg(i as u64 * 8))?;
-    }
-    r.pc = get(fd, PC)?;
-    r.pstate = get(fd, PSTATE)?;
-    r.sp_el0 = get(fd, SP_EL0)?;
+    let mut reads = 0;
+    let mut read = |id| {
+        reads += 1;
+        get(fd, id)
+    };
+    r.pc = match pc {
+        Some(pc) => pc,
+        None => read(PC)?,
+    };
+    r.pstate = read(PSTATE)?;
+    r.sp_el0 = read(SP_EL0)?;
     r.sp = if r.pstate & PSTATE_SPSEL != 0 {
-        get(fd, SP_EL1)?
+        read(SP_EL1)?
     } else {
         r.sp_el0
     };
-    r.ttbr0 = get(fd, TTBR0_EL1)?;
-    r.ttbr1 = get(fd, TTBR1_EL1)?;
-    r.tcr = get(fd, TCR_EL1)?;
+    r.ttbr0 = read(TTBR0_EL1)?;
+    r.ttbr1 = read(TTBR1_EL1)?;
+    r.tcr = read(TCR_EL1)?;
+    Ok((r, reads))
+}
+
+/// Reads x0-x30 into `r`, one `KVM_GET_ONE_REG` each.
+fn read_general(fd: &VcpuFd, r: &mut Registers) -> Result<(), kvm_ioctls::Error> {
+    for (i, x) in r.x.iter_mut().enumerate() {
+        *x = get(fd, core_reg(i as u64 * 8))?;
+    }
+    Ok(())
+}
+
+/// Every register the engine sees.
+fn read_registers(fd: &VcpuFd) -> Result<Registers, kvm_ioctls::Error> {
+    let (mut r, _) = read_control(fd, None)?;
+    read_general(fd, &mut r)?;
     Ok(r)
 }
 
-/// One arm64 vCPU handling a debug exit.
+/// One arm64 vCPU handling a debug exit. Registers are read lazily (the control registers
+/// first, x0-x30 only when the engine needs them) and written back only where they changed;
+/// every `KVM_GET/SET_ONE_REG` is counted.
 pub struct KvmVcpu<'a> {
     /// The vCPU index.
     pub id: u32,
     /// Its fd.
     pub fd: &'a mut VcpuFd,
-    /// Unused on arm64 (no sync regs); kept for the shared constructor.
-    pub sync_regs: bool,
-    /// The registers as last read, to write back only what changed.
-    pub cache: Option<Registers>,
+    /// The PC the exit was decoded at (read already).
+    pc: u64,
+    /// The registers as last read or written, to write back only what changed.
+    cache: Option<Registers>,
+    /// Whether `cache` holds x0-x30 too.
+    complete: bool,
+    /// `KVM_GET_ONE_REG` calls made for this exit.
+    pub reads: u64,
+    /// `KVM_SET_ONE_REG` calls made for this exit.
+    pub writes: u64,
 }
 
 impl<'a> KvmVcpu<'a> {
-    /// A vCPU with an empty register cache.
-    pub fn new(id: u32, fd: &'a mut VcpuFd, sync_regs: bool) -> KvmVcpu<'a> {
+    /// vCPU `id` out of `KVM_RUN` at `pc` (read when the exit was decoded), with nothing read
+    /// yet. `sync_regs` is unused: arm64 KVM has none.
+    pub fn new(id: u32, fd: &'a mut VcpuFd, _sync_regs: bool, pc: u64) -> KvmVcpu<'a> {
         KvmVcpu {
             id,
             fd,
-            sync_regs,
+            pc,
             cache: None,
+            complete: false,
+            reads: 0,
+            writes: 0,
         }
+    }
+
+    fn cached_control(&mut self) -> Result<&mut Registers, VmError> {
+        if self.cache.is_none() {
+            let (r, reads) =
+                read_control(self.fd, Some(self.pc)).map_err(vm_err("KVM_GET_ONE_REG"))?;
+            self.reads += reads;
+            self.cache = Some(r);
+        }
+        Ok(self.cache.as_mut().expect("just filled"))
+    }
+
+    fn cached_all(&mut self) -> Result<Registers, VmError> {
+        self.cached_control()?;
+        if !self.complete {
+            let fd: &VcpuFd = self.fd;
+            let r = self.cache.as_mut().expect("filled above");
+            read_general(fd, r).map_err(vm_err("KVM_GET_ONE_REG"))?;
+            self.reads += r.x.len() as u64;
+            self.complete = true;
+        }
+        Ok(self.cache.clone().expect("filled above"))
     }
 }
 
@@ -205,21 +262,38 @@ impl VcpuAccess<Aarch64> for KvmVcpu<'_> {
     }
 
     fn registers(&mut self) -> Result<Registers, VmError> {
-        if let Some(r) = &self.cache {
-            return Ok(r.clone());
-        }
-        let r = read_registers(self.fd).map_err(vm_err("KVM_GET_ONE_REG"))?;
-        self.cache = Some(r.clone());
-        Ok(r)
+        self.cached_all()
     }
 
+    /// PC (known from the exit), PSTATE, SP_EL0, SP_EL1, TTBR0/1 and TCR: six reads instead
+    /// of thirty-seven.
+    fn control_registers(&mut self) -> Result<Registers, VmError> {
+        Ok(self.cached_control()?.clone())
+    }
+
+    fn complete_registers(&mut self, regs: &mut Registers) -> Result<(), VmError> {
+        if !self.complete {
+            regs.x = self.cached_all()?.x;
+        }
+        Ok(())
+    }
+
+    /// Writes what differs from the cache. x0-x30 that were never read cannot be compared:
+    /// a change to them is refused rather than guessed at.
     fn set_registers(&mut self, regs: &Registers) -> Result<(), VmError> {
         let old = match &self.cache {
             Some(r) => r.clone(),
-            None => read_registers(self.fd).map_err(vm_err("KVM_GET_ONE_REG"))?,
+            None => self.cached_all()?,
         };
-        let w = |id: u64, new: u64, old: u64| -> Result<(), VmError> {
+        if !self.complete && regs.x != old.x {
+            return Err(VmError(
+                "the engine changed x0-x30 without having read them".into(),
+            ));
+        }
+        let mut writes = 0;
+        let mut w = |id: u64, new: u64, old: u64| -> Result<(), VmError> {
             if new != old {
+                writes += 1;
                 set(self.fd, id, new).map_err(vm_err("KVM_SET_ONE_REG"))?;
             }
             Ok(())
@@ -236,6 +310,7 @@ impl VcpuAccess<Aarch64> for KvmVcpu<'_> {
             SP_EL0
         };
         w(sp_reg, regs.sp, old.sp)?;
+        self.writes += writes;
         self.cache = Some(regs.clone());
         Ok(())
     }

@@ -38,12 +38,24 @@ pub struct KvmVcpu<'a> {
     pub fd: &'a mut VcpuFd,
     /// Registers travel through the `kvm_run` page.
     pub sync_regs: bool,
+    /// Register ioctls made for this exit (`KVM_GET_REGS`, `KVM_GET_SREGS`; none with sync
+    /// regs).
+    pub reads: u64,
+    /// `KVM_SET_REGS` calls made for this exit (none with sync regs).
+    pub writes: u64,
 }
 
 impl<'a> KvmVcpu<'a> {
-    /// vCPU `id` with its fd; `sync_regs` if registers travel through `kvm_run`.
-    pub fn new(id: u32, fd: &'a mut VcpuFd, sync_regs: bool) -> KvmVcpu<'a> {
-        KvmVcpu { id, fd, sync_regs }
+    /// vCPU `id` with its fd; `sync_regs` if registers travel through `kvm_run`. The exit's
+    /// `pc` is not needed: the registers come all together.
+    pub fn new(id: u32, fd: &'a mut VcpuFd, sync_regs: bool, _pc: u64) -> KvmVcpu<'a> {
+        KvmVcpu {
+            id,
+            fd,
+            sync_regs,
+            reads: 0,
+            writes: 0,
+        }
     }
 }
 
@@ -57,6 +69,7 @@ impl VcpuAccess<X86_64> for KvmVcpu<'_> {
             let s = self.fd.sync_regs();
             return Ok(registers_from_kvm(&s.regs, &s.sregs));
         }
+        self.reads += 2;
         let r = self.fd.get_regs().map_err(err("KVM_GET_REGS"))?;
         let s = self.fd.get_sregs().map_err(err("KVM_GET_SREGS"))?;
         Ok(registers_from_kvm(&r, &s))
@@ -69,6 +82,7 @@ impl VcpuAccess<X86_64> for KvmVcpu<'_> {
             self.fd.set_sync_dirty_reg(SyncReg::Register);
             return Ok(());
         }
+        self.writes += 1;
         self.fd.set_regs(&r).map_err(err("KVM_SET_REGS"))
     }
 
