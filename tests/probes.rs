@@ -1062,27 +1062,44 @@ fn boundaries_are_walked_past_instructions_capstone_lacks_and_stop_at_a_guest_br
 
 #[test]
 fn bad_user_pointers_through_probed_user_copy_paths_fail_with_efault_and_the_guest_is_fine() {
-    if !x86_64_guest() {
-        return;
-    }
     // Every instruction of the user-copy paths that bad pointers go through: the faulting
     // ones (with __ex_table fix-ups) are refused by name, the rest planted; the faults then
     // happen in the guest's own text (or in the instructions around them, run in slots) and
     // the fix-ups return EFAULT as without probes.
-    let k = KernelText::load();
-    let mut probes = Vec::new();
-    for func in [
-        "_copy_to_user",
-        "_copy_from_user",
-        "strncpy_from_user",
-        "copy_user_enhanced_fast_string",
-        "copy_user_generic_string",
-        "copy_user_generic_unrolled",
-        "getname_flags",
-        "cp_new_stat",
-    ] {
-        probes.extend(k.boundaries(func));
-    }
+    let probes: Vec<String> = match guest_arch() {
+        GuestArch::X86_64 => {
+            let k = KernelText::load();
+            [
+                "_copy_to_user",
+                "_copy_from_user",
+                "strncpy_from_user",
+                "copy_user_enhanced_fast_string",
+                "copy_user_generic_string",
+                "copy_user_generic_unrolled",
+                "getname_flags",
+                "cp_new_stat",
+            ]
+            .iter()
+            .flat_map(|f| k.boundaries(f))
+            .collect()
+        }
+        // (arm64's `_copy_to_user`/`_copy_from_user` are local copies in several files; the
+        // copies themselves are the `__arch_` routines, every user access an ldtr/sttr with
+        // an __ex_table entry.)
+        GuestArch::Aarch64 => {
+            let k = Arm64Text::load();
+            [
+                "__arch_copy_from_user",
+                "__arch_copy_to_user",
+                "strncpy_from_user",
+                "getname_flags",
+                "cp_new_stat",
+            ]
+            .iter()
+            .flat_map(|f| k.boundaries(f))
+            .collect()
+        }
+    };
     let refs: Vec<&str> = probes.iter().map(String::as_str).collect();
     let out = run_probed(
         "1",
@@ -1629,6 +1646,16 @@ impl Arm64Text {
         code.chunks(4)
             .enumerate()
             .map(|(i, w)| (i as u64 * 4, u32::from_le_bytes(w.try_into().unwrap())))
+            .collect()
+    }
+
+    /// `func+0xOFF` of every instruction of `func`.
+    fn boundaries(&self, func: &str) -> Vec<String> {
+        let sym = self.map.lookup(func).unwrap_or_else(|e| panic!("{e}"));
+        let size = self.map.size_of(sym).expect("a symbol after it");
+        (0..size)
+            .step_by(4)
+            .map(|off| format!("{func}+{off:#x}"))
             .collect()
     }
 

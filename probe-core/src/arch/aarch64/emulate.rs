@@ -810,4 +810,36 @@ mod tests {
             assert!(out_of_line(w).is_err(), "{w:#x}");
         }
     }
+
+    #[test]
+    fn only_hints_plain_branches_and_sp_arithmetic_leave_x0_to_x30_alone() {
+        use crate::arch::HostEmulation;
+        let needs = |w: u32| classify(w, PC).unwrap().needs_general_registers();
+        // nop, bti c, paciasp, b, b.eq, sub sp, sp, #0x20: the PC, PSTATE and SP only.
+        for w in [
+            0xd503_201f,
+            0xd503_245f,
+            0xd503_233f,
+            0x17ff_fffe,
+            0x5400_0040,
+            0xd100_83ff,
+        ] {
+            assert!(!needs(w), "{w:#x}");
+        }
+        // mov x9, x30; bl; cbnz w3; ret; adrp; ldrsw literal; stp x29, x30; mov x29, sp; and,
+        // on the safe side, the 32-bit form on WSP, which no kernel prologue uses.
+        for w in [
+            0xaa1e_03e9,
+            0x9400_0040,
+            0x35ff_ffe3,
+            0xd65f_03c0,
+            0xb000_0000,
+            0x9800_0041,
+            0xa9bf_7bfd,
+            0x9100_03fd,
+            0x5100_83ff,
+        ] {
+            assert!(needs(w), "{w:#x}");
+        }
+    }
 }
