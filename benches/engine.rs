@@ -80,6 +80,8 @@ fn engine(c: &mut Criterion) {
 /// vCPU to its boosted slot: no second exit); registers are reset each time.
 fn hit_cost(c: &mut Criterion, name: &str, offset: u64, with_handler: bool) {
     let (engine, mut vcpu) = machine();
+    // The engine's own cost: the fake vCPU hands over every register at once.
+    vcpu.lazy = false;
     let regs = vcpu.regs.clone();
     let mut probe = Probe::<X86_64>::new(name);
     if with_handler {
@@ -120,6 +122,8 @@ fn hits(c: &mut Criterion) {
 fn arm64_hit_cost(c: &mut Criterion, name: &str, offset: u64) {
     use fake::aarch64::{STACK_VA as SP, TEXT_VA as TEXT, machine};
     let (engine, mut vcpu) = machine();
+    // The engine's own cost: the fake vCPU hands over every register at once.
+    vcpu.lazy = false;
     let regs = vcpu.regs.clone();
     let target = PlantTarget {
         va: TEXT + offset,
