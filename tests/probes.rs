@@ -1410,64 +1410,56 @@ fn a_random_sweep_of_instruction_boundaries_leaves_the_guest_working() {
     });
 }
 
-#[test]
-fn entry_block_probes_count_at_least_what_the_guests_own_kprobes_count() {
-    if !x86_64_guest() {
-        return;
-    }
-    // The guest's kprobes on the entries of N functions that open-read-loop calls (through
-    // ftrace, so no guest int3 is involved) and hvprobe's probes on a random instruction of
-    // each one's entry block, both counting only open-read-loop's calls (the guest through an
-    // event filter on its trace buffer, hvprobe through a task filter), so that both windows
-    // hold the whole workload. Every call to a function runs its entry block: hvprobe's count
-    // is >= the guest's, and equal when no jump lands inside the entry block before the probe.
-    let seed = env_u64("HVPROBE_SWEEP_SEED", 0x5eed_0002);
-    eprintln!("kprobe sweep: HVPROBE_SWEEP_SEED={seed}");
+/// Functions open-read-loop calls, for the kprobe reference sweep.
+const OPEN_READ_FUNCTIONS: [&str; 37] = [
+    "do_sys_openat2",
+    "do_filp_open",
+    "path_openat",
+    "link_path_walk",
+    "getname_flags",
+    "putname",
+    "alloc_empty_file",
+    "do_dentry_open",
+    "fd_install",
+    "alloc_fd",
+    "ksys_read",
+    "vfs_read",
+    "__fdget_pos",
+    "__fget_light",
+    "fput",
+    "close_fd",
+    "filp_close",
+    "filemap_read",
+    "touch_atime",
+    "rw_verify_area",
+    "security_file_open",
+    "lookup_fast",
+    "walk_component",
+    "step_into",
+    "complete_walk",
+    "terminate_walk",
+    "may_open",
+    "vfs_open",
+    "generic_permission",
+    "inode_permission",
+    "dput",
+    "kmem_cache_alloc",
+    "kmem_cache_free",
+    "copy_page_to_iter",
+    "_copy_to_user",
+    "strncpy_from_user",
+    "__fput",
+];
+
+/// x86_64 picks for the kprobe reference sweep: (function, offset of a random instruction of
+/// its entry block past the first, whether a jump lands in (0, offset]), for functions traced
+/// through ftrace (the first instruction calls `__fentry__`, so the guest's kprobe on the entry
+/// uses no int3).
+fn x86_64_entry_block_picks(rng: &mut SplitMix) -> Vec<(String, u64, bool)> {
     let k = KernelText::load();
     let fentry = k.map.lookup("__fentry__").unwrap().addr;
-    let candidates = [
-        "do_sys_openat2",
-        "do_filp_open",
-        "path_openat",
-        "link_path_walk",
-        "getname_flags",
-        "putname",
-        "alloc_empty_file",
-        "do_dentry_open",
-        "fd_install",
-        "alloc_fd",
-        "ksys_read",
-        "vfs_read",
-        "__fdget_pos",
-        "__fget_light",
-        "fput",
-        "close_fd",
-        "filp_close",
-        "filemap_read",
-        "touch_atime",
-        "rw_verify_area",
-        "security_file_open",
-        "lookup_fast",
-        "walk_component",
-        "step_into",
-        "complete_walk",
-        "terminate_walk",
-        "may_open",
-        "vfs_open",
-        "generic_permission",
-        "inode_permission",
-        "dput",
-        "kmem_cache_alloc",
-        "kmem_cache_free",
-        "copy_page_to_iter",
-        "_copy_to_user",
-        "strncpy_from_user",
-        "__fput",
-    ];
-    let mut rng = SplitMix(seed);
-    // (function, probe offset, whether a jump lands in (0, offset])
-    let mut picks: Vec<(&str, u64, bool)> = Vec::new();
-    for func in candidates {
+    let mut picks = Vec::new();
+    for func in OPEN_READ_FUNCTIONS {
         let Ok(sym) = k.map.lookup(func) else {
             continue;
         };
@@ -1505,15 +1497,90 @@ fn entry_block_probes_count_at_least_what_the_guests_own_kprobes_count() {
                 .and_then(|h| u64::from_str_radix(h.trim(), 16).ok());
             target.is_some_and(|t| t > sym.addr && t <= sym.addr + off)
         });
-        picks.push((func, off, landing));
+        picks.push((func.to_string(), off, landing));
     }
+    picks
+}
+
+/// arm64 picks for the kprobe reference sweep, as [`x86_64_entry_block_picks`]: the entry
+/// block runs from the second instruction to the first branch; the guest's own kprobe on the
+/// function is a BRK at its first instruction (arm64 6.1 has no kprobes on ftrace), which
+/// hvprobe hands back.
+fn arm64_entry_block_picks(rng: &mut SplitMix) -> Vec<(String, u64, bool)> {
+    use probe_core::arch::aarch64::{Emulation, classify, exclusive_window, out_of_line};
+    let k = Arm64Text::load();
+    let target = |e: &Option<Emulation>| match e {
+        Some(
+            Emulation::Branch { target }
+            | Emulation::BranchLink { target, .. }
+            | Emulation::BranchConditional { target, .. }
+            | Emulation::CompareBranch { target, .. }
+            | Emulation::TestBranch { target, .. },
+        ) => Some(*target),
+        _ => None,
+    };
+    let mut picks = Vec::new();
+    for func in OPEN_READ_FUNCTIONS {
+        let Ok(sym) = k.map.lookup(func) else {
+            continue;
+        };
+        let Some(size) = k.map.size_of(sym) else {
+            continue;
+        };
+        let words = k.words(func, (size / 4) as usize);
+        let plans: Vec<Option<Emulation>> = words
+            .iter()
+            .map(|(off, w)| classify(*w, sym.addr + off))
+            .collect();
+        let code: Vec<u8> = words.iter().flat_map(|(_, w)| w.to_le_bytes()).collect();
+        let mut entry_block = Vec::new();
+        for (i, (off, w)) in words.iter().enumerate().skip(1) {
+            let plannable = plans[i].is_some() || out_of_line(*w).is_ok();
+            if plannable && exclusive_window(&code[..i * 4]).is_none() {
+                entry_block.push(*off);
+            }
+            let branch = target(&plans[i]).is_some()
+                || matches!(plans[i], Some(Emulation::BranchRegister { .. }))
+                || !plannable;
+            if branch {
+                break;
+            }
+        }
+        if entry_block.is_empty() {
+            continue;
+        }
+        let off = entry_block[rng.below(entry_block.len())];
+        let landing = plans
+            .iter()
+            .filter_map(|p| target(p))
+            .any(|t| t > sym.addr && t <= sym.addr + off);
+        picks.push((func.to_string(), off, landing));
+    }
+    picks
+}
+
+#[test]
+fn entry_block_probes_count_at_least_what_the_guests_own_kprobes_count() {
+    // The guest's kprobes on the entries of N functions that open-read-loop calls and
+    // hvprobe's probes on a random instruction of each one's entry block, both counting only
+    // open-read-loop's calls (the guest through an event filter on its trace buffer, hvprobe
+    // through a task filter), so that both windows hold the whole workload. Every call to a
+    // function runs its entry block: hvprobe's count is >= the guest's, and equal when no
+    // jump lands inside the entry block before the probe.
+    let seed = env_u64("HVPROBE_SWEEP_SEED", 0x5eed_0002);
+    eprintln!("kprobe sweep: HVPROBE_SWEEP_SEED={seed}");
+    let mut rng = SplitMix(seed);
+    let picks = match guest_arch() {
+        GuestArch::X86_64 => x86_64_entry_block_picks(&mut rng),
+        GuestArch::Aarch64 => arm64_entry_block_picks(&mut rng),
+    };
     assert!(
         picks.len() >= 20,
         "only {} candidate functions",
         picks.len()
     );
     // Kept short: the command travels on the guest's kernel command line.
-    let names: Vec<&str> = picks.iter().map(|(f, _, _)| *f).collect();
+    let names: Vec<&str> = picks.iter().map(|(f, _, _)| f.as_str()).collect();
     let exec = format!(
         "cd /sys/kernel/tracing;echo 8192 >buffer_size_kb;set -- {};i=0;for f;do \
          echo \"p:kprobes/s$i $f\">>kprobe_events&&\
