@@ -1552,7 +1552,7 @@ fn arm64_entry_block_picks(rng: &mut SplitMix) -> Vec<(String, u64, bool)> {
         let off = entry_block[rng.below(entry_block.len())];
         let landing = plans
             .iter()
-            .filter_map(|p| target(p))
+            .filter_map(&target)
             .any(|t| t > sym.addr && t <= sym.addr + off);
         picks.push((func.to_string(), off, landing));
     }
