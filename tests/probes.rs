@@ -1451,6 +1451,18 @@ const OPEN_READ_FUNCTIONS: [&str; 37] = [
     "__fput",
 ];
 
+/// The functions of [`OPEN_READ_FUNCTIONS`] this kernel has (one symbol of the name, with a
+/// known size), with their address and size.
+fn open_read_functions(map: &SymbolMap) -> Vec<(&'static str, u64, u64)> {
+    OPEN_READ_FUNCTIONS
+        .iter()
+        .filter_map(|&f| {
+            let sym = map.lookup(f).ok()?;
+            Some((f, sym.addr, map.size_of(sym)?))
+        })
+        .collect()
+}
+
 /// x86_64 picks for the kprobe reference sweep: (function, offset of a random instruction of
 /// its entry block past the first, whether a jump lands in (0, offset]), for functions traced
 /// through ftrace (the first instruction calls `__fentry__`, so the guest's kprobe on the entry
@@ -1459,13 +1471,7 @@ fn x86_64_entry_block_picks(rng: &mut SplitMix) -> Vec<(String, u64, bool)> {
     let k = KernelText::load();
     let fentry = k.map.lookup("__fentry__").unwrap().addr;
     let mut picks = Vec::new();
-    for func in OPEN_READ_FUNCTIONS {
-        let Ok(sym) = k.map.lookup(func) else {
-            continue;
-        };
-        let Some(size) = k.map.size_of(sym) else {
-            continue;
-        };
+    for (func, addr, size) in open_read_functions(&k.map) {
         let insns: Vec<(u64, Instruction)> = k
             .function(func)
             .into_iter()
@@ -1495,7 +1501,7 @@ fn x86_64_entry_block_picks(rng: &mut SplitMix) -> Vec<(String, u64, bool)> {
                 .strip_prefix('j')
                 .and_then(|r| r.split("0x").nth(1))
                 .and_then(|h| u64::from_str_radix(h.trim(), 16).ok());
-            target.is_some_and(|t| t > sym.addr && t <= sym.addr + off)
+            target.is_some_and(|t| t > addr && t <= addr + off)
         });
         picks.push((func.to_string(), off, landing));
     }
@@ -1520,17 +1526,11 @@ fn arm64_entry_block_picks(rng: &mut SplitMix) -> Vec<(String, u64, bool)> {
         _ => None,
     };
     let mut picks = Vec::new();
-    for func in OPEN_READ_FUNCTIONS {
-        let Ok(sym) = k.map.lookup(func) else {
-            continue;
-        };
-        let Some(size) = k.map.size_of(sym) else {
-            continue;
-        };
+    for (func, addr, size) in open_read_functions(&k.map) {
         let words = k.words(func, (size / 4) as usize);
         let plans: Vec<Option<Emulation>> = words
             .iter()
-            .map(|(off, w)| classify(*w, sym.addr + off))
+            .map(|(off, w)| classify(*w, addr + off))
             .collect();
         let code: Vec<u8> = words.iter().flat_map(|(_, w)| w.to_le_bytes()).collect();
         let mut entry_block = Vec::new();
@@ -1553,7 +1553,7 @@ fn arm64_entry_block_picks(rng: &mut SplitMix) -> Vec<(String, u64, bool)> {
         let landing = plans
             .iter()
             .filter_map(&target)
-            .any(|t| t > sym.addr && t <= sym.addr + off);
+            .any(|t| t > addr && t <= addr + off);
         picks.push((func.to_string(), off, landing));
     }
     picks
