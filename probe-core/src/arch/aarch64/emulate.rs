@@ -571,16 +571,28 @@ pub fn out_of_line(word: u32) -> Result<(), &'static str> {
 /// Most instructions looked back over for an open load-exclusive.
 const EXCLUSIVE_LOOKBACK: usize = 32;
 
+/// Whether `word` ends any exclusive-monitor window before the instruction after it: an
+/// unconditional branch, call or return (what follows is reached from elsewhere; no LL/SC loop
+/// holds one) or `wfe` (after `__cmpwait`'s load-exclusive, which only arms the monitor for
+/// the wait: no store-exclusive follows it).
+fn closes_exclusive_window(word: u32) -> bool {
+    word & 0x7c00_0000 == 0x1400_0000 // b, bl
+        || word & 0xff9f_fc1f == 0xd61f_0000 // br, blr
+        || word & 0xffff_fc1f == 0xd65f_0000 // ret
+        || word == 0xd503_205f // wfe
+}
+
 /// If the instruction after `preceding` (the code before it, from a function start) lies inside
-/// an exclusive-monitor window (a load-exclusive before it with no store-exclusive or `clrex`
-/// in between), how many bytes back that load-exclusive is.
+/// an exclusive-monitor window (a load-exclusive before it with no store-exclusive, `clrex`,
+/// unconditional branch, call, return or `wfe` in between), how many bytes back that
+/// load-exclusive is.
 pub fn exclusive_window(preceding: &[u8]) -> Option<usize> {
     let words = preceding.len() / 4;
     for back in 1..=words.min(EXCLUSIVE_LOOKBACK) {
         let at = (words - back) * 4;
         let w = u32::from_le_bytes(preceding[at..at + 4].try_into().ok()?);
         // clrex closes the window.
-        if w & 0xffff_f0ff == 0xd503_305f {
+        if w & 0xffff_f0ff == 0xd503_305f || closes_exclusive_window(w) {
             return None;
         }
         // The load/store exclusive group with o2 = 0: L (bit 22) tells load from store.
@@ -781,6 +793,32 @@ mod tests {
         assert_eq!(exclusive_window(&code(&[0x9100_0400])), None);
         // clrex closes it.
         assert_eq!(exclusive_window(&code(&[0xc85f_fc20, 0xd503_3f5f])), None);
+        // try_to_wake_up's smp_cond_load_acquire (__cmpwait): sevl; wfe; ldxr w0, [x20];
+        // eor w0, w0, w3; cbnz w0, 1f; wfe; 1: ldar w3, [x20]; cbnz w3, <back>; ...; blr x3.
+        // The eor and cbnz are in the window; past the wfe (the monitor only armed it) and
+        // past a call, nothing is.
+        let wait = [
+            0xd503_20bf,
+            0xd503_205f,
+            0x885f_7e80,
+            0x4a03_0000,
+            0x3500_0040,
+            0xd503_205f,
+            0x88df_fe83,
+            0x35ff_ff03,
+            0xd63f_0060,
+        ];
+        assert_eq!(exclusive_window(&code(&wait[..3])), Some(4), "the eor");
+        assert_eq!(exclusive_window(&code(&wait[..4])), Some(8), "the cbnz");
+        assert_eq!(exclusive_window(&code(&wait[..6])), None, "the ldar after wfe");
+        assert_eq!(exclusive_window(&code(&wait[..9])), None, "after the blr");
+        // b, bl, ret and br close it too; b.cond and cbz do not.
+        for closer in [0x1400_0004, 0x9400_0004, 0xd65f_03c0, 0xd61f_0060] {
+            assert_eq!(exclusive_window(&code(&[0xc85f_fc20, closer])), None, "{closer:#x}");
+        }
+        for open in [0x5400_0040u32, 0xb400_0040] {
+            assert_eq!(exclusive_window(&code(&[0xc85f_fc20, open])), Some(8), "{open:#x}");
+        }
     }
 
     #[test]
