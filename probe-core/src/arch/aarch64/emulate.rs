@@ -564,6 +564,10 @@ pub fn out_of_line(word: u32) -> Result<(), &'static str> {
         }
         // Data processing, register; SIMD and floating point.
         0b0101 | 0b1101 | 0b0111 | 0b1111 => Ok(()),
+        // udf #imm16: what the assembler pads between functions with.
+        _ if word & 0xffff_0000 == 0 => {
+            Err("it is `udf`, permanently undefined (the padding between functions)")
+        }
         _ => Err("its encoding is unallocated or SME/SVE, which the kernel does not run"),
     }
 }
@@ -810,14 +814,26 @@ mod tests {
         ];
         assert_eq!(exclusive_window(&code(&wait[..3])), Some(4), "the eor");
         assert_eq!(exclusive_window(&code(&wait[..4])), Some(8), "the cbnz");
-        assert_eq!(exclusive_window(&code(&wait[..6])), None, "the ldar after wfe");
+        assert_eq!(
+            exclusive_window(&code(&wait[..6])),
+            None,
+            "the ldar after wfe"
+        );
         assert_eq!(exclusive_window(&code(&wait[..9])), None, "after the blr");
         // b, bl, ret and br close it too; b.cond and cbz do not.
         for closer in [0x1400_0004, 0x9400_0004, 0xd65f_03c0, 0xd61f_0060] {
-            assert_eq!(exclusive_window(&code(&[0xc85f_fc20, closer])), None, "{closer:#x}");
+            assert_eq!(
+                exclusive_window(&code(&[0xc85f_fc20, closer])),
+                None,
+                "{closer:#x}"
+            );
         }
         for open in [0x5400_0040u32, 0xb400_0040] {
-            assert_eq!(exclusive_window(&code(&[0xc85f_fc20, open])), Some(8), "{open:#x}");
+            assert_eq!(
+                exclusive_window(&code(&[0xc85f_fc20, open])),
+                Some(8),
+                "{open:#x}"
+            );
         }
     }
 
@@ -847,6 +863,13 @@ mod tests {
         ] {
             assert!(out_of_line(w).is_err(), "{w:#x}");
         }
+        // udf #0, the padding between functions, is named as such.
+        assert!(out_of_line(0).unwrap_err().contains("padding"));
+        assert!(
+            out_of_line(0x0001_0000)
+                .unwrap_err()
+                .contains("unallocated")
+        );
     }
 
     #[test]
