@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{assert_has, explain, fnv1a, guest_arch, hvprobe, kernel_release_suffix, text};
+use common::{
+    assert_has, explain, fnv1a, guest_arch, hvprobe, hvprobe_in, kernel_release_suffix, text,
+};
 use hvprobe_guest::GuestArch;
 use std::process::Output;
 
@@ -21,13 +23,26 @@ fn boot(vcpus: &str, exec: &str, timeout: &str) -> Output {
     ])
 }
 
+/// Started where a user may be, outside the source tree (whose `.cargo/config.toml` holds the
+/// cross-build settings of the arm64 runner's hvprobe).
 #[test]
-fn one_vcpu_boots_to_init_runs_the_command_and_returns_its_status() {
-    let out = boot(
-        "1",
-        "echo sum=$((6 * 7)); uname -r; grep -c ^processor /proc/cpuinfo; exit 7",
-        "300",
+fn one_vcpu_boots_to_init_from_outside_the_source_tree_and_returns_the_commands_status() {
+    let elsewhere = std::env::temp_dir().join(format!("hvprobe-elsewhere-{}", std::process::id()));
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let out = hvprobe_in(
+        Some(&elsewhere),
+        &[
+            "run",
+            "--vcpus",
+            "1",
+            "--exec",
+            "echo sum=$((6 * 7)); uname -r; grep -c ^processor /proc/cpuinfo; exit 7",
+            "--timeout",
+            "300",
+            "--timings",
+        ],
     );
+    let _ = std::fs::remove_dir(&elsewhere);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(7), "{}", explain(&out));
     assert_has(&stdout, hvprobe_guest::INIT_READY_MARKER, &out);

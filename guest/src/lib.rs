@@ -163,6 +163,7 @@ pub const WORKLOADS: &[(&str, &str)] = &[
         "bad-pointer-loop",
         include_str!("../workloads/bad-pointer-loop.c"),
     ),
+    ("debug-loop", include_str!("../workloads/debug-loop.c")),
 ];
 
 /// The default guest's `/init`.

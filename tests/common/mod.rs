@@ -28,7 +28,15 @@ pub fn kernel_release_suffix() -> String {
 /// Runs `hvprobe ARGS` and returns its output (stdin closed); `run` gets the architecture under
 /// test (`--arch`).
 pub fn hvprobe(args: &[&str]) -> Output {
+    hvprobe_in(None, args)
+}
+
+/// The same, started in directory `dir` (where a user happens to be) instead of the test's.
+pub fn hvprobe_in(dir: Option<&std::path::Path>, args: &[&str]) -> Output {
     let mut cmd = Command::new(HVPROBE);
+    if let Some(dir) = dir {
+        cmd.current_dir(dir);
+    }
     match args.split_first() {
         Some((&"run", rest)) => {
             cmd.args(["run", "--arch", guest_arch().name()]).args(rest);

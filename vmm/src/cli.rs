@@ -377,6 +377,9 @@ fn probe_setup(
             (Ok(s), Ok(e)) => Some((s.addr, e.addr)),
             _ => None,
         },
+        user_return: crate::arch::USER_RETURN_SYMBOL
+            .and_then(|sym| map.lookup(sym).ok())
+            .map(|s| s.addr),
         slide,
         skip_refused: args.skip_refused,
         guest_kprobes,

@@ -10,7 +10,7 @@ use probe_core::engine::{ProbeEngine, VcpuProbeState};
 use probe_core::vm::{Verdict, VmError};
 use vm_memory::GuestMemoryMmap;
 
-use crate::arch::{self, Guest, GuestDebugSetup, GuestRegisters, KvmVcpu};
+use crate::arch::{self, Guest, GuestDebugContext, GuestDebugSetup, GuestRegisters, KvmVcpu};
 
 /// Errors of the probing side of a vCPU: a KVM call that failed, or a debug exit the engine
 /// could not handle. Any of them stops the machine.
@@ -117,6 +117,8 @@ pub struct Probing {
     pub breakpoint_exits: bool,
     /// Register ioctls made while handling debug exits, for figures.
     pub register_ioctls: Arc<RegisterIoctls>,
+    /// The running kernel's return path to user mode (0 until planting found it, or none).
+    pub user_return: Arc<AtomicU64>,
 }
 
 /// Register ioctls made while handling debug exits (`KVM_GET/SET_ONE_REG` on arm64, which has
@@ -198,6 +200,17 @@ impl VcpuProbing {
         fd: &mut VcpuFd,
         exit: &kvm_bindings::kvm_debug_exit_arch,
     ) -> Result<(), ProbingError> {
+        let ctx = GuestDebugContext {
+            user_return: Some(self.shared.user_return.load(Ordering::Relaxed)).filter(|&a| a != 0),
+            hw_count: self.shared.engine.hardware_breakpoint_count(),
+            hardware_in_use: self
+                .applied
+                .is_some_and(|a| a.hardware.iter().any(Option::is_some)),
+        };
+        // The guest's own debug exits never reach the engine.
+        if self.setup.take_guest_exit(fd, exit, &ctx)? {
+            return Ok(());
+        }
         let Some(event) = arch::decode_debug_exit(fd, exit) else {
             return Err(ProbingError::UnexpectedExit(arch::describe_debug_exit(
                 exit,
@@ -214,7 +227,7 @@ impl VcpuProbing {
         let verdict = verdict?;
         match verdict {
             Verdict::Resume => {}
-            Verdict::Reinject => self.setup.reinject_breakpoint(fd, exit)?,
+            Verdict::Reinject => self.setup.reinject_breakpoint(fd, exit, &ctx)?,
             Verdict::ReinjectDebug => self.setup.reinject_debug(fd, exit)?,
         }
         Ok(())

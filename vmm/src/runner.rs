@@ -529,50 +529,78 @@ fn aarch64_status(status_file: &Path) -> Option<i32> {
         .and_then(|v| v.parse().ok())
 }
 
-/// The static aarch64 hvprobe that is the arm64 L1's `/init`: `$HVPROBE_AARCH64_BIN`, else the
-/// workspace's cross build (`target/aarch64-unknown-linux-gnu/release/hvprobe`), built now with
-/// cargo when the source tree is there (cargo makes it a no-op when it is up to date).
+/// The static aarch64 hvprobe that is the arm64 L1's `/init`, wherever hvprobe was started
+/// from: `$HVPROBE_AARCH64_BIN`; else, when hvprobe runs from its source tree, the workspace's
+/// cross build, brought up to date with cargo run in the workspace (so that its
+/// `.cargo/config.toml`, the cross linker and `+crt-static`, applies whatever the caller's
+/// directory) and copied to the cache; else `hvprobe-aarch64` next to this binary (a packaged
+/// install), the cross build beside a `target/release` binary, or the cached copy.
 fn aarch64_hvprobe() -> Result<PathBuf, RunnerError> {
     if let Ok(p) = std::env::var("HVPROBE_AARCH64_BIN") {
         return Ok(PathBuf::from(p));
     }
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
-    let built = workspace.join("target/aarch64-unknown-linux-gnu/release/hvprobe");
-    let how = "cargo build --release --target aarch64-unknown-linux-gnu -p hvprobe-vmm";
-    if manifest.exists() {
-        eprintln!("hvprobe: checking the aarch64 hvprobe for the arm64 runner ({how})");
-        let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-            .args([
-                "build",
-                "--release",
-                "--quiet",
-                "--target",
-                "aarch64-unknown-linux-gnu",
-                "-p",
-                "hvprobe-vmm",
-                "--bin",
-                "hvprobe",
-            ])
-            .arg("--manifest-path")
-            .arg(workspace.join("Cargo.toml"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .status();
-        if !out.is_ok_and(|s| s.success()) {
-            return Err(RunnerError::Prepare(format!(
-                "building the aarch64 hvprobe for the arm64 runner failed (`{how}`; the cross toolchain comes from `bash guest/setup-host.sh`)"
-            )));
+    let cached = hvprobe_guest::cache_dir()
+        .join("bin")
+        .join(format!("hvprobe-aarch64-{}", env!("CARGO_PKG_VERSION")));
+    if workspace.join(".cargo/config.toml").exists() {
+        let built = build_aarch64_hvprobe(&workspace)?;
+        // For an installed hvprobe of the same version, which has no source tree to build in.
+        if let Some(dir) = cached.parent()
+            && fs::create_dir_all(dir).is_ok()
+        {
+            let _ = fs::copy(&built, &cached);
         }
+        return Ok(built);
     }
-    if built.exists() {
+    let exe = std::env::current_exe().ok();
+    let dir = exe.as_deref().and_then(Path::parent);
+    let candidates = [
+        dir.map(|d| d.join("hvprobe-aarch64")),
+        dir.map(|d| d.join("../aarch64-unknown-linux-gnu/release/hvprobe")),
+        Some(cached),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|p| p.is_file())
+        .ok_or_else(|| RunnerError::Prepare(AARCH64_MISSING.to_string()))
+}
+
+/// What to do when no aarch64 hvprobe can be found, in one line.
+const AARCH64_MISSING: &str = "the arm64 runner needs the static aarch64 hvprobe: in hvprobe's source tree run `bash guest/setup-host.sh && cargo build --release --target aarch64-unknown-linux-gnu -p hvprobe-vmm`, then put target/aarch64-unknown-linux-gnu/release/hvprobe next to this binary as `hvprobe-aarch64` (or name it in $HVPROBE_AARCH64_BIN)";
+
+/// Builds (or finds up to date) the workspace's static aarch64 hvprobe, with cargo run in the
+/// workspace directory so that its cross-build configuration applies.
+fn build_aarch64_hvprobe(workspace: &Path) -> Result<PathBuf, RunnerError> {
+    let how = "cargo build --release --target aarch64-unknown-linux-gnu -p hvprobe-vmm";
+    eprintln!("hvprobe: checking the aarch64 hvprobe for the arm64 runner ({how})");
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .current_dir(workspace)
+        .args([
+            "build",
+            "--release",
+            "--quiet",
+            "--target",
+            "aarch64-unknown-linux-gnu",
+            "-p",
+            "hvprobe-vmm",
+            "--bin",
+            "hvprobe",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .status();
+    let built = workspace.join("target/aarch64-unknown-linux-gnu/release/hvprobe");
+    if out.is_ok_and(|s| s.success()) && built.is_file() {
         return Ok(built);
     }
     Err(RunnerError::Prepare(format!(
-        "the arm64 runner needs the static aarch64 hvprobe: build it with `{how}` in the source tree, or name one in $HVPROBE_AARCH64_BIN"
+        "building the aarch64 hvprobe for the arm64 runner failed (`{how}` in {}; the cross toolchain comes from `bash guest/setup-host.sh`)",
+        workspace.display()
     )))
 }
 

@@ -422,6 +422,12 @@ pub trait Arch: Sized + Copy + Debug + Default + Send + Sync + 'static {
         to: u64,
     ) -> Result<(), EmulationError>;
 
+    /// A return reached the trampoline and goes on to `real`: where the return address is
+    /// still visible after the return, it is made the real one (arm64's x30, which `ret` leaves
+    /// holding the trampoline's address; the guest may read it, e.g. a tail of `ret` through
+    /// x30 again). Nothing on x86_64, whose `ret` popped it.
+    fn returned_through_trampoline(_regs: &mut Self::Registers, _trampoline: u64, _real: u64) {}
+
     /// The key of a probed function's frame at its entry: unique among live frames (the stack
     /// slot of the return address on x86_64, the stack pointer on arm64).
     fn frame_at_entry(regs: &Self::Registers) -> u64;

@@ -107,7 +107,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 table
                     .sites
                     .get(&t.gpa)
-                    .filter(|s| s.va == pc && !s.disarmed.load(Ordering::SeqCst))
+                    .filter(|s| s.va == pc && s.disarmed.get().is_none())
                     .map(|s| (t.gpa, s.probes.clone(), s.run.clone()))
             });
             let Some((gpa, probes, run)) = site else {
@@ -158,7 +158,10 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                         for p in probes.iter() {
                             p.counters.missed.fetch_add(1, Ordering::Relaxed);
                         }
-                        self.disarm(gpa);
+                        self.disarm(
+                            gpa,
+                            "its emulation could not reach the memory it accesses, and there is no copy to run instead",
+                        );
                         vcpu.set_registers(&regs)?;
                         return Ok(Verdict::Resume);
                     }
@@ -243,7 +246,10 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             for p in probes {
                 p.counters.missed.fetch_add(1, Ordering::Relaxed);
             }
-            self.disarm(gpa);
+            self.disarm(
+                gpa,
+                "the out-of-line slots could not be mapped in the guest's address space",
+            );
             vcpu.set_registers(&regs)?;
             return Ok(Verdict::Resume);
         };

@@ -152,6 +152,19 @@ pub enum PlantError {
         /// Its address.
         va: u64,
     },
+    /// A probe added to a site whose trap the engine took out earlier (its other probes stay
+    /// listed, counting misses): it would never fire.
+    #[error(
+        "{location}: hvprobe disarmed the probe site at {va:#x} during the run ({reason}); remove its probes before probing there again"
+    )]
+    DisarmedSite {
+        /// The probe location.
+        location: String,
+        /// The site's address.
+        va: u64,
+        /// Why it was disarmed.
+        reason: &'static str,
+    },
     /// A return probe away from a function's first instruction.
     #[error("{location}: a return probe must be on a function's first instruction")]
     NotFunctionEntry {
@@ -254,8 +267,9 @@ struct Site<A: Arch> {
     run: Arc<SiteRun<A>>,
     /// Shared for the same reason; planting and removal copy on write.
     probes: Arc<Vec<Arc<ProbeEntry<A>>>>,
-    /// Set when the engine had to take the trap out while the probe stays listed.
-    disarmed: std::sync::atomic::AtomicBool,
+    /// Set, with the reason, when the engine had to take the trap out while the probes stay
+    /// listed.
+    disarmed: std::sync::OnceLock<&'static str>,
 }
 
 /// How a site's instruction runs once its handlers have. Each variant holds exactly the slots

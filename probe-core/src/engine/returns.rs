@@ -111,7 +111,9 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 regs.sp()
             )));
         };
+        let trampoline = regs.pc();
         regs.set_pc(instance.return_address);
+        A::returned_through_trampoline(&mut regs, trampoline, instance.return_address);
         vcpu.set_registers(&regs)?;
         for p in &instance.probes {
             p.counters.returns.fetch_add(1, Ordering::Relaxed);

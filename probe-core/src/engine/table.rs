@@ -67,6 +67,13 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             }
         }
         if let Some(site) = table.sites.get(&gpa) {
+            if let Some(&reason) = site.disarmed.get() {
+                return Err(PlantError::DisarmedSite {
+                    location,
+                    va: site.va,
+                    reason,
+                });
+            }
             if site.trap != probe.trap {
                 return Err(PlantError::MixedTraps { location });
             }
@@ -318,7 +325,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 saved,
                 instruction: insn.text().into(),
                 run: Arc::new(run),
-                disarmed: std::sync::atomic::AtomicBool::new(false),
+                disarmed: std::sync::OnceLock::new(),
                 probes: Arc::new(vec![ProbeEntry::new(id, location, probe)]),
             },
         );
@@ -461,7 +468,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         if !table.sites.values().any(|s| s.va == site.va) {
             table.site_vas.remove(&site.va);
         }
-        if site.disarmed.load(Ordering::SeqCst) {
+        if site.disarmed.get().is_some() {
             return Ok(None);
         }
         if site.trap == TrapKind::Hardware {
@@ -509,15 +516,33 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             .collect()
     }
 
-    /// Writes the guest's byte back under a site whose probes cannot run any more.
-    pub(super) fn disarm(&self, gpa: u64) {
-        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
-        if let Some(site) = table.sites.get(&gpa)
-            && site.trap == TrapKind::Software
-            && !site.disarmed.swap(true, Ordering::SeqCst)
-            && self.mem.write_slice(&site.saved, GuestAddress(gpa)).is_ok()
-        {
-            self.wrote_code(gpa, site.saved.len());
+    /// Takes the trap out of a site whose probes cannot run any more (`why`): the guest's
+    /// bytes go back under a breakpoint; a hardware breakpoint is released (the VMM reloads
+    /// the debug registers before the vCPU runs again). The probes stay listed, counting
+    /// misses, and the site refuses new probes with `why`.
+    pub(super) fn disarm(&self, gpa: u64, why: &'static str) {
+        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        let Some(site) = table.sites.get(&gpa) else {
+            return;
+        };
+        if site.disarmed.set(why).is_err() {
+            return;
+        }
+        match site.trap {
+            TrapKind::Software => {
+                if self.mem.write_slice(&site.saved, GuestAddress(gpa)).is_ok() {
+                    self.wrote_code(gpa, site.saved.len());
+                }
+            }
+            TrapKind::Hardware => {
+                let va = site.va;
+                for slot in table.hw.iter_mut() {
+                    if *slot == Some(va) {
+                        *slot = None;
+                    }
+                }
+                self.hw_generation.fetch_add(1, Ordering::SeqCst);
+            }
         }
     }
 

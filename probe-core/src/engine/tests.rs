@@ -421,6 +421,15 @@ fn a_site_that_cannot_step_is_disarmed_instead_of_trapping_forever() {
     assert!(!state.stepping());
     assert_eq!(text(&engine), CODE, "the trap is gone");
     assert_eq!(engine.stats()[0].missed, 1);
+    // A probe added there now would never fire: refused with the reason, text untouched.
+    let err = engine
+        .plant(Probe::<X86_64>::new("f+0x8"), target(AT_RIPREL), &regs)
+        .unwrap_err();
+    assert!(
+        matches!(err, PlantError::DisarmedSite { .. }) && err.to_string().contains("slots"),
+        "{err}"
+    );
+    assert_eq!(text(&engine), CODE);
     assert_eq!(
         engine.remove_all(),
         vec![],

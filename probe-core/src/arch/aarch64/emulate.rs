@@ -4,7 +4,7 @@
 //! `stp x29, x30, [sp, #-N]!`, and the PC-relative `b`, `bl`, `adr`, `adrp`. Addresses are
 //! absolute, computed when the probe is planted.
 
-use super::regs::{PSTATE_BTYPE, Registers};
+use super::regs::{PSTATE_BTYPE, PSTATE_DAIF, Registers};
 use crate::arch::{EmulationError, GuestStack, HostEmulation};
 
 /// An instruction the host emulates.
@@ -124,6 +124,15 @@ pub enum Emulation {
         /// Address of the next instruction.
         next: u64,
     },
+    /// `mrs Xt, daif`: the interrupt mask as the guest has it at the hit. A slot runs with
+    /// D, A, I and F masked, so a copy would read them all set (the first instruction of every
+    /// inlined `local_irq_save`): Linux refuses to step it (`aarch64_insn_is_steppable`).
+    ReadDaif {
+        /// The destination (31 is XZR: nothing is written).
+        rt: u8,
+        /// Address of the next instruction.
+        next: u64,
+    },
     /// `adr`/`adrp`: a register gets an address computed at planting.
     SetRegister {
         /// Destination (31 is XZR: nothing is written).
@@ -210,6 +219,10 @@ impl Emulation {
             }
             Emulation::SetRegister { rd, value, next } => {
                 regs.set_x_or_zr(rd, value);
+                regs.pc = next;
+            }
+            Emulation::ReadDaif { rt, next } => {
+                regs.set_x_or_zr(rt, regs.pstate & PSTATE_DAIF);
                 regs.pc = next;
             }
             Emulation::BranchConditional { cond, target, next } => {
@@ -330,6 +343,7 @@ impl HostEmulation<Registers> for Emulation {
             Emulation::Nop { .. }
                 | Emulation::Branch { .. }
                 | Emulation::BranchConditional { .. }
+                | Emulation::ReadDaif { rt: 31, .. }
                 | Emulation::AddImmediate {
                     rd: 31,
                     rn: 31,
@@ -340,18 +354,37 @@ impl HostEmulation<Registers> for Emulation {
     }
 }
 
+/// `mrs x0, daif`; the low five bits are the destination.
+pub const MRS_DAIF: u32 = 0xd53b_4220;
+
 fn sign_extend(v: u64, bits: u32) -> i64 {
     ((v << (64 - bits)) as i64) >> (64 - bits)
 }
 
-/// Whether `word` is one of the pointer-authentication hints on the return address
-/// (`paciasp`, `pacibsp`, `autiasp`, `autibsp`, `xpaclri`): NOPs without pointer
-/// authentication; with it they sign, check or strip x30 using SP, which a slot keeps.
+/// Whether `word` is one of the pointer-authentication hints (`pacia1716`, `paciaz`,
+/// `paciasp`, their B-key and `auti*` twins, `xpaclri`: HINT #7, #8, #10, #12, #14, #24-#31):
+/// NOPs without pointer authentication; with it they sign, check or strip x30 or x17 using SP,
+/// zero or x16, which a slot keeps, so they run out of line as Linux steps them.
 pub fn is_pac_hint(word: u32) -> bool {
-    matches!(
-        word,
-        0xd503_233f | 0xd503_237f | 0xd503_23bf | 0xd503_23ff | 0xd503_20ff
-    )
+    word & 0xffff_f01f == 0xd503_201f
+        && matches!((word >> 5) & 0x7f, 7 | 8 | 10 | 12 | 14 | 24..=31)
+}
+
+/// Whether `word` is a hint that is architecturally a NOP to the guest: `yield` and `csdb`
+/// (a speculation barrier; the exit to the host is a stronger one).
+fn is_plain_hint(word: u32) -> bool {
+    matches!(word, 0xd503_203f | 0xd503_229f)
+}
+
+/// Whether `word` is `casp`/`caspa`/`caspl`/`caspal` (a single atomic instruction that shares
+/// its encoding group with the exclusives but is not watched by the exclusive monitor).
+pub fn is_compare_and_swap_pair(word: u32) -> bool {
+    word & 0xbfa0_7c00 == 0x0820_7c00
+}
+
+/// Whether `word` is a load/store exclusive (`ldxr`, `stxr`, `ldaxp`, ...), not `casp`.
+fn is_exclusive(word: u32) -> bool {
+    word & 0x3f00_0000 == 0x0800_0000 && word & (1 << 23) == 0 && !is_compare_and_swap_pair(word)
 }
 
 /// The emulation of `word` at `pc`, if it is one of the emulated instructions (on a CPU
@@ -368,8 +401,12 @@ pub fn classify(word: u32, pc: u64) -> Option<Emulation> {
     // The pointer-authentication hints on the return address: NOPs to a CPU without pointer
     // authentication, which hvprobe's VMM gives its guests (it never asks KVM for
     // KVM_ARM_VCPU_PTRAUTH_*). The decoder sends them out of line on a CPU that has it.
-    if is_pac_hint(word) {
+    if is_pac_hint(word) || is_plain_hint(word) {
         return Some(Emulation::Nop { next });
+    }
+    // mrs Xt, daif (op0 3, op1 3, CRn 4, CRm 2, op2 1).
+    if word & 0xffff_ffe0 == MRS_DAIF {
+        return Some(Emulation::ReadDaif { rt: rd, next });
     }
     // mov Xd, Xm = orr Xd, xzr, Xm (no shift); the 32-bit form too.
     if word & 0x7fe0_ffe0 == 0x2a00_03e0 {
@@ -547,18 +584,31 @@ pub fn out_of_line(word: u32) -> Result<(), &'static str> {
                     Ok(())
                 };
             }
-            // mrs: a read of a system register.
+            // mrs: a read of a system register (`mrs daif`, the one whose value a slot
+            // changes, is emulated).
             if word & 0xfff0_0000 == 0xd530_0000 {
                 return Ok(());
             }
-            Err("it writes PSTATE or system state (msr, sys)")
+            // sys: cache and TLB maintenance and address translation (dc, ic, tlbi, at), which
+            // depend on their register operand only, as Linux steps them.
+            if word & 0xfff8_0000 == 0xd508_0000 {
+                return Ok(());
+            }
+            Err("it writes PSTATE or a system register (msr)")
         }
         // Loads and stores.
         0b0100 | 0b0110 | 0b1100 | 0b1110 => {
             // Load/store exclusive (o2 = 0 in the exclusive/ordered group): the monitor would
-            // be lost between the slot's BRK exits.
-            if word & 0x3f00_0000 == 0x0800_0000 && word & (1 << 23) == 0 {
+            // be lost between the slot's BRK exits. casp is one atomic instruction: it steps.
+            if is_exclusive(word) {
                 return Err("it is a load/store exclusive, watched by the exclusive monitor");
+            }
+            // ldr St|Dt|Qt, label: PC-relative, and its destination is an FP/SIMD register the
+            // host does not emulate; a copy would load from beside the slot.
+            if word & 0x3f00_0000 == 0x1c00_0000 {
+                return Err(
+                    "it is an FP/SIMD load of a PC-relative literal, which a slot would read from the wrong address",
+                );
             }
             Ok(())
         }
@@ -599,8 +649,9 @@ pub fn exclusive_window(preceding: &[u8]) -> Option<usize> {
         if w & 0xffff_f0ff == 0xd503_305f || closes_exclusive_window(w) {
             return None;
         }
-        // The load/store exclusive group with o2 = 0: L (bit 22) tells load from store.
-        if w & 0x3f00_0000 == 0x0800_0000 && w & (1 << 23) == 0 {
+        // The load/store exclusive group with o2 = 0 (casp aside): L (bit 22) tells load from
+        // store.
+        if is_exclusive(w) {
             return if w & (1 << 22) != 0 {
                 Some(back * 4)
             } else {
@@ -697,6 +748,34 @@ mod tests {
             .apply(&mut r3, &mut st)
             .unwrap();
         assert_eq!(r3.x[1], PC - 4);
+    }
+
+    #[test]
+    fn mrs_daif_reads_the_mask_the_guest_had_at_the_hit() {
+        // mrs x19, daif with interrupts on (and NZCV set, which DAIF does not show), then with
+        // I masked; mrs xzr, daif writes nothing and needs no general register.
+        let mut r = Registers {
+            pstate: 0xf000_0005,
+            pc: PC,
+            ..Default::default()
+        };
+        r.x[19] = 0xdead;
+        run(MRS_DAIF | 19, &mut r);
+        assert_eq!((r.x[19], r.pc), (0, PC + 4));
+        r.pstate |= 0x80;
+        r.pc = PC;
+        run(MRS_DAIF | 19, &mut r);
+        assert_eq!(r.x[19], 0x80);
+        let before = r.x;
+        let discard = classify(MRS_DAIF | 31, PC).unwrap();
+        assert!(!discard.needs_general_registers());
+        discard
+            .apply(&mut r, &mut Stack(HashMap::new(), None))
+            .unwrap();
+        assert_eq!(r.x, before);
+        // mrs x0, nzcv and mrs x0, tpidr_el1 are not emulated: a slot leaves them unchanged.
+        assert_eq!(classify(0xd53b_4200, PC), None);
+        assert_eq!(classify(0xd538_d080, PC), None);
     }
 
     #[test]
@@ -862,6 +941,42 @@ mod tests {
             0xd518_4100,
         ] {
             assert!(out_of_line(w).is_err(), "{w:#x}");
+        }
+        // dc civac, x0; ic ivau, x0; tlbi vmalle1is; at s1e1r, x0 (as Linux steps them); casp
+        // x0, x1, x2, x3, [x4] and caspal, single atomics that open no exclusive window.
+        for w in [
+            0xd50b_7e20,
+            0xd50b_7520,
+            0xd508_831f,
+            0xd508_7800,
+            0x4820_7c82,
+            0x4860_fc82,
+        ] {
+            assert_eq!(out_of_line(w), Ok(()), "{w:#x}");
+        }
+        let code = |ws: &[u32]| ws.iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<u8>>();
+        assert_eq!(exclusive_window(&code(&[0x4860_fc82])), None);
+        // ldr q0, ldr d0 and ldr s0 of a literal: PC-relative FP/SIMD loads, refused by name.
+        for w in [0x9c00_0040u32, 0x5c00_0040, 0x1c00_0040] {
+            assert!(out_of_line(w).unwrap_err().contains("FP/SIMD"), "{w:#x}");
+        }
+        // msr tpidr_el1, x0 stays refused.
+        assert!(out_of_line(0xd518_d080).unwrap_err().contains("msr"));
+        // The PAC hints (with pointer authentication they step); yield and csdb are NOPs.
+        for w in [
+            0xd503_211f,
+            0xd503_215f,
+            0xd503_219f,
+            0xd503_231f,
+            0xd503_23df,
+        ] {
+            assert!(is_pac_hint(w), "{w:#x}");
+            assert_eq!(out_of_line(w), Ok(()), "{w:#x}");
+            assert_eq!(classify(w, PC), Some(Emulation::Nop { next: PC + 4 }));
+        }
+        for w in [0xd503_203f, 0xd503_229f] {
+            assert!(!is_pac_hint(w));
+            assert_eq!(classify(w, PC), Some(Emulation::Nop { next: PC + 4 }));
         }
         // udf #0, the padding between functions, is named as such.
         assert!(out_of_line(0).unwrap_err().contains("padding"));

@@ -231,6 +231,12 @@ impl Arch for Aarch64 {
         Ok(())
     }
 
+    fn returned_through_trampoline(regs: &mut Registers, trampoline: u64, real: u64) {
+        if regs.x[30] == trampoline {
+            regs.x[30] = real;
+        }
+    }
+
     fn frame_at_entry(regs: &Registers) -> u64 {
         regs.sp
     }

@@ -218,6 +218,41 @@ fn an_emulated_store_that_faults_disarms_the_site_instead_of_trapping_forever() 
 }
 
 #[test]
+fn a_hardware_breakpoint_whose_emulation_faults_is_released_and_its_site_refuses_new_probes() {
+    let (engine, mut vcpu) = machine();
+    engine.set_hardware_breakpoint_count(6);
+    let regs = vcpu.regs.clone();
+    engine
+        .plant(Probe::new("f+0x8").hardware(), target(AT_STP), &regs)
+        .unwrap();
+    let (hw, generation) = engine.hardware_breakpoints();
+    assert_eq!(hw[0], Some(TEXT_VA + AT_STP));
+    vcpu.regs.sp = TEXT_VA + 0x10_0000;
+    vcpu.regs.pc = TEXT_VA + AT_STP;
+    let hit = DebugEvent::HardwareBreakpoint {
+        pc: TEXT_VA + AT_STP,
+    };
+    let mut state = VcpuProbeState::default();
+    assert_eq!(
+        engine.handle_debug(&mut vcpu, &mut state, hit).unwrap(),
+        Verdict::Resume
+    );
+    // The breakpoint is released (a new generation for the VMM to load), so the guest's own
+    // stp runs instead of firing again forever.
+    let (hw, now) = engine.hardware_breakpoints();
+    assert!(hw.iter().all(Option::is_none), "{hw:?}");
+    assert!(now > generation);
+    assert_eq!(vcpu.regs.pc, TEXT_VA + AT_STP);
+    assert_eq!(engine.stats()[0].missed, 1);
+    // A probe added there is refused with the reason, rather than never firing.
+    let err = engine
+        .plant(Probe::new("f+0x8").hardware(), target(AT_STP), &regs)
+        .unwrap_err();
+    assert!(err.to_string().contains("disarmed"), "{err}");
+    assert_eq!(text(&engine), code_bytes());
+}
+
+#[test]
 fn a_stepped_load_runs_in_a_slot_followed_by_a_brk_with_interrupts_masked() {
     let (engine, mut vcpu) = machine();
     let regs = vcpu.regs.clone();
@@ -311,6 +346,8 @@ fn a_return_probe_swaps_the_link_register_and_returns_through_the_trampoline() {
         )
         .unwrap();
     assert_eq!(vcpu.regs.pc, caller);
+    // x30 holds the real return address too, as if the function had returned to it.
+    assert_eq!(vcpu.regs.x[30], caller);
     assert_eq!(seen.load(Ordering::SeqCst), 42);
     let st = &engine.stats()[0];
     assert_eq!((st.hits, st.returns, st.nmissed), (1, 1, 0));

@@ -42,6 +42,8 @@ const fn sys_reg(op0: u64, op1: u64, crn: u64, crm: u64, op2: u64) -> u64 {
 const SP_EL0: u64 = core_reg(31 * 8);
 const PC: u64 = core_reg(32 * 8);
 const PSTATE: u64 = core_reg(33 * 8);
+/// PSTATE's register id, for the guest-debug code.
+pub const PSTATE_REG: u64 = PSTATE;
 /// `kvm_regs.sp_el1`.
 const SP_EL1: u64 = core_reg(34 * 8);
 const TTBR0_EL1: u64 = sys_reg(3, 0, 2, 0, 0);
@@ -62,6 +64,13 @@ const ELR_EL1: u64 = core_reg(35 * 8);
 /// `kvm_regs.spsr[KVM_SPSR_EL1]`.
 const SPSR_EL1: u64 = core_reg(36 * 8);
 const ESR_EL1: u64 = sys_reg(3, 0, 5, 2, 0);
+/// FAR_EL1: the address a watchpoint (or abort) reports.
+pub const FAR_EL1: u64 = sys_reg(3, 0, 6, 0, 0);
+/// MDSCR_EL1, as the guest wrote it (KVM keeps the guest's value apart from what it loads
+/// while it debugs the guest).
+pub const MDSCR_EL1: u64 = sys_reg(2, 0, 0, 2, 2);
+/// PSTATE.SS: the software-step state bit (SPSR bit 21).
+pub const PSTATE_SS: u64 = 1 << 21;
 const SCTLR_EL1: u64 = sys_reg(3, 0, 1, 0, 0);
 /// PSTATE.PAN.
 const PSTATE_PAN: u64 = 1 << 22;
@@ -95,27 +104,61 @@ fn guest_syndrome(esr: u32, from_el1: bool) -> u32 {
     }
 }
 
+/// PSTATE.{N,Z,C,V} and PSTATE.DIT: kept by exception entry.
+const PSTATE_KEPT_ON_ENTRY: u64 = 0xf000_0000 | (1 << 24);
+/// PSTATE.SSBS.
+const PSTATE_SSBS: u64 = 1 << 12;
+/// SCTLR_EL1.DSSBS: the SSBS value an exception to EL1 sets.
+const SCTLR_DSSBS: u64 = 1 << 44;
+
+/// PSTATE after a synchronous exception to EL1 taken with `pstate`, under `sctlr` (SCTLR_EL1),
+/// as the Arm ARM's `AArch64.TakeException` sets it: EL1h with D, A, I and F masked; NZCV and
+/// DIT kept; PAN set unless SCTLR_EL1.SPAN (else kept); SSBS from SCTLR_EL1.DSSBS; SS, IL,
+/// BTYPE and UAO cleared. (TCO and ALLINT belong to MTE and FEAT_NMI, which hvprobe's guests
+/// do not have.)
+fn exception_entry_pstate(pstate: u64, sctlr: u64) -> u64 {
+    let pan = if sctlr & SCTLR_SPAN == 0 {
+        PSTATE_PAN
+    } else {
+        pstate & PSTATE_PAN
+    };
+    let ssbs = if sctlr & SCTLR_DSSBS != 0 {
+        PSTATE_SSBS
+    } else {
+        0
+    };
+    BOOT_PSTATE | (pstate & PSTATE_KEPT_ON_ENTRY) | pan | ssbs
+}
+
 /// Emulates the guest taking a synchronous exception with syndrome `esr` at its current PC, as
-/// the hardware would: ESR_EL1 and ELR_EL1 (the PC) and SPSR_EL1 (PSTATE) saved, PSTATE to EL1h
-/// with D, A, I and F masked (PAN set unless SCTLR_EL1.SPAN), PC to VBAR_EL1 plus the vector
-/// for where it came from. arm64 KVM has no way to inject a debug exception itself.
-pub fn inject_sync_exception(fd: &VcpuFd, esr: u32) -> Result<(), kvm_ioctls::Error> {
+/// the hardware would: ESR_EL1 and ELR_EL1 (the PC) and SPSR_EL1 (PSTATE) saved, PSTATE as
+/// [`exception_entry_pstate`] makes it, PC to VBAR_EL1 plus the vector for where it came from.
+/// arm64 KVM has no way to inject a debug exception itself.
+/// Returns whether the exception came from EL0.
+pub fn inject_sync_exception(fd: &VcpuFd, esr: u32) -> Result<bool, kvm_ioctls::Error> {
+    inject_sync_exception_with(fd, esr, 0)
+}
+
+/// [`inject_sync_exception`], with the PSTATE bits `clear` cleared in the saved SPSR_EL1 (a
+/// software step exception saves SS as 0).
+pub fn inject_sync_exception_with(
+    fd: &VcpuFd,
+    esr: u32,
+    clear: u64,
+) -> Result<bool, kvm_ioctls::Error> {
     let pstate = get(fd, PSTATE)?;
     let pc = get(fd, PC)?;
     let vbar = get(fd, VBAR_EL1)?;
     let Some((offset, from_el1)) = sync_vector(pstate & 0xf) else {
         return Err(kvm_ioctls::Error::new(libc::EINVAL));
     };
-    let pan = if get(fd, SCTLR_EL1)? & SCTLR_SPAN == 0 {
-        PSTATE_PAN
-    } else {
-        pstate & PSTATE_PAN
-    };
+    let sctlr = get(fd, SCTLR_EL1)?;
     set(fd, ESR_EL1, u64::from(guest_syndrome(esr, from_el1)))?;
     set(fd, ELR_EL1, pc)?;
-    set(fd, SPSR_EL1, pstate)?;
-    set(fd, PSTATE, BOOT_PSTATE | pan)?;
-    set(fd, PC, vbar + offset)
+    set(fd, SPSR_EL1, pstate & !clear)?;
+    set(fd, PSTATE, exception_entry_pstate(pstate, sctlr))?;
+    set(fd, PC, vbar + offset)?;
+    Ok(!from_el1)
 }
 
 /// Reads the 64-bit register `id`.
@@ -125,7 +168,8 @@ pub fn get(fd: &VcpuFd, id: u64) -> Result<u64, kvm_ioctls::Error> {
     Ok(u64::from_le_bytes(b))
 }
 
-fn set(fd: &VcpuFd, id: u64, v: u64) -> Result<(), kvm_ioctls::Error> {
+/// Writes the 64-bit register `id`.
+pub fn set(fd: &VcpuFd, id: u64, v: u64) -> Result<(), kvm_ioctls::Error> {
     fd.set_one_reg(id, &v.to_le_bytes()).map(|_| ())
 }
 
@@ -364,6 +408,19 @@ mod tests {
         assert_eq!(guest_syndrome(0x32 << 26 | 1 << 25, true) >> 26, 0x33);
         assert_eq!(guest_syndrome(0x32 << 26, false) >> 26, 0x32);
         assert_eq!(guest_syndrome(0x3c << 26 | 0x800, true), 0x3c << 26 | 0x800);
+    }
+
+    #[test]
+    fn exception_entry_keeps_the_flags_and_dit_and_takes_ssbs_from_sctlr() {
+        // From EL1h with NZCV = 0b1010, DIT, SSBS, BTYPE 0b11, SS and PAN, interrupts on.
+        let pstate =
+            0xa000_0000 | 1 << 24 | 1 << 21 | PSTATE_PAN | PSTATE_SSBS | 0b11 << 10 | 0b0101;
+        // SCTLR_EL1 with SPAN set (PAN kept) and DSSBS clear.
+        let entry = exception_entry_pstate(pstate, SCTLR_SPAN);
+        assert_eq!(entry, 0xa000_0000 | 1 << 24 | PSTATE_PAN | 0x3c5);
+        // From EL0 with PAN clear: SPAN clear sets PAN; DSSBS sets SSBS.
+        let entry = exception_entry_pstate(0x4000_0000, SCTLR_DSSBS);
+        assert_eq!(entry, 0x4000_0000 | PSTATE_PAN | PSTATE_SSBS | 0x3c5);
     }
 
     #[test]

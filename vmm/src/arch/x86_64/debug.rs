@@ -2,6 +2,7 @@
 //! software breakpoints, hardware execute breakpoints and single-stepping, the decoding of
 //! `KVM_EXIT_DEBUG`, and conversion between KVM's register structs and probe-core's.
 
+use crate::arch::GuestDebugContext;
 use kvm_bindings::{
     KVM_GUESTDBG_BLOCKIRQ, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_INJECT_BP, KVM_GUESTDBG_INJECT_DB,
     KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP, kvm_debug_exit_arch,
@@ -62,6 +63,7 @@ impl GuestDebugSetup {
         &mut self,
         _fd: &kvm_ioctls::VcpuFd,
         _exit: &kvm_debug_exit_arch,
+        _ctx: &GuestDebugContext,
     ) -> Result<(), crate::probing::ProbingError> {
         self.inject_breakpoint = true;
         Ok(())
@@ -75,6 +77,19 @@ impl GuestDebugSetup {
     ) -> Result<(), crate::probing::ProbingError> {
         self.inject_debug = true;
         Ok(())
+    }
+
+    /// Takes the debug exits that are the guest's own before the engine sees them: none on
+    /// x86_64, where KVM intercepts #DB only while hvprobe single-steps or uses DR0-3 (then
+    /// every #DB is the engine's to sort out) and every #BP goes through the engine's check of
+    /// the int3 under it.
+    pub fn take_guest_exit(
+        &mut self,
+        _fd: &kvm_ioctls::VcpuFd,
+        _exit: &kvm_debug_exit_arch,
+        _ctx: &GuestDebugContext,
+    ) -> Result<bool, crate::probing::ProbingError> {
+        Ok(false)
     }
 
     /// Whether an injection is pending: it acts once, at the ioctl, so the set-up must be
