@@ -2177,3 +2177,121 @@ fn random_sweep(
     assert_text_restored(&out);
     (planted, refused, hit)
 }
+
+/// `mrs Xt, daif` sites (the first instruction of every inlined `local_irq_save`) in `func`:
+/// offsets and destination registers.
+fn mrs_daif_sites(k: &Arm64Text, func: &str) -> Vec<(u64, u32)> {
+    use probe_core::arch::aarch64::MRS_DAIF;
+    let sym = k.map.lookup(func).unwrap();
+    let size = k.map.size_of(sym).unwrap() as usize;
+    k.words(func, size / 4)
+        .into_iter()
+        .filter(|(_, w)| w & 0xffff_ffe0 == MRS_DAIF && w & 0x1f != 31)
+        .map(|(off, w)| (off, w & 0x1f))
+        .collect()
+}
+
+#[test]
+fn arm64_mrs_daif_reads_the_interrupt_mask_the_guest_had_in_process_and_interrupt_context() {
+    if !arm64_guest() {
+        return;
+    }
+    // A slot runs with D, A, I and F masked: a copied `mrs daif` read 0x3c0 in every context, and
+    // the `local_irq_restore` that followed left the CPU with everything masked. Emulated, it
+    // reads the mask of the hit: 0 in process context with interrupts on (queue_work_on from
+    // `sync`), I and F (0xc0) in the timer interrupt (hrtimer_interrupt's irqsave lock). The
+    // register is fetched at the next instruction, as the guest computed it.
+    let k = Arm64Text::load();
+    let mut probes = Vec::new();
+    for (func, event) in [("queue_work_on", "q"), ("hrtimer_interrupt", "h")] {
+        let (off, rt) = *mrs_daif_sites(&k, func)
+            .first()
+            .unwrap_or_else(|| panic!("no mrs daif in {func}"));
+        probes.push(format!("{func}+{off:#x}"));
+        probes.push(format!("p:hv/{event} {func}+{:#x} flags=%x{rt}", off + 4));
+    }
+    let refs: Vec<&str> = probes.iter().map(String::as_str).collect();
+    let out = run_probed(
+        "1",
+        "sync; sleep 1; getpid-loop 200; sync; echo done",
+        &refs,
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    assert_has(&text(&out.stdout), "getpid-loop: calls=200", &out);
+    for at in [&probes[0], &probes[2]] {
+        assert_eq!(out.probe(at).plan, "emulate", "{}", explain(&out));
+    }
+    let flags = |event: &str| -> Vec<u64> {
+        text(&out.stdout)
+            .lines()
+            .filter(|l| l.contains(&format!("hv/{event}: (")))
+            .map(|l| {
+                let v = l.rsplit("flags=0x").next().unwrap_or_default();
+                u64::from_str_radix(v.trim(), 16).unwrap_or_else(|_| panic!("flags in {l}"))
+            })
+            .collect()
+    };
+    let (q, h) = (flags("q"), flags("h"));
+    assert!(
+        q.contains(&0),
+        "queue_work_on with interrupts on: {q:?}\n{}",
+        explain(&out)
+    );
+    assert!(q.iter().all(|f| [0, 0xc0].contains(f)), "{q:?}");
+    assert!(
+        !h.is_empty() && h.iter().all(|&f| f == 0xc0),
+        "{h:?}\n{}",
+        explain(&out)
+    );
+    out.assert_text_restored();
+}
+
+/// `debug-loop calls N`'s sum: what the guest must print if no probe changed what it computes.
+fn debug_loop_sum(n: i64) -> i64 {
+    (0..n)
+        .map(|x| {
+            let y = x * 3 + 1;
+            if y & 4 != 0 { y ^ 0x55 } else { y }
+        })
+        .sum()
+}
+
+#[test]
+fn the_guests_own_uprobes_and_hardware_watchpoints_keep_working_beside_hvprobe_probes() {
+    // x86_64 only for now: on arm64 KVM masks the guest's MDSCR_EL1.SS while it debugs the
+    // guest, so the single step a uprobe or a watchpoint needs next never comes (docs/probing.md,
+    // "Known limits").
+    if !x86_64_guest() {
+        return;
+    }
+    // The guest's uprobe (a breakpoint at EL0, then its own single step of the copy) and a
+    // perf_event_open write watchpoint, with an hvprobe probe in the kernel: the traced
+    // program computes the same, the uprobe counts every call, the watchpoint every write.
+    let t = "/sys/kernel/tracing";
+    let exec = format!(
+        "off=$(debug-loop offset) && echo \"p:u/tick /bin/debug-loop:$off\" > {t}/uprobe_events && \
+         echo 1 > {t}/events/u/tick/enable && debug-loop calls 40 && \
+         echo 0 > {t}/events/u/tick/enable && cat {t}/uprobe_profile && \
+         debug-loop watch 50 && getpid-loop 10"
+    );
+    let getpid = sys("getpid");
+    let out = run_probed("1", &exec, &[&getpid], &["--quiet"]);
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    let stdout = text(&out.stdout);
+    assert_has(
+        &stdout,
+        &format!("debug-loop: calls=40 sum={}", debug_loop_sum(40)),
+        &out,
+    );
+    let uprobe_hits = stdout
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some("u/tick"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no uprobe_profile line\n{}", explain(&out)));
+    assert_eq!(uprobe_hits, 40, "{}", explain(&out));
+    assert_has(&stdout, "debug-loop: writes=50 events=50", &out);
+    assert!(out.probe(&getpid).hits >= 10, "{}", explain(&out));
+    out.assert_text_restored();
+}

@@ -202,6 +202,10 @@ fn run(args: &Job) -> Result<i32> {
 /// XOL code pages reserved for a run with probes (128 slots a page).
 const XOL_PAGES: usize = 64;
 
+/// What hardware-breakpoint probes cost the guest, said once at start: KVM loads either the
+/// host's debug registers or the guest's, never both.
+const HW_TRAPS_SHADOW_GUEST_DEBUG: &str = "hvprobe: hardware-breakpoint probes: the guest's own hardware breakpoints and watchpoints are silent while they are in (KVM loads the host's debug registers in place of the guest's)";
+
 /// Picks the trap kind from the user's choice and what the self-test found.
 fn choose_trap(choice: TrapChoice, support: &TrapSupport, probes: usize) -> Result<TrapKind> {
     let summary = support.summary();
@@ -211,12 +215,16 @@ fn choose_trap(choice: TrapChoice, support: &TrapSupport, probes: usize) -> Resu
         TrapChoice::Int3 => {
             bail!("--trap int3: this KVM does not deliver what int3 probes need: {summary}")
         }
-        TrapChoice::Hw if support.hardware.is_ok() => Ok(TrapKind::Hardware),
+        TrapChoice::Hw if support.hardware.is_ok() => {
+            eprintln!("{HW_TRAPS_SHADOW_GUEST_DEBUG}");
+            Ok(TrapKind::Hardware)
+        }
         TrapChoice::Hw => {
             bail!("--trap hw: this KVM does not deliver hardware breakpoints: {summary}")
         }
         TrapChoice::Auto if int3 => Ok(TrapKind::Software),
         TrapChoice::Auto if support.hardware.is_ok() && probes <= crate::arch::HW_BREAKPOINTS => {
+            eprintln!("{HW_TRAPS_SHADOW_GUEST_DEBUG}");
             Ok(TrapKind::Hardware)
         }
         TrapChoice::Auto => bail!("this KVM cannot run {probes} probe(s): {summary}"),
@@ -377,9 +385,6 @@ fn probe_setup(
             (Ok(s), Ok(e)) => Some((s.addr, e.addr)),
             _ => None,
         },
-        user_return: crate::arch::USER_RETURN_SYMBOL
-            .and_then(|sym| map.lookup(sym).ok())
-            .map(|s| s.addr),
         slide,
         skip_refused: args.skip_refused,
         guest_kprobes,

@@ -136,9 +136,6 @@ pub struct ProbeSetup {
     pub kaslr_anchor: Option<u64>,
     /// The KASLR slide once found, shared with handlers that symbolize addresses.
     pub slide: Arc<AtomicU64>,
-    /// System.map's address of the kernel's return path to user mode
-    /// ([`arch::USER_RETURN_SYMBOL`]), where the guest's own software step is carried through.
-    pub user_return: Option<u64>,
     /// System.map's `__start___ex_table` and `__stop___ex_table`: instructions listed there are
     /// never copied out of line.
     pub exception_table: Option<(u64, u64)>,
@@ -270,8 +267,6 @@ struct ProbeSession {
     planted: bool,
     regs: Option<GuestRegisters>,
     register_ioctls: Arc<RegisterIoctls>,
-    /// The running kernel's user-return address once the slide is known (0: none).
-    user_return: Arc<AtomicU64>,
 }
 
 impl ProbeSession {
@@ -337,11 +332,6 @@ impl ProbeSession {
             #[allow(clippy::unit_arg)]
             self.engine.set_cpu_features(state.cpu_features);
             self.apply_kaslr_slide(state.kaslr_anchor)?;
-            if let Some(at) = self.setup.user_return {
-                let slide = self.setup.slide.load(Ordering::SeqCst);
-                self.user_return
-                    .store(at.wrapping_add(slide), Ordering::SeqCst);
-            }
             if let Some((start, end)) = self.setup.exception_table {
                 let slide = self.setup.slide.load(Ordering::SeqCst);
                 let (start, end) = (start.wrapping_add(slide), end.wrapping_add(slide));
@@ -531,7 +521,6 @@ pub fn run(
                 planted: false,
                 regs: None,
                 register_ioctls: Arc::default(),
-                user_return: Arc::default(),
             })
         }
         None => None,
@@ -541,7 +530,6 @@ pub fn run(
             engine: s.engine.clone(),
             breakpoint_exits: s.setup.breakpoint_exits,
             register_ioctls: s.register_ioctls.clone(),
-            user_return: s.user_return.clone(),
         })
     });
     let sync_regs = vm

@@ -117,8 +117,6 @@ pub struct Probing {
     pub breakpoint_exits: bool,
     /// Register ioctls made while handling debug exits, for figures.
     pub register_ioctls: Arc<RegisterIoctls>,
-    /// The running kernel's return path to user mode (0 until planting found it, or none).
-    pub user_return: Arc<AtomicU64>,
 }
 
 /// Register ioctls made while handling debug exits (`KVM_GET/SET_ONE_REG` on arm64, which has
@@ -201,7 +199,6 @@ impl VcpuProbing {
         exit: &kvm_bindings::kvm_debug_exit_arch,
     ) -> Result<(), ProbingError> {
         let ctx = GuestDebugContext {
-            user_return: Some(self.shared.user_return.load(Ordering::Relaxed)).filter(|&a| a != 0),
             hw_count: self.shared.engine.hardware_breakpoint_count(),
             hardware_in_use: self
                 .applied
@@ -228,7 +225,9 @@ impl VcpuProbing {
         match verdict {
             Verdict::Resume => {}
             Verdict::Reinject => self.setup.reinject_breakpoint(fd, exit, &ctx)?,
-            Verdict::ReinjectDebug => self.setup.reinject_debug(fd, exit)?,
+            Verdict::ReinjectDebug => {
+                self.setup.reinject_debug(fd, exit)?;
+            }
         }
         Ok(())
     }

@@ -51,24 +51,12 @@ pub use x86_64::{
 /// `GuestDebugSetup::take_guest_exit` and `reinject_breakpoint`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GuestDebugContext {
-    /// The running kernel's return path to user mode ([`USER_RETURN_SYMBOL`], KASLR applied).
-    pub user_return: Option<u64>,
     /// Hardware breakpoints this vCPU has.
     pub hw_count: usize,
     /// Whether the set-up of the last entry loaded hvprobe's debug registers (then the guest's
     /// own breakpoints were not loaded, and a breakpoint exit is hvprobe's).
     pub hardware_in_use: bool,
 }
-
-/// The kernel symbol of the return path to user mode, where a guest's own software step is
-/// carried through while KVM debugs the guest (arm64: `ret_to_user`); `None` where the
-/// architecture needs none (x86_64's TF single-step is the guest's own while hvprobe does not
-/// single-step).
-#[cfg(target_arch = "x86_64")]
-pub const USER_RETURN_SYMBOL: Option<&str> = None;
-/// The kernel symbol of the return path to user mode (see the x86_64 twin).
-#[cfg(target_arch = "aarch64")]
-pub const USER_RETURN_SYMBOL: Option<&str> = Some("ret_to_user");
 
 /// The software breakpoint's name in output (`int3`, `brk`).
 #[cfg(target_arch = "x86_64")]

@@ -42,8 +42,6 @@ const fn sys_reg(op0: u64, op1: u64, crn: u64, crm: u64, op2: u64) -> u64 {
 const SP_EL0: u64 = core_reg(31 * 8);
 const PC: u64 = core_reg(32 * 8);
 const PSTATE: u64 = core_reg(33 * 8);
-/// PSTATE's register id, for the guest-debug code.
-pub const PSTATE_REG: u64 = PSTATE;
 /// `kvm_regs.sp_el1`.
 const SP_EL1: u64 = core_reg(34 * 8);
 const TTBR0_EL1: u64 = sys_reg(3, 0, 2, 0, 0);
@@ -66,11 +64,7 @@ const SPSR_EL1: u64 = core_reg(36 * 8);
 const ESR_EL1: u64 = sys_reg(3, 0, 5, 2, 0);
 /// FAR_EL1: the address a watchpoint (or abort) reports.
 pub const FAR_EL1: u64 = sys_reg(3, 0, 6, 0, 0);
-/// MDSCR_EL1, as the guest wrote it (KVM keeps the guest's value apart from what it loads
-/// while it debugs the guest).
-pub const MDSCR_EL1: u64 = sys_reg(2, 0, 0, 2, 2);
-/// PSTATE.SS: the software-step state bit (SPSR bit 21).
-pub const PSTATE_SS: u64 = 1 << 21;
+
 const SCTLR_EL1: u64 = sys_reg(3, 0, 1, 0, 0);
 /// PSTATE.PAN.
 const PSTATE_PAN: u64 = 1 << 22;
@@ -136,16 +130,6 @@ fn exception_entry_pstate(pstate: u64, sctlr: u64) -> u64 {
 /// arm64 KVM has no way to inject a debug exception itself.
 /// Returns whether the exception came from EL0.
 pub fn inject_sync_exception(fd: &VcpuFd, esr: u32) -> Result<bool, kvm_ioctls::Error> {
-    inject_sync_exception_with(fd, esr, 0)
-}
-
-/// [`inject_sync_exception`], with the PSTATE bits `clear` cleared in the saved SPSR_EL1 (a
-/// software step exception saves SS as 0).
-pub fn inject_sync_exception_with(
-    fd: &VcpuFd,
-    esr: u32,
-    clear: u64,
-) -> Result<bool, kvm_ioctls::Error> {
     let pstate = get(fd, PSTATE)?;
     let pc = get(fd, PC)?;
     let vbar = get(fd, VBAR_EL1)?;
@@ -155,7 +139,7 @@ pub fn inject_sync_exception_with(
     let sctlr = get(fd, SCTLR_EL1)?;
     set(fd, ESR_EL1, u64::from(guest_syndrome(esr, from_el1)))?;
     set(fd, ELR_EL1, pc)?;
-    set(fd, SPSR_EL1, pstate & !clear)?;
+    set(fd, SPSR_EL1, pstate)?;
     set(fd, PSTATE, exception_entry_pstate(pstate, sctlr))?;
     set(fd, PC, vbar + offset)?;
     Ok(!from_el1)
