@@ -2286,12 +2286,18 @@ fn the_guests_own_uprobes_and_hardware_watchpoints_keep_working_beside_hvprobe_p
     );
     let uprobe_hits = stdout
         .lines()
-        .find(|l| l.split_whitespace().nth(1) == Some("u/tick"))
+        .find(|l| l.split_whitespace().nth(1) == Some("tick"))
         .and_then(|l| l.split_whitespace().nth(2))
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or_else(|| panic!("no uprobe_profile line\n{}", explain(&out)));
     assert_eq!(uprobe_hits, 40, "{}", explain(&out));
     assert_has(&stdout, "debug-loop: writes=50 events=50", &out);
     assert!(out.probe(&getpid).hits >= 10, "{}", explain(&out));
-    out.assert_text_restored();
+    // No text-hash check here: perf and trace events flip the guest's own static keys (perf's
+    // are switched off after a delay), so the guest's text legitimately differs at the end.
+    assert!(
+        out.summary().faults_with_probes.is_empty(),
+        "{}",
+        explain(&out)
+    );
 }
