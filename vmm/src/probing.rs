@@ -199,7 +199,6 @@ impl VcpuProbing {
         exit: &kvm_bindings::kvm_debug_exit_arch,
     ) -> Result<(), ProbingError> {
         let ctx = GuestDebugContext {
-            hw_count: self.shared.engine.hardware_breakpoint_count(),
             hardware_in_use: self
                 .applied
                 .is_some_and(|a| a.hardware.iter().any(Option::is_some)),
@@ -224,7 +223,7 @@ impl VcpuProbing {
         let verdict = verdict?;
         match verdict {
             Verdict::Resume => {}
-            Verdict::Reinject => self.setup.reinject_breakpoint(fd, exit, &ctx)?,
+            Verdict::Reinject => self.setup.reinject_breakpoint(fd, exit)?,
             Verdict::ReinjectDebug => {
                 self.setup.reinject_debug(fd, exit)?;
             }

@@ -548,8 +548,11 @@ fn aarch64_hvprobe() -> Result<PathBuf, RunnerError> {
         .join(format!("hvprobe-aarch64-{}", env!("CARGO_PKG_VERSION")));
     if workspace.join(".cargo/config.toml").exists() {
         let built = build_aarch64_hvprobe(&workspace)?;
-        // For an installed hvprobe of the same version, which has no source tree to build in.
-        if let Some(dir) = cached.parent()
+        // For an installed hvprobe of the same version, which has no source tree to build in;
+        // copied only when the build is newer than the copy.
+        let modified = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
+        if modified(&cached) < modified(&built)
+            && let Some(dir) = cached.parent()
             && fs::create_dir_all(dir).is_ok()
         {
             let _ = fs::copy(&built, &cached);

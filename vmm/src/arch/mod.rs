@@ -51,8 +51,6 @@ pub use x86_64::{
 /// `GuestDebugSetup::take_guest_exit` and `reinject_breakpoint`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct GuestDebugContext {
-    /// Hardware breakpoints this vCPU has.
-    pub hw_count: usize,
     /// Whether the set-up of the last entry loaded hvprobe's debug registers (then the guest's
     /// own breakpoints were not loaded, and a breakpoint exit is hvprobe's).
     pub hardware_in_use: bool,

@@ -10,8 +10,7 @@ pub mod xol;
 
 pub use decode::{Decoder, Instruction, NOP};
 pub use emulate::{
-    Emulation, MRS_DAIF, classify, condition_holds, exclusive_window, is_compare_and_swap_pair,
-    is_pac_hint, out_of_line,
+    Emulation, MRS_DAIF, classify, condition_holds, exclusive_window, is_pac_hint, out_of_line,
 };
 pub use pagewalk::AddressSpace;
 pub use regs::{PSTATE_BTYPE, PSTATE_DAIF, Registers};

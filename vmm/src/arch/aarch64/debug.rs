@@ -63,14 +63,11 @@ impl GuestDebugSetup {
         &mut self,
         fd: &VcpuFd,
         exit: &kvm_debug_exit_arch,
-        _ctx: &GuestDebugContext,
     ) -> Result<(), ProbingError> {
-        inject_sync_exception(fd, exit.hsr)
-            .map(|_| ())
-            .map_err(|source| ProbingError::Kvm {
-                what: "handing a BRK back to the guest (KVM_SET_ONE_REG)",
-                source,
-            })
+        inject_sync_exception(fd, exit.hsr).map_err(|source| ProbingError::Kvm {
+            what: "handing a BRK back to the guest (KVM_SET_ONE_REG)",
+            source,
+        })
     }
 
     /// Hands the guest's own debug exception (its step, its hardware breakpoint: guest
@@ -80,12 +77,10 @@ impl GuestDebugSetup {
         fd: &VcpuFd,
         exit: &kvm_debug_exit_arch,
     ) -> Result<(), ProbingError> {
-        inject_sync_exception(fd, exit.hsr)
-            .map(|_| ())
-            .map_err(|source| ProbingError::Kvm {
-                what: "handing a debug exception back to the guest (KVM_SET_ONE_REG)",
-                source,
-            })
+        inject_sync_exception(fd, exit.hsr).map_err(|source| ProbingError::Kvm {
+            what: "handing a debug exception back to the guest (KVM_SET_ONE_REG)",
+            source,
+        })
     }
 
     /// Takes the debug exits that are the guest's own, before the engine sees any: its

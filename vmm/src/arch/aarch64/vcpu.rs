@@ -128,8 +128,7 @@ fn exception_entry_pstate(pstate: u64, sctlr: u64) -> u64 {
 /// the hardware would: ESR_EL1 and ELR_EL1 (the PC) and SPSR_EL1 (PSTATE) saved, PSTATE as
 /// [`exception_entry_pstate`] makes it, PC to VBAR_EL1 plus the vector for where it came from.
 /// arm64 KVM has no way to inject a debug exception itself.
-/// Returns whether the exception came from EL0.
-pub fn inject_sync_exception(fd: &VcpuFd, esr: u32) -> Result<bool, kvm_ioctls::Error> {
+pub fn inject_sync_exception(fd: &VcpuFd, esr: u32) -> Result<(), kvm_ioctls::Error> {
     let pstate = get(fd, PSTATE)?;
     let pc = get(fd, PC)?;
     let vbar = get(fd, VBAR_EL1)?;
@@ -141,8 +140,7 @@ pub fn inject_sync_exception(fd: &VcpuFd, esr: u32) -> Result<bool, kvm_ioctls::
     set(fd, ELR_EL1, pc)?;
     set(fd, SPSR_EL1, pstate)?;
     set(fd, PSTATE, exception_entry_pstate(pstate, sctlr))?;
-    set(fd, PC, vbar + offset)?;
-    Ok(!from_el1)
+    set(fd, PC, vbar + offset)
 }
 
 /// Reads the 64-bit register `id`.
