@@ -763,8 +763,10 @@ fn a_kaslr_guest_is_probed_like_a_nokaslr_one() {
         return;
     }
     // The default command line without `nokaslr`: the slide is found from the running guest.
+    // With page-table isolation forced on (AMD CPUs do not need it): user mode runs on a CR3
+    // without the kernel's text, so planting reads a vCPU in the kernel.
     let cmdline = "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux i8042.nomux \
-                   i8042.dumbkbd quiet loglevel=3";
+                   i8042.dumbkbd quiet loglevel=3 pti=on";
     assert!(!cmdline.contains("nokaslr"));
     let k = KernelText::load();
     let stepped = k.find("__x64_sys_getpid", |i| plan_of(i) == Some("xol"));
@@ -1845,13 +1847,35 @@ fn arm64_definitions_fetch_arguments_and_the_task_on_a_kaslr_guest() {
     if !arm64_guest() {
         return;
     }
-    // No `nokaslr`: the device tree carries a seed, the kernel moves, the slide is found from
-    // VBAR_EL1.
+    arm64_kaslr_definitions(&[]);
+}
+
+#[test]
+fn arm64_a_kaslr_guest_on_a_spectre_bhb_cpu_is_probed_like_on_the_default_one() {
+    if !arm64_guest() {
+        return;
+    }
+    // Neoverse N1 is in Linux's Spectre-BHB list: VBAR_EL1 holds a slot of
+    // __bp_harden_el1_vectors, not `vectors`.
+    let out = arm64_kaslr_definitions(&["--runner-cpu", "neoverse-n1"]);
+    let anchor = out.summary().kaslr_anchor.clone().unwrap_or_default();
+    assert!(
+        anchor.starts_with("__bp_harden_el1_vectors"),
+        "{anchor}\n{}",
+        explain(&out)
+    );
+}
+
+/// No `nokaslr`: the device tree carries a seed, the kernel moves, the slide is found from
+/// VBAR_EL1; a definition with arguments, the task and the symbolized PC.
+fn arm64_kaslr_definitions(extra: &[&str]) -> Run {
+    let mut args = vec!["--cmdline", "console=ttyS0 panic=-1 quiet loglevel=3"];
+    args.extend_from_slice(extra);
     let out = run_probed(
         "1",
         "cat /etc/passwd > /dev/null",
         &["p:hv/open do_sys_openat2 name=+0($arg2):ustring c=$comm dfd=$arg1:s32 at=%pc:symbol"],
-        &["--cmdline", "console=ttyS0 panic=-1 quiet loglevel=3"],
+        &args,
     );
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
     assert_has(
@@ -1862,6 +1886,7 @@ fn arm64_definitions_fetch_arguments_and_the_task_on_a_kaslr_guest() {
     let slide = out.summary().kaslr_slide.expect("a slide");
     assert_eq!(slide % (64 << 10), 0, "{slide:#x}");
     out.assert_text_restored();
+    out
 }
 
 #[test]
@@ -2300,4 +2325,36 @@ fn the_guests_own_uprobes_and_hardware_watchpoints_keep_working_beside_hvprobe_p
         "{}",
         explain(&out)
     );
+}
+
+#[test]
+fn arm64_text_that_runs_at_another_address_is_refused_by_name_and_cpu1_comes_back() {
+    if !arm64_guest() {
+        return;
+    }
+    // secondary_startup is in .idmap.text: a CPU coming online runs it from the identity map,
+    // at its physical address, where a BRK would trap with the MMU half switched. Refused at
+    // resolution (with --skip-refused, listed), while the other probe is planted; CPU1 goes
+    // offline and online again.
+    let getpid = sys("getpid");
+    let out = run_probed(
+        "2",
+        "echo 0 > /sys/devices/system/cpu/cpu1/online && \
+         echo 1 > /sys/devices/system/cpu/cpu1/online && \
+         echo online=$(cat /sys/devices/system/cpu/online) && getpid-loop 10",
+        &["secondary_startup", &getpid],
+        &["--skip-refused"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    assert_has(&text(&out.stdout), "online=0-1\n", &out);
+    let skipped = &out.summary().skipped;
+    assert!(
+        skipped
+            .iter()
+            .any(|s| s.contains("secondary_startup") && s.contains(".idmap.text")),
+        "{skipped:?}\n{}",
+        explain(&out)
+    );
+    assert!(out.probe(&getpid).hits >= 10, "{}", explain(&out));
+    out.assert_text_restored();
 }

@@ -163,6 +163,73 @@ impl SymbolMap {
     }
 }
 
+/// Kernel text that does not run at the address its symbols give, so a breakpoint written
+/// there would trap at an address hvprobe does not know (or in a context that cannot take
+/// it): each range by the System.map symbols that bound it, its section, and why.
+pub const RELOCATED_TEXT: &[RelocatedText] = &[
+    RelocatedText {
+        start: "__idmap_text_start",
+        end: "__idmap_text_end",
+        section: ".idmap.text",
+        why: "it runs from the identity map (secondary CPU bring-up, suspend and resume), at its physical address, with the MMU being switched",
+    },
+    RelocatedText {
+        start: "__entry_tramp_text_start",
+        end: "__entry_tramp_text_end",
+        section: ".entry.tramp.text",
+        why: "it is the KPTI trampoline, which runs from its fixmap alias",
+    },
+    RelocatedText {
+        start: "__hyp_idmap_text_start",
+        end: "__hyp_idmap_text_end",
+        section: ".hyp.idmap.text",
+        why: "it is hypervisor code, which runs at EL2 from its own mapping",
+    },
+    RelocatedText {
+        start: "__hyp_text_start",
+        end: "__hyp_text_end",
+        section: ".hyp.text",
+        why: "it is hypervisor code, which runs at EL2 from its own mapping",
+    },
+    RelocatedText {
+        start: "__hibernate_exit_text_start",
+        end: "__hibernate_exit_text_end",
+        section: ".hibernate_exit.text",
+        why: "it is copied to a safe page and run there when resuming from hibernation",
+    },
+    RelocatedText {
+        start: "__relocate_new_kernel_start",
+        end: "__relocate_new_kernel_end",
+        section: ".kexec_relocate.text",
+        why: "it is copied to a control page and run there by kexec",
+    },
+];
+
+/// One range of [`RELOCATED_TEXT`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelocatedText {
+    /// The symbol at its start.
+    pub start: &'static str,
+    /// The symbol at its end (exclusive).
+    pub end: &'static str,
+    /// The linker section.
+    pub section: &'static str,
+    /// Why a probe cannot go there.
+    pub why: &'static str,
+}
+
+impl SymbolMap {
+    /// The range of [`RELOCATED_TEXT`] that `addr` lies in, if this kernel has one there.
+    pub fn relocated_text(&self, addr: u64) -> Option<&'static RelocatedText> {
+        RELOCATED_TEXT.iter().find(|r| {
+            matches!(
+                (self.lookup(r.start), self.lookup(r.end)),
+                (Ok(s), Ok(e)) if (s.addr..e.addr).contains(&addr)
+            )
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,5 +292,26 @@ ffffffff82000000 D _etext
             SymbolMap::parse("zzzz T name\n"),
             Err(SymbolError::BadLine { line: 1, .. })
         ));
+    }
+
+    #[test]
+    fn text_that_runs_elsewhere_is_named_by_its_section() {
+        let map = SymbolMap::parse(
+            "ffff800008010000 T _stext\n\
+             ffff800008bd2000 T __idmap_text_start\n\
+             ffff800008bd22d4 t secondary_startup\n\
+             ffff800008bd2930 T __idmap_text_end\n\
+             ffff800009388000 T __entry_tramp_text_start\n\
+             ffff80000938b000 T __entry_tramp_text_end\n",
+        )
+        .unwrap();
+        let at = |a: u64| map.relocated_text(a).map(|r| r.section);
+        assert_eq!(at(0xffff_8000_08bd_22d4), Some(".idmap.text"));
+        assert_eq!(at(0xffff_8000_0938_8010), Some(".entry.tramp.text"));
+        // The ends are exclusive; ordinary text and a kernel without the symbols are not.
+        assert_eq!(at(0xffff_8000_08bd_2930), None);
+        assert_eq!(at(0xffff_8000_0801_0000), None);
+        let x86 = SymbolMap::parse("ffffffff81000000 T _stext\n").unwrap();
+        assert_eq!(x86.relocated_text(0xffff_ffff_8100_0000), None);
     }
 }

@@ -374,10 +374,8 @@ fn probe_setup(
         breakpoint_exits: support.software.is_ok(),
         text,
         xol_pages: XOL_PAGES,
-        kaslr_anchor: map
-            .lookup(crate::arch::KASLR_ANCHOR.symbol)
-            .ok()
-            .map(|s| s.addr),
+        kaslr_anchors: crate::arch::KASLR_ANCHOR
+            .linked_addresses(|sym| map.lookup(sym).ok().map(|s| s.addr)),
         exception_table: match (
             map.lookup("__start___ex_table"),
             map.lookup("__stop___ex_table"),
@@ -385,6 +383,9 @@ fn probe_setup(
             (Ok(s), Ok(e)) => Some((s.addr, e.addr)),
             _ => None,
         },
+        user_return: crate::arch::USER_RETURN_SYMBOL
+            .and_then(|sym| map.lookup(sym).ok())
+            .map(|s| s.addr),
         slide,
         skip_refused: args.skip_refused,
         guest_kprobes,

@@ -82,6 +82,11 @@ pub struct Job {
     /// Where the VM runs.
     #[arg(long, value_enum, default_value_t = RunnerChoice::Auto)]
     pub runner: RunnerChoice,
+    /// The emulated runner's CPU model (QEMU's `-cpu`; default `EPYC` for x86_64 guests, `max`
+    /// for arm64), e.g. `neoverse-n1` for an arm64 CPU with the Spectre-BHB mitigations.
+    #[arg(long, value_name = "MODEL")]
+    #[serde(default)]
+    pub runner_cpu: Option<String>,
     /// Print boot and run times on stderr at the end.
     #[arg(long)]
     pub timings: bool,
@@ -212,6 +217,13 @@ fn resolve_probe(
     let (va, sym) = map
         .resolve(&location)
         .with_context(|| format!("--probe {p}"))?;
+    if let Some(r) = map.relocated_text(va) {
+        bail!(
+            "--probe {p}: refusing {location} at {va:#x}, in {}: {}",
+            r.section,
+            r.why
+        );
+    }
     let function_start = match sym {
         Some(s) => Some(s.addr),
         None => map.containing(va).map(|(s, _)| s.addr),

@@ -131,11 +131,15 @@ pub struct ProbeSetup {
     pub text: Option<(u64, u64)>,
     /// XOL code pages to reserve.
     pub xol_pages: usize,
-    /// System.map's address of the architecture's KASLR anchor ([`arch::KASLR_ANCHOR`]), to
-    /// find the slide from the running guest.
-    pub kaslr_anchor: Option<u64>,
+    /// System.map's addresses the architecture's KASLR anchor register may hold
+    /// ([`arch::KaslrAnchor::linked_addresses`]), to find the slide from the running guest;
+    /// empty: no slide is looked for.
+    pub kaslr_anchors: Vec<(u64, String)>,
     /// The KASLR slide once found, shared with handlers that symbolize addresses.
     pub slide: Arc<AtomicU64>,
+    /// System.map's address of the kernel's return path to user mode
+    /// ([`arch::USER_RETURN_SYMBOL`]), where the guest's own software step is carried through.
+    pub user_return: Option<u64>,
     /// System.map's `__start___ex_table` and `__stop___ex_table`: instructions listed there are
     /// never copied out of line.
     pub exception_table: Option<(u64, u64)>,
@@ -178,6 +182,9 @@ pub struct ProbeReport {
     pub skipped: Vec<String>,
     /// The KASLR slide found in the running guest.
     pub kaslr_slide: Option<u64>,
+    /// The System.map address the anchor register matched (`vectors`,
+    /// `__bp_harden_el1_vectors+0x800`, `entry_SYSCALL_64`).
+    pub kaslr_anchor: Option<String>,
 }
 
 /// What to run and for how long.
@@ -267,6 +274,8 @@ struct ProbeSession {
     planted: bool,
     regs: Option<GuestRegisters>,
     register_ioctls: Arc<RegisterIoctls>,
+    /// The running kernel's user-return address once the slide is known (0: none).
+    user_return: Arc<AtomicU64>,
 }
 
 impl ProbeSession {
@@ -279,27 +288,14 @@ impl ProbeSession {
     /// (`running`) against System.map's address of its symbol, and moves every probe address
     /// by it.
     fn apply_kaslr_slide(&mut self, running: u64) -> Result<(), PlantingError> {
-        let anchor = arch::KASLR_ANCHOR;
-        let Some(linked) = self.setup.kaslr_anchor else {
+        if self.setup.kaslr_anchors.is_empty() {
             return Ok(());
-        };
-        if running == 0 {
-            return Err(PlantingError::Kaslr(format!(
-                "cannot read the guest's {}",
-                anchor.register
-            )));
         }
-        let slide = running.wrapping_sub(linked);
-        if slide % anchor.align != 0 {
-            return Err(PlantingError::Kaslr(format!(
-                "the guest's {} {running:#x} is not {} ({linked:#x}) moved by a multiple of \
-                 {} KiB: System.map does not match the running kernel",
-                anchor.register,
-                anchor.symbol,
-                anchor.align >> 10
-            )));
-        }
+        let (slide, anchor) = arch::KASLR_ANCHOR
+            .slide(running, &self.setup.kaslr_anchors)
+            .map_err(PlantingError::Kaslr)?;
         self.report.kaslr_slide = Some(slide);
+        self.report.kaslr_anchor = Some(anchor.to_string());
         self.setup.slide.store(slide, Ordering::SeqCst);
         if slide != 0 {
             for req in &mut self.setup.requests {
@@ -326,12 +322,27 @@ impl ProbeSession {
         self.planted = true;
         pause_all(handles);
         let result = (|| {
-            let state = paused_state(&handles[0])?;
+            // The registers of a vCPU in the kernel, where one is (the first otherwise).
+            let mut state = paused_state(&handles[0])?;
+            for h in &handles[1..] {
+                if state.in_kernel {
+                    break;
+                }
+                let other = paused_state(h)?;
+                if other.in_kernel {
+                    state = other;
+                }
+            }
             let regs = state.regs;
             // The features are `()` on x86_64, where no plan depends on them.
             #[allow(clippy::unit_arg)]
             self.engine.set_cpu_features(state.cpu_features);
             self.apply_kaslr_slide(state.kaslr_anchor)?;
+            if let Some(at) = self.setup.user_return {
+                let slide = self.setup.slide.load(Ordering::SeqCst);
+                self.user_return
+                    .store(at.wrapping_add(slide), Ordering::SeqCst);
+            }
             if let Some((start, end)) = self.setup.exception_table {
                 let slide = self.setup.slide.load(Ordering::SeqCst);
                 let (start, end) = (start.wrapping_add(slide), end.wrapping_add(slide));
@@ -521,6 +532,7 @@ pub fn run(
                 planted: false,
                 regs: None,
                 register_ioctls: Arc::default(),
+                user_return: Arc::default(),
             })
         }
         None => None,
@@ -530,6 +542,7 @@ pub fn run(
             engine: s.engine.clone(),
             breakpoint_exits: s.setup.breakpoint_exits,
             register_ioctls: s.register_ioctls.clone(),
+            user_return: s.user_return.clone(),
         })
     });
     let sync_regs = vm

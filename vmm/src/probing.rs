@@ -101,6 +101,9 @@ pub struct PausedState {
     /// Where the running kernel's KASLR anchor is ([`crate::arch::KASLR_ANCHOR`]), 0 if it
     /// could not be read.
     pub kaslr_anchor: u64,
+    /// The vCPU was in the kernel (CPL 0, EL1): its page-table root and anchor register are
+    /// the kernel's.
+    pub in_kernel: bool,
     /// What the guest's CPU offers, for the engine's plans.
     pub cpu_features: <Guest as probe_core::arch::Arch>::CpuFeatures,
 }
@@ -117,6 +120,8 @@ pub struct Probing {
     pub breakpoint_exits: bool,
     /// Register ioctls made while handling debug exits, for figures.
     pub register_ioctls: Arc<RegisterIoctls>,
+    /// The running kernel's return path to user mode (0 until planting found it, or none).
+    pub user_return: Arc<AtomicU64>,
 }
 
 /// Register ioctls made while handling debug exits (`KVM_GET/SET_ONE_REG` on arm64, which has
@@ -199,6 +204,8 @@ impl VcpuProbing {
         exit: &kvm_bindings::kvm_debug_exit_arch,
     ) -> Result<(), ProbingError> {
         let ctx = GuestDebugContext {
+            user_return: Some(self.shared.user_return.load(Ordering::Relaxed)).filter(|&a| a != 0),
+            hw_count: self.shared.engine.hardware_breakpoint_count(),
             hardware_in_use: self
                 .applied
                 .is_some_and(|a| a.hardware.iter().any(Option::is_some)),
@@ -223,7 +230,7 @@ impl VcpuProbing {
         let verdict = verdict?;
         match verdict {
             Verdict::Resume => {}
-            Verdict::Reinject => self.setup.reinject_breakpoint(fd, exit)?,
+            Verdict::Reinject => self.setup.reinject_breakpoint(fd, exit, &ctx)?,
             Verdict::ReinjectDebug => {
                 self.setup.reinject_debug(fd, exit)?;
             }

@@ -263,8 +263,9 @@ pub fn summary(report: &ProbeReport) -> Vec<String> {
     }
     if let Some(slide) = report.kaslr_slide {
         out.push(format!(
-            "hvprobe: kernel base slide {slide:#x} (the guest's {} against System.map)",
-            crate::arch::KASLR_ANCHOR.register
+            "hvprobe: kernel base slide {slide:#x} (the guest's {} against System.map's {})",
+            crate::arch::KASLR_ANCHOR.register,
+            report.kaslr_anchor.as_deref().unwrap_or("anchor")
         ));
     }
     for r in &report.rewritten {

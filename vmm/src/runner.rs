@@ -391,6 +391,11 @@ pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
             aarch64_machine(&mut cmd, &console, trace_file.as_deref(), &status_file)
         }
     }
+    let cpu = args.runner_cpu.as_deref().unwrap_or(match arch {
+        GuestArch::X86_64 => "EPYC",
+        GuestArch::Aarch64 => "max",
+    });
+    cmd.args(["-cpu", cpu]);
     cmd.args(["-smp", &L1_CPUS.to_string(), "-m", &l1_mem.to_string()])
         .arg("-kernel")
         .arg(l1.vmlinuz())
@@ -448,10 +453,10 @@ pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
     result
 }
 
-/// The x86_64 L1 machine: TCG with SVM (`-cpu EPYC`), the console and the inner run's streams
+/// The x86_64 L1 machine: TCG with SVM (`-cpu EPYC` by default), the console and the inner run's streams
 /// on serial ports, the status through `isa-debug-exit`.
 fn x86_64_machine(cmd: &mut Command, console: &Path, trace_file: Option<&str>) {
-    cmd.args(["-accel", "tcg", "-cpu", "EPYC", "-nodefaults", "-no-reboot"])
+    cmd.args(["-accel", "tcg", "-nodefaults", "-no-reboot"])
         // Debian's firmware, for a QEMU built from source (guest/qemu/build.sh).
         .args(FIRMWARE_DIRS.iter().flat_map(|d| ["-L", d]))
         .args(["-display", "none", "-monitor", "none"])
@@ -484,7 +489,7 @@ fn x86_64_status(status: std::process::ExitStatus) -> Option<i32> {
     }
 }
 
-/// The arm64 L1 machine: TCG emulating EL2 (`virtualization=on`) with a GICv3, L1's console on
+/// The arm64 L1 machine: TCG emulating EL2 (`virtualization=on`, `-cpu max` by default) with a GICv3, L1's console on
 /// the PL011, the inner run's streams, output and status on virtio-serial ports (virtio-mmio).
 fn aarch64_machine(cmd: &mut Command, console: &Path, trace_file: Option<&str>, status: &Path) {
     // Appending: a redirected stdout or stderr keeps what hvprobe wrote before.
@@ -497,7 +502,7 @@ fn aarch64_machine(cmd: &mut Command, console: &Path, trace_file: Option<&str>, 
         ]
     };
     cmd.args(["-machine", "virt,virtualization=on,gic-version=3"])
-        .args(["-accel", "tcg", "-cpu", "max", "-nodefaults", "-no-reboot"])
+        .args(["-accel", "tcg", "-nodefaults", "-no-reboot"])
         .args(["-display", "none", "-monitor", "none"])
         .args([
             "-append",

@@ -135,6 +135,10 @@ pub struct RunSummary {
     pub text: Option<TextSummary>,
     /// The running kernel's KASLR slide.
     pub kaslr_slide: Option<u64>,
+    /// The System.map address the KASLR anchor register matched (arm64: `vectors`, or a slot
+    /// of `__bp_harden_el1_vectors` on a Spectre-BHB CPU).
+    #[serde(default)]
+    pub kaslr_anchor: Option<String>,
     /// Probes refused at planting and skipped (`--skip-refused`).
     pub skipped: Vec<String>,
     /// Guest kernel fault reports printed while probes were in.
@@ -216,6 +220,7 @@ impl RunSummary {
                 restored: t.after == Some(t.before),
             }),
             kaslr_slide: probes.and_then(|p| p.kaslr_slide),
+            kaslr_anchor: probes.and_then(|p| p.kaslr_anchor.clone()),
             skipped: probes.map(|p| p.skipped.clone()).unwrap_or_default(),
             faults_with_probes: report.faults_with_probes.clone(),
         }

@@ -207,6 +207,27 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             return Ok(Verdict::Resume);
         }
         if let Ok(t) = A::translate(&self.mem, space, pc) {
+            // One of hvprobe's breakpoints reached through another mapping of its page (code
+            // copied or run from an alias hvprobe could not tell apart at planting): never the
+            // guest's to handle. The site is disarmed and the guest's instruction runs.
+            let aliased = {
+                let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+                table
+                    .sites
+                    .get(&t.gpa)
+                    .filter(|s| s.va != pc && s.disarmed.get().is_none())
+                    .map(|s| s.probes.clone())
+            };
+            if let Some(probes) = aliased {
+                for p in probes.iter() {
+                    p.counters.missed.fetch_add(1, Ordering::Relaxed);
+                }
+                self.disarm(
+                    t.gpa,
+                    "it was reached at another address than the one it was planted at",
+                );
+                return Ok(Verdict::Resume);
+            }
             let mut bytes = [0u8; 16];
             let insn = &mut bytes[..A::BREAKPOINT.len()];
             if self.mem.read_phys(t.gpa, insn) && !A::is_breakpoint(insn) {

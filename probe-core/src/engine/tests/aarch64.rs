@@ -412,3 +412,42 @@ fn the_general_purpose_registers_are_read_only_when_something_uses_them() {
     assert_eq!(vcpu.full_reads, 0, "three exits on the control registers");
     assert_eq!(vcpu.regs.x[29], 0xf0f0, "nothing written over them");
 }
+
+#[test]
+fn a_probe_reached_through_an_alias_of_its_page_is_disarmed_not_handed_to_the_guest() {
+    let (engine, mut vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    engine
+        .plant(Probe::new("f+0x4"), target(AT_NOP), &regs)
+        .unwrap();
+    // The text page mapped a second time four pages on (as the identity map or a trampoline's
+    // alias maps kernel text), and the guest runs the BRK there.
+    let idx = |level: u32| (TEXT_VA >> (39 - 9 * level)) & 0x1ff;
+    engine
+        .memory()
+        .write_obj(
+            TEXT_GPA | (1 << 7) | (1 << 10) | 3,
+            GuestAddress(0x4000 + (idx(3) + 4) * 8),
+        )
+        .unwrap();
+    let alias = TEXT_VA + 4 * 0x1000 + AT_NOP;
+    vcpu.regs.pc = alias;
+    let v = engine
+        .handle_debug(
+            &mut vcpu,
+            &mut VcpuProbeState::default(),
+            DebugEvent::Breakpoint { pc: alias },
+        )
+        .unwrap();
+    assert_eq!(v, Verdict::Resume, "never handed back to the guest");
+    assert_eq!(
+        vcpu.regs.pc, alias,
+        "the guest's own instruction runs there"
+    );
+    assert_eq!(text(&engine), code_bytes(), "the BRK is gone");
+    assert_eq!(engine.stats()[0].missed, 1);
+    let err = engine
+        .plant(Probe::new("f+0x4"), target(AT_NOP), &regs)
+        .unwrap_err();
+    assert!(err.to_string().contains("another address"), "{err}");
+}

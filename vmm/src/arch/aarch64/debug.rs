@@ -11,7 +11,10 @@ use probe_core::arch::Arch;
 use probe_core::arch::aarch64::Aarch64;
 use probe_core::vm::DebugEvent;
 
-use super::vcpu::{FAR_EL1, inject_sync_exception, read_pc, set};
+use super::vcpu::{
+    FAR_EL1, MDSCR_EL1, PSTATE_SS, get, inject_sync_exception, inject_sync_exception_with, read_pc,
+    set,
+};
 use crate::arch::GuestDebugContext;
 use crate::probing::ProbingError;
 
@@ -30,8 +33,23 @@ const EC_BRK64: u32 = 0x3c;
 
 /// DBGBCR: enabled, for EL1 and EL0 (PMC = 0b11), all four bytes of an A64 instruction.
 const BCR_EXECUTE_EL1_EL0: u64 = 1 | (0b11 << 1) | (0xf << 5);
+/// DBGBCR: enabled, for EL1 only (PMC = 0b01).
+const BCR_EXECUTE_EL1: u64 = 1 | (0b01 << 1) | (0xf << 5);
+/// MDSCR_EL1.SS: software step enabled.
+const MDSCR_SS: u64 = 1;
 
 /// What one vCPU's guest debugging should look like.
+///
+/// Besides hvprobe's own traps it carries the guest's software step through: while KVM debugs
+/// a guest it masks the guest's MDSCR_EL1.SS (arch/arm64/kvm/debug.c: "we suppress the guest's
+/// ability to do so"), so a guest uprobe, which steps its out-of-line copy at EL0, would run
+/// on into whatever follows the copy. After a BRK, watchpoint or breakpoint from EL0 is handed
+/// back (a uprobe, a perf watchpoint, a debugger), a hardware breakpoint at EL1 on the
+/// kernel's `ret_to_user` (the "return watch") catches the way back to EL0; from there KVM
+/// single-steps the vCPU through the exit path. Stepping the `eret` stops at the EL0 target
+/// before its first instruction; if the guest asked for a step there (its MDSCR_EL1.SS), one
+/// more step runs that instruction, and the step exception KVM reports after it is the one the
+/// CPU would have given the guest, and goes to it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GuestDebugSetup {
     /// Trap `BRK` to the VMM.
@@ -40,14 +58,145 @@ pub struct GuestDebugSetup {
     pub hardware: [Option<u64>; HW_BREAKPOINTS],
     /// Single-step.
     pub single_step: bool,
+    /// The return watch: its slot in `hardware` and its address (`ret_to_user`).
+    pub return_watch: Option<(usize, u64)>,
+    /// Single-stepping on the guest's behalf, from the return watch to EL0.
+    pub guest_step: GuestStep,
+}
+
+/// Where a single step made on the guest's behalf stands.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum GuestStep {
+    /// None.
+    #[default]
+    Idle,
+    /// From the return watch through the kernel's exit path to EL0.
+    ToUser,
+    /// The EL0 instruction the guest asked to step.
+    UserInstruction,
 }
 
 impl GuestDebugSetup {
-    /// Loads the engine's hardware breakpoint addresses.
+    /// Loads the engine's hardware breakpoint addresses; the return watch keeps its slot unless
+    /// the engine now uses it.
     pub fn set_hardware(&mut self, addresses: &[Option<u64>]) {
         self.hardware = [None; HW_BREAKPOINTS];
         for (slot, a) in self.hardware.iter_mut().zip(addresses) {
             *slot = *a;
+        }
+        if let Some((slot, at)) = self.return_watch {
+            if self.hardware[slot].is_none() {
+                self.hardware[slot] = Some(at);
+            } else {
+                self.return_watch = None;
+            }
+        }
+    }
+
+    /// Arms the return watch in the last hardware slot, if it is free.
+    fn arm_return_watch(&mut self, ctx: &GuestDebugContext) {
+        let (Some(at), Some(slot)) = (ctx.user_return, ctx.hw_count.checked_sub(1)) else {
+            return;
+        };
+        if self.return_watch.is_none() && self.hardware[slot].is_none() {
+            self.hardware[slot] = Some(at);
+            self.return_watch = Some((slot, at));
+        }
+    }
+
+    fn stop_guest_step(&mut self) {
+        self.single_step = false;
+        self.guest_step = GuestStep::Idle;
+    }
+
+    fn disarm_return_watch(&mut self) {
+        if let Some((slot, _)) = self.return_watch.take() {
+            self.hardware[slot] = None;
+        }
+    }
+
+    /// Takes the debug exits that are the guest's own, before the engine sees any: its
+    /// watchpoints and AArch32 BKPTs (hvprobe sets neither), its hardware breakpoints (when
+    /// hvprobe's debug registers were not loaded), and the return watch and the steps made on
+    /// its behalf. Returns whether the exit was taken here.
+    pub fn take_guest_exit(
+        &mut self,
+        fd: &VcpuFd,
+        exit: &kvm_debug_exit_arch,
+        ctx: &GuestDebugContext,
+    ) -> Result<bool, ProbingError> {
+        let kvm = |what| move |source| ProbingError::Kvm { what, source };
+        match exception_class(exit) {
+            EC_WATCHPOINT_LOWER | EC_WATCHPOINT_CURRENT => {
+                // A watchpoint fires before the store: from EL0 the guest steps over it on its
+                // way back.
+                set(fd, FAR_EL1, exit.far).map_err(kvm("handing a watchpoint back (FAR_EL1)"))?;
+                if self.reinject_debug(fd, exit)? {
+                    self.arm_return_watch(ctx);
+                }
+                Ok(true)
+            }
+            EC_BKPT32 => {
+                self.reinject_debug(fd, exit)?;
+                Ok(true)
+            }
+            EC_SOFTWARE_STEP_LOWER | EC_SOFTWARE_STEP_CURRENT
+                if self.guest_step != GuestStep::Idle =>
+            {
+                let pstate = get(fd, super::vcpu::PSTATE_REG).map_err(kvm("KVM_GET_ONE_REG"))?;
+                let at_el0 = pstate & 0xf == 0;
+                match self.guest_step {
+                    // Still in the kernel on the way out: one more step.
+                    GuestStep::ToUser if !at_el0 => {}
+                    // At EL0, before its first instruction (stepping the `eret` leaves the
+                    // step pending there). The guest asked for a step: run that instruction.
+                    GuestStep::ToUser => {
+                        let mdscr =
+                            get(fd, MDSCR_EL1).map_err(kvm("KVM_GET_ONE_REG (MDSCR_EL1)"))?;
+                        if mdscr & MDSCR_SS != 0 {
+                            self.guest_step = GuestStep::UserInstruction;
+                        } else {
+                            self.stop_guest_step();
+                        }
+                    }
+                    // The guest's instruction ran: its step exception, as the CPU would have
+                    // raised it, and the watch again for its next step.
+                    GuestStep::UserInstruction if at_el0 => {
+                        self.stop_guest_step();
+                        inject_sync_exception_with(fd, exit.hsr, PSTATE_SS)
+                            .map_err(kvm("handing a software step to the guest"))?;
+                        self.arm_return_watch(ctx);
+                    }
+                    // It took an exception into the kernel instead, which returns to it (and
+                    // its step) later: watch for that return.
+                    GuestStep::UserInstruction => {
+                        self.stop_guest_step();
+                        self.arm_return_watch(ctx);
+                    }
+                    GuestStep::Idle => unreachable!("guarded"),
+                }
+                Ok(true)
+            }
+            EC_HW_BREAKPOINT_LOWER | EC_HW_BREAKPOINT_CURRENT => {
+                let pc = read_pc(fd).map_err(kvm("KVM_GET_ONE_REG (PC)"))?;
+                if let Some((_, at)) = self.return_watch
+                    && at == pc
+                {
+                    self.disarm_return_watch();
+                    self.single_step = true;
+                    self.guest_step = GuestStep::ToUser;
+                    return Ok(true);
+                }
+                if !ctx.hardware_in_use {
+                    // The guest's own breakpoint: from EL0 it steps over it on the way back.
+                    if self.reinject_debug(fd, exit)? {
+                        self.arm_return_watch(ctx);
+                    }
+                    return Ok(true);
+                }
+                Ok(false)
+            }
+            _ => Ok(false),
         }
     }
 
@@ -59,15 +208,22 @@ impl GuestDebugSetup {
     /// Hands a BRK that was not ours back to the guest now. arm64 KVM has no `INJECT_BP`: the
     /// exception entry is emulated through the vCPU's registers (ESR, ELR, SPSR, PSTATE, PC =
     /// VBAR_EL1 + the vector's offset), with the syndrome KVM reported.
+    /// A BRK from EL0 (a uprobe, a debugger's breakpoint) arms the return watch: the guest
+    /// may step on its way back.
     pub fn reinject_breakpoint(
         &mut self,
         fd: &VcpuFd,
         exit: &kvm_debug_exit_arch,
+        ctx: &GuestDebugContext,
     ) -> Result<(), ProbingError> {
-        inject_sync_exception(fd, exit.hsr).map_err(|source| ProbingError::Kvm {
+        let from_el0 = inject_sync_exception(fd, exit.hsr).map_err(|source| ProbingError::Kvm {
             what: "handing a BRK back to the guest (KVM_SET_ONE_REG)",
             source,
-        })
+        })?;
+        if from_el0 {
+            self.arm_return_watch(ctx);
+        }
+        Ok(())
     }
 
     /// Hands the guest's own debug exception (its step, its hardware breakpoint: guest
@@ -76,43 +232,11 @@ impl GuestDebugSetup {
         &mut self,
         fd: &VcpuFd,
         exit: &kvm_debug_exit_arch,
-    ) -> Result<(), ProbingError> {
+    ) -> Result<bool, ProbingError> {
         inject_sync_exception(fd, exit.hsr).map_err(|source| ProbingError::Kvm {
             what: "handing a debug exception back to the guest (KVM_SET_ONE_REG)",
             source,
         })
-    }
-
-    /// Takes the debug exits that are the guest's own, before the engine sees any: its
-    /// watchpoints (with FAR_EL1) and AArch32 BKPTs, which hvprobe never sets, and its hardware
-    /// breakpoints when hvprobe's debug registers were not loaded (KVM then loads the guest's),
-    /// each handed back as the CPU would have delivered it. Returns whether the exit was taken
-    /// here.
-    pub fn take_guest_exit(
-        &mut self,
-        fd: &VcpuFd,
-        exit: &kvm_debug_exit_arch,
-        ctx: &GuestDebugContext,
-    ) -> Result<bool, ProbingError> {
-        match exception_class(exit) {
-            EC_WATCHPOINT_LOWER | EC_WATCHPOINT_CURRENT => {
-                set(fd, FAR_EL1, exit.far).map_err(|source| ProbingError::Kvm {
-                    what: "handing a watchpoint back to the guest (FAR_EL1)",
-                    source,
-                })?;
-                self.reinject_debug(fd, exit)?;
-                Ok(true)
-            }
-            EC_BKPT32 => {
-                self.reinject_debug(fd, exit)?;
-                Ok(true)
-            }
-            EC_HW_BREAKPOINT_LOWER | EC_HW_BREAKPOINT_CURRENT if !ctx.hardware_in_use => {
-                self.reinject_debug(fd, exit)?;
-                Ok(true)
-            }
-            _ => Ok(false),
-        }
     }
 
     /// Whether an injection is pending at the next entry (never: arm64 injects at once).
@@ -141,7 +265,10 @@ impl GuestDebugSetup {
             dbg.control |= KVM_GUESTDBG_USE_HW;
             for (i, a) in self.hardware.iter().enumerate() {
                 if let Some(a) = a {
-                    dbg.arch.dbg_bcr[i] = BCR_EXECUTE_EL1_EL0;
+                    dbg.arch.dbg_bcr[i] = match self.return_watch {
+                        Some((slot, _)) if slot == i => BCR_EXECUTE_EL1,
+                        _ => BCR_EXECUTE_EL1_EL0,
+                    };
                     dbg.arch.dbg_bvr[i] = *a & !3;
                 }
             }

@@ -10,15 +10,26 @@ use kvm_ioctls::VcpuFd;
 use probe_core::arch::aarch64::{Aarch64, CpuFeatures, Registers};
 use probe_core::vm::{VcpuAccess, VmError};
 
-use crate::arch::KaslrAnchor;
+use crate::arch::{AnchorTable, KaslrAnchor};
 use crate::probing::{PausedState, ProbingError};
 
 /// The running kernel's exception vectors (`VBAR_EL1`) against System.map's `vectors`; KASLR
 /// moves the arm64 kernel by multiples of 64 KiB (its `MIN_KIMG_ALIGN` granule).
+///
+/// On CPUs affected by Spectre-BHB (Neoverse N1/V1/N2, Cortex-A76 and later) Linux points
+/// VBAR_EL1 at one of the 2 KiB slots of `__bp_harden_el1_vectors` instead (a loop, a
+/// firmware call or a clearing instruction before the vectors, and the KPTI slot), so those
+/// are anchors too. (At EL0 under KPTI it holds the trampoline's alias: planting reads it
+/// from a vCPU in the kernel.)
 pub const KASLR_ANCHOR: KaslrAnchor = KaslrAnchor {
     symbol: "vectors",
     register: "exception vector base (VBAR_EL1)",
     align: 64 << 10,
+    alternates: &[AnchorTable {
+        symbol: "__bp_harden_el1_vectors",
+        stride: 0x800,
+        count: 4,
+    }],
 };
 
 /// The id of the 64-bit core register at byte `offset` of `struct kvm_regs`.
@@ -42,6 +53,8 @@ const fn sys_reg(op0: u64, op1: u64, crn: u64, crm: u64, op2: u64) -> u64 {
 const SP_EL0: u64 = core_reg(31 * 8);
 const PC: u64 = core_reg(32 * 8);
 const PSTATE: u64 = core_reg(33 * 8);
+/// PSTATE's register id, for the guest-debug code.
+pub const PSTATE_REG: u64 = PSTATE;
 /// `kvm_regs.sp_el1`.
 const SP_EL1: u64 = core_reg(34 * 8);
 const TTBR0_EL1: u64 = sys_reg(3, 0, 2, 0, 0);
@@ -64,7 +77,11 @@ const SPSR_EL1: u64 = core_reg(36 * 8);
 const ESR_EL1: u64 = sys_reg(3, 0, 5, 2, 0);
 /// FAR_EL1: the address a watchpoint (or abort) reports.
 pub const FAR_EL1: u64 = sys_reg(3, 0, 6, 0, 0);
-
+/// MDSCR_EL1, as the guest wrote it (KVM keeps the guest's value apart from what it loads
+/// while it debugs the guest).
+pub const MDSCR_EL1: u64 = sys_reg(2, 0, 0, 2, 2);
+/// PSTATE.SS: the software-step state bit (SPSR bit 21).
+pub const PSTATE_SS: u64 = 1 << 21;
 const SCTLR_EL1: u64 = sys_reg(3, 0, 1, 0, 0);
 /// PSTATE.PAN.
 const PSTATE_PAN: u64 = 1 << 22;
@@ -128,7 +145,18 @@ fn exception_entry_pstate(pstate: u64, sctlr: u64) -> u64 {
 /// the hardware would: ESR_EL1 and ELR_EL1 (the PC) and SPSR_EL1 (PSTATE) saved, PSTATE as
 /// [`exception_entry_pstate`] makes it, PC to VBAR_EL1 plus the vector for where it came from.
 /// arm64 KVM has no way to inject a debug exception itself.
-pub fn inject_sync_exception(fd: &VcpuFd, esr: u32) -> Result<(), kvm_ioctls::Error> {
+/// Returns whether the exception came from EL0.
+pub fn inject_sync_exception(fd: &VcpuFd, esr: u32) -> Result<bool, kvm_ioctls::Error> {
+    inject_sync_exception_with(fd, esr, 0)
+}
+
+/// [`inject_sync_exception`], with the PSTATE bits `clear` cleared in the saved SPSR_EL1 (a
+/// software step exception saves SS as 0).
+pub fn inject_sync_exception_with(
+    fd: &VcpuFd,
+    esr: u32,
+    clear: u64,
+) -> Result<bool, kvm_ioctls::Error> {
     let pstate = get(fd, PSTATE)?;
     let pc = get(fd, PC)?;
     let vbar = get(fd, VBAR_EL1)?;
@@ -138,9 +166,10 @@ pub fn inject_sync_exception(fd: &VcpuFd, esr: u32) -> Result<(), kvm_ioctls::Er
     let sctlr = get(fd, SCTLR_EL1)?;
     set(fd, ESR_EL1, u64::from(guest_syndrome(esr, from_el1)))?;
     set(fd, ELR_EL1, pc)?;
-    set(fd, SPSR_EL1, pstate)?;
+    set(fd, SPSR_EL1, pstate & !clear)?;
     set(fd, PSTATE, exception_entry_pstate(pstate, sctlr))?;
-    set(fd, PC, vbar + offset)
+    set(fd, PC, vbar + offset)?;
+    Ok(!from_el1)
 }
 
 /// Reads the 64-bit register `id`.
@@ -369,8 +398,12 @@ fn cpu_features(fd: &VcpuFd) -> CpuFeatures {
 /// features from the ID registers.
 pub fn paused_state(fd: &mut VcpuFd) -> Result<PausedState, ProbingError> {
     let kvm = |what| move |source| ProbingError::Kvm { what, source };
+    let regs = read_registers(fd).map_err(kvm("KVM_GET_ONE_REG"))?;
     Ok(PausedState {
-        regs: read_registers(fd).map_err(kvm("KVM_GET_ONE_REG"))?,
+        // At EL1 (at EL0 under KPTI, VBAR_EL1 holds the trampoline's alias and TTBR1 the
+        // trampoline's tables).
+        in_kernel: regs.pstate & 0xf != 0,
+        regs,
         kaslr_anchor: get(fd, VBAR_EL1).map_err(kvm("KVM_GET_ONE_REG (VBAR_EL1)"))?,
         cpu_features: cpu_features(fd),
     })

@@ -63,6 +63,7 @@ impl GuestDebugSetup {
         &mut self,
         _fd: &kvm_ioctls::VcpuFd,
         _exit: &kvm_debug_exit_arch,
+        _ctx: &GuestDebugContext,
     ) -> Result<(), crate::probing::ProbingError> {
         self.inject_breakpoint = true;
         Ok(())

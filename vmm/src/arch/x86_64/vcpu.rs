@@ -20,6 +20,7 @@ pub const KASLR_ANCHOR: KaslrAnchor = KaslrAnchor {
     symbol: "entry_SYSCALL_64",
     register: "the syscall entry point (MSR_LSTAR)",
     align: 2 << 20,
+    alternates: &[],
 };
 
 fn err(what: &str) -> impl FnOnce(kvm_ioctls::Error) -> VmError + '_ {
@@ -137,5 +138,7 @@ pub fn paused_state(fd: &mut VcpuFd) -> Result<PausedState, ProbingError> {
         regs: registers_from_kvm(&r, &s),
         kaslr_anchor,
         cpu_features: (),
+        // CPL 0 (under PTI, user mode runs on a CR3 without the kernel's text).
+        in_kernel: s.cs.selector & 3 == 0,
     })
 }
