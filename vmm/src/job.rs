@@ -132,6 +132,12 @@ pub struct Job {
     /// status is the run's own.
     #[arg(long)]
     pub skip_refused: bool,
+    /// Caps each probe site at N hits a second: hits past it count as missed and the site is
+    /// paused (its trap taken out) until the second is over. For dense probe sets on hot
+    /// paths (the timer tick, the scheduler) that would cost the guest more than its time.
+    #[arg(long, value_name = "N")]
+    #[serde(default)]
+    pub max_rate: Option<u64>,
     /// Write a machine-readable summary of the run to FILE (JSON: outcome and exit status,
     /// per-probe counters, exits, kernel text hashes, KASLR slide, skipped probes, guest fault
     /// reports).

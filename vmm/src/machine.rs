@@ -1,6 +1,7 @@
 //! Running a VM to its end: the vCPU threads, an event-manager loop on the main thread for
 //! console input, stop requests and signals, and the report of how the guest ended.
 
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
@@ -145,6 +146,8 @@ pub struct ProbeSetup {
     pub exception_table: Option<(u64, u64)>,
     /// Plant what can be planted and report the refused probes, instead of all or nothing.
     pub skip_refused: bool,
+    /// Hits a second each site may take (`--max-rate`).
+    pub max_rate: Option<u64>,
     /// Where the guest keeps its own kprobes, read at planting so that the boundary walk
     /// reads through them.
     pub guest_kprobes: Option<KprobeTableLayout>,
@@ -276,6 +279,20 @@ struct ProbeSession {
     register_ioctls: Arc<RegisterIoctls>,
     /// The running kernel's user-return address once the slide is known (0: none).
     user_return: Arc<AtomicU64>,
+    /// Hit rates, checked once a second while the run goes on.
+    rates: HitRates,
+}
+
+/// A probe is reported as hot once its hits pass this many a second: in the emulated runner
+/// an exit costs 60-700 us, so a few thousand a second take a whole vCPU.
+const HOT_HITS_PER_SECOND: u64 = 1000;
+
+/// Each probe's hits at the last check, to report the hot ones once.
+#[derive(Default)]
+struct HitRates {
+    checked: Option<Instant>,
+    hits: HashMap<usize, u64>,
+    reported: HashSet<usize>,
 }
 
 impl ProbeSession {
@@ -309,6 +326,44 @@ impl ProbeSession {
             }
         }
         Ok(())
+    }
+
+    /// While the run goes on: puts back the traps of sites their rate cap paused (every vCPU
+    /// paused meanwhile, only when there is one), and once a second reports a probe whose hit
+    /// rate passed [`HOT_HITS_PER_SECOND`], with its rate.
+    fn tick(&mut self, handles: &[VcpuHandle]) {
+        if self.regs.is_none() {
+            return;
+        }
+        if self.engine.paused_sites() > 0 {
+            pause_all(handles);
+            self.engine.resume_paused_sites();
+            resume_all(handles);
+        }
+        let now = Instant::now();
+        let Some(since) = self.rates.checked.replace(now) else {
+            return;
+        };
+        let elapsed = now.duration_since(since).as_secs_f64();
+        if elapsed < 1.0 {
+            self.rates.checked = Some(since);
+            return;
+        }
+        for s in self.engine.stats() {
+            let seen = s.hits + s.missed;
+            let before = self.rates.hits.insert(s.id.0, seen).unwrap_or(0);
+            let rate = (seen - before.min(seen)) as f64 / elapsed;
+            if rate >= HOT_HITS_PER_SECOND as f64 && self.rates.reported.insert(s.id.0) {
+                let advice = match self.setup.max_rate {
+                    Some(n) => format!("capped at {n}/s"),
+                    None => "--max-rate N caps it".into(),
+                };
+                eprintln!(
+                    "hvprobe: probe {} is hot: {rate:.0} hits/s ({advice})",
+                    s.location
+                );
+            }
+        }
     }
 
     /// Plants every requested probe with all vCPUs paused; all or nothing. Once they are in,
@@ -524,6 +579,7 @@ pub fn run(
             let engine = Engine::new(vm.memory.clone(), xol)
                 .map_err(|e| setup_err("XOL area")(e.to_string()))?;
             engine.set_breakpoints_trappable(setup.breakpoint_exits);
+            engine.set_rate_cap(setup.max_rate);
             engine.set_hardware_breakpoint_count(arch::hw_breakpoint_count(&vm.kvm));
             Some(ProbeSession {
                 setup,
@@ -533,6 +589,7 @@ pub fn run(
                 regs: None,
                 register_ioctls: Arc::default(),
                 user_return: Arc::default(),
+                rates: HitRates::default(),
             })
         }
         None => None,
@@ -612,6 +669,11 @@ pub fn run(
                 .flush_pending();
         }
         output.tick();
+        if let Some(s) = &mut session
+            && s.planted
+        {
+            s.tick(&handles);
+        }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             stop.stop(StopReason::Timeout);
         }

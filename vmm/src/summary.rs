@@ -94,6 +94,9 @@ pub struct ExitSummary {
     pub abandoned_steps: u64,
     /// Emulated instructions left to their real copy.
     pub emulation_fallbacks: u64,
+    /// Hits past a site's `--max-rate` (counted as missed too).
+    #[serde(default)]
+    pub rate_capped: u64,
     /// Sites hit, by step plan.
     pub hits_by_plan: Vec<(String, u64)>,
     /// Register reads made while handling the exits (arm64: `KVM_GET_ONE_REG` calls; x86_64:
@@ -203,6 +206,7 @@ impl RunSummary {
                         reinjected_debug: e.reinjected_debug,
                         abandoned_steps: e.abandoned_steps,
                         emulation_fallbacks: e.emulation_fallbacks,
+                        rate_capped: e.rate_capped,
                         hits_by_plan: e
                             .hits_by_plan
                             .iter()

@@ -108,14 +108,19 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                     .sites
                     .get(&t.gpa)
                     .filter(|s| s.va == pc && s.disarmed.get().is_none())
-                    .map(|s| (t.gpa, s.probes.clone(), s.run.clone()))
+                    .map(|s| (t.gpa, s.probes.clone(), s.run.clone(), s.rate.clone()))
             });
-            let Some((gpa, probes, run)) = site else {
+            let Some((gpa, probes, run, rate)) = site else {
                 if chained > 0 {
                     break;
                 }
                 return self.not_probed(pc, space, hw);
             };
+            // Past its rate cap (or paused by it): the guest's own instruction runs.
+            if self.rate_capped(gpa, &rate, &probes) {
+                vcpu.set_registers(&regs)?;
+                return Ok(Verdict::Resume);
+            }
             if !complete
                 && (run.needs_general_registers() || probes.iter().any(|p| p.sees_registers()))
             {

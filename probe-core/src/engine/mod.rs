@@ -270,6 +270,8 @@ struct Site<A: Arch> {
     /// Set, with the reason, when the engine had to take the trap out while the probes stay
     /// listed.
     disarmed: std::sync::OnceLock<&'static str>,
+    /// Hits in the current window, and whether the rate cap paused the site.
+    rate: Arc<rate::SiteRate>,
 }
 
 /// How a site's instruction runs once its handlers have. Each variant holds exactly the slots
@@ -371,6 +373,8 @@ pub struct ExitStats {
     pub emulation_fallbacks: u64,
     /// Hits per step plan name.
     pub hits_by_plan: Vec<(PlanKind, u64)>,
+    /// Hits past a site's rate cap (counted as missed; the site paused for the window).
+    pub rate_capped: u64,
 }
 
 #[derive(Default)]
@@ -383,6 +387,7 @@ struct ExitCounters {
     reinjected_debug: AtomicU64,
     abandoned_steps: AtomicU64,
     emulation_fallbacks: AtomicU64,
+    rate_capped: AtomicU64,
     /// Hits by plan, indexed by [`PlanKind`] as `usize`.
     by_plan: [AtomicU64; PlanKind::ALL.len()],
 }
@@ -454,6 +459,8 @@ pub struct ProbeEngine<A: Arch, M: GuestMemory + Send + Sync> {
     trampoline: Mutex<Option<XolSlot>>,
     /// Instruction writes made visible to instruction fetch ([`Arch::sync_instructions`]).
     instruction_syncs: AtomicU64,
+    /// Hits a second each site may take (0: no cap).
+    rate_cap: AtomicU64,
 }
 
 /// Where to plant: the address, and the function start to decode from for the boundary check.
@@ -494,6 +501,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             returns: Mutex::new(InstanceTable::new(A::KERNEL_STACK_SIZE)),
             trampoline: Mutex::new(None),
             instruction_syncs: AtomicU64::new(0),
+            rate_cap: AtomicU64::new(0),
         })
     }
 
@@ -589,6 +597,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
 
 mod hit;
 mod memory;
+mod rate;
 mod returns;
 mod stats;
 mod table;

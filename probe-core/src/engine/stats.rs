@@ -42,6 +42,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             reinjected_debug: e.reinjected_debug.load(Ordering::Relaxed),
             abandoned_steps: e.abandoned_steps.load(Ordering::Relaxed),
             emulation_fallbacks: e.emulation_fallbacks.load(Ordering::Relaxed),
+            rate_capped: e.rate_capped.load(Ordering::Relaxed),
             hits_by_plan: PlanKind::ALL
                 .iter()
                 .zip(&e.by_plan)

@@ -326,6 +326,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 instruction: insn.text().into(),
                 run: Arc::new(run),
                 disarmed: std::sync::OnceLock::new(),
+                rate: Arc::default(),
                 probes: Arc::new(vec![ProbeEntry::new(id, location, probe)]),
             },
         );
@@ -468,7 +469,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         if !table.sites.values().any(|s| s.va == site.va) {
             table.site_vas.remove(&site.va);
         }
-        if site.disarmed.get().is_some() {
+        if site.disarmed.get().is_some() || site.rate.paused() {
             return Ok(None);
         }
         if site.trap == TrapKind::Hardware {
@@ -521,13 +522,24 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
     /// the debug registers before the vCPU runs again). The probes stay listed, counting
     /// misses, and the site refuses new probes with `why`.
     pub(super) fn disarm(&self, gpa: u64, why: &'static str) {
+        let paused = {
+            let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+            match table.sites.get(&gpa) {
+                Some(site) if site.disarmed.set(why).is_ok() => site.rate.paused(),
+                _ => return,
+            }
+        };
+        if !paused {
+            self.take_trap_out(gpa);
+        }
+    }
+
+    /// The guest's bytes back under the site at `gpa`, or its hardware breakpoint released.
+    pub(super) fn take_trap_out(&self, gpa: u64) {
         let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
         let Some(site) = table.sites.get(&gpa) else {
             return;
         };
-        if site.disarmed.set(why).is_err() {
-            return;
-        }
         match site.trap {
             TrapKind::Software => {
                 if self.mem.write_slice(&site.saved, GuestAddress(gpa)).is_ok() {
@@ -544,6 +556,42 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 self.hw_generation.fetch_add(1, Ordering::SeqCst);
             }
         }
+    }
+
+    /// Puts a paused site's trap back (its breakpoint, or a free hardware breakpoint) and
+    /// opens a new window; a disarmed site only stops being paused. Whether the trap is back.
+    pub(super) fn put_trap_back(&self, gpa: u64) -> bool {
+        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        let Some(site) = table.sites.get(&gpa) else {
+            return false;
+        };
+        let (va, trap, rate) = (site.va, site.trap, site.rate.clone());
+        let disarmed = site.disarmed.get().is_some();
+        let back = !disarmed
+            && match trap {
+                TrapKind::Software => {
+                    let ok = self
+                        .mem
+                        .write_slice(A::BREAKPOINT, GuestAddress(gpa))
+                        .is_ok();
+                    if ok {
+                        self.wrote_code(gpa, A::BREAKPOINT.len());
+                    }
+                    ok
+                }
+                TrapKind::Hardware => match table.hw.iter().position(Option::is_none) {
+                    Some(i) => {
+                        table.hw[i] = Some(va);
+                        self.hw_generation.fetch_add(1, Ordering::SeqCst);
+                        true
+                    }
+                    None => false,
+                },
+            };
+        if back || disarmed {
+            rate.resume();
+        }
+        back
     }
 
     /// Instructions were written at guest physical `gpa..gpa + len` (a breakpoint, a slot, the

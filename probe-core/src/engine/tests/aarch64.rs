@@ -451,3 +451,44 @@ fn a_probe_reached_through_an_alias_of_its_page_is_disarmed_not_handed_to_the_gu
         .unwrap_err();
     assert!(err.to_string().contains("another address"), "{err}");
 }
+
+#[test]
+fn a_site_past_its_rate_cap_is_paused_for_its_window_and_armed_again() {
+    let (engine, mut vcpu) = machine();
+    engine.set_rate_cap(Some(3));
+    let regs = vcpu.regs.clone();
+    let id = engine
+        .plant(Probe::new("f+0x4"), target(AT_NOP), &regs)
+        .unwrap();
+    let pc = TEXT_VA + AT_NOP;
+    let mut state = VcpuProbeState::default();
+    let mut hit = |vcpu: &mut crate::fake::FakeVcpu<Aarch64>| {
+        vcpu.regs.pc = pc;
+        engine
+            .handle_debug(vcpu, &mut state, DebugEvent::Breakpoint { pc })
+            .unwrap();
+        vcpu.regs.pc
+    };
+    for _ in 0..3 {
+        assert_eq!(hit(&mut vcpu), pc + 4, "the nop emulated");
+    }
+    // The fourth in the window: missed, the guest's nop back under the site, the vCPU on it.
+    assert_eq!(hit(&mut vcpu), pc);
+    assert_eq!(text(&engine), code_bytes());
+    assert_eq!(engine.paused_sites(), 1);
+    // A vCPU that took the BRK as it went: missed too, nothing written.
+    assert_eq!(hit(&mut vcpu), pc);
+    let s = &engine.stats()[0];
+    assert_eq!((s.hits, s.missed), (3, 2));
+    assert_eq!(engine.exit_stats().rate_capped, 2);
+    // Within the window nothing is re-armed; after it, the BRK is back and hits count again.
+    assert_eq!(engine.resume_paused_sites(), 0);
+    std::thread::sleep(std::time::Duration::from_millis(1050));
+    assert_eq!(engine.resume_paused_sites(), 1);
+    assert_eq!(word_at(&engine, AT_NOP), brk(PROBE_BRK_IMM));
+    assert_eq!(hit(&mut vcpu), pc + 4);
+    assert_eq!(engine.stats()[0].hits, 4);
+    // Removal restores the text byte for byte, paused or not.
+    engine.remove(id).unwrap();
+    assert_eq!(text(&engine), code_bytes());
+}
