@@ -2238,7 +2238,7 @@ fn arm64_mrs_daif_reads_the_interrupt_mask_the_guest_had_in_process_and_interrup
     let refs: Vec<&str> = probes.iter().map(String::as_str).collect();
     let out = run_probed(
         "1",
-        "sync; sleep 1; getpid-loop 200; sync; echo done",
+        "sync; sleep 2; getpid-loop 200; sync; echo done",
         &refs,
         &[],
     );
@@ -2258,15 +2258,14 @@ fn arm64_mrs_daif_reads_the_interrupt_mask_the_guest_had_in_process_and_interrup
             .collect()
     };
     let (q, h) = (flags("q"), flags("h"));
-    assert!(
-        q.contains(&0),
-        "queue_work_on with interrupts on: {q:?}\n{}",
-        explain(&out)
-    );
+    // queue_work_on runs with interrupts on (from `sync`) and off (from the idle task and
+    // timer callbacks); hrtimer_interrupt's site, on a path only some ticks take, always off.
+    assert!(q.contains(&0), "interrupts on: {q:?}\n{}", explain(&out));
     assert!(q.iter().all(|f| [0, 0xc0].contains(f)), "{q:?}");
+    assert!(h.iter().all(|&f| f == 0xc0), "{h:?}\n{}", explain(&out));
     assert!(
-        !h.is_empty() && h.iter().all(|&f| f == 0xc0),
-        "{h:?}\n{}",
+        q.iter().chain(&h).any(|&f| f == 0xc0),
+        "no hit with interrupts off: {q:?} {h:?}\n{}",
         explain(&out)
     );
     out.assert_text_restored();
