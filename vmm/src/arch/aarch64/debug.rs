@@ -12,8 +12,8 @@ use probe_core::arch::aarch64::Aarch64;
 use probe_core::vm::DebugEvent;
 
 use super::vcpu::{
-    FAR_EL1, MDSCR_EL1, PSTATE_SS, get, inject_sync_exception, inject_sync_exception_with, read_pc,
-    set,
+    FAR_EL1, MDSCR_EL1, PSTATE_REG, PSTATE_SS, SPSR_EL1, get, inject_sync_exception,
+    inject_sync_exception_with, read_pc, set,
 };
 use crate::arch::GuestDebugContext;
 use crate::probing::ProbingError;
@@ -72,9 +72,20 @@ pub enum GuestStep {
     Idle,
     /// From the return watch through the kernel's exit path to EL0.
     ToUser,
-    /// The EL0 instruction the guest asked to step.
-    UserInstruction,
+    /// The EL0 instruction the guest asked to step, with IRQs and FIQs masked for it (as x86's
+    /// `KVM_GUESTDBG_BLOCKIRQ` does: in the emulated runner a trip through the kernel's exit
+    /// path outlasts a tick, so an interrupt would always come first and the step never);
+    /// `daif` is what the guest had.
+    UserInstruction {
+        /// The guest's PSTATE.{D,A,I,F} before the mask.
+        daif: u64,
+    },
 }
+
+/// PSTATE.{I,F}.
+const PSTATE_IF: u64 = 0xc0;
+/// PSTATE.{D,A,I,F}.
+const PSTATE_DAIF: u64 = 0x3c0;
 
 impl GuestDebugSetup {
     /// Loads the engine's hardware breakpoint addresses; the return watch keeps its slot unless
@@ -143,7 +154,7 @@ impl GuestDebugSetup {
             EC_SOFTWARE_STEP_LOWER | EC_SOFTWARE_STEP_CURRENT
                 if self.guest_step != GuestStep::Idle =>
             {
-                let pstate = get(fd, super::vcpu::PSTATE_REG).map_err(kvm("KVM_GET_ONE_REG"))?;
+                let pstate = get(fd, PSTATE_REG).map_err(kvm("KVM_GET_ONE_REG"))?;
                 let at_el0 = pstate & 0xf == 0;
                 match self.guest_step {
                     // Still in the kernel on the way out: one more step.
@@ -154,23 +165,33 @@ impl GuestDebugSetup {
                         let mdscr =
                             get(fd, MDSCR_EL1).map_err(kvm("KVM_GET_ONE_REG (MDSCR_EL1)"))?;
                         if mdscr & MDSCR_SS != 0 {
-                            self.guest_step = GuestStep::UserInstruction;
+                            set(fd, PSTATE_REG, pstate | PSTATE_IF)
+                                .map_err(kvm("KVM_SET_ONE_REG (PSTATE)"))?;
+                            self.guest_step = GuestStep::UserInstruction {
+                                daif: pstate & PSTATE_DAIF,
+                            };
                         } else {
                             self.stop_guest_step();
                         }
                     }
                     // The guest's instruction ran: its step exception, as the CPU would have
                     // raised it, and the watch again for its next step.
-                    GuestStep::UserInstruction if at_el0 => {
+                    GuestStep::UserInstruction { daif } if at_el0 => {
                         self.stop_guest_step();
+                        set(fd, PSTATE_REG, (pstate & !PSTATE_DAIF) | daif)
+                            .map_err(kvm("KVM_SET_ONE_REG (PSTATE)"))?;
                         inject_sync_exception_with(fd, exit.hsr, PSTATE_SS)
                             .map_err(kvm("handing a software step to the guest"))?;
                         self.arm_return_watch(ctx);
                     }
                     // It took an exception into the kernel instead, which returns to it (and
                     // its step) later: watch for that return.
-                    GuestStep::UserInstruction => {
+                    // (Its saved PSTATE gets the guest's mask back.)
+                    GuestStep::UserInstruction { daif } => {
                         self.stop_guest_step();
+                        let spsr = get(fd, SPSR_EL1).map_err(kvm("KVM_GET_ONE_REG (SPSR_EL1)"))?;
+                        set(fd, SPSR_EL1, (spsr & !PSTATE_DAIF) | daif)
+                            .map_err(kvm("KVM_SET_ONE_REG (SPSR_EL1)"))?;
                         self.arm_return_watch(ctx);
                     }
                     GuestStep::Idle => unreachable!("guarded"),

@@ -73,7 +73,7 @@ const PSTATE_SPSEL: u64 = 1;
 /// `kvm_regs.elr_el1`.
 const ELR_EL1: u64 = core_reg(35 * 8);
 /// `kvm_regs.spsr[KVM_SPSR_EL1]`.
-const SPSR_EL1: u64 = core_reg(36 * 8);
+pub const SPSR_EL1: u64 = core_reg(36 * 8);
 const ESR_EL1: u64 = sys_reg(3, 0, 5, 2, 0);
 /// FAR_EL1: the address a watchpoint (or abort) reports.
 pub const FAR_EL1: u64 = sys_reg(3, 0, 6, 0, 0);
