@@ -388,6 +388,7 @@ fn probe_setup(
             .map(|s| s.addr),
         slide,
         skip_refused: args.skip_refused,
+        skipped: refused,
         max_rate: args.max_rate,
         guest_kprobes,
     }))

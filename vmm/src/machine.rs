@@ -148,6 +148,8 @@ pub struct ProbeSetup {
     pub skip_refused: bool,
     /// Hits a second each site may take (`--max-rate`).
     pub max_rate: Option<u64>,
+    /// Probes refused before the run (when they were resolved) and skipped, with the reason.
+    pub skipped: Vec<String>,
     /// Where the guest keeps its own kprobes, read at planting so that the boundary walk
     /// reads through them.
     pub guest_kprobes: Option<KprobeTableLayout>,
@@ -446,7 +448,8 @@ impl ProbeSession {
             for r in &refused {
                 eprintln!("hvprobe: skipped refused probe: {r}");
             }
-            self.report.skipped = refused;
+            self.report.skipped = std::mem::take(&mut self.setup.skipped);
+            self.report.skipped.extend(refused);
             if let (Some(b), Some(p)) = (before, self.hash_text(&regs)) {
                 self.report.text = Some(TextHashes {
                     before: b,
