@@ -2139,7 +2139,11 @@ fn arm64_sweep(k: &Arm64Text, hot_prefixes: &[&str], seed: u64, n: u64, extra: &
             .map(|va| (va, String::new()))
             .collect()
     });
-    assert!(hit >= 10, "{hit} of the {planted} planted probes were hit");
+    // Half land in functions on the workload's paths and some of those get hit: 250 give 10.
+    assert!(
+        hit >= planted as u64 / 25,
+        "{hit} of the {planted} planted probes were hit"
+    );
 }
 
 /// Plants `HVPROBE_SWEEP_N` (default `n`) random instruction boundaries at once
