@@ -2126,7 +2126,7 @@ fn arm64_a_random_sweep_on_a_spectre_bhb_cpu_leaves_the_guest_working() {
     arm64_sweep(
         &k,
         ARM64_SWEEP_HOT_PREFIXES,
-        0x5eed_0a1,
+        0x5eed_00a1,
         120,
         &["--runner-cpu", "neoverse-n1"],
     );
