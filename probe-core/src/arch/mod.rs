@@ -353,6 +353,13 @@ pub trait Arch: Sized + Copy + Debug + Default + Send + Sync + 'static {
     /// area).
     const BOOSTED_SLOTS: bool = true;
 
+    /// Whether `insn` is one of hvprobe's own breakpoint encodings, told apart from every
+    /// breakpoint the guest uses (arm64: the BRK immediates of probes and slots); `false` where
+    /// the encoding cannot tell (x86_64's one `int3`).
+    fn is_own_breakpoint(_insn: &[u8]) -> bool {
+        false
+    }
+
     /// Whether `insn` (the first [`Arch::BREAKPOINT`]`.len()` bytes at an address) is a
     /// software breakpoint of any owner: a trap where no probe is goes back to the guest only
     /// while one is still there.

@@ -238,6 +238,14 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             if self.mem.read_phys(t.gpa, insn) && !A::is_breakpoint(insn) {
                 return Ok(Verdict::Resume);
             }
+            // One of hvprobe's own encodings where it planted nothing (a copy of probed text
+            // made by the guest): the guest would take it for a bug of its own. Never handed
+            // to it; the run stops with the reason instead.
+            if A::is_own_breakpoint(insn) {
+                return Err(VmError(format!(
+                    "an hvprobe breakpoint at {pc:#x}, where hvprobe planted none (a copy of probed text the guest made?); not handed to the guest"
+                )));
+            }
         }
         self.exits.reinjected.fetch_add(1, Ordering::Relaxed);
         Ok(Verdict::Reinject)

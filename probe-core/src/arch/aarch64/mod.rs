@@ -141,6 +141,11 @@ impl Arch for Aarch64 {
             .is_ok_and(|w: [u8; 4]| u32::from_le_bytes(w) & 0xffe0_001f == 0xd420_0000)
     }
 
+    /// `BRK #0xa5` and `BRK #0xa6`, which no kernel code uses.
+    fn is_own_breakpoint(insn: &[u8]) -> bool {
+        insn == PROBE_BRK || insn == SLOT_BRK
+    }
+
     /// On an arm64 host, the data cache is cleaned and the instruction cache invalidated to the
     /// point of unification over the host's mapping of the bytes (`__clear_cache`: DC CVAU, DSB,
     /// IC IVAU, DSB, ISB), as the kernel does after patching text; the caches are physically

@@ -492,3 +492,41 @@ fn a_site_past_its_rate_cap_is_paused_for_its_window_and_armed_again() {
     engine.remove(id).unwrap();
     assert_eq!(text(&engine), code_bytes());
 }
+
+#[test]
+fn a_copy_of_an_hvprobe_brk_where_none_was_planted_is_never_handed_to_the_guest() {
+    let (engine, mut vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    engine
+        .plant(Probe::new("f+0x4"), target(AT_NOP), &regs)
+        .unwrap();
+    // The guest copies the probed word (hvprobe's BRK) elsewhere in its text and runs it.
+    let copy = TEXT_GPA + 0x20;
+    engine
+        .memory()
+        .write_obj(brk(PROBE_BRK_IMM), GuestAddress(copy))
+        .unwrap();
+    let pc = TEXT_VA + 0x20;
+    vcpu.regs.pc = pc;
+    let err = engine
+        .handle_debug(
+            &mut vcpu,
+            &mut VcpuProbeState::default(),
+            DebugEvent::Breakpoint { pc },
+        )
+        .unwrap_err();
+    assert!(err.0.contains("not handed to the guest"), "{err}");
+    // The guest's own BRK there would go back.
+    engine
+        .memory()
+        .write_obj(brk(0x800), GuestAddress(copy))
+        .unwrap();
+    let v = engine
+        .handle_debug(
+            &mut vcpu,
+            &mut VcpuProbeState::default(),
+            DebugEvent::Breakpoint { pc },
+        )
+        .unwrap();
+    assert_eq!(v, Verdict::Reinject);
+}
