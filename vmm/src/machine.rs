@@ -128,6 +128,10 @@ pub struct ProbeSetup {
     /// the first breakpoint of hvprobe's in the guest (a probe, a trapped slot, the return
     /// trampoline), whatever trap the probes use; without them, what needs one is refused.
     pub breakpoint_exits: bool,
+    /// This KVM delivers hardware-breakpoint exits (the trap self-test): with software ones
+    /// too, one hardware breakpoint watches for exceptions taken inside trapped slots, where
+    /// the architecture has that watch ([`arch::SLOT_EXCEPTION_WATCH`]).
+    pub hardware_exits: bool,
     /// Kernel text `[start, end)` (virtual), hashed before planting and after removal.
     pub text: Option<(u64, u64)>,
     /// XOL code pages to reserve.
@@ -142,7 +146,7 @@ pub struct ProbeSetup {
     /// ([`arch::USER_RETURN_SYMBOL`]), where the guest's own software step is carried through.
     pub user_return: Option<u64>,
     /// System.map's `__start___ex_table` and `__stop___ex_table`: instructions listed there are
-    /// never copied out of line.
+    /// copied out of line only where a fault of the copy is rewound to them.
     pub exception_table: Option<(u64, u64)>,
     /// Plant what can be planted and report the refused probes, instead of all or nothing.
     pub skip_refused: bool,
@@ -283,6 +287,8 @@ struct ProbeSession {
     user_return: Arc<AtomicU64>,
     /// Hit rates, checked once a second while the run goes on.
     rates: HitRates,
+    /// The hardware breakpoint kept for the slot-exception watch, if any.
+    exception_watch_slot: Option<usize>,
 }
 
 /// A probe is reported as hot once its hits pass this many a second: in the emulated runner
@@ -583,7 +589,16 @@ pub fn run(
                 .map_err(|e| setup_err("XOL area")(e.to_string()))?;
             engine.set_breakpoints_trappable(setup.breakpoint_exits);
             engine.set_rate_cap(setup.max_rate);
-            engine.set_hardware_breakpoint_count(arch::hw_breakpoint_count(&vm.kvm));
+            // One hardware breakpoint is kept for the slot-exception watch where the
+            // architecture has one and both its traps work: then user accesses are probed too.
+            let hw = arch::hw_breakpoint_count(&vm.kvm);
+            let exception_watch_slot = (arch::SLOT_EXCEPTION_WATCH
+                && setup.breakpoint_exits
+                && setup.hardware_exits
+                && hw >= 2)
+                .then(|| hw - 1);
+            engine.set_hardware_breakpoint_count(hw - usize::from(exception_watch_slot.is_some()));
+            engine.set_slot_exception_rewind(exception_watch_slot.is_some());
             Some(ProbeSession {
                 setup,
                 engine: Arc::new(engine),
@@ -593,6 +608,7 @@ pub fn run(
                 register_ioctls: Arc::default(),
                 user_return: Arc::default(),
                 rates: HitRates::default(),
+                exception_watch_slot,
             })
         }
         None => None,
@@ -603,6 +619,7 @@ pub fn run(
             breakpoint_exits: s.setup.breakpoint_exits,
             register_ioctls: s.register_ioctls.clone(),
             user_return: s.user_return.clone(),
+            exception_watch_slot: s.exception_watch_slot,
         })
     });
     let sync_regs = vm

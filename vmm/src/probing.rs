@@ -10,7 +10,9 @@ use probe_core::engine::{ProbeEngine, VcpuProbeState};
 use probe_core::vm::{Verdict, VmError};
 use vm_memory::GuestMemoryMmap;
 
-use crate::arch::{self, Guest, GuestDebugContext, GuestDebugSetup, GuestRegisters, KvmVcpu};
+use crate::arch::{
+    self, ExitRoute, Guest, GuestDebugContext, GuestDebugSetup, GuestRegisters, KvmVcpu,
+};
 
 /// Errors of the probing side of a vCPU: a KVM call that failed, or a debug exit the engine
 /// could not handle. Any of them stops the machine.
@@ -122,6 +124,9 @@ pub struct Probing {
     pub register_ioctls: Arc<RegisterIoctls>,
     /// The running kernel's return path to user mode (0 until planting found it, or none).
     pub user_return: Arc<AtomicU64>,
+    /// The hardware breakpoint kept for the slot-exception watch, if any
+    /// ([`crate::arch::SLOT_EXCEPTION_WATCH`]).
+    pub exception_watch_slot: Option<usize>,
 }
 
 /// Register ioctls made while handling debug exits (`KVM_GET/SET_ONE_REG` on arm64, which has
@@ -209,10 +214,22 @@ impl VcpuProbing {
             hardware_in_use: self
                 .applied
                 .is_some_and(|a| a.hardware.iter().any(Option::is_some)),
+            exception_watch_slot: self.shared.exception_watch_slot,
         };
         // The guest's own debug exits never reach the engine.
-        if self.setup.take_guest_exit(fd, exit, &ctx)? {
-            return Ok(());
+        match self.setup.take_guest_exit(fd, exit, &ctx)? {
+            ExitRoute::Taken => return Ok(()),
+            ExitRoute::Engine => {}
+            ExitRoute::ExceptionEntry { return_pc } => {
+                if let Some(rewind) = self
+                    .shared
+                    .engine
+                    .rewind_slot_exception(&mut self.state, return_pc)
+                {
+                    self.setup.rewind_exception(fd, rewind)?;
+                }
+                return Ok(());
+            }
         }
         let Some(event) = arch::decode_debug_exit(fd, exit) else {
             return Err(ProbingError::UnexpectedExit(arch::describe_debug_exit(
@@ -229,7 +246,10 @@ impl VcpuProbing {
         ioctls.writes.fetch_add(vcpu.writes, Ordering::Relaxed);
         let verdict = verdict?;
         match verdict {
-            Verdict::Resume => {}
+            Verdict::Resume => {
+                self.setup
+                    .watch_slot_exceptions(fd, self.state.stepping(), &ctx)?;
+            }
             Verdict::Reinject => self.setup.reinject_breakpoint(fd, exit, &ctx)?,
             Verdict::ReinjectDebug => {
                 self.setup.reinject_debug(fd, exit)?;

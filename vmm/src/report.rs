@@ -225,7 +225,7 @@ pub fn summary(report: &ProbeReport) -> Vec<String> {
         .map(|(p, n)| format!("{p}={n}"))
         .collect();
     out.push(format!(
-        "hvprobe: exits: breakpoint={} hw_breakpoint={} slot_trap={} return={} reinjected={} reinjected_debug={} abandoned_steps={} emulation_fallbacks={} rate_capped={} (sites hit by plan: {}); exits per probe hit {}",
+        "hvprobe: exits: breakpoint={} hw_breakpoint={} slot_trap={} return={} reinjected={} reinjected_debug={} abandoned_steps={} emulation_fallbacks={} rate_capped={} slot_exceptions={} (sites hit by plan: {}); exits per probe hit {}",
         e.breakpoints,
         e.hw_breakpoints,
         e.slot_traps,
@@ -235,6 +235,7 @@ pub fn summary(report: &ProbeReport) -> Vec<String> {
         e.abandoned_steps,
         e.emulation_fallbacks,
         e.rate_capped,
+        e.slot_exceptions,
         if plans.is_empty() { "none".to_string() } else { plans.join(" ") },
         if hits == 0 {
             "n/a".to_string()

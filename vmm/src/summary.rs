@@ -97,6 +97,9 @@ pub struct ExitSummary {
     /// Hits past a site's `--max-rate` (counted as missed too).
     #[serde(default)]
     pub rate_capped: u64,
+    /// Exceptions taken inside trapped slots, rewound to the probed instruction.
+    #[serde(default)]
+    pub slot_exceptions: u64,
     /// Sites hit, by step plan.
     pub hits_by_plan: Vec<(String, u64)>,
     /// Register reads made while handling the exits (arm64: `KVM_GET_ONE_REG` calls; x86_64:
@@ -207,6 +210,7 @@ impl RunSummary {
                         abandoned_steps: e.abandoned_steps,
                         emulation_fallbacks: e.emulation_fallbacks,
                         rate_capped: e.rate_capped,
+                        slot_exceptions: e.slot_exceptions,
                         hits_by_plan: e
                             .hits_by_plan
                             .iter()

@@ -186,9 +186,18 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                     ool,
                     boosted,
                     trapped,
+                    fixed_up,
                 } => {
                     return self.start_step(
-                        vcpu, state, regs, gpa, ool, *boosted, *trapped, has_post, &probes,
+                        vcpu,
+                        state,
+                        regs,
+                        gpa,
+                        ool,
+                        *boosted,
+                        *trapped,
+                        has_post || *fixed_up,
+                        &probes,
                     );
                 }
             }
@@ -252,8 +261,9 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
     }
 
     /// Sends the vCPU to the copy of the instruction: the boosted slot (copy, branch back: no
-    /// further exit), or, when post handlers want control after it, the trapped slot with
-    /// interrupts off until its breakpoint (as Linux kprobes step out of line).
+    /// further exit), or, when post handlers want control after it (or a fault of the copy
+    /// must be rewound: `trap`), the trapped slot with interrupts off until its breakpoint (as
+    /// Linux kprobes step out of line).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn start_step(
         &self,
@@ -264,12 +274,12 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         ool: &A::Copy,
         boosted: XolSlot,
         trapped: Option<XolSlot>,
-        has_post: bool,
+        trap: bool,
         probes: &[Arc<ProbeEntry<A>>],
     ) -> Result<Verdict, VmError> {
         let mapped = self.ensure_xol_mapped(A::address_space(&regs)).is_ok();
         let slot = match trapped {
-            Some(t) if has_post || !A::BOOSTED_SLOTS => (t, true),
+            Some(t) if trap || !A::BOOSTED_SLOTS => (t, true),
             _ => (boosted, false),
         };
         let Some((slot, trapping)) = Some(slot).filter(|_| mapped) else {
@@ -290,7 +300,9 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         if trapping {
             let trap_va = slot.va + ool.copy_len(regs.pc());
             state.pending.push(PendingStep {
+                slot_va: slot.va,
                 trap_va,
+                orig_va: regs.pc(),
                 interrupts: A::begin_trapped_step(&mut regs),
                 since: Instant::now(),
             });
@@ -340,6 +352,31 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             self.run_handlers(vcpu.id(), trap.orig_va, &probes, &regs, true);
         }
         Ok(Verdict::Resume)
+    }
+
+    /// An exception vCPU's guest took with `return_pc` as its return address (arm64's
+    /// ELR_EL1), reported by the VMM before the guest's handler runs: when that is inside the
+    /// copy of a trapped step under way on this vCPU, the step is over, and the exception
+    /// becomes the probed instruction's, as Linux's `kprobe_fault_handler` makes it: the VMM
+    /// sets the return address to [`SlotRewind::resume_at`] and puts back the interrupt mask
+    /// the step saved. The guest's handler then finds the instruction's exception-table entry
+    /// (a user access fed a bad pointer), or reports its own fault at the right address; a
+    /// fault it resolves re-executes the probed instruction, whose probe fires again.
+    pub fn rewind_slot_exception(
+        &self,
+        state: &mut VcpuProbeState,
+        return_pc: u64,
+    ) -> Option<SlotRewind> {
+        let i = state
+            .pending
+            .iter()
+            .rposition(|p| (p.slot_va..p.trap_va).contains(&return_pc))?;
+        let step = state.pending.remove(i);
+        self.exits.slot_exceptions.fetch_add(1, Ordering::Relaxed);
+        Some(SlotRewind {
+            resume_at: step.orig_va,
+            interrupts: step.interrupts,
+        })
     }
 
     /// Forgets trapped steps that never reached their trap within [`ABANDONED_AFTER`].

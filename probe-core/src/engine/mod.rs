@@ -296,6 +296,10 @@ enum SiteRun<A: Arch> {
         /// The trapped slot (the copy, then the host's breakpoint), once a post handler wants
         /// one.
         trapped: Option<XolSlot>,
+        /// The instruction has an entry in the guest's exception table: it always runs in the
+        /// trapped slot, where a fault of the copy is rewound to it and the guest's fix-up
+        /// applies.
+        fixed_up: bool,
     },
 }
 
@@ -313,10 +317,12 @@ impl<A: Arch> Clone for SiteRun<A> {
                 ool,
                 boosted,
                 trapped,
+                fixed_up,
             } => SiteRun::OutOfLine {
                 ool: ool.clone(),
                 boosted: *boosted,
                 trapped: *trapped,
+                fixed_up: *fixed_up,
             },
         }
     }
@@ -375,6 +381,9 @@ pub struct ExitStats {
     pub hits_by_plan: Vec<(PlanKind, u64)>,
     /// Hits past a site's rate cap (counted as missed; the site paused for the window).
     pub rate_capped: u64,
+    /// Exceptions the guest took inside a trapped slot, rewound to the probed instruction
+    /// with its interrupt mask ([`ProbeEngine::rewind_slot_exception`]).
+    pub slot_exceptions: u64,
 }
 
 #[derive(Default)]
@@ -388,6 +397,7 @@ struct ExitCounters {
     abandoned_steps: AtomicU64,
     emulation_fallbacks: AtomicU64,
     rate_capped: AtomicU64,
+    slot_exceptions: AtomicU64,
     /// Hits by plan, indexed by [`PlanKind`] as `usize`.
     by_plan: [AtomicU64; PlanKind::ALL.len()],
 }
@@ -396,10 +406,25 @@ struct ExitCounters {
 /// breakpoint, which is found by its address (never by "a step is pending").
 #[derive(Debug, Clone)]
 struct PendingStep {
+    /// Where the copy starts: an exception taken at `slot_va..trap_va` was the copy's.
+    slot_va: u64,
     trap_va: u64,
+    /// The probed instruction, where such an exception is rewound to.
+    orig_va: u64,
     /// What [`Arch::begin_trapped_step`] saved of the interrupt mask.
     interrupts: u64,
     since: Instant,
+}
+
+/// How to rewind an exception taken inside a trapped slot
+/// ([`ProbeEngine::rewind_slot_exception`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotRewind {
+    /// The probed instruction: the exception's return address.
+    pub resume_at: u64,
+    /// The interrupt mask bits the step saved ([`Arch::begin_trapped_step`]), for the
+    /// exception's saved state.
+    pub interrupts: u64,
 }
 
 /// Per-vCPU engine state, owned by the vCPU thread: the trapped steps under way (more than
@@ -461,6 +486,9 @@ pub struct ProbeEngine<A: Arch, M: GuestMemory + Send + Sync> {
     instruction_syncs: AtomicU64,
     /// Hits a second each site may take (0: no cap).
     rate_cap: AtomicU64,
+    /// The VMM reports exceptions taken inside trapped slots
+    /// ([`ProbeEngine::set_slot_exception_rewind`]).
+    slot_exception_rewind: AtomicBool,
 }
 
 /// Where to plant: the address, and the function start to decode from for the boundary check.
@@ -502,6 +530,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             trampoline: Mutex::new(None),
             instruction_syncs: AtomicU64::new(0),
             rate_cap: AtomicU64::new(0),
+            slot_exception_rewind: AtomicBool::new(false),
         })
     }
 
@@ -515,6 +544,15 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
     pub fn set_exception_table(&self, addresses: impl IntoIterator<Item = u64>) {
         let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
         table.exception_table = addresses.into_iter().collect();
+    }
+
+    /// Says that the VMM sees every exception the guest takes inside a trapped slot and calls
+    /// [`ProbeEngine::rewind_slot_exception`] before the guest's handler runs (arm64: a
+    /// hardware breakpoint on the kernel's vector). Then instructions with an exception-table
+    /// entry (user accesses) are probed too, stepped in trapped slots: their faults reach the
+    /// guest at the probed address, where its fix-up applies. Call before planting.
+    pub fn set_slot_exception_rewind(&self, on: bool) {
+        self.slot_exception_rewind.store(on, Ordering::SeqCst);
     }
 
     /// Records the guest's own armed kprobes (from its `kprobe_table`): the boundary walk puts

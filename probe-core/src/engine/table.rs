@@ -199,7 +199,13 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             _ => None,
         };
         drop(decoder);
-        if table.exception_table.contains(&target.va) {
+        // A user access (or any instruction the kernel expects to fault) runs only where its
+        // fault is rewound to it: stepped in a trapped slot, with the VMM watching for it.
+        let fixed_up = table.exception_table.contains(&target.va);
+        if fixed_up
+            && !(self.slot_exception_rewind.load(Ordering::SeqCst)
+                && matches!(plan, StepPlan::StepOutOfLine(_)))
+        {
             return Err(PlantError::ExceptionTable {
                 location,
                 instruction: insn.text().into(),
@@ -263,7 +269,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             .transpose()?;
         let trapped = match &plan {
             StepPlan::StepOutOfLine(_) if !A::BOOSTED_SLOTS => boosted,
-            StepPlan::StepOutOfLine(ool) if probe.post.is_some() => {
+            StepPlan::StepOutOfLine(ool) if probe.post.is_some() || fixed_up => {
                 Some(self.trapped_slot(&location, insn.text(), ool, target.va)?)
             }
             _ => None,
@@ -281,6 +287,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 })?,
                 ool,
                 trapped,
+                fixed_up,
             },
         };
         let saved = insn.bytes()[..A::BREAKPOINT.len()].to_vec();

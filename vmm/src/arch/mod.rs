@@ -13,6 +13,8 @@
 //! - `KASLR_ANCHOR`: the register and symbol that give the running kernel's slide;
 //! - `HW_BREAKPOINTS`, `hw_breakpoint_count`: the most hardware breakpoints a vCPU can have,
 //!   and how many this KVM gives;
+//! - `SLOT_EXCEPTION_WATCH`: whether `GuestDebugSetup` can watch the kernel's exception
+//!   vector for exceptions taken inside trapped slots (and rewind them);
 //! - `XOL_GPA_BASE`: where the XOL area sits in guest physical memory.
 //!
 //! Kernel image formats are checked for either architecture on any host (`image.rs`): the
@@ -27,16 +29,17 @@ pub mod x86_64;
 
 #[cfg(target_arch = "aarch64")]
 pub use aarch64::{
-    Guest, GuestDebugSetup, HW_BREAKPOINTS, KASLR_ANCHOR, KvmVcpu, REQUIRED_CAPS, XOL_GPA_BASE,
-    create_vm, decode_debug_exit, describe_debug_exit, enable_register_sync, flush_register_sync,
-    hw_breakpoint_count, paused_state, probe_traps, read_pc,
+    Guest, GuestDebugSetup, HW_BREAKPOINTS, KASLR_ANCHOR, KvmVcpu, REQUIRED_CAPS,
+    SLOT_EXCEPTION_WATCH, XOL_GPA_BASE, create_vm, decode_debug_exit, describe_debug_exit,
+    enable_register_sync, flush_register_sync, hw_breakpoint_count, paused_state, probe_traps,
+    read_pc,
 };
 #[cfg(target_arch = "x86_64")]
 pub use x86_64::{
     Guest,
     debug::{
-        GuestDebugSetup, HW_BREAKPOINTS, decode_debug_exit, describe_debug_exit,
-        hw_breakpoint_count,
+        GuestDebugSetup, HW_BREAKPOINTS, SLOT_EXCEPTION_WATCH, decode_debug_exit,
+        describe_debug_exit, hw_breakpoint_count,
     },
     hostcheck::REQUIRED_CAPS,
     layout::XOL_GPA_BASE,
@@ -58,6 +61,25 @@ pub struct GuestDebugContext {
     /// Whether the set-up of the last entry loaded hvprobe's debug registers (then the guest's
     /// own breakpoints were not loaded, and a breakpoint exit is hvprobe's).
     pub hardware_in_use: bool,
+    /// The hardware breakpoint kept for the slot-exception watch, when there is one (arm64:
+    /// the vCPUs' last; the engine is told of one fewer).
+    pub exception_watch_slot: Option<usize>,
+}
+
+/// Where `GuestDebugSetup::take_guest_exit` sends a debug exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitRoute {
+    /// The guest's own (or a step made on its behalf): handled in the arch layer.
+    Taken,
+    /// hvprobe's: decoded for the engine.
+    Engine,
+    /// The slot-exception watch fired: the guest is entering its exception vector from the
+    /// kernel, to return to `return_pc`; the engine says whether that is a trapped slot's copy
+    /// ([`probe_core::engine::ProbeEngine::rewind_slot_exception`]).
+    ExceptionEntry {
+        /// The exception's return address (ELR_EL1).
+        return_pc: u64,
+    },
 }
 
 /// The kernel symbol of the return path to user mode, where a guest's own software step is

@@ -530,3 +530,46 @@ fn a_copy_of_an_hvprobe_brk_where_none_was_planted_is_never_handed_to_the_guest(
         .unwrap();
     assert_eq!(v, Verdict::Reinject);
 }
+
+#[test]
+fn a_user_access_is_probed_only_where_a_fault_of_its_copy_is_rewound_to_it() {
+    let (engine, mut vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    engine.set_exception_table([TEXT_VA + AT_LDR]);
+    let err = engine
+        .plant(Probe::new("f+0x10"), target(AT_LDR), &regs)
+        .unwrap_err();
+    assert!(matches!(err, PlantError::ExceptionTable { .. }), "{err}");
+    assert_eq!(text(&engine), code_bytes(), "nothing written");
+
+    // The VMM watches the vector: the access is stepped in a trapped slot.
+    engine.set_slot_exception_rewind(true);
+    engine
+        .plant(Probe::new("f+0x10"), target(AT_LDR), &regs)
+        .unwrap();
+    vcpu.regs.pc = TEXT_VA + AT_LDR;
+    vcpu.regs.pstate = 0x5; // EL1h, interrupts on
+    let mut state = VcpuProbeState::default();
+    let hit = DebugEvent::Breakpoint {
+        pc: TEXT_VA + AT_LDR,
+    };
+    engine.handle_debug(&mut vcpu, &mut state, hit).unwrap();
+    let slot = vcpu.regs.pc;
+    assert!(slot >= crate::arch::aarch64::xol::XOL_VA_BASE, "{slot:#x}");
+    assert_eq!(vcpu.regs.pstate & PSTATE_DAIF, PSTATE_DAIF);
+    // An exception returning anywhere but into this vCPU's copy is not the step's.
+    assert_eq!(engine.rewind_slot_exception(&mut state, slot + 4), None);
+    assert_eq!(
+        engine.rewind_slot_exception(&mut state, TEXT_VA + AT_LDR),
+        None
+    );
+    assert!(state.stepping());
+    // The copy faulted: the exception becomes the probed instruction's, with its mask.
+    let rewind = engine.rewind_slot_exception(&mut state, slot).unwrap();
+    assert_eq!(rewind.resume_at, TEXT_VA + AT_LDR);
+    assert_eq!(rewind.interrupts & PSTATE_DAIF, 0);
+    assert!(!state.stepping(), "the step is over");
+    assert_eq!(engine.rewind_slot_exception(&mut state, slot), None);
+    assert_eq!(engine.exit_stats().slot_exceptions, 1);
+    assert_eq!(engine.exit_stats().abandoned_steps, 0);
+}

@@ -11,11 +11,13 @@ use probe_core::arch::Arch;
 use probe_core::arch::aarch64::Aarch64;
 use probe_core::vm::DebugEvent;
 
+use probe_core::engine::SlotRewind;
+
 use super::vcpu::{
-    FAR_EL1, MDSCR_EL1, PSTATE_REG, PSTATE_SS, SPSR_EL1, get, inject_sync_exception,
-    inject_sync_exception_with, read_pc, set,
+    ELR_EL1, FAR_EL1, MDSCR_EL1, PSTATE_REG, PSTATE_SS, SPSR_EL1, VBAR_EL1, get,
+    inject_sync_exception, inject_sync_exception_with, read_pc, set,
 };
-use crate::arch::GuestDebugContext;
+use crate::arch::{ExitRoute, GuestDebugContext};
 use crate::probing::ProbingError;
 
 /// DBGBCR<n>/DBGBVR<n>: at most 16 on arm64.
@@ -37,6 +39,12 @@ const BCR_EXECUTE_EL1_EL0: u64 = 1 | (0b11 << 1) | (0xf << 5);
 const BCR_EXECUTE_EL1: u64 = 1 | (0b01 << 1) | (0xf << 5);
 /// MDSCR_EL1.SS: software step enabled.
 const MDSCR_SS: u64 = 1;
+/// The vector of a synchronous exception taken from the current EL on SP_ELx (the kernel's
+/// own faults: Linux runs EL1 on SP_EL1), from VBAR_EL1.
+const VECTOR_SYNC_CURRENT_SPX: u64 = 0x200;
+
+/// arm64 watches the kernel's vector for exceptions taken inside trapped slots.
+pub const SLOT_EXCEPTION_WATCH: bool = true;
 
 /// What one vCPU's guest debugging should look like.
 ///
@@ -62,6 +70,14 @@ pub struct GuestDebugSetup {
     pub return_watch: Option<(usize, u64)>,
     /// Single-stepping on the guest's behalf, from the return watch to EL0.
     pub guest_step: GuestStep,
+    /// The slot-exception watch: its slot in `hardware` and its address (VBAR_EL1 + 0x200,
+    /// the kernel's synchronous vector). Armed only while a trapped step is under way on the
+    /// vCPU, so that a fault of the copy (every step runs with D, A, I and F masked: only a
+    /// synchronous exception can come) is seen before the guest's handler and rewound to the
+    /// probed instruction, as Linux's `kprobe_fault_handler` does. Taken out when the step
+    /// ends, and when it fires (a breakpoint under the PC would fire again at once): while it
+    /// is in, KVM loads hvprobe's debug registers instead of the guest's.
+    pub exception_watch: Option<(usize, u64)>,
 }
 
 /// Where a single step made on the guest's behalf stands.
@@ -95,13 +111,66 @@ impl GuestDebugSetup {
         for (slot, a) in self.hardware.iter_mut().zip(addresses) {
             *slot = *a;
         }
-        if let Some((slot, at)) = self.return_watch {
-            if self.hardware[slot].is_none() {
-                self.hardware[slot] = Some(at);
-            } else {
-                self.return_watch = None;
+        for watch in [&mut self.return_watch, &mut self.exception_watch] {
+            if let Some((slot, at)) = *watch {
+                if self.hardware[slot].is_none() {
+                    self.hardware[slot] = Some(at);
+                } else {
+                    *watch = None;
+                }
             }
         }
+    }
+
+    /// Arms the slot-exception watch on this vCPU's kernel vector while a trapped step is
+    /// under way (`stepping`) and the watch has a slot; takes it out otherwise. Reads
+    /// VBAR_EL1: the vCPU is at EL1, where it holds the kernel's vectors (under KPTI too; the
+    /// Spectre-BHB vectors are per CPU).
+    pub fn watch_slot_exceptions(
+        &mut self,
+        fd: &VcpuFd,
+        stepping: bool,
+        ctx: &GuestDebugContext,
+    ) -> Result<(), ProbingError> {
+        if !stepping {
+            if let Some((slot, _)) = self.exception_watch.take() {
+                self.hardware[slot] = None;
+            }
+            return Ok(());
+        }
+        let Some(slot) = ctx.exception_watch_slot else {
+            return Ok(());
+        };
+        if self.exception_watch.is_some() || self.hardware[slot].is_some() {
+            return Ok(());
+        }
+        let vbar = get(fd, VBAR_EL1).map_err(|source| ProbingError::Kvm {
+            what: "KVM_GET_ONE_REG (VBAR_EL1)",
+            source,
+        })?;
+        let at = vbar + VECTOR_SYNC_CURRENT_SPX;
+        self.hardware[slot] = Some(at);
+        self.exception_watch = Some((slot, at));
+        Ok(())
+    }
+
+    /// Makes the exception the guest is entering the probed instruction's: its return address
+    /// (ELR_EL1) the instruction, its saved interrupt mask (SPSR_EL1.DAIF) the one the step
+    /// put aside.
+    pub fn rewind_exception(
+        &mut self,
+        fd: &VcpuFd,
+        rewind: SlotRewind,
+    ) -> Result<(), ProbingError> {
+        let kvm = |what| move |source| ProbingError::Kvm { what, source };
+        let spsr = get(fd, SPSR_EL1).map_err(kvm("KVM_GET_ONE_REG (SPSR_EL1)"))?;
+        set(fd, ELR_EL1, rewind.resume_at).map_err(kvm("KVM_SET_ONE_REG (ELR_EL1)"))?;
+        set(
+            fd,
+            SPSR_EL1,
+            (spsr & !PSTATE_DAIF) | (rewind.interrupts & PSTATE_DAIF),
+        )
+        .map_err(kvm("KVM_SET_ONE_REG (SPSR_EL1)"))
     }
 
     /// Arms the return watch in the last hardware slot, if it is free.
@@ -129,13 +198,14 @@ impl GuestDebugSetup {
     /// Takes the debug exits that are the guest's own, before the engine sees any: its
     /// watchpoints and AArch32 BKPTs (hvprobe sets neither), its hardware breakpoints (when
     /// hvprobe's debug registers were not loaded), and the return watch and the steps made on
-    /// its behalf. Returns whether the exit was taken here.
+    /// its behalf; and the slot-exception watch, whose exit goes on with the exception's return
+    /// address.
     pub fn take_guest_exit(
         &mut self,
         fd: &VcpuFd,
         exit: &kvm_debug_exit_arch,
         ctx: &GuestDebugContext,
-    ) -> Result<bool, ProbingError> {
+    ) -> Result<ExitRoute, ProbingError> {
         let kvm = |what| move |source| ProbingError::Kvm { what, source };
         match exception_class(exit) {
             EC_WATCHPOINT_LOWER | EC_WATCHPOINT_CURRENT => {
@@ -145,11 +215,11 @@ impl GuestDebugSetup {
                 if self.reinject_debug(fd, exit)? {
                     self.arm_return_watch(ctx);
                 }
-                Ok(true)
+                Ok(ExitRoute::Taken)
             }
             EC_BKPT32 => {
                 self.reinject_debug(fd, exit)?;
-                Ok(true)
+                Ok(ExitRoute::Taken)
             }
             EC_SOFTWARE_STEP_LOWER | EC_SOFTWARE_STEP_CURRENT
                 if self.guest_step != GuestStep::Idle =>
@@ -196,28 +266,36 @@ impl GuestDebugSetup {
                     }
                     GuestStep::Idle => unreachable!("guarded"),
                 }
-                Ok(true)
+                Ok(ExitRoute::Taken)
             }
             EC_HW_BREAKPOINT_LOWER | EC_HW_BREAKPOINT_CURRENT => {
                 let pc = read_pc(fd).map_err(kvm("KVM_GET_ONE_REG (PC)"))?;
+                if let Some((slot, at)) = self.exception_watch
+                    && at == pc
+                {
+                    self.exception_watch = None;
+                    self.hardware[slot] = None;
+                    let return_pc = get(fd, ELR_EL1).map_err(kvm("KVM_GET_ONE_REG (ELR_EL1)"))?;
+                    return Ok(ExitRoute::ExceptionEntry { return_pc });
+                }
                 if let Some((_, at)) = self.return_watch
                     && at == pc
                 {
                     self.disarm_return_watch();
                     self.single_step = true;
                     self.guest_step = GuestStep::ToUser;
-                    return Ok(true);
+                    return Ok(ExitRoute::Taken);
                 }
                 if !ctx.hardware_in_use {
                     // The guest's own breakpoint: from EL0 it steps over it on the way back.
                     if self.reinject_debug(fd, exit)? {
                         self.arm_return_watch(ctx);
                     }
-                    return Ok(true);
+                    return Ok(ExitRoute::Taken);
                 }
-                Ok(false)
+                Ok(ExitRoute::Engine)
             }
-            _ => Ok(false),
+            _ => Ok(ExitRoute::Engine),
         }
     }
 
@@ -286,9 +364,12 @@ impl GuestDebugSetup {
             dbg.control |= KVM_GUESTDBG_USE_HW;
             for (i, a) in self.hardware.iter().enumerate() {
                 if let Some(a) = a {
-                    dbg.arch.dbg_bcr[i] = match self.return_watch {
-                        Some((slot, _)) if slot == i => BCR_EXECUTE_EL1,
-                        _ => BCR_EXECUTE_EL1_EL0,
+                    let watch = |w: Option<(usize, u64)>| w.is_some_and(|(slot, _)| slot == i);
+                    dbg.arch.dbg_bcr[i] = if watch(self.return_watch) || watch(self.exception_watch)
+                    {
+                        BCR_EXECUTE_EL1
+                    } else {
+                        BCR_EXECUTE_EL1_EL0
                     };
                     dbg.arch.dbg_bvr[i] = *a & !3;
                 }
@@ -344,6 +425,21 @@ mod tests {
         assert_eq!((k.arch.dbg_bcr[0], k.arch.dbg_bvr[0]), (0, 0));
         assert_eq!(k.arch.dbg_bcr[1], 0x1e7);
         assert_eq!(k.arch.dbg_bvr[1], 0xffff_8000_0801_0004);
+    }
+
+    #[test]
+    fn the_slot_exception_watch_is_an_el1_breakpoint_that_survives_reloads() {
+        let mut s = GuestDebugSetup::default();
+        let vector = 0xffff_8000_0801_0800 + VECTOR_SYNC_CURRENT_SPX;
+        s.hardware[5] = Some(vector);
+        s.exception_watch = Some((5, vector));
+        // The engine's own breakpoints are reloaded (it has one fewer than the vCPU).
+        s.set_hardware(&[Some(0xffff_8000_0800_0000), None, None, None, None]);
+        let k = s.to_kvm();
+        assert_eq!(k.arch.dbg_bcr[0], 0x1e7, "a probe: EL1 and EL0");
+        assert_eq!(k.arch.dbg_bcr[5], 0x1e3, "the watch: EL1 only");
+        assert_eq!(k.arch.dbg_bvr[5], vector);
+        assert_eq!(s.exception_watch, Some((5, vector)));
     }
 
     #[test]

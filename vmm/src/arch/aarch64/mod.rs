@@ -14,7 +14,9 @@ pub mod vcpu;
 
 use kvm_ioctls::Kvm;
 
-pub use debug::{GuestDebugSetup, HW_BREAKPOINTS, decode_debug_exit, describe_debug_exit};
+pub use debug::{
+    GuestDebugSetup, HW_BREAKPOINTS, SLOT_EXCEPTION_WATCH, decode_debug_exit, describe_debug_exit,
+};
 pub use layout::XOL_GPA_BASE;
 pub use machine::create_vm;
 pub use selftest::probe_traps;

@@ -60,7 +60,8 @@ const SP_EL1: u64 = core_reg(34 * 8);
 const TTBR0_EL1: u64 = sys_reg(3, 0, 2, 0, 0);
 const TTBR1_EL1: u64 = sys_reg(3, 0, 2, 0, 1);
 const TCR_EL1: u64 = sys_reg(3, 0, 2, 0, 2);
-const VBAR_EL1: u64 = sys_reg(3, 0, 12, 0, 0);
+/// VBAR_EL1: the exception vector base.
+pub const VBAR_EL1: u64 = sys_reg(3, 0, 12, 0, 0);
 const ID_AA64ISAR1_EL1: u64 = sys_reg(3, 0, 0, 6, 1);
 const ID_AA64ISAR2_EL1: u64 = sys_reg(3, 0, 0, 6, 2);
 /// MPIDR_EL1: the vCPU's affinity, for the device tree's `cpu` nodes.
@@ -71,7 +72,7 @@ const BOOT_PSTATE: u64 = 0x3c5;
 /// PSTATE.M[0]: the stack pointer is the current EL's (SP_ELx), not SP_EL0.
 const PSTATE_SPSEL: u64 = 1;
 /// `kvm_regs.elr_el1`.
-const ELR_EL1: u64 = core_reg(35 * 8);
+pub const ELR_EL1: u64 = core_reg(35 * 8);
 /// `kvm_regs.spsr[KVM_SPSR_EL1]`.
 pub const SPSR_EL1: u64 = core_reg(36 * 8);
 const ESR_EL1: u64 = sys_reg(3, 0, 5, 2, 0);

@@ -2,7 +2,7 @@
 //! software breakpoints, hardware execute breakpoints and single-stepping, the decoding of
 //! `KVM_EXIT_DEBUG`, and conversion between KVM's register structs and probe-core's.
 
-use crate::arch::GuestDebugContext;
+use crate::arch::{ExitRoute, GuestDebugContext};
 use kvm_bindings::{
     KVM_GUESTDBG_BLOCKIRQ, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_INJECT_BP, KVM_GUESTDBG_INJECT_DB,
     KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP, kvm_debug_exit_arch,
@@ -11,6 +11,9 @@ use kvm_bindings::{
 use probe_core::arch::Arch;
 use probe_core::arch::x86_64::{Gpr, Registers, X86_64};
 use probe_core::vm::DebugEvent;
+
+/// x86_64 has no slot-exception watch (see [`GuestDebugSetup::watch_slot_exceptions`]).
+pub const SLOT_EXCEPTION_WATCH: bool = false;
 
 /// The debug registers DR0-DR3: x86's hardware breakpoints, always four.
 pub const HW_BREAKPOINTS: usize = X86_64::MAX_HW_BREAKPOINTS;
@@ -88,8 +91,29 @@ impl GuestDebugSetup {
         _fd: &kvm_ioctls::VcpuFd,
         _exit: &kvm_debug_exit_arch,
         _ctx: &GuestDebugContext,
-    ) -> Result<bool, crate::probing::ProbingError> {
-        Ok(false)
+    ) -> Result<ExitRoute, crate::probing::ProbingError> {
+        Ok(ExitRoute::Engine)
+    }
+
+    /// No slot-exception watch on x86_64 ([`SLOT_EXCEPTION_WATCH`]): the guest's exception
+    /// entry for a fault in a slot (the IDT's page-fault handler) is the one every user page
+    /// fault goes through, and a debug register on it would cost an exit per page fault.
+    pub fn watch_slot_exceptions(
+        &mut self,
+        _fd: &kvm_ioctls::VcpuFd,
+        _stepping: bool,
+        _ctx: &GuestDebugContext,
+    ) -> Result<(), crate::probing::ProbingError> {
+        Ok(())
+    }
+
+    /// Never called on x86_64: `take_guest_exit` routes no exit as an exception entry.
+    pub fn rewind_exception(
+        &mut self,
+        _fd: &kvm_ioctls::VcpuFd,
+        _rewind: probe_core::engine::SlotRewind,
+    ) -> Result<(), crate::probing::ProbingError> {
+        Ok(())
     }
 
     /// Whether an injection is pending: it acts once, at the ioctl, so the set-up must be
