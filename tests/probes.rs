@@ -404,7 +404,7 @@ fn the_guests_own_int3_kprobe_keeps_working_beside_an_hvprobe_probe_in_the_same_
     let ours = format!("vfs_read+{:#x}", kp_off + kp_insn.len() as u64);
     let cmdline = format!(
         "{} kprobe_event=p:hvt,vfs_read+{kp_off:#x} trace_event=kprobes:hvt sysctl.debug.kprobes-optimization=0",
-        hvprobe_vmm::cli::DEFAULT_CMDLINE
+        hvprobe_vmm::platform::DEFAULT_CMDLINE_X86_64
     );
     let out = run_probed(
         "1",
@@ -1029,7 +1029,7 @@ fn boundaries_are_walked_past_instructions_capstone_lacks_and_stop_at_a_guest_br
         .expect("a multi-byte instruction in vfs_fallocate");
     let cmdline = format!(
         "{} kprobe_event=p:hvt,{func}+{kp_off:#x} trace_event=kprobes:hvt sysctl.debug.kprobes-optimization=0",
-        hvprobe_vmm::cli::DEFAULT_CMDLINE
+        hvprobe_vmm::platform::DEFAULT_CMDLINE_X86_64
     );
     let inside = format!("{func}+{:#x}", kp_off + 1);
     let at = format!("{func}+{kp_off:#x}");

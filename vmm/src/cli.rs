@@ -1,6 +1,7 @@
 //! The `hvprobe` command line. Kept in the library so that the emulated runner's L1 `/init`
 //! (which is hvprobe itself) can run the same code in-process.
 
+use crate::arch::VmmArch;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
@@ -17,8 +18,8 @@ use probe_core::xol::XolArea;
 
 use crate::hostcheck;
 pub use crate::job::{
-    DEFAULT_CMDLINE, DEFAULT_EXEC_TIMEOUT_SECS, Job, ResolvedProbe, ResolvedProbes, RunnerChoice,
-    TrapChoice, read_btf,
+    DEFAULT_EXEC_TIMEOUT_SECS, Job, ResolvedProbe, ResolvedProbes, RunnerChoice, TrapChoice,
+    read_btf,
 };
 use crate::machine::{self, Outcome, ProbeRequest, ProbeSetup, RunOptions, RunReport};
 use crate::output::TraceOutput;
@@ -223,7 +224,10 @@ fn choose_trap(choice: TrapChoice, support: &TrapSupport, probes: usize) -> Resu
             bail!("--trap hw: this KVM does not deliver hardware breakpoints: {summary}")
         }
         TrapChoice::Auto if int3 => Ok(TrapKind::Software),
-        TrapChoice::Auto if support.hardware.is_ok() && probes <= crate::arch::HW_BREAKPOINTS => {
+        TrapChoice::Auto
+            if support.hardware.is_ok()
+                && probes <= <crate::arch::Guest as probe_core::arch::Arch>::MAX_HW_BREAKPOINTS =>
+        {
             eprintln!("{HW_TRAPS_SHADOW_GUEST_DEBUG}");
             Ok(TrapKind::Hardware)
         }
@@ -275,7 +279,7 @@ fn probe_setup(
         "hvprobe: trap self-test: {}; probes use {}",
         support.summary(),
         match trap {
-            TrapKind::Software => crate::arch::BREAKPOINT_NAME,
+            TrapKind::Software => crate::arch::Host::BREAKPOINT_NAME,
             TrapKind::Hardware => "hardware breakpoints",
         }
     );
@@ -375,7 +379,7 @@ fn probe_setup(
         hardware_exits: support.hardware.is_ok(),
         text,
         xol_pages: XOL_PAGES,
-        kaslr_anchors: crate::arch::KASLR_ANCHOR
+        kaslr_anchors: crate::arch::Host::KASLR_ANCHOR
             .linked_addresses(|sym| map.lookup(sym).ok().map(|s| s.addr)),
         exception_table: match (
             map.lookup("__start___ex_table"),
@@ -384,7 +388,7 @@ fn probe_setup(
             (Ok(s), Ok(e)) => Some((s.addr, e.addr)),
             _ => None,
         },
-        user_return: crate::arch::USER_RETURN_SYMBOL
+        user_return: crate::arch::Host::USER_RETURN_SYMBOL
             .and_then(|sym| map.lookup(sym).ok())
             .map(|s| s.addr),
         slide,

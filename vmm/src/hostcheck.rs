@@ -1,6 +1,7 @@
 //! Decides whether this host's KVM can boot and debug a stock guest kernel, and says why not in
 //! one line when it cannot.
 
+use crate::arch::VmmArch;
 use std::path::Path;
 
 use kvm_ioctls::{Cap, Kvm};
@@ -74,7 +75,7 @@ pub fn check_host_at(dev_kvm: &Path, sys_module: &Path) -> Result<KvmFacts, Host
     if api != 12 {
         return Err(HostCheckError::ApiVersion(api));
     }
-    for &(cap, name) in crate::arch::REQUIRED_CAPS {
+    for &(cap, name) in crate::arch::Host::REQUIRED_CAPS {
         if !kvm.check_extension(cap) {
             return Err(HostCheckError::MissingCap(name));
         }

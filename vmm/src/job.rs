@@ -2,6 +2,7 @@
 //! resolved against the guest's files before any VM starts. The command line builds one, the
 //! emulated runner hands one (as JSON) to the hvprobe inside L1, and both run it the same way.
 
+use crate::platform::platform;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -202,14 +203,7 @@ fn resolve_probe(
 ) -> Result<ResolvedProbe> {
     let definition = if is_definition(p) {
         let d = ProbeDefinition::parse(p).map_err(|e| anyhow::anyhow!("--probe {p}: {e}"))?;
-        let unknown = match arch {
-            hvprobe_guest::GuestArch::X86_64 => {
-                probe_core::fetch::unknown_register::<probe_core::arch::x86_64::X86_64>(&d)
-            }
-            hvprobe_guest::GuestArch::Aarch64 => {
-                probe_core::fetch::unknown_register::<probe_core::arch::aarch64::Aarch64>(&d)
-            }
-        };
+        let unknown = (platform(arch).unknown_register)(&d);
         if let Some(r) = unknown {
             bail!("--probe {p}: unknown register %{r} for {arch} guests");
         }
@@ -268,21 +262,9 @@ pub enum TrapChoice {
     Hw,
 }
 
-/// The command line every default-guest boot starts from: console on COM1, reset through the
-/// i8042 on reboot and at once on panic, no KASLR, and only messages of KERN_CRIT and worse
-/// (panics, oopses) on the console.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nokaslr i8042.noaux i8042.nomux i8042.dumbkbd quiet loglevel=3";
-
-/// The default kernel command line of arm64 guests: the ns16550a console; the guest resets
-/// through PSCI.
-pub const DEFAULT_CMDLINE_AARCH64: &str = "console=ttyS0 panic=-1 nokaslr quiet loglevel=3";
-
 /// The default kernel command line for guests of `arch`.
 pub fn default_cmdline(arch: hvprobe_guest::GuestArch) -> &'static str {
-    match arch {
-        hvprobe_guest::GuestArch::X86_64 => DEFAULT_CMDLINE,
-        hvprobe_guest::GuestArch::Aarch64 => DEFAULT_CMDLINE_AARCH64,
-    }
+    platform(arch).default_cmdline
 }
 
 /// Default time limit with `--exec`.
@@ -403,10 +385,13 @@ impl Job {
         if !self.skip_refused {
             refusals(std::mem::take(&mut refused), "probe(s) refused")?;
         }
-        if self.trap == TrapChoice::Hw && targets.len() > crate::arch::HW_BREAKPOINTS {
+        // The guest's architecture's breakpoints, not the host's: an arm64 guest in the
+        // runner on an x86_64 host has up to 16.
+        let max_hw = platform(self.guest_arch()).max_hw_breakpoints;
+        if self.trap == TrapChoice::Hw && targets.len() > max_hw {
             bail!(
-                "--trap hw allows at most {} probes ({} given)",
-                crate::arch::HW_BREAKPOINTS,
+                "--trap hw allows at most {max_hw} probes on {} guests ({} given)",
+                self.guest_arch(),
                 targets.len()
             );
         }

@@ -10,6 +10,7 @@ pub mod job;
 pub mod l1init;
 pub mod machine;
 pub mod output;
+pub mod platform;
 pub mod probing;
 pub mod report;
 pub mod runner;

@@ -1,6 +1,7 @@
 //! Running a VM to its end: the vCPU threads, an event-manager loop on the main thread for
 //! console input, stop requests and signals, and the report of how the guest ended.
 
+use crate::arch::VmmArch;
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
@@ -130,7 +131,7 @@ pub struct ProbeSetup {
     pub breakpoint_exits: bool,
     /// This KVM delivers hardware-breakpoint exits (the trap self-test): with software ones
     /// too, one hardware breakpoint watches for exceptions taken inside trapped slots, where
-    /// the architecture has that watch ([`arch::SLOT_EXCEPTION_WATCH`]).
+    /// the architecture has that watch ([`<arch::GuestDebugSetup as arch::GuestDebug>::SLOT_EXCEPTION_WATCH`]).
     pub hardware_exits: bool,
     /// Kernel text `[start, end)` (virtual), hashed before planting and after removal.
     pub text: Option<(u64, u64)>,
@@ -143,7 +144,7 @@ pub struct ProbeSetup {
     /// The KASLR slide once found, shared with handlers that symbolize addresses.
     pub slide: Arc<AtomicU64>,
     /// System.map's address of the kernel's return path to user mode
-    /// ([`arch::USER_RETURN_SYMBOL`]), where the guest's own software step is carried through.
+    /// ([`arch::Host::USER_RETURN_SYMBOL`]), where the guest's own software step is carried through.
     pub user_return: Option<u64>,
     /// System.map's `__start___ex_table` and `__stop___ex_table`: instructions listed there are
     /// copied out of line only where a fault of the copy is rewound to them.
@@ -316,7 +317,7 @@ impl ProbeSession {
         if self.setup.kaslr_anchors.is_empty() {
             return Ok(());
         }
-        let (slide, anchor) = arch::KASLR_ANCHOR
+        let (slide, anchor) = arch::Host::KASLR_ANCHOR
             .slide(running, &self.setup.kaslr_anchors)
             .map_err(PlantingError::Kaslr)?;
         self.report.kaslr_slide = Some(slide);
@@ -583,7 +584,7 @@ pub fn run(
     let mut vm = Vm::new(kvm, &opts.vm, Box::new(ConsoleSink(output.clone())))?;
     let mut session = match probes {
         Some(setup) => {
-            let xol = XolArea::new::<Guest>(arch::XOL_GPA_BASE, setup.xol_pages)
+            let xol = XolArea::new::<Guest>(arch::Host::XOL_GPA_BASE, setup.xol_pages)
                 .map_err(|e| setup_err("XOL area")(e.to_string()))?;
             let engine = Engine::new(vm.memory.clone(), xol)
                 .map_err(|e| setup_err("XOL area")(e.to_string()))?;
@@ -591,12 +592,13 @@ pub fn run(
             engine.set_rate_cap(setup.max_rate);
             // One hardware breakpoint is kept for the slot-exception watch where the
             // architecture has one and both its traps work: then user accesses are probed too.
-            let hw = arch::hw_breakpoint_count(&vm.kvm);
-            let exception_watch_slot = (arch::SLOT_EXCEPTION_WATCH
-                && setup.breakpoint_exits
-                && setup.hardware_exits
-                && hw >= 2)
-                .then(|| hw - 1);
+            let hw = arch::Host::hw_breakpoint_count(&vm.kvm);
+            let exception_watch_slot =
+                (<arch::GuestDebugSetup as arch::GuestDebug>::SLOT_EXCEPTION_WATCH
+                    && setup.breakpoint_exits
+                    && setup.hardware_exits
+                    && hw >= 2)
+                    .then(|| hw - 1);
             engine.set_hardware_breakpoint_count(hw - usize::from(exception_watch_slot.is_some()));
             engine.set_slot_exception_rewind(exception_watch_slot.is_some());
             Some(ProbeSession {

@@ -11,7 +11,7 @@ use probe_core::vm::{Verdict, VmError};
 use vm_memory::GuestMemoryMmap;
 
 use crate::arch::{
-    self, ExitRoute, Guest, GuestDebugContext, GuestDebugSetup, GuestRegisters, KvmVcpu,
+    ExitRoute, Guest, GuestDebug, GuestDebugContext, GuestDebugSetup, GuestRegisters, Host, VmmArch,
 };
 
 /// Errors of the probing side of a vCPU: a KVM call that failed, or a debug exit the engine
@@ -76,7 +76,7 @@ impl DebugExitHook for NoProbes {
         _fd: &mut VcpuFd,
         exit: &kvm_bindings::kvm_debug_exit_arch,
     ) -> Result<(), ProbingError> {
-        Err(ProbingError::NoProbes(arch::describe_debug_exit(exit)))
+        Err(ProbingError::NoProbes(Host::describe_debug_exit(exit)))
     }
 }
 
@@ -100,7 +100,7 @@ impl DebugExitHook for VcpuProbing {
 pub struct PausedState {
     /// The registers (page tables included).
     pub regs: GuestRegisters,
-    /// Where the running kernel's KASLR anchor is ([`crate::arch::KASLR_ANCHOR`]), 0 if it
+    /// Where the running kernel's KASLR anchor is ([`crate::Host::KASLR_ANCHOR`]), 0 if it
     /// could not be read.
     pub kaslr_anchor: u64,
     /// The vCPU was in the kernel (CPL 0, EL1): its page-table root and anchor register are
@@ -125,7 +125,7 @@ pub struct Probing {
     /// The running kernel's return path to user mode (0 until planting found it, or none).
     pub user_return: Arc<AtomicU64>,
     /// The hardware breakpoint kept for the slot-exception watch, if any
-    /// ([`crate::arch::SLOT_EXCEPTION_WATCH`]).
+    /// ([`crate::<arch::GuestDebugSetup as arch::GuestDebug>::SLOT_EXCEPTION_WATCH`]).
     pub exception_watch_slot: Option<usize>,
 }
 
@@ -161,7 +161,7 @@ impl VcpuProbing {
     /// Probing state for one vCPU; turns on register syncing through `kvm_run` if KVM has it.
     pub fn new(shared: Arc<Probing>, fd: &mut VcpuFd, sync_regs: bool) -> VcpuProbing {
         if sync_regs {
-            arch::enable_register_sync(fd);
+            Host::enable_register_sync(fd);
         }
         VcpuProbing {
             shared,
@@ -191,7 +191,7 @@ impl VcpuProbing {
         // the ioctl for a second foreign breakpoint in a row, and the guest would loop on it.)
         if self.applied != Some(self.setup) || self.setup.injecting() {
             if self.sync_regs {
-                arch::flush_register_sync(fd)?;
+                Host::flush_register_sync(fd)?;
             }
             fd.set_guest_debug(&self.setup.to_kvm())
                 .map_err(kvm("KVM_SET_GUEST_DEBUG"))?;
@@ -231,28 +231,32 @@ impl VcpuProbing {
                 return Ok(());
             }
         }
-        let Some(event) = arch::decode_debug_exit(fd, exit) else {
-            return Err(ProbingError::UnexpectedExit(arch::describe_debug_exit(
+        let Some(event) = Host::decode_debug_exit(fd, exit) else {
+            return Err(ProbingError::UnexpectedExit(Host::describe_debug_exit(
                 exit,
             )));
         };
-        let mut vcpu = KvmVcpu::new(id, fd, self.sync_regs, event.pc());
+        let mut vcpu = Host::exit_vcpu(id, fd, self.sync_regs, event.pc());
         let verdict = self
             .shared
             .engine
             .handle_debug(&mut vcpu, &mut self.state, event);
+        let (reads, writes) = Host::register_ioctls(&vcpu);
         let ioctls = &self.shared.register_ioctls;
-        ioctls.reads.fetch_add(vcpu.reads, Ordering::Relaxed);
-        ioctls.writes.fetch_add(vcpu.writes, Ordering::Relaxed);
-        let verdict = verdict?;
-        match verdict {
+        ioctls.reads.fetch_add(reads, Ordering::Relaxed);
+        ioctls.writes.fetch_add(writes, Ordering::Relaxed);
+        // (A hand-back acts now or at the next entry; `prepare_entry` applies the set-up
+        // either way, and `injecting` makes it do so for one that waits.)
+        match verdict? {
             Verdict::Resume => {
                 self.setup
                     .watch_slot_exceptions(fd, self.state.stepping(), &ctx)?;
             }
-            Verdict::Reinject => self.setup.reinject_breakpoint(fd, exit, &ctx)?,
+            Verdict::Reinject => {
+                self.setup.hand_back_breakpoint(fd, exit, &ctx)?;
+            }
             Verdict::ReinjectDebug => {
-                self.setup.reinject_debug(fd, exit)?;
+                self.setup.hand_back_debug(fd, exit, &ctx)?;
             }
         }
         Ok(())
@@ -260,6 +264,6 @@ impl VcpuProbing {
 
     /// Reads the state of a vCPU that is out of `KVM_RUN`: registers and the KASLR anchor.
     pub fn paused_state(fd: &mut VcpuFd) -> Result<PausedState, ProbingError> {
-        arch::paused_state(fd)
+        Host::paused_state(fd)
     }
 }

@@ -1,5 +1,6 @@
 //! What `hvprobe run` prints about probes: one line per hit, and a summary per probe at the end.
 
+use crate::arch::VmmArch;
 use crate::output::TraceOutput;
 
 use probe_core::arch::RegisterFile;
@@ -206,7 +207,7 @@ pub fn summary(report: &ProbeReport) -> Vec<String> {
             s.instruction,
             s.plan,
             match s.trap {
-                TrapKind::Software => crate::arch::BREAKPOINT_NAME,
+                TrapKind::Software => crate::arch::Host::BREAKPOINT_NAME,
                 TrapKind::Hardware => "hw",
             },
             s.hits,
@@ -266,7 +267,7 @@ pub fn summary(report: &ProbeReport) -> Vec<String> {
     if let Some(slide) = report.kaslr_slide {
         out.push(format!(
             "hvprobe: kernel base slide {slide:#x} (the guest's {} against System.map's {})",
-            crate::arch::KASLR_ANCHOR.register,
+            crate::arch::Host::KASLR_ANCHOR.register,
             report.kaslr_anchor.as_deref().unwrap_or("anchor")
         ));
     }

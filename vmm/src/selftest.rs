@@ -1,9 +1,10 @@
 //! The trap self-test: a tiny guest (a few instructions in one page, the architecture's:
-//! [`crate::arch::probe_traps`]) run on this KVM to learn which debug traps it actually
+//! [`crate::arch::Host::probe_traps`]) run on this KVM to learn which debug traps it actually
 //! delivers: software-breakpoint exits, hardware execute breakpoints and single-steps. Nested
 //! or emulated KVMs differ here (QEMU's TCG, for one, hides a nested x86 guest's int3 unless
 //! patched), so hvprobe measures instead of assuming. Takes a few milliseconds.
 
+use crate::arch::VmmArch;
 use kvm_ioctls::Kvm;
 
 /// Which traps this KVM delivers; each is `Err(why)` when it does not.
@@ -86,5 +87,5 @@ pub fn payload_vm(
 
 /// Runs the self-test on `kvm`.
 pub fn probe_traps(kvm: &Kvm) -> Result<TrapSupport, String> {
-    crate::arch::probe_traps(kvm)
+    crate::arch::Host::probe_traps(kvm)
 }

@@ -2,6 +2,7 @@
 //! counters, the exit counts, the kernel text hashes and the KASLR slide, for programs and
 //! tests that would otherwise scrape the summary lines.
 
+use crate::arch::VmmArch;
 use serde::{Deserialize, Serialize};
 
 use crate::machine::{Outcome, RunReport};
@@ -183,7 +184,7 @@ impl RunSummary {
                             instruction: s.instruction.clone(),
                             plan: s.plan.name().into(),
                             trap: match s.trap {
-                                TrapKind::Software => crate::arch::BREAKPOINT_NAME,
+                                TrapKind::Software => crate::arch::Host::BREAKPOINT_NAME,
                                 TrapKind::Hardware => "hw",
                             }
                             .into(),

@@ -7,6 +7,7 @@
 //! kick that lands between the channel check and `KVM_RUN` makes `KVM_RUN` return `EINTR` at
 //! once.
 
+use crate::arch::VmmArch;
 use std::cell::Cell;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::sync::{Arc, Mutex};
@@ -320,7 +321,7 @@ impl VcpuThread {
                     // KVM_EXIT_INTERNAL_ERROR.
                     let internal = unsafe { run.__bindgen_anon_1.internal };
                     let data = &internal.data[..(internal.ndata as usize).min(internal.data.len())];
-                    let pc = crate::arch::read_pc(&self.fd).unwrap_or(0);
+                    let pc = crate::arch::Host::read_pc(&self.fd).unwrap_or(0);
                     ExitAction::Stop(StopReason::VcpuError(format!(
                         "vCPU {}: KVM_EXIT_INTERNAL_ERROR, suberror {}, pc {pc:#x}, data {data:x?}",
                         self.id, internal.suberror

@@ -1,8 +1,9 @@
 //! The VM as the rest of the VMM sees it (memory, vCPU fds, device buses, the console), the
 //! checks of its configuration, and the memslot registration every architecture shares. What a
 //! bootable VM is made of (memory layout, interrupt controller, devices, boot protocol, vCPU
-//! set-up) is the architecture's: [`crate::arch::create_vm`].
+//! set-up) is the architecture's: [`crate::arch::Host::create_vm`].
 
+use crate::arch::VmmArch;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -162,7 +163,7 @@ impl Vm {
             })?),
             None => None,
         };
-        arch::create_vm(kvm, config, initrd_bytes, console_out)
+        arch::Host::create_vm(kvm, config, initrd_bytes, console_out)
     }
 }
 

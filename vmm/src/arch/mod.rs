@@ -1,21 +1,9 @@
-//! Architecture-specific VMM code, behind one set of names (Firecracker's `arch/mod.rs` way):
-//! the rest of the VMM calls `arch::create_vm`, `arch::KvmVcpu`, `arch::decode_debug_exit`, never an
-//! architecture's module. Each architecture implements the same items:
-//!
-//! - `Guest`: probe-core's [`probe_core::arch::Arch`] for its guests, and `GuestRegisters`;
-//! - `REQUIRED_CAPS`: the KVM capabilities the VMM cannot do without (the host check);
-//! - `create_vm`: memory, interrupt controller, devices and vCPUs of a bootable VM;
-//! - `probe_traps`: the trap self-test's tiny guest;
-//! - `KvmVcpu` (probe-core's `VcpuAccess`), `enable_register_sync`, `flush_register_sync`,
-//!   `paused_state`, `read_pc`: the vCPU's registers;
-//! - `GuestDebugSetup`, `decode_debug_exit`, `describe_debug_exit`: the `kvm_guest_debug`
-//!   layout, decoding `KVM_EXIT_DEBUG`, handing a trap back;
-//! - `KASLR_ANCHOR`: the register and symbol that give the running kernel's slide;
-//! - `HW_BREAKPOINTS`, `hw_breakpoint_count`: the most hardware breakpoints a vCPU can have,
-//!   and how many this KVM gives;
-//! - `SLOT_EXCEPTION_WATCH`: whether `GuestDebugSetup` can watch the kernel's exception
-//!   vector for exceptions taken inside trapped slots (and rewind them);
-//! - `XOL_GPA_BASE`: where the XOL area sits in guest physical memory.
+//! Architecture-specific VMM code behind the seam of [`seam`]: each architecture's module
+//! implements [`VmmArch`] (and its [`GuestDebug`]), and the rest of the VMM reaches it only
+//! through [`Host`], the implementation for the architecture this VMM is built for. To add an
+//! architecture: a module here implementing both traits (the compiler lists what is missing),
+//! its probe-core back end, its arm of `hvprobe_guest::GuestArch` (and that enum's platform
+//! facts: runner QEMU, L1 modules), and one `cfg` line for `Host` below.
 //!
 //! Kernel image formats are checked for either architecture on any host (`image.rs`): the
 //! emulated runner of another architecture takes the guest's kernel too. The probe engine's
@@ -24,82 +12,24 @@
 #[cfg(target_arch = "aarch64")]
 pub mod aarch64;
 pub mod image;
+pub mod seam;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;
 
-#[cfg(target_arch = "aarch64")]
-pub use aarch64::{
-    Guest, GuestDebugSetup, HW_BREAKPOINTS, KASLR_ANCHOR, KvmVcpu, REQUIRED_CAPS,
-    SLOT_EXCEPTION_WATCH, XOL_GPA_BASE, create_vm, decode_debug_exit, describe_debug_exit,
-    enable_register_sync, flush_register_sync, hw_breakpoint_count, paused_state, probe_traps,
-    read_pc,
-};
+pub use seam::{ExitRoute, GuestDebug, GuestDebugContext, HandBack, VmmArch};
+
+/// The architecture this VMM is built for: the only place that picks one.
 #[cfg(target_arch = "x86_64")]
-pub use x86_64::{
-    Guest,
-    debug::{
-        GuestDebugSetup, HW_BREAKPOINTS, SLOT_EXCEPTION_WATCH, decode_debug_exit,
-        describe_debug_exit, hw_breakpoint_count,
-    },
-    hostcheck::REQUIRED_CAPS,
-    layout::XOL_GPA_BASE,
-    machine::create_vm,
-    selftest::probe_traps,
-    vcpu::{
-        KASLR_ANCHOR, KvmVcpu, enable_register_sync, flush_register_sync, paused_state, read_pc,
-    },
-};
-
-/// What the arch layer needs to tell the guest's own debug exits from hvprobe's, passed to
-/// `GuestDebugSetup::take_guest_exit` and `reinject_breakpoint`.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct GuestDebugContext {
-    /// The running kernel's return path to user mode ([`USER_RETURN_SYMBOL`], KASLR applied).
-    pub user_return: Option<u64>,
-    /// Hardware breakpoints this vCPU has.
-    pub hw_count: usize,
-    /// Whether the set-up of the last entry loaded hvprobe's debug registers (then the guest's
-    /// own breakpoints were not loaded, and a breakpoint exit is hvprobe's).
-    pub hardware_in_use: bool,
-    /// The hardware breakpoint kept for the slot-exception watch, when there is one (arm64:
-    /// the vCPUs' last; the engine is told of one fewer).
-    pub exception_watch_slot: Option<usize>,
-}
-
-/// Where `GuestDebugSetup::take_guest_exit` sends a debug exit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExitRoute {
-    /// The guest's own (or a step made on its behalf): handled in the arch layer.
-    Taken,
-    /// hvprobe's: decoded for the engine.
-    Engine,
-    /// The slot-exception watch fired: the guest is entering its exception vector from the
-    /// kernel, to return to `return_pc`; the engine says whether that is a trapped slot's copy
-    /// ([`probe_core::engine::ProbeEngine::rewind_slot_exception`]).
-    ExceptionEntry {
-        /// The exception's return address (ELR_EL1).
-        return_pc: u64,
-    },
-}
-
-/// The kernel symbol of the return path to user mode, where a guest's own software step is
-/// carried through while KVM debugs the guest (arm64: `ret_to_user`); `None` where the
-/// architecture needs none (x86_64's TF single-step is the guest's own while hvprobe does not
-/// single-step).
-#[cfg(target_arch = "x86_64")]
-pub const USER_RETURN_SYMBOL: Option<&str> = None;
-/// The kernel symbol of the return path to user mode (see the x86_64 twin).
+pub type Host = x86_64::X86_64Vmm;
+/// The architecture this VMM is built for: the only place that picks one.
 #[cfg(target_arch = "aarch64")]
-pub const USER_RETURN_SYMBOL: Option<&str> = Some("ret_to_user");
+pub type Host = aarch64::Aarch64Vmm;
 
-/// The software breakpoint's name in output (`int3`, `brk`).
-#[cfg(target_arch = "x86_64")]
-pub const BREAKPOINT_NAME: &str = "int3";
-/// The software breakpoint's name in output (`int3`, `brk`).
-#[cfg(target_arch = "aarch64")]
-pub const BREAKPOINT_NAME: &str = "brk";
-
-/// The registers of the host architecture's guests, as the engine sees them.
+/// The probe engine's back end for this VMM's guests.
+pub type Guest = <Host as VmmArch>::Guest;
+/// One vCPU's guest-debug set-up on this VMM.
+pub type GuestDebugSetup = <Host as VmmArch>::Debug;
+/// The registers of this VMM's guests, as the engine sees them.
 pub type GuestRegisters = <Guest as probe_core::arch::Arch>::Registers;
 
 /// Where the running kernel shows how far KASLR moved it: a register that holds the address

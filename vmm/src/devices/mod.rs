@@ -2,7 +2,7 @@
 //! (every architecture; arm64's UART lives there). One [`Bus`] type serves both.
 //!
 //! To add a device: implement [`BusDevice`], give it a range in the architecture's
-//! `create_vm` (`crate::arch::create_vm`) with [`Bus::insert`] on the port-I/O or the MMIO
+//! `create_vm` (`crate::arch::Host::create_vm`) with [`Bus::insert`] on the port-I/O or the MMIO
 //! bus, and, if it raises interrupts, give it an `EventFd` registered as an irqfd on its GSI
 //! (see the serial port).
 

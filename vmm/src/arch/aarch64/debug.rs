@@ -17,7 +17,7 @@ use super::vcpu::{
     ELR_EL1, FAR_EL1, MDSCR_EL1, PSTATE_REG, PSTATE_SS, SPSR_EL1, VBAR_EL1, get,
     inject_sync_exception, inject_sync_exception_with, read_pc, set,
 };
-use crate::arch::{ExitRoute, GuestDebugContext};
+use crate::arch::{ExitRoute, GuestDebug, GuestDebugContext, HandBack};
 use crate::probing::ProbingError;
 
 /// DBGBCR<n>/DBGBVR<n>: at most 16 on arm64.
@@ -42,9 +42,6 @@ const MDSCR_SS: u64 = 1;
 /// The vector of a synchronous exception taken from the current EL on SP_ELx (the kernel's
 /// own faults: Linux runs EL1 on SP_EL1), from VBAR_EL1.
 const VECTOR_SYNC_CURRENT_SPX: u64 = 0x200;
-
-/// arm64 watches the kernel's vector for exceptions taken inside trapped slots.
-pub const SLOT_EXCEPTION_WATCH: bool = true;
 
 /// What one vCPU's guest debugging should look like.
 ///
@@ -104,9 +101,48 @@ const PSTATE_IF: u64 = 0xc0;
 const PSTATE_DAIF: u64 = 0x3c0;
 
 impl GuestDebugSetup {
+    /// Arms the return watch in the last hardware slot, if it is free.
+    fn arm_return_watch(&mut self, ctx: &GuestDebugContext) {
+        let (Some(at), Some(slot)) = (ctx.user_return, ctx.hw_count.checked_sub(1)) else {
+            return;
+        };
+        if self.return_watch.is_none() && self.hardware[slot].is_none() {
+            self.hardware[slot] = Some(at);
+            self.return_watch = Some((slot, at));
+        }
+    }
+
+    fn stop_guest_step(&mut self) {
+        self.single_step = false;
+        self.guest_step = GuestStep::Idle;
+    }
+
+    fn disarm_return_watch(&mut self) {
+        if let Some((slot, _)) = self.return_watch.take() {
+            self.hardware[slot] = None;
+        }
+    }
+
+    /// Emulates the guest's taking of the debug exception KVM reported (guest debugging
+    /// routes them all to KVM); returns whether it came from EL0.
+    fn enter_exception(
+        &mut self,
+        fd: &VcpuFd,
+        exit: &kvm_debug_exit_arch,
+    ) -> Result<bool, ProbingError> {
+        inject_sync_exception(fd, exit.hsr).map_err(|source| ProbingError::Kvm {
+            what: "handing a debug exception back to the guest (KVM_SET_ONE_REG)",
+            source,
+        })
+    }
+}
+
+impl GuestDebug for GuestDebugSetup {
+    const SLOT_EXCEPTION_WATCH: bool = true;
+
     /// Loads the engine's hardware breakpoint addresses; the return watch keeps its slot unless
     /// the engine now uses it.
-    pub fn set_hardware(&mut self, addresses: &[Option<u64>]) {
+    fn set_hardware(&mut self, addresses: &[Option<u64>]) {
         self.hardware = [None; HW_BREAKPOINTS];
         for (slot, a) in self.hardware.iter_mut().zip(addresses) {
             *slot = *a;
@@ -126,7 +162,7 @@ impl GuestDebugSetup {
     /// under way (`stepping`) and the watch has a slot; takes it out otherwise. Reads
     /// VBAR_EL1: the vCPU is at EL1, where it holds the kernel's vectors (under KPTI too; the
     /// Spectre-BHB vectors are per CPU).
-    pub fn watch_slot_exceptions(
+    fn watch_slot_exceptions(
         &mut self,
         fd: &VcpuFd,
         stepping: bool,
@@ -157,11 +193,7 @@ impl GuestDebugSetup {
     /// Makes the exception the guest is entering the probed instruction's: its return address
     /// (ELR_EL1) the instruction, its saved interrupt mask (SPSR_EL1.DAIF) the one the step
     /// put aside.
-    pub fn rewind_exception(
-        &mut self,
-        fd: &VcpuFd,
-        rewind: SlotRewind,
-    ) -> Result<(), ProbingError> {
+    fn rewind_exception(&mut self, fd: &VcpuFd, rewind: SlotRewind) -> Result<(), ProbingError> {
         let kvm = |what| move |source| ProbingError::Kvm { what, source };
         let spsr = get(fd, SPSR_EL1).map_err(kvm("KVM_GET_ONE_REG (SPSR_EL1)"))?;
         set(fd, ELR_EL1, rewind.resume_at).map_err(kvm("KVM_SET_ONE_REG (ELR_EL1)"))?;
@@ -173,34 +205,12 @@ impl GuestDebugSetup {
         .map_err(kvm("KVM_SET_ONE_REG (SPSR_EL1)"))
     }
 
-    /// Arms the return watch in the last hardware slot, if it is free.
-    fn arm_return_watch(&mut self, ctx: &GuestDebugContext) {
-        let (Some(at), Some(slot)) = (ctx.user_return, ctx.hw_count.checked_sub(1)) else {
-            return;
-        };
-        if self.return_watch.is_none() && self.hardware[slot].is_none() {
-            self.hardware[slot] = Some(at);
-            self.return_watch = Some((slot, at));
-        }
-    }
-
-    fn stop_guest_step(&mut self) {
-        self.single_step = false;
-        self.guest_step = GuestStep::Idle;
-    }
-
-    fn disarm_return_watch(&mut self) {
-        if let Some((slot, _)) = self.return_watch.take() {
-            self.hardware[slot] = None;
-        }
-    }
-
     /// Takes the debug exits that are the guest's own, before the engine sees any: its
     /// watchpoints and AArch32 BKPTs (hvprobe sets neither), its hardware breakpoints (when
     /// hvprobe's debug registers were not loaded), and the return watch and the steps made on
     /// its behalf; and the slot-exception watch, whose exit goes on with the exception's return
     /// address.
-    pub fn take_guest_exit(
+    fn take_guest_exit(
         &mut self,
         fd: &VcpuFd,
         exit: &kvm_debug_exit_arch,
@@ -212,13 +222,13 @@ impl GuestDebugSetup {
                 // A watchpoint fires before the store: from EL0 the guest steps over it on its
                 // way back.
                 set(fd, FAR_EL1, exit.far).map_err(kvm("handing a watchpoint back (FAR_EL1)"))?;
-                if self.reinject_debug(fd, exit)? {
+                if self.enter_exception(fd, exit)? {
                     self.arm_return_watch(ctx);
                 }
                 Ok(ExitRoute::Taken)
             }
             EC_BKPT32 => {
-                self.reinject_debug(fd, exit)?;
+                self.enter_exception(fd, exit)?;
                 Ok(ExitRoute::Taken)
             }
             EC_SOFTWARE_STEP_LOWER | EC_SOFTWARE_STEP_CURRENT
@@ -288,7 +298,7 @@ impl GuestDebugSetup {
                 }
                 if !ctx.hardware_in_use {
                     // The guest's own breakpoint: from EL0 it steps over it on the way back.
-                    if self.reinject_debug(fd, exit)? {
+                    if self.enter_exception(fd, exit)? {
                         self.arm_return_watch(ctx);
                     }
                     return Ok(ExitRoute::Taken);
@@ -300,7 +310,7 @@ impl GuestDebugSetup {
     }
 
     /// Traps the guest's `BRK` to the VMM.
-    pub fn trap_breakpoints(&mut self, on: bool) {
+    fn trap_breakpoints(&mut self, on: bool) {
         self.software_breakpoints = on;
     }
 
@@ -309,12 +319,12 @@ impl GuestDebugSetup {
     /// VBAR_EL1 + the vector's offset), with the syndrome KVM reported.
     /// A BRK from EL0 (a uprobe, a debugger's breakpoint) arms the return watch: the guest
     /// may step on its way back.
-    pub fn reinject_breakpoint(
+    fn hand_back_breakpoint(
         &mut self,
         fd: &VcpuFd,
         exit: &kvm_debug_exit_arch,
         ctx: &GuestDebugContext,
-    ) -> Result<(), ProbingError> {
+    ) -> Result<HandBack, ProbingError> {
         let from_el0 = inject_sync_exception(fd, exit.hsr).map_err(|source| ProbingError::Kvm {
             what: "handing a BRK back to the guest (KVM_SET_ONE_REG)",
             source,
@@ -322,32 +332,19 @@ impl GuestDebugSetup {
         if from_el0 {
             self.arm_return_watch(ctx);
         }
-        Ok(())
-    }
-
-    /// Hands the guest's own debug exception (its step, its hardware breakpoint: guest
-    /// debugging routes them all to KVM) back the same way.
-    pub fn reinject_debug(
-        &mut self,
-        fd: &VcpuFd,
-        exit: &kvm_debug_exit_arch,
-    ) -> Result<bool, ProbingError> {
-        inject_sync_exception(fd, exit.hsr).map_err(|source| ProbingError::Kvm {
-            what: "handing a debug exception back to the guest (KVM_SET_ONE_REG)",
-            source,
-        })
+        Ok(HandBack::Now)
     }
 
     /// Whether an injection is pending at the next entry (never: arm64 injects at once).
-    pub fn injecting(&self) -> bool {
+    fn injecting(&self) -> bool {
         false
     }
 
     /// The set-up as KVM keeps it after the ioctl.
-    pub fn applied(&mut self) {}
+    fn applied(&mut self) {}
 
     /// The `KVM_SET_GUEST_DEBUG` argument.
-    pub fn to_kvm(&self) -> kvm_guest_debug {
+    fn to_kvm(&self) -> kvm_guest_debug {
         let mut dbg = kvm_guest_debug::default();
         let hw = self.hardware.iter().any(Option::is_some);
         if !(self.software_breakpoints || self.single_step || hw) {
@@ -376,6 +373,18 @@ impl GuestDebugSetup {
             }
         }
         dbg
+    }
+
+    /// Hands the guest's own debug exception (its step, its hardware breakpoint) back the way
+    /// a BRK goes back.
+    fn hand_back_debug(
+        &mut self,
+        fd: &VcpuFd,
+        exit: &kvm_debug_exit_arch,
+        _: &GuestDebugContext,
+    ) -> Result<HandBack, ProbingError> {
+        self.enter_exception(fd, exit)?;
+        Ok(HandBack::Now)
     }
 }
 

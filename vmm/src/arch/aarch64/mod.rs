@@ -1,4 +1,4 @@
-//! aarch64 specifics of the VMM, behind the same names as x86_64's (see [`crate::arch`]): the
+//! aarch64 specifics of the VMM, its [`VmmArch`] implementation ([`Aarch64Vmm`]): the
 //! vCPU's registers through `KVM_GET/SET_ONE_REG` with a dirty-tracked cache, the
 //! `kvm_guest_debug` layout (BCR/BVR pairs), decoding `KVM_EXIT_DEBUG` by exception class, the
 //! KASLR anchor (VBAR_EL1), the Image, and the machine (`machine.rs`: GICv3, PSCI, timer,
@@ -12,26 +12,19 @@ pub mod machine;
 pub mod selftest;
 pub mod vcpu;
 
-use kvm_ioctls::Kvm;
+use std::io::Write;
 
-pub use debug::{
-    GuestDebugSetup, HW_BREAKPOINTS, SLOT_EXCEPTION_WATCH, decode_debug_exit, describe_debug_exit,
-};
-pub use layout::XOL_GPA_BASE;
-pub use machine::create_vm;
-pub use selftest::probe_traps;
-pub use vcpu::{
-    KASLR_ANCHOR, KvmVcpu, enable_register_sync, flush_register_sync, paused_state, read_pc,
-};
+use kvm_bindings::kvm_debug_exit_arch;
+use kvm_ioctls::{Kvm, VcpuFd};
+use probe_core::vm::DebugEvent;
+
+use crate::arch::{KaslrAnchor, VmmArch};
+use crate::probing::{PausedState, ProbingError};
+use crate::selftest::TrapSupport;
+use crate::vm::{Vm, VmConfig, VmError};
 
 /// The probe engine's architecture for arm64 guests.
 pub type Guest = probe_core::arch::aarch64::Aarch64;
-
-/// How many hardware breakpoints a vCPU of this KVM has (`KVM_CAP_GUEST_DEBUG_HW_BPS`).
-pub fn hw_breakpoint_count(kvm: &Kvm) -> usize {
-    let n = kvm.check_extension_raw(kvm_bindings::KVM_CAP_GUEST_DEBUG_HW_BPS.into());
-    usize::try_from(n).unwrap_or(0).min(HW_BREAKPOINTS)
-}
 
 /// The KVM capabilities the arm64 VMM needs, each with the name the host check reports.
 pub const REQUIRED_CAPS: &[(kvm_ioctls::Cap, &str)] = &[
@@ -46,3 +39,72 @@ pub const REQUIRED_CAPS: &[(kvm_ioctls::Cap, &str)] = &[
         "KVM_CAP_SET_GUEST_DEBUG (guest debugging)",
     ),
 ];
+
+/// The arm64 VMM: KVM's arm64 API (`KVM_GET/SET_ONE_REG`, BCR/BVR pairs, exception entry
+/// emulated for hand-backs).
+pub struct Aarch64Vmm;
+
+impl VmmArch for Aarch64Vmm {
+    type Guest = Guest;
+    type Debug = debug::GuestDebugSetup;
+    type Vcpu<'a> = vcpu::KvmVcpu<'a>;
+
+    const ARCH: hvprobe_guest::GuestArch = hvprobe_guest::GuestArch::Aarch64;
+    const REQUIRED_CAPS: &'static [(kvm_ioctls::Cap, &'static str)] = REQUIRED_CAPS;
+    const XOL_GPA_BASE: u64 = layout::XOL_GPA_BASE;
+    const KASLR_ANCHOR: KaslrAnchor = vcpu::KASLR_ANCHOR;
+    const USER_RETURN_SYMBOL: Option<&'static str> = Some("ret_to_user");
+    const BREAKPOINT_NAME: &'static str = "brk";
+
+    fn create_vm(
+        kvm: Kvm,
+        config: &VmConfig,
+        initrd_bytes: Option<Vec<u8>>,
+        console_out: Box<dyn Write + Send>,
+    ) -> Result<Vm, VmError> {
+        machine::create_vm(kvm, config, initrd_bytes, console_out)
+    }
+
+    fn probe_traps(kvm: &Kvm) -> Result<TrapSupport, String> {
+        selftest::probe_traps(kvm)
+    }
+
+    /// `KVM_CAP_GUEST_DEBUG_HW_BPS`.
+    fn hw_breakpoint_count(kvm: &Kvm) -> usize {
+        let n = kvm.check_extension_raw(kvm_bindings::KVM_CAP_GUEST_DEBUG_HW_BPS.into());
+        usize::try_from(n).unwrap_or(0).min(debug::HW_BREAKPOINTS)
+    }
+
+    /// arm64 KVM has no sync regs: `sync_regs` is unused.
+    fn exit_vcpu(id: u32, fd: &mut VcpuFd, _sync_regs: bool, pc: u64) -> vcpu::KvmVcpu<'_> {
+        vcpu::KvmVcpu::new(id, fd, pc)
+    }
+
+    fn register_ioctls(vcpu: &vcpu::KvmVcpu<'_>) -> (u64, u64) {
+        (vcpu.reads, vcpu.writes)
+    }
+
+    /// arm64 KVM has no sync regs: nothing to turn on.
+    fn enable_register_sync(_: &mut VcpuFd) {}
+
+    /// arm64 KVM has no sync regs: nothing to flush.
+    fn flush_register_sync(_: &mut VcpuFd) -> Result<(), ProbingError> {
+        Ok(())
+    }
+
+    fn paused_state(fd: &mut VcpuFd) -> Result<PausedState, ProbingError> {
+        vcpu::paused_state(fd)
+    }
+
+    fn read_pc(fd: &VcpuFd) -> Result<u64, kvm_ioctls::Error> {
+        vcpu::read_pc(fd)
+    }
+
+    fn decode_debug_exit(fd: &VcpuFd, exit: &kvm_debug_exit_arch) -> Option<DebugEvent> {
+        debug::decode_debug_exit(fd, exit)
+    }
+
+    fn describe_debug_exit(exit: &kvm_debug_exit_arch) -> String {
+        debug::describe_debug_exit(exit)
+    }
+}

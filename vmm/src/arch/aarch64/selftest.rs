@@ -4,13 +4,15 @@
 //! 0x32), and the `brk` handed back to the guest by exception-entry emulation, whose vector
 //! reports ESR_EL1 and ELR_EL1 through two MMIO writes the VMM checks.
 
+use crate::arch::GuestDebug;
 use kvm_bindings::{kvm_debug_exit_arch, kvm_guest_debug, kvm_vcpu_init};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+use super::Aarch64Vmm;
 use super::debug::GuestDebugSetup;
-use super::hw_breakpoint_count;
 use super::vcpu::{inject_sync_exception, read_pc, set_pc_and_vectors};
+use crate::arch::VmmArch;
 use crate::selftest::TrapSupport;
 
 /// Guest physical base of the payload's page (also VBAR_EL1: the vectors are at its start).
@@ -140,7 +142,7 @@ pub fn probe_traps(kvm: &Kvm) -> Result<TrapSupport, String> {
     vcpu.vcpu_init(&kvi)
         .map_err(|e| format!("KVM_ARM_VCPU_INIT: {e}"))?;
 
-    let count = hw_breakpoint_count(kvm);
+    let count = Aarch64Vmm::hw_breakpoint_count(kvm);
     let hardware = if count == 0 {
         Err("KVM reports no hardware breakpoints".to_string())
     } else {

@@ -272,8 +272,8 @@ pub struct KvmVcpu<'a> {
 
 impl<'a> KvmVcpu<'a> {
     /// vCPU `id` out of `KVM_RUN` at `pc` (read when the exit was decoded), with nothing read
-    /// yet. `sync_regs` is unused: arm64 KVM has none.
-    pub fn new(id: u32, fd: &'a mut VcpuFd, _sync_regs: bool, pc: u64) -> KvmVcpu<'a> {
+    /// yet.
+    pub fn new(id: u32, fd: &'a mut VcpuFd, pc: u64) -> KvmVcpu<'a> {
         KvmVcpu {
             id,
             fd,
@@ -375,14 +375,6 @@ impl VcpuAccess<Aarch64> for KvmVcpu<'_> {
     fn block_interrupts_once(&mut self) -> Result<(), VmError> {
         Ok(())
     }
-}
-
-/// arm64 KVM has no sync regs: nothing to turn on.
-pub fn enable_register_sync(_fd: &mut VcpuFd) {}
-
-/// arm64 KVM has no sync regs: nothing to flush.
-pub fn flush_register_sync(_fd: &mut VcpuFd) -> Result<(), ProbingError> {
-    Ok(())
 }
 
 /// What the guest's ID registers say it can do (KVM hides pointer authentication unless the

@@ -2,7 +2,11 @@
 //! software breakpoints, hardware execute breakpoints and single-stepping, the decoding of
 //! `KVM_EXIT_DEBUG`, and conversion between KVM's register structs and probe-core's.
 
-use crate::arch::{ExitRoute, GuestDebugContext};
+use kvm_ioctls::VcpuFd;
+use probe_core::engine::SlotRewind;
+
+use crate::arch::{ExitRoute, GuestDebug, GuestDebugContext, HandBack};
+use crate::probing::ProbingError;
 use kvm_bindings::{
     KVM_GUESTDBG_BLOCKIRQ, KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_INJECT_BP, KVM_GUESTDBG_INJECT_DB,
     KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP, kvm_debug_exit_arch,
@@ -11,9 +15,6 @@ use kvm_bindings::{
 use probe_core::arch::Arch;
 use probe_core::arch::x86_64::{Gpr, Registers, X86_64};
 use probe_core::vm::DebugEvent;
-
-/// x86_64 has no slot-exception watch (see [`GuestDebugSetup::watch_slot_exceptions`]).
-pub const SLOT_EXCEPTION_WATCH: bool = false;
 
 /// The debug registers DR0-DR3: x86's hardware breakpoints, always four.
 pub const HW_BREAKPOINTS: usize = X86_64::MAX_HW_BREAKPOINTS;
@@ -47,87 +48,6 @@ pub struct GuestDebugSetup {
 }
 
 impl GuestDebugSetup {
-    /// Loads the engine's hardware breakpoint addresses.
-    pub fn set_hardware(&mut self, addresses: &[Option<u64>]) {
-        self.hardware = [None; HW_BREAKPOINTS];
-        for (slot, a) in self.hardware.iter_mut().zip(addresses) {
-            *slot = *a;
-        }
-    }
-
-    /// Traps the guest's breakpoint instruction (`int3`) to the VMM.
-    pub fn trap_breakpoints(&mut self, on: bool) {
-        self.software_breakpoints = on;
-    }
-
-    /// Hands a breakpoint trap that was not ours back to the guest at the next entry
-    /// (`KVM_GUESTDBG_INJECT_BP`).
-    pub fn reinject_breakpoint(
-        &mut self,
-        _fd: &kvm_ioctls::VcpuFd,
-        _exit: &kvm_debug_exit_arch,
-        _ctx: &GuestDebugContext,
-    ) -> Result<(), crate::probing::ProbingError> {
-        self.inject_breakpoint = true;
-        Ok(())
-    }
-
-    /// Hands the guest's own debug exception back at the next entry (`KVM_GUESTDBG_INJECT_DB`).
-    pub fn reinject_debug(
-        &mut self,
-        _fd: &kvm_ioctls::VcpuFd,
-        _exit: &kvm_debug_exit_arch,
-    ) -> Result<(), crate::probing::ProbingError> {
-        self.inject_debug = true;
-        Ok(())
-    }
-
-    /// Takes the debug exits that are the guest's own before the engine sees them: none on
-    /// x86_64, where KVM intercepts #DB only while hvprobe single-steps or uses DR0-3 (then
-    /// every #DB is the engine's to sort out) and every #BP goes through the engine's check of
-    /// the int3 under it.
-    pub fn take_guest_exit(
-        &mut self,
-        _fd: &kvm_ioctls::VcpuFd,
-        _exit: &kvm_debug_exit_arch,
-        _ctx: &GuestDebugContext,
-    ) -> Result<ExitRoute, crate::probing::ProbingError> {
-        Ok(ExitRoute::Engine)
-    }
-
-    /// No slot-exception watch on x86_64 ([`SLOT_EXCEPTION_WATCH`]): the guest's exception
-    /// entry for a fault in a slot (the IDT's page-fault handler) is the one every user page
-    /// fault goes through, and a debug register on it would cost an exit per page fault.
-    pub fn watch_slot_exceptions(
-        &mut self,
-        _fd: &kvm_ioctls::VcpuFd,
-        _stepping: bool,
-        _ctx: &GuestDebugContext,
-    ) -> Result<(), crate::probing::ProbingError> {
-        Ok(())
-    }
-
-    /// Never called on x86_64: `take_guest_exit` routes no exit as an exception entry.
-    pub fn rewind_exception(
-        &mut self,
-        _fd: &kvm_ioctls::VcpuFd,
-        _rewind: probe_core::engine::SlotRewind,
-    ) -> Result<(), crate::probing::ProbingError> {
-        Ok(())
-    }
-
-    /// Whether an injection is pending: it acts once, at the ioctl, so the set-up must be
-    /// applied again even if it looks unchanged.
-    pub fn injecting(&self) -> bool {
-        self.inject_breakpoint || self.inject_debug
-    }
-
-    /// The set-up as KVM keeps it after the ioctl (injections done).
-    pub fn applied(&mut self) {
-        self.inject_breakpoint = false;
-        self.inject_debug = false;
-    }
-
     /// Whether anything is enabled at all.
     pub fn enabled(&self) -> bool {
         self.software_breakpoints
@@ -136,9 +56,83 @@ impl GuestDebugSetup {
             || self.inject_debug
             || self.hardware.iter().any(Option::is_some)
     }
+}
 
-    /// The `KVM_SET_GUEST_DEBUG` argument.
-    pub fn to_kvm(&self) -> kvm_guest_debug {
+impl GuestDebug for GuestDebugSetup {
+    /// No watch on x86_64: the guest's exception entry for a fault in a slot (the IDT's
+    /// page-fault handler) is the one every user page fault goes through, and a debug
+    /// register on it would cost an exit per page fault.
+    const SLOT_EXCEPTION_WATCH: bool = false;
+
+    fn set_hardware(&mut self, addresses: &[Option<u64>]) {
+        self.hardware = [None; HW_BREAKPOINTS];
+        for (slot, a) in self.hardware.iter_mut().zip(addresses) {
+            *slot = *a;
+        }
+    }
+
+    fn trap_breakpoints(&mut self, on: bool) {
+        self.software_breakpoints = on;
+    }
+
+    /// None on x86_64: KVM intercepts #DB only while hvprobe single-steps or uses DR0-3
+    /// (then every #DB is the engine's to sort out) and every #BP goes through the engine's
+    /// check of the int3 under it.
+    fn take_guest_exit(
+        &mut self,
+        _: &VcpuFd,
+        _: &kvm_debug_exit_arch,
+        _: &GuestDebugContext,
+    ) -> Result<ExitRoute, ProbingError> {
+        Ok(ExitRoute::Engine)
+    }
+
+    /// `KVM_GUESTDBG_INJECT_BP` at the next entry.
+    fn hand_back_breakpoint(
+        &mut self,
+        _: &VcpuFd,
+        _: &kvm_debug_exit_arch,
+        _: &GuestDebugContext,
+    ) -> Result<HandBack, ProbingError> {
+        self.inject_breakpoint = true;
+        Ok(HandBack::AtNextEntry)
+    }
+
+    /// `KVM_GUESTDBG_INJECT_DB` at the next entry.
+    fn hand_back_debug(
+        &mut self,
+        _: &VcpuFd,
+        _: &kvm_debug_exit_arch,
+        _: &GuestDebugContext,
+    ) -> Result<HandBack, ProbingError> {
+        self.inject_debug = true;
+        Ok(HandBack::AtNextEntry)
+    }
+
+    fn watch_slot_exceptions(
+        &mut self,
+        _: &VcpuFd,
+        _: bool,
+        _: &GuestDebugContext,
+    ) -> Result<(), ProbingError> {
+        Ok(())
+    }
+
+    /// Never asked: `take_guest_exit` routes no exit as an exception entry.
+    fn rewind_exception(&mut self, _: &VcpuFd, _: SlotRewind) -> Result<(), ProbingError> {
+        Ok(())
+    }
+
+    fn injecting(&self) -> bool {
+        self.inject_breakpoint || self.inject_debug
+    }
+
+    fn applied(&mut self) {
+        self.inject_breakpoint = false;
+        self.inject_debug = false;
+    }
+
+    fn to_kvm(&self) -> kvm_guest_debug {
         let mut dbg = kvm_guest_debug::default();
         if !self.enabled() {
             return dbg;
@@ -179,15 +173,6 @@ impl GuestDebugSetup {
 /// ask for.
 pub fn describe_debug_exit(arch: &kvm_debug_exit_arch) -> String {
     format!("vector {}", arch.exception)
-}
-
-/// What a `KVM_EXIT_DEBUG` of the vCPU `_fd` reported, or `None` for a vector hvprobe never
-/// asks for (x86 has the PC in the exit itself).
-pub fn decode_debug_exit(
-    _fd: &kvm_ioctls::VcpuFd,
-    exit: &kvm_debug_exit_arch,
-) -> Option<DebugEvent> {
-    debug_event(exit)
 }
 
 /// What a `KVM_EXIT_DEBUG` reported, or `None` for a vector hvprobe never asks for.

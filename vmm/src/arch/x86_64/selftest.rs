@@ -1,6 +1,7 @@
 //! The x86_64 trap self-test: a real-mode guest `nop; int3; nop; hlt` whose every interrupt
 //! vector lands on the `hlt`, run once per trap with guest debugging set for it.
 
+use crate::arch::GuestDebug;
 use kvm_bindings::kvm_regs;
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 use probe_core::vm::DebugEvent;

@@ -47,9 +47,8 @@ pub struct KvmVcpu<'a> {
 }
 
 impl<'a> KvmVcpu<'a> {
-    /// vCPU `id` with its fd; `sync_regs` if registers travel through `kvm_run`. The exit's
-    /// `pc` is not needed: the registers come all together.
-    pub fn new(id: u32, fd: &'a mut VcpuFd, sync_regs: bool, _pc: u64) -> KvmVcpu<'a> {
+    /// vCPU `id` with its fd; `sync_regs` if registers travel through `kvm_run`.
+    pub fn new(id: u32, fd: &'a mut VcpuFd, sync_regs: bool) -> KvmVcpu<'a> {
         KvmVcpu {
             id,
             fd,
