@@ -56,12 +56,19 @@ impl GuestError {
     }
 }
 
-/// The architecture of a guest.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// The architecture of a guest: the project's one name for an architecture (on the command
+/// line, `--arch x86_64|amd64|aarch64|arm64`; in JSON, `x86_64`/`aarch64`).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 pub enum GuestArch {
     /// x86_64 (Debian's amd64).
+    #[value(name = "x86_64", alias = "amd64")]
+    #[serde(rename = "x86_64")]
     X86_64,
     /// aarch64 (Debian's arm64).
+    #[value(name = "aarch64", alias = "arm64")]
+    #[serde(rename = "aarch64")]
     Aarch64,
 }
 

@@ -56,13 +56,13 @@ enum Command {
     CheckHost {
         /// The guest architecture to check for [default: the host's].
         #[arg(long, value_enum)]
-        arch: Option<crate::job::ArchChoice>,
+        arch: Option<hvprobe_guest::GuestArch>,
     },
     /// Fetch and build the default guest (Debian cloud kernel + initramfs); print its files.
     Guest {
         /// The guest's architecture [default: the host's].
         #[arg(long, value_enum)]
-        arch: Option<crate::job::ArchChoice>,
+        arch: Option<hvprobe_guest::GuestArch>,
     },
 }
 
@@ -93,18 +93,13 @@ where
 fn dispatch(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::CheckHost { arch } => {
-            let arch: hvprobe_guest::GuestArch = arch
-                .map(Into::into)
-                .unwrap_or_else(hvprobe_guest::GuestArch::host);
+            let arch = arch.unwrap_or_else(hvprobe_guest::GuestArch::host);
             if arch == hvprobe_guest::GuestArch::host() {
                 return Ok(check_host_here());
             }
             // Another architecture: its emulated runner, which runs this check inside.
             let job = Job {
-                arch: Some(match arch {
-                    hvprobe_guest::GuestArch::X86_64 => crate::job::ArchChoice::X86_64,
-                    hvprobe_guest::GuestArch::Aarch64 => crate::job::ArchChoice::Aarch64,
-                }),
+                arch: Some(arch),
                 check_host: true,
                 ..Job::empty()
             };
@@ -112,9 +107,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
             Ok(runner::run_emulated(&job)?)
         }
         Command::Guest { arch } => {
-            let arch = arch
-                .map(Into::into)
-                .unwrap_or_else(hvprobe_guest::GuestArch::host);
+            let arch = arch.unwrap_or_else(hvprobe_guest::GuestArch::host);
             let g = hvprobe_guest::default_guest_for(arch)?;
             println!("kernel-package {} {}", g.kernel.package, g.kernel.version);
             println!("vmlinuz {}", g.kernel.vmlinuz().display());

@@ -26,28 +26,6 @@ pub enum RunnerChoice {
     Emulated,
 }
 
-/// A guest architecture on the command line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
-pub enum ArchChoice {
-    /// x86_64 guests.
-    #[value(name = "x86_64", alias = "amd64")]
-    #[serde(rename = "x86_64")]
-    X86_64,
-    /// aarch64 (arm64) guests.
-    #[value(name = "aarch64", alias = "arm64")]
-    #[serde(rename = "aarch64")]
-    Aarch64,
-}
-
-impl From<ArchChoice> for hvprobe_guest::GuestArch {
-    fn from(a: ArchChoice) -> Self {
-        match a {
-            ArchChoice::X86_64 => hvprobe_guest::GuestArch::X86_64,
-            ArchChoice::Aarch64 => hvprobe_guest::GuestArch::Aarch64,
-        }
-    }
-}
-
 /// A run of hvprobe: the arguments of `hvprobe run`, and what the emulated runner hands to the
 /// hvprobe inside L1 as JSON (every field, so that no option is lost on the way).
 #[derive(Clone, Debug, PartialEq, Eq, clap::Args, Serialize, Deserialize)]
@@ -56,7 +34,7 @@ pub struct Job {
     /// the host's runs in the emulated runner of its architecture.
     #[arg(long, value_enum)]
     #[serde(default)]
-    pub arch: Option<ArchChoice>,
+    pub arch: Option<hvprobe_guest::GuestArch>,
     /// Kernel image to boot (a bzImage; an uncompressed Image on arm64) [default: the default
     /// guest's Debian cloud kernel].
     #[arg(long)]
@@ -306,9 +284,7 @@ impl Job {
 
     /// The guest's architecture: `--arch`, else the host's.
     pub fn guest_arch(&self) -> hvprobe_guest::GuestArch {
-        self.arch
-            .map(Into::into)
-            .unwrap_or_else(hvprobe_guest::GuestArch::host)
+        self.arch.unwrap_or_else(hvprobe_guest::GuestArch::host)
     }
 
     /// Whether the guest's architecture is the host's (else only the emulated runner of the
