@@ -8,6 +8,8 @@ use hvprobe_guest::GuestArch;
 use probe_core::arch::Arch;
 use probe_core::definition::ProbeDefinition;
 
+use crate::runner::RunnerPlatform;
+
 /// One guest architecture's facts for the host-side layers.
 #[derive(Debug)]
 pub struct Platform {
@@ -20,6 +22,8 @@ pub struct Platform {
     pub default_cmdline: &'static str,
     /// The first register a probe definition names that this architecture does not have.
     pub unknown_register: fn(&ProbeDefinition) -> Option<&str>,
+    /// Its emulated runner.
+    pub runner: &'static RunnerPlatform,
 }
 
 /// The command line of x86_64 default guests: console on COM1, reset through the i8042 on
@@ -36,6 +40,7 @@ static X86_64: Platform = Platform {
     max_hw_breakpoints: probe_core::arch::x86_64::X86_64::MAX_HW_BREAKPOINTS,
     default_cmdline: DEFAULT_CMDLINE_X86_64,
     unknown_register: probe_core::fetch::unknown_register::<probe_core::arch::x86_64::X86_64>,
+    runner: &crate::runner::x86_64::RUNNER,
 };
 
 static AARCH64: Platform = Platform {
@@ -43,6 +48,7 @@ static AARCH64: Platform = Platform {
     max_hw_breakpoints: probe_core::arch::aarch64::Aarch64::MAX_HW_BREAKPOINTS,
     default_cmdline: DEFAULT_CMDLINE_AARCH64,
     unknown_register: probe_core::fetch::unknown_register::<probe_core::arch::aarch64::Aarch64>,
+    runner: &crate::runner::aarch64::RUNNER,
 };
 
 /// The record of `arch`.

@@ -1,0 +1,462 @@
+//! The emulated KVM runner: where the host's KVM cannot boot and debug a stock guest (no
+//! /dev/kvm, the software kvm_pvm module), or the guest is of another architecture than the
+//! host, hvprobe runs itself inside an emulated machine that has hardware virtualization.
+//!
+//! ```text
+//! host --QEMU TCG, -cpu EPYC--> L1: Debian cloud kernel + kvm, kvm-amd --hvprobe--> L2 guest
+//! host --QEMU TCG, virt,virtualization=on, -cpu max--> L1: Debian arm64 kernel (KVM, VHE)
+//!      --aarch64 hvprobe--> L2 arm64 guest
+//! ```
+//!
+//! The arm64 L1 runs the static aarch64 build of hvprobe as `/init`; the virt board has one UART
+//! (L1's console) and no debug-exit device, so the inner run's streams, its `-o` output and its
+//! exit status travel on virtio-serial ports (never semihosting, which would let a guest reach
+//! host files).
+//!
+//! The L1 initramfs holds this very hvprobe binary as `/init` (with the shared libraries it
+//! links), the KVM modules, the L2 kernel and initrd, and the argument list of the inner run.
+//! The inner run's stdout (the guest console) comes back on L1's second serial port and its
+//! stderr on the third, both in raw mode and streamed to hvprobe's own stdout and stderr;
+//! its exit status comes back through QEMU's `isa-debug-exit` device, which turns a write of
+//! `v` into QEMU's exit status `2v + 1` (L1 writes status + 1, see `l1init`). L1's own kernel log goes to a file that is shown when
+//! something goes wrong.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::job::{Job, RunnerChoice};
+use crate::platform::platform;
+
+pub mod aarch64;
+mod l1image;
+pub mod x86_64;
+
+use l1image::{L1Image, build_l1_initrd};
+
+/// What the emulated runner of one guest architecture is made of (part of the architecture's
+/// [`crate::platform::Platform`]): the rest of the runner is the same for all.
+#[derive(Debug)]
+pub struct RunnerPlatform {
+    /// The emulator binary, or why this host has none for this architecture.
+    pub emulator: fn() -> Result<String, RunnerError>,
+    /// L1's `/init`: an hvprobe binary of this architecture, with the shared libraries it
+    /// needs inside L1.
+    pub l1_init: fn() -> Result<L1Init, RunnerError>,
+    /// The QEMU CPU model by default (one that emulates hardware virtualization).
+    pub default_cpu: &'static str,
+    /// The L1 machine's QEMU arguments.
+    pub machine: fn(&mut Command, &MachineFiles<'_>),
+    /// The L1 port that carries the inner run's `--output` to the file named on the host.
+    pub output_port: &'static str,
+    /// The inner run's exit status, from the emulator's exit and the status file; `None` when
+    /// L1 died without reporting.
+    pub status: fn(std::process::ExitStatus, &Path) -> Option<i32>,
+}
+
+/// L1's `/init` binary and the shared libraries it needs inside L1.
+#[derive(Debug)]
+pub struct L1Init {
+    /// The binary.
+    pub exe: PathBuf,
+    /// Its shared libraries (none for a static build).
+    pub libs: Vec<PathBuf>,
+}
+
+/// The host files an L1 machine writes to.
+#[derive(Debug)]
+pub struct MachineFiles<'a> {
+    /// L1's own console log.
+    pub console: &'a Path,
+    /// The inner run's `-o` file, QEMU-quoted, if any.
+    pub trace: Option<&'a str>,
+    /// Where the inner run's status goes (where it travels through a port).
+    pub status: &'a Path,
+}
+
+/// Errors of the emulated runner.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    /// The emulator could not be found or started.
+    #[error(
+        "cannot start the emulator `{qemu}`: {detail} (install QEMU from bookworm-backports: `bash guest/setup-host.sh`)"
+    )]
+    NoEmulator {
+        /// The binary tried.
+        qemu: String,
+        /// Why.
+        detail: String,
+    },
+    /// Preparing the L1 image failed.
+    #[error("preparing the emulated runner: {0}")]
+    Prepare(String),
+    /// The L1 machine stopped without reporting the inner run's status.
+    #[error(
+        "the emulated runner's L1 machine {how} without reporting a result; last L1 console lines:\n{tail}"
+    )]
+    NoResult {
+        /// How it stopped.
+        how: String,
+        /// The end of L1's console log.
+        tail: String,
+    },
+    /// The L1 machine ran over its time limit.
+    #[error("the emulated runner did not finish within {secs} s; last L1 console lines:\n{tail}")]
+    Timeout {
+        /// The limit.
+        secs: u64,
+        /// The end of L1's console log.
+        tail: String,
+    },
+}
+
+fn prep_err(what: &str) -> impl FnOnce(io::Error) -> RunnerError + '_ {
+    move |e| RunnerError::Prepare(format!("{what}: {e}"))
+}
+
+/// Path of the inner run's argument list inside L1 (NUL-separated).
+pub const L1_ARGS_PATH: &str = "/hvprobe/args";
+/// Path of the inner run's [`Job`] (JSON) inside L1.
+pub const L1_JOB_PATH: &str = "/hvprobe/job.json";
+/// The arm64 L1's virtio-serial port for the inner run's stdout. (Output and input are apart:
+/// a guest's write to a port blocks while the host side is disconnected, and QEMU's stdio
+/// backend disconnects when its stdin ends.)
+pub const VPORT_STDOUT: &str = "/dev/vport0p1";
+/// The arm64 L1's port for the inner run's stderr.
+pub const VPORT_STDERR: &str = "/dev/vport0p2";
+/// The arm64 L1's port for the inner run's `-o` output.
+pub const VPORT_OUTPUT: &str = "/dev/vport0p3";
+/// The arm64 L1's port for the inner run's exit status.
+pub const VPORT_STATUS: &str = "/dev/vport0p4";
+/// The arm64 L1's port for the inner run's stdin.
+pub const VPORT_STDIN: &str = "/dev/vport0p5";
+/// What the status line starts with.
+pub const STATUS_PREFIX: &str = "HVPROBE-L1-STATUS=";
+/// Directory of the modules inside L1.
+pub const L1_MODULES_DIR: &str = "/modules";
+/// I/O port of QEMU's `isa-debug-exit` device in L1.
+pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+/// Time allowed on top of the inner run's own limit for L1 to boot and shut down.
+const L1_MARGIN: Duration = Duration::from_secs(180);
+
+/// The inner run's job: the same job, whole, with the runner fixed to the host KVM and the
+/// guest's files and the output at their L1 paths.
+pub fn inner_job(job: &Job) -> Job {
+    let probing = !job.probes.is_empty();
+    Job {
+        runner: RunnerChoice::Host,
+        kernel: Some(PathBuf::from("/l2/vmlinuz")),
+        initrd: job.initrd.as_ref().map(|_| PathBuf::from("/l2/initrd")),
+        system_map: job
+            .system_map
+            .as_ref()
+            .filter(|_| probing)
+            .map(|_| PathBuf::from(L1_SYSTEM_MAP)),
+        btf: job
+            .btf
+            .as_ref()
+            .filter(|_| probing)
+            .map(|_| PathBuf::from(L1_BTF)),
+        output: job
+            .output
+            .as_ref()
+            .map(|_| PathBuf::from(platform(job.guest_arch()).runner.output_port)),
+        summary_json: job
+            .summary_json
+            .as_ref()
+            .map(|_| PathBuf::from(crate::summary::ON_STDERR)),
+        // Probe files were read into `probes` on the host.
+        probe_files: Vec::new(),
+        ..job.clone()
+    }
+}
+
+/// Where the guest kernel's BTF (the raw section, not the whole vmlinux) goes inside L1.
+pub const L1_BTF: &str = "/l2/btf";
+
+/// Where the guest's System.map goes inside L1.
+pub const L1_SYSTEM_MAP: &str = "/l2/System.map";
+
+fn console_tail(path: &Path) -> String {
+    let text = fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..]
+        .iter()
+        .map(|l| format!("  L1| {}", l.trim_end_matches('\r')))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn wait_with_deadline(
+    child: &mut Child,
+    deadline: Option<Instant>,
+) -> io::Result<Option<std::process::ExitStatus>> {
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs `args` (guest files already resolved) inside the emulated runner of the guest's
+/// architecture and returns the inner run's exit status.
+pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
+    let arch = args.guest_arch();
+    let runner = platform(arch).runner;
+    let qemu = (runner.emulator)()?;
+    let l1 = hvprobe_guest::default_guest_for(arch)
+        .map_err(|e| RunnerError::Prepare(format!("the L1 kernel: {e}")))?
+        .kernel;
+    let l2_kernel = args
+        .kernel
+        .as_deref()
+        .ok_or_else(|| RunnerError::Prepare("no guest kernel".into()))?;
+    let L1Init { exe, libs } = (runner.l1_init)()?;
+    let image = L1Image {
+        exe,
+        libs,
+        kernel: &l1,
+        arch,
+    };
+
+    // Only the BTF section travels into L1: a vmlinux with debug info is hundreds of MiB.
+    let btf = match (&args.btf, args.probes.is_empty()) {
+        (Some(path), false) => {
+            Some(crate::job::read_btf(path).map_err(|e| RunnerError::Prepare(format!("{e:#}")))?)
+        }
+        _ => None,
+    };
+    // `-o FILE`: the inner run writes to an L1 port, which QEMU writes to FILE. Created here
+    // first, so that a path that cannot be written fails before anything boots.
+    let trace_file = match &args.output {
+        Some(path) => {
+            fs::File::create(path).map_err(|e| {
+                RunnerError::Prepare(format!("creating the output file {}: {e}", path.display()))
+            })?;
+            // QEMU's option syntax doubles a comma that is part of a value.
+            Some(path.display().to_string().replace(',', ",,"))
+        }
+        None => None,
+    };
+    let work = std::env::temp_dir().join(format!("hvprobe-runner-{}", std::process::id()));
+    fs::create_dir_all(&work).map_err(prep_err("creating a work directory"))?;
+    let initrd = work.join("l1.cpio");
+    let console = work.join("l1-console.log");
+    let status_file = work.join("status");
+    build_l1_initrd(
+        &initrd,
+        &image,
+        l2_kernel,
+        args.initrd.as_deref(),
+        args.system_map
+            .as_deref()
+            .filter(|_| !args.probes.is_empty()),
+        btf.as_deref(),
+        &inner_job(args),
+    )?;
+
+    let l1_mem = (args.memory + 512).max(1024);
+    let mut cmd = Command::new(&qemu);
+    (runner.machine)(
+        &mut cmd,
+        &MachineFiles {
+            console: &console,
+            trace: trace_file.as_deref(),
+            status: &status_file,
+        },
+    );
+    let cpu = args.runner_cpu.as_deref().unwrap_or(runner.default_cpu);
+    cmd.args(["-cpu", cpu]);
+    cmd.args(["-smp", &L1_CPUS.to_string(), "-m", &l1_mem.to_string()])
+        .arg("-kernel")
+        .arg(l1.vmlinuz())
+        .arg("-initrd")
+        .arg(&initrd)
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| RunnerError::NoEmulator {
+        qemu: qemu.clone(),
+        detail: e.to_string(),
+    })?;
+    let stderr_copy = child.stderr.take().map(|pipe| {
+        let summary = args.summary_json.clone();
+        std::thread::spawn(move || relay_stderr(pipe, summary))
+    });
+    let limit = args.effective_timeout().map(|t| t + L1_MARGIN);
+    let deadline = limit.map(|l| Instant::now() + l);
+    let status = wait_with_deadline(&mut child, deadline)
+        .map_err(|e| RunnerError::Prepare(format!("waiting for the emulator: {e}")))?;
+    let result = match status {
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(RunnerError::Timeout {
+                secs: limit.unwrap_or_default().as_secs(),
+                tail: console_tail(&console),
+            })
+        }
+        Some(status) => {
+            let stderr_text = stderr_copy.and_then(|t| t.join().ok()).unwrap_or_default();
+            let reported = (runner.status)(status, &status_file);
+            reported.ok_or_else(|| RunnerError::NoResult {
+                how: match status.code() {
+                    Some(code) => format!(
+                        "exited with status {code}{}",
+                        qemu_stderr_note(&stderr_text)
+                    ),
+                    None => format!("was killed ({status})"),
+                },
+                tail: console_tail(&console),
+            })
+        }
+    };
+    if std::env::var_os("HVPROBE_RUNNER_KEEP").is_some() {
+        eprintln!(
+            "hvprobe: kept the runner's work directory {} (HVPROBE_RUNNER_KEEP)",
+            work.display()
+        );
+    } else {
+        let _ = fs::remove_dir_all(&work);
+    }
+    result
+}
+
+/// CPUs of the emulated L1 machine: one, whatever the guest's vCPU count (the L2 vCPU threads
+/// share it). With two emulated x86 L1 CPUs, QEMU's TCG nested SVM corrupts state now and then
+/// under a stream of exits (L2 triple faults, L1 panics with a zeroed register file in
+/// `error_entry`, or L1 resets silently; 10 of 23 two-vCPU probe runs), none of it in 10 runs
+/// with one L1 CPU. docs/probing.md, "The runner's QEMU", has the figures.
+const L1_CPUS: u32 = 1;
+
+/// Copies the emulator's stderr (its own messages and the inner run's stderr) to ours, and
+/// returns the last part of it for error reports.
+fn relay_stderr(pipe: std::process::ChildStderr, summary: Option<PathBuf>) -> String {
+    use std::io::BufRead;
+    let mut kept = Vec::new();
+    let mut reader = io::BufReader::new(pipe);
+    let mut line = Vec::new();
+    let mut out = io::stderr();
+    while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+        let text = String::from_utf8_lossy(&line);
+        // The inner run's summary: to the file named on the host, not to the user.
+        if let Some(json) = text.trim_end().strip_prefix(crate::summary::STDERR_PREFIX) {
+            if let Some(path) = &summary
+                && let Err(e) = fs::write(path, format!("{json}\n"))
+            {
+                let _ = writeln!(
+                    out,
+                    "hvprobe: writing the run summary {}: {e}",
+                    path.display()
+                );
+            }
+            line.clear();
+            continue;
+        }
+        // TCG's notes on CPUID bits of `-cpu EPYC` it cannot emulate say nothing to the user.
+        if !text.contains("TCG doesn't support requested feature") {
+            let _ = out.write_all(&line);
+            kept.extend_from_slice(&line);
+            if kept.len() > 8192 {
+                kept.drain(..kept.len() - 4096);
+            }
+        }
+        line.clear();
+    }
+    String::from_utf8_lossy(&kept).into_owned()
+}
+
+fn qemu_stderr_note(stderr: &str) -> String {
+    let s = stderr.trim();
+    if s.is_empty() {
+        String::new()
+    } else {
+        format!(" (emulator said: {s})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        job: Job,
+    }
+
+    #[test]
+    fn the_inner_job_is_the_whole_outer_job_with_l1_paths() {
+        let outer = Wrap::parse_from([
+            "x",
+            "--kernel",
+            "/k",
+            "--initrd",
+            "/i",
+            "--cmdline",
+            "console=ttyS0 quiet",
+            "--vcpus",
+            "2",
+            "--memory",
+            "300",
+            "--exec",
+            "echo 'a b'; exit 3",
+            "--timeout",
+            "50",
+            "--runner",
+            "emulated",
+            "--timings",
+            "-p",
+            "p:hv/o do_sys_openat2 n=+0($arg2):ustring",
+            "-p",
+            "vfs_read+0x4",
+            "--quiet",
+            "--json",
+            "-o",
+            "/tmp/trace",
+            "--hist",
+            "--trap",
+            "hw",
+            "--system-map",
+            "/m",
+            "--btf",
+            "/b",
+            "--skip-refused",
+            "--summary-json",
+            "/tmp/summary",
+        ])
+        .job;
+        let inner = inner_job(&outer);
+        // Through JSON and back, as L1 reads it.
+        let json = serde_json::to_string(&inner).unwrap();
+        let read: Job = serde_json::from_str(&json).unwrap();
+        assert_eq!(read, inner);
+        // Every field is the outer job's but the paths and the runner.
+        let expected = Job {
+            kernel: Some("/l2/vmlinuz".into()),
+            initrd: Some("/l2/initrd".into()),
+            system_map: Some(L1_SYSTEM_MAP.into()),
+            btf: Some(L1_BTF.into()),
+            output: Some(platform(outer.guest_arch()).runner.output_port.into()),
+            summary_json: Some(crate::summary::ON_STDERR.into()),
+            runner: RunnerChoice::Host,
+            ..outer.clone()
+        };
+        assert_eq!(inner, expected);
+        assert_eq!(inner.effective_cmdline(), outer.effective_cmdline());
+        // Without probes, neither System.map nor BTF travels.
+        let plain = Wrap::parse_from(["x", "--kernel", "/k", "--btf", "/b"]).job;
+        let inner = inner_job(&plain);
+        assert_eq!(
+            (inner.system_map, inner.btf, inner.initrd),
+            (None, None, None)
+        );
+    }
+}
