@@ -2,24 +2,16 @@
 //! the modules, connect the inner run's standard streams to the ports that carry them out, run
 //! the inner job in-process, and report its exit status.
 //!
-//! x86_64 L1: KVM modules; the streams on serial ports in raw mode (`ttyS1`, `ttyS2`); the status
-//! through QEMU's `isa-debug-exit` device. arm64 L1 (KVM built in): the virtio console
-//! modules; the streams, the `-o` output and the status on virtio-serial ports (the virt board
-//! has one UART and no debug-exit device); then PSCI SYSTEM_OFF.
+//! What differs per architecture (the ports, the modules, how the status goes out) is the
+//! runner's [`crate::runner::L1Side`] of this L1's architecture.
 
 use std::ffi::CString;
 use std::fs;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 
+use crate::platform::platform;
 use crate::runner::{L1_ARGS_PATH, L1_MODULES_DIR};
-
-/// The port that carries the inner run's stdin and stdout.
-#[cfg(target_arch = "x86_64")]
-const RELAY_TTY: &str = "/dev/ttyS1";
-/// The port that carries the inner run's stderr.
-#[cfg(target_arch = "x86_64")]
-const RELAY_ERR_TTY: &str = "/dev/ttyS2";
 
 fn mount(source: &str, target: &str, fstype: &str) {
     let _ = fs::create_dir_all(target);
@@ -55,7 +47,7 @@ fn load_module(name: &str) -> Result<(), String> {
 /// Opens `path` read-write, retrying for a few seconds: virtio ports appear once their driver
 /// has probed, after the module load returned (ENOENT until then), and a port's device node
 /// appears before the driver lists the port (ENXIO in between).
-fn open_port(path: &str) -> std::io::Result<fs::File> {
+pub(crate) fn open_port(path: &str) -> std::io::Result<fs::File> {
     let mut tries = 0;
     loop {
         match fs::OpenOptions::new().read(true).write(true).open(path) {
@@ -83,74 +75,6 @@ fn relay_to_serial(path: &str, targets: &[i32]) -> Result<(), String> {
     Ok(())
 }
 
-/// The ports and the standard descriptors each goes on, in order.
-#[cfg(target_arch = "x86_64")]
-fn relays() -> [(&'static str, &'static [i32]); 2] {
-    [(RELAY_TTY, &[0, 1, 2]), (RELAY_ERR_TTY, &[2])]
-}
-
-/// The ports and the standard descriptors each goes on, in order.
-#[cfg(target_arch = "aarch64")]
-fn relays() -> [(&'static str, &'static [i32]); 3] {
-    use crate::runner::{VPORT_STDERR, VPORT_STDIN, VPORT_STDOUT};
-    [
-        (VPORT_STDIN, &[0]),
-        (VPORT_STDOUT, &[1]),
-        (VPORT_STDERR, &[2]),
-    ]
-}
-
-/// Writes the status line to the status port, which QEMU writes to a file the outer hvprobe
-/// reads.
-#[cfg(target_arch = "aarch64")]
-fn report_exit(code: i32) {
-    match open_port(crate::runner::VPORT_STATUS) {
-        Ok(mut f) => {
-            let _ = writeln!(f, "{}{code}", crate::runner::STATUS_PREFIX);
-            let _ = f.flush();
-            // SAFETY: fsync on an open fd; it waits until the port has passed the bytes on.
-            unsafe { libc::fsync(f.as_raw_fd()) };
-        }
-        Err(e) => eprintln!("hvprobe-l1: {}: {e}", crate::runner::VPORT_STATUS),
-    }
-}
-
-/// The modules to load, in order.
-#[cfg(target_arch = "aarch64")]
-fn modules() -> Vec<&'static str> {
-    hvprobe_guest::GuestArch::Aarch64
-        .l1_modules()
-        .iter()
-        .map(|m| m.rsplit('/').next().unwrap_or(m))
-        .collect()
-}
-
-/// The modules to load, in order: KVM for this CPU's vendor.
-#[cfg(target_arch = "x86_64")]
-fn modules() -> Vec<&'static str> {
-    let vendor_module = if crate::hostcheck::cpu_flag("vmx") {
-        "kvm-intel.ko"
-    } else {
-        "kvm-amd.ko"
-    };
-    vec!["irqbypass.ko", "kvm.ko", vendor_module]
-}
-
-/// Writes `code + 1` to the `isa-debug-exit` port; QEMU then exits with `2 * (code + 1) + 1`.
-/// The offset keeps every report apart from QEMU's own failure status 1.
-#[cfg(target_arch = "x86_64")]
-fn report_exit(code: i32) {
-    use crate::runner::DEBUG_EXIT_PORT;
-    let value = code.clamp(0, 126) as u32 + 1;
-    // SAFETY: as PID 1 in L1 we hold CAP_SYS_RAWIO; ioperm grants this process access to the
-    // one port of QEMU's isa-debug-exit device, and the `out` only writes that port.
-    unsafe {
-        if libc::ioperm(u64::from(DEBUG_EXIT_PORT), 4, 1) == 0 {
-            std::arch::asm!("out dx, eax", in("dx") DEBUG_EXIT_PORT, in("eax") value, options(nostack, preserves_flags));
-        }
-    }
-}
-
 /// Runs as PID 1 of L1 and never returns.
 pub fn main() -> ! {
     mount("proc", "/proc", "proc");
@@ -158,26 +82,26 @@ pub fn main() -> ! {
     mount("devtmpfs", "/dev", "devtmpfs");
     mount("tmpfs", "/tmp", "tmpfs");
 
+    let l1 = &platform(hvprobe_guest::GuestArch::host()).runner.l1;
     let relay = || {
-        for (tty, targets) in relays() {
+        for &(tty, targets) in l1.relays {
             if let Err(e) = relay_to_serial(tty, targets) {
                 eprintln!("hvprobe-l1: {e}");
             }
         }
     };
-    // The serial ports exist from boot; the virtio ports once their modules are loaded.
-    let ports_need_modules = cfg!(target_arch = "aarch64");
-    if !ports_need_modules {
+    // Serial ports exist from boot; virtio ports once their modules are loaded.
+    if !l1.ports_need_modules {
         relay();
     }
     let mut code = 0;
-    for m in modules() {
+    for m in (l1.modules)() {
         if let Err(e) = load_module(m) {
             eprintln!("hvprobe-l1: {e}");
             code = crate::cli::EXIT_HOST_UNUSABLE;
         }
     }
-    if ports_need_modules {
+    if l1.ports_need_modules {
         relay();
     }
     if code == 0 {
@@ -203,7 +127,7 @@ pub fn main() -> ! {
         libc::tcdrain(1);
         libc::tcdrain(2);
     }
-    report_exit(code);
+    (l1.report_exit)(code);
     // SAFETY: reboot(2) as PID 1: PSCI SYSTEM_OFF on arm64 (QEMU exits); on x86_64 reached only
     // if the debug-exit device is missing.
     unsafe { libc::reboot(libc::RB_POWER_OFF) };

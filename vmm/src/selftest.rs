@@ -17,13 +17,23 @@ pub struct TrapSupport {
     pub hardware: Result<(), String>,
     /// Single-stepping reaches the VMM as a debug exit after one instruction.
     pub single_step: Result<(), String>,
-    /// How many hardware breakpoints KVM reports (arm64's `KVM_CAP_GUEST_DEBUG_HW_BPS`; x86
-    /// always has four and does not say).
-    pub hardware_count: Option<usize>,
-    /// A breakpoint trap handed back to the guest reaches the guest's own vector with the
-    /// right syndrome and return address (arm64, where the VMM emulates the exception entry;
-    /// x86 KVM does it with `KVM_GUESTDBG_INJECT_BP`).
-    pub reinjection: Option<Result<(), String>>,
+    /// How many hardware breakpoints a vCPU has (arm64: `KVM_CAP_GUEST_DEBUG_HW_BPS`; x86: its
+    /// four debug registers).
+    pub hardware_count: usize,
+    /// How a trap that was not hvprobe's goes back to the guest.
+    pub reinjection: Reinjection,
+    /// The software breakpoint's name (`int3`, `brk`).
+    pub breakpoint_name: &'static str,
+}
+
+/// How a trap that was not hvprobe's goes back to the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reinjection {
+    /// KVM injects it (x86's `KVM_GUESTDBG_INJECT_BP`).
+    ByKvm,
+    /// The VMM emulates the exception entry (arm64); the self-test checks that it reaches the
+    /// guest's own vector with the right syndrome and return address.
+    Emulated(Result<(), String>),
 }
 
 impl TrapSupport {
@@ -33,26 +43,20 @@ impl TrapSupport {
             Ok(()) => "yes".to_string(),
             Err(e) => format!("no ({e})"),
         };
-        match (&self.hardware_count, &self.reinjection) {
-            (Some(n), Some(reinjection)) => {
-                let hw = match &self.hardware {
-                    Ok(()) => n.to_string(),
-                    Err(e) => format!("0 (of {n}: {e})"),
-                };
-                format!(
-                    "brk exits {}, step {}, hw breakpoints {hw}, reinjection {}",
-                    f(&self.software),
-                    f(&self.single_step),
-                    f(reinjection)
-                )
+        let hw = match &self.hardware {
+            Ok(()) => self.hardware_count.to_string(),
+            Err(e) => format!("0 (of {}: {e})", self.hardware_count),
+        };
+        format!(
+            "{} exits {}, step {}, hw breakpoints {hw}, reinjection {}",
+            self.breakpoint_name,
+            f(&self.software),
+            f(&self.single_step),
+            match &self.reinjection {
+                Reinjection::ByKvm => "by KVM".to_string(),
+                Reinjection::Emulated(r) => f(r),
             }
-            _ => format!(
-                "int3 exits {}, hardware breakpoints {}, single-step {}",
-                f(&self.software),
-                f(&self.hardware),
-                f(&self.single_step)
-            ),
-        }
+        )
     }
 }
 

@@ -6,7 +6,13 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use super::{L1Init, MachineFiles, RunnerError, RunnerPlatform, STATUS_PREFIX, VPORT_OUTPUT};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+
+use super::{
+    L1Init, L1Side, MachineFiles, RunnerError, RunnerPlatform, STATUS_PREFIX, VPORT_OUTPUT,
+    VPORT_STATUS, VPORT_STDERR, VPORT_STDIN, VPORT_STDOUT,
+};
 
 /// The arm64 runner.
 pub static RUNNER: RunnerPlatform = RunnerPlatform {
@@ -16,6 +22,16 @@ pub static RUNNER: RunnerPlatform = RunnerPlatform {
     machine,
     output_port: VPORT_OUTPUT,
     status,
+    l1: L1Side {
+        relays: &[
+            (VPORT_STDIN, &[0] as &[i32]),
+            (VPORT_STDOUT, &[1]),
+            (VPORT_STDERR, &[2]),
+        ],
+        ports_need_modules: true,
+        modules: l1_modules,
+        report_exit,
+    },
 };
 
 /// `$HVPROBE_QEMU_AARCH64`, else `qemu-system-aarch64` on PATH (QEMU 10 from
@@ -154,4 +170,27 @@ fn build_aarch64_hvprobe(workspace: &Path) -> Result<PathBuf, RunnerError> {
         "building the aarch64 hvprobe for the arm64 runner failed (`{how}` in {}; the cross toolchain comes from `bash guest/setup-host.sh`)",
         workspace.display()
     )))
+}
+
+/// The modules L1 loads, in order: the virtio console's (KVM is built in).
+fn l1_modules() -> Vec<&'static str> {
+    hvprobe_guest::GuestArch::Aarch64
+        .l1_modules()
+        .iter()
+        .map(|m| m.rsplit('/').next().unwrap_or(m))
+        .collect()
+}
+
+/// Writes the status line to the status port, which QEMU writes to a file the outer hvprobe
+/// reads; L1 then powers off through PSCI.
+fn report_exit(code: i32) {
+    match crate::l1init::open_port(VPORT_STATUS) {
+        Ok(mut f) => {
+            let _ = writeln!(f, "{STATUS_PREFIX}{code}");
+            let _ = f.flush();
+            // SAFETY: fsync on an open fd; it waits until the port has passed the bytes on.
+            unsafe { libc::fsync(f.as_raw_fd()) };
+        }
+        Err(e) => eprintln!("hvprobe-l1: {VPORT_STATUS}: {e}"),
+    }
 }

@@ -54,6 +54,22 @@ pub struct RunnerPlatform {
     /// The inner run's exit status, from the emulator's exit and the status file; `None` when
     /// L1 died without reporting.
     pub status: fn(std::process::ExitStatus, &Path) -> Option<i32>,
+    /// What hvprobe as L1's `/init` does on this architecture ([`crate::l1init`]).
+    pub l1: L1Side,
+}
+
+/// The L1 side of a runner: what `/init` in L1 does that depends on the architecture.
+#[derive(Debug)]
+pub struct L1Side {
+    /// The ports that carry the inner run's standard streams, each with the standard
+    /// descriptors it goes on, in order.
+    pub relays: &'static [(&'static str, &'static [i32])],
+    /// The ports appear only once the modules are loaded (virtio), not at boot (serial).
+    pub ports_need_modules: bool,
+    /// The modules to load, in order (file names in [`L1_MODULES_DIR`]).
+    pub modules: fn() -> Vec<&'static str>,
+    /// Reports the inner run's status to the host; L1 powers off after it.
+    pub report_exit: fn(i32),
 }
 
 /// L1's `/init` binary and the shared libraries it needs inside L1.

@@ -8,7 +8,7 @@ use std::process::Command;
 use hvprobe_guest::GuestArch;
 
 use super::l1image::shared_libraries;
-use super::{DEBUG_EXIT_PORT, L1Init, MachineFiles, RunnerError, RunnerPlatform, prep_err};
+use super::{DEBUG_EXIT_PORT, L1Init, L1Side, MachineFiles, RunnerError, RunnerPlatform, prep_err};
 
 /// The x86_64 runner.
 pub static RUNNER: RunnerPlatform = RunnerPlatform {
@@ -19,6 +19,13 @@ pub static RUNNER: RunnerPlatform = RunnerPlatform {
     // The fourth `-serial`, the first three being L1's console and the inner stdout and stderr.
     output_port: "/dev/ttyS3",
     status,
+    l1: L1Side {
+        // The inner run's stdin and stdout on ttyS1, its stderr on ttyS2 (raw mode).
+        relays: &[("/dev/ttyS1", &[0, 1, 2] as &[i32]), ("/dev/ttyS2", &[2])],
+        ports_need_modules: false,
+        modules: l1_modules,
+        report_exit,
+    },
 };
 
 /// Where Debian installs the firmware QEMU loads (SeaBIOS, option ROMs).
@@ -94,4 +101,33 @@ fn status(status: std::process::ExitStatus, _: &Path) -> Option<i32> {
         Some(code) if code % 2 == 1 && code >= 3 => Some((code - 3) / 2),
         _ => None,
     }
+}
+
+/// The modules L1 loads, in order: KVM for this CPU's vendor.
+fn l1_modules() -> Vec<&'static str> {
+    let vendor_module = if crate::hostcheck::cpu_flag("vmx") {
+        "kvm-intel.ko"
+    } else {
+        "kvm-amd.ko"
+    };
+    vec!["irqbypass.ko", "kvm.ko", vendor_module]
+}
+
+/// Writes `code + 1` to the `isa-debug-exit` port; QEMU then exits with `2 * (code + 1) + 1`.
+/// The offset keeps every report apart from QEMU's own failure status 1.
+fn report_exit(code: i32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let value = code.clamp(0, 126) as u32 + 1;
+        // SAFETY: as PID 1 in L1 we hold CAP_SYS_RAWIO; ioperm grants this process access to
+        // the one port of QEMU's isa-debug-exit device, and the `out` only writes that port.
+        unsafe {
+            if libc::ioperm(u64::from(DEBUG_EXIT_PORT), 4, 1) == 0 {
+                std::arch::asm!("out dx, eax", in("dx") DEBUG_EXIT_PORT, in("eax") value, options(nostack, preserves_flags));
+            }
+        }
+    }
+    // An x86_64 L1 runs the x86_64 build only.
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = code;
 }

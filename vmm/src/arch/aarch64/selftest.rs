@@ -13,7 +13,7 @@ use super::Aarch64Vmm;
 use super::debug::GuestDebugSetup;
 use super::vcpu::{inject_sync_exception, read_pc, set_pc_and_vectors};
 use crate::arch::VmmArch;
-use crate::selftest::TrapSupport;
+use crate::selftest::{Reinjection, TrapSupport};
 
 /// Guest physical base of the payload's page (also VBAR_EL1: the vectors are at its start).
 const BASE: u64 = 0x4000_0000;
@@ -176,8 +176,9 @@ pub fn probe_traps(kvm: &Kvm) -> Result<TrapSupport, String> {
         software,
         hardware,
         single_step,
-        hardware_count: Some(count),
-        reinjection: Some(reinjection),
+        hardware_count: count,
+        reinjection: Reinjection::Emulated(reinjection),
+        breakpoint_name: Aarch64Vmm::BREAKPOINT_NAME,
     })
 }
 

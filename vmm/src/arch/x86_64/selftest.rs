@@ -8,7 +8,7 @@ use probe_core::vm::DebugEvent;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::debug::{GuestDebugSetup, debug_event};
-use crate::selftest::TrapSupport;
+use crate::selftest::{Reinjection, TrapSupport};
 
 const CODE_AT: u64 = 0x1000;
 // nop; int3; nop; hlt
@@ -98,7 +98,8 @@ pub fn probe_traps(kvm: &Kvm) -> Result<TrapSupport, String> {
         software,
         hardware,
         single_step,
-        hardware_count: None,
-        reinjection: None,
+        hardware_count: super::debug::HW_BREAKPOINTS,
+        reinjection: Reinjection::ByKvm,
+        breakpoint_name: <super::X86_64Vmm as crate::arch::VmmArch>::BREAKPOINT_NAME,
     })
 }
