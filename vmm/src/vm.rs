@@ -31,9 +31,10 @@ pub enum VmError {
     /// The memory size is unusable.
     #[error("guest memory of {0} MiB is too small: at least 64 MiB are needed to boot Linux")]
     MemoryTooSmall(u64),
-    /// Too many or too few vCPUs.
+    /// The memory size reaches into the XOL area.
     #[error("guest memory of {0} MiB is too large: the XOL area sits at 64 GiB")]
     MemoryTooLarge(u64),
+    /// Too many or too few vCPUs.
     #[error("vCPU count {0} is out of range: 1 to 254")]
     VcpuCount(u32),
     /// Guest memory could not be allocated.

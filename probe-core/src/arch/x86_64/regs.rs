@@ -6,21 +6,37 @@ use crate::arch::RegisterFile;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Gpr {
+    /// `rax`.
     Rax = 0,
+    /// `rcx`.
     Rcx,
+    /// `rdx`.
     Rdx,
+    /// `rbx`.
     Rbx,
+    /// `rsp`.
     Rsp,
+    /// `rbp`.
     Rbp,
+    /// `rsi`.
     Rsi,
+    /// `rdi`.
     Rdi,
+    /// `r8`.
     R8,
+    /// `r9`.
     R9,
+    /// `r10`.
     R10,
+    /// `r11`.
     R11,
+    /// `r12`.
     R12,
+    /// `r13`.
     R13,
+    /// `r14`.
     R14,
+    /// `r15`.
     R15,
 }
 
