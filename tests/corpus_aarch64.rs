@@ -224,10 +224,10 @@ fn run_native(load: State) -> (State, i32) {
     s.signal = 0;
     // Instruction fetch sees the words just written.
     for at in [ORIG, SLOT] {
-        // SAFETY: `__clear_cache` only maintains caches over the mapped range.
         unsafe extern "C" {
             fn __clear_cache(start: *mut libc::c_char, end: *mut libc::c_char);
         }
+        // SAFETY: `__clear_cache` only maintains caches over the mapped range.
         unsafe { __clear_cache(at as *mut libc::c_char, (at + PAGE) as *mut libc::c_char) };
     }
     // SAFETY: the handlers run the case and come back here.
