@@ -8,22 +8,11 @@
 
 mod common;
 
-use common::{Run, assert_has, explain, fnv1a, guest_arch, hvprobe, text};
+use common::{Guests, Run, assert_has, explain, fnv1a, guest_arch, hvprobe, text};
 use hvprobe_guest::GuestArch;
 use hvprobe_vmm::summary::ProbeSummary;
 use probe_core::arch::x86_64::{Decoder, Instruction, InstructionKind, StepPlan};
 use probe_core::symbols::SymbolMap;
-
-/// Whether the guests under test are x86_64: the tests written against x86_64 instructions
-/// (its decoder, its syscall entry points, its step plans) run only then; the arm64 tests at
-/// the end of this file run with `HVPROBE_TEST_ARCH=aarch64`.
-fn x86_64_guest() -> bool {
-    let x86 = guest_arch() == GuestArch::X86_64;
-    if !x86 {
-        eprintln!("skipped: written against x86_64 guests");
-    }
-    x86
-}
 
 /// The guest's syscall entry point for `name` (`__x64_sys_getpid`, `__arm64_sys_getpid`): the
 /// tests that need no instruction set of their own run on both architectures.
@@ -175,11 +164,7 @@ fn kprobe_profile_hits(out: &Run, event: &str) -> u64 {
 /// The shell and /init call getpid a few times around the workload; allow for them.
 const OTHER_GETPID_CALLERS: u64 = 10;
 
-#[test]
 fn a_getpid_probe_counts_the_workload_calls_and_prints_each_hit() {
-    if !x86_64_guest() {
-        return;
-    }
     let out = run_probed("1", "getpid-loop 2000", &["__x64_sys_getpid"], &[]);
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
     // The runner's emulator must deliver int3 exits: the self-test says so, or this fails.
@@ -204,11 +189,7 @@ fn a_getpid_probe_counts_the_workload_calls_and_prints_each_hit() {
     assert_text_restored(&out);
 }
 
-#[test]
 fn two_vcpus_hitting_one_probe_are_all_counted() {
-    if !x86_64_guest() {
-        return;
-    }
     // An emulated probe (the entry) and a stepped one (a later instruction) hit from both
     // vCPUs while both run a workload; every hit counted, both vCPUs seen, outputs right.
     let k = KernelText::load();
@@ -264,11 +245,7 @@ fn two_vcpus_hitting_one_probe_are_all_counted() {
     assert_text_restored(&out);
 }
 
-#[test]
 fn every_step_plan_keeps_the_kernel_computing_right_results() {
-    if !x86_64_guest() {
-        return;
-    }
     let k = KernelText::load();
     let plain_xol = k.find("__x64_sys_getpid", |i| plan_of(i) == Some("xol"));
     let call = k.find("__x64_sys_getpid", |i| i.text.starts_with("call 0x"));
@@ -356,11 +333,7 @@ fn every_step_plan_keeps_the_kernel_computing_right_results() {
     assert_text_restored(&out);
 }
 
-#[test]
 fn the_guest_kprobe_and_an_hvprobe_probe_on_one_function_both_count() {
-    if !x86_64_guest() {
-        return;
-    }
     let k = KernelText::load();
     // The guest's kprobe on the function entry goes through ftrace (the fentry nop at +0);
     // hvprobe's probe sits on a later instruction of the same function.
@@ -386,11 +359,7 @@ fn the_guest_kprobe_and_an_hvprobe_probe_on_one_function_both_count() {
     assert_text_restored(&out);
 }
 
-#[test]
 fn the_guests_own_int3_kprobe_keeps_working_beside_an_hvprobe_probe_in_the_same_function() {
-    if !x86_64_guest() {
-        return;
-    }
     // A guest kprobe that is a real int3 (set on the command line, not optimized, not on an
     // ftrace site) in vfs_read, and hvprobe's probe on the next instruction. Every guest int3
     // (the kprobe's, and the one after its copied instruction) reaches hvprobe, which hands
@@ -434,11 +403,7 @@ fn the_guests_own_int3_kprobe_keeps_working_beside_an_hvprobe_probe_in_the_same_
     assert_text_restored(&out);
 }
 
-#[test]
 fn ring0_flag_instructions_are_emulated_in_the_running_kernel() {
-    if !x86_64_guest() {
-        return;
-    }
     // pushf, cli and sti only run in ring 0 as the kernel uses them, so the user-space corpus
     // cannot check them: here they are probed where the running kernel executes them most.
     // Paravirt call sites in vmlinux (`call *pv_ops.irq.save_fl/irq_disable/irq_enable`) are
@@ -501,11 +466,7 @@ fn ring0_flag_instructions_are_emulated_in_the_running_kernel() {
     assert_text_restored(&out);
 }
 
-#[test]
 fn hardware_breakpoints_probe_without_touching_text() {
-    if !x86_64_guest() {
-        return;
-    }
     let k = KernelText::load();
     // A stepped instruction apart from the entry probe, so each trap is taken on its own
     // (adjacent probes are chained in one exit, which the engine's unit tests cover).
@@ -556,11 +517,7 @@ fn hardware_breakpoints_probe_without_touching_text() {
     assert_text_restored(&out);
 }
 
-#[test]
 fn bad_probes_are_refused_and_leave_the_guest_unchanged() {
-    if !x86_64_guest() {
-        return;
-    }
     // Unknown symbol: refused before any VM starts.
     let out = run_probed("1", "true", &["no_such_function_hvprobe"], &[]);
     assert_eq!(out.status.code(), Some(1), "{}", explain(&out));
@@ -604,11 +561,7 @@ fn bad_probes_are_refused_and_leave_the_guest_unchanged() {
     assert_text_restored(&out);
 }
 
-#[test]
 fn every_refused_probe_is_named_in_one_pass_and_skip_refused_plants_the_rest() {
-    if !x86_64_guest() {
-        return;
-    }
     let k = KernelText::load();
     let (off, insn) = k
         .function("__x64_sys_getpid")
@@ -684,11 +637,7 @@ fn every_refused_probe_is_named_in_one_pass_and_skip_refused_plants_the_rest() {
     assert_text_restored(&out);
 }
 
-#[test]
 fn kprobe_event_definitions_fetch_arguments_from_guest_memory() {
-    if !x86_64_guest() {
-        return;
-    }
     // do_sys_openat2(int dfd, const char __user *filename, struct open_how *how): the
     // filename string from user memory, dfd as a signed register, how->flags dereferenced,
     // and the task's name from its task_struct (offsets from the kernel's BTF).
@@ -757,11 +706,7 @@ fn kprobe_event_definitions_fetch_arguments_from_guest_memory() {
     );
 }
 
-#[test]
 fn a_kaslr_guest_is_probed_like_a_nokaslr_one() {
-    if !x86_64_guest() {
-        return;
-    }
     // The default command line without `nokaslr`: the slide is found from the running guest.
     // With page-table isolation forced on (AMD CPUs do not need it): user mode runs on a CR3
     // without the kernel's text, so planting reads a vCPU in the kernel.
@@ -807,7 +752,6 @@ fn a_kaslr_guest_is_probed_like_a_nokaslr_one() {
     assert_text_restored(&out);
 }
 
-#[test]
 fn return_probes_report_every_return_with_its_value() {
     // ksys_read(fd, buf, count): the value returned, and the entry's fd.
     let out = run_probed(
@@ -845,7 +789,6 @@ fn return_probes_report_every_return_with_its_value() {
     assert_text_restored(&out);
 }
 
-#[test]
 fn return_probes_on_two_vcpus_see_every_return_once() {
     // Two vCPUs entering the same function at once: every return is seen exactly once.
     let out = run_probed(
@@ -866,7 +809,6 @@ fn return_probes_on_two_vcpus_see_every_return_once() {
     assert_text_restored(&out);
 }
 
-#[test]
 fn a_return_probe_on_exec_returns_through_the_new_address_space() {
     // bprm_execve returns under the page tables of the program it loaded (an mm created after
     // planting): the trampoline must be mapped there too, or the guest oopses at its address.
@@ -895,7 +837,6 @@ fn a_return_probe_on_exec_returns_through_the_new_address_space() {
     assert_text_restored(&out);
 }
 
-#[test]
 fn return_probes_on_schedule_and_the_timer_tick_see_kworkers_and_irq_stacks_return() {
     // Kernel threads sleep in schedule() and return from it on whatever page tables the
     // task before them left loaded (they have no mm of their own): every return must still
@@ -932,11 +873,7 @@ fn return_probes_on_schedule_and_the_timer_tick_see_kworkers_and_irq_stacks_retu
     assert_text_restored(&out);
 }
 
-#[test]
 fn an_instruction_with_an_exception_table_entry_is_refused_by_name() {
-    if !x86_64_guest() {
-        return;
-    }
     // copy_user_enhanced_fast_string's `rep movsb` faults on bad user pointers and is fixed up
     // through __ex_table; a copy of it in a slot would oops the guest instead.
     let k = KernelText::load();
@@ -954,7 +891,6 @@ fn an_instruction_with_an_exception_table_entry_is_refused_by_name() {
     assert_text_restored(&out);
 }
 
-#[test]
 fn a_guest_kernel_fault_report_while_probes_are_in_fails_the_run_and_names_the_probes() {
     // A WARN-level report reaches the guest console through printk (here written by the
     // workload through /dev/kmsg, at KERN_WARNING, the level of a real WARN()): the command
@@ -978,11 +914,7 @@ fn a_guest_kernel_fault_report_while_probes_are_in_fails_the_run_and_names_the_p
     assert_text_restored(&out);
 }
 
-#[test]
 fn boundaries_are_walked_past_instructions_capstone_lacks_and_stop_at_a_guest_breakpoint() {
-    if !x86_64_guest() {
-        return;
-    }
     let k = KernelText::load();
     // finish_task_switch.isra.0 has a `serialize` (0f 01 e8, unknown to capstone 5) before
     // the iret-to-self sequence of sync_core: the walk used to stop there, so its `pushf`
@@ -1062,7 +994,6 @@ fn boundaries_are_walked_past_instructions_capstone_lacks_and_stop_at_a_guest_br
     assert_text_restored(&out);
 }
 
-#[test]
 fn bad_user_pointers_through_probed_user_copy_paths_fail_with_efault_and_the_guest_is_fine() {
     // Every instruction of the user-copy paths that bad pointers go through. On x86_64 the
     // faulting ones (with __ex_table fix-ups) are refused by name, the rest planted; the
@@ -1172,7 +1103,6 @@ fn bad_user_pointers_through_probed_user_copy_paths_fail_with_efault_and_the_gue
     assert_text_restored(&out);
 }
 
-#[test]
 fn max_active_exhausted_counts_misses_and_the_guest_is_unharmed() {
     // Two sleeps blocked inside hrtimer_nanosleep at once, one instance allowed.
     let out = run_probed(
@@ -1194,7 +1124,6 @@ fn max_active_exhausted_counts_misses_and_the_guest_is_unharmed() {
     assert_text_restored(&out);
 }
 
-#[test]
 fn output_file_takes_hit_lines_summary_and_retval_histogram() {
     // `-o FILE`: hit lines, the summary and the `--hist` histogram go to the file, the guest
     // console stays on stdout. The histogram of do_sys_openat2's return: 20 opens give fd 3,
@@ -1250,7 +1179,6 @@ fn output_file_takes_hit_lines_summary_and_retval_histogram() {
     );
 }
 
-#[test]
 fn json_output_gives_one_object_per_hit() {
     let out = run_probed(
         "1",
@@ -1294,7 +1222,6 @@ fn json_output_gives_one_object_per_hit() {
     assert_text_restored(&out);
 }
 
-#[test]
 fn a_task_filter_reports_only_the_matching_task() {
     let out = run_probed(
         "1",
@@ -1347,11 +1274,7 @@ const SWEEP_WORKLOAD: &str = "fork-exec-loop 10; open-read-loop 20 /etc/passwd; 
      echo hello > /tmp/f; n=$(cat /tmp/f | wc -c); sleep 0.2; l=$(ls / | wc -l); \
      getpid-loop 100; echo sweep-result bytes=$n entries=$l";
 
-#[test]
 fn a_random_sweep_of_instruction_boundaries_leaves_the_guest_working() {
-    if !x86_64_guest() {
-        return;
-    }
     // N random instruction boundaries anywhere in the kernel's text (decoded from vmlinux,
     // so alternatives may have changed a few: those are refused or planted at the running
     // instruction), planted at once with --skip-refused. Replay a failure with the printed
@@ -1584,7 +1507,6 @@ fn arm64_entry_block_picks(rng: &mut SplitMix) -> Vec<(String, u64, bool)> {
     picks
 }
 
-#[test]
 fn entry_block_probes_count_at_least_what_the_guests_own_kprobes_count() {
     // The guest's kprobes on the entries of N functions that open-read-loop calls and
     // hvprobe's probes on a random instruction of each one's entry block, both counting only
@@ -1707,15 +1629,6 @@ fn entry_block_probes_count_at_least_what_the_guests_own_kprobes_count() {
 // instructions it emulates on the host, with the rest refused by name.
 // ---------------------------------------------------------------------------------------
 
-/// Whether the guests under test are arm64.
-fn arm64_guest() -> bool {
-    let arm = guest_arch() == GuestArch::Aarch64;
-    if !arm {
-        eprintln!("skipped: written against arm64 guests");
-    }
-    arm
-}
-
 /// The arm64 default guest's kernel: its symbols and its instruction words.
 struct Arm64Text {
     map: SymbolMap,
@@ -1773,11 +1686,7 @@ impl Arm64Text {
     }
 }
 
-#[test]
 fn arm64_getpid_probes_count_every_call_with_one_exit_for_two_chained_probes() {
-    if !arm64_guest() {
-        return;
-    }
     let k = Arm64Text::load();
     let second = k.find("__arm64_sys_getpid", "emulate");
     let out = run_probed(
@@ -1833,11 +1742,7 @@ fn arm64_getpid_probes_count_every_call_with_one_exit_for_two_chained_probes() {
     out.assert_text_restored();
 }
 
-#[test]
 fn arm64_two_vcpus_hitting_one_probe_are_all_counted() {
-    if !arm64_guest() {
-        return;
-    }
     let out = run_probed(
         "2",
         "getpid-loop 3000 & getpid-loop 3000 & wait",
@@ -1865,19 +1770,11 @@ fn arm64_two_vcpus_hitting_one_probe_are_all_counted() {
     out.assert_text_restored();
 }
 
-#[test]
 fn arm64_definitions_fetch_arguments_and_the_task_on_a_kaslr_guest() {
-    if !arm64_guest() {
-        return;
-    }
     arm64_kaslr_definitions(&[]);
 }
 
-#[test]
 fn arm64_a_kaslr_guest_on_a_spectre_bhb_cpu_is_probed_like_on_the_default_one() {
-    if !arm64_guest() {
-        return;
-    }
     // Neoverse N1 is in Linux's Spectre-BHB list. With KASLR (which makes arm64 turn KPTI
     // on), VBAR_EL1 at EL1 is `vectors`; without it, a slot of __bp_harden_el1_vectors: both
     // give the slide.
@@ -1923,11 +1820,7 @@ fn arm64_kaslr_definitions(extra: &[&str]) -> Run {
     out
 }
 
-#[test]
 fn arm64_hardware_breakpoints_probe_without_touching_text() {
-    if !arm64_guest() {
-        return;
-    }
     // The second instruction of the patchable entry: the `nop` ftrace leaves alone (the first
     // becomes `mov x9, x30` at boot), which the host emulates without x0-x30.
     let at = "__arm64_sys_getpid+0x4";
@@ -1960,11 +1853,7 @@ fn arm64_hardware_breakpoints_probe_without_touching_text() {
     out.assert_text_restored();
 }
 
-#[test]
 fn arm64_refusals_name_the_instruction_and_plant_nothing() {
-    if !arm64_guest() {
-        return;
-    }
     let k = Arm64Text::load();
     let good = k.find("__arm64_sys_getpid", "xol");
     // cpu_do_idle waits (`wfi`): refused.
@@ -1986,11 +1875,7 @@ fn arm64_refusals_name_the_instruction_and_plant_nothing() {
     out.assert_text_restored();
 }
 
-#[test]
 fn arm64_the_guests_own_kprobe_and_an_hvprobe_probe_on_one_function_both_count() {
-    if !arm64_guest() {
-        return;
-    }
     // The guest's kprobe BRKs (its probe and its own step-out-of-line BRK) reach hvprobe once
     // hvprobe's BRK is in, and go back to the guest by exception-entry emulation.
     let k = Arm64Text::load();
@@ -2018,11 +1903,7 @@ fn arm64_the_guests_own_kprobe_and_an_hvprobe_probe_on_one_function_both_count()
     out.assert_text_restored();
 }
 
-#[test]
 fn arm64_stepped_instructions_and_return_probes_keep_the_workloads_right() {
-    if !arm64_guest() {
-        return;
-    }
     let k = Arm64Text::load();
     let stepped = k.find("__arm64_sys_getpid", "xol");
     let out = run_probed(
@@ -2119,11 +2000,7 @@ const ARM64_SWEEP_HOT_PREFIXES: &[&str] = &[
     "serial8250_",
 ];
 
-#[test]
 fn arm64_a_random_sweep_of_instruction_boundaries_leaves_the_guest_working() {
-    if !arm64_guest() {
-        return;
-    }
     // N random instructions anywhere in the arm64 kernel's text (every 4 bytes is a boundary),
     // half of them in functions on the workload's paths, planted at once with
     // --skip-refused. Replay with HVPROBE_SWEEP_SEED and HVPROBE_SWEEP_N.
@@ -2131,11 +2008,7 @@ fn arm64_a_random_sweep_of_instruction_boundaries_leaves_the_guest_working() {
     arm64_sweep(&k, ARM64_SWEEP_HOT_PREFIXES, 0x5eed_a064, 250, &[]);
 }
 
-#[test]
 fn arm64_a_random_sweep_on_a_spectre_bhb_cpu_leaves_the_guest_working() {
-    if !arm64_guest() {
-        return;
-    }
     // The same sweep (its own seed, fewer probes) on QEMU's Neoverse N1, whose kernel takes
     // the Spectre-BHB vectors.
     let k = Arm64Text::load();
@@ -2280,11 +2153,7 @@ fn mrs_daif_sites(k: &Arm64Text, func: &str) -> Vec<(u64, u32)> {
         .collect()
 }
 
-#[test]
 fn arm64_mrs_daif_reads_the_interrupt_mask_the_guest_had_in_process_and_interrupt_context() {
-    if !arm64_guest() {
-        return;
-    }
     // A slot runs with D, A, I and F masked: a copied `mrs daif` read 0x3c0 in every context, and
     // the `local_irq_restore` that followed left the CPU with everything masked. Emulated, it
     // reads the mask of the hit: 0 in process context with interrupts on (queue_work_on from
@@ -2345,7 +2214,6 @@ fn debug_loop_sum(n: i64) -> i64 {
         .sum()
 }
 
-#[test]
 fn the_guests_own_uprobes_and_hardware_watchpoints_keep_working_beside_hvprobe_probes() {
     // The guest's uprobe (a breakpoint at EL0, then its own single step of the copy) and a
     // perf_event_open write watchpoint (which the kernel steps over), with an hvprobe probe in
@@ -2386,11 +2254,7 @@ fn the_guests_own_uprobes_and_hardware_watchpoints_keep_working_beside_hvprobe_p
     );
 }
 
-#[test]
 fn arm64_text_that_runs_at_another_address_is_refused_by_name_and_cpu1_comes_back() {
-    if !arm64_guest() {
-        return;
-    }
     // secondary_startup is in .idmap.text: a CPU coming online runs it from the identity map,
     // at its physical address, where a BRK would trap with the MMU half switched. Refused at
     // resolution (with --skip-refused, listed), while the other probe is planted; CPU1 goes
@@ -2436,7 +2300,6 @@ const HOT_PATHS: &[&str] = &[
     "try_to_wake_up",
 ];
 
-#[test]
 fn a_rate_capped_dense_probe_set_on_the_tick_and_scheduler_paths_lets_the_workload_finish() {
     // Each site may take 50 hits a second; past that, its hits count as missed and it is
     // paused until its second is over. The workload must come out right, and no probe may
@@ -2468,4 +2331,57 @@ fn a_rate_capped_dense_probe_set_on_the_tick_and_scheduler_paths_lets_the_worklo
     let missed: u64 = HOT_PATHS.iter().map(|l| out.probe(l).missed).sum();
     assert!(missed >= summary.exits.rate_capped, "{}", explain(&out));
     out.assert_text_restored();
+}
+
+fn main() {
+    common::run_suite(
+        "probes",
+        cases![
+            Guests::Any => [
+                return_probes_report_every_return_with_its_value,
+                return_probes_on_two_vcpus_see_every_return_once,
+                a_return_probe_on_exec_returns_through_the_new_address_space,
+                return_probes_on_schedule_and_the_timer_tick_see_kworkers_and_irq_stacks_return,
+                a_guest_kernel_fault_report_while_probes_are_in_fails_the_run_and_names_the_probes,
+                bad_user_pointers_through_probed_user_copy_paths_fail_with_efault_and_the_guest_is_fine,
+                max_active_exhausted_counts_misses_and_the_guest_is_unharmed,
+                output_file_takes_hit_lines_summary_and_retval_histogram,
+                json_output_gives_one_object_per_hit,
+                a_task_filter_reports_only_the_matching_task,
+                entry_block_probes_count_at_least_what_the_guests_own_kprobes_count,
+                the_guests_own_uprobes_and_hardware_watchpoints_keep_working_beside_hvprobe_probes,
+                a_rate_capped_dense_probe_set_on_the_tick_and_scheduler_paths_lets_the_workload_finish,
+            ],
+            Guests::Only(GuestArch::X86_64) => [
+                a_getpid_probe_counts_the_workload_calls_and_prints_each_hit,
+                two_vcpus_hitting_one_probe_are_all_counted,
+                every_step_plan_keeps_the_kernel_computing_right_results,
+                the_guest_kprobe_and_an_hvprobe_probe_on_one_function_both_count,
+                the_guests_own_int3_kprobe_keeps_working_beside_an_hvprobe_probe_in_the_same_function,
+                ring0_flag_instructions_are_emulated_in_the_running_kernel,
+                hardware_breakpoints_probe_without_touching_text,
+                bad_probes_are_refused_and_leave_the_guest_unchanged,
+                every_refused_probe_is_named_in_one_pass_and_skip_refused_plants_the_rest,
+                kprobe_event_definitions_fetch_arguments_from_guest_memory,
+                a_kaslr_guest_is_probed_like_a_nokaslr_one,
+                an_instruction_with_an_exception_table_entry_is_refused_by_name,
+                boundaries_are_walked_past_instructions_capstone_lacks_and_stop_at_a_guest_breakpoint,
+                a_random_sweep_of_instruction_boundaries_leaves_the_guest_working,
+            ],
+            Guests::Only(GuestArch::Aarch64) => [
+                arm64_getpid_probes_count_every_call_with_one_exit_for_two_chained_probes,
+                arm64_two_vcpus_hitting_one_probe_are_all_counted,
+                arm64_definitions_fetch_arguments_and_the_task_on_a_kaslr_guest,
+                arm64_a_kaslr_guest_on_a_spectre_bhb_cpu_is_probed_like_on_the_default_one,
+                arm64_hardware_breakpoints_probe_without_touching_text,
+                arm64_refusals_name_the_instruction_and_plant_nothing,
+                arm64_the_guests_own_kprobe_and_an_hvprobe_probe_on_one_function_both_count,
+                arm64_stepped_instructions_and_return_probes_keep_the_workloads_right,
+                arm64_a_random_sweep_of_instruction_boundaries_leaves_the_guest_working,
+                arm64_a_random_sweep_on_a_spectre_bhb_cpu_leaves_the_guest_working,
+                arm64_mrs_daif_reads_the_interrupt_mask_the_guest_had_in_process_and_interrupt_context,
+                arm64_text_that_runs_at_another_address_is_refused_by_name_and_cpu1_comes_back,
+            ],
+        ],
+    );
 }

@@ -20,6 +20,75 @@ pub fn guest_arch() -> hvprobe_guest::GuestArch {
     }
 }
 
+/// Which guests a test is written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guests {
+    /// Every architecture.
+    Any,
+    /// One architecture (its instructions, syscalls or CPU models); on the other it is
+    /// skipped and reported as such, never counted as passed.
+    Only(hvprobe_guest::GuestArch),
+}
+
+/// One test of a suite.
+pub struct Case {
+    /// Its name, as filters and reports show it.
+    pub name: &'static str,
+    /// The guests it is written for.
+    pub guests: Guests,
+    /// The test; it panics to fail.
+    pub body: fn(),
+}
+
+/// The cases of a suite, grouped by the guests they are written for:
+/// `cases![Guests::Any => [a, b], Guests::Only(GuestArch::X86_64) => [c]]`.
+#[macro_export]
+macro_rules! cases {
+    ($($guests:expr => [$($f:ident),* $(,)?]),* $(,)?) => {
+        vec![$($($crate::common::Case { name: stringify!($f), guests: $guests, body: $f }),*),*]
+    };
+}
+
+/// Runs a suite with libtest's command line and output (libtest-mimic): each case for the
+/// architecture under test; a case written for another is reported as ignored, with a line
+/// that says how many ran and how many were not applicable. Run alone (`--ignored`), a case
+/// of another architecture fails rather than pass without testing anything.
+pub fn run_suite(suite: &str, cases: Vec<Case>) -> ! {
+    let args = libtest_mimic::Arguments::from_args();
+    let arch = guest_arch();
+    let applies = |c: &Case| match c.guests {
+        Guests::Any => true,
+        Guests::Only(a) => a == arch,
+    };
+    let skipped = cases.iter().filter(|c| !applies(c)).count();
+    if !args.list {
+        println!(
+            "\n{suite} on {arch} guests: {} tests apply, {skipped} written for another architecture are skipped (shown as ignored)",
+            cases.len() - skipped
+        );
+    }
+    let trials = cases
+        .into_iter()
+        .map(|c| {
+            let run = applies(&c);
+            let kind = match c.guests {
+                Guests::Any => "",
+                Guests::Only(a) => a.name(),
+            };
+            libtest_mimic::Trial::test(c.name, move || {
+                if !run {
+                    return Err(format!("written for {kind} guests, not {arch}").into());
+                }
+                (c.body)();
+                Ok(())
+            })
+            .with_ignored_flag(!run)
+            .with_kind(kind)
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit()
+}
+
 /// The suffix of the default guest kernel's release (`-cloud-amd64`, `-cloud-arm64`).
 pub fn kernel_release_suffix() -> String {
     format!("-cloud-{}", guest_arch().debian())
