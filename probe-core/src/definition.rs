@@ -12,6 +12,9 @@
 
 use std::fmt;
 
+/// Live return-probe instances per probe when a definition sets none (kretprobe's floor).
+pub const DEFAULT_MAX_ACTIVE: usize = 16;
+
 /// Entry or return probe.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProbeKind {
@@ -578,7 +581,7 @@ impl ProbeDefinition {
     pub fn max_active(&self) -> Option<usize> {
         match self.kind {
             ProbeKind::Return { maxactive } => {
-                Some(maxactive.map_or(crate::probe::DEFAULT_MAX_ACTIVE, |m| m as usize))
+                Some(maxactive.map_or(DEFAULT_MAX_ACTIVE, |m| m as usize))
             }
             ProbeKind::Entry => None,
         }

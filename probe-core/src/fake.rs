@@ -138,7 +138,11 @@ pub fn machine() -> (ProbeEngine<X86_64, GuestMemoryMmap>, FakeVcpu) {
     w(0x4000, TEXT_GPA | 1); // text, read-only
     w(0x4000 + 2 * 8, STACK_GPA | 3); // stack page
     mem.write_slice(CODE, GuestAddress(TEXT_GPA)).unwrap();
-    let engine = ProbeEngine::new(mem, XolArea::new::<X86_64>(XOL_GPA, 4).unwrap()).unwrap();
+    let engine = ProbeEngine::new(
+        mem,
+        XolArea::new(<X86_64 as crate::arch::Arch>::XOL, XOL_GPA, 4).unwrap(),
+    )
+    .unwrap();
     let mut regs = Registers {
         cr3: CR3,
         rflags: 0x2,
@@ -232,8 +236,11 @@ pub mod aarch64 {
         );
         mem.write_slice(&code_bytes(), GuestAddress(TEXT_GPA))
             .unwrap();
-        let engine =
-            ProbeEngine::new(mem, XolArea::new::<Aarch64>(super::XOL_GPA, 4).unwrap()).unwrap();
+        let engine = ProbeEngine::new(
+            mem,
+            XolArea::new(<Aarch64 as crate::arch::Arch>::XOL, super::XOL_GPA, 4).unwrap(),
+        )
+        .unwrap();
         let mut regs = Registers {
             ttbr1: TTBR1,
             tcr: TCR,

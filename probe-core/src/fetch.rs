@@ -5,7 +5,7 @@ use crate::arch::{Arch, RegisterFile};
 use crate::definition::{Fetch, FetchArg, FetchType, ProbeDefinition};
 use crate::probe::{HandlerError, ProbeContext};
 use crate::symbols::SymbolMap;
-use crate::task::TaskLayout;
+use crate::task::{TaskAware, TaskLayout};
 
 /// What fetch arguments may need besides the hit itself.
 #[derive(Debug, Clone, Copy, Default)]
@@ -112,7 +112,7 @@ fn raw<A: Arch>(
 }
 
 /// Evaluates one fetch argument at a hit.
-pub fn evaluate<A: Arch>(
+pub fn evaluate<A: TaskAware>(
     ctx: &ProbeContext<'_, A>,
     arg: &FetchArg,
     env: FetchEnv<'_>,
@@ -151,7 +151,7 @@ pub fn evaluate<A: Arch>(
 
 /// `name=value` for every argument; an argument that cannot be read shows as `name=(fault)`,
 /// as the kernel's trace output does.
-pub fn format_args<A: Arch>(
+pub fn format_args<A: TaskAware>(
     ctx: &ProbeContext<'_, A>,
     args: &[FetchArg],
     env: FetchEnv<'_>,

@@ -16,6 +16,7 @@ pub mod extable;
 pub mod fake;
 pub mod fetch;
 pub mod guest_kprobes;
+pub mod guest_memory;
 pub mod histogram;
 pub mod pagewalk;
 pub mod probe;
@@ -24,3 +25,6 @@ pub mod symbols;
 pub mod task;
 pub mod vm;
 pub mod xol;
+
+#[cfg(test)]
+mod layering;

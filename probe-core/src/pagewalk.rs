@@ -52,7 +52,7 @@ pub struct Translation {
 pub(crate) mod testing {
     use std::collections::HashMap;
 
-    use crate::vm::GuestPhysMemory;
+    use crate::guest_memory::GuestPhysMemory;
 
     /// Sparse guest memory of `size` bytes for walker tests; unset words read as zero.
     pub(crate) struct FakeMem {

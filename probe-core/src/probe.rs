@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::arch::{Arch, Host, RegisterFile};
-use crate::vm::GuestPhysMemory;
+use crate::guest_memory::GuestPhysMemory;
 
 /// An error a handler returns; counted per probe and reported, the guest goes on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -58,7 +58,7 @@ pub struct Probe<A: Arch = Host> {
 }
 
 /// Live return-probe instances per probe when not set (kretprobe's floor).
-pub const DEFAULT_MAX_ACTIVE: usize = 16;
+pub use crate::definition::DEFAULT_MAX_ACTIVE;
 
 impl<A: Arch> Clone for Probe<A> {
     fn clone(&self) -> Self {

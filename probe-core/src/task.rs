@@ -1,9 +1,11 @@
 //! Which guest task a probe hit happened in, without a guest agent: `current` as the kernel
-//! finds it (the architecture's [`Arch::current_task`]: the per-CPU `current_task` pointer
-//! through the GS base on x86_64, SP_EL0 on arm64) and the `task_struct` offsets of `comm`,
-//! `pid` and `tgid` from the kernel's own BTF.
+//! finds it (an extension of the architecture, [`TaskAware::current_task`]: the per-CPU
+//! `current_task` pointer through the GS base on x86_64, SP_EL0 on arm64) and the
+//! `task_struct` offsets of `comm`, `pid` and `tgid` from the kernel's own BTF.
 
 use crate::arch::Arch;
+use crate::arch::aarch64::Aarch64;
+use crate::arch::x86_64::X86_64;
 use crate::btf::{Btf, BtfError};
 use crate::probe::{HandlerError, ProbeContext};
 use crate::symbols::SymbolMap;
@@ -17,6 +19,60 @@ pub enum TaskError {
     /// Neither `current_task` nor `pcpu_hot` is in System.map.
     #[error("System.map has neither the per-CPU current_task nor pcpu_hot")]
     NoCurrentTask,
+}
+
+/// Task awareness, an extension of an architecture (kept out of [`Arch`], which the engine
+/// needs, so that the architectures depend on nothing above them): where its kernel keeps the
+/// current task.
+pub trait TaskAware: Arch {
+    /// Where the kernel keeps the current task: the per-CPU offset of its pointer (x86_64),
+    /// or `None` when a register holds it (arm64's SP_EL0). An error if this kernel's symbols
+    /// do not say.
+    fn current_task_anchor(map: &SymbolMap, btf: &Btf) -> Result<Option<u64>, TaskError>;
+
+    /// The address of the current `task_struct` at a hit.
+    fn current_task(ctx: &ProbeContext<'_, Self>, anchor: Option<u64>)
+    -> Result<u64, HandlerError>;
+}
+
+impl TaskAware for X86_64 {
+    fn current_task_anchor(map: &SymbolMap, btf: &Btf) -> Result<Option<u64>, TaskError> {
+        match map.lookup("current_task") {
+            Ok(s) => Ok(Some(s.addr)),
+            // Since 6.2 the pointer lives in struct pcpu_hot.
+            Err(_) => {
+                let hot = map
+                    .lookup("pcpu_hot")
+                    .map_err(|_| TaskError::NoCurrentTask)?;
+                Ok(Some(
+                    hot.addr + btf.member_offset("pcpu_hot", "current_task")?,
+                ))
+            }
+        }
+    }
+
+    fn current_task(
+        ctx: &ProbeContext<'_, X86_64>,
+        anchor: Option<u64>,
+    ) -> Result<u64, HandlerError> {
+        // In kernel mode, after `swapgs`, GS base is this CPU's per-CPU area.
+        let offset = anchor.ok_or_else(|| HandlerError("no per-CPU current_task offset".into()))?;
+        ctx.read_u64(ctx.regs.gs_base.wrapping_add(offset))
+    }
+}
+
+impl TaskAware for Aarch64 {
+    fn current_task_anchor(_map: &SymbolMap, _btf: &Btf) -> Result<Option<u64>, TaskError> {
+        Ok(None)
+    }
+
+    fn current_task(
+        ctx: &ProbeContext<'_, Aarch64>,
+        _anchor: Option<u64>,
+    ) -> Result<u64, HandlerError> {
+        // arm64 keeps `current` in SP_EL0 while in the kernel.
+        Ok(ctx.regs.sp_el0)
+    }
 }
 
 /// Where the current task and its identity are in this kernel.
@@ -49,7 +105,7 @@ const COMM_LEN: usize = 16;
 
 impl TaskLayout {
     /// The layout of the `A` kernel that `btf` and `map` describe.
-    pub fn from_kernel<A: Arch>(btf: &Btf, map: &SymbolMap) -> Result<TaskLayout, TaskError> {
+    pub fn from_kernel<A: TaskAware>(btf: &Btf, map: &SymbolMap) -> Result<TaskLayout, TaskError> {
         Ok(TaskLayout {
             current_task: A::current_task_anchor(map, btf)?,
             pid: btf.member_offset("task_struct", "pid")?,
@@ -59,7 +115,10 @@ impl TaskLayout {
     }
 
     /// The task running on the vCPU of `ctx` (valid in kernel mode).
-    pub fn current<A: Arch>(&self, ctx: &ProbeContext<'_, A>) -> Result<TaskInfo, HandlerError> {
+    pub fn current<A: TaskAware>(
+        &self,
+        ctx: &ProbeContext<'_, A>,
+    ) -> Result<TaskInfo, HandlerError> {
         let task = A::current_task(ctx, self.current_task)?;
         let mut ids = [0u8; 8];
         ctx.read_memory(task.wrapping_add(self.pid), &mut ids[..4])?;

@@ -1,29 +1,9 @@
-//! The seam between the probe engine and the hypervisor: what the engine needs from one vCPU,
-//! and guest physical memory as everything in probe-core reads it. The KVM implementation
+//! The seam between the probe engine and the hypervisor: what the engine needs from one vCPU
+//! (guest physical memory, which everything in probe-core reads, is [`crate::guest_memory`]'s). The KVM implementation
 //! lives in `vmm/`; tests use a fake vCPU over real `GuestMemoryMmap` memory.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
-
 use crate::arch::Arch;
-
-/// Guest physical memory as probe-core reads it: the page walker, handlers, the engine. Every
-/// `vm_memory::GuestMemory` is one; tests give the walker small fakes.
-pub trait GuestPhysMemory: Send + Sync {
-    /// Fills `buf` from guest physical `gpa`; false if any byte is not memory.
-    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> bool;
-
-    /// The little-endian u64 at guest physical `gpa`, or `None` if it is not memory.
-    fn read_phys_u64(&self, gpa: u64) -> Option<u64> {
-        let mut b = [0u8; 8];
-        self.read_phys(gpa, &mut b).then(|| u64::from_le_bytes(b))
-    }
-}
-
-impl<M: GuestMemory + Send + Sync> GuestPhysMemory for M {
-    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> bool {
-        self.read_slice(buf, GuestAddress(gpa)).is_ok()
-    }
-}
+pub use crate::guest_memory::GuestPhysMemory;
 
 /// Errors the VM side reports.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -9,7 +9,18 @@
 //!
 //! Layout: the architecture's table pages, then the code pages holding the slots.
 
-use crate::arch::{Arch, XolLayout};
+/// Where an architecture's XOL area sits and how big its own page tables are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XolLayout {
+    /// Guest virtual base of the code pages.
+    pub va_base: u64,
+    /// Pages of page tables at the start of the area, before the code pages.
+    pub table_pages: u64,
+    /// Most code pages the tables can map.
+    pub max_code_pages: u64,
+    /// Bytes per slot.
+    pub slot_size: u64,
+}
 
 /// Errors of the XOL area.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -82,10 +93,9 @@ pub struct XolArea {
 }
 
 impl XolArea {
-    /// An area for architecture `A` at guest physical `gpa_base` with `code_pages` pages of
-    /// slots.
-    pub fn new<A: Arch>(gpa_base: u64, code_pages: usize) -> Result<XolArea, XolError> {
-        let layout = A::XOL;
+    /// An area laid out as `layout` (the architecture's `Arch::XOL`) at guest physical
+    /// `gpa_base` with `code_pages` pages of slots.
+    pub fn new(layout: XolLayout, gpa_base: u64, code_pages: usize) -> Result<XolArea, XolError> {
         if code_pages == 0 || code_pages as u64 > layout.max_code_pages {
             return Err(XolError::TooLarge {
                 pages: code_pages,

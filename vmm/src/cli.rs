@@ -414,9 +414,13 @@ fn run_on_host(args: &Job) -> Result<i32> {
             vcpus: args.vcpus,
             memory_mib: args.memory,
             xol_bytes: if probes.is_some() {
-                XolArea::new::<crate::arch::Guest>(0, XOL_PAGES)
-                    .map(|x| x.size())
-                    .unwrap_or(0)
+                XolArea::new(
+                    <crate::arch::Guest as probe_core::arch::Arch>::XOL,
+                    0,
+                    XOL_PAGES,
+                )
+                .map(|x| x.size())
+                .unwrap_or(0)
             } else {
                 0
             },

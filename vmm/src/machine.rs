@@ -584,8 +584,12 @@ pub fn run(
     let mut vm = Vm::new(kvm, &opts.vm, Box::new(ConsoleSink(output.clone())))?;
     let mut session = match probes {
         Some(setup) => {
-            let xol = XolArea::new::<Guest>(arch::Host::XOL_GPA_BASE, setup.xol_pages)
-                .map_err(|e| setup_err("XOL area")(e.to_string()))?;
+            let xol = XolArea::new(
+                <Guest as probe_core::arch::Arch>::XOL,
+                arch::Host::XOL_GPA_BASE,
+                setup.xol_pages,
+            )
+            .map_err(|e| setup_err("XOL area")(e.to_string()))?;
             let engine = Engine::new(vm.memory.clone(), xol)
                 .map_err(|e| setup_err("XOL area")(e.to_string()))?;
             engine.set_breakpoints_trappable(setup.breakpoint_exits);

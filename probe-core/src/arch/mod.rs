@@ -13,9 +13,9 @@ use std::fmt::Debug;
 
 use vm_memory::GuestMemory;
 
+use crate::guest_memory::GuestPhysMemory;
 use crate::pagewalk::{Translation, WalkError};
-use crate::probe::{HandlerError, ProbeContext};
-use crate::vm::GuestPhysMemory;
+pub use crate::xol::XolLayout;
 use crate::xol::{XolArea, XolError};
 
 /// The architecture of the machine this library is built for: the engine inside a VMM always
@@ -299,19 +299,6 @@ pub trait InstructionDecoder<A: Arch>: Sized {
     }
 }
 
-/// Where an architecture's XOL area sits and how big its own page tables are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct XolLayout {
-    /// Guest virtual base of the code pages.
-    pub va_base: u64,
-    /// Pages of page tables at the start of the area, before the code pages.
-    pub table_pages: u64,
-    /// Most code pages the tables can map.
-    pub max_code_pages: u64,
-    /// Bytes per slot.
-    pub slot_size: u64,
-}
-
 /// An instruction set the probe engine supports: the behaviour the engine needs, carried by
 /// associated types and functions.
 pub trait Arch: Sized + Copy + Debug + Default + Send + Sync + 'static {
@@ -441,16 +428,4 @@ pub trait Arch: Sized + Copy + Debug + Default + Send + Sync + 'static {
 
     /// The same key, seen when the function has returned to the trampoline.
     fn frame_at_return(regs: &Self::Registers) -> u64;
-
-    /// Where the kernel keeps the current task: the per-CPU offset of its pointer (x86_64),
-    /// or `None` when a register holds it (arm64's SP_EL0). An error if this kernel's symbols
-    /// do not say.
-    fn current_task_anchor(
-        map: &crate::symbols::SymbolMap,
-        btf: &crate::btf::Btf,
-    ) -> Result<Option<u64>, crate::task::TaskError>;
-
-    /// The address of the current `task_struct` at a hit.
-    fn current_task(ctx: &ProbeContext<'_, Self>, anchor: Option<u64>)
-    -> Result<u64, HandlerError>;
 }

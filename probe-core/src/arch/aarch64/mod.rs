@@ -16,9 +16,8 @@ pub use pagewalk::AddressSpace;
 pub use regs::{PSTATE_BTYPE, PSTATE_DAIF, Registers};
 
 use crate::arch::{Arch, EmulationError, GuestStack, OutOfLineCopy, PlanKind, XolLayout};
+use crate::guest_memory::GuestPhysMemory;
 use crate::pagewalk::{Translation, WalkError};
-use crate::probe::{HandlerError, ProbeContext};
-use crate::vm::GuestPhysMemory;
 use crate::xol::{XolArea, XolError};
 
 /// Marker type of the aarch64 architecture.
@@ -249,21 +248,6 @@ impl Arch for Aarch64 {
     fn frame_at_return(regs: &Registers) -> u64 {
         // A function returns with the stack pointer it was entered with.
         regs.sp
-    }
-
-    fn current_task_anchor(
-        _map: &crate::symbols::SymbolMap,
-        _btf: &crate::btf::Btf,
-    ) -> Result<Option<u64>, crate::task::TaskError> {
-        Ok(None)
-    }
-
-    fn current_task(
-        ctx: &ProbeContext<'_, Aarch64>,
-        _anchor: Option<u64>,
-    ) -> Result<u64, HandlerError> {
-        // arm64 keeps `current` in SP_EL0 while in the kernel.
-        Ok(ctx.regs.sp_el0)
     }
 }
 

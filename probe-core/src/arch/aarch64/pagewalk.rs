@@ -4,8 +4,8 @@
 //! Debian's arm64 kernels. Any other TCR_EL1 layout (16/64 KiB granules, LPA2 or 52-bit) is
 //! refused by name rather than walked wrongly.
 
+use crate::guest_memory::GuestPhysMemory;
 use crate::pagewalk::{Translation, WalkError};
-use crate::vm::GuestPhysMemory;
 
 /// The page tables a vCPU's system registers select.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

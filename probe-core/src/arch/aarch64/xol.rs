@@ -119,7 +119,7 @@ mod tests {
             (GuestAddress(0x4000_0000), 0x10_0000),
         ])
         .unwrap();
-        let mut xol = XolArea::new::<Aarch64>(0x4000_0000, 2).unwrap();
+        let mut xol = XolArea::new(<Aarch64 as crate::arch::Arch>::XOL, 0x4000_0000, 2).unwrap();
         write_tables(&xol, &mem).unwrap();
         let space = AddressSpace {
             ttbr0: 0x2000,

@@ -17,9 +17,8 @@ pub use pagewalk::{AddressSpace, PagingMode};
 pub use regs::{Gpr, Registers};
 
 use crate::arch::{Arch, DecodedInstruction, InstructionDecoder, OutOfLineCopy, PlanOf, XolLayout};
+use crate::guest_memory::GuestPhysMemory;
 use crate::pagewalk::{Translation, WalkError};
-use crate::probe::{HandlerError, ProbeContext};
-use crate::vm::GuestPhysMemory;
 use crate::xol::{XolArea, XolError};
 
 /// Marker type of the x86_64 architecture.
@@ -118,33 +117,6 @@ impl Arch for X86_64 {
     fn frame_at_return(regs: &Registers) -> u64 {
         // The `ret` popped the slot just below the stack pointer.
         regs.get(Gpr::Rsp).wrapping_sub(8)
-    }
-
-    fn current_task_anchor(
-        map: &crate::symbols::SymbolMap,
-        btf: &crate::btf::Btf,
-    ) -> Result<Option<u64>, crate::task::TaskError> {
-        match map.lookup("current_task") {
-            Ok(s) => Ok(Some(s.addr)),
-            // Since 6.2 the pointer lives in struct pcpu_hot.
-            Err(_) => {
-                let hot = map
-                    .lookup("pcpu_hot")
-                    .map_err(|_| crate::task::TaskError::NoCurrentTask)?;
-                Ok(Some(
-                    hot.addr + btf.member_offset("pcpu_hot", "current_task")?,
-                ))
-            }
-        }
-    }
-
-    fn current_task(
-        ctx: &ProbeContext<'_, X86_64>,
-        anchor: Option<u64>,
-    ) -> Result<u64, HandlerError> {
-        // In kernel mode, after `swapgs`, GS base is this CPU's per-CPU area.
-        let offset = anchor.ok_or_else(|| HandlerError("no per-CPU current_task offset".into()))?;
-        ctx.read_u64(ctx.regs.gs_base.wrapping_add(offset))
     }
 }
 

@@ -6,8 +6,8 @@
 //! The walk has a fixed depth, so a hostile table that points back at itself cannot make it
 //! loop; an entry that points past guest memory is an error, not a crash.
 
+use crate::guest_memory::GuestPhysMemory;
 use crate::pagewalk::{Translation, WalkError};
-use crate::vm::GuestPhysMemory;
 
 /// The page tables a vCPU's registers select: CR3 and the paging mode CR4 picks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

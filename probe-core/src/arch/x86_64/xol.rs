@@ -152,7 +152,7 @@ mod tests {
     #[test]
     fn one_pud_entry_maps_the_slots_in_every_address_space() {
         let mem = two_mms();
-        let mut xol = XolArea::new::<X86_64>(0x4000_0000, 4).unwrap();
+        let mut xol = XolArea::new(<X86_64 as crate::arch::Arch>::XOL, 0x4000_0000, 4).unwrap();
         write_tables(&xol, &mem).unwrap();
         let slot = xol.allocate().unwrap();
         let m = Mem(mem);
@@ -186,7 +186,7 @@ mod tests {
         // PML5 at 0x5000 whose entry 511 points at the PML4 at 0x1000.
         mem.write_obj(0x1000u64 | 0x63, GuestAddress(0x5000 + 511 * 8))
             .unwrap();
-        let mut xol = XolArea::new::<X86_64>(0x4000_0000, 1).unwrap();
+        let mut xol = XolArea::new(<X86_64 as crate::arch::Arch>::XOL, 0x4000_0000, 1).unwrap();
         write_tables(&xol, &mem).unwrap();
         let slot = xol.allocate().unwrap();
         assert!(ensure_mapped(&xol, &mem, 0x5000, PagingMode::FiveLevel).unwrap());
@@ -200,7 +200,7 @@ mod tests {
         let mem = two_mms();
         mem.write_obj(0x1234_5007u64, GuestAddress(0x3000 + 509 * 8))
             .unwrap();
-        let mut xol = XolArea::new::<X86_64>(0x8_0000, 1).unwrap();
+        let mut xol = XolArea::new(<X86_64 as crate::arch::Arch>::XOL, 0x8_0000, 1).unwrap();
         assert!(matches!(
             ensure_mapped(&xol, &mem, 0x1000, PagingMode::FourLevel),
             Err(XolError::HoleInUse { .. })
@@ -213,6 +213,6 @@ mod tests {
             xol.allocate().unwrap();
         }
         assert_eq!(xol.allocate(), Err(XolError::Full(128)));
-        assert!(XolArea::new::<X86_64>(0, 513).is_err());
+        assert!(XolArea::new(<X86_64 as crate::arch::Arch>::XOL, 0, 513).is_err());
     }
 }

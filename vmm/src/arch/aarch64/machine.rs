@@ -77,7 +77,7 @@ pub fn create_vm(
         &fd,
         &memory,
         XOL_GPA_BASE,
-        XolArea::new::<Guest>(XOL_GPA_BASE, 1)
+        XolArea::new(<Guest as probe_core::arch::Arch>::XOL, XOL_GPA_BASE, 1)
             .map(|x| x.table_bytes())
             .unwrap_or(0),
     )?;

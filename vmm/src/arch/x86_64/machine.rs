@@ -72,9 +72,13 @@ pub fn create_vm(
         &fd,
         &memory,
         layout::XOL_GPA_BASE,
-        XolArea::new::<Guest>(layout::XOL_GPA_BASE, 1)
-            .map(|x| x.table_bytes())
-            .unwrap_or(0),
+        XolArea::new(
+            <Guest as probe_core::arch::Arch>::XOL,
+            layout::XOL_GPA_BASE,
+            1,
+        )
+        .map(|x| x.table_bytes())
+        .unwrap_or(0),
     )?;
     fd.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
