@@ -2,6 +2,7 @@
 //! removal, and the XOL slots and trampoline the sites use.
 
 use super::*;
+use crate::arch::PlanOf;
 
 impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
     pub(super) fn read_virt_bytes(
@@ -39,7 +40,10 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
     }
 
     /// Plants `probe` at `target`, using the page tables in `regs` (any vCPU's, all map kernel
-    /// text alike). All checks come first: on error nothing in the guest's text has changed.
+    /// text alike). A pipeline of named stages: the target is checked, the instruction decoded
+    /// and planned, and every refusal made, before [`ProbeEngine::commit_site`], the only stage
+    /// that writes (slots, the XOL mapping, the trap, the table): on error nothing in the guest
+    /// has changed. A probe at a site already planted joins it ([`ProbeEngine::join_site`]).
     /// Call with every vCPU out of `KVM_RUN`.
     pub fn plant(
         &self,
@@ -47,8 +51,36 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         target: PlantTarget,
         regs: &A::Registers,
     ) -> Result<ProbeId, PlantError> {
-        let location = probe.location.clone();
         let space = A::address_space(regs);
+        let gpa = self.check_target(&probe, target, space)?;
+        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        if probe.on_return.is_some() {
+            let at_known_entry = target.function_start == Some(target.va);
+            if let Some(reason) = A::return_probe_refusal(table.cpu_features, at_known_entry) {
+                return Err(PlantError::ReturnProbeRefused {
+                    location: probe.location.clone(),
+                    reason,
+                });
+            }
+        }
+        if table.sites.contains_key(&gpa) {
+            return self.join_site(&mut table, gpa, probe, space);
+        }
+        check_guest_kprobes(&table, &probe.location, target.va)?;
+        let decoded = self.decode_site(&table, &probe.location, space, target)?;
+        let plan = self.plan_site(&table, &probe, target, decoded)?;
+        self.commit_site(&mut table, gpa, target, probe, plan, space)
+    }
+
+    /// Stage 1: the target is mapped (its guest physical address), and a return probe sits at
+    /// its function's entry.
+    fn check_target(
+        &self,
+        probe: &Probe<A>,
+        target: PlantTarget,
+        space: A::AddressSpace,
+    ) -> Result<u64, PlantError> {
+        let location = &probe.location;
         let gpa = A::translate(&self.mem, space, target.va)
             .map_err(|source| PlantError::NotMapped {
                 location: location.clone(),
@@ -57,109 +89,114 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             })?
             .gpa;
         if probe.on_return.is_some() && target.function_start.is_some_and(|f| f != target.va) {
-            return Err(PlantError::NotFunctionEntry { location });
-        }
-        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
-        if probe.on_return.is_some() {
-            let at_known_entry = target.function_start == Some(target.va);
-            if let Some(reason) = A::return_probe_refusal(table.cpu_features, at_known_entry) {
-                return Err(PlantError::ReturnProbeRefused { location, reason });
-            }
-        }
-        if let Some(site) = table.sites.get(&gpa) {
-            if let Some(&reason) = site.disarmed.get() {
-                return Err(PlantError::DisarmedSite {
-                    location,
-                    va: site.va,
-                    reason,
-                });
-            }
-            if site.trap != probe.trap {
-                return Err(PlantError::MixedTraps { location });
-            }
-            let trapped = match &*site.run {
-                SiteRun::OutOfLine {
-                    ool, trapped: None, ..
-                } if probe.post.is_some() => {
-                    self.map_xol(&location, space)?;
-                    Some(self.trapped_slot(&location, &site.instruction, ool, site.va)?)
-                }
-                _ => None,
-            };
-            if probe.on_return.is_some() {
-                self.map_xol(&location, space)?;
-                self.trampoline(&location)?;
-            }
-            let id = ProbeId(table.next_id);
-            table.next_id += 1;
-            let site = table.sites.get_mut(&gpa).expect("site present");
-            if let (Some(slot), SiteRun::OutOfLine { trapped, .. }) =
-                (trapped, Arc::make_mut(&mut site.run))
-            {
-                *trapped = Some(slot);
-            }
-            let site_va = site.va;
-            let run = site.run.clone();
-            Arc::make_mut(&mut site.probes).push(ProbeEntry::new(id, location, probe));
-            if let (Some(slot), SiteRun::OutOfLine { ool, .. }) = (trapped, &*run) {
-                table.slot_traps.insert(
-                    slot.va + ool.copy_len(site_va),
-                    SlotTrap {
-                        orig_va: site_va,
-                        len: ool.original_len(),
-                        site_gpa: gpa,
-                    },
-                );
-            }
-            table.by_probe.insert(id, gpa);
-            return Ok(id);
-        }
-
-        if let Some((&kprobe, _)) = table
-            .guest_kprobes
-            .iter()
-            .flatten()
-            .find(|(va, kp)| (**va..**va + kp.span).contains(&target.va))
-        {
-            return Err(PlantError::GuestKprobe {
-                location,
-                va: target.va,
-                kprobe,
-                where_: if kprobe == target.va {
-                    "at"
-                } else {
-                    "inside the optimized jump of"
-                },
+            return Err(PlantError::NotFunctionEntry {
+                location: location.clone(),
             });
         }
-        // Capstone handles are not Send; planting is rare, so each plant makes its own.
-        let decoder = A::Decoder::new(table.cpu_features).map_err(|source| PlantError::Decode {
-            location: location.clone(),
+        Ok(gpa)
+    }
+
+    /// A probe at a site that has probes already: it shares their trap and plan. A site whose
+    /// trap was taken out (disarmed) refuses it with the reason, rather than take a probe that
+    /// would never fire.
+    fn join_site(
+        &self,
+        table: &mut ProbeTable<A>,
+        gpa: u64,
+        probe: Probe<A>,
+        space: A::AddressSpace,
+    ) -> Result<ProbeId, PlantError> {
+        let location = probe.location.clone();
+        let site = table.sites.get(&gpa).expect("joined site present");
+        if let Some(&reason) = site.disarmed.get() {
+            return Err(PlantError::DisarmedSite {
+                location,
+                va: site.va,
+                reason,
+            });
+        }
+        if site.trap != probe.trap {
+            return Err(PlantError::MixedTraps { location });
+        }
+        let trapped = match &*site.run {
+            SiteRun::OutOfLine {
+                ool, trapped: None, ..
+            } if probe.post.is_some() => {
+                self.map_xol(&location, space)?;
+                Some(self.trapped_slot(&location, &site.instruction, ool, site.va)?)
+            }
+            _ => None,
+        };
+        if probe.on_return.is_some() {
+            self.map_xol(&location, space)?;
+            self.trampoline(&location)?;
+        }
+        let id = ProbeId(table.next_id);
+        table.next_id += 1;
+        let site = table.sites.get_mut(&gpa).expect("site present");
+        if let (Some(slot), SiteRun::OutOfLine { trapped, .. }) =
+            (trapped, Arc::make_mut(&mut site.run))
+        {
+            *trapped = Some(slot);
+        }
+        let site_va = site.va;
+        let run = site.run.clone();
+        Arc::make_mut(&mut site.probes).push(ProbeEntry::new(id, location, probe));
+        if let (Some(slot), SiteRun::OutOfLine { ool, .. }) = (trapped, &*run) {
+            table.slot_traps.insert(
+                slot.va + ool.copy_len(site_va),
+                SlotTrap {
+                    orig_va: site_va,
+                    len: ool.original_len(),
+                    site_gpa: gpa,
+                },
+            );
+        }
+        table.by_probe.insert(id, gpa);
+        Ok(id)
+    }
+
+    /// Stage 2: the instruction at the target, decoded from the guest's own bytes (ours and
+    /// the guest's kprobes read through), on an instruction boundary of its function, with the
+    /// decoder's plan for it (or its refusal, naming the instruction).
+    fn decode_site(
+        &self,
+        table: &ProbeTable<A>,
+        location: &str,
+        space: A::AddressSpace,
+        target: PlantTarget,
+    ) -> Result<DecodedSite<A>, PlantError> {
+        let decode_err = |source| PlantError::Decode {
+            location: location.into(),
             source,
-        })?;
+        };
+        // Capstone handles are not Send; planting is rare, so each plant makes its own.
+        let decoder = A::Decoder::new(table.cpu_features).map_err(decode_err)?;
         let mut preceding = Vec::new();
         if let Some(start) = target.function_start.filter(|s| *s < target.va) {
             let offset = target.va - start;
             let mut code = self.read_virt_bytes(
-                &location,
+                location,
                 space,
                 start,
                 offset as usize + A::MAX_INSN_LEN + 1,
             )?;
             // Decode what the guest wrote, not our own breakpoints, nor the guest's kprobes
             // (kprobes' recover_probed_instruction).
-            for site in table.sites.values() {
-                if let Some(i) = site.va.checked_sub(start).map(|i| i as usize) {
-                    for (j, b) in site.saved.iter().enumerate() {
-                        if let Some(c) = code.get_mut(i + j) {
-                            *c = *b;
-                        }
-                    }
-                }
-            }
-            for (va, kp) in table.guest_kprobes.iter().flatten() {
+            let originals = table
+                .sites
+                .values()
+                .map(|site| (site.va, &site.saved[..]))
+                .chain(
+                    table
+                        .guest_kprobes
+                        .iter()
+                        .flatten()
+                        .map(|(va, kp)| (*va, &kp.original[..])),
+                );
+            for (va, bytes) in originals {
                 if let Some(i) = va.checked_sub(start).map(|i| i as usize) {
-                    for (j, b) in kp.original.iter().enumerate() {
+                    for (j, b) in bytes.iter().enumerate() {
                         if let Some(c) = code.get_mut(i + j) {
                             *c = *b;
                         }
@@ -173,32 +210,46 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             };
             decoder
                 .check_boundary(&code, start, offset, guest)
-                .map_err(|source| PlantError::Decode {
-                    location: location.clone(),
-                    source,
-                })?;
+                .map_err(decode_err)?;
             code.truncate(offset as usize);
             preceding = code;
         }
-        let code = self.read_virt_bytes(&location, space, target.va, A::MAX_INSN_LEN + 1)?;
-        let insn = decoder
-            .decode(&code, target.va)
-            .map_err(|source| PlantError::Decode {
-                location: location.clone(),
-                source,
-            })?;
+        let code = self.read_virt_bytes(location, space, target.va, A::MAX_INSN_LEN + 1)?;
+        let insn = decoder.decode(&code, target.va).map_err(decode_err)?;
         let plan = decoder
             .check_context(&preceding, &insn)
             .and_then(|()| decoder.plan(&insn))
             .map_err(|source| PlantError::Refused {
-                location: location.clone(),
+                location: location.into(),
                 source,
             })?;
         let fallback = match &plan {
             StepPlan::Emulate(e) if e.touches_stack() => decoder.fallback_copy(&insn),
             _ => None,
         };
-        drop(decoder);
+        Ok(DecodedSite {
+            insn,
+            plan,
+            fallback,
+        })
+    }
+
+    /// Stage 3, pure: what this engine can do with the plan (an exception-table entry needs
+    /// the slot-exception rewind; a hardware breakpoint needs a free one; a post handler needs
+    /// a trappable copy; a copy needs to reach back from the XOL area). Writes nothing.
+    fn plan_site(
+        &self,
+        table: &ProbeTable<A>,
+        probe: &Probe<A>,
+        target: PlantTarget,
+        decoded: DecodedSite<A>,
+    ) -> Result<SitePlan<A>, PlantError> {
+        let location = &probe.location;
+        let DecodedSite {
+            insn,
+            plan,
+            fallback,
+        } = decoded;
         // A user access (or any instruction the kernel expects to fault) runs only where its
         // fault is rewound to it: stepped in a trapped slot, with the VMM watching for it.
         let fixed_up = table.exception_table.contains(&target.va);
@@ -207,7 +258,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 && matches!(plan, StepPlan::StepOutOfLine(_)))
         {
             return Err(PlantError::ExceptionTable {
-                location,
+                location: location.clone(),
                 instruction: insn.text().into(),
                 va: target.va,
             });
@@ -225,21 +276,17 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             StepPlan::StepOutOfLine(ool) => Some(ool),
             StepPlan::Emulate(_) => fallback.as_ref(),
         };
-        if copy.is_some() || probe.on_return.is_some() {
-            self.map_xol(&location, space)?;
-        }
         if let (Some(reason), StepPlan::StepOutOfLine(_), true) = (
             copy.and_then(|c| c.untrappable()),
             &plan,
             probe.post.is_some(),
         ) {
             return Err(PlantError::Untrappable {
-                location,
+                location: location.clone(),
                 instruction: insn.text().into(),
                 reason,
             });
         }
-        // Check that the copies can be made before anything is written.
         if let Some(ool) = copy
             && if A::BOOSTED_SLOTS {
                 ool.boosted_slot(target.va, self.xol_va_base)
@@ -249,9 +296,45 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             .is_none()
         {
             return Err(PlantError::OutOfReach {
-                location,
+                location: location.clone(),
                 instruction: insn.text().into(),
             });
+        }
+        Ok(SitePlan {
+            insn,
+            plan,
+            fallback,
+            fixed_up,
+            hw_index,
+        })
+    }
+
+    /// Stage 4, the only writer: the XOL mapping and trampoline where needed, the slots, the
+    /// trap (the breakpoint written last of all guest-visible text, or the debug register),
+    /// and the table.
+    fn commit_site(
+        &self,
+        table: &mut ProbeTable<A>,
+        gpa: u64,
+        target: PlantTarget,
+        probe: Probe<A>,
+        site: SitePlan<A>,
+        space: A::AddressSpace,
+    ) -> Result<ProbeId, PlantError> {
+        let location = probe.location.clone();
+        let SitePlan {
+            insn,
+            plan,
+            fallback,
+            fixed_up,
+            hw_index,
+        } = site;
+        let copy = match &plan {
+            StepPlan::StepOutOfLine(ool) => Some(ool),
+            StepPlan::Emulate(_) => fallback.as_ref(),
+        };
+        if copy.is_some() || probe.on_return.is_some() {
+            self.map_xol(&location, space)?;
         }
         if probe.on_return.is_some() {
             self.trampoline(&location)?;
@@ -627,4 +710,49 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         self.breakpoint_written.store(true, Ordering::SeqCst);
         Ok(())
     }
+}
+
+/// The target is not one of the guest's own kprobes (nor inside an optimized kprobe's jump).
+fn check_guest_kprobes<A: Arch>(
+    table: &ProbeTable<A>,
+    location: &str,
+    va: u64,
+) -> Result<(), PlantError> {
+    match table
+        .guest_kprobes
+        .iter()
+        .flatten()
+        .find(|(at, kp)| (**at..**at + kp.span).contains(&va))
+    {
+        Some((&kprobe, _)) => Err(PlantError::GuestKprobe {
+            location: location.into(),
+            va,
+            kprobe,
+            where_: if kprobe == va {
+                "at"
+            } else {
+                "inside the optimized jump of"
+            },
+        }),
+        None => Ok(()),
+    }
+}
+
+/// What [`ProbeEngine::decode_site`] found at a target.
+struct DecodedSite<A: Arch> {
+    insn: A::Instruction,
+    plan: PlanOf<A>,
+    /// The copy an emulated stack access falls back to.
+    fallback: Option<A::Copy>,
+}
+
+/// A site as [`ProbeEngine::plan_site`] accepted it, ready to commit.
+struct SitePlan<A: Arch> {
+    insn: A::Instruction,
+    plan: PlanOf<A>,
+    fallback: Option<A::Copy>,
+    /// The instruction has an exception-table entry.
+    fixed_up: bool,
+    /// The hardware breakpoint it takes.
+    hw_index: Option<usize>,
 }
