@@ -54,7 +54,38 @@ macro_rules! cases {
 /// that says how many ran and how many were not applicable. Run alone (`--ignored`), a case
 /// of another architecture fails rather than pass without testing anything.
 pub fn run_suite(suite: &str, cases: Vec<Case>) -> ! {
-    let args = libtest_mimic::Arguments::from_args();
+    // libtest takes several name filters (`cargo test -- a b`), libtest-mimic one: the names
+    // are taken out here and applied below, the rest goes to libtest-mimic.
+    let mut filters = Vec::new();
+    let mut rest = Vec::new();
+    let mut raw = std::env::args();
+    rest.extend(raw.next());
+    while let Some(a) = raw.next() {
+        let takes_value = matches!(
+            a.as_str(),
+            "--test-threads" | "--logfile" | "--skip" | "--format" | "--color" | "-Z"
+        );
+        if a.starts_with('-') {
+            rest.push(a);
+            if takes_value {
+                rest.extend(raw.next());
+            }
+        } else {
+            filters.push(a);
+        }
+    }
+    let args = libtest_mimic::Arguments::from_iter(rest);
+    let chosen = |name: &str| {
+        filters.is_empty()
+            || filters.iter().any(|f| {
+                if args.exact {
+                    name == f
+                } else {
+                    name.contains(f.as_str())
+                }
+            })
+    };
+    let cases: Vec<Case> = cases.into_iter().filter(|c| chosen(c.name)).collect();
     let arch = guest_arch();
     let applies = |c: &Case| match c.guests {
         Guests::Any => true,
