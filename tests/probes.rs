@@ -133,7 +133,12 @@ fn line_field(line: &str, key: &str) -> u64 {
 /// The probe at `location` as (plan, hits, missed, errors).
 fn summary(out: &Run, location: &str) -> (String, u64, u64, u64) {
     let p = out.probe(location);
-    (p.plan.clone(), p.hits, p.missed, p.handler_errors)
+    (
+        p.plan.name().to_string(),
+        p.hits,
+        p.missed,
+        p.handler_errors,
+    )
 }
 
 /// Asserts the kernel text hash after removal equals the one before planting.
@@ -455,7 +460,7 @@ fn ring0_flag_instructions_are_emulated_in_the_running_kernel() {
     ] {
         let line = summary_line(&out, loc);
         assert_eq!(
-            (line.instruction.as_str(), line.plan.as_str()),
+            (line.instruction.as_str(), line.plan.name()),
             (insn, "emulate"),
             "{line:?}"
         );
@@ -1707,7 +1712,7 @@ fn arm64_getpid_probes_count_every_call_with_one_exit_for_two_chained_probes() {
             p.hits,
             explain(&out)
         );
-        assert_eq!((p.plan.as_str(), p.trap.as_str()), ("emulate", "brk"));
+        assert_eq!((p.plan.name(), p.trap.as_str()), ("emulate", "brk"));
         assert_eq!((p.missed, p.handler_errors), (0, 0));
     }
     let stdout = text(&out.stdout);
@@ -1930,7 +1935,7 @@ fn arm64_stepped_instructions_and_return_probes_keep_the_workloads_right() {
     assert_has(&stdout, &want, &out);
     assert_has(&stdout, "fork-exec-loop: runs=10 ok=10", &out);
     let p = out.probe(&stepped);
-    assert_eq!(p.plan, "xol");
+    assert_eq!(p.plan.name(), "xol");
     assert!(
         (1500..=1500 + OTHER_GETPID_CALLERS).contains(&p.hits),
         "{}",
@@ -2178,7 +2183,7 @@ fn arm64_mrs_daif_reads_the_interrupt_mask_the_guest_had_in_process_and_interrup
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
     assert_has(&text(&out.stdout), "getpid-loop: calls=200", &out);
     for at in [&probes[0], &probes[2]] {
-        assert_eq!(out.probe(at).plan, "emulate", "{}", explain(&out));
+        assert_eq!(out.probe(at).plan.name(), "emulate", "{}", explain(&out));
     }
     let flags = |event: &str| -> Vec<u64> {
         text(&out.stdout)

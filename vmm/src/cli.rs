@@ -429,8 +429,11 @@ fn run_on_host(args: &Job) -> Result<i32> {
         forward_stdin: true,
     };
     let report = machine::run(kvm, &opts, probes, output.clone())?;
-    if let Some(p) = &report.probes {
-        for line in report::summary(p) {
+    let code = report_outcome(args, &report);
+    // One model of the run: the summary lines and `--summary-json` are both made from it.
+    let summary = RunSummary::new(&report, code);
+    if report.probes.is_some() {
+        for line in summary.text_lines() {
             output.line(&format!("{line}\n"));
         }
     }
@@ -451,9 +454,8 @@ fn run_on_host(args: &Job) -> Result<i32> {
             ),
         }
     }
-    let code = report_outcome(args, &report);
     if let Some(path) = &args.summary_json {
-        write_summary(path, &RunSummary::new(&report, code))?;
+        write_summary(path, &summary)?;
     }
     Ok(code)
 }

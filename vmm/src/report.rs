@@ -1,6 +1,5 @@
 //! What `hvprobe run` prints about probes: one line per hit, and a summary per probe at the end.
 
-use crate::arch::VmmArch;
 use crate::output::TraceOutput;
 
 use probe_core::arch::RegisterFile;
@@ -10,11 +9,9 @@ use probe_core::definition::FetchType;
 use probe_core::definition::{Fetch, ProbeDefinition};
 use probe_core::fetch::{FetchEnv, FetchValue, evaluate, format_args};
 use probe_core::histogram::ValueHistogram;
-use probe_core::probe::{ProbeContext, TrapKind};
+use probe_core::probe::ProbeContext;
 use probe_core::symbols::SymbolMap;
 use probe_core::task::{TaskInfo, TaskLayout};
-
-use crate::machine::ProbeReport;
 
 /// The line printed for one hit: time since start, vCPU, probe, the PC and the first four
 /// argument registers, by their architecture's names (`rip=... rdi=...`, `pc=... x0=...`).
@@ -189,93 +186,4 @@ pub fn print_event(
     };
     line.push('\n');
     out.line(&line);
-}
-
-/// The end-of-run summary lines.
-pub fn summary(report: &ProbeReport) -> Vec<String> {
-    let mut out = Vec::new();
-    for s in &report.stats {
-        let returns = if s.return_probe {
-            format!(" returns={} nmissed={}", s.returns, s.nmissed)
-        } else {
-            String::new()
-        };
-        out.push(format!(
-            "hvprobe: probe {} at {:#x} ({}; plan {}; trap {}): hits={} missed={} handler_errors={}{returns}",
-            s.location,
-            s.address,
-            s.instruction,
-            s.plan,
-            match s.trap {
-                TrapKind::Software => crate::arch::Host::BREAKPOINT_NAME,
-                TrapKind::Hardware => "hw",
-            },
-            s.hits,
-            s.missed,
-            s.handler_errors
-        ));
-    }
-    let e = &report.exits;
-    let hits: u64 = report.stats.iter().map(|s| s.hits).sum();
-    let exits = e.breakpoints + e.hw_breakpoints + e.slot_traps + e.returns;
-    let all_exits = exits + e.reinjected + e.reinjected_debug;
-    let plans: Vec<String> = e
-        .hits_by_plan
-        .iter()
-        .filter(|(_, n)| *n > 0)
-        .map(|(p, n)| format!("{p}={n}"))
-        .collect();
-    out.push(format!(
-        "hvprobe: exits: breakpoint={} hw_breakpoint={} slot_trap={} return={} reinjected={} reinjected_debug={} abandoned_steps={} emulation_fallbacks={} rate_capped={} slot_exceptions={} (sites hit by plan: {}); exits per probe hit {}",
-        e.breakpoints,
-        e.hw_breakpoints,
-        e.slot_traps,
-        e.returns,
-        e.reinjected,
-        e.reinjected_debug,
-        e.abandoned_steps,
-        e.emulation_fallbacks,
-        e.rate_capped,
-        e.slot_exceptions,
-        if plans.is_empty() { "none".to_string() } else { plans.join(" ") },
-        if hits == 0 {
-            "n/a".to_string()
-        } else {
-            format!("{:.2}", exits as f64 / e.hits_by_plan.iter().map(|(_, n)| n).sum::<u64>().max(1) as f64)
-        }
-    ));
-    let (reads, writes) = report.register_ioctls;
-    if all_exits > 0 {
-        out.push(format!(
-            "hvprobe: register ioctls: reads={reads} writes={writes} ({:.1} reads and {:.1} writes per exit)",
-            reads as f64 / all_exits as f64,
-            writes as f64 / all_exits as f64
-        ));
-    }
-    if let Some(t) = &report.text {
-        let after = t.after.map(|a| format!("{a:#018x}")).unwrap_or("-".into());
-        let verdict = match t.after {
-            Some(a) if a == t.before => "restored byte-for-byte",
-            Some(_) => "DIFFERS",
-            None => "not checked",
-        };
-        out.push(format!(
-            "hvprobe: kernel text hash before={:#018x} planted={:#018x} after={after} ({verdict})",
-            t.before, t.planted
-        ));
-    }
-    if let Some(slide) = report.kaslr_slide {
-        out.push(format!(
-            "hvprobe: kernel base slide {slide:#x} (the guest's {} against System.map's {})",
-            crate::arch::Host::KASLR_ANCHOR.register,
-            report.kaslr_anchor.as_deref().unwrap_or("anchor")
-        ));
-    }
-    for r in &report.rewritten {
-        out.push(format!(
-            "hvprobe: warning: the guest rewrote the probed byte at {:#x} (now {:02x?}); left as the guest wrote it",
-            r.va, r.found
-        ));
-    }
-    out
 }

@@ -1,11 +1,13 @@
-//! The end-of-run summary as data (`--summary-json FILE`): how the run ended, each probe's
-//! counters, the exit counts, the kernel text hashes and the KASLR slide, for programs and
-//! tests that would otherwise scrape the summary lines.
+//! The end-of-run summary: the one model of how a run went (how it ended, each probe's
+//! counters, the exit counts, the kernel text hashes, the KASLR slide), rendered three ways
+//! from the same value: the text summary lines ([`RunSummary::text_lines`]), `--summary-json
+//! FILE`, and the tests' `Run` fixture, which reads the JSON back.
 
 use crate::arch::VmmArch;
 use serde::{Deserialize, Serialize};
 
 use crate::machine::{Outcome, RunReport};
+use probe_core::arch::PlanKind;
 use probe_core::probe::TrapKind;
 
 /// Prefix of the one stderr line that carries the summary out of the emulated runner's L1
@@ -18,13 +20,72 @@ pub const ON_STDERR: &str = "/dev/hvprobe-summary-on-stderr";
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutcomeSummary {
-    /// `command-exited`, `shut-down`, `panicked`, `kernel-fault`, `timed-out`, `vcpu-error`,
-    /// `interrupted` or `probe-refused`.
-    pub kind: String,
+    /// What ended it.
+    pub kind: OutcomeKind,
     /// The process exit status hvprobe returns for it.
     pub exit_code: i32,
     /// The panic line, the fault report, the error or the refusal, when there is one.
     pub detail: Option<String>,
+}
+
+/// What ended a run ([`Outcome`] without its details).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutcomeKind {
+    /// The default guest's command exited.
+    CommandExited,
+    /// The guest shut down or reset.
+    ShutDown,
+    /// The guest kernel panicked.
+    Panicked,
+    /// The guest kernel reported a fault while probes were in.
+    KernelFault,
+    /// The time limit passed.
+    TimedOut,
+    /// A vCPU failed.
+    VcpuError,
+    /// SIGINT or SIGTERM.
+    Interrupted,
+    /// A probe was refused in the running guest.
+    ProbeRefused,
+}
+
+/// A probe's trap as the summary names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrapName {
+    /// x86's software breakpoint.
+    Int3,
+    /// arm64's software breakpoint.
+    Brk,
+    /// A hardware breakpoint.
+    Hw,
+}
+
+impl TrapName {
+    /// The name of `trap` on this VMM's guests.
+    pub fn of(trap: TrapKind) -> TrapName {
+        match (trap, <crate::arch::Host as VmmArch>::ARCH) {
+            (TrapKind::Hardware, _) => TrapName::Hw,
+            (TrapKind::Software, hvprobe_guest::GuestArch::X86_64) => TrapName::Int3,
+            (TrapKind::Software, hvprobe_guest::GuestArch::Aarch64) => TrapName::Brk,
+        }
+    }
+
+    /// As the summary line and JSON spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrapName::Int3 => "int3",
+            TrapName::Brk => "brk",
+            TrapName::Hw => "hw",
+        }
+    }
+}
+
+impl std::fmt::Display for TrapName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// One probe's counters.
@@ -37,9 +98,9 @@ pub struct ProbeSummary {
     /// The probed instruction.
     pub instruction: String,
     /// The step plan (`emulate`, `xol`, `xol-riprel`).
-    pub plan: String,
-    /// `int3` or `hw`.
-    pub trap: String,
+    pub plan: PlanKind,
+    /// `int3`, `brk` or `hw`.
+    pub trap: TrapName,
     /// Times a vCPU reached it.
     pub hits: u64,
     /// Hits on which the handlers could not run.
@@ -102,7 +163,7 @@ pub struct ExitSummary {
     #[serde(default)]
     pub slot_exceptions: u64,
     /// Sites hit, by step plan.
-    pub hits_by_plan: Vec<(String, u64)>,
+    pub hits_by_plan: Vec<(PlanKind, u64)>,
     /// Register reads made while handling the exits (arm64: `KVM_GET_ONE_REG` calls; x86_64:
     /// none with sync regs).
     #[serde(default)]
@@ -150,25 +211,37 @@ pub struct RunSummary {
     pub skipped: Vec<String>,
     /// Guest kernel fault reports printed while probes were in.
     pub faults_with_probes: Vec<String>,
+    /// Probed bytes the guest rewrote itself, left as it wrote them.
+    #[serde(default)]
+    pub rewritten: Vec<RewrittenSummary>,
+}
+
+/// A probed byte the guest rewrote while the probe was in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RewrittenSummary {
+    /// The probed address.
+    pub va: u64,
+    /// What the guest wrote there.
+    pub found: Vec<u8>,
 }
 
 impl RunSummary {
     /// The summary of `report`, a run that ends with `exit_code`.
     pub fn new(report: &RunReport, exit_code: i32) -> RunSummary {
         let (kind, detail) = match &report.outcome {
-            Outcome::CommandExited(_) => ("command-exited", None),
-            Outcome::ShutDown => ("shut-down", None),
-            Outcome::Panicked(l) => ("panicked", Some(l.clone())),
-            Outcome::KernelFault(l) => ("kernel-fault", Some(l.clone())),
-            Outcome::TimedOut(t) => ("timed-out", Some(format!("{} s", t.as_secs()))),
-            Outcome::VcpuError(e) => ("vcpu-error", Some(e.clone())),
-            Outcome::Interrupted => ("interrupted", None),
-            Outcome::ProbeRefused(e) => ("probe-refused", Some(e.clone())),
+            Outcome::CommandExited(_) => (OutcomeKind::CommandExited, None),
+            Outcome::ShutDown => (OutcomeKind::ShutDown, None),
+            Outcome::Panicked(l) => (OutcomeKind::Panicked, Some(l.clone())),
+            Outcome::KernelFault(l) => (OutcomeKind::KernelFault, Some(l.clone())),
+            Outcome::TimedOut(t) => (OutcomeKind::TimedOut, Some(format!("{} s", t.as_secs()))),
+            Outcome::VcpuError(e) => (OutcomeKind::VcpuError, Some(e.clone())),
+            Outcome::Interrupted => (OutcomeKind::Interrupted, None),
+            Outcome::ProbeRefused(e) => (OutcomeKind::ProbeRefused, Some(e.clone())),
         };
         let probes = report.probes.as_ref();
         RunSummary {
             outcome: OutcomeSummary {
-                kind: kind.into(),
+                kind,
                 exit_code,
                 detail,
             },
@@ -182,12 +255,8 @@ impl RunSummary {
                             location: s.location.clone(),
                             address: s.address,
                             instruction: s.instruction.clone(),
-                            plan: s.plan.name().into(),
-                            trap: match s.trap {
-                                TrapKind::Software => crate::arch::Host::BREAKPOINT_NAME,
-                                TrapKind::Hardware => "hw",
-                            }
-                            .into(),
+                            plan: s.plan,
+                            trap: TrapName::of(s.trap),
                             hits: s.hits,
                             missed: s.missed,
                             handler_errors: s.handler_errors,
@@ -212,11 +281,7 @@ impl RunSummary {
                         emulation_fallbacks: e.emulation_fallbacks,
                         rate_capped: e.rate_capped,
                         slot_exceptions: e.slot_exceptions,
-                        hits_by_plan: e
-                            .hits_by_plan
-                            .iter()
-                            .map(|(n, c)| (n.to_string(), *c))
-                            .collect(),
+                        hits_by_plan: e.hits_by_plan.clone(),
                         register_reads: p.register_ioctls.0,
                         register_writes: p.register_ioctls.1,
                     }
@@ -232,6 +297,182 @@ impl RunSummary {
             kaslr_anchor: probes.and_then(|p| p.kaslr_anchor.clone()),
             skipped: probes.map(|p| p.skipped.clone()).unwrap_or_default(),
             faults_with_probes: report.faults_with_probes.clone(),
+            rewritten: probes
+                .map(|p| {
+                    p.rewritten
+                        .iter()
+                        .map(|r| RewrittenSummary {
+                            va: r.va,
+                            found: r.found.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
+    }
+
+    /// The end-of-run summary lines of a run with probes: one per probe, the exit counts,
+    /// register ioctls, the kernel text hashes, the KASLR slide, bytes the guest rewrote.
+    pub fn text_lines(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .probes
+            .iter()
+            .map(|p| format!("hvprobe: probe {p}"))
+            .collect();
+        let e = &self.exits;
+        let hits: u64 = self.probes.iter().map(|s| s.hits).sum();
+        let exits = e.breakpoints + e.hw_breakpoints + e.slot_traps + e.returns;
+        let all_exits = exits + e.reinjected + e.reinjected_debug;
+        let plans: Vec<String> = e
+            .hits_by_plan
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(p, n)| format!("{p}={n}"))
+            .collect();
+        let plan_hits = e.hits_by_plan.iter().map(|(_, n)| n).sum::<u64>().max(1);
+        out.push(format!(
+            "hvprobe: exits: breakpoint={} hw_breakpoint={} slot_trap={} return={} reinjected={} reinjected_debug={} abandoned_steps={} emulation_fallbacks={} rate_capped={} slot_exceptions={} (sites hit by plan: {}); exits per probe hit {}",
+            e.breakpoints,
+            e.hw_breakpoints,
+            e.slot_traps,
+            e.returns,
+            e.reinjected,
+            e.reinjected_debug,
+            e.abandoned_steps,
+            e.emulation_fallbacks,
+            e.rate_capped,
+            e.slot_exceptions,
+            if plans.is_empty() {
+                "none".to_string()
+            } else {
+                plans.join(" ")
+            },
+            if hits == 0 {
+                "n/a".to_string()
+            } else {
+                format!("{:.2}", exits as f64 / plan_hits as f64)
+            }
+        ));
+        let (reads, writes) = (e.register_reads, e.register_writes);
+        if all_exits > 0 {
+            out.push(format!(
+                "hvprobe: register ioctls: reads={reads} writes={writes} ({:.1} reads and {:.1} writes per exit)",
+                reads as f64 / all_exits as f64,
+                writes as f64 / all_exits as f64
+            ));
+        }
+        if let Some(t) = &self.text {
+            let after = t.after.map(|a| format!("{a:#018x}")).unwrap_or("-".into());
+            let verdict = match t.after {
+                Some(a) if a == t.before => "restored byte-for-byte",
+                Some(_) => "DIFFERS",
+                None => "not checked",
+            };
+            out.push(format!(
+                "hvprobe: kernel text hash before={:#018x} planted={:#018x} after={after} ({verdict})",
+                t.before, t.planted
+            ));
+        }
+        if let Some(slide) = self.kaslr_slide {
+            out.push(format!(
+                "hvprobe: kernel base slide {slide:#x} (the guest's {} against System.map's {})",
+                crate::arch::Host::KASLR_ANCHOR.register,
+                self.kaslr_anchor.as_deref().unwrap_or("anchor")
+            ));
+        }
+        for r in &self.rewritten {
+            out.push(format!(
+                "hvprobe: warning: the guest rewrote the probed byte at {:#x} (now {:02x?}); left as the guest wrote it",
+                r.va, r.found
+            ));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probe(location: &str, plan: PlanKind, trap: TrapName, return_probe: bool) -> ProbeSummary {
+        ProbeSummary {
+            location: location.into(),
+            address: 0xffff_ffff_8100_0010,
+            instruction: "nop".into(),
+            plan,
+            trap,
+            hits: 3,
+            missed: 1,
+            handler_errors: 0,
+            return_probe,
+            returns: 2,
+            nmissed: 0,
+        }
+    }
+
+    #[test]
+    fn one_model_gives_the_json_and_the_text_lines() {
+        let summary = RunSummary {
+            outcome: OutcomeSummary {
+                kind: OutcomeKind::KernelFault,
+                exit_code: 125,
+                detail: Some("BUG: x".into()),
+            },
+            boot_to_init_s: Some(1.5),
+            run_s: 3.0,
+            probes: vec![
+                probe("f", PlanKind::Emulate, TrapName::Hw, false),
+                probe("r:g", PlanKind::XolRiprel, TrapName::Brk, true),
+            ],
+            exits: ExitSummary {
+                breakpoints: 4,
+                hits_by_plan: vec![(PlanKind::Emulate, 3), (PlanKind::XolRiprel, 3)],
+                ..ExitSummary::default()
+            },
+            text: Some(TextSummary {
+                before: 1,
+                planted: 2,
+                after: Some(1),
+                restored: true,
+            }),
+            kaslr_slide: None,
+            kaslr_anchor: None,
+            skipped: vec![],
+            faults_with_probes: vec!["BUG: x".into()],
+            rewritten: vec![RewrittenSummary {
+                va: 0x10,
+                found: vec![0x90],
+            }],
+        };
+        let json = serde_json::to_string(&summary).unwrap();
+        for spelled in [
+            r#""kind":"kernel-fault""#,
+            r#""plan":"xol-riprel""#,
+            r#""trap":"brk""#,
+            r#""trap":"hw""#,
+        ] {
+            assert!(json.contains(spelled), "{spelled} in {json}");
+        }
+        let back: RunSummary = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, summary);
+        let lines = back.text_lines();
+        assert_eq!(
+            lines[0],
+            "hvprobe: probe f at 0xffffffff81000010 (nop; plan emulate; trap hw): hits=3 missed=1 handler_errors=0"
+        );
+        assert!(lines[1].ends_with("returns=2 nmissed=0"), "{}", lines[1]);
+        assert!(
+            lines[2]
+                .contains("(sites hit by plan: emulate=3 xol-riprel=3); exits per probe hit 0.67"),
+            "{}",
+            lines[2]
+        );
+        assert!(lines.iter().any(|l| l.contains("(restored byte-for-byte)")));
+        assert!(
+            lines
+                .last()
+                .unwrap()
+                .contains("rewrote the probed byte at 0x10 (now [90])")
+        );
     }
 }

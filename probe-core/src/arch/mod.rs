@@ -59,7 +59,10 @@ pub trait RegisterFile: Clone + Debug + Default + Send + Sync + 'static {
 /// Which kind of plan a probed instruction has, for statistics and messages. One list for all
 /// architectures, so that figures compare across them (arm64 has no RIP-relative copies: its
 /// PC-relative instructions are emulated).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
 pub enum PlanKind {
     /// Emulated on the host.
     Emulate,
