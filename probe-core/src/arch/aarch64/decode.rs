@@ -1,14 +1,17 @@
-//! aarch64 decoding and classification. Every instruction is one 32-bit word, so a boundary is
-//! a multiple of four from the function start; capstone gives the text. Classification: the
-//! instructions emulated on the host ([`super::classify`], every PC-relative one among them),
-//! then what may run out of line ([`super::out_of_line`]), and the rest refused with the
-//! instruction and the reason named.
+//! aarch64 decoding and classification (as Linux keeps `decode-insn.c` apart from
+//! `simulate-insn.c`: the emulations themselves are `emulate.rs`'s). Every instruction is one
+//! 32-bit word, so a boundary is a multiple of four from the function start; capstone gives
+//! the text. Classification, by the encodings of `insn.rs`: the instructions emulated on the
+//! host ([`classify`], every PC-relative one among them), then what may run out of line
+//! ([`out_of_line`]), and the rest refused with the instruction and the reason named; the
+//! exclusive-monitor window ([`exclusive_window`]).
 
 use capstone::Capstone;
 use capstone::arch::BuildsCapstone;
 use capstone::arch::arm64::ArchMode;
 
-use super::{Aarch64, CpuFeatures, OutOfLine};
+use super::emulate::Emulation;
+use super::{Aarch64, CpuFeatures, OutOfLine, insn};
 use crate::arch::{
     DecodeError, DecodedInstruction, GuestBreakpoints, InstructionDecoder, PlanOf, Refusal,
     StepPlan,
@@ -170,6 +173,306 @@ impl InstructionDecoder<Aarch64> for Decoder {
             None => Ok(()),
         }
     }
+}
+
+/// `mrs x0, daif`; the low five bits are the destination.
+pub const MRS_DAIF: u32 = insn::MRS_DAIF.value;
+
+/// Whether `word` is one of the pointer-authentication hints (`pacia1716`, `paciaz`,
+/// `paciasp`, their B-key and `auti*` twins, `xpaclri`: HINT #7, #8, #10, #12, #14, #24-#31):
+/// NOPs without pointer authentication; with it they sign, check or strip x30 or x17 using SP,
+/// zero or x16, which a slot keeps, so they run out of line as Linux steps them.
+pub fn is_pac_hint(word: u32) -> bool {
+    insn::HINT.matches(word) && matches!((word >> 5) & 0x7f, 7 | 8 | 10 | 12 | 14 | 24..=31)
+}
+
+/// Whether `word` is a hint that is architecturally a NOP to the guest: `yield` and `csdb`
+/// (a speculation barrier; the exit to the host is a stronger one).
+fn is_plain_hint(word: u32) -> bool {
+    insn::YIELD.matches(word) || insn::CSDB.matches(word)
+}
+
+/// Whether `word` is `casp`/`caspa`/`caspl`/`caspal` (a single atomic instruction that shares
+/// its encoding group with the exclusives but is not watched by the exclusive monitor).
+pub fn is_compare_and_swap_pair(word: u32) -> bool {
+    insn::CASP.matches(word)
+}
+
+/// Whether `word` is a load/store exclusive (`ldxr`, `stxr`, `ldaxp`, ...), not `casp`.
+fn is_exclusive(word: u32) -> bool {
+    insn::EXCLUSIVE_GROUP.matches(word) && word & (1 << 23) == 0 && !is_compare_and_swap_pair(word)
+}
+
+/// The emulation of `word` at `pc`, if it is one of the emulated instructions (on a CPU
+/// without pointer authentication: see [`is_pac_hint`]).
+pub fn classify(word: u32, pc: u64) -> Option<Emulation> {
+    let next = pc.wrapping_add(4);
+    let w = u64::from(word);
+    let rd = (word & 0x1f) as u8;
+    let rn = ((word >> 5) & 0x1f) as u8;
+    // Hints: nop, and the BTI landing pads (bti, bti c, bti j, bti jc).
+    if insn::NOP.matches(word) || insn::BTI.matches(word) {
+        return Some(Emulation::Nop { next });
+    }
+    // The pointer-authentication hints on the return address: NOPs to a CPU without pointer
+    // authentication, which hvprobe's VMM gives its guests (it never asks KVM for
+    // KVM_ARM_VCPU_PTRAUTH_*). The decoder sends them out of line on a CPU that has it.
+    if is_pac_hint(word) || is_plain_hint(word) {
+        return Some(Emulation::Nop { next });
+    }
+    // mrs Xt, daif (op0 3, op1 3, CRn 4, CRm 2, op2 1).
+    if insn::MRS_DAIF.matches(word) {
+        return Some(Emulation::ReadDaif { rt: rd, next });
+    }
+    // mov Xd, Xm = orr Xd, xzr, Xm (no shift); the 32-bit form too.
+    if insn::MOV_REGISTER.matches(word) {
+        return Some(Emulation::MovRegister {
+            rd,
+            rm: ((word >> 16) & 0x1f) as u8,
+            wide: word >> 31 == 1,
+            next,
+        });
+    }
+    // add/sub (immediate), not setting flags: sf op 0 100010 sh imm12 Rn Rd.
+    if insn::ADD_SUB_IMMEDIATE.matches(word) {
+        let shift = if word & (1 << 22) != 0 { 12 } else { 0 };
+        let imm = (((word >> 10) & 0xfff) as i64) << shift;
+        return Some(Emulation::AddImmediate {
+            rd,
+            rn,
+            imm: if word & (1 << 30) != 0 { -imm } else { imm },
+            wide: word >> 31 == 1,
+            next,
+        });
+    }
+    // stp (64-bit, pre-index): 10 101 0 011 0 imm7 Rt2 Rn Rt.
+    if insn::STP_PRE_INDEX.matches(word) {
+        return Some(Emulation::StorePairPreIndex {
+            rt: rd,
+            rt2: ((word >> 10) & 0x1f) as u8,
+            rn,
+            offset: insn::sign_extend((w >> 15) & 0x7f, 7) * 8,
+            next,
+        });
+    }
+    // b / bl imm26.
+    if insn::B_BL.matches(word) {
+        let target = pc.wrapping_add((insn::sign_extend(w & 0x03ff_ffff, 26) * 4) as u64);
+        return Some(if word >> 31 == 1 {
+            Emulation::BranchLink { target, ret: next }
+        } else {
+            Emulation::Branch { target }
+        });
+    }
+    // b.cond: 0101010 0 imm19 0 cond.
+    if insn::B_COND.matches(word) {
+        return Some(Emulation::BranchConditional {
+            cond: (word & 0xf) as u8,
+            target: pc.wrapping_add((insn::sign_extend((w >> 5) & 0x7_ffff, 19) * 4) as u64),
+            next,
+        });
+    }
+    // cbz/cbnz: sf 011010 op imm19 Rt.
+    if insn::CBZ_CBNZ.matches(word) {
+        return Some(Emulation::CompareBranch {
+            rt: rd,
+            wide: word >> 31 == 1,
+            nonzero: word & (1 << 24) != 0,
+            target: pc.wrapping_add((insn::sign_extend((w >> 5) & 0x7_ffff, 19) * 4) as u64),
+            next,
+        });
+    }
+    // tbz/tbnz: b5 011011 op b40 imm14 Rt.
+    if insn::TBZ_TBNZ.matches(word) {
+        return Some(Emulation::TestBranch {
+            rt: rd,
+            bit: (((word >> 31) << 5) | ((word >> 19) & 0x1f)) as u8,
+            set: word & (1 << 24) != 0,
+            target: pc.wrapping_add((insn::sign_extend((w >> 5) & 0x3fff, 14) * 4) as u64),
+            next,
+        });
+    }
+    // br / blr / ret (no pointer authentication): 1101011 0 0 op 11111 000000 Rn 00000.
+    if insn::BR.matches(word) {
+        return Some(Emulation::BranchRegister {
+            rn,
+            link: false,
+            // BTYPE 01 for br through x16/x17, 11 otherwise.
+            btype: if rn == 16 || rn == 17 { 1 } else { 3 },
+            ret: next,
+        });
+    }
+    if insn::BLR.matches(word) {
+        return Some(Emulation::BranchRegister {
+            rn,
+            link: true,
+            btype: 2,
+            ret: next,
+        });
+    }
+    if insn::RET.matches(word) {
+        return Some(Emulation::BranchRegister {
+            rn,
+            link: false,
+            btype: 0,
+            ret: next,
+        });
+    }
+    // ldr (literal) to a general register, ldrsw (literal), prfm (literal): opc 011 0 00
+    // imm19 Rt.
+    if insn::LDR_LITERAL.matches(word) {
+        let address = pc.wrapping_add((insn::sign_extend((w >> 5) & 0x7_ffff, 19) * 4) as u64);
+        return match word >> 30 {
+            0 => Some(Emulation::LoadLiteral {
+                rt: rd,
+                address,
+                size: 4,
+                signed: false,
+                next,
+            }),
+            1 => Some(Emulation::LoadLiteral {
+                rt: rd,
+                address,
+                size: 8,
+                signed: false,
+                next,
+            }),
+            2 => Some(Emulation::LoadLiteral {
+                rt: rd,
+                address,
+                size: 4,
+                signed: true,
+                next,
+            }),
+            // prfm: a hint.
+            _ => Some(Emulation::Nop { next }),
+        };
+    }
+    // adr / adrp: op immlo 10000 immhi Rd.
+    if insn::ADR_ADRP.matches(word) {
+        let imm = insn::sign_extend(((w >> 5) & 0x7_ffff) << 2 | ((w >> 29) & 3), 21);
+        let value = if word >> 31 == 1 {
+            (pc & !0xfff).wrapping_add((imm << 12) as u64)
+        } else {
+            pc.wrapping_add(imm as u64)
+        };
+        return Some(Emulation::SetRegister { rd, value, next });
+    }
+    None
+}
+
+/// Whether `word`, which the host does not emulate, may run out of line (a copy at another
+/// address, followed by the slot's BRK), or why not. The classes follow the Arm ARM's top-level
+/// encoding table and Linux's arm64 kprobes (`decode-insn.c`): every PC-relative instruction
+/// is emulated before this is asked; what changes the exception level, the PSTATE or system
+/// state, what waits, and what the exclusive monitor watches is refused.
+pub fn out_of_line(word: u32) -> Result<(), &'static str> {
+    let op0 = (word >> 25) & 0xf;
+    match op0 {
+        // Data processing, immediate (the PC-relative adr/adrp are emulated).
+        0b1000 | 0b1001 => Ok(()),
+        // Branches, exception generation, system.
+        0b1010 | 0b1011 => {
+            if insn::EXCEPTION.matches(word) {
+                return Err("it generates an exception (svc, hvc, smc, brk, hlt)");
+            }
+            if insn::BRANCH_REGISTER.matches(word) {
+                return Err(
+                    "it is a branch through a register with pointer authentication, or an exception return",
+                );
+            }
+            // The PAC hints run out of line where the CPU authenticates (they depend on x30
+            // and SP only); wfe, wfi and the rest of the hints that are not emulated do not.
+            if is_pac_hint(word) {
+                return Ok(());
+            }
+            if insn::HINT.matches(word) {
+                return Err("it is a hint that waits or changes execution state (wfe, wfi, ...)");
+            }
+            // Barriers (dsb, dmb, isb, sb, clrex): clrex touches the exclusive monitor.
+            if insn::BARRIER.matches(word) {
+                return if (word >> 5) & 7 == 2 {
+                    Err("clrex clears the exclusive monitor")
+                } else {
+                    Ok(())
+                };
+            }
+            // mrs: a read of a system register (`mrs daif`, the one whose value a slot
+            // changes, is emulated).
+            if insn::MRS.matches(word) {
+                return Ok(());
+            }
+            // sys: cache and TLB maintenance and address translation (dc, ic, tlbi, at), which
+            // depend on their register operand only, as Linux steps them.
+            if insn::SYS.matches(word) {
+                return Ok(());
+            }
+            Err("it writes PSTATE or a system register (msr)")
+        }
+        // Loads and stores.
+        0b0100 | 0b0110 | 0b1100 | 0b1110 => {
+            // Load/store exclusive (o2 = 0 in the exclusive/ordered group): the monitor would
+            // be lost between the slot's BRK exits. casp is one atomic instruction: it steps.
+            if is_exclusive(word) {
+                return Err("it is a load/store exclusive, watched by the exclusive monitor");
+            }
+            // ldr St|Dt|Qt, label: PC-relative, and its destination is an FP/SIMD register the
+            // host does not emulate; a copy would load from beside the slot.
+            if insn::LDR_LITERAL_SIMD.matches(word) {
+                return Err(
+                    "it is an FP/SIMD load of a PC-relative literal, which a slot would read from the wrong address",
+                );
+            }
+            Ok(())
+        }
+        // Data processing, register; SIMD and floating point.
+        0b0101 | 0b1101 | 0b0111 | 0b1111 => Ok(()),
+        // udf #imm16: what the assembler pads between functions with.
+        _ if insn::UDF.matches(word) => {
+            Err("it is `udf`, permanently undefined (the padding between functions)")
+        }
+        _ => Err("its encoding is unallocated or SME/SVE, which the kernel does not run"),
+    }
+}
+
+/// Most instructions looked back over for an open load-exclusive.
+const EXCLUSIVE_LOOKBACK: usize = 32;
+
+/// Whether `word` ends any exclusive-monitor window before the instruction after it: an
+/// unconditional branch, call or return (what follows is reached from elsewhere; no LL/SC loop
+/// holds one) or `wfe` (after `__cmpwait`'s load-exclusive, which only arms the monitor for
+/// the wait: no store-exclusive follows it).
+fn closes_exclusive_window(word: u32) -> bool {
+    insn::B_BL.matches(word)
+        || insn::BR_BLR.matches(word)
+        || insn::RET.matches(word)
+        || insn::WFE.matches(word)
+}
+
+/// If the instruction after `preceding` (the code before it, from a function start) lies inside
+/// an exclusive-monitor window (a load-exclusive before it with no store-exclusive, `clrex`,
+/// unconditional branch, call, return or `wfe` in between), how many bytes back that
+/// load-exclusive is.
+pub fn exclusive_window(preceding: &[u8]) -> Option<usize> {
+    let words = preceding.len() / 4;
+    for back in 1..=words.min(EXCLUSIVE_LOOKBACK) {
+        let at = (words - back) * 4;
+        let w = u32::from_le_bytes(preceding[at..at + 4].try_into().ok()?);
+        // clrex closes the window.
+        if insn::CLREX.matches(w) || closes_exclusive_window(w) {
+            return None;
+        }
+        // The load/store exclusive group with o2 = 0 (casp aside): L (bit 22) tells load from
+        // store.
+        if is_exclusive(w) {
+            return if w & (1 << 22) != 0 {
+                Some(back * 4)
+            } else {
+                None
+            };
+        }
+    }
+    None
 }
 
 #[cfg(test)]

@@ -4,14 +4,15 @@
 
 mod decode;
 mod emulate;
+mod insn;
 pub mod pagewalk;
 mod regs;
 pub mod xol;
 
-pub use decode::{Decoder, Instruction, NOP};
-pub use emulate::{
-    Emulation, MRS_DAIF, classify, condition_holds, exclusive_window, is_pac_hint, out_of_line,
+pub use decode::{
+    Decoder, Instruction, MRS_DAIF, NOP, classify, exclusive_window, is_pac_hint, out_of_line,
 };
+pub use emulate::{Emulation, condition_holds};
 pub use pagewalk::AddressSpace;
 pub use regs::{PSTATE_BTYPE, PSTATE_DAIF, Registers};
 
