@@ -33,9 +33,18 @@ use crate::vm::VmConfig;
 pub const EXIT_HOST_UNUSABLE: i32 = 2;
 pub use crate::machine::EXIT_GUEST_FAILED;
 
+/// `hvprobe --version`: the package version and the fingerprint of the sources it was built
+/// from (`vmm/build.rs`), by which the arm64 runner knows its aarch64 build is current.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (sources ",
+    env!("HVPROBE_SOURCE_HASH"),
+    ")"
+);
+
 /// hvprobe: out-of-guest kernel probes on a KVM VMM.
 #[derive(Debug, Parser)]
-#[command(name = "hvprobe", version, about)]
+#[command(name = "hvprobe", version = VERSION, about)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
@@ -86,12 +86,13 @@ fn status(_: std::process::ExitStatus, status_file: &Path) -> Option<i32> {
         .and_then(|v| v.parse().ok())
 }
 
-/// The static aarch64 hvprobe that is the arm64 L1's `/init`, wherever hvprobe was started
-/// from: `$HVPROBE_AARCH64_BIN`; else, when hvprobe runs from its source tree, the workspace's
-/// cross build, brought up to date with cargo run in the workspace (so that its
-/// `.cargo/config.toml`, the cross linker and `+crt-static`, applies whatever the caller's
-/// directory) and copied to the cache; else `hvprobe-aarch64` next to this binary (a packaged
-/// install), the cross build beside a `target/release` binary, or the cached copy.
+/// The static aarch64 hvprobe that is the arm64 L1's `/init`, built from the same sources as
+/// this hvprobe (its version string carries the fingerprint, [`crate::cli::VERSION`]):
+/// `$HVPROBE_AARCH64_BIN` as given; else the workspace's cross build (`cargo build --release
+/// --target aarch64-unknown-linux-gnu -p hvprobe-vmm`, a step of the README's commands, never
+/// run by hvprobe itself), `hvprobe-aarch64` next to this binary (a packaged install), the
+/// cross build beside a `target/` binary, or the copy cached by fingerprint. One that was
+/// built from other sources is refused by name.
 fn l1_init() -> Result<L1Init, RunnerError> {
     aarch64_hvprobe().map(|exe| L1Init {
         exe,
@@ -104,73 +105,65 @@ fn aarch64_hvprobe() -> Result<PathBuf, RunnerError> {
     if let Ok(p) = std::env::var("HVPROBE_AARCH64_BIN") {
         return Ok(PathBuf::from(p));
     }
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent();
     let cached = hvprobe_guest::cache_dir()
         .join("bin")
-        .join(format!("hvprobe-aarch64-{}", env!("CARGO_PKG_VERSION")));
-    if workspace.join(".cargo/config.toml").exists() {
-        let built = build_aarch64_hvprobe(&workspace)?;
-        // For an installed hvprobe of the same version, which has no source tree to build in;
-        // copied only when the build is newer than the copy.
-        let modified = |p: &Path| fs::metadata(p).and_then(|m| m.modified()).ok();
-        if modified(&cached) < modified(&built)
-            && let Some(dir) = cached.parent()
-            && fs::create_dir_all(dir).is_ok()
-        {
-            let _ = fs::copy(&built, &cached);
-        }
-        return Ok(built);
-    }
+        .join(format!("hvprobe-aarch64-{}", env!("HVPROBE_SOURCE_HASH")));
     let exe = std::env::current_exe().ok();
     let dir = exe.as_deref().and_then(Path::parent);
     let candidates = [
+        workspace.map(|w| w.join(CROSS_BUILD)),
         dir.map(|d| d.join("hvprobe-aarch64")),
-        dir.map(|d| d.join("../aarch64-unknown-linux-gnu/release/hvprobe")),
-        Some(cached),
+        dir.map(|d| d.join("..").join(CROSS_BUILD.trim_start_matches("target/"))),
+        Some(cached.clone()),
     ];
-    candidates
-        .into_iter()
-        .flatten()
-        .find(|p| p.is_file())
-        .ok_or_else(|| RunnerError::Prepare(AARCH64_MISSING.to_string()))
+    let mut other_sources: Vec<String> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for path in candidates.into_iter().flatten().filter(|p| p.is_file()) {
+        // One file reached two ways (the workspace's, and beside `target/release`) once.
+        if !seen.insert(fs::canonicalize(&path).unwrap_or_else(|_| path.clone())) {
+            continue;
+        }
+        if built_from_these_sources(&path) {
+            // For an installed hvprobe of the same sources, which has no cross build beside it.
+            if path != cached
+                && !cached.is_file()
+                && let Some(d) = cached.parent()
+                && fs::create_dir_all(d).is_ok()
+            {
+                let _ = fs::copy(&path, &cached);
+            }
+            return Ok(path);
+        }
+        other_sources.push(path.display().to_string());
+    }
+    Err(RunnerError::Prepare(if other_sources.is_empty() {
+        AARCH64_MISSING.to_string()
+    } else {
+        format!(
+            "the aarch64 hvprobe ({}) was built from other sources than this hvprobe ({}): run `{BUILD_AARCH64}` in hvprobe's source tree",
+            other_sources.join(", "),
+            env!("HVPROBE_SOURCE_HASH")
+        )
+    }))
+}
+
+/// Where cargo puts the cross build, under the target directory.
+const CROSS_BUILD: &str = "target/aarch64-unknown-linux-gnu/release/hvprobe";
+
+/// The command that makes the cross build.
+const BUILD_AARCH64: &str =
+    "cargo build --release --target aarch64-unknown-linux-gnu -p hvprobe-vmm";
+
+/// Whether the binary at `path` carries this build's source fingerprint (in its version
+/// string).
+fn built_from_these_sources(path: &Path) -> bool {
+    let mark = format!("(sources {})", env!("HVPROBE_SOURCE_HASH"));
+    fs::read(path).is_ok_and(|bytes| bytes.windows(mark.len()).any(|w| w == mark.as_bytes()))
 }
 
 /// What to do when no aarch64 hvprobe can be found, in one line.
 const AARCH64_MISSING: &str = "the arm64 runner needs the static aarch64 hvprobe: in hvprobe's source tree run `bash guest/setup-host.sh && cargo build --release --target aarch64-unknown-linux-gnu -p hvprobe-vmm`, then put target/aarch64-unknown-linux-gnu/release/hvprobe next to this binary as `hvprobe-aarch64` (or name it in $HVPROBE_AARCH64_BIN)";
-
-/// Builds (or finds up to date) the workspace's static aarch64 hvprobe, with cargo run in the
-/// workspace directory so that its cross-build configuration applies.
-fn build_aarch64_hvprobe(workspace: &Path) -> Result<PathBuf, RunnerError> {
-    let how = "cargo build --release --target aarch64-unknown-linux-gnu -p hvprobe-vmm";
-    eprintln!("hvprobe: checking the aarch64 hvprobe for the arm64 runner ({how})");
-    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .current_dir(workspace)
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "--target",
-            "aarch64-unknown-linux-gnu",
-            "-p",
-            "hvprobe-vmm",
-            "--bin",
-            "hvprobe",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .status();
-    let built = workspace.join("target/aarch64-unknown-linux-gnu/release/hvprobe");
-    if out.is_ok_and(|s| s.success()) && built.is_file() {
-        return Ok(built);
-    }
-    Err(RunnerError::Prepare(format!(
-        "building the aarch64 hvprobe for the arm64 runner failed (`{how}` in {}; the cross toolchain comes from `bash guest/setup-host.sh`)",
-        workspace.display()
-    )))
-}
 
 /// The modules L1 loads, in order: the virtio console's (KVM is built in).
 fn l1_modules() -> Vec<&'static str> {
@@ -192,5 +185,26 @@ fn report_exit(code: i32) {
             unsafe { libc::fsync(f.as_raw_fd()) };
         }
         Err(e) => eprintln!("hvprobe-l1: {VPORT_STATUS}: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cross_build_counts_only_with_this_builds_source_fingerprint() {
+        let dir = std::env::temp_dir().join(format!("hvprobe-fingerprint-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let current = dir.join("current");
+        let stale = dir.join("stale");
+        let mut bytes = b"\x7fELF...".to_vec();
+        bytes.extend_from_slice(crate::cli::VERSION.as_bytes());
+        fs::write(&current, &bytes).unwrap();
+        fs::write(&stale, b"\x7fELF... 0.1.0 (sources 0123456789abcdef)").unwrap();
+        assert!(built_from_these_sources(&current));
+        assert!(!built_from_these_sources(&stale));
+        assert!(!built_from_these_sources(&dir.join("missing")));
+        fs::remove_dir_all(&dir).unwrap();
     }
 }
