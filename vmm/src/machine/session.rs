@@ -1,20 +1,12 @@
-//! Running a VM to its end: the vCPU threads, an event-manager loop on the main thread for
-//! console input, stop requests and signals, and the report of how the guest ended.
+//! The probing side of a run: what to plant ([`ProbeSetup`]), planting once the guest is up
+//! (every vCPU paused), the once-a-second hit-rate check, and removal at the end with the
+//! kernel text hashed ([`ProbeReport`]).
 
-use crate::arch::VmmArch;
 use std::collections::{HashMap, HashSet};
-use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use kvm_ioctls::Kvm;
-
-use crate::devices::console::ConsoleWatch;
-use crate::devices::serial::SerialPort;
-use crate::output::{ConsoleSink, TraceOutput};
 use probe_core::engine::{
     ExitStats, PlantTarget, ProbeStats, RewrittenSite, hash_guest_virtual, read_guest_virtual,
 };
@@ -23,95 +15,12 @@ use probe_core::guest_kprobes::KprobeTableLayout;
 use probe_core::probe::Probe;
 use probe_core::xol::XolArea;
 
-use crate::arch::{self, Guest, GuestRegisters};
+use super::{MachineError, setup_err};
+use crate::arch::{self, Guest, GuestRegisters, VmmArch};
+use crate::devices::console::ConsoleWatch;
 use crate::probing::{Engine, PausedState, Probing, RegisterIoctls};
-use crate::vcpu::{self, StopReason, StopSignal, VcpuCommand, VcpuContext, VcpuEvent, VcpuHandle};
-use crate::vm::{Vm, VmConfig, VmError};
-
-/// Errors that keep a VM from running at all (as opposed to a guest that ends badly, which is
-/// an [`Outcome`]).
-#[derive(Debug, thiserror::Error)]
-pub enum MachineError {
-    /// Building the VM failed.
-    #[error(transparent)]
-    Vm(#[from] VmError),
-    /// The event loop or a thread could not be set up.
-    #[error("{what}: {detail}")]
-    Setup {
-        /// What was being set up.
-        what: &'static str,
-        /// The error.
-        detail: String,
-    },
-}
-
-fn setup_err(what: &'static str) -> impl FnOnce(String) -> MachineError {
-    move |detail| MachineError::Setup { what, detail }
-}
-
-/// How a guest run ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// The default guest's command finished with this status and the guest shut down.
-    CommandExited(i32),
-    /// The guest shut down without reporting a command status.
-    ShutDown,
-    /// The guest kernel panicked; the panic line.
-    Panicked(String),
-    /// The guest kernel reported an oops, BUG, WARN or lockup while probes were in, and the
-    /// guest went on to shut down; the first report line. Never passed over as a success:
-    /// a probe may be what broke the guest.
-    KernelFault(String),
-    /// The guest did not finish within the time limit.
-    TimedOut(Duration),
-    /// A vCPU failed in a way KVM cannot continue from.
-    VcpuError(String),
-    /// The user interrupted the run.
-    Interrupted,
-    /// A probe could not be planted; nothing was left in the guest.
-    ProbeRefused(String),
-}
-
-/// Exit status when the guest failed (panic, vCPU error, no status from the command).
-pub const EXIT_GUEST_FAILED: i32 = 125;
-/// Exit status when a probe could not be planted (bad location, refused instruction).
-pub const EXIT_PROBE_REFUSED: i32 = 2;
-
-impl Outcome {
-    /// The process exit status that reports this outcome: the guest command's own status,
-    /// 0 for a plain shutdown, 124 for a timeout (like `timeout(1)`), 125 for a guest
-    /// failure, 130 for an interrupt.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            Outcome::CommandExited(s) => *s,
-            Outcome::ShutDown => 0,
-            Outcome::TimedOut(_) => 124,
-            Outcome::Panicked(_) | Outcome::KernelFault(_) | Outcome::VcpuError(_) => {
-                EXIT_GUEST_FAILED
-            }
-            Outcome::Interrupted => 130,
-            Outcome::ProbeRefused(_) => EXIT_PROBE_REFUSED,
-        }
-    }
-}
-
-/// How a run ended, with what is worth telling the user.
-#[derive(Debug)]
-pub struct RunReport {
-    /// How it ended.
-    pub outcome: Outcome,
-    /// Time from VM start to the default guest's `/init` marker.
-    pub boot_to_init: Option<Duration>,
-    /// Total time the VM ran.
-    pub run_time: Duration,
-    /// The last console lines, for error reports.
-    pub console_tail: Vec<String>,
-    /// The first line of each guest kernel fault report (oops, BUG, WARN, lockup, panic)
-    /// printed while probes were in.
-    pub faults_with_probes: Vec<String>,
-    /// What the probes saw, when the run had any.
-    pub probes: Option<ProbeReport>,
-}
+use crate::vcpu::{VcpuCommand, VcpuEvent, VcpuHandle};
+use crate::vm::Vm;
 
 /// A probe to plant once the guest is up.
 pub struct ProbeRequest {
@@ -197,17 +106,6 @@ pub struct ProbeReport {
     pub kaslr_anchor: Option<String>,
 }
 
-/// What to run and for how long.
-#[derive(Clone, Debug)]
-pub struct RunOptions {
-    /// The VM to build.
-    pub vm: VmConfig,
-    /// Give up after this long.
-    pub timeout: Option<Duration>,
-    /// Relay this process's stdin to the guest console.
-    pub forward_stdin: bool,
-}
-
 /// Sends `cmd` to every vCPU, then waits until each has answered with `answer`.
 fn command_all(handles: &[VcpuHandle], cmd: VcpuCommand, answer: VcpuEvent) {
     for h in handles {
@@ -277,11 +175,11 @@ fn paused_state(h: &VcpuHandle) -> Result<PausedState, PlantingError> {
 }
 
 /// The probing side of a run: plants once the guest is up, removes at the end.
-struct ProbeSession {
+pub(super) struct ProbeSession {
     setup: ProbeSetup,
     engine: Arc<Engine>,
-    report: ProbeReport,
-    planted: bool,
+    pub(super) report: ProbeReport,
+    pub(super) planted: bool,
     regs: Option<GuestRegisters>,
     register_ioctls: Arc<RegisterIoctls>,
     /// The running kernel's user-return address once the slide is known (0: none).
@@ -305,6 +203,53 @@ struct HitRates {
 }
 
 impl ProbeSession {
+    /// The engine for `setup` over `vm`'s memory, its XOL area, and the hardware breakpoints
+    /// it may use: one is kept for the slot-exception watch where the architecture has one
+    /// and both its traps work (then user accesses are probed too).
+    pub(super) fn new(setup: ProbeSetup, vm: &Vm) -> Result<ProbeSession, MachineError> {
+        let xol = XolArea::new(
+            <Guest as probe_core::arch::Arch>::XOL,
+            arch::Host::XOL_GPA_BASE,
+            setup.xol_pages,
+        )
+        .map_err(|e| setup_err("XOL area")(e.to_string()))?;
+        let engine = Engine::new(vm.memory.clone(), xol)
+            .map_err(|e| setup_err("XOL area")(e.to_string()))?;
+        engine.set_breakpoints_trappable(setup.breakpoint_exits);
+        engine.set_rate_cap(setup.max_rate);
+        let hw = arch::Host::hw_breakpoint_count(&vm.kvm);
+        let exception_watch_slot =
+            (<arch::GuestDebugSetup as arch::GuestDebug>::SLOT_EXCEPTION_WATCH
+                && setup.breakpoint_exits
+                && setup.hardware_exits
+                && hw >= 2)
+                .then(|| hw - 1);
+        engine.set_hardware_breakpoint_count(hw - usize::from(exception_watch_slot.is_some()));
+        engine.set_slot_exception_rewind(exception_watch_slot.is_some());
+        Ok(ProbeSession {
+            setup,
+            engine: Arc::new(engine),
+            report: ProbeReport::default(),
+            planted: false,
+            regs: None,
+            register_ioctls: Arc::default(),
+            user_return: Arc::default(),
+            rates: HitRates::default(),
+            exception_watch_slot,
+        })
+    }
+
+    /// What the vCPU threads share of it.
+    pub(super) fn probing(&self) -> Arc<Probing> {
+        Arc::new(Probing {
+            engine: self.engine.clone(),
+            breakpoint_exits: self.setup.breakpoint_exits,
+            register_ioctls: self.register_ioctls.clone(),
+            user_return: self.user_return.clone(),
+            exception_watch_slot: self.exception_watch_slot,
+        })
+    }
+
     fn hash_text(&self, regs: &GuestRegisters) -> Option<u64> {
         let (start, end) = self.setup.text?;
         hash_guest_virtual::<Guest, _>(self.engine.memory(), regs, start, end).ok()
@@ -340,7 +285,7 @@ impl ProbeSession {
     /// While the run goes on: puts back the traps of sites their rate cap paused (every vCPU
     /// paused meanwhile, only when there is one), and once a second reports a probe whose hit
     /// rate passed [`HOT_HITS_PER_SECOND`], with its rate.
-    fn tick(&mut self, handles: &[VcpuHandle]) {
+    pub(super) fn tick(&mut self, handles: &[VcpuHandle]) {
         if self.regs.is_none() {
             return;
         }
@@ -377,7 +322,7 @@ impl ProbeSession {
 
     /// Plants every requested probe with all vCPUs paused; all or nothing. Once they are in,
     /// the console keeps the guest kernel's fault reports.
-    fn plant(
+    pub(super) fn plant(
         &mut self,
         handles: &[VcpuHandle],
         started: Instant,
@@ -476,7 +421,7 @@ impl ProbeSession {
     }
 
     /// Removes every probe with all vCPUs paused and fills in the report.
-    fn finish(mut self, handles: &[VcpuHandle], console: &ConsoleWatch) -> ProbeReport {
+    pub(super) fn finish(mut self, handles: &[VcpuHandle], console: &ConsoleWatch) -> ProbeReport {
         if self.regs.is_some() {
             pause_all(handles);
             console.lock().unwrap_or_else(|e| e.into_inner()).probes_in = false;
@@ -493,281 +438,4 @@ impl ProbeSession {
         self.report.register_ioctls = self.register_ioctls.counts();
         self.report
     }
-}
-
-/// Relays stdin to COM1. Bytes the UART's FIFO cannot take yet are kept and retried.
-struct StdinRelay {
-    serial: Arc<Mutex<SerialPort>>,
-    pending: Vec<u8>,
-}
-
-impl StdinRelay {
-    fn flush_pending(&mut self) {
-        if self.pending.is_empty() {
-            return;
-        }
-        let n = self
-            .serial
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .enqueue_input(&self.pending);
-        self.pending.drain(..n);
-    }
-}
-
-impl MutEventSubscriber for StdinRelay {
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let mut buf = [0u8; 256];
-        let n = if events.event_set().contains(EventSet::IN) && self.pending.len() < 64 * 1024 {
-            io::stdin().lock().read(&mut buf).unwrap_or(0)
-        } else {
-            usize::from(self.pending.len() >= 64 * 1024)
-        };
-        if n == 0 {
-            // EOF or error: stop watching stdin; the guest keeps running.
-            let _ = ops.remove(events);
-            return;
-        }
-        if self.pending.len() < 64 * 1024 {
-            self.pending.extend_from_slice(&buf[..n]);
-        }
-        self.flush_pending();
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        // epoll refuses regular files and /dev/null; such a stdin is simply not relayed.
-        let _ = ops.add(Events::new(&io::stdin(), EventSet::IN));
-    }
-}
-
-/// Watches the stop signal and the i8042 reset line.
-struct StopWatcher {
-    stop: Arc<StopSignal>,
-    reset_evt: vmm_sys_util::eventfd::EventFd,
-}
-
-impl MutEventSubscriber for StopWatcher {
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.fd() == self.reset_evt.as_raw_fd() {
-            let _ = self.reset_evt.read();
-            self.stop.stop(StopReason::GuestReset);
-        }
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        let _ = ops.add(Events::new(&self.stop.evt, EventSet::IN));
-        let _ = ops.add(Events::new(&self.reset_evt, EventSet::IN));
-    }
-}
-
-/// The stop signal's fd, for the SIGINT/SIGTERM handler (-1 while no VM runs).
-static INTERRUPT_FD: AtomicI32 = AtomicI32::new(-1);
-
-extern "C" fn interrupt_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    let fd = INTERRUPT_FD.load(Ordering::SeqCst);
-    if fd >= 0 {
-        let one: u64 = 1;
-        // SAFETY: write(2) on an eventfd with an 8-byte buffer that lives on this stack frame;
-        // async-signal-safe.
-        unsafe { libc::write(fd, (&raw const one).cast(), 8) };
-    }
-}
-
-/// Boots the VM described by `opts` on `kvm`, relays its console to stdout (sharing it with
-/// `output` when trace lines go there too), and returns once the guest has ended.
-pub fn run(
-    kvm: Kvm,
-    opts: &RunOptions,
-    probes: Option<ProbeSetup>,
-    output: Arc<TraceOutput>,
-) -> Result<RunReport, MachineError> {
-    let mut vm = Vm::new(kvm, &opts.vm, Box::new(ConsoleSink(output.clone())))?;
-    let mut session = match probes {
-        Some(setup) => {
-            let xol = XolArea::new(
-                <Guest as probe_core::arch::Arch>::XOL,
-                arch::Host::XOL_GPA_BASE,
-                setup.xol_pages,
-            )
-            .map_err(|e| setup_err("XOL area")(e.to_string()))?;
-            let engine = Engine::new(vm.memory.clone(), xol)
-                .map_err(|e| setup_err("XOL area")(e.to_string()))?;
-            engine.set_breakpoints_trappable(setup.breakpoint_exits);
-            engine.set_rate_cap(setup.max_rate);
-            // One hardware breakpoint is kept for the slot-exception watch where the
-            // architecture has one and both its traps work: then user accesses are probed too.
-            let hw = arch::Host::hw_breakpoint_count(&vm.kvm);
-            let exception_watch_slot =
-                (<arch::GuestDebugSetup as arch::GuestDebug>::SLOT_EXCEPTION_WATCH
-                    && setup.breakpoint_exits
-                    && setup.hardware_exits
-                    && hw >= 2)
-                    .then(|| hw - 1);
-            engine.set_hardware_breakpoint_count(hw - usize::from(exception_watch_slot.is_some()));
-            engine.set_slot_exception_rewind(exception_watch_slot.is_some());
-            Some(ProbeSession {
-                setup,
-                engine: Arc::new(engine),
-                report: ProbeReport::default(),
-                planted: false,
-                regs: None,
-                register_ioctls: Arc::default(),
-                user_return: Arc::default(),
-                rates: HitRates::default(),
-                exception_watch_slot,
-            })
-        }
-        None => None,
-    };
-    let probing = session.as_ref().map(|s| {
-        Arc::new(Probing {
-            engine: s.engine.clone(),
-            breakpoint_exits: s.setup.breakpoint_exits,
-            register_ioctls: s.register_ioctls.clone(),
-            user_return: s.user_return.clone(),
-            exception_watch_slot: s.exception_watch_slot,
-        })
-    });
-    let sync_regs = vm
-        .kvm
-        .check_extension_raw(kvm_bindings::KVM_CAP_SYNC_REGS.into())
-        > 0;
-    let stop = Arc::new(StopSignal::new().map_err(|e| setup_err("eventfd")(e.to_string()))?);
-    vcpu::install_kick_handler().map_err(|e| setup_err("kick signal handler")(e.to_string()))?;
-
-    // SIGINT/SIGTERM end the run cleanly, through the same stop path as the guest.
-    let interrupted = StopSignal::new().map_err(|e| setup_err("eventfd")(e.to_string()))?;
-    INTERRUPT_FD.store(interrupted.evt.as_raw_fd(), Ordering::SeqCst);
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        vmm_sys_util::signal::register_signal_handler(sig, interrupt_handler)
-            .map_err(|e| setup_err("signal handler")(e.to_string()))?;
-    }
-
-    let mut em: EventManager<Box<dyn MutEventSubscriber>> =
-        EventManager::new().map_err(|e| setup_err("event manager")(e.to_string()))?;
-    em.add_subscriber(Box::new(StopWatcher {
-        stop: stop.clone(),
-        reset_evt: vm
-            .reset_evt
-            .try_clone()
-            .map_err(|e| setup_err("eventfd")(e.to_string()))?,
-    }));
-    let stdin_relay = opts.forward_stdin.then(|| {
-        let relay = Arc::new(Mutex::new(StdinRelay {
-            serial: vm.serial.clone(),
-            pending: Vec::new(),
-        }));
-        em.add_subscriber(Box::new(relay.clone()));
-        relay
-    });
-
-    let started = Instant::now();
-    let mut probe_refused: Option<String> = None;
-    let mut handles: Vec<VcpuHandle> = Vec::new();
-    for (id, fd) in vm.vcpus.drain(..).enumerate() {
-        let ctx = VcpuContext {
-            pio: vm.pio.clone(),
-            mmio: vm.mmio.clone(),
-            stop: stop.clone(),
-            probing: probing.clone(),
-            sync_regs,
-        };
-        let handle =
-            vcpu::spawn(id as u32, fd, ctx).map_err(|e| setup_err("vCPU thread")(e.to_string()))?;
-        handles.push(handle);
-    }
-
-    let deadline = opts.timeout.map(|t| started + t);
-    loop {
-        if let Err(e) = em.run_with_timeout(100) {
-            stop.stop(StopReason::VcpuError(format!("event loop: {e}")));
-        }
-        if interrupted.evt.read().is_ok() {
-            stop.stop(StopReason::Interrupted);
-        }
-        if stop.reason().is_some() {
-            break;
-        }
-        if let Some(relay) = &stdin_relay {
-            relay
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .flush_pending();
-        }
-        output.tick();
-        if let Some(s) = &mut session
-            && s.planted
-        {
-            s.tick(&handles);
-        }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            stop.stop(StopReason::Timeout);
-        }
-        if let Some(s) = &mut session
-            && !s.planted
-            && vm
-                .console
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .init_ready_at
-                .is_some()
-        {
-            match s.plant(&handles, started, &vm.console) {
-                // The default guest's /init waits for a line on its console before it runs
-                // the command, so that no probed call happens before the probes are in.
-                Ok(()) => {
-                    vm.serial
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .enqueue_input(b"\n");
-                }
-                // The command never runs.
-                Err(e) => {
-                    let e = e.to_string();
-                    s.report.error = Some(e.clone());
-                    probe_refused = Some(e);
-                    stop.stop(StopReason::Interrupted);
-                }
-            }
-        }
-    }
-    let probe_report = session.map(|s| s.finish(&handles, &vm.console));
-    INTERRUPT_FD.store(-1, Ordering::SeqCst);
-    let run_time = started.elapsed();
-    for h in handles {
-        h.stop_and_join();
-    }
-    output.flush();
-    let _ = io::stdout().flush();
-
-    let console = vm.console.lock().unwrap_or_else(|e| e.into_inner());
-    let reason = stop.reason().unwrap_or(StopReason::GuestReset);
-    let outcome = match reason {
-        _ if probe_refused.is_some() => Outcome::ProbeRefused(probe_refused.unwrap_or_default()),
-        StopReason::Timeout => Outcome::TimedOut(opts.timeout.unwrap_or_default()),
-        StopReason::Interrupted => Outcome::Interrupted,
-        StopReason::VcpuError(e) => Outcome::VcpuError(e),
-        StopReason::GuestReset | StopReason::GuestPoweroff => {
-            match (
-                &console.panic,
-                console.faults_with_probes.first(),
-                console.exit_status,
-            ) {
-                (Some(p), _, _) => Outcome::Panicked(p.clone()),
-                (None, Some(f), _) => Outcome::KernelFault(f.clone()),
-                (None, None, Some(s)) => Outcome::CommandExited(s),
-                (None, None, None) => Outcome::ShutDown,
-            }
-        }
-    };
-    Ok(RunReport {
-        outcome,
-        boot_to_init: console
-            .init_ready_at
-            .map(|t| t.saturating_duration_since(started)),
-        run_time,
-        console_tail: console.tail.iter().cloned().collect(),
-        faults_with_probes: console.faults_with_probes.clone(),
-        probes: probe_report,
-    })
 }
