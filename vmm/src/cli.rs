@@ -8,22 +8,23 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
 use probe_core::definition::ProbeKind;
 use probe_core::guest_kprobes::KprobeTableLayout;
-use probe_core::probe::{Probe, ProbeContext, TrapKind};
+use probe_core::probe::TrapKind;
 use probe_core::task::TaskLayout;
 use probe_core::xol::XolArea;
 
+use crate::handlers::HandlerWiring;
 use crate::hostcheck;
 pub use crate::job::{
     DEFAULT_EXEC_TIMEOUT_SECS, Job, ResolvedProbe, ResolvedProbes, RunnerChoice, TrapChoice,
     read_btf,
 };
-use crate::machine::{self, Outcome, ProbeRequest, ProbeSetup, RunOptions, RunReport};
+use crate::machine::{self, Outcome, ProbeSetup, RunOptions, RunReport};
 use crate::output::TraceOutput;
-use crate::report::{self, RetvalHistogram};
+use crate::report::RetvalHistogram;
 use crate::runner;
 use crate::selftest::{self, TrapSupport};
 use crate::summary::{self, RunSummary};
@@ -316,60 +317,19 @@ fn probe_setup(
     };
     let map = Arc::new(map);
     let slide = Arc::new(AtomicU64::new(0));
+    let wiring = HandlerWiring {
+        trap,
+        print: !args.quiet,
+        json: args.json,
+        hist: args.hist,
+        map: map.clone(),
+        task,
+        slide: slide.clone(),
+        output: output.clone(),
+    };
     let requests = targets
         .into_iter()
-        .map(|resolved| {
-            let hist = match &resolved.definition {
-                Some(def) if args.hist => {
-                    RetvalHistogram::for_definition(def, resolved.location.clone()).map(Arc::new)
-                }
-                _ => None,
-            };
-            hists.extend(hist.clone());
-            let mut probe = Probe::new(resolved.location);
-            probe.trap = trap;
-            // A return definition makes a return probe, printed or not.
-            let max_active = resolved.definition.as_ref().and_then(|d| d.max_active());
-            if let Some(n) = max_active {
-                probe = probe.on_return(|_| Ok(())).max_active(n);
-            }
-            let print = !args.quiet;
-            let map = map.clone();
-            let task = task.clone();
-            let slide = slide.clone();
-            let json = args.json;
-            let out = output.clone();
-            match resolved.definition {
-                Some(def) if print || hist.is_some() => {
-                    let handler = move |ctx: &ProbeContext<'_>| {
-                        let task = task.as_deref();
-                        if let Some(h) = &hist {
-                            report::count_return(ctx, &def, task, h);
-                        }
-                        if print {
-                            let slide = slide.load(Ordering::Relaxed);
-                            report::print_event(ctx, &def, &map, task, slide, json, &out);
-                        }
-                        Ok(())
-                    };
-                    probe = match max_active {
-                        Some(_) => probe.on_return(handler),
-                        None => probe.on_hit(handler),
-                    };
-                }
-                None if print => {
-                    probe = probe.on_hit(move |ctx| {
-                        report::print_hit(ctx, &out);
-                        Ok(())
-                    });
-                }
-                _ => {}
-            }
-            ProbeRequest {
-                probe,
-                target: resolved.target,
-            }
-        })
+        .map(|resolved| wiring.request(resolved, hists))
         .collect();
     let text = match (map.lookup("_stext"), map.lookup("_etext")) {
         (Ok(s), Ok(e)) => Some((s.addr, e.addr)),

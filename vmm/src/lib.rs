@@ -5,6 +5,7 @@
 pub mod arch;
 pub mod cli;
 pub mod devices;
+pub mod handlers;
 pub mod hostcheck;
 pub mod job;
 pub mod l1init;
