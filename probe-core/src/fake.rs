@@ -8,7 +8,7 @@ use crate::arch::x86_64::{Gpr, Registers, X86_64};
 use crate::arch::{Arch, RegisterFile};
 use crate::engine::ProbeEngine;
 use crate::probe::ProbeContext;
-use crate::vm::{VcpuAccess, VmError};
+use crate::vm::{VcpuAccess, VcpuError};
 use crate::xol::XolArea;
 
 /// Virtual address of the fake kernel text.
@@ -75,13 +75,13 @@ impl<A: Arch> VcpuAccess<A> for FakeVcpu<A> {
     fn id(&self) -> u32 {
         1
     }
-    fn registers(&mut self) -> Result<A::Registers, VmError> {
+    fn registers(&mut self) -> Result<A::Registers, VcpuError> {
         self.full_reads += 1;
         self.partial = false;
         Ok(self.regs.clone())
     }
     /// As the arm64 VMM does: the general-purpose registers are left unread.
-    fn control_registers(&mut self) -> Result<A::Registers, VmError> {
+    fn control_registers(&mut self) -> Result<A::Registers, VcpuError> {
         if !self.lazy {
             return self.registers();
         }
@@ -90,7 +90,7 @@ impl<A: Arch> VcpuAccess<A> for FakeVcpu<A> {
         self.partial = true;
         Ok(r)
     }
-    fn complete_registers(&mut self, regs: &mut A::Registers) -> Result<(), VmError> {
+    fn complete_registers(&mut self, regs: &mut A::Registers) -> Result<(), VcpuError> {
         if self.partial {
             regs.general_purpose_mut()
                 .copy_from_slice(self.regs.general_purpose());
@@ -100,12 +100,10 @@ impl<A: Arch> VcpuAccess<A> for FakeVcpu<A> {
         Ok(())
     }
     /// Refuses general-purpose registers the engine changed without having read them.
-    fn set_registers(&mut self, regs: &A::Registers) -> Result<(), VmError> {
+    fn set_registers(&mut self, regs: &A::Registers) -> Result<(), VcpuError> {
         if self.partial {
             if regs.general_purpose().iter().any(|&v| v != UNREAD) {
-                return Err(VmError(
-                    "general-purpose registers written without having been read".into(),
-                ));
+                return Err(VcpuError::UnreadRegistersWritten);
             }
             let mut written = regs.clone();
             written
@@ -117,7 +115,7 @@ impl<A: Arch> VcpuAccess<A> for FakeVcpu<A> {
         }
         Ok(())
     }
-    fn block_interrupts_once(&mut self) -> Result<(), VmError> {
+    fn block_interrupts_once(&mut self) -> Result<(), VcpuError> {
         self.interrupt_shadows += 1;
         Ok(())
     }

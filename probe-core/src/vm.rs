@@ -5,35 +5,65 @@
 use crate::arch::Arch;
 pub use crate::guest_memory::GuestPhysMemory;
 
-/// Errors the VM side reports.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct VmError(pub String);
+/// Why a debug exit could not be handled: the run stops with it.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// A call on the vCPU failed (a register ioctl).
+    #[error("{what}: {source}")]
+    Call {
+        /// The call.
+        what: &'static str,
+        /// What it returned.
+        source: std::io::Error,
+    },
+    /// General-purpose registers were changed without having been read (a lazily read
+    /// register file cannot tell a change from a value it never had).
+    #[error("general-purpose registers written without having been read")]
+    UnreadRegistersWritten,
+    /// One of hvprobe's breakpoint encodings where it planted none: never handed to the guest.
+    #[error(
+        "an hvprobe breakpoint at {pc:#x}, where hvprobe planted none (a copy of probed text the guest made?); not handed to the guest"
+    )]
+    StrayBreakpoint {
+        /// Where.
+        pc: u64,
+    },
+    /// A return through the trampoline that no live instance accounts for.
+    #[error(
+        "vCPU {vcpu}: a return through the trampoline with no live instance (sp {sp:#x}); the real return address is lost"
+    )]
+    LostReturn {
+        /// The vCPU.
+        vcpu: u32,
+        /// Its stack pointer at the trampoline.
+        sp: u64,
+    },
+}
 
 /// One vCPU of architecture `A`, as the engine drives it while handling one of its debug exits.
 pub trait VcpuAccess<A: Arch> {
     /// The vCPU index.
     fn id(&self) -> u32;
     /// Reads the registers (from the shared `kvm_run` page where KVM offers sync regs).
-    fn registers(&mut self) -> Result<A::Registers, VmError>;
+    fn registers(&mut self) -> Result<A::Registers, VcpuError>;
     /// Reads the registers the engine needs to find a site and move the vCPU on (the PC, the
     /// flags, the stack pointers, the page-table roots), where reading the general-purpose ones
     /// too costs (arm64: one `KVM_GET_ONE_REG` each). Those read as zero until
     /// [`VcpuAccess::complete_registers`] and must not be changed before. By default all.
-    fn control_registers(&mut self) -> Result<A::Registers, VmError> {
+    fn control_registers(&mut self) -> Result<A::Registers, VcpuError> {
         self.registers()
     }
     /// Fills in the general-purpose registers of `regs`, which came from
     /// [`VcpuAccess::control_registers`]; nothing if they were read already.
-    fn complete_registers(&mut self, _regs: &mut A::Registers) -> Result<(), VmError> {
+    fn complete_registers(&mut self, _regs: &mut A::Registers) -> Result<(), VcpuError> {
         Ok(())
     }
     /// Writes the registers back before the next entry.
-    fn set_registers(&mut self, regs: &A::Registers) -> Result<(), VmError>;
+    fn set_registers(&mut self, regs: &A::Registers) -> Result<(), VcpuError>;
     /// Blocks interrupts for the next instruction the vCPU runs, as `sti` does (the interrupt
     /// shadow), for an emulated `sti`; asked only where [`crate::arch::HostEmulation`] says an
     /// instruction opens one (x86_64).
-    fn block_interrupts_once(&mut self) -> Result<(), VmError>;
+    fn block_interrupts_once(&mut self) -> Result<(), VcpuError>;
 }
 
 /// What a debug exit reported.

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use kvm_ioctls::VcpuFd;
 use probe_core::engine::{ProbeEngine, VcpuProbeState};
-use probe_core::vm::{Verdict, VmError};
+use probe_core::vm::{VcpuError, Verdict};
 use vm_memory::GuestMemoryMmap;
 
 use crate::arch::{
@@ -31,7 +31,7 @@ pub enum ProbingError {
     UnexpectedExit(String),
     /// The engine could not handle the exit.
     #[error(transparent)]
-    Engine(#[from] VmError),
+    Engine(#[from] VcpuError),
     /// The register list for a `KVM_GET_MSRS`/`KVM_GET_ONE_REG` batch could not be built.
     #[error("building the register list: {0}")]
     RegisterList(String),

@@ -43,7 +43,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         vcpu: &mut dyn VcpuAccess<A>,
         state: &mut VcpuProbeState,
         event: DebugEvent,
-    ) -> Result<Verdict, VmError> {
+    ) -> Result<Verdict, VcpuError> {
         match event {
             // The engine never single-steps: a #DB that is not one of its hardware breakpoints
             // is the guest's own (its TF, its debug registers) and goes back to it.
@@ -64,7 +64,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         state: &mut VcpuProbeState,
         pc: u64,
         hw: bool,
-    ) -> Result<Verdict, VmError> {
+    ) -> Result<Verdict, VcpuError> {
         // The control registers first: a hit whose handlers and plan touch no general-purpose
         // register costs no more (arm64 reads each register with its own ioctl).
         let mut regs = vcpu.control_registers()?;
@@ -216,7 +216,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         pc: u64,
         space: A::AddressSpace,
         hw: bool,
-    ) -> Result<Verdict, VmError> {
+    ) -> Result<Verdict, VcpuError> {
         if hw {
             return Ok(Verdict::Resume);
         }
@@ -251,9 +251,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             // made by the guest): the guest would take it for a bug of its own. Never handed
             // to it; the run stops with the reason instead.
             if A::is_own_breakpoint(insn) {
-                return Err(VmError(format!(
-                    "an hvprobe breakpoint at {pc:#x}, where hvprobe planted none (a copy of probed text the guest made?); not handed to the guest"
-                )));
+                return Err(VcpuError::StrayBreakpoint { pc });
             }
         }
         self.exits.reinjected.fetch_add(1, Ordering::Relaxed);
@@ -276,7 +274,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         trapped: Option<XolSlot>,
         trap: bool,
         probes: &[Arc<ProbeEntry<A>>],
-    ) -> Result<Verdict, VmError> {
+    ) -> Result<Verdict, VcpuError> {
         let mapped = self.ensure_xol_mapped(A::address_space(&regs)).is_ok();
         let slot = match trapped {
             Some(t) if trap || !A::BOOSTED_SLOTS => (t, true),
@@ -321,7 +319,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         mut regs: A::Registers,
         pc: u64,
         trap: SlotTrap,
-    ) -> Result<Verdict, VmError> {
+    ) -> Result<Verdict, VcpuError> {
         self.exits.slot_traps.fetch_add(1, Ordering::Relaxed);
         let probes = {
             let table = self.table.read().unwrap_or_else(|e| e.into_inner());

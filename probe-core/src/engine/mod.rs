@@ -23,7 +23,7 @@ use crate::guest_kprobes::GuestKprobe;
 use crate::pagewalk::WalkError;
 use crate::probe::{Handler, Probe, ProbeContext, TrapKind};
 use crate::retprobe::{Instance, InstanceTable, Returning};
-use crate::vm::{DebugEvent, GuestPhysMemory, VcpuAccess, Verdict, VmError};
+use crate::vm::{DebugEvent, GuestPhysMemory, VcpuAccess, VcpuError, Verdict};
 use crate::xol::{XolArea, XolError, XolSlot};
 
 /// How long a trapped step may stay pending on a vCPU before it counts as abandoned (its copy

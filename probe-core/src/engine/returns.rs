@@ -76,7 +76,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         &self,
         vcpu: &mut dyn VcpuAccess<A>,
         mut regs: A::Registers,
-    ) -> Result<Verdict, VmError> {
+    ) -> Result<Verdict, VcpuError> {
         self.exits.returns.fetch_add(1, Ordering::Relaxed);
         let (found, retired) = self
             .returns
@@ -104,12 +104,10 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             None => None,
         };
         let Some(instance) = instance else {
-            return Err(VmError(format!(
-                "vCPU {}: a return through the trampoline with no live instance (sp {:#x}); \
-                 the real return address is lost",
-                vcpu.id(),
-                regs.sp()
-            )));
+            return Err(VcpuError::LostReturn {
+                vcpu: vcpu.id(),
+                sp: regs.sp(),
+            });
         };
         let trampoline = regs.pc();
         regs.set_pc(instance.return_address);

@@ -28,18 +28,43 @@ pub enum MachineError {
     /// Building the VM failed.
     #[error(transparent)]
     Vm(#[from] VmError),
-    /// The event loop or a thread could not be set up.
-    #[error("{what}: {detail}")]
+    /// An eventfd, a signal handler, a thread or the event loop could not be set up.
+    #[error("{what}: {source}")]
     Setup {
         /// What was being set up.
         what: &'static str,
         /// The error.
-        detail: String,
+        source: std::io::Error,
     },
+    /// The event loop could not be set up.
+    #[error("event manager: {0}")]
+    EventManager(#[from] event_manager::Error),
+    /// The XOL area could not be laid out or its tables written.
+    #[error("XOL area: {0}")]
+    XolArea(#[from] probe_core::xol::XolError),
 }
 
-fn setup_err(what: &'static str) -> impl FnOnce(String) -> MachineError {
-    move |detail| MachineError::Setup { what, detail }
+/// A set-up step's error, as a [`MachineError`] naming the step.
+fn setup_err<E: Into<SetupSource>>(what: &'static str) -> impl FnOnce(E) -> MachineError {
+    move |e| MachineError::Setup {
+        what,
+        source: e.into().0,
+    }
+}
+
+/// An I/O error or an errno, for [`setup_err`].
+struct SetupSource(std::io::Error);
+
+impl From<std::io::Error> for SetupSource {
+    fn from(e: std::io::Error) -> SetupSource {
+        SetupSource(e)
+    }
+}
+
+impl From<vmm_sys_util::errno::Error> for SetupSource {
+    fn from(e: vmm_sys_util::errno::Error) -> SetupSource {
+        SetupSource(std::io::Error::from_raw_os_error(e.errno()))
+    }
 }
 
 /// How a guest run ended.
@@ -134,25 +159,21 @@ pub fn run(
         .kvm
         .check_extension_raw(kvm_bindings::KVM_CAP_SYNC_REGS.into())
         > 0;
-    let stop = Arc::new(StopSignal::new().map_err(|e| setup_err("eventfd")(e.to_string()))?);
-    vcpu::install_kick_handler().map_err(|e| setup_err("kick signal handler")(e.to_string()))?;
+    let stop = Arc::new(StopSignal::new().map_err(setup_err("eventfd"))?);
+    vcpu::install_kick_handler().map_err(setup_err("kick signal handler"))?;
 
     // SIGINT/SIGTERM end the run cleanly, through the same stop path as the guest.
-    let interrupted = StopSignal::new().map_err(|e| setup_err("eventfd")(e.to_string()))?;
+    let interrupted = StopSignal::new().map_err(setup_err("eventfd"))?;
     INTERRUPT_FD.store(interrupted.evt.as_raw_fd(), Ordering::SeqCst);
     for sig in [libc::SIGINT, libc::SIGTERM] {
         vmm_sys_util::signal::register_signal_handler(sig, interrupt_handler)
-            .map_err(|e| setup_err("signal handler")(e.to_string()))?;
+            .map_err(setup_err("signal handler"))?;
     }
 
-    let mut em: EventManager<Box<dyn MutEventSubscriber>> =
-        EventManager::new().map_err(|e| setup_err("event manager")(e.to_string()))?;
+    let mut em: EventManager<Box<dyn MutEventSubscriber>> = EventManager::new()?;
     em.add_subscriber(Box::new(StopWatcher {
         stop: stop.clone(),
-        reset_evt: vm
-            .reset_evt
-            .try_clone()
-            .map_err(|e| setup_err("eventfd")(e.to_string()))?,
+        reset_evt: vm.reset_evt.try_clone().map_err(setup_err("eventfd"))?,
     }));
     let stdin_relay = opts.forward_stdin.then(|| {
         let relay = Arc::new(Mutex::new(StdinRelay {
@@ -174,8 +195,7 @@ pub fn run(
             probing: probing.clone(),
             sync_regs,
         };
-        let handle =
-            vcpu::spawn(id as u32, fd, ctx).map_err(|e| setup_err("vCPU thread")(e.to_string()))?;
+        let handle = vcpu::spawn(id as u32, fd, ctx).map_err(setup_err("vCPU thread"))?;
         handles.push(handle);
     }
 

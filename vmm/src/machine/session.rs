@@ -15,7 +15,7 @@ use probe_core::guest_kprobes::KprobeTableLayout;
 use probe_core::probe::Probe;
 use probe_core::xol::XolArea;
 
-use super::{MachineError, setup_err};
+use super::MachineError;
 use crate::arch::{self, Guest, GuestRegisters, VmmArch};
 use crate::devices::console::ConsoleWatch;
 use crate::probing::{Engine, PausedState, Probing, RegisterIoctls};
@@ -211,10 +211,8 @@ impl ProbeSession {
             <Guest as probe_core::arch::Arch>::XOL,
             arch::Host::XOL_GPA_BASE,
             setup.xol_pages,
-        )
-        .map_err(|e| setup_err("XOL area")(e.to_string()))?;
-        let engine = Engine::new(vm.memory.clone(), xol)
-            .map_err(|e| setup_err("XOL area")(e.to_string()))?;
+        )?;
+        let engine = Engine::new(vm.memory.clone(), xol)?;
         engine.set_breakpoints_trappable(setup.breakpoint_exits);
         engine.set_rate_cap(setup.max_rate);
         let hw = arch::Host::hw_breakpoint_count(&vm.kvm);

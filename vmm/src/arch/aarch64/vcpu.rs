@@ -8,7 +8,7 @@
 use kvm_bindings::{KVM_REG_ARM_CORE, KVM_REG_ARM64, KVM_REG_ARM64_SYSREG, KVM_REG_SIZE_U64};
 use kvm_ioctls::VcpuFd;
 use probe_core::arch::aarch64::{Aarch64, CpuFeatures, Registers};
-use probe_core::vm::{VcpuAccess, VmError};
+use probe_core::vm::{VcpuAccess, VcpuError};
 
 use crate::arch::{AnchorTable, KaslrAnchor};
 use crate::probing::{PausedState, ProbingError};
@@ -285,7 +285,7 @@ impl<'a> KvmVcpu<'a> {
         }
     }
 
-    fn cached_control(&mut self) -> Result<&mut Registers, VmError> {
+    fn cached_control(&mut self) -> Result<&mut Registers, VcpuError> {
         if self.cache.is_none() {
             let (r, reads) =
                 read_control(self.fd, Some(self.pc)).map_err(vm_err("KVM_GET_ONE_REG"))?;
@@ -295,7 +295,7 @@ impl<'a> KvmVcpu<'a> {
         Ok(self.cache.as_mut().expect("just filled"))
     }
 
-    fn cached_all(&mut self) -> Result<Registers, VmError> {
+    fn cached_all(&mut self) -> Result<Registers, VcpuError> {
         self.cached_control()?;
         if !self.complete {
             let fd: &VcpuFd = self.fd;
@@ -308,8 +308,11 @@ impl<'a> KvmVcpu<'a> {
     }
 }
 
-fn vm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
-    move |e| VmError(format!("{what}: {e}"))
+fn vm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+    move |e| VcpuError::Call {
+        what,
+        source: std::io::Error::from_raw_os_error(e.errno()),
+    }
 }
 
 impl VcpuAccess<Aarch64> for KvmVcpu<'_> {
@@ -317,17 +320,17 @@ impl VcpuAccess<Aarch64> for KvmVcpu<'_> {
         self.id
     }
 
-    fn registers(&mut self) -> Result<Registers, VmError> {
+    fn registers(&mut self) -> Result<Registers, VcpuError> {
         self.cached_all()
     }
 
     /// PC (known from the exit), PSTATE, SP_EL0, SP_EL1, TTBR0/1 and TCR: six reads instead
     /// of thirty-seven.
-    fn control_registers(&mut self) -> Result<Registers, VmError> {
+    fn control_registers(&mut self) -> Result<Registers, VcpuError> {
         Ok(self.cached_control()?.clone())
     }
 
-    fn complete_registers(&mut self, regs: &mut Registers) -> Result<(), VmError> {
+    fn complete_registers(&mut self, regs: &mut Registers) -> Result<(), VcpuError> {
         if !self.complete {
             regs.x = self.cached_all()?.x;
         }
@@ -336,18 +339,16 @@ impl VcpuAccess<Aarch64> for KvmVcpu<'_> {
 
     /// Writes what differs from the cache. x0-x30 that were never read cannot be compared:
     /// a change to them is refused rather than guessed at.
-    fn set_registers(&mut self, regs: &Registers) -> Result<(), VmError> {
+    fn set_registers(&mut self, regs: &Registers) -> Result<(), VcpuError> {
         let old = match &self.cache {
             Some(r) => r.clone(),
             None => self.cached_all()?,
         };
         if !self.complete && regs.x != old.x {
-            return Err(VmError(
-                "the engine changed x0-x30 without having read them".into(),
-            ));
+            return Err(VcpuError::UnreadRegistersWritten);
         }
         let mut writes = 0;
-        let mut w = |id: u64, new: u64, old: u64| -> Result<(), VmError> {
+        let mut w = |id: u64, new: u64, old: u64| -> Result<(), VcpuError> {
             if new != old {
                 writes += 1;
                 set(self.fd, id, new).map_err(vm_err("KVM_SET_ONE_REG"))?;
@@ -372,7 +373,7 @@ impl VcpuAccess<Aarch64> for KvmVcpu<'_> {
     }
 
     /// arm64 has no `sti` interrupt shadow; the engine never asks.
-    fn block_interrupts_once(&mut self) -> Result<(), VmError> {
+    fn block_interrupts_once(&mut self) -> Result<(), VcpuError> {
         Ok(())
     }
 }

@@ -5,7 +5,7 @@
 
 use kvm_ioctls::{SyncReg, VcpuFd};
 use probe_core::arch::x86_64::{Registers, X86_64};
-use probe_core::vm::{VcpuAccess, VmError};
+use probe_core::vm::{VcpuAccess, VcpuError};
 
 use super::debug::{registers_from_kvm, registers_to_kvm};
 use crate::arch::KaslrAnchor;
@@ -23,8 +23,11 @@ pub const KASLR_ANCHOR: KaslrAnchor = KaslrAnchor {
     alternates: &[],
 };
 
-fn err(what: &str) -> impl FnOnce(kvm_ioctls::Error) -> VmError + '_ {
-    move |e| VmError(format!("{what}: {e}"))
+fn err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+    move |e| VcpuError::Call {
+        what,
+        source: std::io::Error::from_raw_os_error(e.errno()),
+    }
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> ProbingError {
@@ -64,7 +67,7 @@ impl VcpuAccess<X86_64> for KvmVcpu<'_> {
         self.id
     }
 
-    fn registers(&mut self) -> Result<Registers, VmError> {
+    fn registers(&mut self) -> Result<Registers, VcpuError> {
         if self.sync_regs {
             let s = self.fd.sync_regs();
             return Ok(registers_from_kvm(&s.regs, &s.sregs));
@@ -75,7 +78,7 @@ impl VcpuAccess<X86_64> for KvmVcpu<'_> {
         Ok(registers_from_kvm(&r, &s))
     }
 
-    fn set_registers(&mut self, regs: &Registers) -> Result<(), VmError> {
+    fn set_registers(&mut self, regs: &Registers) -> Result<(), VcpuError> {
         let r = registers_to_kvm(regs);
         if self.sync_regs {
             self.fd.sync_regs_mut().regs = r;
@@ -86,7 +89,7 @@ impl VcpuAccess<X86_64> for KvmVcpu<'_> {
         self.fd.set_regs(&r).map_err(err("KVM_SET_REGS"))
     }
 
-    fn block_interrupts_once(&mut self) -> Result<(), VmError> {
+    fn block_interrupts_once(&mut self) -> Result<(), VcpuError> {
         let mut events = self
             .fd
             .get_vcpu_events()
