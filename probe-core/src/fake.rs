@@ -251,3 +251,68 @@ pub mod aarch64 {
         (engine, FakeVcpu::new(regs))
     }
 }
+
+/// An architecture's fake machine, as the engine conformance suite (`engine/tests/
+/// conformance.rs`) drives it: every architecture plugs its own in and passes the same tests.
+pub trait FakeMachine: Arch {
+    /// Virtual address of the fake text.
+    const TEXT_VA: u64;
+    /// Where the text lives in guest memory.
+    const TEXT_GPA: u64;
+    /// Offset of an instruction the engine emulates, and the offset the guest goes on at.
+    const EMULATED: (u64, u64);
+    /// Offset of another instruction, on a boundary.
+    const OTHER: u64;
+    /// An offset that is not an instruction boundary.
+    const INSIDE: u64;
+    /// Offset past the function, where a test writes a breakpoint of the guest's own.
+    const SPARE: u64;
+    /// The fake text.
+    fn code() -> Vec<u8>;
+    /// The engine and a vCPU about to run the text.
+    fn machine() -> (ProbeEngine<Self, GuestMemoryMmap>, FakeVcpu<Self>);
+    /// A software breakpoint of the guest's own (x86's `int3`, arm64's BUG `BRK #0x800`).
+    fn guest_breakpoint() -> Vec<u8>;
+}
+
+impl FakeMachine for X86_64 {
+    const TEXT_VA: u64 = TEXT_VA;
+    const TEXT_GPA: u64 = TEXT_GPA;
+    const EMULATED: (u64, u64) = (AT_PUSH, AT_PUSH + 1);
+    const OTHER: u64 = AT_RIPREL;
+    const INSIDE: u64 = 6;
+    const SPARE: u64 = 0x40;
+
+    fn code() -> Vec<u8> {
+        CODE.to_vec()
+    }
+
+    fn machine() -> (ProbeEngine<Self, GuestMemoryMmap>, FakeVcpu<Self>) {
+        machine()
+    }
+
+    fn guest_breakpoint() -> Vec<u8> {
+        vec![0xcc]
+    }
+}
+
+impl FakeMachine for crate::arch::aarch64::Aarch64 {
+    const TEXT_VA: u64 = aarch64::TEXT_VA;
+    const TEXT_GPA: u64 = aarch64::TEXT_GPA;
+    const EMULATED: (u64, u64) = (aarch64::AT_NOP, aarch64::AT_NOP + 4);
+    const OTHER: u64 = aarch64::AT_LDR;
+    const INSIDE: u64 = aarch64::AT_NOP + 2;
+    const SPARE: u64 = 0x40;
+
+    fn code() -> Vec<u8> {
+        aarch64::code_bytes()
+    }
+
+    fn machine() -> (ProbeEngine<Self, GuestMemoryMmap>, FakeVcpu<Self>) {
+        aarch64::machine()
+    }
+
+    fn guest_breakpoint() -> Vec<u8> {
+        crate::arch::aarch64::brk(0x800).to_le_bytes().to_vec()
+    }
+}

@@ -1,5 +1,6 @@
-//! Engine tests: a fake vCPU over real `GuestMemoryMmap` memory with hand-made page tables,
-//! for x86_64 (most of them) and aarch64 (planting a BRK, refusals, removal).
+//! Engine tests: a fake vCPU over real `GuestMemoryMmap` memory with hand-made page tables.
+//! The contract every architecture keeps is `conformance.rs`, run on each architecture's fake
+//! machine; this file holds what is x86_64's own, `aarch64.rs` what is arm64's.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -15,6 +16,7 @@ type Engine = ProbeEngine<X86_64, GuestMemoryMmap>;
 const SLOT_SIZE: u64 = crate::arch::x86_64::xol::LAYOUT.slot_size;
 
 mod aarch64;
+mod conformance;
 
 fn target(off: u64) -> PlantTarget {
     PlantTarget {

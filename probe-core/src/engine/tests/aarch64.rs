@@ -146,52 +146,6 @@ fn the_prologue_store_pair_is_emulated_through_the_guest_page_tables() {
 }
 
 #[test]
-fn a_brk_that_is_not_ours_goes_back_to_the_guest() {
-    let (engine, mut vcpu) = machine();
-    let regs = vcpu.regs.clone();
-    engine
-        .plant(Probe::new("f+0x4"), target(AT_NOP), &regs)
-        .unwrap();
-    // The guest's own BUG() BRK at the function start.
-    engine
-        .memory()
-        .write_obj(brk(0x800), GuestAddress(TEXT_GPA))
-        .unwrap();
-    vcpu.regs.pc = TEXT_VA;
-    let v = engine
-        .handle_debug(
-            &mut vcpu,
-            &mut VcpuProbeState::default(),
-            DebugEvent::Breakpoint { pc: TEXT_VA },
-        )
-        .unwrap();
-    assert_eq!(v, Verdict::Reinject);
-    assert_eq!(vcpu.regs.pc, TEXT_VA);
-    assert_eq!(engine.exit_stats().reinjected, 1);
-}
-
-#[test]
-fn hardware_breakpoints_follow_the_count_kvm_reports() {
-    let (engine, vcpu) = machine();
-    engine.set_hardware_breakpoint_count(1);
-    let regs = vcpu.regs.clone();
-    engine
-        .plant(Probe::new("f").hardware(), target(0), &regs)
-        .unwrap();
-    let err = engine
-        .plant(Probe::new("f+0x4").hardware(), target(AT_NOP), &regs)
-        .unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("all 1 hardware breakpoints are in use"),
-        "{err}"
-    );
-    assert_eq!(engine.hardware_breakpoints().0, vec![Some(TEXT_VA)]);
-    // The text is untouched by a hardware probe.
-    assert_eq!(text(&engine), code_bytes());
-}
-
-#[test]
 fn an_emulated_store_that_faults_disarms_the_site_instead_of_trapping_forever() {
     let (engine, mut vcpu) = machine();
     let regs = vcpu.regs.clone();
