@@ -321,6 +321,139 @@ pub(super) fn legacy_prefixes(bytes: &[u8]) -> &[u8] {
     &bytes[..n]
 }
 
+/// What an instruction is, as far as classification cares: its mnemonic class with the
+/// operands that matter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    /// `nop`, `endbr64`.
+    Nop,
+    /// `push`, with its register when the operand is one.
+    Push(Option<Gpr>),
+    /// `mov`, with (destination, source) when both are 64-bit registers.
+    Mov(Option<(Gpr, Gpr)>),
+    /// `sub`, with the immediate when it is `sub $imm, %rsp`.
+    Sub(Option<u64>),
+    /// `pushfq`.
+    Pushf,
+    /// `popfq`.
+    Popf,
+    /// `cli`.
+    Cli,
+    /// `sti`.
+    Sti,
+    /// `loop`, `loope` (`zf` true), `loopne` (false).
+    Loop {
+        /// The ZF condition, if any.
+        zf: Option<bool>,
+    },
+    /// `jrcxz`, `jecxz`.
+    Jrcxz {
+        /// Tests ECX instead of RCX.
+        ecx: bool,
+    },
+    /// `ret [imm16]`.
+    Ret {
+        /// Bytes popped besides the return address.
+        pop: u64,
+    },
+    /// `jmp`, with its register when the target is one.
+    Jmp(Option<Gpr>),
+    /// `call`, with its register when the target is one.
+    Call(Option<Gpr>),
+    /// `hlt`.
+    Hlt,
+    /// A conditional jump.
+    Jcc {
+        /// Its condition code.
+        cond: u8,
+    },
+    /// Anything else.
+    Other,
+}
+
+/// The facts of one decoded instruction that decide how it is probed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Facts {
+    /// It is one that must never run out of line ([`refusal_of`]).
+    refusal: Option<&'static str>,
+    /// It has a RIP-relative operand whose displacement could not be found.
+    rip_relative_unknown: bool,
+    /// An operand-size (0x66) prefix.
+    operand_size_prefix: bool,
+    /// An address-size (0x67) prefix.
+    address_size_prefix: bool,
+    /// `mov` or `pop` to SS.
+    loads_ss: bool,
+    /// In a jump, call, return or relative-branch group.
+    is_branch: bool,
+    /// In the relative-branch group.
+    branch_relative: bool,
+    /// The immediate target of a direct branch.
+    target: Option<u64>,
+    /// The address after it.
+    next: u64,
+    /// What it is.
+    op: Op,
+}
+
+/// How an instruction with these facts is probed: the refusals first, then one `match` on
+/// what it is.
+fn classify(f: &Facts) -> InstructionKind {
+    use InstructionKind::{Emulable, Refused};
+    let stepped = InstructionKind::OutOfLine { untrappable: None };
+    let leaves = InstructionKind::OutOfLine {
+        untrappable: Some("may leave the slot (an indirect branch) before the host's trap"),
+    };
+    if let Some(why) = f.refusal {
+        return Refused(why);
+    }
+    if f.rip_relative_unknown {
+        return Refused("has a RIP-relative operand whose displacement cannot be found");
+    }
+    if f.is_branch && f.operand_size_prefix {
+        return Refused("is a branch with an operand-size prefix (the target is truncated)");
+    }
+    if f.loads_ss {
+        return Refused("loads SS, which blocks interrupts and debug traps for one instruction");
+    }
+    let next = f.next;
+    match (f.op, f.target) {
+        (Op::Nop, _) => Emulable(Emulation::Nop { next }),
+        (Op::Push(Some(reg)), _) => Emulable(Emulation::Push { reg, next }),
+        (Op::Mov(Some((dst, src))), _) => Emulable(Emulation::MovRegReg { dst, src, next }),
+        (Op::Sub(Some(imm)), _) => Emulable(Emulation::SubRspImm { imm, next }),
+        (Op::Pushf, _) => Emulable(Emulation::Pushf { next }),
+        (Op::Popf, _) => Emulable(Emulation::Popf { next }),
+        (Op::Cli, _) => Emulable(Emulation::Cli { next }),
+        (Op::Sti, _) => Emulable(Emulation::Sti { next }),
+        (Op::Loop { .. }, Some(_)) if f.address_size_prefix => {
+            Refused("is a loop on ECX (address-size prefix), which is not emulated")
+        }
+        (Op::Loop { zf }, Some(target)) => Emulable(Emulation::Loop { zf, target, next }),
+        (Op::Jrcxz { ecx }, Some(target)) => Emulable(Emulation::Jrcxz { ecx, target, next }),
+        (Op::Ret { pop }, _) => Emulable(Emulation::Ret { pop }),
+        (Op::Jmp(_), Some(target)) => Emulable(Emulation::Jmp { target }),
+        (Op::Call(_), Some(target)) => Emulable(Emulation::Call { target, ret: next }),
+        (Op::Jcc { cond }, Some(target)) if f.is_branch => {
+            Emulable(Emulation::Jcc { cond, target, next })
+        }
+        (Op::Jcc { .. }, Some(_)) => {
+            Refused("is a RIP-relative branch that is neither stepped nor emulated")
+        }
+        (Op::Call(Some(reg)), None) => Emulable(Emulation::CallIndirect { reg, ret: next }),
+        (Op::Jmp(Some(reg)), None) => Emulable(Emulation::JmpIndirect { reg }),
+        (Op::Jmp(None) | Op::Call(None), None) => leaves,
+        (Op::Hlt, _) => InstructionKind::OutOfLine {
+            untrappable: Some("waits for an interrupt, which a trapped step keeps off"),
+        },
+        _ if f.branch_relative => {
+            Refused("is a RIP-relative branch that is neither stepped nor emulated")
+        }
+        _ if f.is_branch => leaves,
+        _ => stepped,
+    }
+}
+
 impl Decoder {
     /// A decoder in 64-bit mode with details on.
     pub fn new() -> Result<Decoder, DecodeError> {
@@ -432,142 +565,80 @@ impl Decoder {
         };
         let next = va.wrapping_add(len);
         let is = |i: X86Insn| id == insn(i);
-        let stepped = InstructionKind::OutOfLine { untrappable: None };
-        let leaves = InstructionKind::OutOfLine {
-            untrappable: Some("may leave the slot (an indirect branch) before the host's trap"),
-        };
-        let addr32 = prefixes.contains(&0x67);
-        let kind = if let Some(why) = refusal_of(id) {
-            InstructionKind::Refused(why)
-        } else if rip_based && rip_disp.is_none() {
-            InstructionKind::Refused(
-                "has a RIP-relative operand whose displacement cannot be found",
-            )
-        } else if is_branch && prefixes.contains(&0x66) {
-            InstructionKind::Refused(
-                "is a branch with an operand-size prefix (the target is truncated)",
-            )
-        } else if operands
-            .iter()
-            .any(|op| matches!(op, X86OperandType::Reg(r) if *r == reg(X86Reg::X86_REG_SS)))
-            && (is(X86Insn::X86_INS_MOV) || is(X86Insn::X86_INS_POP))
-        {
-            InstructionKind::Refused(
-                "loads SS, which blocks interrupts and debug traps for one instruction",
-            )
-        } else if is(X86Insn::X86_INS_NOP) || is(X86Insn::X86_INS_ENDBR64) {
-            InstructionKind::Emulable(Emulation::Nop { next })
-        } else if is(X86Insn::X86_INS_PUSH) && single_reg().is_some() {
-            InstructionKind::Emulable(Emulation::Push {
-                reg: single_reg().unwrap_or(Gpr::Rax),
-                next,
+        // The facts classification needs, from capstone's view of the instruction.
+        let op = if is(X86Insn::X86_INS_NOP) || is(X86Insn::X86_INS_ENDBR64) {
+            Op::Nop
+        } else if is(X86Insn::X86_INS_PUSH) {
+            Op::Push(single_reg())
+        } else if is(X86Insn::X86_INS_MOV) {
+            Op::Mov(match operands.as_slice() {
+                [X86OperandType::Reg(d), X86OperandType::Reg(s)] => gpr64(*d).zip(gpr64(*s)),
+                _ => None,
             })
-        } else if is(X86Insn::X86_INS_MOV)
-            && matches!(operands.as_slice(), [X86OperandType::Reg(d), X86OperandType::Reg(s)] if gpr64(*d).is_some() && gpr64(*s).is_some())
-        {
-            let (X86OperandType::Reg(d), X86OperandType::Reg(s)) = (&operands[0], &operands[1])
-            else {
-                unreachable!("matched above")
-            };
-            InstructionKind::Emulable(Emulation::MovRegReg {
-                dst: gpr64(*d).unwrap_or(Gpr::Rax),
-                src: gpr64(*s).unwrap_or(Gpr::Rax),
-                next,
+        } else if is(X86Insn::X86_INS_SUB) {
+            Op::Sub(match operands.as_slice() {
+                [X86OperandType::Reg(r), X86OperandType::Imm(v)]
+                    if *r == reg(X86Reg::X86_REG_RSP) =>
+                {
+                    Some(*v as u64)
+                }
+                _ => None,
             })
-        } else if is(X86Insn::X86_INS_SUB)
-            && matches!(operands.as_slice(), [X86OperandType::Reg(r), X86OperandType::Imm(_)] if *r == reg(X86Reg::X86_REG_RSP))
-        {
-            let imm = match operands[1] {
-                X86OperandType::Imm(v) => v as u64,
-                _ => 0,
-            };
-            InstructionKind::Emulable(Emulation::SubRspImm { imm, next })
         } else if is(X86Insn::X86_INS_PUSHFQ) {
-            InstructionKind::Emulable(Emulation::Pushf { next })
+            Op::Pushf
         } else if is(X86Insn::X86_INS_POPFQ) {
-            InstructionKind::Emulable(Emulation::Popf { next })
+            Op::Popf
         } else if is(X86Insn::X86_INS_CLI) {
-            InstructionKind::Emulable(Emulation::Cli { next })
+            Op::Cli
         } else if is(X86Insn::X86_INS_STI) {
-            InstructionKind::Emulable(Emulation::Sti { next })
-        } else if let (true, Some(target)) = (
-            is(X86Insn::X86_INS_LOOP) || is(X86Insn::X86_INS_LOOPE) || is(X86Insn::X86_INS_LOOPNE),
-            branch_target(),
-        ) {
-            if addr32 {
-                InstructionKind::Refused(
-                    "is a loop on ECX (address-size prefix), which is not emulated",
-                )
-            } else {
-                let zf = if is(X86Insn::X86_INS_LOOPE) {
-                    Some(true)
-                } else if is(X86Insn::X86_INS_LOOPNE) {
-                    Some(false)
-                } else {
-                    None
-                };
-                InstructionKind::Emulable(Emulation::Loop { zf, target, next })
-            }
-        } else if let (true, Some(target)) = (
-            is(X86Insn::X86_INS_JRCXZ) || is(X86Insn::X86_INS_JECXZ),
-            branch_target(),
-        ) {
-            InstructionKind::Emulable(Emulation::Jrcxz {
+            Op::Sti
+        } else if is(X86Insn::X86_INS_LOOP) {
+            Op::Loop { zf: None }
+        } else if is(X86Insn::X86_INS_LOOPE) {
+            Op::Loop { zf: Some(true) }
+        } else if is(X86Insn::X86_INS_LOOPNE) {
+            Op::Loop { zf: Some(false) }
+        } else if is(X86Insn::X86_INS_JRCXZ) || is(X86Insn::X86_INS_JECXZ) {
+            Op::Jrcxz {
                 ecx: is(X86Insn::X86_INS_JECXZ),
-                target,
-                next,
-            })
+            }
         } else if is(X86Insn::X86_INS_RET) {
-            let pop = match operands.first() {
-                Some(X86OperandType::Imm(v)) => *v as u64 & 0xffff,
-                _ => 0,
-            };
-            InstructionKind::Emulable(Emulation::Ret { pop })
-        } else if is(X86Insn::X86_INS_JMP) && branch_target().is_some() {
-            InstructionKind::Emulable(Emulation::Jmp {
-                target: branch_target().unwrap_or(next),
-            })
-        } else if is(X86Insn::X86_INS_CALL) && branch_target().is_some() {
-            InstructionKind::Emulable(Emulation::Call {
-                target: branch_target().unwrap_or(next),
-                ret: next,
-            })
-        } else if let (Some(cond), Some(target)) = (jcc_condition(x86.opcode()), branch_target()) {
-            if is_branch {
-                InstructionKind::Emulable(Emulation::Jcc { cond, target, next })
-            } else {
-                InstructionKind::Refused(
-                    "is a RIP-relative branch that is neither stepped nor emulated",
-                )
+            Op::Ret {
+                pop: match operands.first() {
+                    Some(X86OperandType::Imm(v)) => *v as u64 & 0xffff,
+                    _ => 0,
+                },
             }
-        } else if is(X86Insn::X86_INS_CALL) && single_reg().is_some() {
-            InstructionKind::Emulable(Emulation::CallIndirect {
-                reg: single_reg().unwrap_or(Gpr::Rax),
-                ret: next,
-            })
-        } else if is(X86Insn::X86_INS_JMP) && single_reg().is_some() {
-            InstructionKind::Emulable(Emulation::JmpIndirect {
-                reg: single_reg().unwrap_or(Gpr::Rax),
-            })
-        } else if is(X86Insn::X86_INS_JMP) || is(X86Insn::X86_INS_CALL) {
-            leaves
+        } else if is(X86Insn::X86_INS_JMP) {
+            Op::Jmp(single_reg())
+        } else if is(X86Insn::X86_INS_CALL) {
+            Op::Call(single_reg())
         } else if is(X86Insn::X86_INS_HLT) {
-            InstructionKind::OutOfLine {
-                untrappable: Some("waits for an interrupt, which a trapped step keeps off"),
-            }
-        } else if detail
-            .groups()
-            .iter()
-            .any(|g| g.0 == capstone::InsnGroupType::CS_GRP_BRANCH_RELATIVE as u8)
-        {
-            InstructionKind::Refused(
-                "is a RIP-relative branch that is neither stepped nor emulated",
-            )
-        } else if is_branch {
-            leaves
+            Op::Hlt
+        } else if let Some(cond) = jcc_condition(x86.opcode()) {
+            Op::Jcc { cond }
         } else {
-            stepped
+            Op::Other
         };
+        let facts = Facts {
+            refusal: refusal_of(id),
+            rip_relative_unknown: rip_based && rip_disp.is_none(),
+            operand_size_prefix: prefixes.contains(&0x66),
+            address_size_prefix: prefixes.contains(&0x67),
+            loads_ss: operands
+                .iter()
+                .any(|op| matches!(op, X86OperandType::Reg(r) if *r == reg(X86Reg::X86_REG_SS)))
+                && (is(X86Insn::X86_INS_MOV) || is(X86Insn::X86_INS_POP)),
+            is_branch,
+            branch_relative: detail
+                .groups()
+                .iter()
+                .any(|g| g.0 == capstone::InsnGroupType::CS_GRP_BRANCH_RELATIVE as u8),
+            target: branch_target(),
+            next,
+            op,
+        };
+        let kind = classify(&facts);
         Ok(Instruction {
             va,
             bytes,
