@@ -2,8 +2,9 @@
 //! implements [`VmmArch`] (and its [`GuestDebug`]), and the rest of the VMM reaches it only
 //! through [`Host`], the implementation for the architecture this VMM is built for. To add an
 //! architecture: a module here implementing both traits (the compiler lists what is missing),
-//! its probe-core back end, its arm of `hvprobe_guest::GuestArch` (and that enum's platform
-//! facts: runner QEMU, L1 modules), and one `cfg` line for `Host` below.
+//! its probe-core back end, its arm of `hvprobe_guest::GuestArch`, its record in
+//! [`crate::platform`] (with its runner under `crate::runner`), and one `cfg` line for `Host`
+//! below.
 //!
 //! Kernel image formats are checked for either architecture on any host (`image.rs`): the
 //! emulated runner of another architecture takes the guest's kernel too. The probe engine's
