@@ -294,8 +294,10 @@ pub(super) fn arm64_mrs_daif_reads_the_interrupt_mask_the_guest_had_in_process_a
     // A slot runs with D, A, I and F masked: a copied `mrs daif` read 0x3c0 in every context, and
     // the `local_irq_restore` that followed left the CPU with everything masked. Emulated, it
     // reads the mask of the hit: 0 in process context with interrupts on (queue_work_on from
-    // `sync`), I and F (0xc0) in the timer interrupt (hrtimer_interrupt's irqsave lock). The
-    // register is fetched at the next instruction, as the guest computed it.
+    // the write of `s` to /proc/sysrq-trigger: emergency_sync's schedule_work, every time;
+    // `sync` alone queues work only now and then), I and F (0xc0) in interrupts (the entropy
+    // pool's per-IRQ work, hrtimer_interrupt's irqsave lock). The register is fetched at the
+    // next instruction, as the guest computed it.
     let k = Arm64Text::load();
     let mut probes = Vec::new();
     for (func, event) in [("queue_work_on", "q"), ("hrtimer_interrupt", "h")] {
@@ -308,7 +310,7 @@ pub(super) fn arm64_mrs_daif_reads_the_interrupt_mask_the_guest_had_in_process_a
     let refs: Vec<&str> = probes.iter().map(String::as_str).collect();
     let out = run_probed(
         "1",
-        "sync; sleep 2; getpid-loop 200; sync; echo done",
+        "sync; echo s > /proc/sysrq-trigger; sleep 2; getpid-loop 200; sync; echo done",
         &refs,
         &[],
     );
@@ -328,8 +330,8 @@ pub(super) fn arm64_mrs_daif_reads_the_interrupt_mask_the_guest_had_in_process_a
             .collect()
     };
     let (q, h) = (flags("q"), flags("h"));
-    // queue_work_on runs with interrupts on (from `sync`) and off (from the idle task and
-    // timer callbacks); hrtimer_interrupt's site, on a path only some ticks take, always off.
+    // queue_work_on runs with interrupts on (from the sysrq write) and off (from interrupts);
+    // hrtimer_interrupt's site, on a path only some ticks take, always off.
     assert!(q.contains(&0), "interrupts on: {q:?}\n{}", explain(&out));
     assert!(q.iter().all(|f| [0, 0xc0].contains(f)), "{q:?}");
     assert!(h.iter().all(|&f| f == 0xc0), "{h:?}\n{}", explain(&out));
