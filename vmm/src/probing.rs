@@ -211,9 +211,7 @@ impl VcpuProbing {
         let ctx = GuestDebugContext {
             user_return: Some(self.shared.user_return.load(Ordering::Relaxed)).filter(|&a| a != 0),
             hw_count: self.shared.engine.hardware_breakpoint_count(),
-            hardware_in_use: self
-                .applied
-                .is_some_and(|a| a.hardware.iter().any(Option::is_some)),
+            hardware_in_use: self.applied.is_some_and(|a| a.loads_hardware()),
             exception_watch_slot: self.shared.exception_watch_slot,
         };
         // The guest's own debug exits never reach the engine.

@@ -129,6 +129,9 @@ pub trait GuestDebug: Default + Copy + PartialEq + Send {
     /// Makes the exception the guest is entering the probed instruction's
     /// ([`ExitRoute::ExceptionEntry`] answered by the engine).
     fn rewind_exception(&mut self, fd: &VcpuFd, rewind: SlotRewind) -> Result<(), ProbingError>;
+    /// Whether the set-up loads any hardware breakpoint of hvprobe's (then KVM loads these in
+    /// place of the guest's own debug registers).
+    fn loads_hardware(&self) -> bool;
     /// Whether a hand-back waits for the next `KVM_SET_GUEST_DEBUG` (it acts once, at the
     /// ioctl, so the set-up must be applied again even if it looks unchanged).
     fn injecting(&self) -> bool;

@@ -336,6 +336,10 @@ impl GuestDebug for GuestDebugSetup {
     }
 
     /// Whether an injection is pending at the next entry (never: arm64 injects at once).
+    fn loads_hardware(&self) -> bool {
+        self.hardware.iter().any(Option::is_some)
+    }
+
     fn injecting(&self) -> bool {
         false
     }

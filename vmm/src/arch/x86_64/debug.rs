@@ -123,6 +123,10 @@ impl GuestDebug for GuestDebugSetup {
         Ok(())
     }
 
+    fn loads_hardware(&self) -> bool {
+        self.hardware.iter().any(Option::is_some)
+    }
+
     fn injecting(&self) -> bool {
         self.inject_breakpoint || self.inject_debug
     }
