@@ -43,6 +43,14 @@ pub enum ProbingError {
     Unsupported(&'static str),
 }
 
+/// A failed vCPU call made for the engine (a register ioctl), as the engine's [`VcpuError`].
+pub(crate) fn vcpu_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+    move |e| VcpuError::Call {
+        what,
+        source: std::io::Error::from_raw_os_error(e.errno()),
+    }
+}
+
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> ProbingError {
     move |source| ProbingError::Kvm { what, source }
 }

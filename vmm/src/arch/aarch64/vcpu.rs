@@ -10,6 +10,8 @@ use kvm_ioctls::VcpuFd;
 use probe_core::arch::aarch64::{Aarch64, CpuFeatures, Registers};
 use probe_core::vm::{VcpuAccess, VcpuError};
 
+use crate::probing::vcpu_call;
+
 use crate::arch::{AnchorTable, KaslrAnchor};
 use crate::probing::{PausedState, ProbingError};
 
@@ -288,7 +290,7 @@ impl<'a> KvmVcpu<'a> {
     fn cached_control(&mut self) -> Result<&mut Registers, VcpuError> {
         if self.cache.is_none() {
             let (r, reads) =
-                read_control(self.fd, Some(self.pc)).map_err(vm_err("KVM_GET_ONE_REG"))?;
+                read_control(self.fd, Some(self.pc)).map_err(vcpu_call("KVM_GET_ONE_REG"))?;
             self.reads += reads;
             self.cache = Some(r);
         }
@@ -300,18 +302,11 @@ impl<'a> KvmVcpu<'a> {
         if !self.complete {
             let fd: &VcpuFd = self.fd;
             let r = self.cache.as_mut().expect("filled above");
-            read_general(fd, r).map_err(vm_err("KVM_GET_ONE_REG"))?;
+            read_general(fd, r).map_err(vcpu_call("KVM_GET_ONE_REG"))?;
             self.reads += r.x.len() as u64;
             self.complete = true;
         }
         Ok(self.cache.clone().expect("filled above"))
-    }
-}
-
-fn vm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
-    move |e| VcpuError::Call {
-        what,
-        source: std::io::Error::from_raw_os_error(e.errno()),
     }
 }
 
@@ -351,7 +346,7 @@ impl VcpuAccess<Aarch64> for KvmVcpu<'_> {
         let mut w = |id: u64, new: u64, old: u64| -> Result<(), VcpuError> {
             if new != old {
                 writes += 1;
-                set(self.fd, id, new).map_err(vm_err("KVM_SET_ONE_REG"))?;
+                set(self.fd, id, new).map_err(vcpu_call("KVM_SET_ONE_REG"))?;
             }
             Ok(())
         };

@@ -7,6 +7,8 @@ use kvm_ioctls::{SyncReg, VcpuFd};
 use probe_core::arch::x86_64::{Registers, X86_64};
 use probe_core::vm::{VcpuAccess, VcpuError};
 
+use crate::probing::vcpu_call;
+
 use super::debug::{registers_from_kvm, registers_to_kvm};
 use crate::arch::KaslrAnchor;
 use crate::probing::{PausedState, ProbingError};
@@ -22,13 +24,6 @@ pub const KASLR_ANCHOR: KaslrAnchor = KaslrAnchor {
     align: 2 << 20,
     alternates: &[],
 };
-
-fn err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
-    move |e| VcpuError::Call {
-        what,
-        source: std::io::Error::from_raw_os_error(e.errno()),
-    }
-}
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> ProbingError {
     move |source| ProbingError::Kvm { what, source }
@@ -73,8 +68,8 @@ impl VcpuAccess<X86_64> for KvmVcpu<'_> {
             return Ok(registers_from_kvm(&s.regs, &s.sregs));
         }
         self.reads += 2;
-        let r = self.fd.get_regs().map_err(err("KVM_GET_REGS"))?;
-        let s = self.fd.get_sregs().map_err(err("KVM_GET_SREGS"))?;
+        let r = self.fd.get_regs().map_err(vcpu_call("KVM_GET_REGS"))?;
+        let s = self.fd.get_sregs().map_err(vcpu_call("KVM_GET_SREGS"))?;
         Ok(registers_from_kvm(&r, &s))
     }
 
@@ -86,19 +81,19 @@ impl VcpuAccess<X86_64> for KvmVcpu<'_> {
             return Ok(());
         }
         self.writes += 1;
-        self.fd.set_regs(&r).map_err(err("KVM_SET_REGS"))
+        self.fd.set_regs(&r).map_err(vcpu_call("KVM_SET_REGS"))
     }
 
     fn block_interrupts_once(&mut self) -> Result<(), VcpuError> {
         let mut events = self
             .fd
             .get_vcpu_events()
-            .map_err(err("KVM_GET_VCPU_EVENTS"))?;
+            .map_err(vcpu_call("KVM_GET_VCPU_EVENTS"))?;
         events.interrupt.shadow = kvm_bindings::KVM_X86_SHADOW_INT_STI as u8;
         events.flags |= kvm_bindings::KVM_VCPUEVENT_VALID_SHADOW;
         self.fd
             .set_vcpu_events(&events)
-            .map_err(err("KVM_SET_VCPU_EVENTS"))
+            .map_err(vcpu_call("KVM_SET_VCPU_EVENTS"))
     }
 }
 
