@@ -5,14 +5,14 @@
 mod common;
 
 use common::{
-    Guests, assert_has, explain, fnv1a, guest_arch, hvprobe, hvprobe_in, kernel_release_suffix,
-    text,
+    Guests, Run, assert_has, explain, fnv1a, guest_arch, hvprobe, hvprobe_in,
+    kernel_release_suffix, text,
 };
 use hvprobe_guest::GuestArch;
-use std::process::Output;
+use hvprobe_vmm::summary::OutcomeKind;
 
-fn boot(vcpus: &str, exec: &str, timeout: &str) -> Output {
-    hvprobe(&[
+fn boot(vcpus: &str, exec: &str, timeout: &str) -> Run {
+    Run::new(&[
         "run",
         "--vcpus",
         vcpus,
@@ -96,19 +96,27 @@ fn workloads_run_and_the_kernel_computes_right_results() {
 
 fn a_guest_kernel_panic_is_reported() {
     let out = boot("1", "echo c > /proc/sysrq-trigger; sleep 60", "200");
-    let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "{}", explain(&out));
-    assert_has(&stderr, "guest kernel panicked", &out);
-    // The reported panic line names the cause.
-    assert_has(&stderr, "sysrq triggered crash", &out);
+    let outcome = &out.summary().outcome;
+    assert_eq!(outcome.kind, OutcomeKind::Panicked, "{}", explain(&out));
+    // The panic line names the cause, and the user is told it.
+    let line = outcome.detail.as_deref().unwrap_or_default();
+    assert!(line.contains("sysrq triggered crash"), "{}", explain(&out));
+    assert_has(
+        &text(&out.stderr),
+        &format!("guest kernel panicked: {line}"),
+        &out,
+    );
 }
 
 fn a_hung_guest_is_stopped_at_the_timeout() {
     let out = boot("1", "echo hanging; sleep 100000", "40");
-    let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(124), "{}", explain(&out));
     assert_has(&text(&out.stdout), "hanging", &out);
-    assert_has(&stderr, "did not finish within 40 s", &out);
+    let outcome = &out.summary().outcome;
+    assert_eq!(outcome.kind, OutcomeKind::TimedOut, "{}", explain(&out));
+    assert_eq!(outcome.detail.as_deref(), Some("40 s"));
+    assert_has(&text(&out.stderr), "did not finish within 40 s", &out);
 }
 
 fn bad_inputs_get_one_clear_error_each() {

@@ -5,6 +5,7 @@
 use std::ops::Deref;
 use std::process::{Command, Output};
 
+use hvprobe_vmm::refusal::{RefusalStage, RefusedProbe};
 use hvprobe_vmm::summary::{ProbeSummary, RunSummary};
 
 pub const HVPROBE: &str = env!("CARGO_BIN_EXE_hvprobe");
@@ -235,6 +236,33 @@ impl Run {
             .iter()
             .find(|p| p.location == location)
             .unwrap_or_else(|| panic!("no probe {location}\n{}", explain(&self.out)))
+    }
+
+    /// The refusal of the probe whose location is `location` (as given, or as the engine
+    /// names it), at resolution or planting.
+    #[track_caller]
+    pub fn refusal(&self, location: &str) -> &RefusedProbe {
+        let refused = &self.summary().refused;
+        refused
+            .iter()
+            .find(|r| r.location == location)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no refusal of {location} in {refused:?}\n{}",
+                    explain(&self.out)
+                )
+            })
+    }
+
+    /// Asserts the probe at `location` was refused at `stage` for a reason that says `why`.
+    #[track_caller]
+    pub fn assert_refused(&self, location: &str, stage: RefusalStage, why: &str) {
+        let r = self.refusal(location);
+        assert!(
+            r.stage == stage && r.reason.contains(why),
+            "{r:?} is not a refusal at {stage:?} for \"{why}\"\n{}",
+            explain(&self.out)
+        );
     }
 
     /// Asserts the kernel text came back byte-for-byte after the probes were removed.

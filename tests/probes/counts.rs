@@ -1,12 +1,29 @@
 //! Counting hits: one probe, two vCPUs, chained probes, hardware breakpoints, KASLR guests.
 
 use super::*;
+use hvprobe_vmm::summary::TrapName;
 
 pub(super) fn a_getpid_probe_counts_the_workload_calls_and_prints_each_hit() {
     let out = run_probed("1", "getpid-loop 2000", &["__x64_sys_getpid"], &[]);
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
     // The runner's emulator must deliver int3 exits: the self-test says so, or this fails.
-    assert_has(&text(&out.stderr), "trap self-test: int3 exits yes", &out);
+    let traps = out
+        .summary()
+        .self_test
+        .as_ref()
+        .expect("a self-test verdict");
+    assert!(
+        traps.breakpoint.ok && traps.single_step.ok && traps.probes_use == TrapName::Int3,
+        "{traps:?}"
+    );
+    // Every hit was vCPU 0's, and none of its debug exits was the guest's own.
+    let vcpu0 = &out.summary().vcpus[0];
+    assert_eq!(
+        vcpu0.site_hits,
+        out.probe("__x64_sys_getpid").hits,
+        "{vcpu0:?}"
+    );
+    assert_eq!(vcpu0.handed_back, 0, "{vcpu0:?}");
     let (plan, hits, missed, errors) = summary(&out, "__x64_sys_getpid");
     assert!(
         (2000..=2000 + OTHER_GETPID_CALLERS).contains(&hits),
@@ -80,7 +97,24 @@ pub(super) fn two_vcpus_hitting_one_probe_are_all_counted() {
             "{loc}: both vCPUs hit it (cpu0 {cpu0}, cpu1 {cpu1})"
         );
     }
+    assert_vcpus_share_the_hits(&out, 1000);
     assert_text_restored(&out);
+}
+
+/// Asserts the summary's per-vCPU counts add up to the probes' hits (one probe a site) and
+/// that each vCPU hit at least `least` sites.
+#[track_caller]
+fn assert_vcpus_share_the_hits(out: &Run, least: u64) {
+    let s = out.summary();
+    let hits: u64 = s.probes.iter().map(|p| p.hits).sum();
+    let per_vcpu: Vec<u64> = s.vcpus.iter().map(|v| v.site_hits).collect();
+    assert_eq!(per_vcpu.iter().sum::<u64>(), hits, "{:?}", s.vcpus);
+    assert!(
+        per_vcpu.len() == 2 && per_vcpu.iter().all(|&h| h >= least),
+        "{:?}\n{}",
+        s.vcpus,
+        explain(&out.out)
+    );
 }
 
 pub(super) fn arm64_getpid_probes_count_every_call_with_one_exit_for_two_chained_probes() {
@@ -93,9 +127,20 @@ pub(super) fn arm64_getpid_probes_count_every_call_with_one_exit_for_two_chained
         &[],
     );
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
-    let stderr = text(&out.stderr);
-    assert_has(&stderr, "brk exits yes, step yes, hw breakpoints ", &out);
-    assert_has(&stderr, "reinjection yes; probes use brk", &out);
+    let traps = out
+        .summary()
+        .self_test
+        .as_ref()
+        .expect("a self-test verdict");
+    assert!(
+        traps.breakpoint.ok
+            && traps.single_step.ok
+            && traps.hardware.ok
+            && traps.hardware_count > 0
+            && traps.reinjection.as_ref().is_some_and(|r| r.ok)
+            && traps.probes_use == TrapName::Brk,
+        "{traps:?}"
+    );
     for loc in ["__arm64_sys_getpid", second.as_str()] {
         let p = out.probe(loc);
         assert!(
@@ -164,6 +209,7 @@ pub(super) fn arm64_two_vcpus_hitting_one_probe_are_all_counted() {
         "{}",
         explain(&out)
     );
+    assert_vcpus_share_the_hits(&out, 500);
     out.assert_text_restored();
 }
 

@@ -565,7 +565,6 @@ fn random_sweep(
     args.extend_from_slice(extra);
     let out = run_probed("2", SWEEP_WORKLOAD, &probes, &args);
     let stdout = text(&out.stdout);
-    let stderr = text(&out.stderr);
     let describe = || {
         picks
             .iter()
@@ -588,18 +587,15 @@ fn random_sweep(
         if let Some(p) = out.summary().probes.iter().find(|p| p.location == *loc) {
             planted += 1;
             hit += u64::from(p.hits > 0);
-        } else if stderr
-            .lines()
-            .any(|l| l.starts_with("hvprobe: skipped refused probe: ") && l.contains(loc.as_str()))
-        {
+        } else if out.summary().refused.iter().any(|r| r.location == *loc) {
             refused += 1;
         } else {
             panic!("{loc}: neither planted nor refused\n{}", explain(&out));
         }
     }
     eprintln!("sweep: seed {seed}: {planted} planted ({hit} hit), {refused} refused of {n}");
-    for l in stderr.lines().filter(|l| l.starts_with("hvprobe: skipped")) {
-        eprintln!("sweep: {l}");
+    for r in &out.summary().refused {
+        eprintln!("sweep: refused {r}");
     }
     assert_eq!(planted + refused, n);
     assert!(

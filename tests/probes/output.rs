@@ -62,12 +62,13 @@ pub(super) fn kprobe_event_definitions_fetch_arguments_from_guest_memory() {
     );
 
     // A definition that does not parse: the column is shown, nothing runs.
-    let out = run_probed("1", "true", &["p:hv/open do_sys_openat2 x=+8(%di"], &[]);
-    assert_eq!(out.status.code(), Some(1), "{}", explain(&out));
-    assert_has(
-        &text(&out.stderr),
+    let def = "p:hv/open do_sys_openat2 x=+8(%di";
+    let out = run_probed("1", "true", &[def], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", explain(&out));
+    out.assert_refused(
+        def,
+        hvprobe_vmm::refusal::RefusalStage::Resolution,
         "bad probe definition at column 34: expected ')'",
-        &out,
     );
 }
 

@@ -1,6 +1,7 @@
 //! Every step plan on the running kernel: the values the guest computes stay right.
 
 use super::*;
+use hvprobe_vmm::refusal::RefusalStage;
 
 pub(super) fn every_step_plan_keeps_the_kernel_computing_right_results() {
     let k = KernelText::load();
@@ -219,17 +220,16 @@ pub(super) fn boundaries_are_walked_past_instructions_capstone_lacks_and_stop_at
         &format!("p:kprobes/hvt {func}+{}", kp_off),
         &out,
     );
-    let stderr = text(&out.stderr);
-    assert_has(
-        &stderr,
-        &format!(
-            "skipped refused probe: {inside}: offset {:#x} is not on an instruction boundary",
-            kp_off + 1
-        ),
-        &out,
+    out.assert_refused(
+        &inside,
+        RefusalStage::Planting,
+        &format!("offset {:#x} is not on an instruction boundary", kp_off + 1),
     );
-    assert_has(&stderr, &format!("skipped refused probe: {at}: "), &out);
-    assert_has(&stderr, "is at the guest's own kprobe at", &out);
+    out.assert_refused(
+        &at,
+        RefusalStage::Planting,
+        "is at the guest's own kprobe at",
+    );
     assert_eq!(out.probe(&after).location, after);
     assert_text_restored(&out);
 }
@@ -409,27 +409,20 @@ pub(super) fn bad_user_pointers_through_probed_user_copy_paths_fail_with_efault_
         ),
         &out,
     );
-    let stderr = text(&out.stderr);
-    let skipped = stderr
-        .lines()
-        .filter(|l| l.starts_with("hvprobe: skipped refused probe: "))
+    let refused = &out.summary().refused;
+    let skipped = refused.len();
+    let for_extable = refused
+        .iter()
+        .filter(|r| r.reason.contains("exception table (__ex_table)"))
         .count();
     let slot_exceptions = out.summary().exits.slot_exceptions;
     match guest_arch() {
-        GuestArch::X86_64 => assert!(
-            stderr.contains("exception table (__ex_table)"),
-            "{}",
-            explain(&out)
-        ),
+        GuestArch::X86_64 => assert!(for_extable > 0, "{}", explain(&out)),
         // 30 runs, each with at least four bad pointers faulting in a probed user access
         // (read into and write from an unmapped page, the NULL names, stat and getcwd into
         // an unmapped page), every fault rewound.
         GuestArch::Aarch64 => {
-            assert!(
-                !stderr.contains("exception table (__ex_table)"),
-                "{}",
-                explain(&out)
-            );
+            assert_eq!(for_extable, 0, "{}", explain(&out));
             assert!(slot_exceptions >= 4 * 30, "{}", explain(&out));
         }
     }
@@ -447,8 +440,8 @@ pub(super) fn bad_user_pointers_through_probed_user_copy_paths_fail_with_efault_
         "user-copy probes: {} instructions, {planted} planted, {skipped} refused, {hits} hits, {slot_exceptions} faults in slots rewound",
         probes.len()
     );
-    for l in stderr.lines().filter(|l| l.starts_with("hvprobe: skipped")) {
-        eprintln!("user-copy: {l}");
+    for r in refused {
+        eprintln!("user-copy: refused {r}");
     }
     assert_text_restored(&out);
 }

@@ -1,12 +1,19 @@
 //! Bad probes and refused instructions: named, and nothing left in the guest.
 
 use super::*;
+use hvprobe_vmm::refusal::RefusalStage;
+use hvprobe_vmm::summary::OutcomeKind;
 
 pub(super) fn bad_probes_are_refused_and_leave_the_guest_unchanged() {
     // Unknown symbol: refused before any VM starts.
     let out = run_probed("1", "true", &["no_such_function_hvprobe"], &[]);
-    assert_eq!(out.status.code(), Some(1), "{}", explain(&out));
-    assert_has(&text(&out.stderr), "no_such_function_hvprobe", &out);
+    assert_eq!(out.status.code(), Some(2), "{}", explain(&out));
+    out.assert_refused(
+        "no_such_function_hvprobe",
+        RefusalStage::Resolution,
+        "no_such_function_hvprobe",
+    );
+    assert_eq!(out.summary().outcome.kind, OutcomeKind::ProbeRefused);
     assert!(!text(&out.stdout).contains(hvprobe_guest::INIT_READY_MARKER));
 
     let k = KernelText::load();
@@ -25,10 +32,16 @@ pub(super) fn bad_probes_are_refused_and_leave_the_guest_unchanged() {
         &[],
     );
     assert_eq!(out.status.code(), Some(2), "{}", explain(&out));
-    let stderr = text(&out.stderr);
-    assert_has(&stderr, "not on an instruction boundary", &out);
-    assert_has(&stderr, &insn.text, &out);
-    assert_has(&stderr, "no probe was left in the guest", &out);
+    out.assert_refused(
+        &inside,
+        RefusalStage::Planting,
+        "not on an instruction boundary",
+    );
+    out.assert_refused(&inside, RefusalStage::Planting, &insn.text);
+    assert_eq!(out.summary().refused.len(), 1, "{}", explain(&out));
+    // What the user reads says that nothing stayed behind (the summary's restored text hash
+    // below is the proof).
+    assert_has(&text(&out.stderr), "no probe was left in the guest", &out);
     assert!(
         !text(&out.stdout).contains("SHOULD-NOT-RUN\n"),
         "{}",
@@ -42,7 +55,11 @@ pub(super) fn bad_probes_are_refused_and_leave_the_guest_unchanged() {
     });
     let out = run_probed("1", "true", &[&sysret], &[]);
     assert_eq!(out.status.code(), Some(2), "{}", explain(&out));
-    assert_has(&text(&out.stderr), "refusing to probe `sysretq`", &out);
+    out.assert_refused(
+        &sysret,
+        RefusalStage::Planting,
+        "refusing to probe `sysretq`",
+    );
     assert_text_restored(&out);
 }
 
@@ -73,22 +90,36 @@ pub(super) fn every_refused_probe_is_named_in_one_pass_and_skip_refused_plants_t
         "p:hv/bad do_sys_openat2 x=%nosuchreg",
     ]);
     let out = run_probed("1", "true", &[], &["-f", f]);
-    assert_eq!(out.status.code(), Some(1), "{}", explain(&out));
-    let stderr = text(&out.stderr);
-    assert_has(&stderr, "no_such_function_hvprobe_a", &out);
-    assert_has(&stderr, "no_such_function_hvprobe_b", &out);
-    assert_has(&stderr, "%nosuchreg", &out);
+    assert_eq!(out.status.code(), Some(2), "{}", explain(&out));
+    let resolution = RefusalStage::Resolution;
+    out.assert_refused(
+        "no_such_function_hvprobe_a",
+        resolution,
+        "no_such_function_hvprobe_a",
+    );
+    out.assert_refused(
+        "no_such_function_hvprobe_b+0x4",
+        resolution,
+        "no_such_function_hvprobe_b",
+    );
+    out.assert_refused(
+        "p:hv/bad do_sys_openat2 x=%nosuchreg",
+        resolution,
+        "%nosuchreg",
+    );
+    assert_eq!(out.summary().refused.len(), 3, "{}", explain(&out));
     assert!(!text(&out.stdout).contains(hvprobe_guest::INIT_READY_MARKER));
 
     // Refusals found at planting (instruction checks): all of them, nothing left planted.
     write(&["__x64_sys_getpid", &inside, &sysret]);
     let out = run_probed("1", "echo SHOULD-NOT-RUN", &[], &["-f", f]);
     assert_eq!(out.status.code(), Some(2), "{}", explain(&out));
-    let stderr = text(&out.stderr);
-    assert_has(&stderr, "2 probes refused", &out);
-    assert_has(&stderr, "not on an instruction boundary", &out);
-    assert_has(&stderr, &insn.text, &out);
-    assert_has(&stderr, "refusing to probe `sysretq`", &out);
+    let planting = RefusalStage::Planting;
+    out.assert_refused(&inside, planting, "not on an instruction boundary");
+    out.assert_refused(&inside, planting, &insn.text);
+    out.assert_refused(&sysret, planting, "refusing to probe `sysretq`");
+    assert_eq!(out.summary().refused.len(), 2, "{}", explain(&out));
+    assert!(out.summary().probes.is_empty(), "nothing stays planted");
     assert!(!text(&out.stdout).contains("SHOULD-NOT-RUN\n"));
     assert_text_restored(&out);
 
@@ -108,15 +139,20 @@ pub(super) fn every_refused_probe_is_named_in_one_pass_and_skip_refused_plants_t
     );
     std::fs::remove_file(&file).ok();
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
-    let stderr = text(&out.stderr);
-    let skipped: Vec<&str> = stderr
+    assert_eq!(out.summary().refused.len(), 3, "{}", explain(&out));
+    out.assert_refused(
+        "no_such_function_hvprobe_a",
+        resolution,
+        "no_such_function_hvprobe_a",
+    );
+    out.assert_refused(&inside, planting, "not on an instruction boundary");
+    out.assert_refused(&sysret, planting, "refusing to probe `sysretq`");
+    // Each skipped probe is also named where the user looks while the run goes on.
+    let skipped = text(&out.stderr)
         .lines()
         .filter(|l| l.starts_with("hvprobe: skipped refused probe: "))
-        .collect();
-    assert_eq!(skipped.len(), 3, "{}", explain(&out));
-    assert_has(&stderr, "no_such_function_hvprobe_a", &out);
-    assert_has(&stderr, "not on an instruction boundary", &out);
-    assert_has(&stderr, "refusing to probe `sysretq`", &out);
+        .count();
+    assert_eq!(skipped, 3, "{}", explain(&out));
     let (_, hits, _, _) = summary(&out, "__x64_sys_getpid");
     assert!((50..50 + OTHER_GETPID_CALLERS).contains(&hits), "{hits}");
     assert_text_restored(&out);
@@ -131,7 +167,7 @@ pub(super) fn an_instruction_with_an_exception_table_entry_is_refused_by_name() 
     });
     let out = run_probed("1", "echo SHOULD-NOT-RUN", &["__x64_sys_getpid", &rep], &[]);
     assert_eq!(out.status.code(), Some(2), "{}", explain(&out));
-    assert_has(&text(&out.stderr), "exception table (__ex_table)", &out);
+    out.assert_refused(&rep, RefusalStage::Planting, "exception table (__ex_table)");
     assert!(
         !text(&out.stdout).contains("SHOULD-NOT-RUN\n"),
         "{}",
@@ -152,12 +188,16 @@ pub(super) fn arm64_refusals_name_the_instruction_and_plant_nothing() {
         &[],
     );
     assert_eq!(out.status.code(), Some(2), "{}", explain(&out));
-    let stderr = text(&out.stderr);
-    assert_has(&stderr, "2 probes refused", &out);
-    assert_has(&stderr, "refusing to probe `wfi`", &out);
-    assert_has(&stderr, "it is a hint that waits", &out);
-    assert_has(&stderr, "not on an instruction boundary", &out);
-    assert_has(&stderr, "no probe was left in the guest", &out);
+    let planting = RefusalStage::Planting;
+    out.assert_refused(&refused, planting, "refusing to probe `wfi`");
+    out.assert_refused(&refused, planting, "it is a hint that waits");
+    out.assert_refused(
+        "__arm64_sys_getpid+0x2",
+        planting,
+        "not on an instruction boundary",
+    );
+    assert_eq!(out.summary().refused.len(), 2, "{}", explain(&out));
+    assert!(out.summary().probes.is_empty(), "nothing stays planted");
     assert!(!text(&out.stdout).contains("SHOULD-NOT-RUN\n"));
     out.assert_text_restored();
 }
@@ -178,14 +218,7 @@ pub(super) fn arm64_text_that_runs_at_another_address_is_refused_by_name_and_cpu
     );
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
     assert_has(&text(&out.stdout), "online=0-1\n", &out);
-    let skipped = &out.summary().skipped;
-    assert!(
-        skipped
-            .iter()
-            .any(|s| s.contains("secondary_startup") && s.contains(".idmap.text")),
-        "{skipped:?}\n{}",
-        explain(&out)
-    );
+    out.assert_refused("secondary_startup", RefusalStage::Resolution, ".idmap.text");
     assert!(out.probe(&getpid).hits >= 10, "{}", explain(&out));
     out.assert_text_restored();
 }
@@ -202,13 +235,33 @@ pub(super) fn a_guest_kernel_fault_report_while_probes_are_in_fails_the_run_and_
     );
     assert_eq!(out.status.code(), Some(125), "{}", explain(&out));
     assert_has(&text(&out.stdout), "after-report", &out);
-    let stderr = text(&out.stderr);
+    let summary = out.summary();
+    let report = "WARNING: CPU: 0 PID: 1 at hvprobe/fault-test.c:1";
+    assert_eq!(
+        summary.outcome.kind,
+        OutcomeKind::KernelFault,
+        "{}",
+        explain(&out)
+    );
+    assert!(
+        summary
+            .outcome
+            .detail
+            .as_deref()
+            .is_some_and(|d| d.starts_with(report))
+            && summary
+                .faults_with_probes
+                .first()
+                .is_some_and(|f| f.starts_with(report)),
+        "{}",
+        explain(&out)
+    );
+    assert!(out.probe(&sys("getpid")).hits >= 10, "{}", explain(&out));
+    // The user's report names the probes that were in (the summary carries them as data).
     assert_has(
-        &stderr,
-        "the guest kernel reported a fault while probes were in: WARNING: CPU: 0 PID: 1 at hvprobe/fault-test.c:1",
+        &text(&out.stderr),
+        &format!("probes in at the time:\n  {} at 0x", sys("getpid")),
         &out,
     );
-    assert_has(&stderr, "probes in at the time:", &out);
-    assert_has(&stderr, &format!("  {} at 0x", sys("getpid")), &out);
     assert_text_restored(&out);
 }

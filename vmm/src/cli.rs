@@ -22,8 +22,9 @@ pub use crate::job::{
     DEFAULT_EXEC_TIMEOUT_SECS, Job, ResolvedProbe, ResolvedProbes, RunnerChoice, TrapChoice,
     read_btf,
 };
-use crate::machine::{self, Outcome, ProbeSetup, RunOptions, RunReport};
+use crate::machine::{self, Outcome, ProbeReport, ProbeSetup, RunOptions, RunReport};
 use crate::output::TraceOutput;
+use crate::refusal::{RefusedProbe, refusal_list};
 use crate::report::RetvalHistogram;
 use crate::runner;
 use crate::selftest::{self, TrapSupport};
@@ -195,12 +196,42 @@ fn run(args: &Job) -> Result<i32> {
         },
     };
     let args = args.resolve_guest()?;
-    // Unknown symbols and bad syntax fail here, before any VM starts.
-    args.resolve_probes()?;
+    // Unknown symbols and bad syntax end the run here, before any VM starts.
+    if let Some(resolved) = args.resolve_probes()?
+        && !resolved.refused.is_empty()
+        && !args.skip_refused
+    {
+        return refused_before_run(&args, resolved.refused);
+    }
     if !on_host {
         return runner::run_emulated(&args).map_err(Into::into);
     }
     run_on_host(&args)
+}
+
+/// Ends a run whose probes were refused at resolution: names each on stderr, writes the
+/// summary (outcome `probe-refused`, the refusals) when one is asked for, and returns the
+/// refusal's exit status. No VM was started.
+fn refused_before_run(args: &Job, refused: Vec<RefusedProbe>) -> Result<i32> {
+    let list = refusal_list(&refused);
+    eprintln!("hvprobe: {list}");
+    eprintln!("hvprobe: no VM was started");
+    let report = RunReport {
+        outcome: Outcome::ProbeRefused(list),
+        boot_to_init: None,
+        run_time: std::time::Duration::ZERO,
+        console_tail: Vec::new(),
+        faults_with_probes: Vec::new(),
+        probes: Some(ProbeReport {
+            refused,
+            ..ProbeReport::default()
+        }),
+    };
+    let code = report.outcome.exit_code();
+    if let Some(path) = &args.summary_json {
+        write_summary(path, &RunSummary::new(&report, code))?;
+    }
+    Ok(code)
 }
 
 /// XOL code pages reserved for a run with probes (128 slots a page).
@@ -262,6 +293,9 @@ fn probe_setup(
     else {
         return Ok(None);
     };
+    if !refused.is_empty() && !args.skip_refused {
+        bail!("{}", refusal_list(&refused));
+    }
     for r in &refused {
         eprintln!("hvprobe: skipped refused probe: {r}");
     }
@@ -355,7 +389,8 @@ fn probe_setup(
             .map(|s| s.addr),
         slide,
         skip_refused: args.skip_refused,
-        skipped: refused,
+        refused,
+        traps: (support, trap),
         max_rate: args.max_rate,
         guest_kprobes,
     }))

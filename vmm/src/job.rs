@@ -3,6 +3,7 @@
 //! emulated runner hands one (as JSON) to the hvprobe inside L1, and both run it the same way.
 
 use crate::platform::platform;
+use crate::refusal::RefusedProbe;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -136,9 +137,9 @@ pub struct ResolvedProbes {
     pub map: SymbolMap,
     /// Each probe that resolved, in the order given.
     pub targets: Vec<ResolvedProbe>,
-    /// Each probe that did not (only with `--skip-refused`; otherwise resolution fails),
-    /// with the reason.
-    pub refused: Vec<String>,
+    /// Each probe that did not, with the reason: skipped with `--skip-refused`, otherwise
+    /// the run ends before any VM starts.
+    pub refused: Vec<RefusedProbe>,
 }
 
 /// One resolved `--probe`.
@@ -180,10 +181,10 @@ fn resolve_probe(
     arch: hvprobe_guest::GuestArch,
 ) -> Result<ResolvedProbe> {
     let definition = if is_definition(p) {
-        let d = ProbeDefinition::parse(p).map_err(|e| anyhow::anyhow!("--probe {p}: {e}"))?;
+        let d = ProbeDefinition::parse(p).map_err(|e| anyhow::anyhow!("{e}"))?;
         let unknown = (platform(arch).unknown_register)(&d);
         if let Some(r) = unknown {
-            bail!("--probe {p}: unknown register %{r} for {arch} guests");
+            bail!("unknown register %{r} for {arch} guests");
         }
         Some(d)
     } else {
@@ -192,12 +193,10 @@ fn resolve_probe(
     let location = definition
         .as_ref()
         .map_or_else(|| p.to_string(), |d| d.location_text());
-    let (va, sym) = map
-        .resolve(&location)
-        .with_context(|| format!("--probe {p}"))?;
+    let (va, sym) = map.resolve(&location)?;
     if let Some(r) = map.relocated_text(va) {
         bail!(
-            "--probe {p}: refusing {location} at {va:#x}, in {}: {}",
+            "refusing {location} at {va:#x}, in {}: {}",
             r.section,
             r.why
         );
@@ -335,9 +334,9 @@ impl Job {
         refusals(bad, "probe file line(s)")
     }
 
-    /// Resolves every `--probe` against the System.map, before anything runs. A probe that
-    /// does not resolve (bad syntax, unknown symbol, offset past the symbol) fails the run,
-    /// with every such probe named, unless `--skip-refused` is given.
+    /// Resolves every `--probe` against the System.map, before anything runs. Each probe that
+    /// does not resolve (bad syntax, unknown symbol, offset past the symbol) is listed in
+    /// [`ResolvedProbes::refused`], all of them in one pass.
     pub fn resolve_probes(&self) -> Result<Option<ResolvedProbes>> {
         if self.probes.is_empty() {
             return Ok(None);
@@ -355,11 +354,8 @@ impl Job {
         for p in &self.probes {
             match resolve_probe(&map, p, self.guest_arch()) {
                 Ok(t) => targets.push(t),
-                Err(e) => refused.push(format!("{e:#}")),
+                Err(e) => refused.push(RefusedProbe::at_resolution(p.as_str(), format!("{e:#}"))),
             }
-        }
-        if !self.skip_refused {
-            refusals(std::mem::take(&mut refused), "probe(s) refused")?;
         }
         // The guest's architecture's breakpoints, not the host's: an arm64 guest in the
         // runner on an x86_64 host has up to 16.

@@ -13,6 +13,7 @@ pub mod machine;
 pub mod output;
 pub mod platform;
 pub mod probing;
+pub mod refusal;
 pub mod report;
 pub mod runner;
 pub mod selftest;

@@ -14,8 +14,14 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use vmm_sys_util::eventfd::EventFd;
+
 /// How long hit lines wait for the guest to finish a console line.
 pub const HOLD_LIMIT: Duration = Duration::from_secs(2);
+/// How long console bytes of an unfinished line (a prompt) wait in stdout's line buffer
+/// before they are flushed: the guest writes a byte per exit, so flushing at each would cost
+/// a system call per byte.
+pub const FLUSH_DELAY: Duration = Duration::from_millis(10);
 
 /// The trace output of a run, shared by the vCPU threads (hit lines), the serial port (the
 /// console, when it goes to the same terminal) and the end-of-run report.
@@ -30,6 +36,11 @@ struct OutputState {
     console_line_opened: Option<Instant>,
     /// Trace lines waiting for the console line to end.
     held: Vec<u8>,
+    /// Since when console bytes of an open line wait in stdout's buffer, if any do.
+    unflushed_since: Option<Instant>,
+    /// Written when the output starts needing a [`TraceOutput::tick`] (bytes to flush, lines
+    /// held), so that the run loop, which sleeps until its next deadline, sets one.
+    wake: Option<EventFd>,
 }
 
 enum Target {
@@ -59,8 +70,16 @@ impl TraceOutput {
                 target,
                 console_line_opened: None,
                 held: Vec::new(),
+                unflushed_since: None,
+                wake: None,
             }),
         })
+    }
+
+    /// Has `evt` written each time the output starts needing a [`TraceOutput::tick`] at
+    /// [`TraceOutput::next_due`].
+    pub fn set_wake(&self, evt: EventFd) {
+        self.lock().wake = Some(evt);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, OutputState> {
@@ -81,6 +100,9 @@ impl TraceOutput {
                     .console_line_opened
                     .is_some_and(|t| t.elapsed() < HOLD_LIMIT)
                 {
+                    if st.held.is_empty() {
+                        st.wake();
+                    }
                     st.held.extend_from_slice(line.as_bytes());
                     return;
                 }
@@ -110,20 +132,47 @@ impl TraceOutput {
             st.console_line_opened = None;
             st.release_held(&mut out);
             let _ = out.flush();
-        } else if st.console_line_opened.is_none() || bytes.contains(&b'\n') {
-            st.console_line_opened = Some(Instant::now());
+            st.unflushed_since = None;
+        } else {
+            if st.console_line_opened.is_none() || bytes.contains(&b'\n') {
+                st.console_line_opened = Some(Instant::now());
+            }
+            if st.unflushed_since.is_none() {
+                st.unflushed_since = Some(Instant::now());
+                st.wake();
+            }
         }
     }
 
-    /// Called on the main loop's tick: an open console line (a prompt) is shown, and trace
-    /// lines held past [`HOLD_LIMIT`] go out.
+    /// When [`TraceOutput::tick`] has work next: flushing an unfinished console line (a
+    /// prompt) or releasing trace lines held past [`HOLD_LIMIT`]; `None` when nothing waits.
+    pub fn next_due(&self) -> Option<Instant> {
+        let st = self.lock();
+        let flush = st.unflushed_since.map(|t| t + FLUSH_DELAY);
+        let release = st
+            .console_line_opened
+            .filter(|_| !st.held.is_empty())
+            .map(|t| t + HOLD_LIMIT);
+        flush.into_iter().chain(release).min()
+    }
+
+    /// Called by the run loop at [`TraceOutput::next_due`]: an unfinished console line (a
+    /// prompt) is shown, and trace lines held past [`HOLD_LIMIT`] go out.
     pub fn tick(&self) {
         let mut st = self.lock();
-        if let Some(opened) = st.console_line_opened {
-            let mut out = io::stdout().lock();
-            if opened.elapsed() >= HOLD_LIMIT {
-                st.release_held(&mut out);
-            }
+        let mut out = io::stdout().lock();
+        if st
+            .unflushed_since
+            .is_some_and(|t| t.elapsed() >= FLUSH_DELAY)
+        {
+            st.unflushed_since = None;
+            let _ = out.flush();
+        }
+        if st
+            .console_line_opened
+            .is_some_and(|t| t.elapsed() >= HOLD_LIMIT)
+        {
+            st.release_held(&mut out);
             let _ = out.flush();
         }
     }
@@ -134,6 +183,7 @@ impl TraceOutput {
         let mut out = io::stdout().lock();
         st.release_held(&mut out);
         st.console_line_opened = None;
+        st.unflushed_since = None;
         let _ = out.flush();
         if let Target::File(f) = &mut st.target {
             let _ = f.flush();
@@ -142,6 +192,13 @@ impl TraceOutput {
 }
 
 impl OutputState {
+    /// Tells the run loop that [`TraceOutput::next_due`] changed.
+    fn wake(&self) {
+        if let Some(evt) = &self.wake {
+            let _ = evt.write(1);
+        }
+    }
+
     /// Writes the held trace lines to `out`, on a fresh line if the console's line is still
     /// open; nothing when none are held (an open line with nothing waiting stays open).
     fn release_held(&mut self, out: &mut impl Write) {
@@ -225,9 +282,37 @@ mod tests {
         let out = TraceOutput::stdout();
         out.console(b"prompt # ");
         out.line("hit 1\n");
-        out.lock().console_line_opened = Some(Instant::now() - HOLD_LIMIT);
+        let opened = Instant::now() - HOLD_LIMIT;
+        out.lock().console_line_opened = Some(opened);
+        assert_eq!(out.next_due(), Some(opened + HOLD_LIMIT));
         out.tick();
         let st = out.lock();
         assert!(st.held.is_empty() && st.console_line_opened.is_none());
+    }
+
+    #[test]
+    fn the_run_loop_is_woken_when_output_starts_waiting() {
+        let out = TraceOutput::stdout();
+        let wake = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        out.set_wake(wake.try_clone().unwrap());
+        assert_eq!(out.next_due(), None);
+        // A prompt: its bytes wait to be flushed.
+        out.console(b"~ # ");
+        assert_eq!(wake.read().unwrap(), 1);
+        let due = out.next_due().unwrap();
+        assert!(due <= Instant::now() + FLUSH_DELAY);
+        out.console(b"more");
+        assert!(wake.read().is_err(), "no second wake while a flush is due");
+        // Once flushed, a held trace line is what is due, at the hold limit.
+        out.lock().unflushed_since = Some(Instant::now() - FLUSH_DELAY);
+        out.tick();
+        assert_eq!(out.next_due(), None);
+        out.line("hit\n");
+        assert_eq!(wake.read().unwrap(), 1);
+        let opened = out.lock().console_line_opened.unwrap();
+        assert_eq!(out.next_due(), Some(opened + HOLD_LIMIT));
+        // The line ends: nothing is due.
+        out.console(b"\n");
+        assert_eq!(out.next_due(), None);
     }
 }

@@ -135,6 +135,31 @@ pub struct Probing {
     /// The hardware breakpoint kept for the slot-exception watch, if any
     /// ([`crate::<arch::GuestDebugSetup as arch::GuestDebug>::SLOT_EXCEPTION_WATCH`]).
     pub exception_watch_slot: Option<usize>,
+    /// What each vCPU's debug exits were, by vCPU id.
+    pub vcpus: Arc<[VcpuCounts]>,
+}
+
+/// One vCPU's debug exits: how many, how many were probe hits, how many were the guest's own
+/// and went back to it. Written by the vCPU's thread, read for the summary and live stats.
+#[derive(Debug, Default)]
+pub struct VcpuCounts {
+    /// `KVM_EXIT_DEBUG` exits taken.
+    pub debug_exits: AtomicU64,
+    /// Probe sites hit.
+    pub site_hits: AtomicU64,
+    /// The guest's own breakpoints and debug exceptions handed back to it.
+    pub handed_back: AtomicU64,
+}
+
+impl VcpuCounts {
+    /// The counts now: (debug exits, site hits, handed back).
+    pub fn snapshot(&self) -> (u64, u64, u64) {
+        (
+            self.debug_exits.load(Ordering::Relaxed),
+            self.site_hits.load(Ordering::Relaxed),
+            self.handed_back.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// Register ioctls made while handling debug exits (`KVM_GET/SET_ONE_REG` on arm64, which has
@@ -222,9 +247,21 @@ impl VcpuProbing {
             hardware_in_use: self.applied.is_some_and(|a| a.loads_hardware()),
             exception_watch_slot: self.shared.exception_watch_slot,
         };
+        let counts = self.shared.vcpus.get(id as usize);
+        if let Some(c) = counts {
+            c.debug_exits.fetch_add(1, Ordering::Relaxed);
+        }
+        let handed_back = || {
+            if let Some(c) = counts {
+                c.handed_back.fetch_add(1, Ordering::Relaxed);
+            }
+        };
         // The guest's own debug exits never reach the engine.
         match self.setup.take_guest_exit(fd, exit, &ctx)? {
-            ExitRoute::Taken => return Ok(()),
+            ExitRoute::Taken => {
+                handed_back();
+                return Ok(());
+            }
             ExitRoute::Engine => {}
             ExitRoute::ExceptionEntry { return_pc } => {
                 if let Some(rewind) = self
@@ -251,6 +288,9 @@ impl VcpuProbing {
         let ioctls = &self.shared.register_ioctls;
         ioctls.reads.fetch_add(reads, Ordering::Relaxed);
         ioctls.writes.fetch_add(writes, Ordering::Relaxed);
+        if let Some(c) = counts {
+            c.site_hits.store(self.state.site_hits(), Ordering::Relaxed);
+        }
         // (A hand-back acts now or at the next entry; `prepare_entry` applies the set-up
         // either way, and `injecting` makes it do so for one that waits.)
         match verdict? {
@@ -259,9 +299,11 @@ impl VcpuProbing {
                     .watch_slot_exceptions(fd, self.state.stepping(), &ctx)?;
             }
             Verdict::Reinject => {
+                handed_back();
                 self.setup.hand_back_breakpoint(fd, exit, &ctx)?;
             }
             Verdict::ReinjectDebug => {
+                handed_back();
                 self.setup.hand_back_debug(fd, exit, &ctx)?;
             }
         }

@@ -7,6 +7,8 @@ use crate::arch::VmmArch;
 use serde::{Deserialize, Serialize};
 
 use crate::machine::{Outcome, RunReport};
+use crate::refusal::RefusedProbe;
+use crate::selftest::{Reinjection, TrapSupport};
 use probe_core::arch::PlanKind;
 use probe_core::probe::TrapKind;
 
@@ -207,13 +209,85 @@ pub struct RunSummary {
     /// of `__bp_harden_el1_vectors` on a Spectre-BHB CPU).
     #[serde(default)]
     pub kaslr_anchor: Option<String>,
-    /// Probes refused at planting and skipped (`--skip-refused`).
-    pub skipped: Vec<String>,
+    /// Probes refused, at resolution or at planting: skipped with `--skip-refused`, or what
+    /// ended the run before its command (outcome `probe-refused`).
+    #[serde(default)]
+    pub refused: Vec<RefusedProbe>,
+    /// What the trap self-test found on this KVM and the trap the probes use.
+    #[serde(default)]
+    pub self_test: Option<SelfTestSummary>,
+    /// Per vCPU, by id: its debug exits, probe sites hit, the guest's own traps handed back.
+    #[serde(default)]
+    pub vcpus: Vec<VcpuSummary>,
     /// Guest kernel fault reports printed while probes were in.
     pub faults_with_probes: Vec<String>,
     /// Probed bytes the guest rewrote itself, left as it wrote them.
     #[serde(default)]
     pub rewritten: Vec<RewrittenSummary>,
+}
+
+/// One check of the trap self-test.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Check {
+    /// Whether this KVM delivers it.
+    pub ok: bool,
+    /// Why not, when it does not.
+    pub why: Option<String>,
+}
+
+impl From<&Result<(), String>> for Check {
+    fn from(r: &Result<(), String>) -> Check {
+        Check {
+            ok: r.is_ok(),
+            why: r.as_ref().err().cloned(),
+        }
+    }
+}
+
+/// The trap self-test's verdict ([`TrapSupport`]) and the trap the probes use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SelfTestSummary {
+    /// The software breakpoint's debug exit (`int3`, `brk`).
+    pub breakpoint: Check,
+    /// The single-step exit.
+    pub single_step: Check,
+    /// Hardware execute breakpoints.
+    pub hardware: Check,
+    /// How many hardware breakpoints a vCPU has.
+    pub hardware_count: usize,
+    /// A trap that is not hvprobe's goes back to the guest: `None` when KVM injects it (x86),
+    /// else the check of the VMM's emulated exception entry (arm64).
+    pub reinjection: Option<Check>,
+    /// The trap the probes use.
+    pub probes_use: TrapName,
+}
+
+impl SelfTestSummary {
+    /// The verdict of `support`, with probes using `trap`.
+    pub fn new(support: &TrapSupport, trap: TrapKind) -> SelfTestSummary {
+        SelfTestSummary {
+            breakpoint: Check::from(&support.software),
+            single_step: Check::from(&support.single_step),
+            hardware: Check::from(&support.hardware),
+            hardware_count: support.hardware_count,
+            reinjection: match &support.reinjection {
+                Reinjection::ByKvm => None,
+                Reinjection::Emulated(r) => Some(Check::from(r)),
+            },
+            probes_use: TrapName::of(trap),
+        }
+    }
+}
+
+/// One vCPU's debug exits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuSummary {
+    /// `KVM_EXIT_DEBUG` exits it took.
+    pub debug_exits: u64,
+    /// Probe sites it hit.
+    pub site_hits: u64,
+    /// The guest's own breakpoints and debug exceptions handed back to it.
+    pub handed_back: u64,
 }
 
 /// A probed byte the guest rewrote while the probe was in.
@@ -295,7 +369,22 @@ impl RunSummary {
             }),
             kaslr_slide: probes.and_then(|p| p.kaslr_slide),
             kaslr_anchor: probes.and_then(|p| p.kaslr_anchor.clone()),
-            skipped: probes.map(|p| p.skipped.clone()).unwrap_or_default(),
+            refused: probes.map(|p| p.refused.clone()).unwrap_or_default(),
+            self_test: probes
+                .and_then(|p| p.traps.as_ref())
+                .map(|(support, trap)| SelfTestSummary::new(support, *trap)),
+            vcpus: probes
+                .map(|p| {
+                    p.vcpus
+                        .iter()
+                        .map(|&(debug_exits, site_hits, handed_back)| VcpuSummary {
+                            debug_exits,
+                            site_hits,
+                            handed_back,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
             faults_with_probes: report.faults_with_probes.clone(),
             rewritten: probes
                 .map(|p| {
@@ -360,6 +449,20 @@ impl RunSummary {
                 reads as f64 / all_exits as f64,
                 writes as f64 / all_exits as f64
             ));
+        }
+        if self.vcpus.len() > 1 {
+            let per: Vec<String> = self
+                .vcpus
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    format!(
+                        "{i}: exits={} hits={} handed_back={}",
+                        v.debug_exits, v.site_hits, v.handed_back
+                    )
+                })
+                .collect();
+            out.push(format!("hvprobe: per vCPU: {}", per.join("; ")));
         }
         if let Some(t) = &self.text {
             let after = t.after.map(|a| format!("{a:#018x}")).unwrap_or("-".into());
@@ -437,7 +540,20 @@ mod tests {
             }),
             kaslr_slide: None,
             kaslr_anchor: None,
-            skipped: vec![],
+            refused: vec![RefusedProbe::at_resolution("nope", "unknown symbol")],
+            self_test: None,
+            vcpus: vec![
+                VcpuSummary {
+                    debug_exits: 5,
+                    site_hits: 4,
+                    handed_back: 1,
+                },
+                VcpuSummary {
+                    debug_exits: 0,
+                    site_hits: 0,
+                    handed_back: 0,
+                },
+            ],
             faults_with_probes: vec!["BUG: x".into()],
             rewritten: vec![RewrittenSummary {
                 va: 0x10,
@@ -450,6 +566,7 @@ mod tests {
             r#""plan":"xol-riprel""#,
             r#""trap":"brk""#,
             r#""trap":"hw""#,
+            r#""stage":"resolution""#,
         ] {
             assert!(json.contains(spelled), "{spelled} in {json}");
         }
@@ -468,6 +585,8 @@ mod tests {
             lines[2]
         );
         assert!(lines.iter().any(|l| l.contains("(restored byte-for-byte)")));
+        assert!(lines.iter().any(|l| l
+            == "hvprobe: per vCPU: 0: exits=5 hits=4 handed_back=1; 1: exits=0 hits=0 handed_back=0"));
         assert!(
             lines
                 .last()

@@ -179,10 +179,10 @@ pub fn console_uart(
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
     fd.register_irqfd(&irq, gsi)
         .map_err(kvm_err("KVM_IRQFD (console UART)"))?;
-    let serial = Arc::new(Mutex::new(SerialPort::new(
-        irq,
-        ConsoleOut::new(console_out, console.clone()),
-    )));
+    let serial = Arc::new(Mutex::new(
+        SerialPort::new(irq, ConsoleOut::new(console_out, console.clone()))
+            .map_err(VmError::EventFd)?,
+    ));
     Ok((serial, console))
 }
 

@@ -135,6 +135,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
             }
+            state.site_hits += 1;
             self.run_handlers(vcpu.id(), pc, &probes, &regs, false);
             self.enter_returns(&probes, &mut regs);
             let has_post = probes.iter().any(|p| p.post.is_some());

@@ -33,86 +33,64 @@ const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 /// How many probed instructions in a row one exit follows through emulation.
 const MAX_CHAINED_HITS: usize = 8;
 
-/// Errors of planting and removing probes.
+/// Why a probe could not be planted at its location ([`PlantError::kind`]).
 #[derive(Debug, thiserror::Error)]
-pub enum PlantError {
+pub enum PlantErrorKind {
     /// The address is not mapped in the guest's kernel page tables.
-    #[error("{location}: {va:#x} is not mapped in the guest ({source})")]
+    #[error("{va:#x} is not mapped in the guest ({source})")]
     NotMapped {
-        /// The probe location.
-        location: String,
         /// The address.
         va: u64,
         /// The walk error.
         source: WalkError,
     },
     /// Guest memory could not be read or written.
-    #[error("{location}: guest memory at {gpa:#x} is not accessible")]
+    #[error("guest memory at {gpa:#x} is not accessible")]
     Memory {
-        /// The probe location.
-        location: String,
         /// The guest physical address.
         gpa: u64,
     },
     /// Decoding failed or the offset is not on an instruction boundary.
-    #[error("{location}: {source}")]
+    #[error("{source}")]
     Decode {
-        /// The probe location.
-        location: String,
         /// What went wrong.
         source: DecodeError,
     },
     /// The instruction cannot be probed.
-    #[error("{location}: {source}")]
+    #[error("{source}")]
     Refused {
-        /// The probe location.
-        location: String,
         /// Why.
         source: Refusal,
     },
     /// No XOL slot.
-    #[error("{location}: {source}")]
+    #[error("{source}")]
     Xol {
-        /// The probe location.
-        location: String,
         /// What went wrong.
         source: XolError,
     },
     /// All hardware breakpoints are taken.
-    #[error("{location}: all {count} hardware breakpoints are in use")]
+    #[error("all {count} hardware breakpoints are in use")]
     NoHardwareBreakpoint {
-        /// The probe location.
-        location: String,
         /// How many the vCPUs have.
         count: usize,
     },
     /// The same address has probes of both trap kinds.
-    #[error("{location}: the address already has a probe with the other trap kind")]
-    MixedTraps {
-        /// The probe location.
-        location: String,
-    },
-    /// No such probe.
-    #[error("no probe with id {0}")]
-    UnknownProbe(usize),
+    #[error("the address already has a probe with the other trap kind")]
+    MixedTraps,
     /// The probe needs a software breakpoint of the host's (a trampoline, a trapped slot) and
     /// this KVM does not deliver breakpoint exits.
     #[error(
-        "{location}: {what} needs software-breakpoint traps (int3, BRK), which this KVM does not deliver (the trap self-test found hardware breakpoints only)"
+        "{what} needs software-breakpoint traps (int3, BRK), which this KVM does not deliver (the trap self-test found hardware breakpoints only)"
     )]
     NeedsInt3 {
-        /// The probe location.
-        location: String,
         /// What needs it.
         what: &'static str,
     },
     /// The address is on, or inside the text taken by, one of the guest's own kprobes.
     #[error(
-        "{location}: {va:#x} is {where_} the guest's own kprobe at {kprobe:#x}; hvprobe does not plant over it"
+        "{va:#x} is {where_} the guest's own kprobe at {kprobe:#x}; hvprobe does not plant over it"
     )]
     GuestKprobe {
-        /// The probe location.
-        location: String,
         /// The probed address.
         va: u64,
         /// The guest kprobe's address.
@@ -121,10 +99,8 @@ pub enum PlantError {
         where_: &'static str,
     },
     /// A post handler on an instruction whose copy cannot be followed by the host's trap.
-    #[error("{location}: a post handler cannot run after `{instruction}`: it {reason}")]
+    #[error("a post handler cannot run after `{instruction}`: it {reason}")]
     Untrappable {
-        /// The probe location.
-        location: String,
         /// The instruction.
         instruction: String,
         /// Why.
@@ -132,21 +108,17 @@ pub enum PlantError {
     },
     /// A RIP-relative operand whose target a copy in the XOL area cannot reach.
     #[error(
-        "{location}: `{instruction}` addresses memory beyond +-2 GiB of the XOL area; its copy cannot be relocated"
+        "`{instruction}` addresses memory beyond +-2 GiB of the XOL area; its copy cannot be relocated"
     )]
     OutOfReach {
-        /// The probe location.
-        location: String,
         /// The instruction.
         instruction: String,
     },
     /// The instruction may fault with a fix-up in the guest's exception table.
     #[error(
-        "{location}: refusing to probe `{instruction}` at {va:#x}: it has an entry in the guest's exception table (__ex_table), so a fault in a copy out of line could not be fixed up"
+        "refusing to probe `{instruction}` at {va:#x}: it has an entry in the guest's exception table (__ex_table), so a fault in a copy out of line could not be fixed up"
     )]
     ExceptionTable {
-        /// The probe location.
-        location: String,
         /// The instruction.
         instruction: String,
         /// Its address.
@@ -155,29 +127,59 @@ pub enum PlantError {
     /// A probe added to a site whose trap the engine took out earlier (its other probes stay
     /// listed, counting misses): it would never fire.
     #[error(
-        "{location}: hvprobe disarmed the probe site at {va:#x} during the run ({reason}); remove its probes before probing there again"
+        "hvprobe disarmed the probe site at {va:#x} during the run ({reason}); remove its probes before probing there again"
     )]
     DisarmedSite {
-        /// The probe location.
-        location: String,
         /// The site's address.
         va: u64,
         /// Why it was disarmed.
         reason: &'static str,
     },
     /// A return probe away from a function's first instruction.
-    #[error("{location}: a return probe must be on a function's first instruction")]
-    NotFunctionEntry {
-        /// The probe location.
-        location: String,
-    },
+    #[error("a return probe must be on a function's first instruction")]
+    NotFunctionEntry,
     /// A return probe the architecture's rule refuses at its address.
-    #[error("{location}: refusing the return probe: {reason}")]
+    #[error("refusing the return probe: {reason}")]
     ReturnProbeRefused {
-        /// The probe location.
-        location: String,
         /// Why.
         reason: &'static str,
+    },
+}
+
+/// A probe that could not be planted: where, and why. Nothing of it is left in the guest.
+#[derive(Debug, thiserror::Error)]
+#[error("{location}: {kind}")]
+pub struct PlantError {
+    /// The probe's location as the user wrote it (or its address).
+    pub location: String,
+    /// Why.
+    #[source]
+    pub kind: PlantErrorKind,
+}
+
+impl PlantError {
+    /// The error `kind` at `location`.
+    pub fn new(location: impl Into<String>, kind: PlantErrorKind) -> PlantError {
+        PlantError {
+            location: location.into(),
+            kind,
+        }
+    }
+}
+
+/// Why a probe could not be removed.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoveError {
+    /// No probe has this id (removed already, or never planted).
+    #[error("no probe with id {}", .0.0)]
+    UnknownProbe(ProbeId),
+    /// The guest's bytes could not be written back under the site.
+    #[error("restoring the text at {va:#x}: guest memory at {gpa:#x} is not accessible")]
+    Memory {
+        /// The site's address.
+        va: u64,
+        /// Its guest physical address.
+        gpa: u64,
     },
 }
 
@@ -432,9 +434,16 @@ pub struct SlotRewind {
 #[derive(Debug, Default)]
 pub struct VcpuProbeState {
     pending: Vec<PendingStep>,
+    /// Probe sites this vCPU hit (a hit of a site with several probes counts once).
+    site_hits: u64,
 }
 
 impl VcpuProbeState {
+    /// Probe sites this vCPU has hit, rate-capped hits not included.
+    pub fn site_hits(&self) -> u64 {
+        self.site_hits
+    }
+
     /// Whether a trapped step is pending on this vCPU.
     pub fn stepping(&self) -> bool {
         !self.pending.is_empty()

@@ -104,6 +104,21 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         table.sites.values().filter(|s| s.rate.paused()).count()
     }
 
+    /// How long until the first paused site's window is over and
+    /// [`ProbeEngine::resume_paused_sites`] puts its trap back; `None` when none is paused.
+    pub fn next_paused_site_due(&self) -> Option<std::time::Duration> {
+        let now = self.now_ms();
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+        table
+            .sites
+            .values()
+            .map(|s| s.rate.paused_at_ms.load(Ordering::SeqCst))
+            .filter(|&at| at != NOT_PAUSED)
+            .map(|at| (at + WINDOW_MS).saturating_sub(now))
+            .min()
+            .map(std::time::Duration::from_millis)
+    }
+
     /// Puts back the trap of every site paused in an earlier window; returns how many. Call
     /// with every vCPU out of `KVM_RUN` (the breakpoint is written into text the guest runs).
     pub fn resume_paused_sites(&self) -> usize {

@@ -22,17 +22,16 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                     return Ok(buf[..i].to_vec());
                 }
                 Ok(t) => {
-                    return Err(PlantError::Memory {
-                        location: location.into(),
-                        gpa: t.gpa,
-                    });
+                    return Err(PlantError::new(
+                        location,
+                        PlantErrorKind::Memory { gpa: t.gpa },
+                    ));
                 }
                 Err(source) => {
-                    return Err(PlantError::NotMapped {
-                        location: location.into(),
-                        va: at,
-                        source,
-                    });
+                    return Err(PlantError::new(
+                        location,
+                        PlantErrorKind::NotMapped { va: at, source },
+                    ));
                 }
             }
         }
@@ -57,10 +56,10 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         if probe.on_return.is_some() {
             let at_known_entry = target.function_start == Some(target.va);
             if let Some(reason) = A::return_probe_refusal(table.cpu_features, at_known_entry) {
-                return Err(PlantError::ReturnProbeRefused {
-                    location: probe.location.clone(),
-                    reason,
-                });
+                return Err(PlantError::new(
+                    probe.location.clone(),
+                    PlantErrorKind::ReturnProbeRefused { reason },
+                ));
             }
         }
         if table.sites.contains_key(&gpa) {
@@ -82,16 +81,21 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
     ) -> Result<u64, PlantError> {
         let location = &probe.location;
         let gpa = A::translate(&self.mem, space, target.va)
-            .map_err(|source| PlantError::NotMapped {
-                location: location.clone(),
-                va: target.va,
-                source,
+            .map_err(|source| {
+                PlantError::new(
+                    location.clone(),
+                    PlantErrorKind::NotMapped {
+                        va: target.va,
+                        source,
+                    },
+                )
             })?
             .gpa;
         if probe.on_return.is_some() && target.function_start.is_some_and(|f| f != target.va) {
-            return Err(PlantError::NotFunctionEntry {
-                location: location.clone(),
-            });
+            return Err(PlantError::new(
+                location.clone(),
+                PlantErrorKind::NotFunctionEntry,
+            ));
         }
         Ok(gpa)
     }
@@ -109,14 +113,16 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         let location = probe.location.clone();
         let site = table.sites.get(&gpa).expect("joined site present");
         if let Some(&reason) = site.disarmed.get() {
-            return Err(PlantError::DisarmedSite {
+            return Err(PlantError::new(
                 location,
-                va: site.va,
-                reason,
-            });
+                PlantErrorKind::DisarmedSite {
+                    va: site.va,
+                    reason,
+                },
+            ));
         }
         if site.trap != probe.trap {
-            return Err(PlantError::MixedTraps { location });
+            return Err(PlantError::new(location, PlantErrorKind::MixedTraps));
         }
         let trapped = match &*site.run {
             SiteRun::OutOfLine {
@@ -166,10 +172,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         space: A::AddressSpace,
         target: PlantTarget,
     ) -> Result<DecodedSite<A>, PlantError> {
-        let decode_err = |source| PlantError::Decode {
-            location: location.into(),
-            source,
-        };
+        let decode_err = |source| PlantError::new(location, PlantErrorKind::Decode { source });
         // Capstone handles are not Send; planting is rare, so each plant makes its own.
         let decoder = A::Decoder::new(table.cpu_features).map_err(decode_err)?;
         let mut preceding = Vec::new();
@@ -219,10 +222,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         let plan = decoder
             .check_context(&preceding, &insn)
             .and_then(|()| decoder.plan(&insn))
-            .map_err(|source| PlantError::Refused {
-                location: location.into(),
-                source,
-            })?;
+            .map_err(|source| PlantError::new(location, PlantErrorKind::Refused { source }))?;
         let fallback = match &plan {
             StepPlan::Emulate(e) if e.touches_stack() => decoder.fallback_copy(&insn),
             _ => None,
@@ -257,18 +257,22 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             && !(self.slot_exception_rewind.load(Ordering::SeqCst)
                 && matches!(plan, StepPlan::StepOutOfLine(_)))
         {
-            return Err(PlantError::ExceptionTable {
-                location: location.clone(),
-                instruction: insn.text().into(),
-                va: target.va,
-            });
+            return Err(PlantError::new(
+                location.clone(),
+                PlantErrorKind::ExceptionTable {
+                    instruction: insn.text().into(),
+                    va: target.va,
+                },
+            ));
         }
         let hw_index = match probe.trap {
             TrapKind::Hardware => Some(table.hw.iter().position(Option::is_none).ok_or(
-                PlantError::NoHardwareBreakpoint {
-                    location: location.clone(),
-                    count: table.hw.len(),
-                },
+                PlantError::new(
+                    location.clone(),
+                    PlantErrorKind::NoHardwareBreakpoint {
+                        count: table.hw.len(),
+                    },
+                ),
             )?),
             TrapKind::Software => None,
         };
@@ -281,11 +285,13 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             &plan,
             probe.post.is_some(),
         ) {
-            return Err(PlantError::Untrappable {
-                location: location.clone(),
-                instruction: insn.text().into(),
-                reason,
-            });
+            return Err(PlantError::new(
+                location.clone(),
+                PlantErrorKind::Untrappable {
+                    instruction: insn.text().into(),
+                    reason,
+                },
+            ));
         }
         if let Some(ool) = copy
             && if A::BOOSTED_SLOTS {
@@ -295,10 +301,12 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             }
             .is_none()
         {
-            return Err(PlantError::OutOfReach {
-                location: location.clone(),
-                instruction: insn.text().into(),
-            });
+            return Err(PlantError::new(
+                location.clone(),
+                PlantErrorKind::OutOfReach {
+                    instruction: insn.text().into(),
+                },
+            ));
         }
         Ok(SitePlan {
             insn,
@@ -364,10 +372,12 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             },
             StepPlan::StepOutOfLine(ool) => SiteRun::OutOfLine {
                 // An out-of-line plan always has its copy (made above, or refused there).
-                boosted: boosted.ok_or(PlantError::OutOfReach {
-                    location: location.clone(),
-                    instruction: insn.text().into(),
-                })?,
+                boosted: boosted.ok_or(PlantError::new(
+                    location.clone(),
+                    PlantErrorKind::OutOfReach {
+                        instruction: insn.text().into(),
+                    },
+                ))?,
                 ool,
                 trapped,
                 fixed_up,
@@ -378,10 +388,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             self.will_write_breakpoint(&location, "a software-breakpoint probe")?;
             self.mem
                 .write_slice(A::BREAKPOINT, GuestAddress(gpa))
-                .map_err(|_| PlantError::Memory {
-                    location: location.clone(),
-                    gpa,
-                })?;
+                .map_err(|_| PlantError::new(location.clone(), PlantErrorKind::Memory { gpa }))?;
             self.wrote_code(gpa, A::BREAKPOINT.len());
         }
         if let Some(i) = hw_index {
@@ -427,10 +434,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
     /// address space).
     pub(super) fn map_xol(&self, location: &str, space: A::AddressSpace) -> Result<(), PlantError> {
         self.ensure_xol_mapped(space)
-            .map_err(|source| PlantError::Xol {
-                location: location.into(),
-                source,
-            })
+            .map_err(|source| PlantError::new(location, PlantErrorKind::Xol { source }))
     }
 
     /// Makes sure the XOL area is mapped in `space` (checked, and written if absent, at every
@@ -458,10 +462,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .allocate()
-            .map_err(|source| PlantError::Xol {
-                location: location.into(),
-                source,
-            })?;
+            .map_err(|source| PlantError::new(location, PlantErrorKind::Xol { source }))?;
         let Some(code) = bytes(slot.va) else {
             return Ok(None);
         };
@@ -474,10 +475,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         fill[..code.len()].copy_from_slice(&code);
         self.mem
             .write_slice(&fill, GuestAddress(slot.gpa))
-            .map_err(|_| PlantError::Memory {
-                location: location.into(),
-                gpa: slot.gpa,
-            })?;
+            .map_err(|_| PlantError::new(location, PlantErrorKind::Memory { gpa: slot.gpa }))?;
         self.wrote_code(slot.gpa, fill.len());
         Ok(Some(slot))
     }
@@ -502,11 +500,13 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         va: u64,
     ) -> Result<XolSlot, PlantError> {
         if let Some(reason) = ool.untrappable() {
-            return Err(PlantError::Untrappable {
-                location: location.into(),
-                instruction: instruction.into(),
-                reason,
-            });
+            return Err(PlantError::new(
+                location,
+                PlantErrorKind::Untrappable {
+                    instruction: instruction.into(),
+                    reason,
+                },
+            ));
         }
         self.will_write_breakpoint(location, "a post handler after a stepped instruction")?;
         self.copy_slot(location, instruction, |slot| ool.trapped_slot(va, slot))
@@ -520,11 +520,14 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         instruction: &str,
         bytes: impl FnOnce(u64) -> Option<Vec<u8>>,
     ) -> Result<XolSlot, PlantError> {
-        self.fill_slot(location, bytes)?
-            .ok_or_else(|| PlantError::OutOfReach {
-                location: location.into(),
-                instruction: instruction.into(),
-            })
+        self.fill_slot(location, bytes)?.ok_or_else(|| {
+            PlantError::new(
+                location,
+                PlantErrorKind::OutOfReach {
+                    instruction: instruction.into(),
+                },
+            )
+        })
     }
 
     /// The return trampoline: an XOL slot of breakpoints that replaced return addresses point
@@ -544,12 +547,12 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
 
     /// Removes one probe; the breakpoint goes when its last probe goes. Returns a rewritten
     /// site if the guest had replaced the trap byte (then the guest's bytes are kept).
-    pub fn remove(&self, id: ProbeId) -> Result<Option<RewrittenSite>, PlantError> {
+    pub fn remove(&self, id: ProbeId) -> Result<Option<RewrittenSite>, RemoveError> {
         let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
         let gpa = table
             .by_probe
             .remove(&id)
-            .ok_or(PlantError::UnknownProbe(id.0))?;
+            .ok_or(RemoveError::UnknownProbe(id))?;
         let site = table.sites.get_mut(&gpa).expect("site of a planted probe");
         Arc::make_mut(&mut site.probes).retain(|p| p.id != id);
         if !site.probes.is_empty() {
@@ -573,10 +576,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         }
         let mut now = vec![0u8; site.saved.len()];
         if !self.mem.read_phys(gpa, &mut now) {
-            return Err(PlantError::Memory {
-                location: format!("{:#x}", site.va),
-                gpa,
-            });
+            return Err(RemoveError::Memory { va: site.va, gpa });
         }
         if now != A::BREAKPOINT {
             return Ok(Some(RewrittenSite {
@@ -586,10 +586,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         }
         self.mem
             .write_slice(&site.saved, GuestAddress(gpa))
-            .map_err(|_| PlantError::Memory {
-                location: format!("{:#x}", site.va),
-                gpa,
-            })?;
+            .map_err(|_| RemoveError::Memory { va: site.va, gpa })?;
         self.wrote_code(gpa, site.saved.len());
         Ok(None)
     }
@@ -702,10 +699,10 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         what: &'static str,
     ) -> Result<(), PlantError> {
         if !self.breakpoints_trappable.load(Ordering::SeqCst) {
-            return Err(PlantError::NeedsInt3 {
-                location: location.into(),
-                what,
-            });
+            return Err(PlantError::new(
+                location,
+                PlantErrorKind::NeedsInt3 { what },
+            ));
         }
         self.breakpoint_written.store(true, Ordering::SeqCst);
         Ok(())
@@ -724,16 +721,18 @@ fn check_guest_kprobes<A: Arch>(
         .flatten()
         .find(|(at, kp)| (**at..**at + kp.span).contains(&va))
     {
-        Some((&kprobe, _)) => Err(PlantError::GuestKprobe {
-            location: location.into(),
-            va,
-            kprobe,
-            where_: if kprobe == va {
-                "at"
-            } else {
-                "inside the optimized jump of"
+        Some((&kprobe, _)) => Err(PlantError::new(
+            location,
+            PlantErrorKind::GuestKprobe {
+                va,
+                kprobe,
+                where_: if kprobe == va {
+                    "at"
+                } else {
+                    "inside the optimized jump of"
+                },
             },
-        }),
+        )),
         None => Ok(()),
     }
 }

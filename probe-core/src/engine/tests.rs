@@ -355,7 +355,10 @@ fn hardware_probes_leave_text_alone_and_are_limited_to_four() {
             &regs,
         )
         .unwrap_err();
-    assert!(matches!(err, PlantError::NoHardwareBreakpoint { .. }));
+    assert!(matches!(
+        err.kind,
+        PlantErrorKind::NoHardwareBreakpoint { .. }
+    ));
     vcpu.regs.rip = TEXT_VA;
     let mut state = VcpuProbeState::default();
     engine
@@ -428,7 +431,8 @@ fn a_site_that_cannot_step_is_disarmed_instead_of_trapping_forever() {
         .plant(Probe::<X86_64>::new("f+0x8"), target(AT_RIPREL), &regs)
         .unwrap_err();
     assert!(
-        matches!(err, PlantError::DisarmedSite { .. }) && err.to_string().contains("slots"),
+        matches!(err.kind, PlantErrorKind::DisarmedSite { .. })
+            && err.to_string().contains("slots"),
         "{err}"
     );
     assert_eq!(text(&engine), CODE);
@@ -795,7 +799,10 @@ fn without_int3_exits_what_needs_an_int3_of_the_hosts_is_refused_and_nothing_is_
         (Probe::<X86_64>::new("f+0x4"), AT_PUSH),
     ] {
         let err = engine.plant(probe, target(at), &regs).unwrap_err();
-        assert!(matches!(err, PlantError::NeedsInt3 { .. }), "{err}");
+        assert!(
+            matches!(err.kind, PlantErrorKind::NeedsInt3 { .. }),
+            "{err}"
+        );
         assert!(
             err.to_string().contains("needs software-breakpoint traps"),
             "{err}"

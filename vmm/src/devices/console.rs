@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use hvprobe_guest::{EXIT_STATUS_MARKER, INIT_READY_MARKER};
+use vmm_sys_util::eventfd::EventFd;
 
 /// How many console lines are kept for error reports.
 const TAIL_LINES: usize = 40;
@@ -84,6 +85,8 @@ pub struct ConsoleState {
     pub probes_in: bool,
     /// The first line of each guest kernel fault report printed while probes were in.
     pub faults_with_probes: Vec<String>,
+    /// Written when `/init` announces itself, to wake the run loop.
+    pub init_ready_evt: Option<EventFd>,
     partial: Vec<u8>,
 }
 
@@ -91,6 +94,9 @@ impl ConsoleState {
     fn line(&mut self, line: &str) {
         if line.contains(INIT_READY_MARKER) && self.init_ready_at.is_none() {
             self.init_ready_at = Some(Instant::now());
+            if let Some(evt) = &self.init_ready_evt {
+                let _ = evt.write(1);
+            }
         }
         if let Some(rest) = line.split(EXIT_STATUS_MARKER).nth(1)
             && let Ok(status) = rest.trim().parse()
@@ -170,10 +176,14 @@ mod tests {
     #[test]
     fn markers_and_panics_are_seen_across_split_writes() {
         let watch = ConsoleWatch::default();
+        let ready = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        watch.lock().unwrap().init_ready_evt = Some(ready.try_clone().unwrap());
         let mut out = ConsoleOut::new(Box::new(io::sink()), watch.clone());
         out.write_all(b"hello\r\nHVPROBE-INIT-RE").unwrap();
+        assert!(ready.read().is_err(), "half a marker wakes nobody");
         out.write_all(b"ADY\r\n[  1.0] Kernel panic - not syncing: VFS\r\n")
             .unwrap();
+        assert_eq!(ready.read().unwrap(), 1);
         out.write_all(b"HVPROBE-EXIT-STATUS=7\r\n").unwrap();
         let st = watch.lock().unwrap();
         assert!(st.init_ready_at.is_some());

@@ -3,7 +3,7 @@
 
 use std::io;
 
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::SerialEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -27,17 +27,36 @@ impl Trigger for IrqLine {
     }
 }
 
+/// The UART's events the VMM cares about: the guest drained the input FIFO, so console input
+/// kept back because the FIFO was full can be queued (the run loop waits on the eventfd).
+pub struct InputDrained(EventFd);
+
+impl SerialEvents for InputDrained {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        let _ = self.0.write(1);
+    }
+}
+
 /// COM1 as a port-I/O device.
 pub struct SerialPort {
-    uart: Serial<IrqLine, NoEvents, ConsoleOut>,
+    uart: Serial<IrqLine, InputDrained, ConsoleOut>,
 }
 
 impl SerialPort {
     /// A UART raising `irq` and writing to `out`.
-    pub fn new(irq: EventFd, out: ConsoleOut) -> Self {
-        SerialPort {
-            uart: Serial::new(IrqLine(irq), out),
-        }
+    pub fn new(irq: EventFd, out: ConsoleOut) -> io::Result<Self> {
+        let drained = InputDrained(EventFd::new(libc::EFD_NONBLOCK)?);
+        Ok(SerialPort {
+            uart: Serial::with_events(IrqLine(irq), drained, out),
+        })
+    }
+
+    /// An eventfd written each time the guest has read the last byte of the input FIFO.
+    pub fn input_drained(&self) -> io::Result<EventFd> {
+        self.uart.events().0.try_clone()
     }
 
     /// Queues bytes typed by the user for the guest to read; returns how many fit.

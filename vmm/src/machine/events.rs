@@ -1,5 +1,5 @@
-//! The main thread's event sources besides the vCPUs: stdin relayed to the guest console, the
-//! stop signal and the i8042 reset line, and SIGINT/SIGTERM turned into a stop.
+//! The main thread's event sources that are not plain [`Command`](super::Command) sources:
+//! stdin relayed to the guest console, and SIGINT/SIGTERM turned into a write to an eventfd.
 
 use std::io::{self, Read};
 use std::os::fd::AsRawFd;
@@ -7,18 +7,42 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::serial::SerialPort;
-use crate::vcpu::{StopReason, StopSignal};
 
-/// Relays stdin to COM1. Bytes the UART's FIFO cannot take yet are kept and retried.
+/// Most stdin bytes kept back while the guest does not read its console.
+const MAX_PENDING: usize = 64 * 1024;
+
+/// Relays stdin to COM1. Bytes the UART's FIFO cannot take yet are kept and queued when the
+/// guest has drained the FIFO (the UART's `drained` eventfd).
 pub(super) struct StdinRelay {
-    pub(super) serial: Arc<Mutex<SerialPort>>,
-    pub(super) pending: Vec<u8>,
+    serial: Arc<Mutex<SerialPort>>,
+    drained: EventFd,
+    pending: Vec<u8>,
+    /// Whether stdin is watched: not after its end, nor while `pending` is full.
+    stdin: StdinWatch,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StdinWatch {
+    Watched,
+    Full,
+    Ended,
 }
 
 impl StdinRelay {
-    pub(super) fn flush_pending(&mut self) {
+    /// A relay into `serial`, which writes `drained` when the guest empties its input FIFO.
+    pub(super) fn new(serial: Arc<Mutex<SerialPort>>, drained: EventFd) -> StdinRelay {
+        StdinRelay {
+            serial,
+            drained,
+            pending: Vec::new(),
+            stdin: StdinWatch::Watched,
+        }
+    }
+
+    fn flush_pending(&mut self) {
         if self.pending.is_empty() {
             return;
         }
@@ -33,46 +57,38 @@ impl StdinRelay {
 
 impl MutEventSubscriber for StdinRelay {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.fd() == self.drained.as_raw_fd() {
+            let _ = self.drained.read();
+            self.flush_pending();
+            if self.stdin == StdinWatch::Full && self.pending.len() < MAX_PENDING {
+                let _ = ops.add(Events::new(&io::stdin(), EventSet::IN));
+                self.stdin = StdinWatch::Watched;
+            }
+            return;
+        }
         let mut buf = [0u8; 256];
-        let n = if events.event_set().contains(EventSet::IN) && self.pending.len() < 64 * 1024 {
-            io::stdin().lock().read(&mut buf).unwrap_or(0)
-        } else {
-            usize::from(self.pending.len() >= 64 * 1024)
-        };
+        let n = io::stdin().lock().read(&mut buf).unwrap_or(0);
         if n == 0 {
             // EOF or error: stop watching stdin; the guest keeps running.
             let _ = ops.remove(events);
+            self.stdin = StdinWatch::Ended;
             return;
         }
-        if self.pending.len() < 64 * 1024 {
-            self.pending.extend_from_slice(&buf[..n]);
-        }
+        self.pending.extend_from_slice(&buf[..n]);
         self.flush_pending();
+        if self.pending.len() >= MAX_PENDING {
+            // The guest does not read its console: stop reading stdin until it does.
+            let _ = ops.remove(events);
+            self.stdin = StdinWatch::Full;
+        }
     }
 
     fn init(&mut self, ops: &mut EventOps) {
         // epoll refuses regular files and /dev/null; such a stdin is simply not relayed.
-        let _ = ops.add(Events::new(&io::stdin(), EventSet::IN));
-    }
-}
-
-/// Watches the stop signal and the i8042 reset line.
-pub(super) struct StopWatcher {
-    pub(super) stop: Arc<StopSignal>,
-    pub(super) reset_evt: vmm_sys_util::eventfd::EventFd,
-}
-
-impl MutEventSubscriber for StopWatcher {
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.fd() == self.reset_evt.as_raw_fd() {
-            let _ = self.reset_evt.read();
-            self.stop.stop(StopReason::GuestReset);
+        if ops.add(Events::new(&io::stdin(), EventSet::IN)).is_err() {
+            self.stdin = StdinWatch::Ended;
         }
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        let _ = ops.add(Events::new(&self.stop.evt, EventSet::IN));
-        let _ = ops.add(Events::new(&self.reset_evt, EventSet::IN));
+        let _ = ops.add(Events::new(&self.drained, EventSet::IN));
     }
 }
 

@@ -1,23 +1,32 @@
-//! Running a VM to its end: the vCPU threads, an event-manager loop on the main thread for
-//! console input, stop requests and signals (`events.rs`), probing (`session.rs`), and the
-//! report of how the guest ended.
+//! Running a VM to its end: the vCPU threads, and on the main thread a run loop
+//! (`run_loop.rs`) that handles [`Command`]s (`commands.rs`) queued by the event sources
+//! (`events.rs`: console input, stop requests, signals, the guest's `/init`), probing
+//! (`session.rs`), and how the run ended (`outcome.rs`).
 
+mod commands;
 mod events;
+mod outcome;
+mod run_loop;
 mod session;
 
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use event_manager::{EventManager, SubscriberOps};
 use kvm_ioctls::Kvm;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::output::{ConsoleSink, TraceOutput};
 use crate::vcpu::{self, StopReason, StopSignal, VcpuContext, VcpuHandle};
 use crate::vm::{Vm, VmConfig, VmError};
-use events::{INTERRUPT_FD, StdinRelay, StopWatcher, interrupt_handler};
+pub use commands::{Command, CommandSender};
+use commands::{CommandQueue, CommandSource};
+use events::{INTERRUPT_FD, StdinRelay, interrupt_handler};
+pub use outcome::{EXIT_GUEST_FAILED, EXIT_PROBE_REFUSED, Outcome, RunReport};
+use run_loop::RunLoop;
 use session::ProbeSession;
 pub use session::{PlantingError, ProbeReport, ProbeRequest, ProbeSetup, TextHashes};
 
@@ -67,70 +76,6 @@ impl From<vmm_sys_util::errno::Error> for SetupSource {
     }
 }
 
-/// How a guest run ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// The default guest's command finished with this status and the guest shut down.
-    CommandExited(i32),
-    /// The guest shut down without reporting a command status.
-    ShutDown,
-    /// The guest kernel panicked; the panic line.
-    Panicked(String),
-    /// The guest kernel reported an oops, BUG, WARN or lockup while probes were in, and the
-    /// guest went on to shut down; the first report line. Never passed over as a success:
-    /// a probe may be what broke the guest.
-    KernelFault(String),
-    /// The guest did not finish within the time limit.
-    TimedOut(Duration),
-    /// A vCPU failed in a way KVM cannot continue from.
-    VcpuError(String),
-    /// The user interrupted the run.
-    Interrupted,
-    /// A probe could not be planted; nothing was left in the guest.
-    ProbeRefused(String),
-}
-
-/// Exit status when the guest failed (panic, vCPU error, no status from the command).
-pub const EXIT_GUEST_FAILED: i32 = 125;
-/// Exit status when a probe could not be planted (bad location, refused instruction).
-pub const EXIT_PROBE_REFUSED: i32 = 2;
-
-impl Outcome {
-    /// The process exit status that reports this outcome: the guest command's own status,
-    /// 0 for a plain shutdown, 124 for a timeout (like `timeout(1)`), 125 for a guest
-    /// failure, 130 for an interrupt.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            Outcome::CommandExited(s) => *s,
-            Outcome::ShutDown => 0,
-            Outcome::TimedOut(_) => 124,
-            Outcome::Panicked(_) | Outcome::KernelFault(_) | Outcome::VcpuError(_) => {
-                EXIT_GUEST_FAILED
-            }
-            Outcome::Interrupted => 130,
-            Outcome::ProbeRefused(_) => EXIT_PROBE_REFUSED,
-        }
-    }
-}
-
-/// How a run ended, with what is worth telling the user.
-#[derive(Debug)]
-pub struct RunReport {
-    /// How it ended.
-    pub outcome: Outcome,
-    /// Time from VM start to the default guest's `/init` marker.
-    pub boot_to_init: Option<Duration>,
-    /// Total time the VM ran.
-    pub run_time: Duration,
-    /// The last console lines, for error reports.
-    pub console_tail: Vec<String>,
-    /// The first line of each guest kernel fault report (oops, BUG, WARN, lockup, panic)
-    /// printed while probes were in.
-    pub faults_with_probes: Vec<String>,
-    /// What the probes saw, when the run had any.
-    pub probes: Option<ProbeReport>,
-}
-
 /// What to run and for how long.
 #[derive(Clone, Debug)]
 pub struct RunOptions {
@@ -142,6 +87,11 @@ pub struct RunOptions {
     pub forward_stdin: bool,
 }
 
+/// An eventfd for the run's own wake-ups.
+fn eventfd() -> Result<EventFd, MachineError> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(setup_err("eventfd"))
+}
+
 /// Boots the VM described by `opts` on `kvm`, relays its console to stdout (sharing it with
 /// `output` when trace lines go there too), and returns once the guest has ended.
 pub fn run(
@@ -151,7 +101,7 @@ pub fn run(
     output: Arc<TraceOutput>,
 ) -> Result<RunReport, MachineError> {
     let mut vm = Vm::new(kvm, &opts.vm, Box::new(ConsoleSink(output.clone())))?;
-    let mut session = probes
+    let session = probes
         .map(|setup| ProbeSession::new(setup, &vm))
         .transpose()?;
     let probing = session.as_ref().map(ProbeSession::probing);
@@ -162,30 +112,55 @@ pub fn run(
     let stop = Arc::new(StopSignal::new().map_err(setup_err("eventfd"))?);
     vcpu::install_kick_handler().map_err(setup_err("kick signal handler"))?;
 
+    // Every event source of the run queues a command for the loop.
+    let queue = CommandQueue::new().map_err(setup_err("eventfd"))?;
+    let mut em: run_loop::Events = EventManager::new()?;
+    em.add_subscriber(Box::new(queue.waker().map_err(setup_err("eventfd"))?));
+    let stop_reason = stop.clone();
+    em.add_subscriber(Box::new(CommandSource::new(
+        stop.evt.try_clone().map_err(setup_err("eventfd"))?,
+        &queue,
+        move || stop_reason.reason().map(Command::Stop),
+    )));
+    em.add_subscriber(Box::new(CommandSource::new(
+        vm.reset_evt.try_clone().map_err(setup_err("eventfd"))?,
+        &queue,
+        || Some(Command::Stop(StopReason::GuestReset)),
+    )));
     // SIGINT/SIGTERM end the run cleanly, through the same stop path as the guest.
-    let interrupted = StopSignal::new().map_err(setup_err("eventfd"))?;
-    INTERRUPT_FD.store(interrupted.evt.as_raw_fd(), Ordering::SeqCst);
+    let interrupted = eventfd()?;
+    INTERRUPT_FD.store(interrupted.as_raw_fd(), Ordering::SeqCst);
     for sig in [libc::SIGINT, libc::SIGTERM] {
         vmm_sys_util::signal::register_signal_handler(sig, interrupt_handler)
             .map_err(setup_err("signal handler"))?;
     }
-
-    let mut em: EventManager<Box<dyn MutEventSubscriber>> = EventManager::new()?;
-    em.add_subscriber(Box::new(StopWatcher {
-        stop: stop.clone(),
-        reset_evt: vm.reset_evt.try_clone().map_err(setup_err("eventfd"))?,
-    }));
-    let stdin_relay = opts.forward_stdin.then(|| {
-        let relay = Arc::new(Mutex::new(StdinRelay {
-            serial: vm.serial.clone(),
-            pending: Vec::new(),
-        }));
-        em.add_subscriber(Box::new(relay.clone()));
-        relay
-    });
+    em.add_subscriber(Box::new(CommandSource::new(interrupted, &queue, || {
+        Some(Command::Stop(StopReason::Interrupted))
+    })));
+    let init_ready = eventfd()?;
+    vm.console
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .init_ready_evt = Some(init_ready.try_clone().map_err(setup_err("eventfd"))?);
+    em.add_subscriber(Box::new(CommandSource::new(init_ready, &queue, || {
+        Some(Command::InitReady)
+    })));
+    let output_wake = eventfd()?;
+    output.set_wake(output_wake.try_clone().map_err(setup_err("eventfd"))?);
+    em.add_subscriber(Box::new(CommandSource::new(output_wake, &queue, || {
+        Some(Command::Reschedule)
+    })));
+    if opts.forward_stdin {
+        let drained = vm
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .input_drained()
+            .map_err(setup_err("eventfd"))?;
+        em.add_subscriber(Box::new(StdinRelay::new(vm.serial.clone(), drained)));
+    }
 
     let started = Instant::now();
-    let mut probe_refused: Option<String> = None;
     let mut handles: Vec<VcpuHandle> = Vec::new();
     for (id, fd) in vm.vcpus.drain(..).enumerate() {
         let ctx = VcpuContext {
@@ -199,60 +174,25 @@ pub fn run(
         handles.push(handle);
     }
 
-    let deadline = opts.timeout.map(|t| started + t);
-    loop {
-        if let Err(e) = em.run_with_timeout(100) {
-            stop.stop(StopReason::VcpuError(format!("event loop: {e}")));
-        }
-        if interrupted.evt.read().is_ok() {
-            stop.stop(StopReason::Interrupted);
-        }
-        if stop.reason().is_some() {
-            break;
-        }
-        if let Some(relay) = &stdin_relay {
-            relay
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .flush_pending();
-        }
-        output.tick();
-        if let Some(s) = &mut session
-            && s.planted
-        {
-            s.tick(&handles);
-        }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            stop.stop(StopReason::Timeout);
-        }
-        if let Some(s) = &mut session
-            && !s.planted
-            && vm
-                .console
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .init_ready_at
-                .is_some()
-        {
-            match s.plant(&handles, started, &vm.console) {
-                // The default guest's /init waits for a line on its console before it runs
-                // the command, so that no probed call happens before the probes are in.
-                Ok(()) => {
-                    vm.serial
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .enqueue_input(b"\n");
-                }
-                // The command never runs.
-                Err(e) => {
-                    let e = e.to_string();
-                    s.report.error = Some(e.clone());
-                    probe_refused = Some(e);
-                    stop.stop(StopReason::Interrupted);
-                }
-            }
-        }
-    }
+    let mut run = RunLoop {
+        queue,
+        stop: stop.clone(),
+        session,
+        handles,
+        output: output.clone(),
+        time_limit: opts.timeout.map(|t| started + t),
+        started,
+        serial: vm.serial.clone(),
+        console: vm.console.clone(),
+        probe_refused: None,
+    };
+    run.run(&mut em);
+    let RunLoop {
+        session,
+        handles,
+        probe_refused,
+        ..
+    } = run;
     let probe_report = session.map(|s| s.finish(&handles, &vm.console));
     INTERRUPT_FD.store(-1, Ordering::SeqCst);
     let run_time = started.elapsed();
@@ -264,26 +204,8 @@ pub fn run(
 
     let console = vm.console.lock().unwrap_or_else(|e| e.into_inner());
     let reason = stop.reason().unwrap_or(StopReason::GuestReset);
-    let outcome = match reason {
-        _ if probe_refused.is_some() => Outcome::ProbeRefused(probe_refused.unwrap_or_default()),
-        StopReason::Timeout => Outcome::TimedOut(opts.timeout.unwrap_or_default()),
-        StopReason::Interrupted => Outcome::Interrupted,
-        StopReason::VcpuError(e) => Outcome::VcpuError(e),
-        StopReason::GuestReset | StopReason::GuestPoweroff => {
-            match (
-                &console.panic,
-                console.faults_with_probes.first(),
-                console.exit_status,
-            ) {
-                (Some(p), _, _) => Outcome::Panicked(p.clone()),
-                (None, Some(f), _) => Outcome::KernelFault(f.clone()),
-                (None, None, Some(s)) => Outcome::CommandExited(s),
-                (None, None, None) => Outcome::ShutDown,
-            }
-        }
-    };
     Ok(RunReport {
-        outcome,
+        outcome: Outcome::of(reason, probe_refused, opts.timeout, &console),
         boot_to_init: console
             .init_ready_at
             .map(|t| t.saturating_duration_since(started)),

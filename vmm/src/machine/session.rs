@@ -12,13 +12,15 @@ use probe_core::engine::{
 };
 use probe_core::extable;
 use probe_core::guest_kprobes::KprobeTableLayout;
-use probe_core::probe::Probe;
+use probe_core::probe::{Probe, TrapKind};
 use probe_core::xol::XolArea;
 
 use super::MachineError;
 use crate::arch::{self, Guest, GuestRegisters, VmmArch};
 use crate::devices::console::ConsoleWatch;
-use crate::probing::{Engine, PausedState, Probing, RegisterIoctls};
+use crate::probing::{Engine, PausedState, Probing, RegisterIoctls, VcpuCounts};
+use crate::refusal::{RefusedProbe, refusal_list};
+use crate::selftest::TrapSupport;
 use crate::vcpu::{VcpuCommand, VcpuEvent, VcpuHandle};
 use crate::vm::Vm;
 
@@ -62,8 +64,10 @@ pub struct ProbeSetup {
     pub skip_refused: bool,
     /// Hits a second each site may take (`--max-rate`).
     pub max_rate: Option<u64>,
-    /// Probes refused before the run (when they were resolved) and skipped, with the reason.
-    pub skipped: Vec<String>,
+    /// Probes refused before the run (when they were resolved) and skipped.
+    pub refused: Vec<RefusedProbe>,
+    /// What the trap self-test found, and the trap the probes use.
+    pub traps: (TrapSupport, TrapKind),
     /// Where the guest keeps its own kprobes, read at planting so that the boundary walk
     /// reads through them.
     pub guest_kprobes: Option<KprobeTableLayout>,
@@ -97,13 +101,18 @@ pub struct ProbeReport {
     pub rewritten: Vec<RewrittenSite>,
     /// Why probing could not be finished, if it could not.
     pub error: Option<String>,
-    /// Probes refused at planting and skipped (`--skip-refused`), with the reason.
-    pub skipped: Vec<String>,
+    /// Probes refused, at resolution or planting: skipped (`--skip-refused`), or the reason
+    /// the run stopped before its command.
+    pub refused: Vec<RefusedProbe>,
     /// The KASLR slide found in the running guest.
     pub kaslr_slide: Option<u64>,
     /// The System.map address the anchor register matched (`vectors`,
     /// `__bp_harden_el1_vectors+0x800`, `entry_SYSCALL_64`).
     pub kaslr_anchor: Option<String>,
+    /// Per vCPU, by id: (debug exits, site hits, handed back to the guest).
+    pub vcpus: Vec<(u64, u64, u64)>,
+    /// What the trap self-test found, and the trap the probes use.
+    pub traps: Option<(TrapSupport, TrapKind)>,
 }
 
 /// Sends `cmd` to every vCPU, then waits until each has answered with `answer`.
@@ -155,8 +164,8 @@ pub enum PlantingError {
     #[error("reading the guest's exception table: {0}")]
     ExceptionTable(String),
     /// Probes were refused, each with its reason.
-    #[error("{}", crate::job::problem_list(.0, "probes refused"))]
-    Refused(Vec<String>),
+    #[error("{}", refusal_list(.0))]
+    Refused(Vec<RefusedProbe>),
 }
 
 /// The state of paused vCPU `h`.
@@ -188,11 +197,15 @@ pub(super) struct ProbeSession {
     rates: HitRates,
     /// The hardware breakpoint kept for the slot-exception watch, if any.
     exception_watch_slot: Option<usize>,
+    /// Each vCPU's debug exits.
+    vcpus: Arc<[VcpuCounts]>,
 }
 
 /// A probe is reported as hot once its hits pass this many a second: in the emulated runner
 /// an exit costs 60-700 us, so a few thousand a second take a whole vCPU.
 const HOT_HITS_PER_SECOND: u64 = 1000;
+/// How often hit rates are checked.
+const RATE_CHECK_PERIOD: Duration = Duration::from_secs(1);
 
 /// Each probe's hits at the last check, to report the hot ones once.
 #[derive(Default)]
@@ -234,6 +247,7 @@ impl ProbeSession {
             user_return: Arc::default(),
             rates: HitRates::default(),
             exception_watch_slot,
+            vcpus: (0..vm.vcpus.len()).map(|_| VcpuCounts::default()).collect(),
         })
     }
 
@@ -245,6 +259,7 @@ impl ProbeSession {
             register_ioctls: self.register_ioctls.clone(),
             user_return: self.user_return.clone(),
             exception_watch_slot: self.exception_watch_slot,
+            vcpus: self.vcpus.clone(),
         })
     }
 
@@ -280,14 +295,29 @@ impl ProbeSession {
         Ok(())
     }
 
-    /// While the run goes on: puts back the traps of sites their rate cap paused (every vCPU
-    /// paused meanwhile, only when there is one), and once a second reports a probe whose hit
-    /// rate passed [`HOT_HITS_PER_SECOND`], with its rate.
+    /// When [`ProbeSession::tick`] has work next: a rate-capped site's window ends, or the
+    /// once-a-second hit-rate check; `None` before the probes are in.
+    pub(super) fn next_due(&self) -> Option<Instant> {
+        self.regs.as_ref()?;
+        let check = self
+            .rates
+            .checked
+            .map_or_else(Instant::now, |t| t + RATE_CHECK_PERIOD);
+        let resume = self
+            .engine
+            .next_paused_site_due()
+            .map(|d| Instant::now() + d);
+        Some(resume.map_or(check, |r| r.min(check)))
+    }
+
+    /// While the run goes on: puts back the traps of sites whose rate-cap window is over
+    /// (every vCPU paused meanwhile, only when one is due), and once a second reports a probe
+    /// whose hit rate passed [`HOT_HITS_PER_SECOND`], with its rate.
     pub(super) fn tick(&mut self, handles: &[VcpuHandle]) {
         if self.regs.is_none() {
             return;
         }
-        if self.engine.paused_sites() > 0 {
+        if self.engine.next_paused_site_due() == Some(Duration::ZERO) {
             pause_all(handles);
             self.engine.resume_paused_sites();
             resume_all(handles);
@@ -297,7 +327,7 @@ impl ProbeSession {
             return;
         };
         let elapsed = now.duration_since(since).as_secs_f64();
-        if elapsed < 1.0 {
+        if elapsed < RATE_CHECK_PERIOD.as_secs_f64() {
             self.rates.checked = Some(since);
             return;
         }
@@ -379,7 +409,7 @@ impl ProbeSession {
             for req in requests {
                 match self.engine.plant(req.probe, req.target, &regs) {
                     Ok(id) => ids.push(id),
-                    Err(e) => refused.push(e.to_string()),
+                    Err(e) => refused.push(RefusedProbe::from(&e)),
                 }
             }
             if !refused.is_empty() && !self.setup.skip_refused {
@@ -393,13 +423,14 @@ impl ProbeSession {
                         after: Some(a),
                     });
                 }
+                self.report.refused = refused.clone();
                 return Err(PlantingError::Refused(refused));
             }
             for r in &refused {
                 eprintln!("hvprobe: skipped refused probe: {r}");
             }
-            self.report.skipped = std::mem::take(&mut self.setup.skipped);
-            self.report.skipped.extend(refused);
+            self.report.refused = std::mem::take(&mut self.setup.refused);
+            self.report.refused.extend(refused);
             if let (Some(b), Some(p)) = (before, self.hash_text(&regs)) {
                 self.report.text = Some(TextHashes {
                     before: b,
@@ -434,6 +465,8 @@ impl ProbeSession {
         }
         self.report.exits = self.engine.exit_stats();
         self.report.register_ioctls = self.register_ioctls.counts();
+        self.report.vcpus = self.vcpus.iter().map(VcpuCounts::snapshot).collect();
+        self.report.traps = Some(self.setup.traps.clone());
         self.report
     }
 }

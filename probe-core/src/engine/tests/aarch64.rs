@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::arch::aarch64::{Aarch64, PROBE_BRK_IMM, PSTATE_DAIF, SLOT_BRK_IMM, brk};
-use crate::engine::{PlantError, PlantTarget, ProbeEngine, VcpuProbeState};
+use crate::engine::{PlantErrorKind, PlantTarget, ProbeEngine, VcpuProbeState};
 use crate::fake::aarch64::*;
 use crate::probe::Probe;
 use crate::vm::{DebugEvent, Verdict};
@@ -87,7 +87,7 @@ fn refusals_name_the_instruction_and_leave_the_text_untouched() {
     let err = engine
         .plant(Probe::new("f+0x14"), target(AT_LDXR), &regs)
         .unwrap_err();
-    assert!(matches!(err, PlantError::Refused { .. }), "{err}");
+    assert!(matches!(err.kind, PlantErrorKind::Refused { .. }), "{err}");
     assert!(err.to_string().contains("ldxr x0, [x1]"), "{err}");
     // Off an instruction boundary.
     let err = engine
@@ -323,7 +323,7 @@ fn with_pointer_authentication_a_return_probe_needs_a_known_function_entry() {
         .plant(Probe::new("0x0").on_return(|_| Ok(())), bare, &regs)
         .unwrap_err();
     assert!(
-        matches!(err, PlantError::ReturnProbeRefused { .. }),
+        matches!(err.kind, PlantErrorKind::ReturnProbeRefused { .. }),
         "{err}"
     );
     assert!(err.to_string().contains("pointer authentication"), "{err}");
@@ -437,8 +437,11 @@ fn a_site_past_its_rate_cap_is_paused_for_its_window_and_armed_again() {
     assert_eq!(engine.exit_stats().rate_capped, 2);
     // Within the window nothing is re-armed; after it, the BRK is back and hits count again.
     assert_eq!(engine.resume_paused_sites(), 0);
-    std::thread::sleep(std::time::Duration::from_millis(1050));
+    let due = engine.next_paused_site_due().expect("a paused site is due");
+    assert!(due <= std::time::Duration::from_millis(1000), "{due:?}");
+    std::thread::sleep(due + std::time::Duration::from_millis(5));
     assert_eq!(engine.resume_paused_sites(), 1);
+    assert_eq!(engine.next_paused_site_due(), None);
     assert_eq!(word_at(&engine, AT_NOP), brk(PROBE_BRK_IMM));
     assert_eq!(hit(&mut vcpu), pc + 4);
     assert_eq!(engine.stats()[0].hits, 4);
@@ -497,7 +500,10 @@ fn a_user_access_is_probed_only_where_a_fault_of_its_copy_is_rewound_to_it() {
     let err = engine
         .plant(Probe::new("f+0x10"), target(AT_LDR), &regs)
         .unwrap_err();
-    assert!(matches!(err, PlantError::ExceptionTable { .. }), "{err}");
+    assert!(
+        matches!(err.kind, PlantErrorKind::ExceptionTable { .. }),
+        "{err}"
+    );
     assert_eq!(text(&engine), code_bytes(), "nothing written");
 
     // The VMM watches the vector: the access is stepped in a trapped slot.

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::arch::{PlanKind, RegisterFile};
-use crate::engine::{PlantError, PlantTarget, ProbeEngine, VcpuProbeState};
+use crate::engine::{PlantErrorKind, PlantTarget, ProbeEngine, RemoveError, VcpuProbeState};
 use crate::fake::FakeMachine;
 use crate::probe::Probe;
 use crate::vm::{DebugEvent, Verdict};
@@ -58,6 +58,7 @@ fn a_probe_is_planted_hit_and_removed_byte_for_byte<A: FakeMachine>() {
         .unwrap();
     assert_eq!(v, Verdict::Resume);
     assert_eq!(hits.load(Ordering::SeqCst), 1);
+    assert_eq!(state.site_hits(), 1, "the hit is this vCPU's");
     assert_eq!(vcpu.regs.pc(), A::TEXT_VA + next);
     let stats = engine.stats();
     assert_eq!((stats[0].hits, stats[0].plan), (1, PlanKind::Emulate));
@@ -65,6 +66,13 @@ fn a_probe_is_planted_hit_and_removed_byte_for_byte<A: FakeMachine>() {
     assert_eq!(engine.remove(id).unwrap(), None);
     assert_eq!(text(&engine), A::code());
     assert!(engine.is_empty());
+    // Removed once: a second removal names the id and changes nothing.
+    let err = engine.remove(id).unwrap_err();
+    assert!(
+        matches!(err, RemoveError::UnknownProbe(i) if i == id),
+        "{err}"
+    );
+    assert_eq!(text(&engine), A::code());
 }
 
 /// A location off an instruction boundary, or unmapped, is refused by name and nothing in the
@@ -90,7 +98,11 @@ fn bad_locations_are_refused_and_change_nothing<A: FakeMachine>() {
             &regs,
         )
         .unwrap_err();
-    assert!(matches!(err, PlantError::NotMapped { .. }), "{err}");
+    assert!(
+        matches!(err.kind, PlantErrorKind::NotMapped { .. }),
+        "{err}"
+    );
+    assert_eq!(err.location, "far", "the error names the probe's location");
     assert_eq!(text(&engine), A::code());
     assert!(engine.is_empty());
 }
@@ -145,7 +157,10 @@ fn hardware_probes_leave_the_text_alone_and_stop_at_the_count<A: FakeMachine>() 
         )
         .unwrap_err();
     assert!(
-        matches!(err, PlantError::NoHardwareBreakpoint { count: 1, .. }),
+        matches!(
+            err.kind,
+            PlantErrorKind::NoHardwareBreakpoint { count: 1, .. }
+        ),
         "{err}"
     );
     assert!(
