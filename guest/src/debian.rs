@@ -51,6 +51,13 @@ pub const KVM_MODULES: &[&str] = &[
     "arch/x86/kvm/kvm.ko",
     "arch/x86/kvm/kvm-amd.ko",
     "arch/x86/kvm/kvm-intel.ko",
+    // The virtio console over PCI, for the port that carries the live-session API.
+    "drivers/virtio/virtio_ring.ko",
+    "drivers/virtio/virtio.ko",
+    "drivers/virtio/virtio_pci_legacy_dev.ko",
+    "drivers/virtio/virtio_pci_modern_dev.ko",
+    "drivers/virtio/virtio_pci.ko",
+    "drivers/char/virtio_console.ko",
 ];
 
 /// Modules kept from an arm64 kernel package, in load order: the virtio console over virtio-mmio
@@ -117,6 +124,42 @@ fn sh(script: &str) -> Result<Vec<u8>, GuestError> {
     run_output(Command::new("sh").args(["-c", script]))
 }
 
+/// Extracts the L1 modules a kernel cached by an older hvprobe lacks (the list grew) from the
+/// image package alone (tens of MiB), without fetching the `-dbg` package again.
+fn add_missing_modules(kp: &KernelPackage, arch: crate::GuestArch) -> Result<(), GuestError> {
+    let missing: Vec<&str> = arch
+        .l1_modules()
+        .iter()
+        .copied()
+        .filter(|m| !kp.module(m.rsplit('/').next().unwrap_or(m)).exists())
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!(
+        "hvprobe: adding {} kernel module(s) to the cached guest kernel {} (from its image package)",
+        missing.len(),
+        kp.package
+    );
+    let dl = kp.dir.join("deb-modules");
+    let _ = fs::remove_dir_all(&dl);
+    download(
+        &dl,
+        &[format!("{}={}", arch.apt_name(&kp.package), kp.version)],
+    )?;
+    let image = find_deb(&dl, &kp.package)?;
+    let unpack = dl.join("unpack");
+    fs::create_dir_all(&unpack).map_err(GuestError::io(&unpack))?;
+    run_output(Command::new("dpkg-deb").arg("-x").arg(&image).arg(&unpack))?;
+    for m in missing {
+        let src = unpack.join(format!("lib/modules/{}/kernel/{m}", kp.release));
+        let dst = kp.module(m.rsplit('/').next().unwrap_or(m));
+        fs::rename(&src, &dst).map_err(GuestError::io(&src))?;
+    }
+    fs::remove_dir_all(&dl).map_err(GuestError::io(&dl))?;
+    Ok(())
+}
+
 fn download(dir: &Path, specs: &[String]) -> Result<(), GuestError> {
     fs::create_dir_all(dir).map_err(GuestError::io(dir))?;
     run_output(
@@ -179,6 +222,7 @@ pub fn kernel_package(cache: &Path, arch: GuestArch) -> Result<KernelPackage, Gu
         dir: dir.clone(),
     };
     if dir.join(COMPLETE).exists() {
+        add_missing_modules(&kp, arch)?;
         return Ok(kp);
     }
 

@@ -10,6 +10,7 @@
 mod common;
 mod counts;
 mod guest_debug;
+mod live;
 mod output;
 mod plans;
 mod refusals;
@@ -21,6 +22,7 @@ use counts::*;
 use guest_debug::*;
 use hvprobe_guest::GuestArch;
 use hvprobe_vmm::summary::ProbeSummary;
+use live::*;
 use output::*;
 use plans::*;
 use probe_core::arch::x86_64::{Decoder, Instruction, InstructionKind, StepPlan};
@@ -652,6 +654,8 @@ fn main() {
         "probes",
         cases![
             Guests::Any => [
+                a_live_session_adds_counts_removes_and_detaches_probes_while_the_guest_runs,
+                two_clients_stream_at_once_and_stop_ends_the_run,
                 return_probes_report_every_return_with_its_value,
                 return_probes_on_two_vcpus_see_every_return_once,
                 a_return_probe_on_exec_returns_through_the_new_address_space,

@@ -16,12 +16,14 @@ use probe_core::probe::TrapKind;
 use probe_core::task::TaskLayout;
 use probe_core::xol::XolArea;
 
-use crate::handlers::HandlerWiring;
+use crate::api::events::EventHub;
+use crate::handlers::{HandlerWiring, LiveProbes};
 use crate::hostcheck;
 pub use crate::job::{
     DEFAULT_EXEC_TIMEOUT_SECS, Job, ResolvedProbe, ResolvedProbes, RunnerChoice, TrapChoice,
     read_btf,
 };
+use crate::machine::ApiSetup;
 use crate::machine::{self, Outcome, ProbeReport, ProbeSetup, RunOptions, RunReport};
 use crate::output::TraceOutput;
 use crate::refusal::{RefusedProbe, refusal_list};
@@ -74,6 +76,44 @@ enum Command {
         /// The guest's architecture [default: the host's].
         #[arg(long, value_enum)]
         arch: Option<hvprobe_guest::GuestArch>,
+    },
+    /// Add, list or remove probes of a running VM (`hvprobe run --api-socket PATH`).
+    Probe {
+        #[command(subcommand)]
+        action: crate::clients::ProbeAction,
+    },
+    /// Stream the running VM's events from now on, as `hvprobe run` prints them.
+    Trace {
+        /// The running hvprobe's API socket.
+        #[arg(long, value_name = "PATH")]
+        api_socket: PathBuf,
+        /// One JSON object per event.
+        #[arg(long)]
+        json: bool,
+        /// Only these events (`group/event`, or a bare probe's location) [default: all].
+        events: Vec<String>,
+    },
+    /// The running VM's exit counts, per vCPU, and the vCPU pauses of its changes.
+    Stats {
+        /// The running hvprobe's API socket.
+        #[arg(long, value_name = "PATH")]
+        api_socket: PathBuf,
+        /// The reply as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove every probe of the running VM and check its kernel text is as before the first
+    /// probe; the VM keeps running.
+    Detach {
+        /// The running hvprobe's API socket.
+        #[arg(long, value_name = "PATH")]
+        api_socket: PathBuf,
+    },
+    /// Stop the running VM (its probes removed first, as at the end of any run).
+    Stop {
+        /// The running hvprobe's API socket.
+        #[arg(long, value_name = "PATH")]
+        api_socket: PathBuf,
     },
 }
 
@@ -128,6 +168,15 @@ fn dispatch(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Run(args) => run(&args),
+        Command::Probe { action } => crate::clients::probe(action),
+        Command::Trace {
+            api_socket,
+            json,
+            events,
+        } => crate::clients::trace(&api_socket, json, &events),
+        Command::Stats { api_socket, json } => crate::clients::stats(&api_socket, json),
+        Command::Detach { api_socket } => crate::clients::detach(&api_socket),
+        Command::Stop { api_socket } => crate::clients::stop(&api_socket),
         Command::RunJob { file } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading the job {}", file.display()))?;
@@ -283,6 +332,7 @@ fn probe_setup(
     args: &Job,
     kvm: &kvm_ioctls::Kvm,
     output: &Arc<TraceOutput>,
+    hub: Option<&Arc<EventHub>>,
     hists: &mut Vec<Arc<RetvalHistogram>>,
 ) -> Result<Option<ProbeSetup>> {
     let Some(ResolvedProbes {
@@ -330,6 +380,12 @@ fn probe_setup(
         let layout = TaskLayout::from_kernel::<crate::arch::Guest>(btf, &map)
             .context("finding the current task in the guest kernel")?;
         Some(Arc::new(layout))
+    } else if args.api_socket.is_some() {
+        // Definitions may come later, through the API: task awareness where BTF allows.
+        btf.as_ref()
+            .and_then(|b| b.as_ref().ok())
+            .and_then(|btf| TaskLayout::from_kernel::<crate::arch::Guest>(btf, &map).ok())
+            .map(Arc::new)
     } else {
         None
     };
@@ -360,6 +416,7 @@ fn probe_setup(
         task,
         slide: slide.clone(),
         output: output.clone(),
+        hub: hub.cloned(),
     };
     let requests = targets
         .into_iter()
@@ -391,6 +448,12 @@ fn probe_setup(
         skip_refused: args.skip_refused,
         refused,
         traps: (support, trap),
+        source: args.api_socket.as_ref().map(|_| {
+            Box::new(LiveProbes {
+                wiring: wiring.clone(),
+                arch: args.guest_arch(),
+            }) as Box<dyn machine::ProbeSource>
+        }),
         max_rate: args.max_rate,
         guest_kprobes,
     }))
@@ -403,8 +466,24 @@ fn run_on_host(args: &Job) -> Result<i32> {
             .with_context(|| format!("creating the output file {}", path.display()))?,
         None => TraceOutput::stdout(),
     };
+    // The API socket first: a path that cannot be served fails before anything boots.
+    let api = match &args.api_socket {
+        Some(path) => Some(ApiSetup {
+            listener: crate::api::http::bind(path)?,
+            path: path.clone(),
+            hub: Arc::new(EventHub::default()),
+            mux_port: args.api_port.clone(),
+        }),
+        None => None,
+    };
     let mut hists = Vec::new();
-    let probes = probe_setup(args, &kvm, &output, &mut hists)?;
+    let probes = probe_setup(
+        args,
+        &kvm,
+        &output,
+        api.as_ref().map(|a| &a.hub),
+        &mut hists,
+    )?;
     let mut cmdline = args.effective_cmdline();
     if probes.is_some() {
         cmdline.push(' ');
@@ -432,7 +511,7 @@ fn run_on_host(args: &Job) -> Result<i32> {
         timeout: args.effective_timeout(),
         forward_stdin: true,
     };
-    let report = machine::run(kvm, &opts, probes, output.clone())?;
+    let report = machine::run(kvm, &opts, probes, api, output.clone())?;
     let code = report_outcome(args, &report);
     // One model of the run: the summary lines and `--summary-json` are both made from it.
     let summary = RunSummary::new(&report, code);
@@ -484,6 +563,10 @@ fn report_outcome(args: &Job, report: &RunReport) -> i32 {
             eprintln!("hvprobe: {e}");
             eprintln!("hvprobe: no probe was left in the guest");
             return report.outcome.exit_code();
+        }
+        Outcome::Stopped => {
+            eprintln!("hvprobe: stopped through the API");
+            None
         }
         Outcome::CommandExited(_) | Outcome::ShutDown => None,
     };

@@ -1,6 +1,7 @@
 //! The handlers the command line gives each probe: a hit line or a kprobe_events line (text
-//! or JSON), and the `--hist` count of return values, wired from the run's options. The
-//! handlers themselves format through [`crate::report`].
+//! or JSON) to the run's output and to the API's event streams, and the `--hist` count of
+//! return values, wired from the run's options. The handlers themselves format through
+//! [`crate::report`]. [`LiveProbes`] makes probes the same way while the VM runs.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,12 +10,15 @@ use probe_core::probe::{Probe, ProbeContext, TrapKind};
 use probe_core::symbols::SymbolMap;
 use probe_core::task::TaskLayout;
 
-use crate::job::ResolvedProbe;
-use crate::machine::ProbeRequest;
+use crate::api::events::{EventHub, StreamFormat};
+use crate::job::{ResolvedProbe, resolve_probe};
+use crate::machine::{ProbeRequest, ProbeSource};
 use crate::output::TraceOutput;
+use crate::refusal::RefusedProbe;
 use crate::report::{self, RetvalHistogram};
 
 /// What every probe's handlers share, from the run's options.
+#[derive(Clone)]
 pub struct HandlerWiring {
     /// The trap every probe uses.
     pub trap: TrapKind,
@@ -32,6 +36,8 @@ pub struct HandlerWiring {
     pub slide: Arc<AtomicU64>,
     /// Where lines go.
     pub output: Arc<TraceOutput>,
+    /// The API's event streams (`--api-socket`).
+    pub hub: Option<Arc<EventHub>>,
 }
 
 impl HandlerWiring {
@@ -42,6 +48,11 @@ impl HandlerWiring {
         resolved: ResolvedProbe,
         hists: &mut Vec<Arc<RetvalHistogram>>,
     ) -> ProbeRequest {
+        let spec = resolved.spec.clone();
+        let event = match &resolved.definition {
+            Some(def) => format!("{}/{}", def.group, def.event),
+            None => resolved.location.clone(),
+        };
         let hist = match &resolved.definition {
             Some(def) if self.hist => {
                 RetvalHistogram::for_definition(def, resolved.location.clone()).map(Arc::new)
@@ -62,16 +73,31 @@ impl HandlerWiring {
         let slide = self.slide.clone();
         let json = self.json;
         let out = self.output.clone();
+        let hub = self.hub.clone();
+        let streamed = event.clone();
         match resolved.definition {
-            Some(def) if print || hist.is_some() => {
+            Some(def) if print || hist.is_some() || hub.is_some() => {
                 let handler = move |ctx: &ProbeContext<'_>| {
                     let task = task.as_deref();
                     if let Some(h) = &hist {
                         report::count_return(ctx, &def, task, h);
                     }
-                    if print {
-                        let slide = slide.load(Ordering::Relaxed);
-                        report::print_event(ctx, &def, &map, task, slide, json, &out);
+                    let slide = slide.load(Ordering::Relaxed);
+                    let line = |json| report::event_line(ctx, &def, &map, task, slide, json);
+                    if print && let Some(mut l) = line(json) {
+                        l.push('\n');
+                        out.line(&l);
+                    }
+                    if let Some(hub) = hub.as_ref().filter(|h| h.active()) {
+                        // The task filter's verdict is the same in both formats.
+                        if let Some(first) = line(false) {
+                            hub.publish(&streamed, &|f| match f {
+                                StreamFormat::Text => format!("{first}\n"),
+                                StreamFormat::Json => {
+                                    format!("{}\n", line(true).unwrap_or_default())
+                                }
+                            });
+                        }
                     }
                     Ok(())
                 };
@@ -80,9 +106,17 @@ impl HandlerWiring {
                     None => probe.on_hit(handler),
                 };
             }
-            None if print => {
+            None if print || hub.is_some() => {
                 probe = probe.on_hit(move |ctx| {
-                    report::print_hit(ctx, &out);
+                    if print {
+                        report::print_hit(ctx, &out);
+                    }
+                    if let Some(hub) = hub.as_ref().filter(|h| h.active()) {
+                        hub.publish(&streamed, &|f| match f {
+                            StreamFormat::Text => format!("{}\n", report::hit_line(ctx)),
+                            StreamFormat::Json => format!("{}\n", report::hit_json(ctx)),
+                        });
+                    }
                     Ok(())
                 });
             }
@@ -91,6 +125,25 @@ impl HandlerWiring {
         ProbeRequest {
             probe,
             target: resolved.target,
+            spec,
+            event,
         }
+    }
+}
+
+/// Makes the probes of live-session requests: resolved against the guest's System.map for
+/// its architecture, wired as the run's own probes are.
+pub struct LiveProbes {
+    /// The wiring.
+    pub wiring: HandlerWiring,
+    /// The guest's architecture (its register names in definitions).
+    pub arch: hvprobe_guest::GuestArch,
+}
+
+impl ProbeSource for LiveProbes {
+    fn make(&self, spec: &str) -> Result<ProbeRequest, RefusedProbe> {
+        let resolved = resolve_probe(&self.wiring.map, spec, self.arch)
+            .map_err(|e| RefusedProbe::at_resolution(spec, format!("{e:#}")))?;
+        Ok(self.wiring.request(resolved, &mut Vec::new()))
     }
 }

@@ -123,6 +123,17 @@ pub struct Job {
     /// reports).
     #[arg(long, value_name = "FILE")]
     pub summary_json: Option<PathBuf>,
+    /// Serve the live-session API on this Unix socket (HTTP/1.1 + JSON, owner-only): add,
+    /// list and remove probes, stream events, stats, detach and stop while the VM runs
+    /// (`hvprobe probe|trace|stats|detach|stop --api-socket PATH`, or curl; docs/api.md).
+    /// Without `--exec` the default guest gives a shell on the console.
+    #[arg(long, value_name = "PATH")]
+    #[serde(default)]
+    pub api_socket: Option<PathBuf>,
+    /// Inside the emulated runner's L1: the port that carries the host's API connections.
+    #[arg(skip)]
+    #[serde(default)]
+    pub api_port: Option<PathBuf>,
     /// Instead of booting a guest, check the host's KVM and print the one-line verdict (how
     /// `hvprobe check-host --arch` checks the KVM inside another architecture's emulated
     /// runner).
@@ -144,6 +155,8 @@ pub struct ResolvedProbes {
 
 /// One resolved `--probe`.
 pub struct ResolvedProbe {
+    /// The probe as the user gave it.
+    pub spec: String,
     /// The location as the summary shows it.
     pub location: String,
     /// Where to plant.
@@ -175,7 +188,7 @@ fn is_definition(p: &str) -> bool {
 /// Resolves one `--probe` against `map`, for guests of `arch` (whose register names the
 /// definition's fetch args use; the emulated runner of another architecture resolves them on
 /// this host first).
-fn resolve_probe(
+pub fn resolve_probe(
     map: &SymbolMap,
     p: &str,
     arch: hvprobe_guest::GuestArch,
@@ -206,6 +219,7 @@ fn resolve_probe(
         None => map.containing(va).map(|(s, _)| s.addr),
     };
     Ok(ResolvedProbe {
+        spec: p.to_string(),
         location,
         target: PlantTarget { va, function_start },
         definition,
@@ -338,7 +352,7 @@ impl Job {
     /// does not resolve (bad syntax, unknown symbol, offset past the symbol) is listed in
     /// [`ResolvedProbes::refused`], all of them in one pass.
     pub fn resolve_probes(&self) -> Result<Option<ResolvedProbes>> {
-        if self.probes.is_empty() {
+        if self.probes.is_empty() && self.api_socket.is_none() {
             return Ok(None);
         }
         let path = self

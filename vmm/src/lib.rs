@@ -2,8 +2,10 @@
 //! an unmodified Linux guest, and the emulated runner that provides KVM where the host has none
 //! usable. All KVM calls of the project live in this crate.
 
+pub mod api;
 pub mod arch;
 pub mod cli;
+pub mod clients;
 pub mod devices;
 pub mod handlers;
 pub mod hostcheck;

@@ -31,6 +31,21 @@ pub fn hit_line(ctx: &ProbeContext<'_>) -> String {
     line
 }
 
+/// The JSON object of one hit of a bare probe (what a `json` event stream gets): time, vCPU,
+/// probe, PC and the first four argument registers.
+pub fn hit_json(ctx: &ProbeContext<'_>) -> String {
+    let r = ctx.regs;
+    let args: Vec<u64> = (0..4).map(|n| r.arg(n).unwrap_or(0)).collect();
+    serde_json::json!({
+        "time": ctx.time.as_secs_f64(),
+        "cpu": ctx.vcpu,
+        "event": ctx.location,
+        "pc": r.pc(),
+        "args": args,
+    })
+    .to_string()
+}
+
 /// Prints a hit line to the run's trace output in one piece, so lines from several vCPUs do
 /// not interleave.
 pub fn print_hit(ctx: &ProbeContext<'_>, out: &TraceOutput) {
@@ -104,22 +119,22 @@ impl RetvalHistogram {
     }
 }
 
-/// Prints the line for a hit on a kprobe_events definition, in the trace format kprobe users
-/// know: `comm-pid [cpu] seconds: group/event: (location) name=value ...`; for a return probe
-/// `(caller <- function)`, with `$retval` from the return and the other arguments from the
-/// entry. With `json`, one JSON object per hit instead.
-pub fn print_event(
+/// The line (without its newline) for a hit on a kprobe_events definition, in the trace
+/// format kprobe users know: `comm-pid [cpu] seconds: group/event: (location) name=value
+/// ...`; for a return probe `(caller <- function)`, with `$retval` from the return and the
+/// other arguments from the entry. With `json`, one JSON object instead. `None` when the
+/// definition's task filter leaves the hit out.
+pub fn event_line(
     ctx: &ProbeContext<'_>,
     def: &ProbeDefinition,
     map: &SymbolMap,
     task: Option<&TaskLayout>,
     slide: u64,
     json: bool,
-    out: &TraceOutput,
-) {
+) -> Option<String> {
     let who = task.and_then(|t| t.current(ctx).ok());
     if !passes_filter(def, who.as_ref()) {
-        return;
+        return None;
     }
     let entry = ctx.entry_context();
     let (retval, place) = match &entry {
@@ -140,7 +155,7 @@ pub fn print_event(
         slide,
         retval,
     };
-    let mut line = if json {
+    Some(if json {
         let args: serde_json::Map<String, serde_json::Value> = def
             .args
             .iter()
@@ -183,7 +198,5 @@ pub fn print_event(
             def.event,
             format_args(args_ctx, &def.args, env)
         )
-    };
-    line.push('\n');
-    out.line(&line);
+    })
 }

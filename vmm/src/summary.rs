@@ -48,6 +48,8 @@ pub enum OutcomeKind {
     VcpuError,
     /// SIGINT or SIGTERM.
     Interrupted,
+    /// A live-session client stopped the VM.
+    Stopped,
     /// A probe was refused in the running guest.
     ProbeRefused,
 }
@@ -173,6 +175,27 @@ pub struct ExitSummary {
     /// Register writes made while handling the exits.
     #[serde(default)]
     pub register_writes: u64,
+}
+
+impl ExitSummary {
+    /// The engine's exit counts `e` and the register ioctls (reads, writes) made for them.
+    pub fn new(e: &probe_core::engine::ExitStats, (reads, writes): (u64, u64)) -> ExitSummary {
+        ExitSummary {
+            breakpoints: e.breakpoints,
+            hw_breakpoints: e.hw_breakpoints,
+            slot_traps: e.slot_traps,
+            returns: e.returns,
+            reinjected: e.reinjected,
+            reinjected_debug: e.reinjected_debug,
+            abandoned_steps: e.abandoned_steps,
+            emulation_fallbacks: e.emulation_fallbacks,
+            rate_capped: e.rate_capped,
+            slot_exceptions: e.slot_exceptions,
+            hits_by_plan: e.hits_by_plan.clone(),
+            register_reads: reads,
+            register_writes: writes,
+        }
+    }
 }
 
 /// Kernel text hashes around probing.
@@ -310,6 +333,7 @@ impl RunSummary {
             Outcome::TimedOut(t) => (OutcomeKind::TimedOut, Some(format!("{} s", t.as_secs()))),
             Outcome::VcpuError(e) => (OutcomeKind::VcpuError, Some(e.clone())),
             Outcome::Interrupted => (OutcomeKind::Interrupted, None),
+            Outcome::Stopped => (OutcomeKind::Stopped, None),
             Outcome::ProbeRefused(e) => (OutcomeKind::ProbeRefused, Some(e.clone())),
         };
         let probes = report.probes.as_ref();
@@ -342,24 +366,7 @@ impl RunSummary {
                 })
                 .unwrap_or_default(),
             exits: probes
-                .map(|p| {
-                    let e = &p.exits;
-                    ExitSummary {
-                        breakpoints: e.breakpoints,
-                        hw_breakpoints: e.hw_breakpoints,
-                        slot_traps: e.slot_traps,
-                        returns: e.returns,
-                        reinjected: e.reinjected,
-                        reinjected_debug: e.reinjected_debug,
-                        abandoned_steps: e.abandoned_steps,
-                        emulation_fallbacks: e.emulation_fallbacks,
-                        rate_capped: e.rate_capped,
-                        slot_exceptions: e.slot_exceptions,
-                        hits_by_plan: e.hits_by_plan.clone(),
-                        register_reads: p.register_ioctls.0,
-                        register_writes: p.register_ioctls.1,
-                    }
-                })
+                .map(|p| ExitSummary::new(&p.exits, p.register_ioctls))
                 .unwrap_or_default(),
             text: probes.and_then(|p| p.text).map(|t| TextSummary {
                 before: t.before,

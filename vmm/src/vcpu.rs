@@ -34,6 +34,8 @@ pub enum StopReason {
     Timeout,
     /// The user interrupted hvprobe (SIGINT, SIGTERM).
     Interrupted,
+    /// A client of the live-session API asked for the VM to stop.
+    Requested,
 }
 
 /// Collects the first [`StopReason`] and wakes the main loop through an `EventFd`.

@@ -225,6 +225,9 @@ pub struct ProbeStats {
     /// Entries whose return could not be watched: `max_active` instances were live, or the
     /// frame never returned through its caller.
     pub nmissed: u64,
+    /// Return instances outstanding: entered, not yet returned (a removed return probe's keep
+    /// returning through the trampoline to their real return addresses).
+    pub outstanding: usize,
 }
 
 struct ProbeEntry<A: Arch> {

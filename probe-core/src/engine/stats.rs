@@ -23,9 +23,18 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                     return_probe: p.on_return.is_some(),
                     returns: p.counters.returns.load(Ordering::Relaxed),
                     nmissed: p.counters.nmissed.load(Ordering::Relaxed),
+                    outstanding: 0,
                 })
             })
             .collect();
+        drop(table);
+        // The return table is locked on its own (the hit path takes it before the probe
+        // table): instances still out, per return probe.
+        let returns = self.returns.lock().unwrap_or_else(|e| e.into_inner());
+        for s in out.iter_mut().filter(|s| s.return_probe) {
+            s.outstanding = returns.count(|q| q.id == s.id);
+        }
+        drop(returns);
         out.sort_by_key(|s| s.id);
         out
     }

@@ -26,6 +26,13 @@ pub enum Command {
     Reschedule,
     /// End the run for this reason (the first reason recorded wins).
     Stop(StopReason),
+    /// A live-session API request; the answer goes to `reply`.
+    Api {
+        /// What the client asks.
+        request: crate::api::ApiRequest,
+        /// Where the answer goes.
+        reply: Sender<crate::api::ApiReply>,
+    },
 }
 
 /// Sends commands to the run loop from any thread and wakes it.
@@ -63,7 +70,6 @@ impl CommandQueue {
     }
 
     /// A sender for other threads (the live-session API).
-    #[cfg_attr(not(test), expect(dead_code, reason = "the live-session API's handle"))]
     pub(super) fn sender(&self) -> CommandSender {
         CommandSender {
             tx: self.tx.clone(),

@@ -5,6 +5,7 @@
 
 mod commands;
 mod events;
+mod live;
 mod outcome;
 mod run_loop;
 mod session;
@@ -19,6 +20,8 @@ use event_manager::{EventManager, SubscriberOps};
 use kvm_ioctls::Kvm;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::api::events::EventHub;
+use crate::api::http::ApiContext;
 use crate::output::{ConsoleSink, TraceOutput};
 use crate::vcpu::{self, StopReason, StopSignal, VcpuContext, VcpuHandle};
 use crate::vm::{Vm, VmConfig, VmError};
@@ -28,7 +31,7 @@ use events::{INTERRUPT_FD, StdinRelay, interrupt_handler};
 pub use outcome::{EXIT_GUEST_FAILED, EXIT_PROBE_REFUSED, Outcome, RunReport};
 use run_loop::RunLoop;
 use session::ProbeSession;
-pub use session::{PlantingError, ProbeReport, ProbeRequest, ProbeSetup, TextHashes};
+pub use session::{PlantingError, ProbeReport, ProbeRequest, ProbeSetup, ProbeSource, TextHashes};
 
 /// Errors that keep a VM from running at all (as opposed to a guest that ends badly, which is
 /// an [`Outcome`]).
@@ -87,6 +90,41 @@ pub struct RunOptions {
     pub forward_stdin: bool,
 }
 
+/// The live-session API of a run (`--api-socket`): its bound socket and event streams.
+pub struct ApiSetup {
+    /// The bound socket.
+    pub listener: std::os::unix::net::UnixListener,
+    /// Its path, removed at the end of the run.
+    pub path: std::path::PathBuf,
+    /// The event streams the probes' handlers publish to.
+    pub hub: Arc<EventHub>,
+    /// Inside the emulated runner's L1: the port that carries the host's connections.
+    pub mux_port: Option<std::path::PathBuf>,
+}
+
+/// Starts serving `api`, its requests queued for the loop through `commands`.
+fn serve_api(api: &ApiSetup, commands: CommandSender) -> Result<(), MachineError> {
+    let ctx = Arc::new(ApiContext {
+        commands,
+        hub: api.hub.clone(),
+        version: crate::cli::VERSION.to_string(),
+        arch: <crate::arch::Host as crate::arch::VmmArch>::ARCH.to_string(),
+    });
+    let listener = api.listener.try_clone().map_err(setup_err("API socket"))?;
+    crate::api::http::serve(listener, ctx).map_err(setup_err("API thread"))?;
+    if let Some(port) = &api.mux_port {
+        // A virtio port opens once: one descriptor, duplicated for the other direction.
+        let rx =
+            crate::l1init::open_port(&port.to_string_lossy()).map_err(setup_err("API port"))?;
+        let tx = rx.try_clone().map_err(setup_err("API port"))?;
+        let path = api.path.clone();
+        crate::api::mux::serve_guest(rx, tx, move || {
+            std::os::unix::net::UnixStream::connect(&path)
+        });
+    }
+    Ok(())
+}
+
 /// An eventfd for the run's own wake-ups.
 fn eventfd() -> Result<EventFd, MachineError> {
     EventFd::new(libc::EFD_NONBLOCK).map_err(setup_err("eventfd"))
@@ -98,6 +136,7 @@ pub fn run(
     kvm: Kvm,
     opts: &RunOptions,
     probes: Option<ProbeSetup>,
+    api: Option<ApiSetup>,
     output: Arc<TraceOutput>,
 ) -> Result<RunReport, MachineError> {
     let mut vm = Vm::new(kvm, &opts.vm, Box::new(ConsoleSink(output.clone())))?;
@@ -160,6 +199,10 @@ pub fn run(
         em.add_subscriber(Box::new(StdinRelay::new(vm.serial.clone(), drained)));
     }
 
+    if let Some(api) = &api {
+        serve_api(api, queue.sender())?;
+    }
+
     let started = Instant::now();
     let mut handles: Vec<VcpuHandle> = Vec::new();
     for (id, fd) in vm.vcpus.drain(..).enumerate() {
@@ -194,6 +237,11 @@ pub fn run(
         ..
     } = run;
     let probe_report = session.map(|s| s.finish(&handles, &vm.console));
+    if let Some(api) = &api {
+        // Streams end; the socket goes (requests from now on find nobody).
+        api.hub.close();
+        let _ = std::fs::remove_file(&api.path);
+    }
     INTERRUPT_FD.store(-1, Ordering::SeqCst);
     let run_time = started.elapsed();
     for h in handles {

@@ -26,6 +26,8 @@ pub enum Outcome {
     VcpuError(String),
     /// The user interrupted the run.
     Interrupted,
+    /// A client of the live-session API stopped the VM.
+    Stopped,
     /// A probe could not be planted; nothing was left in the guest.
     ProbeRefused(String),
 }
@@ -51,6 +53,7 @@ impl Outcome {
         match reason {
             StopReason::Timeout => Outcome::TimedOut(timeout.unwrap_or_default()),
             StopReason::Interrupted => Outcome::Interrupted,
+            StopReason::Requested => Outcome::Stopped,
             StopReason::VcpuError(e) => Outcome::VcpuError(e),
             StopReason::GuestReset | StopReason::GuestPoweroff => {
                 match (
@@ -73,7 +76,7 @@ impl Outcome {
     pub fn exit_code(&self) -> i32 {
         match self {
             Outcome::CommandExited(s) => *s,
-            Outcome::ShutDown => 0,
+            Outcome::ShutDown | Outcome::Stopped => 0,
             Outcome::TimedOut(_) => 124,
             Outcome::Panicked(_) | Outcome::KernelFault(_) | Outcome::VcpuError(_) => {
                 EXIT_GUEST_FAILED

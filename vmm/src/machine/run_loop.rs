@@ -110,6 +110,10 @@ impl RunLoop {
             }
             Command::Reschedule => {}
             Command::Stop(reason) => self.stop.stop(reason),
+            Command::Api { request, reply } => {
+                let answer = self.answer(request);
+                let _ = reply.send(answer);
+            }
         }
     }
 

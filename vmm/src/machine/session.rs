@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use probe_core::engine::{
-    ExitStats, PlantTarget, ProbeStats, RewrittenSite, hash_guest_virtual, read_guest_virtual,
+    ExitStats, PlantTarget, ProbeId, ProbeStats, RewrittenSite, hash_guest_virtual,
+    read_guest_virtual,
 };
 use probe_core::extable;
 use probe_core::guest_kprobes::KprobeTableLayout;
@@ -28,8 +29,19 @@ use crate::vm::Vm;
 pub struct ProbeRequest {
     /// The probe and its handlers.
     pub probe: Probe,
-    /// Where.
+    /// Where (System.map's address: the KASLR slide is added at planting).
     pub target: PlantTarget,
+    /// The probe as the user gave it.
+    pub spec: String,
+    /// Its event: `group/event` of a definition, else its location.
+    pub event: String,
+}
+
+/// Makes probes while the VM runs (the live-session API): a probe given in any form `-p`
+/// takes, resolved against System.map and wired to the run's handlers, or why not.
+pub trait ProbeSource: Send {
+    /// The probe `spec`.
+    fn make(&self, spec: &str) -> Result<ProbeRequest, RefusedProbe>;
 }
 
 /// The probes of a run.
@@ -68,6 +80,8 @@ pub struct ProbeSetup {
     pub refused: Vec<RefusedProbe>,
     /// What the trap self-test found, and the trap the probes use.
     pub traps: (TrapSupport, TrapKind),
+    /// Makes probes while the VM runs (`--api-socket`); `None`: the probes are fixed.
+    pub source: Option<Box<dyn ProbeSource>>,
     /// Where the guest keeps its own kprobes, read at planting so that the boundary walk
     /// reads through them.
     pub guest_kprobes: Option<KprobeTableLayout>,
@@ -185,12 +199,18 @@ fn paused_state(h: &VcpuHandle) -> Result<PausedState, PlantingError> {
 
 /// The probing side of a run: plants once the guest is up, removes at the end.
 pub(super) struct ProbeSession {
-    setup: ProbeSetup,
-    engine: Arc<Engine>,
+    pub(super) setup: ProbeSetup,
+    pub(super) engine: Arc<Engine>,
     pub(super) report: ProbeReport,
     pub(super) planted: bool,
-    regs: Option<GuestRegisters>,
-    register_ioctls: Arc<RegisterIoctls>,
+    pub(super) regs: Option<GuestRegisters>,
+    pub(super) register_ioctls: Arc<RegisterIoctls>,
+    /// Each planted probe's spec and event, for listing.
+    pub(super) names: HashMap<ProbeId, (String, String)>,
+    /// The kernel text's hash before the first probe went in.
+    pub(super) text_before: Option<u64>,
+    /// How long changes held the vCPUs out of the guest.
+    pub(super) pauses: Pauses,
     /// The running kernel's user-return address once the slide is known (0: none).
     user_return: Arc<AtomicU64>,
     /// Hit rates, checked once a second while the run goes on.
@@ -198,7 +218,26 @@ pub(super) struct ProbeSession {
     /// The hardware breakpoint kept for the slot-exception watch, if any.
     exception_watch_slot: Option<usize>,
     /// Each vCPU's debug exits.
-    vcpus: Arc<[VcpuCounts]>,
+    pub(super) vcpus: Arc<[VcpuCounts]>,
+}
+
+/// The pauses of every vCPU that changes (plantings, removals) took.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Pauses {
+    /// Changes made.
+    pub(super) changes: u64,
+    /// The longest pause.
+    pub(super) longest: Duration,
+    /// The last one.
+    pub(super) last: Duration,
+}
+
+impl Pauses {
+    fn count(&mut self, pause: Duration) {
+        self.changes += 1;
+        self.longest = self.longest.max(pause);
+        self.last = pause;
+    }
 }
 
 /// A probe is reported as hot once its hits pass this many a second: in the emulated runner
@@ -247,6 +286,9 @@ impl ProbeSession {
             user_return: Arc::default(),
             rates: HitRates::default(),
             exception_watch_slot,
+            names: HashMap::new(),
+            text_before: None,
+            pauses: Pauses::default(),
             vcpus: (0..vm.vcpus.len()).map(|_| VcpuCounts::default()).collect(),
         })
     }
@@ -263,14 +305,14 @@ impl ProbeSession {
         })
     }
 
-    fn hash_text(&self, regs: &GuestRegisters) -> Option<u64> {
+    pub(super) fn hash_text(&self, regs: &GuestRegisters) -> Option<u64> {
         let (start, end) = self.setup.text?;
         hash_guest_virtual::<Guest, _>(self.engine.memory(), regs, start, end).ok()
     }
 
     /// Finds the running kernel's KASLR slide from the architecture's anchor register
-    /// (`running`) against System.map's address of its symbol, and moves every probe address
-    /// by it.
+    /// (`running`) against System.map's address of its symbol, and moves the kernel text
+    /// range by it.
     fn apply_kaslr_slide(&mut self, running: u64) -> Result<(), PlantingError> {
         if self.setup.kaslr_anchors.is_empty() {
             return Ok(());
@@ -282,11 +324,7 @@ impl ProbeSession {
         self.report.kaslr_anchor = Some(anchor.to_string());
         self.setup.slide.store(slide, Ordering::SeqCst);
         if slide != 0 {
-            for req in &mut self.setup.requests {
-                req.target.va = req.target.va.wrapping_add(slide);
-                req.target.function_start =
-                    req.target.function_start.map(|f| f.wrapping_add(slide));
-            }
+            // Probe addresses are moved as each is planted (`plant_one`).
             if let Some((start, end)) = &mut self.setup.text {
                 *start = start.wrapping_add(slide);
                 *end = end.wrapping_add(slide);
@@ -348,8 +386,96 @@ impl ProbeSession {
         }
     }
 
-    /// Plants every requested probe with all vCPUs paused; all or nothing. Once they are in,
-    /// the console keeps the guest kernel's fault reports.
+    /// With every vCPU paused: reads the state of a vCPU in the kernel, finds the KASLR slide,
+    /// the guest's exception table and kprobes, and hashes the kernel text as it was before
+    /// any probe. Done once, at the first planting.
+    pub(super) fn attach(
+        &mut self,
+        handles: &[VcpuHandle],
+    ) -> Result<GuestRegisters, PlantingError> {
+        if let Some(regs) = &self.regs {
+            return Ok(regs.clone());
+        }
+        // The registers of a vCPU in the kernel, where one is (the first otherwise).
+        let mut state = paused_state(&handles[0])?;
+        for h in &handles[1..] {
+            if state.in_kernel {
+                break;
+            }
+            let other = paused_state(h)?;
+            if other.in_kernel {
+                state = other;
+            }
+        }
+        let regs = state.regs;
+        // The features are `()` on x86_64, where no plan depends on them.
+        #[allow(clippy::unit_arg)]
+        self.engine.set_cpu_features(state.cpu_features);
+        self.apply_kaslr_slide(state.kaslr_anchor)?;
+        let slide = self.setup.slide.load(Ordering::SeqCst);
+        if let Some(at) = self.setup.user_return {
+            self.user_return
+                .store(at.wrapping_add(slide), Ordering::SeqCst);
+        }
+        if let Some((start, end)) = self.setup.exception_table {
+            let (start, end) = (start.wrapping_add(slide), end.wrapping_add(slide));
+            let mut bytes = vec![0u8; end.saturating_sub(start) as usize];
+            read_guest_virtual::<Guest, _>(self.engine.memory(), &regs, start, &mut bytes)
+                .map_err(PlantingError::ExceptionTable)?;
+            self.engine
+                .set_exception_table(extable::instruction_addresses(start, &bytes));
+        }
+        if let Some(layout) = self.setup.guest_kprobes {
+            let mem = self.engine.memory();
+            let read = |va: u64, buf: &mut [u8]| {
+                read_guest_virtual::<Guest, _>(mem, &regs, va, buf).is_ok()
+            };
+            match layout.read(slide, &read) {
+                Ok(kprobes) => self.engine.set_guest_kprobes(kprobes),
+                Err(e) => eprintln!(
+                    "hvprobe: {e}; probes past an int3 that may be a guest kprobe are refused"
+                ),
+            }
+        }
+        self.text_before = self.hash_text(&regs);
+        self.regs = Some(regs.clone());
+        Ok(regs)
+    }
+
+    /// Plants `req` (its address moved by the KASLR slide); every vCPU is paused.
+    pub(super) fn plant_one(
+        &mut self,
+        mut req: ProbeRequest,
+        regs: &GuestRegisters,
+    ) -> Result<ProbeId, RefusedProbe> {
+        let slide = self.setup.slide.load(Ordering::SeqCst);
+        req.target.va = req.target.va.wrapping_add(slide);
+        req.target.function_start = req.target.function_start.map(|f| f.wrapping_add(slide));
+        match self.engine.plant(req.probe, req.target, regs) {
+            Ok(id) => {
+                self.names.insert(id, (req.spec, req.event));
+                Ok(id)
+            }
+            Err(e) => Err(RefusedProbe::from(&e)),
+        }
+    }
+
+    /// Pauses every vCPU, runs `change`, resumes them, and counts the pause.
+    pub(super) fn paused<T>(
+        &mut self,
+        handles: &[VcpuHandle],
+        change: impl FnOnce(&mut Self) -> T,
+    ) -> T {
+        let start = Instant::now();
+        pause_all(handles);
+        let out = change(self);
+        resume_all(handles);
+        self.pauses.count(start.elapsed());
+        out
+    }
+
+    /// Plants every requested probe with all vCPUs paused; all or nothing (unless
+    /// `--skip-refused`). Once they are in, the console keeps the guest kernel's fault reports.
     pub(super) fn plant(
         &mut self,
         handles: &[VcpuHandle],
@@ -357,95 +483,51 @@ impl ProbeSession {
         console: &ConsoleWatch,
     ) -> Result<(), PlantingError> {
         self.planted = true;
-        pause_all(handles);
-        let result = (|| {
-            // The registers of a vCPU in the kernel, where one is (the first otherwise).
-            let mut state = paused_state(&handles[0])?;
-            for h in &handles[1..] {
-                if state.in_kernel {
-                    break;
-                }
-                let other = paused_state(h)?;
-                if other.in_kernel {
-                    state = other;
-                }
-            }
-            let regs = state.regs;
-            // The features are `()` on x86_64, where no plan depends on them.
-            #[allow(clippy::unit_arg)]
-            self.engine.set_cpu_features(state.cpu_features);
-            self.apply_kaslr_slide(state.kaslr_anchor)?;
-            if let Some(at) = self.setup.user_return {
-                let slide = self.setup.slide.load(Ordering::SeqCst);
-                self.user_return
-                    .store(at.wrapping_add(slide), Ordering::SeqCst);
-            }
-            if let Some((start, end)) = self.setup.exception_table {
-                let slide = self.setup.slide.load(Ordering::SeqCst);
-                let (start, end) = (start.wrapping_add(slide), end.wrapping_add(slide));
-                let mut bytes = vec![0u8; end.saturating_sub(start) as usize];
-                read_guest_virtual::<Guest, _>(self.engine.memory(), &regs, start, &mut bytes)
-                    .map_err(PlantingError::ExceptionTable)?;
-                self.engine
-                    .set_exception_table(extable::instruction_addresses(start, &bytes));
-            }
-            if let Some(layout) = self.setup.guest_kprobes {
-                let slide = self.setup.slide.load(Ordering::SeqCst);
-                let mem = self.engine.memory();
-                let read = |va: u64, buf: &mut [u8]| {
-                    read_guest_virtual::<Guest, _>(mem, &regs, va, buf).is_ok()
-                };
-                match layout.read(slide, &read) {
-                    Ok(kprobes) => self.engine.set_guest_kprobes(kprobes),
-                    Err(e) => eprintln!(
-                        "hvprobe: {e}; probes past an int3 that may be a guest kprobe are refused"
-                    ),
-                }
-            }
-            let before = self.hash_text(&regs);
+        let result = self.paused(handles, |s| {
+            let regs = s.attach(handles)?;
             let mut ids = Vec::new();
             let mut refused = Vec::new();
-            let requests = std::mem::take(&mut self.setup.requests);
-            for req in requests {
-                match self.engine.plant(req.probe, req.target, &regs) {
+            for req in std::mem::take(&mut s.setup.requests) {
+                match s.plant_one(req, &regs) {
                     Ok(id) => ids.push(id),
-                    Err(e) => refused.push(RefusedProbe::from(&e)),
+                    Err(r) => refused.push(r),
                 }
             }
-            if !refused.is_empty() && !self.setup.skip_refused {
+            if !refused.is_empty() && !s.setup.skip_refused {
                 for id in ids {
-                    let _ = self.engine.remove(id);
+                    let _ = s.engine.remove(id);
+                    s.names.remove(&id);
                 }
-                if let (Some(b), Some(a)) = (before, self.hash_text(&regs)) {
-                    self.report.text = Some(TextHashes {
+                if let (Some(b), Some(a)) = (s.text_before, s.hash_text(&regs)) {
+                    s.report.text = Some(TextHashes {
                         before: b,
                         planted: a,
                         after: Some(a),
                     });
                 }
-                self.report.refused = refused.clone();
+                s.report.refused = refused.clone();
                 return Err(PlantingError::Refused(refused));
             }
             for r in &refused {
                 eprintln!("hvprobe: skipped refused probe: {r}");
             }
-            self.report.refused = std::mem::take(&mut self.setup.refused);
-            self.report.refused.extend(refused);
-            if let (Some(b), Some(p)) = (before, self.hash_text(&regs)) {
-                self.report.text = Some(TextHashes {
+            s.report.refused = std::mem::take(&mut s.setup.refused);
+            s.report.refused.extend(refused);
+            if let (Some(b), Some(p)) = (s.text_before, s.hash_text(&regs)) {
+                s.report.text = Some(TextHashes {
                     before: b,
                     planted: p,
                     after: None,
                 });
             }
-            self.regs = Some(regs);
             Ok(())
-        })();
+        });
         self.report.planted_at = Some(started.elapsed());
         if result.is_ok() {
             console.lock().unwrap_or_else(|e| e.into_inner()).probes_in = true;
+        } else {
+            self.regs = None;
         }
-        resume_all(handles);
         result
     }
 

@@ -31,6 +31,7 @@ pub static RUNNER: RunnerPlatform = RunnerPlatform {
         ports_need_modules: true,
         modules: l1_modules,
         report_exit,
+        api_port: "/dev/vport0p6",
     },
 };
 
@@ -76,6 +77,17 @@ fn machine(cmd: &mut Command, files: &MachineFiles<'_>) {
             "-device",
             "virtserialport,nr=5,chardev=stdin,name=hvprobe.stdin",
         ]);
+    if let Some(api) = files.api {
+        cmd.arg("-chardev")
+            .arg(format!(
+                "socket,id=api,path={},server=on,wait=off",
+                api.display().to_string().replace(',', ",,")
+            ))
+            .args([
+                "-device",
+                "virtserialport,nr=6,chardev=api,name=hvprobe.api",
+            ]);
+    }
 }
 
 /// The inner run's status from the arm64 L1's status port.

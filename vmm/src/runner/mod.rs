@@ -70,6 +70,8 @@ pub struct L1Side {
     pub modules: fn() -> Vec<&'static str>,
     /// Reports the inner run's status to the host; L1 powers off after it.
     pub report_exit: fn(i32),
+    /// The port that carries the host's live-session API connections (`--api-socket`).
+    pub api_port: &'static str,
 }
 
 /// L1's `/init` binary and the shared libraries it needs inside L1.
@@ -90,6 +92,8 @@ pub struct MachineFiles<'a> {
     pub trace: Option<&'a str>,
     /// Where the inner run's status goes (where it travels through a port).
     pub status: &'a Path,
+    /// The socket QEMU listens on for the API channel (`--api-socket`), if any.
+    pub api: Option<&'a Path>,
 }
 
 /// Errors of the emulated runner.
@@ -160,7 +164,7 @@ const L1_MARGIN: Duration = Duration::from_secs(180);
 /// The inner run's job: the same job, whole, with the runner fixed to the host KVM and the
 /// guest's files and the output at their L1 paths.
 pub fn inner_job(job: &Job) -> Job {
-    let probing = !job.probes.is_empty();
+    let probing = !job.probes.is_empty() || job.api_socket.is_some();
     Job {
         runner: RunnerChoice::Host,
         kernel: Some(PathBuf::from("/l2/vmlinuz")),
@@ -185,9 +189,21 @@ pub fn inner_job(job: &Job) -> Job {
             .map(|_| PathBuf::from(crate::summary::ON_STDERR)),
         // Probe files were read into `probes` on the host.
         probe_files: Vec::new(),
+        // The user's socket is on the host; L1's own is reached through the API port.
+        api_socket: job
+            .api_socket
+            .as_ref()
+            .map(|_| PathBuf::from(L1_API_SOCKET)),
+        api_port: job
+            .api_socket
+            .as_ref()
+            .map(|_| PathBuf::from(platform(job.guest_arch()).runner.l1.api_port)),
         ..job.clone()
     }
 }
+
+/// The inner run's API socket inside L1.
+pub const L1_API_SOCKET: &str = "/tmp/hvprobe-api.sock";
 
 /// Where the guest kernel's BTF (the raw section, not the whole vmlinux) goes inside L1.
 pub const L1_BTF: &str = "/l2/btf";
@@ -243,8 +259,9 @@ pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
     };
 
     // Only the BTF section travels into L1: a vmlinux with debug info is hundreds of MiB.
-    let btf = match (&args.btf, args.probes.is_empty()) {
-        (Some(path), false) => {
+    let probing = !args.probes.is_empty() || args.api_socket.is_some();
+    let btf = match (&args.btf, probing) {
+        (Some(path), true) => {
             Some(crate::job::read_btf(path).map_err(|e| RunnerError::Prepare(format!("{e:#}")))?)
         }
         _ => None,
@@ -261,19 +278,26 @@ pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
         }
         None => None,
     };
+    // The user's API socket is served here, on the host; first, so that a path that cannot
+    // be served fails before anything boots.
+    let api_listener = match &args.api_socket {
+        Some(path) => {
+            Some(crate::api::http::bind(path).map_err(|e| RunnerError::Prepare(e.to_string()))?)
+        }
+        None => None,
+    };
     let work = std::env::temp_dir().join(format!("hvprobe-runner-{}", std::process::id()));
     fs::create_dir_all(&work).map_err(prep_err("creating a work directory"))?;
     let initrd = work.join("l1.cpio");
     let console = work.join("l1-console.log");
     let status_file = work.join("status");
+    let api_channel = work.join("api.sock");
     build_l1_initrd(
         &initrd,
         &image,
         l2_kernel,
         args.initrd.as_deref(),
-        args.system_map
-            .as_deref()
-            .filter(|_| !args.probes.is_empty()),
+        args.system_map.as_deref().filter(|_| probing),
         btf.as_deref(),
         &inner_job(args),
     )?;
@@ -286,6 +310,7 @@ pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
             console: &console,
             trace: trace_file.as_deref(),
             status: &status_file,
+            api: api_listener.as_ref().map(|_| api_channel.as_path()),
         },
     );
     let cpu = args.runner_cpu.as_deref().unwrap_or(runner.default_cpu);
@@ -301,6 +326,9 @@ pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
         qemu: qemu.clone(),
         detail: e.to_string(),
     })?;
+    if let Some(listener) = api_listener {
+        carry_api(listener, api_channel.clone());
+    }
     let stderr_copy = child.stderr.take().map(|pipe| {
         let summary = args.summary_json.clone();
         std::thread::spawn(move || relay_stderr(pipe, summary))
@@ -333,6 +361,9 @@ pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
             })
         }
     };
+    if let Some(path) = &args.api_socket {
+        let _ = fs::remove_file(path);
+    }
     if std::env::var_os("HVPROBE_RUNNER_KEEP").is_some() {
         eprintln!(
             "hvprobe: kept the runner's work directory {} (HVPROBE_RUNNER_KEEP)",
@@ -342,6 +373,26 @@ pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
         let _ = fs::remove_dir_all(&work);
     }
     result
+}
+
+/// Carries the clients of the user's API socket (`listener`) to the inner hvprobe, over the
+/// channel QEMU serves at `channel` (a virtio-serial port in L1), once QEMU has created it.
+fn carry_api(listener: std::os::unix::net::UnixListener, channel: PathBuf) {
+    std::thread::spawn(move || {
+        for _ in 0..600 {
+            if let Ok(stream) = std::os::unix::net::UnixStream::connect(&channel)
+                && let Ok(reader) = stream.try_clone()
+            {
+                crate::api::mux::serve_host(listener, reader, stream);
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!(
+            "hvprobe: the emulator never opened the API channel {}",
+            channel.display()
+        );
+    });
 }
 
 /// CPUs of the emulated L1 machine: one, whatever the guest's vCPU count (the L2 vCPU threads

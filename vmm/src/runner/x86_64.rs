@@ -25,6 +25,8 @@ pub static RUNNER: RunnerPlatform = RunnerPlatform {
         ports_need_modules: false,
         modules: l1_modules,
         report_exit,
+        // The one port of L1's virtio-serial PCI device.
+        api_port: "/dev/vport0p1",
     },
 };
 
@@ -92,6 +94,18 @@ fn machine(cmd: &mut Command, files: &MachineFiles<'_>) {
             "-device",
             &format!("isa-debug-exit,iobase={DEBUG_EXIT_PORT:#x},iosize=0x04"),
         ]);
+    if let Some(api) = files.api {
+        cmd.args(["-device", "virtio-serial-pci,id=vser"])
+            .arg("-chardev")
+            .arg(format!(
+                "socket,id=api,path={},server=on,wait=off",
+                api.display().to_string().replace(',', ",,")
+            ))
+            .args([
+                "-device",
+                "virtserialport,bus=vser.0,nr=1,chardev=api,name=hvprobe.api",
+            ]);
+    }
 }
 
 /// The inner run's status from the x86_64 L1's exit: L1 reports status s as s + 1, which QEMU
@@ -103,14 +117,25 @@ fn status(status: std::process::ExitStatus, _: &Path) -> Option<i32> {
     }
 }
 
-/// The modules L1 loads, in order: KVM for this CPU's vendor.
+/// The modules L1 loads, in order: KVM for this CPU's vendor, and the virtio console over
+/// PCI (the API port).
 fn l1_modules() -> Vec<&'static str> {
     let vendor_module = if crate::hostcheck::cpu_flag("vmx") {
         "kvm-intel.ko"
     } else {
         "kvm-amd.ko"
     };
-    vec!["irqbypass.ko", "kvm.ko", vendor_module]
+    vec![
+        "irqbypass.ko",
+        "kvm.ko",
+        vendor_module,
+        "virtio_ring.ko",
+        "virtio.ko",
+        "virtio_pci_legacy_dev.ko",
+        "virtio_pci_modern_dev.ko",
+        "virtio_pci.ko",
+        "virtio_console.ko",
+    ]
 }
 
 /// Writes `code + 1` to the `isa-debug-exit` port; QEMU then exits with `2 * (code + 1) + 1`.

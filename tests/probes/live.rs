@@ -1,0 +1,323 @@
+//! Live sessions: a VM started with `--api-socket` and no probes, probed, listed, cleaned and
+//! detached through the API while its workload runs, the workload's phases driven from its
+//! console.
+
+use super::*;
+use hvprobe_vmm::api::client::{self, Response};
+use hvprobe_vmm::api::{AddReply, DetachReply, ErrorReply, ProbeList, RemoveReply, StatsReply};
+use hvprobe_vmm::summary::{OutcomeKind, RunSummary};
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+/// A running `hvprobe run --api-socket`: its console read line by line, its stdin written to
+/// the guest's console.
+struct LiveVm {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    stderr: std::thread::JoinHandle<String>,
+    socket: PathBuf,
+    summary: PathBuf,
+}
+
+/// How long a step of the guest may take in the emulated runner.
+const STEP: Duration = Duration::from_secs(300);
+
+impl LiveVm {
+    fn start(vcpus: &str, exec: &str) -> LiveVm {
+        let dir = std::env::temp_dir().join(format!("hvprobe-live-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("api.sock");
+        let summary = dir.join("summary.json");
+        let _ = std::fs::remove_file(&socket);
+        let _ = std::fs::remove_file(&summary);
+        let mut child = Command::new(common::HVPROBE)
+            .args(["run", "--arch", guest_arch().name(), "--vcpus", vcpus])
+            .args(["--exec", exec, "--timeout", "900", "--quiet"])
+            .arg("--api-socket")
+            .arg(&socket)
+            .arg("--summary-json")
+            .arg(&summary)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("hvprobe starts");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(stdout).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l.replace('\r', "")).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut std::io::BufReader::new(stderr), &mut s);
+            s
+        });
+        LiveVm {
+            child,
+            stdin,
+            lines,
+            seen: Vec::new(),
+            stderr,
+            socket,
+            summary,
+        }
+    }
+
+    /// Waits until the console shows a line containing `needle`.
+    #[track_caller]
+    fn wait_for(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + STEP;
+        loop {
+            match self
+                .lines
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if l.contains(needle) {
+                        return l;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                    let _ = self.child.kill();
+                    panic!(
+                        "no console line with {needle:?}; the console:\n{}",
+                        self.seen.join("\n")
+                    );
+                }
+            }
+        }
+    }
+
+    /// Lets the guest's command go on past its next `read`.
+    fn go_on(&mut self) {
+        self.stdin.write_all(b"go\n").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    fn api(&self, method: &str, target: &str, body: Option<&str>) -> Response {
+        client::request(&self.socket, method, target, body).expect("the API answers")
+    }
+
+    /// A 200 reply's body, parsed.
+    #[track_caller]
+    fn ok<T: serde::de::DeserializeOwned>(
+        &self,
+        method: &str,
+        target: &str,
+        body: Option<&str>,
+    ) -> T {
+        let r = self.api(method, target, body);
+        assert_eq!(r.status, 200, "{method} {target}: {}", r.body);
+        serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("{e}: {}", r.body))
+    }
+
+    /// An error reply's status and message.
+    fn err(&self, method: &str, target: &str, body: Option<&str>) -> (u16, String) {
+        let r = self.api(method, target, body);
+        let e: ErrorReply = serde_json::from_str(&r.body)
+            .unwrap_or_else(|e| panic!("{method} {target}: {e}: {}", r.body));
+        (r.status, e.error)
+    }
+
+    /// Waits for the run to end: exit status, stderr, summary.
+    fn finish(mut self) -> (Option<i32>, String, RunSummary, Vec<String>) {
+        for l in self.lines.iter() {
+            self.seen.push(l);
+        }
+        let status = self.child.wait().unwrap().code();
+        let stderr = self.stderr.join().unwrap();
+        let summary = std::fs::read_to_string(&self.summary)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no summary\n{stderr}\n--- console ---\n{}",
+                    self.seen.join("\n")
+                )
+            });
+        (status, stderr, summary, self.seen)
+    }
+}
+
+fn add_body(probes: &[&str]) -> String {
+    serde_json::json!({ "probes": probes }).to_string()
+}
+
+pub(super) fn a_live_session_adds_counts_removes_and_detaches_probes_while_the_guest_runs() {
+    let getpid = sys("getpid");
+    let mut vm = LiveVm::start(
+        "1",
+        "echo phase-1; read x; getpid-loop 300; read x; getpid-loop 100; read x; \
+         getpid-loop 50; read x; echo the-end",
+    );
+    vm.wait_for("phase-1");
+    // No probes yet; bad requests change nothing.
+    let list: ProbeList = vm.ok("GET", "/probes", None);
+    assert!(list.probes.is_empty(), "{list:?}");
+    assert_eq!(vm.err("PUT", "/probes", Some("{\"probes\":")).0, 400);
+    assert_eq!(
+        vm.err("PUT", "/probes", Some("{\"probes\":[\"x\"],\"more\":1}"))
+            .0,
+        400
+    );
+    assert_eq!(vm.err("DELETE", "/probes/99", None).0, 404);
+    assert_eq!(vm.err("GET", "/no-such-endpoint", None).0, 404);
+    // An offset inside an instruction and an unknown symbol: refused, each with its reason.
+    let inside = format!("{getpid}+0x1");
+    let refused = vm.api(
+        "PUT",
+        "/probes",
+        Some(&add_body(&[&inside, "no_such_function_hvprobe"])),
+    );
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    let refused: AddReply = serde_json::from_str(&refused.body).unwrap();
+    assert!(refused.planted.is_empty());
+    assert_eq!(refused.refused.len(), 2, "{refused:?}");
+    assert!(
+        refused.refused[0]
+            .reason
+            .contains("not on an instruction boundary"),
+        "{refused:?}"
+    );
+
+    // Phase 2: 300 calls with the probe in.
+    let added: AddReply = vm.ok("PUT", "/probes", Some(&add_body(&[&getpid])));
+    assert_eq!(added.planted.len(), 1, "{added:?}");
+    let id = added.planted[0].id;
+    assert_eq!(added.planted[0].event, getpid);
+    vm.go_on();
+    vm.wait_for("getpid-loop: calls=300");
+    let list: ProbeList = vm.ok("GET", "/probes", None);
+    assert_eq!(list.probes.len(), 1);
+    let hits = list.probes[0].hits;
+    assert!(
+        (300..=300 + OTHER_GETPID_CALLERS).contains(&hits),
+        "{hits} hits for 300 calls: {list:?}"
+    );
+    let removed: RemoveReply = vm.ok("DELETE", &format!("/probes/{id}"), None);
+    assert_eq!(removed.removed, [id]);
+
+    // Phase 3: 100 calls with no probe; then a definition, added by the command-line client.
+    vm.go_on();
+    vm.wait_for("getpid-loop: calls=100");
+    let socket = vm.socket.to_str().unwrap().to_string();
+    let def = format!("p:hv/gp {getpid}");
+    let cli = Command::new(common::HVPROBE)
+        .args(["probe", "add", "--api-socket", &socket, &def])
+        .output()
+        .unwrap();
+    assert_eq!(cli.status.code(), Some(0), "{}", explain(&cli));
+    assert_has(&text(&cli.stdout), "hvprobe: planted probe ", &cli);
+    vm.go_on();
+    vm.wait_for("getpid-loop: calls=50");
+    let list: ProbeList = vm.ok("GET", "/probes", None);
+    assert_eq!(list.probes.len(), 1);
+    assert_eq!(list.probes[0].event, "hv/gp");
+    assert!(
+        (50..=50 + OTHER_GETPID_CALLERS).contains(&list.probes[0].hits),
+        "{list:?}"
+    );
+    let stats: StatsReply = vm.ok("GET", "/stats", None);
+    assert_eq!(stats.probes, 1);
+    assert_eq!(stats.vcpus.len(), 1);
+    assert!(stats.changes >= 3, "{stats:?}");
+    // Detach: every probe out, the text as it was before the first one; the VM runs on.
+    let detached: DetachReply = vm.ok("PUT", "/detach", None);
+    assert!(detached.restored && detached.removed == 1, "{detached:?}");
+    let list: ProbeList = vm.ok("GET", "/probes", None);
+    assert!(list.probes.is_empty());
+    vm.go_on();
+    vm.wait_for("the-end");
+    let (status, stderr, summary, console) = vm.finish();
+    assert_eq!(
+        status,
+        Some(0),
+        "{stderr}\n--- console ---\n{}",
+        console.join("\n")
+    );
+    assert_eq!(summary.outcome.kind, OutcomeKind::CommandExited);
+    assert!(summary.faults_with_probes.is_empty(), "{summary:?}");
+}
+
+pub(super) fn two_clients_stream_at_once_and_stop_ends_the_run() {
+    let getpid = sys("getpid");
+    let mut vm = LiveVm::start(
+        "1",
+        "echo ready; read x; getpid-loop 200; read x; sleep 600",
+    );
+    vm.wait_for("ready");
+    let added: AddReply = vm.ok(
+        "PUT",
+        "/probes",
+        Some(&add_body(&[&getpid, &format!("p:hv/gp2 {getpid}")])),
+    );
+    assert_eq!(added.planted.len(), 2, "{added:?}");
+    // Two streams: one of one event in JSON, one of everything as text.
+    let socket = vm.socket.clone();
+    let json = {
+        let socket = socket.clone();
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            client::stream(&socket, "/events?format=json&event=hv/gp2", |l| {
+                got.push(l.to_string());
+                got.len() < 200
+            })
+            .unwrap();
+            got
+        })
+    };
+    let text_stream = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        client::stream(&socket, "/events", |l| {
+            got.push(l.to_string());
+            got.len() < 400
+        })
+        .unwrap();
+        got
+    });
+    // Give both streams a moment to subscribe before the calls start.
+    std::thread::sleep(Duration::from_secs(2));
+    vm.go_on();
+    vm.wait_for("getpid-loop: calls=200");
+    let json = json.join().unwrap();
+    let text = text_stream.join().unwrap();
+    assert_eq!(json.len(), 200);
+    for l in &json {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+        assert_eq!(v["event"], "hv/gp2", "{l}");
+    }
+    assert_eq!(text.len(), 400);
+    assert!(
+        text.iter().any(|l| l.contains("hv/gp2:")),
+        "{:?}",
+        &text[..4]
+    );
+    assert!(
+        text.iter().any(|l| l.starts_with("hit ")),
+        "{:?}",
+        &text[..4]
+    );
+    // Stop: the probes come out as at the end of any run; the VM ends.
+    let stop = vm.api("PUT", "/stop", None);
+    assert_eq!(stop.status, 200, "{}", stop.body);
+    let (status, stderr, summary, _) = vm.finish();
+    assert_eq!(status, Some(0), "{stderr}");
+    assert_eq!(summary.outcome.kind, OutcomeKind::Stopped);
+    assert!(
+        summary.text.as_ref().is_some_and(|t| t.restored),
+        "{summary:?}"
+    );
+}

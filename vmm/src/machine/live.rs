@@ -1,0 +1,225 @@
+//! The live-session requests ([`ApiRequest`]) as the run loop answers them: each change with
+//! every vCPU paused (`ProbeSession::paused`), one request at a time (the loop is one thread).
+
+use std::time::Instant;
+
+use probe_core::engine::{ProbeId, ProbeStats};
+
+use super::run_loop::RunLoop;
+use super::session::ProbeSession;
+use crate::api::{
+    AddReply, ApiReply, ApiRequest, DetachReply, ProbeInfo, ProbeList, ProbeSelector, RemoveReply,
+    StatsReply,
+};
+use crate::refusal::RefusedProbe;
+use crate::summary::{ExitSummary, TrapName, VcpuSummary};
+use crate::vcpu::{StopReason, VcpuHandle};
+
+impl ProbeSession {
+    /// A probe's listing.
+    fn info(&self, s: &ProbeStats) -> ProbeInfo {
+        let (spec, event) = self
+            .names
+            .get(&s.id)
+            .cloned()
+            .unwrap_or_else(|| (s.location.clone(), s.location.clone()));
+        ProbeInfo {
+            id: s.id.0 as u64,
+            spec,
+            event,
+            location: s.location.clone(),
+            address: s.address,
+            instruction: s.instruction.clone(),
+            plan: s.plan,
+            trap: TrapName::of(s.trap),
+            hits: s.hits,
+            missed: s.missed,
+            handler_errors: s.handler_errors,
+            return_probe: s.return_probe,
+            returns: s.returns,
+            nmissed: s.nmissed,
+            outstanding: s.outstanding,
+        }
+    }
+
+    /// The probes in, by id.
+    pub(super) fn list(&self) -> ProbeList {
+        ProbeList {
+            probes: self.engine.stats().iter().map(|s| self.info(s)).collect(),
+        }
+    }
+
+    /// Resolves each of `specs`, then plants them with every vCPU paused (the first change
+    /// also attaches: KASLR slide, the text hash before any probe). Each is planted or
+    /// refused on its own.
+    pub(super) fn add(&mut self, handles: &[VcpuHandle], specs: &[String]) -> AddReply {
+        let mut refused = Vec::new();
+        let mut requests = Vec::new();
+        match &self.setup.source {
+            Some(source) => {
+                for spec in specs {
+                    match source.make(spec) {
+                        Ok(r) => requests.push(r),
+                        Err(e) => refused.push(e),
+                    }
+                }
+            }
+            None => {
+                refused.extend(specs.iter().map(|s| {
+                    RefusedProbe::at_resolution(s.as_str(), "this run's probes are fixed")
+                }))
+            }
+        }
+        let planted: Vec<ProbeId> = if requests.is_empty() {
+            Vec::new()
+        } else {
+            self.paused(handles, |s| match s.attach(handles) {
+                Ok(regs) => requests
+                    .into_iter()
+                    .filter_map(|r| s.plant_one(r, &regs).map_err(|e| refused.push(e)).ok())
+                    .collect(),
+                Err(e) => {
+                    refused.extend(
+                        specs
+                            .iter()
+                            .map(|spec| RefusedProbe::at_resolution(spec.as_str(), e.to_string())),
+                    );
+                    Vec::new()
+                }
+            })
+        };
+        let stats = self.engine.stats();
+        AddReply {
+            planted: stats
+                .iter()
+                .filter(|s| planted.contains(&s.id))
+                .map(|s| self.info(s))
+                .collect(),
+            refused,
+        }
+    }
+
+    /// Removes the probes `which` selects, with every vCPU paused; `None` when it selects
+    /// none.
+    pub(super) fn remove(
+        &mut self,
+        handles: &[VcpuHandle],
+        which: &ProbeSelector,
+    ) -> Option<RemoveReply> {
+        let ids: Vec<ProbeId> = self
+            .engine
+            .stats()
+            .iter()
+            .filter(|s| match which {
+                ProbeSelector::Id(id) => s.id.0 as u64 == *id,
+                ProbeSelector::Event(e) => self
+                    .names
+                    .get(&s.id)
+                    .map_or(&s.location == e, |(_, event)| event == e),
+                ProbeSelector::All => true,
+            })
+            .map(|s| s.id)
+            .collect();
+        if ids.is_empty() {
+            return None;
+        }
+        self.paused(handles, |s| {
+            for id in &ids {
+                if let Ok(Some(r)) = s.engine.remove(*id) {
+                    s.report.rewritten.push(r);
+                }
+                s.names.remove(id);
+            }
+        });
+        Some(RemoveReply {
+            removed: ids.iter().map(|id| id.0 as u64).collect(),
+        })
+    }
+
+    /// Removes every probe and hashes the kernel text against its hash before the first
+    /// probe; the VM keeps running.
+    pub(super) fn detach(&mut self, handles: &[VcpuHandle]) -> DetachReply {
+        let removed = self.engine.stats().len();
+        let after = self.paused(handles, |s| {
+            s.report.rewritten.extend(s.engine.remove_all());
+            s.names.clear();
+            s.regs.clone().and_then(|r| s.hash_text(&r))
+        });
+        DetachReply {
+            removed,
+            text_before: self.text_before,
+            text_after: after,
+            restored: after.is_some() && after == self.text_before,
+        }
+    }
+
+    /// Exit counts, per vCPU, pauses.
+    pub(super) fn stats(&self, started: Instant) -> StatsReply {
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|c| {
+                let (debug_exits, site_hits, handed_back) = c.snapshot();
+                VcpuSummary {
+                    debug_exits,
+                    site_hits,
+                    handed_back,
+                }
+            })
+            .collect();
+        StatsReply {
+            uptime_s: started.elapsed().as_secs_f64(),
+            probes: self.engine.stats().len(),
+            exits: ExitSummary::new(&self.engine.exit_stats(), self.register_ioctls.counts()),
+            vcpus,
+            changes: self.pauses.changes,
+            longest_pause_us: self.pauses.longest.as_micros() as u64,
+            last_pause_us: self.pauses.last.as_micros() as u64,
+        }
+    }
+}
+
+impl RunLoop {
+    /// The answer to a live-session request.
+    pub(super) fn answer(&mut self, request: ApiRequest) -> ApiReply {
+        if request == ApiRequest::Stop {
+            self.stop.stop(StopReason::Requested);
+            return ApiReply::ok(&serde_json::json!({ "stopping": true }));
+        }
+        let Some(session) = &mut self.session else {
+            return ApiReply::error(
+                409,
+                "this run has no probing (the guest kernel's System.map is needed)",
+            );
+        };
+        match request {
+            ApiRequest::ListProbes => ApiReply::ok(&session.list()),
+            ApiRequest::AddProbes(specs) => {
+                let reply = session.add(&self.handles, &specs);
+                // Probes are in: the console keeps the guest's fault reports from now on.
+                if !reply.planted.is_empty() {
+                    self.console
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .probes_in = true;
+                }
+                let status = if reply.planted.is_empty() { 422 } else { 200 };
+                ApiReply::with_status(status, &reply)
+            }
+            ApiRequest::RemoveProbes(which) => match session.remove(&self.handles, &which) {
+                Some(reply) => ApiReply::ok(&reply),
+                None => ApiReply::error(
+                    404,
+                    match which {
+                        ProbeSelector::Id(id) => format!("no probe with id {id}"),
+                        ProbeSelector::Event(e) => format!("no probe of event {e}"),
+                        ProbeSelector::All => "no probes are in".to_string(),
+                    },
+                ),
+            },
+            ApiRequest::Stats => ApiReply::ok(&session.stats(self.started)),
+            ApiRequest::Detach => ApiReply::ok(&session.detach(&self.handles)),
+            ApiRequest::Stop => unreachable!("answered above"),
+        }
+    }
+}
