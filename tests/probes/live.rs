@@ -29,7 +29,12 @@ const STEP: Duration = Duration::from_secs(300);
 
 impl LiveVm {
     fn start(vcpus: &str, exec: &str) -> LiveVm {
-        let dir = std::env::temp_dir().join(format!("hvprobe-live-{}", std::process::id()));
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "hvprobe-live-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("api.sock");
         let summary = dir.join("summary.json");
@@ -186,10 +191,20 @@ pub(super) fn a_live_session_adds_counts_removes_and_detaches_probes_while_the_g
     let refused: AddReply = serde_json::from_str(&refused.body).unwrap();
     assert!(refused.planted.is_empty());
     assert_eq!(refused.refused.len(), 2, "{refused:?}");
+    let why = |loc: &str| {
+        refused
+            .refused
+            .iter()
+            .find(|r| r.location == loc)
+            .map(|r| r.reason.clone())
+            .unwrap_or_default()
+    };
     assert!(
-        refused.refused[0]
-            .reason
-            .contains("not on an instruction boundary"),
+        why(&inside).contains("not on an instruction boundary"),
+        "{refused:?}"
+    );
+    assert!(
+        why("no_such_function_hvprobe").contains("unknown symbol"),
         "{refused:?}"
     );
 
