@@ -336,3 +336,122 @@ pub(super) fn two_clients_stream_at_once_and_stop_ends_the_run() {
         "{summary:?}"
     );
 }
+
+/// `func+0xOFF` of every instruction of `func` in the guest's kernel.
+fn boundaries_of(func: &str) -> Vec<String> {
+    match guest_arch() {
+        GuestArch::X86_64 => KernelText::load().boundaries(func),
+        GuestArch::Aarch64 => Arm64Text::load().boundaries(func),
+    }
+}
+
+/// Rounds of the churn test: `$HVPROBE_CHURN_ROUNDS`, else a few dozen.
+fn churn_rounds() -> usize {
+    std::env::var("HVPROBE_CHURN_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(24)
+}
+
+pub(super) fn churn_adds_and_removes_hundreds_of_probes_while_workloads_run_on_two_vcpus() {
+    // Sites on the workloads' paths: every instruction boundary of a few functions (many are
+    // refused: that is churn too), and return probes on schedule and bprm_execve, which are
+    // removed with instances outstanding (tasks asleep in schedule, an exec under way).
+    let mut sites: Vec<String> = Vec::new();
+    for f in [
+        "do_sys_openat2",
+        "ksys_read",
+        "vfs_read",
+        "kernel_clone",
+        "bprm_execve",
+    ] {
+        sites.extend(boundaries_of(f));
+    }
+    sites.push(sys("getpid"));
+    let seed = std::env::var("HVPROBE_CHURN_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs()
+        });
+    eprintln!("churn: HVPROBE_CHURN_SEED={seed}");
+    let mut rng = SplitMix(seed);
+    let passwd = b"root:x:0:0:root:/root:/bin/sh\n";
+    let read_ok = format!(
+        "open-read-loop: path=/etc/passwd opens=3 bytes={} fnv1a={:016x}",
+        3 * passwd.len(),
+        fnv1a(passwd)
+    );
+    let mut vm = LiveVm::start(
+        "2",
+        "echo ready; \
+         (while [ ! -e /tmp/stop ]; do fork-exec-loop 2; open-read-loop 3 /etc/passwd; done; echo loop-a-done) & \
+         (while [ ! -e /tmp/stop ]; do getpid-loop 200 >/dev/null; sleep 0.1; done; echo loop-b-done) & \
+         read x; touch /tmp/stop; wait; echo churn-end",
+    );
+    vm.wait_for("ready");
+    let (mut planted, mut refused, mut outstanding_at_removal) = (0usize, 0usize, 0usize);
+    for round in 0..churn_rounds() {
+        let mut probes: Vec<String> = (0..10)
+            .map(|_| sites[rng.below(sites.len())].clone())
+            .collect();
+        probes.push(format!("r:hv/rs{round} schedule $retval"));
+        probes.push(format!("r:hv/rb{round} bprm_execve $retval"));
+        let refs: Vec<&str> = probes.iter().map(String::as_str).collect();
+        let r = vm.api("PUT", "/probes", Some(&add_body(&refs)));
+        assert!(matches!(r.status, 200 | 422), "{}", r.body);
+        let added: AddReply = serde_json::from_str(&r.body).unwrap();
+        planted += added.planted.len();
+        refused += added.refused.len();
+        std::thread::sleep(Duration::from_millis(300 + 50 * rng.below(10) as u64));
+        let list: ProbeList = vm.ok("GET", "/probes", None);
+        outstanding_at_removal += list.probes.iter().map(|p| p.outstanding).sum::<usize>();
+        let removed: RemoveReply = vm.ok("DELETE", "/probes", None);
+        assert_eq!(removed.removed.len(), added.planted.len(), "round {round}");
+    }
+    eprintln!(
+        "churn: {} rounds, {planted} probes planted and removed, {refused} refused, {outstanding_at_removal} return instances outstanding at removal",
+        churn_rounds()
+    );
+    assert!(planted >= 10 * churn_rounds(), "{planted} planted");
+    assert!(
+        outstanding_at_removal > 0,
+        "return probes removed with instances out"
+    );
+    let stats: StatsReply = vm.ok("GET", "/stats", None);
+    eprintln!(
+        "churn: {} changes, longest vCPU pause {} us",
+        stats.changes, stats.longest_pause_us
+    );
+    vm.go_on();
+    vm.wait_for("churn-end");
+    let (status, stderr, summary, console) = vm.finish();
+    let console = console.join("\n");
+    assert_eq!(status, Some(0), "{stderr}\n--- console ---\n{console}");
+    assert_eq!(
+        summary.outcome.kind,
+        OutcomeKind::CommandExited,
+        "{summary:?}"
+    );
+    assert!(summary.faults_with_probes.is_empty(), "{summary:?}");
+    assert!(
+        summary.text.as_ref().is_some_and(|t| t.restored),
+        "{summary:?}"
+    );
+    // Every workload result right.
+    let forks: Vec<&str> = console
+        .lines()
+        .filter(|l| l.starts_with("fork-exec-loop:"))
+        .collect();
+    let reads: Vec<&str> = console
+        .lines()
+        .filter(|l| l.starts_with("open-read-loop:"))
+        .collect();
+    assert!(!forks.is_empty() && !reads.is_empty(), "{console}");
+    assert!(forks.iter().all(|l| l.contains("runs=2 ok=2")), "{forks:?}");
+    assert!(reads.iter().all(|l| *l == read_ok), "{reads:?}");
+    assert!(console.contains("loop-a-done") && console.contains("loop-b-done"));
+}

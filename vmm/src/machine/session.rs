@@ -460,20 +460,23 @@ impl ProbeSession {
         }
     }
 
-    /// Pauses every vCPU, runs `change`, resumes them, and counts the pause.
+    /// Pauses every vCPU, runs `change`, resumes them, and counts the pause as a change's
+    /// (the attach at `/init` with no probes to plant is not one).
     pub(super) fn paused<T>(
         &mut self,
         handles: &[VcpuHandle],
         change: impl FnOnce(&mut Self) -> T,
     ) -> T {
         let start = Instant::now();
+        let counts = self.regs.is_some() || !self.setup.requests.is_empty();
         pause_all(handles);
         let out = change(self);
         resume_all(handles);
-        self.pauses.count(start.elapsed());
+        if counts {
+            self.pauses.count(start.elapsed());
+        }
         out
     }
-
     /// Plants every requested probe with all vCPUs paused; all or nothing (unless
     /// `--skip-refused`). Once they are in, the console keeps the guest kernel's fault reports.
     pub(super) fn plant(
