@@ -9,6 +9,8 @@ use hvprobe_vmm::summary::{OutcomeKind, RunSummary};
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
@@ -454,4 +456,63 @@ pub(super) fn churn_adds_and_removes_hundreds_of_probes_while_workloads_run_on_t
     assert!(forks.iter().all(|l| l.contains("runs=2 ok=2")), "{forks:?}");
     assert!(reads.iter().all(|l| *l == read_ok), "{reads:?}");
     assert!(console.contains("loop-a-done") && console.contains("loop-b-done"));
+}
+
+pub(super) fn a_stalled_client_loses_events_counted_while_another_gets_every_one() {
+    let getpid = sys("getpid");
+    let calls = 10_000;
+    let mut vm = LiveVm::start(
+        "1",
+        &format!("echo ready; read x; getpid-loop {calls}; sleep 600"),
+    );
+    vm.wait_for("ready");
+    let added: AddReply = vm.ok("PUT", "/probes", Some(&add_body(&[&getpid])));
+    assert_eq!(added.planted.len(), 1, "{added:?}");
+    let stalled = Arc::new(AtomicBool::new(true));
+    // Each client reads until the run ends and its stream with it: one reads one event, then
+    // nothing until the workload is over; the other reads as events come.
+    let client = |stall: Option<Arc<AtomicBool>>| {
+        let socket = vm.socket.clone();
+        std::thread::spawn(move || {
+            let (mut events, mut lost) = (0u64, 0u64);
+            client::stream(&socket, "/events", |l| {
+                while stall.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                match l.strip_prefix("lost=") {
+                    Some(n) => lost += n.parse::<u64>().unwrap(),
+                    None => events += 1,
+                }
+                true
+            })
+            .unwrap();
+            (events, lost)
+        })
+    };
+    let slow = client(Some(stalled.clone()));
+    let fast = client(None);
+    std::thread::sleep(Duration::from_secs(2));
+    let before: StatsReply = vm.ok("GET", "/stats", None);
+    vm.go_on();
+    vm.wait_for(&format!("getpid-loop: calls={calls}"));
+    let after: StatsReply = vm.ok("GET", "/stats", None);
+    stalled.store(false, Ordering::SeqCst);
+    // The stalled client catches up; then the run ends, and each stream with what it had.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(vm.api("PUT", "/stop", None).status, 200);
+    let (slow_events, slow_lost) = slow.join().unwrap();
+    let (fast_events, fast_lost) = fast.join().unwrap();
+    let (status, stderr, summary, _) = vm.finish();
+    assert_eq!(status, Some(0), "{stderr}");
+    let hits = summary.probes[0].hits;
+    eprintln!(
+        "streams: {hits} hits; fast client {fast_events} events, {fast_lost} lost; stalled client {slow_events} events, {slow_lost} lost; {:.0} exits/s while it was stalled",
+        (after.exits.breakpoints - before.exits.breakpoints) as f64
+            / (after.uptime_s - before.uptime_s)
+    );
+    // Every hit is an event or a counted loss for each client; the stalled one lost some,
+    // the one that kept reading lost none.
+    assert_eq!(slow_events + slow_lost, hits);
+    assert!(slow_lost > 0, "the stalled client lost nothing");
+    assert_eq!((fast_events, fast_lost), (hits, 0));
 }
