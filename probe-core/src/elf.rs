@@ -56,6 +56,32 @@ pub fn section<'a>(elf: &'a [u8], name: &str) -> Result<&'a [u8], ElfError> {
     Err(ElfError::NoSection(name.to_string()))
 }
 
+/// The `count` 64-bit words at virtual address `va` as the kernel sees them once relocated:
+/// a relocatable kernel (arm64's is linked `-pie` and leaves its dynamic relocations
+/// unapplied in the file) keeps a pointer as a zero word with an `R_*_RELATIVE` entry in
+/// `.rela.dyn` whose addend is the address; such words take the addend.
+pub fn relocated_words(elf: &[u8], va: u64, count: usize) -> Result<Vec<u64>, ElfError> {
+    let bytes = bytes_at(elf, va, count * 8)?;
+    let mut words: Vec<u64> = bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+        .collect();
+    if let Ok(rela) = section(elf, ".rela.dyn") {
+        // R_AARCH64_RELATIVE (1027), R_X86_64_RELATIVE (8).
+        for r in rela.chunks_exact(24) {
+            let word = |i: usize| u64::from_le_bytes(r[i..i + 8].try_into().unwrap_or([0; 8]));
+            let (offset, kind, addend) = (word(0), word(8) & 0xffff_ffff, word(16));
+            if matches!(kind, 1027 | 8) && offset >= va && offset < va + 8 * count as u64 {
+                let i = ((offset - va) / 8) as usize;
+                if words[i] == 0 {
+                    words[i] = addend;
+                }
+            }
+        }
+    }
+    Ok(words)
+}
+
 /// The file bytes at virtual address `va` (`len` of them), from the `PROGBITS` section that
 /// holds them: the kernel's text as linked, read from its vmlinux.
 pub fn bytes_at(elf: &[u8], va: u64, len: usize) -> Result<&[u8], ElfError> {

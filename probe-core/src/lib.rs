@@ -9,6 +9,7 @@
 
 pub mod arch;
 pub mod btf;
+pub mod catalog;
 pub mod definition;
 pub mod elf;
 pub mod engine;

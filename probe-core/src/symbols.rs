@@ -57,6 +57,11 @@ pub struct SymbolMap {
 }
 
 impl SymbolMap {
+    /// Every symbol, in address order.
+    pub fn symbols(&self) -> &[Symbol] {
+        &self.by_addr
+    }
+
     /// Parses System.map text.
     pub fn parse(text: &str) -> Result<SymbolMap, SymbolError> {
         let mut symbols = Vec::new();

@@ -10,7 +10,7 @@ use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
@@ -515,4 +515,67 @@ pub(super) fn a_stalled_client_loses_events_counted_while_another_gets_every_one
     assert_eq!(slow_events + slow_lost, hits);
     assert!(slow_lost > 0, "the stalled client lost nothing");
     assert_eq!((fast_events, fast_lost), (hits, 0));
+}
+
+/// A function the guest's own kprobes refuse (the page-fault entry: noinstr on x86_64,
+/// NOKPROBE_SYMBOL on arm64) that every fork and exec goes through.
+fn fault_entry() -> &'static str {
+    match guest_arch() {
+        GuestArch::X86_64 => "exc_page_fault",
+        GuestArch::Aarch64 => "do_mem_abort",
+    }
+}
+
+pub(super) fn functions_the_guests_kprobes_refuse_are_listed_and_probed_and_globs_expand() {
+    let pf = fault_entry();
+    // The listing marks it.
+    let list = hvprobe(&["list", "--arch", guest_arch().name(), pf]);
+    assert_eq!(list.status.code(), Some(0), "{}", explain(&list));
+    assert_has(
+        &text(&list.stdout),
+        &format!("{pf}  [the guest's kprobes refuse it: "),
+        &list,
+    );
+    // A glob over more than --max-probes: refused whole, nothing runs.
+    let many = run_probed("1", "true", &["vfs_*"], &["--max-probes", "5"]);
+    assert_eq!(many.status.code(), Some(1), "{}", explain(&many));
+    assert_has(&text(&many.stderr), "more than --max-probes 5", &many);
+    // The guest's kprobes refuse it; hvprobe probes it while fork, exec and page faults run.
+    let passwd = b"root:x:0:0:root:/root:/bin/sh\n";
+    let out = run_probed(
+        "1",
+        &format!(
+            "echo 'p:kprobes/pf {pf}' >> /sys/kernel/tracing/kprobe_events 2>/dev/null \
+             && echo guest-accepted || echo guest-refused; \
+             fork-exec-loop 3; open-read-loop 3 /etc/passwd"
+        ),
+        &[pf, "p:hv/vfs vfs_read*"],
+        &["--quiet"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    let stdout = text(&out.stdout);
+    assert_has(&stdout, "guest-refused", &out);
+    assert_has(&stdout, "fork-exec-loop: runs=3 ok=3", &out);
+    assert_has(
+        &stdout,
+        &format!(
+            "open-read-loop: path=/etc/passwd opens=3 bytes={} fnv1a={:016x}",
+            3 * passwd.len(),
+            fnv1a(passwd)
+        ),
+        &out,
+    );
+    assert!(out.probe(pf).hits > 0, "{}", explain(&out));
+    // One probe per function the glob matches, each named by its function.
+    let vfs: Vec<&str> = out
+        .summary()
+        .probes
+        .iter()
+        .filter(|p| p.location.starts_with("vfs_read"))
+        .map(|p| p.location.as_str())
+        .collect();
+    assert!(vfs.contains(&"vfs_read") && vfs.len() >= 2, "{vfs:?}");
+    assert!(out.probe("vfs_read").hits >= 3, "{}", explain(&out));
+    assert!(out.summary().faults_with_probes.is_empty());
+    out.assert_text_restored();
 }

@@ -658,6 +658,7 @@ fn main() {
                 two_clients_stream_at_once_and_stop_ends_the_run,
                 churn_adds_and_removes_hundreds_of_probes_while_workloads_run_on_two_vcpus,
                 a_stalled_client_loses_events_counted_while_another_gets_every_one,
+                functions_the_guests_kprobes_refuse_are_listed_and_probed_and_globs_expand,
                 return_probes_report_every_return_with_its_value,
                 return_probes_on_two_vcpus_see_every_return_once,
                 a_return_probe_on_exec_returns_through_the_new_address_space,

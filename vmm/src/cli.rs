@@ -77,6 +77,30 @@ enum Command {
         #[arg(long, value_enum)]
         arch: Option<hvprobe_guest::GuestArch>,
     },
+    /// List the guest kernel's functions matching PATTERN (a glob: `vfs_*`), each with what a
+    /// probe on it meets: those the guest's own kprobes refuse (which hvprobe probes) and
+    /// those hvprobe refuses, with the reason. From the guest's System.map and vmlinux, or a
+    /// running VM's (`--api-socket`).
+    List {
+        /// The glob [default: every function].
+        #[arg(default_value = "*")]
+        pattern: String,
+        /// The guest's architecture [default: the host's].
+        #[arg(long, value_enum)]
+        arch: Option<hvprobe_guest::GuestArch>,
+        /// System.map of the guest kernel [default: the default guest's].
+        #[arg(long, value_name = "PATH")]
+        system_map: Option<PathBuf>,
+        /// The guest kernel's vmlinux, for its kprobe blacklist [default: the default guest's].
+        #[arg(long, value_name = "PATH")]
+        vmlinux: Option<PathBuf>,
+        /// Ask a running hvprobe instead.
+        #[arg(long, value_name = "PATH")]
+        api_socket: Option<PathBuf>,
+        /// One JSON object per function.
+        #[arg(long)]
+        json: bool,
+    },
     /// Add, list or remove probes of a running VM (`hvprobe run --api-socket PATH`).
     Probe {
         #[command(subcommand)]
@@ -169,6 +193,45 @@ fn dispatch(cli: Cli) -> Result<i32> {
         }
         Command::Run(args) => run(&args),
         Command::Probe { action } => crate::clients::probe(action),
+        Command::List {
+            pattern,
+            arch,
+            system_map,
+            vmlinux,
+            api_socket,
+            json,
+        } => {
+            let functions = match api_socket {
+                Some(socket) => crate::clients::functions(&socket, &pattern)?,
+                None => {
+                    let job = Job {
+                        arch,
+                        system_map: system_map.clone(),
+                        btf: vmlinux,
+                        kernel: system_map.map(|_| PathBuf::new()),
+                        ..Job::empty()
+                    };
+                    let job = job.resolve_guest()?;
+                    let path = job.system_map.clone().context("--system-map")?;
+                    let map = probe_core::symbols::SymbolMap::parse(
+                        &std::fs::read_to_string(&path)
+                            .with_context(|| format!("reading {}", path.display()))?,
+                    )
+                    .with_context(|| format!("parsing {}", path.display()))?;
+                    let blacklist = job.kprobe_blacklist(&map);
+                    probe_core::catalog::functions(&map, &pattern, &blacklist)
+                        .map(|f| crate::api::FunctionEntry {
+                            name: f.name,
+                            address: f.addr,
+                            size: f.size,
+                            guest_kprobes_refuse: f.guest_kprobes_refuse,
+                            hvprobe_refuses: f.hvprobe_refuses,
+                        })
+                        .collect()
+                }
+            };
+            Ok(crate::clients::print_functions(&functions, &pattern, json))
+        }
         Command::Trace {
             api_socket,
             json,
@@ -452,6 +515,8 @@ fn probe_setup(
             Box::new(LiveProbes {
                 wiring: wiring.clone(),
                 arch: args.guest_arch(),
+                max_probes: args.max_probes,
+                blacklist: Arc::new(args.kprobe_blacklist(&map)),
             }) as Box<dyn machine::ProbeSource>
         }),
         max_rate: args.max_rate,

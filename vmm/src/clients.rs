@@ -9,7 +9,10 @@ use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 
 use crate::api::client::{self, Response};
-use crate::api::{AddReply, DetachReply, ProbeInfo, ProbeList, RemoveReply, StatsReply};
+use crate::api::{
+    AddReply, DetachReply, FunctionEntry, FunctionList, ProbeInfo, ProbeList, RemoveReply,
+    StatsReply,
+};
 
 /// Exit status of a client whose request was refused (every probe refused, nothing to
 /// remove, a text hash that differs after detach).
@@ -242,4 +245,48 @@ pub fn stop(api_socket: &Path) -> Result<i32> {
     check(&resp)?;
     println!("hvprobe: stopping the VM");
     Ok(0)
+}
+
+/// The running VM's functions matching `pattern` (`GET /functions`).
+pub fn functions(api_socket: &Path, pattern: &str) -> Result<Vec<FunctionEntry>> {
+    let target = format!("/functions?pattern={}", percent_encode(pattern));
+    let resp = client::request(api_socket, "GET", &target, None)?;
+    check(&resp)?;
+    Ok(parse::<FunctionList>(&resp)?.functions)
+}
+
+/// Prints `functions` (`hvprobe list`), one a line: address, name, and what a probe on it
+/// meets; a count on stderr. Exit status 1 when nothing matches.
+pub fn print_functions(functions: &[FunctionEntry], pattern: &str, json: bool) -> i32 {
+    let mut out = std::io::stdout().lock();
+    for f in functions {
+        let line = if json {
+            serde_json::to_string(f).unwrap_or_default()
+        } else {
+            let note = match (&f.hvprobe_refuses, &f.guest_kprobes_refuse) {
+                (Some(why), _) => format!("  [refused: {why}]"),
+                (None, Some(why)) => {
+                    format!("  [the guest's kprobes refuse it: {why}; hvprobe probes it]")
+                }
+                (None, None) => String::new(),
+            };
+            format!("{:#018x} {}{note}", f.address, f.name)
+        };
+        if writeln!(out, "{line}").is_err() {
+            return 0;
+        }
+    }
+    let guest = functions
+        .iter()
+        .filter(|f| f.guest_kprobes_refuse.is_some() && f.hvprobe_refuses.is_none())
+        .count();
+    let refused = functions
+        .iter()
+        .filter(|f| f.hvprobe_refuses.is_some())
+        .count();
+    eprintln!(
+        "hvprobe: {} functions match {pattern}: {guest} the guest's kprobes refuse and hvprobe probes, {refused} hvprobe refuses",
+        functions.len()
+    );
+    i32::from(functions.is_empty())
 }

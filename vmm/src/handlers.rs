@@ -11,11 +11,12 @@ use probe_core::symbols::SymbolMap;
 use probe_core::task::TaskLayout;
 
 use crate::api::events::{EventHub, StreamFormat};
-use crate::job::{ResolvedProbe, resolve_probe};
+use crate::job::{ResolvedProbe, expand_globs, resolve_probe};
 use crate::machine::{ProbeRequest, ProbeSource};
 use crate::output::TraceOutput;
 use crate::refusal::RefusedProbe;
 use crate::report::{self, RetvalHistogram};
+use probe_core::catalog::{self, FunctionInfo, KprobeBlacklist};
 
 /// What every probe's handlers share, from the run's options.
 #[derive(Clone)]
@@ -138,12 +139,33 @@ pub struct LiveProbes {
     pub wiring: HandlerWiring,
     /// The guest's architecture (its register names in definitions).
     pub arch: hvprobe_guest::GuestArch,
+    /// `--max-probes`.
+    pub max_probes: usize,
+    /// What the guest's own kprobes refuse.
+    pub blacklist: Arc<KprobeBlacklist>,
 }
 
 impl ProbeSource for LiveProbes {
-    fn make(&self, spec: &str) -> Result<ProbeRequest, RefusedProbe> {
-        let resolved = resolve_probe(&self.wiring.map, spec, self.arch)
-            .map_err(|e| RefusedProbe::at_resolution(spec, format!("{e:#}")))?;
-        Ok(self.wiring.request(resolved, &mut Vec::new()))
+    fn make(&self, spec: &str) -> Vec<Result<ProbeRequest, RefusedProbe>> {
+        let specs = match expand_globs(&self.wiring.map, spec) {
+            Ok(s) => s,
+            Err(e) => return vec![Err(RefusedProbe::at_resolution(spec, e))],
+        };
+        specs
+            .iter()
+            .map(|s| {
+                let resolved = resolve_probe(&self.wiring.map, s, self.arch)
+                    .map_err(|e| RefusedProbe::at_resolution(s.as_str(), format!("{e:#}")))?;
+                Ok(self.wiring.request(resolved, &mut Vec::new()))
+            })
+            .collect()
+    }
+
+    fn max_probes(&self) -> usize {
+        self.max_probes
+    }
+
+    fn functions(&self, pattern: &str) -> Vec<FunctionInfo> {
+        catalog::functions(&self.wiring.map, pattern, &self.blacklist).collect()
     }
 }

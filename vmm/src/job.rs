@@ -118,6 +118,12 @@ pub struct Job {
     #[arg(long, value_name = "N")]
     #[serde(default)]
     pub max_rate: Option<u64>,
+    /// The most probes a run (or one live-session request) may expand to from globs
+    /// (`-p 'vfs_*'`, `p:hv/vfs vfs_*`); above it the whole request is refused, never planted
+    /// in part.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_PROBES)]
+    #[serde(default = "default_max_probes")]
+    pub max_probes: usize,
     /// Write a machine-readable summary of the run to FILE (JSON: outcome and exit status,
     /// per-probe counters, exits, kernel text hashes, KASLR slide, skipped probes, guest fault
     /// reports).
@@ -130,6 +136,11 @@ pub struct Job {
     #[arg(long, value_name = "PATH")]
     #[serde(default)]
     pub api_socket: Option<PathBuf>,
+    /// Inside the emulated runner's L1: the guest kernel's `NOKPROBE_SYMBOL` addresses, read
+    /// from its vmlinux on the host (L1 has only its BTF).
+    #[arg(skip)]
+    #[serde(default)]
+    pub kprobe_blacklist: Vec<u64>,
     /// Inside the emulated runner's L1: the port that carries the host's API connections.
     #[arg(skip)]
     #[serde(default)]
@@ -183,6 +194,98 @@ fn is_definition(p: &str) -> bool {
             .map(|r| r.trim_start_matches(|c: char| c.is_ascii_digit()))
     });
     rest.is_some_and(|r| r.starts_with([' ', '\t', ':']))
+}
+
+impl Job {
+    /// What the guest's own kprobes refuse, for listings: the addresses carried in the job,
+    /// else the array read from the vmlinux `--btf` names, with the text areas of `map`.
+    pub fn kprobe_blacklist(&self, map: &SymbolMap) -> probe_core::catalog::KprobeBlacklist {
+        if !self.kprobe_blacklist.is_empty() {
+            return probe_core::catalog::KprobeBlacklist::with_functions(
+                map,
+                &self.kprobe_blacklist,
+            );
+        }
+        let elf = self
+            .btf
+            .as_ref()
+            .and_then(|p| std::fs::read(p).ok())
+            .filter(|d| d.starts_with(b"\x7fELF"));
+        let read = |va: u64, count: usize| {
+            elf.as_ref()
+                .and_then(|e| probe_core::elf::relocated_words(e, va, count).ok())
+        };
+        probe_core::catalog::KprobeBlacklist::from_kernel(map, Some(&read))
+    }
+}
+
+/// The default of `--max-probes`.
+pub const DEFAULT_MAX_PROBES: usize = 4096;
+
+fn default_max_probes() -> usize {
+    DEFAULT_MAX_PROBES
+}
+
+/// One probe per function that the glob in `spec`'s location matches (`vfs_*`, `p:hv/vfs
+/// vfs_*`, `r:hv/x do_sys_*`), each named by its function (a definition's event becomes
+/// `GROUP/FUNCTION`; a name several static functions share is probed at each address); `spec`
+/// itself when it has no glob. A glob matching nothing is an error.
+pub fn expand_globs(map: &SymbolMap, spec: &str) -> Result<Vec<String>, String> {
+    let definition = is_definition(spec);
+    let tokens: Vec<&str> = spec.split_whitespace().collect();
+    let at = usize::from(definition);
+    let Some(&location) = tokens.get(at) else {
+        return Ok(vec![spec.to_string()]);
+    };
+    if !probe_core::catalog::is_glob(location) {
+        return Ok(vec![spec.to_string()]);
+    }
+    let blacklist = probe_core::catalog::KprobeBlacklist::default();
+    let found: Vec<probe_core::catalog::FunctionInfo> =
+        probe_core::catalog::functions(map, location, &blacklist)
+            // Compiler-split parts (`.cold`) and hvprobe's own refusals are not functions to probe.
+            .filter(|f| !f.name.contains(".cold") && f.hvprobe_refuses.is_none())
+            .collect();
+    if found.is_empty() {
+        return Err(format!("`{location}` matches no function in System.map"));
+    }
+    let header = tokens[0].to_string();
+    Ok(found
+        .iter()
+        .map(|f| {
+            let unique = map.lookup(&f.name).is_ok();
+            let place = if unique {
+                f.name.clone()
+            } else {
+                format!("{:#x}", f.addr)
+            };
+            if !definition {
+                return place;
+            }
+            let event: String = f
+                .name
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect();
+            let event = if unique {
+                event
+            } else {
+                format!("{event}_{:x}", f.addr & 0xffff_ffff)
+            };
+            // `p:GROUP/EVENT` or `p:EVENT` (and `r`, `rN`): the event becomes the function.
+            let head = match header.split_once(':') {
+                Some((kind, name)) => match name.split_once('/') {
+                    Some((group, _)) => format!("{kind}:{group}/{event}"),
+                    None => format!("{kind}:{event}"),
+                },
+                None => format!("{header}:{event}"),
+            };
+            let mut all: Vec<&str> = tokens.clone();
+            all[0] = &head;
+            all[at] = &place;
+            all.join(" ")
+        })
+        .collect())
 }
 
 /// Resolves one `--probe` against `map`, for guests of `arch` (whose register names the
@@ -365,7 +468,21 @@ impl Job {
             .with_context(|| format!("parsing System.map {}", path.display()))?;
         let mut targets = Vec::new();
         let mut refused = Vec::new();
+        let mut specs = Vec::new();
         for p in &self.probes {
+            match expand_globs(&map, p) {
+                Ok(expanded) => specs.extend(expanded),
+                Err(e) => refused.push(RefusedProbe::at_resolution(p.as_str(), e)),
+            }
+        }
+        if specs.len() > self.max_probes {
+            bail!(
+                "the probes expand to {} probes, more than --max-probes {}; nothing was planted",
+                specs.len(),
+                self.max_probes
+            );
+        }
+        for p in &specs {
             match resolve_probe(&map, p, self.guest_arch()) {
                 Ok(t) => targets.push(t),
                 Err(e) => refused.push(RefusedProbe::at_resolution(p.as_str(), format!("{e:#}"))),

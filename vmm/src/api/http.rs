@@ -252,7 +252,7 @@ pub fn route(req: &HttpRequest, ctx_version: &VersionReply) -> Route {
     let unknown_query = req
         .query
         .iter()
-        .find(|(k, _)| !matches!(k.as_str(), "event" | "format"));
+        .find(|(k, _)| !matches!(k.as_str(), "event" | "format" | "pattern"));
     if let Some((k, _)) = unknown_query {
         return Route::Reply(ApiReply::error(400, format!("unknown query parameter {k}")));
     }
@@ -309,14 +309,18 @@ pub fn route(req: &HttpRequest, ctx_version: &VersionReply) -> Route {
             Route::Stream { format, events }
         }
         ("GET", ["stats"]) => no_body(ApiRequest::Stats),
+        ("GET", ["functions"]) => match query("pattern").as_slice() {
+            [] => no_body(ApiRequest::Functions("*".into())),
+            [p] => no_body(ApiRequest::Functions(p.clone())),
+            _ => Route::Reply(ApiReply::error(400, "one pattern at a time")),
+        },
         ("PUT" | "POST", ["detach"]) => no_body(ApiRequest::Detach),
         ("PUT" | "POST", ["stop"]) => no_body(ApiRequest::Stop),
-        (_, ["" | "probes" | "events" | "stats" | "detach" | "stop"]) | (_, ["probes", _]) => {
-            Route::Reply(ApiReply::error(
-                405,
-                format!("{method} is not allowed on {}", req.path),
-            ))
-        }
+        (_, ["" | "probes" | "events" | "stats" | "detach" | "stop" | "functions"])
+        | (_, ["probes", _]) => Route::Reply(ApiReply::error(
+            405,
+            format!("{method} is not allowed on {}", req.path),
+        )),
         _ => Route::Reply(ApiReply::error(404, format!("no endpoint {}", req.path))),
     }
 }

@@ -26,6 +26,8 @@ pub enum ApiRequest {
     ListProbes,
     /// Remove probes.
     RemoveProbes(ProbeSelector),
+    /// The kernel's functions matching a glob.
+    Functions(String),
     /// Exit counts, per vCPU, pause figures.
     Stats,
     /// Remove every probe and check the kernel text; the VM keeps running.
@@ -183,6 +185,28 @@ pub struct DetachReply {
     pub text_after: Option<u64>,
     /// `text_after == text_before`: the text is byte-for-byte as it was.
     pub restored: bool,
+}
+
+/// One kernel function, as `GET /functions` and `hvprobe list` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionEntry {
+    /// Its name.
+    pub name: String,
+    /// Its address as linked (System.map's, before any KASLR slide).
+    pub address: u64,
+    /// Its size, where known.
+    pub size: Option<u64>,
+    /// Why the guest's own kprobes refuse it (hvprobe probes it all the same).
+    pub guest_kprobes_refuse: Option<String>,
+    /// Why hvprobe refuses it.
+    pub hvprobe_refuses: Option<String>,
+}
+
+/// `GET /functions?pattern=GLOB`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionList {
+    /// The matching functions, in address order.
+    pub functions: Vec<FunctionEntry>,
 }
 
 /// `GET /`: what is running.

@@ -8,8 +8,8 @@ use probe_core::engine::{ProbeId, ProbeStats};
 use super::run_loop::RunLoop;
 use super::session::ProbeSession;
 use crate::api::{
-    AddReply, ApiReply, ApiRequest, DetachReply, ProbeInfo, ProbeList, ProbeSelector, RemoveReply,
-    StatsReply,
+    AddReply, ApiReply, ApiRequest, DetachReply, FunctionEntry, FunctionList, ProbeInfo, ProbeList,
+    ProbeSelector, RemoveReply, StatsReply,
 };
 use crate::refusal::RefusedProbe;
 use crate::summary::{ExitSummary, TrapName, VcpuSummary};
@@ -52,16 +52,29 @@ impl ProbeSession {
     /// Resolves each of `specs`, then plants them with every vCPU paused (the first change
     /// also attaches: KASLR slide, the text hash before any probe). Each is planted or
     /// refused on its own.
-    pub(super) fn add(&mut self, handles: &[VcpuHandle], specs: &[String]) -> AddReply {
+    pub(super) fn add(
+        &mut self,
+        handles: &[VcpuHandle],
+        specs: &[String],
+    ) -> Result<AddReply, String> {
         let mut refused = Vec::new();
         let mut requests = Vec::new();
         match &self.setup.source {
             Some(source) => {
                 for spec in specs {
-                    match source.make(spec) {
-                        Ok(r) => requests.push(r),
-                        Err(e) => refused.push(e),
+                    for made in source.make(spec) {
+                        match made {
+                            Ok(r) => requests.push(r),
+                            Err(e) => refused.push(e),
+                        }
                     }
+                }
+                if requests.len() > source.max_probes() {
+                    return Err(format!(
+                        "the probes expand to {} probes, more than --max-probes {}; nothing was planted",
+                        requests.len(),
+                        source.max_probes()
+                    ));
                 }
             }
             None => {
@@ -89,14 +102,14 @@ impl ProbeSession {
             })
         };
         let stats = self.engine.stats();
-        AddReply {
+        Ok(AddReply {
             planted: stats
                 .iter()
                 .filter(|s| planted.contains(&s.id))
                 .map(|s| self.info(s))
                 .collect(),
             refused,
-        }
+        })
     }
 
     /// Removes the probes `which` selects, with every vCPU paused; `None` when it selects
@@ -194,8 +207,27 @@ impl RunLoop {
         };
         match request {
             ApiRequest::ListProbes => ApiReply::ok(&session.list()),
+            ApiRequest::Functions(pattern) => match &session.setup.source {
+                Some(source) => ApiReply::ok(&FunctionList {
+                    functions: source
+                        .functions(&pattern)
+                        .into_iter()
+                        .map(|f| FunctionEntry {
+                            name: f.name,
+                            address: f.addr,
+                            size: f.size,
+                            guest_kprobes_refuse: f.guest_kprobes_refuse,
+                            hvprobe_refuses: f.hvprobe_refuses,
+                        })
+                        .collect(),
+                }),
+                None => ApiReply::error(409, "this run's probes are fixed"),
+            },
             ApiRequest::AddProbes(specs) => {
-                let reply = session.add(&self.handles, &specs);
+                let reply = match session.add(&self.handles, &specs) {
+                    Ok(r) => r,
+                    Err(e) => return ApiReply::error(400, e),
+                };
                 // Probes are in: the console keeps the guest's fault reports from now on.
                 if !reply.planted.is_empty() {
                     self.console

@@ -40,8 +40,13 @@ pub struct ProbeRequest {
 /// Makes probes while the VM runs (the live-session API): a probe given in any form `-p`
 /// takes, resolved against System.map and wired to the run's handlers, or why not.
 pub trait ProbeSource: Send {
-    /// The probe `spec`.
-    fn make(&self, spec: &str) -> Result<ProbeRequest, RefusedProbe>;
+    /// The probes of `spec`: one, or one per function its glob matches.
+    fn make(&self, spec: &str) -> Vec<Result<ProbeRequest, RefusedProbe>>;
+    /// The most probes one request may expand to (`--max-probes`).
+    fn max_probes(&self) -> usize;
+    /// The text functions matching `pattern`, with what the guest's kprobes and hvprobe
+    /// refuse.
+    fn functions(&self, pattern: &str) -> Vec<probe_core::catalog::FunctionInfo>;
 }
 
 /// The probes of a run.

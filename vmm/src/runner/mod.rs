@@ -288,6 +288,15 @@ pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
     };
     let work = std::env::temp_dir().join(format!("hvprobe-runner-{}", std::process::id()));
     fs::create_dir_all(&work).map_err(prep_err("creating a work directory"))?;
+    let mut inner = inner_job(args);
+    if args.api_socket.is_some()
+        && let Some(path) = &args.system_map
+        && let Ok(text) = fs::read_to_string(path)
+        && let Ok(map) = probe_core::symbols::SymbolMap::parse(&text)
+    {
+        // Listings in L1 name the functions the guest's kprobes refuse; vmlinux stays here.
+        inner.kprobe_blacklist = args.kprobe_blacklist(&map).function_addresses();
+    }
     let initrd = work.join("l1.cpio");
     let console = work.join("l1-console.log");
     let status_file = work.join("status");
@@ -299,7 +308,7 @@ pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
         args.initrd.as_deref(),
         args.system_map.as_deref().filter(|_| probing),
         btf.as_deref(),
-        &inner_job(args),
+        &inner,
     )?;
 
     let l1_mem = (args.memory + 512).max(1024);
