@@ -113,6 +113,24 @@ fn main() {
         "live: one client streaming one getpid probe: {:.0} events/s ({events} events, {lost} lost in {secs:.1} s)",
         events as f64 / secs
     );
+    // The guest's exits per second with no client, then with one that reads nothing: a
+    // stalled client must not slow the guest.
+    let exits_per_s = |what: &str| {
+        let a: StatsReply = serde_json::from_str(&call("GET", "/stats", None)).unwrap();
+        std::thread::sleep(window);
+        let b: StatsReply = serde_json::from_str(&call("GET", "/stats", None)).unwrap();
+        let rate = (b.exits.breakpoints - a.exits.breakpoints) as f64 / (b.uptime_s - a.uptime_s);
+        println!("live: {rate:.0} probe exits/s {what}");
+    };
+    exits_per_s("with no client streaming");
+    let mut stalled = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    std::io::Write::write_all(
+        &mut stalled,
+        b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    )
+    .unwrap();
+    exits_per_s("with a client streaming that reads nothing");
+    drop(stalled);
     call("PUT", "/stop", None);
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);

@@ -187,12 +187,16 @@ pub(super) fn a_live_session_adds_counts_removes_and_detaches_probes_while_the_g
     let refused = vm.api(
         "PUT",
         "/probes",
-        Some(&add_body(&[&inside, "no_such_function_hvprobe"])),
+        Some(&add_body(&[
+            &inside,
+            "no_such_function_hvprobe",
+            "no_such_glob_hvprobe_*",
+        ])),
     );
     assert_eq!(refused.status, 422, "{}", refused.body);
     let refused: AddReply = serde_json::from_str(&refused.body).unwrap();
     assert!(refused.planted.is_empty());
-    assert_eq!(refused.refused.len(), 2, "{refused:?}");
+    assert_eq!(refused.refused.len(), 3, "{refused:?}");
     let why = |loc: &str| {
         refused
             .refused
@@ -207,6 +211,10 @@ pub(super) fn a_live_session_adds_counts_removes_and_detaches_probes_while_the_g
     );
     assert!(
         why("no_such_function_hvprobe").contains("unknown symbol"),
+        "{refused:?}"
+    );
+    assert!(
+        why("no_such_glob_hvprobe_*").contains("matches no function"),
         "{refused:?}"
     );
 

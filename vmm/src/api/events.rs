@@ -56,6 +56,28 @@ impl Subscriber {
         self.events.is_empty() || self.events.iter().any(|e| e == event)
     }
 
+    /// Counts a lost event if the queue is full (then nothing needs rendering for it).
+    fn lost_if_full(&self) -> bool {
+        let full = self.queue.lock().unwrap_or_else(|e| e.into_inner()).len() >= self.capacity;
+        if full {
+            self.lost.fetch_add(1, Ordering::Relaxed);
+        }
+        full
+    }
+
+    /// Queued events, without waiting, up to about `max_bytes`: a stream writes them in one
+    /// piece instead of one write per event.
+    pub fn drain(&self, max_bytes: usize) -> String {
+        let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = String::new();
+        while out.len() < max_bytes
+            && let Some(line) = q.pop_front()
+        {
+            out.push_str(&line);
+        }
+        out
+    }
+
     fn offer(&self, line: String) {
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         if q.len() >= self.capacity {
@@ -161,6 +183,9 @@ impl EventHub {
         let subs = self.subscribers.read().unwrap_or_else(|e| e.into_inner());
         let (mut text, mut json) = (None, None);
         for s in subs.iter().filter(|s| s.wants(event)) {
+            if s.lost_if_full() {
+                continue;
+            }
             let slot = match s.format {
                 StreamFormat::Text => &mut text,
                 StreamFormat::Json => &mut json,
@@ -190,8 +215,9 @@ mod tests {
             hub.publish("hv/a", &render);
         }
         hub.publish("hv/b", &render);
-        // Each format rendered once per event, and only for a client that wants it.
-        assert_eq!(rendered.load(Ordering::SeqCst), 5 * 2 + 1);
+        // Each format rendered once per event, only for a client that wants it and has room:
+        // text for the slow client's first two, JSON for each of the fast one's five.
+        assert_eq!(rendered.load(Ordering::SeqCst), 2 + 5);
         let wait = Duration::from_millis(1);
         assert_eq!(slow.next(wait), Next::Lost(4));
         assert_eq!(slow.next(wait), Next::Event("Text\n".into()));

@@ -21,6 +21,8 @@ use crate::machine::{Command, CommandSender};
 pub const MAX_HEAD: usize = 16 * 1024;
 /// Largest request body.
 pub const MAX_BODY: usize = 1024 * 1024;
+/// About how many bytes of events a stream writes at once.
+const STREAM_CHUNK: usize = 16 * 1024;
 
 /// Errors of setting up the API socket.
 #[derive(Debug, thiserror::Error)]
@@ -423,7 +425,11 @@ fn stream(
         conn.flush()?;
         loop {
             match sub.next(Duration::from_millis(500)) {
-                Next::Event(line) => chunk(conn, &line)?,
+                Next::Event(mut lines) => {
+                    // What else is queued goes in the same chunk.
+                    lines.push_str(&sub.drain(STREAM_CHUNK));
+                    chunk(conn, &lines)?
+                }
                 Next::Lost(n) => chunk(
                     conn,
                     &match format {
