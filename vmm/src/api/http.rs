@@ -23,6 +23,8 @@ pub const MAX_HEAD: usize = 16 * 1024;
 pub const MAX_BODY: usize = 1024 * 1024;
 /// About how many bytes of events a stream writes at once.
 const STREAM_CHUNK: usize = 16 * 1024;
+/// How long a stream gathers events before it writes them.
+const STREAM_BATCH: Duration = Duration::from_millis(5);
 
 /// Errors of setting up the API socket.
 #[derive(Debug, thiserror::Error)]
@@ -426,7 +428,10 @@ fn stream(
         loop {
             match sub.next(Duration::from_millis(500)) {
                 Next::Event(mut lines) => {
-                    // What else is queued goes in the same chunk.
+                    // What else comes within a few milliseconds goes in the same chunk: a
+                    // write per event would cost the host (and, in the emulated runner, L1's
+                    // one CPU, which the vCPUs share) more than the events.
+                    std::thread::sleep(STREAM_BATCH);
                     lines.push_str(&sub.drain(STREAM_CHUNK));
                     chunk(conn, &lines)?
                 }
