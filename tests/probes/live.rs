@@ -355,12 +355,13 @@ fn boundaries_of(func: &str) -> Vec<String> {
     }
 }
 
-/// Rounds of the churn test: `$HVPROBE_CHURN_ROUNDS`, else a few dozen.
+/// Rounds of the churn test: `$HVPROBE_CHURN_ROUNDS`, else a dozen (CI's; 24 and more run
+/// clean too, see the closing note of issue 21).
 fn churn_rounds() -> usize {
     std::env::var("HVPROBE_CHURN_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(24)
+        .unwrap_or(12)
 }
 
 pub(super) fn churn_adds_and_removes_hundreds_of_probes_while_workloads_run_on_two_vcpus() {
@@ -468,7 +469,7 @@ pub(super) fn churn_adds_and_removes_hundreds_of_probes_while_workloads_run_on_t
 
 pub(super) fn a_stalled_client_loses_events_counted_while_another_gets_every_one() {
     let getpid = sys("getpid");
-    let calls = 10_000;
+    let calls = 2_000;
     let mut vm = LiveVm::start(
         "1",
         &format!("echo ready; read x; getpid-loop {calls}; sleep 600"),
@@ -483,7 +484,13 @@ pub(super) fn a_stalled_client_loses_events_counted_while_another_gets_every_one
         let socket = vm.socket.clone();
         std::thread::spawn(move || {
             let (mut events, mut lost) = (0u64, 0u64);
-            client::stream(&socket, "/events", |l| {
+            // The stalled one's queue is small, so that a short workload overflows it.
+            let target = if stall.is_some() {
+                "/events?queue=64"
+            } else {
+                "/events"
+            };
+            client::stream(&socket, target, |l| {
                 while stall.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
                     std::thread::sleep(Duration::from_millis(50));
                 }

@@ -17,8 +17,11 @@ pub enum StreamFormat {
     Json,
 }
 
-/// Events a client's queue holds before further ones are lost for it.
+/// Events a client's queue holds before further ones are lost for it (`queue=N` of
+/// `GET /events` sets another, up to [`MAX_QUEUE_EVENTS`]).
 pub const QUEUE_EVENTS: usize = 4096;
+/// The largest queue a client may ask for.
+pub const MAX_QUEUE_EVENTS: usize = 1 << 20;
 
 /// One client's stream.
 pub struct Subscriber {

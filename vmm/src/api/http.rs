@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use super::events::{EventHub, Next, StreamFormat};
+use super::events::{EventHub, MAX_QUEUE_EVENTS, Next, QUEUE_EVENTS, StreamFormat};
 use super::{AddProbes, ApiReply, ApiRequest, ProbeSelector, VersionReply};
 use crate::machine::{Command, CommandSender};
 
@@ -239,6 +239,8 @@ pub enum Route {
         format: StreamFormat,
         /// The events asked for (empty: all).
         events: Vec<String>,
+        /// Events its queue holds before it loses some.
+        queue: usize,
     },
     /// Answered here.
     Reply(ApiReply),
@@ -256,7 +258,7 @@ pub fn route(req: &HttpRequest, ctx_version: &VersionReply) -> Route {
     let unknown_query = req
         .query
         .iter()
-        .find(|(k, _)| !matches!(k.as_str(), "event" | "format" | "pattern"));
+        .find(|(k, _)| !matches!(k.as_str(), "event" | "format" | "pattern" | "queue"));
     if let Some((k, _)) = unknown_query {
         return Route::Reply(ApiReply::error(400, format!("unknown query parameter {k}")));
     }
@@ -310,7 +312,23 @@ pub fn route(req: &HttpRequest, ctx_version: &VersionReply) -> Route {
                 .filter(|e| !e.is_empty())
                 .map(String::from)
                 .collect();
-            Route::Stream { format, events }
+            let queue = match query("queue").first() {
+                None => QUEUE_EVENTS,
+                Some(q) => match q.parse() {
+                    Ok(n @ 1..=MAX_QUEUE_EVENTS) => n,
+                    _ => {
+                        return Route::Reply(ApiReply::error(
+                            400,
+                            format!("queue {q}: 1 to {MAX_QUEUE_EVENTS} events"),
+                        ));
+                    }
+                },
+            };
+            Route::Stream {
+                format,
+                events,
+                queue,
+            }
         }
         ("GET", ["stats"]) => no_body(ApiRequest::Stats),
         ("GET", ["functions"]) => match query("pattern").as_slice() {
@@ -382,8 +400,12 @@ fn handle_connection(mut conn: UnixStream, ctx: &ApiContext) {
                 ApiReply::error(503, "the VM has stopped")
             }
         }
-        Route::Stream { format, events } => {
-            let _ = stream(&mut conn, &ctx.hub, format, events);
+        Route::Stream {
+            format,
+            events,
+            queue,
+        } => {
+            let _ = stream(&mut conn, &ctx.hub, format, events, queue);
             return;
         }
     };
@@ -413,8 +435,9 @@ fn stream(
     hub: &EventHub,
     format: StreamFormat,
     events: Vec<String>,
+    queue: usize,
 ) -> io::Result<()> {
-    let sub = hub.subscribe(format, events);
+    let sub = hub.subscribe_with_capacity(format, events, queue);
     let content_type = match format {
         StreamFormat::Text => "text/plain; charset=utf-8",
         StreamFormat::Json => "application/x-ndjson",
@@ -509,7 +532,8 @@ mod tests {
             routed("GET /events?format=json&event=hv/a,hv/b HTTP/1.1\r\n\r\n"),
             Route::Stream {
                 format: StreamFormat::Json,
-                events: vec!["hv/a".into(), "hv/b".into()]
+                events: vec!["hv/a".into(), "hv/b".into()],
+                queue: QUEUE_EVENTS,
             }
         );
         assert_eq!(
@@ -538,6 +562,7 @@ mod tests {
             ("GET /nothing HTTP/1.1\r\n\r\n", 404),
             ("DELETE /probes/x HTTP/1.1\r\n\r\n", 400),
             ("GET /events?format=xml HTTP/1.1\r\n\r\n", 400),
+            ("GET /events?queue=0 HTTP/1.1\r\n\r\n", 400),
             ("GET /probes?color=red HTTP/1.1\r\n\r\n", 400),
             ("PUT /stop HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", 400),
             ("GARBAGE\r\n\r\n", 400),
