@@ -138,13 +138,13 @@ impl KprobeBlacklist {
     }
 }
 
-/// One function as a listing shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One function as a listing shows it (`hvprobe list`, the API's `GET /functions`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FunctionInfo {
     /// Its name.
     pub name: String,
-    /// Its address as linked.
-    pub addr: u64,
+    /// Its address as linked (System.map's, before any KASLR slide).
+    pub address: u64,
     /// Its size (to the next symbol), where known.
     pub size: Option<u64>,
     /// Why the guest's own kprobes refuse it, if they do.
@@ -165,7 +165,7 @@ pub fn functions<'a>(
         .filter(move |s| s.is_text() && glob_match(pattern, &s.name))
         .map(move |s: &Symbol| FunctionInfo {
             name: s.name.clone(),
-            addr: s.addr,
+            address: s.addr,
             size: map.size_of(s),
             guest_kprobes_refuse: blacklist.refusal(s.addr),
             hvprobe_refuses: map

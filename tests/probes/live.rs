@@ -227,7 +227,7 @@ pub(super) fn a_live_session_adds_counts_removes_and_detaches_probes_while_the_g
     vm.wait_for("getpid-loop: calls=300");
     let list: ProbeList = vm.ok("GET", "/probes", None);
     assert_eq!(list.probes.len(), 1);
-    let hits = list.probes[0].hits;
+    let hits = list.probes[0].probe.hits;
     assert!(
         (300..=300 + OTHER_GETPID_CALLERS).contains(&hits),
         "{hits} hits for 300 calls: {list:?}"
@@ -252,7 +252,7 @@ pub(super) fn a_live_session_adds_counts_removes_and_detaches_probes_while_the_g
     assert_eq!(list.probes.len(), 1);
     assert_eq!(list.probes[0].event, "hv/gp");
     assert!(
-        (50..=50 + OTHER_GETPID_CALLERS).contains(&list.probes[0].hits),
+        (50..=50 + OTHER_GETPID_CALLERS).contains(&list.probes[0].probe.hits),
         "{list:?}"
     );
     let stats: StatsReply = vm.ok("GET", "/stats", None);

@@ -219,15 +219,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
                     )
                     .with_context(|| format!("parsing {}", path.display()))?;
                     let blacklist = job.kprobe_blacklist(&map);
-                    probe_core::catalog::functions(&map, &pattern, &blacklist)
-                        .map(|f| crate::api::FunctionEntry {
-                            name: f.name,
-                            address: f.addr,
-                            size: f.size,
-                            guest_kprobes_refuse: f.guest_kprobes_refuse,
-                            hvprobe_refuses: f.hvprobe_refuses,
-                        })
-                        .collect()
+                    probe_core::catalog::functions(&map, &pattern, &blacklist).collect()
                 }
             };
             Ok(crate::clients::print_functions(&functions, &pattern, json))

@@ -10,9 +10,9 @@ use clap::Subcommand;
 
 use crate::api::client::{self, Response};
 use crate::api::{
-    AddReply, DetachReply, FunctionEntry, FunctionList, ProbeInfo, ProbeList, RemoveReply,
-    StatsReply,
+    AddReply, DetachReply, FunctionList, ProbeInfo, ProbeList, RemoveReply, StatsReply,
 };
+use probe_core::catalog::FunctionInfo;
 
 /// Exit status of a client whose request was refused (every probe refused, nothing to
 /// remove, a text hash that differs after detach).
@@ -67,26 +67,12 @@ fn parse<T: serde::de::DeserializeOwned>(resp: &Response) -> Result<T> {
     serde_json::from_str(&resp.body).with_context(|| format!("reading the reply {}", resp.body))
 }
 
-/// One probe as `probe list` prints it: its id and spec, then the summary line's fields.
+/// One probe as `probe list` prints it: its id and spec, then the run summary's probe line
+/// (return probes add the instances outstanding).
 pub fn probe_line(p: &ProbeInfo) -> String {
-    let mut line = format!(
-        "probe {} {}: {} at {:#x} ({}; plan {}; trap {}): hits={} missed={} handler_errors={}",
-        p.id,
-        p.spec,
-        p.location,
-        p.address,
-        p.instruction,
-        p.plan,
-        p.trap,
-        p.hits,
-        p.missed,
-        p.handler_errors
-    );
-    if p.return_probe {
-        line.push_str(&format!(
-            " returns={} nmissed={} outstanding={}",
-            p.returns, p.nmissed, p.outstanding
-        ));
+    let mut line = format!("probe {} {}: {}", p.id, p.spec, p.probe);
+    if p.probe.return_probe {
+        line.push_str(&format!(" outstanding={}", p.outstanding));
     }
     line
 }
@@ -248,7 +234,7 @@ pub fn stop(api_socket: &Path) -> Result<i32> {
 }
 
 /// The running VM's functions matching `pattern` (`GET /functions`).
-pub fn functions(api_socket: &Path, pattern: &str) -> Result<Vec<FunctionEntry>> {
+pub fn functions(api_socket: &Path, pattern: &str) -> Result<Vec<FunctionInfo>> {
     let target = format!("/functions?pattern={}", percent_encode(pattern));
     let resp = client::request(api_socket, "GET", &target, None)?;
     check(&resp)?;
@@ -257,7 +243,7 @@ pub fn functions(api_socket: &Path, pattern: &str) -> Result<Vec<FunctionEntry>>
 
 /// Prints `functions` (`hvprobe list`), one a line: address, name, and what a probe on it
 /// meets; a count on stderr. Exit status 1 when nothing matches.
-pub fn print_functions(functions: &[FunctionEntry], pattern: &str, json: bool) -> i32 {
+pub fn print_functions(functions: &[FunctionInfo], pattern: &str, json: bool) -> i32 {
     let mut out = std::io::stdout().lock();
     for f in functions {
         let line = if json {

@@ -257,7 +257,7 @@ pub fn expand_globs(map: &SymbolMap, spec: &str) -> Result<Vec<String>, String> 
             let place = if unique {
                 f.name.clone()
             } else {
-                format!("{:#x}", f.addr)
+                format!("{:#x}", f.address)
             };
             if !definition {
                 return place;
@@ -270,7 +270,7 @@ pub fn expand_globs(map: &SymbolMap, spec: &str) -> Result<Vec<String>, String> 
             let event = if unique {
                 event
             } else {
-                format!("{event}_{:x}", f.addr & 0xffff_ffff)
+                format!("{event}_{:x}", f.address & 0xffff_ffff)
             };
             // `p:GROUP/EVENT` or `p:EVENT` (and `r`, `rN`): the event becomes the function.
             let head = match header.split_once(':') {

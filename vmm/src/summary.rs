@@ -119,6 +119,25 @@ pub struct ProbeSummary {
     pub nmissed: u64,
 }
 
+impl ProbeSummary {
+    /// The record of the engine's counters `s`.
+    pub fn new(s: &probe_core::engine::ProbeStats) -> ProbeSummary {
+        ProbeSummary {
+            location: s.location.clone(),
+            address: s.address,
+            instruction: s.instruction.clone(),
+            plan: s.plan,
+            trap: TrapName::of(s.trap),
+            hits: s.hits,
+            missed: s.missed,
+            handler_errors: s.handler_errors,
+            return_probe: s.return_probe,
+            returns: s.returns,
+            nmissed: s.nmissed,
+        }
+    }
+}
+
 impl std::fmt::Display for ProbeSummary {
     /// The probe as its summary line shows it.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -346,24 +365,7 @@ impl RunSummary {
             boot_to_init_s: report.boot_to_init.map(|d| d.as_secs_f64()),
             run_s: report.run_time.as_secs_f64(),
             probes: probes
-                .map(|p| {
-                    p.stats
-                        .iter()
-                        .map(|s| ProbeSummary {
-                            location: s.location.clone(),
-                            address: s.address,
-                            instruction: s.instruction.clone(),
-                            plan: s.plan,
-                            trap: TrapName::of(s.trap),
-                            hits: s.hits,
-                            missed: s.missed,
-                            handler_errors: s.handler_errors,
-                            return_probe: s.return_probe,
-                            returns: s.returns,
-                            nmissed: s.nmissed,
-                        })
-                        .collect()
-                })
+                .map(|p| p.stats.iter().map(ProbeSummary::new).collect())
                 .unwrap_or_default(),
             exits: probes
                 .map(|p| ExitSummary::new(&p.exits, p.register_ioctls))

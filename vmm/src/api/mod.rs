@@ -14,8 +14,8 @@ pub mod mux;
 use serde::{Deserialize, Serialize};
 
 use crate::refusal::RefusedProbe;
-use crate::summary::{ExitSummary, TrapName, VcpuSummary};
-use probe_core::arch::PlanKind;
+use crate::summary::{ExitSummary, ProbeSummary, VcpuSummary};
+use probe_core::catalog::FunctionInfo;
 
 /// What a client asks of the run loop.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,7 +97,8 @@ pub struct AddProbes {
     pub probes: Vec<String>,
 }
 
-/// A probe that is in, as `GET /probes` lists it.
+/// A probe that is in, as `GET /probes` lists it: the summary's probe record with its id,
+/// how it was given, its event, and its return instances outstanding.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProbeInfo {
     /// Its id, for removal.
@@ -106,30 +107,11 @@ pub struct ProbeInfo {
     pub spec: String,
     /// Its event: `group/event` of a definition, else its location.
     pub event: String,
-    /// Its location.
-    pub location: String,
-    /// Its address in the running guest.
-    pub address: u64,
-    /// The probed instruction.
-    pub instruction: String,
-    /// How the displaced instruction runs.
-    pub plan: PlanKind,
-    /// The trap.
-    pub trap: TrapName,
-    /// Times a vCPU reached it.
-    pub hits: u64,
-    /// Hits on which the handlers could not run.
-    pub missed: u64,
-    /// Handler calls that failed.
-    pub handler_errors: u64,
-    /// Whether it is a return probe.
-    pub return_probe: bool,
-    /// Returns seen.
-    pub returns: u64,
-    /// Entries whose return could not be watched.
-    pub nmissed: u64,
     /// Return instances outstanding.
     pub outstanding: usize,
+    /// Location, address, instruction, plan, trap and counters, as the run summary has them.
+    #[serde(flatten)]
+    pub probe: ProbeSummary,
 }
 
 /// `GET /probes`.
@@ -187,26 +169,11 @@ pub struct DetachReply {
     pub restored: bool,
 }
 
-/// One kernel function, as `GET /functions` and `hvprobe list` show it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FunctionEntry {
-    /// Its name.
-    pub name: String,
-    /// Its address as linked (System.map's, before any KASLR slide).
-    pub address: u64,
-    /// Its size, where known.
-    pub size: Option<u64>,
-    /// Why the guest's own kprobes refuse it (hvprobe probes it all the same).
-    pub guest_kprobes_refuse: Option<String>,
-    /// Why hvprobe refuses it.
-    pub hvprobe_refuses: Option<String>,
-}
-
 /// `GET /functions?pattern=GLOB`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FunctionList {
     /// The matching functions, in address order.
-    pub functions: Vec<FunctionEntry>,
+    pub functions: Vec<FunctionInfo>,
 }
 
 /// `GET /`: what is running.
@@ -216,4 +183,39 @@ pub struct VersionReply {
     pub version: String,
     /// The guest's architecture.
     pub arch: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::summary::TrapName;
+    use probe_core::arch::PlanKind;
+
+    #[test]
+    fn a_listed_probe_is_one_flat_object_and_reads_back() {
+        let info = ProbeInfo {
+            id: 3,
+            spec: "p:hv/gp __x64_sys_getpid".into(),
+            event: "hv/gp".into(),
+            outstanding: 0,
+            probe: ProbeSummary {
+                location: "__x64_sys_getpid".into(),
+                address: 0xffff_ffff_8100_0000,
+                instruction: "nop".into(),
+                plan: PlanKind::Emulate,
+                trap: TrapName::Int3,
+                hits: 7,
+                missed: 0,
+                handler_errors: 0,
+                return_probe: false,
+                returns: 0,
+                nmissed: 0,
+            },
+        };
+        let json = serde_json::to_value(&info).unwrap();
+        assert_eq!(json["hits"], 7);
+        assert_eq!(json["event"], "hv/gp");
+        assert_eq!(json["plan"], "emulate");
+        assert_eq!(serde_json::from_value::<ProbeInfo>(json).unwrap(), info);
+    }
 }

@@ -8,11 +8,11 @@ use probe_core::engine::{ProbeId, ProbeStats};
 use super::run_loop::RunLoop;
 use super::session::ProbeSession;
 use crate::api::{
-    AddReply, ApiReply, ApiRequest, DetachReply, FunctionEntry, FunctionList, ProbeInfo, ProbeList,
-    ProbeSelector, RemoveReply, StatsReply,
+    AddReply, ApiReply, ApiRequest, DetachReply, FunctionList, ProbeInfo, ProbeList, ProbeSelector,
+    RemoveReply, StatsReply,
 };
 use crate::refusal::RefusedProbe;
-use crate::summary::{ExitSummary, TrapName, VcpuSummary};
+use crate::summary::{ExitSummary, ProbeSummary, VcpuSummary};
 use crate::vcpu::{StopReason, VcpuHandle};
 
 impl ProbeSession {
@@ -27,18 +27,8 @@ impl ProbeSession {
             id: s.id.0 as u64,
             spec,
             event,
-            location: s.location.clone(),
-            address: s.address,
-            instruction: s.instruction.clone(),
-            plan: s.plan,
-            trap: TrapName::of(s.trap),
-            hits: s.hits,
-            missed: s.missed,
-            handler_errors: s.handler_errors,
-            return_probe: s.return_probe,
-            returns: s.returns,
-            nmissed: s.nmissed,
             outstanding: s.outstanding,
+            probe: ProbeSummary::new(s),
         }
     }
 
@@ -209,17 +199,7 @@ impl RunLoop {
             ApiRequest::ListProbes => ApiReply::ok(&session.list()),
             ApiRequest::Functions(pattern) => match &session.setup.source {
                 Some(source) => ApiReply::ok(&FunctionList {
-                    functions: source
-                        .functions(&pattern)
-                        .into_iter()
-                        .map(|f| FunctionEntry {
-                            name: f.name,
-                            address: f.addr,
-                            size: f.size,
-                            guest_kprobes_refuse: f.guest_kprobes_refuse,
-                            hvprobe_refuses: f.hvprobe_refuses,
-                        })
-                        .collect(),
+                    functions: source.functions(&pattern),
                 }),
                 None => ApiReply::error(409, "this run's probes are fixed"),
             },
