@@ -6,7 +6,7 @@ use std::ops::Deref;
 use std::process::{Command, Output};
 
 use hvprobe_vmm::refusal::{RefusalStage, RefusedProbe};
-use hvprobe_vmm::summary::{ProbeSummary, RunSummary};
+use hvprobe_vmm::summary::{ProbeSummary, RunSummary, SelfTestSummary};
 
 pub const HVPROBE: &str = env!("CARGO_BIN_EXE_hvprobe");
 
@@ -226,6 +226,15 @@ impl Run {
         self.summary
             .as_ref()
             .unwrap_or_else(|| panic!("no run summary\n{}", explain(&self.out)))
+    }
+
+    /// The trap self-test's verdict.
+    #[track_caller]
+    pub fn self_test(&self) -> &SelfTestSummary {
+        self.summary()
+            .self_test
+            .as_ref()
+            .unwrap_or_else(|| panic!("no self-test verdict\n{}", explain(&self.out)))
     }
 
     /// The counters of the probe at `location` (as given).

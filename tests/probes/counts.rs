@@ -7,11 +7,7 @@ pub(super) fn a_getpid_probe_counts_the_workload_calls_and_prints_each_hit() {
     let out = run_probed("1", "getpid-loop 2000", &["__x64_sys_getpid"], &[]);
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
     // The runner's emulator must deliver int3 exits: the self-test says so, or this fails.
-    let traps = out
-        .summary()
-        .self_test
-        .as_ref()
-        .expect("a self-test verdict");
+    let traps = out.self_test();
     assert!(
         traps.breakpoint.ok && traps.single_step.ok && traps.probes_use == TrapName::Int3,
         "{traps:?}"
@@ -127,11 +123,7 @@ pub(super) fn arm64_getpid_probes_count_every_call_with_one_exit_for_two_chained
         &[],
     );
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
-    let traps = out
-        .summary()
-        .self_test
-        .as_ref()
-        .expect("a self-test verdict");
+    let traps = out.self_test();
     assert!(
         traps.breakpoint.ok
             && traps.single_step.ok

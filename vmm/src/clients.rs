@@ -178,19 +178,11 @@ pub fn stats(api_socket: &Path, json: bool) -> Result<i32> {
         return Ok(0);
     }
     let s: StatsReply = parse(&resp)?;
-    let e = &s.exits;
     println!(
-        "hvprobe: up {:.1} s, {} probes; exits: breakpoint={} hw_breakpoint={} slot_trap={} return={} reinjected={} reinjected_debug={} rate_capped={} slot_exceptions={}",
+        "hvprobe: up {:.1} s, {} probes; exits: {}",
         s.uptime_s,
         s.probes,
-        e.breakpoints,
-        e.hw_breakpoints,
-        e.slot_traps,
-        e.returns,
-        e.reinjected,
-        e.reinjected_debug,
-        e.rate_capped,
-        e.slot_exceptions
+        s.exits.counts()
     );
     for (i, v) in s.vcpus.iter().enumerate() {
         println!(

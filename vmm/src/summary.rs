@@ -197,6 +197,23 @@ pub struct ExitSummary {
 }
 
 impl ExitSummary {
+    /// The counts as `name=N` pairs, as the summary line and `hvprobe stats` print them.
+    pub fn counts(&self) -> String {
+        format!(
+            "breakpoint={} hw_breakpoint={} slot_trap={} return={} reinjected={} reinjected_debug={} abandoned_steps={} emulation_fallbacks={} rate_capped={} slot_exceptions={}",
+            self.breakpoints,
+            self.hw_breakpoints,
+            self.slot_traps,
+            self.returns,
+            self.reinjected,
+            self.reinjected_debug,
+            self.abandoned_steps,
+            self.emulation_fallbacks,
+            self.rate_capped,
+            self.slot_exceptions
+        )
+    }
+
     /// The engine's exit counts `e` and the register ioctls (reads, writes) made for them.
     pub fn new(e: &probe_core::engine::ExitStats, (reads, writes): (u64, u64)) -> ExitSummary {
         ExitSummary {
@@ -429,17 +446,8 @@ impl RunSummary {
             .collect();
         let plan_hits = e.hits_by_plan.iter().map(|(_, n)| n).sum::<u64>().max(1);
         out.push(format!(
-            "hvprobe: exits: breakpoint={} hw_breakpoint={} slot_trap={} return={} reinjected={} reinjected_debug={} abandoned_steps={} emulation_fallbacks={} rate_capped={} slot_exceptions={} (sites hit by plan: {}); exits per probe hit {}",
-            e.breakpoints,
-            e.hw_breakpoints,
-            e.slot_traps,
-            e.returns,
-            e.reinjected,
-            e.reinjected_debug,
-            e.abandoned_steps,
-            e.emulation_fallbacks,
-            e.rate_capped,
-            e.slot_exceptions,
+            "hvprobe: exits: {} (sites hit by plan: {}); exits per probe hit {}",
+            e.counts(),
             if plans.is_empty() {
                 "none".to_string()
             } else {
