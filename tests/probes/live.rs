@@ -434,8 +434,8 @@ pub(super) fn churn_adds_and_removes_hundreds_of_probes_while_workloads_run_on_t
     );
     let stats: StatsReply = vm.ok("GET", "/stats", None);
     eprintln!(
-        "churn: {} changes, longest vCPU pause {} us",
-        stats.changes, stats.longest_pause_us
+        "churn: {} changes, longest vCPU pause {} us, {} return instances still out after the last removal",
+        stats.changes, stats.longest_pause_us, stats.returns_outstanding
     );
     vm.go_on();
     vm.wait_for("churn-end");

@@ -191,8 +191,8 @@ pub fn stats(api_socket: &Path, json: bool) -> Result<i32> {
         );
     }
     println!(
-        "hvprobe: changes={} longest vCPU pause {} us, last {} us",
-        s.changes, s.longest_pause_us, s.last_pause_us
+        "hvprobe: changes={} longest vCPU pause {} us, last {} us; return instances outstanding {}",
+        s.changes, s.longest_pause_us, s.last_pause_us, s.returns_outstanding
     );
     Ok(0)
 }

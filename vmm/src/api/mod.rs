@@ -154,6 +154,9 @@ pub struct StatsReply {
     pub longest_pause_us: u64,
     /// The last change's pause, microseconds.
     pub last_pause_us: u64,
+    /// Return instances not yet returned, of probes in and of probes removed since (those
+    /// still return through the trampoline to their real return addresses).
+    pub returns_outstanding: usize,
 }
 
 /// `PUT /detach`.

@@ -178,6 +178,7 @@ impl ProbeSession {
             changes: self.pauses.changes,
             longest_pause_us: self.pauses.longest.as_micros() as u64,
             last_pause_us: self.pauses.last.as_micros() as u64,
+            returns_outstanding: self.engine.live_returns(),
         }
     }
 }
