@@ -131,6 +131,7 @@ fn main() {
     .unwrap();
     exits_per_s("with a client streaming that reads nothing");
     drop(stalled);
+    exits_per_s("after that client went away");
     call("PUT", "/stop", None);
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
