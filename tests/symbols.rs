@@ -39,3 +39,42 @@ fn the_guest_kernels_btf_gives_task_struct_offsets() {
     assert_eq!(tgid, pid + 4);
     assert!(comm > tgid && comm < 8192, "comm at {comm}");
 }
+
+#[test]
+fn the_x86_guest_kernels_orc_tables_give_a_call_frame_at_each_function_entry() {
+    use probe_core::unwind::orc::{OrcLayout, OrcReg, OrcTable, OrcType};
+    let guest = hvprobe_guest::default_guest_for(hvprobe_guest::GuestArch::X86_64)
+        .expect("default x86_64 guest");
+    let vmlinux = std::fs::read(guest.kernel.vmlinux()).unwrap();
+    let map =
+        SymbolMap::parse(&std::fs::read_to_string(guest.kernel.system_map()).unwrap()).unwrap();
+    let ip_va = map.lookup("__start_orc_unwind_ip").unwrap().addr;
+    let table = OrcTable::parse(
+        probe_core::elf::section(&vmlinux, ".orc_unwind_ip").unwrap(),
+        ip_va,
+        probe_core::elf::section(&vmlinux, ".orc_unwind").unwrap(),
+        OrcLayout::for_release(6, 1).unwrap(),
+    )
+    .unwrap();
+    assert!(table.len() > 100_000, "{} entries", table.len());
+    // At a C function's first instruction the return address is at %rsp: CFA = %rsp + 8.
+    for name in [
+        "__x64_sys_getpid",
+        "vfs_read",
+        "do_sys_openat2",
+        "ksys_read",
+    ] {
+        let e = table.lookup(map.lookup(name).unwrap().addr).unwrap();
+        assert_eq!(
+            (e.kind, e.sp_reg, e.sp_offset, e.end),
+            (OrcType::Call, OrcReg::Sp, 8, false),
+            "{name}: {e:?}"
+        );
+    }
+    // The syscall entry is a stack's last frame, a full pt_regs one once it has built it.
+    let entry = map.lookup("entry_SYSCALL_64").unwrap().addr;
+    assert!(
+        (0..0x100).any(|off| table.lookup(entry + off).is_some_and(|e| e.end)),
+        "no end-of-stack rule in entry_SYSCALL_64"
+    );
+}

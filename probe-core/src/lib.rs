@@ -24,6 +24,7 @@ pub mod probe;
 pub mod retprobe;
 pub mod symbols;
 pub mod task;
+pub mod unwind;
 pub mod vm;
 pub mod xol;
 
