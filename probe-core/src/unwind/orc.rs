@@ -160,7 +160,10 @@ impl OrcTable {
         layout: OrcLayout,
     ) -> Result<OrcTable, OrcError> {
         let (ips, entries) = (ip_section.len() / 4, orc_section.len() / 6);
-        if ips != entries || ip_section.len() % 4 != 0 || orc_section.len() % 6 != 0 {
+        if ips != entries
+            || !ip_section.len().is_multiple_of(4)
+            || !orc_section.len().is_multiple_of(6)
+        {
             return Err(OrcError::Mismatch { ips, entries });
         }
         let ips: Vec<u64> = ip_section
