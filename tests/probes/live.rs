@@ -159,6 +159,20 @@ impl LiveVm {
     }
 }
 
+/// A thread that streams `target` from `vm`'s API until it has `n` lines.
+fn collect_lines(vm: &LiveVm, target: &str, n: usize) -> std::thread::JoinHandle<Vec<String>> {
+    let (socket, target) = (vm.socket.clone(), target.to_string());
+    std::thread::spawn(move || {
+        let mut got = Vec::new();
+        client::stream(&socket, &target, |l| {
+            got.push(l.to_string());
+            got.len() < n
+        })
+        .unwrap();
+        got
+    })
+}
+
 fn add_body(probes: &[&str]) -> String {
     serde_json::json!({ "probes": probes }).to_string()
 }
@@ -291,28 +305,8 @@ pub(super) fn two_clients_stream_at_once_and_stop_ends_the_run() {
     );
     assert_eq!(added.planted.len(), 2, "{added:?}");
     // Two streams: one of one event in JSON, one of everything as text.
-    let socket = vm.socket.clone();
-    let json = {
-        let socket = socket.clone();
-        std::thread::spawn(move || {
-            let mut got = Vec::new();
-            client::stream(&socket, "/events?format=json&event=hv/gp2", |l| {
-                got.push(l.to_string());
-                got.len() < 200
-            })
-            .unwrap();
-            got
-        })
-    };
-    let text_stream = std::thread::spawn(move || {
-        let mut got = Vec::new();
-        client::stream(&socket, "/events", |l| {
-            got.push(l.to_string());
-            got.len() < 400
-        })
-        .unwrap();
-        got
-    });
+    let json = collect_lines(&vm, "/events?format=json&event=hv/gp2", 200);
+    let text_stream = collect_lines(&vm, "/events", 400);
     // Give both streams a moment to subscribe before the calls start.
     std::thread::sleep(Duration::from_secs(2));
     vm.go_on();

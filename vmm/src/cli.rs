@@ -483,8 +483,6 @@ fn probe_setup(
     };
     Ok(Some(ProbeSetup {
         requests,
-        breakpoint_exits: support.software.is_ok(),
-        hardware_exits: support.hardware.is_ok(),
         text,
         xol_pages: XOL_PAGES,
         kaslr_anchors: crate::arch::Host::KASLR_ANCHOR

@@ -53,14 +53,6 @@ pub trait ProbeSource: Send {
 pub struct ProbeSetup {
     /// What to plant, in order.
     pub requests: Vec<ProbeRequest>,
-    /// This KVM delivers software-breakpoint exits (the trap self-test). They are trapped from
-    /// the first breakpoint of hvprobe's in the guest (a probe, a trapped slot, the return
-    /// trampoline), whatever trap the probes use; without them, what needs one is refused.
-    pub breakpoint_exits: bool,
-    /// This KVM delivers hardware-breakpoint exits (the trap self-test): with software ones
-    /// too, one hardware breakpoint watches for exceptions taken inside trapped slots, where
-    /// the architecture has that watch ([`<arch::GuestDebugSetup as arch::GuestDebug>::SLOT_EXCEPTION_WATCH`]).
-    pub hardware_exits: bool,
     /// Kernel text `[start, end)` (virtual), hashed before planting and after removal.
     pub text: Option<(u64, u64)>,
     /// XOL code pages to reserve.
@@ -83,7 +75,12 @@ pub struct ProbeSetup {
     pub max_rate: Option<u64>,
     /// Probes refused before the run (when they were resolved) and skipped.
     pub refused: Vec<RefusedProbe>,
-    /// What the trap self-test found, and the trap the probes use.
+    /// What the trap self-test found, and the trap the probes use. Software-breakpoint exits
+    /// are trapped from the first breakpoint of hvprobe's in the guest (a probe, a trapped
+    /// slot, the return trampoline), whatever trap the probes use; without them, what needs
+    /// one is refused. With hardware-breakpoint exits too, one hardware breakpoint watches for
+    /// exceptions taken inside trapped slots, where the architecture has that watch
+    /// ([`<arch::GuestDebugSetup as arch::GuestDebug>::SLOT_EXCEPTION_WATCH`]).
     pub traps: (TrapSupport, TrapKind),
     /// Makes probes while the VM runs (`--api-socket`); `None`: the probes are fixed.
     pub source: Option<Box<dyn ProbeSource>>,
@@ -270,13 +267,14 @@ impl ProbeSession {
             setup.xol_pages,
         )?;
         let engine = Engine::new(vm.memory.clone(), xol)?;
-        engine.set_breakpoints_trappable(setup.breakpoint_exits);
+        let breakpoint_exits = setup.traps.0.software.is_ok();
+        engine.set_breakpoints_trappable(breakpoint_exits);
         engine.set_rate_cap(setup.max_rate);
         let hw = arch::Host::hw_breakpoint_count(&vm.kvm);
         let exception_watch_slot =
             (<arch::GuestDebugSetup as arch::GuestDebug>::SLOT_EXCEPTION_WATCH
-                && setup.breakpoint_exits
-                && setup.hardware_exits
+                && breakpoint_exits
+                && setup.traps.0.hardware.is_ok()
                 && hw >= 2)
                 .then(|| hw - 1);
         engine.set_hardware_breakpoint_count(hw - usize::from(exception_watch_slot.is_some()));
@@ -302,7 +300,7 @@ impl ProbeSession {
     pub(super) fn probing(&self) -> Arc<Probing> {
         Arc::new(Probing {
             engine: self.engine.clone(),
-            breakpoint_exits: self.setup.breakpoint_exits,
+            breakpoint_exits: self.setup.traps.0.software.is_ok(),
             register_ioctls: self.register_ioctls.clone(),
             user_return: self.user_return.clone(),
             exception_watch_slot: self.exception_watch_slot,
