@@ -133,6 +133,17 @@ impl Btf {
         std::str::from_utf8(&s[..end]).unwrap_or("")
     }
 
+    /// The size in bytes of `struct strukt` (the largest of that name, as for
+    /// [`Btf::member_offset`]).
+    pub fn struct_size(&self, strukt: &str) -> Result<u64, BtfError> {
+        self.structs
+            .iter()
+            .filter(|s| self.name(s.name_off) == strukt)
+            .map(|s| u64::from(s.size))
+            .max()
+            .ok_or_else(|| BtfError::NoStruct(strukt.to_string()))
+    }
+
     /// Byte offset of `member` in `struct strukt` (the largest struct of that name, since
     /// BTF may also hold an empty forward-declared one).
     pub fn member_offset(&self, strukt: &str, member: &str) -> Result<u64, BtfError> {

@@ -26,6 +26,11 @@ fn u64_at(b: &[u8], at: usize) -> Result<usize, ElfError> {
 
 /// The bytes of section `name` in the ELF file `elf`.
 pub fn section<'a>(elf: &'a [u8], name: &str) -> Result<&'a [u8], ElfError> {
+    section_at(elf, name).map(|(bytes, _)| bytes)
+}
+
+/// The bytes of section `name` in the ELF file `elf`, and its address as linked.
+pub fn section_at<'a>(elf: &'a [u8], name: &str) -> Result<(&'a [u8], u64), ElfError> {
     if elf.get(..6) != Some(&[0x7f, b'E', b'L', b'F', 2, 1][..]) {
         return Err(ElfError::Invalid("bad header"));
     }
@@ -46,10 +51,12 @@ pub fn section<'a>(elf: &'a [u8], name: &str) -> Result<&'a [u8], ElfError> {
             .ok_or(ElfError::Invalid("bad section name"))?;
         let end = n.iter().position(|b| *b == 0).unwrap_or(n.len());
         if &n[..end] == name.as_bytes() {
+            let addr = u64_at(elf, h + 0x10)? as u64;
             let off = u64_at(elf, h + 0x18)?;
             let size = u64_at(elf, h + 0x20)?;
             return elf
-                .get(off..off + size)
+                .get(off..off.saturating_add(size))
+                .map(|b| (b, addr))
                 .ok_or(ElfError::Invalid("section out of bounds"));
         }
     }

@@ -162,6 +162,7 @@ pub fn context<'a>(mem: &'a GuestMemoryMmap, regs: &'a Registers) -> ProbeContex
         regs,
         entry_regs: None,
         mem,
+        returns: Default::default(),
     }
 }
 

@@ -196,7 +196,42 @@ pub struct ProbeContext<'a, A: Arch = Host> {
     /// For a return probe's handler: the registers at function entry.
     pub entry_regs: Option<&'a A::Registers>,
     pub(crate) mem: &'a dyn GuestPhysMemory,
+    /// The real return addresses behind hvprobe's return-probe trampoline, for stack walks.
+    pub(crate) returns: ReturnRecovery<'a>,
 }
+
+/// How a stack walk gets back a return address that one of hvprobe's return probes replaced
+/// with its trampoline (Linux's `unwind_recover_ret_addr` for its own kretprobes).
+#[derive(Clone, Copy, Default)]
+pub struct ReturnRecovery<'a> {
+    /// The trampoline's address, once return probes are in use.
+    pub(crate) trampoline: Option<u64>,
+    /// The live instance whose frame holds stack address `at` (the nearest entry key at or
+    /// above it on the same stack): its real return address.
+    pub(crate) lookup: Option<&'a (dyn Fn(u64) -> Option<u64> + Sync)>,
+    /// A return probe's own instance, gone from the table by its handler: (key, address).
+    pub(crate) own: Option<(u64, u64)>,
+}
+
+impl ReturnRecovery<'_> {
+    /// The return address `value`, read at stack address `at`, with the trampoline replaced
+    /// by the address it stands for (unchanged when no instance is known).
+    pub fn real(&self, at: u64, value: u64) -> u64 {
+        if self.trampoline != Some(value) {
+            return value;
+        }
+        if let Some((key, real)) = self.own
+            && key >= at
+            && key - at < A_STACK
+        {
+            return real;
+        }
+        self.lookup.and_then(|f| f(at)).unwrap_or(value)
+    }
+}
+
+/// No frame of one function spans more than a task stack.
+const A_STACK: u64 = 16 << 10;
 
 impl<'a, A: Arch> ProbeContext<'a, A> {
     /// For a return probe: the same hit seen with the entry registers (to evaluate the entry's
@@ -210,6 +245,7 @@ impl<'a, A: Arch> ProbeContext<'a, A> {
             regs,
             entry_regs: None,
             mem: self.mem,
+            returns: self.returns,
         })
     }
 

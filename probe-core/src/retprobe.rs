@@ -114,6 +114,18 @@ impl<R, P> InstanceTable<R, P> {
         }
     }
 
+    /// The real return address of the live instance whose frame holds stack address `at`:
+    /// the one with the nearest key at or above it on the same stack (x86_64's key is the
+    /// return address's own slot; arm64's the entry stack pointer, above the callee's frame
+    /// record).
+    pub fn return_address_above(&self, at: u64) -> Option<u64> {
+        self.live
+            .iter()
+            .filter(|(k, _)| **k >= at && self.same_stack(**k, at))
+            .min_by_key(|(k, _)| **k)
+            .map(|(_, i)| i.return_address)
+    }
+
     /// Live instances that include a probe `pred` accepts.
     pub fn count(&self, pred: impl Fn(&P) -> bool) -> usize {
         self.live

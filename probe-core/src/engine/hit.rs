@@ -12,6 +12,8 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         regs: &A::Registers,
         post: bool,
     ) {
+        let lookup = |at: u64| self.real_return_above(at);
+        let returns = self.return_recovery(&lookup, None);
         for p in probes {
             let handler = if post { &p.post } else { &p.pre };
             if !post {
@@ -26,6 +28,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 regs,
                 entry_regs: None,
                 mem: &self.mem,
+                returns,
             };
             match catch_unwind(AssertUnwindSafe(|| h(&ctx))) {
                 Ok(Ok(())) => {}

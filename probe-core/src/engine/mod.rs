@@ -21,7 +21,7 @@ use crate::arch::{
 };
 use crate::guest_kprobes::GuestKprobe;
 use crate::pagewalk::WalkError;
-use crate::probe::{Handler, Probe, ProbeContext, TrapKind};
+use crate::probe::{Handler, Probe, ProbeContext, ReturnRecovery, TrapKind};
 use crate::retprobe::{Instance, InstanceTable, Returning};
 use crate::vm::{DebugEvent, GuestPhysMemory, VcpuAccess, VcpuError, Verdict};
 use crate::xol::{XolArea, XolError, XolSlot};

@@ -10,6 +10,32 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         self.returns.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
+    /// The real return address behind the trampoline for a frame holding stack address `at`.
+    pub(super) fn real_return_above(&self, at: u64) -> Option<u64> {
+        self.returns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .return_address_above(at)
+    }
+
+    /// What a handler's stack walk needs to see through the trampoline.
+    pub(super) fn return_recovery<'a>(
+        &self,
+        lookup: &'a (dyn Fn(u64) -> Option<u64> + Sync),
+        own: Option<(u64, u64)>,
+    ) -> ReturnRecovery<'a> {
+        ReturnRecovery {
+            trampoline: self
+                .trampoline
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(|t| t.va),
+            lookup: Some(lookup),
+            own,
+        }
+    }
+
     /// At the entry of a function with return probes: replaces the return address with the
     /// trampoline and records the instance, within each probe's `max_active`.
     pub(super) fn enter_returns(&self, probes: &[Arc<ProbeEntry<A>>], regs: &mut A::Registers) {
@@ -113,6 +139,12 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         regs.set_pc(instance.return_address);
         A::returned_through_trampoline(&mut regs, trampoline, instance.return_address);
         vcpu.set_registers(&regs)?;
+        let lookup = |at: u64| self.real_return_above(at);
+        let own = (
+            A::frame_at_entry(&instance.entry_regs),
+            instance.return_address,
+        );
+        let returns = self.return_recovery(&lookup, Some(own));
         for p in &instance.probes {
             p.counters.returns.fetch_add(1, Ordering::Relaxed);
             let Some(h) = &p.on_return else { continue };
@@ -124,6 +156,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 regs: &regs,
                 entry_regs: Some(&instance.entry_regs),
                 mem: &self.mem,
+                returns,
             };
             if !matches!(catch_unwind(AssertUnwindSafe(|| h(&ctx))), Ok(Ok(()))) {
                 p.counters.handler_errors.fetch_add(1, Ordering::Relaxed);

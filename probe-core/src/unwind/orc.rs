@@ -143,12 +143,22 @@ impl OrcEntry {
     }
 }
 
-/// A kernel's ORC table: the addresses, sorted, and their entries.
+/// A kernel's ORC table: the addresses, sorted, and their entries, with an index of where
+/// each 256-byte block of text starts in them (Linux's `orc_lookup`), so that a lookup
+/// searches a handful of entries instead of the whole table.
 #[derive(Debug, Clone)]
 pub struct OrcTable {
     ips: Vec<u64>,
     entries: Vec<OrcEntry>,
+    /// For block `b` (addresses from `ips[0] + b * 256`): the index of the last address at or
+    /// below its start.
+    blocks: Vec<u32>,
 }
+
+/// log2 of the lookup index's block size (Linux's `LOOKUP_BLOCK_ORDER`).
+const BLOCK_SHIFT: u32 = 8;
+/// The largest span of addresses the index covers (1 GiB of text: 16 MiB of index).
+const MAX_INDEXED_SPAN: u64 = 1 << 30;
 
 impl OrcTable {
     /// The table of `.orc_unwind_ip` (its bytes, and its address as linked: each offset is
@@ -181,7 +191,29 @@ impl OrcTable {
             .chunks_exact(6)
             .map(|c| OrcEntry::decode(c.try_into().unwrap_or([0; 6]), layout))
             .collect();
-        Ok(OrcTable { ips, entries })
+        let blocks = match (ips.first(), ips.last()) {
+            (Some(&first), Some(&last))
+                if last - first < MAX_INDEXED_SPAN && ips.len() < u32::MAX as usize =>
+            {
+                let n = ((last - first) >> BLOCK_SHIFT) as usize + 2;
+                let mut blocks = Vec::with_capacity(n);
+                let mut i = 0usize;
+                for b in 0..n as u64 {
+                    let start = first + (b << BLOCK_SHIFT);
+                    while i + 1 < ips.len() && ips[i + 1] <= start {
+                        i += 1;
+                    }
+                    blocks.push(i as u32);
+                }
+                blocks
+            }
+            _ => Vec::new(),
+        };
+        Ok(OrcTable {
+            ips,
+            entries,
+            blocks,
+        })
     }
 
     /// How many addresses it describes.
@@ -196,6 +228,21 @@ impl OrcTable {
 
     /// The rule in force at `ip` (as linked): the entry of the last address at or before it.
     pub fn lookup(&self, ip: u64) -> Option<OrcEntry> {
+        let first = *self.ips.first()?;
+        let b = (ip.checked_sub(first)? >> BLOCK_SHIFT) as usize;
+        let i = match (self.blocks.get(b), self.blocks.get(b + 1)) {
+            (Some(&lo), Some(&hi)) => {
+                let (lo, hi) = (lo as usize, (hi as usize + 1).min(self.ips.len()));
+                lo + self.ips[lo..hi].partition_point(|&a| a <= ip) - 1
+            }
+            _ => self.ips.partition_point(|&a| a <= ip).checked_sub(1)?,
+        };
+        Some(self.entries[i])
+    }
+
+    /// The rule at `ip` by a search of the whole table (what [`OrcTable::lookup`]'s index
+    /// must agree with).
+    pub fn lookup_unindexed(&self, ip: u64) -> Option<OrcEntry> {
         let i = self.ips.partition_point(|&a| a <= ip).checked_sub(1)?;
         Some(self.entries[i])
     }
