@@ -119,6 +119,9 @@ pub struct ProbeDefinition {
     pub args: Vec<FetchArg>,
     /// `if FIELD ==|!= VALUE` at the end: report only hits of matching tasks.
     pub filter: Option<TaskFilter>,
+    /// `stacktrace` among the arguments (the name of ftrace's trigger): each hit carries the
+    /// kernel stack.
+    pub stacktrace: bool,
 }
 
 /// A filter on the task a hit happened in (an hvprobe extension after the fetch args:
@@ -497,6 +500,7 @@ fn parse(input: &str) -> Parsed<ProbeDefinition> {
     }
     let mut args: Vec<FetchArg> = Vec::new();
     let mut filter = None;
+    let mut stacktrace = false;
     loop {
         let before = c.pos;
         c.skip_spaces();
@@ -512,6 +516,14 @@ fn parse(input: &str) -> Parsed<ProbeDefinition> {
             return c.error(c.pos, "expected a space between fetch arguments");
         }
         let arg_at = c.pos;
+        if c.rest() == "stacktrace" || c.rest().starts_with("stacktrace ") {
+            if stacktrace {
+                return c.error(arg_at, "stacktrace is given twice");
+            }
+            stacktrace = true;
+            c.pos += "stacktrace".len();
+            continue;
+        }
         // NAME= is an identifier followed by '='.
         let save = c.pos;
         let name = match c.take_while(|ch| ch.is_ascii_alphanumeric() || ch == '_') {
@@ -563,6 +575,7 @@ fn parse(input: &str) -> Parsed<ProbeDefinition> {
         location,
         args,
         filter,
+        stacktrace,
     })
 }
 
@@ -647,6 +660,15 @@ mod tests {
         for c in cases {
             ProbeDefinition::parse(c).unwrap_or_else(|e| panic!("{c}: {e}"));
         }
+
+        // `stacktrace` anywhere among the arguments, before a filter; an argument may still
+        // be named so.
+        let s = ProbeDefinition::parse("p:hv/a vfs_read stacktrace n=%di if comm == \"cat\"")
+            .unwrap();
+        assert!(s.stacktrace && s.args.len() == 1 && s.filter.is_some());
+        let named = ProbeDefinition::parse("r vfs_read stacktrace=$retval").unwrap();
+        assert!(!named.stacktrace && named.args[0].name == "stacktrace");
+        assert!(!d.stacktrace);
     }
 
     #[test]
@@ -669,6 +691,7 @@ mod tests {
             ("p vfs_read c=$comm:u32", 11, "$comm is a string"),
             ("p vfs_read 1x=%di", 11, "must not start with a digit"),
             ("p vfs_read #", 11, "expected a fetch argument"),
+            ("p vfs_read stacktrace stacktrace", 22, "given twice"),
         ];
         for (input, column, needle) in cases {
             let e = ProbeDefinition::parse(input).unwrap_err();

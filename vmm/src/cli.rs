@@ -18,6 +18,10 @@ use probe_core::xol::XolArea;
 
 use crate::api::events::EventHub;
 use crate::handlers::{HandlerWiring, LiveProbes};
+use crate::stacks::{self, StackWiring};
+use crate::summary::StackCount;
+use probe_core::symbols::SymbolMap;
+use probe_core::unwind::folded::FoldedStacks;
 use crate::hostcheck;
 pub use crate::job::{
     DEFAULT_EXEC_TIMEOUT_SECS, Job, ResolvedProbe, ResolvedProbes, RunnerChoice, TrapChoice,
@@ -382,6 +386,43 @@ fn guest_btf(args: &Job) -> Option<Result<probe_core::btf::Btf>> {
     }))
 }
 
+/// The stack unwinder of a run whose probes ask for stacks (an error if they cannot have
+/// them); for a live session, where definitions may ask later, only if the kernel allows.
+fn stack_wiring(
+    args: &Job,
+    btf: Option<&Result<probe_core::btf::Btf>>,
+    map: &Arc<SymbolMap>,
+) -> Result<Option<Arc<StackWiring>>> {
+    if !args.wants_stacks() {
+        return Ok(None);
+    }
+    let asked = args.stack
+        || args.stacks.is_some()
+        || args.flamegraph.is_some()
+        || args.probes.iter().any(|p| p.contains("stacktrace"));
+    let made = (|| -> Result<StackWiring> {
+        let btf = btf
+            .context("stack traces need the guest kernel's BTF (--btf)")?
+            .as_ref()
+            .map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let tables = stacks::read_tables(args.unwind_tables.as_deref(), args.btf.as_deref(), map)?;
+        Ok(StackWiring {
+            unwinder: stacks::unwinder(&tables, btf, map)?,
+            all: args.stack,
+            folded: Arc::new(FoldedStacks::new()),
+            map: map.clone(),
+        })
+    })();
+    match made {
+        Ok(w) => Ok(Some(Arc::new(w))),
+        Err(e) if asked => Err(e),
+        Err(e) => {
+            eprintln!("hvprobe: live-session definitions cannot have stacks: {e:#}");
+            Ok(None)
+        }
+    }
+}
+
 /// Builds the probes of a run: resolution, trap choice, handlers.
 fn probe_setup(
     args: &Job,
@@ -389,6 +430,7 @@ fn probe_setup(
     output: &Arc<TraceOutput>,
     hub: Option<&Arc<EventHub>>,
     hists: &mut Vec<Arc<RetvalHistogram>>,
+    folded: &mut Option<Arc<FoldedStacks>>,
 ) -> Result<Option<ProbeSetup>> {
     let Some(ResolvedProbes {
         map,
@@ -461,6 +503,8 @@ fn probe_setup(
         None => None,
     };
     let map = Arc::new(map);
+    let stacks = stack_wiring(args, btf.as_ref(), &map)?;
+    *folded = stacks.as_ref().map(|s| s.folded.clone());
     let slide = Arc::new(AtomicU64::new(0));
     let wiring = HandlerWiring {
         trap,
@@ -472,6 +516,7 @@ fn probe_setup(
         slide: slide.clone(),
         output: output.clone(),
         hub: hub.cloned(),
+        stacks,
     };
     let requests = targets
         .into_iter()
@@ -532,12 +577,14 @@ fn run_on_host(args: &Job) -> Result<i32> {
         None => None,
     };
     let mut hists = Vec::new();
+    let mut folded = None;
     let probes = probe_setup(
         args,
         &kvm,
         &output,
         api.as_ref().map(|a| &a.hub),
         &mut hists,
+        &mut folded,
     )?;
     let mut cmdline = args.effective_cmdline();
     if probes.is_some() {
@@ -569,7 +616,11 @@ fn run_on_host(args: &Job) -> Result<i32> {
     let report = machine::run(kvm, &opts, probes, api, output.clone())?;
     let code = report_outcome(args, &report);
     // One model of the run: the summary lines and `--summary-json` are both made from it.
-    let summary = RunSummary::new(&report, code);
+    let mut summary = RunSummary::new(&report, code);
+    if let Some(f) = &folded {
+        summary.stacks = f.sorted().into_iter().map(StackCount::from).collect();
+        stacks::write_files(&f.text(), args.stacks.as_deref(), args.flamegraph.as_deref())?;
+    }
     if report.probes.is_some() {
         for line in summary.text_lines() {
             output.line(&format!("{line}\n"));

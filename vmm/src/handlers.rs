@@ -15,6 +15,7 @@ use crate::job::{ResolvedProbe, expand_globs, resolve_probe};
 use crate::machine::{ProbeRequest, ProbeSource};
 use crate::output::TraceOutput;
 use crate::refusal::RefusedProbe;
+use crate::stacks::StackWiring;
 use crate::report::{self, RetvalHistogram};
 use probe_core::catalog::{self, FunctionInfo, KprobeBlacklist};
 
@@ -39,6 +40,8 @@ pub struct HandlerWiring {
     pub output: Arc<TraceOutput>,
     /// The API's event streams (`--api-socket`).
     pub hub: Option<Arc<EventHub>>,
+    /// The stack unwinder, when stacks were asked for and the kernel can be unwound.
+    pub stacks: Option<Arc<StackWiring>>,
 }
 
 impl HandlerWiring {
@@ -76,15 +79,27 @@ impl HandlerWiring {
         let out = self.output.clone();
         let hub = self.hub.clone();
         let streamed = event.clone();
+        // The stack unwinder, when this probe's hits carry their stack.
+        let stacks = self.stacks.clone().filter(|s| {
+            s.all || resolved.definition.as_ref().is_some_and(|d| d.stacktrace)
+        });
         match resolved.definition {
-            Some(def) if print || hist.is_some() || hub.is_some() => {
+            Some(def) if print || hist.is_some() || hub.is_some() || stacks.is_some() => {
                 let handler = move |ctx: &ProbeContext<'_>| {
                     let task = task.as_deref();
                     if let Some(h) = &hist {
                         report::count_return(ctx, &def, task, h);
                     }
                     let slide = slide.load(Ordering::Relaxed);
-                    let line = |json| report::event_line(ctx, &def, &map, task, slide, json);
+                    let stack = match &stacks {
+                        Some(s) if report::selected(ctx, &def, task) => {
+                            Some(s.capture(ctx, &streamed, slide))
+                        }
+                        _ => None,
+                    };
+                    let line = |json| {
+                        report::event_line(ctx, &def, &map, task, slide, json, stack.as_ref())
+                    };
                     if print && let Some(mut l) = line(json) {
                         l.push('\n');
                         out.line(&l);
@@ -107,15 +122,21 @@ impl HandlerWiring {
                     None => probe.on_hit(handler),
                 };
             }
-            None if print || hub.is_some() => {
+            None if print || hub.is_some() || stacks.is_some() => {
                 probe = probe.on_hit(move |ctx| {
+                    let slide = slide.load(Ordering::Relaxed);
+                    let stack = stacks.as_ref().map(|s| s.capture(ctx, &streamed, slide));
+                    let text = || report::with_stack(report::hit_line(ctx), stack.as_ref());
                     if print {
-                        report::print_hit(ctx, &out);
+                        out.line(&format!("{}\n", text()));
                     }
                     if let Some(hub) = hub.as_ref().filter(|h| h.active()) {
                         hub.publish(&streamed, &|f| match f {
-                            StreamFormat::Text => format!("{}\n", report::hit_line(ctx)),
-                            StreamFormat::Json => format!("{}\n", report::hit_json(ctx)),
+                            StreamFormat::Text => format!("{}\n", text()),
+                            StreamFormat::Json => format!(
+                                "{}\n",
+                                report::hit_json_with_stack(ctx, stack.as_ref())
+                            ),
                         });
                     }
                     Ok(())

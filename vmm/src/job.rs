@@ -97,6 +97,21 @@ pub struct Job {
     /// it (power-of-two buckets; `-errno` values exact and named).
     #[arg(long)]
     pub hist: bool,
+    /// Every probe's hits carry the guest kernel's stack (as a definition's `stacktrace`
+    /// does): ` => function+0xoff/0xsize` lines after each hit line, a `stack` array in JSON.
+    /// Unwound from the host: ORC on x86_64, frame records on arm64.
+    #[arg(long)]
+    #[serde(default)]
+    pub stack: bool,
+    /// Write every stack seen (`--stack`, `stacktrace`) as folded stacks to FILE at exit
+    /// (`event;outermost;...;probed COUNT` lines, as FlameGraph, inferno and speedscope read).
+    #[arg(long, value_name = "FILE")]
+    #[serde(default)]
+    pub stacks: Option<PathBuf>,
+    /// Render every stack seen as an SVG flame graph to FILE at exit.
+    #[arg(long, value_name = "FILE.svg")]
+    #[serde(default)]
+    pub flamegraph: Option<PathBuf>,
     /// Which trap the probes use [auto: int3 if this KVM delivers int3 exits, else hardware].
     #[arg(long, value_enum, default_value_t = TrapChoice::Auto)]
     pub trap: TrapChoice,
@@ -141,6 +156,11 @@ pub struct Job {
     #[arg(skip)]
     #[serde(default)]
     pub kprobe_blacklist: Vec<u64>,
+    /// Inside the emulated runner's L1: the guest kernel's unwind tables, taken from its
+    /// vmlinux on the host.
+    #[arg(skip)]
+    #[serde(default)]
+    pub unwind_tables: Option<PathBuf>,
     /// Inside the emulated runner's L1: the port that carries the host's API connections.
     #[arg(skip)]
     #[serde(default)]
@@ -396,6 +416,18 @@ impl Job {
             job: Job,
         }
         <Wrap as clap::Parser>::parse_from(["hvprobe"]).job
+    }
+
+    /// Whether any probe asks for stacks (`--stack`, a `stacktrace` definition, a stacks
+    /// file), or a live session might.
+    pub fn wants_stacks(&self) -> bool {
+        self.stack
+            || self.stacks.is_some()
+            || self.flamegraph.is_some()
+            || self.api_socket.is_some()
+            || self.probes.iter().any(|p| {
+                is_definition(p) && ProbeDefinition::parse(p).is_ok_and(|d| d.stacktrace)
+            })
     }
 
     /// The guest's architecture: `--arch`, else the host's.

@@ -1,10 +1,9 @@
 //! What `hvprobe run` prints about probes: one line per hit, and a summary per probe at the end.
 
-use crate::output::TraceOutput;
-
 use probe_core::arch::RegisterFile;
 
 use crate::arch::GuestRegisters;
+use crate::stacks::HitStack;
 use probe_core::definition::FetchType;
 use probe_core::definition::{Fetch, ProbeDefinition};
 use probe_core::fetch::{FetchEnv, FetchValue, evaluate, format_args};
@@ -46,12 +45,12 @@ pub fn hit_json(ctx: &ProbeContext<'_>) -> String {
     .to_string()
 }
 
-/// Prints a hit line to the run's trace output in one piece, so lines from several vCPUs do
-/// not interleave.
-pub fn print_hit(ctx: &ProbeContext<'_>, out: &TraceOutput) {
-    let mut line = hit_line(ctx);
-    line.push('\n');
-    out.line(&line);
+/// Whether a definition's task filter lets the hit in `ctx` be reported (true without one).
+pub fn selected(ctx: &ProbeContext<'_>, def: &ProbeDefinition, task: Option<&TaskLayout>) -> bool {
+    def.filter.is_none() || {
+        let who = task.and_then(|t| t.current(ctx).ok());
+        passes_filter(def, who.as_ref())
+    }
 }
 
 /// Whether a hit by task `who` is reported: a definition's task filter selects which hits are
@@ -122,8 +121,9 @@ impl RetvalHistogram {
 /// The line (without its newline) for a hit on a kprobe_events definition, in the trace
 /// format kprobe users know: `comm-pid [cpu] seconds: group/event: (location) name=value
 /// ...`; for a return probe `(caller <- function)`, with `$retval` from the return and the
-/// other arguments from the entry. With `json`, one JSON object instead. `None` when the
-/// definition's task filter leaves the hit out.
+/// other arguments from the entry; the hit's `stack` in ftrace's form on the lines after. With
+/// `json`, one JSON object instead. `None` when the definition's task filter leaves the hit
+/// out.
 pub fn event_line(
     ctx: &ProbeContext<'_>,
     def: &ProbeDefinition,
@@ -131,6 +131,7 @@ pub fn event_line(
     task: Option<&TaskLayout>,
     slide: u64,
     json: bool,
+    stack: Option<&HitStack>,
 ) -> Option<String> {
     let who = task.and_then(|t| t.current(ctx).ok());
     if !passes_filter(def, who.as_ref()) {
@@ -173,7 +174,7 @@ pub fn event_line(
                 (a.name.clone(), v)
             })
             .collect();
-        serde_json::json!({
+        let mut obj = serde_json::json!({
             "time": ctx.time.as_secs_f64(),
             "cpu": ctx.vcpu,
             "comm": who.as_ref().map(|t| t.comm.clone()),
@@ -183,20 +184,49 @@ pub fn event_line(
             "location": place,
             "return": entry.is_some(),
             "args": args,
-        })
-        .to_string()
+        });
+        if let (Some(s), Some(o)) = (stack, obj.as_object_mut()) {
+            s.json_fields(o);
+        }
+        obj.to_string()
     } else {
         let who = who.map_or_else(
             || "<unknown>-0".to_string(),
             |t| format!("{}-{}", t.comm, t.pid),
         );
-        format!(
+        let line = format!(
             "{who} [{:03}] {:.6}: {}/{}: ({place}) {}",
             ctx.vcpu,
             ctx.time.as_secs_f64(),
             def.group,
             def.event,
             format_args(args_ctx, &def.args, env)
-        )
+        );
+        with_stack(line, stack)
     })
+}
+
+/// A text line with the hit's stack lines after it (no newline at the end, as lines are
+/// given).
+pub fn with_stack(mut line: String, stack: Option<&HitStack>) -> String {
+    if let Some(s) = stack {
+        line.push('\n');
+        line.push_str(s.text().trim_end_matches('\n'));
+    }
+    line
+}
+
+/// A bare probe's JSON hit with the hit's stack fields added.
+pub fn hit_json_with_stack(ctx: &ProbeContext<'_>, stack: Option<&HitStack>) -> String {
+    let json = hit_json(ctx);
+    match stack {
+        None => json,
+        Some(s) => {
+            let mut v: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                s.json_fields(o);
+            }
+            v.to_string()
+        }
+    }
 }

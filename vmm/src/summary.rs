@@ -283,7 +283,29 @@ pub struct RunSummary {
     /// Probed bytes the guest rewrote itself, left as it wrote them.
     #[serde(default)]
     pub rewritten: Vec<RewrittenSummary>,
+    /// Every distinct kernel stack seen at hits (`--stack`, `stacktrace`), folded
+    /// (`event;outermost;...;probed`), most frequent first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stacks: Vec<StackCount>,
 }
+
+/// One distinct folded stack and how many hits had it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StackCount {
+    /// `event;outermost;...;probed`.
+    pub stack: String,
+    /// Hits.
+    pub count: u64,
+}
+
+impl From<(String, u64)> for StackCount {
+    fn from((stack, count): (String, u64)) -> StackCount {
+        StackCount { stack, count }
+    }
+}
+
+/// Stacks listed per event in the summary's text.
+const TOP_STACKS: usize = 3;
 
 /// One check of the trap self-test.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -411,6 +433,7 @@ impl RunSummary {
                         .collect()
                 })
                 .unwrap_or_default(),
+            stacks: Vec::new(),
             faults_with_probes: report.faults_with_probes.clone(),
             rewritten: probes
                 .map(|p| {
@@ -480,6 +503,30 @@ impl RunSummary {
                 })
                 .collect();
             out.push(format!("hvprobe: per vCPU: {}", per.join("; ")));
+        }
+        let mut events: Vec<&str> = Vec::new();
+        for s in &self.stacks {
+            let event = s.stack.split(';').next().unwrap_or("");
+            if !events.contains(&event) {
+                events.push(event);
+            }
+        }
+        for event in events {
+            let of: Vec<&StackCount> = self
+                .stacks
+                .iter()
+                .filter(|s| s.stack.split(';').next() == Some(event))
+                .collect();
+            let hits: u64 = of.iter().map(|s| s.count).sum();
+            out.push(format!(
+                "hvprobe: stacks of {event}: {} distinct in {hits} hits; top {}:",
+                of.len(),
+                of.len().min(TOP_STACKS)
+            ));
+            for s in of.iter().take(TOP_STACKS) {
+                let path = s.stack.split_once(';').map_or("", |(_, p)| p);
+                out.push(format!("hvprobe:   {:>8} {path}", s.count));
+            }
         }
         if let Some(t) = &self.text {
             let after = t.after.map(|a| format!("{a:#018x}")).unwrap_or("-".into());

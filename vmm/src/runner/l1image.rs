@@ -11,7 +11,7 @@ use hvprobe_guest::GuestArch;
 use hvprobe_guest::cpio::CpioWriter;
 
 use super::{
-    L1_ARGS_PATH, L1_BTF, L1_JOB_PATH, L1_MODULES_DIR, L1_SYSTEM_MAP, RunnerError, prep_err,
+    L1_ARGS_PATH, L1_BTF, L1_JOB_PATH, L1_UNWIND, L1_MODULES_DIR, L1_SYSTEM_MAP, RunnerError, prep_err,
 };
 use crate::job::Job;
 
@@ -70,6 +70,7 @@ pub(super) fn build_l1_initrd(
     l2_initrd: Option<&Path>,
     system_map: Option<&Path>,
     btf: Option<&[u8]>,
+    unwind: Option<&[u8]>,
     inner_job: &Job,
 ) -> Result<(), RunnerError> {
     let job_json = serde_json::to_vec_pretty(inner_job)
@@ -108,6 +109,9 @@ pub(super) fn build_l1_initrd(
         }
         if let Some(btf) = btf {
             add(w, L1_BTF.trim_start_matches('/'), btf, 0o644)?;
+        }
+        if let Some(tables) = unwind {
+            add(w, L1_UNWIND.trim_start_matches('/'), tables, 0o644)?;
         }
         if let Some(initrd) = l2_initrd {
             add(w, "l2/initrd", &fs::read(initrd)?, 0o644)?;

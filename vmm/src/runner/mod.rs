@@ -208,6 +208,9 @@ pub const L1_API_SOCKET: &str = "/tmp/hvprobe-api.sock";
 /// Where the guest kernel's BTF (the raw section, not the whole vmlinux) goes inside L1.
 pub const L1_BTF: &str = "/l2/btf";
 
+/// Where the guest kernel's unwind tables (taken from its vmlinux) go inside L1.
+pub const L1_UNWIND: &str = "/l2/unwind";
+
 /// Where the guest's System.map goes inside L1.
 pub const L1_SYSTEM_MAP: &str = "/l2/System.map";
 
@@ -286,9 +289,22 @@ pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
         }
         None => None,
     };
+    // Stacks: the unwind tables travel, and the inner run's summary comes back with the
+    // stacks for the files named here.
+    let unwind = match carried_unwind_tables(args) {
+        Ok(t) => t,
+        Err(e) => return Err(RunnerError::Prepare(e.to_string())),
+    };
+    let stack_files = args.stacks.is_some() || args.flamegraph.is_some();
     let work = std::env::temp_dir().join(format!("hvprobe-runner-{}", std::process::id()));
     fs::create_dir_all(&work).map_err(prep_err("creating a work directory"))?;
     let mut inner = inner_job(args);
+    if unwind.is_some() {
+        inner.unwind_tables = Some(L1_UNWIND.into());
+    }
+    if stack_files {
+        inner.summary_json = Some(crate::summary::ON_STDERR.into());
+    }
     if args.api_socket.is_some()
         && let Some(path) = &args.system_map
         && let Ok(text) = fs::read_to_string(path)
@@ -308,6 +324,7 @@ pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
         args.initrd.as_deref(),
         args.system_map.as_deref().filter(|_| probing),
         btf.as_deref(),
+        unwind.as_deref(),
         &inner,
     )?;
 
@@ -340,7 +357,8 @@ pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
     }
     let stderr_copy = child.stderr.take().map(|pipe| {
         let summary = args.summary_json.clone();
-        std::thread::spawn(move || relay_stderr(pipe, summary))
+        let files = (args.stacks.clone(), args.flamegraph.clone());
+        std::thread::spawn(move || relay_stderr(pipe, summary, files))
     });
     let limit = args.effective_timeout().map(|t| t + L1_MARGIN);
     let deadline = limit.map(|l| Instant::now() + l);
@@ -413,7 +431,11 @@ const L1_CPUS: u32 = 1;
 
 /// Copies the emulator's stderr (its own messages and the inner run's stderr) to ours, and
 /// returns the last part of it for error reports.
-fn relay_stderr(pipe: std::process::ChildStderr, summary: Option<PathBuf>) -> String {
+fn relay_stderr(
+    pipe: std::process::ChildStderr,
+    summary: Option<PathBuf>,
+    (stacks, flamegraph): (Option<PathBuf>, Option<PathBuf>),
+) -> String {
     use std::io::BufRead;
     let mut kept = Vec::new();
     let mut reader = io::BufReader::new(pipe);
@@ -423,6 +445,11 @@ fn relay_stderr(pipe: std::process::ChildStderr, summary: Option<PathBuf>) -> St
         let text = String::from_utf8_lossy(&line);
         // The inner run's summary: to the file named on the host, not to the user.
         if let Some(json) = text.trim_end().strip_prefix(crate::summary::STDERR_PREFIX) {
+            if (stacks.is_some() || flamegraph.is_some())
+                && let Err(e) = write_stack_files(json, stacks.as_deref(), flamegraph.as_deref())
+            {
+                let _ = writeln!(out, "hvprobe: {e}");
+            }
             if let Some(path) = &summary
                 && let Err(e) = fs::write(path, format!("{json}\n"))
             {
@@ -446,6 +473,43 @@ fn relay_stderr(pipe: std::process::ChildStderr, summary: Option<PathBuf>) -> St
         line.clear();
     }
     String::from_utf8_lossy(&kept).into_owned()
+}
+
+/// The unwind tables the inner run needs when the probes ask for stacks, from the vmlinux
+/// `--btf` names (a live session's later definitions may ask: taken when they can be).
+fn carried_unwind_tables(args: &Job) -> Result<Option<Vec<u8>>, crate::stacks::StackError> {
+    if !args.wants_stacks() {
+        return Ok(None);
+    }
+    let map = args
+        .system_map
+        .as_ref()
+        .and_then(|p| fs::read_to_string(p).ok())
+        .and_then(|t| probe_core::symbols::SymbolMap::parse(&t).ok());
+    let Some(map) = map else {
+        return Ok(None);
+    };
+    match crate::stacks::read_tables(None, args.btf.as_deref(), &map) {
+        Ok(t) => Ok(Some(t.to_bytes())),
+        Err(_) if args.api_socket.is_some() && !args.stack => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes `--stacks` and `--flamegraph` from the stacks in the inner run's summary.
+fn write_stack_files(
+    summary_json: &str,
+    stacks: Option<&Path>,
+    flamegraph: Option<&Path>,
+) -> Result<(), crate::stacks::StackError> {
+    let summary: crate::summary::RunSummary = serde_json::from_str(summary_json)
+        .map_err(|e| crate::stacks::StackError::Tables(format!("the inner run's summary: {e}")))?;
+    let text: String = summary
+        .stacks
+        .iter()
+        .map(|s| format!("{} {}\n", s.stack, s.count))
+        .collect();
+    crate::stacks::write_files(&text, stacks, flamegraph)
 }
 
 fn qemu_stderr_note(stderr: &str) -> String {
