@@ -663,8 +663,8 @@ mod tests {
 
         // `stacktrace` anywhere among the arguments, before a filter; an argument may still
         // be named so.
-        let s = ProbeDefinition::parse("p:hv/a vfs_read stacktrace n=%di if comm == \"cat\"")
-            .unwrap();
+        let s =
+            ProbeDefinition::parse("p:hv/a vfs_read stacktrace n=%di if comm == \"cat\"").unwrap();
         assert!(s.stacktrace && s.args.len() == 1 && s.filter.is_some());
         let named = ProbeDefinition::parse("r vfs_read stacktrace=$retval").unwrap();
         assert!(!named.stacktrace && named.args[0].name == "stacktrace");

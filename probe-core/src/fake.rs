@@ -215,6 +215,23 @@ pub mod aarch64 {
     }
 
     /// An aarch64 engine over the fake memory and a vCPU about to run the fake text.
+    /// A handler context over `mem` and `regs`, as the engine builds one at a hit on vCPU 0.
+    pub fn context<'a>(
+        mem: &'a GuestMemoryMmap,
+        regs: &'a Registers,
+    ) -> crate::probe::ProbeContext<'a, Aarch64> {
+        crate::probe::ProbeContext {
+            vcpu: 0,
+            location: "f",
+            address: regs.pc,
+            time: std::time::Duration::ZERO,
+            regs,
+            entry_regs: None,
+            mem,
+            returns: Default::default(),
+        }
+    }
+
     pub fn machine() -> (ProbeEngine<Aarch64, GuestMemoryMmap>, FakeVcpu<Aarch64>) {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[
             (GuestAddress(0), 0x20_0000),

@@ -15,6 +15,7 @@ mod output;
 mod plans;
 mod refusals;
 mod returns;
+mod stacks;
 mod sweeps;
 
 use common::{Guests, Run, assert_has, explain, fnv1a, guest_arch, hvprobe, text};
@@ -29,6 +30,7 @@ use probe_core::arch::x86_64::{Decoder, Instruction, InstructionKind, StepPlan};
 use probe_core::symbols::SymbolMap;
 use refusals::*;
 use returns::*;
+use stacks::*;
 use sweeps::*;
 
 /// The guest's syscall entry point for `name` (`__x64_sys_getpid`, `__arm64_sys_getpid`): the
@@ -672,6 +674,7 @@ fn main() {
                 entry_block_probes_count_at_least_what_the_guests_own_kprobes_count,
                 the_guests_own_uprobes_and_hardware_watchpoints_keep_working_beside_hvprobe_probes,
                 a_rate_capped_dense_probe_set_on_the_tick_and_scheduler_paths_lets_the_workload_finish,
+                stacks_at_hits_are_the_guests_own_stacks_frame_for_frame,
             ],
             Guests::Only(GuestArch::X86_64) => [
                 a_getpid_probe_counts_the_workload_calls_and_prints_each_hit,

@@ -18,10 +18,6 @@ use probe_core::xol::XolArea;
 
 use crate::api::events::EventHub;
 use crate::handlers::{HandlerWiring, LiveProbes};
-use crate::stacks::{self, StackWiring};
-use crate::summary::StackCount;
-use probe_core::symbols::SymbolMap;
-use probe_core::unwind::folded::FoldedStacks;
 use crate::hostcheck;
 pub use crate::job::{
     DEFAULT_EXEC_TIMEOUT_SECS, Job, ResolvedProbe, ResolvedProbes, RunnerChoice, TrapChoice,
@@ -34,8 +30,12 @@ use crate::refusal::{RefusedProbe, refusal_list};
 use crate::report::RetvalHistogram;
 use crate::runner;
 use crate::selftest::{self, TrapSupport};
+use crate::stacks::{self, StackWiring};
+use crate::summary::StackCount;
 use crate::summary::{self, RunSummary};
 use crate::vm::VmConfig;
+use probe_core::symbols::SymbolMap;
+use probe_core::unwind::folded::FoldedStacks;
 
 /// Exit status when the host cannot run the job (no usable KVM and no emulated runner).
 pub const EXIT_HOST_UNUSABLE: i32 = 2;
@@ -619,7 +619,11 @@ fn run_on_host(args: &Job) -> Result<i32> {
     let mut summary = RunSummary::new(&report, code);
     if let Some(f) = &folded {
         summary.stacks = f.sorted().into_iter().map(StackCount::from).collect();
-        stacks::write_files(&f.text(), args.stacks.as_deref(), args.flamegraph.as_deref())?;
+        stacks::write_files(
+            &f.text(),
+            args.stacks.as_deref(),
+            args.flamegraph.as_deref(),
+        )?;
     }
     if report.probes.is_some() {
         for line in summary.text_lines() {

@@ -15,8 +15,8 @@ use crate::job::{ResolvedProbe, expand_globs, resolve_probe};
 use crate::machine::{ProbeRequest, ProbeSource};
 use crate::output::TraceOutput;
 use crate::refusal::RefusedProbe;
-use crate::stacks::StackWiring;
 use crate::report::{self, RetvalHistogram};
+use crate::stacks::StackWiring;
 use probe_core::catalog::{self, FunctionInfo, KprobeBlacklist};
 
 /// What every probe's handlers share, from the run's options.
@@ -80,9 +80,10 @@ impl HandlerWiring {
         let hub = self.hub.clone();
         let streamed = event.clone();
         // The stack unwinder, when this probe's hits carry their stack.
-        let stacks = self.stacks.clone().filter(|s| {
-            s.all || resolved.definition.as_ref().is_some_and(|d| d.stacktrace)
-        });
+        let stacks = self
+            .stacks
+            .clone()
+            .filter(|s| s.all || resolved.definition.as_ref().is_some_and(|d| d.stacktrace));
         match resolved.definition {
             Some(def) if print || hist.is_some() || hub.is_some() || stacks.is_some() => {
                 let handler = move |ctx: &ProbeContext<'_>| {
@@ -133,10 +134,9 @@ impl HandlerWiring {
                     if let Some(hub) = hub.as_ref().filter(|h| h.active()) {
                         hub.publish(&streamed, &|f| match f {
                             StreamFormat::Text => format!("{}\n", text()),
-                            StreamFormat::Json => format!(
-                                "{}\n",
-                                report::hit_json_with_stack(ctx, stack.as_ref())
-                            ),
+                            StreamFormat::Json => {
+                                format!("{}\n", report::hit_json_with_stack(ctx, stack.as_ref()))
+                            }
                         });
                     }
                     Ok(())

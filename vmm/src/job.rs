@@ -425,9 +425,10 @@ impl Job {
             || self.stacks.is_some()
             || self.flamegraph.is_some()
             || self.api_socket.is_some()
-            || self.probes.iter().any(|p| {
-                is_definition(p) && ProbeDefinition::parse(p).is_ok_and(|d| d.stacktrace)
-            })
+            || self
+                .probes
+                .iter()
+                .any(|p| is_definition(p) && ProbeDefinition::parse(p).is_ok_and(|d| d.stacktrace))
     }
 
     /// The guest's architecture: `--arch`, else the host's.

@@ -187,7 +187,10 @@ mod tests {
             frames: vec!["vfs_read+0x0/0x1a0".into()],
             end: TraceEnd::Unreliable(UnwindStop::OffStack(0x1000)),
         };
-        assert!(cut.text().ends_with(" => (unreliable: 0x1000 is on no known kernel stack)\n"));
+        assert!(
+            cut.text()
+                .ends_with(" => (unreliable: 0x1000 is on no known kernel stack)\n")
+        );
         let mut obj = serde_json::Map::new();
         cut.json_fields(&mut obj);
         assert_eq!(obj["stack_end"], "unreliable");

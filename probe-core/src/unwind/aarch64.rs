@@ -14,8 +14,8 @@ use crate::btf::Btf;
 use crate::probe::ProbeContext;
 use crate::symbols::SymbolMap;
 use crate::unwind::{
-    KernelUnwinder, MAX_FRAMES, PerCpuStack, StackKind, StackLayout, StackPointerKind,
-    StackReader, StackTrace, Stacks, TopRegs, TraceEnd, Unwind, UnwindError, UnwindStop, UnwindTables, symbol,
+    KernelUnwinder, MAX_FRAMES, PerCpuStack, StackKind, StackLayout, StackPointerKind, StackReader,
+    StackTrace, Stacks, TopRegs, TraceEnd, Unwind, UnwindError, UnwindStop, UnwindTables, symbol,
 };
 
 /// `THREAD_SIZE` and `IRQ_STACK_SIZE` (16 KiB without KASAN).
@@ -43,7 +43,7 @@ pub fn strip_pac(addr: u64, tcr: u64) -> u64 {
 impl Unwind for Aarch64 {
     type Tables = ();
 
-    fn tables(_: &UnwindTables) -> Result<(), UnwindError> {
+    fn tables(_: &UnwindTables, _: &Btf, _: &SymbolMap) -> Result<(), UnwindError> {
         Ok(())
     }
 
@@ -83,7 +83,7 @@ impl Unwind for Aarch64 {
         _slide: u64,
     ) -> StackTrace {
         let mut stacks = stacks.clone();
-        let mut frames = vec![ctx.address];
+        let mut frames = vec![ctx.regs.pc];
         // The registers at the top of the task's stack, and the frame record in them.
         let top = stacks
             .find_kind(StackKind::Task)
@@ -133,5 +133,128 @@ fn user_or_end(reader: &mut StackReader<'_, Aarch64>, regs: u64) -> TraceEnd {
         TraceEnd::UserMode
     } else {
         TraceEnd::EndOfStack
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+    use crate::fake::aarch64::{STACK_GPA, STACK_VA, TCR, TEXT_VA, machine};
+    use crate::probe::ReturnRecovery;
+    use crate::unwind::testing::{layout, task_stack};
+
+    const T: u64 = TEXT_VA;
+    const S: u64 = STACK_VA;
+    /// The `pt_regs` at the top of the task stack, and its frame record.
+    const REGS: u64 = S + 4096 - 336;
+    const FINAL: u64 = REGS + 304;
+
+    fn put(mem: &GuestMemoryMmap, va: u64, v: u64) {
+        mem.write_obj(v, GuestAddress(STACK_GPA + (va - S)))
+            .unwrap();
+    }
+
+    fn walk_at(mem: &GuestMemoryMmap, regs: &crate::arch::aarch64::Registers) -> StackTrace {
+        let unwinder = KernelUnwinder::<Aarch64>::from_parts((), layout(true));
+        let ctx = ProbeContext {
+            vcpu: 0,
+            location: "f",
+            address: regs.pc,
+            time: std::time::Duration::ZERO,
+            regs,
+            entry_regs: None,
+            mem,
+            returns: ReturnRecovery::default(),
+        };
+        let mut reader = StackReader::new(&ctx);
+        Aarch64::walk(&ctx, &unwinder, &mut reader, &task_stack(S), 0)
+    }
+
+    #[test]
+    fn pointer_authentication_codes_are_stripped_as_linux_does() {
+        let signed = 0x12ba_8000_0801_0040;
+        assert_eq!(strip_pac(signed, TCR), 0xffff_8000_0801_0040);
+        // A user address (bit 55 clear) loses its code instead.
+        assert_eq!(strip_pac(0x003a_0000_0040_1000, TCR), 0x0000_0000_0040_1000);
+        // 52-bit kernel half (T1SZ = 12).
+        assert_eq!(
+            strip_pac(0x12b0_0000_0801_0040, 12 << 16),
+            0xfff0_0000_0801_0040
+        );
+    }
+
+    #[test]
+    fn frame_records_are_followed_to_the_final_record_and_end_at_user_mode_or_a_kthread() {
+        let (engine, mut vcpu) = machine();
+        let mem = engine.memory();
+        put(mem, S + 0x100, S + 0x200);
+        put(mem, S + 0x108, 0x12ba_8000_0801_0040); // signed return address
+        put(mem, S + 0x200, FINAL);
+        put(mem, S + 0x208, T + 0x80);
+        put(mem, REGS + 256, 0x40_1000); // pt_regs->pc: user mode
+        put(mem, REGS + 264, 0);
+        vcpu.regs.pc = T + 0x10;
+        vcpu.regs.x[29] = S + 0x100;
+        let t = walk_at(mem, &vcpu.regs);
+        assert_eq!(t.frames, vec![T + 0x10, T + 0x40, T + 0x80]);
+        assert_eq!(t.end, TraceEnd::UserMode);
+        // A kernel thread's registers at the top are zero.
+        put(mem, REGS + 256, 0);
+        assert_eq!(walk_at(mem, &vcpu.regs).end, TraceEnd::EndOfStack);
+    }
+
+    #[test]
+    fn loops_misaligned_and_foreign_frame_pointers_end_unreliable() {
+        let (engine, mut vcpu) = machine();
+        let mem = engine.memory();
+        vcpu.regs.pc = T + 0x10;
+        // A record pointing back down.
+        put(mem, S + 0x100, S + 0x200);
+        put(mem, S + 0x108, T + 0x40);
+        put(mem, S + 0x200, S + 0x100);
+        put(mem, S + 0x208, T + 0x80);
+        vcpu.regs.x[29] = S + 0x100;
+        let t = walk_at(mem, &vcpu.regs);
+        assert_eq!(t.frames, vec![T + 0x10, T + 0x40, T + 0x80]);
+        assert_eq!(
+            t.end,
+            TraceEnd::Unreliable(UnwindStop::WrongDirection(S + 0x100))
+        );
+        vcpu.regs.x[29] = S + 0x104;
+        assert_eq!(
+            walk_at(mem, &vcpu.regs).end,
+            TraceEnd::Unreliable(UnwindStop::Misaligned(S + 0x104))
+        );
+        vcpu.regs.x[29] = 0xffff_0000_1234_0000;
+        assert_eq!(
+            walk_at(mem, &vcpu.regs).end,
+            TraceEnd::Unreliable(UnwindStop::OffStack(0xffff_0000_1234_0000))
+        );
+        vcpu.regs.x[29] = 0;
+        let t = walk_at(mem, &vcpu.regs);
+        assert_eq!((t.frames.len(), t.end), (1, TraceEnd::EndOfStack));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Any stack contents: the walk ends within the frame limit, without a panic.
+        #[test]
+        fn any_stack_contents_end_the_walk(
+            words in proptest::collection::vec(proptest::prelude::any::<u64>(), 512),
+            fp in 0u64..4096,
+        ) {
+            let (engine, mut vcpu) = machine();
+            let mem = engine.memory();
+            for (i, w) in words.iter().enumerate() {
+                let v = if w % 3 == 0 { S + (w >> 8) % 4096 } else { *w };
+                put(mem, S + 8 * i as u64, v);
+            }
+            vcpu.regs.x[29] = S + fp;
+            let t = walk_at(mem, &vcpu.regs);
+            proptest::prop_assert!(t.frames.len() <= MAX_FRAMES + 1);
+        }
     }
 }

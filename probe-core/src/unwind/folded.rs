@@ -93,13 +93,25 @@ mod tests {
     #[test]
     fn stacks_fold_root_first_and_merge_by_function() {
         let f = FoldedStacks::new();
-        let a = ["vfs_read+0x0/0x1a0", "ksys_read+0x6f/0xf0", "do_syscall_64+0x38/0x90"]
-            .map(String::from);
-        let b = ["vfs_read+0x0/0x1a0", "ksys_read+0x70/0xf0", "do_syscall_64+0x38/0x90"]
-            .map(String::from);
+        let a = [
+            "vfs_read+0x0/0x1a0",
+            "ksys_read+0x6f/0xf0",
+            "do_syscall_64+0x38/0x90",
+        ]
+        .map(String::from);
+        let b = [
+            "vfs_read+0x0/0x1a0",
+            "ksys_read+0x70/0xf0",
+            "do_syscall_64+0x38/0x90",
+        ]
+        .map(String::from);
         f.add("hv/a", &a, &TraceEnd::UserMode);
         f.add("hv/a", &b, &TraceEnd::UserMode);
-        f.add("hv/a", &a[..1], &TraceEnd::Unreliable(UnwindStop::TooDeep(1)));
+        f.add(
+            "hv/a",
+            &a[..1],
+            &TraceEnd::Unreliable(UnwindStop::TooDeep(1)),
+        );
         assert_eq!(
             f.text(),
             "hv/a;do_syscall_64;ksys_read;vfs_read 2\nhv/a;[unreliable];vfs_read 1\n"

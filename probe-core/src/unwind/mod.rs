@@ -20,6 +20,7 @@ pub mod x86_64;
 
 use std::sync::OnceLock;
 
+use crate::arch::RegisterFile;
 use crate::btf::{Btf, BtfError};
 use crate::probe::ProbeContext;
 use crate::symbols::SymbolMap;
@@ -27,8 +28,8 @@ use crate::task::{TaskAware, TaskError, TaskLayout};
 pub use reader::StackReader;
 pub use tables::UnwindTables;
 
-/// The most frames a trace holds (ftrace's per-event stack holds about as many).
-pub const MAX_FRAMES: usize = 64;
+/// The most frames a trace holds (as many as ftrace keeps per event: FTRACE_KSTACK_ENTRIES).
+pub const MAX_FRAMES: usize = 128;
 
 /// Most CPUs whose IRQ stacks are looked up.
 const MAX_CPUS: u64 = 256;
@@ -259,8 +260,9 @@ pub trait Unwind: TaskAware {
     /// What the walker reads from the vmlinux (x86_64: the ORC tables).
     type Tables: Send + Sync + std::fmt::Debug;
 
-    /// The walker's tables from the vmlinux's, or why this kernel cannot be unwound.
-    fn tables(t: &UnwindTables) -> Result<Self::Tables, UnwindError>;
+    /// The walker's tables from the vmlinux's (with its System.map), or why this kernel
+    /// cannot be unwound.
+    fn tables(t: &UnwindTables, btf: &Btf, map: &SymbolMap) -> Result<Self::Tables, UnwindError>;
 
     /// Where this architecture's kernel keeps its stacks.
     fn stack_layout(btf: &Btf, map: &SymbolMap) -> Result<StackLayout, UnwindError>;
@@ -358,7 +360,7 @@ impl<A: Unwind> KernelUnwinder<A> {
     /// An unwinder over the vmlinux's `tables` for the kernel `btf` and `map` describe.
     pub fn new(tables: &UnwindTables, btf: &Btf, map: &SymbolMap) -> Result<Self, UnwindError> {
         Ok(KernelUnwinder {
-            tables: A::tables(tables)?,
+            tables: A::tables(tables, btf, map)?,
             layout: A::stack_layout(btf, map)?,
             task: TaskLayout::from_kernel::<A>(btf, map)?,
             per_cpu: OnceLock::new(),
@@ -391,12 +393,24 @@ impl<A: Unwind> KernelUnwinder<A> {
     pub fn unwind(&self, ctx: &ProbeContext<'_, A>, slide: u64) -> StackTrace {
         let mut reader = StackReader::new(ctx);
         if let Err(why) = self.check_kernel(&mut reader, slide) {
-            return StackTrace::unreliable(ctx.address, UnwindStop::WrongKernel(why));
+            return StackTrace::unreliable(ctx.regs.pc(), UnwindStop::WrongKernel(why));
         }
         let known = match self.known_stacks(ctx, &mut reader, slide) {
             Ok(k) => k,
-            Err(why) => return StackTrace::unreliable(ctx.address, why),
+            Err(why) => return StackTrace::unreliable(ctx.regs.pc(), why),
         };
+        A::walk(ctx, self, &mut reader, &Stacks::new(known), slide)
+    }
+
+    /// The stack of the hit in `ctx` on the stacks `known` (found by the caller), without the
+    /// check of the running kernel: what a walk costs by itself, for benchmarks.
+    pub fn unwind_on(
+        &self,
+        ctx: &ProbeContext<'_, A>,
+        known: Vec<KnownStack>,
+        slide: u64,
+    ) -> StackTrace {
+        let mut reader = StackReader::new(ctx);
         A::walk(ctx, self, &mut reader, &Stacks::new(known), slide)
     }
 
@@ -467,5 +481,60 @@ impl<A: Unwind> KernelUnwinder<A> {
             }
         }
         (out, complete)
+    }
+}
+
+impl<A: Unwind> KernelUnwinder<A> {
+    /// An unwinder over ready-made parts (a kernel described by hand: tests, benchmarks).
+    pub fn from_parts(tables: A::Tables, layout: StackLayout) -> Self {
+        KernelUnwinder {
+            tables,
+            layout,
+            task: TaskLayout {
+                current_task: None,
+                pid: 0,
+                tgid: 0,
+                comm: 0,
+            },
+            per_cpu: OnceLock::new(),
+            notes: (Vec::new(), 0),
+            verdict: OnceLock::new(),
+        }
+    }
+}
+
+/// Made-up stacks for tests and benchmarks.
+pub mod testing {
+    use super::*;
+
+    /// A layout with no per-CPU stacks and, for arm64, a 336-byte `pt_regs` whose frame
+    /// record is at 304 (Linux 6.1's).
+    pub fn layout(top_regs: bool) -> StackLayout {
+        StackLayout {
+            task_stack: 0,
+            thread_size: 16 << 10,
+            per_cpu: Vec::new(),
+            per_cpu_offset: 0,
+            nr_cpu_ids: 0,
+            per_cpu_slid: false,
+            top_regs: top_regs.then_some(TopRegs {
+                size: 336,
+                record: 304,
+            }),
+        }
+    }
+
+    /// The task stack of the fake machines: its top is the end of their one stack page.
+    pub fn task_stack(page: u64) -> Stacks {
+        Stacks::new(task_stacks(page))
+    }
+
+    /// [`task_stack`]'s stack alone.
+    pub fn task_stacks(page: u64) -> Vec<KnownStack> {
+        vec![KnownStack {
+            kind: StackKind::Task,
+            base: page + 4096 - (16 << 10),
+            top: page + 4096,
+        }]
     }
 }

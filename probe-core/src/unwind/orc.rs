@@ -319,3 +319,54 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
+
+        /// Arbitrary section bytes parse or are refused, never panic; a parsed table's
+        /// indexed lookups agree with a search of the whole table.
+        #[test]
+        fn arbitrary_sections_parse_or_are_refused_and_lookups_agree(
+            ips in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+            orc in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600),
+            base in proptest::prelude::any::<u64>(),
+            probes in proptest::collection::vec(proptest::prelude::any::<u64>(), 16),
+        ) {
+            if let Ok(t) = OrcTable::parse(&ips, base, &orc, OrcLayout::V4_14) {
+                for p in probes {
+                    proptest::prop_assert_eq!(t.lookup(p), t.lookup_unindexed(p));
+                }
+            }
+        }
+
+        #[test]
+        fn sorted_tables_index_like_a_full_search(
+            mut offsets in proptest::collection::vec(0u32..0x4_0000, 1..300),
+            probes in proptest::collection::vec(0u64..0x4_2000, 64),
+        ) {
+            offsets.sort_unstable();
+            let base = 0xffff_ffff_8200_0000u64;
+            let text = 0xffff_ffff_8100_0000u64;
+            let ips: Vec<u8> = offsets
+                .iter()
+                .enumerate()
+                .map(|(i, o)| ((text + u64::from(*o)) as i64 - (base + 4 * i as u64) as i64) as i32)
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            let orc: Vec<u8> = offsets.iter().flat_map(|o| {
+                let mut e = [0u8; 6];
+                e[..4].copy_from_slice(&o.to_le_bytes());
+                e
+            }).collect();
+            let t = OrcTable::parse(&ips, base, &orc, OrcLayout::V4_14).unwrap();
+            for p in probes {
+                let ip = text.wrapping_sub(0x1000) + p;
+                proptest::prop_assert_eq!(t.lookup(ip), t.lookup_unindexed(ip));
+            }
+        }
+    }
+}

@@ -37,7 +37,12 @@ impl<'a, A: Arch> StackReader<'a, A> {
     }
 
     fn physical(&mut self, va: u64) -> Result<(u64, u64), UnwindStop> {
-        if let Some(&(page, gpa, size)) = self.pages.iter().rev().find(|(p, _, s)| va & !(s - 1) == *p) {
+        if let Some(&(page, gpa, size)) = self
+            .pages
+            .iter()
+            .rev()
+            .find(|(p, _, s)| va & !(s - 1) == *p)
+        {
             return Ok((gpa + (va - page), size - (va - page)));
         }
         self.walks += 1;

@@ -98,7 +98,9 @@ impl UnwindTables {
         let bad = || UnwindError::Tables("not an hvprobe unwind-tables file".into());
         let mut at = 0usize;
         let mut take = |n: usize| -> Result<&[u8], UnwindError> {
-            let s = b.get(at..at.checked_add(n).ok_or_else(bad)?).ok_or_else(bad)?;
+            let s = b
+                .get(at..at.checked_add(n).ok_or_else(bad)?)
+                .ok_or_else(bad)?;
             at += n;
             Ok(s)
         };

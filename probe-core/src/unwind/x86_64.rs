@@ -12,9 +12,8 @@ use crate::probe::ProbeContext;
 use crate::symbols::SymbolMap;
 use crate::unwind::orc::{OrcLayout, OrcReg, OrcTable, OrcType};
 use crate::unwind::{
-    KernelUnwinder, MAX_FRAMES, PerCpuStack, StackKind, StackLayout, StackPointerKind,
-    StackReader, StackTrace, Stacks, TraceEnd, Unwind, UnwindError, UnwindStop, UnwindTables,
-    symbol,
+    KernelUnwinder, MAX_FRAMES, PerCpuStack, StackKind, StackLayout, StackPointerKind, StackReader,
+    StackTrace, Stacks, TraceEnd, Unwind, UnwindError, UnwindStop, UnwindTables, symbol,
 };
 
 /// `THREAD_SIZE` and `IRQ_STACK_SIZE` without KASAN.
@@ -51,10 +50,109 @@ enum SavedRegs {
     Partial,
 }
 
-impl Unwind for X86_64 {
-    type Tables = OrcTable;
+/// The ORC table and the text it covers (Linux's `orc_find` looks up only addresses in core
+/// kernel text and init text: anything else, a module, a BPF program or an ftrace
+/// trampoline, has no rule here).
+#[derive(Debug, Clone)]
+pub struct OrcUnwind {
+    /// The table.
+    pub table: OrcTable,
+    /// `[_stext, _etext)` and `[_sinittext, _einittext)`, as linked.
+    pub text: Vec<(u64, u64)>,
+    /// Where the guest's ftrace keeps its trampolines, if its BTF and symbols say.
+    pub ftrace: Option<FtraceTrampolines>,
+}
 
-    fn tables(t: &UnwindTables) -> Result<OrcTable, UnwindError> {
+/// The guest's ftrace trampolines (Linux's `orc_ftrace_find`): a trampoline is a copy of
+/// `ftrace_regs_caller` (or `ftrace_caller`) made at run time outside kernel text, so an
+/// address in one is looked up at the same offset in the original. The trampolines are found
+/// on the guest's `ftrace_ops_list`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FtraceTrampolines {
+    /// `ftrace_ops_list` and `ftrace_list_end` (its end marker).
+    pub list: (u64, u64),
+    /// `offsetof(struct ftrace_ops, ...)`: `next`, `flags`, `trampoline`, `trampoline_size`.
+    pub next: u64,
+    /// See `next`.
+    pub flags: u64,
+    /// See `next`.
+    pub trampoline: u64,
+    /// See `next`.
+    pub size: u64,
+    /// `ftrace_regs_caller` and `ftrace_caller`.
+    pub originals: (u64, u64),
+}
+
+/// `FTRACE_OPS_FL_SAVE_REGS`: the trampoline is a copy of `ftrace_regs_caller`.
+const FTRACE_OPS_FL_SAVE_REGS: u64 = 1 << 2;
+/// Most ftrace_ops a lookup walks.
+const MAX_FTRACE_OPS: usize = 64;
+
+impl FtraceTrampolines {
+    fn from_kernel(btf: &Btf, map: &SymbolMap) -> Result<FtraceTrampolines, UnwindError> {
+        let off = |m: &str| btf.member_offset("ftrace_ops", m);
+        Ok(FtraceTrampolines {
+            list: (
+                symbol(map, "ftrace_ops_list")?,
+                symbol(map, "ftrace_list_end")?,
+            ),
+            next: off("next")?,
+            flags: off("flags")?,
+            trampoline: off("trampoline")?,
+            size: off("trampoline_size")?,
+            originals: (
+                symbol(map, "ftrace_regs_caller")?,
+                symbol(map, "ftrace_caller")?,
+            ),
+        })
+    }
+
+    /// Where `ip` (a running address) would be in the original code, if it is in one of the
+    /// guest's trampolines (System.map address).
+    fn original(&self, reader: &mut StackReader<'_, X86_64>, ip: u64, slide: u64) -> Option<u64> {
+        let end = self.list.1.wrapping_add(slide);
+        let mut op = reader.read_u64(self.list.0.wrapping_add(slide)).ok()?;
+        for _ in 0..MAX_FTRACE_OPS {
+            if op == 0 || op == end {
+                return None;
+            }
+            let tramp = reader.read_u64(op.wrapping_add(self.trampoline)).ok()?;
+            let size = reader.read_u64(op.wrapping_add(self.size)).ok()?;
+            if tramp != 0 && (tramp..tramp.wrapping_add(size)).contains(&ip) {
+                let flags = reader.read_u64(op.wrapping_add(self.flags)).ok()?;
+                let base = if flags & FTRACE_OPS_FL_SAVE_REGS != 0 {
+                    self.originals.0
+                } else {
+                    self.originals.1
+                };
+                return Some(base + (ip - tramp));
+            }
+            op = reader.read_u64(op.wrapping_add(self.next)).ok()?;
+        }
+        None
+    }
+}
+
+impl OrcUnwind {
+    /// The rule at `ip` (as linked), if `ip` is in text the table covers.
+    pub fn lookup(&self, ip: u64) -> Option<crate::unwind::orc::OrcEntry> {
+        self.text
+            .iter()
+            .any(|(s, e)| (*s..*e).contains(&ip))
+            .then(|| self.table.lookup(ip))
+            .flatten()
+    }
+}
+
+impl Unwind for X86_64 {
+    type Tables = OrcUnwind;
+
+    fn tables(t: &UnwindTables, btf: &Btf, map: &SymbolMap) -> Result<OrcUnwind, UnwindError> {
+        let range = |s: &'static str, e: &'static str| {
+            Ok::<_, UnwindError>((symbol(map, s)?, symbol(map, e)?))
+        };
+        let mut text = vec![range("_stext", "_etext")?];
+        text.extend(range("_sinittext", "_einittext").ok());
         let orc = t.orc.as_ref().ok_or_else(|| {
             UnwindError::Tables(
                 "the vmlinux has no ORC tables (.orc_unwind_ip, .orc_unwind): hvprobe unwinds x86_64 kernels built with CONFIG_UNWINDER_ORC".into(),
@@ -62,8 +160,13 @@ impl Unwind for X86_64 {
         })?;
         let layout = OrcLayout::for_release(t.release.0, t.release.1)
             .map_err(|e| UnwindError::Tables(e.to_string()))?;
-        OrcTable::parse(&orc.ip, orc.ip_va, &orc.orc, layout)
-            .map_err(|e| UnwindError::Tables(format!("the vmlinux's ORC tables: {e}")))
+        let table = OrcTable::parse(&orc.ip, orc.ip_va, &orc.orc, layout)
+            .map_err(|e| UnwindError::Tables(format!("the vmlinux's ORC tables: {e}")))?;
+        Ok(OrcUnwind {
+            table,
+            text,
+            ftrace: FtraceTrampolines::from_kernel(btf, map).ok(),
+        })
     }
 
     fn stack_layout(btf: &Btf, map: &SymbolMap) -> Result<StackLayout, UnwindError> {
@@ -103,14 +206,14 @@ impl Unwind for X86_64 {
             reader,
             stacks: stacks.clone(),
             slide,
-            ip: ctx.address,
+            ip: ctx.regs.rip,
             sp: ctx.regs.get(Gpr::Rsp),
             bp: ctx.regs.get(Gpr::Rbp),
             regs: SavedRegs::Vcpu,
             prev_full: None,
             signal: true,
         };
-        let mut frames = vec![ctx.address];
+        let mut frames = vec![ctx.regs.rip];
         let end = walk.run(&mut frames);
         StackTrace { frames, end }
     }
@@ -119,7 +222,7 @@ impl Unwind for X86_64 {
 /// The state of one ORC walk (Linux's `struct unwind_state`).
 struct OrcWalk<'a, 'r, 'c> {
     ctx: &'a ProbeContext<'c, X86_64>,
-    orc: &'a OrcTable,
+    orc: &'a OrcUnwind,
     reader: &'a mut StackReader<'r, X86_64>,
     stacks: Stacks,
     slide: u64,
@@ -175,10 +278,16 @@ impl OrcWalk<'_, '_, '_> {
         let ip = self.ip;
         let bad = |why| UnwindStop::BadRule { ip, why };
         let at = if self.signal { ip } else { ip.wrapping_sub(1) };
-        let rule = self
-            .orc
-            .lookup(at.wrapping_sub(self.slide))
-            .ok_or(UnwindStop::NoUnwindData(ip))?;
+        let linked = at.wrapping_sub(self.slide);
+        let rule = match self.orc.lookup(linked) {
+            Some(r) => r,
+            None => self
+                .orc
+                .ftrace
+                .and_then(|f| f.original(self.reader, at, self.slide))
+                .and_then(|orig| self.orc.lookup(orig))
+                .ok_or(UnwindStop::NoUnwindData(ip))?,
+        };
         if rule.sp_reg == OrcReg::Undefined {
             return if rule.end {
                 Ok(Step::End(TraceEnd::EndOfStack))
@@ -262,4 +371,220 @@ enum Step {
     Frame,
     /// The end.
     End(TraceEnd),
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+    use crate::fake::{STACK_GPA, STACK_VA, TEXT_VA, machine};
+    use crate::probe::ReturnRecovery;
+    use crate::unwind::orc::OrcLayout;
+    use crate::unwind::testing::{layout, task_stack};
+
+    const T: u64 = TEXT_VA;
+    const S: u64 = STACK_VA;
+
+    /// One 6-byte entry: sp rule, bp rule, type, end.
+    fn entry(
+        sp_offset: i16,
+        sp_reg: u8,
+        bp_offset: i16,
+        bp_reg: u8,
+        kind: u8,
+        end: bool,
+    ) -> [u8; 6] {
+        let mut b = [0u8; 6];
+        b[..2].copy_from_slice(&sp_offset.to_le_bytes());
+        b[2..4].copy_from_slice(&bp_offset.to_le_bytes());
+        b[4] = sp_reg | (bp_reg << 4);
+        b[5] = kind | (u8::from(end) << 2);
+        b
+    }
+
+    /// A table for made-up text: `f` at +0 (pushes %rbp at +1), `g` at +0x40 (a plain call
+    /// frame), an entry stub at +0x80 (pt_regs at %rsp), a kernel thread's start at +0xc0
+    /// (end of stack), and code that finds its frame from %rbp at +0x140.
+    fn table() -> OrcTable {
+        let rules: [(u64, [u8; 6]); 7] = [
+            (0x000, entry(8, 5, 0, 0, 0, false)),
+            (0x001, entry(16, 5, -16, 1, 0, false)),
+            (0x040, entry(8, 5, 0, 0, 0, false)),
+            (0x080, entry(0, 5, 0, 0, 1, false)),
+            (0x0c0, entry(0, 0, 0, 0, 0, true)),
+            (0x140, entry(16, 4, 0, 0, 0, false)),
+            (0x180, entry(0, 0, 0, 0, 0, false)),
+        ];
+        let base = T + 0x10_0000;
+        let ips: Vec<u8> = rules
+            .iter()
+            .enumerate()
+            .flat_map(|(i, (off, _))| {
+                (((T + off) as i64 - (base + 4 * i as u64) as i64) as i32).to_le_bytes()
+            })
+            .collect();
+        let orc: Vec<u8> = rules.iter().flat_map(|(_, e)| *e).collect();
+        OrcTable::parse(&ips, base, &orc, OrcLayout::V4_14).unwrap()
+    }
+
+    fn walk_at(
+        mem: &GuestMemoryMmap,
+        regs: &crate::arch::x86_64::Registers,
+        returns: ReturnRecovery<'_>,
+    ) -> StackTrace {
+        let tables = OrcUnwind {
+            table: table(),
+            text: vec![(T, T + 0x1000)],
+            ftrace: None,
+        };
+        let unwinder = KernelUnwinder::<X86_64>::from_parts(tables, layout(false));
+        let ctx = ProbeContext {
+            vcpu: 0,
+            location: "f",
+            address: regs.rip,
+            time: std::time::Duration::ZERO,
+            regs,
+            entry_regs: None,
+            mem,
+            returns,
+        };
+        let mut reader = StackReader::new(&ctx);
+        X86_64::walk(&ctx, &unwinder, &mut reader, &task_stack(S), 0)
+    }
+
+    fn put(mem: &GuestMemoryMmap, va: u64, v: u64) {
+        mem.write_obj(v, GuestAddress(STACK_GPA + (va - S)))
+            .unwrap();
+    }
+
+    /// A hit in `f` called from `g`, called from the entry stub with `pt_regs` from user mode
+    /// at `S + 0x118`.
+    fn user_stack(mem: &GuestMemoryMmap) {
+        put(mem, S + 0x100, 0x5555); // f's saved %rbp
+        put(mem, S + 0x108, T + 0x48); // into g
+        put(mem, S + 0x110, T + 0x88); // into the stub
+        put(mem, S + 0x118 + 128, 0x4000_1000); // pt_regs: user ip, cs, sp
+        put(mem, S + 0x118 + 136, 0x33);
+        put(mem, S + 0x118 + 152, 0x7ffc_0000);
+    }
+
+    #[test]
+    fn orc_walks_call_and_register_frames_to_user_mode_and_to_a_kthreads_end() {
+        let (engine, mut vcpu) = machine();
+        let mem = engine.memory();
+        user_stack(mem);
+        vcpu.regs.rip = T + 0x10;
+        vcpu.regs.set(Gpr::Rsp, S + 0x100);
+        let t = walk_at(mem, &vcpu.regs, ReturnRecovery::default());
+        assert_eq!(t.frames, vec![T + 0x10, T + 0x48, T + 0x88]);
+        assert_eq!(t.end, TraceEnd::UserMode);
+
+        // The same stub interrupting the kernel in `f` (after its push), whose caller is a
+        // kernel thread's first frame: the walk goes on from the registers, then ends.
+        put(mem, S + 0x118 + 128, T + 0x20);
+        put(mem, S + 0x118 + 136, 0x10);
+        put(mem, S + 0x118 + 152, S + 0x300);
+        put(mem, S + 0x118 + 32, 0x7777); // %rbp in pt_regs
+        put(mem, S + 0x308, T + 0xc8);
+        let t = walk_at(mem, &vcpu.regs, ReturnRecovery::default());
+        assert_eq!(
+            t.frames,
+            vec![T + 0x10, T + 0x48, T + 0x88, T + 0x20, T + 0xc8]
+        );
+        assert_eq!(t.end, TraceEnd::EndOfStack);
+    }
+
+    #[test]
+    fn a_return_through_the_trampoline_is_seen_as_the_real_return() {
+        let (engine, mut vcpu) = machine();
+        let mem = engine.memory();
+        user_stack(mem);
+        let trampoline = 0xffff_ffff_7fff_0000;
+        put(mem, S + 0x108, trampoline);
+        vcpu.regs.rip = T + 0x10;
+        vcpu.regs.set(Gpr::Rsp, S + 0x100);
+        let lookup = |at: u64| (at == S + 0x108).then_some(T + 0x48);
+        let returns = ReturnRecovery {
+            trampoline: Some(trampoline),
+            lookup: Some(&lookup),
+            own: None,
+        };
+        let t = walk_at(mem, &vcpu.regs, returns);
+        assert_eq!(t.frames, vec![T + 0x10, T + 0x48, T + 0x88]);
+        // Without the instance, the trampoline shows, and the walk cannot go past it.
+        let t = walk_at(mem, &vcpu.regs, ReturnRecovery::default());
+        assert_eq!(t.frames[1], trampoline);
+        assert!(matches!(t.end, TraceEnd::Unreliable(_)), "{t:?}");
+    }
+
+    #[test]
+    fn bad_stacks_end_unreliable_where_they_go_wrong() {
+        let (engine, mut vcpu) = machine();
+        let mem = engine.memory();
+        // A frame pointer below the stack pointer: the CFA would go down.
+        vcpu.regs.rip = T + 0x150;
+        vcpu.regs.set(Gpr::Rsp, S + 0x100);
+        vcpu.regs.set(Gpr::Rbp, S + 0x50);
+        put(mem, S + 0x58, T + 0x48);
+        let t = walk_at(mem, &vcpu.regs, ReturnRecovery::default());
+        assert_eq!(
+            t.end,
+            TraceEnd::Unreliable(UnwindStop::WrongDirection(S + 0x60))
+        );
+        assert_eq!(t.frames, vec![T + 0x150]);
+        // A stack pointer on no known stack.
+        vcpu.regs.set(Gpr::Rsp, 0xffff_8880_0000_0000);
+        let t = walk_at(mem, &vcpu.regs, ReturnRecovery::default());
+        assert_eq!(
+            t.end,
+            TraceEnd::Unreliable(UnwindStop::OffStack(0xffff_8880_0000_0000))
+        );
+        // A return into code the table does not cover.
+        vcpu.regs.rip = T + 0x40;
+        vcpu.regs.set(Gpr::Rsp, S + 0x100);
+        put(mem, S + 0x100, T - 0x1000);
+        let t = walk_at(mem, &vcpu.regs, ReturnRecovery::default());
+        assert_eq!(t.frames, vec![T + 0x40, T - 0x1000]);
+        assert_eq!(
+            t.end,
+            TraceEnd::Unreliable(UnwindStop::NoUnwindData(T - 0x1000))
+        );
+        // An undefined rule that is not an end.
+        vcpu.regs.rip = T + 0x190;
+        let t = walk_at(mem, &vcpu.regs, ReturnRecovery::default());
+        assert!(
+            matches!(t.end, TraceEnd::Unreliable(UnwindStop::BadRule { .. })),
+            "{t:?}"
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Any stack contents, any registers: the walk ends, within the frame limit, without
+        /// a panic.
+        #[test]
+        fn any_stack_contents_end_the_walk(
+            words in proptest::collection::vec(proptest::prelude::any::<u64>(), 512),
+            pick in proptest::collection::vec(0u64..0x200, 512),
+            sp in 0u64..4096,
+            bp in proptest::prelude::any::<u64>(),
+            rip in 0u64..0x200,
+        ) {
+            let (engine, mut vcpu) = machine();
+            let mem = engine.memory();
+            // Half the words are addresses in the made-up text or on the stack page, so the
+            // walk goes somewhere before it ends.
+            for (i, (w, p)) in words.iter().zip(&pick).enumerate() {
+                let v = match w % 4 { 0 => T + p, 1 => S + p * 8, _ => *w };
+                put(mem, S + 8 * i as u64, v);
+            }
+            vcpu.regs.rip = T + rip;
+            vcpu.regs.set(Gpr::Rsp, S + (sp & !7));
+            vcpu.regs.set(Gpr::Rbp, bp);
+            let t = walk_at(mem, &vcpu.regs, ReturnRecovery::default());
+            proptest::prop_assert!(t.frames.len() <= MAX_FRAMES);
+        }
+    }
 }

@@ -11,7 +11,8 @@ use hvprobe_guest::GuestArch;
 use hvprobe_guest::cpio::CpioWriter;
 
 use super::{
-    L1_ARGS_PATH, L1_BTF, L1_JOB_PATH, L1_UNWIND, L1_MODULES_DIR, L1_SYSTEM_MAP, RunnerError, prep_err,
+    L1_ARGS_PATH, L1_BTF, L1_JOB_PATH, L1_MODULES_DIR, L1_SYSTEM_MAP, L1_UNWIND, RunnerError,
+    prep_err,
 };
 use crate::job::Job;
 

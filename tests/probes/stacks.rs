@@ -1,0 +1,180 @@
+//! Kernel stack traces at hits, unwound from the host, against the guest's own: ftrace's
+//! `stacktrace` trigger on a guest kprobe in the same function, same calls.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::*;
+
+/// The functions compared: syscall paths of `open-read-loop` and `fork-exec-loop`, the timer
+/// tick (interrupt context, on the IRQ stack) and a kworker's (a kernel thread's).
+const STACK_FUNCTIONS: &[&str] = &[
+    "vfs_read",
+    "kernel_clone",
+    "update_process_times",
+    "process_one_work",
+];
+
+/// Whether the arm64 instruction `w` may branch (B, BL, B.cond, CBZ/CBNZ, TBZ/TBNZ, BR/BLR/
+/// RET): a site after one might not run on every call.
+fn arm64_branches(w: u32) -> bool {
+    w & 0x7c00_0000 == 0x1400_0000
+        || w & 0xff00_0010 == 0x5400_0000
+        || w & 0x7e00_0000 == 0x3400_0000
+        || w & 0x7e00_0000 == 0x3600_0000
+        || w & 0xfe00_0000 == 0xd600_0000
+}
+
+/// Where the guest's kprobe and hvprobe's probe go in `func`: two instructions that run on
+/// every call, hvprobe's after the guest's. On x86_64 the guest's is on the entry (ftrace's
+/// fentry site) and ours on the next instruction: ORC unwinds from any of them. On arm64 both
+/// come after `mov x29, sp`, as a hit before a function has stored its frame record does not
+/// show its caller (Linux's unwinder and ours alike).
+fn stack_sites(func: &str) -> (String, String) {
+    match guest_arch() {
+        GuestArch::X86_64 => {
+            let k = KernelText::load();
+            let (next, _) = k.function(func)[1];
+            (func.to_string(), format!("{func}+{next:#x}"))
+        }
+        GuestArch::Aarch64 => {
+            const MOV_X29_SP: u32 = 0x9100_03fd;
+            let words = Arm64Text::load().words(func, 32);
+            let at = words
+                .iter()
+                .position(|(_, w)| *w == MOV_X29_SP)
+                .unwrap_or_else(|| panic!("no mov x29, sp in {func}"));
+            assert!(
+                !words[..at + 3].iter().any(|(_, w)| arm64_branches(*w)),
+                "{func}: a branch before the sites"
+            );
+            let (g, o) = (words[at + 1].0, words[at + 2].0);
+            (format!("{func}+{g:#x}"), format!("{func}+{o:#x}"))
+        }
+    }
+}
+
+/// The function of a `name+0xoff/0xsize` frame.
+fn frame_function(frame: &str) -> &str {
+    frame.split('+').next().unwrap_or(frame)
+}
+
+/// Distinct call chains per probed function, from the frames after the first one in it.
+type Chains = BTreeMap<String, BTreeSet<Vec<String>>>;
+
+/// The guest's stacks (`GSTACK f1 f2 ...` lines): per probed function, the frames after the
+/// first frame in it (the kprobe's own handler frames come before).
+fn guest_chains(stdout: &str) -> Chains {
+    let mut out = Chains::new();
+    for line in stdout.lines().filter_map(|l| l.strip_prefix("GSTACK ")) {
+        let frames: Vec<&str> = line.split_whitespace().collect();
+        let Some(at) = frames
+            .iter()
+            .position(|f| STACK_FUNCTIONS.contains(&frame_function(f)))
+        else {
+            continue;
+        };
+        out.entry(frame_function(frames[at]).to_string())
+            .or_default()
+            .insert(frames[at + 1..].iter().map(|s| s.to_string()).collect());
+    }
+    out
+}
+
+pub(super) fn stacks_at_hits_are_the_guests_own_stacks_frame_for_frame() {
+    let sites: Vec<(String, String)> = STACK_FUNCTIONS.iter().map(|f| stack_sites(f)).collect();
+    let file = std::env::temp_dir().join(format!("hvprobe-stacks-{}.json", std::process::id()));
+    let guest_sites: Vec<&str> = sites.iter().map(|(g, _)| g.as_str()).collect();
+    // Kept short: the command travels on the guest's kernel command line. Triggers alone
+    // (`stacktrace:N`, the event itself left off) record only N stacks per function: reading
+    // symbolized stacks back is slow in the emulated runner's nested guest.
+    let counts = [40, 20, 30, 10];
+    let list: Vec<String> = guest_sites
+        .iter()
+        .zip(counts)
+        .map(|(s, n)| format!("{s}:{n}"))
+        .collect();
+    let exec = format!(
+        "cd /sys/kernel/tracing;echo 1 >options/sym-offset;i=0;for s in {};do \
+         echo \"p:kprobes/g$i ${{s%:*}}\">>kprobe_events&&\
+         echo stacktrace:${{s#*:}} >events/kprobes/g$i/trigger||echo kprobe-refused $s;i=$((i+1));\
+         done;open-read-loop 20 /etc/passwd;fork-exec-loop 10;sleep 1;\
+         for t in events/kprobes/g*/trigger;do echo '!stacktrace' >$t;done;\
+         awk '/<stack trace>/{{if(s)print s;s=\"GSTACK\"}}/^ => /{{s=s\" \"$2}}END{{if(s)print s}}' trace|sort -u",
+        list.join(" ")
+    );
+    let defs: Vec<String> = sites
+        .iter()
+        .enumerate()
+        .map(|(i, (_, ours))| format!("p:hv/s{i} {ours} stacktrace"))
+        .collect();
+    let probes: Vec<&str> = defs.iter().map(String::as_str).collect();
+    let out = run_probed(
+        "1",
+        &exec,
+        &probes,
+        &["--json", "-o", file.to_str().unwrap()],
+    );
+    let trace = std::fs::read_to_string(&file).unwrap_or_default();
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    let stdout = text(&out.stdout);
+    assert!(!stdout.contains("kprobe-refused"), "{}", explain(&out));
+    // Ours: per event, the frames after the hit's own.
+    let mut ours = Chains::new();
+    let mut unreliable = Vec::new();
+    for line in trace.lines().filter(|l| l.starts_with('{')) {
+        let v: serde_json::Value = serde_json::from_str(line).expect("a JSON event");
+        let frames: Vec<String> = v["stack"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no stack in {line}"))
+            .iter()
+            .map(|f| f.as_str().unwrap().to_string())
+            .collect();
+        if v["stack_end"] == "unreliable" {
+            unreliable.push(line.to_string());
+        }
+        ours.entry(frame_function(&frames[0]).to_string())
+            .or_default()
+            .insert(frames[1..].to_vec());
+    }
+    let guest = guest_chains(&stdout);
+    let mut compared = 0;
+    for func in STACK_FUNCTIONS {
+        let theirs = guest.get(*func).cloned().unwrap_or_default();
+        let mine = ours.get(*func).cloned().unwrap_or_default();
+        eprintln!(
+            "{func}: the guest reported {} distinct stacks, hvprobe {}",
+            theirs.len(),
+            mine.len()
+        );
+        if *func != "process_one_work" {
+            assert!(!theirs.is_empty(), "no guest stacks of {func}\n{stdout}");
+        }
+        for chain in &theirs {
+            assert!(
+                mine.contains(chain),
+                "the guest's stack of {func} is not one of hvprobe's:\n  {}\nhvprobe's:\n{}",
+                chain.join("\n  "),
+                mine.iter()
+                    .map(|c| format!("  {}", c.join(" ")))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            compared += 1;
+        }
+    }
+    // The tick came from interrupt context, the syscalls from user mode.
+    let tick = &guest["update_process_times"];
+    assert!(
+        tick.iter().any(|c| c
+            .iter()
+            .any(|f| f.contains("interrupt") || f.contains("_irq"))),
+        "{tick:?}"
+    );
+    eprintln!(
+        "compared {compared} distinct guest stacks; {} of ours unreliable",
+        unreliable.len()
+    );
+    assert!(unreliable.is_empty(), "{}", unreliable.join("\n"));
+    assert_text_restored(&out);
+}
