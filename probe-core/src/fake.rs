@@ -214,7 +214,6 @@ pub mod aarch64 {
         CODE.iter().flat_map(|w| w.to_le_bytes()).collect()
     }
 
-    /// An aarch64 engine over the fake memory and a vCPU about to run the fake text.
     /// A handler context over `mem` and `regs`, as the engine builds one at a hit on vCPU 0.
     pub fn context<'a>(
         mem: &'a GuestMemoryMmap,
@@ -232,6 +231,7 @@ pub mod aarch64 {
         }
     }
 
+    /// An aarch64 engine over the fake memory and a vCPU about to run the fake text.
     pub fn machine() -> (ProbeEngine<Aarch64, GuestMemoryMmap>, FakeVcpu<Aarch64>) {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[
             (GuestAddress(0), 0x20_0000),

@@ -559,6 +559,37 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_vmlinux_that_is_not_the_running_kernel_gives_no_stack() {
+        let (engine, mut vcpu) = machine();
+        let mem = engine.memory();
+        mem.write_slice(b"GNU\0running-build-id", GuestAddress(STACK_GPA + 0x800))
+            .unwrap();
+        vcpu.regs.rip = T + 0x10;
+        vcpu.regs.set(Gpr::Rsp, S + 0x100);
+        let tables = OrcUnwind {
+            table: table(),
+            text: vec![(T, T + 0x1000)],
+            ftrace: None,
+        };
+        let mut unwinder = KernelUnwinder::<X86_64>::from_parts(tables, layout(false));
+        unwinder.notes = (b"GNU\0another-build!!".to_vec(), S + 0x800);
+        let ctx = crate::fake::context(mem, &vcpu.regs);
+        let t = unwinder.unwind(&ctx, 0);
+        assert_eq!(t.frames, vec![T + 0x10]);
+        assert!(
+            matches!(&t.end, TraceEnd::Unreliable(UnwindStop::WrongKernel(w)) if w.contains("build id")),
+            "{t:?}"
+        );
+        // The verdict is kept: a later hit is refused the same way without reading again.
+        mem.write_slice(b"GNU\0another-build!!", GuestAddress(STACK_GPA + 0x800))
+            .unwrap();
+        assert!(matches!(
+            unwinder.unwind(&ctx, 0).end,
+            TraceEnd::Unreliable(UnwindStop::WrongKernel(_))
+        ));
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
 
