@@ -675,6 +675,7 @@ fn main() {
                 the_guests_own_uprobes_and_hardware_watchpoints_keep_working_beside_hvprobe_probes,
                 a_rate_capped_dense_probe_set_on_the_tick_and_scheduler_paths_lets_the_workload_finish,
                 stacks_at_hits_are_the_guests_own_stacks_frame_for_frame,
+                the_readmes_flame_graph_command_writes_folded_stacks_of_the_syscall_paths,
             ],
             Guests::Only(GuestArch::X86_64) => [
                 a_getpid_probe_counts_the_workload_calls_and_prints_each_hit,

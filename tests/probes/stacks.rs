@@ -188,3 +188,79 @@ pub(super) fn stacks_at_hits_are_the_guests_own_stacks_frame_for_frame() {
     assert!(unreliable.is_empty(), "{}", unreliable.join("\n"));
     assert_text_restored(&out);
 }
+
+pub(super) fn the_readmes_flame_graph_command_writes_folded_stacks_of_the_syscall_paths() {
+    let dir = std::env::temp_dir().join(format!("hvprobe-flame-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (folded, svg) = (dir.join("vfs_read.folded"), dir.join("vfs_read.svg"));
+    let out = run_probed(
+        "1",
+        "getpid-loop 100; fork-exec-loop 20",
+        &["p:hv/a vfs_read stacktrace"],
+        &[
+            "--quiet",
+            "--stacks",
+            folded.to_str().unwrap(),
+            "--flamegraph",
+            svg.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    let text = std::fs::read_to_string(&folded).unwrap_or_default();
+    let picture = std::fs::read_to_string(&svg).unwrap_or_default();
+    // A raw BTF section cannot give stacks: refused before any VM starts.
+    let raw = dir.join("raw.btf");
+    let vmlinux = match guest_arch() {
+        GuestArch::X86_64 => KernelText::load().elf,
+        GuestArch::Aarch64 => Arm64Text::load().elf,
+    };
+    std::fs::write(&raw, probe_core::elf::section(&vmlinux, ".BTF").unwrap()).unwrap();
+    let refused = hvprobe(&[
+        "run",
+        "--btf",
+        raw.to_str().unwrap(),
+        "--stack",
+        "-p",
+        "vfs_read",
+        "--exec",
+        "true",
+    ]);
+    let _ = std::fs::remove_dir_all(&dir);
+    let hits = out.probe("vfs_read").hits;
+    let mut total = 0;
+    for line in text.lines() {
+        let (stack, count) = line.rsplit_once(' ').expect("STACK COUNT");
+        total += count.parse::<u64>().expect("a count");
+        assert!(
+            stack.starts_with("hv/a;") && stack.ends_with(";vfs_read"),
+            "{line}"
+        );
+    }
+    assert_eq!(total, hits, "every hit's stack is counted once\n{text}");
+    let path = match guest_arch() {
+        GuestArch::X86_64 => "hv/a;entry_SYSCALL_64_after_hwframe;do_syscall_64;ksys_read;vfs_read",
+        GuestArch::Aarch64 => {
+            "hv/a;el0t_64_sync;el0t_64_sync_handler;el0_svc;do_el0_svc;el0_svc_common.constprop.0;invoke_syscall;__arm64_sys_read;vfs_read"
+        }
+    };
+    assert!(
+        text.lines().any(|l| l.starts_with(&format!("{path} "))),
+        "{text}"
+    );
+    assert_eq!(
+        out.summary().stacks.iter().map(|s| s.count).sum::<u64>(),
+        hits
+    );
+    assert!(
+        picture.contains("<svg") && picture.contains("ksys_read")
+            || picture.contains("__arm64_sys_read"),
+        "the flame graph"
+    );
+    assert_eq!(refused.status.code(), Some(1), "{}", explain(&refused));
+    assert_has(&text_of(&refused.stderr), "is not an ELF file", &refused);
+    assert!(!text_of(&refused.stderr).contains("HVPROBE-INIT-READY"));
+}
+
+fn text_of(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}

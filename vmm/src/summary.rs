@@ -619,6 +619,7 @@ mod tests {
                 },
             ],
             faults_with_probes: vec!["BUG: x".into()],
+            stacks: Vec::new(),
             rewritten: vec![RewrittenSummary {
                 va: 0x10,
                 found: vec![0x90],

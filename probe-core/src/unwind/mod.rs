@@ -313,11 +313,10 @@ impl Stacks {
     pub fn step(&mut self, addr: u64, len: u64) -> Result<(), UnwindStop> {
         let stack = self.find(addr, len).ok_or(UnwindStop::OffStack(addr))?;
         match self.at {
-            Some((prev, last)) if prev == stack => {
-                if addr <= last {
-                    return Err(UnwindStop::WrongDirection(addr));
-                }
+            Some((prev, last)) if prev == stack && addr <= last => {
+                return Err(UnwindStop::WrongDirection(addr));
             }
+            Some((prev, _)) if prev == stack => {}
             Some((prev, _)) => {
                 if self.left.contains(&stack.kind) || stack.kind < prev.kind {
                     return Err(UnwindStop::StackRevisited(addr));

@@ -63,17 +63,29 @@ pub(super) struct L1Image<'a> {
     pub arch: GuestArch,
 }
 
+/// What the inner run reads about the L2 guest's kernel when it probes: its System.map, its
+/// BTF section and its unwind tables (never the whole vmlinux: hundreds of MiB with debug info).
+#[derive(Clone, Copy)]
+pub(super) struct L2KernelInfo<'a> {
+    pub system_map: Option<&'a Path>,
+    pub btf: Option<&'a [u8]>,
+    pub unwind: Option<&'a [u8]>,
+}
+
 /// Writes the L1 initramfs for an inner run of `inner_job` to `out`.
 pub(super) fn build_l1_initrd(
     out: &Path,
     image: &L1Image<'_>,
     l2_kernel: &Path,
     l2_initrd: Option<&Path>,
-    system_map: Option<&Path>,
-    btf: Option<&[u8]>,
-    unwind: Option<&[u8]>,
+    kernel_info: &L2KernelInfo<'_>,
     inner_job: &Job,
 ) -> Result<(), RunnerError> {
+    let L2KernelInfo {
+        system_map,
+        btf,
+        unwind,
+    } = *kernel_info;
     let job_json = serde_json::to_vec_pretty(inner_job)
         .map_err(|e| RunnerError::Prepare(format!("writing the inner job: {e}")))?;
     let inner_args = ["run-job".to_string(), L1_JOB_PATH.to_string()];

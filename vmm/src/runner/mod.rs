@@ -34,7 +34,7 @@ pub mod aarch64;
 mod l1image;
 pub mod x86_64;
 
-use l1image::{L1Image, build_l1_initrd};
+use l1image::{L1Image, L2KernelInfo, build_l1_initrd};
 
 /// What the emulated runner of one guest architecture is made of (part of the architecture's
 /// [`crate::platform::Platform`]): the rest of the runner is the same for all.
@@ -189,6 +189,9 @@ pub fn inner_job(job: &Job) -> Job {
             .map(|_| PathBuf::from(crate::summary::ON_STDERR)),
         // Probe files were read into `probes` on the host.
         probe_files: Vec::new(),
+        // Stack files are written here, from the stacks in the inner run's summary.
+        stacks: None,
+        flamegraph: None,
         // The user's socket is on the host; L1's own is reached through the API port.
         api_socket: job
             .api_socket
@@ -322,9 +325,11 @@ pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
         &image,
         l2_kernel,
         args.initrd.as_deref(),
-        args.system_map.as_deref().filter(|_| probing),
-        btf.as_deref(),
-        unwind.as_deref(),
+        &L2KernelInfo {
+            system_map: args.system_map.as_deref().filter(|_| probing),
+            btf: btf.as_deref(),
+            unwind: unwind.as_deref(),
+        },
         &inner,
     )?;
 
