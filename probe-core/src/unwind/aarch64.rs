@@ -238,7 +238,7 @@ mod tests {
     }
 
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(crate::unwind::testing::fuzz_cases(2000)))]
 
         /// Any stack contents: the walk ends within the frame limit, without a panic.
         #[test]

@@ -528,6 +528,15 @@ pub mod testing {
         Stacks::new(task_stacks(page))
     }
 
+    /// Cases per fuzzing property: `HVPROBE_FUZZ_CASES`, else `default` (what `cargo test`
+    /// runs each time).
+    pub fn fuzz_cases(default: u32) -> u32 {
+        std::env::var("HVPROBE_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    }
+
     /// [`task_stack`]'s stack alone.
     pub fn task_stacks(page: u64) -> Vec<KnownStack> {
         vec![KnownStack {

@@ -325,7 +325,7 @@ mod fuzz {
     use super::*;
 
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(crate::unwind::testing::fuzz_cases(3000)))]
 
         /// Arbitrary section bytes parse or are refused, never panic; a parsed table's
         /// indexed lookups agree with a search of the whole table.
