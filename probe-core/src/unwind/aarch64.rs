@@ -142,7 +142,6 @@ mod tests {
 
     use super::*;
     use crate::fake::aarch64::{STACK_GPA, STACK_VA, TCR, TEXT_VA, machine};
-    use crate::probe::ReturnRecovery;
     use crate::unwind::testing::{layout, task_stack};
 
     const T: u64 = TEXT_VA;
@@ -158,16 +157,7 @@ mod tests {
 
     fn walk_at(mem: &GuestMemoryMmap, regs: &crate::arch::aarch64::Registers) -> StackTrace {
         let unwinder = KernelUnwinder::<Aarch64>::from_parts((), layout(true));
-        let ctx = ProbeContext {
-            vcpu: 0,
-            location: "f",
-            address: regs.pc,
-            time: std::time::Duration::ZERO,
-            regs,
-            entry_regs: None,
-            mem,
-            returns: ReturnRecovery::default(),
-        };
+        let ctx = crate::fake::aarch64::context(mem, regs);
         let mut reader = StackReader::new(&ctx);
         Aarch64::walk(&ctx, &unwinder, &mut reader, &task_stack(S), 0)
     }
