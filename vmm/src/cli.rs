@@ -396,10 +396,7 @@ fn stack_wiring(
     if !args.wants_stacks() {
         return Ok(None);
     }
-    let asked = args.stack
-        || args.stacks.is_some()
-        || args.flamegraph.is_some()
-        || args.probes.iter().any(|p| p.contains("stacktrace"));
+    let asked = args.asks_for_stacks();
     let made = (|| -> Result<StackWiring> {
         let btf = btf
             .context("stack traces need the guest kernel's BTF (--btf)")?

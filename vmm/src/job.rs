@@ -418,17 +418,20 @@ impl Job {
         <Wrap as clap::Parser>::parse_from(["hvprobe"]).job
     }
 
-    /// Whether any probe asks for stacks (`--stack`, a `stacktrace` definition, a stacks
-    /// file), or a live session might.
-    pub fn wants_stacks(&self) -> bool {
+    /// Whether the run asks for stacks: `--stack`, a stacks file, a `stacktrace` definition.
+    pub fn asks_for_stacks(&self) -> bool {
         self.stack
             || self.stacks.is_some()
             || self.flamegraph.is_some()
-            || self.api_socket.is_some()
             || self
                 .probes
                 .iter()
                 .any(|p| is_definition(p) && ProbeDefinition::parse(p).is_ok_and(|d| d.stacktrace))
+    }
+
+    /// Whether the run may need stacks: it asks for them, or a live session might.
+    pub fn wants_stacks(&self) -> bool {
+        self.asks_for_stacks() || self.api_socket.is_some()
     }
 
     /// The guest's architecture: `--arch`, else the host's.

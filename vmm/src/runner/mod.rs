@@ -496,7 +496,7 @@ fn carried_unwind_tables(args: &Job) -> Result<Option<Vec<u8>>, crate::stacks::S
     };
     match crate::stacks::read_tables(None, args.btf.as_deref(), &map) {
         Ok(t) => Ok(Some(t.to_bytes())),
-        Err(_) if args.api_socket.is_some() && !args.stack => Ok(None),
+        Err(_) if !args.asks_for_stacks() => Ok(None),
         Err(e) => Err(e),
     }
 }
