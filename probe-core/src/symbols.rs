@@ -49,6 +49,26 @@ impl Symbol {
     }
 }
 
+/// How kallsyms orders symbols that share an address (`compare_symbols` in
+/// `scripts/kallsyms.c`), lowest first: strong before weak, then not a linker-script marker
+/// (`__start_*`, `__stop_*`, `__end_*`, `__*_start`, `__*_end`), then fewer leading
+/// underscores. Its lookups name the first.
+fn kallsyms_rank(s: &Symbol) -> (bool, bool, usize) {
+    let n = s.name.as_str();
+    let marker = n.len() >= 8
+        && n.starts_with("__")
+        && (n[2..].starts_with("start_")
+            || n[2..].starts_with("stop_")
+            || n[2..].starts_with("end_")
+            || n.ends_with("_start")
+            || n.ends_with("_end"));
+    (
+        matches!(s.kind, 'w' | 'W'),
+        marker,
+        n.len() - n.trim_start_matches('_').len(),
+    )
+}
+
 /// The kernel's symbol table, searchable by name and by address.
 #[derive(Debug, Clone, Default)]
 pub struct SymbolMap {
@@ -89,7 +109,8 @@ impl SymbolMap {
                 name: name.to_string(),
             });
         }
-        symbols.sort_by_key(|s| s.addr);
+        // Aliases (symbols at one address) in the order kallsyms prefers them, first first.
+        symbols.sort_by_key(|s| (s.addr, kallsyms_rank(s)));
         let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
         for (i, s) in symbols.iter().enumerate() {
             by_name.entry(s.name.clone()).or_default().push(i);
@@ -145,10 +166,14 @@ impl SymbolMap {
         Ok((sym.addr.checked_add(offset).ok_or_else(bad)?, Some(sym)))
     }
 
-    /// The symbol `addr` falls in (the last one at or below it) and the offset into it.
+    /// The symbol `addr` falls in (the last address at or below it; of several symbols
+    /// there, the one kallsyms names, so that addresses read as the guest's own traces read)
+    /// and the offset into it.
     pub fn containing(&self, addr: u64) -> Option<(&Symbol, u64)> {
         let idx = self.by_addr.partition_point(|s| s.addr <= addr);
-        let sym = self.by_addr.get(idx.checked_sub(1)?)?;
+        let at = self.by_addr.get(idx.checked_sub(1)?)?.addr;
+        let first = self.by_addr.partition_point(|s| s.addr < at);
+        let sym = &self.by_addr[first];
         Some((sym, addr - sym.addr))
     }
 
@@ -318,5 +343,26 @@ ffffffff82000000 D _etext
         assert_eq!(at(0xffff_8000_0801_0000), None);
         let x86 = SymbolMap::parse("ffffffff81000000 T _stext\n").unwrap();
         assert_eq!(x86.relocated_text(0xffff_ffff_8100_0000), None);
+    }
+}
+
+#[cfg(test)]
+mod alias_tests {
+    use super::*;
+
+    #[test]
+    fn aliases_are_named_as_kallsyms_names_them() {
+        let map = SymbolMap::parse(
+            "ffff800008010000 T __softirqentry_text_start\n\
+             ffff800008010000 T __do_softirq\n\
+             ffff800008010100 W weak_one\n\
+             ffff800008010100 T strong_one\n\
+             ffff800008010200 T next\n",
+        )
+        .unwrap();
+        assert_eq!(map.describe(0xffff_8000_0801_001c), "__do_softirq+0x1c");
+        assert_eq!(map.describe(0xffff_8000_0801_0104), "strong_one+0x4");
+        let s = map.lookup("strong_one").unwrap();
+        assert_eq!(map.size_of(s), Some(0x100));
     }
 }

@@ -198,7 +198,8 @@ pub(super) fn the_readmes_flame_graph_command_writes_folded_stacks_of_the_syscal
     let out = run_probed(
         "1",
         "getpid-loop 100; fork-exec-loop 20",
-        &["p:hv/a vfs_read stacktrace"],
+        // A return probe beside it: its stacks are those of its entries.
+        &["p:hv/a vfs_read stacktrace", "r:hv/r ksys_read stacktrace"],
         &[
             "--quiet",
             "--stacks",
@@ -229,16 +230,28 @@ pub(super) fn the_readmes_flame_graph_command_writes_folded_stacks_of_the_syscal
     ]);
     let _ = std::fs::remove_dir_all(&dir);
     let hits = out.probe("vfs_read").hits;
-    let mut total = 0;
+    let returns = out.probe("ksys_read").returns;
+    let (mut total, mut total_r) = (0, 0);
     for line in text.lines() {
         let (stack, count) = line.rsplit_once(' ').expect("STACK COUNT");
-        total += count.parse::<u64>().expect("a count");
-        assert!(
-            stack.starts_with("hv/a;") && stack.ends_with(";vfs_read"),
-            "{line}"
-        );
+        let count = count.parse::<u64>().expect("a count");
+        if stack.starts_with("hv/r;") {
+            // The entry's stack: the function itself innermost, its callers outwards.
+            assert!(stack.ends_with(";ksys_read"), "{line}");
+            total_r += count;
+        } else {
+            assert!(
+                stack.starts_with("hv/a;") && stack.ends_with(";vfs_read"),
+                "{line}"
+            );
+            total += count;
+        }
     }
     assert_eq!(total, hits, "every hit's stack is counted once\n{text}");
+    assert_eq!(
+        total_r, returns,
+        "every return's entry stack is counted once\n{text}"
+    );
     let path = match guest_arch() {
         GuestArch::X86_64 => "hv/a;entry_SYSCALL_64_after_hwframe;do_syscall_64;ksys_read;vfs_read",
         GuestArch::Aarch64 => {
@@ -251,7 +264,7 @@ pub(super) fn the_readmes_flame_graph_command_writes_folded_stacks_of_the_syscal
     );
     assert_eq!(
         out.summary().stacks.iter().map(|s| s.count).sum::<u64>(),
-        hits
+        hits + returns
     );
     assert!(
         picture.contains("<svg") && picture.contains("ksys_read")
