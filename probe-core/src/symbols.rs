@@ -49,11 +49,10 @@ impl Symbol {
     }
 }
 
-/// How kallsyms orders symbols that share an address (`compare_symbols` in
+/// How kallsyms prefers symbols that share an address (`compare_symbols` in
 /// `scripts/kallsyms.c`), lowest first: strong before weak, then not a linker-script marker
-/// (`__start_*`, `__stop_*`, `__end_*`, `__*_start`, `__*_end`), then fewer leading
-/// underscores. Its lookups name the first.
-fn kallsyms_rank(s: &Symbol) -> (bool, bool, usize) {
+/// (`__start_*`, `__stop_*`, `__end_*`, `__*_start`, `__*_end`).
+fn kallsyms_rank(s: &Symbol) -> (bool, bool) {
     let n = s.name.as_str();
     let marker = n.len() >= 8
         && n.starts_with("__")
@@ -62,11 +61,7 @@ fn kallsyms_rank(s: &Symbol) -> (bool, bool, usize) {
             || n[2..].starts_with("end_")
             || n.ends_with("_start")
             || n.ends_with("_end"));
-    (
-        matches!(s.kind, 'w' | 'W'),
-        marker,
-        n.len() - n.trim_start_matches('_').len(),
-    )
+    (matches!(s.kind, 'w' | 'W'), marker)
 }
 
 /// The kernel's symbol table, searchable by name and by address.
@@ -109,7 +104,8 @@ impl SymbolMap {
                 name: name.to_string(),
             });
         }
-        // Aliases (symbols at one address) in the order kallsyms prefers them, first first.
+        // Aliases (symbols at one address) in the order kallsyms prefers them, best first
+        // (a stable sort: System.map order within a rank).
         symbols.sort_by_key(|s| (s.addr, kallsyms_rank(s)));
         let mut by_name: HashMap<String, Vec<usize>> = HashMap::new();
         for (i, s) in symbols.iter().enumerate() {
@@ -167,13 +163,19 @@ impl SymbolMap {
     }
 
     /// The symbol `addr` falls in (the last address at or below it; of several symbols
-    /// there, the one kallsyms names, so that addresses read as the guest's own traces read)
-    /// and the offset into it.
+    /// there, a function rather than a section marker, as kallsyms names it, so that
+    /// addresses read as the guest's own traces read) and the offset into it.
     pub fn containing(&self, addr: u64) -> Option<(&Symbol, u64)> {
         let idx = self.by_addr.partition_point(|s| s.addr <= addr);
         let at = self.by_addr.get(idx.checked_sub(1)?)?.addr;
         let first = self.by_addr.partition_point(|s| s.addr < at);
-        let sym = &self.by_addr[first];
+        let best = kallsyms_rank(&self.by_addr[first]);
+        // Of the preferred ones, the last in System.map order (as before for plain aliases,
+        // such as a syscall's `__do_sys_*`/`__x64_sys_*` pair).
+        let sym = self.by_addr[first..]
+            .iter()
+            .take_while(|s| s.addr == at && kallsyms_rank(s) == best)
+            .last()?;
         Some((sym, addr - sym.addr))
     }
 
@@ -357,11 +359,14 @@ mod alias_tests {
              ffff800008010000 T __do_softirq\n\
              ffff800008010100 W weak_one\n\
              ffff800008010100 T strong_one\n\
-             ffff800008010200 T next\n",
+             ffff800008010200 t __do_sys_getpid\n\
+             ffff800008010200 T __x64_sys_getpid\n\
+             ffff800008010300 T next\n",
         )
         .unwrap();
         assert_eq!(map.describe(0xffff_8000_0801_001c), "__do_softirq+0x1c");
         assert_eq!(map.describe(0xffff_8000_0801_0104), "strong_one+0x4");
+        assert_eq!(map.describe(0xffff_8000_0801_0201), "__x64_sys_getpid+0x1");
         let s = map.lookup("strong_one").unwrap();
         assert_eq!(map.size_of(s), Some(0x100));
     }
