@@ -617,7 +617,7 @@ fn run_on_host(args: &Job) -> Result<i32> {
     if let Some(f) = &folded {
         summary.stacks = f.sorted().into_iter().map(StackCount::from).collect();
         stacks::write_files(
-            &f.text(),
+            &summary.stacks,
             args.stacks.as_deref(),
             args.flamegraph.as_deref(),
         )?;

@@ -135,7 +135,7 @@ impl HandlerWiring {
                         hub.publish(&streamed, &|f| match f {
                             StreamFormat::Text => format!("{}\n", text()),
                             StreamFormat::Json => {
-                                format!("{}\n", report::hit_json_with_stack(ctx, stack.as_ref()))
+                                format!("{}\n", report::hit_json(ctx, stack.as_ref()))
                             }
                         });
                     }

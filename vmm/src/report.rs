@@ -31,18 +31,21 @@ pub fn hit_line(ctx: &ProbeContext<'_>) -> String {
 }
 
 /// The JSON object of one hit of a bare probe (what a `json` event stream gets): time, vCPU,
-/// probe, PC and the first four argument registers.
-pub fn hit_json(ctx: &ProbeContext<'_>) -> String {
+/// probe, PC and the first four argument registers, and the hit's stack fields if it has one.
+pub fn hit_json(ctx: &ProbeContext<'_>, stack: Option<&HitStack>) -> String {
     let r = ctx.regs;
     let args: Vec<u64> = (0..4).map(|n| r.arg(n).unwrap_or(0)).collect();
-    serde_json::json!({
+    let mut obj = serde_json::json!({
         "time": ctx.time.as_secs_f64(),
         "cpu": ctx.vcpu,
         "event": ctx.location,
         "pc": r.pc(),
         "args": args,
-    })
-    .to_string()
+    });
+    if let (Some(s), Some(o)) = (stack, obj.as_object_mut()) {
+        s.json_fields(o);
+    }
+    obj.to_string()
 }
 
 /// Whether a definition's task filter lets the hit in `ctx` be reported (true without one).
@@ -214,19 +217,4 @@ pub fn with_stack(mut line: String, stack: Option<&HitStack>) -> String {
         line.push_str(s.text().trim_end_matches('\n'));
     }
     line
-}
-
-/// A bare probe's JSON hit with the hit's stack fields added.
-pub fn hit_json_with_stack(ctx: &ProbeContext<'_>, stack: Option<&HitStack>) -> String {
-    let json = hit_json(ctx);
-    match stack {
-        None => json,
-        Some(s) => {
-            let mut v: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
-            if let Some(o) = v.as_object_mut() {
-                s.json_fields(o);
-            }
-            v.to_string()
-        }
-    }
 }

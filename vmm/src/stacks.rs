@@ -13,6 +13,7 @@ use probe_core::unwind::folded::FoldedStacks;
 use probe_core::unwind::{KernelUnwinder, TraceEnd, UnwindTables};
 
 use crate::arch::Guest;
+use crate::summary::StackCount;
 
 /// Errors of setting up stack traces or writing their files.
 #[derive(Debug, thiserror::Error)]
@@ -131,13 +132,19 @@ pub fn unwinder(
     KernelUnwinder::new(tables, btf, map).map_err(|e| StackError::Tables(e.to_string()))
 }
 
-/// Writes the folded stacks `text` to `stacks` and renders them as an SVG flame graph to
-/// `flamegraph` (inferno, the Rust port of FlameGraph), whichever are given.
+/// Writes the stacks of a run's summary, folded, to `stacks` and renders them as an SVG flame
+/// graph to `flamegraph` (inferno, the Rust port of FlameGraph), whichever are given: the same
+/// on the host and from an emulated runner's inner summary.
 pub fn write_files(
-    text: &str,
+    counts: &[StackCount],
     stacks: Option<&Path>,
     flamegraph: Option<&Path>,
 ) -> Result<(), StackError> {
+    let text: String = counts
+        .iter()
+        .map(|s| format!("{} {}\n", s.stack, s.count))
+        .collect();
+    let text = text.as_str();
     let failed = |path: &Path| {
         let path = path.to_path_buf();
         move |e: &dyn std::fmt::Display| StackError::Write {
@@ -200,13 +207,17 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let (folded, svg) = (dir.join("s.folded"), dir.join("s.svg"));
         let text = "hv/a;do_syscall_64;ksys_read;vfs_read 3\n";
-        write_files(text, Some(&folded), Some(&svg)).unwrap();
+        let counts = [StackCount {
+            stack: "hv/a;do_syscall_64;ksys_read;vfs_read".into(),
+            count: 3,
+        }];
+        write_files(&counts, Some(&folded), Some(&svg)).unwrap();
         assert_eq!(std::fs::read_to_string(&folded).unwrap(), text);
         let picture = std::fs::read_to_string(&svg).unwrap();
         assert!(picture.starts_with("<?xml") && picture.contains("ksys_read"));
-        write_files("", None, Some(&svg)).unwrap();
+        write_files(&[], None, Some(&svg)).unwrap();
         assert!(std::fs::read_to_string(&svg).unwrap().contains("no stacks"));
-        let bad = write_files(text, Some(&dir.join("missing/dir/x")), None).unwrap_err();
+        let bad = write_files(&counts, Some(&dir.join("missing/dir/x")), None).unwrap_err();
         assert!(bad.to_string().contains("missing/dir/x"), "{bad}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -509,12 +509,7 @@ fn write_stack_files(
 ) -> Result<(), crate::stacks::StackError> {
     let summary: crate::summary::RunSummary = serde_json::from_str(summary_json)
         .map_err(|e| crate::stacks::StackError::Tables(format!("the inner run's summary: {e}")))?;
-    let text: String = summary
-        .stacks
-        .iter()
-        .map(|s| format!("{} {}\n", s.stack, s.count))
-        .collect();
-    crate::stacks::write_files(&text, stacks, flamegraph)
+    crate::stacks::write_files(&summary.stacks, stacks, flamegraph)
 }
 
 fn qemu_stderr_note(stderr: &str) -> String {
