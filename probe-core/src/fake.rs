@@ -121,6 +121,22 @@ impl<A: Arch> VcpuAccess<A> for FakeVcpu<A> {
     }
 }
 
+/// Data pages of the x86_64 fake machine's XOL area: room for [`jump_rings`].
+pub const JUMP_RING_PAGES: u64 = 2;
+
+/// The jump plan's rings in the x86_64 fake machine's XOL data pages: one CPU, 4 records.
+pub fn jump_rings() -> crate::jump::RingLayout {
+    let layout = <X86_64 as crate::arch::Arch>::XOL;
+    let code = 4 * 4096;
+    crate::jump::RingLayout::new(
+        layout.va_base + code,
+        XOL_GPA + layout.table_pages * 4096 + code,
+        1,
+        4,
+    )
+    .unwrap()
+}
+
 /// An x86_64 engine over the fake memory and a vCPU about to run the fake text.
 pub fn machine() -> (ProbeEngine<X86_64, GuestMemoryMmap>, FakeVcpu) {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[
@@ -138,7 +154,9 @@ pub fn machine() -> (ProbeEngine<X86_64, GuestMemoryMmap>, FakeVcpu) {
     mem.write_slice(CODE, GuestAddress(TEXT_GPA)).unwrap();
     let engine = ProbeEngine::new(
         mem,
-        XolArea::new(<X86_64 as crate::arch::Arch>::XOL, XOL_GPA, 4).unwrap(),
+        XolArea::new(<X86_64 as crate::arch::Arch>::XOL, XOL_GPA, 4)
+            .and_then(|x| x.with_data_pages(JUMP_RING_PAGES))
+            .unwrap(),
     )
     .unwrap();
     let mut regs = Registers {
@@ -163,6 +181,7 @@ pub fn context<'a>(mem: &'a GuestMemoryMmap, regs: &'a Registers) -> ProbeContex
         entry_regs: None,
         mem,
         returns: Default::default(),
+        recorded: None,
     }
 }
 
@@ -228,6 +247,7 @@ pub mod aarch64 {
             entry_regs: None,
             mem,
             returns: Default::default(),
+            recorded: None,
         }
     }
 

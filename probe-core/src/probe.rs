@@ -55,6 +55,10 @@ pub struct Probe<A: Arch = Host> {
     pub on_return: Option<Handler<A>>,
     /// Most live instances of a return probe; further entries are counted as `nmissed`.
     pub max_active: usize,
+    /// The handlers need nothing but what a jump record holds (registers, the current task,
+    /// stack words; [`crate::jump`]): the engine may plant a jump instead of a trap where the
+    /// site allows, and run the handlers when the host drains the record. No exit.
+    pub in_guest: bool,
 }
 
 /// Live return-probe instances per probe when not set (kretprobe's floor).
@@ -69,6 +73,7 @@ impl<A: Arch> Clone for Probe<A> {
             post: self.post.clone(),
             on_return: self.on_return.clone(),
             max_active: self.max_active,
+            in_guest: self.in_guest,
         }
     }
 }
@@ -82,6 +87,7 @@ impl<A: Arch> std::fmt::Debug for Probe<A> {
             .field("post", &self.post.is_some())
             .field("on_return", &self.on_return.is_some())
             .field("max_active", &self.max_active)
+            .field("in_guest", &self.in_guest)
             .finish()
     }
 }
@@ -96,7 +102,15 @@ impl<A: Arch> Probe<A> {
             post: None,
             on_return: None,
             max_active: DEFAULT_MAX_ACTIVE,
+            in_guest: false,
         }
+    }
+
+    /// Lets the engine run this probe without an exit (a jump plan) where its site allows:
+    /// say so only when every handler reads no more than a jump record holds.
+    pub fn in_guest(mut self) -> Probe<A> {
+        self.in_guest = true;
+        self
     }
 
     /// A probe from a kprobe_events definition (`p:grp/ev do_sys_openat2 ...`,
@@ -198,6 +212,9 @@ pub struct ProbeContext<'a, A: Arch = Host> {
     pub(crate) mem: &'a dyn GuestPhysMemory,
     /// The real return addresses behind hvprobe's return-probe trampoline, for stack walks.
     pub(crate) returns: ReturnRecovery<'a>,
+    /// For a hit drained from a jump record: the only guest memory the handlers may read
+    /// (the live memory has moved on since).
+    pub(crate) recorded: Option<&'a crate::jump::RecordedMemory>,
 }
 
 /// How a stack walk gets back a return address that one of hvprobe's return probes replaced
@@ -246,6 +263,7 @@ impl<'a, A: Arch> ProbeContext<'a, A> {
             entry_regs: None,
             mem: self.mem,
             returns: self.returns,
+            recorded: self.recorded,
         })
     }
 
@@ -257,6 +275,15 @@ impl<'a, A: Arch> ProbeContext<'a, A> {
 
     /// Reads guest virtual memory of the current address space.
     pub fn read_memory(&self, va: u64, buf: &mut [u8]) -> Result<(), HandlerError> {
+        if let Some(r) = self.recorded {
+            return if r.read(va, buf) {
+                Ok(())
+            } else {
+                Err(HandlerError(format!(
+                    "{va:#x} was not recorded at the hit (a jump-plan hit holds registers, the task and stack words)"
+                )))
+            };
+        }
         read_virt::<A>(self.mem, A::address_space(self.regs), va, buf)
     }
 

@@ -89,6 +89,8 @@ pub struct XolArea {
     layout: XolLayout,
     gpa_base: u64,
     code_pages: u64,
+    /// Writable pages after the code pages (the jump plan's rings), mapped by the same tables.
+    data_pages: u64,
     next: usize,
 }
 
@@ -106,13 +108,47 @@ impl XolArea {
             layout,
             gpa_base,
             code_pages: code_pages as u64,
+            data_pages: 0,
             next: 0,
         })
     }
 
+    /// The same area with `pages` writable data pages after the code pages (the jump plan's
+    /// rings), if the tables can map both.
+    pub fn with_data_pages(mut self, pages: u64) -> Result<XolArea, XolError> {
+        if self.code_pages + pages > self.layout.max_code_pages {
+            return Err(XolError::TooLarge {
+                pages: (self.code_pages + pages) as usize,
+                max: self.layout.max_code_pages,
+            });
+        }
+        self.data_pages = pages;
+        Ok(self)
+    }
+
+    /// Number of writable data pages after the code pages.
+    pub fn data_pages(&self) -> u64 {
+        self.data_pages
+    }
+
+    /// Guest physical address of the first data page.
+    pub fn data_gpa(&self) -> u64 {
+        self.code_gpa() + self.code_pages * PAGE
+    }
+
+    /// Guest virtual address of the first data page.
+    pub fn data_va(&self) -> u64 {
+        self.layout.va_base + self.code_pages * PAGE
+    }
+
+    /// Bytes of the data pages, at the area's end (a writable memslot).
+    pub fn data_bytes(&self) -> u64 {
+        self.data_pages * PAGE
+    }
+
     /// Total size in bytes, tables included: what the VMM must back with memory.
     pub fn size(&self) -> u64 {
-        (self.layout.table_pages + self.code_pages) * PAGE
+        (self.layout.table_pages + self.code_pages + self.data_pages) * PAGE
     }
 
     /// Bytes of the area's own page tables, at its start (a writable memslot); the code pages
@@ -154,6 +190,17 @@ impl XolArea {
     /// Whether `va` lies in the code pages of the area.
     pub fn contains_va(&self, va: u64) -> bool {
         (self.layout.va_base..self.layout.va_base + self.code_pages * PAGE).contains(&va)
+    }
+
+    /// Takes fresh consecutive slots for `len` bytes (a jump plan's trampoline): the first.
+    pub fn allocate_bytes(&mut self, len: u64) -> Result<XolSlot, XolError> {
+        let n = len.div_ceil(self.layout.slot_size).max(1) as usize;
+        if self.next + n > self.capacity() {
+            return Err(XolError::Full(self.capacity()));
+        }
+        let first = self.allocate()?;
+        self.next += n - 1;
+        Ok(first)
     }
 
     /// Takes a fresh slot.

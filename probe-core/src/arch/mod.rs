@@ -70,11 +70,27 @@ pub enum PlanKind {
     Xol,
     /// Copied out of line with its PC-relative operand rewritten.
     XolRiprel,
+    /// A jump into a host-written trampoline that records the hit in the guest: no exit.
+    Jump,
 }
 
 impl PlanKind {
     /// Every kind, in the order statistics list them.
-    pub const ALL: [PlanKind; 3] = [PlanKind::Emulate, PlanKind::Xol, PlanKind::XolRiprel];
+    pub const ALL: [PlanKind; 4] = [
+        PlanKind::Emulate,
+        PlanKind::Xol,
+        PlanKind::XolRiprel,
+        PlanKind::Jump,
+    ];
+
+    /// VM exits one hit of the plan costs at least (a trapped step or a post handler adds
+    /// one).
+    pub fn exits_per_hit(self) -> u32 {
+        match self {
+            PlanKind::Jump => 0,
+            _ => 1,
+        }
+    }
 
     /// Short name, for figures and messages.
     pub fn name(self) -> &'static str {
@@ -82,6 +98,7 @@ impl PlanKind {
             PlanKind::Emulate => "emulate",
             PlanKind::Xol => "xol",
             PlanKind::XolRiprel => "xol-riprel",
+            PlanKind::Jump => "jump",
         }
     }
 }
@@ -431,4 +448,20 @@ pub trait Arch: Sized + Copy + Debug + Default + Send + Sync + 'static {
 
     /// The same key, seen when the function has returned to the trampoline.
     fn frame_at_return(regs: &Self::Registers) -> u64;
+
+    /// The jump plan's patch for a site ([`crate::jump`]): the trampoline that records a hit
+    /// and runs the displaced instruction, and the bytes that jump to it; or why the site (or
+    /// the architecture, so far) cannot take it, and its probes take exits.
+    fn jump_patch(
+        _plan: &PlanOf<Self>,
+        _insn: &Self::Instruction,
+        _spec: &crate::jump::TrampolineSpec,
+    ) -> Result<crate::jump::JumpPatch, &'static str> {
+        Err("the jump plan is not implemented for this architecture yet")
+    }
+
+    /// The registers a jump record holds, as a hit's registers.
+    fn jump_registers(_record: &crate::jump::JumpRecord) -> Self::Registers {
+        Self::Registers::default()
+    }
 }

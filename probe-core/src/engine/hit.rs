@@ -29,6 +29,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 entry_regs: None,
                 mem: &self.mem,
                 returns,
+                recorded: None,
             };
             match catch_unwind(AssertUnwindSafe(|| h(&ctx))) {
                 Ok(Ok(())) => {}
@@ -110,7 +111,12 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 table
                     .sites
                     .get(&t.gpa)
-                    .filter(|s| s.va == pc && s.disarmed.get().is_none())
+                    // A jump site never traps: its hits are recorded in the guest.
+                    .filter(|s| {
+                        s.va == pc
+                            && s.disarmed.get().is_none()
+                            && !matches!(*s.run, SiteRun::Jump { .. })
+                    })
                     .map(|s| (t.gpa, s.probes.clone(), s.run.clone(), s.rate.clone()))
             });
             let Some((gpa, probes, run, rate)) = site else {
@@ -204,6 +210,8 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                         &probes,
                     );
                 }
+                // Filtered out above: a jump site's hits never reach the host as exits.
+                SiteRun::Jump { .. } => break,
             }
         }
         vcpu.set_registers(&regs)?;

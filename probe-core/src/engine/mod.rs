@@ -138,6 +138,14 @@ pub enum PlantErrorKind {
     /// A return probe away from a function's first instruction.
     #[error("a return probe must be on a function's first instruction")]
     NotFunctionEntry,
+    /// A probe that needs exits added to a site that has a jump plan.
+    #[error(
+        "{va:#x} has a jump-plan probe (no exits); a probe that needs exits (a return probe, a post handler, memory reads) cannot join it: remove it first, or plant both with --plan exit"
+    )]
+    JumpSite {
+        /// The site's address.
+        va: u64,
+    },
     /// A return probe the architecture's rule refuses at its address.
     #[error("refusing the return probe: {reason}")]
     ReturnProbeRefused {
@@ -228,6 +236,8 @@ pub struct ProbeStats {
     /// Return instances outstanding: entered, not yet returned (a removed return probe's keep
     /// returning through the trampoline to their real return addresses).
     pub outstanding: usize,
+    /// For a probe that could run in the guest but takes exits: why its site has no jump plan.
+    pub jump_refusal: Option<&'static str>,
 }
 
 struct ProbeEntry<A: Arch> {
@@ -277,6 +287,10 @@ struct Site<A: Arch> {
     disarmed: std::sync::OnceLock<&'static str>,
     /// Hits in the current window, and whether the rate cap paused the site.
     rate: Arc<rate::SiteRate>,
+    /// What the engine wrote over the instruction: the breakpoint, or a jump plan's jump.
+    patch: Vec<u8>,
+    /// Why a probe that could have run in the guest takes exits here.
+    jump_refusal: Option<&'static str>,
 }
 
 /// How a site's instruction runs once its handlers have. Each variant holds exactly the slots
@@ -306,6 +320,12 @@ enum SiteRun<A: Arch> {
         /// applies.
         fixed_up: bool,
     },
+    /// A jump into a trampoline that records hits in the guest's rings (no exit); `tag` names
+    /// the site in its records.
+    Jump {
+        /// The site's tag.
+        tag: u32,
+    },
 }
 
 impl<A: Arch> Clone for SiteRun<A> {
@@ -329,6 +349,7 @@ impl<A: Arch> Clone for SiteRun<A> {
                 trapped: *trapped,
                 fixed_up: *fixed_up,
             },
+            SiteRun::Jump { tag } => SiteRun::Jump { tag: *tag },
         }
     }
 }
@@ -339,7 +360,7 @@ impl<A: Arch> SiteRun<A> {
     fn needs_general_registers(&self) -> bool {
         match self {
             SiteRun::Emulate { emulation, .. } => emulation.needs_general_registers(),
-            SiteRun::OutOfLine { .. } => false,
+            SiteRun::OutOfLine { .. } | SiteRun::Jump { .. } => false,
         }
     }
 
@@ -348,6 +369,7 @@ impl<A: Arch> SiteRun<A> {
         match self {
             SiteRun::Emulate { .. } => PlanKind::Emulate,
             SiteRun::OutOfLine { ool, .. } => ool.kind(),
+            SiteRun::Jump { .. } => PlanKind::Jump,
         }
     }
 }
@@ -501,6 +523,8 @@ pub struct ProbeEngine<A: Arch, M: GuestMemory + Send + Sync> {
     /// The VMM reports exceptions taken inside trapped slots
     /// ([`ProbeEngine::set_slot_exception_rewind`]).
     slot_exception_rewind: AtomicBool,
+    /// The jump plan's rings and what its trampolines read, once enabled.
+    jump: Mutex<jump::JumpState>,
 }
 
 /// Where to plant: the address, and the function start to decode from for the boundary check.
@@ -543,6 +567,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             instruction_syncs: AtomicU64::new(0),
             rate_cap: AtomicU64::new(0),
             slot_exception_rewind: AtomicBool::new(false),
+            jump: Mutex::default(),
         })
     }
 
@@ -646,12 +671,14 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
 }
 
 mod hit;
+mod jump;
 mod memory;
 mod rate;
 mod returns;
 mod stats;
 mod table;
 
+pub use jump::GuestClock;
 use memory::VirtualStack;
 pub use memory::{hash_guest_virtual, read_guest_virtual};
 

@@ -157,6 +157,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 entry_regs: Some(&instance.entry_regs),
                 mem: &self.mem,
                 returns,
+                recorded: None,
             };
             if !matches!(catch_unwind(AssertUnwindSafe(|| h(&ctx))), Ok(Ok(()))) {
                 p.counters.handler_errors.fetch_add(1, Ordering::Relaxed);

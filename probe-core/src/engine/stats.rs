@@ -24,10 +24,12 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                     returns: p.counters.returns.load(Ordering::Relaxed),
                     nmissed: p.counters.nmissed.load(Ordering::Relaxed),
                     outstanding: 0,
+                    jump_refusal: site.jump_refusal,
                 })
             })
             .collect();
         drop(table);
+        self.add_jump_missed(&mut out);
         // The return table is locked on its own (the hit path takes it before the probe
         // table): instances still out, per return probe.
         let returns = self.returns.lock().unwrap_or_else(|e| e.into_inner());

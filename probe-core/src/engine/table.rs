@@ -124,6 +124,12 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         if site.trap != probe.trap {
             return Err(PlantError::new(location, PlantErrorKind::MixedTraps));
         }
+        if matches!(*site.run, SiteRun::Jump { .. }) && !probe.in_guest {
+            return Err(PlantError::new(
+                location,
+                PlantErrorKind::JumpSite { va: site.va },
+            ));
+        }
         let trapped = match &*site.run {
             SiteRun::OutOfLine {
                 ool, trapped: None, ..
@@ -308,12 +314,27 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 },
             ));
         }
+        // A probe that may run in the guest takes a jump where the site allows; else it takes
+        // exits as any other, and the reason is kept for the summary.
+        let (jump, jump_refusal) = if probe.in_guest {
+            match self
+                .jump_spec(probe, fixed_up, target, self.xol_va_base)
+                .and_then(|spec| A::jump_patch(&plan, &insn, &spec).map(|_| spec))
+            {
+                Ok(spec) => (Some(spec), None),
+                Err(why) => (None, Some(why)),
+            }
+        } else {
+            (None, None)
+        };
         Ok(SitePlan {
             insn,
             plan,
             fallback,
             fixed_up,
             hw_index,
+            jump,
+            jump_refusal,
         })
     }
 
@@ -336,7 +357,32 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             fallback,
             fixed_up,
             hw_index,
+            jump,
+            jump_refusal,
         } = site;
+        if let Some(spec) = jump {
+            self.map_xol(&location, space)?;
+            let (tag, patch) = self.commit_jump(&location, gpa, &plan, &insn, spec)?;
+            let id = ProbeId(table.next_id);
+            table.next_id += 1;
+            table.by_probe.insert(id, gpa);
+            table.sites.insert(
+                gpa,
+                Site {
+                    va: target.va,
+                    trap: probe.trap,
+                    saved: insn.bytes()[..patch.len()].to_vec(),
+                    instruction: insn.text().into(),
+                    run: Arc::new(SiteRun::Jump { tag }),
+                    disarmed: std::sync::OnceLock::new(),
+                    rate: Arc::default(),
+                    patch,
+                    jump_refusal: None,
+                    probes: Arc::new(vec![ProbeEntry::new(id, location, probe)]),
+                },
+            );
+            return Ok(id);
+        }
         let copy = match &plan {
             StepPlan::StepOutOfLine(ool) => Some(ool),
             StepPlan::Emulate(_) => fallback.as_ref(),
@@ -424,6 +470,8 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 run: Arc::new(run),
                 disarmed: std::sync::OnceLock::new(),
                 rate: Arc::default(),
+                patch: A::BREAKPOINT.to_vec(),
+                jump_refusal,
                 probes: Arc::new(vec![ProbeEntry::new(id, location, probe)]),
             },
         );
@@ -578,7 +626,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         if !self.mem.read_phys(gpa, &mut now) {
             return Err(RemoveError::Memory { va: site.va, gpa });
         }
-        if now != A::BREAKPOINT {
+        if now != site.patch {
             return Ok(Some(RewrittenSite {
                 va: site.va,
                 found: now,
@@ -659,10 +707,10 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 TrapKind::Software => {
                     let ok = self
                         .mem
-                        .write_slice(A::BREAKPOINT, GuestAddress(gpa))
+                        .write_slice(&site.patch, GuestAddress(gpa))
                         .is_ok();
                     if ok {
-                        self.wrote_code(gpa, A::BREAKPOINT.len());
+                        self.wrote_code(gpa, site.patch.len());
                     }
                     ok
                 }
@@ -747,6 +795,10 @@ struct DecodedSite<A: Arch> {
 
 /// A site as [`ProbeEngine::plan_site`] accepted it, ready to commit.
 struct SitePlan<A: Arch> {
+    /// The jump plan's spec, where the probe may run in the guest and the site allows.
+    jump: Option<crate::jump::TrampolineSpec>,
+    /// Why a probe that may run in the guest takes exits here.
+    jump_refusal: Option<&'static str>,
     insn: A::Instruction,
     plan: PlanOf<A>,
     fallback: Option<A::Copy>,

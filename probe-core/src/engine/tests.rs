@@ -17,6 +17,7 @@ const SLOT_SIZE: u64 = crate::arch::x86_64::xol::LAYOUT.slot_size;
 
 mod aarch64;
 mod conformance;
+mod jump;
 
 fn target(off: u64) -> PlantTarget {
     PlantTarget {

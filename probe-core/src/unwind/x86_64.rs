@@ -448,6 +448,7 @@ mod tests {
             entry_regs: None,
             mem,
             returns,
+            recorded: None,
         };
         let mut reader = StackReader::new(&ctx);
         X86_64::walk(&ctx, &unwinder, &mut reader, &task_stack(S), 0)

@@ -4,6 +4,7 @@
 
 mod decode;
 mod emulate;
+pub mod jump;
 pub mod pagewalk;
 mod regs;
 pub mod xol;
@@ -117,6 +118,18 @@ impl Arch for X86_64 {
     fn frame_at_return(regs: &Registers) -> u64 {
         // The `ret` popped the slot just below the stack pointer.
         regs.get(Gpr::Rsp).wrapping_sub(8)
+    }
+
+    fn jump_patch(
+        plan: &StepPlan,
+        insn: &Instruction,
+        spec: &crate::jump::TrampolineSpec,
+    ) -> Result<crate::jump::JumpPatch, &'static str> {
+        jump::patch(plan, insn, spec)
+    }
+
+    fn jump_registers(record: &crate::jump::JumpRecord) -> Registers {
+        jump::registers(record)
     }
 }
 

@@ -16,7 +16,8 @@
 //! page-table pages for write during walks) that the guest maps nowhere. Accessed and Dirty bits
 //! are preset.
 //!
-//! Layout (one 4 KiB page each): PD, PT, then the code pages holding the slots.
+//! Layout (one 4 KiB page each): PD, PT, then the code pages holding the slots, then any data
+//! pages (the jump plan's rings, [`crate::jump`]): writable to the guest, a writable memslot.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
@@ -41,6 +42,7 @@ pub const LAYOUT: XolLayout = XolLayout {
 const PAGE: u64 = 4096;
 const P: u64 = 1;
 const PS: u64 = 1 << 7;
+const RW: u64 = 1 << 1;
 const A: u64 = 1 << 5;
 const D: u64 = 1 << 6;
 const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
@@ -62,6 +64,11 @@ pub fn write_tables<M: GuestMemory>(area: &XolArea, mem: &M) -> Result<(), XolEr
     for page in 0..area.code_pages() {
         let pte = (area.code_gpa() + page * PAGE) | P | A | D;
         write(mem, pt + page * 8, &pte.to_le_bytes())?;
+    }
+    // The jump plan's rings: writable, after the code pages.
+    for page in 0..area.data_pages() {
+        let pte = (area.data_gpa() + page * PAGE) | P | RW | A | D;
+        write(mem, pt + (area.code_pages() + page) * 8, &pte.to_le_bytes())?;
     }
     Ok(())
 }

@@ -1,0 +1,257 @@
+//! The jump plan in the engine ([`crate::jump`]): which sites take it, their trampolines, and
+//! the drain that turns the guest's records into handler calls on a host thread.
+
+use super::*;
+use crate::arch::PlanOf;
+use crate::jump::{GuestAnchors, JumpPatch, JumpRecord, MAX_JUMP_SITES, RingLayout, TrampolineSpec};
+
+/// How the guest's time stamp counter maps to the engine's clock: read once with the vCPUs
+/// paused (the counter's value then, the engine's time then, and its rate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestClock {
+    /// The counter's value at `at`.
+    pub counter: u64,
+    /// The engine's time when the counter was read.
+    pub at: std::time::Duration,
+    /// Counts per millisecond.
+    pub khz: u64,
+}
+
+impl GuestClock {
+    /// The engine time of counter value `c`.
+    fn time_of(&self, c: u64) -> std::time::Duration {
+        let delta = c.wrapping_sub(self.counter) as i64;
+        let micros = (i128::from(delta) * 1000 / i128::from(self.khz.max(1))) as i64;
+        if micros >= 0 {
+            self.at + std::time::Duration::from_micros(micros as u64)
+        } else {
+            self.at
+                .saturating_sub(std::time::Duration::from_micros(micros.unsigned_abs()))
+        }
+    }
+}
+
+/// The jump plan's state: the rings (none until enabled), what the trampolines read, the
+/// guest clock, and the site of each tag.
+#[derive(Debug, Default)]
+pub(super) struct JumpState {
+    rings: Option<RingLayout>,
+    anchors: GuestAnchors,
+    clock: Option<GuestClock>,
+    /// Guest physical address of each tag's site.
+    sites: Vec<u64>,
+}
+
+impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
+    /// Enables the jump plan: its rings at `rings` (in the XOL area's data pages, zeroed now),
+    /// the trampolines reading the current CPU and task through `anchors`. Call before
+    /// planting; probes marked [`Probe::in_guest`] then take a jump where the site allows.
+    pub fn enable_jump(&self, rings: RingLayout, anchors: GuestAnchors) -> bool {
+        if !rings.clear(&self.mem) {
+            return false;
+        }
+        let mut j = self.jump.lock().unwrap_or_else(|e| e.into_inner());
+        j.rings = Some(rings);
+        j.anchors = anchors;
+        true
+    }
+
+    /// Says how the guest's time stamp counter maps to the engine's clock, so that drained
+    /// hits carry the time they happened; `counter` is read now.
+    pub fn set_guest_clock(&self, counter: u64, khz: u64) {
+        let clock = GuestClock {
+            counter,
+            at: self.start.elapsed(),
+            khz,
+        };
+        self.jump.lock().unwrap_or_else(|e| e.into_inner()).clock = Some(clock);
+    }
+
+    /// Whether any site has a jump plan (the VMM then runs a drain).
+    pub fn has_jump_sites(&self) -> bool {
+        !self
+            .jump
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .sites
+            .is_empty()
+    }
+
+    /// Hits the trampolines could not record: on a CPU past the last ring, and in full or
+    /// nested rings. `None` without rings.
+    pub fn jump_dropped(&self) -> Option<(u64, u64)> {
+        let j = self.jump.lock().unwrap_or_else(|e| e.into_inner());
+        j.rings.map(|r| r.dropped(&self.mem))
+    }
+
+    /// Runs the handlers of every hit recorded in the rings since the last drain, per ring in
+    /// order: counts them as hits of their probes (and of the jump plan). Call from one thread
+    /// at a time (the VMM's drain thread, and once more with the vCPUs paused at the end).
+    /// Returns how many records it took.
+    pub fn drain_jump_rings(&self) -> usize {
+        let (rings, anchors, clock, sites) = {
+            let j = self.jump.lock().unwrap_or_else(|e| e.into_inner());
+            match j.rings {
+                Some(r) if !j.sites.is_empty() => (r, j.anchors, j.clock, j.sites.clone()),
+                _ => return 0,
+            }
+        };
+        let mut taken = 0;
+        for cpu in 0..rings.cpus {
+            taken += rings.drain(&self.mem, cpu, |rec| {
+                self.deliver(cpu, rec, &anchors, clock, &sites);
+            });
+        }
+        taken
+    }
+
+    /// One recorded hit: its site's probes' pre-handlers, against the recorded registers and
+    /// memory. A record whose tag names no live jump site (removed since, or forged by the
+    /// guest, which can write the rings) is dropped.
+    fn deliver(
+        &self,
+        cpu: u32,
+        rec: &JumpRecord,
+        anchors: &GuestAnchors,
+        clock: Option<GuestClock>,
+        sites: &[u64],
+    ) {
+        let Some(&gpa) = sites.get(rec.tag as usize) else {
+            return;
+        };
+        let (va, probes) = {
+            let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+            match table.sites.get(&gpa) {
+                Some(s) if matches!(*s.run, SiteRun::Jump { tag } if tag == rec.tag) => {
+                    (s.va, s.probes.clone())
+                }
+                _ => return,
+            }
+        };
+        let regs = A::jump_registers(rec);
+        let memory = rec.memory(regs.sp(), anchors);
+        let time = clock.map_or_else(|| self.start.elapsed(), |c| c.time_of(rec.time));
+        self.exits.by_plan[PlanKind::Jump as usize].fetch_add(1, Ordering::Relaxed);
+        for p in probes.iter() {
+            p.counters.hits.fetch_add(1, Ordering::Relaxed);
+            let Some(h) = &p.pre else { continue };
+            let ctx = ProbeContext {
+                vcpu: cpu,
+                location: &p.location,
+                address: va,
+                time,
+                regs: &regs,
+                entry_regs: None,
+                mem: &self.mem,
+                returns: ReturnRecovery::default(),
+                recorded: Some(&memory),
+            };
+            match catch_unwind(AssertUnwindSafe(|| h(&ctx))) {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => {
+                    p.counters.handler_errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// The trampolines' missed counts added to their probes' missed.
+    pub(super) fn add_jump_missed(&self, stats: &mut [ProbeStats]) {
+        let j = self.jump.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(rings) = j.rings else { return };
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+        for s in stats.iter_mut().filter(|s| s.plan == PlanKind::Jump) {
+            let tag = table
+                .by_probe
+                .get(&s.id)
+                .and_then(|gpa| table.sites.get(gpa))
+                .and_then(|site| match *site.run {
+                    SiteRun::Jump { tag } => Some(tag),
+                    _ => None,
+                });
+            if let Some(tag) = tag {
+                s.missed += rings.site_missed(&self.mem, tag);
+            }
+        }
+    }
+
+    /// Why `probe` at `target` cannot take a jump plan, or the next tag and a spec to generate
+    /// its trampoline with (at `at`).
+    pub(super) fn jump_spec(
+        &self,
+        probe: &Probe<A>,
+        fixed_up: bool,
+        target: PlantTarget,
+        at: u64,
+    ) -> Result<TrampolineSpec, &'static str> {
+        if probe.trap != TrapKind::Software {
+            return Err("the probe asks for a hardware breakpoint");
+        }
+        if probe.post.is_some() || probe.on_return.is_some() {
+            return Err("a post handler or a return probe needs exits");
+        }
+        if fixed_up {
+            return Err(
+                "the instruction has an exception-table entry: a fault in a copy could not be fixed up",
+            );
+        }
+        let j = self.jump.lock().unwrap_or_else(|e| e.into_inner());
+        let rings = j.rings.ok_or("the jump plan is off (--plan exit, or no rings)")?;
+        if j.sites.len() >= MAX_JUMP_SITES as usize {
+            return Err("every jump-site counter is in use");
+        }
+        Ok(TrampolineSpec {
+            tag: j.sites.len() as u32,
+            site: target.va,
+            at,
+            rings,
+            anchors: j.anchors,
+        })
+    }
+
+    /// Writes a jump site: the trampoline into fresh XOL slots (read-only to the guest), the
+    /// area mapped, and then the jump over the instruction. Returns the site's tag and what was
+    /// written over it.
+    pub(super) fn commit_jump(
+        &self,
+        location: &str,
+        gpa: u64,
+        plan: &PlanOf<A>,
+        insn: &A::Instruction,
+        spec: TrampolineSpec,
+    ) -> Result<(u32, Vec<u8>), PlantError> {
+        let refused = |why: &'static str| {
+            PlantError::new(
+                location,
+                PlantErrorKind::Refused {
+                    source: Refusal {
+                        va: spec.site,
+                        text: insn.text().into(),
+                        reason: why,
+                    },
+                },
+            )
+        };
+        // The trampoline's length does not depend on where it goes: size it first.
+        let JumpPatch { trampoline, .. } = A::jump_patch(plan, insn, &spec).map_err(refused)?;
+        let slot = self
+            .xol
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .allocate_bytes(trampoline.len() as u64)
+            .map_err(|source| PlantError::new(location, PlantErrorKind::Xol { source }))?;
+        let spec = TrampolineSpec { at: slot.va, ..spec };
+        let JumpPatch { trampoline, site } = A::jump_patch(plan, insn, &spec).map_err(refused)?;
+        self.mem
+            .write_slice(&trampoline, GuestAddress(slot.gpa))
+            .map_err(|_| PlantError::new(location, PlantErrorKind::Memory { gpa: slot.gpa }))?;
+        self.wrote_code(slot.gpa, trampoline.len());
+        self.mem
+            .write_slice(&site, GuestAddress(gpa))
+            .map_err(|_| PlantError::new(location, PlantErrorKind::Memory { gpa }))?;
+        self.wrote_code(gpa, site.len());
+        let mut j = self.jump.lock().unwrap_or_else(|e| e.into_inner());
+        j.sites.push(gpa);
+        Ok((spec.tag, site))
+    }
+}
