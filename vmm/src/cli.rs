@@ -13,6 +13,7 @@ use std::sync::atomic::AtomicU64;
 use probe_core::definition::ProbeKind;
 use probe_core::guest_kprobes::KprobeTableLayout;
 use probe_core::probe::TrapKind;
+use probe_core::jump::{GuestAnchors, TaskOffsets};
 use probe_core::task::TaskLayout;
 use probe_core::xol::XolArea;
 
@@ -24,7 +25,8 @@ pub use crate::job::{
     read_btf,
 };
 use crate::machine::ApiSetup;
-use crate::machine::{self, Outcome, ProbeReport, ProbeSetup, RunOptions, RunReport};
+use crate::job::PlanChoice;
+use crate::machine::{self, JumpSetup, Outcome, ProbeReport, ProbeSetup, RunOptions, RunReport};
 use crate::output::TraceOutput;
 use crate::refusal::{RefusedProbe, refusal_list};
 use crate::report::RetvalHistogram;
@@ -342,8 +344,9 @@ fn refused_before_run(args: &Job, refused: Vec<RefusedProbe>) -> Result<i32> {
     Ok(code)
 }
 
-/// XOL code pages reserved for a run with probes (128 slots a page).
-const XOL_PAGES: usize = 64;
+/// XOL code pages reserved for a run with probes (128 slots a page; a jump plan's trampoline
+/// takes about 1.3 KiB).
+const XOL_PAGES: usize = 256;
 
 /// What hardware-breakpoint probes cost the guest, said once at start: KVM loads either the
 /// host's debug registers or the guest's, never both.
@@ -503,8 +506,21 @@ fn probe_setup(
     let stacks = stack_wiring(args, btf.as_ref(), &map)?;
     *folded = stacks.as_ref().map(|s| s.folded.clone());
     let slide = Arc::new(AtomicU64::new(0));
+    let jump = match args.plan {
+        PlanChoice::Exit => None,
+        PlanChoice::Auto => {
+            probe_core::jump::RingLayout::new(0, 0, args.vcpus, args.ring_records)
+                .context("--ring-records")?;
+            let b = btf.as_ref().and_then(|b| b.as_ref().ok());
+            Some(JumpSetup {
+                records: args.ring_records,
+                anchors: guest_anchors(&map, b, task.as_deref()),
+            })
+        }
+    };
     let wiring = HandlerWiring {
         trap,
+        jump: jump.is_some(),
         print: !args.quiet,
         json: args.json,
         hist: args.hist,
@@ -553,7 +569,45 @@ fn probe_setup(
         }),
         max_rate: args.max_rate,
         guest_kprobes,
+        jump,
     }))
+}
+
+/// Where the guest keeps what the jump plan's trampolines read: the per-CPU CPU number,
+/// current task and per-CPU base (System.map; `pcpu_hot` from 6.2 on, through BTF), and the
+/// `task_struct` offsets of pid, tgid, comm and the stack (BTF). What is missing is simply not
+/// recorded (a kernel without `cpu_number` gets no jump sites).
+fn guest_anchors(
+    map: &SymbolMap,
+    btf: Option<&probe_core::btf::Btf>,
+    task: Option<&TaskLayout>,
+) -> GuestAnchors {
+    let hot = |member: &str| {
+        let base = map.lookup("pcpu_hot").ok()?.addr;
+        Some(base + btf?.member_offset("pcpu_hot", member).ok()?)
+    };
+    let per_cpu = |sym: &str| {
+        map.lookup(sym)
+            .ok()
+            .map(|s| s.addr)
+            .or_else(|| hot(sym))
+    };
+    let offsets = btf.and_then(|b| {
+        let m = |f: &str| b.member_offset("task_struct", f).ok();
+        Some(TaskOffsets {
+            pid: m("pid")?,
+            tgid: m("tgid")?,
+            comm: m("comm")?,
+            stack: m("stack")?,
+        })
+    });
+    GuestAnchors {
+        cpu_number: per_cpu("cpu_number"),
+        current_task: task.and_then(|t| t.current_task),
+        this_cpu_off: per_cpu("this_cpu_off"),
+        task: offsets,
+        thread_size: <crate::arch::Guest as probe_core::arch::Arch>::KERNEL_STACK_SIZE,
+    }
 }
 
 fn run_on_host(args: &Job) -> Result<i32> {
@@ -595,17 +649,21 @@ fn run_on_host(args: &Job) -> Result<i32> {
             cmdline,
             vcpus: args.vcpus,
             memory_mib: args.memory,
-            xol_bytes: if probes.is_some() {
-                XolArea::new(
+            xol_bytes: match &probes {
+                Some(setup) => XolArea::new(
                     <crate::arch::Guest as probe_core::arch::Arch>::XOL,
                     0,
                     XOL_PAGES,
                 )
+                .and_then(|x| x.with_data_pages(setup.jump.map_or(0, |j| j.pages(args.vcpus))))
                 .map(|x| x.size())
-                .unwrap_or(0)
-            } else {
-                0
+                .context("the XOL area")?,
+                None => 0,
             },
+            xol_data_bytes: probes
+                .as_ref()
+                .and_then(|s| s.jump)
+                .map_or(0, |j| j.pages(args.vcpus) * 4096),
         },
         timeout: args.effective_timeout(),
         forward_stdin: true,

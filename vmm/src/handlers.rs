@@ -24,6 +24,9 @@ use probe_core::catalog::{self, FunctionInfo, KprobeBlacklist};
 pub struct HandlerWiring {
     /// The trap every probe uses.
     pub trap: TrapKind,
+    /// The jump plan is on (`--plan auto`): probes whose handlers need only what a jump
+    /// record holds may run without exits.
+    pub jump: bool,
     /// Print a line per hit (not `--quiet`).
     pub print: bool,
     /// Lines as JSON (`--json`).
@@ -66,6 +69,13 @@ impl HandlerWiring {
         hists.extend(hist.clone());
         let mut probe = Probe::new(resolved.location);
         probe.trap = self.trap;
+        probe.in_guest = self.jump && self.trap == TrapKind::Software && {
+            let stacks = self.stacks.as_ref().is_some_and(|s| s.all);
+            match &resolved.definition {
+                Some(def) => !stacks && probe_core::jump::in_guest_refusal(def).is_none(),
+                None => !stacks,
+            }
+        };
         // A return definition makes a return probe, printed or not.
         let max_active = resolved.definition.as_ref().and_then(|d| d.max_active());
         if let Some(n) = max_active {

@@ -115,6 +115,18 @@ pub struct Job {
     /// Which trap the probes use [auto: int3 if this KVM delivers int3 exits, else hardware].
     #[arg(long, value_enum, default_value_t = TrapChoice::Auto)]
     pub trap: TrapChoice,
+    /// How hits reach the host [auto: a jump into a host-written trampoline that records the
+    /// hit in the guest, no exit, where the site and the definition allow; else exits].
+    /// `exit` forces a trap per hit: the choice for security use (the guest can write the
+    /// rings the jump plan records into).
+    #[arg(long, value_enum, default_value_t = PlanChoice::Auto)]
+    #[serde(default)]
+    pub plan: PlanChoice,
+    /// Records in each vCPU's ring of the jump plan (a power of two); a hit finding its ring
+    /// full is dropped and counted as missed.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_RING_RECORDS)]
+    #[serde(default = "default_ring_records")]
+    pub ring_records: u64,
     /// System.map of the guest kernel [default: the default guest's].
     #[arg(long, value_name = "PATH")]
     pub system_map: Option<PathBuf>,
@@ -363,6 +375,23 @@ pub fn problem_list(problems: &[String], what: &str) -> String {
         [one] => one.clone(),
         many => format!("{} {what}:\n  {}", many.len(), many.join("\n  ")),
     }
+}
+
+/// How hits reach the host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+pub enum PlanChoice {
+    /// The jump plan where the site and the definition allow, else exits.
+    #[default]
+    Auto,
+    /// An exit per hit (a trap), always.
+    Exit,
+}
+
+/// Records per ring of the jump plan unless `--ring-records` says.
+pub const DEFAULT_RING_RECORDS: u64 = 64;
+
+fn default_ring_records() -> u64 {
+    DEFAULT_RING_RECORDS
 }
 
 /// Which trap probes use.

@@ -116,6 +116,9 @@ pub struct PausedState {
     pub in_kernel: bool,
     /// What the guest's CPU offers, for the engine's plans.
     pub cpu_features: <Guest as probe_core::arch::Arch>::CpuFeatures,
+    /// The guest's time stamp counter now and its rate in kHz, where KVM tells them: the
+    /// clock of the jump plan's records.
+    pub counter: Option<(u64, u64)>,
 }
 
 /// The engine type the VMM uses: the host's architecture over mmap'd guest memory.

@@ -101,8 +101,16 @@ pub struct ProbeSummary {
     pub address: u64,
     /// The probed instruction.
     pub instruction: String,
-    /// The step plan (`emulate`, `xol`, `xol-riprel`).
+    /// The plan (`emulate`, `xol`, `xol-riprel`: a trap per hit; `jump`: no exit).
     pub plan: PlanKind,
+    /// VM exits a hit costs at least: 0 for the jump plan, 1 for a trap (a trapped step or a
+    /// post handler adds one).
+    #[serde(default)]
+    pub exits_per_hit: u32,
+    /// Why a probe that could have run in the guest takes exits (its site cannot take a
+    /// jump).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_jump: Option<String>,
     /// `int3`, `brk` or `hw`.
     pub trap: TrapName,
     /// Times a vCPU reached it.
@@ -127,6 +135,8 @@ impl ProbeSummary {
             address: s.address,
             instruction: s.instruction.clone(),
             plan: s.plan,
+            exits_per_hit: s.plan.exits_per_hit(),
+            no_jump: s.jump_refusal.map(str::to_string),
             trap: TrapName::of(s.trap),
             hits: s.hits,
             missed: s.missed,
@@ -155,6 +165,12 @@ impl std::fmt::Display for ProbeSummary {
         )?;
         if self.return_probe {
             write!(f, " returns={} nmissed={}", self.returns, self.nmissed)?;
+        }
+        if self.plan == PlanKind::Jump {
+            write!(f, " exits_per_hit=0")?;
+        }
+        if let Some(why) = &self.no_jump {
+            write!(f, " (no jump: {why})")?;
         }
         Ok(())
     }
@@ -283,10 +299,23 @@ pub struct RunSummary {
     /// Probed bytes the guest rewrote itself, left as it wrote them.
     #[serde(default)]
     pub rewritten: Vec<RewrittenSummary>,
+    /// Hits the jump plan's trampolines could not record: on a vCPU without a ring, and in a
+    /// full ring or nested in another trampoline (each also counted as its probe's missed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jump_dropped: Option<JumpDropped>,
     /// Every distinct kernel stack seen at hits (`--stack`, `stacktrace`), folded
     /// (`event;outermost;...;probed`), most frequent first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stacks: Vec<StackCount>,
+}
+
+/// Hits the jump plan could not record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JumpDropped {
+    /// On a vCPU past the last ring.
+    pub no_ring: u64,
+    /// In a full ring, or nested in another trampoline on the same vCPU (an NMI).
+    pub full_or_nested: u64,
 }
 
 /// One distinct folded stack and how many hits had it.
@@ -409,6 +438,12 @@ impl RunSummary {
             exits: probes
                 .map(|p| ExitSummary::new(&p.exits, p.register_ioctls))
                 .unwrap_or_default(),
+            jump_dropped: probes
+                .and_then(|p| p.jump_dropped)
+                .map(|(no_ring, full_or_nested)| JumpDropped {
+                    no_ring,
+                    full_or_nested,
+                }),
             text: probes.and_then(|p| p.text).map(|t| TextSummary {
                 before: t.before,
                 planted: t.planted,
@@ -482,6 +517,12 @@ impl RunSummary {
                 format!("{:.2}", exits as f64 / plan_hits as f64)
             }
         ));
+        if let Some(d) = self.jump_dropped.filter(|d| d.no_ring + d.full_or_nested > 0) {
+            out.push(format!(
+                "hvprobe: jump plan: hits not recorded: {} in a full ring or nested, {} on a vCPU without a ring (counted as missed)",
+                d.full_or_nested, d.no_ring
+            ));
+        }
         let (reads, writes) = (e.register_reads, e.register_writes);
         if all_exits > 0 {
             out.push(format!(
@@ -567,6 +608,8 @@ mod tests {
             address: 0xffff_ffff_8100_0010,
             instruction: "nop".into(),
             plan,
+            exits_per_hit: plan.exits_per_hit(),
+            no_jump: None,
             trap,
             hits: 3,
             missed: 1,
@@ -587,6 +630,7 @@ mod tests {
             },
             boot_to_init_s: Some(1.5),
             run_s: 3.0,
+            jump_dropped: None,
             probes: vec![
                 probe("f", PlanKind::Emulate, TrapName::Hw, false),
                 probe("r:g", PlanKind::XolRiprel, TrapName::Brk, true),

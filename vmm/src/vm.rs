@@ -114,6 +114,8 @@ pub struct VmConfig {
     pub memory_mib: u64,
     /// Size of the XOL area to reserve (0: none), outside the guest's RAM map.
     pub xol_bytes: u64,
+    /// Bytes at the XOL area's end that the guest may write (the jump plan's rings).
+    pub xol_data_bytes: u64,
 }
 
 /// A VM ready to run: memory loaded, devices attached, vCPUs configured.
@@ -186,9 +188,10 @@ pub fn console_uart(
     Ok((serial, console))
 }
 
-/// Registers guest memory with KVM: one memslot per RAM region; the XOL area as two, its page
-/// tables writable and its code pages read-only, so the guest may execute the slots but never
-/// rewrite them. (The tables are writable because QEMU's TCG, under the emulated runner, probes
+/// Registers guest memory with KVM: one memslot per RAM region; the XOL area as two or three,
+/// its page tables writable, its code pages read-only, so the guest may execute the slots but
+/// never rewrite them, and its data pages (the jump plan's rings, `xol_data_bytes` at its end)
+/// writable. (The tables are writable because QEMU's TCG, under the emulated runner, probes
 /// every guest page-table page for write access during a walk even when Accessed and Dirty are
 /// already set; a read-only table makes each walk a fault that KVM cannot emulate.)
 pub fn register_memory(
@@ -196,6 +199,7 @@ pub fn register_memory(
     memory: &GuestMemoryMmap,
     xol_gpa: u64,
     xol_table_bytes: u64,
+    xol_data_bytes: u64,
 ) -> Result<(), VmError> {
     let mut slots = Vec::new();
     for region in memory.iter() {
@@ -203,14 +207,19 @@ pub fn register_memory(
         let host = memory
             .get_host_address(region.start_addr())
             .expect("region start is inside guest memory") as u64;
-        if start == xol_gpa && region.len() > xol_table_bytes {
+        if start == xol_gpa && region.len() > xol_table_bytes + xol_data_bytes {
+            let code = region.len() - xol_table_bytes - xol_data_bytes;
             slots.push((start, xol_table_bytes, host, 0));
             slots.push((
                 start + xol_table_bytes,
-                region.len() - xol_table_bytes,
+                code,
                 host + xol_table_bytes,
                 kvm_bindings::KVM_MEM_READONLY,
             ));
+            if xol_data_bytes > 0 {
+                let at = xol_table_bytes + code;
+                slots.push((start + at, xol_data_bytes, host + at, 0));
+            }
         } else {
             slots.push((start, region.len(), host, 0));
         }

@@ -85,10 +85,11 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
     }
 
     /// Runs the handlers of every hit recorded in the rings since the last drain, per ring in
-    /// order: counts them as hits of their probes (and of the jump plan). Call from one thread
-    /// at a time (the VMM's drain thread, and once more with the vCPUs paused at the end).
-    /// Returns how many records it took.
+    /// order: counts them as hits of their probes (and of the jump plan). One drainer at a
+    /// time (the VMM's drain thread, and with the vCPUs paused before removals and at the
+    /// end). Returns how many records it took.
     pub fn drain_jump_rings(&self) -> usize {
+        let _one = self.draining.lock().unwrap_or_else(|e| e.into_inner());
         let (rings, anchors, clock, sites) = {
             let j = self.jump.lock().unwrap_or_else(|e| e.into_inner());
             match j.rings {

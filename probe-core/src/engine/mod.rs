@@ -525,6 +525,8 @@ pub struct ProbeEngine<A: Arch, M: GuestMemory + Send + Sync> {
     slot_exception_rewind: AtomicBool,
     /// The jump plan's rings and what its trampolines read, once enabled.
     jump: Mutex<jump::JumpState>,
+    /// Held while the rings are drained: one drainer at a time.
+    draining: Mutex<()>,
 }
 
 /// Where to plant: the address, and the function start to decode from for the boundary check.
@@ -568,6 +570,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             rate_cap: AtomicU64::new(0),
             slot_exception_rewind: AtomicBool::new(false),
             jump: Mutex::default(),
+            draining: Mutex::new(()),
         })
     }
 

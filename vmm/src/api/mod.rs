@@ -206,6 +206,8 @@ mod tests {
                 address: 0xffff_ffff_8100_0000,
                 instruction: "nop".into(),
                 plan: PlanKind::Emulate,
+                exits_per_hit: 1,
+                no_jump: None,
                 trap: TrapName::Int3,
                 hits: 7,
                 missed: 0,

@@ -127,6 +127,8 @@ impl ProbeSession {
             return None;
         }
         self.paused(handles, |s| {
+            // Hits recorded before the removal are reported.
+            s.engine.drain_jump_rings();
             for id in &ids {
                 if let Ok(Some(r)) = s.engine.remove(*id) {
                     s.report.rewritten.push(r);
@@ -144,6 +146,7 @@ impl ProbeSession {
     pub(super) fn detach(&mut self, handles: &[VcpuHandle]) -> DetachReply {
         let removed = self.engine.stats().len();
         let after = self.paused(handles, |s| {
+            s.engine.drain_jump_rings();
             s.report.rewritten.extend(s.engine.remove_all());
             s.names.clear();
             s.regs.clone().and_then(|r| s.hash_text(&r))

@@ -31,7 +31,9 @@ use events::{INTERRUPT_FD, StdinRelay, interrupt_handler};
 pub use outcome::{EXIT_GUEST_FAILED, EXIT_PROBE_REFUSED, Outcome, RunReport};
 use run_loop::RunLoop;
 use session::ProbeSession;
-pub use session::{PlantingError, ProbeReport, ProbeRequest, ProbeSetup, ProbeSource, TextHashes};
+pub use session::{
+    JumpSetup, PlantingError, ProbeReport, ProbeRequest, ProbeSetup, ProbeSource, TextHashes,
+};
 
 /// Errors that keep a VM from running at all (as opposed to a guest that ends badly, which is
 /// an [`Outcome`]).
@@ -51,6 +53,9 @@ pub enum MachineError {
     /// The event loop could not be set up.
     #[error("event manager: {0}")]
     EventManager(#[from] event_manager::Error),
+    /// The jump plan's rings could not be set up.
+    #[error("the jump plan's rings: {0}")]
+    Jump(String),
     /// The XOL area could not be laid out or its tables written.
     #[error("XOL area: {0}")]
     XolArea(#[from] probe_core::xol::XolError),

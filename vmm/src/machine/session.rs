@@ -14,6 +14,7 @@ use probe_core::engine::{
 use probe_core::extable;
 use probe_core::guest_kprobes::KprobeTableLayout;
 use probe_core::probe::{Probe, TrapKind};
+use probe_core::jump::{GuestAnchors, RingLayout};
 use probe_core::xol::XolArea;
 
 use super::MachineError;
@@ -82,11 +83,62 @@ pub struct ProbeSetup {
     /// exceptions taken inside trapped slots, where the architecture has that watch
     /// ([`<arch::GuestDebugSetup as arch::GuestDebug>::SLOT_EXCEPTION_WATCH`]).
     pub traps: (TrapSupport, TrapKind),
+    /// The jump plan: rings of this many records per vCPU in the XOL area's data pages, and
+    /// what the trampolines read; `None`: every probe takes exits (`--plan exit`).
+    pub jump: Option<JumpSetup>,
     /// Makes probes while the VM runs (`--api-socket`); `None`: the probes are fixed.
     pub source: Option<Box<dyn ProbeSource>>,
     /// Where the guest keeps its own kprobes, read at planting so that the boundary walk
     /// reads through them.
     pub guest_kprobes: Option<KprobeTableLayout>,
+}
+
+/// The jump plan of a run ([`probe_core::jump`]).
+#[derive(Debug, Clone, Copy)]
+pub struct JumpSetup {
+    /// Records per vCPU ring.
+    pub records: u64,
+    /// Where the guest keeps the current CPU and task (System.map, BTF).
+    pub anchors: GuestAnchors,
+}
+
+impl JumpSetup {
+    /// XOL data pages the rings of `vcpus` vCPUs take.
+    pub fn pages(&self, vcpus: u32) -> u64 {
+        RingLayout::bytes_for(vcpus, self.records) / 4096
+    }
+}
+
+/// How often the drain thread looks at the rings while they are quiet.
+const DRAIN_PERIOD: Duration = Duration::from_millis(10);
+
+/// The host thread that drains the jump plan's rings into the handlers while the VM runs
+/// (never a vCPU thread: a vCPU never waits for the output).
+struct RingDrain {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl RingDrain {
+    fn start(engine: Arc<Engine>) -> std::io::Result<RingDrain> {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let quit = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("hvprobe-drain".into())
+            .spawn(move || {
+                while !quit.load(Ordering::Relaxed) {
+                    if engine.drain_jump_rings() == 0 {
+                        std::thread::sleep(DRAIN_PERIOD);
+                    }
+                }
+            })?;
+        Ok(RingDrain { stop, thread })
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+    }
 }
 
 /// Hashes of the kernel text around probing.
@@ -129,6 +181,9 @@ pub struct ProbeReport {
     pub vcpus: Vec<(u64, u64, u64)>,
     /// What the trap self-test found, and the trap the probes use.
     pub traps: Option<(TrapSupport, TrapKind)>,
+    /// Hits the jump plan's trampolines could not record: (on a vCPU without a ring, in a
+    /// full or nested ring); `None` without the jump plan.
+    pub jump_dropped: Option<(u64, u64)>,
 }
 
 /// Sends `cmd` to every vCPU, then waits until each has answered with `answer`.
@@ -221,6 +276,8 @@ pub(super) struct ProbeSession {
     exception_watch_slot: Option<usize>,
     /// Each vCPU's debug exits.
     pub(super) vcpus: Arc<[VcpuCounts]>,
+    /// The jump plan's drain, once a jump site is in.
+    drain: Option<RingDrain>,
 }
 
 /// The pauses of every vCPU that changes (plantings, removals) took.
@@ -261,12 +318,29 @@ impl ProbeSession {
     /// it may use: one is kept for the slot-exception watch where the architecture has one
     /// and both its traps work (then user accesses are probed too).
     pub(super) fn new(setup: ProbeSetup, vm: &Vm) -> Result<ProbeSession, MachineError> {
+        let vcpus = vm.vcpus.len() as u32;
         let xol = XolArea::new(
             <Guest as probe_core::arch::Arch>::XOL,
             arch::Host::XOL_GPA_BASE,
             setup.xol_pages,
-        )?;
+        )?
+        .with_data_pages(setup.jump.map_or(0, |j| j.pages(vcpus)))?;
+        let rings = match setup.jump {
+            Some(j) => Some((
+                RingLayout::new(xol.data_va(), xol.data_gpa(), vcpus, j.records)
+                    .map_err(|e| MachineError::Jump(e.to_string()))?,
+                j.anchors,
+            )),
+            None => None,
+        };
         let engine = Engine::new(vm.memory.clone(), xol)?;
+        if let Some((rings, anchors)) = rings
+            && !engine.enable_jump(rings, anchors)
+        {
+            return Err(MachineError::Jump(
+                "the rings are outside guest memory".into(),
+            ));
+        }
         let breakpoint_exits = setup.traps.0.software.is_ok();
         engine.set_breakpoints_trappable(breakpoint_exits);
         engine.set_rate_cap(setup.max_rate);
@@ -293,6 +367,7 @@ impl ProbeSession {
             text_before: None,
             pauses: Pauses::default(),
             vcpus: (0..vm.vcpus.len()).map(|_| VcpuCounts::default()).collect(),
+            drain: None,
         })
     }
 
@@ -414,6 +489,9 @@ impl ProbeSession {
         // The features are `()` on x86_64, where no plan depends on them.
         #[allow(clippy::unit_arg)]
         self.engine.set_cpu_features(state.cpu_features);
+        if let Some((counter, khz)) = state.counter {
+            self.engine.set_guest_clock(counter, khz);
+        }
         self.apply_kaslr_slide(state.kaslr_anchor)?;
         let slide = self.setup.slide.load(Ordering::SeqCst);
         if let Some(at) = self.setup.user_return {
@@ -457,6 +535,12 @@ impl ProbeSession {
         match self.engine.plant(req.probe, req.target, regs) {
             Ok(id) => {
                 self.names.insert(id, (req.spec, req.event));
+                if self.drain.is_none() && self.engine.has_jump_sites() {
+                    match RingDrain::start(self.engine.clone()) {
+                        Ok(d) => self.drain = Some(d),
+                        Err(e) => eprintln!("hvprobe: cannot start the ring drain: {e}"),
+                    }
+                }
                 Ok(id)
             }
             Err(e) => Err(RefusedProbe::from(&e)),
@@ -542,6 +626,12 @@ impl ProbeSession {
         if self.regs.is_some() {
             pause_all(handles);
             console.lock().unwrap_or_else(|e| e.into_inner()).probes_in = false;
+            // Every hit recorded until the pause reaches the handlers before the counts.
+            if let Some(d) = self.drain.take() {
+                d.stop();
+            }
+            self.engine.drain_jump_rings();
+            self.report.jump_dropped = self.engine.jump_dropped();
             self.report.stats = self.engine.stats();
             self.report.rewritten = self.engine.remove_all();
             if let Some(regs) = &self.regs {

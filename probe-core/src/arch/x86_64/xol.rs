@@ -49,7 +49,7 @@ const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
 /// The PUD entry that maps `area`.
 pub fn pud_entry(area: &XolArea) -> u64 {
-    area.gpa_base() | P | A
+    area.gpa_base() | P | RW | A
 }
 
 /// Writes the area's own page tables (through the host mapping): the PD's entry for the area
@@ -60,7 +60,7 @@ pub fn write_tables<M: GuestMemory>(area: &XolArea, mem: &M) -> Result<(), XolEr
     let zero = vec![0u8; area.table_bytes() as usize];
     write(mem, pd, &zero)?;
     let pd_index = (XOL_VA_BASE >> 21) & 0x1ff;
-    write(mem, pd + pd_index * 8, &(pt | P | A).to_le_bytes())?;
+    write(mem, pd + pd_index * 8, &(pt | P | RW | A).to_le_bytes())?;
     for page in 0..area.code_pages() {
         let pte = (area.code_gpa() + page * PAGE) | P | A | D;
         write(mem, pt + page * 8, &pte.to_le_bytes())?;

@@ -80,6 +80,7 @@ pub fn create_vm(
         XolArea::new(<Guest as probe_core::arch::Arch>::XOL, XOL_GPA_BASE, 1)
             .map(|x| x.table_bytes())
             .unwrap_or(0),
+        config.xol_data_bytes,
     )?;
 
     let mut kvi = kvm_vcpu_init::default();

@@ -395,6 +395,7 @@ pub fn paused_state(fd: &mut VcpuFd) -> Result<PausedState, ProbingError> {
         regs,
         kaslr_anchor: get(fd, VBAR_EL1).map_err(kvm("KVM_GET_ONE_REG (VBAR_EL1)"))?,
         cpu_features: cpu_features(fd),
+        counter: None,
     })
 }
 

@@ -79,6 +79,7 @@ pub fn create_vm(
         )
         .map(|x| x.table_bytes())
         .unwrap_or(0),
+        config.xol_data_bytes,
     )?;
     fd.set_tss_address(layout::KVM_TSS_ADDRESS as usize)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;

@@ -119,19 +119,33 @@ pub fn flush_register_sync(fd: &mut VcpuFd) -> Result<(), ProbingError> {
     Ok(())
 }
 
+/// The time stamp counter (`IA32_TIME_STAMP_COUNTER`), what RDTSC reads.
+const MSR_IA32_TSC: u32 = 0x10;
+
 /// Reads the state of a vCPU that is out of `KVM_RUN`: registers and the syscall entry point
 /// (`MSR_LSTAR`), from which the KASLR slide follows.
 pub fn paused_state(fd: &mut VcpuFd) -> Result<PausedState, ProbingError> {
     let r = fd.get_regs().map_err(kvm("KVM_GET_REGS"))?;
     let s = fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
-    let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
-        index: MSR_LSTAR,
-        ..Default::default()
-    }])
+    let mut msrs = kvm_bindings::Msrs::from_entries(&[
+        kvm_bindings::kvm_msr_entry {
+            index: MSR_LSTAR,
+            ..Default::default()
+        },
+        kvm_bindings::kvm_msr_entry {
+            index: MSR_IA32_TSC,
+            ..Default::default()
+        },
+    ])
     .map_err(|e| ProbingError::RegisterList(format!("{e:?}")))?;
     let n = fd.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
-    let kaslr_anchor = if n == 1 { msrs.as_slice()[0].data } else { 0 };
+    let kaslr_anchor = if n >= 1 { msrs.as_slice()[0].data } else { 0 };
+    let counter = match (n, fd.get_tsc_khz()) {
+        (2, Ok(khz)) if khz > 0 => Some((msrs.as_slice()[1].data, u64::from(khz))),
+        _ => None,
+    };
     Ok(PausedState {
+        counter,
         regs: registers_from_kvm(&r, &s),
         kaslr_anchor,
         cpu_features: (),
