@@ -169,7 +169,10 @@ impl RingLayout {
     ) -> usize {
         let ring = self.gpa + self.ring_offset(cpu);
         let head: u64 = mem
-            .load(GuestAddress(ring + header::HEAD), std::sync::atomic::Ordering::Acquire)
+            .load(
+                GuestAddress(ring + header::HEAD),
+                std::sync::atomic::Ordering::Acquire,
+            )
             .unwrap_or(0);
         let tail = read_u64(mem, ring + header::TAIL);
         // The guest writes these pages and could write anything: never read more than a ring.
@@ -384,8 +387,8 @@ mod tests {
 
     #[test]
     fn records_round_trip_through_a_ring_and_a_full_ring_is_never_overread() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x10_0000), 0x10_0000)])
-            .unwrap();
+        let mem =
+            GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x10_0000), 0x10_0000)]).unwrap();
         let rings = RingLayout::new(0xffff_0000, 0x10_0000, 2, 4).unwrap();
         assert!(rings.bytes() <= 0x10_0000 && rings.clear(&mem));
         let ring = rings.gpa + rings.ring_offset(1);
@@ -394,7 +397,8 @@ mod tests {
             let at = ring + RING_HEADER + (n & 3) * RECORD_SIZE;
             mem.write_obj(n as u32 + 100, GuestAddress(at)).unwrap();
         }
-        mem.write_obj(6u64, GuestAddress(ring + header::HEAD)).unwrap();
+        mem.write_obj(6u64, GuestAddress(ring + header::HEAD))
+            .unwrap();
         let mut tags = Vec::new();
         assert_eq!(rings.drain(&mem, 1, |r| tags.push(r.tag)), 4);
         assert_eq!(tags, vec![102, 103, 104, 105]);

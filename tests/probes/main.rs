@@ -10,6 +10,7 @@
 mod common;
 mod counts;
 mod guest_debug;
+mod jump;
 mod live;
 mod output;
 mod plans;
@@ -23,6 +24,7 @@ use counts::*;
 use guest_debug::*;
 use hvprobe_guest::GuestArch;
 use hvprobe_vmm::summary::ProbeSummary;
+use jump::*;
 use live::*;
 use output::*;
 use plans::*;
@@ -166,12 +168,19 @@ fn assert_text_restored(out: &Run) {
     out.assert_text_restored();
 }
 
+/// Runs the guest with `probes`. The tests through here are about the exit plans (each hit a
+/// trap: step plans, exit counts, the guest's own debug traps beside ours), so they take
+/// `--plan exit` unless `extra` names a plan; the jump plan's tests (`jump.rs`) pass
+/// `--plan auto`, the default a user gets.
 fn run_probed(vcpus: &str, exec: &str, probes: &[&str], extra: &[&str]) -> Run {
     let mut args = vec!["run", "--vcpus", vcpus, "--exec", exec, "--timeout", "400"];
     for p in probes {
         args.extend(["-p", p]);
     }
     args.extend_from_slice(extra);
+    if !extra.contains(&"--plan") {
+        args.extend(["--plan", "exit"]);
+    }
     Run::new(&args)
 }
 
@@ -496,7 +505,7 @@ const ARM64_SWEEP_HOT_PREFIXES: &[&str] = &[
 ];
 
 fn arm64_sweep(k: &Arm64Text, hot_prefixes: &[&str], seed: u64, n: u64, extra: &[&str]) {
-    let (planted, _, hit) = random_sweep(&k.map, seed, n, hot_prefixes, extra, |start, end| {
+    let (planted, _, hit, _) = random_sweep(&k.map, seed, n, hot_prefixes, extra, |start, end| {
         (start..end)
             .step_by(4)
             .map(|va| (va, String::new()))
@@ -509,22 +518,16 @@ fn arm64_sweep(k: &Arm64Text, hot_prefixes: &[&str], seed: u64, n: u64, extra: &
     );
 }
 
-/// Plants `HVPROBE_SWEEP_N` (default `n`) random instruction boundaries at once
-/// (`--skip-refused`, two vCPUs, [`SWEEP_WORKLOAD`]), half anywhere in the kernel's text and
-/// half in functions whose names start with one of `hot_prefixes`, each function's boundaries
-/// (address, text) given by `boundaries(start, end)`; checks that the guest ran right, that
-/// every probe was planted or refused by name, that most were planted and that the text came
-/// back. Returns (planted, refused, hit).
-fn random_sweep(
+/// `n` distinct random instruction boundaries (address, text) drawn with `seed`: half anywhere
+/// in the kernel's text, half in functions whose names start with one of `hot_prefixes`, each
+/// function's boundaries given by `boundaries(start, end)`.
+fn pick_sites(
     map: &SymbolMap,
-    default_seed: u64,
-    n: u64,
+    seed: u64,
+    n: usize,
     hot_prefixes: &[&str],
-    extra: &[&str],
     boundaries: impl Fn(u64, u64) -> Vec<(u64, String)>,
-) -> (usize, usize, u64) {
-    let seed = env_u64("HVPROBE_SWEEP_SEED", default_seed);
-    let n = env_u64("HVPROBE_SWEEP_N", n) as usize;
+) -> Vec<(u64, String)> {
     eprintln!("sweep: HVPROBE_SWEEP_SEED={seed} HVPROBE_SWEEP_N={n}");
     let guest = hvprobe_guest::default_guest_for(guest_arch()).unwrap();
     let map_text = std::fs::read_to_string(guest.kernel.system_map()).unwrap();
@@ -563,6 +566,26 @@ fn random_sweep(
         }
         picks.push((*va, format!("{} ({text})", map.describe(*va))));
     }
+    picks
+}
+
+/// Plants `HVPROBE_SWEEP_N` (default `n`) random instruction boundaries at once
+/// (`--skip-refused`, two vCPUs, [`SWEEP_WORKLOAD`]), half anywhere in the kernel's text and
+/// half in functions whose names start with one of `hot_prefixes`, each function's boundaries
+/// (address, text) given by `boundaries(start, end)`; checks that the guest ran right, that
+/// every probe was planted or refused by name, that most were planted and that the text came
+/// back. Returns (planted, refused, hit) and the run.
+fn random_sweep(
+    map: &SymbolMap,
+    default_seed: u64,
+    n: u64,
+    hot_prefixes: &[&str],
+    extra: &[&str],
+    boundaries: impl Fn(u64, u64) -> Vec<(u64, String)>,
+) -> (usize, usize, u64, Run) {
+    let seed = env_u64("HVPROBE_SWEEP_SEED", default_seed);
+    let n = env_u64("HVPROBE_SWEEP_N", n) as usize;
+    let picks = pick_sites(map, seed, n, hot_prefixes, boundaries);
     let locations: Vec<String> = picks.iter().map(|(va, _)| format!("{va:#x}")).collect();
     let probes: Vec<&str> = locations.iter().map(String::as_str).collect();
     let mut args = vec!["--skip-refused", "--quiet"];
@@ -607,7 +630,7 @@ fn random_sweep(
         "most boundaries are probed: {planted} of {n}"
     );
     assert_text_restored(&out);
-    (planted, refused, hit)
+    (planted, refused, hit, out)
 }
 
 /// `mrs Xt, daif` sites (the first instruction of every inlined `local_irq_save`) in `func`:
@@ -692,6 +715,9 @@ fn main() {
                 an_instruction_with_an_exception_table_entry_is_refused_by_name,
                 boundaries_are_walked_past_instructions_capstone_lacks_and_stop_at_a_guest_breakpoint,
                 a_random_sweep_of_instruction_boundaries_leaves_the_guest_working,
+                a_jump_probe_costs_no_exit_and_its_lines_equal_the_exit_plans,
+                a_full_ring_drops_hits_counted_as_missed_and_the_guest_is_unharmed,
+                a_random_sweep_of_jump_sites_counts_what_the_exit_plan_counts,
             ],
             Guests::Only(GuestArch::Aarch64) => [
                 arm64_getpid_probes_count_every_call_with_one_exit_for_two_chained_probes,

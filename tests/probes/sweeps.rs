@@ -2,88 +2,101 @@
 
 use super::*;
 
+/// Functions on [`SWEEP_WORKLOAD`]'s paths, where half of an x86_64 sweep's probes go.
+pub(super) const X86_SWEEP_HOT_PREFIXES: &[&str] = &[
+    "do_sys_",
+    "vfs_",
+    "ksys_",
+    "__x64_sys_",
+    "path_",
+    "link_path_walk",
+    "do_filp_open",
+    "copy_process",
+    "kernel_clone",
+    "do_exit",
+    "do_wait",
+    "wait_consider_task",
+    "bprm_",
+    "load_elf_binary",
+    "begin_new_exec",
+    "pipe_",
+    "anon_pipe",
+    "__schedule",
+    "schedule",
+    "hrtimer_",
+    "do_nanosleep",
+    "mmap_region",
+    "do_mmap",
+    "handle_mm_fault",
+    "do_user_addr_fault",
+    "filemap_",
+    "generic_file_",
+    "shmem_",
+    "dput",
+    "d_alloc",
+    "lookup_fast",
+    "walk_component",
+    "copy_page_range",
+    "unmap_page_range",
+    "do_wp_page",
+    "do_anonymous_page",
+    "wake_up_new_task",
+    "try_to_wake_up",
+    "enqueue_task_fair",
+    "dequeue_task_fair",
+    "update_curr",
+    "tick_",
+    "irq_",
+    "__handle_irq",
+    "exit_mmap",
+    "fd_install",
+    "alloc_fd",
+    "__fput",
+    "fput",
+    "new_sync_",
+    "tty_",
+    "n_tty_",
+    "serial8250_",
+];
+
 pub(super) fn a_random_sweep_of_instruction_boundaries_leaves_the_guest_working() {
     // N random instruction boundaries anywhere in the kernel's text (decoded from vmlinux,
     // so alternatives may have changed a few: those are refused or planted at the running
     // instruction), planted at once with --skip-refused. Replay a failure with the printed
     // HVPROBE_SWEEP_SEED (and HVPROBE_SWEEP_N).
     let k = KernelText::load();
-    let hot_prefixes = [
-        "do_sys_",
-        "vfs_",
-        "ksys_",
-        "__x64_sys_",
-        "path_",
-        "link_path_walk",
-        "do_filp_open",
-        "copy_process",
-        "kernel_clone",
-        "do_exit",
-        "do_wait",
-        "wait_consider_task",
-        "bprm_",
-        "load_elf_binary",
-        "begin_new_exec",
-        "pipe_",
-        "anon_pipe",
-        "__schedule",
-        "schedule",
-        "hrtimer_",
-        "do_nanosleep",
-        "mmap_region",
-        "do_mmap",
-        "handle_mm_fault",
-        "do_user_addr_fault",
-        "filemap_",
-        "generic_file_",
-        "shmem_",
-        "dput",
-        "d_alloc",
-        "lookup_fast",
-        "walk_component",
-        "copy_page_range",
-        "unmap_page_range",
-        "do_wp_page",
-        "do_anonymous_page",
-        "wake_up_new_task",
-        "try_to_wake_up",
-        "enqueue_task_fair",
-        "dequeue_task_fair",
-        "update_curr",
-        "tick_",
-        "irq_",
-        "__handle_irq",
-        "exit_mmap",
-        "fd_install",
-        "alloc_fd",
-        "__fput",
-        "fput",
-        "new_sync_",
-        "tty_",
-        "n_tty_",
-        "serial8250_",
-    ];
-    let d = Decoder::new().unwrap();
     random_sweep(
         &k.map,
         0x5eed_0001,
         300,
-        &hot_prefixes,
+        X86_SWEEP_HOT_PREFIXES,
         &[],
-        |start, end| {
-            let code = k.bytes(start, (end - start) as usize);
-            let mut at = 0usize;
-            let mut boundaries = Vec::new();
-            while at < code.len() {
-                let Ok(insn) = d.decode(&code[at..], start + at as u64) else {
-                    break;
-                };
-                boundaries.push((start + at as u64, insn.text.clone()));
-                at += insn.len();
-            }
-            boundaries
-        },
+        |start, end| x86_boundaries(&k, start, end, 1),
     );
+}
+
+/// The instruction boundaries of `[start, end)` in the x86_64 kernel's text whose instruction
+/// is at least `min_len` bytes long, with its text.
+pub(super) fn x86_boundaries(
+    k: &KernelText,
+    start: u64,
+    end: u64,
+    min_len: usize,
+) -> Vec<(u64, String)> {
+    let d = Decoder::new().unwrap();
+    let code = k.bytes(start, (end - start) as usize);
+    let mut at = 0usize;
+    let mut boundaries = Vec::new();
+    while at < code.len() {
+        let Ok(insn) = d.decode(&code[at..], start + at as u64) else {
+            break;
+        };
+        if insn.len() >= min_len {
+            boundaries.push((start + at as u64, insn.text.clone()));
+        }
+        at += insn.len();
+    }
+    boundaries
 }
 
 pub(super) fn arm64_a_random_sweep_of_instruction_boundaries_leaves_the_guest_working() {

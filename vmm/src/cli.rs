@@ -12,20 +12,20 @@ use std::sync::atomic::AtomicU64;
 
 use probe_core::definition::ProbeKind;
 use probe_core::guest_kprobes::KprobeTableLayout;
-use probe_core::probe::TrapKind;
 use probe_core::jump::{GuestAnchors, TaskOffsets};
+use probe_core::probe::TrapKind;
 use probe_core::task::TaskLayout;
 use probe_core::xol::XolArea;
 
 use crate::api::events::EventHub;
 use crate::handlers::{HandlerWiring, LiveProbes};
 use crate::hostcheck;
+use crate::job::PlanChoice;
 pub use crate::job::{
     DEFAULT_EXEC_TIMEOUT_SECS, Job, ResolvedProbe, ResolvedProbes, RunnerChoice, TrapChoice,
     read_btf,
 };
 use crate::machine::ApiSetup;
-use crate::job::PlanChoice;
 use crate::machine::{self, JumpSetup, Outcome, ProbeReport, ProbeSetup, RunOptions, RunReport};
 use crate::output::TraceOutput;
 use crate::refusal::{RefusedProbe, refusal_list};
@@ -345,8 +345,9 @@ fn refused_before_run(args: &Job, refused: Vec<RefusedProbe>) -> Result<i32> {
 }
 
 /// XOL code pages reserved for a run with probes (128 slots a page; a jump plan's trampoline
-/// takes about 1.3 KiB).
-const XOL_PAGES: usize = 256;
+/// takes about 1.3 KiB); the jump plan's rings may take the rest of the 512 pages the area's
+/// page table maps ([`crate::job::RING_PAGES`]).
+const XOL_PAGES: usize = 512 - crate::job::RING_PAGES as usize;
 
 /// What hardware-breakpoint probes cost the guest, said once at start: KVM loads either the
 /// host's debug registers or the guest's, never both.
@@ -509,12 +510,12 @@ fn probe_setup(
     let jump = match args.plan {
         PlanChoice::Exit => None,
         PlanChoice::Auto => {
-            probe_core::jump::RingLayout::new(0, 0, args.vcpus, args.ring_records)
-                .context("--ring-records")?;
+            let records = args.ring_records().map_err(|e| anyhow::anyhow!(e))?;
             let b = btf.as_ref().and_then(|b| b.as_ref().ok());
             Some(JumpSetup {
-                records: args.ring_records,
+                records,
                 anchors: guest_anchors(&map, b, task.as_deref()),
+                excluded: jump_excluded(&map),
             })
         }
     };
@@ -573,6 +574,33 @@ fn probe_setup(
     }))
 }
 
+/// Kernel text no jump goes into: entry code (it runs before `swapgs` loads the kernel's
+/// per-CPU base, and on the user's page tables under PTI, where hvprobe's pages are not
+/// mapped), noinstr and cpuidle text (no instrumentation allowed there, as the guest's own
+/// kprobes refuse it). Probes there take exits.
+fn jump_excluded(map: &SymbolMap) -> Vec<(u64, u64, &'static str)> {
+    [
+        (
+            "__entry_text_start",
+            "__entry_text_end",
+            "entry code runs before the kernel's per-CPU base is loaded",
+        ),
+        (
+            "__noinstr_text_start",
+            "__noinstr_text_end",
+            "noinstr text allows no instrumentation",
+        ),
+        (
+            "__cpuidle_text_start",
+            "__cpuidle_text_end",
+            "cpuidle text allows no instrumentation",
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(s, e, why)| Some((map.lookup(s).ok()?.addr, map.lookup(e).ok()?.addr, why)))
+    .collect()
+}
+
 /// Where the guest keeps what the jump plan's trampolines read: the per-CPU CPU number,
 /// current task and per-CPU base (System.map; `pcpu_hot` from 6.2 on, through BTF), and the
 /// `task_struct` offsets of pid, tgid, comm and the stack (BTF). What is missing is simply not
@@ -586,12 +614,7 @@ fn guest_anchors(
         let base = map.lookup("pcpu_hot").ok()?.addr;
         Some(base + btf?.member_offset("pcpu_hot", member).ok()?)
     };
-    let per_cpu = |sym: &str| {
-        map.lookup(sym)
-            .ok()
-            .map(|s| s.addr)
-            .or_else(|| hot(sym))
-    };
+    let per_cpu = |sym: &str| map.lookup(sym).ok().map(|s| s.addr).or_else(|| hot(sym));
     let offsets = btf.and_then(|b| {
         let m = |f: &str| b.member_offset("task_struct", f).ok();
         Some(TaskOffsets {
@@ -655,14 +678,16 @@ fn run_on_host(args: &Job) -> Result<i32> {
                     0,
                     XOL_PAGES,
                 )
-                .and_then(|x| x.with_data_pages(setup.jump.map_or(0, |j| j.pages(args.vcpus))))
+                .and_then(|x| {
+                    x.with_data_pages(setup.jump.as_ref().map_or(0, |j| j.pages(args.vcpus)))
+                })
                 .map(|x| x.size())
                 .context("the XOL area")?,
                 None => 0,
             },
             xol_data_bytes: probes
                 .as_ref()
-                .and_then(|s| s.jump)
+                .and_then(|s| s.jump.as_ref())
                 .map_or(0, |j| j.pages(args.vcpus) * 4096),
         },
         timeout: args.effective_timeout(),

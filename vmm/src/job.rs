@@ -122,11 +122,12 @@ pub struct Job {
     #[arg(long, value_enum, default_value_t = PlanChoice::Auto)]
     #[serde(default)]
     pub plan: PlanChoice,
-    /// Records in each vCPU's ring of the jump plan (a power of two); a hit finding its ring
-    /// full is dropped and counted as missed.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_RING_RECORDS)]
-    #[serde(default = "default_ring_records")]
-    pub ring_records: u64,
+    /// Records in each vCPU's ring of the jump plan (a power of two) [default: as many as
+    /// fit, 2048 with one vCPU, 1024 with two]; a hit finding its ring full is dropped and
+    /// counted as missed.
+    #[arg(long, value_name = "N")]
+    #[serde(default)]
+    pub ring_records: Option<u64>,
     /// System.map of the guest kernel [default: the default guest's].
     #[arg(long, value_name = "PATH")]
     pub system_map: Option<PathBuf>,
@@ -387,11 +388,41 @@ pub enum PlanChoice {
     Exit,
 }
 
-/// Records per ring of the jump plan unless `--ring-records` says.
-pub const DEFAULT_RING_RECORDS: u64 = 64;
+/// XOL pages the jump plan's rings may take (the code pages take the rest of the 512 that
+/// the XOL area's page table maps).
+pub const RING_PAGES: u64 = 320;
 
-fn default_ring_records() -> u64 {
-    DEFAULT_RING_RECORDS
+/// Most records per ring unless `--ring-records` says (1 MiB with 512-byte records).
+const MOST_RING_RECORDS: u64 = 2048;
+
+impl Job {
+    /// Records per vCPU ring: `--ring-records`, or the most that fit [`RING_PAGES`] for the
+    /// run's vCPUs; an error naming the limit when the rings do not fit.
+    pub fn ring_records(&self) -> Result<u64, String> {
+        let fits =
+            |n: u64| probe_core::jump::RingLayout::bytes_for(self.vcpus, n) <= RING_PAGES * 4096;
+        match self.ring_records {
+            Some(n) => {
+                probe_core::jump::RingLayout::new(0, 0, self.vcpus, n)
+                    .map_err(|e| format!("--ring-records: {e}"))?;
+                if !fits(n) {
+                    return Err(format!(
+                        "--ring-records {n}: rings of {n} records for {} vCPU(s) take more than the {} KiB the XOL area keeps for them; give a smaller power of two",
+                        self.vcpus,
+                        RING_PAGES * 4
+                    ));
+                }
+                Ok(n)
+            }
+            None => {
+                let mut n = MOST_RING_RECORDS;
+                while n > 2 && !fits(n) {
+                    n /= 2;
+                }
+                Ok(n)
+            }
+        }
+    }
 }
 
 /// Which trap probes use.
@@ -593,6 +624,9 @@ impl Job {
         }
         if !self.probes.is_empty() && self.kernel.is_some() && self.system_map.is_none() {
             bail!("--probe with --kernel needs that kernel's System.map (--system-map)");
+        }
+        if self.plan == PlanChoice::Auto {
+            self.ring_records().map_err(|e| anyhow::anyhow!(e))?;
         }
         Ok(())
     }

@@ -517,7 +517,10 @@ impl RunSummary {
                 format!("{:.2}", exits as f64 / plan_hits as f64)
             }
         ));
-        if let Some(d) = self.jump_dropped.filter(|d| d.no_ring + d.full_or_nested > 0) {
+        if let Some(d) = self
+            .jump_dropped
+            .filter(|d| d.no_ring + d.full_or_nested > 0)
+        {
             out.push(format!(
                 "hvprobe: jump plan: hits not recorded: {} in a full ring or nested, {} on a vCPU without a ring (counted as missed)",
                 d.full_or_nested, d.no_ring

@@ -3,7 +3,9 @@
 
 use super::*;
 use crate::arch::PlanOf;
-use crate::jump::{GuestAnchors, JumpPatch, JumpRecord, MAX_JUMP_SITES, RingLayout, TrampolineSpec};
+use crate::jump::{
+    GuestAnchors, JumpPatch, JumpRecord, MAX_JUMP_SITES, RingLayout, TrampolineSpec,
+};
 
 /// How the guest's time stamp counter maps to the engine's clock: read once with the vCPUs
 /// paused (the counter's value then, the engine's time then, and its rate).
@@ -40,6 +42,8 @@ pub(super) struct JumpState {
     clock: Option<GuestClock>,
     /// Guest physical address of each tag's site.
     sites: Vec<u64>,
+    /// Text ranges no jump goes into, with why.
+    excluded: Vec<(u64, u64, &'static str)>,
 }
 
 impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
@@ -54,6 +58,18 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         j.rings = Some(rings);
         j.anchors = anchors;
         true
+    }
+
+    /// Keeps jumps out of the guest text `[start, end)` (running addresses) for `why`: code
+    /// that runs before the kernel's per-CPU base is loaded or on the user's page tables
+    /// (entry text), or where the kernel allows no instrumentation (noinstr, cpuidle). Probes
+    /// there take exits. Call before planting.
+    pub fn exclude_from_jump(&self, start: u64, end: u64, why: &'static str) {
+        self.jump
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .excluded
+            .push((start, end, why));
     }
 
     /// Says how the guest's time stamp counter maps to the engine's clock, so that drained
@@ -197,7 +213,16 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             );
         }
         let j = self.jump.lock().unwrap_or_else(|e| e.into_inner());
-        let rings = j.rings.ok_or("the jump plan is off (--plan exit, or no rings)")?;
+        let rings = j
+            .rings
+            .ok_or("the jump plan is off (--plan exit, or no rings)")?;
+        if let Some((_, _, why)) = j
+            .excluded
+            .iter()
+            .find(|(s, e, _)| (*s..*e).contains(&target.va))
+        {
+            return Err(why);
+        }
         if j.sites.len() >= MAX_JUMP_SITES as usize {
             return Err("every jump-site counter is in use");
         }
@@ -241,7 +266,10 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             .unwrap_or_else(|e| e.into_inner())
             .allocate_bytes(trampoline.len() as u64)
             .map_err(|source| PlantError::new(location, PlantErrorKind::Xol { source }))?;
-        let spec = TrampolineSpec { at: slot.va, ..spec };
+        let spec = TrampolineSpec {
+            at: slot.va,
+            ..spec
+        };
         let JumpPatch { trampoline, site } = A::jump_patch(plan, insn, &spec).map_err(refused)?;
         self.mem
             .write_slice(&trampoline, GuestAddress(slot.gpa))

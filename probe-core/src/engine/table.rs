@@ -705,10 +705,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         let back = !disarmed
             && match trap {
                 TrapKind::Software => {
-                    let ok = self
-                        .mem
-                        .write_slice(&site.patch, GuestAddress(gpa))
-                        .is_ok();
+                    let ok = self.mem.write_slice(&site.patch, GuestAddress(gpa)).is_ok();
                     if ok {
                         self.wrote_code(gpa, site.patch.len());
                     }

@@ -13,8 +13,8 @@ use probe_core::engine::{
 };
 use probe_core::extable;
 use probe_core::guest_kprobes::KprobeTableLayout;
-use probe_core::probe::{Probe, TrapKind};
 use probe_core::jump::{GuestAnchors, RingLayout};
+use probe_core::probe::{Probe, TrapKind};
 use probe_core::xol::XolArea;
 
 use super::MachineError;
@@ -94,12 +94,14 @@ pub struct ProbeSetup {
 }
 
 /// The jump plan of a run ([`probe_core::jump`]).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct JumpSetup {
     /// Records per vCPU ring.
     pub records: u64,
     /// Where the guest keeps the current CPU and task (System.map, BTF).
     pub anchors: GuestAnchors,
+    /// Kernel text no jump goes into (System.map addresses), with why.
+    pub excluded: Vec<(u64, u64, &'static str)>,
 }
 
 impl JumpSetup {
@@ -324,8 +326,8 @@ impl ProbeSession {
             arch::Host::XOL_GPA_BASE,
             setup.xol_pages,
         )?
-        .with_data_pages(setup.jump.map_or(0, |j| j.pages(vcpus)))?;
-        let rings = match setup.jump {
+        .with_data_pages(setup.jump.as_ref().map_or(0, |j| j.pages(vcpus)))?;
+        let rings = match &setup.jump {
             Some(j) => Some((
                 RingLayout::new(xol.data_va(), xol.data_gpa(), vcpus, j.records)
                     .map_err(|e| MachineError::Jump(e.to_string()))?,
@@ -494,6 +496,10 @@ impl ProbeSession {
         }
         self.apply_kaslr_slide(state.kaslr_anchor)?;
         let slide = self.setup.slide.load(Ordering::SeqCst);
+        for (start, end, why) in self.setup.jump.iter().flat_map(|j| &j.excluded) {
+            self.engine
+                .exclude_from_jump(start.wrapping_add(slide), end.wrapping_add(slide), why);
+        }
         if let Some(at) = self.setup.user_return {
             self.user_return
                 .store(at.wrapping_add(slide), Ordering::SeqCst);

@@ -46,7 +46,10 @@ const SAVED: [u8; 14] = [0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
 
 /// Where register `r` was saved, from RBP.
 fn saved_at(r: u8) -> i32 {
-    let i = SAVED.iter().position(|s| *s == r).expect("a saved register") as i32;
+    let i = SAVED
+        .iter()
+        .position(|s| *s == r)
+        .expect("a saved register") as i32;
     -16 - 8 * i
 }
 
@@ -142,7 +145,8 @@ impl Emitter {
     /// `op rm, imm32` on a register (`81 /ext`), 64- or 32-bit.
     fn ri(&mut self, w: bool, ext: u8, rm: u8, imm: u32) {
         self.rex(w, 0, rm);
-        self.code.extend_from_slice(&[0x81, 0xc0 | (ext << 3) | (rm & 7)]);
+        self.code
+            .extend_from_slice(&[0x81, 0xc0 | (ext << 3) | (rm & 7)]);
         self.code.extend_from_slice(&imm.to_le_bytes());
     }
 
@@ -230,8 +234,7 @@ pub fn patch(
     // imul eax, eax, stride
     e.code.push(0x69);
     e.code.push(0xc0);
-    e.code
-        .extend_from_slice(&(r.stride() as u32).to_le_bytes());
+    e.code.extend_from_slice(&(r.stride() as u32).to_le_bytes());
     e.movabs(RBX, r.va + r.ring_offset(0));
     e.rr(0x01, RBX, RAX);
     e.mem_imm(false, 0x83, 0, RBX, header::NESTING as i32, &[1]);
@@ -247,7 +250,14 @@ pub fn patch(
     e.code.extend_from_slice(&[0xc1, 0xe0, 9]);
     e.rr(0x01, RAX, RBX);
     e.lea(RCX, RAX, RING_HEADER as i32);
-    e.mem_imm(false, 0xc7, 0, RCX, record::TAG as i32, &spec.tag.to_le_bytes());
+    e.mem_imm(
+        false,
+        0xc7,
+        0,
+        RCX,
+        record::TAG as i32,
+        &spec.tag.to_le_bytes(),
+    );
     e.mem_imm(false, 0xc7, 0, RCX, record::FLAGS as i32, &[0; 4]);
     // rdtsc; shl rdx, 32; or rax, rdx
     e.code
@@ -345,16 +355,40 @@ pub fn patch(
     e.pop(RBP);
     let mut code = e.finish();
     let here = spec.at + code.len() as u64;
+    // `jmp rel32` from the end of the code to `to`.
+    let jump_to = |code: &mut Vec<u8>, to: u64| -> Result<(), &'static str> {
+        let from = spec.at + code.len() as u64 + 5;
+        let rel = i32::try_from(to as i64 - from as i64)
+            .map_err(|_| "a branch target is beyond rel32 reach of the trampoline")?;
+        code.push(0xe9);
+        code.extend_from_slice(&rel.to_le_bytes());
+        Ok(())
+    };
     match plan {
-        StepPlan::Emulate(Emulation::Nop { .. }) => {
-            let rel = (spec.site + len) as i64 - (here as i64 + 5);
-            let rel = i32::try_from(rel).map_err(|_| "the site is beyond rel32 reach")?;
-            code.push(0xe9);
+        StepPlan::Emulate(Emulation::Nop { .. }) => jump_to(&mut code, spec.site + len)?,
+        // Branches run from the trampoline as they would have from the text: a call pushes
+        // the return address in the text (so the callee returns there and stack traces
+        // stay right), then every branch goes to its own target.
+        StepPlan::Emulate(Emulation::Jmp { target }) => jump_to(&mut code, *target)?,
+        StepPlan::Emulate(Emulation::Call { target, ret }) => {
+            // push %rax; movabs $ret,%rax; xchg %rax,(%rsp); jmp target
+            code.push(0x50);
+            code.extend_from_slice(&[0x48, 0xb8]);
+            code.extend_from_slice(&ret.to_le_bytes());
+            code.extend_from_slice(&[0x48, 0x87, 0x04, 0x24]);
+            jump_to(&mut code, *target)?;
+        }
+        StepPlan::Emulate(Emulation::Jcc { cond, target, next }) => {
+            let from = spec.at + code.len() as u64 + 6;
+            let rel = i32::try_from(*target as i64 - from as i64)
+                .map_err(|_| "a branch target is beyond rel32 reach of the trampoline")?;
+            code.extend_from_slice(&[0x0f, 0x80 | (cond & 0xf)]);
             code.extend_from_slice(&rel.to_le_bytes());
+            jump_to(&mut code, *next)?;
         }
         StepPlan::Emulate(_) => {
             return Err(
-                "the instruction is emulated by the host (only a nop or an instruction copied out of line can be displaced by a jump)",
+                "the instruction is emulated by the host (a jump displaces only a nop, a branch or an instruction copied out of line)",
             );
         }
         StepPlan::StepOutOfLine(ool) => {
@@ -432,8 +466,8 @@ mod tests {
 
     fn plan_of(bytes: &[u8]) -> (Instruction, StepPlan<Emulation, OutOfLine>) {
         let d = Decoder::new().unwrap();
-        let insn = InstructionDecoder::<crate::arch::x86_64::X86_64>::decode(&d, bytes, SITE)
-            .unwrap();
+        let insn =
+            InstructionDecoder::<crate::arch::x86_64::X86_64>::decode(&d, bytes, SITE).unwrap();
         let plan = InstructionDecoder::<crate::arch::x86_64::X86_64>::plan(&d, &insn).unwrap();
         (insn, plan)
     }
@@ -457,7 +491,11 @@ mod tests {
         assert!(text.contains(&"rdtsc ".to_string()));
         assert!(text.contains(&"cmp rcx, 0x80".to_string()));
         assert!(text.contains(&"lock add qword ptr [rax], 1".to_string()));
-        assert!(!text.iter().any(|t| t.starts_with("ret") || t.starts_with("call")));
+        assert!(
+            !text
+                .iter()
+                .any(|t| t.starts_with("ret") || t.starts_with("call"))
+        );
         let n = text.len();
         assert_eq!(&text[n - 4..n - 1], &["pop rax", "popfq ", "pop rbp"]);
         assert_eq!(text[n - 1], format!("jmp {:#x}", SITE + 5));
@@ -484,9 +522,49 @@ mod tests {
         );
         // Too short, emulated: refused with a reason.
         let (insn, plan) = plan_of(&[0x55]);
-        assert!(patch(&plan, &insn, &spec()).unwrap_err().contains("shorter"));
-        let (insn, plan) = plan_of(&[0xe8, 0, 0, 0, 0]);
-        assert!(patch(&plan, &insn, &spec()).unwrap_err().contains("emulated"));
+        assert!(
+            patch(&plan, &insn, &spec())
+                .unwrap_err()
+                .contains("shorter")
+        );
+        let (insn, plan) = plan_of(&[0x48, 0x81, 0xec, 0, 1, 0, 0]);
+        assert!(
+            patch(&plan, &insn, &spec())
+                .unwrap_err()
+                .contains("emulated")
+        );
+    }
+
+    #[test]
+    fn displaced_branches_go_to_their_targets_and_a_call_returns_to_the_text() {
+        let tail = |bytes: &[u8], n: usize| {
+            let (insn, plan) = plan_of(bytes);
+            let p = patch(&plan, &insn, &spec()).unwrap();
+            let text = disassemble(&p.trampoline, AT);
+            text[text.len() - n..].to_vec()
+        };
+        // call SITE+0x105: the return address pushed is SITE+5, in the text.
+        assert_eq!(
+            tail(&[0xe8, 0, 1, 0, 0], 4),
+            [
+                "push rax".to_string(),
+                format!("movabs rax, {:#x}", SITE + 5),
+                "xchg qword ptr [rsp], rax".to_string(),
+                format!("jmp {:#x}", SITE + 0x105)
+            ]
+        );
+        assert_eq!(
+            tail(&[0xe9, 0, 1, 0, 0], 1),
+            [format!("jmp {:#x}", SITE + 0x105)]
+        );
+        // jne rel32 (6 bytes): taken to its target, else on after it.
+        assert_eq!(
+            tail(&[0x0f, 0x85, 0, 1, 0, 0], 2),
+            [
+                format!("jne {:#x}", SITE + 0x106),
+                format!("jmp {:#x}", SITE + 6)
+            ]
+        );
     }
 
     #[test]

@@ -53,14 +53,24 @@ fn a_jump_site_records_in_the_guest_and_the_drain_runs_its_handlers() {
     let regs = vcpu.regs.clone();
     let id = engine.plant(probe, target(AT_RIPREL), &regs).unwrap();
     let t = text(&engine);
-    assert_eq!(t[AT_RIPREL as usize], 0xe9, "a jmp rel32 over the instruction");
+    assert_eq!(
+        t[AT_RIPREL as usize], 0xe9,
+        "a jmp rel32 over the instruction"
+    );
     let at = AT_RIPREL as usize;
     let rel = i32::from_le_bytes(t[at + 1..at + 5].try_into().unwrap());
     let trampoline = (TEXT_VA + AT_RIPREL + 5).wrapping_add(rel as i64 as u64);
     assert!((XOL_VA_BASE..XOL_VA_BASE + 4 * 4096).contains(&trampoline));
-    assert_eq!(&t[at + 5..], &CODE[at + 5..], "only the jump's bytes change");
+    assert_eq!(
+        &t[at + 5..],
+        &CODE[at + 5..],
+        "only the jump's bytes change"
+    );
     let stats = engine.stats();
-    assert_eq!((stats[0].plan, stats[0].jump_refusal), (PlanKind::Jump, None));
+    assert_eq!(
+        (stats[0].plan, stats[0].jump_refusal),
+        (PlanKind::Jump, None)
+    );
     assert!(engine.has_jump_sites());
 
     // A probe that needs exits cannot join the site.
