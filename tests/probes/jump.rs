@@ -1,9 +1,38 @@
 //! The jump plan (no exit per hit): the default `--plan auto` against `--plan exit` on the same
 //! workloads and sites, a full ring, a seeded sweep of jump-eligible sites.
 
-use super::sweeps::{X86_SWEEP_HOT_PREFIXES, x86_boundaries};
+use super::sweeps::x86_boundaries;
 use super::*;
 use probe_core::arch::PlanKind;
+
+/// Functions every `open-read-loop` iteration calls (open, read, close), in the default
+/// x86_64 kernel.
+const OPEN_READ_PATH: &[&str] = &[
+    "__x64_sys_openat",
+    "do_sys_openat2",
+    "getname_flags",
+    "do_filp_open",
+    "path_openat",
+    "link_path_walk",
+    "walk_component",
+    "lookup_fast",
+    "complete_walk",
+    "may_open",
+    "vfs_open",
+    "do_dentry_open",
+    "alloc_fd",
+    "fd_install",
+    "__x64_sys_read",
+    "ksys_read",
+    "vfs_read",
+    "rw_verify_area",
+    "__x64_sys_close",
+    "close_fd",
+    "filp_close",
+    "fput",
+    "__fput",
+    "dput",
+];
 
 /// The event lines of `event` in the run's output.
 fn event_lines<'a>(out: &'a str, event: &str) -> Vec<&'a str> {
@@ -14,9 +43,8 @@ fn event_lines<'a>(out: &'a str, event: &str) -> Vec<&'a str> {
 
 /// An event line's `name=value` fields.
 fn fields(line: &str) -> std::collections::HashMap<&str, &str> {
-    line.split("): ")
-        .nth(1)
-        .unwrap_or("")
+    line.split_once(") ")
+        .map_or("", |(_, f)| f)
         .split(' ')
         .filter_map(|f| f.split_once('='))
         .collect()
@@ -141,10 +169,10 @@ pub(super) fn a_random_sweep_of_jump_sites_counts_what_the_exit_plan_counts() {
     let n = env_u64("HVPROBE_SWEEP_N", 60) as usize;
     // In the functions on the workload's paths, their first instruction (the fentry site,
     // run at every call); anywhere else, any instruction of 5 bytes or more.
-    let picks = pick_sites(&k.map, seed, n, X86_SWEEP_HOT_PREFIXES, |s, e| {
+    let picks = pick_sites(&k.map, seed, n, OPEN_READ_PATH, |s, e| {
         let name = k.map.describe(s);
         let mut sites = x86_boundaries(&k, s, e, 5);
-        if X86_SWEEP_HOT_PREFIXES.iter().any(|p| name.starts_with(p)) {
+        if OPEN_READ_PATH.iter().any(|p| name.starts_with(p)) {
             sites.retain(|(va, _)| *va == s);
         }
         sites
@@ -192,6 +220,7 @@ pub(super) fn a_random_sweep_of_jump_sites_counts_what_the_exit_plan_counts() {
             event_lines(&estdout, &event).len(),
         );
         reported += usize::from(a > 0);
+        eprintln!("jump sweep: {}: {a} / {b}", describe(i));
         if a != b {
             differ.push(format!("{}: jump plan {a}, exit plan {b}", describe(i)));
         }

@@ -172,6 +172,12 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         }
     }
 
+    /// Hits the trampoline of jump site `tag` dropped (full ring, nesting).
+    pub(super) fn jump_site_missed(&self, tag: u32) -> u64 {
+        let j = self.jump.lock().unwrap_or_else(|e| e.into_inner());
+        j.rings.map_or(0, |r| r.site_missed(&self.mem, tag))
+    }
+
     /// The trampolines' missed counts added to their probes' missed.
     pub(super) fn add_jump_missed(&self, stats: &mut [ProbeStats]) {
         let j = self.jump.lock().unwrap_or_else(|e| e.into_inner());

@@ -138,14 +138,6 @@ pub enum PlantErrorKind {
     /// A return probe away from a function's first instruction.
     #[error("a return probe must be on a function's first instruction")]
     NotFunctionEntry,
-    /// A probe that needs exits added to a site that has a jump plan.
-    #[error(
-        "{va:#x} has a jump-plan probe (no exits); a probe that needs exits (a return probe, a post handler, memory reads) cannot join it: remove it first, or plant both with --plan exit"
-    )]
-    JumpSite {
-        /// The site's address.
-        va: u64,
-    },
     /// A return probe the architecture's rule refuses at its address.
     #[error("refusing the return probe: {reason}")]
     ReturnProbeRefused {

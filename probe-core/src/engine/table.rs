@@ -52,6 +52,11 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
     ) -> Result<ProbeId, PlantError> {
         let space = A::address_space(regs);
         let gpa = self.check_target(&probe, target, space)?;
+        // A probe that needs exits may turn a jump site into a trapped one: the hits its
+        // trampoline recorded so far go to the handlers first.
+        if !probe.in_guest && self.has_jump_sites() {
+            self.drain_jump_rings();
+        }
         let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
         if probe.on_return.is_some() {
             let at_known_entry = target.function_start == Some(target.va);
@@ -62,7 +67,10 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 ));
             }
         }
-        if table.sites.contains_key(&gpa) {
+        if let Some(site) = table.sites.get(&gpa) {
+            if matches!(*site.run, SiteRun::Jump { .. }) && !probe.in_guest {
+                return self.trap_jump_site(&mut table, gpa, probe, target, space);
+            }
             return self.join_site(&mut table, gpa, probe, space);
         }
         check_guest_kprobes(&table, &probe.location, target.va)?;
@@ -124,12 +132,6 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         if site.trap != probe.trap {
             return Err(PlantError::new(location, PlantErrorKind::MixedTraps));
         }
-        if matches!(*site.run, SiteRun::Jump { .. }) && !probe.in_guest {
-            return Err(PlantError::new(
-                location,
-                PlantErrorKind::JumpSite { va: site.va },
-            ));
-        }
         let trapped = match &*site.run {
             SiteRun::OutOfLine {
                 ool, trapped: None, ..
@@ -166,6 +168,55 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         }
         table.by_probe.insert(id, gpa);
         Ok(id)
+    }
+
+    /// A probe that needs exits (a return probe, a post handler, memory reads) added to a jump
+    /// site: the site becomes a trapped one for all its probes (the jump plan's probes need
+    /// nothing an exit does not give). The guest's bytes go back under the site and it is
+    /// planned and committed afresh with the new probe, then the jump plan's probes join it
+    /// with their ids and counters. Their trampoline stays where it is, never reused (a task
+    /// preempted inside it finishes it). On error the jump is put back: nothing changed.
+    fn trap_jump_site(
+        &self,
+        table: &mut ProbeTable<A>,
+        gpa: u64,
+        probe: Probe<A>,
+        target: PlantTarget,
+        space: A::AddressSpace,
+    ) -> Result<ProbeId, PlantError> {
+        let old = table.sites.remove(&gpa).expect("the jump site");
+        let location = probe.location.clone();
+        // What the trampoline dropped so far stays counted as its probes' missed.
+        if let SiteRun::Jump { tag } = *old.run {
+            let dropped = self.jump_site_missed(tag);
+            for p in old.probes.iter() {
+                p.counters.missed.fetch_add(dropped, Ordering::Relaxed);
+            }
+        }
+        let write = |bytes: &[u8]| {
+            self.mem
+                .write_slice(bytes, GuestAddress(gpa))
+                .map_err(|_| PlantError::new(location.clone(), PlantErrorKind::Memory { gpa }))
+                .map(|()| self.wrote_code(gpa, bytes.len()))
+        };
+        write(&old.saved)?;
+        let planted = check_guest_kprobes(table, &probe.location, target.va)
+            .and_then(|()| self.decode_site(table, &probe.location, space, target))
+            .and_then(|decoded| self.plan_site(table, &probe, target, decoded))
+            .and_then(|plan| self.commit_site(table, gpa, target, probe, plan, space));
+        match planted {
+            Ok(id) => {
+                let site = table.sites.get_mut(&gpa).expect("the site just committed");
+                Arc::make_mut(&mut site.probes).extend(old.probes.iter().cloned());
+                site.jump_refusal = Some("a probe that needs exits joined the site");
+                Ok(id)
+            }
+            Err(e) => {
+                write(&old.patch)?;
+                table.sites.insert(gpa, old);
+                Err(e)
+            }
+        }
     }
 
     /// Stage 2: the instruction at the target, decoded from the guest's own bytes (ours and

@@ -280,40 +280,37 @@ pub fn patch(
     let page_limit = e.label();
     let have_limit = e.label();
     e.lea(RSI, RBP, 8);
-    match (a.current_task, a.this_cpu_off, a.task) {
-        (Some(current), Some(base), Some(t)) => {
-            e.load_gs(true, RAX, disp(current)?);
-            e.store(RCX, record::TASK as i32, RAX);
-            e.load_gs(true, RDX, disp(base)?);
-            e.store(RCX, record::TASK_FROM as i32, RDX);
-            e.rr(0x85, RAX, RAX);
-            e.jump(Some(JE), page_limit);
-            e.load32(RDX, RAX, disp(t.pid)?);
-            e.store32(RCX, record::PID as i32, RDX);
-            e.load32(RDX, RAX, disp(t.tgid)?);
-            e.store32(RCX, record::TGID as i32, RDX);
-            e.load(RDX, RAX, disp(t.comm)?);
-            e.store(RCX, record::COMM as i32, RDX);
-            e.load(RDX, RAX, disp(t.comm)? + 8);
-            e.store(RCX, record::COMM as i32 + 8, RDX);
-            e.mem_imm(
-                false,
-                0x81,
-                1,
-                RCX,
-                record::FLAGS as i32,
-                &FLAG_TASK.to_le_bytes(),
-            );
-            // On the task's own stack: up to its end.
-            e.load(RDX, RAX, disp(t.stack)?);
-            e.rr(0x89, RDI, RSI);
-            e.rr(0x29, RDI, RDX);
-            e.ri(true, 7, RDI, a.thread_size as u32);
-            e.jump(Some(JAE), page_limit);
-            e.ri(true, 0, RDX, a.thread_size as u32);
-            e.jump(None, have_limit);
-        }
-        _ => {}
+    if let (Some(current), Some(base), Some(t)) = (a.current_task, a.this_cpu_off, a.task) {
+        e.load_gs(true, RAX, disp(current)?);
+        e.store(RCX, record::TASK as i32, RAX);
+        e.load_gs(true, RDX, disp(base)?);
+        e.store(RCX, record::TASK_FROM as i32, RDX);
+        e.rr(0x85, RAX, RAX);
+        e.jump(Some(JE), page_limit);
+        e.load32(RDX, RAX, disp(t.pid)?);
+        e.store32(RCX, record::PID as i32, RDX);
+        e.load32(RDX, RAX, disp(t.tgid)?);
+        e.store32(RCX, record::TGID as i32, RDX);
+        e.load(RDX, RAX, disp(t.comm)?);
+        e.store(RCX, record::COMM as i32, RDX);
+        e.load(RDX, RAX, disp(t.comm)? + 8);
+        e.store(RCX, record::COMM as i32 + 8, RDX);
+        e.mem_imm(
+            false,
+            0x81,
+            1,
+            RCX,
+            record::FLAGS as i32,
+            &FLAG_TASK.to_le_bytes(),
+        );
+        // On the task's own stack: up to its end.
+        e.load(RDX, RAX, disp(t.stack)?);
+        e.rr(0x89, RDI, RSI);
+        e.rr(0x29, RDI, RDX);
+        e.ri(true, 7, RDI, a.thread_size as u32);
+        e.jump(Some(JAE), page_limit);
+        e.ri(true, 0, RDX, a.thread_size as u32);
+        e.jump(None, have_limit);
     }
     // Elsewhere (IRQ, exception stacks): up to the end of RSP's page.
     e.bind(page_limit);

@@ -73,16 +73,6 @@ fn a_jump_site_records_in_the_guest_and_the_drain_runs_its_handlers() {
     );
     assert!(engine.has_jump_sites());
 
-    // A probe that needs exits cannot join the site.
-    let err = engine
-        .plant(
-            Probe::<X86_64>::new("f+0x8").after(|_| Ok(())),
-            target(AT_RIPREL),
-            &regs,
-        )
-        .unwrap_err();
-    assert!(matches!(err.kind, PlantErrorKind::JumpSite { .. }), "{err}");
-
     // A record as the trampoline writes it, then one with a tag no site has (forged).
     let mem = engine.memory();
     let ring = rings.gpa + rings.ring_offset(0);
@@ -121,13 +111,47 @@ fn a_jump_site_records_in_the_guest_and_the_drain_runs_its_handlers() {
     let by_plan = engine.exit_stats().hits_by_plan;
     assert!(by_plan.contains(&(PlanKind::Jump, 1)));
 
-    engine.remove(id).unwrap();
-    assert_eq!(text(&engine), CODE, "the text is as it was");
-    // Records left for a removed site are dropped.
+    // A probe that needs exits turns the site into a trapped one for both probes: a hit
+    // recorded meanwhile is drained first, the guest's bytes go back under an int3, the jump
+    // probe keeps its id and counts.
     w64(ring + header::HEAD, 3);
     w64(rec + 2 * crate::jump::RECORD_SIZE + record::TAG, 0);
+    let after = engine
+        .plant(
+            Probe::<X86_64>::new("f+0x8").after(|_| Ok(())),
+            target(AT_RIPREL),
+            &regs,
+        )
+        .unwrap();
+    let t = text(&engine);
+    assert_eq!(t[at], INT3);
+    assert_eq!(&t[at + 1..], &CODE[at + 1..]);
+    let stats = engine.stats();
+    assert_eq!(stats.len(), 2);
+    assert!(
+        stats.iter().all(|s| s.plan == PlanKind::XolRiprel),
+        "{stats:?}"
+    );
+    // The record written before the change was drained (a hit; its handler failed: the
+    // record holds no task), and the trampoline's missed count stays the probe's.
+    assert_eq!(
+        (
+            stats[0].id,
+            stats[0].hits,
+            stats[0].missed,
+            stats[0].handler_errors
+        ),
+        (id, 2, 3, 1)
+    );
+    // Records left for a site that is no longer a jump site are dropped.
+    w64(ring + header::HEAD, 4);
+    w64(rec + 3 * crate::jump::RECORD_SIZE + record::TAG, 0);
     engine.drain_jump_rings();
-    assert_eq!(seen.lock().unwrap().len(), 1);
+    assert_eq!(engine.stats()[0].hits, 2);
+
+    engine.remove(id).unwrap();
+    engine.remove(after).unwrap();
+    assert_eq!(text(&engine), CODE, "the text is as it was");
 }
 
 #[test]
