@@ -37,6 +37,7 @@ fn generate(c: &mut Criterion) {
         at: 0xffff_ffff_7fe0_1000,
         rings: jump_rings(),
         anchors: anchors(),
+        filter: None,
     };
     let d = Decoder::new().unwrap();
     let fentry = [0x0f, 0x1f, 0x44, 0x00, 0x00];

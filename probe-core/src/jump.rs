@@ -9,8 +9,9 @@
 //! way ([`in_guest_refusal`]). Each architecture generates its trampolines
 //! ([`crate::arch::Arch::jump_patch`]).
 //!
-//! Ring area (guest physical and virtual, contiguous): one counters page (a `u64` of missed
-//! hits per jump site, by tag; the last `u64` counts hits on a CPU past the last ring), then
+//! Ring area (guest physical and virtual, contiguous): two counters pages (a `u64` of missed
+//! hits per jump site, by tag, the last `u64` counting hits on a CPU past the last ring; then a
+//! `u64` per site of hits its task filter left out), then
 //! one ring per CPU: a 64-byte header (`head` written by the trampoline, `tail` by the host,
 //! `missed` when full, `nesting` the recursion guard), then `records` records of
 //! [`RECORD_SIZE`] bytes. A record is published by advancing `head` after its bytes are
@@ -18,7 +19,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-use crate::definition::{Fetch, FetchType, ProbeDefinition};
+use crate::definition::{Fetch, FetchType, ProbeDefinition, TaskFilter};
 
 /// Bytes of one record.
 pub const RECORD_SIZE: u64 = 512;
@@ -71,6 +72,8 @@ pub mod record {
 pub const FLAG_TASK: u32 = 1 << 31;
 
 const PAGE: u64 = 4096;
+/// Pages of per-site counters before the rings.
+const COUNTER_PAGES: u64 = 2;
 
 /// Errors of the jump plan's set-up.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -113,7 +116,7 @@ impl RingLayout {
     /// Bytes the area needs for `cpus` rings of `records` records, in whole pages.
     pub fn bytes_for(cpus: u32, records: u64) -> u64 {
         let stride = RING_HEADER + records * RECORD_SIZE;
-        (PAGE + u64::from(cpus.max(1)) * stride).div_ceil(PAGE) * PAGE
+        (COUNTER_PAGES * PAGE + u64::from(cpus.max(1)) * stride).div_ceil(PAGE) * PAGE
     }
 
     /// Bytes of the area.
@@ -128,12 +131,22 @@ impl RingLayout {
 
     /// Offset of CPU `cpu`'s ring header from the area's start.
     pub fn ring_offset(&self, cpu: u32) -> u64 {
-        PAGE + u64::from(cpu) * self.stride()
+        COUNTER_PAGES * PAGE + u64::from(cpu) * self.stride()
     }
 
     /// Offset of jump site `tag`'s missed counter.
     pub fn site_missed_offset(tag: u32) -> u64 {
         u64::from(tag) * 8
+    }
+
+    /// Offset of jump site `tag`'s count of hits its task filter left out.
+    pub fn site_filtered_offset(tag: u32) -> u64 {
+        PAGE + u64::from(tag) * 8
+    }
+
+    /// The count of hits site `tag`'s task filter left out (hits all the same).
+    pub fn site_filtered<M: GuestMemory>(&self, mem: &M, tag: u32) -> u64 {
+        read_u64(mem, self.gpa + RingLayout::site_filtered_offset(tag))
     }
 
     /// Offset of the counter of hits on a CPU that has no ring.
@@ -227,7 +240,7 @@ pub struct TaskOffsets {
 }
 
 /// What a trampoline is generated for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrampolineSpec {
     /// The site's tag, written into each record.
     pub tag: u32,
@@ -239,6 +252,9 @@ pub struct TrampolineSpec {
     pub rings: RingLayout,
     /// The guest's per-CPU and task anchors.
     pub anchors: GuestAnchors,
+    /// The probe's task filter, evaluated in the trampoline: a hit it leaves out is only
+    /// counted, never recorded.
+    pub filter: Option<TaskFilter>,
 }
 
 /// A jump site: the trampoline's bytes and the bytes that replace the probed instruction.

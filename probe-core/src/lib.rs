@@ -21,6 +21,7 @@ pub mod guest_memory;
 pub mod histogram;
 pub mod jump;
 pub mod pagewalk;
+pub mod patched_text;
 pub mod probe;
 pub mod retprobe;
 pub mod symbols;

@@ -59,6 +59,9 @@ pub struct Probe<A: Arch = Host> {
     /// stack words; [`crate::jump`]): the engine may plant a jump instead of a trap where the
     /// site allows, and run the handlers when the host drains the record. No exit.
     pub in_guest: bool,
+    /// For a probe that may run in the guest: its handlers' task filter, evaluated in the
+    /// trampoline so that hits it leaves out take no ring space (they still count as hits).
+    pub record_filter: Option<crate::definition::TaskFilter>,
 }
 
 /// Live return-probe instances per probe when not set (kretprobe's floor).
@@ -74,6 +77,7 @@ impl<A: Arch> Clone for Probe<A> {
             on_return: self.on_return.clone(),
             max_active: self.max_active,
             in_guest: self.in_guest,
+            record_filter: self.record_filter.clone(),
         }
     }
 }
@@ -103,6 +107,7 @@ impl<A: Arch> Probe<A> {
             on_return: None,
             max_active: DEFAULT_MAX_ACTIVE,
             in_guest: false,
+            record_filter: None,
         }
     }
 

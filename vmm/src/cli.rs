@@ -553,6 +553,30 @@ fn probe_setup(
             (Ok(s), Ok(e)) => Some((s.addr, e.addr)),
             _ => None,
         },
+        patched_text: [
+            (
+                "__start___jump_table",
+                "__stop___jump_table",
+                probe_core::patched_text::JUMP_ENTRY_SIZE,
+                "a jump label (static key) site",
+            ),
+            (
+                "__start_static_call_sites",
+                "__stop_static_call_sites",
+                probe_core::patched_text::STATIC_CALL_SITE_SIZE,
+                "a static call site",
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(s, e, size, what)| {
+            Some((
+                map.lookup(s).ok()?.addr,
+                map.lookup(e).ok()?.addr,
+                size,
+                what,
+            ))
+        })
+        .collect(),
         user_return: crate::arch::Host::USER_RETURN_SYMBOL
             .and_then(|sym| map.lookup(sym).ok())
             .map(|s| s.addr),

@@ -76,6 +76,10 @@ impl HandlerWiring {
                 None => !stacks,
             }
         };
+        // The trampoline tests the task filter itself: hits it leaves out take no ring space.
+        if probe.in_guest {
+            probe.record_filter = resolved.definition.as_ref().and_then(|d| d.filter.clone());
+        }
         // A return definition makes a return probe, printed or not.
         let max_active = resolved.definition.as_ref().and_then(|d| d.max_active());
         if let Some(n) = max_active {

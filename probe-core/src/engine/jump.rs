@@ -139,7 +139,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         let (va, probes) = {
             let table = self.table.read().unwrap_or_else(|e| e.into_inner());
             match table.sites.get(&gpa) {
-                Some(s) if matches!(*s.run, SiteRun::Jump { tag } if tag == rec.tag) => {
+                Some(s) if matches!(*s.run, SiteRun::Jump { tag, .. } if tag == rec.tag) => {
                     (s.va, s.probes.clone())
                 }
                 _ => return,
@@ -172,13 +172,20 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         }
     }
 
-    /// Hits the trampoline of jump site `tag` dropped (full ring, nesting).
-    pub(super) fn jump_site_missed(&self, tag: u32) -> u64 {
+    /// Hits the trampoline of jump site `tag` dropped (full ring, nesting), and hits its task
+    /// filter left out.
+    pub(super) fn jump_site_counts(&self, tag: u32) -> (u64, u64) {
         let j = self.jump.lock().unwrap_or_else(|e| e.into_inner());
-        j.rings.map_or(0, |r| r.site_missed(&self.mem, tag))
+        j.rings.map_or((0, 0), |r| {
+            (
+                r.site_missed(&self.mem, tag),
+                r.site_filtered(&self.mem, tag),
+            )
+        })
     }
 
-    /// The trampolines' missed counts added to their probes' missed.
+    /// The trampolines' counts added to their probes': missed (full ring, nesting), and hits
+    /// the task filter left out (hits all the same, as the exit plan counts them).
     pub(super) fn add_jump_missed(&self, stats: &mut [ProbeStats]) {
         let j = self.jump.lock().unwrap_or_else(|e| e.into_inner());
         let Some(rings) = j.rings else { return };
@@ -189,11 +196,12 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 .get(&s.id)
                 .and_then(|gpa| table.sites.get(gpa))
                 .and_then(|site| match *site.run {
-                    SiteRun::Jump { tag } => Some(tag),
+                    SiteRun::Jump { tag, .. } => Some(tag),
                     _ => None,
                 });
             if let Some(tag) = tag {
                 s.missed += rings.site_missed(&self.mem, tag);
+                s.hits += rings.site_filtered(&self.mem, tag);
             }
         }
     }
@@ -238,6 +246,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             at,
             rings,
             anchors: j.anchors,
+            filter: probe.record_filter.clone(),
         })
     }
 

@@ -135,6 +135,17 @@ pub enum PlantErrorKind {
         /// Why it was disarmed.
         reason: &'static str,
     },
+    /// The guest kernel rewrites the instruction itself (a jump label or static call site)
+    /// and checks what it finds there first.
+    #[error(
+        "refusing to probe {va:#x}: it is {what}, which the guest kernel rewrites at run time after checking its bytes (a breakpoint or jump there would be a kernel BUG)"
+    )]
+    PatchedByKernel {
+        /// The address.
+        va: u64,
+        /// Which kind of site.
+        what: &'static str,
+    },
     /// A return probe away from a function's first instruction.
     #[error("a return probe must be on a function's first instruction")]
     NotFunctionEntry,
@@ -317,6 +328,8 @@ enum SiteRun<A: Arch> {
     Jump {
         /// The site's tag.
         tag: u32,
+        /// The task filter its trampoline evaluates: every probe of the site has this one.
+        filter: Option<crate::definition::TaskFilter>,
     },
 }
 
@@ -341,7 +354,10 @@ impl<A: Arch> Clone for SiteRun<A> {
                 trapped: *trapped,
                 fixed_up: *fixed_up,
             },
-            SiteRun::Jump { tag } => SiteRun::Jump { tag: *tag },
+            SiteRun::Jump { tag, filter } => SiteRun::Jump {
+                tag: *tag,
+                filter: filter.clone(),
+            },
         }
     }
 }
@@ -485,6 +501,8 @@ struct ProbeTable<A: Arch> {
     slot_traps: HashMap<u64, SlotTrap>,
     /// Addresses of the instructions with an entry in the guest's exception table.
     exception_table: HashSet<u64>,
+    /// Text the guest kernel rewrites itself (jump label and static call sites), with what.
+    patched_text: HashMap<u64, &'static str>,
     /// The guest's own armed kprobes, when its kprobe table could be read.
     guest_kprobes: Option<HashMap<u64, GuestKprobe>>,
     next_id: usize,
@@ -545,6 +563,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 by_probe: HashMap::new(),
                 slot_traps: HashMap::new(),
                 exception_table: HashSet::new(),
+                patched_text: HashMap::new(),
                 guest_kprobes: None,
                 next_id: 0,
                 hw: vec![None; A::MAX_HW_BREAKPOINTS],
@@ -576,6 +595,16 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
     pub fn set_exception_table(&self, addresses: impl IntoIterator<Item = u64>) {
         let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
         table.exception_table = addresses.into_iter().collect();
+    }
+
+    /// Records the instructions the guest kernel rewrites itself at run time (`what` they
+    /// are: "a jump label site", "a static call site"; [`crate::patched_text`]): no probe is
+    /// planted on one.
+    pub fn set_patched_text(&self, addresses: impl IntoIterator<Item = u64>, what: &'static str) {
+        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        table
+            .patched_text
+            .extend(addresses.into_iter().map(|a| (a, what)));
     }
 
     /// Says that the VMM sees every exception the guest takes inside a trapped slot and calls

@@ -68,12 +68,17 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             }
         }
         if let Some(site) = table.sites.get(&gpa) {
-            if matches!(*site.run, SiteRun::Jump { .. }) && !probe.in_guest {
+            // The trampoline serves only probes that need no more than it records, with its
+            // own task filter.
+            if matches!(&*site.run, SiteRun::Jump { filter, .. }
+                if !probe.in_guest || *filter != probe.record_filter)
+            {
                 return self.trap_jump_site(&mut table, gpa, probe, target, space);
             }
             return self.join_site(&mut table, gpa, probe, space);
         }
         check_guest_kprobes(&table, &probe.location, target.va)?;
+        check_patched_text(&table, &probe.location, target.va)?;
         let decoded = self.decode_site(&table, &probe.location, space, target)?;
         let plan = self.plan_site(&table, &probe, target, decoded)?;
         self.commit_site(&mut table, gpa, target, probe, plan, space)
@@ -187,10 +192,11 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         let old = table.sites.remove(&gpa).expect("the jump site");
         let location = probe.location.clone();
         // What the trampoline dropped so far stays counted as its probes' missed.
-        if let SiteRun::Jump { tag } = *old.run {
-            let dropped = self.jump_site_missed(tag);
+        if let SiteRun::Jump { tag, .. } = *old.run {
+            let (dropped, filtered) = self.jump_site_counts(tag);
             for p in old.probes.iter() {
                 p.counters.missed.fetch_add(dropped, Ordering::Relaxed);
+                p.counters.hits.fetch_add(filtered, Ordering::Relaxed);
             }
         }
         let write = |bytes: &[u8]| {
@@ -413,6 +419,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         } = site;
         if let Some(spec) = jump {
             self.map_xol(&location, space)?;
+            let filter = spec.filter.clone();
             let (tag, patch) = self.commit_jump(&location, gpa, &plan, &insn, spec)?;
             let id = ProbeId(table.next_id);
             table.next_id += 1;
@@ -424,7 +431,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                     trap: probe.trap,
                     saved: insn.bytes()[..patch.len()].to_vec(),
                     instruction: insn.text().into(),
-                    run: Arc::new(SiteRun::Jump { tag }),
+                    run: Arc::new(SiteRun::Jump { tag, filter }),
                     disarmed: std::sync::OnceLock::new(),
                     rate: Arc::default(),
                     patch,
@@ -806,6 +813,21 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
 }
 
 /// The target is not one of the guest's own kprobes (nor inside an optimized kprobe's jump).
+/// Refuses a site the guest kernel rewrites itself.
+fn check_patched_text<A: Arch>(
+    table: &ProbeTable<A>,
+    location: &str,
+    va: u64,
+) -> Result<(), PlantError> {
+    match table.patched_text.get(&va) {
+        Some(&what) => Err(PlantError::new(
+            location,
+            PlantErrorKind::PatchedByKernel { va, what },
+        )),
+        None => Ok(()),
+    }
+}
+
 fn check_guest_kprobes<A: Arch>(
     table: &ProbeTable<A>,
     location: &str,

@@ -817,3 +817,19 @@ fn without_int3_exits_what_needs_an_int3_of_the_hosts_is_refused_and_nothing_is_
         .unwrap();
     assert!(!engine.breakpoint_written());
 }
+
+#[test]
+fn a_site_the_kernel_rewrites_itself_is_refused_and_nothing_changes() {
+    let (engine, vcpu) = machine();
+    engine.set_patched_text([TEXT_VA + AT_RIPREL], "a jump label (static key) site");
+    let err = engine
+        .plant(Probe::new("f+0x8"), target(AT_RIPREL), &vcpu.regs.clone())
+        .unwrap_err();
+    assert!(
+        matches!(err.kind, PlantErrorKind::PatchedByKernel { .. })
+            && err.to_string().contains("jump label"),
+        "{err}"
+    );
+    assert_eq!(text(&engine), CODE);
+    assert!(engine.is_empty());
+}

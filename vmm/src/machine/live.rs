@@ -32,8 +32,10 @@ impl ProbeSession {
         }
     }
 
-    /// The probes in, by id.
+    /// The probes in, by id, with every hit the jump plan's trampolines recorded so far
+    /// (drained now, not at the drain thread's next pass).
     pub(super) fn list(&self) -> ProbeList {
+        self.engine.drain_jump_rings();
         ProbeList {
             probes: self.engine.stats().iter().map(|s| self.info(s)).collect(),
         }
@@ -159,8 +161,10 @@ impl ProbeSession {
         }
     }
 
-    /// Exit counts, per vCPU, pauses.
+    /// Exit counts, per vCPU, pauses (the jump plan's records drained first, as for
+    /// [`ProbeSession::list`]).
     pub(super) fn stats(&self, started: Instant) -> StatsReply {
+        self.engine.drain_jump_rings();
         let vcpus = self
             .vcpus
             .iter()

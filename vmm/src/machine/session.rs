@@ -11,11 +11,11 @@ use probe_core::engine::{
     ExitStats, PlantTarget, ProbeId, ProbeStats, RewrittenSite, hash_guest_virtual,
     read_guest_virtual,
 };
-use probe_core::extable;
 use probe_core::guest_kprobes::KprobeTableLayout;
 use probe_core::jump::{GuestAnchors, RingLayout};
 use probe_core::probe::{Probe, TrapKind};
 use probe_core::xol::XolArea;
+use probe_core::{extable, patched_text};
 
 use super::MachineError;
 use crate::arch::{self, Guest, GuestRegisters, VmmArch};
@@ -70,6 +70,10 @@ pub struct ProbeSetup {
     /// System.map's `__start___ex_table` and `__stop___ex_table`: instructions listed there are
     /// copied out of line only where a fault of the copy is rewound to them.
     pub exception_table: Option<(u64, u64)>,
+    /// Tables of text the guest kernel rewrites itself (System.map's start and stop, the
+    /// entry size, what a site is: [`probe_core::patched_text`]); no probe goes on those
+    /// sites.
+    pub patched_text: Vec<(u64, u64, usize, &'static str)>,
     /// Plant what can be planted and report the refused probes, instead of all or nothing.
     pub skip_refused: bool,
     /// Hits a second each site may take (`--max-rate`).
@@ -511,6 +515,16 @@ impl ProbeSession {
                 .map_err(PlantingError::ExceptionTable)?;
             self.engine
                 .set_exception_table(extable::instruction_addresses(start, &bytes));
+        }
+        for &(start, end, size, what) in &self.setup.patched_text {
+            let (start, end) = (start.wrapping_add(slide), end.wrapping_add(slide));
+            let mut bytes = vec![0u8; end.saturating_sub(start) as usize];
+            match read_guest_virtual::<Guest, _>(self.engine.memory(), &regs, start, &mut bytes) {
+                Ok(()) => self
+                    .engine
+                    .set_patched_text(patched_text::sites(start, &bytes, size), what),
+                Err(e) => eprintln!("hvprobe: cannot read the kernel's table of {what}s: {e}"),
+            }
         }
         if let Some(layout) = self.setup.guest_kprobes {
             let mem = self.engine.memory();

@@ -28,6 +28,7 @@
 
 use crate::arch::StepPlan;
 use crate::arch::x86_64::{Emulation, Instruction, OutOfLine};
+use crate::definition::{TaskField, TaskFilter};
 use crate::jump::{
     FLAG_TASK, JumpPatch, RING_HEADER, RingLayout, STACK_WORDS, TrampolineSpec, header, record,
 };
@@ -279,14 +280,35 @@ pub fn patch(
     // The task, and the end of the stack the words may be read up to (in RDX; RSI = RSP).
     let page_limit = e.label();
     let have_limit = e.label();
+    let filtered = e.label();
     e.lea(RSI, RBP, 8);
-    if let (Some(current), Some(base), Some(t)) = (a.current_task, a.this_cpu_off, a.task) {
+    let task = match (a.current_task, a.this_cpu_off, a.task) {
+        (Some(current), Some(base), Some(t)) => Some((current, base, t)),
+        _ if spec.filter.is_some() => {
+            return Err(
+                "a task filter needs the task's layout (BTF, current_task) in the trampoline",
+            );
+        }
+        _ => None,
+    };
+    if let Some((current, base, t)) = task {
         e.load_gs(true, RAX, disp(current)?);
         e.store(RCX, record::TASK as i32, RAX);
         e.load_gs(true, RDX, disp(base)?);
         e.store(RCX, record::TASK_FROM as i32, RDX);
         e.rr(0x85, RAX, RAX);
-        e.jump(Some(JE), page_limit);
+        // No task: a filter cannot pass (as on the host, where the task cannot be read).
+        e.jump(
+            Some(JE),
+            if spec.filter.is_some() {
+                filtered
+            } else {
+                page_limit
+            },
+        );
+        if let Some(f) = &spec.filter {
+            emit_filter(&mut e, f, &t, filtered)?;
+        }
         e.load32(RDX, RAX, disp(t.pid)?);
         e.store32(RCX, record::PID as i32, RDX);
         e.load32(RDX, RAX, disp(t.tgid)?);
@@ -344,6 +366,11 @@ pub fn patch(
     e.mem_imm(false, 0x83, 5, RBX, header::NESTING as i32, &[1]);
     e.mem_imm(true, 0x83, 0, RBX, header::MISSED as i32, &[1]);
     e.count(r.va + RingLayout::site_missed_offset(spec.tag));
+    e.jump(None, restore);
+    // Left out by the task filter: a hit all the same, counted, not recorded.
+    e.bind(filtered);
+    e.mem_imm(false, 0x83, 5, RBX, header::NESTING as i32, &[1]);
+    e.count(r.va + RingLayout::site_filtered_offset(spec.tag));
     e.bind(restore);
     for reg in SAVED.iter().rev() {
         e.pop(*reg);
@@ -403,6 +430,61 @@ pub fn patch(
     })
 }
 
+/// The task filter's test, with RAX the task: on to the recording if it passes, else to
+/// `filtered`. `comm` compares all 16 bytes (the kernel pads the name with NULs, as
+/// `strscpy_pad` leaves it); pid and tgid one `u32`.
+fn emit_filter(
+    e: &mut Emitter,
+    f: &TaskFilter,
+    t: &crate::jump::TaskOffsets,
+    filtered: usize,
+) -> Result<(), &'static str> {
+    let disp = |v: u64| i32::try_from(v).map_err(|_| "a task_struct offset beyond 2 GiB");
+    let pass = e.label();
+    // Where a mismatch goes, and where a match goes.
+    let (on_mismatch, on_match) = if f.equal {
+        (filtered, pass)
+    } else {
+        (pass, filtered)
+    };
+    match f.field {
+        TaskField::Comm => {
+            let name = f.value.as_bytes();
+            if name.len() >= 16 {
+                // Longer than any task's name (TASK_COMM_LEN - 1): never equal.
+                e.jump(None, on_mismatch);
+            } else {
+                let mut padded = [0u8; 16];
+                padded[..name.len()].copy_from_slice(name);
+                for half in 0..2 {
+                    let v = u64::from_le_bytes(padded[half * 8..half * 8 + 8].try_into().unwrap());
+                    e.movabs(RDX, v);
+                    // cmp rdx, [rax + comm + 8 * half]
+                    e.mem(true, &[0x3b], RDX, RAX, disp(t.comm)? + 8 * half as i32);
+                    e.jump(Some(JNE), on_mismatch);
+                }
+                e.jump(None, on_match);
+            }
+        }
+        TaskField::Pid | TaskField::Tgid => {
+            let at = if f.field == TaskField::Pid {
+                t.pid
+            } else {
+                t.tgid
+            };
+            let v: u32 = f
+                .value
+                .parse()
+                .map_err(|_| "a pid filter compares with a number")?;
+            e.mem_imm(false, 0x81, 7, RAX, disp(at)?, &v.to_le_bytes());
+            e.jump(Some(JNE), on_mismatch);
+            e.jump(None, on_match);
+        }
+    }
+    e.bind(pass);
+    Ok(())
+}
+
 /// The registers a record holds: the GPRs in encoding order, RIP, RFLAGS; GS base is where
 /// the task pointer was read.
 pub fn registers(rec: &crate::jump::JumpRecord) -> super::Registers {
@@ -443,6 +525,7 @@ mod tests {
                 }),
                 thread_size: 16384,
             },
+            filter: None,
         }
     }
 
@@ -562,6 +645,37 @@ mod tests {
                 format!("jmp {:#x}", SITE + 6)
             ]
         );
+    }
+
+    #[test]
+    fn a_task_filter_is_tested_in_the_trampoline_and_counts_what_it_leaves_out() {
+        let (insn, plan) = plan_of(&[0x0f, 0x1f, 0x44, 0x00, 0x00]);
+        let mut s = spec();
+        s.filter = crate::definition::ProbeDefinition::parse("p f if comm == \"getpid-loop\"")
+            .unwrap()
+            .filter;
+        let text = disassemble(&patch(&plan, &insn, &s).unwrap().trampoline, AT);
+        let at = |want: &str| {
+            text.iter()
+                .position(|t| t == want)
+                .unwrap_or_else(|| panic!("no `{want}` in {text:#?}"))
+        };
+        // "getpid-l", "oop\0..." against the two halves of comm, before the pid is read.
+        let first = at("movabs rdx, 0x6c2d646970746567");
+        assert_eq!(text[first + 1], "cmp rdx, qword ptr [rax + 0x7a8]");
+        assert_eq!(text[first + 3], "movabs rdx, 0x706f6f");
+        assert_eq!(text[first + 4], "cmp rdx, qword ptr [rax + 0x7b0]");
+        assert!(first < at("mov edx, dword ptr [rax + 0x5a8]"));
+        // The filtered-out count is a counters-page word of its own.
+        let filtered = s.rings.va + RingLayout::site_filtered_offset(3);
+        at(&format!("movabs rax, {filtered:#x}"));
+        s.filter = crate::definition::ProbeDefinition::parse("p f if pid != 7")
+            .unwrap()
+            .filter;
+        let text = disassemble(&patch(&plan, &insn, &s).unwrap().trampoline, AT);
+        assert!(text.contains(&"cmp dword ptr [rax + 0x5a8], 7".to_string()));
+        s.anchors.task = None;
+        assert!(patch(&plan, &insn, &s).unwrap_err().contains("filter"));
     }
 
     #[test]

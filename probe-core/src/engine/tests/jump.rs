@@ -104,10 +104,12 @@ fn a_jump_site_records_in_the_guest_and_the_drain_runs_its_handlers() {
         )]
     );
     assert_eq!(engine.drain_jump_rings(), 0);
-    // Hits the trampolines dropped count as the probe's missed.
+    // Hits the trampolines dropped count as the probe's missed; hits its task filter left out
+    // count as hits.
     w64(rings.gpa + RingLayout::site_missed_offset(0), 3);
+    w64(rings.gpa + RingLayout::site_filtered_offset(0), 5);
     let stats = engine.stats();
-    assert_eq!((stats[0].hits, stats[0].missed), (1, 3));
+    assert_eq!((stats[0].hits, stats[0].missed), (6, 3));
     let by_plan = engine.exit_stats().hits_by_plan;
     assert!(by_plan.contains(&(PlanKind::Jump, 1)));
 
@@ -141,13 +143,13 @@ fn a_jump_site_records_in_the_guest_and_the_drain_runs_its_handlers() {
             stats[0].missed,
             stats[0].handler_errors
         ),
-        (id, 2, 3, 1)
+        (id, 7, 3, 1)
     );
     // Records left for a site that is no longer a jump site are dropped.
     w64(ring + header::HEAD, 4);
     w64(rec + 3 * crate::jump::RECORD_SIZE + record::TAG, 0);
     engine.drain_jump_rings();
-    assert_eq!(engine.stats()[0].hits, 2);
+    assert_eq!(engine.stats()[0].hits, 7);
 
     engine.remove(id).unwrap();
     engine.remove(after).unwrap();
