@@ -184,6 +184,16 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         })
     }
 
+    /// Hits every jump site's task filter left out, counted in the guest.
+    pub(super) fn jump_filtered_total(&self) -> u64 {
+        let j = self.jump.lock().unwrap_or_else(|e| e.into_inner());
+        j.rings.map_or(0, |r| {
+            (0..j.sites.len() as u32)
+                .map(|tag| r.site_filtered(&self.mem, tag))
+                .sum()
+        })
+    }
+
     /// The trampolines' counts added to their probes': missed (full ring, nesting), and hits
     /// the task filter left out (hits all the same, as the exit plan counts them).
     pub(super) fn add_jump_missed(&self, stats: &mut [ProbeStats]) {

@@ -44,6 +44,8 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
     /// Exit counts, for figures.
     pub fn exit_stats(&self) -> ExitStats {
         let e = &self.exits;
+        // Jump-plan hits a trampoline's task filter left out were counted in the guest.
+        let filtered = self.jump_filtered_total();
         ExitStats {
             breakpoints: e.breakpoints.load(Ordering::Relaxed),
             hw_breakpoints: e.hw_breakpoints.load(Ordering::Relaxed),
@@ -58,7 +60,10 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             hits_by_plan: PlanKind::ALL
                 .iter()
                 .zip(&e.by_plan)
-                .map(|(k, c)| (*k, c.load(Ordering::Relaxed)))
+                .map(|(k, c)| {
+                    let extra = if *k == PlanKind::Jump { filtered } else { 0 };
+                    (*k, c.load(Ordering::Relaxed) + extra)
+                })
                 .collect(),
         }
     }

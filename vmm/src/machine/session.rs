@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use probe_core::arch::PlanKind;
 use probe_core::engine::{
     ExitStats, PlantTarget, ProbeId, ProbeStats, RewrittenSite, hash_guest_virtual,
     read_guest_virtual,
@@ -453,7 +454,13 @@ impl ProbeSession {
             self.rates.checked = Some(since);
             return;
         }
-        for s in self.engine.stats() {
+        // A jump-plan probe costs the guest no exit: however hot, it is not reported.
+        for s in self
+            .engine
+            .stats()
+            .into_iter()
+            .filter(|s| s.plan != PlanKind::Jump)
+        {
             let seen = s.hits + s.missed;
             let before = self.rates.hits.insert(s.id.0, seen).unwrap_or(0);
             let rate = (seen - before.min(seen)) as f64 / elapsed;
