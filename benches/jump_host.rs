@@ -8,27 +8,10 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use probe_core::arch::x86_64::{Decoder, X86_64};
 use probe_core::arch::{Arch, InstructionDecoder};
 use probe_core::engine::PlantTarget;
-use probe_core::fake::{AT_RIPREL, TEXT_VA, jump_rings, machine};
-use probe_core::jump::{
-    GuestAnchors, RECORD_SIZE, RING_HEADER, TaskOffsets, TrampolineSpec, header, record,
-};
+use probe_core::fake::{AT_RIPREL, TEXT_VA, jump_anchors, jump_rings, machine};
+use probe_core::jump::{RECORD_SIZE, RING_HEADER, TrampolineSpec, header, record};
 use probe_core::probe::Probe;
 use vm_memory::{Bytes, GuestAddress};
-
-fn anchors() -> GuestAnchors {
-    GuestAnchors {
-        cpu_number: Some(0x19160),
-        current_task: Some(0x1fb80),
-        this_cpu_off: Some(0x19168),
-        task: Some(TaskOffsets {
-            pid: 0x5a8,
-            tgid: 0x5ac,
-            comm: 0x7a8,
-            stack: 0x18,
-        }),
-        thread_size: 16384,
-    }
-}
 
 fn generate(c: &mut Criterion) {
     let spec = TrampolineSpec {
@@ -36,7 +19,7 @@ fn generate(c: &mut Criterion) {
         site: 0xffff_ffff_810b_0f40,
         at: 0xffff_ffff_7fe0_1000,
         rings: jump_rings(),
-        anchors: anchors(),
+        anchors: jump_anchors(),
         filter: None,
     };
     let d = Decoder::new().unwrap();
@@ -54,7 +37,7 @@ fn generate(c: &mut Criterion) {
 fn drain(c: &mut Criterion) {
     let (engine, vcpu) = machine();
     let rings = jump_rings();
-    assert!(engine.enable_jump(rings, anchors()));
+    assert!(engine.enable_jump(rings, jump_anchors()));
     let probe = Probe::<X86_64>::new("f+0x8").in_guest().on_hit(|ctx| {
         black_box(ctx.regs.rip);
         Ok(())

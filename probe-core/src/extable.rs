@@ -12,14 +12,22 @@ pub const ENTRY_SIZE: usize = 12;
 
 /// The instruction addresses of the table whose bytes `table` start at guest virtual `start`.
 pub fn instruction_addresses(start: u64, table: &[u8]) -> Vec<u64> {
+    relative_addresses(start, table, ENTRY_SIZE)
+}
+
+/// The addresses the entries of a kernel table of `entry_size`-byte entries name in their
+/// first field, an `s32` relative to its own address (the exception table, the jump label and
+/// static call tables: [`crate::patched_text`]), the table's bytes `table` starting at guest
+/// virtual `start`. A partial entry at the end is ignored.
+pub fn relative_addresses(start: u64, table: &[u8], entry_size: usize) -> Vec<u64> {
     table
-        .chunks_exact(ENTRY_SIZE)
+        .chunks_exact(entry_size)
         .enumerate()
         .map(|(i, e)| {
-            let insn = i32::from_le_bytes([e[0], e[1], e[2], e[3]]);
+            let rel = i32::from_le_bytes([e[0], e[1], e[2], e[3]]);
             start
-                .wrapping_add((i * ENTRY_SIZE) as u64)
-                .wrapping_add(insn as i64 as u64)
+                .wrapping_add((i * entry_size) as u64)
+                .wrapping_add(rel as i64 as u64)
         })
         .collect()
 }

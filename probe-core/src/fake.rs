@@ -124,6 +124,23 @@ impl<A: Arch> VcpuAccess<A> for FakeVcpu<A> {
 /// Data pages of the x86_64 fake machine's XOL area: room for [`jump_rings`].
 pub const JUMP_RING_PAGES: u64 = 2;
 
+/// Per-CPU and `task_struct` offsets for the jump plan's trampolines, as in Debian's 6.1
+/// x86_64 kernel.
+pub fn jump_anchors() -> crate::jump::GuestAnchors {
+    crate::jump::GuestAnchors {
+        cpu_number: Some(0x19160),
+        current_task: Some(0x1fb80),
+        this_cpu_off: Some(0x19168),
+        task: Some(crate::jump::TaskOffsets {
+            pid: 0x5a8,
+            tgid: 0x5ac,
+            comm: 0x7a8,
+            stack: 0x18,
+        }),
+        thread_size: 16384,
+    }
+}
+
 /// The jump plan's rings in the x86_64 fake machine's XOL data pages: one CPU, 4 records.
 pub fn jump_rings() -> crate::jump::RingLayout {
     let layout = <X86_64 as crate::arch::Arch>::XOL;

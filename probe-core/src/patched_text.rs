@@ -16,19 +16,9 @@ pub const JUMP_ENTRY_SIZE: usize = 16;
 /// Bytes per static call site entry.
 pub const STATIC_CALL_SITE_SIZE: usize = 8;
 
-/// The addresses the entries of a table of `entry_size`-byte entries name in their first
-/// field (an `s32` relative to itself), the table's bytes `table` starting at `start`.
+/// The sites a table of `entry_size`-byte entries names, its bytes `table` starting at `start`.
 pub fn sites(start: u64, table: &[u8], entry_size: usize) -> Vec<u64> {
-    table
-        .chunks_exact(entry_size)
-        .enumerate()
-        .map(|(i, e)| {
-            let rel = i32::from_le_bytes([e[0], e[1], e[2], e[3]]);
-            start
-                .wrapping_add((i * entry_size) as u64)
-                .wrapping_add(rel as i64 as u64)
-        })
-        .collect()
+    crate::extable::relative_addresses(start, table, entry_size)
 }
 
 #[cfg(test)]
