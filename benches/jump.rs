@@ -1,89 +1,82 @@
 //! The jump plan's cost per hit against the exit plan and the guest's own kprobe (whole-system
-//! runs, not a timed test): `getpid-loop N` timed inside the guest (busybox `time`) with
-//! nothing probed, with the guest's own kprobe on the getpid syscall function (tracefs, in
-//! the same run as the unprobed loop), with hvprobe's jump probe on it, and with hvprobe's
-//! exit plan on it. Prints each per-hit cost and the ratios. `cargo bench -p hvprobe-vmm
-//! --bench jump` (`HVPROBE_BENCH_CALLS=N`; the exit plan's loop is a tenth as long).
+//! runs, not a timed test). The guest times bursts of `getpid-loop 2000` itself (the loop's
+//! own CLOCK_MONOTONIC figure, `ns=`), with a pause between bursts so that the jump plan's ring
+//! (2048 records) is drained and every hit is recorded, not dropped: unprobed and then with the
+//! guest's own kprobe on the getpid syscall function (tracefs, the same run), with hvprobe's
+//! jump probe on it, and with hvprobe's exit plan on it. Prints each per-hit cost and the
+//! ratios. `cargo bench -p hvprobe-vmm --bench jump` (`HVPROBE_BENCH_BURSTS=N`, default 50).
 
 use std::process::Command;
 
-/// Seconds of every `real` line busybox `time` printed, in order.
-fn real_seconds(stderr: &str) -> Vec<f64> {
-    stderr
+/// Calls per burst: one burst fits a vCPU's ring.
+const BURST: u64 = 2000;
+
+/// The `ns=` figures of every `getpid-loop` line, in order.
+fn loop_ns(stdout: &str) -> Vec<u64> {
+    stdout
         .lines()
-        .filter_map(|l| l.trim().strip_prefix("real"))
-        .filter_map(|t| {
-            // busybox: "real\t0m 1.53s"
-            let t = t.trim().trim_end_matches('s');
-            let (m, s) = t.split_once('m')?;
-            Some(m.trim().parse::<f64>().ok()? * 60.0 + s.trim().parse::<f64>().ok()?)
-        })
+        .filter(|l| l.starts_with("getpid-loop: calls="))
+        .filter_map(|l| l.rsplit_once(" ns=")?.1.trim().parse().ok())
         .collect()
 }
 
-fn run(args: &[&str]) -> (Vec<f64>, String) {
+/// Runs hvprobe; the loops' times and the summary line of the probe ("" without one).
+fn run(args: &[&str]) -> (Vec<u64>, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_hvprobe"))
         .arg("run")
         .args(args)
         .output()
         .expect("hvprobe runs");
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
-        "hvprobe {args:?} failed\n{stdout}\n{stderr}"
+        "hvprobe {args:?} failed\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    (real_seconds(&format!("{stdout}\n{stderr}")), stderr)
+    let probe = stdout
+        .lines()
+        .find(|l| l.starts_with("hvprobe: probe "))
+        .unwrap_or("")
+        .to_string();
+    (loop_ns(&stdout), probe)
+}
+
+fn bursts(n: u64) -> String {
+    format!("i=0; while [ $i -lt {n} ]; do getpid-loop {BURST}; sleep 0.05; i=$((i+1)); done")
 }
 
 fn main() {
-    let n: u64 = std::env::var("HVPROBE_BENCH_CALLS")
+    let n: u64 = std::env::var("HVPROBE_BENCH_BURSTS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(200_000);
+        .unwrap_or(50);
     let f = "__x64_sys_getpid";
     let k = "/sys/kernel/tracing";
     let guest = format!(
-        "time getpid-loop {n} >/dev/null; \
-         echo 'p:kprobes/g {f}' > {k}/kprobe_events && echo 1 > {k}/events/kprobes/g/enable && \
-         time getpid-loop {n} >/dev/null; echo 0 > {k}/events/kprobes/g/enable; \
-         grep -w g {k}/kprobe_profile"
+        "{}; echo 'p:kprobes/g {f}' > {k}/kprobe_events && echo 1 > {k}/events/kprobes/g/enable && {}",
+        bursts(n),
+        bursts(n)
     );
     let (t, _) = run(&["--quiet", "--exec", &guest]);
-    let (base, kprobe) = (t[0], t[1]);
-    let (t, _) = run(&[
-        "--quiet",
-        "-p",
-        f,
-        "--plan",
-        "auto",
-        "--exec",
-        &format!("time getpid-loop {n} >/dev/null"),
-    ]);
-    let jump = t[0];
-    let m = n / 10;
-    let (t, _) = run(&[
-        "--quiet",
-        "-p",
-        f,
-        "--plan",
-        "exit",
-        "--exec",
-        &format!("time getpid-loop {m} >/dev/null"),
-    ]);
-    let exit = t[0];
-    let per =
-        |t: f64, calls: u64| (t - base * calls as f64 / n as f64).max(0.0) / calls as f64 * 1e6;
-    let (pk, pj, pe) = (per(kprobe, n), per(jump, n), per(exit, m));
+    let (n_us, base, kprobe) = (n as usize, &t[..n as usize], &t[n as usize..]);
+    assert_eq!(kprobe.len(), n_us, "{t:?}");
+    let (jump, jump_line) = run(&["--quiet", "-p", f, "--plan", "auto", "--exec", &bursts(n)]);
+    let m = (n / 10).max(1);
+    let (exit, exit_line) = run(&["--quiet", "-p", f, "--plan", "exit", "--exec", &bursts(m)]);
+    let calls = |t: &[u64]| (t.len() as u64 * BURST) as f64;
+    let total = |t: &[u64]| t.iter().sum::<u64>() as f64;
+    let per_call = total(base) / calls(base);
+    let per_hit = |t: &[u64]| (total(t) / calls(t) - per_call) / 1000.0;
+    let (pk, pj, pe) = (per_hit(kprobe), per_hit(&jump), per_hit(&exit));
     println!(
-        "getpid-loop {n} unprobed: {base:.3} s ({:.2} us a call)",
-        base / n as f64 * 1e6
+        "{n} bursts of getpid-loop {BURST}, unprobed: {:.3} us a call",
+        per_call / 1000.0
     );
-    println!("the guest's own kprobe on {f}: {kprobe:.3} s, {pk:.2} us a hit");
-    println!("hvprobe jump plan (0 exits): {jump:.3} s, {pj:.2} us a hit");
-    println!("hvprobe exit plan (getpid-loop {m}): {exit:.3} s, {pe:.2} us a hit");
+    println!("the guest's own kprobe on {f}: {pk:.3} us a hit");
+    println!("hvprobe jump plan: {pj:.3} us a hit\n  {jump_line}");
+    println!("hvprobe exit plan ({m} bursts): {pe:.2} us a hit\n  {exit_line}");
     println!(
-        "jump / guest kprobe = {:.2}; exit / jump = {:.1}",
+        "jump / guest kprobe = {:.2}; exit / jump = {:.0}",
         pj / pk.max(1e-9),
         pe / pj.max(1e-9)
     );
