@@ -57,7 +57,7 @@ pub(super) fn every_step_plan_keeps_the_kernel_computing_right_results() {
     let pid = stdout
         .split("getpid-loop: calls=300 pid=")
         .nth(1)
-        .and_then(|r| r.lines().next());
+        .and_then(|r| r.split_whitespace().next());
     let bg = stdout.split("bg=").nth(1).and_then(|r| r.lines().next());
     assert!(
         pid.is_some() && pid == bg,
