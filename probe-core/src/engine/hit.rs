@@ -12,6 +12,20 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         regs: &A::Registers,
         post: bool,
     ) {
+        self.run_handlers_of(vcpu, site_va, probes, regs, post, None);
+    }
+
+    /// [`ProbeEngine::run_handlers`] for a hit that happened earlier than now: a jump-plan
+    /// record (`recorded`: its time, and the only memory its handlers may read).
+    pub(super) fn run_handlers_of(
+        &self,
+        vcpu: u32,
+        site_va: u64,
+        probes: &[Arc<ProbeEntry<A>>],
+        regs: &A::Registers,
+        post: bool,
+        recorded: Option<(std::time::Duration, &crate::jump::RecordedMemory)>,
+    ) {
         let lookup = |at: u64| self.real_return_above(at);
         let returns = self.return_recovery(&lookup, None);
         for p in probes {
@@ -24,12 +38,12 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 vcpu,
                 location: &p.location,
                 address: site_va,
-                time: self.start.elapsed(),
+                time: recorded.map_or_else(|| self.start.elapsed(), |(t, _)| t),
                 regs,
                 entry_regs: None,
                 mem: &self.mem,
                 returns,
-                recorded: None,
+                recorded: recorded.map(|(_, m)| m),
             };
             match catch_unwind(AssertUnwindSafe(|| h(&ctx))) {
                 Ok(Ok(())) => {}

@@ -149,27 +149,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         let memory = rec.memory(regs.sp(), anchors);
         let time = clock.map_or_else(|| self.start.elapsed(), |c| c.time_of(rec.time));
         self.exits.by_plan[PlanKind::Jump as usize].fetch_add(1, Ordering::Relaxed);
-        for p in probes.iter() {
-            p.counters.hits.fetch_add(1, Ordering::Relaxed);
-            let Some(h) = &p.pre else { continue };
-            let ctx = ProbeContext {
-                vcpu: cpu,
-                location: &p.location,
-                address: va,
-                time,
-                regs: &regs,
-                entry_regs: None,
-                mem: &self.mem,
-                returns: ReturnRecovery::default(),
-                recorded: Some(&memory),
-            };
-            match catch_unwind(AssertUnwindSafe(|| h(&ctx))) {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) | Err(_) => {
-                    p.counters.handler_errors.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
+        self.run_handlers_of(cpu, va, &probes, &regs, false, Some((time, &memory)));
     }
 
     /// Hits the trampoline of jump site `tag` dropped (full ring, nesting), and hits its task
