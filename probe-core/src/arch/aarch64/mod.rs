@@ -5,6 +5,7 @@
 mod decode;
 mod emulate;
 mod insn;
+pub mod jump;
 pub mod pagewalk;
 mod regs;
 pub mod xol;
@@ -249,6 +250,18 @@ impl Arch for Aarch64 {
     fn frame_at_return(regs: &Registers) -> u64 {
         // A function returns with the stack pointer it was entered with.
         regs.sp
+    }
+
+    fn jump_patch(
+        plan: &crate::arch::PlanOf<Self>,
+        insn: &Instruction,
+        spec: &crate::jump::TrampolineSpec,
+    ) -> Result<crate::jump::JumpPatch, &'static str> {
+        jump::patch(plan, insn, spec)
+    }
+
+    fn jump_registers(record: &crate::jump::JumpRecord) -> Registers {
+        jump::registers(record)
     }
 }
 
