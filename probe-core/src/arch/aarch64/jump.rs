@@ -171,7 +171,7 @@ impl Emitter {
             _ => (0xb900_0000u32, 2),
         };
         let load_bit = if load { 0x40_0000 } else { 0 };
-        if off % u64::from(size) == 0 && off >> scale < 4096 {
+        if off.is_multiple_of(u64::from(size)) && off >> scale < 4096 {
             self.put(
                 base | load_bit
                     | (((off >> scale) as u32) << 10)
