@@ -352,6 +352,11 @@ pub trait Arch: Sized + Copy + Debug + Default + Send + Sync + 'static {
     const MAX_HW_BREAKPOINTS: usize;
     /// Size and alignment of a kernel task stack (THREAD_SIZE), for return-probe bookkeeping.
     const KERNEL_STACK_SIZE: u64;
+
+    /// Whether the kernel's per-CPU symbols move with the KASLR slide (arm64, where they are
+    /// addresses the per-CPU offset is added to) or not (x86_64, where they are offsets from
+    /// the per-CPU base).
+    const PER_CPU_SYMBOLS_SLIDE: bool = false;
     /// Where the XOL area is mapped.
     const XOL: XolLayout;
     /// Whether a copy can return to the text by itself (a "boosted" slot ending in a branch
@@ -399,6 +404,19 @@ pub trait Arch: Sized + Copy + Debug + Default + Send + Sync + 'static {
         mem: &M,
         space: Self::AddressSpace,
     ) -> Result<bool, XolError>;
+
+    /// Maps the XOL code pages a second time inside `window` (guest virtual, text the guest
+    /// freed and never reuses) for the jump plan's trampolines, where the area itself is beyond
+    /// a jump's reach of the kernel text (arm64's `b`: 128 MiB); returns that alias's base.
+    /// `None`: the trampolines run at the area's own addresses (x86_64, PUD 509).
+    fn map_jump_code<M: GuestMemory>(
+        _area: &XolArea,
+        _mem: &M,
+        _space: Self::AddressSpace,
+        _window: (u64, u64),
+    ) -> Result<Option<u64>, XolError> {
+        Ok(None)
+    }
 
     /// Why a return probe cannot go at its address on a CPU with `features`, given whether the
     /// address is known to be a function's first instruction (arm64 with pointer

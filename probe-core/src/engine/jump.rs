@@ -44,6 +44,9 @@ pub(super) struct JumpState {
     sites: Vec<u64>,
     /// Text ranges no jump goes into, with why.
     excluded: Vec<(u64, u64, &'static str)>,
+    /// Where the XOL code pages run for trampolines when that is not their own address
+    /// ([`Arch::map_jump_code`]): the alias's base.
+    code_alias: Option<u64>,
 }
 
 impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
@@ -70,6 +73,59 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             .unwrap_or_else(|e| e.into_inner())
             .excluded
             .push((start, end, why));
+    }
+
+    /// Readies the jump plan in the running guest, once, with every vCPU paused: per-CPU
+    /// symbols moved by the KASLR `slide` where they move with it, and the XOL area mapped in
+    /// `space`, its code pages a second time inside `window` where the architecture runs
+    /// trampolines there (arm64: the kernel's freed init range). If that fails the jump plan is
+    /// off (every probe takes exits) and the reason is returned.
+    pub fn attach_jump(
+        &self,
+        slide: u64,
+        window: Option<(u64, u64)>,
+        space: A::AddressSpace,
+    ) -> Result<(), String> {
+        if self
+            .jump
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .rings
+            .is_none()
+        {
+            return Ok(());
+        }
+        let alias = (|| {
+            self.ensure_xol_mapped(space).map_err(|e| e.to_string())?;
+            let xol = self.xol.lock().unwrap_or_else(|e| e.into_inner());
+            match window {
+                Some(w) => A::map_jump_code(&xol, &self.mem, space, w).map_err(|e| e.to_string()),
+                None => Ok(None),
+            }
+        })();
+        let mut j = self.jump.lock().unwrap_or_else(|e| e.into_inner());
+        match alias {
+            Ok(alias) => {
+                j.code_alias = alias;
+                if A::PER_CPU_SYMBOLS_SLIDE
+                    && let Some(c) = &mut j.anchors.cpu_number
+                {
+                    *c = c.wrapping_add(slide);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                j.rings = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// Where a trampoline written at XOL address `va` runs.
+    pub(super) fn jump_code_va(&self, va: u64) -> u64 {
+        let j = self.jump.lock().unwrap_or_else(|e| e.into_inner());
+        j.code_alias
+            .map_or(va, |alias| alias + (va - self.xol_va_base))
     }
 
     /// Says how the guest's time stamp counter maps to the engine's clock, so that drained
@@ -272,7 +328,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             .allocate_bytes(trampoline.len() as u64)
             .map_err(|source| PlantError::new(location, PlantErrorKind::Xol { source }))?;
         let spec = TrampolineSpec {
-            at: slot.va,
+            at: self.jump_code_va(slot.va),
             ..spec
         };
         let JumpPatch { trampoline, site } = A::jump_patch(plan, insn, &spec).map_err(refused)?;

@@ -375,7 +375,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         // exits as any other, and the reason is kept for the summary.
         let (jump, jump_refusal) = if probe.in_guest {
             match self
-                .jump_spec(probe, fixed_up, target, self.xol_va_base)
+                .jump_spec(probe, fixed_up, target, self.jump_code_va(self.xol_va_base))
                 .and_then(|spec| A::jump_patch(&plan, &insn, &spec).map(|_| spec))
             {
                 Ok(spec) => (Some(spec), None),

@@ -133,6 +133,7 @@ impl Arch for Aarch64 {
     const MAX_HW_BREAKPOINTS: usize = 16;
     /// THREAD_SIZE with 4 KiB pages and KASAN off.
     const KERNEL_STACK_SIZE: u64 = 16 << 10;
+    const PER_CPU_SYMBOLS_SLIDE: bool = true;
     const XOL: XolLayout = xol::LAYOUT;
     const BOOSTED_SLOTS: bool = false;
 
@@ -195,6 +196,15 @@ impl Arch for Aarch64 {
         space: AddressSpace,
     ) -> Result<bool, XolError> {
         xol::ensure_mapped(area, mem, space)
+    }
+
+    fn map_jump_code<M: vm_memory::GuestMemory>(
+        area: &XolArea,
+        mem: &M,
+        space: AddressSpace,
+        window: (u64, u64),
+    ) -> Result<Option<u64>, XolError> {
+        xol::map_jump_code(area, mem, space, window).map(Some)
     }
 
     /// With pointer authentication the function's `paciasp` signs x30: the trampoline must be
