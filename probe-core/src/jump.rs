@@ -381,6 +381,11 @@ pub fn in_guest_refusal(def: &ProbeDefinition) -> Option<&'static str> {
             return Some("a string fetch reads guest memory");
         }
         match &a.fetch {
+            // A trampoline reads NZCV, DAIF and the mode, not PAN, SSBS, BTYPE and the other
+            // PSTATE bits (no one instruction reads them on every CPU).
+            Fetch::Register(r) if r == "pstate" => {
+                return Some("PSTATE is read whole at an exit");
+            }
             Fetch::Register(_)
             | Fetch::StackPointer
             | Fetch::ReturnValue
@@ -465,5 +470,7 @@ mod tests {
         assert!(ok("p:a/b f s=$stack16").is_some());
         assert!(ok("r:a/b f").is_some());
         assert!(ok("p:a/b f stacktrace").is_some());
+        assert!(ok("p:a/b f p=%pstate").unwrap().contains("PSTATE"));
+        assert_eq!(ok("p:a/b f x=%x30 pc=%pc"), None);
     }
 }

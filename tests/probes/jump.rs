@@ -6,9 +6,9 @@ use super::*;
 use probe_core::arch::PlanKind;
 
 /// Functions every `open-read-loop` iteration calls (open, read, close), in the default
-/// x86_64 kernel.
+/// kernels (the syscall entries by their names on the guest's architecture: `sys`).
 const OPEN_READ_PATH: &[&str] = &[
-    "__x64_sys_openat",
+    "openat",
     "do_sys_openat2",
     "getname_flags",
     "do_filp_open",
@@ -22,11 +22,11 @@ const OPEN_READ_PATH: &[&str] = &[
     "do_dentry_open",
     "alloc_fd",
     "fd_install",
-    "__x64_sys_read",
+    "read",
     "ksys_read",
     "vfs_read",
     "rw_verify_area",
-    "__x64_sys_close",
+    "close",
     "close_fd",
     "filp_close",
     "fput",
@@ -50,6 +50,20 @@ fn fields(line: &str) -> std::collections::HashMap<&str, &str> {
         .collect()
 }
 
+/// [`OPEN_READ_PATH`] with the guest's syscall entry names.
+fn open_read_path() -> Vec<String> {
+    OPEN_READ_PATH
+        .iter()
+        .map(|f| {
+            if matches!(*f, "openat" | "read" | "close") {
+                sys(f)
+            } else {
+                f.to_string()
+            }
+        })
+        .collect()
+}
+
 fn hex(v: &str) -> u64 {
     u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap_or_else(|_| panic!("{v}"))
 }
@@ -59,16 +73,27 @@ pub(super) fn a_jump_probe_costs_no_exit_and_its_lines_equal_the_exit_plans() {
     // $stack, $comm and a comm filter, all recorded in the guest by the jump plan's
     // trampoline. The values that depend on where the task's stack is (the argument is a
     // pt_regs pointer on it) are compared relative to the stack pointer.
-    let def = "p:hv/gp __x64_sys_getpid a=$arg1 c=$comm ret=$stack0:symbol sp=$stack ip=%ip:symbol \
-               flags=%flags:x64 if comm == \"getpid-loop\"";
+    // The return address: at the top of the stack on x86_64, in x30 on arm64 (whose PSTATE a
+    // trampoline does not read whole: not compared there).
+    let getpid = sys("getpid");
+    let def = match guest_arch() {
+        GuestArch::X86_64 => format!(
+            "p:hv/gp {getpid} a=$arg1 c=$comm ret=$stack0:symbol sp=$stack ip=%ip:symbol \
+             flags=%flags:x64 if comm == \"getpid-loop\""
+        ),
+        GuestArch::Aarch64 => format!(
+            "p:hv/gp {getpid} a=$arg1 c=$comm ret=%x30:symbol sp=$stack ip=%pc:symbol \
+             if comm == \"getpid-loop\""
+        ),
+    };
     let calls = 300;
     let exec = format!("getpid-loop {calls}");
     let [jump, exit] =
-        ["auto", "exit"].map(|plan| run_probed("1", &exec, &[def], &["--plan", plan]));
+        ["auto", "exit"].map(|plan| run_probed("1", &exec, &[&def], &["--plan", plan]));
     let mut lines = Vec::new();
     for (out, plan) in [(&jump, PlanKind::Jump), (&exit, PlanKind::Emulate)] {
         assert_eq!(out.status.code(), Some(0), "{}", explain(out));
-        let p = out.probe("__x64_sys_getpid");
+        let p = out.probe(&getpid);
         assert_eq!(p.plan, plan, "{}", explain(out));
         assert!(
             (calls..=calls + OTHER_GETPID_CALLERS).contains(&p.hits),
@@ -95,7 +120,7 @@ pub(super) fn a_jump_probe_costs_no_exit_and_its_lines_equal_the_exit_plans() {
                     v("c"),
                     v("ret"),
                     v("ip"),
-                    v("flags"),
+                    f.get("flags").unwrap_or(&"-"),
                     a & 0x3fff
                 )
             })
@@ -107,20 +132,24 @@ pub(super) fn a_jump_probe_costs_no_exit_and_its_lines_equal_the_exit_plans() {
         lines[0], lines[1],
         "the jump plan's lines are the exit plan's"
     );
+    let caller = match guest_arch() {
+        GuestArch::X86_64 => "do_syscall_64+",
+        GuestArch::Aarch64 => "invoke_syscall",
+    };
     assert!(
-        lines[0][0].starts_with("c=\"getpid-loop\" ret=\"do_syscall_64+")
-            && lines[0][0].contains(" ip=\"__x64_sys_getpid\""),
+        lines[0][0].starts_with(&format!("c=\"getpid-loop\" ret=\"{caller}"))
+            && lines[0][0].contains(&format!(" ip=\"{getpid}\"")),
         "{}",
         lines[0][0]
     );
     // No exit at all for the jump plan's hits; one each for the exit plan's.
     let (j, e) = (&jump.summary().exits, &exit.summary().exits);
     assert_eq!(j.breakpoints + j.slot_traps + j.hw_breakpoints, 0, "{j:?}");
-    assert_eq!(jump.probe("__x64_sys_getpid").exits_per_hit, 0);
+    assert_eq!(jump.probe(&getpid).exits_per_hit, 0);
     assert!(e.breakpoints >= calls, "{e:?}");
     assert!(
         j.hits_by_plan
-            .contains(&(PlanKind::Jump, jump.probe("__x64_sys_getpid").hits)),
+            .contains(&(PlanKind::Jump, jump.probe(&getpid).hits)),
         "{j:?}"
     );
 }
@@ -129,10 +158,11 @@ pub(super) fn a_full_ring_drops_hits_counted_as_missed_and_the_guest_is_unharmed
     // Rings of two records and a probe hit as fast as the guest can call getpid: the
     // trampoline finds its ring full, drops the hit and counts it; the guest never waits.
     let calls = 20000;
+    let getpid = sys("getpid");
     let out = run_probed(
         "1",
         &format!("getpid-loop {calls}"),
-        &["__x64_sys_getpid"],
+        &[&getpid],
         &["--plan", "auto", "--ring-records", "2", "--quiet"],
     );
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
@@ -141,7 +171,7 @@ pub(super) fn a_full_ring_drops_hits_counted_as_missed_and_the_guest_is_unharmed
         &format!("getpid-loop: calls={calls} pid="),
         &out,
     );
-    let p = out.probe("__x64_sys_getpid");
+    let p = out.probe(&getpid);
     assert_eq!(p.plan, PlanKind::Jump);
     assert!(p.missed > 0, "a ring of 2 never filled\n{}", explain(&out));
     assert!(p.hits > 0, "nothing was recorded\n{}", explain(&out));
@@ -164,19 +194,34 @@ pub(super) fn a_random_sweep_of_jump_sites_counts_what_the_exit_plan_counts() {
     // the probe counters also count the rest of the guest, whose background work differs
     // between two boots). The guest must run right and the text come back both times; most
     // sites take the jump; each site reports as many hits of the workload as the exit plan.
-    let k = KernelText::load();
     let seed = env_u64("HVPROBE_SWEEP_SEED", 0x5eed_0023);
     let n = env_u64("HVPROBE_SWEEP_N", 60) as usize;
+    let path = open_read_path();
+    let path: Vec<&str> = path.iter().map(String::as_str).collect();
     // In the functions on the workload's paths, their first instruction (the fentry site,
-    // run at every call); anywhere else, any instruction of 5 bytes or more.
-    let picks = pick_sites(&k.map, seed, n, OPEN_READ_PATH, |s, e| {
-        let name = k.map.describe(s);
-        let mut sites = x86_boundaries(&k, s, e, 5);
-        if OPEN_READ_PATH.iter().any(|p| name.starts_with(p)) {
+    // run at every call); anywhere else, any instruction of 5 bytes or more on x86_64, any
+    // instruction on arm64.
+    let on_path = |name: String, s: u64, mut sites: Vec<(u64, String)>| {
+        if path.iter().any(|p| name.starts_with(p)) {
             sites.retain(|(va, _)| *va == s);
         }
         sites
-    });
+    };
+    let picks = match guest_arch() {
+        GuestArch::X86_64 => {
+            let k = KernelText::load();
+            pick_sites(&k.map, seed, n, &path, |s, e| {
+                on_path(k.map.describe(s), s, x86_boundaries(&k, s, e, 5))
+            })
+        }
+        GuestArch::Aarch64 => {
+            let k = Arm64Text::load();
+            pick_sites(&k.map, seed, n, &path, |s, e| {
+                let all = (s..e).step_by(4).map(|va| (va, String::new())).collect();
+                on_path(k.map.describe(s), s, all)
+            })
+        }
+    };
     let defs: Vec<String> = picks
         .iter()
         .enumerate()

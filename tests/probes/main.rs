@@ -699,6 +699,9 @@ fn main() {
                 a_rate_capped_dense_probe_set_on_the_tick_and_scheduler_paths_lets_the_workload_finish,
                 stacks_at_hits_are_the_guests_own_stacks_frame_for_frame,
                 the_readmes_flame_graph_command_writes_folded_stacks_of_the_syscall_paths,
+                a_jump_probe_costs_no_exit_and_its_lines_equal_the_exit_plans,
+                a_full_ring_drops_hits_counted_as_missed_and_the_guest_is_unharmed,
+                a_random_sweep_of_jump_sites_counts_what_the_exit_plan_counts,
             ],
             Guests::Only(GuestArch::X86_64) => [
                 a_getpid_probe_counts_the_workload_calls_and_prints_each_hit,
@@ -715,9 +718,6 @@ fn main() {
                 an_instruction_with_an_exception_table_entry_is_refused_by_name,
                 boundaries_are_walked_past_instructions_capstone_lacks_and_stop_at_a_guest_breakpoint,
                 a_random_sweep_of_instruction_boundaries_leaves_the_guest_working,
-                a_jump_probe_costs_no_exit_and_its_lines_equal_the_exit_plans,
-                a_full_ring_drops_hits_counted_as_missed_and_the_guest_is_unharmed,
-                a_random_sweep_of_jump_sites_counts_what_the_exit_plan_counts,
             ],
             Guests::Only(GuestArch::Aarch64) => [
                 arm64_getpid_probes_count_every_call_with_one_exit_for_two_chained_probes,

@@ -516,6 +516,10 @@ fn probe_setup(
                 records,
                 anchors: guest_anchors(&map, b, task.as_deref()),
                 excluded: jump_excluded(&map),
+                code_window: match (map.lookup("__init_begin"), map.lookup("__init_end")) {
+                    (Ok(b), Ok(e)) => Some((b.addr, e.addr)),
+                    _ => None,
+                },
             })
         }
     };
@@ -618,6 +622,26 @@ fn jump_excluded(map: &SymbolMap) -> Vec<(u64, u64, &'static str)> {
             "__cpuidle_text_start",
             "__cpuidle_text_end",
             "cpuidle text allows no instrumentation",
+        ),
+        (
+            "__idmap_text_start",
+            "__idmap_text_end",
+            "identity-mapped text runs with the MMU off or on other page tables",
+        ),
+        (
+            "__hyp_idmap_text_start",
+            "__hyp_idmap_text_end",
+            "hypervisor text runs at EL2",
+        ),
+        (
+            "__hyp_text_start",
+            "__hyp_text_end",
+            "hypervisor text runs at EL2",
+        ),
+        (
+            "__hibernate_exit_text_start",
+            "__hibernate_exit_text_end",
+            "hibernation's exit text runs on other page tables",
         ),
     ]
     .into_iter()

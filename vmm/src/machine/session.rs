@@ -107,6 +107,9 @@ pub struct JumpSetup {
     pub anchors: GuestAnchors,
     /// Kernel text no jump goes into (System.map addresses), with why.
     pub excluded: Vec<(u64, u64, &'static str)>,
+    /// The kernel's freed init range (System.map `__init_begin`, `__init_end`): where the
+    /// trampolines run on an architecture whose XOL area is beyond a jump's reach (arm64).
+    pub code_window: Option<(u64, u64)>,
 }
 
 impl JumpSetup {
@@ -510,6 +513,15 @@ impl ProbeSession {
         for (start, end, why) in self.setup.jump.iter().flat_map(|j| &j.excluded) {
             self.engine
                 .exclude_from_jump(start.wrapping_add(slide), end.wrapping_add(slide), why);
+        }
+        if let Some(j) = &self.setup.jump {
+            let window = j
+                .code_window
+                .map(|(s, e)| (s.wrapping_add(slide), e.wrapping_add(slide)));
+            let space = <Guest as probe_core::arch::Arch>::address_space(&regs);
+            if let Err(e) = self.engine.attach_jump(slide, window, space) {
+                eprintln!("hvprobe: the jump plan is off, every probe takes exits: {e}");
+            }
         }
         if let Some(at) = self.setup.user_return {
             self.user_return

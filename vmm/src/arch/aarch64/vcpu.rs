@@ -66,6 +66,10 @@ const TCR_EL1: u64 = sys_reg(3, 0, 2, 0, 2);
 pub const VBAR_EL1: u64 = sys_reg(3, 0, 12, 0, 0);
 const ID_AA64ISAR1_EL1: u64 = sys_reg(3, 0, 0, 6, 1);
 const ID_AA64ISAR2_EL1: u64 = sys_reg(3, 0, 0, 6, 2);
+/// The guest's virtual counter (CNTVCT_EL0, what the jump plan's trampolines read). KVM's
+/// uapi names it `KVM_REG_ARM_TIMER_CNT` with the encoding (3, 3, 14, 3, 2), swapped with
+/// CNTV_CVAL_EL0's by a historical mistake that the ABI keeps.
+const TIMER_CNT: u64 = sys_reg(3, 3, 14, 3, 2);
 /// MPIDR_EL1: the vCPU's affinity, for the device tree's `cpu` nodes.
 pub const MPIDR_EL1: u64 = sys_reg(3, 0, 0, 0, 5);
 /// PSTATE at boot: EL1h with D, A, I and F masked, as the boot protocol wants.
@@ -395,8 +399,23 @@ pub fn paused_state(fd: &mut VcpuFd) -> Result<PausedState, ProbingError> {
         regs,
         kaslr_anchor: get(fd, VBAR_EL1).map_err(kvm("KVM_GET_ONE_REG (VBAR_EL1)"))?,
         cpu_features: cpu_features(fd),
-        counter: None,
+        counter: get(fd, TIMER_CNT)
+            .ok()
+            .zip(counter_khz())
+            .filter(|(_, khz)| *khz > 0),
     })
+}
+
+/// The system counter's rate in kHz: CNTFRQ_EL0, which the guest's virtual counter shares
+/// (KVM offsets the guest's count, never its rate).
+fn counter_khz() -> Option<u64> {
+    let hz: u64;
+    // SAFETY: reading CNTFRQ_EL0 has no side effects, and Linux lets EL0 read it (it enables
+    // EL0 access to the virtual counter for the vDSO, which makes the frequency readable).
+    unsafe {
+        std::arch::asm!("mrs {}, cntfrq_el0", out(reg) hz, options(nomem, nostack, preserves_flags));
+    }
+    (hz > 0).then_some(hz / 1000)
 }
 
 #[cfg(test)]
