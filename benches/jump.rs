@@ -4,7 +4,8 @@
 //! (2048 records) is drained and every hit is recorded, not dropped: unprobed and then with the
 //! guest's own kprobe on the getpid syscall function (tracefs, the same run), with hvprobe's
 //! jump probe on it, and with hvprobe's exit plan on it. Prints each per-hit cost and the
-//! ratios. `cargo bench -p hvprobe-vmm --bench jump` (`HVPROBE_BENCH_BURSTS=N`, default 50).
+//! ratios. `cargo bench -p hvprobe-vmm --bench jump` (`HVPROBE_BENCH_BURSTS=N`, default 50;
+//! `HVPROBE_TEST_ARCH=aarch64` for the arm64 guest).
 
 use std::process::Command;
 
@@ -20,10 +21,20 @@ fn loop_ns(stdout: &str) -> Vec<u64> {
         .collect()
 }
 
+/// The guest architecture asked for (`HVPROBE_TEST_ARCH`, as the tests), and its getpid
+/// syscall function.
+fn guest() -> (&'static str, &'static str) {
+    match std::env::var("HVPROBE_TEST_ARCH").as_deref() {
+        Ok("aarch64") | Ok("arm64") => ("aarch64", "__arm64_sys_getpid"),
+        _ => ("x86_64", "__x64_sys_getpid"),
+    }
+}
+
 /// Runs hvprobe; the loops' times and the summary line of the probe ("" without one).
 fn run(args: &[&str]) -> (Vec<u64>, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_hvprobe"))
         .arg("run")
+        .args(["--arch", guest().0])
         .args(args)
         .output()
         .expect("hvprobe runs");
@@ -50,7 +61,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(50);
-    let f = "__x64_sys_getpid";
+    let f = guest().1;
     let k = "/sys/kernel/tracing";
     let guest = format!(
         "{}; echo 'p:kprobes/g {f}' > {k}/kprobe_events && echo 1 > {k}/events/kprobes/g/enable && {}",

@@ -1,10 +1,12 @@
-//! Host-side costs of the jump plan: generating one x86_64 trampoline (decode, plan, encode),
+//! Host-side costs of the jump plan: generating one trampoline (decode, plan, encode) on each
+//! architecture,
 //! and draining recorded hits from a ring into a probe's handler (records a second). Run with
 //! `cargo bench -p probe-core --bench jump_host`.
 
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use probe_core::arch::aarch64::{Aarch64, CpuFeatures};
 use probe_core::arch::x86_64::{Decoder, X86_64};
 use probe_core::arch::{Arch, InstructionDecoder};
 use probe_core::engine::PlantTarget;
@@ -30,6 +32,22 @@ fn generate(c: &mut Criterion) {
                 InstructionDecoder::<X86_64>::decode(&d, black_box(&fentry), spec.site).unwrap();
             let plan = InstructionDecoder::<X86_64>::plan(&d, &insn).unwrap();
             black_box(X86_64::jump_patch(&plan, &insn, &spec).unwrap())
+        })
+    });
+    let spec = TrampolineSpec {
+        site: 0xffff_8000_080b_44f0,
+        at: 0xffff_8000_0939_0000,
+        ..spec
+    };
+    let d = probe_core::arch::aarch64::Decoder::new(CpuFeatures::WITHOUT_PAC).unwrap();
+    // mov x9, x30: ftrace's first word of every traceable function after boot.
+    let entry = 0xaa1e_03e9u32.to_le_bytes();
+    c.bench_function("jump/arm64 trampoline for a function entry", |b| {
+        b.iter(|| {
+            let insn =
+                InstructionDecoder::<Aarch64>::decode(&d, black_box(&entry), spec.site).unwrap();
+            let plan = InstructionDecoder::<Aarch64>::plan(&d, &insn).unwrap();
+            black_box(Aarch64::jump_patch(&plan, &insn, &spec).unwrap())
         })
     });
 }

@@ -555,8 +555,20 @@ pub fn patch(
     e.put(0xb240_2c00 | (u32::from(HIT_SP) << 5) | u32::from(LIMIT));
     e.add_imm(LIMIT, LIMIT, 1);
     e.bind(have_limit);
-    // Words from SP up while they end within the limit, each one's bit in the flags.
-    let (each, done) = (e.label(), e.label());
+    // All sixteen words when they end within the limit (nearly always: eight pairs), else
+    // word by word from SP up while they do; each word's bit in the flags.
+    let (each, done, one_by_one) = (e.label(), e.label(), e.label());
+    e.add_imm(T11, HIT_SP, 8 * STACK_WORDS as i32);
+    e.cmp(true, T11, LIMIT);
+    e.branch(Some(HI), one_by_one);
+    for j in 0..(STACK_WORDS / 2) as i32 {
+        e.pair(true, 0b10, T10, T11, HIT_SP, 16 * j);
+        e.pair(false, 0b10, T10, T11, REC, record::STACK as i32 + 16 * j);
+    }
+    e.mov64(T12, (1 << STACK_WORDS) - 1);
+    e.rrr(0x2a00_0000, FLAGS, FLAGS, T12);
+    e.branch(None, done);
+    e.bind(one_by_one);
     e.mov64(INDEX, 0);
     e.bind(each);
     e.add_shifted(T10, HIT_SP, INDEX, 3);
@@ -785,6 +797,9 @@ mod tests {
         has("ldr w1, [x0, #0x5a8]");
         // comm at an offset that is no multiple of 8: through a register.
         has("ldr x1, [x0, x12]");
+        // The stack words: eight pairs when all sixteen end within the limit.
+        has("ldp x10, x11, [x6, #0x70]");
+        has("stp x10, x11, [x4, #0x1c8]");
         has("msr nzcv, x0");
         has("msr daif, x1");
         assert!(
