@@ -171,6 +171,7 @@ pub const WORKLOADS: &[(&str, &str)] = &[
         include_str!("../workloads/bad-pointer-loop.c"),
     ),
     ("debug-loop", include_str!("../workloads/debug-loop.c")),
+    ("exit-loop", include_str!("../workloads/exit-loop.c")),
 ];
 
 /// The default guest's `/init`.

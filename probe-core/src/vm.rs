@@ -58,6 +58,15 @@ pub trait VcpuAccess<A: Arch> {
     fn complete_registers(&mut self, _regs: &mut A::Registers) -> Result<(), VcpuError> {
         Ok(())
     }
+    /// Fills in at least the general-purpose registers of `regs` whose bits (by index) are set
+    /// in `used`, leaving those read already as `regs` has them; by default all of them.
+    fn complete_registers_in(
+        &mut self,
+        regs: &mut A::Registers,
+        _used: u64,
+    ) -> Result<(), VcpuError> {
+        self.complete_registers(regs)
+    }
     /// Writes the registers back before the next entry.
     fn set_registers(&mut self, regs: &A::Registers) -> Result<(), VcpuError>;
     /// Blocks interrupts for the next instruction the vCPU runs, as `sti` does (the interrupt

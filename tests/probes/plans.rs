@@ -267,11 +267,9 @@ pub(super) fn arm64_stepped_instructions_and_return_probes_keep_the_workloads_ri
         "{}",
         p.hits
     );
-    assert_eq!(
-        out.summary().exits.slot_traps,
-        p.hits,
-        "one slot BRK per step"
-    );
+    // A boosted step: the copy branches back from the XOL code's alias, no slot BRK.
+    assert_eq!(out.summary().exits.slot_traps, 0, "{}", explain(&out));
+    assert!(out.summary().exits.breakpoints >= p.hits);
     for loc in ["__arm64_sys_getpid", "do_sys_openat2", "bprm_execve"] {
         let r = out.probe(loc);
         assert!(r.return_probe && r.hits > 0, "{loc}: {r:?}");

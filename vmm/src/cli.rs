@@ -516,10 +516,6 @@ fn probe_setup(
                 records,
                 anchors: guest_anchors(&map, b, task.as_deref()),
                 excluded: jump_excluded(&map),
-                code_window: match (map.lookup("__init_begin"), map.lookup("__init_end")) {
-                    (Ok(b), Ok(e)) => Some((b.addr, e.addr)),
-                    _ => None,
-                },
             })
         }
     };
@@ -548,6 +544,10 @@ fn probe_setup(
         requests,
         text,
         xol_pages: XOL_PAGES,
+        code_window: match (map.lookup("__init_begin"), map.lookup("__init_end")) {
+            (Ok(b), Ok(e)) => Some((b.addr, e.addr)),
+            _ => None,
+        },
         kaslr_anchors: crate::arch::Host::KASLR_ANCHOR
             .linked_addresses(|sym| map.lookup(sym).ok().map(|s| s.addr)),
         exception_table: match (

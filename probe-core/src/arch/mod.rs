@@ -171,11 +171,12 @@ pub trait HostEmulation<R>: Clone + Debug + Send + Sync + 'static {
     fn opens_interrupt_shadow(&self) -> bool {
         false
     }
-    /// Whether applying it reads or writes a general-purpose register: if not (arm64 hints,
-    /// `b`, `b.cond`, `add sp, sp, #imm`), a hit without handlers needs only the control
-    /// registers. Assumed so unless the architecture says otherwise.
-    fn needs_general_registers(&self) -> bool {
-        true
+    /// The general-purpose registers applying it reads or writes, one bit each by index: a
+    /// hit without handlers needs only those and the control registers (none for arm64's
+    /// hints, `b`, `b.cond`, `add sp, sp, #imm`; x30 and x9 for `mov x9, x30`). All, unless
+    /// the architecture says otherwise.
+    fn general_registers_used(&self) -> u64 {
+        u64::MAX
     }
 }
 
@@ -359,10 +360,11 @@ pub trait Arch: Sized + Copy + Debug + Default + Send + Sync + 'static {
     const PER_CPU_SYMBOLS_SLIDE: bool = false;
     /// Where the XOL area is mapped.
     const XOL: XolLayout;
-    /// Whether a copy can return to the text by itself (a "boosted" slot ending in a branch
-    /// back, one exit per hit: x86_64's `jmp rel32`); else every copy is followed by the slot's
-    /// breakpoint and costs a second exit (arm64, whose `b` cannot reach the text from the XOL
-    /// area).
+    /// Whether a copy can return to the text by itself from the XOL area (a "boosted" slot
+    /// ending in a branch back, one exit per hit: x86_64's `jmp rel32`); else every copy is
+    /// followed by the slot's breakpoint and costs a second exit (arm64, whose `b` cannot reach
+    /// the text from the XOL area), unless the engine has the code pages' alias within reach
+    /// ([`Arch::map_jump_code`]), from which it boosts.
     const BOOSTED_SLOTS: bool = true;
 
     /// Whether `insn` is one of hvprobe's own breakpoint encodings, told apart from every
@@ -408,12 +410,14 @@ pub trait Arch: Sized + Copy + Debug + Default + Send + Sync + 'static {
     /// Maps the XOL code pages a second time inside `window` (guest virtual, text the guest
     /// freed and never reuses) for the jump plan's trampolines, where the area itself is beyond
     /// a jump's reach of the kernel text (arm64's `b`: 128 MiB); returns that alias's base.
-    /// `None`: the trampolines run at the area's own addresses (x86_64, PUD 509).
+    /// `None`: the trampolines run at the area's own addresses (x86_64, PUD 509). Without
+    /// `write`, a dry run: whether and where, nothing written.
     fn map_jump_code<M: GuestMemory>(
         _area: &XolArea,
         _mem: &M,
         _space: Self::AddressSpace,
         _window: (u64, u64),
+        _write: bool,
     ) -> Result<Option<u64>, XolError> {
         Ok(None)
     }

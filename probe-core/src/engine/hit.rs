@@ -144,11 +144,16 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 vcpu.set_registers(&regs)?;
                 return Ok(Verdict::Resume);
             }
-            if !complete
-                && (run.needs_general_registers() || probes.iter().any(|p| p.sees_registers()))
-            {
-                vcpu.complete_registers(&mut regs)?;
-                complete = true;
+            if !complete {
+                if probes.iter().any(|p| p.sees_registers()) {
+                    vcpu.complete_registers(&mut regs)?;
+                    complete = true;
+                } else {
+                    let used = run.general_registers_used();
+                    if used != 0 {
+                        vcpu.complete_registers_in(&mut regs, used)?;
+                    }
+                }
             }
             if chained == 0 {
                 let counter = if hw {
@@ -303,7 +308,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
     ) -> Result<Verdict, VcpuError> {
         let mapped = self.ensure_xol_mapped(A::address_space(&regs)).is_ok();
         let slot = match trapped {
-            Some(t) if trap || !A::BOOSTED_SLOTS => (t, true),
+            Some(t) if trap || !self.boosted_slots() => (t, true),
             _ => (boosted, false),
         };
         let Some((slot, trapping)) = Some(slot).filter(|_| mapped) else {

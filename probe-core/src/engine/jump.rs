@@ -47,6 +47,8 @@ pub(super) struct JumpState {
     /// Where the XOL code pages run for trampolines when that is not their own address
     /// ([`Arch::map_jump_code`]): the alias's base.
     code_alias: Option<u64>,
+    /// The guest range the alias is in, mapped at each use.
+    code_window: Option<(u64, u64)>,
 }
 
 impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
@@ -75,39 +77,35 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             .push((start, end, why));
     }
 
-    /// Readies the jump plan in the running guest, once, with every vCPU paused: per-CPU
-    /// symbols moved by the KASLR `slide` where they move with it, and the XOL area mapped in
-    /// `space`, its code pages a second time inside `window` where the architecture runs
-    /// trampolines there (arm64: the kernel's freed init range). If that fails the jump plan is
-    /// off (every probe takes exits) and the reason is returned.
-    pub fn attach_jump(
+    /// Readies the XOL code for the running guest, once, with every vCPU paused: the XOL code
+    /// pages mapped a second time in `space` inside `window` where the architecture
+    /// runs code there ([`Arch::map_jump_code`]; arm64: the kernel's freed init range, within
+    /// `b` reach of the text, for the jump plan's trampolines and for boosted slots); and, if
+    /// the jump plan is on, the per-CPU symbols its trampolines read moved by the KASLR `slide`
+    /// where they move with it. If the alias cannot be mapped, the jump plan is off (every
+    /// probe takes exits), steps out of line use trapped slots, and the reason is returned.
+    pub fn attach_code(
         &self,
         slide: u64,
         window: Option<(u64, u64)>,
         space: A::AddressSpace,
     ) -> Result<(), String> {
-        if self
-            .jump
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .rings
-            .is_none()
-        {
-            return Ok(());
-        }
         let alias = (|| {
-            self.ensure_xol_mapped(space).map_err(|e| e.to_string())?;
+            let Some(w) = window else {
+                return Ok(None);
+            };
+            // Checked now, written at the first trampoline or boosted slot: a run whose
+            // probes are all refused leaves the guest's tables as they were.
             let xol = self.xol.lock().unwrap_or_else(|e| e.into_inner());
-            match window {
-                Some(w) => A::map_jump_code(&xol, &self.mem, space, w).map_err(|e| e.to_string()),
-                None => Ok(None),
-            }
+            A::map_jump_code(&xol, &self.mem, space, w, false).map_err(|e| e.to_string())
         })();
         let mut j = self.jump.lock().unwrap_or_else(|e| e.into_inner());
         match alias {
             Ok(alias) => {
                 j.code_alias = alias;
+                j.code_window = window.filter(|_| alias.is_some());
                 if A::PER_CPU_SYMBOLS_SLIDE
+                    && j.rings.is_some()
                     && let Some(c) = &mut j.anchors.cpu_number
                 {
                     *c = c.wrapping_add(slide);
@@ -115,13 +113,49 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 Ok(())
             }
             Err(e) => {
-                j.rings = None;
+                // Without the alias an architecture that needs it has no trampoline in reach.
+                if !A::BOOSTED_SLOTS {
+                    j.rings = None;
+                }
                 Err(e)
             }
         }
     }
 
-    /// Where a trampoline written at XOL address `va` runs.
+    /// Makes sure the XOL code pages' alias is mapped in `space` where there is one (checked
+    /// absent-or-ours, and written, at every use, as the XOL area's own entry).
+    pub(super) fn map_code_alias(
+        &self,
+        location: &str,
+        space: A::AddressSpace,
+    ) -> Result<(), PlantError> {
+        let Some(window) = self
+            .jump
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .code_window
+        else {
+            return Ok(());
+        };
+        let xol = self.xol.lock().unwrap_or_else(|e| e.into_inner());
+        A::map_jump_code(&xol, &self.mem, space, window, true)
+            .map(|_| ())
+            .map_err(|source| PlantError::new(location, PlantErrorKind::Xol { source }))
+    }
+
+    /// Whether steps out of line run in boosted slots (the copy, then a branch back: one exit
+    /// a hit): where the architecture's slots reach the text, or their alias does (arm64).
+    pub(super) fn boosted_slots(&self) -> bool {
+        A::BOOSTED_SLOTS
+            || self
+                .jump
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .code_alias
+                .is_some()
+    }
+
+    /// Where code written at XOL address `va` runs (a trampoline, a boosted slot).
     pub(super) fn jump_code_va(&self, va: u64) -> u64 {
         let j = self.jump.lock().unwrap_or_else(|e| e.into_inner());
         j.code_alias

@@ -365,10 +365,10 @@ impl<A: Arch> Clone for SiteRun<A> {
 impl<A: Arch> SiteRun<A> {
     /// Whether running the instruction reads or writes a general-purpose register on the host
     /// (an out-of-line copy runs in the guest: the host moves only the PC and the flags).
-    fn needs_general_registers(&self) -> bool {
+    fn general_registers_used(&self) -> u64 {
         match self {
-            SiteRun::Emulate { emulation, .. } => emulation.needs_general_registers(),
-            SiteRun::OutOfLine { .. } | SiteRun::Jump { .. } => false,
+            SiteRun::Emulate { emulation, .. } => emulation.general_registers_used(),
+            SiteRun::OutOfLine { .. } | SiteRun::Jump { .. } => 0,
         }
     }
 

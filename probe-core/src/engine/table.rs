@@ -357,8 +357,8 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             ));
         }
         if let Some(ool) = copy
-            && if A::BOOSTED_SLOTS {
-                ool.boosted_slot(target.va, self.xol_va_base)
+            && if self.boosted_slots() {
+                ool.boosted_slot(target.va, self.jump_code_va(self.xol_va_base))
             } else {
                 ool.trapped_slot(target.va, self.xol_va_base)
             }
@@ -419,6 +419,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         } = site;
         if let Some(spec) = jump {
             self.map_xol(&location, space)?;
+            self.map_code_alias(&location, space)?;
             let filter = spec.filter.clone();
             let (tag, patch) = self.commit_jump(&location, gpa, &plan, &insn, spec)?;
             let id = ProbeId(table.next_id);
@@ -453,9 +454,13 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         }
         // Where the architecture has no boosted slots, the one slot is a trapped one, and
         // every step goes through its breakpoint.
+        let boosting = self.boosted_slots();
+        if boosting && copy.is_some() {
+            self.map_code_alias(&location, space)?;
+        }
         let boosted = copy
             .map(|ool| {
-                if A::BOOSTED_SLOTS {
+                if boosting {
                     self.boosted_slot(&location, insn.text(), ool, target.va)
                 } else {
                     self.trapped_slot(&location, insn.text(), ool, target.va)
@@ -463,7 +468,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             })
             .transpose()?;
         let trapped = match &plan {
-            StepPlan::StepOutOfLine(_) if !A::BOOSTED_SLOTS => boosted,
+            StepPlan::StepOutOfLine(_) if !boosting => boosted,
             StepPlan::StepOutOfLine(ool) if probe.post.is_some() || fixed_up => {
                 Some(self.trapped_slot(&location, insn.text(), ool, target.va)?)
             }
@@ -594,7 +599,14 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         ool: &A::Copy,
         va: u64,
     ) -> Result<XolSlot, PlantError> {
-        self.copy_slot(location, instruction, |slot| ool.boosted_slot(va, slot))
+        // Written through the XOL area, run where the code pages reach the text.
+        self.copy_slot(location, instruction, |slot| {
+            ool.boosted_slot(va, self.jump_code_va(slot))
+        })
+        .map(|slot| XolSlot {
+            va: self.jump_code_va(slot.va),
+            ..slot
+        })
     }
 
     /// A trapped slot for the instruction at `va`: its copy, then the host's breakpoint.

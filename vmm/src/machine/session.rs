@@ -59,6 +59,10 @@ pub struct ProbeSetup {
     pub text: Option<(u64, u64)>,
     /// XOL code pages to reserve.
     pub xol_pages: usize,
+    /// The kernel's freed init range (System.map `__init_begin`, `__init_end`): where the XOL
+    /// code pages get an alias within a branch's reach of the text on an architecture whose
+    /// XOL area is beyond it (arm64), for jump-plan trampolines and boosted slots.
+    pub code_window: Option<(u64, u64)>,
     /// System.map's addresses the architecture's KASLR anchor register may hold
     /// ([`arch::KaslrAnchor::linked_addresses`]), to find the slide from the running guest;
     /// empty: no slide is looked for.
@@ -107,9 +111,6 @@ pub struct JumpSetup {
     pub anchors: GuestAnchors,
     /// Kernel text no jump goes into (System.map addresses), with why.
     pub excluded: Vec<(u64, u64, &'static str)>,
-    /// The kernel's freed init range (System.map `__init_begin`, `__init_end`): where the
-    /// trampolines run on an architecture whose XOL area is beyond a jump's reach (arm64).
-    pub code_window: Option<(u64, u64)>,
 }
 
 impl JumpSetup {
@@ -514,14 +515,15 @@ impl ProbeSession {
             self.engine
                 .exclude_from_jump(start.wrapping_add(slide), end.wrapping_add(slide), why);
         }
-        if let Some(j) = &self.setup.jump {
-            let window = j
-                .code_window
-                .map(|(s, e)| (s.wrapping_add(slide), e.wrapping_add(slide)));
-            let space = <Guest as probe_core::arch::Arch>::address_space(&regs);
-            if let Err(e) = self.engine.attach_jump(slide, window, space) {
-                eprintln!("hvprobe: the jump plan is off, every probe takes exits: {e}");
-            }
+        let window = self
+            .setup
+            .code_window
+            .map(|(s, e)| (s.wrapping_add(slide), e.wrapping_add(slide)));
+        let space = <Guest as probe_core::arch::Arch>::address_space(&regs);
+        if let Err(e) = self.engine.attach_code(slide, window, space) {
+            eprintln!(
+                "hvprobe: no alias of the XOL code within reach of the kernel text ({e}): the jump plan is off and steps out of line take two exits"
+            );
         }
         if let Some(at) = self.setup.user_return {
             self.user_return

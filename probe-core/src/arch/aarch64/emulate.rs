@@ -336,21 +336,23 @@ impl HostEmulation<Registers> for Emulation {
     }
 
     /// The hints and the branches on an immediate or the flags move only the PC (and clear
-    /// BTYPE); `add`/`sub` between SP and SP touches only the stack pointer.
-    fn needs_general_registers(&self) -> bool {
-        !matches!(
-            self,
+    /// BTYPE); `add`/`sub` between SP and SP touches only the stack pointer; the rest their
+    /// operands (register 31, SP or XZR, is none of x0-x30), and x30 where they link.
+    fn general_registers_used(&self) -> u64 {
+        let r = |n: u8| if n < 31 { 1u64 << n } else { 0 };
+        match *self {
             Emulation::Nop { .. }
-                | Emulation::Branch { .. }
-                | Emulation::BranchConditional { .. }
-                | Emulation::ReadDaif { rt: 31, .. }
-                | Emulation::AddImmediate {
-                    rd: 31,
-                    rn: 31,
-                    wide: true,
-                    ..
-                }
-        )
+            | Emulation::Branch { .. }
+            | Emulation::BranchConditional { .. } => 0,
+            Emulation::MovRegister { rd, rm, .. } => r(rd) | r(rm),
+            Emulation::AddImmediate { rd, rn, .. } => r(rd) | r(rn),
+            Emulation::StorePairPreIndex { rt, rt2, rn, .. } => r(rt) | r(rt2) | r(rn),
+            Emulation::BranchLink { .. } => r(30),
+            Emulation::CompareBranch { rt, .. } | Emulation::TestBranch { rt, .. } => r(rt),
+            Emulation::BranchRegister { rn, link, .. } => r(rn) | if link { r(30) } else { 0 },
+            Emulation::LoadLiteral { rt, .. } | Emulation::ReadDaif { rt, .. } => r(rt),
+            Emulation::SetRegister { rd, .. } => r(rd),
+        }
     }
 }
 
@@ -462,7 +464,7 @@ mod tests {
         assert_eq!(r.x[19], 0x80);
         let before = r.x;
         let discard = classify(MRS_DAIF | 31, PC).unwrap();
-        assert!(!discard.needs_general_registers());
+        assert_eq!(discard.general_registers_used(), 0);
         discard
             .apply(&mut r, &mut Stack(HashMap::new(), None))
             .unwrap();
@@ -684,7 +686,7 @@ mod tests {
     #[test]
     fn only_hints_plain_branches_and_sp_arithmetic_leave_x0_to_x30_alone() {
         use crate::arch::HostEmulation;
-        let needs = |w: u32| classify(w, PC).unwrap().needs_general_registers();
+        let used = |w: u32| classify(w, PC).unwrap().general_registers_used();
         // nop, bti c, paciasp, b, b.eq, sub sp, sp, #0x20: the PC, PSTATE and SP only.
         for w in [
             0xd503_201f,
@@ -694,22 +696,23 @@ mod tests {
             0x5400_0040,
             0xd100_83ff,
         ] {
-            assert!(!needs(w), "{w:#x}");
+            assert_eq!(used(w), 0, "{w:#x}");
         }
-        // mov x9, x30; bl; cbnz w3; ret; adrp; ldrsw literal; stp x29, x30; mov x29, sp; and,
-        // on the safe side, the 32-bit form on WSP, which no kernel prologue uses.
-        for w in [
-            0xaa1e_03e9,
-            0x9400_0040,
-            0x35ff_ffe3,
-            0xd65f_03c0,
-            0xb000_0000,
-            0x9800_0041,
-            0xa9bf_7bfd,
-            0x9100_03fd,
-            0x5100_83ff,
+        let bits = |rs: &[u32]| rs.iter().map(|r| 1u64 << r).sum::<u64>();
+        // mov x9, x30; bl; cbnz w3; ret; adrp x0; ldrsw x1 literal; stp x29, x30, [sp]!;
+        // mov x29, sp; sub wsp, w1 (on the safe side, the 32-bit form, no kernel prologue's).
+        for (w, regs) in [
+            (0xaa1e_03e9, bits(&[9, 30])),
+            (0x9400_0040, bits(&[30])),
+            (0x35ff_ffe3, bits(&[3])),
+            (0xd65f_03c0, bits(&[30])),
+            (0xb000_0000, bits(&[0])),
+            (0x9800_0041, bits(&[1])),
+            (0xa9bf_7bfd, bits(&[29, 30])),
+            (0x9100_03fd, bits(&[29])),
+            (0x5100_83ff, 0),
         ] {
-            assert!(needs(w), "{w:#x}");
+            assert_eq!(used(w), regs, "{w:#x}");
         }
     }
 }

@@ -99,10 +99,19 @@ impl OutOfLineCopy for OutOfLine {
         4
     }
 
-    /// arm64 has no boosted slots: a branch back cannot reach the text from the XOL area (it
-    /// is far beyond `b`'s 128 MiB), so every copy is followed by a BRK ([`Arch::BOOSTED_SLOTS`]).
-    fn boosted_slot(&self, _orig_va: u64, _slot_va: u64) -> Option<Vec<u8>> {
-        None
+    /// The copy, then `b` back to the next instruction: only from where `b` reaches the text
+    /// (the XOL code pages' alias in the kernel's freed init range; the XOL area itself is far
+    /// beyond `b`'s 128 MiB, so there every copy is followed by a BRK instead:
+    /// [`Arch::BOOSTED_SLOTS`]).
+    fn boosted_slot(&self, orig_va: u64, slot_va: u64) -> Option<Vec<u8>> {
+        let rel = (orig_va as i64 + 4).wrapping_sub(slot_va as i64 + 4);
+        if !(-(1 << 27)..(1 << 27)).contains(&rel) {
+            return None;
+        }
+        let b = 0x1400_0000 | (((rel / 4) as u32) & 0x03ff_ffff);
+        let mut out = self.word.to_le_bytes().to_vec();
+        out.extend_from_slice(&b.to_le_bytes());
+        Some(out)
     }
 
     fn trapped_slot(&self, _orig_va: u64, _slot_va: u64) -> Option<Vec<u8>> {
@@ -135,6 +144,8 @@ impl Arch for Aarch64 {
     const KERNEL_STACK_SIZE: u64 = 16 << 10;
     const PER_CPU_SYMBOLS_SLIDE: bool = true;
     const XOL: XolLayout = xol::LAYOUT;
+    /// No boosted slots in the XOL area itself; the engine boosts through the code pages'
+    /// alias where one is mapped ([`Arch::map_jump_code`]).
     const BOOSTED_SLOTS: bool = false;
 
     /// Any `BRK #imm`: the guest's own (kprobes, BUG, KGDB) as well as ours.
@@ -203,8 +214,9 @@ impl Arch for Aarch64 {
         mem: &M,
         space: AddressSpace,
         window: (u64, u64),
+        write: bool,
     ) -> Result<Option<u64>, XolError> {
-        xol::map_jump_code(area, mem, space, window).map(Some)
+        xol::map_jump_code(area, mem, space, window, write).map(Some)
     }
 
     /// With pointer authentication the function's `paciasp` signs x30: the trampoline must be

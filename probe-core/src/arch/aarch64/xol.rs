@@ -103,13 +103,15 @@ fn check_layout(space: AddressSpace) -> Result<(), XolError> {
 /// for the jump plan's trampolines, and returns that address. The range must be unmapped, as
 /// `free_initmem` leaves it: each page's level-3 entry absent (or already ours), in a level-3
 /// table of the kernel's or, where its level-2 entry is absent, one of the area's spare
-/// tables. Nothing is written unless every page can be mapped. Only invalid entries become
-/// valid, which needs no TLB maintenance.
+/// tables. Nothing is written unless every page can be mapped, and nothing at all unless
+/// `commit` (a dry run says whether and where it would map). Only invalid entries become valid,
+/// which needs no TLB maintenance.
 pub fn map_jump_code<M: GuestMemory>(
     area: &XolArea,
     mem: &M,
     space: AddressSpace,
     window: (u64, u64),
+    commit: bool,
 ) -> Result<u64, XolError> {
     check_layout(space)?;
     let base = window.0.div_ceil(PAGE) * PAGE;
@@ -174,6 +176,9 @@ pub fn map_jump_code<M: GuestMemory>(
             });
         }
         ptes.push((at, want));
+    }
+    if !commit {
+        return Ok(base);
     }
     for &(_, t) in &new_tables {
         mem.write_slice(&[0u8; PAGE as usize], GuestAddress(t))
@@ -302,7 +307,7 @@ mod tests {
         // The window's first page is in use: refused, nothing written.
         let before = crate::arch::aarch64::pagewalk::translate(&mem, space, window.0);
         assert!(matches!(
-            map_jump_code(&xol, &mem, space, window),
+            map_jump_code(&xol, &mem, space, window, true),
             Err(XolError::HoleInUse {
                 table: 0x5000,
                 index: 511,
@@ -318,9 +323,13 @@ mod tests {
             crate::arch::aarch64::pagewalk::translate(&mem, space, window.0),
             before
         );
-        // Freed: mapped, across the kernel's table and a spare one of the area's.
+        // Freed: a dry run says where, and writes nothing; then mapped, across the kernel's
+        // table and a spare one of the area's.
         mem.write_obj(0u64, GuestAddress(taken)).unwrap();
-        let base = map_jump_code(&xol, &mem, space, window).unwrap();
+        let dry = map_jump_code(&xol, &mem, space, window, false).unwrap();
+        assert!(translate(&mem, space, dry).is_err());
+        let base = map_jump_code(&xol, &mem, space, window, true).unwrap();
+        assert_eq!(base, dry);
         assert_eq!(base, 0xffff_8000_0a1f_f000);
         for page in 0..4 {
             let t = translate(&mem, space, base + page * PAGE + 8).unwrap();
@@ -332,14 +341,17 @@ mod tests {
             .unwrap();
         assert_eq!(spare, (xol.gpa_base() + 3 * PAGE) | TABLE_OR_PAGE);
         // Again: nothing more to write, the same base.
-        assert_eq!(map_jump_code(&xol, &mem, space, window).unwrap(), base);
+        assert_eq!(
+            map_jump_code(&xol, &mem, space, window, true).unwrap(),
+            base
+        );
         // The rings: writable, never executable.
         let t = translate(&mem, space, xol.data_va() + PAGE).unwrap();
         assert_eq!(t.gpa, xol.data_gpa() + PAGE);
         assert!(t.writable && t.no_execute && !t.user);
         // A window too small for the code pages.
         assert!(matches!(
-            map_jump_code(&xol, &mem, space, (window.0, window.0 + 3 * PAGE)),
+            map_jump_code(&xol, &mem, space, (window.0, window.0 + 3 * PAGE), true),
             Err(XolError::Unsupported(_))
         ));
     }

@@ -268,8 +268,8 @@ pub struct KvmVcpu<'a> {
     pc: u64,
     /// The registers as last read or written, to write back only what changed.
     cache: Option<Registers>,
-    /// Whether `cache` holds x0-x30 too.
-    complete: bool,
+    /// Which of x0-x30 `cache` holds (bit n: xn read).
+    read: u32,
     /// `KVM_GET_ONE_REG` calls made for this exit.
     pub reads: u64,
     /// `KVM_SET_ONE_REG` calls made for this exit.
@@ -285,7 +285,7 @@ impl<'a> KvmVcpu<'a> {
             fd,
             pc,
             cache: None,
-            complete: false,
+            read: 0,
             reads: 0,
             writes: 0,
         }
@@ -301,18 +301,29 @@ impl<'a> KvmVcpu<'a> {
         Ok(self.cache.as_mut().expect("just filled"))
     }
 
-    fn cached_all(&mut self) -> Result<Registers, VcpuError> {
+    /// Reads the registers of `mask` (bit n: xn) not read yet into the cache; returns which
+    /// it read.
+    fn read_general_in(&mut self, mask: u32) -> Result<u32, VcpuError> {
         self.cached_control()?;
-        if !self.complete {
-            let fd: &VcpuFd = self.fd;
-            let r = self.cache.as_mut().expect("filled above");
-            read_general(fd, r).map_err(vcpu_call("KVM_GET_ONE_REG"))?;
-            self.reads += r.x.len() as u64;
-            self.complete = true;
+        let missing = mask & ALL_X & !self.read;
+        let fd: &VcpuFd = self.fd;
+        let r = self.cache.as_mut().expect("filled above");
+        for n in (0..31).filter(|n| missing & (1 << n) != 0) {
+            r.x[n] = get(fd, core_reg(n as u64 * 8)).map_err(vcpu_call("KVM_GET_ONE_REG"))?;
         }
+        self.reads += u64::from(missing.count_ones());
+        self.read |= missing;
+        Ok(missing)
+    }
+
+    fn cached_all(&mut self) -> Result<Registers, VcpuError> {
+        self.read_general_in(ALL_X)?;
         Ok(self.cache.clone().expect("filled above"))
     }
 }
+
+/// x0-x30 as a read mask.
+const ALL_X: u32 = (1 << 31) - 1;
 
 impl VcpuAccess<Aarch64> for KvmVcpu<'_> {
     fn id(&self) -> u32 {
@@ -330,8 +341,17 @@ impl VcpuAccess<Aarch64> for KvmVcpu<'_> {
     }
 
     fn complete_registers(&mut self, regs: &mut Registers) -> Result<(), VcpuError> {
-        if !self.complete {
-            regs.x = self.cached_all()?.x;
+        self.complete_registers_in(regs, u64::MAX)
+    }
+
+    /// Reads only the registers of `used` not read yet (one `KVM_GET_ONE_REG` each: two for
+    /// an emulated `mov x9, x30`, not thirty-one); those read already keep the values `regs`
+    /// has.
+    fn complete_registers_in(&mut self, regs: &mut Registers, used: u64) -> Result<(), VcpuError> {
+        let fresh = self.read_general_in(used as u32 & ALL_X)?;
+        let cache = self.cache.as_ref().expect("filled by the read");
+        for n in (0..31).filter(|n| fresh & (1 << n) != 0) {
+            regs.x[n] = cache.x[n];
         }
         Ok(())
     }
@@ -343,7 +363,7 @@ impl VcpuAccess<Aarch64> for KvmVcpu<'_> {
             Some(r) => r.clone(),
             None => self.cached_all()?,
         };
-        if !self.complete && regs.x != old.x {
+        if (0..31).any(|n| self.read & (1 << n) == 0 && regs.x[n] != old.x[n]) {
             return Err(VcpuError::UnreadRegistersWritten);
         }
         let mut writes = 0;
