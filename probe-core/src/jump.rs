@@ -19,7 +19,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
-use crate::definition::{Fetch, FetchType, ProbeDefinition, TaskFilter};
+use crate::definition::{Fetch, FetchType, ProbeDefinition, TaskField, TaskFilter};
 
 /// Bytes of one record.
 pub const RECORD_SIZE: u64 = 512;
@@ -237,6 +237,66 @@ pub struct TaskOffsets {
     pub comm: u64,
     /// `stack`: the base of the task's kernel stack.
     pub stack: u64,
+}
+
+/// A task filter as a trampoline tests it: the words of `task_struct` compared with constants,
+/// each architecture encoding the comparisons its own way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterTest {
+    /// `comm`: the 16 bytes at `at` (the kernel pads the name with NULs, as `strscpy_pad`
+    /// leaves it) against the name's two NUL-padded little-endian halves.
+    Comm {
+        /// Offset of `comm` in `task_struct`.
+        at: u64,
+        /// The name's first and second eight bytes.
+        halves: [u64; 2],
+    },
+    /// `pid` or `tgid`: the `u32` at `at` against `value`.
+    Word {
+        /// Offset of the field in `task_struct`.
+        at: u64,
+        /// The number compared with.
+        value: u32,
+    },
+    /// A name longer than any task's (TASK_COMM_LEN - 1): never equal.
+    NeverEqual,
+}
+
+impl FilterTest {
+    /// The test of filter `f` against a task laid out as `t`, and whether a match passes
+    /// (`==`) or is left out (`!=`).
+    pub fn of(f: &TaskFilter, t: &TaskOffsets) -> Result<(FilterTest, bool), &'static str> {
+        let test = match f.field {
+            TaskField::Comm => {
+                let name = f.value.as_bytes();
+                if name.len() >= 16 {
+                    FilterTest::NeverEqual
+                } else {
+                    let mut padded = [0u8; 16];
+                    padded[..name.len()].copy_from_slice(name);
+                    let half = |h: usize| {
+                        u64::from_le_bytes(padded[h * 8..h * 8 + 8].try_into().expect("8 bytes"))
+                    };
+                    FilterTest::Comm {
+                        at: t.comm,
+                        halves: [half(0), half(1)],
+                    }
+                }
+            }
+            TaskField::Pid | TaskField::Tgid => FilterTest::Word {
+                at: if f.field == TaskField::Pid {
+                    t.pid
+                } else {
+                    t.tgid
+                },
+                value: f
+                    .value
+                    .parse()
+                    .map_err(|_| "a pid filter compares with a number")?,
+            },
+        };
+        Ok((test, f.equal))
+    }
 }
 
 /// What a trampoline is generated for.

@@ -29,10 +29,10 @@
 
 use crate::arch::StepPlan;
 use crate::arch::aarch64::{Emulation, Instruction, OutOfLine};
-use crate::definition::{TaskField, TaskFilter};
+use crate::definition::TaskFilter;
 use crate::jump::{
-    FLAG_TASK, JumpPatch, RECORD_SIZE, RING_HEADER, RingLayout, STACK_WORDS, TrampolineSpec,
-    header, record,
+    FLAG_TASK, FilterTest, JumpPatch, RECORD_SIZE, RING_HEADER, RingLayout, STACK_WORDS,
+    TrampolineSpec, header, record,
 };
 
 /// Bytes below the frame record where x0-x28, NZCV and DAIF are saved.
@@ -640,44 +640,27 @@ fn emit_filter(
     t: &crate::jump::TaskOffsets,
     filtered: usize,
 ) -> Result<(), &'static str> {
+    let (test, equal) = FilterTest::of(f, t)?;
     let pass = e.label();
-    let (on_mismatch, on_match) = if f.equal {
+    let (on_mismatch, on_match) = if equal {
         (filtered, pass)
     } else {
         (pass, filtered)
     };
-    match f.field {
-        TaskField::Comm => {
-            let name = f.value.as_bytes();
-            if name.len() >= 16 {
-                // Longer than any task's name (TASK_COMM_LEN - 1): never equal.
-                e.branch(None, on_mismatch);
-            } else {
-                let mut padded = [0u8; 16];
-                padded[..name.len()].copy_from_slice(name);
-                for half in 0..2u64 {
-                    let h = half as usize * 8;
-                    let v = u64::from_le_bytes(padded[h..h + 8].try_into().unwrap());
-                    e.ldr(TMP1, TMP0, t.comm + 8 * half);
-                    e.mov64(TMP2, v);
-                    e.cmp(true, TMP1, TMP2);
-                    e.branch(Some(NE), on_mismatch);
-                }
-                e.branch(None, on_match);
+    match test {
+        FilterTest::NeverEqual => e.branch(None, on_mismatch),
+        FilterTest::Comm { at, halves } => {
+            for (half, v) in (0u64..).zip(halves) {
+                e.ldr(TMP1, TMP0, at + 8 * half);
+                e.mov64(TMP2, v);
+                e.cmp(true, TMP1, TMP2);
+                e.branch(Some(NE), on_mismatch);
             }
+            e.branch(None, on_match);
         }
-        TaskField::Pid | TaskField::Tgid => {
-            let at = if f.field == TaskField::Pid {
-                t.pid
-            } else {
-                t.tgid
-            };
-            let v: u32 = f
-                .value
-                .parse()
-                .map_err(|_| "a pid filter compares with a number")?;
+        FilterTest::Word { at, value } => {
             e.ldr32(TMP1, TMP0, at);
-            e.mov64(TMP2, u64::from(v));
+            e.mov64(TMP2, u64::from(value));
             e.cmp(false, TMP1, TMP2);
             e.branch(Some(NE), on_mismatch);
             e.branch(None, on_match);

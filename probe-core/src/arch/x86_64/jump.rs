@@ -28,9 +28,10 @@
 
 use crate::arch::StepPlan;
 use crate::arch::x86_64::{Emulation, Instruction, OutOfLine};
-use crate::definition::{TaskField, TaskFilter};
+use crate::definition::TaskFilter;
 use crate::jump::{
-    FLAG_TASK, JumpPatch, RING_HEADER, RingLayout, STACK_WORDS, TrampolineSpec, header, record,
+    FLAG_TASK, FilterTest, JumpPatch, RING_HEADER, RingLayout, STACK_WORDS, TrampolineSpec, header,
+    record,
 };
 
 const RAX: u8 = 0;
@@ -440,43 +441,27 @@ fn emit_filter(
     filtered: usize,
 ) -> Result<(), &'static str> {
     let disp = |v: u64| i32::try_from(v).map_err(|_| "a task_struct offset beyond 2 GiB");
+    let (test, equal) = FilterTest::of(f, t)?;
     let pass = e.label();
     // Where a mismatch goes, and where a match goes.
-    let (on_mismatch, on_match) = if f.equal {
+    let (on_mismatch, on_match) = if equal {
         (filtered, pass)
     } else {
         (pass, filtered)
     };
-    match f.field {
-        TaskField::Comm => {
-            let name = f.value.as_bytes();
-            if name.len() >= 16 {
-                // Longer than any task's name (TASK_COMM_LEN - 1): never equal.
-                e.jump(None, on_mismatch);
-            } else {
-                let mut padded = [0u8; 16];
-                padded[..name.len()].copy_from_slice(name);
-                for half in 0..2 {
-                    let v = u64::from_le_bytes(padded[half * 8..half * 8 + 8].try_into().unwrap());
-                    e.movabs(RDX, v);
-                    // cmp rdx, [rax + comm + 8 * half]
-                    e.mem(true, &[0x3b], RDX, RAX, disp(t.comm)? + 8 * half as i32);
-                    e.jump(Some(JNE), on_mismatch);
-                }
-                e.jump(None, on_match);
+    match test {
+        FilterTest::NeverEqual => e.jump(None, on_mismatch),
+        FilterTest::Comm { at, halves } => {
+            for (half, v) in halves.into_iter().enumerate() {
+                e.movabs(RDX, v);
+                // cmp rdx, [rax + comm + 8 * half]
+                e.mem(true, &[0x3b], RDX, RAX, disp(at)? + 8 * half as i32);
+                e.jump(Some(JNE), on_mismatch);
             }
+            e.jump(None, on_match);
         }
-        TaskField::Pid | TaskField::Tgid => {
-            let at = if f.field == TaskField::Pid {
-                t.pid
-            } else {
-                t.tgid
-            };
-            let v: u32 = f
-                .value
-                .parse()
-                .map_err(|_| "a pid filter compares with a number")?;
-            e.mem_imm(false, 0x81, 7, RAX, disp(at)?, &v.to_le_bytes());
+        FilterTest::Word { at, value } => {
+            e.mem_imm(false, 0x81, 7, RAX, disp(at)?, &value.to_le_bytes());
             e.jump(Some(JNE), on_mismatch);
             e.jump(None, on_match);
         }
