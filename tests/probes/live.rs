@@ -390,9 +390,10 @@ pub(super) fn churn_adds_and_removes_hundreds_of_probes_while_workloads_run_on_t
         3 * passwd.len(),
         fnv1a(passwd)
     );
+    // No echo of the `go` line: the console's echo can land inside a workload's line.
     let mut vm = LiveVm::start(
         "2",
-        "echo ready; \
+        "stty -echo 2>/dev/null; echo ready; \
          (while [ ! -e /tmp/stop ]; do fork-exec-loop 2; open-read-loop 3 /etc/passwd; done; echo loop-a-done) & \
          (while [ ! -e /tmp/stop ]; do getpid-loop 200 >/dev/null; sleep 0.1; done; echo loop-b-done) & \
          read x; touch /tmp/stop; wait; echo churn-end",
