@@ -4,20 +4,10 @@
 use super::*;
 
 impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
+    /// Runs the pre (or, with `post`, post) handlers of `probes` for a hit at `site_va`; for a
+    /// hit that happened earlier than now (a jump-plan record), `recorded` gives its time and
+    /// the only memory its handlers may read.
     pub(super) fn run_handlers(
-        &self,
-        vcpu: u32,
-        site_va: u64,
-        probes: &[Arc<ProbeEntry<A>>],
-        regs: &A::Registers,
-        post: bool,
-    ) {
-        self.run_handlers_of(vcpu, site_va, probes, regs, post, None);
-    }
-
-    /// [`ProbeEngine::run_handlers`] for a hit that happened earlier than now: a jump-plan
-    /// record (`recorded`: its time, and the only memory its handlers may read).
-    pub(super) fn run_handlers_of(
         &self,
         vcpu: u32,
         site_va: u64,
@@ -164,7 +154,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 counter.fetch_add(1, Ordering::Relaxed);
             }
             state.site_hits += 1;
-            self.run_handlers(vcpu.id(), pc, &probes, &regs, false);
+            self.run_handlers(vcpu.id(), pc, &probes, &regs, false, None);
             self.enter_returns(&probes, &mut regs);
             let has_post = probes.iter().any(|p| p.post.is_some());
             self.exits.by_plan[run.kind() as usize].fetch_add(1, Ordering::Relaxed);
@@ -200,7 +190,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                         return Ok(Verdict::Resume);
                     }
                     if has_post {
-                        self.run_handlers(vcpu.id(), pc, &probes, &regs, true);
+                        self.run_handlers(vcpu.id(), pc, &probes, &regs, true, None);
                     }
                     if emu.opens_interrupt_shadow() {
                         // `sti` blocks interrupts for one more instruction (`sti; hlt` relies
@@ -378,7 +368,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         }
         vcpu.set_registers(&regs)?;
         if has_post {
-            self.run_handlers(vcpu.id(), trap.orig_va, &probes, &regs, true);
+            self.run_handlers(vcpu.id(), trap.orig_va, &probes, &regs, true, None);
         }
         Ok(Verdict::Resume)
     }
