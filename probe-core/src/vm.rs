@@ -46,20 +46,22 @@ pub trait VcpuAccess<A: Arch> {
     fn id(&self) -> u32;
     /// Reads the registers (from the shared `kvm_run` page where KVM offers sync regs).
     fn registers(&mut self) -> Result<A::Registers, VcpuError>;
-    /// Reads the registers the engine needs to find a site and move the vCPU on (the PC, the
-    /// flags, the stack pointers, the page-table roots), where reading the general-purpose ones
-    /// too costs (arm64: one `KVM_GET_ONE_REG` each). Those read as zero until
-    /// [`VcpuAccess::complete_registers`] and must not be changed before. By default all.
-    fn control_registers(&mut self) -> Result<A::Registers, VcpuError> {
+    /// The registers a debug exit gives the engine to start with: at least the PC. Where
+    /// reading a register costs (arm64: one `KVM_GET_ONE_REG` each) the rest are left unread
+    /// (x0-x30 as zero, page-table roots as a root no walk gets through) until
+    /// [`VcpuAccess::complete_registers_in`] reads them, and must not be changed before. By
+    /// default all.
+    fn exit_registers(&mut self) -> Result<A::Registers, VcpuError> {
         self.registers()
     }
-    /// Fills in the general-purpose registers of `regs`, which came from
-    /// [`VcpuAccess::control_registers`]; nothing if they were read already.
+    /// Fills in every register of `regs`, which came from [`VcpuAccess::exit_registers`];
+    /// nothing if they were read already.
     fn complete_registers(&mut self, _regs: &mut A::Registers) -> Result<(), VcpuError> {
         Ok(())
     }
-    /// Fills in at least the general-purpose registers of `regs` whose bits (by index) are set
-    /// in `used`, leaving those read already as `regs` has them; by default all of them.
+    /// Fills in at least the registers of `regs` that the register-use mask `used` names
+    /// ([`crate::arch::HostEmulation::registers_used`]), leaving those read already as `regs`
+    /// has them; by default all of them.
     fn complete_registers_in(
         &mut self,
         regs: &mut A::Registers,

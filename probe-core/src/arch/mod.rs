@@ -47,7 +47,7 @@ pub trait RegisterFile: Clone + Debug + Default + Send + Sync + 'static {
     fn return_value(&self) -> u64;
     /// The general-purpose registers (`rax`..`r15`; `x0`..`x30`): what a vCPU may leave unread
     /// on an exit that needs only the control registers
-    /// ([`crate::vm::VcpuAccess::control_registers`]).
+    /// ([`crate::vm::VcpuAccess::exit_registers`]).
     fn general_purpose(&self) -> &[u64];
     /// The same, to fill in.
     fn general_purpose_mut(&mut self) -> &mut [u64];
@@ -171,11 +171,13 @@ pub trait HostEmulation<R>: Clone + Debug + Send + Sync + 'static {
     fn opens_interrupt_shadow(&self) -> bool {
         false
     }
-    /// The general-purpose registers applying it reads or writes, one bit each by index: a
-    /// hit without handlers needs only those and the control registers (none for arm64's
-    /// hints, `b`, `b.cond`, `add sp, sp, #imm`; x30 and x9 for `mov x9, x30`). All, unless
-    /// the architecture says otherwise.
-    fn general_registers_used(&self) -> u64 {
+    /// The registers applying it reads or writes, as a register-use mask: bit n for the
+    /// general-purpose register of index n, and the architecture's bits above them for the
+    /// control registers its [`crate::vm::VcpuAccess::exit_registers`] leaves unread (arm64's
+    /// [`crate::arch::aarch64::uses`]). A hit without handlers reads only those (none for
+    /// arm64's hints and `b`; x30 and x9 for `mov x9, x30`). All, unless the architecture says
+    /// otherwise.
+    fn registers_used(&self) -> u64 {
         u64::MAX
     }
 }
@@ -388,6 +390,15 @@ pub trait Arch: Sized + Copy + Debug + Default + Send + Sync + 'static {
 
     /// The address space the registers select.
     fn address_space(regs: &Self::Registers) -> Self::AddressSpace;
+
+    /// The register-use bits ([`HostEmulation::registers_used`]) that translating a kernel
+    /// address needs beyond what [`crate::vm::VcpuAccess::exit_registers`] gives (arm64:
+    /// TTBR1_EL1 and TCR_EL1). None where the exit gives them.
+    const KERNEL_SPACE_REGISTERS: u64 = 0;
+
+    /// The register-use bits that [`Arch::after_trap`] and the trapped-step functions read
+    /// and change beyond what the exit gives (arm64: PSTATE).
+    const TRAP_REGISTERS: u64 = 0;
 
     /// Translates `va` through the page tables of `space`.
     fn translate(

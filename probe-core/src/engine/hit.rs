@@ -73,9 +73,9 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         pc: u64,
         hw: bool,
     ) -> Result<Verdict, VcpuError> {
-        // The control registers first: a hit whose handlers and plan touch no general-purpose
+        // What the exit gives first (the PC): a hit whose handlers and plan touch no other
         // register costs no more (arm64 reads each register with its own ioctl).
-        let mut regs = vcpu.control_registers()?;
+        let mut regs = vcpu.exit_registers()?;
         let mut complete = false;
         if !hw {
             let trampoline = *self.trampoline.lock().unwrap_or_else(|e| e.into_inner());
@@ -91,43 +91,54 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 .get(&pc)
                 .copied();
             if let Some(trap) = slot_trap {
+                vcpu.complete_registers_in(&mut regs, A::TRAP_REGISTERS)?;
                 return self.finish_trapped_step(vcpu, state, regs, pc, trap);
             }
         }
         self.drop_abandoned(state);
-        let space = A::address_space(&regs);
         let mut pc = pc;
         // An emulated instruction whose successor is probed too is followed into that probe in
         // the same exit, instead of re-entering the guest only to trap again at once.
         for chained in 0..=MAX_CHAINED_HITS {
-            if chained > 0
-                && !self
-                    .table
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .site_vas
-                    .contains(&pc)
-            {
-                break;
-            }
-            let site = A::translate(&self.mem, space, pc).ok().and_then(|t| {
+            let indexed = self
+                .table
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .site_vas
+                .get(&pc)
+                .copied();
+            let gpa = match indexed {
+                Some(Some(gpa)) => Some(gpa),
+                // Sites on several pages at this address: the walk tells which one trapped.
+                Some(None) => {
+                    vcpu.complete_registers_in(&mut regs, A::KERNEL_SPACE_REGISTERS)?;
+                    A::translate(&self.mem, A::address_space(&regs), pc)
+                        .ok()
+                        .map(|t| t.gpa)
+                }
+                None => None,
+            };
+            let site = gpa.and_then(|gpa| {
                 let table = self.table.read().unwrap_or_else(|e| e.into_inner());
                 table
                     .sites
-                    .get(&t.gpa)
+                    .get(&gpa)
                     // A jump site never traps: its hits are recorded in the guest.
                     .filter(|s| {
                         s.va == pc
                             && s.disarmed.get().is_none()
                             && !matches!(*s.run, SiteRun::Jump { .. })
                     })
-                    .map(|s| (t.gpa, s.probes.clone(), s.run.clone(), s.rate.clone()))
+                    .map(|s| (gpa, s.probes.clone(), s.run.clone(), s.rate.clone()))
             });
             let Some((gpa, probes, run, rate)) = site else {
                 if chained > 0 {
                     break;
                 }
-                return self.not_probed(pc, space, hw);
+                // Not one of ours here: the guest's own breakpoint, or one of ours reached
+                // through another mapping; finding out takes the page tables.
+                vcpu.complete_registers(&mut regs)?;
+                return self.not_probed(pc, A::address_space(&regs), hw);
             };
             // Past its rate cap (or paused by it): the guest's own instruction runs.
             if self.rate_capped(gpa, &rate, &probes) {
@@ -139,7 +150,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                     vcpu.complete_registers(&mut regs)?;
                     complete = true;
                 } else {
-                    let used = run.general_registers_used();
+                    let used = run.registers_used();
                     if used != 0 {
                         vcpu.complete_registers_in(&mut regs, used)?;
                     }

@@ -362,14 +362,35 @@ impl<A: Arch> Clone for SiteRun<A> {
     }
 }
 
+impl<A: Arch> ProbeTable<A> {
+    /// Brings [`ProbeTable::site_vas`] up to date for `va` after a trapping site there came
+    /// or went.
+    fn index_site_va(&mut self, va: u64) {
+        let mut gpas = self
+            .sites
+            .iter()
+            .filter(|(_, s)| s.va == va && !matches!(*s.run, SiteRun::Jump { .. }))
+            .map(|(&gpa, _)| gpa);
+        match (gpas.next(), gpas.next()) {
+            (None, _) => self.site_vas.remove(&va),
+            (Some(gpa), None) => self.site_vas.insert(va, Some(gpa)),
+            (Some(_), Some(_)) => self.site_vas.insert(va, None),
+        };
+    }
+}
+
 impl<A: Arch> SiteRun<A> {
-    /// Whether running the instruction reads or writes a general-purpose register on the host
-    /// (an out-of-line copy runs in the guest: the host moves only the PC and the flags).
-    fn general_registers_used(&self) -> u64 {
-        match self {
-            SiteRun::Emulate { emulation, .. } => emulation.general_registers_used(),
-            SiteRun::OutOfLine { .. } | SiteRun::Jump { .. } => 0,
-        }
+    /// The registers running the instruction reads or writes on the host, as a register-use
+    /// mask (an out-of-line copy runs in the guest: the host moves only the PC and the flags,
+    /// after checking that the slots are mapped in the kernel's address space), and those the
+    /// trap itself needs ([`Arch::after_trap`]).
+    fn registers_used(&self) -> u64 {
+        A::TRAP_REGISTERS
+            | match self {
+                SiteRun::Emulate { emulation, .. } => emulation.registers_used(),
+                SiteRun::OutOfLine { .. } => A::KERNEL_SPACE_REGISTERS,
+                SiteRun::Jump { .. } => 0,
+            }
     }
 
     /// The kind of plan, for statistics.
@@ -493,9 +514,12 @@ struct SlotTrap {
 
 struct ProbeTable<A: Arch> {
     sites: HashMap<u64, Site<A>>,
-    /// The virtual addresses of the sites: after an emulated instruction, whether the next
-    /// one may be probed too is answered here without a page walk.
-    site_vas: HashSet<u64>,
+    /// The trapping sites by virtual address: a hit finds its site here without a page walk
+    /// (which on arm64 would cost two register reads first), and after an emulated
+    /// instruction whether the next one is probed too. `None`: sites on several pages share
+    /// the address, and only the walk tells which one trapped. Sites are in kernel text,
+    /// whose mapping never changes.
+    site_vas: HashMap<u64, Option<u64>>,
     by_probe: HashMap<ProbeId, u64>,
     /// The breakpoint of each trapped slot, by its address.
     slot_traps: HashMap<u64, SlotTrap>,
@@ -559,7 +583,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             mem,
             table: RwLock::new(ProbeTable {
                 sites: HashMap::new(),
-                site_vas: HashSet::new(),
+                site_vas: HashMap::new(),
                 by_probe: HashMap::new(),
                 slot_traps: HashMap::new(),
                 exception_table: HashSet::new(),

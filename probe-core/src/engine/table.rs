@@ -507,7 +507,6 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         let id = ProbeId(table.next_id);
         table.next_id += 1;
         table.by_probe.insert(id, gpa);
-        table.site_vas.insert(target.va);
         if let SiteRun::OutOfLine {
             ool,
             trapped: Some(slot),
@@ -538,6 +537,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 probes: Arc::new(vec![ProbeEntry::new(id, location, probe)]),
             },
         );
+        table.index_site_va(target.va);
         Ok(id)
     }
 
@@ -677,9 +677,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             return Ok(None);
         }
         let site = table.sites.remove(&gpa).expect("site present");
-        if !table.sites.values().any(|s| s.va == site.va) {
-            table.site_vas.remove(&site.va);
-        }
+        table.index_site_va(site.va);
         if site.disarmed.get().is_some() || site.rate.paused() {
             return Ok(None);
         }

@@ -4,7 +4,7 @@
 //! `stp x29, x30, [sp, #-N]!`, and the PC-relative `b`, `bl`, `adr`, `adrp`. Addresses are
 //! absolute, computed when the probe is planted.
 
-use super::regs::{PSTATE_BTYPE, PSTATE_DAIF, Registers};
+use super::regs::{PSTATE_BTYPE, PSTATE_DAIF, Registers, uses};
 use crate::arch::{EmulationError, GuestStack, HostEmulation};
 
 /// An instruction the host emulates.
@@ -335,22 +335,34 @@ impl HostEmulation<Registers> for Emulation {
         )
     }
 
-    /// The hints and the branches on an immediate or the flags move only the PC (and clear
-    /// BTYPE); `add`/`sub` between SP and SP touches only the stack pointer; the rest their
-    /// operands (register 31, SP or XZR, is none of x0-x30), and x30 where they link.
-    fn general_registers_used(&self) -> u64 {
+    /// The hints and the branches on an immediate move only the PC; `b.cond` reads the flags
+    /// and `mrs Xt, daif` PSTATE; register 31 is SP for `add`/`sub` and a store's base (and
+    /// XZR elsewhere, which is no register); a store pair translates its address (the kernel
+    /// half for the stack, both halves for any other base) and a literal load the kernel
+    /// half (it reads next to the kernel's own code); x30 where they link.
+    fn registers_used(&self) -> u64 {
         let r = |n: u8| if n < 31 { 1u64 << n } else { 0 };
+        let r_or_sp = |n: u8| if n < 31 { 1u64 << n } else { uses::SP };
         match *self {
-            Emulation::Nop { .. }
-            | Emulation::Branch { .. }
-            | Emulation::BranchConditional { .. } => 0,
+            Emulation::Nop { .. } | Emulation::Branch { .. } => 0,
+            Emulation::BranchConditional { .. } => uses::PSTATE,
             Emulation::MovRegister { rd, rm, .. } => r(rd) | r(rm),
-            Emulation::AddImmediate { rd, rn, .. } => r(rd) | r(rn),
-            Emulation::StorePairPreIndex { rt, rt2, rn, .. } => r(rt) | r(rt2) | r(rn),
+            Emulation::AddImmediate { rd, rn, .. } => r_or_sp(rd) | r_or_sp(rn),
+            Emulation::StorePairPreIndex { rt, rt2, rn, .. } => {
+                let space = if rn == 31 {
+                    uses::KERNEL_SPACE
+                } else {
+                    uses::KERNEL_SPACE | uses::USER_SPACE
+                };
+                r(rt) | r(rt2) | r_or_sp(rn) | space
+            }
             Emulation::BranchLink { .. } => r(30),
             Emulation::CompareBranch { rt, .. } | Emulation::TestBranch { rt, .. } => r(rt),
             Emulation::BranchRegister { rn, link, .. } => r(rn) | if link { r(30) } else { 0 },
-            Emulation::LoadLiteral { rt, .. } | Emulation::ReadDaif { rt, .. } => r(rt),
+            Emulation::LoadLiteral { rt, .. } => r(rt) | uses::KERNEL_SPACE,
+            // `mrs xzr, daif` reads nothing anyone sees.
+            Emulation::ReadDaif { rt, .. } if rt < 31 => r(rt) | uses::PSTATE,
+            Emulation::ReadDaif { .. } => 0,
             Emulation::SetRegister { rd, .. } => r(rd),
         }
     }
@@ -464,7 +476,7 @@ mod tests {
         assert_eq!(r.x[19], 0x80);
         let before = r.x;
         let discard = classify(MRS_DAIF | 31, PC).unwrap();
-        assert_eq!(discard.general_registers_used(), 0);
+        assert_eq!(discard.registers_used(), 0);
         discard
             .apply(&mut r, &mut Stack(HashMap::new(), None))
             .unwrap();
@@ -686,31 +698,36 @@ mod tests {
     #[test]
     fn only_hints_plain_branches_and_sp_arithmetic_leave_x0_to_x30_alone() {
         use crate::arch::HostEmulation;
-        let used = |w: u32| classify(w, PC).unwrap().general_registers_used();
-        // nop, bti c, paciasp, b, b.eq, sub sp, sp, #0x20: the PC, PSTATE and SP only.
-        for w in [
-            0xd503_201f,
-            0xd503_245f,
-            0xd503_233f,
-            0x17ff_fffe,
-            0x5400_0040,
-            0xd100_83ff,
+        let used = |w: u32| classify(w, PC).unwrap().registers_used();
+        // nop, bti c, paciasp, b: the PC only; b.eq the flags; sub sp, sp, #0x20 the SP.
+        for (w, want) in [
+            (0xd503_201f, 0),
+            (0xd503_245f, 0),
+            (0xd503_233f, 0),
+            (0x17ff_fffe, 0),
+            (0x5400_0040, uses::PSTATE),
+            (0xd100_83ff, uses::SP),
         ] {
-            assert_eq!(used(w), 0, "{w:#x}");
+            assert_eq!(used(w), want, "{w:#x}");
         }
         let bits = |rs: &[u32]| rs.iter().map(|r| 1u64 << r).sum::<u64>();
-        // mov x9, x30; bl; cbnz w3; ret; adrp x0; ldrsw x1 literal; stp x29, x30, [sp]!;
-        // mov x29, sp; sub wsp, w1 (on the safe side, the 32-bit form, no kernel prologue's).
+        // mov x9, x30; bl; cbnz w3; ret; adrp x0; ldrsw x1 literal (kernel half); stp x29,
+        // x30, [sp]! (SP, kernel half); stp x1, x2, [x3, #16]! (either half); mov x29, sp;
+        // sub wsp, w1 (on the safe side, the 32-bit form, no kernel prologue's).
         for (w, regs) in [
             (0xaa1e_03e9, bits(&[9, 30])),
             (0x9400_0040, bits(&[30])),
             (0x35ff_ffe3, bits(&[3])),
             (0xd65f_03c0, bits(&[30])),
             (0xb000_0000, bits(&[0])),
-            (0x9800_0041, bits(&[1])),
-            (0xa9bf_7bfd, bits(&[29, 30])),
-            (0x9100_03fd, bits(&[29])),
-            (0x5100_83ff, 0),
+            (0x9800_0041, bits(&[1]) | uses::KERNEL_SPACE),
+            (0xa9bf_7bfd, bits(&[29, 30]) | uses::SP | uses::KERNEL_SPACE),
+            (
+                0xa981_0861,
+                bits(&[1, 2, 3]) | uses::KERNEL_SPACE | uses::USER_SPACE,
+            ),
+            (0x9100_03fd, bits(&[29]) | uses::SP),
+            (0x5100_83ff, uses::SP),
         ] {
             assert_eq!(used(w), regs, "{w:#x}");
         }

@@ -15,7 +15,7 @@ pub use decode::{
 };
 pub use emulate::{Emulation, condition_holds};
 pub use pagewalk::AddressSpace;
-pub use regs::{PSTATE_BTYPE, PSTATE_DAIF, Registers};
+pub use regs::{PSTATE_BTYPE, PSTATE_DAIF, Registers, UNREAD_TABLE, uses};
 
 use crate::arch::{Arch, EmulationError, GuestStack, OutOfLineCopy, PlanKind, XolLayout};
 use crate::guest_memory::GuestPhysMemory;
@@ -177,6 +177,10 @@ impl Arch for Aarch64 {
             unsafe { __clear_cache(host.cast(), host.add(_len).cast()) }
         }
     }
+
+    const KERNEL_SPACE_REGISTERS: u64 = uses::KERNEL_SPACE;
+    /// PSTATE: BTYPE is cleared, DAIF set and restored.
+    const TRAP_REGISTERS: u64 = uses::PSTATE;
 
     fn address_space(regs: &Registers) -> AddressSpace {
         AddressSpace {

@@ -152,6 +152,22 @@ mod tests {
     }
 
     #[test]
+    fn a_root_the_vcpu_did_not_read_gets_no_walk_through() {
+        // Tables at the low addresses a zeroed root would select: never reached.
+        let mut m = FakeMem::new(64 << 20);
+        m.set(0, idx(KTEXT, 0), 0x2000 | 3);
+        m.set(0x2000, idx(KTEXT, 1), 0x0120_0000 | 1);
+        let unread = AddressSpace {
+            ttbr0: crate::arch::aarch64::UNREAD_TABLE,
+            ttbr1: crate::arch::aarch64::UNREAD_TABLE,
+            tcr: TCR,
+        };
+        assert!(translate(&m, unread, KTEXT).is_err());
+        assert!(translate(&m, unread, 0x40_0000).is_err());
+        assert!(translate(&m, space(0), KTEXT).is_ok());
+    }
+
+    #[test]
     fn bad_addresses_layouts_and_tables_fail_cleanly() {
         let mut m = FakeMem::new(1 << 20);
         assert_eq!(

@@ -10,6 +10,31 @@ pub const PSTATE_BTYPE: u64 = 3 << 10;
 /// PSTATE.{D,A,I,F} (bits 9:6): the exception masks a trapped step sets, as Linux kprobes do.
 pub const PSTATE_DAIF: u64 = 0xf << 6;
 
+/// Bits of a register-use mask ([`crate::arch::HostEmulation::registers_used`],
+/// [`crate::vm::VcpuAccess::complete_registers_in`]) beyond x0-x30's (bit n: xn): arm64 KVM
+/// reads each register with its own ioctl, so a hit asks for the groups it needs and no more.
+pub mod uses {
+    /// x0-x30.
+    pub const GENERAL: u64 = (1 << 31) - 1;
+    /// The stack pointer of the current mode (SP_EL1 or SP_EL0, by PSTATE.SPSel; PSTATE and
+    /// SP_EL0 come with it).
+    pub const SP: u64 = 1 << 31;
+    /// PSTATE.
+    pub const PSTATE: u64 = 1 << 32;
+    /// What translating a kernel (upper half) address needs: TTBR1_EL1 and TCR_EL1.
+    pub const KERNEL_SPACE: u64 = 1 << 33;
+    /// What translating a user (lower half) address needs: TTBR0_EL1 and TCR_EL1.
+    pub const USER_SPACE: u64 = 1 << 34;
+    /// SP_EL0 (`current` in the kernel).
+    pub const SP_EL0: u64 = 1 << 35;
+    /// Every register.
+    pub const ALL: u64 = u64::MAX;
+}
+
+/// What a vCPU reports for a page-table root it did not read: no guest RAM is there, so a walk
+/// through it fails instead of reading some other table.
+pub const UNREAD_TABLE: u64 = u64::MAX;
+
 /// x0-x30, sp, pc, pstate and the system registers of one hit.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Registers {

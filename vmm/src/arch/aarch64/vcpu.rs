@@ -7,7 +7,7 @@
 
 use kvm_bindings::{KVM_REG_ARM_CORE, KVM_REG_ARM64, KVM_REG_ARM64_SYSREG, KVM_REG_SIZE_U64};
 use kvm_ioctls::VcpuFd;
-use probe_core::arch::aarch64::{Aarch64, CpuFeatures, Registers};
+use probe_core::arch::aarch64::{Aarch64, CpuFeatures, Registers, UNREAD_TABLE, uses};
 use probe_core::vm::{VcpuAccess, VcpuError};
 
 use crate::probing::vcpu_call;
@@ -215,61 +215,113 @@ pub fn read_pc(fd: &VcpuFd) -> Result<u64, kvm_ioctls::Error> {
     get(fd, PC)
 }
 
-/// The control registers (everything but x0-x30), one `KVM_GET_ONE_REG` each; the PC is taken
-/// from `pc` when the exit's decoding read it already. Returns the registers and the reads.
-fn read_control(fd: &VcpuFd, pc: Option<u64>) -> Result<(Registers, u64), kvm_ioctls::Error> {
-    let mut r = Registers::default();
+/// Reads the register groups of the register-use mask `want` ([`uses`]) into `r`, one
+/// `KVM_GET_ONE_REG` each, except those of `have`; PSTATE comes with the stack pointer (it
+/// selects which one). Returns the groups read (including ones implied) and the reads made.
+fn read_groups(
+    fd: &VcpuFd,
+    r: &mut Registers,
+    have: u64,
+    want: u64,
+) -> Result<(u64, u64), kvm_ioctls::Error> {
+    let mut want = want & !have;
+    if want & uses::SP != 0 {
+        want |= uses::PSTATE & !have;
+    }
     let mut reads = 0;
     let mut read = |id| {
         reads += 1;
         get(fd, id)
     };
-    r.pc = match pc {
-        Some(pc) => pc,
-        None => read(PC)?,
-    };
-    r.pstate = read(PSTATE)?;
-    r.sp_el0 = read(SP_EL0)?;
-    r.sp = if r.pstate & PSTATE_SPSEL != 0 {
-        read(SP_EL1)?
-    } else {
-        r.sp_el0
-    };
-    r.ttbr0 = read(TTBR0_EL1)?;
-    r.ttbr1 = read(TTBR1_EL1)?;
-    r.tcr = read(TCR_EL1)?;
-    Ok((r, reads))
+    for n in (0..31).filter(|n| want & (1 << n) != 0) {
+        r.x[n] = read(core_reg(n as u64 * 8))?;
+    }
+    if want & uses::PSTATE != 0 {
+        r.pstate = read(PSTATE)?;
+    }
+    let sp_is_sp_el0 = r.pstate & PSTATE_SPSEL == 0;
+    if want & uses::SP != 0 {
+        if sp_is_sp_el0 {
+            // SP is SP_EL0 in this mode: its read gives both.
+            want |= uses::SP_EL0 & !have;
+        } else {
+            r.sp = read(SP_EL1)?;
+        }
+    }
+    if want & uses::SP_EL0 != 0 {
+        r.sp_el0 = read(SP_EL0)?;
+    }
+    if want & uses::SP != 0 && sp_is_sp_el0 {
+        r.sp = r.sp_el0;
+    }
+    let space = uses::KERNEL_SPACE | uses::USER_SPACE;
+    if want & space != 0 && have & space == 0 {
+        r.tcr = read(TCR_EL1)?;
+    }
+    if want & uses::KERNEL_SPACE != 0 {
+        r.ttbr1 = read(TTBR1_EL1)?;
+    }
+    if want & uses::USER_SPACE != 0 {
+        r.ttbr0 = read(TTBR0_EL1)?;
+    }
+    Ok((want, reads))
 }
 
-/// Reads x0-x30 into `r`, one `KVM_GET_ONE_REG` each.
-fn read_general(fd: &VcpuFd, r: &mut Registers) -> Result<(), kvm_ioctls::Error> {
-    for (i, x) in r.x.iter_mut().enumerate() {
-        *x = get(fd, core_reg(i as u64 * 8))?;
+/// Copies the register groups of `groups` from `from` into `to`.
+fn copy_groups(to: &mut Registers, from: &Registers, groups: u64) {
+    for n in (0..31).filter(|n| groups & (1 << n) != 0) {
+        to.x[n] = from.x[n];
     }
-    Ok(())
+    if groups & uses::PSTATE != 0 {
+        to.pstate = from.pstate;
+    }
+    if groups & uses::SP != 0 {
+        to.sp = from.sp;
+    }
+    if groups & uses::SP_EL0 != 0 {
+        to.sp_el0 = from.sp_el0;
+    }
+    if groups & (uses::KERNEL_SPACE | uses::USER_SPACE) != 0 {
+        to.tcr = from.tcr;
+    }
+    if groups & uses::KERNEL_SPACE != 0 {
+        to.ttbr1 = from.ttbr1;
+    }
+    if groups & uses::USER_SPACE != 0 {
+        to.ttbr0 = from.ttbr0;
+    }
+}
+
+/// The registers before anything is read: the PC, page-table roots no walk gets through.
+fn unread_registers(pc: u64) -> Registers {
+    Registers {
+        pc,
+        ttbr0: UNREAD_TABLE,
+        ttbr1: UNREAD_TABLE,
+        ..Registers::default()
+    }
 }
 
 /// Every register the engine sees.
 fn read_registers(fd: &VcpuFd) -> Result<Registers, kvm_ioctls::Error> {
-    let (mut r, _) = read_control(fd, None)?;
-    read_general(fd, &mut r)?;
+    let mut r = unread_registers(get(fd, PC)?);
+    read_groups(fd, &mut r, 0, uses::ALL)?;
     Ok(r)
 }
 
-/// One arm64 vCPU handling a debug exit. Registers are read lazily (the control registers
-/// first, x0-x30 only when the engine needs them) and written back only where they changed;
-/// every `KVM_GET/SET_ONE_REG` is counted.
+/// One arm64 vCPU handling a debug exit. Registers are read lazily, by the groups of a
+/// register-use mask ([`uses`]: the PC comes with the exit; x0-x30 one by one, PSTATE, the
+/// stack pointers, the page-table roots only when the engine needs them) and written back only
+/// where they changed; every `KVM_GET/SET_ONE_REG` is counted.
 pub struct KvmVcpu<'a> {
     /// The vCPU index.
     pub id: u32,
     /// Its fd.
     pub fd: &'a mut VcpuFd,
-    /// The PC the exit was decoded at (read already).
-    pc: u64,
     /// The registers as last read or written, to write back only what changed.
-    cache: Option<Registers>,
-    /// Which of x0-x30 `cache` holds (bit n: xn read).
-    read: u32,
+    cache: Registers,
+    /// Which groups `cache` holds (a register-use mask; the PC always).
+    read: u64,
     /// `KVM_GET_ONE_REG` calls made for this exit.
     pub reads: u64,
     /// `KVM_SET_ONE_REG` calls made for this exit.
@@ -283,47 +335,32 @@ impl<'a> KvmVcpu<'a> {
         KvmVcpu {
             id,
             fd,
-            pc,
-            cache: None,
+            cache: unread_registers(pc),
             read: 0,
             reads: 0,
             writes: 0,
         }
     }
 
-    fn cached_control(&mut self) -> Result<&mut Registers, VcpuError> {
-        if self.cache.is_none() {
-            let (r, reads) =
-                read_control(self.fd, Some(self.pc)).map_err(vcpu_call("KVM_GET_ONE_REG"))?;
-            self.reads += reads;
-            self.cache = Some(r);
-        }
-        Ok(self.cache.as_mut().expect("just filled"))
-    }
-
-    /// Reads the registers of `mask` (bit n: xn) not read yet into the cache; returns which
-    /// it read.
-    fn read_general_in(&mut self, mask: u32) -> Result<u32, VcpuError> {
-        self.cached_control()?;
-        let missing = mask & ALL_X & !self.read;
-        let fd: &VcpuFd = self.fd;
-        let r = self.cache.as_mut().expect("filled above");
-        for n in (0..31).filter(|n| missing & (1 << n) != 0) {
-            r.x[n] = get(fd, core_reg(n as u64 * 8)).map_err(vcpu_call("KVM_GET_ONE_REG"))?;
-        }
-        self.reads += u64::from(missing.count_ones());
-        self.read |= missing;
-        Ok(missing)
-    }
-
-    fn cached_all(&mut self) -> Result<Registers, VcpuError> {
-        self.read_general_in(ALL_X)?;
-        Ok(self.cache.clone().expect("filled above"))
+    /// Reads the groups of `used` not read yet into the cache; returns which it read.
+    fn read_in(&mut self, used: u64) -> Result<u64, VcpuError> {
+        let (fresh, reads) = read_groups(self.fd, &mut self.cache, self.read, used)
+            .map_err(vcpu_call("KVM_GET_ONE_REG"))?;
+        self.reads += reads;
+        self.read |= fresh;
+        Ok(fresh)
     }
 }
 
-/// x0-x30 as a read mask.
-const ALL_X: u32 = (1 << 31) - 1;
+/// Whether `new` changes a register of a group outside `read` (one that cannot be compared
+/// with the guest's value, so cannot be written back).
+fn changes_unread(old: &Registers, new: &Registers, read: u64) -> bool {
+    let unread = |group: u64| read & group == 0;
+    (0..31).any(|n| unread(1 << n) && new.x[n] != old.x[n])
+        || (unread(uses::PSTATE) && new.pstate != old.pstate)
+        || (unread(uses::SP) && new.sp != old.sp)
+        || (unread(uses::SP_EL0) && new.sp_el0 != old.sp_el0)
+}
 
 impl VcpuAccess<Aarch64> for KvmVcpu<'_> {
     fn id(&self) -> u32 {
@@ -331,39 +368,33 @@ impl VcpuAccess<Aarch64> for KvmVcpu<'_> {
     }
 
     fn registers(&mut self) -> Result<Registers, VcpuError> {
-        self.cached_all()
+        self.read_in(uses::ALL)?;
+        Ok(self.cache.clone())
     }
 
-    /// PC (known from the exit), PSTATE, SP_EL0, SP_EL1, TTBR0/1 and TCR: six reads instead
-    /// of thirty-seven.
-    fn control_registers(&mut self) -> Result<Registers, VcpuError> {
-        Ok(self.cached_control()?.clone())
+    /// The PC, known from the exit: nothing read.
+    fn exit_registers(&mut self) -> Result<Registers, VcpuError> {
+        Ok(self.cache.clone())
     }
 
     fn complete_registers(&mut self, regs: &mut Registers) -> Result<(), VcpuError> {
-        self.complete_registers_in(regs, u64::MAX)
+        self.complete_registers_in(regs, uses::ALL)
     }
 
-    /// Reads only the registers of `used` not read yet (one `KVM_GET_ONE_REG` each: two for
-    /// an emulated `mov x9, x30`, not thirty-one); those read already keep the values `regs`
-    /// has.
+    /// Reads only the groups of `used` not read yet (one `KVM_GET_ONE_REG` each register: one
+    /// for an emulated `mov x9, x30` and PSTATE for the trap, not thirty-seven); those read
+    /// already keep the values `regs` has.
     fn complete_registers_in(&mut self, regs: &mut Registers, used: u64) -> Result<(), VcpuError> {
-        let fresh = self.read_general_in(used as u32 & ALL_X)?;
-        let cache = self.cache.as_ref().expect("filled by the read");
-        for n in (0..31).filter(|n| fresh & (1 << n) != 0) {
-            regs.x[n] = cache.x[n];
-        }
+        let fresh = self.read_in(used)?;
+        copy_groups(regs, &self.cache, fresh);
         Ok(())
     }
 
-    /// Writes what differs from the cache. x0-x30 that were never read cannot be compared:
-    /// a change to them is refused rather than guessed at.
+    /// Writes what differs from the cache. Registers never read cannot be compared: a change
+    /// to one is refused rather than guessed at.
     fn set_registers(&mut self, regs: &Registers) -> Result<(), VcpuError> {
-        let old = match &self.cache {
-            Some(r) => r.clone(),
-            None => self.cached_all()?,
-        };
-        if (0..31).any(|n| self.read & (1 << n) == 0 && regs.x[n] != old.x[n]) {
+        let old = self.cache.clone();
+        if changes_unread(&old, regs, self.read) {
             return Err(VcpuError::UnreadRegistersWritten);
         }
         let mut writes = 0;
@@ -380,14 +411,16 @@ impl VcpuAccess<Aarch64> for KvmVcpu<'_> {
         w(PC, regs.pc, old.pc)?;
         w(PSTATE, regs.pstate, old.pstate)?;
         w(SP_EL0, regs.sp_el0, old.sp_el0)?;
-        let sp_reg = if regs.pstate & PSTATE_SPSEL != 0 {
-            SP_EL1
-        } else {
-            SP_EL0
-        };
-        w(sp_reg, regs.sp, old.sp)?;
+        if self.read & uses::SP != 0 {
+            let sp_reg = if regs.pstate & PSTATE_SPSEL != 0 {
+                SP_EL1
+            } else {
+                SP_EL0
+            };
+            w(sp_reg, regs.sp, old.sp)?;
+        }
         self.writes += writes;
-        self.cache = Some(regs.clone());
+        self.cache = regs.clone();
         Ok(())
     }
 
@@ -465,6 +498,29 @@ mod tests {
         // From EL0 with PAN clear: SPAN clear sets PAN; DSSBS sets SSBS.
         let entry = exception_entry_pstate(0x4000_0000, SCTLR_DSSBS);
         assert_eq!(entry, 0x4000_0000 | PSTATE_PAN | PSTATE_SSBS | 0x3c5);
+    }
+
+    #[test]
+    fn registers_never_read_cannot_be_written_back() {
+        let old = unread_registers(0x1000);
+        let mut new = old.clone();
+        new.pc = 0x1004;
+        new.x[9] = 7;
+        // x9 read: the change is written; unread, refused.
+        assert!(!changes_unread(&old, &new, 1 << 9));
+        assert!(changes_unread(&old, &new, 1 << 30));
+        // The flags and stack pointers likewise; the PC always came with the exit.
+        let mut flags = old.clone();
+        flags.pstate = 0x3c5;
+        assert!(changes_unread(&old, &flags, 0));
+        assert!(!changes_unread(&old, &flags, uses::PSTATE));
+        let mut sp = old.clone();
+        sp.sp = 0x8000;
+        assert!(changes_unread(&old, &sp, uses::PSTATE));
+        assert!(!changes_unread(&old, &sp, uses::SP | uses::PSTATE));
+        let mut pc_only = old.clone();
+        pc_only.pc = 0x2000;
+        assert!(!changes_unread(&old, &pc_only, 0));
     }
 
     #[test]
