@@ -69,6 +69,11 @@ pub trait VcpuAccess<A: Arch> {
     ) -> Result<(), VcpuError> {
         self.complete_registers(regs)
     }
+    /// Says that the engine wrote the general-purpose registers of the register-use mask
+    /// `registers` whole, without reading them ([`crate::arch::HostEmulation::registers_overwritten`]):
+    /// [`VcpuAccess::set_registers`] writes them whatever their old values. Nothing to do
+    /// where every register was read.
+    fn overwrote(&mut self, _registers: u64) {}
     /// Writes the registers back before the next entry.
     fn set_registers(&mut self, regs: &A::Registers) -> Result<(), VcpuError>;
     /// Blocks interrupts for the next instruction the vCPU runs, as `sti` does (the interrupt

@@ -180,6 +180,12 @@ pub trait HostEmulation<R>: Clone + Debug + Send + Sync + 'static {
     fn registers_used(&self) -> u64 {
         u64::MAX
     }
+    /// Of [`HostEmulation::registers_used`], the general-purpose registers it writes whole
+    /// without reading them (`mov x9, x30`'s x9): their old values are never needed, so a
+    /// vCPU need not read them ([`crate::vm::VcpuAccess::overwrote`]). None by default.
+    fn registers_overwritten(&self) -> u64 {
+        0
+    }
 }
 
 /// An instruction prepared for execution out of line, and the bytes of its slots.

@@ -150,7 +150,8 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                     vcpu.complete_registers(&mut regs)?;
                     complete = true;
                 } else {
-                    let used = run.registers_used();
+                    // What the instruction writes whole is never read.
+                    let used = run.registers_used() & !run.registers_overwritten();
                     if used != 0 {
                         vcpu.complete_registers_in(&mut regs, used)?;
                     }
@@ -200,6 +201,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                         vcpu.set_registers(&regs)?;
                         return Ok(Verdict::Resume);
                     }
+                    vcpu.overwrote(emu.registers_overwritten());
                     if has_post {
                         self.run_handlers(vcpu.id(), pc, &probes, &regs, true, None);
                     }
@@ -307,12 +309,19 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         trap: bool,
         probes: &[Arc<ProbeEntry<A>>],
     ) -> Result<Verdict, VcpuError> {
-        let mapped = self.ensure_xol_mapped(A::address_space(&regs)).is_ok();
-        let slot = match trapped {
+        let (slot, trapping) = match trapped {
             Some(t) if trap || !self.boosted_slots() => (t, true),
             _ => (boosted, false),
         };
-        let Some((slot, trapping)) = Some(slot).filter(|_| mapped) else {
+        // A boosted slot run from the XOL code's alias (arm64) lies in kernel page tables the
+        // guest never reuses, mapped at planting like the jump plan's trampolines; the XOL
+        // area's own entry is one the guest could take, checked at every use.
+        let from_alias = !trapping && self.jump_code_va(self.xol_va_base) != self.xol_va_base;
+        let mapped = from_alias || {
+            vcpu.complete_registers_in(&mut regs, A::KERNEL_SPACE_REGISTERS)?;
+            self.ensure_xol_mapped(A::address_space(&regs)).is_ok()
+        };
+        if !mapped {
             // The slot cannot be reached in this address space (the guest took the hole): the
             // instruction cannot run out of line, and leaving the trap in place would trap
             // forever. Disarm the site (the guest's byte goes back), count the miss, and let

@@ -381,16 +381,22 @@ impl<A: Arch> ProbeTable<A> {
 
 impl<A: Arch> SiteRun<A> {
     /// The registers running the instruction reads or writes on the host, as a register-use
-    /// mask (an out-of-line copy runs in the guest: the host moves only the PC and the flags,
-    /// after checking that the slots are mapped in the kernel's address space), and those the
-    /// trap itself needs ([`Arch::after_trap`]).
+    /// mask (an out-of-line copy runs in the guest: the host moves only the PC and the flags),
+    /// and those the trap itself needs ([`Arch::after_trap`]).
     fn registers_used(&self) -> u64 {
         A::TRAP_REGISTERS
             | match self {
                 SiteRun::Emulate { emulation, .. } => emulation.registers_used(),
-                SiteRun::OutOfLine { .. } => A::KERNEL_SPACE_REGISTERS,
-                SiteRun::Jump { .. } => 0,
+                SiteRun::OutOfLine { .. } | SiteRun::Jump { .. } => 0,
             }
+    }
+
+    /// Of those, the ones the instruction writes whole without reading them.
+    fn registers_overwritten(&self) -> u64 {
+        match self {
+            SiteRun::Emulate { emulation, .. } => emulation.registers_overwritten(),
+            SiteRun::OutOfLine { .. } | SiteRun::Jump { .. } => 0,
+        }
     }
 
     /// The kind of plan, for statistics.

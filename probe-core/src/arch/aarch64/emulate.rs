@@ -366,6 +366,21 @@ impl HostEmulation<Registers> for Emulation {
             Emulation::SetRegister { rd, .. } => r(rd),
         }
     }
+
+    /// The destinations of moves, `add`/`sub`, `adr`/`adrp`, literal loads and `mrs`, and the
+    /// link register of `bl`/`blr`, where the instruction does not read them too.
+    fn registers_overwritten(&self) -> u64 {
+        let r = |n: u8| if n < 31 { 1u64 << n } else { 0 };
+        match *self {
+            Emulation::MovRegister { rd, rm, .. } => r(rd) & !r(rm),
+            Emulation::AddImmediate { rd, rn, .. } if rd != rn => r(rd),
+            Emulation::SetRegister { rd, .. } => r(rd),
+            Emulation::LoadLiteral { rt, .. } | Emulation::ReadDaif { rt, .. } => r(rt),
+            Emulation::BranchLink { .. } => r(30),
+            Emulation::BranchRegister { rn, link: true, .. } => r(30) & !r(rn),
+            _ => 0,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -391,6 +406,80 @@ mod tests {
             }
             self.0.insert(va, value);
             Ok(())
+        }
+    }
+
+    /// Every emulated instruction, applied once with every register and once with only those
+    /// it says it uses (the rest, and those it overwrites, garbage as an unread register
+    /// would be): the same results in what it uses, the rest untouched.
+    #[test]
+    fn an_emulation_needs_nothing_beyond_the_registers_it_says_it_uses() {
+        const GARBAGE: u64 = 0xdead_beef_dead_beef;
+        for word in [
+            0xd503_201f, // nop
+            0xd503_245f, // bti c
+            0x17ff_fffe, // b
+            0x5400_0040, // b.eq
+            0xd100_83ff, // sub sp, sp, #0x20
+            0xaa1e_03e9, // mov x9, x30
+            0xaa09_03e9, // mov x9, x9
+            0x9400_0040, // bl
+            0x35ff_ffe3, // cbnz w3
+            0xd65f_03c0, // ret
+            0xd63f_0100, // blr x8
+            0xb000_0000, // adrp x0
+            0x9800_0041, // ldrsw x1, literal
+            0xa9bf_7bfd, // stp x29, x30, [sp, #-16]!
+            0xa981_0861, // stp x1, x2, [x3, #16]!
+            0x9100_03fd, // mov x29, sp
+            0x9100_2021, // add x1, x1, #8
+            0x9100_2022, // add x2, x1, #8
+            MRS_DAIF | 19,
+        ] {
+            let emu = classify(word, PC).unwrap_or_else(|| panic!("{word:#x} not emulated"));
+            let used = emu.registers_used();
+            let overwritten = emu.registers_overwritten();
+            assert_eq!(overwritten & !used, 0, "{word:#x}: overwrites what it uses");
+            let mut full = Registers {
+                sp: 0xffff_8000_0000_8000,
+                pc: PC,
+                pstate: 0x6000_0005,
+                ..Default::default()
+            };
+            for (n, x) in full.x.iter_mut().enumerate() {
+                *x = 0xffff_8000_0001_0000 + n as u64 * 0x100;
+            }
+            let mut partial = full.clone();
+            let read = used & !overwritten;
+            for (n, x) in partial.x.iter_mut().enumerate() {
+                if read & (1 << n) == 0 {
+                    *x = GARBAGE;
+                }
+            }
+            if used & uses::SP == 0 {
+                partial.sp = GARBAGE;
+            }
+            if used & uses::PSTATE == 0 {
+                partial.pstate = GARBAGE & !PSTATE_BTYPE;
+            }
+            let (mut a, mut b) = (Stack(HashMap::new(), None), Stack(HashMap::new(), None));
+            emu.apply(&mut full, &mut a).unwrap();
+            emu.apply(&mut partial, &mut b).unwrap();
+            assert_eq!(a.0, b.0, "{word:#x}: memory");
+            assert_eq!(full.pc, partial.pc, "{word:#x}: pc");
+            for n in 0..31 {
+                let want = if used & (1 << n) != 0 {
+                    full.x[n]
+                } else {
+                    GARBAGE
+                };
+                assert_eq!(partial.x[n], want, "{word:#x}: x{n}");
+            }
+            if used & uses::SP != 0 {
+                assert_eq!(partial.sp, full.sp, "{word:#x}: sp");
+            } else {
+                assert_eq!(partial.sp, GARBAGE, "{word:#x}: sp");
+            }
         }
     }
 

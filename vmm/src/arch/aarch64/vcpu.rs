@@ -322,6 +322,9 @@ pub struct KvmVcpu<'a> {
     cache: Registers,
     /// Which groups `cache` holds (a register-use mask; the PC always).
     read: u64,
+    /// General-purpose registers the engine wrote whole without reading them: written back
+    /// whatever `cache` has for them.
+    overwritten: u64,
     /// `KVM_GET_ONE_REG` calls made for this exit.
     pub reads: u64,
     /// `KVM_SET_ONE_REG` calls made for this exit.
@@ -337,6 +340,7 @@ impl<'a> KvmVcpu<'a> {
             fd,
             cache: unread_registers(pc),
             read: 0,
+            overwritten: 0,
             reads: 0,
             writes: 0,
         }
@@ -406,8 +410,13 @@ impl VcpuAccess<Aarch64> for KvmVcpu<'_> {
             Ok(())
         };
         for (i, (new, old)) in regs.x.iter().zip(old.x.iter()).enumerate() {
-            w(core_reg(i as u64 * 8), *new, *old)?;
+            if self.overwritten & (1 << i) != 0 {
+                w(core_reg(i as u64 * 8), *new, !*new)?;
+            } else {
+                w(core_reg(i as u64 * 8), *new, *old)?;
+            }
         }
+        self.overwritten = 0;
         w(PC, regs.pc, old.pc)?;
         w(PSTATE, regs.pstate, old.pstate)?;
         w(SP_EL0, regs.sp_el0, old.sp_el0)?;
@@ -422,6 +431,14 @@ impl VcpuAccess<Aarch64> for KvmVcpu<'_> {
         self.writes += writes;
         self.cache = regs.clone();
         Ok(())
+    }
+
+    /// Those not read yet count as read from now on, and are written back whatever value
+    /// they get.
+    fn overwrote(&mut self, registers: u64) {
+        let fresh = registers & uses::GENERAL & !self.read;
+        self.read |= fresh;
+        self.overwritten |= fresh;
     }
 
     /// arm64 has no `sti` interrupt shadow; the engine never asks.
