@@ -46,6 +46,9 @@ pub struct Translation {
     pub user: bool,
     /// Execute-disabled at some level.
     pub no_execute: bool,
+    /// A guarded page (arm64 BTI): an indirect branch into it must land on a landing pad, as
+    /// PSTATE.BTYPE records. Never on x86_64.
+    pub guarded: bool,
 }
 
 #[cfg(test)]

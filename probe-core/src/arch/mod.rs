@@ -403,7 +403,9 @@ pub trait Arch: Sized + Copy + Debug + Default + Send + Sync + 'static {
     const KERNEL_SPACE_REGISTERS: u64 = 0;
 
     /// The register-use bits that [`Arch::after_trap`] and the trapped-step functions read
-    /// and change beyond what the exit gives (arm64: PSTATE).
+    /// and change beyond what the exit gives (arm64: PSTATE). The engine reads them for
+    /// [`Arch::after_trap`] only at a site on a guarded page
+    /// ([`crate::pagewalk::Translation::guarded`]).
     const TRAP_REGISTERS: u64 = 0;
 
     /// Translates `va` through the page tables of `space`.
@@ -451,7 +453,9 @@ pub trait Arch: Sized + Copy + Debug + Default + Send + Sync + 'static {
     }
 
     /// The PC moves on from a trap: clears what belongs to the trapped instruction (RFLAGS.RF
-    /// after a hardware breakpoint on x86; PSTATE.BTYPE on arm64).
+    /// after a hardware breakpoint on x86; PSTATE.BTYPE on arm64, which matters only where
+    /// the next instruction is on a guarded page). Registers a vCPU left unread read as zero
+    /// and must stay so: clearing bits keeps them.
     fn after_trap(regs: &mut Self::Registers);
 
     /// A trapped step starts: interrupts are masked until the slot's breakpoint, as Linux

@@ -129,9 +129,12 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                             && s.disarmed.get().is_none()
                             && !matches!(*s.run, SiteRun::Jump { .. })
                     })
-                    .map(|s| (gpa, s.probes.clone(), s.run.clone(), s.rate.clone()))
+                    .map(|s| {
+                        let trap = if s.guarded { A::TRAP_REGISTERS } else { 0 };
+                        (gpa, s.probes.clone(), s.run.clone(), s.rate.clone(), trap)
+                    })
             });
-            let Some((gpa, probes, run, rate)) = site else {
+            let Some((gpa, probes, run, rate, trap_registers)) = site else {
                 if chained > 0 {
                     break;
                 }
@@ -151,7 +154,8 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                     complete = true;
                 } else {
                     // What the instruction writes whole is never read.
-                    let used = run.registers_used() & !run.registers_overwritten();
+                    let used =
+                        (run.registers_used() | trap_registers) & !run.registers_overwritten();
                     if used != 0 {
                         vcpu.complete_registers_in(&mut regs, used)?;
                     }
@@ -321,6 +325,9 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             vcpu.complete_registers_in(&mut regs, A::KERNEL_SPACE_REGISTERS)?;
             self.ensure_xol_mapped(A::address_space(&regs)).is_ok()
         };
+        if trapping {
+            vcpu.complete_registers_in(&mut regs, A::TRAP_REGISTERS)?;
+        }
         if !mapped {
             // The slot cannot be reached in this address space (the guest took the hole): the
             // instruction cannot run out of line, and leaving the trap in place would trap

@@ -294,6 +294,9 @@ struct Site<A: Arch> {
     patch: Vec<u8>,
     /// Why a probe that could have run in the guest takes exits here.
     jump_refusal: Option<&'static str>,
+    /// On a guarded page (arm64 BTI): moving the PC on from its trap must clear the branch
+    /// type the guest arrived with ([`Arch::after_trap`]), which costs reading the flags.
+    guarded: bool,
 }
 
 /// How a site's instruction runs once its handlers have. Each variant holds exactly the slots
@@ -381,14 +384,13 @@ impl<A: Arch> ProbeTable<A> {
 
 impl<A: Arch> SiteRun<A> {
     /// The registers running the instruction reads or writes on the host, as a register-use
-    /// mask (an out-of-line copy runs in the guest: the host moves only the PC and the flags),
-    /// and those the trap itself needs ([`Arch::after_trap`]).
+    /// mask (an out-of-line copy runs in the guest: the host moves only the PC, and the flags
+    /// for a trapped step, which asks for them itself).
     fn registers_used(&self) -> u64 {
-        A::TRAP_REGISTERS
-            | match self {
-                SiteRun::Emulate { emulation, .. } => emulation.registers_used(),
-                SiteRun::OutOfLine { .. } | SiteRun::Jump { .. } => 0,
-            }
+        match self {
+            SiteRun::Emulate { emulation, .. } => emulation.registers_used(),
+            SiteRun::OutOfLine { .. } | SiteRun::Jump { .. } => 0,
+        }
     }
 
     /// Of those, the ones the instruction writes whole without reading them.

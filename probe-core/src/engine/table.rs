@@ -408,6 +408,8 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         space: A::AddressSpace,
     ) -> Result<ProbeId, PlantError> {
         let location = probe.location.clone();
+        // Unknown counts as guarded: the flags are then read, never wrongly left.
+        let guarded = A::translate(&self.mem, space, target.va).map_or(true, |t| t.guarded);
         let SitePlan {
             insn,
             plan,
@@ -437,6 +439,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                     rate: Arc::default(),
                     patch,
                     jump_refusal: None,
+                    guarded,
                     probes: Arc::new(vec![ProbeEntry::new(id, location, probe)]),
                 },
             );
@@ -534,6 +537,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 rate: Arc::default(),
                 patch: A::BREAKPOINT.to_vec(),
                 jump_refusal,
+                guarded,
                 probes: Arc::new(vec![ProbeEntry::new(id, location, probe)]),
             },
         );

@@ -358,7 +358,10 @@ impl HostEmulation<Registers> for Emulation {
             }
             Emulation::BranchLink { .. } => r(30),
             Emulation::CompareBranch { rt, .. } | Emulation::TestBranch { rt, .. } => r(rt),
-            Emulation::BranchRegister { rn, link, .. } => r(rn) | if link { r(30) } else { 0 },
+            // `br`/`blr` leave a branch type in PSTATE for the target's landing pad.
+            Emulation::BranchRegister {
+                rn, link, btype, ..
+            } => r(rn) | if link { r(30) } else { 0 } | if btype != 0 { uses::PSTATE } else { 0 },
             Emulation::LoadLiteral { rt, .. } => r(rt) | uses::KERNEL_SPACE,
             // `mrs xzr, daif` reads nothing anyone sees.
             Emulation::ReadDaif { rt, .. } if rt < 31 => r(rt) | uses::PSTATE,
@@ -479,6 +482,11 @@ mod tests {
                 assert_eq!(partial.sp, full.sp, "{word:#x}: sp");
             } else {
                 assert_eq!(partial.sp, GARBAGE, "{word:#x}: sp");
+            }
+            if used & uses::PSTATE != 0 {
+                assert_eq!(partial.pstate, full.pstate, "{word:#x}: pstate");
+            } else {
+                assert_eq!(partial.pstate, GARBAGE & !PSTATE_BTYPE, "{word:#x}: pstate");
             }
         }
     }

@@ -25,6 +25,8 @@ const AP_EL0: u64 = 1 << 6;
 /// AP[2]: read-only.
 const AP_RO: u64 = 1 << 7;
 const PXN: u64 = 1 << 53;
+/// GP: a guarded page (BTI).
+const GP: u64 = 1 << 50;
 const PXN_TABLE: u64 = 1 << 59;
 const AP_TABLE_NO_EL0: u64 = 1 << 61;
 const AP_TABLE_RO: u64 = 1 << 62;
@@ -98,6 +100,7 @@ pub fn translate(
             writable: writable && entry & AP_RO == 0,
             user: user && entry & AP_EL0 != 0,
             no_execute: no_execute || entry & PXN != 0,
+            guarded: entry & GP != 0,
         });
     }
     unreachable!("the loop returns at level 3")
@@ -136,6 +139,9 @@ mod tests {
         let data = KTEXT + (2 << 20) + 0x5123;
         m.set(l2, idx(data, 2), l3 | 3);
         m.set(l3, idx(data, 3), 0x0030_0000 | PXN | 3);
+        // A guarded (BTI) page next to it.
+        let guarded = data + 0x1000;
+        m.set(l3, idx(guarded, 3), 0x0031_0000 | GP | 3);
 
         let t = translate(&m, space(l0 | (5 << 48)), KTEXT + 0x1234).unwrap();
         assert_eq!(t.gpa, 0x0120_0000 + (KTEXT & 0x1f_ffff) + 0x1234);
@@ -144,7 +150,8 @@ mod tests {
 
         let t = translate(&m, space(l0), data).unwrap();
         assert_eq!((t.gpa, t.page_size), (0x0030_0123, 4096));
-        assert!(t.writable && t.no_execute);
+        assert!(t.writable && t.no_execute && !t.guarded);
+        assert!(translate(&m, space(l0), guarded).unwrap().guarded);
 
         // A table descriptor's APTable read-only bit takes writes away below it.
         m.set(l1, idx(KTEXT, 1), l2 | 3 | AP_TABLE_RO);

@@ -102,6 +102,7 @@ pub fn translate(
                 writable,
                 user,
                 no_execute,
+                guarded: false,
             });
         }
         table = entry & ADDR_MASK;
