@@ -25,6 +25,39 @@ pub enum ProbeKind {
         /// `r[MAXACTIVE]`.
         maxactive: Option<u32>,
     },
+    /// `w`: a data watchpoint on the location's bytes, in the style of perf's
+    /// `mem:ADDR/LEN:ACCESS` and bpftrace's `watchpoint:ADDR:LEN:MODE`:
+    /// `w:GRP/EVENT SYMBOL[+OFF]:LEN[:w|rw]` (`LEN` 1, 2, 4 or 8, default 8; writes by
+    /// default).
+    Watch(WatchSpec),
+}
+
+/// What a data watchpoint watches: `len` bytes, for writes or for any access.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct WatchSpec {
+    /// Bytes watched: 1, 2, 4 or 8, at an address aligned to it.
+    pub len: u8,
+    /// Which accesses trigger it.
+    pub access: WatchAccess,
+}
+
+/// The accesses a watchpoint triggers on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WatchAccess {
+    /// `w`: stores.
+    Write,
+    /// `rw`: loads and stores.
+    ReadWrite,
+}
+
+impl WatchAccess {
+    /// The definition's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WatchAccess::Write => "w",
+            WatchAccess::ReadWrite => "rw",
+        }
+    }
 }
 
 /// Where the probe goes.
@@ -431,6 +464,45 @@ fn parse_type(c: &mut Cursor<'_>) -> Parsed<FetchType> {
     )
 }
 
+/// A watchpoint's `:LEN[:w|rw]` after its location.
+fn parse_watch(c: &mut Cursor<'_>, spec: &mut WatchSpec) -> Parsed<()> {
+    if !c.eat(':') {
+        return Ok(());
+    }
+    let len_at = c.pos;
+    let len = c.number("a length (1, 2, 4 or 8 bytes)")?;
+    spec.len = match len {
+        1 | 2 | 4 | 8 => len as u8,
+        _ => {
+            return c.error(
+                len_at,
+                format!("a watchpoint watches 1, 2, 4 or 8 bytes, not {len}"),
+            );
+        }
+    };
+    if !c.eat(':') {
+        return Ok(());
+    }
+    let access_at = c.pos;
+    spec.access = match c.take_while(|ch| ch.is_ascii_alphabetic()) {
+        "w" => WatchAccess::Write,
+        "rw" => WatchAccess::ReadWrite,
+        "r" => {
+            return c.error(
+                access_at,
+                "a watchpoint for reads alone is not offered (x86 debug registers have no read-only kind): use rw",
+            );
+        }
+        other => {
+            return c.error(
+                access_at,
+                format!("the access is w (writes) or rw (reads and writes), not {other:?}"),
+            );
+        }
+    };
+    Ok(())
+}
+
 fn parse(input: &str) -> Parsed<ProbeDefinition> {
     let mut c = Cursor { input, pos: 0 };
     c.skip_spaces();
@@ -451,10 +523,18 @@ fn parse(input: &str) -> Parsed<ProbeDefinition> {
             };
             ProbeKind::Return { maxactive }
         }
+        Some('w') => {
+            c.pos += 1;
+            // The length and access follow the location.
+            ProbeKind::Watch(WatchSpec {
+                len: 8,
+                access: WatchAccess::Write,
+            })
+        }
         _ => {
             return c.error(
                 at,
-                "a definition starts with 'p' (probe) or 'r' (return probe)",
+                "a definition starts with 'p' (probe), 'r' (return probe) or 'w' (watchpoint)",
             );
         }
     };
@@ -491,6 +571,10 @@ fn parse(input: &str) -> Parsed<ProbeDefinition> {
         };
         Location::Symbol { name, offset }
     };
+    let mut kind = kind;
+    if let ProbeKind::Watch(spec) = &mut kind {
+        parse_watch(&mut c, spec)?;
+    }
     let is_return = matches!(kind, ProbeKind::Return { .. });
     if is_return && matches!(location, Location::Symbol { offset, .. } if offset != 0) {
         return c.error(
@@ -562,7 +646,11 @@ fn parse(input: &str) -> Parsed<ProbeDefinition> {
         }
     }
     let event = event.unwrap_or_else(|| {
-        let prefix = if is_return { 'r' } else { 'p' };
+        let prefix = match kind {
+            ProbeKind::Entry => 'p',
+            ProbeKind::Return { .. } => 'r',
+            ProbeKind::Watch(_) => 'w',
+        };
         match &location {
             Location::Symbol { name, offset } => format!("{prefix}_{name}_{offset}"),
             Location::Address(a) => format!("{prefix}_0x{a:x}"),
@@ -596,7 +684,15 @@ impl ProbeDefinition {
             ProbeKind::Return { maxactive } => {
                 Some(maxactive.map_or(DEFAULT_MAX_ACTIVE, |m| m as usize))
             }
-            ProbeKind::Entry => None,
+            ProbeKind::Entry | ProbeKind::Watch(_) => None,
+        }
+    }
+
+    /// For a watchpoint, what it watches.
+    pub fn watch(&self) -> Option<WatchSpec> {
+        match self.kind {
+            ProbeKind::Watch(spec) => Some(spec),
+            _ => None,
         }
     }
 
@@ -613,6 +709,46 @@ impl ProbeDefinition {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watchpoint_definitions() {
+        let d = ProbeDefinition::parse("w:hv/mp modprobe_path:8:w $comm").unwrap();
+        assert_eq!(
+            d.kind,
+            ProbeKind::Watch(WatchSpec {
+                len: 8,
+                access: WatchAccess::Write
+            })
+        );
+        assert_eq!((d.group.as_str(), d.event.as_str()), ("hv", "mp"));
+        assert_eq!(d.location_text(), "modprobe_path");
+        assert_eq!(d.args.len(), 1);
+        let d = ProbeDefinition::parse("w core_pattern+0x10:4:rw").unwrap();
+        assert_eq!(
+            d.watch(),
+            Some(WatchSpec {
+                len: 4,
+                access: WatchAccess::ReadWrite
+            })
+        );
+        assert_eq!(d.event, "w_core_pattern_16");
+        assert_eq!(d.max_active(), None);
+        // Defaults: 8 bytes, writes.
+        let d = ProbeDefinition::parse("w:g/e 0xffffffff82a5a640").unwrap();
+        assert_eq!(d.watch().map(|w| (w.len, w.access)), Some((8, WatchAccess::Write)));
+        for (bad, column, says) in [
+            ("w:g/e modprobe_path:3", 20, "1, 2, 4 or 8 bytes, not 3"),
+            ("w:g/e modprobe_path:8:r", 22, "reads alone"),
+            ("w:g/e modprobe_path:8:x", 22, "not \"x\""),
+            ("x:g/e modprobe_path", 0, "'w' (watchpoint)"),
+        ] {
+            let e = ProbeDefinition::parse(bad).unwrap_err();
+            assert_eq!(e.column, column, "{bad}: {e}");
+            assert!(e.to_string().contains(says), "{bad}: {e}");
+        }
+        // A length belongs to watchpoints only.
+        assert!(ProbeDefinition::parse("p:g/e vfs_read:8").is_err());
+    }
 
     #[test]
     fn valid_definitions() {
