@@ -735,7 +735,10 @@ mod tests {
         assert_eq!(d.max_active(), None);
         // Defaults: 8 bytes, writes.
         let d = ProbeDefinition::parse("w:g/e 0xffffffff82a5a640").unwrap();
-        assert_eq!(d.watch().map(|w| (w.len, w.access)), Some((8, WatchAccess::Write)));
+        assert_eq!(
+            d.watch().map(|w| (w.len, w.access)),
+            Some((8, WatchAccess::Write))
+        );
         for (bad, column, says) in [
             ("w:g/e modprobe_path:3", 20, "1, 2, 4 or 8 bytes, not 3"),
             ("w:g/e modprobe_path:8:r", 22, "reads alone"),

@@ -212,6 +212,7 @@ pub fn context<'a>(mem: &'a GuestMemoryMmap, regs: &'a Registers) -> ProbeContex
         mem,
         returns: Default::default(),
         recorded: None,
+        watch: None,
     }
 }
 
@@ -278,6 +279,7 @@ pub mod aarch64 {
             mem,
             returns: Default::default(),
             recorded: None,
+            watch: None,
         }
     }
 

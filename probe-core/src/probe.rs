@@ -62,6 +62,9 @@ pub struct Probe<A: Arch = Host> {
     /// For a probe that may run in the guest: its handlers' task filter, evaluated in the
     /// trampoline so that hits it leaves out take no ring space (they still count as hits).
     pub record_filter: Option<crate::definition::TaskFilter>,
+    /// Makes this a data watchpoint on the location's bytes (a hardware debug slot): the
+    /// handlers run after each access, with [`ProbeContext::watch`] saying what changed.
+    pub watch: Option<crate::definition::WatchSpec>,
 }
 
 /// Live return-probe instances per probe when not set (kretprobe's floor).
@@ -78,6 +81,7 @@ impl<A: Arch> Clone for Probe<A> {
             max_active: self.max_active,
             in_guest: self.in_guest,
             record_filter: self.record_filter.clone(),
+            watch: self.watch,
         }
     }
 }
@@ -108,6 +112,7 @@ impl<A: Arch> Probe<A> {
             max_active: DEFAULT_MAX_ACTIVE,
             in_guest: false,
             record_filter: None,
+            watch: None,
         }
     }
 
@@ -128,6 +133,7 @@ impl<A: Arch> Probe<A> {
     {
         let def = crate::definition::ProbeDefinition::parse(definition)?;
         let mut probe = Probe::new(def.location_text());
+        probe.watch = def.watch();
         if let Some(n) = def.max_active() {
             probe = probe.on_return(|_| Ok(())).max_active(n);
         }
@@ -220,6 +226,24 @@ pub struct ProbeContext<'a, A: Arch = Host> {
     /// For a hit drained from a jump record: the only guest memory the handlers may read
     /// (the live memory has moved on since).
     pub(crate) recorded: Option<&'a crate::jump::RecordedMemory>,
+    /// For a watchpoint's handler: the access it saw.
+    pub watch: Option<WatchRecord>,
+}
+
+/// What a watchpoint saw: the watched bytes before and after the access, as little-endian
+/// numbers of `len` bytes. For a write, `old` is what the engine last saw there (at planting
+/// or the previous hit), so a write through another mapping of the same memory in between
+/// shows up in `old` rather than as a hit of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatchRecord {
+    /// The watched address.
+    pub address: u64,
+    /// Bytes watched.
+    pub len: u8,
+    /// The value before.
+    pub old: u64,
+    /// The value after.
+    pub new: u64,
 }
 
 /// How a stack walk gets back a return address that one of hvprobe's return probes replaced
@@ -269,6 +293,7 @@ impl<'a, A: Arch> ProbeContext<'a, A> {
             mem: self.mem,
             returns: self.returns,
             recorded: self.recorded,
+            watch: self.watch,
         })
     }
 

@@ -95,6 +95,14 @@ pub enum DebugEvent {
         /// Address of the instruction.
         pc: u64,
     },
+    /// Data watchpoints fired: the accessing instruction has run (x86_64 reports data
+    /// breakpoints as traps), `pc` is the instruction after it.
+    Watchpoint {
+        /// Where the vCPU is: after the access.
+        pc: u64,
+        /// The hardware slots that fired (bit n: slot n).
+        slots: u32,
+    },
     /// A debug exception that is not a hardware breakpoint of the engine (a single step);
     /// `pc` is where the vCPU is now.
     SingleStep {
@@ -109,6 +117,7 @@ impl DebugEvent {
         match *self {
             DebugEvent::Breakpoint { pc }
             | DebugEvent::HardwareBreakpoint { pc }
+            | DebugEvent::Watchpoint { pc, .. }
             | DebugEvent::SingleStep { pc } => pc,
         }
     }
@@ -124,4 +133,14 @@ pub enum Verdict {
     Reinject,
     /// The debug exception (#DB, a step) is the guest's own: deliver it to the guest.
     ReinjectDebug,
+}
+
+/// What one hardware debug slot of every vCPU must hold: an execute breakpoint at `va`, or a
+/// data watchpoint on `va` when `watch` says what it watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HardwareSlot {
+    /// The address.
+    pub va: u64,
+    /// For a watchpoint: its length and accesses.
+    pub watch: Option<crate::definition::WatchSpec>,
 }

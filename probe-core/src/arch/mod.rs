@@ -72,15 +72,19 @@ pub enum PlanKind {
     XolRiprel,
     /// A jump into a host-written trampoline that records the hit in the guest: no exit.
     Jump,
+    /// A data watchpoint: the debug registers trap the access; no guest instruction is
+    /// touched.
+    Watch,
 }
 
 impl PlanKind {
     /// Every kind, in the order statistics list them.
-    pub const ALL: [PlanKind; 4] = [
+    pub const ALL: [PlanKind; 5] = [
         PlanKind::Emulate,
         PlanKind::Xol,
         PlanKind::XolRiprel,
         PlanKind::Jump,
+        PlanKind::Watch,
     ];
 
     /// VM exits one hit of the plan costs at least (a trapped step or a post handler adds
@@ -99,6 +103,7 @@ impl PlanKind {
             PlanKind::Xol => "xol",
             PlanKind::XolRiprel => "xol-riprel",
             PlanKind::Jump => "jump",
+            PlanKind::Watch => "watch",
         }
     }
 }
@@ -396,6 +401,12 @@ pub trait Arch: Sized + Copy + Debug + Default + Send + Sync + 'static {
 
     /// The address space the registers select.
     fn address_space(regs: &Self::Registers) -> Self::AddressSpace;
+
+    /// Why a data watchpoint `spec` cannot be planted on this architecture; `None` where the
+    /// hardware slots take it.
+    fn watch_refusal(_spec: crate::definition::WatchSpec) -> Option<&'static str> {
+        None
+    }
 
     /// The register-use bits ([`HostEmulation::registers_used`]) that translating a kernel
     /// address needs beyond what [`crate::vm::VcpuAccess::exit_registers`] gives (arm64:

@@ -16,6 +16,21 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         post: bool,
         recorded: Option<(std::time::Duration, &crate::jump::RecordedMemory)>,
     ) {
+        self.run_handlers_with(vcpu, site_va, probes, regs, post, recorded, None);
+    }
+
+    /// [`ProbeEngine::run_handlers`], with what a watchpoint saw.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn run_handlers_with(
+        &self,
+        vcpu: u32,
+        site_va: u64,
+        probes: &[Arc<ProbeEntry<A>>],
+        regs: &A::Registers,
+        post: bool,
+        recorded: Option<(std::time::Duration, &crate::jump::RecordedMemory)>,
+        watch: Option<crate::probe::WatchRecord>,
+    ) {
         let lookup = |at: u64| self.real_return_above(at);
         let returns = self.return_recovery(&lookup, None);
         for p in probes {
@@ -34,6 +49,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 mem: &self.mem,
                 returns,
                 recorded: recorded.map(|(_, m)| m),
+                watch,
             };
             match catch_unwind(AssertUnwindSafe(|| h(&ctx))) {
                 Ok(Ok(())) => {}
@@ -59,6 +75,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 self.exits.reinjected_debug.fetch_add(1, Ordering::Relaxed);
                 Ok(Verdict::ReinjectDebug)
             }
+            DebugEvent::Watchpoint { pc, slots } => self.watch_hit(vcpu, pc, slots),
             DebugEvent::Breakpoint { pc } | DebugEvent::HardwareBreakpoint { pc } => {
                 let hw = matches!(event, DebugEvent::HardwareBreakpoint { .. });
                 self.hit(vcpu, state, pc, hw)

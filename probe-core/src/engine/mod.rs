@@ -68,6 +68,21 @@ pub enum PlantErrorKind {
         /// What went wrong.
         source: XolError,
     },
+    /// The architecture cannot watch this here.
+    #[error("{reason}")]
+    WatchRefused {
+        /// Why.
+        reason: &'static str,
+    },
+    /// A watchpoint's address is not aligned to its length (the debug registers watch
+    /// aligned ranges only).
+    #[error("{va:#x} is not aligned to the watched length of {len} bytes")]
+    WatchMisaligned {
+        /// The address.
+        va: u64,
+        /// The length.
+        len: u8,
+    },
     /// All hardware breakpoints are taken.
     #[error("all {count} hardware breakpoints are in use")]
     NoHardwareBreakpoint {
@@ -366,6 +381,16 @@ impl<A: Arch> Clone for SiteRun<A> {
 }
 
 impl<A: Arch> ProbeTable<A> {
+    /// Frees the hardware slots holding an execute breakpoint at `va` (a watchpoint on the
+    /// same address keeps its own).
+    fn free_breakpoint_slots(&mut self, va: u64) {
+        for (i, slot) in self.hw.iter_mut().enumerate() {
+            if *slot == Some(va) && !self.watches.values().any(|w| w.slot == i) {
+                *slot = None;
+            }
+        }
+    }
+
     /// Brings [`ProbeTable::site_vas`] up to date for `va` after a trapping site there came
     /// or went.
     fn index_site_va(&mut self, va: u64) {
@@ -529,6 +554,8 @@ struct ProbeTable<A: Arch> {
     /// whose mapping never changes.
     site_vas: HashMap<u64, Option<u64>>,
     by_probe: HashMap<ProbeId, u64>,
+    /// The data watchpoints, by probe.
+    watches: HashMap<ProbeId, watch::WatchSite<A>>,
     /// The breakpoint of each trapped slot, by its address.
     slot_traps: HashMap<u64, SlotTrap>,
     /// Addresses of the instructions with an entry in the guest's exception table.
@@ -593,6 +620,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 sites: HashMap::new(),
                 site_vas: HashMap::new(),
                 by_probe: HashMap::new(),
+                watches: HashMap::new(),
                 slot_traps: HashMap::new(),
                 exception_table: HashSet::new(),
                 patched_text: HashMap::new(),
@@ -733,6 +761,7 @@ mod rate;
 mod returns;
 mod stats;
 mod table;
+mod watch;
 
 pub use jump::GuestClock;
 use memory::VirtualStack;

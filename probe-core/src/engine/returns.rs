@@ -158,6 +158,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 mem: &self.mem,
                 returns,
                 recorded: None,
+                watch: None,
             };
             if !matches!(catch_unwind(AssertUnwindSafe(|| h(&ctx))), Ok(Ok(()))) {
                 p.counters.handler_errors.fetch_add(1, Ordering::Relaxed);

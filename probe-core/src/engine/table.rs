@@ -50,6 +50,9 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         target: PlantTarget,
         regs: &A::Registers,
     ) -> Result<ProbeId, PlantError> {
+        if let Some(spec) = probe.watch {
+            return self.plant_watch(probe, spec, target, regs);
+        }
         let space = A::address_space(regs);
         let gpa = self.check_target(&probe, target, space)?;
         // A probe that needs exits may turn a jump site into a trapped one: the hits its
@@ -671,6 +674,9 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
     /// site if the guest had replaced the trap byte (then the guest's bytes are kept).
     pub fn remove(&self, id: ProbeId) -> Result<Option<RewrittenSite>, RemoveError> {
         let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        if self.remove_watch(&mut table, id) {
+            return Ok(None);
+        }
         let gpa = table
             .by_probe
             .remove(&id)
@@ -686,11 +692,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             return Ok(None);
         }
         if site.trap == TrapKind::Hardware {
-            for slot in table.hw.iter_mut() {
-                if *slot == Some(site.va) {
-                    *slot = None;
-                }
-            }
+            table.free_breakpoint_slots(site.va);
             self.hw_generation.fetch_add(1, Ordering::SeqCst);
             return Ok(None);
         }
@@ -715,7 +717,12 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
     pub fn remove_all(&self) -> Vec<RewrittenSite> {
         let ids: Vec<ProbeId> = {
             let table = self.table.read().unwrap_or_else(|e| e.into_inner());
-            let mut ids: Vec<ProbeId> = table.by_probe.keys().copied().collect();
+            let mut ids: Vec<ProbeId> = table
+                .by_probe
+                .keys()
+                .chain(table.watches.keys())
+                .copied()
+                .collect();
             ids.sort();
             ids
         };
@@ -755,11 +762,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             }
             TrapKind::Hardware => {
                 let va = site.va;
-                for slot in table.hw.iter_mut() {
-                    if *slot == Some(va) {
-                        *slot = None;
-                    }
-                }
+                table.free_breakpoint_slots(va);
                 self.hw_generation.fetch_add(1, Ordering::SeqCst);
             }
         }

@@ -833,3 +833,131 @@ fn a_site_the_kernel_rewrites_itself_is_refused_and_nothing_changes() {
     assert_eq!(text(&engine), CODE);
     assert!(engine.is_empty());
 }
+
+#[test]
+fn a_watchpoint_takes_a_hardware_slot_and_reports_each_write_with_the_value_before() {
+    use crate::definition::{WatchAccess, WatchSpec};
+    use std::sync::Mutex;
+    let (engine, mut vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    let var_va = STACK_VA + 0x100;
+    engine
+        .memory()
+        .write_obj(0x1122_3344_5566_7788u64, GuestAddress(STACK_GPA + 0x100))
+        .unwrap();
+    let seen: Arc<Mutex<Vec<(u64, crate::probe::WatchRecord)>>> = Arc::default();
+    let s = seen.clone();
+    let mut probe = Probe::<X86_64>::new("var").on_hit(move |ctx| {
+        s.lock().unwrap().push((ctx.address, ctx.watch.unwrap()));
+        Ok(())
+    });
+    let spec = WatchSpec {
+        len: 8,
+        access: WatchAccess::Write,
+    };
+    probe.watch = Some(spec);
+    let g0 = engine.hardware_generation();
+    let id = engine
+        .plant(probe.clone(), target(var_va - TEXT_VA), &regs)
+        .unwrap();
+    assert!(engine.hardware_generation() > g0);
+    let (slots, _) = engine.hardware_slots();
+    assert_eq!(
+        slots[0],
+        Some(crate::vm::HardwareSlot {
+            va: var_va,
+            watch: Some(spec)
+        })
+    );
+    assert_eq!(text(&engine), CODE, "no text touched");
+    // The guest writes, the trap comes after the store with RIP past it.
+    let mut state = VcpuProbeState::default();
+    for value in [0xaau64, 0xbb] {
+        engine
+            .memory()
+            .write_obj(value, GuestAddress(STACK_GPA + 0x100))
+            .unwrap();
+        let verdict = engine
+            .handle_debug(
+                &mut vcpu,
+                &mut state,
+                DebugEvent::Watchpoint {
+                    pc: TEXT_VA + 4,
+                    slots: 1,
+                },
+            )
+            .unwrap();
+        assert_eq!(verdict, Verdict::Resume);
+    }
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].0, TEXT_VA + 4, "the PC after the access");
+    assert_eq!(
+        (seen[0].1.address, seen[0].1.old, seen[0].1.new),
+        (var_va, 0x1122_3344_5566_7788, 0xaa)
+    );
+    assert_eq!((seen[1].1.old, seen[1].1.new), (0xaa, 0xbb));
+    assert_eq!(
+        engine.stats().len(),
+        0,
+        "watchpoints are not instruction sites"
+    );
+    // A slot that is not ours: the guest's own debug exception.
+    assert_eq!(
+        engine
+            .handle_debug(
+                &mut vcpu,
+                &mut state,
+                DebugEvent::Watchpoint {
+                    pc: TEXT_VA,
+                    slots: 2
+                }
+            )
+            .unwrap(),
+        Verdict::ReinjectDebug
+    );
+    // Misaligned, unmapped: refused, nothing taken.
+    let misaligned = engine
+        .plant(probe.clone(), target(var_va - TEXT_VA + 4), &regs)
+        .unwrap_err();
+    assert!(
+        matches!(
+            misaligned.kind,
+            PlantErrorKind::WatchMisaligned { len: 8, .. }
+        ),
+        "{misaligned}"
+    );
+    let unmapped = engine
+        .plant(
+            probe.clone(),
+            PlantTarget {
+                va: 0xffff_ffff_c000_0000,
+                function_start: None,
+            },
+            &regs,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(unmapped.kind, PlantErrorKind::NotMapped { .. }),
+        "{unmapped}"
+    );
+    // The slots are shared with execute breakpoints: three more of either, then none.
+    for off in [0, AT_PUSH, 5] {
+        engine
+            .plant(
+                Probe::<X86_64>::new(format!("f+{off}")).hardware(),
+                target(off),
+                &regs,
+            )
+            .unwrap();
+    }
+    let full = engine
+        .plant(probe, target(var_va - TEXT_VA + 8), &regs)
+        .unwrap_err();
+    assert!(matches!(
+        full.kind,
+        PlantErrorKind::NoHardwareBreakpoint { count: 4 }
+    ));
+    engine.remove(id).unwrap();
+    assert_eq!(engine.hardware_slots().0[0], None, "its slot is free again");
+}

@@ -449,6 +449,7 @@ mod tests {
             mem,
             returns,
             recorded: None,
+            watch: None,
         };
         let mut reader = StackReader::new(&ctx);
         X86_64::walk(&ctx, &unwinder, &mut reader, &task_stack(S), 0)

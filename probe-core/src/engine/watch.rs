@@ -1,0 +1,158 @@
+//! Data watchpoints: a hardware debug slot on the watched bytes (x86_64 shares its four with
+//! the execute breakpoints), the bytes as last seen, and the handlers run after each access
+//! with what changed. No guest instruction or byte is touched.
+
+use super::*;
+use crate::definition::WatchSpec;
+use crate::probe::WatchRecord;
+
+/// A planted watchpoint.
+pub(super) struct WatchSite<A: Arch> {
+    /// The watched address.
+    pub(super) va: u64,
+    /// What it watches.
+    pub(super) spec: WatchSpec,
+    /// Its hardware slot.
+    pub(super) slot: usize,
+    /// The probe and its handlers.
+    pub(super) probe: Arc<ProbeEntry<A>>,
+    /// The watched bytes as the engine last saw them (at planting, then at each hit).
+    pub(super) last: Arc<Mutex<u64>>,
+}
+
+impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
+    /// Reads the `len` watched bytes at `va` (aligned to `len`, so within one page) as a
+    /// little-endian number.
+    fn read_watched(
+        &self,
+        space: A::AddressSpace,
+        va: u64,
+        len: u8,
+    ) -> Result<u64, PlantErrorKind> {
+        let t = A::translate(&self.mem, space, va)
+            .map_err(|source| PlantErrorKind::NotMapped { va, source })?;
+        let mut b = [0u8; 8];
+        if !self.mem.read_phys(t.gpa, &mut b[..usize::from(len)]) {
+            return Err(PlantErrorKind::Memory { gpa: t.gpa });
+        }
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Plants a watchpoint `spec` on `target.va` in a free hardware slot, with what is there
+    /// now as the value before its first hit. Refused, with nothing changed: an architecture
+    /// without them here, an address not aligned to the length, one not mapped, no slot free.
+    pub(super) fn plant_watch(
+        &self,
+        probe: Probe<A>,
+        spec: WatchSpec,
+        target: PlantTarget,
+        regs: &A::Registers,
+    ) -> Result<ProbeId, PlantError> {
+        let location = probe.location.clone();
+        let refuse = |kind| PlantError::new(location.clone(), kind);
+        if let Some(reason) = A::watch_refusal(spec) {
+            return Err(refuse(PlantErrorKind::WatchRefused { reason }));
+        }
+        if target.va % u64::from(spec.len) != 0 {
+            return Err(refuse(PlantErrorKind::WatchMisaligned {
+                va: target.va,
+                len: spec.len,
+            }));
+        }
+        let now = self
+            .read_watched(A::address_space(regs), target.va, spec.len)
+            .map_err(refuse)?;
+        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        let slot = table.hw.iter().position(Option::is_none).ok_or_else(|| {
+            refuse(PlantErrorKind::NoHardwareBreakpoint {
+                count: table.hw.len(),
+            })
+        })?;
+        let id = ProbeId(table.next_id);
+        table.next_id += 1;
+        table.hw[slot] = Some(target.va);
+        table.watches.insert(
+            id,
+            WatchSite {
+                va: target.va,
+                spec,
+                slot,
+                probe: ProbeEntry::new(id, location, probe),
+                last: Arc::new(Mutex::new(now)),
+            },
+        );
+        self.hw_generation.fetch_add(1, Ordering::SeqCst);
+        Ok(id)
+    }
+
+    /// Takes watchpoint `id` out, if it is one: its slot is free again.
+    pub(super) fn remove_watch(&self, table: &mut ProbeTable<A>, id: ProbeId) -> bool {
+        let Some(w) = table.watches.remove(&id) else {
+            return false;
+        };
+        table.hw[w.slot] = None;
+        self.hw_generation.fetch_add(1, Ordering::SeqCst);
+        true
+    }
+
+    /// Watchpoints in `slots` fired on a vCPU now at `pc`, after the access: each one's
+    /// handlers run with the bytes before and after. None of ours: the guest's own debug
+    /// exception, handed back.
+    pub(super) fn watch_hit(
+        &self,
+        vcpu: &mut dyn VcpuAccess<A>,
+        pc: u64,
+        slots: u32,
+    ) -> Result<Verdict, VcpuError> {
+        let fired: Vec<(u64, WatchSpec, Arc<ProbeEntry<A>>, Arc<Mutex<u64>>)> = {
+            let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+            table
+                .watches
+                .values()
+                .filter(|w| slots & (1 << w.slot) != 0)
+                .map(|w| (w.va, w.spec, w.probe.clone(), w.last.clone()))
+                .collect()
+        };
+        if fired.is_empty() {
+            self.exits.reinjected_debug.fetch_add(1, Ordering::Relaxed);
+            return Ok(Verdict::ReinjectDebug);
+        }
+        self.exits.hw_breakpoints.fetch_add(1, Ordering::Relaxed);
+        let regs = vcpu.registers()?;
+        let space = A::address_space(&regs);
+        for (va, spec, probe, last) in fired {
+            self.exits.by_plan[PlanKind::Watch as usize].fetch_add(1, Ordering::Relaxed);
+            let Ok(new) = self.read_watched(space, va, spec.len) else {
+                probe.counters.missed.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let old = std::mem::replace(&mut *last.lock().unwrap_or_else(|e| e.into_inner()), new);
+            let record = WatchRecord {
+                address: va,
+                len: spec.len,
+                old,
+                new,
+            };
+            self.run_handlers_with(vcpu.id(), pc, &[probe], &regs, false, None, Some(record));
+        }
+        Ok(Verdict::Resume)
+    }
+
+    /// The hardware slots every vCPU must load, execute breakpoints and watchpoints, and a
+    /// generation number that changes whenever they change.
+    pub fn hardware_slots(&self) -> (Vec<Option<crate::vm::HardwareSlot>>, u64) {
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+        let slots = table
+            .hw
+            .iter()
+            .enumerate()
+            .map(|(i, va)| {
+                va.map(|va| crate::vm::HardwareSlot {
+                    va,
+                    watch: table.watches.values().find(|w| w.slot == i).map(|w| w.spec),
+                })
+            })
+            .collect();
+        (slots, self.hw_generation.load(Ordering::SeqCst))
+    }
+}
