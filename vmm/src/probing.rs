@@ -215,7 +215,13 @@ impl VcpuProbing {
         let engine = &self.shared.engine;
         let generation = engine.hardware_generation();
         if generation != self.applied_generation {
-            self.setup.set_hardware(&engine.hardware_breakpoints().0);
+            let (slots, _) = engine.hardware_slots();
+            let execute: Vec<Option<u64>> = slots
+                .iter()
+                .map(|s| s.filter(|s| s.watch.is_none()).map(|s| s.va))
+                .collect();
+            self.setup.set_hardware(&execute);
+            self.setup.set_watchpoints(&slots);
             self.applied_generation = generation;
         }
         // Breakpoints are trapped only once one of ours is in the guest: before that (boot, a
@@ -277,7 +283,7 @@ impl VcpuProbing {
                 return Ok(());
             }
         }
-        let Some(event) = Host::decode_debug_exit(fd, exit) else {
+        let Some(event) = Host::decode_debug_exit(fd, exit, self.setup.watch_slots()) else {
             return Err(ProbingError::UnexpectedExit(Host::describe_debug_exit(
                 exit,
             )));

@@ -321,6 +321,31 @@ pub trait InstructionDecoder<A: Arch>: Sized {
     ) -> Result<(), DecodeError>;
     /// The plan for a decoded instruction, or why it is refused.
     fn plan(&self, insn: &A::Instruction) -> Result<PlanOf<A>, Refusal>;
+    /// The instruction that ends exactly at `offset` into the function whose code (from its
+    /// start `start`) is `code`: its address and text. For the writer of an access reported
+    /// after it (an x86 data breakpoint traps past the store). `None` where that is not
+    /// certain: a byte that does not decode, or a breakpoint on the way (hvprobe's or the
+    /// guest's own `int3`, which stands for the first byte of a longer instruction), or no
+    /// instruction ending there.
+    fn instruction_ending_at(&self, code: &[u8], start: u64, offset: u64) -> Option<(u64, String)> {
+        let mut at = 0u64;
+        while at < offset {
+            let rest = code.get(at as usize..)?;
+            if A::is_breakpoint(rest.get(..A::BREAKPOINT.len())?) {
+                return None;
+            }
+            let insn = self.decode(rest, start + at).ok()?;
+            let len = insn.bytes().len() as u64;
+            if len == 0 {
+                return None;
+            }
+            if at + len == offset {
+                return Some((start + at, insn.text().to_string()));
+            }
+            at += len;
+        }
+        None
+    }
     /// For an emulated instruction that touches the stack: a copy of the real instruction to
     /// run out of line when the emulated stack access fails.
     fn fallback_copy(&self, insn: &A::Instruction) -> Option<A::Copy>;

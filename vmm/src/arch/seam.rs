@@ -12,7 +12,7 @@ use kvm_bindings::{kvm_debug_exit_arch, kvm_guest_debug};
 use kvm_ioctls::{Kvm, VcpuFd};
 use probe_core::arch::Arch;
 use probe_core::engine::SlotRewind;
-use probe_core::vm::{DebugEvent, VcpuAccess};
+use probe_core::vm::{DebugEvent, HardwareSlot, VcpuAccess};
 
 use super::KaslrAnchor;
 use crate::probing::{PausedState, ProbingError};
@@ -69,8 +69,13 @@ pub trait VmmArch: 'static {
     fn paused_state(fd: &mut VcpuFd) -> Result<PausedState, ProbingError>;
     /// The PC of a vCPU out of `KVM_RUN`.
     fn read_pc(fd: &VcpuFd) -> Result<u64, kvm_ioctls::Error>;
-    /// What a `KVM_EXIT_DEBUG` reported, or `None` for an exit hvprobe never asks for.
-    fn decode_debug_exit(fd: &VcpuFd, exit: &kvm_debug_exit_arch) -> Option<DebugEvent>;
+    /// What a `KVM_EXIT_DEBUG` reported, or `None` for an exit hvprobe never asks for;
+    /// `watch_slots` are the hardware slots loaded with data watchpoints (bit n: slot n).
+    fn decode_debug_exit(
+        fd: &VcpuFd,
+        exit: &kvm_debug_exit_arch,
+        watch_slots: u32,
+    ) -> Option<DebugEvent>;
     /// What a `KVM_EXIT_DEBUG` reported, for an error about an exit hvprobe did not ask for.
     fn describe_debug_exit(exit: &kvm_debug_exit_arch) -> String;
 }
@@ -94,6 +99,11 @@ pub trait GuestDebug: Default + Copy + PartialEq + Send {
     /// Loads the engine's hardware breakpoint addresses (the set-up's own watches keep their
     /// slots unless the engine now uses them).
     fn set_hardware(&mut self, addresses: &[Option<u64>]);
+    /// Loads the engine's data watchpoints, by hardware slot (`None` for a slot that holds an
+    /// execute breakpoint or nothing).
+    fn set_watchpoints(&mut self, slots: &[Option<HardwareSlot>]);
+    /// The hardware slots loaded with data watchpoints (bit n: slot n).
+    fn watch_slots(&self) -> u32;
     /// Traps the guest's software breakpoint instruction to the VMM.
     fn trap_breakpoints(&mut self, on: bool);
     /// Takes the debug exits that are the guest's own (or steps made on its behalf) and

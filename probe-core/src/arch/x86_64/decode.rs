@@ -1111,6 +1111,23 @@ mod tests {
     }
 
     #[test]
+    fn the_writer_of_a_trapped_store_is_the_instruction_ending_at_rip() {
+        use crate::arch::InstructionDecoder;
+        let d = <Decoder as InstructionDecoder<crate::arch::x86_64::X86_64>>::new(()).unwrap();
+        // push %rbp; mov %rax,(%rdi); movb $0x0,0x1(%rdi); ret
+        let code = [0x55, 0x48, 0x89, 0x07, 0xc6, 0x47, 0x01, 0x00, 0xc3];
+        let (at, text) = d.instruction_ending_at(&code, VA, 4).unwrap();
+        assert_eq!(at, VA + 1);
+        assert!(text.starts_with("mov"), "{text}");
+        assert_eq!(d.instruction_ending_at(&code, VA, 8).unwrap().0, VA + 4);
+        // Not an instruction end, or past a breakpoint that hides the instruction under it.
+        assert_eq!(d.instruction_ending_at(&code, VA, 3), None);
+        let mut trapped = code;
+        trapped[1] = 0xcc;
+        assert_eq!(d.instruction_ending_at(&trapped, VA, 8), None);
+    }
+
+    #[test]
     fn boundaries_are_checked_from_the_function_start() {
         let d = Decoder::new().unwrap();
         // endbr64; push %rbp; mov %rsp,%rbp; ret

@@ -310,6 +310,13 @@ impl GuestDebug for GuestDebugSetup {
     }
 
     /// Traps the guest's `BRK` to the VMM.
+    /// None yet: the engine refuses watchpoints on arm64.
+    fn set_watchpoints(&mut self, _slots: &[Option<probe_core::vm::HardwareSlot>]) {}
+
+    fn watch_slots(&self) -> u32 {
+        0
+    }
+
     fn trap_breakpoints(&mut self, on: bool) {
         self.software_breakpoints = on;
     }

@@ -100,7 +100,11 @@ impl VmmArch for Aarch64Vmm {
         vcpu::read_pc(fd)
     }
 
-    fn decode_debug_exit(fd: &VcpuFd, exit: &kvm_debug_exit_arch) -> Option<DebugEvent> {
+    fn decode_debug_exit(
+        fd: &VcpuFd,
+        exit: &kvm_debug_exit_arch,
+        _watch_slots: u32,
+    ) -> Option<DebugEvent> {
         debug::decode_debug_exit(fd, exit)
     }
 

@@ -14,7 +14,8 @@ use kvm_bindings::{
 };
 use probe_core::arch::Arch;
 use probe_core::arch::x86_64::{Gpr, Registers, X86_64};
-use probe_core::vm::DebugEvent;
+use probe_core::definition::{WatchAccess, WatchSpec};
+use probe_core::vm::{DebugEvent, HardwareSlot};
 
 /// The debug registers DR0-DR3: x86's hardware breakpoints, always four.
 pub const HW_BREAKPOINTS: usize = X86_64::MAX_HW_BREAKPOINTS;
@@ -39,6 +40,8 @@ pub struct GuestDebugSetup {
     pub software_breakpoints: bool,
     /// Hardware execute breakpoints.
     pub hardware: [Option<u64>; HW_BREAKPOINTS],
+    /// Data watchpoints, in the slots the execute breakpoints leave.
+    pub watches: [Option<HardwareSlot>; HW_BREAKPOINTS],
     /// Single-step with interrupts blocked.
     pub single_step: bool,
     /// Deliver a #BP to the guest now (a trap that was not ours).
@@ -54,7 +57,7 @@ impl GuestDebugSetup {
             || self.single_step
             || self.inject_breakpoint
             || self.inject_debug
-            || self.hardware.iter().any(Option::is_some)
+            || self.loads_hardware()
     }
 }
 
@@ -69,6 +72,19 @@ impl GuestDebug for GuestDebugSetup {
         for (slot, a) in self.hardware.iter_mut().zip(addresses) {
             *slot = *a;
         }
+    }
+
+    fn set_watchpoints(&mut self, slots: &[Option<HardwareSlot>]) {
+        self.watches = [None; HW_BREAKPOINTS];
+        for (slot, w) in self.watches.iter_mut().zip(slots) {
+            *slot = w.filter(|w| w.watch.is_some());
+        }
+    }
+
+    fn watch_slots(&self) -> u32 {
+        (0..HW_BREAKPOINTS)
+            .filter(|&i| self.watches[i].is_some())
+            .fold(0, |m, i| m | 1 << i)
     }
 
     fn trap_breakpoints(&mut self, on: bool) {
@@ -124,7 +140,7 @@ impl GuestDebug for GuestDebugSetup {
     }
 
     fn loads_hardware(&self) -> bool {
-        self.hardware.iter().any(Option::is_some)
+        self.hardware.iter().any(Option::is_some) || self.watches.iter().any(Option::is_some)
     }
 
     fn injecting(&self) -> bool {
@@ -164,6 +180,16 @@ impl GuestDebug for GuestDebugSetup {
                 dr7 |= 1 << (2 * i + 1);
             }
         }
+        for (i, slot) in self.watches.iter().enumerate() {
+            if let Some(HardwareSlot {
+                va,
+                watch: Some(spec),
+            }) = slot
+            {
+                dbg.arch.debugreg[i] = *va;
+                dr7 |= 1 << (2 * i + 1) | watch_bits(*spec) << (16 + 4 * i);
+            }
+        }
         if dr7 != 0 {
             dbg.control |= KVM_GUESTDBG_USE_HW_BP;
             // GE, as QEMU's gdbstub and firecracker set it.
@@ -179,10 +205,33 @@ pub fn describe_debug_exit(arch: &kvm_debug_exit_arch) -> String {
     format!("vector {}", arch.exception)
 }
 
-/// What a `KVM_EXIT_DEBUG` reported, or `None` for a vector hvprobe never asks for.
-pub fn debug_event(arch: &kvm_debug_exit_arch) -> Option<DebugEvent> {
+/// DR7's R/W and LEN fields (4 bits, R/W low) for a watchpoint: R/W 01 for writes, 11 for
+/// reads and writes; LEN 00, 01, 11, 10 for 1, 2, 4, 8 bytes (SDM vol. 3, 18.2.4).
+fn watch_bits(spec: WatchSpec) -> u64 {
+    let rw = match spec.access {
+        WatchAccess::Write => 0b01,
+        WatchAccess::ReadWrite => 0b11,
+    };
+    let len = match spec.len {
+        1 => 0b00,
+        2 => 0b01,
+        4 => 0b11,
+        _ => 0b10,
+    };
+    rw | len << 2
+}
+
+/// What a `KVM_EXIT_DEBUG` reported, or `None` for a vector hvprobe never asks for. A #DB
+/// whose DR6 names a slot of `watch_slots` is a data watchpoint (a trap: RIP is past the
+/// access).
+pub fn debug_event(arch: &kvm_debug_exit_arch, watch_slots: u32) -> Option<DebugEvent> {
+    let fired = (arch.dr6 & 0xf) as u32;
     match arch.exception {
         BP_VECTOR => Some(DebugEvent::Breakpoint { pc: arch.pc }),
+        DB_VECTOR if fired & watch_slots != 0 => Some(DebugEvent::Watchpoint {
+            pc: arch.pc,
+            slots: fired & watch_slots,
+        }),
         DB_VECTOR if arch.dr6 & 0xf != 0 && arch.dr6 & DR6_BS == 0 => {
             Some(DebugEvent::HardwareBreakpoint { pc: arch.pc })
         }
@@ -292,18 +341,18 @@ mod tests {
             dr7: 0,
         };
         assert_eq!(
-            debug_event(&exit(3, 0)),
+            debug_event(&exit(3, 0), 0),
             Some(DebugEvent::Breakpoint { pc: 0x10 })
         );
         assert_eq!(
-            debug_event(&exit(1, 0xffff_4ff0)),
+            debug_event(&exit(1, 0xffff_4ff0), 0),
             Some(DebugEvent::SingleStep { pc: 0x10 })
         );
         assert_eq!(
-            debug_event(&exit(1, 0xffff_0ff2)),
+            debug_event(&exit(1, 0xffff_0ff2), 0),
             Some(DebugEvent::HardwareBreakpoint { pc: 0x10 })
         );
-        assert_eq!(debug_event(&exit(14, 0)), None);
+        assert_eq!(debug_event(&exit(14, 0), 0), None);
     }
 
     #[test]

@@ -85,8 +85,12 @@ impl VmmArch for X86_64Vmm {
     }
 
     /// x86 has the PC in the exit itself.
-    fn decode_debug_exit(_: &VcpuFd, exit: &kvm_debug_exit_arch) -> Option<DebugEvent> {
-        debug::debug_event(exit)
+    fn decode_debug_exit(
+        _: &VcpuFd,
+        exit: &kvm_debug_exit_arch,
+        watch_slots: u32,
+    ) -> Option<DebugEvent> {
+        debug::debug_event(exit, watch_slots)
     }
 
     fn describe_debug_exit(exit: &kvm_debug_exit_arch) -> String {

@@ -17,7 +17,7 @@ const CODE: [u8; 4] = [0x90, 0xcc, 0x90, 0xf4];
 fn describe(exit: Result<VcpuExit<'_>, kvm_ioctls::Error>) -> Result<DebugEvent, String> {
     match exit {
         Ok(VcpuExit::Debug(arch)) => {
-            debug_event(&arch).ok_or(format!("debug exit for vector {}", arch.exception))
+            debug_event(&arch, 0).ok_or(format!("debug exit for vector {}", arch.exception))
         }
         Ok(VcpuExit::Hlt) => Err("the guest ran on to its hlt without an exit".into()),
         Ok(VcpuExit::InternalError) => Err("KVM_EXIT_INTERNAL_ERROR".into()),
