@@ -18,6 +18,7 @@ mod refusals;
 mod returns;
 mod stacks;
 mod sweeps;
+mod watch;
 
 use common::{Guests, Run, assert_has, explain, fnv1a, guest_arch, hvprobe, text};
 use counts::*;
@@ -34,6 +35,7 @@ use refusals::*;
 use returns::*;
 use stacks::*;
 use sweeps::*;
+use watch::*;
 
 /// The guest's syscall entry point for `name` (`__x64_sys_getpid`, `__arm64_sys_getpid`): the
 /// tests that need no instruction set of their own run on both architectures.
@@ -718,6 +720,8 @@ fn main() {
                 an_instruction_with_an_exception_table_entry_is_refused_by_name,
                 boundaries_are_walked_past_instructions_capstone_lacks_and_stop_at_a_guest_breakpoint,
                 a_random_sweep_of_instruction_boundaries_leaves_the_guest_working,
+                a_write_watchpoint_reports_the_sysctl_write_of_modprobe_path_by_sh,
+                watchpoints_the_hardware_cannot_take_are_refused_and_nothing_changes,
             ],
             Guests::Only(GuestArch::Aarch64) => [
                 arm64_getpid_probes_count_every_call_with_one_exit_for_two_chained_probes,

@@ -69,7 +69,8 @@ impl HandlerWiring {
         hists.extend(hist.clone());
         let mut probe = Probe::new(resolved.location);
         probe.trap = self.trap;
-        probe.in_guest = self.jump && self.trap == TrapKind::Software && {
+        probe.watch = resolved.definition.as_ref().and_then(|d| d.watch());
+        probe.in_guest = self.jump && self.trap == TrapKind::Software && probe.watch.is_none() && {
             let stacks = self.stacks.as_ref().is_some_and(|s| s.all);
             match &resolved.definition {
                 Some(def) => !stacks && probe_core::jump::in_guest_refusal(def).is_none(),

@@ -218,11 +218,11 @@ fn probe_file_lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
         .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
 }
 
-/// Whether a `--probe` is a kprobe_events definition (`p ...`, `p:...`, `r...`) rather than
-/// a bare location.
+/// Whether a `--probe` is a kprobe_events definition (`p ...`, `p:...`, `r...`, or a `w:...`
+/// watchpoint) rather than a bare location.
 fn is_definition(p: &str) -> bool {
     let head = p.trim_start();
-    let rest = head.strip_prefix('p').or_else(|| {
+    let rest = head.strip_prefix(['p', 'w']).or_else(|| {
         head.strip_prefix('r')
             .map(|r| r.trim_start_matches(|c: char| c.is_ascii_digit()))
     });

@@ -141,6 +141,7 @@ pub fn event_line(
         return None;
     }
     let entry = ctx.entry_context();
+    let watch = WatchReport::new(ctx, map, slide);
     let (retval, place) = match &entry {
         Some(_) => (
             Some(ctx.regs.return_value()),
@@ -150,7 +151,10 @@ pub fn event_line(
                 ctx.location
             ),
         ),
-        None => (None, ctx.location.to_string()),
+        None => match &watch {
+            Some(w) => (None, w.place(map)),
+            None => (None, ctx.location.to_string()),
+        },
     };
     let args_ctx = entry.as_ref().unwrap_or(ctx);
     let env = FetchEnv {
@@ -191,22 +195,129 @@ pub fn event_line(
         if let (Some(s), Some(o)) = (stack, obj.as_object_mut()) {
             s.json_fields(o);
         }
+        if let (Some(w), Some(o)) = (&watch, obj.as_object_mut()) {
+            o.insert("watch".into(), w.json(map));
+        }
         obj.to_string()
     } else {
         let who = who.map_or_else(
             || "<unknown>-0".to_string(),
             |t| format!("{}-{}", t.comm, t.pid),
         );
+        let args = format_args(args_ctx, &def.args, env);
+        let args = match &watch {
+            Some(w) if args.is_empty() => w.text(map),
+            Some(w) => format!("{} {args}", w.text(map)),
+            None => args,
+        };
         let line = format!(
-            "{who} [{:03}] {:.6}: {}/{}: ({place}) {}",
+            "{who} [{:03}] {:.6}: {}/{}: ({place}) {args}",
             ctx.vcpu,
             ctx.time.as_secs_f64(),
             def.group,
             def.event,
-            format_args(args_ctx, &def.args, env)
         );
         with_stack(line, stack)
     })
+}
+
+/// What a watchpoint hit reports besides the task and arguments: who accessed, what, and the
+/// bytes before and after.
+struct WatchReport {
+    /// The accessing instruction (System.map's address and its text), where certain.
+    writer: Option<(u64, String)>,
+    /// Where the vCPU was when the trap came (System.map's address): after the access.
+    after: u64,
+    /// The watched address (System.map's).
+    address: u64,
+    len: u8,
+    old: u64,
+    new: u64,
+}
+
+impl WatchReport {
+    fn new(ctx: &ProbeContext<'_>, map: &SymbolMap, slide: u64) -> Option<WatchReport> {
+        let w = ctx.watch?;
+        Some(WatchReport {
+            writer: watch_writer(ctx, map, slide).map(|(va, text)| (va.wrapping_sub(slide), text)),
+            after: ctx.address.wrapping_sub(slide),
+            address: w.address.wrapping_sub(slide),
+            len: w.len,
+            old: w.old,
+            new: w.new,
+        })
+    }
+
+    /// `(writer)` for the line's place: the instruction, or what follows it.
+    fn place(&self, map: &SymbolMap) -> String {
+        match &self.writer {
+            Some((va, _)) => map.describe(*va),
+            None => format!("after {}", map.describe(self.after)),
+        }
+    }
+
+    /// The watched bytes after the access, as an escaped string (`"/tmp/x\x00o"`).
+    fn bytes(&self) -> String {
+        let b = &self.new.to_le_bytes()[..usize::from(self.len)];
+        format!("\"{}\"", b.escape_ascii())
+    }
+
+    fn text(&self, map: &SymbolMap) -> String {
+        let width = usize::from(self.len) * 2;
+        format!(
+            "addr={} old={:#0w$x} new={:#0w$x} bytes={}",
+            map.describe(self.address),
+            self.old,
+            self.new,
+            self.bytes(),
+            w = width + 2,
+        )
+    }
+
+    fn json(&self, map: &SymbolMap) -> serde_json::Value {
+        serde_json::json!({
+            "address": self.address,
+            "symbol": map.describe(self.address),
+            "len": self.len,
+            "old": self.old,
+            "new": self.new,
+            "bytes": self.bytes(),
+            "writer": self.writer.as_ref().map(|(va, _)| map.describe(*va)),
+            "instruction": self.writer.as_ref().map(|(_, t)| t.clone()),
+            "after": map.describe(self.after),
+        })
+    }
+}
+
+/// The instruction that made a watched access reported after it (an x86 data breakpoint is a
+/// trap): the one ending at the PC, decoded from the start of the function System.map puts
+/// there; a repeated string store still at the PC (`rep stos`/`movs` with RCX not zero) is
+/// the PC's own. `None` where that is not certain.
+fn watch_writer(ctx: &ProbeContext<'_>, map: &SymbolMap, slide: u64) -> Option<(u64, String)> {
+    use probe_core::arch::{Arch, DecodedInstruction, InstructionDecoder};
+    type Decoder = <probe_core::arch::Host as Arch>::Decoder;
+    // The features' default (x86_64 has none to give: the unit type).
+    #[allow(clippy::unit_arg)]
+    let decoder =
+        <Decoder as InstructionDecoder<probe_core::arch::Host>>::new(Default::default()).ok()?;
+    let pc = ctx.address;
+    let mut here = [0u8; 16];
+    if ctx.read_memory(pc, &mut here).is_ok()
+        && let Ok(insn) = InstructionDecoder::<probe_core::arch::Host>::decode(&decoder, &here, pc)
+        && insn.text().starts_with("rep")
+        && ctx.regs.by_name("rcx").is_some_and(|c| c != 0)
+    {
+        return Some((pc, insn.text().to_string()));
+    }
+    let (func, offset) = map.containing(pc.wrapping_sub(slide).checked_sub(1)?)?;
+    let start = func.addr.wrapping_add(slide);
+    let end = offset + 1;
+    if end > 64 << 10 {
+        return None;
+    }
+    let mut code = vec![0u8; end as usize];
+    ctx.read_memory(start, &mut code).ok()?;
+    decoder.instruction_ending_at(&code, start, end)
 }
 
 /// A text line with the hit's stack lines after it (no newline at the end, as lines are

@@ -28,6 +28,25 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 })
             })
             .collect();
+        out.extend(table.watches.values().map(|w| {
+            let p = &w.probe;
+            ProbeStats {
+                id: p.id,
+                location: p.location.clone(),
+                address: w.va,
+                plan: PlanKind::Watch,
+                instruction: format!("{} bytes, {}", w.spec.len, w.spec.access.as_str()),
+                trap: TrapKind::Hardware,
+                hits: p.counters.hits.load(Ordering::Relaxed),
+                missed: p.counters.missed.load(Ordering::Relaxed),
+                handler_errors: p.counters.handler_errors.load(Ordering::Relaxed),
+                return_probe: false,
+                returns: 0,
+                nmissed: 0,
+                outstanding: 0,
+                jump_refusal: None,
+            }
+        }));
         drop(table);
         self.add_jump_missed(&mut out);
         // The return table is locked on its own (the hit path takes it before the probe

@@ -897,11 +897,12 @@ fn a_watchpoint_takes_a_hardware_slot_and_reports_each_write_with_the_value_befo
         (var_va, 0x1122_3344_5566_7788, 0xaa)
     );
     assert_eq!((seen[1].1.old, seen[1].1.new), (0xaa, 0xbb));
+    let stats = engine.stats();
     assert_eq!(
-        engine.stats().len(),
-        0,
-        "watchpoints are not instruction sites"
+        (stats.len(), stats[0].plan, stats[0].hits, stats[0].address),
+        (1, PlanKind::Watch, 2, var_va)
     );
+    assert_eq!(stats[0].instruction, "8 bytes, w");
     // A slot that is not ours: the guest's own debug exception.
     assert_eq!(
         engine

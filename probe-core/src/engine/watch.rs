@@ -20,6 +20,18 @@ pub(super) struct WatchSite<A: Arch> {
     pub(super) last: Arc<Mutex<u64>>,
 }
 
+impl<A: Arch> Clone for WatchSite<A> {
+    fn clone(&self) -> Self {
+        WatchSite {
+            va: self.va,
+            spec: self.spec,
+            slot: self.slot,
+            probe: self.probe.clone(),
+            last: self.last.clone(),
+        }
+    }
+}
+
 impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
     /// Reads the `len` watched bytes at `va` (aligned to `len`, so within one page) as a
     /// little-endian number.
@@ -53,7 +65,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         if let Some(reason) = A::watch_refusal(spec) {
             return Err(refuse(PlantErrorKind::WatchRefused { reason }));
         }
-        if target.va % u64::from(spec.len) != 0 {
+        if !target.va.is_multiple_of(u64::from(spec.len)) {
             return Err(refuse(PlantErrorKind::WatchMisaligned {
                 va: target.va,
                 len: spec.len,
@@ -104,13 +116,13 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         pc: u64,
         slots: u32,
     ) -> Result<Verdict, VcpuError> {
-        let fired: Vec<(u64, WatchSpec, Arc<ProbeEntry<A>>, Arc<Mutex<u64>>)> = {
+        let fired: Vec<WatchSite<A>> = {
             let table = self.table.read().unwrap_or_else(|e| e.into_inner());
             table
                 .watches
                 .values()
                 .filter(|w| slots & (1 << w.slot) != 0)
-                .map(|w| (w.va, w.spec, w.probe.clone(), w.last.clone()))
+                .cloned()
                 .collect()
         };
         if fired.is_empty() {
@@ -120,20 +132,21 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         self.exits.hw_breakpoints.fetch_add(1, Ordering::Relaxed);
         let regs = vcpu.registers()?;
         let space = A::address_space(&regs);
-        for (va, spec, probe, last) in fired {
+        for w in fired {
             self.exits.by_plan[PlanKind::Watch as usize].fetch_add(1, Ordering::Relaxed);
-            let Ok(new) = self.read_watched(space, va, spec.len) else {
-                probe.counters.missed.fetch_add(1, Ordering::Relaxed);
+            let Ok(new) = self.read_watched(space, w.va, w.spec.len) else {
+                w.probe.counters.missed.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            let old = std::mem::replace(&mut *last.lock().unwrap_or_else(|e| e.into_inner()), new);
+            let old =
+                std::mem::replace(&mut *w.last.lock().unwrap_or_else(|e| e.into_inner()), new);
             let record = WatchRecord {
-                address: va,
-                len: spec.len,
+                address: w.va,
+                len: w.spec.len,
                 old,
                 new,
             };
-            self.run_handlers_with(vcpu.id(), pc, &[probe], &regs, false, None, Some(record));
+            self.run_handlers_with(vcpu.id(), pc, &[w.probe], &regs, false, None, Some(record));
         }
         Ok(Verdict::Resume)
     }

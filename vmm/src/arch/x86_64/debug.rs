@@ -302,6 +302,61 @@ mod tests {
     use super::*;
 
     #[test]
+    fn watchpoints_set_dr7_access_and_length_and_their_traps_are_told_apart() {
+        let mut s = GuestDebugSetup::default();
+        s.set_hardware(&[Some(0xffff_ffff_8100_0000)]);
+        let watch = |va, len, access| {
+            Some(HardwareSlot {
+                va,
+                watch: Some(WatchSpec { len, access }),
+            })
+        };
+        s.set_watchpoints(&[
+            None,
+            watch(0xffff_ffff_82a5_a640, 8, WatchAccess::Write),
+            watch(0xffff_ffff_82b7_f1e0, 4, WatchAccess::ReadWrite),
+            // An execute breakpoint's slot is not a watchpoint.
+            Some(HardwareSlot {
+                va: 0x1000,
+                watch: None,
+            }),
+        ]);
+        assert_eq!(s.watch_slots(), 0b110);
+        let k = s.to_kvm();
+        assert_eq!(k.control, KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW_BP);
+        assert_eq!(k.arch.debugreg[1], 0xffff_ffff_82a5_a640);
+        assert_eq!(k.arch.debugreg[2], 0xffff_ffff_82b7_f1e0);
+        // G0-G2; slot 0 executes (R/W0 LEN0 00); slot 1: R/W 01, LEN 10 (8 bytes); slot 2:
+        // R/W 11, LEN 11 (4 bytes); GE.
+        let dr7 = k.arch.debugreg[7];
+        assert_eq!(dr7 & 0xff, 0b10_1010);
+        assert_eq!((dr7 >> 16) & 0xf, 0);
+        assert_eq!((dr7 >> 20) & 0xf, 0b1001);
+        assert_eq!((dr7 >> 24) & 0xf, 0b1111);
+        assert_ne!(dr7 & 1 << 9, 0);
+        // DR6 B1 with slot 1 a watchpoint: a watchpoint exit; B0 alone: an execute breakpoint.
+        let db = |dr6| kvm_debug_exit_arch {
+            exception: DB_VECTOR,
+            dr6,
+            pc: 0xffff_ffff_8100_0010,
+            ..Default::default()
+        };
+        assert_eq!(
+            debug_event(&db(0xffff_0ff2), s.watch_slots()),
+            Some(DebugEvent::Watchpoint {
+                pc: 0xffff_ffff_8100_0010,
+                slots: 0b10
+            })
+        );
+        assert_eq!(
+            debug_event(&db(0xffff_0ff1), s.watch_slots()),
+            Some(DebugEvent::HardwareBreakpoint {
+                pc: 0xffff_ffff_8100_0010
+            })
+        );
+    }
+
+    #[test]
     fn control_word_and_debug_registers() {
         assert_eq!(GuestDebugSetup::default().to_kvm().control, 0);
         let sw = GuestDebugSetup {
