@@ -244,6 +244,9 @@ pub struct WatchRecord {
     pub old: u64,
     /// The value after.
     pub new: u64,
+    /// The accessing instruction, where the architecture reports it (arm64: the PC of the
+    /// watchpoint exception); on x86_64 only the PC after it is known.
+    pub writer: Option<u64>,
 }
 
 /// How a stack walk gets back a return address that one of hvprobe's return probes replaced

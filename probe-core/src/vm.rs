@@ -95,13 +95,16 @@ pub enum DebugEvent {
         /// Address of the instruction.
         pc: u64,
     },
-    /// Data watchpoints fired: the accessing instruction has run (x86_64 reports data
-    /// breakpoints as traps), `pc` is the instruction after it.
+    /// Data watchpoints fired and the accessing instruction has run: `pc` is where the vCPU
+    /// is now, after it (x86_64 reports data breakpoints as traps; arm64 before the access,
+    /// and the VMM steps over it first).
     Watchpoint {
         /// Where the vCPU is: after the access.
         pc: u64,
-        /// The hardware slots that fired (bit n: slot n).
+        /// The watchpoint slots that fired (bit n: slot n).
         slots: u32,
+        /// The accessing instruction, where the architecture reports it (arm64).
+        writer: Option<u64>,
     },
     /// A debug exception that is not a hardware breakpoint of the engine (a single step);
     /// `pc` is where the vCPU is now.

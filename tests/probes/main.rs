@@ -704,6 +704,8 @@ fn main() {
                 a_jump_probe_costs_no_exit_and_its_lines_equal_the_exit_plans,
                 a_full_ring_drops_hits_counted_as_missed_and_the_guest_is_unharmed,
                 a_random_sweep_of_jump_sites_counts_what_the_exit_plan_counts,
+                a_write_watchpoint_reports_the_sysctl_write_of_modprobe_path_by_sh,
+                watchpoints_the_hardware_cannot_take_are_refused_and_nothing_changes,
             ],
             Guests::Only(GuestArch::X86_64) => [
                 a_getpid_probe_counts_the_workload_calls_and_prints_each_hit,
@@ -720,8 +722,6 @@ fn main() {
                 an_instruction_with_an_exception_table_entry_is_refused_by_name,
                 boundaries_are_walked_past_instructions_capstone_lacks_and_stop_at_a_guest_breakpoint,
                 a_random_sweep_of_instruction_boundaries_leaves_the_guest_working,
-                a_write_watchpoint_reports_the_sysctl_write_of_modprobe_path_by_sh,
-                watchpoints_the_hardware_cannot_take_are_refused_and_nothing_changes,
             ],
             Guests::Only(GuestArch::Aarch64) => [
                 arm64_getpid_probes_count_every_call_with_one_exit_for_two_chained_probes,

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use kvm_ioctls::VcpuFd;
 use probe_core::engine::{ProbeEngine, VcpuProbeState};
-use probe_core::vm::{VcpuError, Verdict};
+use probe_core::vm::{DebugEvent, VcpuError, Verdict};
 use vm_memory::GuestMemoryMmap;
 
 use crate::arch::{
@@ -221,7 +221,7 @@ impl VcpuProbing {
                 .map(|s| s.filter(|s| s.watch.is_none()).map(|s| s.va))
                 .collect();
             self.setup.set_hardware(&execute);
-            self.setup.set_watchpoints(&slots);
+            self.setup.set_watchpoints(&engine.watchpoint_slots());
             self.applied_generation = generation;
         }
         // Breakpoints are trapped only once one of ours is in the guest: before that (boot, a
@@ -266,12 +266,17 @@ impl VcpuProbing {
             }
         };
         // The guest's own debug exits never reach the engine.
-        match self.setup.take_guest_exit(fd, exit, &ctx)? {
+        let stepped_watch = match self.setup.take_guest_exit(fd, exit, &ctx)? {
             ExitRoute::Taken => {
                 handed_back();
                 return Ok(());
             }
-            ExitRoute::Engine => {}
+            ExitRoute::Engine => None,
+            ExitRoute::WatchStep => {
+                self.shared.engine.count_watch_step();
+                return Ok(());
+            }
+            ExitRoute::Watchpoint { writer, slots } => Some((writer, slots)),
             ExitRoute::ExceptionEntry { return_pc } => {
                 if let Some(rewind) = self
                     .shared
@@ -282,11 +287,15 @@ impl VcpuProbing {
                 }
                 return Ok(());
             }
-        }
-        let Some(event) = Host::decode_debug_exit(fd, exit, self.setup.watch_slots()) else {
-            return Err(ProbingError::UnexpectedExit(Host::describe_debug_exit(
-                exit,
-            )));
+        };
+        let event = match stepped_watch {
+            Some((writer, slots)) => DebugEvent::Watchpoint {
+                pc: Host::read_pc(fd).map_err(kvm("KVM_GET_ONE_REG (PC)"))?,
+                slots,
+                writer: Some(writer),
+            },
+            None => Host::decode_debug_exit(fd, exit, self.setup.watch_slots())
+                .ok_or_else(|| ProbingError::UnexpectedExit(Host::describe_debug_exit(exit)))?,
         };
         let mut vcpu = Host::exit_vcpu(id, fd, self.sync_regs, event.pc());
         let verdict = self

@@ -1,6 +1,6 @@
 //! What `hvprobe run` prints about probes: one line per hit, and a summary per probe at the end.
 
-use probe_core::arch::RegisterFile;
+use probe_core::arch::{Arch, DecodedInstruction, Host, InstructionDecoder, RegisterFile};
 
 use crate::arch::GuestRegisters;
 use crate::stacks::HitStack;
@@ -238,8 +238,12 @@ struct WatchReport {
 impl WatchReport {
     fn new(ctx: &ProbeContext<'_>, map: &SymbolMap, slide: u64) -> Option<WatchReport> {
         let w = ctx.watch?;
+        let writer = match w.writer {
+            Some(at) => Some((at, instruction_at(ctx, at).unwrap_or_default())),
+            None => watch_writer(ctx, map, slide),
+        };
         Some(WatchReport {
-            writer: watch_writer(ctx, map, slide).map(|(va, text)| (va.wrapping_sub(slide), text)),
+            writer: writer.map(|(va, text)| (va.wrapping_sub(slide), text)),
             after: ctx.address.wrapping_sub(slide),
             address: w.address.wrapping_sub(slide),
             len: w.len,
@@ -289,21 +293,37 @@ impl WatchReport {
     }
 }
 
+/// The guest architecture's decoder (the VMM's own: KVM runs guests of its host's
+/// architecture), for the CPU features' defaults.
+fn host_decoder() -> Option<HostDecoder> {
+    // x86_64 has no features to give: the unit type.
+    #[allow(clippy::unit_arg)]
+    <HostDecoder as InstructionDecoder<Host>>::new(Default::default()).ok()
+}
+
+type HostDecoder = <Host as Arch>::Decoder;
+
+/// The text of the instruction at `va`, decoded from the guest's memory.
+fn instruction_at(ctx: &ProbeContext<'_>, va: u64) -> Option<String> {
+    let decoder = host_decoder()?;
+    let mut code = [0u8; 16];
+    ctx.read_memory(va, &mut code[..4]).ok()?;
+    let _ = ctx.read_memory(va + 4, &mut code[4..]);
+    InstructionDecoder::<Host>::decode(&decoder, &code, va)
+        .ok()
+        .map(|i| i.text().to_string())
+}
+
 /// The instruction that made a watched access reported after it (an x86 data breakpoint is a
 /// trap): the one ending at the PC, decoded from the start of the function System.map puts
 /// there; a repeated string store still at the PC (`rep stos`/`movs` with RCX not zero) is
 /// the PC's own. `None` where that is not certain.
 fn watch_writer(ctx: &ProbeContext<'_>, map: &SymbolMap, slide: u64) -> Option<(u64, String)> {
-    use probe_core::arch::{Arch, DecodedInstruction, InstructionDecoder};
-    type Decoder = <probe_core::arch::Host as Arch>::Decoder;
-    // The features' default (x86_64 has none to give: the unit type).
-    #[allow(clippy::unit_arg)]
-    let decoder =
-        <Decoder as InstructionDecoder<probe_core::arch::Host>>::new(Default::default()).ok()?;
+    let decoder = host_decoder()?;
     let pc = ctx.address;
     let mut here = [0u8; 16];
     if ctx.read_memory(pc, &mut here).is_ok()
-        && let Ok(insn) = InstructionDecoder::<probe_core::arch::Host>::decode(&decoder, &here, pc)
+        && let Ok(insn) = InstructionDecoder::<Host>::decode(&decoder, &here, pc)
         && insn.text().starts_with("rep")
         && ctx.regs.by_name("rcx").is_some_and(|c| c != 0)
     {

@@ -201,6 +201,9 @@ pub struct ExitSummary {
     /// Exceptions taken inside trapped slots, rewound to the probed instruction.
     #[serde(default)]
     pub slot_exceptions: u64,
+    /// Exits that began a step over a watched access (arm64: a watchpoint hit takes two).
+    #[serde(default)]
+    pub watch_steps: u64,
     /// Sites hit, by step plan.
     pub hits_by_plan: Vec<(PlanKind, u64)>,
     /// Register reads made while handling the exits (arm64: `KVM_GET_ONE_REG` calls; x86_64:
@@ -216,7 +219,7 @@ impl ExitSummary {
     /// The counts as `name=N` pairs, as the summary line and `hvprobe stats` print them.
     pub fn counts(&self) -> String {
         format!(
-            "breakpoint={} hw_breakpoint={} slot_trap={} return={} reinjected={} reinjected_debug={} abandoned_steps={} emulation_fallbacks={} rate_capped={} slot_exceptions={}",
+            "breakpoint={} hw_breakpoint={} slot_trap={} return={} reinjected={} reinjected_debug={} abandoned_steps={} emulation_fallbacks={} rate_capped={} slot_exceptions={} watch_steps={}",
             self.breakpoints,
             self.hw_breakpoints,
             self.slot_traps,
@@ -226,7 +229,8 @@ impl ExitSummary {
             self.abandoned_steps,
             self.emulation_fallbacks,
             self.rate_capped,
-            self.slot_exceptions
+            self.slot_exceptions,
+            self.watch_steps
         )
     }
 
@@ -243,6 +247,7 @@ impl ExitSummary {
             emulation_fallbacks: e.emulation_fallbacks,
             rate_capped: e.rate_capped,
             slot_exceptions: e.slot_exceptions,
+            watch_steps: e.watch_steps,
             hits_by_plan: e.hits_by_plan.clone(),
             register_reads: reads,
             register_writes: writes,
@@ -494,7 +499,7 @@ impl RunSummary {
             .collect();
         let e = &self.exits;
         let hits: u64 = self.probes.iter().map(|s| s.hits).sum();
-        let exits = e.breakpoints + e.hw_breakpoints + e.slot_traps + e.returns;
+        let exits = e.breakpoints + e.hw_breakpoints + e.slot_traps + e.returns + e.watch_steps;
         let all_exits = exits + e.reinjected + e.reinjected_debug;
         let plans: Vec<String> = e
             .hits_by_plan

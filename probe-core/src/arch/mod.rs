@@ -433,6 +433,10 @@ pub trait Arch: Sized + Copy + Debug + Default + Send + Sync + 'static {
         None
     }
 
+    /// Whether data watchpoints take the execute breakpoints' hardware slots (x86's DR0-3)
+    /// rather than registers of their own (arm64's DBGWVR/DBGWCR pairs).
+    const WATCHPOINTS_SHARE_BREAKPOINTS: bool = true;
+
     /// The register-use bits ([`HostEmulation::registers_used`]) that translating a kernel
     /// address needs beyond what [`crate::vm::VcpuAccess::exit_registers`] gives (arm64:
     /// TTBR1_EL1 and TCR_EL1). None where the exit gives them.

@@ -75,7 +75,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 self.exits.reinjected_debug.fetch_add(1, Ordering::Relaxed);
                 Ok(Verdict::ReinjectDebug)
             }
-            DebugEvent::Watchpoint { pc, slots } => self.watch_hit(vcpu, pc, slots),
+            DebugEvent::Watchpoint { pc, slots, writer } => self.watch_hit(vcpu, pc, slots, writer),
             DebugEvent::Breakpoint { pc } | DebugEvent::HardwareBreakpoint { pc } => {
                 let hw = matches!(event, DebugEvent::HardwareBreakpoint { .. });
                 self.hit(vcpu, state, pc, hw)

@@ -83,6 +83,12 @@ pub enum PlantErrorKind {
         /// The length.
         len: u8,
     },
+    /// All watchpoint registers are taken (where they are apart from the breakpoints').
+    #[error("all {count} hardware watchpoints are in use")]
+    NoWatchpoint {
+        /// How many the vCPUs have.
+        count: usize,
+    },
     /// All hardware breakpoints are taken.
     #[error("all {count} hardware breakpoints are in use")]
     NoHardwareBreakpoint {
@@ -385,7 +391,9 @@ impl<A: Arch> ProbeTable<A> {
     /// same address keeps its own).
     fn free_breakpoint_slots(&mut self, va: u64) {
         for (i, slot) in self.hw.iter_mut().enumerate() {
-            if *slot == Some(va) && !self.watches.values().any(|w| w.slot == i) {
+            if *slot == Some(va)
+                && !(A::WATCHPOINTS_SHARE_BREAKPOINTS && self.watches.values().any(|w| w.slot == i))
+            {
                 *slot = None;
             }
         }
@@ -473,6 +481,9 @@ pub struct ExitStats {
     /// Exceptions the guest took inside a trapped slot, rewound to the probed instruction
     /// with its interrupt mask ([`ProbeEngine::rewind_slot_exception`]).
     pub slot_exceptions: u64,
+    /// Exits that began a step over an access a watchpoint reported before it (arm64): a
+    /// watchpoint hit there takes two exits.
+    pub watch_steps: u64,
 }
 
 #[derive(Default)]
@@ -487,6 +498,7 @@ struct ExitCounters {
     emulation_fallbacks: AtomicU64,
     rate_capped: AtomicU64,
     slot_exceptions: AtomicU64,
+    watch_steps: AtomicU64,
     /// Hits by plan, indexed by [`PlanKind`] as `usize`.
     by_plan: [AtomicU64; PlanKind::ALL.len()],
 }
@@ -556,6 +568,9 @@ struct ProbeTable<A: Arch> {
     by_probe: HashMap<ProbeId, u64>,
     /// The data watchpoints, by probe.
     watches: HashMap<ProbeId, watch::WatchSite<A>>,
+    /// Watchpoint slots where the architecture has registers for them apart from the
+    /// breakpoints' (arm64): the address each holds.
+    watch_hw: Vec<Option<u64>>,
     /// The breakpoint of each trapped slot, by its address.
     slot_traps: HashMap<u64, SlotTrap>,
     /// Addresses of the instructions with an entry in the guest's exception table.
@@ -621,6 +636,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 site_vas: HashMap::new(),
                 by_probe: HashMap::new(),
                 watches: HashMap::new(),
+                watch_hw: Vec::new(),
                 slot_traps: HashMap::new(),
                 exception_table: HashSet::new(),
                 patched_text: HashMap::new(),

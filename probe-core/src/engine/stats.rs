@@ -76,6 +76,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             emulation_fallbacks: e.emulation_fallbacks.load(Ordering::Relaxed),
             rate_capped: e.rate_capped.load(Ordering::Relaxed),
             slot_exceptions: e.slot_exceptions.load(Ordering::Relaxed),
+            watch_steps: e.watch_steps.load(Ordering::Relaxed),
             hits_by_plan: PlanKind::ALL
                 .iter()
                 .zip(&e.by_plan)

@@ -884,6 +884,7 @@ fn a_watchpoint_takes_a_hardware_slot_and_reports_each_write_with_the_value_befo
                 DebugEvent::Watchpoint {
                     pc: TEXT_VA + 4,
                     slots: 1,
+                    writer: None,
                 },
             )
             .unwrap();
@@ -911,7 +912,8 @@ fn a_watchpoint_takes_a_hardware_slot_and_reports_each_write_with_the_value_befo
                 &mut state,
                 DebugEvent::Watchpoint {
                     pc: TEXT_VA,
-                    slots: 2
+                    slots: 2,
+                    writer: None
                 }
             )
             .unwrap(),

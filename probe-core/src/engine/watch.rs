@@ -20,6 +20,17 @@ pub(super) struct WatchSite<A: Arch> {
     pub(super) last: Arc<Mutex<u64>>,
 }
 
+impl<A: Arch> ProbeTable<A> {
+    /// The slots watchpoints take: the breakpoints' where they share them.
+    fn watch_pool(&mut self) -> &mut Vec<Option<u64>> {
+        if A::WATCHPOINTS_SHARE_BREAKPOINTS {
+            &mut self.hw
+        } else {
+            &mut self.watch_hw
+        }
+    }
+}
+
 impl<A: Arch> Clone for WatchSite<A> {
     fn clone(&self) -> Self {
         WatchSite {
@@ -102,7 +113,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         let Some(w) = table.watches.remove(&id) else {
             return false;
         };
-        table.hw[w.slot] = None;
+        table.watch_pool()[w.slot] = None;
         self.hw_generation.fetch_add(1, Ordering::SeqCst);
         true
     }
@@ -115,6 +126,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         vcpu: &mut dyn VcpuAccess<A>,
         pc: u64,
         slots: u32,
+        writer: Option<u64>,
     ) -> Result<Verdict, VcpuError> {
         let fired: Vec<WatchSite<A>> = {
             let table = self.table.read().unwrap_or_else(|e| e.into_inner());
@@ -145,14 +157,54 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 len: w.spec.len,
                 old,
                 new,
+                writer,
             };
             self.run_handlers_with(vcpu.id(), pc, &[w.probe], &regs, false, None, Some(record));
         }
         Ok(Verdict::Resume)
     }
 
-    /// The hardware slots every vCPU must load, execute breakpoints and watchpoints, and a
-    /// generation number that changes whenever they change.
+    /// Counts an exit that began a step over a watched access (arm64 reports watchpoints
+    /// before the access; the VMM steps over it and reports the hit after).
+    pub fn count_watch_step(&self) {
+        self.exits.watch_steps.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Says how many watchpoints the vCPUs have where they have registers of their own (from
+    /// KVM: arm64 reports its count in `KVM_CAP_GUEST_DEBUG_HW_WPS`); where they share the
+    /// breakpoints' (x86), nothing to say. Call before planting.
+    pub fn set_watchpoint_count(&self, count: usize) {
+        if A::WATCHPOINTS_SHARE_BREAKPOINTS {
+            return;
+        }
+        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        table.watch_hw.resize(count, None);
+        self.hw_generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The watchpoint slots every vCPU must load, by slot (`None`: free, or an execute
+    /// breakpoint's where they share slots).
+    pub fn watchpoint_slots(&self) -> Vec<Option<crate::vm::HardwareSlot>> {
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+        let len = if A::WATCHPOINTS_SHARE_BREAKPOINTS {
+            table.hw.len()
+        } else {
+            table.watch_hw.len()
+        };
+        let mut slots = vec![None; len];
+        for w in table.watches.values() {
+            if let Some(s) = slots.get_mut(w.slot) {
+                *s = Some(crate::vm::HardwareSlot {
+                    va: w.va,
+                    watch: Some(w.spec),
+                });
+            }
+        }
+        slots
+    }
+
+    /// The hardware slots every vCPU must load, execute breakpoints and (where they share
+    /// slots) watchpoints, and a generation number that changes whenever either changes.
     pub fn hardware_slots(&self) -> (Vec<Option<crate::vm::HardwareSlot>>, u64) {
         let table = self.table.read().unwrap_or_else(|e| e.into_inner());
         let slots = table

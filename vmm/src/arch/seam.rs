@@ -56,6 +56,9 @@ pub trait VmmArch: 'static {
     fn probe_traps(kvm: &Kvm) -> Result<TrapSupport, String>;
     /// How many hardware breakpoints a vCPU of this KVM has.
     fn hw_breakpoint_count(kvm: &Kvm) -> usize;
+    /// How many data watchpoints a vCPU of this KVM has (x86: the same four debug registers
+    /// as the breakpoints).
+    fn hw_watchpoint_count(kvm: &Kvm) -> usize;
     /// vCPU `id` out of `KVM_RUN` at `pc` (read when its exit was decoded), for the engine;
     /// `sync_regs` if KVM syncs registers through `kvm_run` and they were turned on.
     fn exit_vcpu(id: u32, fd: &mut VcpuFd, sync_regs: bool, pc: u64) -> Self::Vcpu<'_>;
@@ -181,5 +184,16 @@ pub enum ExitRoute {
     ExceptionEntry {
         /// The exception's return address (ELR_EL1).
         return_pc: u64,
+    },
+    /// hvprobe's watchpoint fired before the access (arm64): the vCPU steps over it, and the
+    /// step's exit reports the hit.
+    WatchStep,
+    /// hvprobe's watchpoints in `slots` fired before the access of the instruction at
+    /// `writer`, and the vCPU stepped over it (arm64): for the engine, as a watchpoint hit.
+    Watchpoint {
+        /// The accessing instruction.
+        writer: u64,
+        /// The watchpoint slots that fired.
+        slots: u32,
     },
 }

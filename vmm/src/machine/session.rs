@@ -364,6 +364,7 @@ impl ProbeSession {
                 .then(|| hw - 1);
         engine.set_hardware_breakpoint_count(hw - usize::from(exception_watch_slot.is_some()));
         engine.set_slot_exception_rewind(exception_watch_slot.is_some());
+        engine.set_watchpoint_count(arch::Host::hw_watchpoint_count(&vm.kvm));
         Ok(ProbeSession {
             setup,
             engine: Arc::new(engine),

@@ -179,12 +179,7 @@ impl Arch for Aarch64 {
     }
 
     const KERNEL_SPACE_REGISTERS: u64 = uses::KERNEL_SPACE;
-
-    /// The watchpoint registers (DBGWVR/DBGWCR) are not driven yet: arm64 reports a
-    /// watchpoint before the store, which needs a step over it.
-    fn watch_refusal(_spec: crate::definition::WatchSpec) -> Option<&'static str> {
-        Some("data watchpoints are not available on arm64 guests yet")
-    }
+    const WATCHPOINTS_SHARE_BREAKPOINTS: bool = false;
     /// PSTATE: BTYPE is cleared, DAIF set and restored.
     const TRAP_REGISTERS: u64 = uses::PSTATE;
 

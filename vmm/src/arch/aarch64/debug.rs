@@ -9,7 +9,8 @@ use kvm_bindings::{
 use kvm_ioctls::VcpuFd;
 use probe_core::arch::Arch;
 use probe_core::arch::aarch64::Aarch64;
-use probe_core::vm::DebugEvent;
+use probe_core::definition::WatchAccess;
+use probe_core::vm::{DebugEvent, HardwareSlot};
 
 use probe_core::engine::SlotRewind;
 
@@ -22,6 +23,8 @@ use crate::probing::ProbingError;
 
 /// DBGBCR<n>/DBGBVR<n>: at most 16 on arm64.
 pub const HW_BREAKPOINTS: usize = Aarch64::MAX_HW_BREAKPOINTS;
+/// DBGWCR<n>/DBGWVR<n>: at most 16 on arm64.
+pub const HW_WATCHPOINTS: usize = 16;
 
 /// Exception classes (ESR_ELx.EC) of debug exits.
 const EC_HW_BREAKPOINT_LOWER: u32 = 0x30;
@@ -75,6 +78,55 @@ pub struct GuestDebugSetup {
     /// ends, and when it fires (a breakpoint under the PC would fire again at once): while it
     /// is in, KVM loads hvprobe's debug registers instead of the guest's.
     pub exception_watch: Option<(usize, u64)>,
+    /// hvprobe's data watchpoints, by DBGWVR/DBGWCR slot.
+    pub watches: [Option<HardwareSlot>; HW_WATCHPOINTS],
+    /// A step over an access that hit watchpoints (arm64 reports them before the access): the
+    /// slots are out for the step, and the guest's exception mask is kept here meanwhile.
+    pub watch_step: Option<WatchStep>,
+}
+
+/// A step over the access that fired hvprobe's watchpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatchStep {
+    /// The accessing instruction.
+    pub writer: u64,
+    /// The watchpoint slots that fired (bit n: slot n).
+    pub slots: u32,
+    /// The guest's PSTATE.{D,A,I,F} before the step masked them.
+    pub daif: u64,
+}
+
+/// DBGWCR for a watchpoint: enabled, EL1 (PAC 0b01), the accesses (LSC: 0b10 stores, 0b11
+/// loads and stores) and the bytes of the doubleword (BAS), as Linux's hw_breakpoint.c builds
+/// it (`encode_ctrl_reg`); DBGWVR holds the doubleword's address.
+fn watch_control(slot: HardwareSlot) -> (u64, u64) {
+    let Some(spec) = slot.watch else {
+        return (0, 0);
+    };
+    let lsc = match spec.access {
+        WatchAccess::Write => 0b10,
+        WatchAccess::ReadWrite => 0b11,
+    };
+    let bas = ((1u64 << spec.len) - 1) << (slot.va & 7);
+    (1 | 0b01 << 1 | lsc << 3 | (bas & 0xff) << 5, slot.va & !7)
+}
+
+/// Of the watchpoints in `watches`, the one whose doubleword is nearest `far` (the address
+/// the exception reports, which for an access that covers watched and unwatched bytes need
+/// not be a watched one: Linux's `get_distance_from_watchpoint`), as a slot mask.
+fn fired_watch(watches: &[Option<HardwareSlot>], far: u64) -> u32 {
+    watches
+        .iter()
+        .enumerate()
+        .filter_map(|(i, w)| w.map(|w| (i, w.va & !7)))
+        .min_by_key(|&(_, dw)| {
+            if far < dw {
+                dw - far
+            } else {
+                far.saturating_sub(dw + 7)
+            }
+        })
+        .map_or(0, |(i, _)| 1 << i)
 }
 
 /// Where a single step made on the guest's behalf stands.
@@ -218,6 +270,46 @@ impl GuestDebug for GuestDebugSetup {
     ) -> Result<ExitRoute, ProbingError> {
         let kvm = |what| move |source| ProbingError::Kvm { what, source };
         match exception_class(exit) {
+            // hvprobe's (while they are loaded, KVM loads no watchpoint of the guest's): step
+            // over the access with the fired slot out and interrupts masked, then report.
+            EC_WATCHPOINT_LOWER | EC_WATCHPOINT_CURRENT
+                if self.watch_step.is_none() && self.watches.iter().any(Option::is_some) =>
+            {
+                let slots = fired_watch(&self.watches, exit.far);
+                let writer = read_pc(fd).map_err(kvm("KVM_GET_ONE_REG (PC)"))?;
+                let pstate = get(fd, PSTATE_REG).map_err(kvm("KVM_GET_ONE_REG (PSTATE)"))?;
+                set(fd, PSTATE_REG, pstate | PSTATE_DAIF)
+                    .map_err(kvm("KVM_SET_ONE_REG (PSTATE)"))?;
+                self.watch_step = Some(WatchStep {
+                    writer,
+                    slots,
+                    daif: pstate & PSTATE_DAIF,
+                });
+                self.single_step = true;
+                Ok(ExitRoute::WatchStep)
+            }
+            EC_SOFTWARE_STEP_LOWER | EC_SOFTWARE_STEP_CURRENT if self.watch_step.is_some() => {
+                let step = self.watch_step.take().expect("guarded");
+                if self.guest_step == GuestStep::Idle {
+                    self.single_step = false;
+                }
+                let pc = read_pc(fd).map_err(kvm("KVM_GET_ONE_REG (PC)"))?;
+                let pstate = get(fd, PSTATE_REG).map_err(kvm("KVM_GET_ONE_REG (PSTATE)"))?;
+                set(fd, PSTATE_REG, (pstate & !PSTATE_DAIF) | step.daif)
+                    .map_err(kvm("KVM_SET_ONE_REG (PSTATE)"))?;
+                if pc == step.writer.wrapping_add(4) {
+                    return Ok(ExitRoute::Watchpoint {
+                        writer: step.writer,
+                        slots: step.slots,
+                    });
+                }
+                // The access took an exception instead (with the mask on: its saved PSTATE
+                // gets the guest's back); it runs again after the handler, and fires again.
+                let spsr = get(fd, SPSR_EL1).map_err(kvm("KVM_GET_ONE_REG (SPSR_EL1)"))?;
+                set(fd, SPSR_EL1, (spsr & !PSTATE_DAIF) | step.daif)
+                    .map_err(kvm("KVM_SET_ONE_REG (SPSR_EL1)"))?;
+                Ok(ExitRoute::Taken)
+            }
             EC_WATCHPOINT_LOWER | EC_WATCHPOINT_CURRENT => {
                 // A watchpoint fires before the store: from EL0 the guest steps over it on its
                 // way back.
@@ -309,14 +401,20 @@ impl GuestDebug for GuestDebugSetup {
         }
     }
 
-    /// Traps the guest's `BRK` to the VMM.
-    /// None yet: the engine refuses watchpoints on arm64.
-    fn set_watchpoints(&mut self, _slots: &[Option<probe_core::vm::HardwareSlot>]) {}
-
-    fn watch_slots(&self) -> u32 {
-        0
+    fn set_watchpoints(&mut self, slots: &[Option<HardwareSlot>]) {
+        self.watches = [None; HW_WATCHPOINTS];
+        for (slot, w) in self.watches.iter_mut().zip(slots) {
+            *slot = w.filter(|w| w.watch.is_some());
+        }
     }
 
+    fn watch_slots(&self) -> u32 {
+        (0..HW_WATCHPOINTS)
+            .filter(|&i| self.watches[i].is_some())
+            .fold(0, |m, i| m | 1 << i)
+    }
+
+    /// Traps the guest's `BRK` to the VMM.
     fn trap_breakpoints(&mut self, on: bool) {
         self.software_breakpoints = on;
     }
@@ -344,7 +442,7 @@ impl GuestDebug for GuestDebugSetup {
 
     /// Whether an injection is pending at the next entry (never: arm64 injects at once).
     fn loads_hardware(&self) -> bool {
-        self.hardware.iter().any(Option::is_some)
+        self.hardware.iter().any(Option::is_some) || self.watches.iter().any(Option::is_some)
     }
 
     fn injecting(&self) -> bool {
@@ -357,7 +455,7 @@ impl GuestDebug for GuestDebugSetup {
     /// The `KVM_SET_GUEST_DEBUG` argument.
     fn to_kvm(&self) -> kvm_guest_debug {
         let mut dbg = kvm_guest_debug::default();
-        let hw = self.hardware.iter().any(Option::is_some);
+        let hw = self.loads_hardware();
         if !(self.software_breakpoints || self.single_step || hw) {
             return dbg;
         }
@@ -380,6 +478,15 @@ impl GuestDebug for GuestDebugSetup {
                         BCR_EXECUTE_EL1_EL0
                     };
                     dbg.arch.dbg_bvr[i] = *a & !3;
+                }
+            }
+            // A slot being stepped over stays out until the step is done.
+            let stepping = self.watch_step.map_or(0, |s| s.slots);
+            for (i, w) in self.watches.iter().enumerate() {
+                if let Some(w) = w
+                    && stepping & (1 << i) == 0
+                {
+                    (dbg.arch.dbg_wcr[i], dbg.arch.dbg_wvr[i]) = watch_control(*w);
                 }
             }
         }
@@ -430,6 +537,43 @@ pub fn decode_debug_exit(fd: &VcpuFd, exit: &kvm_debug_exit_arch) -> Option<Debu
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn watchpoints_fill_wcr_wvr_pairs_and_the_nearest_one_is_the_one_that_fired() {
+        let watch = |va, len, access| HardwareSlot {
+            va,
+            watch: Some(probe_core::definition::WatchSpec { len, access }),
+        };
+        let mp = watch(0xffff_8000_0984_14b0, 8, WatchAccess::Write);
+        // An 8-byte EL1 store watch: E, PAC 01, LSC 10, BAS 0xff (Linux's encoding).
+        assert_eq!(watch_control(mp), (0x1ff3, 0xffff_8000_0984_14b0));
+        // Two bytes at offset 4 of their doubleword, loads and stores: BAS 0b0011_0000.
+        let half = watch(0xffff_8000_0984_14c4, 2, WatchAccess::ReadWrite);
+        assert_eq!(
+            watch_control(half),
+            (1 | 0b01 << 1 | 0b11 << 3 | 0x30 << 5, 0xffff_8000_0984_14c0)
+        );
+        let mut s = GuestDebugSetup::default();
+        s.set_watchpoints(&[None, Some(mp), Some(half)]);
+        assert_eq!(s.watch_slots(), 0b110);
+        let k = s.to_kvm();
+        assert_eq!(k.control, KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW);
+        assert_eq!((k.arch.dbg_wcr[1], k.arch.dbg_wvr[1]), watch_control(mp));
+        assert_eq!(k.arch.dbg_wcr[0], 0);
+        // A store pair that starts 8 bytes below the watched doubleword reports its own
+        // start: the nearest watchpoint is the one.
+        assert_eq!(fired_watch(&s.watches, 0xffff_8000_0984_14a8), 0b10);
+        assert_eq!(fired_watch(&s.watches, 0xffff_8000_0984_14c6), 0b100);
+        // While a step over the access is under way, the fired slot is out.
+        s.watch_step = Some(WatchStep {
+            writer: 0xffff_8000_0800_0000,
+            slots: 0b10,
+            daif: 0,
+        });
+        let k = s.to_kvm();
+        assert_eq!(k.arch.dbg_wcr[1], 0);
+        assert_ne!(k.arch.dbg_wcr[2], 0);
+    }
 
     #[test]
     fn hardware_breakpoints_fill_bcr_bvr_pairs() {

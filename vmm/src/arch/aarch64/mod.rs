@@ -75,6 +75,12 @@ impl VmmArch for Aarch64Vmm {
         usize::try_from(n).unwrap_or(0).min(debug::HW_BREAKPOINTS)
     }
 
+    /// `KVM_CAP_GUEST_DEBUG_HW_WPS`.
+    fn hw_watchpoint_count(kvm: &Kvm) -> usize {
+        let n = kvm.check_extension_raw(kvm_bindings::KVM_CAP_GUEST_DEBUG_HW_WPS.into());
+        usize::try_from(n).unwrap_or(0).min(debug::HW_WATCHPOINTS)
+    }
+
     /// arm64 KVM has no sync regs: `sync_regs` is unused.
     fn exit_vcpu(id: u32, fd: &mut VcpuFd, _sync_regs: bool, pc: u64) -> vcpu::KvmVcpu<'_> {
         vcpu::KvmVcpu::new(id, fd, pc)

@@ -231,6 +231,7 @@ pub fn debug_event(arch: &kvm_debug_exit_arch, watch_slots: u32) -> Option<Debug
         DB_VECTOR if fired & watch_slots != 0 => Some(DebugEvent::Watchpoint {
             pc: arch.pc,
             slots: fired & watch_slots,
+            writer: None,
         }),
         DB_VECTOR if arch.dr6 & 0xf != 0 && arch.dr6 & DR6_BS == 0 => {
             Some(DebugEvent::HardwareBreakpoint { pc: arch.pc })
@@ -345,7 +346,8 @@ mod tests {
             debug_event(&db(0xffff_0ff2), s.watch_slots()),
             Some(DebugEvent::Watchpoint {
                 pc: 0xffff_ffff_8100_0010,
-                slots: 0b10
+                slots: 0b10,
+                writer: None
             })
         );
         assert_eq!(

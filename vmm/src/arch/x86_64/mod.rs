@@ -59,6 +59,11 @@ impl VmmArch for X86_64Vmm {
         debug::hw_breakpoint_count(kvm)
     }
 
+    /// DR0-3, shared with the breakpoints.
+    fn hw_watchpoint_count(kvm: &Kvm) -> usize {
+        debug::hw_breakpoint_count(kvm)
+    }
+
     /// The exit's `pc` is not needed: the registers come all together.
     fn exit_vcpu(id: u32, fd: &mut VcpuFd, sync_regs: bool, _pc: u64) -> vcpu::KvmVcpu<'_> {
         vcpu::KvmVcpu::new(id, fd, sync_regs)
