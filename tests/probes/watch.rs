@@ -23,8 +23,8 @@ fn old_new(line: &str) -> (u64, u64) {
 pub(super) fn a_write_watchpoint_reports_the_sysctl_write_of_modprobe_path_by_sh() {
     let out = run_probed(
         "1",
-        "echo /tmp/x > /proc/sys/kernel/modprobe; cat /proc/sys/kernel/modprobe",
-        &["w:hv/mp modprobe_path:8:w"],
+        "echo /tmp/x > /proc/sys/kernel/modprobe; cat /proc/sys/kernel/modprobe; cat /proc/sys/kernel/core_pattern",
+        &["w:hv/mp modprobe_path:8:w", "w:hv/cp core_pattern:8:rw"],
         &[],
     );
     assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
@@ -61,13 +61,29 @@ pub(super) fn a_write_watchpoint_reports_the_sysctl_write_of_modprobe_path_by_sh
         "{}",
         explain(&out)
     );
-    // One exit a write on x86_64 (a trap after the store); two on arm64 (the watchpoint
-    // before the store, and the step over it).
+    // A read watch: cat's read of core_pattern is reported, the value unchanged.
+    let reads: Vec<&str> = stdout.lines().filter(|l| l.contains(" hv/cp: ")).collect();
+    assert!(!reads.is_empty(), "{}", explain(&out));
+    assert!(
+        reads
+            .iter()
+            .any(|l| l.starts_with("cat-") && l.contains(" addr=core_pattern ")),
+        "{}",
+        explain(&out)
+    );
+    for l in &reads {
+        let (old, new) = old_new(l);
+        assert_eq!(old, new, "a read changes nothing: {l}");
+    }
+    assert_eq!(out.probe("core_pattern").hits, reads.len() as u64);
+    // One exit an access on x86_64 (a trap after it); two on arm64 (the watchpoint before
+    // the access, and the step over it).
+    let hits = (lines.len() + reads.len()) as u64;
     let exits = &out.summary().exits;
-    assert_eq!(exits.hw_breakpoints, lines.len() as u64);
+    assert_eq!(exits.hw_breakpoints, hits);
     let steps = match guest_arch() {
         GuestArch::X86_64 => 0,
-        GuestArch::Aarch64 => lines.len() as u64,
+        GuestArch::Aarch64 => hits,
     };
     assert_eq!(exits.watch_steps, steps, "{}", explain(&out));
     assert_text_restored(&out);
@@ -97,6 +113,33 @@ pub(super) fn watchpoints_the_hardware_cannot_take_are_refused_and_nothing_chang
     );
     assert_eq!(out.status.code(), Some(2), "{}", explain(&out));
     out.assert_refused("modprobe_path+0x4", RefusalStage::Planting, "not aligned");
+    assert!(
+        !text(&out.stdout).contains("SHOULD-NOT-RUN\n"),
+        "{}",
+        explain(&out)
+    );
+    assert_text_restored(&out);
+
+    // More watchpoints than the vCPUs have registers (x86: four, shared with hardware
+    // breakpoints; arm64: KVM_CAP_GUEST_DEBUG_HW_WPS, at most 16): the rest refused by name.
+    let watches: Vec<String> = (0..17)
+        .map(|n| format!("w:hv/w{n} modprobe_path+{:#x}:8:w", n * 8))
+        .collect();
+    let refs: Vec<&str> = watches.iter().map(String::as_str).collect();
+    let out = run_probed("1", "echo SHOULD-NOT-RUN", &refs, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", explain(&out));
+    let refused = out.summary().refused.len();
+    let fit = match guest_arch() {
+        GuestArch::X86_64 => 4,
+        GuestArch::Aarch64 => 17 - refused,
+    };
+    assert!((1..=16).contains(&fit), "{}", explain(&out));
+    assert_eq!(refused, 17 - fit, "{}", explain(&out));
+    let says = match guest_arch() {
+        GuestArch::X86_64 => "all 4 hardware breakpoints are in use",
+        GuestArch::Aarch64 => "hardware watchpoints are in use",
+    };
+    out.assert_refused("modprobe_path+0x80", RefusalStage::Planting, says);
     assert!(
         !text(&out.stdout).contains("SHOULD-NOT-RUN\n"),
         "{}",

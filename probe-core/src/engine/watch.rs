@@ -86,14 +86,17 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             .read_watched(A::address_space(regs), target.va, spec.len)
             .map_err(refuse)?;
         let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
-        let slot = table.hw.iter().position(Option::is_none).ok_or_else(|| {
-            refuse(PlantErrorKind::NoHardwareBreakpoint {
-                count: table.hw.len(),
+        let pool = table.watch_pool();
+        let slot = pool.iter().position(Option::is_none).ok_or_else(|| {
+            refuse(if A::WATCHPOINTS_SHARE_BREAKPOINTS {
+                PlantErrorKind::NoHardwareBreakpoint { count: pool.len() }
+            } else {
+                PlantErrorKind::NoWatchpoint { count: pool.len() }
             })
         })?;
+        pool[slot] = Some(target.va);
         let id = ProbeId(table.next_id);
         table.next_id += 1;
-        table.hw[slot] = Some(target.va);
         table.watches.insert(
             id,
             WatchSite {
@@ -214,7 +217,11 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             .map(|(i, va)| {
                 va.map(|va| crate::vm::HardwareSlot {
                     va,
-                    watch: table.watches.values().find(|w| w.slot == i).map(|w| w.spec),
+                    watch: table
+                        .watches
+                        .values()
+                        .find(|w| A::WATCHPOINTS_SHARE_BREAKPOINTS && w.slot == i)
+                        .map(|w| w.spec),
                 })
             })
             .collect();

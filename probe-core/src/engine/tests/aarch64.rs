@@ -537,3 +537,51 @@ fn a_user_access_is_probed_only_where_a_fault_of_its_copy_is_rewound_to_it() {
     assert_eq!(engine.exit_stats().slot_exceptions, 1);
     assert_eq!(engine.exit_stats().abandoned_steps, 0);
 }
+
+#[test]
+fn watchpoints_take_registers_of_their_own_and_give_them_back() {
+    use crate::definition::{WatchAccess, WatchSpec};
+    let (engine, vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    engine.set_watchpoint_count(4);
+    let spec = WatchSpec {
+        len: 8,
+        access: WatchAccess::Write,
+    };
+    let watch = |n: u64| {
+        let mut p = Probe::<Aarch64>::new(format!("var+{n}"));
+        p.watch = Some(spec);
+        engine.plant(p, target(0x2000 + n * 8), &regs)
+    };
+    // A breakpoint takes a breakpoint register, not a watchpoint's.
+    engine
+        .plant(Probe::new("f").hardware(), target(0), &regs)
+        .unwrap();
+    let ids: Vec<crate::engine::ProbeId> = (0..4).map(|n| watch(n).unwrap()).collect();
+    let err = watch(4).unwrap_err();
+    assert!(
+        matches!(err.kind, PlantErrorKind::NoWatchpoint { count: 4 }),
+        "{err}"
+    );
+    let slots = engine.watchpoint_slots();
+    assert_eq!(slots.len(), 4);
+    assert!(
+        slots
+            .iter()
+            .all(|s| s.is_some_and(|s| s.watch == Some(spec)))
+    );
+    assert!(
+        engine
+            .hardware_slots()
+            .0
+            .iter()
+            .flatten()
+            .all(|s| s.watch.is_none()),
+        "no watchpoint among the breakpoints"
+    );
+    for id in ids {
+        engine.remove(id).unwrap();
+    }
+    assert!(engine.watchpoint_slots().iter().all(Option::is_none));
+    assert_eq!(engine.hardware_breakpoints().0[0], Some(TEXT_VA));
+}
