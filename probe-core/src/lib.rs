@@ -19,6 +19,7 @@ pub mod fetch;
 pub mod guest_kprobes;
 pub mod guest_memory;
 pub mod histogram;
+pub mod integrity;
 pub mod jump;
 pub mod pagewalk;
 pub mod patched_text;

@@ -10,6 +10,7 @@
 mod common;
 mod counts;
 mod guest_debug;
+mod integrity;
 mod jump;
 mod live;
 mod output;
@@ -25,6 +26,7 @@ use counts::*;
 use guest_debug::*;
 use hvprobe_guest::GuestArch;
 use hvprobe_vmm::summary::ProbeSummary;
+use integrity::*;
 use jump::*;
 use live::*;
 use output::*;
@@ -706,6 +708,7 @@ fn main() {
                 a_random_sweep_of_jump_sites_counts_what_the_exit_plan_counts,
                 a_write_watchpoint_reports_the_sysctl_write_of_modprobe_path_by_sh,
                 watchpoints_the_hardware_cannot_take_are_refused_and_nothing_changes,
+                integrity_finds_a_guest_kprobe_in_kernel_text_and_nothing_on_an_untouched_guest,
             ],
             Guests::Only(GuestArch::X86_64) => [
                 a_getpid_probe_counts_the_workload_calls_and_prints_each_hit,

@@ -26,7 +26,9 @@ pub use crate::job::{
     read_btf,
 };
 use crate::machine::ApiSetup;
-use crate::machine::{self, JumpSetup, Outcome, ProbeReport, ProbeSetup, RunOptions, RunReport};
+use crate::machine::{
+    self, IntegrityRegions, JumpSetup, Outcome, ProbeReport, ProbeSetup, RunOptions, RunReport,
+};
 use crate::output::TraceOutput;
 use crate::refusal::{RefusedProbe, refusal_list};
 use crate::report::RetvalHistogram;
@@ -540,8 +542,20 @@ fn probe_setup(
         (Ok(s), Ok(e)) => Some((s.addr, e.addr)),
         _ => None,
     };
+    let integrity = args.integrity.then(|| IntegrityRegions {
+        rodata: match (map.lookup("__start_rodata"), map.lookup("__end_rodata")) {
+            (Ok(s), Ok(e)) => Some((s.addr, e.addr)),
+            _ => None,
+        },
+        syscall_table: map
+            .lookup("sys_call_table")
+            .ok()
+            .and_then(|s| Some((s.addr, map.size_of(s)? as usize / 8))),
+        symbols: map.clone(),
+    });
     Ok(Some(ProbeSetup {
         requests,
+        integrity,
         text,
         xol_pages: XOL_PAGES,
         code_window: match (map.lookup("__init_begin"), map.lookup("__init_end")) {

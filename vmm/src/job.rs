@@ -164,6 +164,14 @@ pub struct Job {
     #[arg(long, value_name = "PATH")]
     #[serde(default)]
     pub api_socket: Option<PathBuf>,
+    /// Check the kernel's integrity at the end of the run against its state when `/init`
+    /// started (before any probe went in): every changed range of kernel text and read-only
+    /// data with its symbol, syscall table entries pointing outside kernel text, and moved
+    /// protection settings (x86: CR0.WP, CR4.SMEP/SMAP, the IDT base; arm64: VBAR_EL1,
+    /// SCTLR_EL1.WXN/SPAN). Reported in the end-of-run summary and in `--summary-json`.
+    #[arg(long)]
+    #[serde(default)]
+    pub integrity: bool,
     /// Inside the emulated runner's L1: the guest kernel's `NOKPROBE_SYMBOL` addresses, read
     /// from its vmlinux on the host (L1 has only its BTF).
     #[arg(skip)]
@@ -551,7 +559,7 @@ impl Job {
     /// does not resolve (bad syntax, unknown symbol, offset past the symbol) is listed in
     /// [`ResolvedProbes::refused`], all of them in one pass.
     pub fn resolve_probes(&self) -> Result<Option<ResolvedProbes>> {
-        if self.probes.is_empty() && self.api_socket.is_none() {
+        if !self.looks_into_the_guest() {
             return Ok(None);
         }
         let path = self
@@ -599,6 +607,12 @@ impl Job {
             targets,
             refused,
         }))
+    }
+
+    /// Whether the run looks into the guest kernel (probes, the live-session API that may add
+    /// them, `--integrity`): it then needs the guest's System.map and a probe session.
+    pub fn looks_into_the_guest(&self) -> bool {
+        !self.probes.is_empty() || self.api_socket.is_some() || self.integrity
     }
 
     /// Checks what can be checked before any VM or emulator is started.

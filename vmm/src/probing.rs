@@ -119,6 +119,9 @@ pub struct PausedState {
     /// The guest's time stamp counter now and its rate in kHz, where KVM tells them: the
     /// clock of the jump plan's records.
     pub counter: Option<(u64, u64)>,
+    /// The protection settings and table bases `--integrity` compares, by name (x86: CR0.WP,
+    /// CR4.SMEP, CR4.SMAP, the IDT base; arm64: VBAR_EL1, SCTLR_EL1.WXN, SCTLR_EL1.SPAN).
+    pub control: Vec<(&'static str, u64)>,
 }
 
 /// The engine type the VMM uses: the host's architecture over mmap'd guest memory.

@@ -312,6 +312,111 @@ pub struct RunSummary {
     /// (`event;outermost;...;probed`), most frequent first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stacks: Vec<StackCount>,
+    /// What `--integrity` found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub integrity: Option<IntegritySummary>,
+}
+
+/// The kernel at the end of the run against its state when `/init` started (`--integrity`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct IntegritySummary {
+    /// Nothing changed and everything could be read.
+    pub clean: bool,
+    /// Changed ranges of kernel text and read-only data.
+    pub changed: Vec<ChangedSummary>,
+    /// Syscall table entries pointing outside kernel text: (index, value).
+    pub syscalls_outside_text: Vec<(usize, u64)>,
+    /// Protection settings and table bases that moved.
+    pub control: Vec<ControlSummary>,
+    /// What could not be read or compared.
+    pub errors: Vec<String>,
+}
+
+/// A changed range.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangedSummary {
+    /// `text` or `rodata`.
+    pub region: String,
+    /// The running kernel's address.
+    pub address: u64,
+    /// Bytes (whole 64-byte blocks).
+    pub len: u64,
+    /// The symbol it starts in (System.map's `name+0xoff`).
+    pub symbol: String,
+}
+
+/// A protection setting that moved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlSummary {
+    /// What (`CR0.WP`, `VBAR_EL1`).
+    pub name: String,
+    /// When `/init` started.
+    pub before: u64,
+    /// At the end.
+    pub now: u64,
+}
+
+impl IntegritySummary {
+    fn new(r: &crate::machine::IntegrityReport) -> IntegritySummary {
+        IntegritySummary {
+            clean: r.changed.is_empty()
+                && r.syscalls_outside_text.is_empty()
+                && r.control.is_empty()
+                && r.errors.is_empty(),
+            changed: r
+                .changed
+                .iter()
+                .map(|(region, c, symbol)| ChangedSummary {
+                    region: region.to_string(),
+                    address: c.start,
+                    len: c.len,
+                    symbol: symbol.clone(),
+                })
+                .collect(),
+            syscalls_outside_text: r.syscalls_outside_text.clone(),
+            control: r
+                .control
+                .iter()
+                .map(|c| ControlSummary {
+                    name: c.name.to_string(),
+                    before: c.before,
+                    now: c.now,
+                })
+                .collect(),
+            errors: r.errors.clone(),
+        }
+    }
+
+    /// The report's lines.
+    fn text_lines(&self) -> Vec<String> {
+        if self.clean {
+            return vec![
+                "hvprobe: integrity: kernel text, read-only data, the syscall table and the protection settings are as when /init started".into(),
+            ];
+        }
+        let mut out = Vec::new();
+        for c in &self.changed {
+            out.push(format!(
+                "hvprobe: integrity: {} changed at {} ({:#x}, {} bytes)",
+                c.region, c.symbol, c.address, c.len
+            ));
+        }
+        for (i, v) in &self.syscalls_outside_text {
+            out.push(format!(
+                "hvprobe: integrity: syscall {i} points outside kernel text ({v:#x})"
+            ));
+        }
+        for c in &self.control {
+            out.push(format!(
+                "hvprobe: integrity: {} changed from {:#x} to {:#x}",
+                c.name, c.before, c.now
+            ));
+        }
+        for e in &self.errors {
+            out.push(format!("hvprobe: integrity: not checked: {e}"));
+        }
+        out
+    }
 }
 
 /// Hits the jump plan could not record.
@@ -455,6 +560,9 @@ impl RunSummary {
                 after: t.after,
                 restored: t.after == Some(t.before),
             }),
+            integrity: probes
+                .and_then(|p| p.integrity.as_ref())
+                .map(IntegritySummary::new),
             kaslr_slide: probes.and_then(|p| p.kaslr_slide),
             kaslr_anchor: probes.and_then(|p| p.kaslr_anchor.clone()),
             refused: probes.map(|p| p.refused.clone()).unwrap_or_default(),
@@ -602,6 +710,9 @@ impl RunSummary {
                 r.va, r.found
             ));
         }
+        if let Some(i) = &self.integrity {
+            out.extend(i.text_lines());
+        }
         out
     }
 }
@@ -672,6 +783,7 @@ mod tests {
             ],
             faults_with_probes: vec!["BUG: x".into()],
             stacks: Vec::new(),
+            integrity: None,
             rewritten: vec![RewrittenSummary {
                 va: 0x10,
                 found: vec![0x90],

@@ -32,7 +32,8 @@ pub use outcome::{EXIT_GUEST_FAILED, EXIT_PROBE_REFUSED, Outcome, RunReport};
 use run_loop::RunLoop;
 use session::ProbeSession;
 pub use session::{
-    JumpSetup, PlantingError, ProbeReport, ProbeRequest, ProbeSetup, ProbeSource, TextHashes,
+    IntegrityRegions, IntegrityReport, JumpSetup, PlantingError, ProbeReport, ProbeRequest,
+    ProbeSetup, ProbeSource, TextHashes,
 };
 
 /// Errors that keep a VM from running at all (as opposed to a guest that ends badly, which is

@@ -13,10 +13,11 @@ use probe_core::engine::{
     read_guest_virtual,
 };
 use probe_core::guest_kprobes::KprobeTableLayout;
+use probe_core::integrity::{ChangedRange, ControlChange, RegionBaseline};
 use probe_core::jump::{GuestAnchors, RingLayout};
 use probe_core::probe::{Probe, TrapKind};
 use probe_core::xol::XolArea;
-use probe_core::{extable, patched_text};
+use probe_core::{extable, integrity, patched_text};
 
 use super::MachineError;
 use crate::arch::{self, Guest, GuestRegisters, VmmArch};
@@ -51,10 +52,48 @@ pub trait ProbeSource: Send {
     fn functions(&self, pattern: &str) -> Vec<probe_core::catalog::FunctionInfo>;
 }
 
+/// What `--integrity` compares (System.map's addresses: the KASLR slide is added at the
+/// baseline).
+#[derive(Debug, Clone)]
+pub struct IntegrityRegions {
+    /// Read-only data `[start, end)`.
+    pub rodata: Option<(u64, u64)>,
+    /// The syscall table: its address and entries.
+    pub syscall_table: Option<(u64, usize)>,
+    /// The kernel's symbols, to name what changed.
+    pub symbols: Arc<probe_core::symbols::SymbolMap>,
+}
+
+/// The kernel as it was at the baseline, for `--integrity`.
+struct IntegrityBaseline {
+    regions: Vec<RegionBaseline>,
+    /// Kernel text `[start, end)` (slid), what syscall table entries must point into.
+    text: Option<(u64, u64)>,
+    /// The syscall table (slid) and its entries.
+    syscall_table: Option<(u64, usize)>,
+    control: Vec<(&'static str, u64)>,
+}
+
+/// What `--integrity` found at the end of the run.
+#[derive(Debug, Clone, Default)]
+pub struct IntegrityReport {
+    /// Changed ranges: region name, range (the running kernel's addresses), and the symbol
+    /// it starts in.
+    pub changed: Vec<(&'static str, ChangedRange, String)>,
+    /// Syscall table entries outside kernel text: (index, value).
+    pub syscalls_outside_text: Vec<(usize, u64)>,
+    /// Protection settings that moved.
+    pub control: Vec<ControlChange>,
+    /// What could not be read or compared.
+    pub errors: Vec<String>,
+}
+
 /// The probes of a run.
 pub struct ProbeSetup {
     /// What to plant, in order.
     pub requests: Vec<ProbeRequest>,
+    /// The regions `--integrity` checks (System.map's addresses), if it was asked for.
+    pub integrity: Option<IntegrityRegions>,
     /// Kernel text `[start, end)` (virtual), hashed before planting and after removal.
     pub text: Option<(u64, u64)>,
     /// XOL code pages to reserve.
@@ -195,6 +234,8 @@ pub struct ProbeReport {
     /// Hits the jump plan's trampolines could not record: (on a vCPU without a ring, in a
     /// full or nested ring); `None` without the jump plan.
     pub jump_dropped: Option<(u64, u64)>,
+    /// What `--integrity` found, if asked.
+    pub integrity: Option<IntegrityReport>,
 }
 
 /// Sends `cmd` to every vCPU, then waits until each has answered with `answer`.
@@ -277,6 +318,8 @@ pub(super) struct ProbeSession {
     pub(super) names: HashMap<ProbeId, (String, String)>,
     /// The kernel text's hash before the first probe went in.
     pub(super) text_before: Option<u64>,
+    /// The kernel at the baseline, for `--integrity`.
+    integrity: Option<IntegrityBaseline>,
     /// How long changes held the vCPUs out of the guest.
     pub(super) pauses: Pauses,
     /// The running kernel's user-return address once the slide is known (0: none).
@@ -377,6 +420,7 @@ impl ProbeSession {
             exception_watch_slot,
             names: HashMap::new(),
             text_before: None,
+            integrity: None,
             pauses: Pauses::default(),
             vcpus: (0..vm.vcpus.len()).map(|_| VcpuCounts::default()).collect(),
             drain: None,
@@ -393,6 +437,98 @@ impl ProbeSession {
             exception_watch_slot: self.exception_watch_slot,
             vcpus: self.vcpus.clone(),
         })
+    }
+
+    /// Reads guest virtual `[start, end)` through `regs`' page tables.
+    fn read_region(&self, regs: &GuestRegisters, start: u64, end: u64) -> Result<Vec<u8>, String> {
+        let mut bytes = vec![0u8; end.saturating_sub(start) as usize];
+        read_guest_virtual::<Guest, _>(self.engine.memory(), regs, start, &mut bytes)?;
+        Ok(bytes)
+    }
+
+    /// The regions, syscall table and protection settings `--integrity` compares, as they
+    /// are now (the slide known); a region that cannot be read is left out, said on stderr.
+    fn integrity_baseline(
+        &self,
+        regs: &GuestRegisters,
+        control: Vec<(&'static str, u64)>,
+    ) -> IntegrityBaseline {
+        let slide = self.setup.slide.load(Ordering::SeqCst);
+        let Some(wanted) = self.setup.integrity.as_ref() else {
+            return IntegrityBaseline {
+                regions: Vec::new(),
+                text: None,
+                syscall_table: None,
+                control,
+            };
+        };
+        let mut regions = Vec::new();
+        let slid = |(s, e): (u64, u64)| (s.wrapping_add(slide), e.wrapping_add(slide));
+        // Text is already slid (`apply_kaslr_slide`).
+        for (name, range) in [
+            ("text", self.setup.text),
+            ("rodata", wanted.rodata.map(slid)),
+        ] {
+            let Some((start, end)) = range else { continue };
+            match self.read_region(regs, start, end) {
+                Ok(bytes) => regions.push(RegionBaseline::new(name, start, &bytes)),
+                Err(e) => eprintln!("hvprobe: integrity: cannot read the kernel's {name}: {e}"),
+            }
+        }
+        IntegrityBaseline {
+            regions,
+            text: self.setup.text,
+            syscall_table: wanted
+                .syscall_table
+                .map(|(at, n)| (at.wrapping_add(slide), n)),
+            control,
+        }
+    }
+
+    /// Compares the kernel now (every vCPU paused, every probe out) with the baseline.
+    fn integrity_report(
+        &self,
+        base: &IntegrityBaseline,
+        regs: &GuestRegisters,
+        control: &[(&'static str, u64)],
+    ) -> IntegrityReport {
+        let mut report = IntegrityReport::default();
+        let slide = self.setup.slide.load(Ordering::SeqCst);
+        for region in &base.regions {
+            match self
+                .read_region(regs, region.start, region.start + region.len)
+                .map_err(|e| e.to_string())
+                .and_then(|now| region.changes(&now).map_err(|e| e.to_string()))
+            {
+                Ok(changes) => report.changed.extend(changes.into_iter().map(|c| {
+                    // Named by the symbols it spans: a 64-byte block may straddle two.
+                    let symbol = self.setup.integrity.as_ref().map_or_else(String::new, |w| {
+                        let first = c.start.wrapping_sub(slide);
+                        let last = first + c.len - 1;
+                        match (w.symbols.containing(first), w.symbols.containing(last)) {
+                            (Some((a, _)), Some((b, _))) if a.name != b.name => format!(
+                                "{}..{}",
+                                w.symbols.describe(first),
+                                w.symbols.describe(last)
+                            ),
+                            _ => w.symbols.describe(first),
+                        }
+                    });
+                    (region.name, c, symbol)
+                })),
+                Err(e) => report.errors.push(format!("{}: {e}", region.name)),
+            }
+        }
+        if let (Some((at, n)), Some(text)) = (base.syscall_table, base.text) {
+            match self.read_region(regs, at, at + n as u64 * 8) {
+                Ok(entries) => {
+                    report.syscalls_outside_text = integrity::syscalls_outside_text(&entries, text);
+                }
+                Err(e) => report.errors.push(format!("syscall table: {e}")),
+            }
+        }
+        report.control = integrity::control_changes(&base.control, control);
+        report
     }
 
     pub(super) fn hash_text(&self, regs: &GuestRegisters) -> Option<u64> {
@@ -561,6 +697,9 @@ impl ProbeSession {
             }
         }
         self.text_before = self.hash_text(&regs);
+        if self.setup.integrity.is_some() {
+            self.integrity = Some(self.integrity_baseline(&regs, state.control));
+        }
         self.regs = Some(regs.clone());
         Ok(regs)
     }
@@ -680,6 +819,12 @@ impl ProbeSession {
                 let after = self.hash_text(regs);
                 if let Some(t) = &mut self.report.text {
                     t.after = after;
+                }
+                if let Some(base) = &self.integrity {
+                    let control = paused_state(&handles[0])
+                        .map(|s| s.control)
+                        .unwrap_or_default();
+                    self.report.integrity = Some(self.integrity_report(base, regs, &control));
                 }
             }
         }

@@ -164,7 +164,7 @@ const L1_MARGIN: Duration = Duration::from_secs(180);
 /// The inner run's job: the same job, whole, with the runner fixed to the host KVM and the
 /// guest's files and the output at their L1 paths.
 pub fn inner_job(job: &Job) -> Job {
-    let probing = !job.probes.is_empty() || job.api_socket.is_some();
+    let probing = job.looks_into_the_guest();
     Job {
         runner: RunnerChoice::Host,
         kernel: Some(PathBuf::from("/l2/vmlinuz")),
@@ -265,7 +265,7 @@ pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
     };
 
     // Only the BTF section travels into L1: a vmlinux with debug info is hundreds of MiB.
-    let probing = !args.probes.is_empty() || args.api_socket.is_some();
+    let probing = args.looks_into_the_guest();
     let btf = match (&args.btf, probing) {
         (Some(path), true) => {
             Some(crate::job::read_btf(path).map_err(|e| RunnerError::Prepare(format!("{e:#}")))?)

@@ -473,6 +473,14 @@ pub fn paused_state(fd: &mut VcpuFd) -> Result<PausedState, ProbingError> {
             .ok()
             .zip(counter_khz())
             .filter(|(_, khz)| *khz > 0),
+        control: match (get(fd, VBAR_EL1), get(fd, SCTLR_EL1)) {
+            (Ok(vbar), Ok(sctlr)) => vec![
+                ("VBAR_EL1", vbar),
+                ("SCTLR_EL1.WXN", sctlr >> 19 & 1),
+                ("SCTLR_EL1.SPAN", sctlr >> 23 & 1),
+            ],
+            _ => Vec::new(),
+        },
     })
 }
 

@@ -151,5 +151,11 @@ pub fn paused_state(fd: &mut VcpuFd) -> Result<PausedState, ProbingError> {
         cpu_features: (),
         // CPL 0 (under PTI, user mode runs on a CR3 without the kernel's text).
         in_kernel: s.cs.selector & 3 == 0,
+        control: vec![
+            ("CR0.WP", s.cr0 >> 16 & 1),
+            ("CR4.SMEP", s.cr4 >> 20 & 1),
+            ("CR4.SMAP", s.cr4 >> 21 & 1),
+            ("IDT base", s.idt.base),
+        ],
     })
 }
