@@ -7,21 +7,10 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
     /// Runs the pre (or, with `post`, post) handlers of `probes` for a hit at `site_va`; for a
     /// hit that happened earlier than now (a jump-plan record), `recorded` gives its time and
     /// the only memory its handlers may read.
-    pub(super) fn run_handlers(
-        &self,
-        vcpu: u32,
-        site_va: u64,
-        probes: &[Arc<ProbeEntry<A>>],
-        regs: &A::Registers,
-        post: bool,
-        recorded: Option<(std::time::Duration, &crate::jump::RecordedMemory)>,
-    ) {
-        self.run_handlers_with(vcpu, site_va, probes, regs, post, recorded, None);
-    }
-
-    /// [`ProbeEngine::run_handlers`], with what a watchpoint saw.
+    /// Runs the pre (or `post`) handlers of `probes` for a hit at `site_va`; a drained jump
+    /// record gives its time and memory (`recorded`), a watchpoint what it saw (`watch`).
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn run_handlers_with(
+    pub(super) fn run_handlers(
         &self,
         vcpu: u32,
         site_va: u64,
@@ -187,7 +176,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 counter.fetch_add(1, Ordering::Relaxed);
             }
             state.site_hits += 1;
-            self.run_handlers(vcpu.id(), pc, &probes, &regs, false, None);
+            self.run_handlers(vcpu.id(), pc, &probes, &regs, false, None, None);
             self.enter_returns(&probes, &mut regs);
             let has_post = probes.iter().any(|p| p.post.is_some());
             self.exits.by_plan[run.kind() as usize].fetch_add(1, Ordering::Relaxed);
@@ -224,7 +213,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                     }
                     vcpu.overwrote(emu.registers_overwritten());
                     if has_post {
-                        self.run_handlers(vcpu.id(), pc, &probes, &regs, true, None);
+                        self.run_handlers(vcpu.id(), pc, &probes, &regs, true, None, None);
                     }
                     if emu.opens_interrupt_shadow() {
                         // `sti` blocks interrupts for one more instruction (`sti; hlt` relies
@@ -412,7 +401,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         }
         vcpu.set_registers(&regs)?;
         if has_post {
-            self.run_handlers(vcpu.id(), trap.orig_va, &probes, &regs, true, None);
+            self.run_handlers(vcpu.id(), trap.orig_va, &probes, &regs, true, None, None);
         }
         Ok(Verdict::Resume)
     }

@@ -239,7 +239,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         let memory = rec.memory(regs.sp(), anchors);
         let time = clock.map_or_else(|| self.start.elapsed(), |c| c.time_of(rec.time));
         self.exits.by_plan[PlanKind::Jump as usize].fetch_add(1, Ordering::Relaxed);
-        self.run_handlers(cpu, va, &probes, &regs, false, Some((time, &memory)));
+        self.run_handlers(cpu, va, &probes, &regs, false, Some((time, &memory)), None);
     }
 
     /// Hits the trampoline of jump site `tag` dropped (full ring, nesting), and hits its task

@@ -162,7 +162,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 new,
                 writer,
             };
-            self.run_handlers_with(vcpu.id(), pc, &[w.probe], &regs, false, None, Some(record));
+            self.run_handlers(vcpu.id(), pc, &[w.probe], &regs, false, None, Some(record));
         }
         Ok(Verdict::Resume)
     }

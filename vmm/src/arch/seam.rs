@@ -83,6 +83,24 @@ pub trait VmmArch: 'static {
     fn describe_debug_exit(exit: &kvm_debug_exit_arch) -> String;
 }
 
+/// Loads the watchpoints of `slots` into `watches`, by slot (a slot holding an execute
+/// breakpoint, or nothing, is `None` there): what both architectures' `set_watchpoints` do.
+pub fn load_watchpoints(watches: &mut [Option<HardwareSlot>], slots: &[Option<HardwareSlot>]) {
+    watches.fill(None);
+    for (slot, w) in watches.iter_mut().zip(slots) {
+        *slot = w.filter(|w| w.watch.is_some());
+    }
+}
+
+/// The slots of `watches` that hold a watchpoint (bit n: slot n).
+pub fn watch_mask(watches: &[Option<HardwareSlot>]) -> u32 {
+    watches
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| w.is_some())
+        .fold(0, |m, (i, _)| m | 1 << i)
+}
+
 /// When a trap handed back to the guest takes effect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HandBack {

@@ -402,16 +402,11 @@ impl GuestDebug for GuestDebugSetup {
     }
 
     fn set_watchpoints(&mut self, slots: &[Option<HardwareSlot>]) {
-        self.watches = [None; HW_WATCHPOINTS];
-        for (slot, w) in self.watches.iter_mut().zip(slots) {
-            *slot = w.filter(|w| w.watch.is_some());
-        }
+        crate::arch::seam::load_watchpoints(&mut self.watches, slots);
     }
 
     fn watch_slots(&self) -> u32 {
-        (0..HW_WATCHPOINTS)
-            .filter(|&i| self.watches[i].is_some())
-            .fold(0, |m, i| m | 1 << i)
+        crate::arch::seam::watch_mask(&self.watches)
     }
 
     /// Traps the guest's `BRK` to the VMM.

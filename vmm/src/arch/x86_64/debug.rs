@@ -75,16 +75,11 @@ impl GuestDebug for GuestDebugSetup {
     }
 
     fn set_watchpoints(&mut self, slots: &[Option<HardwareSlot>]) {
-        self.watches = [None; HW_BREAKPOINTS];
-        for (slot, w) in self.watches.iter_mut().zip(slots) {
-            *slot = w.filter(|w| w.watch.is_some());
-        }
+        crate::arch::seam::load_watchpoints(&mut self.watches, slots);
     }
 
     fn watch_slots(&self) -> u32 {
-        (0..HW_BREAKPOINTS)
-            .filter(|&i| self.watches[i].is_some())
-            .fold(0, |m, i| m | 1 << i)
+        crate::arch::seam::watch_mask(&self.watches)
     }
 
     fn trap_breakpoints(&mut self, on: bool) {
