@@ -492,6 +492,12 @@ pub trait Arch: Sized + Copy + Debug + Default + Send + Sync + 'static {
         None
     }
 
+    /// The registers as the guest's own breakpoint handler would see them at a hit, for the
+    /// probe's handlers: x86's RFLAGS.RF, which KVM may still hold at the intercept (set by
+    /// an `iret` into the instruction), is never in the frame the CPU pushes for a trap, nor
+    /// what a jump plan's `pushf` records. Nothing by default.
+    fn at_hit(_regs: &mut Self::Registers) {}
+
     /// The PC moves on from a trap: clears what belongs to the trapped instruction (RFLAGS.RF
     /// after a hardware breakpoint on x86; PSTATE.BTYPE on arm64, which matters only where
     /// the next instruction is on a guarded page). Registers a vCPU left unread read as zero

@@ -176,6 +176,8 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 counter.fetch_add(1, Ordering::Relaxed);
             }
             state.site_hits += 1;
+            // (On x86 the trap clears RF below anyway: nothing the guest resumes with changes.)
+            A::at_hit(&mut regs);
             self.run_handlers(vcpu.id(), pc, &probes, &regs, false, None, None);
             self.enter_returns(&probes, &mut regs);
             let has_post = probes.iter().any(|p| p.post.is_some());

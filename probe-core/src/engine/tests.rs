@@ -964,3 +964,35 @@ fn a_watchpoint_takes_a_hardware_slot_and_reports_each_write_with_the_value_befo
     engine.remove(id).unwrap();
     assert_eq!(engine.hardware_slots().0[0], None, "its slot is free again");
 }
+
+#[test]
+fn handlers_see_the_flags_without_rf_as_the_guests_own_trap_frame_has_them() {
+    use std::sync::Mutex;
+    let (engine, mut vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    let seen: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let s = seen.clone();
+    engine
+        .plant(
+            Probe::<X86_64>::new("f").on_hit(move |ctx| {
+                s.lock().unwrap().push(ctx.regs.rflags);
+                Ok(())
+            }),
+            target(0),
+            &regs,
+        )
+        .unwrap();
+    // KVM may still hold RF at the intercept (an iret into the instruction set it).
+    vcpu.regs.rip = TEXT_VA;
+    vcpu.regs.rflags = 0x1_0246;
+    let mut state = VcpuProbeState::default();
+    engine
+        .handle_debug(
+            &mut vcpu,
+            &mut state,
+            DebugEvent::Breakpoint { pc: TEXT_VA },
+        )
+        .unwrap();
+    assert_eq!(*seen.lock().unwrap(), vec![0x246]);
+    assert_eq!(vcpu.regs.rflags, 0x246, "and the guest resumes without it");
+}

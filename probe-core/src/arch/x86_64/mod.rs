@@ -83,6 +83,10 @@ impl Arch for X86_64 {
         xol::ensure_mapped(area, mem, space.cr3, space.mode)
     }
 
+    fn at_hit(regs: &mut Registers) {
+        regs.rflags &= !RFLAGS_RF;
+    }
+
     fn after_trap(regs: &mut Registers) {
         // RIP moves on: a resume flag left from a hardware-breakpoint #DB would suppress a
         // breakpoint on the next instruction.
