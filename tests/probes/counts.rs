@@ -271,20 +271,18 @@ pub(super) fn arm64_hardware_breakpoints_probe_without_touching_text() {
     );
     let t = out.summary().text.as_ref().unwrap();
     assert_eq!(t.before, t.planted, "nothing written into the text");
-    // Without handlers (--quiet) an instruction that touches no general-purpose register
-    // costs the six control-register reads per exit (PSTATE, SP_EL0, SP_EL1, TTBR0, TTBR1,
-    // TCR; the PC came with the exit), not all thirty-seven, and a write of the PC.
+    // Without handlers (--quiet) an instruction that touches no register the host must read
+    // (its site on a page without BTI guarding) costs no register read at all: the PC comes
+    // with the exit, the site is found by its address. Then a write of the PC.
     let e = &out.summary().exits;
     let handled = e.hw_breakpoints + e.reinjected;
     eprintln!(
         "register ioctls: {} reads, {} writes for {handled} exits",
         e.register_reads, e.register_writes
     );
-    // (A hardware breakpoint exit that races the removal is no hit: slack of 2.)
-    assert!(
-        (6 * handled..=6 * (handled + 2)).contains(&e.register_reads),
-        "6 per exit: {e:?}"
-    );
+    // (A hardware breakpoint exit that races the removal is no hit and reads all 37
+    // registers to hand it back: slack of 2.)
+    assert!(e.register_reads <= 37 * 2, "no reads per hit: {e:?}");
     assert_eq!(e.register_writes, e.hw_breakpoints, "the PC alone: {e:?}");
     out.assert_text_restored();
 }
