@@ -24,6 +24,7 @@ pub mod jump;
 pub mod pagewalk;
 pub mod patched_text;
 pub mod probe;
+pub mod protect;
 pub mod retprobe;
 pub mod symbols;
 pub mod task;

@@ -65,6 +65,10 @@ pub struct Probe<A: Arch = Host> {
     /// Makes this a data watchpoint on the location's bytes (a hardware debug slot): the
     /// handlers run after each access, with [`ProbeContext::watch`] saying what changed.
     pub watch: Option<crate::definition::WatchSpec>,
+    /// Makes this a write-protected region of the location's bytes (the pages holding them
+    /// read-only to the guest): the handlers run at each write to them, with
+    /// [`ProbeContext::watch`] saying what was written and whether it was let through.
+    pub protect: Option<crate::protect::ProtectSpec>,
 }
 
 /// Live return-probe instances per probe when not set (kretprobe's floor).
@@ -82,6 +86,7 @@ impl<A: Arch> Clone for Probe<A> {
             in_guest: self.in_guest,
             record_filter: self.record_filter.clone(),
             watch: self.watch,
+            protect: self.protect,
         }
     }
 }
@@ -113,6 +118,7 @@ impl<A: Arch> Probe<A> {
             in_guest: false,
             record_filter: None,
             watch: None,
+            protect: None,
         }
     }
 
@@ -230,23 +236,53 @@ pub struct ProbeContext<'a, A: Arch = Host> {
     pub watch: Option<WatchRecord>,
 }
 
-/// What a watchpoint saw: the watched bytes before and after the access, as little-endian
-/// numbers of `len` bytes. For a write, `old` is what the engine last saw there (at planting
-/// or the previous hit), so a write through another mapping of the same memory in between
-/// shows up in `old` rather than as a hit of its own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a watchpoint or a protected region saw: the bytes before and after the access. For a
+/// watchpoint's write, `old` is what the engine last saw there (at planting or the previous
+/// hit), so a write through another mapping of the same memory in between shows up in `old`
+/// rather than as a hit of its own. For a protected region, `new` is what the guest wrote,
+/// whether or not it was let through (`action`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WatchRecord {
-    /// The watched address.
+    /// The address of the first byte (the watched one, or the first protected byte written).
     pub address: u64,
-    /// Bytes watched.
-    pub len: u8,
-    /// The value before.
-    pub old: u64,
-    /// The value after.
-    pub new: u64,
+    /// The bytes before.
+    pub old: Vec<u8>,
+    /// The bytes after (the guest's, for a protected region).
+    pub new: Vec<u8>,
     /// The accessing instruction, where the architecture reports it (arm64: the PC of the
-    /// watchpoint exception); on x86_64 only the PC after it is known.
+    /// watchpoint exception or the faulting store); on x86_64 only the PC after it is known.
     pub writer: Option<u64>,
+    /// For a write to a protected region: whether it was completed or dropped.
+    pub action: Option<crate::protect::ProtectAction>,
+}
+
+impl WatchRecord {
+    /// Bytes accessed.
+    pub fn len(&self) -> usize {
+        self.new.len()
+    }
+
+    /// Whether no byte was accessed.
+    pub fn is_empty(&self) -> bool {
+        self.new.is_empty()
+    }
+
+    /// The bytes before as a little-endian number (the first eight).
+    pub fn old_value(&self) -> u64 {
+        le_value(&self.old)
+    }
+
+    /// The bytes after as a little-endian number (the first eight).
+    pub fn new_value(&self) -> u64 {
+        le_value(&self.new)
+    }
+}
+
+fn le_value(bytes: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = bytes.len().min(8);
+    b[..n].copy_from_slice(&bytes[..n]);
+    u64::from_le_bytes(b)
 }
 
 /// How a stack walk gets back a return address that one of hvprobe's return probes replaced
@@ -296,7 +332,7 @@ impl<'a, A: Arch> ProbeContext<'a, A> {
             mem: self.mem,
             returns: self.returns,
             recorded: self.recorded,
-            watch: self.watch,
+            watch: self.watch.clone(),
         })
     }
 

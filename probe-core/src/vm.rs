@@ -16,6 +16,12 @@ pub enum VcpuError {
         /// What it returned.
         source: std::io::Error,
     },
+    /// A store to a protected page could not be made in guest memory.
+    #[error("a store to a protected page at {gpa:#x} is outside guest memory")]
+    ProtectedStore {
+        /// Where.
+        gpa: u64,
+    },
     /// General-purpose registers were changed without having been read (a lazily read
     /// register file cannot tell a change from a value it never had).
     #[error("general-purpose registers written without having been read")]

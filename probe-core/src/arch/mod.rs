@@ -75,16 +75,20 @@ pub enum PlanKind {
     /// A data watchpoint: the debug registers trap the access; no guest instruction is
     /// touched.
     Watch,
+    /// A write-protected region: its pages are read-only to the guest, and each write to
+    /// them exits to the VMM.
+    Protect,
 }
 
 impl PlanKind {
     /// Every kind, in the order statistics list them.
-    pub const ALL: [PlanKind; 5] = [
+    pub const ALL: [PlanKind; 6] = [
         PlanKind::Emulate,
         PlanKind::Xol,
         PlanKind::XolRiprel,
         PlanKind::Jump,
         PlanKind::Watch,
+        PlanKind::Protect,
     ];
 
     /// VM exits one hit of the plan costs at least (a trapped step or a post handler adds
@@ -104,6 +108,7 @@ impl PlanKind {
             PlanKind::XolRiprel => "xol-riprel",
             PlanKind::Jump => "jump",
             PlanKind::Watch => "watch",
+            PlanKind::Protect => "protect",
         }
     }
 }

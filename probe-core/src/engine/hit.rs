@@ -38,7 +38,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 mem: &self.mem,
                 returns,
                 recorded: recorded.map(|(_, m)| m),
-                watch,
+                watch: watch.clone(),
             };
             match catch_unwind(AssertUnwindSafe(|| h(&ctx))) {
                 Ok(Ok(())) => {}

@@ -83,6 +83,12 @@ pub enum PlantErrorKind {
         /// The length.
         len: u8,
     },
+    /// A protected region shares bytes with one planted before.
+    #[error("it overlaps the protected region {other}")]
+    ProtectOverlap {
+        /// The other region.
+        other: String,
+    },
     /// All watchpoint registers are taken (where they are apart from the breakpoints').
     #[error("all {count} hardware watchpoints are in use")]
     NoWatchpoint {
@@ -484,6 +490,13 @@ pub struct ExitStats {
     /// Exits that began a step over an access a watchpoint reported before it (arm64): a
     /// watchpoint hit there takes two exits.
     pub watch_steps: u64,
+    /// Writes to protected pages that touched protected bytes (each one exit).
+    pub protected_writes: u64,
+    /// Writes to protected pages that touched only their unprotected bytes: completed
+    /// silently, the cost of page granularity.
+    pub neighbour_writes: u64,
+    /// Of both, the stores without a syndrome the VMM decoded and emulated (arm64).
+    pub emulated_stores: u64,
 }
 
 #[derive(Default)]
@@ -499,6 +512,9 @@ struct ExitCounters {
     rate_capped: AtomicU64,
     slot_exceptions: AtomicU64,
     watch_steps: AtomicU64,
+    protected_writes: AtomicU64,
+    neighbour_writes: AtomicU64,
+    emulated_stores: AtomicU64,
     /// Hits by plan, indexed by [`PlanKind`] as `usize`.
     by_plan: [AtomicU64; PlanKind::ALL.len()],
 }
@@ -571,6 +587,8 @@ struct ProbeTable<A: Arch> {
     /// Watchpoint slots where the architecture has registers for them apart from the
     /// breakpoints' (arm64): the address each holds.
     watch_hw: Vec<Option<u64>>,
+    /// The write-protected regions, by probe.
+    protects: HashMap<ProbeId, protect::ProtectSite<A>>,
     /// The breakpoint of each trapped slot, by its address.
     slot_traps: HashMap<u64, SlotTrap>,
     /// Addresses of the instructions with an entry in the guest's exception table.
@@ -611,6 +629,10 @@ pub struct ProbeEngine<A: Arch, M: GuestMemory + Send + Sync> {
     jump: Mutex<jump::JumpState>,
     /// Held while the rings are drained: one drainer at a time.
     draining: Mutex<()>,
+    /// Held while a store to a protected page is made: one at a time.
+    protect_stores: Mutex<()>,
+    /// Changes whenever the protected pages do.
+    protect_generation: AtomicU64,
 }
 
 /// Where to plant: the address, and the function start to decode from for the boundary check.
@@ -637,6 +659,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 by_probe: HashMap::new(),
                 watches: HashMap::new(),
                 watch_hw: Vec::new(),
+                protects: HashMap::new(),
                 slot_traps: HashMap::new(),
                 exception_table: HashSet::new(),
                 patched_text: HashMap::new(),
@@ -658,6 +681,8 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             slot_exception_rewind: AtomicBool::new(false),
             jump: Mutex::default(),
             draining: Mutex::new(()),
+            protect_stores: Mutex::new(()),
+            protect_generation: AtomicU64::new(0),
         })
     }
 
@@ -773,6 +798,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
 mod hit;
 mod jump;
 mod memory;
+mod protect;
 mod rate;
 mod returns;
 mod stats;
@@ -782,6 +808,7 @@ mod watch;
 pub use jump::GuestClock;
 use memory::VirtualStack;
 pub use memory::{hash_guest_virtual, read_guest_virtual};
+pub use protect::ProtectedStore;
 
 #[cfg(test)]
 mod tests;

@@ -47,6 +47,25 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 jump_refusal: None,
             }
         }));
+        out.extend(table.protects.values().map(|s| {
+            let p = &s.probe;
+            ProbeStats {
+                id: p.id,
+                location: p.location.clone(),
+                address: s.va,
+                plan: PlanKind::Protect,
+                instruction: format!("{} bytes, {}", s.spec.len, s.spec.action.as_str()),
+                trap: TrapKind::Hardware,
+                hits: p.counters.hits.load(Ordering::Relaxed),
+                missed: p.counters.missed.load(Ordering::Relaxed),
+                handler_errors: p.counters.handler_errors.load(Ordering::Relaxed),
+                return_probe: false,
+                returns: 0,
+                nmissed: 0,
+                outstanding: 0,
+                jump_refusal: None,
+            }
+        }));
         drop(table);
         self.add_jump_missed(&mut out);
         // The return table is locked on its own (the hit path takes it before the probe
@@ -77,6 +96,9 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             rate_capped: e.rate_capped.load(Ordering::Relaxed),
             slot_exceptions: e.slot_exceptions.load(Ordering::Relaxed),
             watch_steps: e.watch_steps.load(Ordering::Relaxed),
+            protected_writes: e.protected_writes.load(Ordering::Relaxed),
+            neighbour_writes: e.neighbour_writes.load(Ordering::Relaxed),
+            emulated_stores: e.emulated_stores.load(Ordering::Relaxed),
             hits_by_plan: PlanKind::ALL
                 .iter()
                 .zip(&e.by_plan)

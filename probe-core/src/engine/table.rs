@@ -53,6 +53,9 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         if let Some(spec) = probe.watch {
             return self.plant_watch(probe, spec, target, regs);
         }
+        if let Some(spec) = probe.protect {
+            return self.plant_protect(probe, spec, target, regs);
+        }
         let space = A::address_space(regs);
         let gpa = self.check_target(&probe, target, space)?;
         // A probe that needs exits may turn a jump site into a trapped one: the hits its
@@ -674,7 +677,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
     /// site if the guest had replaced the trap byte (then the guest's bytes are kept).
     pub fn remove(&self, id: ProbeId) -> Result<Option<RewrittenSite>, RemoveError> {
         let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
-        if self.remove_watch(&mut table, id) {
+        if self.remove_watch(&mut table, id) || self.remove_protect(&mut table, id) {
             return Ok(None);
         }
         let gpa = table
@@ -721,6 +724,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 .by_probe
                 .keys()
                 .chain(table.watches.keys())
+                .chain(table.protects.keys())
                 .copied()
                 .collect();
             ids.sort();

@@ -848,7 +848,9 @@ fn a_watchpoint_takes_a_hardware_slot_and_reports_each_write_with_the_value_befo
     let seen: Arc<Mutex<Vec<(u64, crate::probe::WatchRecord)>>> = Arc::default();
     let s = seen.clone();
     let mut probe = Probe::<X86_64>::new("var").on_hit(move |ctx| {
-        s.lock().unwrap().push((ctx.address, ctx.watch.unwrap()));
+        s.lock()
+            .unwrap()
+            .push((ctx.address, ctx.watch.clone().unwrap()));
         Ok(())
     });
     let spec = WatchSpec {
@@ -894,10 +896,14 @@ fn a_watchpoint_takes_a_hardware_slot_and_reports_each_write_with_the_value_befo
     assert_eq!(seen.len(), 2);
     assert_eq!(seen[0].0, TEXT_VA + 4, "the PC after the access");
     assert_eq!(
-        (seen[0].1.address, seen[0].1.old, seen[0].1.new),
+        (
+            seen[0].1.address,
+            seen[0].1.old_value(),
+            seen[0].1.new_value()
+        ),
         (var_va, 0x1122_3344_5566_7788, 0xaa)
     );
-    assert_eq!((seen[1].1.old, seen[1].1.new), (0xaa, 0xbb));
+    assert_eq!((seen[1].1.old_value(), seen[1].1.new_value()), (0xaa, 0xbb));
     let stats = engine.stats();
     assert_eq!(
         (stats.len(), stats[0].plan, stats[0].hits, stats[0].address),
@@ -995,4 +1001,107 @@ fn handlers_see_the_flags_without_rf_as_the_guests_own_trap_frame_has_them() {
         .unwrap();
     assert_eq!(*seen.lock().unwrap(), vec![0x246]);
     assert_eq!(vcpu.regs.rflags, 0x246, "and the guest resumes without it");
+}
+
+#[test]
+fn a_protected_region_reports_writes_to_its_bytes_and_completes_or_drops_them() {
+    use crate::protect::{ProtectAction, ProtectSpec};
+    use std::sync::Mutex;
+    let (engine, mut vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    let seen: Arc<Mutex<Vec<crate::probe::WatchRecord>>> = Arc::default();
+    let plant = |off: u64, len: u64, action: ProtectAction| {
+        let s = seen.clone();
+        let mut probe = Probe::<X86_64>::new(format!("var+{off}")).on_hit(move |ctx| {
+            s.lock().unwrap().push(ctx.watch.clone().unwrap());
+            Ok(())
+        });
+        probe.protect = Some(ProtectSpec { len, action });
+        engine.plant(probe, target(STACK_VA + off - TEXT_VA), &regs)
+    };
+    // Bytes 0x100..0x108 let through, 0x108..0x110 dropped; both on the stack page.
+    plant(0x100, 8, ProtectAction::Allow).unwrap();
+    let (_, g0) = engine.protected_pages();
+    plant(0x108, 8, ProtectAction::Deny).unwrap();
+    let (pages, g1) = engine.protected_pages();
+    assert!(g1 > g0);
+    assert_eq!(
+        pages,
+        vec![(STACK_GPA, STACK_GPA + 0x1000)],
+        "one page, once"
+    );
+    // Overlapping an earlier region: refused by name, nothing added.
+    let err = plant(0x10c, 8, ProtectAction::Allow).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("overlaps the protected region var+264"),
+        "{err}"
+    );
+    assert_eq!(engine.protected_pages().1, g1);
+    let mem = engine.memory();
+    mem.write_slice(&[0x11; 0x20], GuestAddress(STACK_GPA + 0xf8))
+        .unwrap();
+    // A 16-byte store across both regions and a neighbour byte before them.
+    let data: Vec<u8> = (0..16).collect();
+    let out = engine
+        .protected_write(&mut vcpu, TEXT_VA + 4, None, STACK_GPA + 0x100, &data)
+        .unwrap();
+    assert_eq!(
+        out,
+        ProtectedStore::Done {
+            old: vec![0x11; 16]
+        }
+    );
+    let mut now = [0u8; 16];
+    mem.read_slice(&mut now, GuestAddress(STACK_GPA + 0x100))
+        .unwrap();
+    assert_eq!(now[..8], data[..8], "allowed bytes written");
+    assert_eq!(now[8..], [0x11; 8], "denied bytes kept");
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2);
+        let mut at: Vec<u64> = seen.iter().map(|r| r.address).collect();
+        at.sort_unstable();
+        assert_eq!(at, vec![STACK_VA + 0x100, STACK_VA + 0x108]);
+        let deny = seen.iter().find(|r| r.address == STACK_VA + 0x108).unwrap();
+        assert_eq!(
+            (deny.old.clone(), deny.new.clone(), deny.action),
+            (vec![0x11; 8], data[8..].to_vec(), Some(ProtectAction::Deny))
+        );
+    }
+    // A store to the rest of the page: completed silently, counted.
+    engine
+        .protected_write(&mut vcpu, TEXT_VA + 4, None, STACK_GPA + 0xf8, &[7; 8])
+        .unwrap();
+    mem.read_slice(&mut now[..8], GuestAddress(STACK_GPA + 0xf8))
+        .unwrap();
+    assert_eq!(now[..8], [7; 8]);
+    assert_eq!(seen.lock().unwrap().len(), 2);
+    // A failed compare-and-swap stores nothing and reports nothing.
+    let out = engine
+        .protected_update(&mut vcpu, TEXT_VA + 4, None, STACK_GPA + 0x100, 8, |_| None)
+        .unwrap();
+    assert_eq!(
+        out,
+        ProtectedStore::Done {
+            old: data[..8].to_vec()
+        }
+    );
+    // Elsewhere: not the engine's.
+    assert_eq!(
+        engine
+            .protected_write(&mut vcpu, 0, None, TEXT_GPA, &[0])
+            .unwrap(),
+        ProtectedStore::NotProtected
+    );
+    let e = engine.exit_stats();
+    assert_eq!((e.protected_writes, e.neighbour_writes), (1, 1));
+    let stats = engine.stats();
+    assert_eq!(
+        stats.iter().map(|s| (s.plan, s.hits)).collect::<Vec<_>>(),
+        vec![(PlanKind::Protect, 1), (PlanKind::Protect, 1)]
+    );
+    // Removing them leaves no protected page.
+    engine.remove_all();
+    assert!(engine.protected_pages().0.is_empty());
 }

@@ -155,12 +155,13 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             };
             let old =
                 std::mem::replace(&mut *w.last.lock().unwrap_or_else(|e| e.into_inner()), new);
+            let len = usize::from(w.spec.len);
             let record = WatchRecord {
                 address: w.va,
-                len: w.spec.len,
-                old,
-                new,
+                old: old.to_le_bytes()[..len].to_vec(),
+                new: new.to_le_bytes()[..len].to_vec(),
                 writer,
+                action: None,
             };
             self.run_handlers(vcpu.id(), pc, &[w.probe], &regs, false, None, Some(record));
         }

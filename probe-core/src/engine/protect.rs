@@ -1,0 +1,260 @@
+//! Write-protected regions: the guest pages holding a region are read-only to the guest (the
+//! VMM's memslots), so every store to them exits; the VMM hands each one here. A store to
+//! protected bytes runs the region's handlers with the bytes before and after and is then
+//! completed or dropped (`allow`/`deny`); a store to the rest of a protected page is completed
+//! silently and counted. Every store to a protected page is made here, under one lock, so a
+//! read-modify-write the VMM emulates (arm64 atomics) is atomic against all of them.
+
+use super::*;
+use crate::probe::WatchRecord;
+use crate::protect::{PAGE, ProtectAction, ProtectSpec};
+
+/// A planted protected region.
+pub(super) struct ProtectSite<A: Arch> {
+    /// Its first byte.
+    pub(super) va: u64,
+    /// What it protects.
+    pub(super) spec: ProtectSpec,
+    /// Each page it touches: (guest physical, virtual) page addresses.
+    pub(super) pages: Vec<(u64, u64)>,
+    /// The probe and its handlers.
+    pub(super) probe: Arc<ProbeEntry<A>>,
+}
+
+impl<A: Arch> Clone for ProtectSite<A> {
+    fn clone(&self) -> Self {
+        ProtectSite {
+            va: self.va,
+            spec: self.spec,
+            pages: self.pages.clone(),
+            probe: self.probe.clone(),
+        }
+    }
+}
+
+impl<A: Arch> ProtectSite<A> {
+    fn bytes_in(&self, gpa_page: u64) -> Option<(u64, u64, u64)> {
+        bytes_in(self.va, self.spec.len, &self.pages, gpa_page)
+    }
+}
+
+/// The bytes of the region of `len` bytes at `va` (on `pages`) within the page at guest
+/// physical `gpa_page`, as guest physical addresses, with the virtual address of the first.
+fn bytes_in(va: u64, len: u64, pages: &[(u64, u64)], gpa_page: u64) -> Option<(u64, u64, u64)> {
+    let &(_, va_page) = pages.iter().find(|(g, _)| *g == gpa_page)?;
+    let start = va.max(va_page);
+    let end = (va + len).min(va_page + PAGE);
+    (start < end).then(|| {
+        (
+            gpa_page + (start - va_page),
+            gpa_page + (end - va_page),
+            start,
+        )
+    })
+}
+
+/// What a store to a protected page did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProtectedStore {
+    /// The address is on no protected page: not the engine's (a device's MMIO).
+    NotProtected,
+    /// Handled: the bytes that were there before (what an emulated atomic loads).
+    Done {
+        /// The bytes before the store.
+        old: Vec<u8>,
+    },
+}
+
+impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
+    /// Protects `spec.len` bytes from `target.va`: every page they touch is translated now
+    /// (kernel memory's mapping does not change), and the region is refused, with nothing
+    /// changed, if a page is not mapped or a byte is already protected by another region.
+    /// The VMM then makes the pages read-only ([`ProbeEngine::protected_pages`]).
+    pub(super) fn plant_protect(
+        &self,
+        probe: Probe<A>,
+        spec: ProtectSpec,
+        target: PlantTarget,
+        regs: &A::Registers,
+    ) -> Result<ProbeId, PlantError> {
+        let location = probe.location.clone();
+        let refuse = |kind| PlantError::new(location.clone(), kind);
+        let space = A::address_space(regs);
+        let end = target.va.saturating_add(spec.len);
+        let mut pages = Vec::new();
+        let mut va_page = target.va & !(PAGE - 1);
+        while va_page < end {
+            let t = A::translate(&self.mem, space, va_page).map_err(|source| {
+                refuse(PlantErrorKind::NotMapped {
+                    va: va_page,
+                    source,
+                })
+            })?;
+            let gpa_page = t.gpa & !(PAGE - 1);
+            if !self.mem.read_phys(gpa_page, &mut [0u8; 1]) {
+                return Err(refuse(PlantErrorKind::Memory { gpa: gpa_page }));
+            }
+            pages.push((gpa_page, va_page));
+            va_page += PAGE;
+        }
+        let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        for other in table.protects.values() {
+            let shared = pages.iter().any(|&(g, _)| {
+                match (bytes_in(target.va, spec.len, &pages, g), other.bytes_in(g)) {
+                    (Some((s1, e1, _)), Some((s2, e2, _))) => s1 < e2 && s2 < e1,
+                    _ => false,
+                }
+            });
+            if shared {
+                return Err(refuse(PlantErrorKind::ProtectOverlap {
+                    other: other.probe.location.clone(),
+                }));
+            }
+        }
+        let id = ProbeId(table.next_id);
+        table.next_id += 1;
+        table.protects.insert(
+            id,
+            ProtectSite {
+                va: target.va,
+                spec,
+                pages,
+                probe: ProbeEntry::new(id, location, probe),
+            },
+        );
+        self.protect_generation.fetch_add(1, Ordering::SeqCst);
+        Ok(id)
+    }
+
+    /// Takes protected region `id` out, if it is one.
+    pub(super) fn remove_protect(&self, table: &mut ProbeTable<A>, id: ProbeId) -> bool {
+        if table.protects.remove(&id).is_none() {
+            return false;
+        }
+        self.protect_generation.fetch_add(1, Ordering::SeqCst);
+        true
+    }
+
+    /// The guest physical page ranges the guest must only read (sorted, merged), and a
+    /// generation number that changes whenever they do.
+    pub fn protected_pages(&self) -> (Vec<(u64, u64)>, u64) {
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+        let mut pages: Vec<u64> = table
+            .protects
+            .values()
+            .flat_map(|s| s.pages.iter().map(|(g, _)| *g))
+            .collect();
+        pages.sort_unstable();
+        pages.dedup();
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for g in pages {
+            match ranges.last_mut() {
+                Some(r) if r.1 == g => r.1 = g + PAGE,
+                _ => ranges.push((g, g + PAGE)),
+            }
+        }
+        (ranges, self.protect_generation.load(Ordering::SeqCst))
+    }
+
+    /// A store of `data` at guest physical `gpa` that exited because its page is read-only:
+    /// see [`ProbeEngine::protected_update`].
+    pub fn protected_write(
+        &self,
+        vcpu: &mut dyn VcpuAccess<A>,
+        pc: u64,
+        writer: Option<u64>,
+        gpa: u64,
+        data: &[u8],
+    ) -> Result<ProtectedStore, VcpuError> {
+        self.protected_update(vcpu, pc, writer, gpa, data.len(), |_| Some(data.to_vec()))
+    }
+
+    /// Counts a store without a syndrome that the VMM decoded to reach here (arm64).
+    pub fn count_emulated_store(&self) {
+        self.exits.emulated_stores.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A store to the `len` bytes at guest physical `gpa` (within one page) whose new bytes
+    /// `update` makes from the bytes there now (`None`: it stores nothing, as a failed
+    /// compare-and-swap), made while no other store to a protected page can run. Each
+    /// region whose bytes it touches runs its handlers (`pc` where the vCPU is, `writer` the
+    /// storing instruction where known) with the bytes before and what the guest wrote; a
+    /// `deny` region's bytes keep their value, every other byte takes the new one.
+    pub fn protected_update(
+        &self,
+        vcpu: &mut dyn VcpuAccess<A>,
+        pc: u64,
+        writer: Option<u64>,
+        gpa: u64,
+        len: usize,
+        update: impl FnOnce(&[u8]) -> Option<Vec<u8>>,
+    ) -> Result<ProtectedStore, VcpuError> {
+        let gpa_page = gpa & !(PAGE - 1);
+        let sites: Vec<ProtectSite<A>> = {
+            let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+            table
+                .protects
+                .values()
+                .filter(|s| s.pages.iter().any(|(g, _)| *g == gpa_page))
+                .cloned()
+                .collect()
+        };
+        if sites.is_empty() {
+            return Ok(ProtectedStore::NotProtected);
+        }
+        let one_at_a_time = self
+            .protect_stores
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut old = vec![0u8; len];
+        if !self.mem.read_phys(gpa, &mut old) {
+            return Err(VcpuError::ProtectedStore { gpa });
+        }
+        let Some(wanted) = update(&old).filter(|w| w.len() == len) else {
+            return Ok(ProtectedStore::Done { old });
+        };
+        let end = gpa + wanted.len() as u64;
+        let mut stored = wanted.clone();
+        let mut hits = Vec::new();
+        for s in &sites {
+            let Some((ps, pe, va)) = s.bytes_in(gpa_page) else {
+                continue;
+            };
+            let (from, to) = (ps.max(gpa), pe.min(end));
+            if from >= to {
+                continue;
+            }
+            let (a, b) = ((from - gpa) as usize, (to - gpa) as usize);
+            if s.spec.action == ProtectAction::Deny {
+                stored[a..b].copy_from_slice(&old[a..b]);
+            }
+            hits.push((
+                s.probe.clone(),
+                WatchRecord {
+                    address: va + (from - ps),
+                    old: old[a..b].to_vec(),
+                    new: wanted[a..b].to_vec(),
+                    writer,
+                    action: Some(s.spec.action),
+                },
+            ));
+        }
+        if stored != old {
+            self.mem
+                .write_slice(&stored, GuestAddress(gpa))
+                .map_err(|_| VcpuError::ProtectedStore { gpa })?;
+        }
+        drop(one_at_a_time);
+        if hits.is_empty() {
+            self.exits.neighbour_writes.fetch_add(1, Ordering::Relaxed);
+            return Ok(ProtectedStore::Done { old });
+        }
+        self.exits.protected_writes.fetch_add(1, Ordering::Relaxed);
+        let regs = vcpu.registers()?;
+        for (probe, record) in hits {
+            self.exits.by_plan[PlanKind::Protect as usize].fetch_add(1, Ordering::Relaxed);
+            self.run_handlers(vcpu.id(), pc, &[probe], &regs, false, None, Some(record));
+        }
+        Ok(ProtectedStore::Done { old })
+    }
+}
