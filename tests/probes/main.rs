@@ -15,6 +15,7 @@ mod jump;
 mod live;
 mod output;
 mod plans;
+mod protect;
 mod refusals;
 mod returns;
 mod stacks;
@@ -33,6 +34,7 @@ use output::*;
 use plans::*;
 use probe_core::arch::x86_64::{Decoder, Instruction, InstructionKind, StepPlan};
 use probe_core::symbols::SymbolMap;
+use protect::*;
 use refusals::*;
 use returns::*;
 use stacks::*;
@@ -709,6 +711,7 @@ fn main() {
                 a_write_watchpoint_reports_the_sysctl_write_of_modprobe_path_by_sh,
                 watchpoints_the_hardware_cannot_take_are_refused_and_nothing_changes,
                 integrity_finds_a_guest_kprobe_in_kernel_text_and_nothing_on_an_untouched_guest,
+                a_denied_write_to_modprobe_path_is_reported_and_dropped_and_an_allowed_one_made,
             ],
             Guests::Only(GuestArch::X86_64) => [
                 a_getpid_probe_counts_the_workload_calls_and_prints_each_hit,

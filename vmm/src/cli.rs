@@ -10,10 +10,12 @@ use clap::{Parser, Subcommand};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use probe_core::definition::ProbeKind;
+use probe_core::definition::{ProbeDefinition, ProbeKind};
+use probe_core::engine::PlantTarget;
 use probe_core::guest_kprobes::KprobeTableLayout;
 use probe_core::jump::{GuestAnchors, TaskOffsets};
 use probe_core::probe::TrapKind;
+use probe_core::protect::{ProtectError, ProtectRequest, ProtectSpec};
 use probe_core::task::TaskLayout;
 use probe_core::xol::XolArea;
 
@@ -471,7 +473,8 @@ fn probe_setup(
         }
     );
     let btf = guest_btf(args);
-    let task = if targets.iter().any(|t| t.definition.is_some()) {
+    let protected = protect_targets(&args.protect, &map)?;
+    let task = if targets.iter().any(|t| t.definition.is_some()) || !protected.is_empty() {
         let btf = btf
             .as_ref()
             .context("task awareness needs the guest kernel's BTF (--btf)")?
@@ -534,10 +537,17 @@ fn probe_setup(
         hub: hub.cloned(),
         stacks,
     };
-    let requests = targets
+    let mut requests: Vec<machine::ProbeRequest> = targets
         .into_iter()
         .map(|resolved| wiring.request(resolved, hists))
         .collect();
+    for (resolved, spec) in protected {
+        let mut req = wiring.request(resolved, hists);
+        req.probe.protect = Some(spec);
+        req.probe.in_guest = false;
+        req.probe.record_filter = None;
+        requests.push(req);
+    }
     let text = match (map.lookup("_stext"), map.lookup("_etext")) {
         (Ok(s), Ok(e)) => Some((s.addr, e.addr)),
         _ => None,
@@ -614,6 +624,54 @@ fn probe_setup(
         guest_kprobes,
         jump,
     }))
+}
+
+/// The `--protect` regions resolved against System.map, each as a probe target with its spec
+/// (event `hv/protect`). Refused before any VM starts: a region that does not parse, an
+/// unknown symbol, an empty region, one whose pages hold page tables or kvmclock pages, two
+/// regions sharing bytes.
+fn protect_targets(specs: &[String], map: &SymbolMap) -> Result<Vec<(ResolvedProbe, ProtectSpec)>> {
+    let mut out = Vec::new();
+    let mut ranges = Vec::new();
+    for text in specs {
+        let req = ProtectRequest::parse(text)?;
+        let (start, len) = req.resolve(map)?;
+        if let Some((symbol, why)) = probe_core::protect::refused_overlap(map, start, len) {
+            return Err(ProtectError::Refused {
+                spec: req.spec.clone(),
+                symbol: symbol.to_string(),
+                why,
+            }
+            .into());
+        }
+        ranges.push((req.spec.clone(), start, len));
+        if let Some((first, second)) = probe_core::protect::overlap(&ranges) {
+            return Err(ProtectError::Overlap {
+                first: first.to_string(),
+                second: second.to_string(),
+            }
+            .into());
+        }
+        let place = map.describe(start);
+        let definition = ProbeDefinition::parse(&format!("p:hv/protect {place}"))
+            .map_err(|e| anyhow::anyhow!("--protect {text}: {e}"))?;
+        out.push((
+            ResolvedProbe {
+                spec: format!("--protect {}", req.spec),
+                location: req.spec.clone(),
+                target: PlantTarget {
+                    va: start,
+                    function_start: None,
+                },
+                definition: Some(definition),
+            },
+            ProtectSpec {
+                len,
+                action: req.action,
+            },
+        ));
+    }
+    Ok(out)
 }
 
 /// Kernel text no jump goes into: entry code (it runs before `swapgs` loads the kernel's

@@ -172,6 +172,15 @@ pub struct Job {
     #[arg(long)]
     #[serde(default)]
     pub integrity: bool,
+    /// Make kernel memory read-only to the guest from `/init` on and report every write to it
+    /// with its writer, task and bytes: `text`, `rodata`, or `SYMBOL[+OFF][:LEN]` (default
+    /// length: to the next symbol), then `:allow` (the default: the write is completed) or
+    /// `:deny` (it is dropped and the guest goes on past the store). Repeatable. The pages
+    /// holding a region become read-only; writes to their other bytes are completed silently
+    /// and counted (`neighbour_writes`). Page tables and kvmclock pages are refused.
+    #[arg(long, value_name = "REGION")]
+    #[serde(default)]
+    pub protect: Vec<String>,
     /// Inside the emulated runner's L1: the guest kernel's `NOKPROBE_SYMBOL` addresses, read
     /// from its vmlinux on the host (L1 has only its BTF).
     #[arg(skip)]
@@ -612,7 +621,10 @@ impl Job {
     /// Whether the run looks into the guest kernel (probes, the live-session API that may add
     /// them, `--integrity`): it then needs the guest's System.map and a probe session.
     pub fn looks_into_the_guest(&self) -> bool {
-        !self.probes.is_empty() || self.api_socket.is_some() || self.integrity
+        !self.probes.is_empty()
+            || self.api_socket.is_some()
+            || self.integrity
+            || !self.protect.is_empty()
     }
 
     /// Checks what can be checked before any VM or emulator is started.

@@ -68,6 +68,17 @@ pub trait DebugExitHook: Send {
         fd: &mut VcpuFd,
         exit: &kvm_bindings::kvm_debug_exit_arch,
     ) -> Result<(), ProbingError>;
+    /// Called on every MMIO write exit of vCPU `id`, before any device sees it: whether it
+    /// was a store to a page hvprobe protects (then it has been handled).
+    fn on_mmio_write(
+        &mut self,
+        _id: u32,
+        _fd: &mut VcpuFd,
+        _gpa: u64,
+        _data: &[u8],
+    ) -> Result<bool, ProbingError> {
+        Ok(false)
+    }
 }
 
 /// The hook of a run without probes: no guest debugging, and a debug exit is an error.
@@ -100,6 +111,16 @@ impl DebugExitHook for VcpuProbing {
         exit: &kvm_bindings::kvm_debug_exit_arch,
     ) -> Result<(), ProbingError> {
         self.handle_exit(id, fd, exit)
+    }
+
+    fn on_mmio_write(
+        &mut self,
+        id: u32,
+        fd: &mut VcpuFd,
+        gpa: u64,
+        data: &[u8],
+    ) -> Result<bool, ProbingError> {
+        self.protected_store(id, fd, gpa, data)
     }
 }
 
@@ -329,6 +350,29 @@ impl VcpuProbing {
             }
         }
         Ok(())
+    }
+
+    /// A store of `data` at `gpa` that exited as an MMIO write: one to a protected page is
+    /// reported and completed or dropped by the engine (true); any other is a device's.
+    pub fn protected_store(
+        &mut self,
+        id: u32,
+        fd: &mut VcpuFd,
+        gpa: u64,
+        data: &[u8],
+    ) -> Result<bool, ProbingError> {
+        let engine = &self.shared.engine;
+        if !engine.is_protected(gpa) {
+            return Ok(false);
+        }
+        // arm64 needs the PC to read registers; x86 has it in the registers.
+        let pc = match Host::STORE_EXIT_AT_WRITER {
+            true => Host::read_pc(fd).map_err(kvm("KVM_GET_ONE_REG (PC)"))?,
+            false => 0,
+        };
+        let mut vcpu = Host::exit_vcpu(id, fd, self.sync_regs, pc);
+        let done = engine.protected_write(&mut vcpu, Host::STORE_EXIT_AT_WRITER, gpa, data)?;
+        Ok(done != probe_core::engine::ProtectedStore::NotProtected)
     }
 
     /// Reads the state of a vCPU that is out of `KVM_RUN`: registers and the KASLR anchor.

@@ -9,6 +9,7 @@ use probe_core::definition::{Fetch, ProbeDefinition};
 use probe_core::fetch::{FetchEnv, FetchValue, evaluate, format_args};
 use probe_core::histogram::ValueHistogram;
 use probe_core::probe::ProbeContext;
+use probe_core::protect::ProtectAction;
 use probe_core::symbols::SymbolMap;
 use probe_core::task::{TaskInfo, TaskLayout};
 
@@ -221,8 +222,9 @@ pub fn event_line(
     })
 }
 
-/// What a watchpoint hit reports besides the task and arguments: who accessed, what, and the
-/// bytes before and after.
+/// What a watchpoint hit or a write to a protected region reports besides the task and
+/// arguments: who accessed, what, the bytes before and after, and (for a protected region)
+/// whether the write was let through.
 struct WatchReport {
     /// The accessing instruction (System.map's address and its text), where certain.
     writer: Option<(u64, String)>,
@@ -230,14 +232,14 @@ struct WatchReport {
     after: u64,
     /// The watched address (System.map's).
     address: u64,
-    len: u8,
-    old: u64,
-    new: u64,
+    old: Vec<u8>,
+    new: Vec<u8>,
+    action: Option<ProtectAction>,
 }
 
 impl WatchReport {
     fn new(ctx: &ProbeContext<'_>, map: &SymbolMap, slide: u64) -> Option<WatchReport> {
-        let w = ctx.watch?;
+        let w = ctx.watch.as_ref()?;
         let writer = match w.writer {
             Some(at) => Some((at, instruction_at(ctx, at).unwrap_or_default())),
             None => watch_writer(ctx, map, slide),
@@ -246,9 +248,9 @@ impl WatchReport {
             writer: writer.map(|(va, text)| (va.wrapping_sub(slide), text)),
             after: ctx.address.wrapping_sub(slide),
             address: w.address.wrapping_sub(slide),
-            len: w.len,
-            old: w.old,
-            new: w.new,
+            old: w.old.clone(),
+            new: w.new.clone(),
+            action: w.action,
         })
     }
 
@@ -262,19 +264,42 @@ impl WatchReport {
 
     /// The watched bytes after the access, as an escaped string (`"/tmp/x\x00o"`).
     fn bytes(&self) -> String {
-        let b = &self.new.to_le_bytes()[..usize::from(self.len)];
-        format!("\"{}\"", b.escape_ascii())
+        format!("\"{}\"", self.new.escape_ascii())
+    }
+
+    /// Bytes as a little-endian number of their width (up to eight), else as hex in address
+    /// order.
+    fn value(bytes: &[u8]) -> String {
+        if bytes.len() <= 8 {
+            let mut b = [0u8; 8];
+            b[..bytes.len()].copy_from_slice(bytes);
+            format!("{:#0w$x}", u64::from_le_bytes(b), w = bytes.len() * 2 + 2)
+        } else {
+            bytes.iter().map(|b| format!("{b:02x}")).collect()
+        }
     }
 
     fn text(&self, map: &SymbolMap) -> String {
-        let width = usize::from(self.len) * 2;
+        let mut t = format!("addr={}", map.describe(self.address));
+        if let Some(action) = self.action {
+            t.push_str(&format!(" len={}", self.new.len()));
+            t.push_str(&format!(
+                " old={} new={} bytes={} {}",
+                Self::value(&self.old),
+                Self::value(&self.new),
+                self.bytes(),
+                match action {
+                    ProtectAction::Allow => "allowed",
+                    ProtectAction::Deny => "denied",
+                }
+            ));
+            return t;
+        }
         format!(
-            "addr={} old={:#0w$x} new={:#0w$x} bytes={}",
-            map.describe(self.address),
-            self.old,
-            self.new,
-            self.bytes(),
-            w = width + 2,
+            "{t} old={} new={} bytes={}",
+            Self::value(&self.old),
+            Self::value(&self.new),
+            self.bytes()
         )
     }
 
@@ -282,9 +307,10 @@ impl WatchReport {
         serde_json::json!({
             "address": self.address,
             "symbol": map.describe(self.address),
-            "len": self.len,
-            "old": self.old,
-            "new": self.new,
+            "len": self.new.len(),
+            "old": Self::value(&self.old),
+            "new": Self::value(&self.new),
+            "action": self.action.map(|a| a.as_str()),
             "bytes": self.bytes(),
             "writer": self.writer.as_ref().map(|(va, _)| map.describe(*va)),
             "instruction": self.writer.as_ref().map(|(_, t)| t.clone()),

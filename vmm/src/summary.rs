@@ -204,6 +204,15 @@ pub struct ExitSummary {
     /// Exits that began a step over a watched access (arm64: a watchpoint hit takes two).
     #[serde(default)]
     pub watch_steps: u64,
+    /// Stores to protected pages that touched protected bytes (one exit each).
+    #[serde(default)]
+    pub protected_writes: u64,
+    /// Stores to the unprotected rest of protected pages, completed silently (one exit each).
+    #[serde(default)]
+    pub neighbour_writes: u64,
+    /// Of both, stores without a syndrome decoded and emulated by hvprobe (arm64).
+    #[serde(default)]
+    pub emulated_stores: u64,
     /// Sites hit, by step plan.
     pub hits_by_plan: Vec<(PlanKind, u64)>,
     /// Register reads made while handling the exits (arm64: `KVM_GET_ONE_REG` calls; x86_64:
@@ -219,7 +228,7 @@ impl ExitSummary {
     /// The counts as `name=N` pairs, as the summary line and `hvprobe stats` print them.
     pub fn counts(&self) -> String {
         format!(
-            "breakpoint={} hw_breakpoint={} slot_trap={} return={} reinjected={} reinjected_debug={} abandoned_steps={} emulation_fallbacks={} rate_capped={} slot_exceptions={} watch_steps={}",
+            "breakpoint={} hw_breakpoint={} slot_trap={} return={} reinjected={} reinjected_debug={} abandoned_steps={} emulation_fallbacks={} rate_capped={} slot_exceptions={} watch_steps={} protected_writes={} neighbour_writes={} emulated_stores={}",
             self.breakpoints,
             self.hw_breakpoints,
             self.slot_traps,
@@ -230,7 +239,10 @@ impl ExitSummary {
             self.emulation_fallbacks,
             self.rate_capped,
             self.slot_exceptions,
-            self.watch_steps
+            self.watch_steps,
+            self.protected_writes,
+            self.neighbour_writes,
+            self.emulated_stores
         )
     }
 
@@ -248,6 +260,9 @@ impl ExitSummary {
             rate_capped: e.rate_capped,
             slot_exceptions: e.slot_exceptions,
             watch_steps: e.watch_steps,
+            protected_writes: e.protected_writes,
+            neighbour_writes: e.neighbour_writes,
+            emulated_stores: e.emulated_stores,
             hits_by_plan: e.hits_by_plan.clone(),
             register_reads: reads,
             register_writes: writes,
@@ -607,7 +622,13 @@ impl RunSummary {
             .collect();
         let e = &self.exits;
         let hits: u64 = self.probes.iter().map(|s| s.hits).sum();
-        let exits = e.breakpoints + e.hw_breakpoints + e.slot_traps + e.returns + e.watch_steps;
+        let exits = e.breakpoints
+            + e.hw_breakpoints
+            + e.slot_traps
+            + e.returns
+            + e.watch_steps
+            + e.protected_writes
+            + e.neighbour_writes;
         let all_exits = exits + e.reinjected + e.reinjected_debug;
         let plans: Vec<String> = e
             .hits_by_plan

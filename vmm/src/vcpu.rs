@@ -203,6 +203,8 @@ struct VcpuThread {
 enum ExitAction {
     Continue,
     Stop(StopReason),
+    /// An MMIO write (address, data, length): a protected page's or a device's.
+    MmioWrite(u64, [u8; 8], usize),
 }
 
 impl VcpuThread {
@@ -273,6 +275,26 @@ impl VcpuThread {
     }
 
     fn run_once(&mut self) -> ExitAction {
+        match self.enter() {
+            ExitAction::MmioWrite(addr, bytes, len) => {
+                let data = &bytes[..len];
+                match self.debug.on_mmio_write(self.id, &mut self.fd, addr, data) {
+                    Ok(true) => ExitAction::Continue,
+                    Ok(false) => {
+                        self.ctx.mmio.write(addr, data);
+                        ExitAction::Continue
+                    }
+                    Err(e) => {
+                        ExitAction::Stop(StopReason::VcpuError(format!("vCPU {}: {e}", self.id)))
+                    }
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// One `KVM_RUN` and what its exit asks for.
+    fn enter(&mut self) -> ExitAction {
         if let Err(e) = self.debug.before_run(&mut self.fd) {
             return ExitAction::Stop(StopReason::VcpuError(format!("vCPU {}: {e}", self.id)));
         }
@@ -291,8 +313,11 @@ impl VcpuThread {
                     ExitAction::Continue
                 }
                 VcpuExit::MmioWrite(addr, data) => {
-                    self.ctx.mmio.write(addr, data);
-                    ExitAction::Continue
+                    // Handled once the exit's borrow of the vCPU ends.
+                    let mut bytes = [0u8; 8];
+                    let len = data.len().min(8);
+                    bytes[..len].copy_from_slice(&data[..len]);
+                    ExitAction::MmioWrite(addr, bytes, len)
                 }
                 VcpuExit::Debug(arch) => {
                     match self.debug.on_debug_exit(self.id, &mut self.fd, &arch) {

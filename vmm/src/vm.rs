@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use probe_core::protect::SlotPiece;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -123,7 +124,9 @@ pub struct Vm {
     /// The KVM system handle.
     pub kvm: Kvm,
     /// The VM handle.
-    pub fd: VmFd,
+    pub fd: Arc<VmFd>,
+    /// Guest RAM's memslots, which `--protect` cuts into read-only and writable pieces.
+    pub slots: Arc<Mutex<MemorySlots>>,
     /// Guest RAM.
     pub memory: GuestMemoryMmap,
     /// The vCPUs, in APIC ID order; vCPU 0 boots, the others wait for INIT/SIPI.
@@ -188,6 +191,138 @@ pub fn console_uart(
     Ok((serial, console))
 }
 
+/// Guest RAM's memslots: each RAM region as one slot, or as the pieces `--protect` cut it into
+/// (read-only where a protected region's pages are). The XOL area's slots never change.
+pub struct MemorySlots {
+    fd: Arc<VmFd>,
+    /// Each RAM region (guest physical start, length, host address) and its slots now.
+    ram: Vec<RamSlots>,
+    /// Slot numbers free for new pieces.
+    free: Vec<u32>,
+    /// The next slot number never used.
+    next: u32,
+}
+
+struct RamSlots {
+    gpa: u64,
+    len: u64,
+    host: u64,
+    /// (slot number, piece).
+    pieces: Vec<(u32, SlotPiece)>,
+}
+
+/// Errors while changing memslots at run time.
+#[derive(Debug, thiserror::Error)]
+pub enum SlotError {
+    /// KVM refused a memslot change.
+    #[error(
+        "KVM_SET_USER_MEMORY_REGION ({what} slot {slot} at {gpa:#x}, {len:#x} bytes): {source}"
+    )]
+    Kvm {
+        /// Deleting or adding.
+        what: &'static str,
+        /// The slot number.
+        slot: u32,
+        /// Its guest physical start.
+        gpa: u64,
+        /// Its length.
+        len: u64,
+        /// The errno.
+        source: kvm_ioctls::Error,
+    },
+    /// A protected page is not in guest RAM.
+    #[error("guest physical page {0:#x} is not in guest RAM")]
+    OutsideRam(u64),
+}
+
+fn set_slot(
+    fd: &VmFd,
+    slot: u32,
+    gpa: u64,
+    len: u64,
+    host: u64,
+    flags: u32,
+) -> Result<(), kvm_ioctls::Error> {
+    let region = kvm_bindings::kvm_userspace_memory_region {
+        slot,
+        guest_phys_addr: gpa,
+        memory_size: len,
+        userspace_addr: host,
+        flags,
+    };
+    // SAFETY: the host range is a live mmap owned by the VM's guest memory, which outlives
+    // the VM fd; pieces of one region cover it without overlapping, and a size of zero
+    // deletes the slot.
+    unsafe { fd.set_user_memory_region(region) }
+}
+
+impl MemorySlots {
+    /// Makes the guest physical page ranges `protected` (page-aligned) read-only to the guest
+    /// and the rest of RAM writable again: only the regions whose pieces change are redone,
+    /// each by deleting its slots and adding the new pieces. Every vCPU must be out of
+    /// `KVM_RUN` (a vCPU running between the two would find no memory there). The contents
+    /// of memory never change.
+    pub fn protect(&mut self, protected: &[(u64, u64)]) -> Result<(), SlotError> {
+        if let Some(&(page, _)) = protected
+            .iter()
+            .find(|(s, e)| !self.ram.iter().any(|r| *s >= r.gpa && *e <= r.gpa + r.len))
+        {
+            return Err(SlotError::OutsideRam(page));
+        }
+        for r in &mut self.ram {
+            let layout = probe_core::protect::slot_layout(r.gpa, r.len, protected);
+            if r.pieces.iter().map(|(_, p)| *p).eq(layout.iter().copied()) {
+                continue;
+            }
+            for (slot, p) in r.pieces.drain(..) {
+                set_slot(&self.fd, slot, p.gpa, 0, r.host + (p.gpa - r.gpa), 0).map_err(
+                    |source| SlotError::Kvm {
+                        what: "deleting",
+                        slot,
+                        gpa: p.gpa,
+                        len: p.len,
+                        source,
+                    },
+                )?;
+                self.free.push(slot);
+            }
+            for p in layout {
+                let slot = self.free.pop().unwrap_or_else(|| {
+                    self.next += 1;
+                    self.next - 1
+                });
+                let flags = if p.readonly {
+                    kvm_bindings::KVM_MEM_READONLY
+                } else {
+                    0
+                };
+                set_slot(
+                    &self.fd,
+                    slot,
+                    p.gpa,
+                    p.len,
+                    r.host + (p.gpa - r.gpa),
+                    flags,
+                )
+                .map_err(|source| SlotError::Kvm {
+                    what: "adding",
+                    slot,
+                    gpa: p.gpa,
+                    len: p.len,
+                    source,
+                })?;
+                r.pieces.push((slot, p));
+            }
+        }
+        Ok(())
+    }
+
+    /// Memslots guest RAM takes now.
+    pub fn ram_slots(&self) -> usize {
+        self.ram.iter().map(|r| r.pieces.len()).sum()
+    }
+}
+
 /// Registers guest memory with KVM: one memslot per RAM region; the XOL area as two or three,
 /// its page tables writable, its code pages read-only, so the guest may execute the slots but
 /// never rewrite them, and its data pages (the jump plan's rings, `xol_data_bytes` at its end)
@@ -195,13 +330,14 @@ pub fn console_uart(
 /// every guest page-table page for write access during a walk even when Accessed and Dirty are
 /// already set; a read-only table makes each walk a fault that KVM cannot emulate.)
 pub fn register_memory(
-    fd: &VmFd,
+    fd: &Arc<VmFd>,
     memory: &GuestMemoryMmap,
     xol_gpa: u64,
     xol_table_bytes: u64,
     xol_data_bytes: u64,
-) -> Result<(), VmError> {
+) -> Result<MemorySlots, VmError> {
     let mut slots = Vec::new();
+    let mut ram = Vec::new();
     for region in memory.iter() {
         let start = region.start_addr().raw_value();
         let host = memory
@@ -221,23 +357,31 @@ pub fn register_memory(
                 slots.push((start + at, xol_data_bytes, host + at, 0));
             }
         } else {
+            ram.push(RamSlots {
+                gpa: start,
+                len: region.len(),
+                host,
+                pieces: vec![(
+                    slots.len() as u32,
+                    SlotPiece {
+                        gpa: start,
+                        len: region.len(),
+                        readonly: false,
+                    },
+                )],
+            });
             slots.push((start, region.len(), host, 0));
         }
     }
-    for (slot, (guest_phys_addr, memory_size, userspace_addr, flags)) in
-        slots.into_iter().enumerate()
-    {
-        let region_desc = kvm_bindings::kvm_userspace_memory_region {
-            slot: slot as u32,
-            guest_phys_addr,
-            memory_size,
-            userspace_addr,
-            flags,
-        };
-        // SAFETY: the host range is a live mmap owned by `memory`, which the returned Vm keeps
-        // for as long as the VM fd exists, and slots do not overlap.
-        unsafe { fd.set_user_memory_region(region_desc) }
+    let next = slots.len() as u32;
+    for (slot, (gpa, len, host, flags)) in slots.into_iter().enumerate() {
+        set_slot(fd, slot as u32, gpa, len, host, flags)
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
-    Ok(())
+    Ok(MemorySlots {
+        fd: fd.clone(),
+        ram,
+        free: Vec::new(),
+        next,
+    })
 }

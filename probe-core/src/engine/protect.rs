@@ -156,17 +156,27 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         (ranges, self.protect_generation.load(Ordering::SeqCst))
     }
 
+    /// Whether guest physical `gpa` is on a protected page (cheap: for the VMM to route an
+    /// MMIO exit).
+    pub fn is_protected(&self, gpa: u64) -> bool {
+        let page = gpa & !(PAGE - 1);
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+        table
+            .protects
+            .values()
+            .any(|s| s.pages.iter().any(|(g, _)| *g == page))
+    }
+
     /// A store of `data` at guest physical `gpa` that exited because its page is read-only:
     /// see [`ProbeEngine::protected_update`].
     pub fn protected_write(
         &self,
         vcpu: &mut dyn VcpuAccess<A>,
-        pc: u64,
-        writer: Option<u64>,
+        at_writer: bool,
         gpa: u64,
         data: &[u8],
     ) -> Result<ProtectedStore, VcpuError> {
-        self.protected_update(vcpu, pc, writer, gpa, data.len(), |_| Some(data.to_vec()))
+        self.protected_update(vcpu, at_writer, gpa, data.len(), |_| Some(data.to_vec()))
     }
 
     /// Counts a store without a syndrome that the VMM decoded to reach here (arm64).
@@ -177,14 +187,14 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
     /// A store to the `len` bytes at guest physical `gpa` (within one page) whose new bytes
     /// `update` makes from the bytes there now (`None`: it stores nothing, as a failed
     /// compare-and-swap), made while no other store to a protected page can run. Each
-    /// region whose bytes it touches runs its handlers (`pc` where the vCPU is, `writer` the
-    /// storing instruction where known) with the bytes before and what the guest wrote; a
-    /// `deny` region's bytes keep their value, every other byte takes the new one.
+    /// region whose bytes it touches runs its handlers with the bytes before and what the
+    /// guest wrote (the vCPU's PC is the storing instruction's if `at_writer`, as on arm64,
+    /// else the one after it, as on x86); a `deny` region's bytes keep their value, every
+    /// other byte takes the new one.
     pub fn protected_update(
         &self,
         vcpu: &mut dyn VcpuAccess<A>,
-        pc: u64,
-        writer: Option<u64>,
+        at_writer: bool,
         gpa: u64,
         len: usize,
         update: impl FnOnce(&[u8]) -> Option<Vec<u8>>,
@@ -234,7 +244,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                     address: va + (from - ps),
                     old: old[a..b].to_vec(),
                     new: wanted[a..b].to_vec(),
-                    writer,
+                    writer: None,
                     action: Some(s.spec.action),
                 },
             ));
@@ -251,7 +261,9 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         }
         self.exits.protected_writes.fetch_add(1, Ordering::Relaxed);
         let regs = vcpu.registers()?;
-        for (probe, record) in hits {
+        let pc = regs.pc();
+        for (probe, mut record) in hits {
+            record.writer = at_writer.then_some(pc);
             self.exits.by_plan[PlanKind::Protect as usize].fetch_add(1, Ordering::Relaxed);
             self.run_handlers(vcpu.id(), pc, &[probe], &regs, false, None, Some(record));
         }

@@ -1044,7 +1044,7 @@ fn a_protected_region_reports_writes_to_its_bytes_and_completes_or_drops_them() 
     // A 16-byte store across both regions and a neighbour byte before them.
     let data: Vec<u8> = (0..16).collect();
     let out = engine
-        .protected_write(&mut vcpu, TEXT_VA + 4, None, STACK_GPA + 0x100, &data)
+        .protected_write(&mut vcpu, false, STACK_GPA + 0x100, &data)
         .unwrap();
     assert_eq!(
         out,
@@ -1071,7 +1071,7 @@ fn a_protected_region_reports_writes_to_its_bytes_and_completes_or_drops_them() 
     }
     // A store to the rest of the page: completed silently, counted.
     engine
-        .protected_write(&mut vcpu, TEXT_VA + 4, None, STACK_GPA + 0xf8, &[7; 8])
+        .protected_write(&mut vcpu, false, STACK_GPA + 0xf8, &[7; 8])
         .unwrap();
     mem.read_slice(&mut now[..8], GuestAddress(STACK_GPA + 0xf8))
         .unwrap();
@@ -1079,7 +1079,7 @@ fn a_protected_region_reports_writes_to_its_bytes_and_completes_or_drops_them() 
     assert_eq!(seen.lock().unwrap().len(), 2);
     // A failed compare-and-swap stores nothing and reports nothing.
     let out = engine
-        .protected_update(&mut vcpu, TEXT_VA + 4, None, STACK_GPA + 0x100, 8, |_| None)
+        .protected_update(&mut vcpu, false, STACK_GPA + 0x100, 8, |_| None)
         .unwrap();
     assert_eq!(
         out,
@@ -1090,7 +1090,7 @@ fn a_protected_region_reports_writes_to_its_bytes_and_completes_or_drops_them() 
     // Elsewhere: not the engine's.
     assert_eq!(
         engine
-            .protected_write(&mut vcpu, 0, None, TEXT_GPA, &[0])
+            .protected_write(&mut vcpu, false, TEXT_GPA, &[0])
             .unwrap(),
         ProtectedStore::NotProtected
     );

@@ -43,6 +43,10 @@ pub trait VmmArch: 'static {
     const USER_RETURN_SYMBOL: Option<&'static str>;
     /// The software breakpoint's name in output (`int3`, `brk`).
     const BREAKPOINT_NAME: &'static str;
+    /// Whether a vCPU that exits on a store to read-only memory is still at the storing
+    /// instruction (arm64: KVM moves the PC on at the next entry) rather than past it (x86:
+    /// KVM's emulator has already moved RIP).
+    const STORE_EXIT_AT_WRITER: bool;
 
     /// Builds a bootable VM of `config` (its initrd already read): memory, interrupt
     /// controller, devices and vCPUs.

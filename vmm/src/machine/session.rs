@@ -3,8 +3,8 @@
 //! kernel text hashed ([`ProbeReport`]).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use probe_core::arch::PlanKind;
@@ -26,7 +26,7 @@ use crate::probing::{Engine, PausedState, Probing, RegisterIoctls, VcpuCounts};
 use crate::refusal::{RefusedProbe, refusal_list};
 use crate::selftest::TrapSupport;
 use crate::vcpu::{VcpuCommand, VcpuEvent, VcpuHandle};
-use crate::vm::Vm;
+use crate::vm::{MemorySlots, Vm};
 
 /// A probe to plant once the guest is up.
 pub struct ProbeRequest {
@@ -332,6 +332,10 @@ pub(super) struct ProbeSession {
     pub(super) vcpus: Arc<[VcpuCounts]>,
     /// The jump plan's drain, once a jump site is in.
     drain: Option<RingDrain>,
+    /// Guest RAM's memslots, cut to make protected pages read-only.
+    slots: Arc<Mutex<MemorySlots>>,
+    /// The engine's protection generation the memslots were last made for.
+    protection_applied: u64,
 }
 
 /// The pauses of every vCPU that changes (plantings, removals) took.
@@ -424,7 +428,27 @@ impl ProbeSession {
             pauses: Pauses::default(),
             vcpus: (0..vm.vcpus.len()).map(|_| VcpuCounts::default()).collect(),
             drain: None,
+            slots: vm.slots.clone(),
+            protection_applied: 0,
         })
+    }
+
+    /// Makes the memslots match the engine's protected pages (read-only where a region is,
+    /// writable elsewhere), when they changed; every vCPU is paused. A failure is reported
+    /// and leaves the regions unprotected rather than the guest without memory.
+    fn apply_protection(&mut self) {
+        let (pages, generation) = self.engine.protected_pages();
+        if generation == self.protection_applied {
+            return;
+        }
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = slots.protect(&pages) {
+            eprintln!("hvprobe: cannot make the protected pages read-only: {e}");
+            if let Err(e) = slots.protect(&[]) {
+                eprintln!("hvprobe: cannot restore guest memory's memslots: {e}");
+            }
+        }
+        self.protection_applied = generation;
     }
 
     /// What the vCPU threads share of it.
@@ -739,6 +763,7 @@ impl ProbeSession {
         let counts = self.regs.is_some() || !self.setup.requests.is_empty();
         pause_all(handles);
         let out = change(self);
+        self.apply_protection();
         resume_all(handles);
         if counts {
             self.pauses.count(start.elapsed());
@@ -815,6 +840,7 @@ impl ProbeSession {
             self.report.jump_dropped = self.engine.jump_dropped();
             self.report.stats = self.engine.stats();
             self.report.rewritten = self.engine.remove_all();
+            self.apply_protection();
             if let Some(regs) = &self.regs {
                 let after = self.hash_text(regs);
                 if let Some(t) = &mut self.report.text {

@@ -72,8 +72,8 @@ pub fn create_vm(
         _ => None,
     };
 
-    let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-    register_memory(
+    let fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+    let slots = register_memory(
         &fd,
         &memory,
         XOL_GPA_BASE,
@@ -134,6 +134,7 @@ pub fn create_vm(
     Ok(Vm {
         kvm,
         fd,
+        slots: Arc::new(Mutex::new(slots)),
         memory,
         vcpus,
         pio: PioBus::default(),

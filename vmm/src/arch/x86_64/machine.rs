@@ -67,8 +67,8 @@ pub fn create_vm(
     boot::write_zero_page(&memory, &info)?;
     boot::write_boot_tables(&memory, config.vcpus as u8)?;
 
-    let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-    register_memory(
+    let fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+    let slots = register_memory(
         &fd,
         &memory,
         layout::XOL_GPA_BASE,
@@ -123,6 +123,7 @@ pub fn create_vm(
     Ok(Vm {
         kvm,
         fd,
+        slots: Arc::new(Mutex::new(slots)),
         memory,
         vcpus,
         pio,

@@ -41,6 +41,7 @@ impl VmmArch for X86_64Vmm {
     /// None: x86_64's TF single-step is the guest's own while hvprobe does not single-step.
     const USER_RETURN_SYMBOL: Option<&'static str> = None;
     const BREAKPOINT_NAME: &'static str = "int3";
+    const STORE_EXIT_AT_WRITER: bool = false;
 
     fn create_vm(
         kvm: Kvm,
