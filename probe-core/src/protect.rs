@@ -234,7 +234,7 @@ pub fn page_span(start: u64, len: u64) -> (u64, u64) {
 }
 
 /// The first pair of `regions` (name, start, length) that share a byte, by name.
-pub fn overlap<'a>(regions: &'a [(String, u64, u64)]) -> Option<(&'a str, &'a str)> {
+pub fn overlap(regions: &[(String, u64, u64)]) -> Option<(&str, &str)> {
     for (i, (a, sa, la)) in regions.iter().enumerate() {
         for (b, sb, lb) in &regions[i + 1..] {
             if sa < &(sb + lb) && sb < &(sa + la) {
