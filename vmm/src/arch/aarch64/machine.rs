@@ -6,6 +6,7 @@
 //! SYSTEM_RESET, which KVM reports as system events.
 
 use std::io::Write;
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
     KVM_ARM_VCPU_POWER_OFF, KVM_ARM_VCPU_PSCI_0_2, KVM_DEV_ARM_VGIC_CTRL_INIT,
