@@ -38,6 +38,9 @@ pub enum ProbingError {
     /// A debug exit on a vCPU of a run without probes.
     #[error("debug exit without probes ({0})")]
     NoProbes(String),
+    /// A store KVM handed over undecoded could not be made.
+    #[error("{0}")]
+    UnsyndromedStore(String),
     /// This build's architecture has no VMM yet.
     #[error("{0}")]
     Unsupported(&'static str),
@@ -76,6 +79,16 @@ pub trait DebugExitHook: Send {
         _fd: &mut VcpuFd,
         _gpa: u64,
         _data: &[u8],
+    ) -> Result<bool, ProbingError> {
+        Ok(false)
+    }
+    /// Called on an exit the vCPU loop does not know (`reason`): whether it was one the
+    /// architecture handles for probing (arm64: a store KVM could not decode).
+    fn on_other_exit(
+        &mut self,
+        _id: u32,
+        _fd: &mut VcpuFd,
+        _reason: u32,
     ) -> Result<bool, ProbingError> {
         Ok(false)
     }
@@ -121,6 +134,15 @@ impl DebugExitHook for VcpuProbing {
         data: &[u8],
     ) -> Result<bool, ProbingError> {
         self.protected_store(id, fd, gpa, data)
+    }
+
+    fn on_other_exit(
+        &mut self,
+        id: u32,
+        fd: &mut VcpuFd,
+        reason: u32,
+    ) -> Result<bool, ProbingError> {
+        Host::arch_exit(id, fd, reason, &self.shared.engine)
     }
 }
 

@@ -205,6 +205,8 @@ enum ExitAction {
     Stop(StopReason),
     /// An MMIO write (address, data, length): a protected page's or a device's.
     MmioWrite(u64, [u8; 8], usize),
+    /// An exit kvm-ioctls does not decode (its reason), for the architecture.
+    Other(u32),
 }
 
 impl VcpuThread {
@@ -289,6 +291,18 @@ impl VcpuThread {
                     }
                 }
             }
+            ExitAction::Other(reason) => {
+                match self.debug.on_other_exit(self.id, &mut self.fd, reason) {
+                    Ok(true) => ExitAction::Continue,
+                    Ok(false) => ExitAction::Stop(StopReason::VcpuError(format!(
+                        "vCPU {}: unexpected exit reason {reason}",
+                        self.id
+                    ))),
+                    Err(e) => {
+                        ExitAction::Stop(StopReason::VcpuError(format!("vCPU {}: {e}", self.id)))
+                    }
+                }
+            }
             other => other,
         }
     }
@@ -354,6 +368,7 @@ impl VcpuThread {
                         self.id, internal.suberror
                     )))
                 }
+                VcpuExit::Unsupported(reason) => ExitAction::Other(reason),
                 other => ExitAction::Stop(StopReason::VcpuError(format!(
                     "vCPU {}: unexpected exit {other:?}",
                     self.id

@@ -633,6 +633,8 @@ pub struct ProbeEngine<A: Arch, M: GuestMemory + Send + Sync> {
     protect_stores: Mutex<()>,
     /// Changes whenever the protected pages do.
     protect_generation: AtomicU64,
+    /// The reservations of store-exclusives to protected pages.
+    exclusive: Mutex<protect::ExclusiveMonitor>,
 }
 
 /// Where to plant: the address, and the function start to decode from for the boundary check.
@@ -683,6 +685,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             draining: Mutex::new(()),
             protect_stores: Mutex::new(()),
             protect_generation: AtomicU64::new(0),
+            exclusive: Mutex::default(),
         })
     }
 

@@ -53,6 +53,24 @@ fn bytes_in(va: u64, len: u64, pages: &[(u64, u64)], gpa_page: u64) -> Option<(u
     })
 }
 
+/// The exclusive monitor of stores to protected pages, for store-exclusives the VMM emulates
+/// (arm64 `STXR` on a read-only page): as the hardware's, a store by anyone to a granule
+/// clears everyone's reservation there. The VMM never sees the load-exclusive, so a vCPU's
+/// first store-exclusive to a granule fails and records the granule's store count; the retry
+/// (after the guest's load-exclusive again) succeeds only if no store reached the granule in
+/// between. A failure is always allowed by the architecture; a lost update never happens,
+/// since every store to a protected page is made here.
+#[derive(Default)]
+pub(super) struct ExclusiveMonitor {
+    /// Stores made per granule.
+    stores: HashMap<u64, u64>,
+    /// Each vCPU's reservation: the granule and its store count when it was taken.
+    reserved: HashMap<u32, (u64, u64)>,
+}
+
+/// The exclusive reservation granule the monitor works in.
+const GRANULE: u64 = 64;
+
 /// What a store to a protected page did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProtectedStore {
@@ -179,6 +197,22 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         self.protected_update(vcpu, at_writer, gpa, data.len(), |_| Some(data.to_vec()))
     }
 
+    /// For a store-exclusive of vCPU `vcpu` to guest physical `gpa`, called while the store is
+    /// being made ([`ProbeEngine::protected_update`]'s `update`): whether it may store (its
+    /// reservation holds), else it fails and reserves the granule for its retry.
+    pub fn exclusive_store_holds(&self, vcpu: u32, gpa: u64) -> bool {
+        let granule = gpa / GRANULE;
+        let mut m = self.exclusive.lock().unwrap_or_else(|e| e.into_inner());
+        let stores = m.stores.get(&granule).copied().unwrap_or(0);
+        match m.reserved.remove(&vcpu) {
+            Some(r) if r == (granule, stores) => true,
+            _ => {
+                m.reserved.insert(vcpu, (granule, stores));
+                false
+            }
+        }
+    }
+
     /// Counts a store without a syndrome that the VMM decoded to reach here (arm64).
     pub fn count_emulated_store(&self) {
         self.exits.emulated_stores.fetch_add(1, Ordering::Relaxed);
@@ -223,6 +257,12 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         let Some(wanted) = update(&old).filter(|w| w.len() == len) else {
             return Ok(ProtectedStore::Done { old });
         };
+        {
+            let mut m = self.exclusive.lock().unwrap_or_else(|e| e.into_inner());
+            for granule in gpa / GRANULE..=(gpa + len as u64 - 1) / GRANULE {
+                *m.stores.entry(granule).or_default() += 1;
+            }
+        }
         let end = gpa + wanted.len() as u64;
         let mut stored = wanted.clone();
         let mut hits = Vec::new();

@@ -1105,3 +1105,29 @@ fn a_protected_region_reports_writes_to_its_bytes_and_completes_or_drops_them() 
     engine.remove_all();
     assert!(engine.protected_pages().0.is_empty());
 }
+
+#[test]
+fn a_store_exclusive_holds_only_when_no_store_reached_its_granule_since_its_reservation() {
+    use crate::protect::{ProtectAction, ProtectSpec};
+    let (engine, mut vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    let mut probe = Probe::<X86_64>::new("var");
+    probe.protect = Some(ProtectSpec {
+        len: 8,
+        action: ProtectAction::Allow,
+    });
+    engine.plant(probe, target(STACK_VA + 0x100 - TEXT_VA), &regs).unwrap();
+    let gpa = STACK_GPA + 0x100;
+    // The first try fails and reserves; the retry holds; a second retry needs a new one.
+    assert!(!engine.exclusive_store_holds(0, gpa));
+    assert!(engine.exclusive_store_holds(0, gpa));
+    assert!(!engine.exclusive_store_holds(0, gpa));
+    // vCPU 1 stores to the granule between vCPU 0's reservation and its retry: it fails.
+    engine.protected_write(&mut vcpu, false, gpa + 8, &[1]).unwrap();
+    assert!(!engine.exclusive_store_holds(0, gpa), "reserved after the store");
+    engine.protected_write(&mut vcpu, false, gpa + 8, &[2]).unwrap();
+    assert!(!engine.exclusive_store_holds(0, gpa), "a store since the reservation");
+    // A store to another granule leaves the reservation alone.
+    engine.protected_write(&mut vcpu, false, gpa + 64, &[3]).unwrap();
+    assert!(engine.exclusive_store_holds(0, gpa));
+}

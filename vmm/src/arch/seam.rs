@@ -83,6 +83,15 @@ pub trait VmmArch: 'static {
         exit: &kvm_debug_exit_arch,
         watch_slots: u32,
     ) -> Option<DebugEvent>;
+    /// Handles an exit only this architecture has (`reason`; arm64: `KVM_EXIT_ARM_NISV`, a
+    /// store to a protected page that KVM could not decode) on vCPU `id`, for a run probing
+    /// with `engine`; `Ok(false)` for any other.
+    fn arch_exit(
+        id: u32,
+        fd: &mut VcpuFd,
+        reason: u32,
+        engine: &crate::probing::Engine,
+    ) -> Result<bool, ProbingError>;
     /// What a `KVM_EXIT_DEBUG` reported, for an error about an exit hvprobe did not ask for.
     fn describe_debug_exit(exit: &kvm_debug_exit_arch) -> String;
 }

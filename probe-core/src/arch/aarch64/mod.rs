@@ -8,6 +8,7 @@ mod insn;
 pub mod jump;
 pub mod pagewalk;
 mod regs;
+pub mod store;
 pub mod xol;
 
 pub use decode::{

@@ -74,6 +74,16 @@ pub fn create_vm(
     };
 
     let fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
+    // Stores KVM cannot decode (no syndrome) to read-only memory come to the VMM, which makes
+    // them for `--protect` (without the capability KVM_RUN fails with ENOSYS).
+    if kvm.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_ARM_NISV_TO_USER)) > 0 {
+        let cap = kvm_bindings::kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_ARM_NISV_TO_USER,
+            ..Default::default()
+        };
+        fd.enable_cap(&cap)
+            .map_err(kvm_err("KVM_ENABLE_CAP (KVM_CAP_ARM_NISV_TO_USER)"))?;
+    }
     let slots = register_memory(
         &fd,
         &memory,

@@ -10,6 +10,7 @@ pub mod kernel;
 pub mod layout;
 pub mod machine;
 pub mod selftest;
+pub mod store;
 pub mod vcpu;
 
 use std::io::Write;
@@ -113,6 +114,21 @@ impl VmmArch for Aarch64Vmm {
         _watch_slots: u32,
     ) -> Option<DebugEvent> {
         debug::decode_debug_exit(fd, exit)
+    }
+
+    fn arch_exit(
+        id: u32,
+        fd: &mut VcpuFd,
+        reason: u32,
+        engine: &crate::probing::Engine,
+    ) -> Result<bool, ProbingError> {
+        if reason != kvm_bindings::KVM_EXIT_ARM_NISV {
+            return Ok(false);
+        }
+        // SAFETY: KVM filled the `arm_nisv` member of the exit union for KVM_EXIT_ARM_NISV.
+        let fault_ipa = unsafe { fd.get_kvm_run().__bindgen_anon_1.arm_nisv.fault_ipa };
+        store::emulate(id, fd, fault_ipa, engine)?;
+        Ok(true)
     }
 
     fn describe_debug_exit(exit: &kvm_debug_exit_arch) -> String {

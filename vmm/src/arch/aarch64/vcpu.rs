@@ -40,7 +40,7 @@ const fn core_reg(offset: u64) -> u64 {
 }
 
 /// The id of system register `op0, op1, CRn, CRm, op2`.
-const fn sys_reg(op0: u64, op1: u64, crn: u64, crm: u64, op2: u64) -> u64 {
+pub(crate) const fn sys_reg(op0: u64, op1: u64, crn: u64, crm: u64, op2: u64) -> u64 {
     KVM_REG_ARM64
         | KVM_REG_SIZE_U64
         | KVM_REG_ARM64_SYSREG as u64

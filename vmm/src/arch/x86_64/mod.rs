@@ -99,6 +99,16 @@ impl VmmArch for X86_64Vmm {
         debug::debug_event(exit, watch_slots)
     }
 
+    /// x86 has no exit of its own that hvprobe handles.
+    fn arch_exit(
+        _: u32,
+        _: &mut VcpuFd,
+        _: u32,
+        _: &crate::probing::Engine,
+    ) -> Result<bool, ProbingError> {
+        Ok(false)
+    }
+
     fn describe_debug_exit(exit: &kvm_debug_exit_arch) -> String {
         debug::describe_debug_exit(exit)
     }
