@@ -287,6 +287,67 @@ pub fn refused_overlap(
     })
 }
 
+/// The guest kernel's own text patchers, by function: alternatives, jump labels and static
+/// calls, ftrace, kprobes, BPF trampolines (x86 `text_poke*`, arm64 `aarch64_insn_patch_text*`
+/// and their callers). A write to protected text from one of them is the kernel's own doing.
+pub const TEXT_PATCHERS: &[&str] = &[
+    // What asked for the patch (the outer callers): named first when on the stack.
+    "arch_arm_kprobe",
+    "arch_disarm_kprobe",
+    "arch_optimize_kprobes",
+    "arch_unoptimize_kprobes",
+    "arch_unoptimize_kprobe",
+    "arch_jump_label_transform",
+    "arch_jump_label_transform_queue",
+    "arch_jump_label_transform_apply",
+    "arch_static_call_transform",
+    "ftrace_modify_all_code",
+    "ftrace_replace_code",
+    "ftrace_modify_code",
+    "ftrace_modify_code_direct",
+    "ftrace_update_ftrace_func",
+    "ftrace_make_call",
+    "ftrace_make_nop",
+    "apply_alternatives",
+    "bpf_arch_text_poke",
+    "bpf_arch_text_copy",
+    // The patching mechanism itself.
+    "text_poke_bp_batch",
+    "text_poke_bp",
+    "text_poke_finish",
+    "text_poke_queue",
+    "text_poke_copy",
+    "text_poke_set",
+    "text_poke",
+    "text_poke_kgdb",
+    "__text_poke",
+    "text_poke_early",
+    "aarch64_insn_patch_text",
+    "aarch64_insn_patch_text_cb",
+    "patch_alternative",
+    "__apply_alternatives",
+    "aarch64_insn_patch_text_nosync",
+    "aarch64_insn_write",
+    "__aarch64_insn_write",
+    "aarch64_insn_copy",
+    "aarch64_insn_set",
+];
+
+/// The function of a symbolized stack frame (`name+0xoff/0xsize`, or `name`).
+pub fn frame_function(frame: &str) -> &str {
+    frame.split(['+', '/']).next().unwrap_or(frame)
+}
+
+/// The text patcher among `frames` (innermost first): the outermost frame that is one of
+/// [`TEXT_PATCHERS`], which says what the patch is for.
+pub fn text_patcher<'a>(frames: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    frames
+        .into_iter()
+        .map(frame_function)
+        .filter(|f| TEXT_PATCHERS.contains(f))
+        .last()
+}
+
 /// One memslot of guest RAM after protection: `len` bytes at `gpa`, read-only or not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SlotPiece {
@@ -443,6 +504,23 @@ mod tests {
         ];
         assert_eq!(overlap(&regions), Some(("b", "c")));
         assert_eq!(overlap(&regions[..2]), None);
+    }
+
+    #[test]
+    fn the_outermost_text_patcher_on_a_stack_names_the_write() {
+        let frames = [
+            "memcpy+0x12/0x20",
+            "__text_poke+0x1f0/0x3a0",
+            "text_poke_bp_batch+0x80/0x2b0",
+            "arch_arm_kprobe+0x2a/0x40",
+            "register_kprobe+0x4f0/0x5a0",
+        ];
+        assert_eq!(text_patcher(frames), Some("arch_arm_kprobe"));
+        assert_eq!(
+            text_patcher(["proc_dostring+0xb1/0x1f0", "vfs_write+0xc4/0x3a0"]),
+            None
+        );
+        assert_eq!(frame_function("text_poke"), "text_poke");
     }
 
     #[test]

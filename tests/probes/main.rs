@@ -712,6 +712,9 @@ fn main() {
                 watchpoints_the_hardware_cannot_take_are_refused_and_nothing_changes,
                 integrity_finds_a_guest_kprobe_in_kernel_text_and_nothing_on_an_untouched_guest,
                 a_denied_write_to_modprobe_path_is_reported_and_dropped_and_an_allowed_one_made,
+                a_guest_kprobe_enabled_under_protected_text_is_the_kernels_patcher_and_still_works,
+                a_hostname_copied_into_a_protected_page_by_memcpy_reads_back_exactly,
+                random_strings_written_to_protected_sysctls_read_back_and_every_byte_is_reported,
             ],
             Guests::Only(GuestArch::X86_64) => [
                 a_getpid_probe_counts_the_workload_calls_and_prints_each_hit,

@@ -14,7 +14,7 @@ use probe_core::definition::{ProbeDefinition, ProbeKind};
 use probe_core::engine::PlantTarget;
 use probe_core::guest_kprobes::KprobeTableLayout;
 use probe_core::jump::{GuestAnchors, TaskOffsets};
-use probe_core::probe::TrapKind;
+use probe_core::probe::{ProbeContext, TrapKind};
 use probe_core::protect::{ProtectError, ProtectRequest, ProtectSpec};
 use probe_core::task::TaskLayout;
 use probe_core::xol::XolArea;
@@ -422,7 +422,9 @@ fn stack_wiring(
         Ok(w) => Ok(Some(Arc::new(w))),
         Err(e) if asked => Err(e),
         Err(e) => {
-            eprintln!("hvprobe: live-session definitions cannot have stacks: {e:#}");
+            eprintln!(
+                "hvprobe: no kernel stack traces (live-session definitions and protected writes go without): {e:#}"
+            );
             Ok(None)
         }
     }
@@ -541,7 +543,11 @@ fn probe_setup(
         .into_iter()
         .map(|resolved| wiring.request(resolved, hists))
         .collect();
-    for (resolved, spec) in protected {
+    for (mut resolved, spec) in protected {
+        // A protected write carries its writer's stack, which names a text patcher.
+        if let Some(def) = &mut resolved.definition {
+            def.stacktrace = wiring.stacks.is_some();
+        }
         let mut req = wiring.request(resolved, hists);
         req.probe.protect = Some(spec);
         req.probe.in_guest = false;
@@ -563,7 +569,10 @@ fn probe_setup(
             .and_then(|s| Some((s.addr, map.size_of(s)? as usize / 8))),
         symbols: map.clone(),
     });
+    let protect_exemption =
+        protect_exemption(&args.protect_allow, &map, wiring.stacks.as_ref(), &slide)?;
     Ok(Some(ProbeSetup {
+        protect_exemption,
         requests,
         integrity,
         text,
@@ -624,6 +633,40 @@ fn probe_setup(
         guest_kprobes,
         jump,
     }))
+}
+
+/// The `--protect-allow` functions as the engine's exemption: a write whose writer has one
+/// of them on its kernel stack. Each must be a function System.map lists, and stacks must be
+/// available.
+fn protect_exemption(
+    allowed: &[String],
+    map: &SymbolMap,
+    stacks: Option<&Arc<StackWiring>>,
+    slide: &Arc<AtomicU64>,
+) -> Result<Option<machine::ProtectExemption>> {
+    if allowed.is_empty() {
+        return Ok(None);
+    }
+    for f in allowed {
+        if !map.lookup(f).is_ok_and(|s| s.is_text()) {
+            bail!("--protect-allow {f}: no function `{f}` in System.map");
+        }
+    }
+    let stacks = stacks
+        .context("--protect-allow needs the writer's kernel stack (the guest's vmlinux, --btf)")?
+        .clone();
+    let allowed: Vec<String> = allowed.to_vec();
+    let map = Arc::new(map.clone());
+    let slide = slide.clone();
+    Ok(Some(Arc::new(move |ctx: &ProbeContext<'_>| {
+        let slide = slide.load(std::sync::atomic::Ordering::Relaxed);
+        let trace = stacks.unwinder.unwind(ctx, slide);
+        trace.symbolized(&map, slide).iter().any(|f| {
+            allowed
+                .iter()
+                .any(|a| probe_core::protect::frame_function(f) == a)
+        })
+    })))
 }
 
 /// The `--protect` regions resolved against System.map, each as a probe target with its spec

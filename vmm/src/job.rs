@@ -181,6 +181,13 @@ pub struct Job {
     #[arg(long, value_name = "REGION")]
     #[serde(default)]
     pub protect: Vec<String>,
+    /// Exempt writes made by FUNC (anywhere on the writer's kernel stack) from `--protect`:
+    /// made in full even to `deny` regions, and not reported (counted as exempted). For known
+    /// writers such as the kernel's text patchers (`text_poke_bp_batch`,
+    /// `aarch64_insn_patch_text_nosync`). Repeatable; needs stack traces (the guest's vmlinux).
+    #[arg(long, value_name = "FUNC", requires = "protect")]
+    #[serde(default)]
+    pub protect_allow: Vec<String>,
     /// Inside the emulated runner's L1: the guest kernel's `NOKPROBE_SYMBOL` addresses, read
     /// from its vmlinux on the host (L1 has only its BTF).
     #[arg(skip)]
@@ -498,6 +505,7 @@ impl Job {
     /// Whether the run asks for stacks: `--stack`, a stacks file, a `stacktrace` definition.
     pub fn asks_for_stacks(&self) -> bool {
         self.stack
+            || !self.protect_allow.is_empty()
             || self.stacks.is_some()
             || self.flamegraph.is_some()
             || self
@@ -508,7 +516,7 @@ impl Job {
 
     /// Whether the run may need stacks: it asks for them, or a live session might.
     pub fn wants_stacks(&self) -> bool {
-        self.asks_for_stacks() || self.api_socket.is_some()
+        self.asks_for_stacks() || self.api_socket.is_some() || !self.protect.is_empty()
     }
 
     /// The guest's architecture: `--arch`, else the host's.

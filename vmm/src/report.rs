@@ -142,7 +142,7 @@ pub fn event_line(
         return None;
     }
     let entry = ctx.entry_context();
-    let watch = WatchReport::new(ctx, map, slide);
+    let watch = WatchReport::new(ctx, map, slide, stack);
     let (retval, place) = match &entry {
         Some(_) => (
             Some(ctx.regs.return_value()),
@@ -235,10 +235,17 @@ struct WatchReport {
     old: Vec<u8>,
     new: Vec<u8>,
     action: Option<ProtectAction>,
+    /// The kernel text patcher on the writer's stack, for a write to a protected region.
+    patcher: Option<String>,
 }
 
 impl WatchReport {
-    fn new(ctx: &ProbeContext<'_>, map: &SymbolMap, slide: u64) -> Option<WatchReport> {
+    fn new(
+        ctx: &ProbeContext<'_>,
+        map: &SymbolMap,
+        slide: u64,
+        stack: Option<&HitStack>,
+    ) -> Option<WatchReport> {
         let w = ctx.watch.as_ref()?;
         let writer = match w.writer {
             Some(at) => Some((at, instruction_at(ctx, at).unwrap_or_default())),
@@ -251,6 +258,12 @@ impl WatchReport {
             old: w.old.clone(),
             new: w.new.clone(),
             action: w.action,
+            patcher: stack
+                .filter(|_| w.action.is_some())
+                .and_then(|s| {
+                    probe_core::protect::text_patcher(s.frames.iter().map(String::as_str))
+                })
+                .map(str::to_string),
         })
     }
 
@@ -293,6 +306,9 @@ impl WatchReport {
                     ProtectAction::Deny => "denied",
                 }
             ));
+            if let Some(p) = &self.patcher {
+                t.push_str(&format!(" by={p}"));
+            }
             return t;
         }
         format!(
@@ -311,6 +327,7 @@ impl WatchReport {
             "old": Self::value(&self.old),
             "new": Self::value(&self.new),
             "action": self.action.map(|a| a.as_str()),
+            "patcher": self.patcher,
             "bytes": self.bytes(),
             "writer": self.writer.as_ref().map(|(va, _)| map.describe(*va)),
             "instruction": self.writer.as_ref().map(|(_, t)| t.clone()),

@@ -213,6 +213,9 @@ pub struct ExitSummary {
     /// Of both, stores without a syndrome decoded and emulated by hvprobe (arm64).
     #[serde(default)]
     pub emulated_stores: u64,
+    /// Writes to protected bytes by `--protect-allow` writers: made, not reported.
+    #[serde(default)]
+    pub exempted_writes: u64,
     /// Sites hit, by step plan.
     pub hits_by_plan: Vec<(PlanKind, u64)>,
     /// Register reads made while handling the exits (arm64: `KVM_GET_ONE_REG` calls; x86_64:
@@ -228,7 +231,7 @@ impl ExitSummary {
     /// The counts as `name=N` pairs, as the summary line and `hvprobe stats` print them.
     pub fn counts(&self) -> String {
         format!(
-            "breakpoint={} hw_breakpoint={} slot_trap={} return={} reinjected={} reinjected_debug={} abandoned_steps={} emulation_fallbacks={} rate_capped={} slot_exceptions={} watch_steps={} protected_writes={} neighbour_writes={} emulated_stores={}",
+            "breakpoint={} hw_breakpoint={} slot_trap={} return={} reinjected={} reinjected_debug={} abandoned_steps={} emulation_fallbacks={} rate_capped={} slot_exceptions={} watch_steps={} protected_writes={} neighbour_writes={} emulated_stores={} exempted_writes={}",
             self.breakpoints,
             self.hw_breakpoints,
             self.slot_traps,
@@ -242,7 +245,8 @@ impl ExitSummary {
             self.watch_steps,
             self.protected_writes,
             self.neighbour_writes,
-            self.emulated_stores
+            self.emulated_stores,
+            self.exempted_writes
         )
     }
 
@@ -263,6 +267,7 @@ impl ExitSummary {
             protected_writes: e.protected_writes,
             neighbour_writes: e.neighbour_writes,
             emulated_stores: e.emulated_stores,
+            exempted_writes: e.exempted_writes,
             hits_by_plan: e.hits_by_plan.clone(),
             register_reads: reads,
             register_writes: writes,

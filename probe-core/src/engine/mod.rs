@@ -497,6 +497,8 @@ pub struct ExitStats {
     pub neighbour_writes: u64,
     /// Of both, the stores without a syndrome the VMM decoded and emulated (arm64).
     pub emulated_stores: u64,
+    /// Writes to protected bytes by exempted writers (`--protect-allow`): made, not reported.
+    pub exempted_writes: u64,
 }
 
 #[derive(Default)]
@@ -515,6 +517,7 @@ struct ExitCounters {
     protected_writes: AtomicU64,
     neighbour_writes: AtomicU64,
     emulated_stores: AtomicU64,
+    exempted_writes: AtomicU64,
     /// Hits by plan, indexed by [`PlanKind`] as `usize`.
     by_plan: [AtomicU64; PlanKind::ALL.len()],
 }
@@ -635,7 +638,12 @@ pub struct ProbeEngine<A: Arch, M: GuestMemory + Send + Sync> {
     protect_generation: AtomicU64,
     /// The reservations of store-exclusives to protected pages.
     exclusive: Mutex<protect::ExclusiveMonitor>,
+    /// Which writers of protected bytes are exempt (`--protect-allow`).
+    protect_exemption: RwLock<Option<ProtectExemption<A>>>,
 }
+
+/// Says whether the writer of protected bytes in a context is exempt from protection.
+type ProtectExemption<A> = Arc<dyn Fn(&ProbeContext<'_, A>) -> bool + Send + Sync>;
 
 /// Where to plant: the address, and the function start to decode from for the boundary check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -686,6 +694,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             protect_stores: Mutex::new(()),
             protect_generation: AtomicU64::new(0),
             exclusive: Mutex::default(),
+            protect_exemption: RwLock::new(None),
         })
     }
 

@@ -213,6 +213,19 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         }
     }
 
+    /// Exempts the writers `exempt` says yes to (`--protect-allow`: given the context of a
+    /// write to protected bytes, the stack of its writer) from protection: their writes are
+    /// made in full, even to `deny` regions, and not reported (counted as exempted).
+    pub fn set_protect_exemption(
+        &self,
+        exempt: Arc<dyn Fn(&ProbeContext<'_, A>) -> bool + Send + Sync>,
+    ) {
+        *self
+            .protect_exemption
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(exempt);
+    }
+
     /// Counts a store without a syndrome that the VMM decoded to reach here (arm64).
     pub fn count_emulated_store(&self) {
         self.exits.emulated_stores.fetch_add(1, Ordering::Relaxed);
@@ -289,18 +302,54 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 },
             ));
         }
+        // A write to protected bytes: the registers for its handlers, and whether its writer
+        // is one the user exempted (then it is made in full and not reported).
+        let regs = match hits.is_empty() {
+            true => None,
+            false => Some(vcpu.registers()?),
+        };
+        let exemption = self
+            .protect_exemption
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let exempt = match (&regs, exemption) {
+            (Some(regs), Some(exempt)) => {
+                let lookup = |at: u64| self.real_return_above(at);
+                let ctx = ProbeContext {
+                    vcpu: vcpu.id(),
+                    location: "",
+                    address: regs.pc(),
+                    time: self.start.elapsed(),
+                    regs,
+                    entry_regs: None,
+                    mem: &self.mem,
+                    returns: self.return_recovery(&lookup, None),
+                    recorded: None,
+                    watch: None,
+                };
+                exempt(&ctx)
+            }
+            _ => false,
+        };
+        if exempt {
+            stored = wanted;
+        }
         if stored != old {
             self.mem
                 .write_slice(&stored, GuestAddress(gpa))
                 .map_err(|_| VcpuError::ProtectedStore { gpa })?;
         }
         drop(one_at_a_time);
-        if hits.is_empty() {
+        let Some(regs) = regs else {
             self.exits.neighbour_writes.fetch_add(1, Ordering::Relaxed);
             return Ok(ProtectedStore::Done { old });
-        }
+        };
         self.exits.protected_writes.fetch_add(1, Ordering::Relaxed);
-        let regs = vcpu.registers()?;
+        if exempt {
+            self.exits.exempted_writes.fetch_add(1, Ordering::Relaxed);
+            return Ok(ProtectedStore::Done { old });
+        }
         let pc = regs.pc();
         for (probe, mut record) in hits {
             record.writer = at_writer.then_some(pc);

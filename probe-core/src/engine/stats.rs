@@ -99,6 +99,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             protected_writes: e.protected_writes.load(Ordering::Relaxed),
             neighbour_writes: e.neighbour_writes.load(Ordering::Relaxed),
             emulated_stores: e.emulated_stores.load(Ordering::Relaxed),
+            exempted_writes: e.exempted_writes.load(Ordering::Relaxed),
             hits_by_plan: PlanKind::ALL
                 .iter()
                 .zip(&e.by_plan)

@@ -1116,18 +1116,78 @@ fn a_store_exclusive_holds_only_when_no_store_reached_its_granule_since_its_rese
         len: 8,
         action: ProtectAction::Allow,
     });
-    engine.plant(probe, target(STACK_VA + 0x100 - TEXT_VA), &regs).unwrap();
+    engine
+        .plant(probe, target(STACK_VA + 0x100 - TEXT_VA), &regs)
+        .unwrap();
     let gpa = STACK_GPA + 0x100;
     // The first try fails and reserves; the retry holds; a second retry needs a new one.
     assert!(!engine.exclusive_store_holds(0, gpa));
     assert!(engine.exclusive_store_holds(0, gpa));
     assert!(!engine.exclusive_store_holds(0, gpa));
     // vCPU 1 stores to the granule between vCPU 0's reservation and its retry: it fails.
-    engine.protected_write(&mut vcpu, false, gpa + 8, &[1]).unwrap();
-    assert!(!engine.exclusive_store_holds(0, gpa), "reserved after the store");
-    engine.protected_write(&mut vcpu, false, gpa + 8, &[2]).unwrap();
-    assert!(!engine.exclusive_store_holds(0, gpa), "a store since the reservation");
+    engine
+        .protected_write(&mut vcpu, false, gpa + 8, &[1])
+        .unwrap();
+    assert!(
+        !engine.exclusive_store_holds(0, gpa),
+        "reserved after the store"
+    );
+    engine
+        .protected_write(&mut vcpu, false, gpa + 8, &[2])
+        .unwrap();
+    assert!(
+        !engine.exclusive_store_holds(0, gpa),
+        "a store since the reservation"
+    );
     // A store to another granule leaves the reservation alone.
-    engine.protected_write(&mut vcpu, false, gpa + 64, &[3]).unwrap();
+    engine
+        .protected_write(&mut vcpu, false, gpa + 64, &[3])
+        .unwrap();
     assert!(engine.exclusive_store_holds(0, gpa));
+}
+
+#[test]
+fn an_exempted_writer_writes_protected_bytes_in_full_unreported() {
+    use crate::protect::{ProtectAction, ProtectSpec};
+    let (engine, mut vcpu) = machine();
+    let regs = vcpu.regs.clone();
+    let reported = Arc::new(AtomicU64::new(0));
+    let r = reported.clone();
+    let mut probe = Probe::<X86_64>::new("var").on_hit(move |_| {
+        r.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    });
+    probe.protect = Some(ProtectSpec {
+        len: 8,
+        action: ProtectAction::Deny,
+    });
+    engine
+        .plant(probe, target(STACK_VA + 0x100 - TEXT_VA), &regs)
+        .unwrap();
+    let gpa = STACK_GPA + 0x100;
+    // Exempt when the writer's PC is the one this test gives the vCPU.
+    let exempt_pc = vcpu.regs.rip;
+    engine.set_protect_exemption(Arc::new(move |ctx| ctx.regs.rip == exempt_pc));
+    engine
+        .protected_write(&mut vcpu, false, gpa, &[5; 8])
+        .unwrap();
+    let mut now = [0u8; 8];
+    engine
+        .memory()
+        .read_slice(&mut now, GuestAddress(gpa))
+        .unwrap();
+    assert_eq!(now, [5; 8], "made in full despite deny");
+    assert_eq!(reported.load(Ordering::Relaxed), 0);
+    // Another writer: denied and reported.
+    vcpu.regs.rip += 1;
+    engine
+        .protected_write(&mut vcpu, false, gpa, &[6; 8])
+        .unwrap();
+    engine
+        .memory()
+        .read_slice(&mut now, GuestAddress(gpa))
+        .unwrap();
+    assert_eq!((now, reported.load(Ordering::Relaxed)), ([5; 8], 1));
+    let e = engine.exit_stats();
+    assert_eq!((e.protected_writes, e.exempted_writes), (2, 1));
 }

@@ -92,6 +92,8 @@ pub struct IntegrityReport {
 pub struct ProbeSetup {
     /// What to plant, in order.
     pub requests: Vec<ProbeRequest>,
+    /// Which writers of protected bytes are exempt (`--protect-allow`).
+    pub protect_exemption: Option<ProtectExemption>,
     /// The regions `--integrity` checks (System.map's addresses), if it was asked for.
     pub integrity: Option<IntegrityRegions>,
     /// Kernel text `[start, end)` (virtual), hashed before planting and after removal.
@@ -338,6 +340,10 @@ pub(super) struct ProbeSession {
     protection_applied: u64,
 }
 
+/// Says whether the writer of protected bytes in a context is exempt (`--protect-allow`).
+pub type ProtectExemption =
+    Arc<dyn Fn(&probe_core::probe::ProbeContext<'_, Guest>) -> bool + Send + Sync>;
+
 /// The pauses of every vCPU that changes (plantings, removals) took.
 #[derive(Debug, Default, Clone, Copy)]
 pub(super) struct Pauses {
@@ -412,6 +418,9 @@ impl ProbeSession {
         engine.set_hardware_breakpoint_count(hw - usize::from(exception_watch_slot.is_some()));
         engine.set_slot_exception_rewind(exception_watch_slot.is_some());
         engine.set_watchpoint_count(arch::Host::hw_watchpoint_count(&vm.kvm));
+        if let Some(exempt) = &setup.protect_exemption {
+            engine.set_protect_exemption(exempt.clone());
+        }
         Ok(ProbeSession {
             setup,
             engine: Arc::new(engine),

@@ -119,7 +119,11 @@ fn base_reg(regs: &Registers, r: u32) -> u64 {
 }
 
 fn mask(len: usize) -> u64 {
-    if len >= 8 { u64::MAX } else { (1u64 << (len * 8)) - 1 }
+    if len >= 8 {
+        u64::MAX
+    } else {
+        (1u64 << (len * 8)) - 1
+    }
 }
 
 fn le(v: u64, len: usize) -> Vec<u8> {
@@ -382,11 +386,7 @@ impl UnsyndromedStore {
         };
         if let Some(r) = self.result {
             let w = |v: u64| {
-                if self.result_is_w {
-                    v & 0xffff_ffff
-                } else {
-                    v
-                }
+                if self.result_is_w { v & 0xffff_ffff } else { v }
             };
             match &self.data {
                 StoreData::Bytes(_) => {}
@@ -462,7 +462,13 @@ mod tests {
         assert_eq!(new.unwrap()[..8], r.x[29].to_le_bytes());
         // stp w1, w2, [x0, #8]; stp xzr, xzr, [x0]
         let (va, new, _) = run(0x2901_0801, &r, &[0; 8]);
-        assert_eq!((va, new.unwrap()), (r.x[0] + 8, [0x0506_0708u32.to_le_bytes(), 0x1516_1718u32.to_le_bytes()].concat()));
+        assert_eq!(
+            (va, new.unwrap()),
+            (
+                r.x[0] + 8,
+                [0x0506_0708u32.to_le_bytes(), 0x1516_1718u32.to_le_bytes()].concat()
+            )
+        );
         let (_, new, _) = run(0xa900_7c1f, &r, &[9; 16]);
         assert_eq!(new.unwrap(), vec![0; 16]);
         // stnp x1, x2, [x0]
@@ -475,10 +481,16 @@ mod tests {
         let r = regs();
         // str x1, [x0], #8
         let (va, new, after) = run(0xf800_8401, &r, &[0; 8]);
-        assert_eq!((va, new.unwrap(), after.x[0]), (r.x[0], r.x[1].to_le_bytes().to_vec(), r.x[0] + 8));
+        assert_eq!(
+            (va, new.unwrap(), after.x[0]),
+            (r.x[0], r.x[1].to_le_bytes().to_vec(), r.x[0] + 8)
+        );
         // strb w1, [x0, #-1]!
         let (va, new, after) = run(0x381f_fc01, &r, &[0]);
-        assert_eq!((va, new.unwrap(), after.x[0]), (r.x[0] - 1, vec![0x08], r.x[0] - 1));
+        assert_eq!(
+            (va, new.unwrap(), after.x[0]),
+            (r.x[0] - 1, vec![0x08], r.x[0] - 1)
+        );
         // strh w1, [x0, #2]; str w1, [x0, x2, lsl #2]... as register offset: str w1, [x0, x3]
         let (va, new, _) = run(0x7900_0401, &r, &[0; 2]);
         assert_eq!((va, new.unwrap()), (r.x[0] + 2, vec![0x08, 0x07]));
@@ -495,11 +507,17 @@ mod tests {
         let old = 5u64.to_le_bytes();
         // ldadd x1, x3, [x0]: memory old + x1, x3 = old.
         let (_, new, after) = run(0xf821_0003, &r, &old);
-        assert_eq!(new.unwrap(), 5u64.wrapping_add(r.x[1]).to_le_bytes().to_vec());
+        assert_eq!(
+            new.unwrap(),
+            5u64.wrapping_add(r.x[1]).to_le_bytes().to_vec()
+        );
         assert_eq!(after.x[3], 5);
         // stadd w1, [x0] (ldadd with xzr): 32-bit, no register written.
         let (_, new, after) = run(0xb821_001f, &r, &5u32.to_le_bytes());
-        assert_eq!(new.unwrap(), 5u32.wrapping_add(0x0506_0708).to_le_bytes().to_vec());
+        assert_eq!(
+            new.unwrap(),
+            5u32.wrapping_add(0x0506_0708).to_le_bytes().to_vec()
+        );
         assert_eq!(after.x, r.x);
         // ldclral x1, x3, [x0]; ldsetl w1, w3, [x0]; swpal x1, x3, [x0]
         let (_, new, _) = run(0xf8e1_1003, &r, &u64::MAX.to_le_bytes());
@@ -508,7 +526,10 @@ mod tests {
         assert_eq!(new.unwrap(), 0x8506_0708u32.to_le_bytes().to_vec());
         assert_eq!(after.x[3], 0x8000_0000, "a W result is zero-extended");
         let (_, new, after) = run(0xf8e1_8003, &r, &old);
-        assert_eq!((new.unwrap(), after.x[3]), (r.x[1].to_le_bytes().to_vec(), 5));
+        assert_eq!(
+            (new.unwrap(), after.x[3]),
+            (r.x[1].to_le_bytes().to_vec(), 5)
+        );
         // ldsmax w1, w3, [x0] with old = -1: the operand is larger.
         let (_, new, _) = run(0xb821_4003, &r, &u32::MAX.to_le_bytes());
         assert_eq!(new.unwrap(), 0x0506_0708u32.to_le_bytes().to_vec());
@@ -523,14 +544,20 @@ mod tests {
         r.x[4] = 7;
         // casal x4, x1, [x0]
         let (_, new, after) = run(0xc8e4_fc01, &r, &7u64.to_le_bytes());
-        assert_eq!((new.unwrap(), after.x[4]), (r.x[1].to_le_bytes().to_vec(), 7));
+        assert_eq!(
+            (new.unwrap(), after.x[4]),
+            (r.x[1].to_le_bytes().to_vec(), 7)
+        );
         let (_, new, after) = run(0xc8e4_fc01, &r, &8u64.to_le_bytes());
         assert_eq!((new, after.x[4]), (None, 8));
         // casp x4, x5, x6, x7, [x0]
         r.x[5] = 9;
         let old = [7u64.to_le_bytes(), 9u64.to_le_bytes()].concat();
         let (_, new, after) = run(0x4824_7c06, &r, &old);
-        assert_eq!(new.unwrap(), [r.x[6].to_le_bytes(), r.x[7].to_le_bytes()].concat());
+        assert_eq!(
+            new.unwrap(),
+            [r.x[6].to_le_bytes(), r.x[7].to_le_bytes()].concat()
+        );
         assert_eq!((after.x[4], after.x[5]), (7, 9));
     }
 
@@ -546,16 +573,29 @@ mod tests {
         s.finish(&mut after, &[0; 8], true);
         assert_eq!(after.x[3], 0, "done: 0");
         let s = decode_store(0xc823_8801, &r, None).unwrap();
-        assert_eq!(s.update(&[0; 16]).unwrap(), [r.x[1].to_le_bytes(), r.x[2].to_le_bytes()].concat());
+        assert_eq!(
+            s.update(&[0; 16]).unwrap(),
+            [r.x[1].to_le_bytes(), r.x[2].to_le_bytes()].concat()
+        );
         // dc zva, x0: the block holding x0, zeroed.
         let s = decode_store(0xd50b_7420, &r, Some(64)).unwrap();
-        assert_eq!((s.va, s.update(&[1; 64]).unwrap()), (r.x[0] & !63, vec![0; 64]));
+        assert_eq!(
+            (s.va, s.update(&[1; 64]).unwrap()),
+            (r.x[0] & !63, vec![0; 64])
+        );
         let e = decode_store(0xd50b_7420, &r, None).unwrap_err();
         assert!(e.to_string().contains("DC ZVA"), "{e}");
         // stp q0, q1, [x0]; str q0, [x0]; ldr x1, [x0]: refused, named.
-        for (insn, says) in [(0xad00_0400, "SIMD"), (0x3d80_0000, "SIMD"), (0xf940_0001, "not a store")] {
+        for (insn, says) in [
+            (0xad00_0400, "SIMD"),
+            (0x3d80_0000, "SIMD"),
+            (0xf940_0001, "not a store"),
+        ] {
             let e = decode_store(insn, &r, Some(64)).unwrap_err();
-            assert!(e.to_string().contains(says) && e.to_string().contains(&format!("{insn:#010x}")), "{e}");
+            assert!(
+                e.to_string().contains(says) && e.to_string().contains(&format!("{insn:#010x}")),
+                "{e}"
+            );
         }
     }
 }

@@ -32,7 +32,12 @@ fn zva_block(fd: &VcpuFd) -> Option<usize> {
 /// Makes the store vCPU `id` exited on (`KVM_EXIT_ARM_NISV` at guest physical `fault_ipa`).
 /// Refused, stopping the run with the instruction named: a store that is not to a protected
 /// page (a device's), or one hvprobe does not decode.
-pub fn emulate(id: u32, fd: &mut VcpuFd, fault_ipa: u64, engine: &Engine) -> Result<(), ProbingError> {
+pub fn emulate(
+    id: u32,
+    fd: &mut VcpuFd,
+    fault_ipa: u64,
+    engine: &Engine,
+) -> Result<(), ProbingError> {
     if !engine.is_protected(fault_ipa) {
         return Err(ProbingError::UnsyndromedStore(format!(
             "a store KVM could not decode at guest physical {fault_ipa:#x}, which is not a protected page"
@@ -48,11 +53,12 @@ pub fn emulate(id: u32, fd: &mut VcpuFd, fault_ipa: u64, engine: &Engine) -> Res
     let mut code = [0u8; 4];
     let mut vcpu = KvmVcpu::new(id, fd, pc);
     let mut regs = vcpu.registers()?;
-    read_guest_virtual::<Guest, _>(engine.memory(), &regs, pc, &mut code)
-        .map_err(|e| ProbingError::UnsyndromedStore(format!("reading the store at {pc:#x}: {e}")))?;
+    read_guest_virtual::<Guest, _>(engine.memory(), &regs, pc, &mut code).map_err(|e| {
+        ProbingError::UnsyndromedStore(format!("reading the store at {pc:#x}: {e}"))
+    })?;
     let insn = u32::from_le_bytes(code);
-    let store =
-        decode_store(insn, &regs, zva).map_err(|e| ProbingError::UnsyndromedStore(e.to_string()))?;
+    let store = decode_store(insn, &regs, zva)
+        .map_err(|e| ProbingError::UnsyndromedStore(e.to_string()))?;
     let space = Guest::address_space(&regs);
     let mut old = Vec::with_capacity(store.len);
     let done = Cell::new(true);
@@ -68,7 +74,9 @@ pub fn emulate(id: u32, fd: &mut VcpuFd, fault_ipa: u64, engine: &Engine) -> Res
             )));
         }
         let gpa = Guest::translate(engine.memory(), space, va)
-            .map_err(|e| ProbingError::UnsyndromedStore(format!("the store at {pc:#x} to {va:#x}: {e}")))?
+            .map_err(|e| {
+                ProbingError::UnsyndromedStore(format!("the store at {pc:#x} to {va:#x}: {e}"))
+            })?
             .gpa;
         let part = |old: &[u8]| -> Option<Vec<u8>> {
             match &store.data {
@@ -91,8 +99,14 @@ pub fn emulate(id: u32, fd: &mut VcpuFd, fault_ipa: u64, engine: &Engine) -> Res
                 engine
                     .memory()
                     .read_slice(&mut before, GuestAddress(gpa))
-                    .and_then(|()| engine.memory().write_slice(&b[at..at + n], GuestAddress(gpa)))
-                    .map_err(|e| ProbingError::UnsyndromedStore(format!("the store at {pc:#x}: {e}")))?;
+                    .and_then(|()| {
+                        engine
+                            .memory()
+                            .write_slice(&b[at..at + n], GuestAddress(gpa))
+                    })
+                    .map_err(|e| {
+                        ProbingError::UnsyndromedStore(format!("the store at {pc:#x}: {e}"))
+                    })?;
                 old.extend(before);
             }
         }
