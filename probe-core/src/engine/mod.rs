@@ -643,7 +643,7 @@ pub struct ProbeEngine<A: Arch, M: GuestMemory + Send + Sync> {
 }
 
 /// Says whether the writer of protected bytes in a context is exempt from protection.
-type ProtectExemption<A> = Arc<dyn Fn(&ProbeContext<'_, A>) -> bool + Send + Sync>;
+pub type ProtectExemption<A> = Arc<dyn Fn(&ProbeContext<'_, A>) -> bool + Send + Sync>;
 
 /// Where to plant: the address, and the function start to decode from for the boundary check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -218,7 +218,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
     /// made in full, even to `deny` regions, and not reported (counted as exempted).
     pub fn set_protect_exemption(
         &self,
-        exempt: Arc<dyn Fn(&ProbeContext<'_, A>) -> bool + Send + Sync>,
+        exempt: ProtectExemption<A>,
     ) {
         *self
             .protect_exemption
