@@ -216,10 +216,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
     /// Exempts the writers `exempt` says yes to (`--protect-allow`: given the context of a
     /// write to protected bytes, the stack of its writer) from protection: their writes are
     /// made in full, even to `deny` regions, and not reported (counted as exempted).
-    pub fn set_protect_exemption(
-        &self,
-        exempt: ProtectExemption<A>,
-    ) {
+    pub fn set_protect_exemption(&self, exempt: ProtectExemption<A>) {
         *self
             .protect_exemption
             .write()

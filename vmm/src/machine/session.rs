@@ -341,8 +341,7 @@ pub(super) struct ProbeSession {
 }
 
 /// Says whether the writer of protected bytes in a context is exempt (`--protect-allow`).
-pub type ProtectExemption =
-    Arc<dyn Fn(&probe_core::probe::ProbeContext<'_, Guest>) -> bool + Send + Sync>;
+pub type ProtectExemption = probe_core::engine::ProtectExemption<Guest>;
 
 /// The pauses of every vCPU that changes (plantings, removals) took.
 #[derive(Debug, Default, Clone, Copy)]
