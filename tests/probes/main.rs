@@ -715,6 +715,7 @@ fn main() {
                 a_guest_kprobe_enabled_under_protected_text_is_the_kernels_patcher_and_still_works,
                 a_hostname_copied_into_a_protected_page_by_memcpy_reads_back_exactly,
                 random_strings_written_to_protected_sysctls_read_back_and_every_byte_is_reported,
+                protected_regions_that_cannot_be_had_are_refused_before_any_vm_starts,
             ],
             Guests::Only(GuestArch::X86_64) => [
                 a_getpid_probe_counts_the_workload_calls_and_prints_each_hit,

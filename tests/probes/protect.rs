@@ -3,6 +3,7 @@
 //! rest of a protected page completed silently; bad regions refused before boot.
 
 use super::*;
+use hvprobe_vmm::refusal::RefusalStage;
 
 /// The protected-write lines of `event` in a run's output.
 fn protect_lines<'a>(stdout: &'a str, region: &str) -> Vec<&'a str> {
@@ -291,4 +292,65 @@ pub(super) fn random_strings_written_to_protected_sysctls_read_back_and_every_by
         "seed {seed}: {}",
         explain(&out)
     );
+}
+
+pub(super) fn protected_regions_that_cannot_be_had_are_refused_before_any_vm_starts() {
+    for (extra, location, says) in [
+        (
+            &["--protect", "no_such_variable_hvprobe"][..],
+            "--protect no_such_variable_hvprobe",
+            "no symbol `no_such_variable_hvprobe`",
+        ),
+        (
+            &["--protect", "modprobe_path:maybe"][..],
+            "--protect modprobe_path:maybe",
+            "not a positive number",
+        ),
+        (
+            &[
+                "--protect",
+                "modprobe_path",
+                "--protect",
+                "modprobe_path+8:4",
+            ][..],
+            "--protect modprobe_path+8:4",
+            "overlap",
+        ),
+        (
+            &["--protect", "swapper_pg_dir"][..],
+            "--protect swapper_pg_dir",
+            "page tables",
+        ),
+        (
+            &[
+                "--protect",
+                "modprobe_path",
+                "--protect-allow",
+                "no_such_function_hvprobe",
+            ][..],
+            "--protect-allow no_such_function_hvprobe",
+            "no function",
+        ),
+    ] {
+        // Page tables by the architecture's own name.
+        let extra: Vec<&str> = extra
+            .iter()
+            .map(|a| match (*a, guest_arch()) {
+                ("swapper_pg_dir", GuestArch::X86_64) => "init_top_pgt",
+                (a, _) => a,
+            })
+            .collect();
+        let location = match guest_arch() {
+            GuestArch::X86_64 => location.replace("swapper_pg_dir", "init_top_pgt"),
+            GuestArch::Aarch64 => location.to_string(),
+        };
+        let out = run_probed("1", "echo SHOULD-NOT-RUN", &[], &extra);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {}", explain(&out));
+        out.assert_refused(&location, RefusalStage::Resolution, says);
+        assert!(
+            !text(&out.stdout).contains(hvprobe_guest::INIT_READY_MARKER),
+            "{}",
+            explain(&out)
+        );
+    }
 }

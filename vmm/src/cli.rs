@@ -310,12 +310,16 @@ fn run(args: &Job) -> Result<i32> {
         },
     };
     let args = args.resolve_guest()?;
-    // Unknown symbols and bad syntax end the run here, before any VM starts.
-    if let Some(resolved) = args.resolve_probes()?
-        && !resolved.refused.is_empty()
-        && !args.skip_refused
-    {
-        return refused_before_run(&args, resolved.refused);
+    // Unknown symbols and bad syntax end the run here, before any VM starts; so does a
+    // region `--protect` cannot take (whatever `--skip-refused` says: a region left out
+    // would leave memory unwatched that the user thinks is protected).
+    if let Some(resolved) = args.resolve_probes()? {
+        let protect = protect_refusals(&args, &resolved.map);
+        if !protect.is_empty() || (!resolved.refused.is_empty() && !args.skip_refused) {
+            let mut refused = resolved.refused;
+            refused.extend(protect);
+            return refused_before_run(&args, refused);
+        }
     }
     if !on_host {
         return runner::run_emulated(&args).map_err(Into::into);
@@ -633,6 +637,38 @@ fn probe_setup(
         guest_kprobes,
         jump,
     }))
+}
+
+/// What `--protect` and `--protect-allow` name that cannot be had, as refusals at resolution.
+fn protect_refusals(args: &Job, map: &SymbolMap) -> Vec<RefusedProbe> {
+    let mut out = Vec::new();
+    if let Err(e) = protect_targets(&args.protect, map) {
+        let spec = match e.downcast_ref::<ProtectError>() {
+            Some(ProtectError::Overlap { second, .. }) => format!("--protect {second}"),
+            Some(
+                ProtectError::Syntax { spec, .. }
+                | ProtectError::UnknownSymbol { spec, .. }
+                | ProtectError::Empty { spec }
+                | ProtectError::Refused { spec, .. },
+            ) => format!("--protect {spec}"),
+            None => "--protect".to_string(),
+        };
+        let full = format!("{e:#}");
+        let reason = full
+            .strip_prefix(&format!("{spec}: "))
+            .unwrap_or(&full)
+            .to_string();
+        out.push(RefusedProbe::at_resolution(spec, reason));
+    }
+    for f in &args.protect_allow {
+        if !map.lookup(f).is_ok_and(|s| s.is_text()) {
+            out.push(RefusedProbe::at_resolution(
+                format!("--protect-allow {f}"),
+                format!("no function `{f}` in System.map"),
+            ));
+        }
+    }
+    out
 }
 
 /// The `--protect-allow` functions as the engine's exemption: a write whose writer has one
