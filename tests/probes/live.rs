@@ -594,3 +594,45 @@ pub(super) fn functions_the_guests_kprobes_refuse_are_listed_and_probed_and_glob
     assert!(out.summary().faults_with_probes.is_empty());
     out.assert_text_restored();
 }
+
+pub(super) fn integrity_on_demand_sees_the_guests_kprobe_and_not_hvprobes_own_probe() {
+    use hvprobe_vmm::summary::IntegritySummary;
+    let mut vm = LiveVm::start(
+        "1",
+        "echo phase-1; read x; cd /sys/kernel/tracing && echo 'p:myp vfs_read' > kprobe_events \
+         && echo 1 > events/kprobes/myp/enable && echo phase-2; read x; echo the-end",
+    );
+    vm.wait_for("phase-1");
+    // hvprobe's own probe is in the text, and is not a change of the guest's.
+    let added: AddReply = vm.ok("PUT", "/probes", Some(&add_body(&[&sys("getpid")])));
+    assert_eq!(added.planted.len(), 1, "{added:?}");
+    let clean: IntegritySummary = vm.ok("GET", "/integrity", None);
+    assert!(clean.clean, "{clean:?}");
+    vm.go_on();
+    vm.wait_for("phase-2");
+    // The guest's kprobe on vfs_read is.
+    let changed: IntegritySummary = vm.ok("GET", "/integrity", None);
+    assert!(!changed.clean, "{changed:?}");
+    assert!(
+        changed
+            .changed
+            .iter()
+            .any(|c| c.region == "text" && c.symbol.contains("vfs_read")),
+        "{changed:?}"
+    );
+    assert!(
+        !changed
+            .changed
+            .iter()
+            .any(|c| c.symbol.contains(&sys("getpid"))),
+        "{changed:?}"
+    );
+    vm.go_on();
+    vm.wait_for("the-end");
+    let (status, stderr, summary, _) = vm.finish();
+    assert_eq!(status, Some(0), "{stderr}");
+    assert!(
+        summary.integrity.is_none(),
+        "no --integrity, no end-of-run report"
+    );
+}

@@ -716,6 +716,7 @@ fn main() {
                 a_hostname_copied_into_a_protected_page_by_memcpy_reads_back_exactly,
                 random_strings_written_to_protected_sysctls_read_back_and_every_byte_is_reported,
                 protected_regions_that_cannot_be_had_are_refused_before_any_vm_starts,
+                integrity_on_demand_sees_the_guests_kprobe_and_not_hvprobes_own_probe,
             ],
             Guests::Only(GuestArch::X86_64) => [
                 a_getpid_probe_counts_the_workload_calls_and_prints_each_hit,

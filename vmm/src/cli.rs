@@ -136,6 +136,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compare the running VM's kernel text, read-only data, syscall table and protection
+    /// settings with their state when its `/init` started (hvprobe's own probes left out);
+    /// exit status 0 when nothing changed, 1 otherwise.
+    Integrity {
+        /// The running hvprobe's API socket.
+        #[arg(long, value_name = "PATH")]
+        api_socket: PathBuf,
+        /// The reply as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove every probe of the running VM and check its kernel text is as before the first
     /// probe; the VM keeps running.
     Detach {
@@ -240,6 +251,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
             events,
         } => crate::clients::trace(&api_socket, json, &events),
         Command::Stats { api_socket, json } => crate::clients::stats(&api_socket, json),
+        Command::Integrity { api_socket, json } => crate::clients::integrity(&api_socket, json),
         Command::Detach { api_socket } => crate::clients::detach(&api_socket),
         Command::Stop { api_socket } => crate::clients::stop(&api_socket),
         Command::RunJob { file } => {
@@ -562,7 +574,9 @@ fn probe_setup(
         (Ok(s), Ok(e)) => Some((s.addr, e.addr)),
         _ => None,
     };
-    let integrity = args.integrity.then(|| IntegrityRegions {
+    // With the API, a baseline for checks on demand; reported at the end with --integrity.
+    let integrity = (args.integrity || args.api_socket.is_some()).then(|| IntegrityRegions {
+        at_end: args.integrity,
         rodata: match (map.lookup("__start_rodata"), map.lookup("__end_rodata")) {
             (Ok(s), Ok(e)) => Some((s.addr, e.addr)),
             _ => None,

@@ -197,6 +197,21 @@ pub fn stats(api_socket: &Path, json: bool) -> Result<i32> {
     Ok(0)
 }
 
+/// Runs `hvprobe integrity`: the report's lines (or its JSON); 0 when nothing changed.
+pub fn integrity(api_socket: &Path, json: bool) -> Result<i32> {
+    let resp = client::request(api_socket, "GET", "/integrity", None)?;
+    check(&resp)?;
+    let s: crate::summary::IntegritySummary = parse(&resp)?;
+    if json {
+        print!("{}", resp.body);
+    } else {
+        for l in s.text_lines() {
+            println!("{l}");
+        }
+    }
+    Ok(if s.clean { 0 } else { 1 })
+}
+
 /// Runs `hvprobe detach`.
 pub fn detach(api_socket: &Path) -> Result<i32> {
     let resp = client::request(api_socket, "PUT", "/detach", None)?;

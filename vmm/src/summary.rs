@@ -377,7 +377,8 @@ pub struct ControlSummary {
 }
 
 impl IntegritySummary {
-    fn new(r: &crate::machine::IntegrityReport) -> IntegritySummary {
+    /// The summary of report `r`.
+    pub fn new(r: &crate::machine::IntegrityReport) -> IntegritySummary {
         IntegritySummary {
             clean: r.changed.is_empty()
                 && r.syscalls_outside_text.is_empty()
@@ -408,7 +409,7 @@ impl IntegritySummary {
     }
 
     /// The report's lines.
-    fn text_lines(&self) -> Vec<String> {
+    pub fn text_lines(&self) -> Vec<String> {
         if self.clean {
             return vec![
                 "hvprobe: integrity: kernel text, read-only data, the syscall table and the protection settings are as when /init started".into(),

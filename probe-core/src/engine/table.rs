@@ -716,6 +716,25 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
         Ok(None)
     }
 
+    /// Puts the guest's own bytes back wherever `bytes`, read from guest virtual `start`, holds
+    /// one of the engine's patches (a breakpoint, a jump), so that a comparison of the kernel's
+    /// text with an earlier state sees the guest's changes and not hvprobe's. Bytes that hold
+    /// something else at a site (the guest rewrote it) are left as they are.
+    pub fn without_own_patches(&self, start: u64, bytes: &mut [u8]) {
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+        let end = start.saturating_add(bytes.len() as u64);
+        for site in table.sites.values() {
+            if site.va < start || site.va.saturating_add(site.patch.len() as u64) > end {
+                continue;
+            }
+            let at = (site.va - start) as usize;
+            let here = &mut bytes[at..at + site.patch.len()];
+            if *here == site.patch[..] && site.saved.len() == site.patch.len() {
+                here.copy_from_slice(&site.saved);
+            }
+        }
+    }
+
     /// Removes every probe; returns the sites the guest had rewritten.
     pub fn remove_all(&self) -> Vec<RewrittenSite> {
         let ids: Vec<ProbeId> = {

@@ -331,6 +331,7 @@ pub fn route(req: &HttpRequest, ctx_version: &VersionReply) -> Route {
             }
         }
         ("GET", ["stats"]) => no_body(ApiRequest::Stats),
+        ("GET", ["integrity"]) => no_body(ApiRequest::Integrity),
         ("GET", ["functions"]) => match query("pattern").as_slice() {
             [] => no_body(ApiRequest::Functions("*".into())),
             [p] => no_body(ApiRequest::Functions(p.clone())),
@@ -338,7 +339,10 @@ pub fn route(req: &HttpRequest, ctx_version: &VersionReply) -> Route {
         },
         ("PUT" | "POST", ["detach"]) => no_body(ApiRequest::Detach),
         ("PUT" | "POST", ["stop"]) => no_body(ApiRequest::Stop),
-        (_, ["" | "probes" | "events" | "stats" | "detach" | "stop" | "functions"])
+        (
+            _,
+            ["" | "probes" | "events" | "stats" | "detach" | "stop" | "functions" | "integrity"],
+        )
         | (_, ["probes", _]) => Route::Reply(ApiReply::error(
             405,
             format!("{method} is not allowed on {}", req.path),

@@ -32,6 +32,9 @@ pub enum ApiRequest {
     Stats,
     /// Remove every probe and check the kernel text; the VM keeps running.
     Detach,
+    /// Compare kernel text, read-only data, the syscall table and the protection settings
+    /// with their state when `/init` started.
+    Integrity,
     /// Stop the VM.
     Stop,
 }

@@ -239,6 +239,10 @@ impl RunLoop {
             },
             ApiRequest::Stats => ApiReply::ok(&session.stats(self.started)),
             ApiRequest::Detach => ApiReply::ok(&session.detach(&self.handles)),
+            ApiRequest::Integrity => match session.integrity_now(&self.handles) {
+                Ok(r) => ApiReply::ok(&crate::summary::IntegritySummary::new(&r)),
+                Err(e) => ApiReply::error(409, e),
+            },
             ApiRequest::Stop => unreachable!("answered above"),
         }
     }

@@ -62,6 +62,9 @@ pub struct IntegrityRegions {
     pub syscall_table: Option<(u64, usize)>,
     /// The kernel's symbols, to name what changed.
     pub symbols: Arc<probe_core::symbols::SymbolMap>,
+    /// Report at the end of the run (`--integrity`); without it the baseline is there for
+    /// checks on demand through the live-session API only.
+    pub at_end: bool,
 }
 
 /// The kernel as it was at the baseline, for `--integrity`.
@@ -529,6 +532,12 @@ impl ProbeSession {
         for region in &base.regions {
             match self
                 .read_region(regs, region.start, region.start + region.len)
+                .map(|mut now| {
+                    // hvprobe's own probes, when they are in (a check on demand), are not
+                    // changes of the guest's.
+                    self.engine.without_own_patches(region.start, &mut now);
+                    now
+                })
                 .map_err(|e| e.to_string())
                 .and_then(|now| region.changes(&now).map_err(|e| e.to_string()))
             {
@@ -835,6 +844,25 @@ impl ProbeSession {
         result
     }
 
+    /// Compares the kernel now with its state at the baseline (`/init`), every vCPU paused
+    /// meanwhile and hvprobe's own probes left out of the comparison: the live-session API's
+    /// check on demand.
+    pub(super) fn integrity_now(
+        &mut self,
+        handles: &[VcpuHandle],
+    ) -> Result<IntegrityReport, String> {
+        let (Some(base), Some(regs)) = (self.integrity.as_ref(), self.regs.clone()) else {
+            return Err("no baseline yet: the guest's /init has not started".into());
+        };
+        let start = Instant::now();
+        pause_all(handles);
+        let control = paused_state(&handles[0]).map(|s| s.control);
+        let report = control.map(|c| self.integrity_report(base, &regs, &c));
+        resume_all(handles);
+        self.pauses.count(start.elapsed());
+        report.map_err(|e| e.to_string())
+    }
+
     /// Removes every probe with all vCPUs paused and fills in the report.
     pub(super) fn finish(mut self, handles: &[VcpuHandle], console: &ConsoleWatch) -> ProbeReport {
         if self.regs.is_some() {
@@ -854,7 +882,11 @@ impl ProbeSession {
                 if let Some(t) = &mut self.report.text {
                     t.after = after;
                 }
-                if let Some(base) = &self.integrity {
+                if let Some(base) = self
+                    .integrity
+                    .as_ref()
+                    .filter(|_| self.setup.integrity.as_ref().is_some_and(|w| w.at_end))
+                {
                     let control = paused_state(&handles[0])
                         .map(|s| s.control)
                         .unwrap_or_default();
