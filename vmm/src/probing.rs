@@ -126,6 +126,8 @@ impl DebugExitHook for VcpuProbing {
         self.handle_exit(id, fd, exit)
     }
 
+    /// A store to a protected page is reported and completed or dropped by the engine; any
+    /// other MMIO write is a device's.
     fn on_mmio_write(
         &mut self,
         id: u32,
@@ -133,7 +135,18 @@ impl DebugExitHook for VcpuProbing {
         gpa: u64,
         data: &[u8],
     ) -> Result<bool, ProbingError> {
-        self.protected_store(id, fd, gpa, data)
+        let engine = &self.shared.engine;
+        if !engine.is_protected(gpa) {
+            return Ok(false);
+        }
+        // arm64 needs the PC to read registers; x86 has it in the registers.
+        let pc = match Host::STORE_EXIT_AT_WRITER {
+            true => Host::read_pc(fd).map_err(kvm("KVM_GET_ONE_REG (PC)"))?,
+            false => 0,
+        };
+        let mut vcpu = Host::exit_vcpu(id, fd, self.sync_regs, pc);
+        let done = engine.protected_write(&mut vcpu, Host::STORE_EXIT_AT_WRITER, gpa, data)?;
+        Ok(done != probe_core::engine::ProtectedStore::NotProtected)
     }
 
     fn on_other_exit(
@@ -372,29 +385,6 @@ impl VcpuProbing {
             }
         }
         Ok(())
-    }
-
-    /// A store of `data` at `gpa` that exited as an MMIO write: one to a protected page is
-    /// reported and completed or dropped by the engine (true); any other is a device's.
-    pub fn protected_store(
-        &mut self,
-        id: u32,
-        fd: &mut VcpuFd,
-        gpa: u64,
-        data: &[u8],
-    ) -> Result<bool, ProbingError> {
-        let engine = &self.shared.engine;
-        if !engine.is_protected(gpa) {
-            return Ok(false);
-        }
-        // arm64 needs the PC to read registers; x86 has it in the registers.
-        let pc = match Host::STORE_EXIT_AT_WRITER {
-            true => Host::read_pc(fd).map_err(kvm("KVM_GET_ONE_REG (PC)"))?,
-            false => 0,
-        };
-        let mut vcpu = Host::exit_vcpu(id, fd, self.sync_regs, pc);
-        let done = engine.protected_write(&mut vcpu, Host::STORE_EXIT_AT_WRITER, gpa, data)?;
-        Ok(done != probe_core::engine::ProtectedStore::NotProtected)
     }
 
     /// Reads the state of a vCPU that is out of `KVM_RUN`: registers and the KASLR anchor.

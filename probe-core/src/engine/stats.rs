@@ -28,43 +28,30 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 })
             })
             .collect();
+        // Watchpoints and protected regions: no instruction of the guest's, a hardware trap.
+        let memory_stats = |p: &ProbeEntry<A>, address, plan, instruction| ProbeStats {
+            id: p.id,
+            location: p.location.clone(),
+            address,
+            plan,
+            instruction,
+            trap: TrapKind::Hardware,
+            hits: p.counters.hits.load(Ordering::Relaxed),
+            missed: p.counters.missed.load(Ordering::Relaxed),
+            handler_errors: p.counters.handler_errors.load(Ordering::Relaxed),
+            return_probe: false,
+            returns: 0,
+            nmissed: 0,
+            outstanding: 0,
+            jump_refusal: None,
+        };
         out.extend(table.watches.values().map(|w| {
-            let p = &w.probe;
-            ProbeStats {
-                id: p.id,
-                location: p.location.clone(),
-                address: w.va,
-                plan: PlanKind::Watch,
-                instruction: format!("{} bytes, {}", w.spec.len, w.spec.access.as_str()),
-                trap: TrapKind::Hardware,
-                hits: p.counters.hits.load(Ordering::Relaxed),
-                missed: p.counters.missed.load(Ordering::Relaxed),
-                handler_errors: p.counters.handler_errors.load(Ordering::Relaxed),
-                return_probe: false,
-                returns: 0,
-                nmissed: 0,
-                outstanding: 0,
-                jump_refusal: None,
-            }
+            let what = format!("{} bytes, {}", w.spec.len, w.spec.access.as_str());
+            memory_stats(&w.probe, w.va, PlanKind::Watch, what)
         }));
         out.extend(table.protects.values().map(|s| {
-            let p = &s.probe;
-            ProbeStats {
-                id: p.id,
-                location: p.location.clone(),
-                address: s.va,
-                plan: PlanKind::Protect,
-                instruction: format!("{} bytes, {}", s.spec.len, s.spec.action.as_str()),
-                trap: TrapKind::Hardware,
-                hits: p.counters.hits.load(Ordering::Relaxed),
-                missed: p.counters.missed.load(Ordering::Relaxed),
-                handler_errors: p.counters.handler_errors.load(Ordering::Relaxed),
-                return_probe: false,
-                returns: 0,
-                nmissed: 0,
-                outstanding: 0,
-                jump_refusal: None,
-            }
+            let what = format!("{} bytes, {}", s.spec.len, s.spec.action.as_str());
+            memory_stats(&s.probe, s.va, PlanKind::Protect, what)
         }));
         drop(table);
         self.add_jump_missed(&mut out);
