@@ -1,0 +1,261 @@
+//! virtio devices on the virtio-mmio transport (docs/design-real-guests.md): for now the
+//! `--disk PATH[,ro]` image a block device will serve, parsed, opened and locked before any
+//! VM memory is allocated, so that a bad image is refused with nothing started.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::FileTypeExt;
+use std::path::PathBuf;
+
+/// The sector size virtio-blk counts in.
+pub const SECTOR: u64 = 512;
+
+/// A `--disk` as given: the image and whether the guest may only read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// The raw image (a regular file or a block device).
+    pub path: PathBuf,
+    /// `,ro`: the guest's writes fail with an I/O error and the image never changes.
+    pub read_only: bool,
+}
+
+/// Why a `--disk` cannot be used. Each names the image; nothing has started.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// The text does not parse.
+    #[error("--disk {spec}: {reason} (expected PATH or PATH,ro)")]
+    Syntax {
+        /// The text given.
+        spec: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The image cannot be opened.
+    #[error("disk image {path}: {source}{hint}")]
+    Open {
+        /// The image.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+        /// Advice, where there is some.
+        hint: &'static str,
+    },
+    /// Not a regular file or a block device.
+    #[error("disk image {0} is not a regular file or a block device")]
+    NotAnImage(PathBuf),
+    /// Empty, or not whole sectors.
+    #[error("disk image {path} is {len} bytes: a disk is a positive multiple of 512 bytes")]
+    Size {
+        /// The image.
+        path: PathBuf,
+        /// Its size.
+        len: u64,
+    },
+    /// Another process holds the image's lock.
+    #[error("disk image {0} is in use by another process (it holds the image's flock)")]
+    InUse(PathBuf),
+}
+
+impl DiskSpec {
+    /// Parses `PATH` or `PATH,ro`.
+    pub fn parse(spec: &str) -> Result<DiskSpec, DiskError> {
+        let syntax = |reason: &str| DiskError::Syntax {
+            spec: spec.to_string(),
+            reason: reason.to_string(),
+        };
+        let (path, options) = match spec.rsplit_once(',') {
+            Some((p, o)) => (p, Some(o)),
+            None => (spec, None),
+        };
+        if path.is_empty() {
+            return Err(syntax("empty path"));
+        }
+        let read_only = match options {
+            None => false,
+            Some("ro") => true,
+            Some("rw") => false,
+            Some(o) => {
+                return Err(syntax(&format!(
+                    "unknown option `{o}` (only `ro` and `rw`)"
+                )));
+            }
+        };
+        Ok(DiskSpec {
+            path: PathBuf::from(path),
+            read_only,
+        })
+    }
+
+    /// Opens and locks the image (exclusively for read-write, shared for `ro`, as flock(2)
+    /// locks: two hvprobes cannot both write one image) and checks its size. The lock lasts
+    /// as long as the returned file.
+    pub fn open(&self) -> Result<OpenDisk, DiskError> {
+        let path = self.path.clone();
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!self.read_only)
+            .open(&self.path)
+            .map_err(|source| DiskError::Open {
+                path: path.clone(),
+                hint: match source.raw_os_error() {
+                    Some(libc::EACCES) | Some(libc::EROFS) if !self.read_only => {
+                        " (add ,ro to attach it read-only)"
+                    }
+                    _ => "",
+                },
+                source,
+            })?;
+        let meta = file.metadata().map_err(|source| DiskError::Open {
+            path: path.clone(),
+            source,
+            hint: "",
+        })?;
+        let kind = meta.file_type();
+        if !kind.is_file() && !kind.is_block_device() {
+            return Err(DiskError::NotAnImage(path));
+        }
+        let lock = if self.read_only {
+            file.try_lock_shared()
+        } else {
+            file.try_lock()
+        };
+        match lock {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => return Err(DiskError::InUse(path)),
+            Err(TryLockError::Error(source)) => {
+                return Err(DiskError::Open {
+                    path,
+                    source,
+                    hint: "",
+                });
+            }
+        }
+        // A block device's size is where its end is.
+        let len = file
+            .seek(SeekFrom::End(0))
+            .map_err(|source| DiskError::Open {
+                path: path.clone(),
+                source,
+                hint: "",
+            })?;
+        if len == 0 || !len.is_multiple_of(SECTOR) {
+            return Err(DiskError::Size { path, len });
+        }
+        Ok(OpenDisk {
+            file,
+            sectors: len / SECTOR,
+            read_only: self.read_only,
+        })
+    }
+}
+
+/// An opened, locked disk image.
+#[derive(Debug)]
+pub struct OpenDisk {
+    /// The image, locked.
+    pub file: File,
+    /// Its size in sectors.
+    pub sectors: u64,
+    /// Whether the guest may only read it.
+    pub read_only: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(name: &str, len: u64) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("hvprobe-disk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        let f = File::create(&p).unwrap();
+        f.set_len(len).unwrap();
+        p
+    }
+
+    #[test]
+    fn disk_specs_parse_and_bad_ones_are_named() {
+        assert_eq!(
+            DiskSpec::parse("/x/img,ro").unwrap(),
+            DiskSpec {
+                path: "/x/img".into(),
+                read_only: true
+            }
+        );
+        assert!(!DiskSpec::parse("img").unwrap().read_only);
+        assert!(!DiskSpec::parse("img,rw").unwrap().read_only);
+        for (bad, says) in [
+            (",ro", "empty path"),
+            ("img,x", "unknown option `x`"),
+            ("", "empty path"),
+        ] {
+            let e = DiskSpec::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(says) && e.contains("--disk"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn images_are_checked_and_locked_against_a_second_writer() {
+        let good = image("good.img", 1 << 20);
+        let disk = DiskSpec::parse(good.to_str().unwrap())
+            .unwrap()
+            .open()
+            .unwrap();
+        assert_eq!((disk.sectors, disk.read_only), (2048, false));
+        // flock locks belong to the open file: a second open, even in this process, is refused.
+        let e = DiskSpec::parse(good.to_str().unwrap())
+            .unwrap()
+            .open()
+            .unwrap_err();
+        assert!(matches!(e, DiskError::InUse(_)), "{e}");
+        let e = DiskSpec::parse(&format!("{},ro", good.display()))
+            .unwrap()
+            .open()
+            .unwrap_err();
+        assert!(
+            matches!(e, DiskError::InUse(_)),
+            "a reader waits for the writer too: {e}"
+        );
+        drop(disk);
+        // Readers share.
+        let a = DiskSpec::parse(&format!("{},ro", good.display()))
+            .unwrap()
+            .open()
+            .unwrap();
+        let b = DiskSpec::parse(&format!("{},ro", good.display()))
+            .unwrap()
+            .open()
+            .unwrap();
+        assert!(a.read_only && b.read_only);
+        drop((a, b));
+        let odd = image("odd.img", 1000);
+        let e = DiskSpec::parse(odd.to_str().unwrap())
+            .unwrap()
+            .open()
+            .unwrap_err();
+        assert!(e.to_string().contains("1000 bytes"), "{e}");
+        let empty = image("empty.img", 0);
+        assert!(matches!(
+            DiskSpec::parse(empty.to_str().unwrap())
+                .unwrap()
+                .open()
+                .unwrap_err(),
+            DiskError::Size { len: 0, .. }
+        ));
+        let e = DiskSpec::parse("/no/such/hvprobe.img")
+            .unwrap()
+            .open()
+            .unwrap_err();
+        assert!(e.to_string().contains("/no/such/hvprobe.img"), "{e}");
+        let dir = std::env::temp_dir();
+        let e = DiskSpec::parse(dir.to_str().unwrap())
+            .unwrap()
+            .open()
+            .unwrap_err();
+        assert!(
+            matches!(e, DiskError::NotAnImage(_) | DiskError::Open { .. }),
+            "{e}"
+        );
+        std::fs::remove_dir_all(good.parent().unwrap()).unwrap();
+    }
+}
