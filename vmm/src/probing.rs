@@ -145,8 +145,10 @@ impl DebugExitHook for VcpuProbing {
             false => 0,
         };
         let mut vcpu = Host::exit_vcpu(id, fd, self.sync_regs, pc);
-        let done = engine.protected_write(&mut vcpu, Host::STORE_EXIT_AT_WRITER, gpa, data)?;
-        Ok(done != probe_core::engine::ProtectedStore::NotProtected)
+        let done = engine.protected_write(&mut vcpu, Host::STORE_EXIT_AT_WRITER, gpa, data);
+        let (reads, writes) = Host::register_ioctls(&vcpu);
+        self.count_register_ioctls(reads + u64::from(Host::STORE_EXIT_AT_WRITER), writes);
+        Ok(done? != probe_core::engine::ProtectedStore::NotProtected)
     }
 
     fn on_other_exit(
@@ -155,7 +157,11 @@ impl DebugExitHook for VcpuProbing {
         fd: &mut VcpuFd,
         reason: u32,
     ) -> Result<bool, ProbingError> {
-        Host::arch_exit(id, fd, reason, &self.shared.engine)
+        let Some((reads, writes)) = Host::arch_exit(id, fd, reason, &self.shared.engine)? else {
+            return Ok(false);
+        };
+        self.count_register_ioctls(reads, writes);
+        Ok(true)
     }
 }
 
@@ -362,9 +368,7 @@ impl VcpuProbing {
             .engine
             .handle_debug(&mut vcpu, &mut self.state, event);
         let (reads, writes) = Host::register_ioctls(&vcpu);
-        let ioctls = &self.shared.register_ioctls;
-        ioctls.reads.fetch_add(reads, Ordering::Relaxed);
-        ioctls.writes.fetch_add(writes, Ordering::Relaxed);
+        self.count_register_ioctls(reads, writes);
         if let Some(c) = counts {
             c.site_hits.store(self.state.site_hits(), Ordering::Relaxed);
         }
@@ -385,6 +389,13 @@ impl VcpuProbing {
             }
         }
         Ok(())
+    }
+
+    /// Counts register ioctls made for an exit, for figures.
+    fn count_register_ioctls(&self, reads: u64, writes: u64) {
+        let ioctls = &self.shared.register_ioctls;
+        ioctls.reads.fetch_add(reads, Ordering::Relaxed);
+        ioctls.writes.fetch_add(writes, Ordering::Relaxed);
     }
 
     /// Reads the state of a vCPU that is out of `KVM_RUN`: registers and the KASLR anchor.

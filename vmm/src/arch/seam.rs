@@ -85,13 +85,14 @@ pub trait VmmArch: 'static {
     ) -> Option<DebugEvent>;
     /// Handles an exit only this architecture has (`reason`; arm64: `KVM_EXIT_ARM_NISV`, a
     /// store to a protected page that KVM could not decode) on vCPU `id`, for a run probing
-    /// with `engine`; `Ok(false)` for any other.
+    /// with `engine`: the register ioctls (reads, writes) it made, or `None` for an exit that
+    /// is not one.
     fn arch_exit(
         id: u32,
         fd: &mut VcpuFd,
         reason: u32,
         engine: &crate::probing::Engine,
-    ) -> Result<bool, ProbingError>;
+    ) -> Result<Option<(u64, u64)>, ProbingError>;
     /// What a `KVM_EXIT_DEBUG` reported, for an error about an exit hvprobe did not ask for.
     fn describe_debug_exit(exit: &kvm_debug_exit_arch) -> String;
 }

@@ -121,14 +121,13 @@ impl VmmArch for Aarch64Vmm {
         fd: &mut VcpuFd,
         reason: u32,
         engine: &crate::probing::Engine,
-    ) -> Result<bool, ProbingError> {
+    ) -> Result<Option<(u64, u64)>, ProbingError> {
         if reason != kvm_bindings::KVM_EXIT_ARM_NISV {
-            return Ok(false);
+            return Ok(None);
         }
         // SAFETY: KVM filled the `arm_nisv` member of the exit union for KVM_EXIT_ARM_NISV.
         let fault_ipa = unsafe { fd.get_kvm_run().__bindgen_anon_1.arm_nisv.fault_ipa };
-        store::emulate(id, fd, fault_ipa, engine)?;
-        Ok(true)
+        store::emulate(id, fd, fault_ipa, engine).map(Some)
     }
 
     fn describe_debug_exit(exit: &kvm_debug_exit_arch) -> String {

@@ -31,13 +31,14 @@ fn zva_block(fd: &VcpuFd) -> Option<usize> {
 
 /// Makes the store vCPU `id` exited on (`KVM_EXIT_ARM_NISV` at guest physical `fault_ipa`).
 /// Refused, stopping the run with the instruction named: a store that is not to a protected
-/// page (a device's), or one hvprobe does not decode.
+/// page (a device's), or one hvprobe does not decode. Returns the register ioctls made
+/// (reads, writes), for figures.
 pub fn emulate(
     id: u32,
     fd: &mut VcpuFd,
     fault_ipa: u64,
     engine: &Engine,
-) -> Result<(), ProbingError> {
+) -> Result<(u64, u64), ProbingError> {
     if !engine.is_protected(fault_ipa) {
         return Err(ProbingError::UnsyndromedStore(format!(
             "a store KVM could not decode at guest physical {fault_ipa:#x}, which is not a protected page"
@@ -115,5 +116,6 @@ pub fn emulate(
     store.finish(&mut regs, &old, done.get());
     vcpu.set_registers(&regs)?;
     engine.count_emulated_store();
-    Ok(())
+    // The PC was read before the vCPU's register file.
+    Ok((vcpu.reads + 1, vcpu.writes))
 }

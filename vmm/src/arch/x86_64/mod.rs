@@ -105,8 +105,8 @@ impl VmmArch for X86_64Vmm {
         _: &mut VcpuFd,
         _: u32,
         _: &crate::probing::Engine,
-    ) -> Result<bool, ProbingError> {
-        Ok(false)
+    ) -> Result<Option<(u64, u64)>, ProbingError> {
+        Ok(None)
     }
 
     fn describe_debug_exit(exit: &kvm_debug_exit_arch) -> String {
