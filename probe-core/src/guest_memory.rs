@@ -21,3 +21,12 @@ impl<M: GuestMemory + Send + Sync> GuestPhysMemory for M {
         self.read_slice(buf, GuestAddress(gpa)).is_ok()
     }
 }
+
+/// The first eight (or fewer) of `bytes` as a little-endian number: a stored value as the
+/// guest sees it.
+pub fn le_value(bytes: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    let n = bytes.len().min(8);
+    b[..n].copy_from_slice(&bytes[..n]);
+    u64::from_le_bytes(b)
+}

@@ -269,20 +269,13 @@ impl WatchRecord {
 
     /// The bytes before as a little-endian number (the first eight).
     pub fn old_value(&self) -> u64 {
-        le_value(&self.old)
+        crate::guest_memory::le_value(&self.old)
     }
 
     /// The bytes after as a little-endian number (the first eight).
     pub fn new_value(&self) -> u64 {
-        le_value(&self.new)
+        crate::guest_memory::le_value(&self.new)
     }
-}
-
-fn le_value(bytes: &[u8]) -> u64 {
-    let mut b = [0u8; 8];
-    let n = bytes.len().min(8);
-    b[..n].copy_from_slice(&bytes[..n]);
-    u64::from_le_bytes(b)
 }
 
 /// How a stack walk gets back a return address that one of hvprobe's return probes replaced

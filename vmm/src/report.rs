@@ -284,9 +284,8 @@ impl WatchReport {
     /// order.
     fn value(bytes: &[u8]) -> String {
         if bytes.len() <= 8 {
-            let mut b = [0u8; 8];
-            b[..bytes.len()].copy_from_slice(bytes);
-            format!("{:#0w$x}", u64::from_le_bytes(b), w = bytes.len() * 2 + 2)
+            let v = probe_core::guest_memory::le_value(bytes);
+            format!("{v:#0w$x}", w = bytes.len() * 2 + 2)
         } else {
             bytes.iter().map(|b| format!("{b:02x}")).collect()
         }

@@ -10,6 +10,7 @@
 //! "Atomic memory operations", "Compare and swap (pair)", "Load/store exclusive"; C6.2 `DC`.
 
 use super::Registers;
+use crate::guest_memory::le_value;
 
 /// How a store's new bytes follow from the bytes in memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,12 +129,6 @@ fn mask(len: usize) -> u64 {
 
 fn le(v: u64, len: usize) -> Vec<u8> {
     v.to_le_bytes()[..len].to_vec()
-}
-
-fn value(bytes: &[u8]) -> u64 {
-    let mut b = [0u8; 8];
-    b[..bytes.len().min(8)].copy_from_slice(&bytes[..bytes.len().min(8)]);
-    u64::from_le_bytes(b)
 }
 
 /// Decodes `insn` at `regs.pc` as a store KVM could not decode, with `zva_block` the bytes
@@ -334,7 +329,7 @@ impl UnsyndromedStore {
         match &self.data {
             StoreData::Bytes(b) | StoreData::Exclusive { bytes: b } => Some(b.clone()),
             StoreData::Atomic { op, operand } => {
-                let o = value(old);
+                let o = le_value(old);
                 let bitsz = (len * 8) as u32;
                 let signed = |v: u64| ((v << (64 - bitsz)) as i64) >> (64 - bitsz);
                 let new = match op {
@@ -363,11 +358,11 @@ impl UnsyndromedStore {
                 Some(le(new & mask(len), len))
             }
             StoreData::CompareAndSwap { expected, new } => {
-                (value(old) == *expected).then(|| le(*new, len))
+                (le_value(old) == *expected).then(|| le(*new, len))
             }
             StoreData::CompareAndSwapPair { expected, new } => {
                 let half = len / 2;
-                let now = [value(&old[..half]), value(&old[half..])];
+                let now = [le_value(&old[..half]), le_value(&old[half..])];
                 (now == *expected).then(|| {
                     let mut b = le(new[0], half);
                     b.extend(le(new[1], half));
@@ -391,13 +386,13 @@ impl UnsyndromedStore {
             match &self.data {
                 StoreData::Bytes(_) => {}
                 StoreData::Atomic { .. } | StoreData::CompareAndSwap { .. } => {
-                    set(r, w(value(old)))
+                    set(r, w(le_value(old)))
                 }
                 StoreData::CompareAndSwapPair { .. } => {
                     let half = self.len / 2;
                     if r != 31 {
-                        set(r, w(value(&old[..half])));
-                        set(r + 1, w(value(&old[half..])));
+                        set(r, w(le_value(&old[..half])));
+                        set(r + 1, w(le_value(&old[half..])));
                     }
                 }
                 StoreData::Exclusive { .. } => set(r, u64::from(!exclusive_done)),

@@ -12,6 +12,7 @@ use kvm_ioctls::VcpuFd;
 use probe_core::arch::Arch;
 use probe_core::arch::aarch64::store::{StoreData, decode_store};
 use probe_core::engine::{ProtectedStore, read_guest_virtual};
+use probe_core::protect::PAGE;
 use probe_core::vm::VcpuAccess;
 use vm_memory::{Bytes, GuestAddress};
 
@@ -67,7 +68,7 @@ pub fn emulate(
     let mut at = 0usize;
     while at < store.len {
         let va = store.va.wrapping_add(at as u64);
-        let n = (store.len - at).min((4096 - (va & 0xfff)) as usize);
+        let n = (store.len - at).min((PAGE - (va & (PAGE - 1))) as usize);
         if n < store.len && !matches!(store.data, StoreData::Bytes(_)) {
             return Err(ProbingError::UnsyndromedStore(format!(
                 "the atomic store at {pc:#x} to {:#x} crosses a page",
