@@ -2,10 +2,59 @@
 //! `--disk PATH[,ro]` image a block device will serve, parsed, opened and locked before any
 //! VM memory is allocated, so that a bad image is refused with nothing started.
 
+pub mod block;
+pub mod mmio;
+
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+use vmm_sys_util::eventfd::EventFd;
+
+/// How a virtio device interrupts the guest: the transport's InterruptStatus bits and the
+/// eventfd the VMM registers as an irqfd on the device's interrupt line.
+#[derive(Clone)]
+pub struct VirtioIrq {
+    /// InterruptStatus: bit 0 used buffers, bit 1 configuration change.
+    pub status: Arc<AtomicU32>,
+    /// Written to raise the line (edge-triggered: one write, one interrupt).
+    pub evt: Arc<EventFd>,
+}
+
+impl VirtioIrq {
+    /// A line with no interrupt pending.
+    pub fn new() -> std::io::Result<VirtioIrq> {
+        Ok(VirtioIrq {
+            status: Arc::new(AtomicU32::new(0)),
+            evt: Arc::new(EventFd::new(libc::EFD_NONBLOCK)?),
+        })
+    }
+
+    /// Tells the driver the device has put buffers in the used ring.
+    pub fn signal_used(&self) -> std::io::Result<()> {
+        self.status
+            .fetch_or(VIRTIO_MMIO_INT_VRING, Ordering::SeqCst);
+        self.evt.write(1)
+    }
+}
+
+/// Why a device could not start serving its queue (the driver then sees NEEDS_RESET).
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// An eventfd could not be made or cloned.
+    #[error("eventfd: {0}")]
+    EventFd(std::io::Error),
+    /// The I/O thread could not be started.
+    #[error("starting the I/O thread: {0}")]
+    Thread(std::io::Error),
+    /// The image could not be shared with the I/O thread.
+    #[error("disk image: {0}")]
+    Image(std::io::Error),
+}
 
 /// The sector size virtio-blk counts in.
 pub const SECTOR: u64 = 512;
