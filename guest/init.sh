@@ -15,6 +15,28 @@ hostname hvprobe-guest
 # The boot stays quiet (loglevel=3), but from here on warnings reach the console too: the VMM
 # reads WARN() and lockup reports there while its probes are in.
 echo 5 > /proc/sys/kernel/printk
+# A disk from the VMM (hvprobe.disk=rw|ro): its drivers are modules; mount it on /mnt.
+disk=
+for arg in $(cat /proc/cmdline); do
+	case "$arg" in
+	hvprobe.disk=*) disk=${arg#hvprobe.disk=} ;;
+	esac
+done
+if [ -n "$disk" ]; then
+	for m in virtio_ring virtio virtio_mmio virtio_blk; do
+		insmod /lib/modules/$m.ko 2>/dev/null
+	done
+	i=0
+	while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do
+		sleep 0.1
+		i=$((i + 1))
+	done
+	if [ ! -b /dev/vda ]; then
+		echo "hvprobe-init: no /dev/vda: the disk's driver did not find it"
+	elif ! mount -o "$disk" /dev/vda /mnt 2>/tmp/mount.err; then
+		echo "hvprobe-init: /dev/vda not mounted on /mnt: $(cat /tmp/mount.err)"
+	fi
+fi
 case " $(cat /proc/cmdline) " in
 *" hvprobe.wait=1 "*)
 	# The VMM plants its probes when it sees the marker, then sends one line on the console:

@@ -58,6 +58,9 @@ pub const KVM_MODULES: &[&str] = &[
     "drivers/virtio/virtio_pci_modern_dev.ko",
     "drivers/virtio/virtio_pci.ko",
     "drivers/char/virtio_console.ko",
+    // `--disk`: L1's disk passed through by the runner (PCI), and the guest's own (virtio-mmio).
+    "drivers/block/virtio_blk.ko",
+    "drivers/virtio/virtio_mmio.ko",
 ];
 
 /// Modules kept from an arm64 kernel package, in load order: the virtio console over virtio-mmio
@@ -67,6 +70,8 @@ pub const ARM64_L1_MODULES: &[&str] = &[
     "drivers/virtio/virtio.ko",
     "drivers/virtio/virtio_mmio.ko",
     "drivers/char/virtio_console.ko",
+    // `--disk`: L1's disk passed through by the runner, and the guest's own.
+    "drivers/block/virtio_blk.ko",
 ];
 
 const COMPLETE: &str = ".complete";

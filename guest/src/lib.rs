@@ -190,6 +190,20 @@ pub const EXEC_PARAM: &str = "hvprobe.exec";
 /// console before it runs the command (the VMM sends it once the probes are planted).
 pub const WAIT_PARAM: &str = "hvprobe.wait=1";
 
+/// Kernel command-line key (`rw` or `ro`) telling `/init` that the VMM attached a disk: it
+/// loads [`DISK_MODULES`] and mounts `/dev/vda` on `/mnt` before the command runs.
+pub const DISK_PARAM: &str = "hvprobe.disk";
+
+/// The modules the default guest's `/init` loads for a disk, in load order: Debian's cloud
+/// kernels build virtio, virtio-mmio and virtio-blk as modules. In the initramfs under
+/// `lib/modules/`.
+pub const DISK_MODULES: &[&str] = &[
+    "virtio_ring.ko",
+    "virtio.ko",
+    "virtio_mmio.ko",
+    "virtio_blk.ko",
+];
+
 /// Where downloads and built images are kept: `$HVPROBE_CACHE`, else
 /// `$XDG_CACHE_HOME/hvprobe`, else `~/.cache/hvprobe`.
 pub fn cache_dir() -> PathBuf {
@@ -252,7 +266,7 @@ pub fn default_guest_for(arch: GuestArch) -> Result<DefaultGuest, GuestError> {
     let _lock = lock_cache(&cache)?;
     let kernel = debian::kernel_package(&cache, arch)?;
     let busybox = debian::busybox(&cache, arch)?;
-    let initrd = build_initrd(&cache, &busybox, arch)?;
+    let initrd = build_initrd(&cache, &busybox, &kernel, arch)?;
     Ok(DefaultGuest { kernel, initrd })
 }
 
@@ -266,14 +280,31 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
     h
 }
 
-/// Builds (or finds cached) the initramfs from busybox, `/init` and the workloads.
-fn build_initrd(cache: &Path, busybox: &Path, arch: GuestArch) -> Result<PathBuf, GuestError> {
+/// Builds (or finds cached) the initramfs from busybox, `/init`, the workloads and the
+/// kernel's disk modules.
+fn build_initrd(
+    cache: &Path,
+    busybox: &Path,
+    kernel: &KernelPackage,
+    arch: GuestArch,
+) -> Result<PathBuf, GuestError> {
     let busybox_bytes = fs::read(busybox).map_err(GuestError::io(busybox))?;
+    let modules = DISK_MODULES
+        .iter()
+        .map(|m| {
+            let p = kernel.module(m);
+            fs::read(&p).map(|b| (*m, b)).map_err(GuestError::io(&p))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let mut parts: Vec<&[u8]> = vec![
         &busybox_bytes,
         INIT_SCRIPT.as_bytes(),
         arch.name().as_bytes(),
     ];
+    for (name, bytes) in &modules {
+        parts.push(name.as_bytes());
+        parts.push(bytes);
+    }
     for (name, src) in WORKLOADS {
         parts.push(name.as_bytes());
         parts.push(src.as_bytes());
@@ -347,6 +378,12 @@ fn build_initrd(cache: &Path, busybox: &Path, arch: GuestArch) -> Result<PathBuf
         }
         w.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")?;
         w.file("init", 0o755, INIT_SCRIPT.as_bytes())?;
+        for d in ["lib", "lib/modules"] {
+            w.dir(d)?;
+        }
+        for (name, bytes) in &modules {
+            w.file(&format!("lib/modules/{name}"), 0o644, bytes)?;
+        }
         w.finish()?;
         Ok(())
     };

@@ -902,6 +902,11 @@ fn run_on_host(args: &Job) -> Result<i32> {
                 .as_ref()
                 .and_then(|s| s.jump.as_ref())
                 .map_or(0, |j| j.pages(args.vcpus) * 4096),
+            disk: args
+                .disk
+                .as_deref()
+                .map(crate::devices::virtio::DiskSpec::parse)
+                .transpose()?,
         },
         timeout: args.effective_timeout(),
         forward_stdin: true,

@@ -56,6 +56,12 @@ pub struct Job {
     /// Shell command for the default guest's /init to run; hvprobe exits with its status.
     #[arg(long)]
     pub exec: Option<String>,
+    /// A raw disk image the guest sees as /dev/vda (virtio-blk), `PATH` or `PATH,ro`; the
+    /// default guest mounts it on /mnt before the command runs. The image is locked
+    /// (flock: exclusive, shared with `,ro`) for the run.
+    #[arg(long, value_name = "PATH[,ro]")]
+    #[serde(default)]
+    pub disk: Option<String>,
     /// Give up after this many seconds [default: 600 with --exec, none without].
     #[arg(long)]
     pub timeout: Option<u64>,
@@ -488,6 +494,10 @@ impl Job {
         if let Some(exec) = &self.exec {
             let encoded = base64::engine::general_purpose::STANDARD.encode(exec.as_bytes());
             cmdline.push_str(&format!(" {}={encoded}", hvprobe_guest::EXEC_PARAM));
+        }
+        if let Some(disk) = &self.disk {
+            let mode = if disk.ends_with(",ro") { "ro" } else { "rw" };
+            cmdline.push_str(&format!(" {}={mode}", hvprobe_guest::DISK_PARAM));
         }
         cmdline
     }

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use probe_core::protect::SlotPiece;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -16,6 +16,9 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch;
 use crate::devices::console::{ConsoleOut, ConsoleWatch};
 use crate::devices::serial::SerialPort;
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::{MMIO_LEN, MmioTransport, NOTIFY_OFFSET};
+use crate::devices::virtio::{DiskError, DiskSpec, OpenDisk, VirtioIrq};
 use crate::devices::{MmioBus, PioBus};
 
 /// Errors while building the VM. Each names the input or the KVM call that failed.
@@ -93,6 +96,12 @@ pub enum VmError {
     /// An eventfd could not be created.
     #[error("eventfd: {0}")]
     EventFd(std::io::Error),
+    /// The `--disk` image cannot be used.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    /// A device could not be set up.
+    #[error("device: {0}")]
+    Device(String),
 }
 
 /// Maps a failed KVM call to [`VmError::Kvm`] naming it.
@@ -117,6 +126,18 @@ pub struct VmConfig {
     pub xol_bytes: u64,
     /// Bytes at the XOL area's end that the guest may write (the jump plan's rings).
     pub xol_data_bytes: u64,
+    /// `--disk`: the image the guest sees as `/dev/vda` (virtio-blk on virtio-mmio).
+    pub disk: Option<DiskSpec>,
+}
+
+/// What `create_vm` gets besides the configuration, checked before anything is allocated:
+/// the initrd's bytes and the opened, locked disk image.
+#[derive(Debug, Default)]
+pub struct BootInputs {
+    /// The initrd, read.
+    pub initrd: Option<Vec<u8>>,
+    /// The disk, opened and locked.
+    pub disk: Option<OpenDisk>,
 }
 
 /// A VM ready to run: memory loaded, devices attached, vCPUs configured.
@@ -169,8 +190,42 @@ impl Vm {
             })?),
             None => None,
         };
-        arch::Host::create_vm(kvm, config, initrd_bytes, console_out)
+        let disk = match &config.disk {
+            Some(spec) => Some(spec.open()?),
+            None => None,
+        };
+        let inputs = BootInputs {
+            initrd: initrd_bytes,
+            disk,
+        };
+        arch::Host::create_vm(kvm, config, inputs, console_out)
     }
+}
+
+/// Puts a virtio-blk device serving `disk` on the MMIO bus at `base` (a page), interrupting
+/// on `gsi` through an irqfd; queue notifications go to its I/O thread through an ioeventfd,
+/// so they never exit to user space.
+pub fn attach_block_device(
+    fd: &VmFd,
+    memory: &GuestMemoryMmap,
+    mmio: &mut MmioBus,
+    disk: OpenDisk,
+    base: u64,
+    gsi: u32,
+) -> Result<(), VmError> {
+    let irq = VirtioIrq::new().map_err(VmError::EventFd)?;
+    fd.register_irqfd(&irq.evt, gsi)
+        .map_err(kvm_err("KVM_IRQFD (virtio-blk)"))?;
+    let transport = MmioTransport::new(Box::new(Block::new(disk)), memory.clone(), irq)
+        .map_err(|e| VmError::Device(e.to_string()))?;
+    fd.register_ioevent(
+        transport.notify_event(),
+        &IoEventAddress::Mmio(base + NOTIFY_OFFSET),
+        0u32,
+    )
+    .map_err(kvm_err("KVM_IOEVENTFD (virtio-blk queue notify)"))?;
+    mmio.insert(base, MMIO_LEN, Arc::new(Mutex::new(transport)));
+    Ok(())
 }
 
 /// The console UART (vm-superio's 8250) raising `gsi` through an irqfd, writing to

@@ -17,7 +17,7 @@ use probe_core::vm::{DebugEvent, HardwareSlot, VcpuAccess};
 use super::KaslrAnchor;
 use crate::probing::{PausedState, ProbingError};
 use crate::selftest::TrapSupport;
-use crate::vm::{Vm, VmConfig, VmError};
+use crate::vm::{BootInputs, Vm, VmConfig, VmError};
 
 /// One guest architecture as the VMM drives it on a host of the same architecture.
 pub trait VmmArch: 'static {
@@ -48,12 +48,12 @@ pub trait VmmArch: 'static {
     /// KVM's emulator has already moved RIP).
     const STORE_EXIT_AT_WRITER: bool;
 
-    /// Builds a bootable VM of `config` (its initrd already read): memory, interrupt
-    /// controller, devices and vCPUs.
+    /// Builds a bootable VM of `config` (its initrd read and its disk opened): memory,
+    /// interrupt controller, devices and vCPUs.
     fn create_vm(
         kvm: Kvm,
         config: &VmConfig,
-        initrd_bytes: Option<Vec<u8>>,
+        inputs: BootInputs,
         console_out: Box<dyn Write + Send>,
     ) -> Result<Vm, VmError>;
     /// Runs the trap self-test's tiny guest on `kvm`.

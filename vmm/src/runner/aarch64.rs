@@ -11,7 +11,7 @@ use std::os::fd::AsRawFd;
 
 use super::{
     L1Init, L1Side, MachineFiles, RunnerError, RunnerPlatform, STATUS_PREFIX, VPORT_OUTPUT,
-    VPORT_STATUS, VPORT_STDERR, VPORT_STDIN, VPORT_STDOUT,
+    VPORT_STATUS, VPORT_STDERR, VPORT_STDIN, VPORT_STDOUT, disk_drive,
 };
 
 /// The arm64 runner.
@@ -77,6 +77,11 @@ fn machine(cmd: &mut Command, files: &MachineFiles<'_>) {
             "-device",
             "virtserialport,nr=5,chardev=stdin,name=hvprobe.stdin",
         ]);
+    if let Some((path, ro)) = files.disk {
+        cmd.arg("-drive")
+            .arg(disk_drive(path, ro))
+            .args(["-device", "virtio-blk-device,drive=hvdisk"]);
+    }
     if let Some(api) = files.api {
         cmd.arg("-chardev")
             .arg(format!(

@@ -94,6 +94,20 @@ pub struct MachineFiles<'a> {
     pub status: &'a Path,
     /// The socket QEMU listens on for the API channel (`--api-socket`), if any.
     pub api: Option<&'a Path>,
+    /// `--disk`: the image (QEMU-quoted) and whether it is read-only, passed to L1 as its
+    /// virtio-blk disk [`L1_DISK`].
+    pub disk: Option<(&'a str, bool)>,
+}
+
+/// Where L1 sees the `--disk` image the runner passes through: its one virtio-blk disk.
+pub const L1_DISK: &str = "/dev/vda";
+
+/// QEMU's `-drive` for the `--disk` image (raw, never probed for a format), as drive `hvdisk`.
+pub fn disk_drive(path: &str, read_only: bool) -> String {
+    format!(
+        "file={path},if=none,id=hvdisk,format=raw,readonly={}",
+        if read_only { "on" } else { "off" }
+    )
 }
 
 /// Errors of the emulated runner.
@@ -201,6 +215,11 @@ pub fn inner_job(job: &Job) -> Job {
             .api_socket
             .as_ref()
             .map(|_| PathBuf::from(platform(job.guest_arch()).runner.l1.api_port)),
+        // The image is L1's virtio-blk disk.
+        disk: job.disk.as_ref().map(|d| {
+            let ro = d.ends_with(",ro");
+            format!("{L1_DISK}{}", if ro { ",ro" } else { "" })
+        }),
         ..job.clone()
     }
 }
@@ -274,6 +293,22 @@ pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
     };
     // `-o FILE`: the inner run writes to an L1 port, which QEMU writes to FILE. Created here
     // first, so that a path that cannot be written fails before anything boots.
+    // `--disk`: checked and locked here, for the whole run, before anything boots (QEMU's own
+    // image locks are fcntl locks, which another hvprobe's flock would not see).
+    let disk = match &args.disk {
+        Some(d) => {
+            let spec = crate::devices::virtio::DiskSpec::parse(d)
+                .map_err(|e| RunnerError::Prepare(e.to_string()))?;
+            let open = spec
+                .open()
+                .map_err(|e| RunnerError::Prepare(e.to_string()))?;
+            Some((spec, open))
+        }
+        None => None,
+    };
+    let disk_arg = disk
+        .as_ref()
+        .map(|(s, _)| (s.path.display().to_string().replace(',', ",,"), s.read_only));
     let trace_file = match &args.output {
         Some(path) => {
             fs::File::create(path).map_err(|e| {
@@ -342,6 +377,7 @@ pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
             trace: trace_file.as_deref(),
             status: &status_file,
             api: api_listener.as_ref().map(|_| api_channel.as_path()),
+            disk: disk_arg.as_ref().map(|(p, ro)| (p.as_str(), *ro)),
         },
     );
     let cpu = args.runner_cpu.as_deref().unwrap_or(runner.default_cpu);
@@ -571,6 +607,8 @@ mod tests {
             "--skip-refused",
             "--summary-json",
             "/tmp/summary",
+            "--disk",
+            "/images/a,b.img,ro",
         ])
         .job;
         let inner = inner_job(&outer);
@@ -587,9 +625,15 @@ mod tests {
             output: Some(platform(outer.guest_arch()).runner.output_port.into()),
             summary_json: Some(crate::summary::ON_STDERR.into()),
             runner: RunnerChoice::Host,
+            disk: Some(format!("{L1_DISK},ro")),
             ..outer.clone()
         };
         assert_eq!(inner, expected);
+        assert!(inner.effective_cmdline().contains(" hvprobe.disk=ro"));
+        assert_eq!(
+            disk_drive("/images/a,,b.img", true),
+            "file=/images/a,,b.img,if=none,id=hvdisk,format=raw,readonly=on"
+        );
         assert_eq!(inner.effective_cmdline(), outer.effective_cmdline());
         // Without probes, neither System.map nor BTF travels.
         let plain = Wrap::parse_from(["x", "--kernel", "/k", "--btf", "/b"]).job;

@@ -8,7 +8,10 @@ use std::process::Command;
 use hvprobe_guest::GuestArch;
 
 use super::l1image::shared_libraries;
-use super::{DEBUG_EXIT_PORT, L1Init, L1Side, MachineFiles, RunnerError, RunnerPlatform, prep_err};
+use super::{
+    DEBUG_EXIT_PORT, L1Init, L1Side, MachineFiles, RunnerError, RunnerPlatform, disk_drive,
+    prep_err,
+};
 
 /// The x86_64 runner.
 pub static RUNNER: RunnerPlatform = RunnerPlatform {
@@ -94,6 +97,11 @@ fn machine(cmd: &mut Command, files: &MachineFiles<'_>) {
             "-device",
             &format!("isa-debug-exit,iobase={DEBUG_EXIT_PORT:#x},iosize=0x04"),
         ]);
+    if let Some((path, ro)) = files.disk {
+        cmd.arg("-drive")
+            .arg(disk_drive(path, ro))
+            .args(["-device", "virtio-blk-pci,drive=hvdisk"]);
+    }
     if let Some(api) = files.api {
         cmd.args(["-device", "virtio-serial-pci,id=vser"])
             .arg("-chardev")
@@ -117,8 +125,8 @@ fn status(status: std::process::ExitStatus, _: &Path) -> Option<i32> {
     }
 }
 
-/// The modules L1 loads, in order: KVM for this CPU's vendor, and the virtio console over
-/// PCI (the API port).
+/// The modules L1 loads, in order: KVM for this CPU's vendor, and the virtio console (the
+/// API port) and block device (`--disk`) over PCI.
 fn l1_modules() -> Vec<&'static str> {
     let vendor_module = if crate::hostcheck::cpu_flag("vmx") {
         "kvm-intel.ko"
@@ -135,6 +143,7 @@ fn l1_modules() -> Vec<&'static str> {
         "virtio_pci_modern_dev.ko",
         "virtio_pci.ko",
         "virtio_console.ko",
+        "virtio_blk.ko",
     ]
 }
 

@@ -34,6 +34,8 @@ pub struct BoardDescription {
     pub initrd: Option<(u64, u64)>,
     /// A seed for the kernel's KASLR (`/chosen/kaslr-seed`); none means no randomization.
     pub kaslr_seed: Option<u64>,
+    /// virtio-mmio devices: base, length, SPI.
+    pub virtio: Vec<(u64, u64, u32)>,
 }
 
 /// The device tree blob.
@@ -118,6 +120,16 @@ pub fn create_fdt(board: &BoardDescription) -> Result<Vec<u8>, FdtError> {
     fdt.property_array_u32("interrupts", &[GIC_SPI, UART_SPI, IRQ_TYPE_EDGE_RISING])?;
     fdt.end_node(uart)?;
 
+    // Linux's virtio_mmio matches `virtio,mmio` (Firecracker's and QEMU virt's node).
+    for (base, len, spi) in &board.virtio {
+        let node = fdt.begin_node(&format!("virtio_mmio@{base:x}"))?;
+        fdt.property_string("compatible", "virtio,mmio")?;
+        fdt.property_array_u64("reg", &[*base, *len])?;
+        fdt.property_array_u32("interrupts", &[GIC_SPI, *spi, IRQ_TYPE_EDGE_RISING])?;
+        fdt.property_null("dma-coherent")?;
+        fdt.end_node(node)?;
+    }
+
     fdt.end_node(root)?;
     fdt.finish()
 }
@@ -138,6 +150,7 @@ mod tests {
             cmdline: "console=ttyS0 quiet".into(),
             initrd: Some((0x5000_0000, 0x5010_0000)),
             kaslr_seed: Some(0x1234),
+            virtio: vec![(0x0a00_0000, 0x1000, 16)],
         };
         let blob = create_fdt(&board).unwrap();
         // FDT magic, big-endian.
@@ -155,15 +168,22 @@ mod tests {
             b"uart@9000000",
             b"kaslr-seed",
             b"linux,initrd-start",
+            b"virtio_mmio@a000000",
+            b"virtio,mmio",
+            b"dma-coherent",
         ] {
             assert!(contains(&blob, s), "{}", String::from_utf8_lossy(s));
         }
+        // The virtio node's interrupt: GIC_SPI 16, edge rising (big-endian cells).
+        assert!(contains(&blob, &[0, 0, 0, 0, 0, 0, 0, 16, 0, 0, 0, 1]));
         let no_seed = create_fdt(&BoardDescription {
             kaslr_seed: None,
             initrd: None,
+            virtio: Vec::new(),
             ..board
         })
         .unwrap();
+        assert!(!contains(&no_seed, b"virtio,mmio"));
         assert!(!contains(&no_seed, b"kaslr-seed"));
         assert!(!contains(&no_seed, b"linux,initrd-start"));
     }

@@ -17,6 +17,11 @@ pub const UART_BASE: u64 = 0x0900_0000;
 pub const UART_SIZE: u64 = 0x1000;
 /// The UART's shared peripheral interrupt (SPI 1 = INTID 33); also its irqfd GSI.
 pub const UART_SPI: u32 = 1;
+/// The virtio-mmio device's page (QEMU virt's first virtio-mmio window).
+pub const VIRTIO_MMIO_BASE: u64 = 0x0a00_0000;
+/// Its interrupt: SPI 16 (INTID 48), QEMU virt's first virtio SPI; the irqfd GSI is the SPI
+/// number, as the UART's.
+pub const VIRTIO_MMIO_SPI: u32 = 16;
 /// Shared peripheral interrupts the GIC offers (KVM_DEV_ARM_VGIC_GRP_NR_IRQS counts the 32
 /// private ones too).
 pub const GIC_SPIS: u32 = 96;

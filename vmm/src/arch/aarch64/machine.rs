@@ -23,16 +23,23 @@ use super::fdt::{BoardDescription, create_fdt};
 use super::layout::*;
 use super::vcpu::{MPIDR_EL1, boot_registers, get};
 use super::{Guest, kernel};
+use crate::devices::virtio::mmio::MMIO_LEN;
 use crate::devices::{MmioBus, PioBus};
-use crate::vm::{Vm, VmConfig, VmError, console_uart, kvm_err, register_memory};
+use crate::vm::{
+    BootInputs, Vm, VmConfig, VmError, attach_block_device, console_uart, kvm_err, register_memory,
+};
 
 /// Builds the arm64 VM of `config` (its initrd already read into `initrd_bytes`).
 pub fn create_vm(
     kvm: Kvm,
     config: &VmConfig,
-    initrd_bytes: Option<Vec<u8>>,
+    inputs: BootInputs,
     console_out: Box<dyn Write + Send>,
 ) -> Result<Vm, VmError> {
+    let BootInputs {
+        initrd: initrd_bytes,
+        disk,
+    } = inputs;
     if config.vcpus > MAX_VCPUS {
         return Err(VmError::VcpuCount(config.vcpus));
     }
@@ -118,6 +125,20 @@ pub fn create_vm(
     let (serial, console) = console_uart(&fd, UART_SPI, console_out)?;
     let mut mmio = MmioBus::default();
     mmio.insert(UART_BASE, UART_SIZE, serial.clone());
+    let virtio = match disk {
+        Some(disk) => {
+            attach_block_device(
+                &fd,
+                &memory,
+                &mut mmio,
+                disk,
+                VIRTIO_MMIO_BASE,
+                VIRTIO_MMIO_SPI,
+            )?;
+            vec![(VIRTIO_MMIO_BASE, MMIO_LEN, VIRTIO_MMIO_SPI)]
+        }
+        None => Vec::new(),
+    };
 
     let kaslr_seed = (!config.cmdline.split_whitespace().any(|w| w == "nokaslr"))
         .then(random_seed)
@@ -128,6 +149,7 @@ pub fn create_vm(
         cmdline: config.cmdline.clone(),
         initrd,
         kaslr_seed,
+        virtio,
     })
     .map_err(|e| VmError::Fdt(e.to_string()))?;
     if blob.len() as u64 > FDT_MAX_SIZE {

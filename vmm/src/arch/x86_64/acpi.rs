@@ -10,7 +10,9 @@
 //! Firecracker and Cloud Hypervisor do.
 
 use acpi_tables::Aml;
-use acpi_tables::aml::{Device, EISAName, IO, Interrupt, Name, Path, ResourceTemplate, Scope};
+use acpi_tables::aml::{
+    Device, EISAName, IO, Interrupt, Memory32Fixed, Name, ONE, Path, ResourceTemplate, Scope,
+};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, MADT, ProcessorLocalApic,
@@ -43,8 +45,22 @@ fn aml_bytes(t: &dyn Aml) -> Vec<u8> {
     v
 }
 
-/// The DSDT's AML: the devices the guest cannot discover by itself.
-fn dsdt_body() -> Vec<u8> {
+/// A virtio-mmio device to describe: its page and its GSI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioMmio {
+    /// Guest physical base.
+    pub base: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// I/O APIC pin.
+    pub gsi: u32,
+}
+
+/// The DSDT's AML: the devices the guest cannot discover by itself. A virtio-mmio device
+/// is `LNRO0005` (the ACPI ID Linux's `virtio_mmio` matches; its kernels here lack
+/// `VIRTIO_MMIO_CMDLINE_DEVICES`), with its page and edge-triggered interrupt, as Firecracker
+/// describes its devices.
+fn dsdt_body(virtio: &[VirtioMmio]) -> Vec<u8> {
     use crate::devices::serial::{COM1_BASE, COM1_GSI, COM1_LEN};
     let hid = EISAName::new("PNP0501");
     let uid: u8 = 0;
@@ -55,18 +71,44 @@ fn dsdt_body() -> Vec<u8> {
     let uid_name = Name::new(Path::new("_UID"), &uid);
     let crs_name = Name::new(Path::new("_CRS"), &crs);
     let com1 = Device::new(Path::new("COM1"), vec![&hid_name, &uid_name, &crs_name]);
-    aml_bytes(&Scope::new(Path::new("\\_SB_"), vec![&com1]))
+    let mut devices = aml_bytes(&com1);
+    for (i, v) in virtio.iter().enumerate() {
+        let uid = i as u8;
+        // The MMIO gap is below 4 GiB, so a 32-bit descriptor holds it.
+        let window = Memory32Fixed::new(true, v.base as u32, v.len as u32);
+        let irq = Interrupt::new(true, true, false, false, v.gsi);
+        let crs = ResourceTemplate::new(vec![&window, &irq]);
+        let hid = Name::new(Path::new("_HID"), &"LNRO0005");
+        let uid_name = Name::new(Path::new("_UID"), &uid);
+        let cca = Name::new(Path::new("_CCA"), &ONE);
+        let crs_name = Name::new(Path::new("_CRS"), &crs);
+        let path = format!("VR{i:02}");
+        let dev = Device::new(Path::new(&path), vec![&hid, &uid_name, &cca, &crs_name]);
+        dev.to_aml_bytes(&mut devices);
+    }
+    aml_bytes(&Scope::new(Path::new("\\_SB_"), vec![&RawAml(devices)]))
+}
+
+/// AML already encoded, to put into a scope.
+struct RawAml(Vec<u8>);
+
+impl Aml for RawAml {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        for b in &self.0 {
+            sink.byte(*b);
+        }
+    }
 }
 
 /// Builds all tables laid out from [`RSDP_START`] as one byte block to write there. The
 /// I/O APIC's ID follows the vCPUs' APIC IDs.
-pub fn build(num_cpus: u8) -> Result<Vec<u8>, AcpiError> {
+pub fn build(num_cpus: u8, virtio: &[VirtioMmio]) -> Result<Vec<u8>, AcpiError> {
     let align = |n: usize| n.div_ceil(16) * 16;
     let rsdp_len = Rsdp::len();
     let xsdt_at = align(rsdp_len);
 
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, 1);
-    dsdt.append_slice(&dsdt_body());
+    dsdt.append_slice(&dsdt_body(virtio));
     let dsdt_bytes = dsdt.as_slice().to_vec();
 
     let mut madt = MADT::new(
@@ -138,7 +180,7 @@ mod tests {
 
     #[test]
     fn tables_link_up_and_checksum() {
-        let block = build(2).unwrap();
+        let block = build(2, &[]).unwrap();
         assert_eq!(&block[0..8], b"RSD PTR ");
         assert_eq!(sum(&block[0..20]), 0);
         assert_eq!(sum(&block[0..36]), 0);
@@ -166,5 +208,45 @@ mod tests {
             }
         }
         assert_eq!(sigs, vec![b"FACP".to_vec(), b"APIC".to_vec()]);
+    }
+
+    fn contains(hay: &[u8], needle: &[u8]) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle)
+    }
+
+    #[test]
+    fn a_virtio_mmio_device_is_described_as_linux_virtio_mmio_matches_it() {
+        let v = VirtioMmio {
+            base: 0xc000_0000,
+            len: 0x1000,
+            gsi: 5,
+        };
+        let with = dsdt_body(&[v]);
+        let without = dsdt_body(&[]);
+        assert!(contains(&with, b"LNRO0005\0") && !contains(&without, b"LNRO0005"));
+        assert!(contains(&with, b"VR00") && contains(&with, b"_CCA"));
+        // Memory32Fixed (0x86, length 9, read-write): base, then length.
+        let mut window = vec![0x86, 0x09, 0x00, 0x01];
+        window.extend_from_slice(&0xc000_0000u32.to_le_bytes());
+        window.extend_from_slice(&0x1000u32.to_le_bytes());
+        assert!(contains(&with, &window));
+        // Extended interrupt (0x89, length 6): consumer, edge, active-high, exclusive; GSI 5.
+        assert!(contains(&with, &[0x89, 0x06, 0x00, 0x03, 0x01, 5, 0, 0, 0]));
+        // COM1 is still there, and the tables still link up and sum to zero with it.
+        assert!(contains(&with, b"COM1"));
+        let block = build(2, &[v]).unwrap();
+        assert_eq!(sum(&block[0..36]), 0);
+        let xsdt = table_at(
+            &block,
+            u64::from_le_bytes(block[24..32].try_into().unwrap()),
+        );
+        let fadt = table_at(&block, u64::from_le_bytes(xsdt[36..44].try_into().unwrap()));
+        let dsdt = table_at(
+            &block,
+            u64::from_le_bytes(fadt[140..148].try_into().unwrap()),
+        );
+        assert_eq!(&dsdt[0..4], b"DSDT");
+        assert_eq!(sum(dsdt), 0);
+        assert!(contains(dsdt, b"LNRO0005"));
     }
 }

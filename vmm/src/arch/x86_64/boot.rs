@@ -211,7 +211,11 @@ fn boot_gdt() -> [u64; 4] {
 
 /// Writes the GDT, IDT, identity page tables (first GiB, 2 MiB pages), the ACPI tables and
 /// the MP table (for kernels built with `CONFIG_X86_MPPARSE` and booted with `acpi=off`).
-pub fn write_boot_tables(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<(), BootError> {
+pub fn write_boot_tables(
+    mem: &GuestMemoryMmap,
+    num_cpus: u8,
+    virtio: &[acpi::VirtioMmio],
+) -> Result<(), BootError> {
     for (i, entry) in boot_gdt().iter().enumerate() {
         mem.write_obj(*entry, GuestAddress(BOOT_GDT_START + i as u64 * 8))
             .map_err(mem_err("GDT"))?;
@@ -226,7 +230,7 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<(), Boot
         mem.write_obj((i << 21) | 0x83, GuestAddress(PDE_START + i * 8))
             .map_err(mem_err("page directory"))?;
     }
-    let tables = acpi::build(num_cpus)?;
+    let tables = acpi::build(num_cpus, virtio)?;
     mem.write_slice(&tables, GuestAddress(acpi::RSDP_START))
         .map_err(mem_err("ACPI tables"))?;
     let mp = mptable::build(num_cpus)?;

@@ -27,6 +27,10 @@ pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 /// End of the 32-bit MMIO gap.
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// The virtio-mmio device's page: the first of the MMIO gap (Firecracker's MMIO32 start).
+pub const VIRTIO_MMIO_BASE: u64 = MMIO_GAP_START;
+/// Its interrupt: I/O APIC pin 5, Firecracker's first legacy GSI (0 is the PIT, 4 COM1).
+pub const VIRTIO_MMIO_GSI: u32 = 5;
 /// Local APIC base address.
 pub const APIC_START: u64 = 0xfee0_0000;
 /// I/O APIC base address.

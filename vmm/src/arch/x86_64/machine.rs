@@ -12,20 +12,36 @@ use probe_core::xol::XolArea;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::acpi::VirtioMmio;
 use super::{Guest, boot, layout};
 use crate::devices::cmos::{CmosRtc, WallClock};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{COM1_BASE, COM1_GSI, COM1_LEN};
+use crate::devices::virtio::mmio::MMIO_LEN;
 use crate::devices::{BusDevice, MmioBus, PioBus};
-use crate::vm::{Vm, VmConfig, VmError, console_uart, kvm_err, register_memory};
+use crate::vm::{
+    BootInputs, Vm, VmConfig, VmError, attach_block_device, console_uart, kvm_err, register_memory,
+};
 
 /// Builds the x86_64 VM of `config` (its initrd already read into `initrd_bytes`).
 pub fn create_vm(
     kvm: Kvm,
     config: &VmConfig,
-    initrd_bytes: Option<Vec<u8>>,
+    inputs: BootInputs,
     console_out: Box<dyn Write + Send>,
 ) -> Result<Vm, VmError> {
+    let BootInputs {
+        initrd: initrd_bytes,
+        disk,
+    } = inputs;
+    let virtio: Vec<VirtioMmio> = disk
+        .iter()
+        .map(|_| VirtioMmio {
+            base: layout::VIRTIO_MMIO_BASE,
+            len: MMIO_LEN,
+            gsi: layout::VIRTIO_MMIO_GSI,
+        })
+        .collect();
     let mem_size = config.memory_mib << 20;
     if mem_size > layout::XOL_GPA_BASE - layout::MMIO_GAP_END + layout::MMIO_GAP_START {
         return Err(VmError::MemoryTooLarge(config.memory_mib));
@@ -65,7 +81,7 @@ pub fn create_vm(
     }
     info.cmdline_len = boot::write_cmdline(&memory, &info.setup_header, &config.cmdline)?;
     boot::write_zero_page(&memory, &info)?;
-    boot::write_boot_tables(&memory, config.vcpus as u8)?;
+    boot::write_boot_tables(&memory, config.vcpus as u8, &virtio)?;
 
     let fd = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
     let slots = register_memory(
@@ -106,6 +122,18 @@ pub fn create_vm(
         Arc::new(Mutex::new(CmosRtc::new(Box::new(WallClock::now)))),
     );
 
+    let mut mmio = MmioBus::default();
+    if let Some(disk) = disk {
+        attach_block_device(
+            &fd,
+            &memory,
+            &mut mmio,
+            disk,
+            layout::VIRTIO_MMIO_BASE,
+            layout::VIRTIO_MMIO_GSI,
+        )?;
+    }
+
     let supported = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
@@ -127,7 +155,7 @@ pub fn create_vm(
         memory,
         vcpus,
         pio,
-        mmio: MmioBus::default(),
+        mmio,
         serial,
         console,
         reset_evt,

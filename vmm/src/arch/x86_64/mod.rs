@@ -21,7 +21,7 @@ use probe_core::vm::DebugEvent;
 use crate::arch::{KaslrAnchor, VmmArch};
 use crate::probing::{PausedState, ProbingError};
 use crate::selftest::TrapSupport;
-use crate::vm::{Vm, VmConfig, VmError};
+use crate::vm::{BootInputs, Vm, VmConfig, VmError};
 
 /// The probe engine's architecture for x86_64 guests.
 pub type Guest = probe_core::arch::x86_64::X86_64;
@@ -46,10 +46,10 @@ impl VmmArch for X86_64Vmm {
     fn create_vm(
         kvm: Kvm,
         config: &VmConfig,
-        initrd_bytes: Option<Vec<u8>>,
+        inputs: BootInputs,
         console_out: Box<dyn Write + Send>,
     ) -> Result<Vm, VmError> {
-        machine::create_vm(kvm, config, initrd_bytes, console_out)
+        machine::create_vm(kvm, config, inputs, console_out)
     }
 
     fn probe_traps(kvm: &Kvm) -> Result<TrapSupport, String> {
