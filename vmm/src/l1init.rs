@@ -9,6 +9,7 @@ use std::ffi::CString;
 use std::fs;
 use std::io::Write;
 use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 
 use crate::platform::platform;
 use crate::runner::{L1_ARGS_PATH, L1_MODULES_DIR};
@@ -50,7 +51,8 @@ fn load_module(name: &str) -> Result<(), String> {
 pub(crate) fn open_port(path: &str) -> std::io::Result<fs::File> {
     let mut tries = 0;
     loop {
-        match fs::OpenOptions::new().read(true).write(true).open(path) {
+        let path = port_node(path, Path::new("/dev"));
+        match fs::OpenOptions::new().read(true).write(true).open(&path) {
             Err(e)
                 if tries < 100
                     && matches!(e.raw_os_error(), Some(libc::ENXIO) | Some(libc::ENOENT)) =>
@@ -60,6 +62,35 @@ pub(crate) fn open_port(path: &str) -> std::io::Result<fs::File> {
             }
             other => return other,
         }
+    }
+}
+
+/// The node of virtio-serial port `path` (`/dev/vportDpN`) as it is in `dev`: port N of
+/// whichever virtio device the console is. Its index D follows the order the virtio devices
+/// were found in, which a `--disk` beside it can change; there is one console device.
+fn port_node(path: &str, dev: &Path) -> PathBuf {
+    let Some(port) = path
+        .strip_prefix("/dev/vport")
+        .and_then(|rest| rest.split_once('p'))
+        .map(|(_, n)| format!("p{n}"))
+    else {
+        return PathBuf::from(path);
+    };
+    let found: Vec<PathBuf> = fs::read_dir(dev)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix("vport")
+                .and_then(|r| r.strip_suffix(&port))
+                .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .map(|e| e.path())
+        .collect();
+    match found.as_slice() {
+        [one] => one.clone(),
+        _ => PathBuf::from(path),
     }
 }
 
@@ -133,5 +164,28 @@ pub fn main() -> ! {
     unsafe { libc::reboot(libc::RB_POWER_OFF) };
     loop {
         std::thread::park();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_is_found_whatever_the_consoles_device_index() {
+        let dev = std::env::temp_dir().join(format!("hvprobe-ports-{}", std::process::id()));
+        std::fs::create_dir_all(&dev).unwrap();
+        for n in ["vport1p1", "vport1p4", "vport1p12", "vda"] {
+            std::fs::write(dev.join(n), b"").unwrap();
+        }
+        assert_eq!(port_node("/dev/vport0p4", &dev), dev.join("vport1p4"));
+        assert_eq!(port_node("/dev/vport0p1", &dev), dev.join("vport1p1"));
+        // Not there (yet): the path as given, which the caller retries.
+        assert_eq!(
+            port_node("/dev/vport0p5", &dev),
+            PathBuf::from("/dev/vport0p5")
+        );
+        assert_eq!(port_node("/dev/ttyS1", &dev), PathBuf::from("/dev/ttyS1"));
+        std::fs::remove_dir_all(&dev).unwrap();
     }
 }
