@@ -9,6 +9,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod counts;
+mod disk;
 mod guest_debug;
 mod integrity;
 mod jump;
@@ -24,6 +25,7 @@ mod watch;
 
 use common::{Guests, Run, assert_has, explain, fnv1a, guest_arch, hvprobe, text};
 use counts::*;
+use disk::*;
 use guest_debug::*;
 use hvprobe_guest::GuestArch;
 use hvprobe_vmm::summary::ProbeSummary;
@@ -717,6 +719,9 @@ fn main() {
                 random_strings_written_to_protected_sysctls_read_back_and_every_byte_is_reported,
                 protected_regions_that_cannot_be_had_are_refused_before_any_vm_starts,
                 integrity_on_demand_sees_the_guests_kprobe_and_not_hvprobes_own_probe,
+                a_file_on_the_disk_reads_back_counted_by_vfs_read_and_a_synced_write_reaches_the_image,
+                a_read_only_disk_fails_the_guests_writes_and_its_image_never_changes,
+                disks_that_cannot_be_used_are_refused_by_name_before_any_vm_starts,
             ],
             Guests::Only(GuestArch::X86_64) => [
                 a_getpid_probe_counts_the_workload_calls_and_prints_each_hit,

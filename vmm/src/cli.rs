@@ -2,7 +2,7 @@
 //! (which is hvprobe itself) can run the same code in-process.
 
 use crate::arch::VmmArch;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -257,8 +257,12 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::RunJob { file } => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("reading the job {}", file.display()))?;
-            let job: Job = serde_json::from_str(&text)
+            let mut job: Job = serde_json::from_str(&text)
                 .with_context(|| format!("parsing the job {}", file.display()))?;
+            // The runner names L1's ports as if the console were the first virtio device.
+            for port in [&mut job.output, &mut job.api_port].into_iter().flatten() {
+                *port = crate::l1init::port_node(&port.to_string_lossy(), Path::new("/dev"));
+            }
             run(&job)
         }
     }

@@ -68,7 +68,7 @@ pub(crate) fn open_port(path: &str) -> std::io::Result<fs::File> {
 /// The node of virtio-serial port `path` (`/dev/vportDpN`) as it is in `dev`: port N of
 /// whichever virtio device the console is. Its index D follows the order the virtio devices
 /// were found in, which a `--disk` beside it can change; there is one console device.
-fn port_node(path: &str, dev: &Path) -> PathBuf {
+pub(crate) fn port_node(path: &str, dev: &Path) -> PathBuf {
     let Some(port) = path
         .strip_prefix("/dev/vport")
         .and_then(|rest| rest.split_once('p'))

@@ -265,6 +265,22 @@ fn wait_with_deadline(
 /// Runs `args` (guest files already resolved) inside the emulated runner of the guest's
 /// architecture and returns the inner run's exit status.
 pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
+    // `--disk`: checked and locked here, for the whole run, before anything boots (QEMU's own
+    // image locks are fcntl locks, which another hvprobe's flock would not see).
+    let disk = match &args.disk {
+        Some(d) => {
+            let spec = crate::devices::virtio::DiskSpec::parse(d)
+                .map_err(|e| RunnerError::Prepare(e.to_string()))?;
+            let open = spec
+                .open()
+                .map_err(|e| RunnerError::Prepare(e.to_string()))?;
+            Some((spec, open))
+        }
+        None => None,
+    };
+    let disk_arg = disk
+        .as_ref()
+        .map(|(s, _)| (s.path.display().to_string().replace(',', ",,"), s.read_only));
     let arch = args.guest_arch();
     let runner = platform(arch).runner;
     let qemu = (runner.emulator)()?;
@@ -293,22 +309,6 @@ pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
     };
     // `-o FILE`: the inner run writes to an L1 port, which QEMU writes to FILE. Created here
     // first, so that a path that cannot be written fails before anything boots.
-    // `--disk`: checked and locked here, for the whole run, before anything boots (QEMU's own
-    // image locks are fcntl locks, which another hvprobe's flock would not see).
-    let disk = match &args.disk {
-        Some(d) => {
-            let spec = crate::devices::virtio::DiskSpec::parse(d)
-                .map_err(|e| RunnerError::Prepare(e.to_string()))?;
-            let open = spec
-                .open()
-                .map_err(|e| RunnerError::Prepare(e.to_string()))?;
-            Some((spec, open))
-        }
-        None => None,
-    };
-    let disk_arg = disk
-        .as_ref()
-        .map(|(s, _)| (s.path.display().to_string().replace(',', ",,"), s.read_only));
     let trace_file = match &args.output {
         Some(path) => {
             fs::File::create(path).map_err(|e| {

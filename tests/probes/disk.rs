@@ -1,0 +1,207 @@
+//! `--disk`: a raw ext4 image made on the host with the standard tools, the guest's
+//! `/dev/vda` (virtio-blk on virtio-mmio, found by the stock kernel through ACPI or the FDT),
+//! mounted on `/mnt` by the default guest: what the guest reads is the image's bytes, what it
+//! writes and syncs is in the image afterwards, a read-only disk never changes, and a probe
+//! on `vfs_read` counts the reads of a file on it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::*;
+
+/// A work directory of this test process.
+fn work_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("hvprobe-disk-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// `len` bytes that are not all alike (splitmix64 from `seed`).
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut rng = SplitMix(seed);
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        out.extend_from_slice(&rng.next().to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// An ext4 image of `mib` MiB holding `files`, made by `mke2fs -d` as a user would.
+fn ext4_image(dir: &Path, files: &[(&str, &[u8])], mib: u32) -> PathBuf {
+    let root = dir.join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    for (name, bytes) in files {
+        std::fs::write(root.join(name), bytes).unwrap();
+    }
+    let img = dir.join("disk.img");
+    let out = Command::new("mke2fs")
+        .args(["-q", "-t", "ext4", "-d"])
+        .arg(&root)
+        .arg(&img)
+        .arg(format!("{mib}M"))
+        .output()
+        .expect("mke2fs (e2fsprogs)");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    img
+}
+
+/// `path`'s bytes in the ext4 image `img`, read on the host with debugfs.
+fn file_in_image(img: &Path, path: &str, dir: &Path) -> Vec<u8> {
+    let dumped = dir.join("dumped");
+    let _ = std::fs::remove_file(&dumped);
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("dump {path} {}", dumped.display()))
+        .arg(img)
+        .output()
+        .expect("debugfs (e2fsprogs)");
+    std::fs::read(&dumped)
+        .unwrap_or_else(|e| panic!("debugfs could not dump {path}: {e}: {}", text(&out.stderr)))
+}
+
+/// The `fnv1a=` of an `open-read-loop` line about `path`.
+fn guest_fnv(stdout: &str, path: &str) -> Option<String> {
+    stdout
+        .lines()
+        .find(|l| l.contains(&format!("path={path} ")))
+        .and_then(|l| l.split("fnv1a=").nth(1))
+        .map(str::to_string)
+}
+
+pub(super) fn a_file_on_the_disk_reads_back_counted_by_vfs_read_and_a_synced_write_reaches_the_image()
+ {
+    let dir = work_dir("rw");
+    // 16 full 4 KiB reads, a short one and the read at the end: 18 reads of `data`.
+    let data = pattern(25, 16 * 4096 + 100);
+    let img = ext4_image(&dir, &[("data", &data)], 32);
+    let events = dir.join("events.json");
+    let out = run_probed(
+        "1",
+        "open-read-loop 1 /mnt/data; \
+         dd if=/dev/urandom of=/mnt/new bs=4096 count=64 conv=fsync 2>/dev/null; \
+         open-read-loop 1 /mnt/new; echo size=$(cat /sys/block/vda/size); \
+         echo serial=$(cat /sys/block/vda/serial)",
+        &["p:hv/rd vfs_read"],
+        &[
+            "--disk",
+            img.to_str().unwrap(),
+            "--json",
+            "-o",
+            events.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    let stdout = text(&out.stdout);
+    assert_has(
+        &stdout,
+        &format!(
+            "open-read-loop: path=/mnt/data opens=1 bytes={} fnv1a={:016x}",
+            data.len(),
+            fnv1a(&data)
+        ),
+        &out,
+    );
+    assert_has(&stdout, "size=65536\n", &out);
+    assert!(
+        stdout.lines().any(|l| l
+            .strip_prefix("serial=")
+            .is_some_and(|s| s.starts_with("hv"))),
+        "{}",
+        explain(&out)
+    );
+    // The reads each open-read-loop made, per process: 18 of data, 65 of the new file.
+    let trace = std::fs::read_to_string(&events).unwrap_or_default();
+    let mut per_pid: BTreeMap<u64, u64> = BTreeMap::new();
+    for line in trace.lines().filter(|l| l.starts_with('{')) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        if v["comm"] == "open-read-loop" {
+            *per_pid.entry(v["pid"].as_u64().unwrap()).or_default() += 1;
+        }
+    }
+    let mut counts: Vec<u64> = per_pid.into_values().collect();
+    counts.sort();
+    assert_eq!(counts, vec![18, 65], "{}", explain(&out));
+    // The written file, read on the host from the image.
+    let new = file_in_image(&img, "/new", &dir);
+    assert_eq!(new.len(), 64 * 4096);
+    assert_eq!(
+        guest_fnv(&stdout, "/mnt/new"),
+        Some(format!("{:016x}", fnv1a(&new))),
+        "{}",
+        explain(&out)
+    );
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(fsck.status.success(), "{}", text(&fsck.stdout));
+    assert_text_restored(&out);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+pub(super) fn a_read_only_disk_fails_the_guests_writes_and_its_image_never_changes() {
+    let dir = work_dir("ro");
+    let data = pattern(7, 10_000);
+    let img = ext4_image(&dir, &[("data", &data)], 8);
+    let before = std::fs::read(&img).unwrap();
+    let out = run_probed(
+        "1",
+        "open-read-loop 1 /mnt/data; echo x > /mnt/w || echo file-write-failed; \
+         dd if=/dev/zero of=/dev/vda bs=512 count=1 2>/dev/null || echo raw-write-failed; \
+         echo ro=$(cat /sys/block/vda/ro)",
+        &[],
+        &["--disk", &format!("{},ro", img.display())],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    let stdout = text(&out.stdout);
+    assert_has(
+        &stdout,
+        &format!("bytes=10000 fnv1a={:016x}", fnv1a(&data)),
+        &out,
+    );
+    for says in ["file-write-failed", "raw-write-failed", "ro=1"] {
+        assert_has(&stdout, says, &out);
+    }
+    assert!(std::fs::read(&img).unwrap() == before, "the image changed");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+pub(super) fn disks_that_cannot_be_used_are_refused_by_name_before_any_vm_starts() {
+    let dir = work_dir("bad");
+    let odd = dir.join("odd.img");
+    std::fs::write(&odd, vec![0u8; 1000]).unwrap();
+    let locked = dir.join("locked.img");
+    std::fs::write(&locked, vec![0u8; 4096]).unwrap();
+    // Another process's lock: this one holds it for the run below.
+    let holder = std::fs::File::open(&locked).unwrap();
+    holder.lock().unwrap();
+    let missing = dir.join("missing.img");
+    for (disk, says) in [
+        (missing.display().to_string(), "No such file"),
+        (odd.display().to_string(), "is 1000 bytes"),
+        (format!("{},bogus", odd.display()), "unknown option `bogus`"),
+        (format!("{},ro", dir.display()), "not a regular file"),
+        (locked.display().to_string(), "in use by another process"),
+        (
+            format!("{},ro", locked.display()),
+            "in use by another process",
+        ),
+    ] {
+        let out = hvprobe(&["run", "--disk", &disk, "--exec", "true", "--timeout", "60"]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{disk}: {}", explain(&out));
+        assert_has(&stderr, says, &out);
+        let named = disk.trim_end_matches(",ro").trim_end_matches(",bogus");
+        assert_has(&stderr, named, &out);
+        assert!(
+            !text(&out.stdout).contains(hvprobe_guest::INIT_READY_MARKER),
+            "{disk}: a guest ran"
+        );
+    }
+    drop(holder);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
