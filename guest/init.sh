@@ -15,27 +15,38 @@ hostname hvprobe-guest
 # The boot stays quiet (loglevel=3), but from here on warnings reach the console too: the VMM
 # reads WARN() and lockup reports there while its probes are in.
 echo 5 > /proc/sys/kernel/printk
-# A disk from the VMM (hvprobe.disk=rw|ro): its drivers are modules; mount it on /mnt.
-disk=
+# Disks from the VMM (hvprobe.mounts: base64 of "INDEX ro|rw GUESTPATH" lines): their
+# drivers are modules; each disk is found by its serial number, hv<INDEX>-..., whatever name
+# the kernel gave it, and mounted before the command runs.
+mounts=
 for arg in $(cat /proc/cmdline); do
 	case "$arg" in
-	hvprobe.disk=*) disk=${arg#hvprobe.disk=} ;;
+	hvprobe.mounts=*) mounts=$(echo "${arg#hvprobe.mounts=}" | base64 -d) ;;
 	esac
 done
-if [ -n "$disk" ]; then
+if [ -n "$mounts" ]; then
 	for m in virtio_ring virtio virtio_mmio virtio_blk; do
 		insmod /lib/modules/$m.ko 2>/dev/null
 	done
-	i=0
-	while [ ! -b /dev/vda ] && [ $i -lt 50 ]; do
-		sleep 0.1
-		i=$((i + 1))
+	echo "$mounts" | while read -r index mode path; do
+		[ -n "$index" ] || continue
+		dev=
+		i=0
+		while [ -z "$dev" ] && [ $i -lt 50 ]; do
+			for s in /sys/block/vd*/serial; do
+				case "$(cat "$s" 2>/dev/null)" in
+				"hv$index-"*) dev=${s%/serial} dev=/dev/${dev##*/} ;;
+				esac
+			done
+			[ -n "$dev" ] || sleep 0.1
+			i=$((i + 1))
+		done
+		if [ -z "$dev" ]; then
+			echo "hvprobe-init: disk $index: not found (no virtio-blk disk with serial hv$index-)"
+		elif ! mkdir -p "$path" 2>/tmp/mount.err || ! mount -o "$mode" "$dev" "$path" 2>/tmp/mount.err; then
+			echo "hvprobe-init: disk $index ($dev): not mounted on $path: $(cat /tmp/mount.err)"
+		fi
 	done
-	if [ ! -b /dev/vda ]; then
-		echo "hvprobe-init: no /dev/vda: the disk's driver did not find it"
-	elif ! mount -o "$disk" /dev/vda /mnt 2>/tmp/mount.err; then
-		echo "hvprobe-init: /dev/vda not mounted on /mnt: $(cat /tmp/mount.err)"
-	fi
 fi
 case " $(cat /proc/cmdline) " in
 *" hvprobe.wait=1 "*)

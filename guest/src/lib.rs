@@ -190,9 +190,10 @@ pub const EXEC_PARAM: &str = "hvprobe.exec";
 /// console before it runs the command (the VMM sends it once the probes are planted).
 pub const WAIT_PARAM: &str = "hvprobe.wait=1";
 
-/// Kernel command-line key (`rw` or `ro`) telling `/init` that the VMM attached a disk: it
-/// loads [`DISK_MODULES`] and mounts `/dev/vda` on `/mnt` before the command runs.
-pub const DISK_PARAM: &str = "hvprobe.disk";
+/// Kernel command-line key carrying, base64-encoded, the disks `/init` mounts before the
+/// command runs: a line `INDEX ro|rw GUESTPATH` each, the disk found by its serial number
+/// (`hv<INDEX>-...`); `/init` loads [`DISK_MODULES`] first.
+pub const MOUNTS_PARAM: &str = "hvprobe.mounts";
 
 /// The modules the default guest's `/init` loads for a disk, in load order: Debian's cloud
 /// kernels build virtio, virtio-mmio and virtio-blk as modules. In the initramfs under

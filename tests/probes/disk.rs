@@ -170,6 +170,81 @@ pub(super) fn a_read_only_disk_fails_the_guests_writes_and_its_image_never_chang
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+pub(super) fn a_program_built_on_the_host_runs_from_a_share_beside_a_second_disk() {
+    let dir = work_dir("share");
+    // A CI job's own program: built here with the guest's C compiler, run in the guest.
+    let build = dir.join("build");
+    std::fs::create_dir_all(build.join("bin")).unwrap();
+    let src = dir.join("t.c");
+    std::fs::write(
+        &src,
+        "#include <stdio.h>\n#include <stdlib.h>\nint main(int c, char **v) { long s = 0; \
+         for (int i = 1; i < c; i++) s += strtol(v[i], 0, 0) * i; \
+         printf(\"host-built: args=%d weighted=%ld\\n\", c - 1, s); return 3; }\n",
+    )
+    .unwrap();
+    let cc = Command::new(guest_arch().c_compiler())
+        .args(["-static", "-O2", "-o"])
+        .arg(build.join("bin/run-tests"))
+        .arg(&src)
+        .output()
+        .expect("the guest's C compiler");
+    assert!(cc.status.success(), "{}", text(&cc.stderr));
+    let notes = pattern(3, 5000);
+    std::fs::write(build.join("notes"), &notes).unwrap();
+    // The first disk at /mnt, a second at /data, the share where it is asked to be.
+    let first = ext4_image(&dir.join("a"), &[("a", b"first\n")], 8);
+    let second = ext4_image(&dir.join("b"), &[("b", b"second\n")], 8);
+    let out = run_probed(
+        "1",
+        "cat /mnt/a /data/b; open-read-loop 1 /opt/build/notes; \
+         /opt/build/bin/run-tests 5 6 7; echo status=$?; \
+         touch /opt/build/x 2>/dev/null || echo share-is-read-only; \
+         ls /mnt/build 2>/dev/null; mount | grep -c ' /opt/build '",
+        &[],
+        &[
+            "--disk",
+            first.to_str().unwrap(),
+            "--disk",
+            &format!("{},at=/data", second.display()),
+            "--share",
+            &format!("{}:/opt/build", build.display()),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", explain(&out));
+    let stdout = text(&out.stdout);
+    for says in [
+        "first\nsecond\n",
+        "host-built: args=3 weighted=38\n",
+        "status=3\n",
+        "share-is-read-only\n",
+    ] {
+        assert_has(&stdout, says, &out);
+    }
+    assert_has(
+        &stdout,
+        &format!("bytes=5000 fnv1a={:016x}", fnv1a(&notes)),
+        &out,
+    );
+    assert!(
+        !stdout.contains("hvprobe-init:"),
+        "a disk was not mounted: {}",
+        explain(&out)
+    );
+    // The packed image is gone with the run.
+    let leftovers = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("hvprobe-shares-")
+        })
+        .count();
+    assert_eq!(leftovers, 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 pub(super) fn disks_that_cannot_be_used_are_refused_by_name_before_any_vm_starts() {
     let dir = work_dir("bad");
     let odd = dir.join("odd.img");
@@ -192,16 +267,31 @@ pub(super) fn disks_that_cannot_be_used_are_refused_by_name_before_any_vm_starts
         ),
     ] {
         let out = hvprobe(&["run", "--disk", &disk, "--exec", "true", "--timeout", "60"]);
-        let stderr = text(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "{disk}: {}", explain(&out));
-        assert_has(&stderr, says, &out);
-        let named = disk.trim_end_matches(",ro").trim_end_matches(",bogus");
-        assert_has(&stderr, named, &out);
-        assert!(
-            !text(&out.stdout).contains(hvprobe_guest::INIT_READY_MARKER),
-            "{disk}: a guest ran"
-        );
+        check_refused(&out, &disk, says);
     }
+    let nine: Vec<String> = (0..9).map(|_| odd.display().to_string()).collect();
+    let mut args = vec!["run", "--exec", "true"];
+    for d in &nine {
+        args.extend(["--disk", d.as_str()]);
+    }
+    check_refused(&hvprobe(&args), "9 disks", "at most 8");
+    let missing_dir = dir.join("no-such-dir");
+    let shown = missing_dir.display().to_string();
+    let out = hvprobe(&["run", "--share", &shown, "--exec", "true"]);
+    check_refused(&out, &shown, "no such directory");
     drop(holder);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A refusal of `what` before any guest ran, saying `says`.
+fn check_refused(out: &std::process::Output, what: &str, says: &str) {
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{what}: {}", explain(out));
+    assert_has(&stderr, says, out);
+    let named = what.trim_end_matches(",ro").trim_end_matches(",bogus");
+    assert_has(&stderr, named, out);
+    assert!(
+        !text(&out.stdout).contains(hvprobe_guest::INIT_READY_MARKER),
+        "{what}: a guest ran"
+    );
 }

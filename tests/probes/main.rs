@@ -721,6 +721,7 @@ fn main() {
                 integrity_on_demand_sees_the_guests_kprobe_and_not_hvprobes_own_probe,
                 a_file_on_the_disk_reads_back_counted_by_vfs_read_and_a_synced_write_reaches_the_image,
                 a_read_only_disk_fails_the_guests_writes_and_its_image_never_changes,
+                a_program_built_on_the_host_runs_from_a_share_beside_a_second_disk,
                 disks_that_cannot_be_used_are_refused_by_name_before_any_vm_starts,
             ],
             Guests::Only(GuestArch::X86_64) => [

@@ -263,6 +263,26 @@ fn dispatch(cli: Cli) -> Result<i32> {
             for port in [&mut job.output, &mut job.api_port].into_iter().flatten() {
                 *port = crate::l1init::port_node(&port.to_string_lossy(), Path::new("/dev"));
             }
+            // And its disks by serial number, once the driver has found them.
+            for d in &mut job.disk {
+                let Ok(spec) = crate::devices::virtio::DiskSpec::parse(d) else {
+                    continue;
+                };
+                let name = spec.path.to_string_lossy().into_owned();
+                if !name.starts_with(runner::L1_DISK_PREFIX) {
+                    continue;
+                }
+                let node = (0..100)
+                    .find_map(|_| {
+                        let n = runner::l1_disk_node(&name, Path::new("/sys/block"));
+                        if n.is_none() {
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                        }
+                        n
+                    })
+                    .with_context(|| format!("L1 has no disk with serial number {name}"))?;
+                *d = crate::devices::virtio::DiskSpec { path: node, ..spec }.to_arg();
+            }
             run(&job)
         }
     }
@@ -326,6 +346,8 @@ fn run(args: &Job) -> Result<i32> {
         },
     };
     let args = args.resolve_guest()?;
+    // `--share`s become read-only disks, packed now and removed when the run ends.
+    let (args, _shares) = crate::share::pack_shares(&args)?;
     // Unknown symbols and bad syntax end the run here, before any VM starts; so does a
     // region `--protect` cannot take (whatever `--skip-refused` says: a region left out
     // would leave memory unwatched that the user thinks is protected).
@@ -906,11 +928,11 @@ fn run_on_host(args: &Job) -> Result<i32> {
                 .as_ref()
                 .and_then(|s| s.jump.as_ref())
                 .map_or(0, |j| j.pages(args.vcpus) * 4096),
-            disk: args
+            disks: args
                 .disk
-                .as_deref()
-                .map(crate::devices::virtio::DiskSpec::parse)
-                .transpose()?,
+                .iter()
+                .map(|d| crate::devices::virtio::DiskSpec::parse(d))
+                .collect::<Result<_, _>>()?,
         },
         timeout: args.effective_timeout(),
         forward_stdin: true,

@@ -56,12 +56,19 @@ pub struct Job {
     /// Shell command for the default guest's /init to run; hvprobe exits with its status.
     #[arg(long)]
     pub exec: Option<String>,
-    /// A raw disk image the guest sees as /dev/vda (virtio-blk), `PATH` or `PATH,ro`; the
-    /// default guest mounts it on /mnt before the command runs. The image is locked
-    /// (flock: exclusive, shared with `,ro`) for the run.
-    #[arg(long, value_name = "PATH[,ro]")]
+    /// A raw disk image for the guest (virtio-blk, `/dev/vd*`); repeatable, at most 8. The
+    /// default guest mounts the first on /mnt, the others on /mnt1, /mnt2, ... (or where
+    /// `at=` says) before the command runs. `ro`: the guest's writes fail and the image never
+    /// changes. The image is locked (flock: exclusive, shared with `ro`) for the run.
+    #[arg(long, value_name = "PATH[,ro][,at=GUESTPATH]")]
     #[serde(default)]
-    pub disk: Option<String>,
+    pub disk: Vec<String>,
+    /// A host directory the guest sees read-only at GUESTPATH [default: /mnt/NAME]: a
+    /// snapshot packed into an ext4 image (mke2fs -d) when the run starts, attached as a
+    /// read-only disk and mounted before the command runs; repeatable.
+    #[arg(long, value_name = "DIR[:GUESTPATH]")]
+    #[serde(default)]
+    pub share: Vec<String>,
     /// Give up after this many seconds [default: 600 with --exec, none without].
     #[arg(long)]
     pub timeout: Option<u64>,
@@ -495,11 +502,29 @@ impl Job {
             let encoded = base64::engine::general_purpose::STANDARD.encode(exec.as_bytes());
             cmdline.push_str(&format!(" {}={encoded}", hvprobe_guest::EXEC_PARAM));
         }
-        if let Some(disk) = &self.disk {
-            let mode = if disk.ends_with(",ro") { "ro" } else { "rw" };
-            cmdline.push_str(&format!(" {}={mode}", hvprobe_guest::DISK_PARAM));
+        if let Some(mounts) = self.guest_mounts() {
+            let encoded = base64::engine::general_purpose::STANDARD.encode(mounts.as_bytes());
+            cmdline.push_str(&format!(" {}={encoded}", hvprobe_guest::MOUNTS_PARAM));
         }
         cmdline
+    }
+
+    /// What the default guest's `/init` mounts: a line `INDEX ro|rw GUESTPATH` per disk
+    /// (the index is in the disk's serial number, `hv<INDEX>-...`). `None` without disks; a
+    /// disk that does not parse is left out (the run refuses it before booting).
+    pub fn guest_mounts(&self) -> Option<String> {
+        use crate::devices::virtio::DiskSpec;
+        let lines: String = self
+            .disk
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| {
+                let spec = DiskSpec::parse(d).ok()?;
+                let mode = if spec.read_only { "ro" } else { "rw" };
+                Some(format!("{i} {mode} {}\n", spec.mount_point(i)))
+            })
+            .collect();
+        (!self.disk.is_empty()).then_some(lines)
     }
 
     /// A job with every option at its default, as `hvprobe run` with no arguments.

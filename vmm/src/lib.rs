@@ -19,6 +19,7 @@ pub mod refusal;
 pub mod report;
 pub mod runner;
 pub mod selftest;
+pub mod share;
 pub mod stacks;
 pub mod summary;
 pub mod vcpu;

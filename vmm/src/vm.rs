@@ -18,7 +18,7 @@ use crate::devices::console::{ConsoleOut, ConsoleWatch};
 use crate::devices::serial::SerialPort;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MMIO_LEN, MmioTransport, NOTIFY_OFFSET};
-use crate::devices::virtio::{DiskError, DiskSpec, OpenDisk, VirtioIrq};
+use crate::devices::virtio::{DiskError, DiskSpec, MAX_DISKS, OpenDisk, VirtioIrq};
 use crate::devices::{MmioBus, PioBus};
 
 /// Errors while building the VM. Each names the input or the KVM call that failed.
@@ -99,6 +99,9 @@ pub enum VmError {
     /// The `--disk` image cannot be used.
     #[error(transparent)]
     Disk(#[from] DiskError),
+    /// More `--disk`s than the machine has room for.
+    #[error("{0} disks: a guest takes at most {MAX_DISKS}")]
+    TooManyDisks(usize),
     /// A device could not be set up.
     #[error("device: {0}")]
     Device(String),
@@ -126,8 +129,8 @@ pub struct VmConfig {
     pub xol_bytes: u64,
     /// Bytes at the XOL area's end that the guest may write (the jump plan's rings).
     pub xol_data_bytes: u64,
-    /// `--disk`: the image the guest sees as `/dev/vda` (virtio-blk on virtio-mmio).
-    pub disk: Option<DiskSpec>,
+    /// `--disk`: the images the guest sees as `/dev/vd*` (virtio-blk on virtio-mmio).
+    pub disks: Vec<DiskSpec>,
 }
 
 /// What `create_vm` gets besides the configuration, checked before anything is allocated:
@@ -136,8 +139,8 @@ pub struct VmConfig {
 pub struct BootInputs {
     /// The initrd, read.
     pub initrd: Option<Vec<u8>>,
-    /// The disk, opened and locked.
-    pub disk: Option<OpenDisk>,
+    /// The disks, opened and locked, in command-line order.
+    pub disks: Vec<OpenDisk>,
 }
 
 /// A VM ready to run: memory loaded, devices attached, vCPUs configured.
@@ -190,33 +193,37 @@ impl Vm {
             })?),
             None => None,
         };
-        let disk = match &config.disk {
-            Some(spec) => Some(spec.open()?),
-            None => None,
-        };
+        if config.disks.len() > MAX_DISKS {
+            return Err(VmError::TooManyDisks(config.disks.len()));
+        }
+        let disks = config
+            .disks
+            .iter()
+            .map(DiskSpec::open)
+            .collect::<Result<Vec<_>, _>>()?;
         let inputs = BootInputs {
             initrd: initrd_bytes,
-            disk,
+            disks,
         };
         arch::Host::create_vm(kvm, config, inputs, console_out)
     }
 }
 
-/// Puts a virtio-blk device serving `disk` on the MMIO bus at `base` (a page), interrupting
-/// on `gsi` through an irqfd; queue notifications go to its I/O thread through an ioeventfd,
-/// so they never exit to user space.
+/// Puts a virtio-blk device serving `disk` (the guest's `index`th) on the MMIO bus at `base`
+/// (a page), interrupting on `gsi` through an irqfd; queue notifications go to its I/O thread
+/// through an ioeventfd, so they never exit to user space.
 pub fn attach_block_device(
     fd: &VmFd,
     memory: &GuestMemoryMmap,
     mmio: &mut MmioBus,
-    disk: OpenDisk,
+    (disk, index): (OpenDisk, usize),
     base: u64,
     gsi: u32,
 ) -> Result<(), VmError> {
     let irq = VirtioIrq::new().map_err(VmError::EventFd)?;
     fd.register_irqfd(&irq.evt, gsi)
         .map_err(kvm_err("KVM_IRQFD (virtio-blk)"))?;
-    let transport = MmioTransport::new(Box::new(Block::new(disk)), memory.clone(), irq)
+    let transport = MmioTransport::new(Box::new(Block::new(disk, index)), memory.clone(), irq)
         .map_err(|e| VmError::Device(e.to_string()))?;
     fd.register_ioevent(
         transport.notify_event(),

@@ -11,7 +11,7 @@ use std::os::fd::AsRawFd;
 
 use super::{
     L1Init, L1Side, MachineFiles, RunnerError, RunnerPlatform, STATUS_PREFIX, VPORT_OUTPUT,
-    VPORT_STATUS, VPORT_STDERR, VPORT_STDIN, VPORT_STDOUT, disk_drive,
+    VPORT_STATUS, VPORT_STDERR, VPORT_STDIN, VPORT_STDOUT, disk_args,
 };
 
 /// The arm64 runner.
@@ -77,10 +77,8 @@ fn machine(cmd: &mut Command, files: &MachineFiles<'_>) {
             "-device",
             "virtserialport,nr=5,chardev=stdin,name=hvprobe.stdin",
         ]);
-    if let Some((path, ro)) = files.disk {
-        cmd.arg("-drive")
-            .arg(disk_drive(path, ro))
-            .args(["-device", "virtio-blk-device,drive=hvdisk"]);
+    for (i, (path, ro)) in files.disks.iter().enumerate() {
+        cmd.args(disk_args("virtio-blk-device", i, path, *ro));
     }
     if let Some(api) = files.api {
         cmd.arg("-chardev")

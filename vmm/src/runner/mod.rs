@@ -94,20 +94,38 @@ pub struct MachineFiles<'a> {
     pub status: &'a Path,
     /// The socket QEMU listens on for the API channel (`--api-socket`), if any.
     pub api: Option<&'a Path>,
-    /// `--disk`: the image (QEMU-quoted) and whether it is read-only, passed to L1 as its
-    /// virtio-blk disk [`L1_DISK`].
-    pub disk: Option<(&'a str, bool)>,
+    /// `--disk`s: each image (QEMU-quoted) and whether it is read-only, passed to L1 as its
+    /// virtio-blk disks, found there by serial number ([`L1_DISK_PREFIX`]).
+    pub disks: &'a [(String, bool)],
 }
 
-/// Where L1 sees the `--disk` image the runner passes through: its one virtio-blk disk.
-pub const L1_DISK: &str = "/dev/vda";
+/// How the inner run names L1's disk `N`: by its serial number, `hvl1-N`, which L1's
+/// hvprobe turns into the `/dev/vd*` that has it (the order the kernel names disks in is
+/// not the command line's).
+pub const L1_DISK_PREFIX: &str = "/dev/disk/by-serial/hvl1-";
 
-/// QEMU's `-drive` for the `--disk` image (raw, never probed for a format), as drive `hvdisk`.
-pub fn disk_drive(path: &str, read_only: bool) -> String {
-    format!(
-        "file={path},if=none,id=hvdisk,format=raw,readonly={}",
-        if read_only { "on" } else { "off" }
-    )
+/// QEMU's `-drive` and `-device` for `--disk` number `index` (raw, never probed for a
+/// format), on the virtio-blk device `device` (`virtio-blk-pci`, `virtio-blk-device`).
+pub fn disk_args(device: &str, index: usize, path: &str, read_only: bool) -> [String; 4] {
+    [
+        "-drive".into(),
+        format!(
+            "file={path},if=none,id=hvdisk{index},format=raw,readonly={}",
+            if read_only { "on" } else { "off" }
+        ),
+        "-device".into(),
+        format!("{device},drive=hvdisk{index},serial=hvl1-{index}"),
+    ]
+}
+
+/// The `/dev` node of the L1 disk named `path` ([`L1_DISK_PREFIX`]`N`): the block device
+/// whose serial number under `sys_block` is `hvl1-N`; any other path as it is.
+pub fn l1_disk_node(path: &str, sys_block: &Path) -> Option<PathBuf> {
+    let serial = path.strip_prefix("/dev/disk/by-serial/")?;
+    fs::read_dir(sys_block).ok()?.flatten().find_map(|e| {
+        let s = fs::read_to_string(e.path().join("serial")).ok()?;
+        (s.trim() == serial).then(|| Path::new("/dev").join(e.file_name()))
+    })
 }
 
 /// Errors of the emulated runner.
@@ -215,11 +233,21 @@ pub fn inner_job(job: &Job) -> Job {
             .api_socket
             .as_ref()
             .map(|_| PathBuf::from(platform(job.guest_arch()).runner.l1.api_port)),
-        // The image is L1's virtio-blk disk.
-        disk: job.disk.as_ref().map(|d| {
-            let ro = d.ends_with(",ro");
-            format!("{L1_DISK}{}", if ro { ",ro" } else { "" })
-        }),
+        // The images are L1's virtio-blk disks; shares have become disks on the host.
+        disk: job
+            .disk
+            .iter()
+            .enumerate()
+            .map(|(i, d)| match crate::devices::virtio::DiskSpec::parse(d) {
+                Ok(spec) => crate::devices::virtio::DiskSpec {
+                    path: PathBuf::from(format!("{L1_DISK_PREFIX}{i}")),
+                    ..spec
+                }
+                .to_arg(),
+                Err(_) => d.clone(),
+            })
+            .collect(),
+        share: Vec::new(),
         ..job.clone()
     }
 }
@@ -267,20 +295,27 @@ fn wait_with_deadline(
 pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
     // `--disk`: checked and locked here, for the whole run, before anything boots (QEMU's own
     // image locks are fcntl locks, which another hvprobe's flock would not see).
-    let disk = match &args.disk {
-        Some(d) => {
-            let spec = crate::devices::virtio::DiskSpec::parse(d)
-                .map_err(|e| RunnerError::Prepare(e.to_string()))?;
-            let open = spec
-                .open()
-                .map_err(|e| RunnerError::Prepare(e.to_string()))?;
-            Some((spec, open))
-        }
-        None => None,
-    };
-    let disk_arg = disk
-        .as_ref()
-        .map(|(s, _)| (s.path.display().to_string().replace(',', ",,"), s.read_only));
+    if args.disk.len() > crate::devices::virtio::MAX_DISKS {
+        return Err(RunnerError::Prepare(format!(
+            "{} disks: a guest takes at most {}",
+            args.disk.len(),
+            crate::devices::virtio::MAX_DISKS
+        )));
+    }
+    let mut disks = Vec::new();
+    let mut disk_locks = Vec::new();
+    for d in &args.disk {
+        let spec = crate::devices::virtio::DiskSpec::parse(d)
+            .map_err(|e| RunnerError::Prepare(e.to_string()))?;
+        disk_locks.push(
+            spec.open()
+                .map_err(|e| RunnerError::Prepare(e.to_string()))?,
+        );
+        disks.push((
+            spec.path.display().to_string().replace(',', ",,"),
+            spec.read_only,
+        ));
+    }
     let arch = args.guest_arch();
     let runner = platform(arch).runner;
     let qemu = (runner.emulator)()?;
@@ -377,7 +412,7 @@ pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
             trace: trace_file.as_deref(),
             status: &status_file,
             api: api_listener.as_ref().map(|_| api_channel.as_path()),
-            disk: disk_arg.as_ref().map(|(p, ro)| (p.as_str(), *ro)),
+            disks: &disks,
         },
     );
     let cpu = args.runner_cpu.as_deref().unwrap_or(runner.default_cpu);
@@ -608,7 +643,9 @@ mod tests {
             "--summary-json",
             "/tmp/summary",
             "--disk",
-            "/images/a,b.img,ro",
+            "/images/a.img,ro",
+            "--disk",
+            "/images/b.img,at=/data",
         ])
         .job;
         let inner = inner_job(&outer);
@@ -625,15 +662,38 @@ mod tests {
             output: Some(platform(outer.guest_arch()).runner.output_port.into()),
             summary_json: Some(crate::summary::ON_STDERR.into()),
             runner: RunnerChoice::Host,
-            disk: Some(format!("{L1_DISK},ro")),
+            disk: vec![
+                format!("{L1_DISK_PREFIX}0,ro"),
+                format!("{L1_DISK_PREFIX}1,at=/data"),
+            ],
             ..outer.clone()
         };
         assert_eq!(inner, expected);
-        assert!(inner.effective_cmdline().contains(" hvprobe.disk=ro"));
         assert_eq!(
-            disk_drive("/images/a,,b.img", true),
-            "file=/images/a,,b.img,if=none,id=hvdisk,format=raw,readonly=on"
+            outer.guest_mounts().as_deref(),
+            Some("0 ro /mnt\n1 rw /data\n")
         );
+        assert_eq!(
+            disk_args("virtio-blk-pci", 1, "/images/a,,b.img", true),
+            [
+                "-drive",
+                "file=/images/a,,b.img,if=none,id=hvdisk1,format=raw,readonly=on",
+                "-device",
+                "virtio-blk-pci,drive=hvdisk1,serial=hvl1-1"
+            ]
+        );
+        // In L1, a disk is the block device with its serial number.
+        let sys = std::env::temp_dir().join(format!("hvprobe-sysblock-{}", std::process::id()));
+        for (dev, serial) in [("vda", "hvl1-1\n"), ("vdb", "hvl1-0\n")] {
+            fs::create_dir_all(sys.join(dev)).unwrap();
+            fs::write(sys.join(dev).join("serial"), serial).unwrap();
+        }
+        assert_eq!(
+            l1_disk_node(&format!("{L1_DISK_PREFIX}0"), &sys),
+            Some(PathBuf::from("/dev/vdb"))
+        );
+        assert_eq!(l1_disk_node(&format!("{L1_DISK_PREFIX}2"), &sys), None);
+        fs::remove_dir_all(&sys).unwrap();
         assert_eq!(inner.effective_cmdline(), outer.effective_cmdline());
         // Without probes, neither System.map nor BTF travels.
         let plain = Wrap::parse_from(["x", "--kernel", "/k", "--btf", "/b"]).job;

@@ -9,8 +9,7 @@ use hvprobe_guest::GuestArch;
 
 use super::l1image::shared_libraries;
 use super::{
-    DEBUG_EXIT_PORT, L1Init, L1Side, MachineFiles, RunnerError, RunnerPlatform, disk_drive,
-    prep_err,
+    DEBUG_EXIT_PORT, L1Init, L1Side, MachineFiles, RunnerError, RunnerPlatform, disk_args, prep_err,
 };
 
 /// The x86_64 runner.
@@ -97,10 +96,8 @@ fn machine(cmd: &mut Command, files: &MachineFiles<'_>) {
             "-device",
             &format!("isa-debug-exit,iobase={DEBUG_EXIT_PORT:#x},iosize=0x04"),
         ]);
-    if let Some((path, ro)) = files.disk {
-        cmd.arg("-drive")
-            .arg(disk_drive(path, ro))
-            .args(["-device", "virtio-blk-pci,drive=hvdisk"]);
+    for (i, (path, ro)) in files.disks.iter().enumerate() {
+        cmd.args(disk_args("virtio-blk-pci", i, path, *ro));
     }
     if let Some(api) = files.api {
         cmd.args(["-device", "virtio-serial-pci,id=vser"])

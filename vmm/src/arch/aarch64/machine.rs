@@ -38,7 +38,7 @@ pub fn create_vm(
 ) -> Result<Vm, VmError> {
     let BootInputs {
         initrd: initrd_bytes,
-        disk,
+        disks,
     } = inputs;
     if config.vcpus > MAX_VCPUS {
         return Err(VmError::VcpuCount(config.vcpus));
@@ -125,20 +125,15 @@ pub fn create_vm(
     let (serial, console) = console_uart(&fd, UART_SPI, console_out)?;
     let mut mmio = MmioBus::default();
     mmio.insert(UART_BASE, UART_SIZE, serial.clone());
-    let virtio = match disk {
-        Some(disk) => {
-            attach_block_device(
-                &fd,
-                &memory,
-                &mut mmio,
-                disk,
-                VIRTIO_MMIO_BASE,
-                VIRTIO_MMIO_SPI,
-            )?;
-            vec![(VIRTIO_MMIO_BASE, MMIO_LEN, VIRTIO_MMIO_SPI)]
-        }
-        None => Vec::new(),
-    };
+    let mut virtio = Vec::new();
+    for (i, disk) in disks.into_iter().enumerate() {
+        let (base, spi) = (
+            VIRTIO_MMIO_BASE + i as u64 * MMIO_LEN,
+            VIRTIO_MMIO_SPI + i as u32,
+        );
+        attach_block_device(&fd, &memory, &mut mmio, (disk, i), base, spi)?;
+        virtio.push((base, MMIO_LEN, spi));
+    }
 
     let kaslr_seed = (!config.cmdline.split_whitespace().any(|w| w == "nokaslr"))
         .then(random_seed)

@@ -29,7 +29,8 @@ pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 /// The virtio-mmio device's page: the first of the MMIO gap (Firecracker's MMIO32 start).
 pub const VIRTIO_MMIO_BASE: u64 = MMIO_GAP_START;
-/// Its interrupt: I/O APIC pin 5, Firecracker's first legacy GSI (0 is the PIT, 4 COM1).
+/// Its interrupt: I/O APIC pin 5, Firecracker's first legacy GSI (0 is the PIT, 4 COM1);
+/// further disks take the pins after it (at most 8 disks: up to pin 12).
 pub const VIRTIO_MMIO_GSI: u32 = 5;
 /// Local APIC base address.
 pub const APIC_START: u64 = 0xfee0_0000;

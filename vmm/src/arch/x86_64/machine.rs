@@ -32,14 +32,14 @@ pub fn create_vm(
 ) -> Result<Vm, VmError> {
     let BootInputs {
         initrd: initrd_bytes,
-        disk,
+        disks,
     } = inputs;
-    let virtio: Vec<VirtioMmio> = disk
-        .iter()
-        .map(|_| VirtioMmio {
-            base: layout::VIRTIO_MMIO_BASE,
+    // One page and one I/O APIC pin per disk, from the first of each.
+    let virtio: Vec<VirtioMmio> = (0..disks.len())
+        .map(|i| VirtioMmio {
+            base: layout::VIRTIO_MMIO_BASE + i as u64 * MMIO_LEN,
             len: MMIO_LEN,
-            gsi: layout::VIRTIO_MMIO_GSI,
+            gsi: layout::VIRTIO_MMIO_GSI + i as u32,
         })
         .collect();
     let mem_size = config.memory_mib << 20;
@@ -123,15 +123,8 @@ pub fn create_vm(
     );
 
     let mut mmio = MmioBus::default();
-    if let Some(disk) = disk {
-        attach_block_device(
-            &fd,
-            &memory,
-            &mut mmio,
-            disk,
-            layout::VIRTIO_MMIO_BASE,
-            layout::VIRTIO_MMIO_GSI,
-        )?;
+    for (i, (disk, v)) in disks.into_iter().zip(&virtio).enumerate() {
+        attach_block_device(&fd, &memory, &mut mmio, (disk, i), v.base, v.gsi)?;
     }
 
     let supported = kvm

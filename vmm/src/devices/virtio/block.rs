@@ -151,12 +151,14 @@ impl RequestExecutor {
     }
 }
 
-/// The serial number the guest reads (`/sys/block/vda/serial`): the image's device and inode
-/// numbers, as kvmtool and Firecracker make it, so it names this image on this host.
-fn disk_id(disk: &OpenDisk) -> [u8; VIRTIO_BLK_ID_BYTES as usize] {
+/// The serial number the guest reads (`/sys/block/vda/serial`): `hv<index>-` (the disk's
+/// place on the command line, by which the default guest's `/init` finds where to mount it,
+/// whatever order the kernel named the disks in), then the image's device and inode numbers,
+/// as kvmtool and Firecracker make it, so it names this image on this host.
+fn disk_id(disk: &OpenDisk, index: usize) -> [u8; VIRTIO_BLK_ID_BYTES as usize] {
     let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
     if let Ok(m) = disk.file.metadata() {
-        let text = format!("hv{:x}-{:x}", m.dev(), m.ino());
+        let text = format!("hv{index}-{:x}-{:x}", m.dev(), m.ino());
         let n = text.len().min(id.len());
         id[..n].copy_from_slice(&text.as_bytes()[..n]);
     }
@@ -259,9 +261,9 @@ pub struct Block {
 }
 
 impl Block {
-    /// A device serving `disk`.
-    pub fn new(disk: OpenDisk) -> Block {
-        let id = disk_id(&disk);
+    /// A device serving `disk`, the `index`th of the guest's.
+    pub fn new(disk: OpenDisk, index: usize) -> Block {
+        let id = disk_id(&disk, index);
         Block {
             disk,
             id,
@@ -506,7 +508,7 @@ mod tests {
     fn reads_writes_flushes_and_ids_do_what_virtio_blk_says() {
         let path = image("rw.img", 64);
         let disk = open(&path, false);
-        let id = disk_id(&disk);
+        let id = disk_id(&disk, 3);
         let mut ex = RequestExecutor::new(&disk, id).unwrap();
         let memory = memory();
         let mut d = Driver::new(&memory);
@@ -557,7 +559,7 @@ mod tests {
             .read_slice(&mut serial, GuestAddress(DATA + 0x8000))
             .unwrap();
         assert_eq!(serial, id);
-        assert!(serial.starts_with(b"hv"));
+        assert!(serial.starts_with(b"hv3-"));
     }
 
     #[test]
@@ -565,7 +567,7 @@ mod tests {
         let path = image("bad.img", 8);
         let before = std::fs::read(&path).unwrap();
         let disk = open(&path, false);
-        let mut ex = RequestExecutor::new(&disk, disk_id(&disk)).unwrap();
+        let mut ex = RequestExecutor::new(&disk, disk_id(&disk, 0)).unwrap();
         let memory = memory();
         let mut d = Driver::new(&memory);
         // Past the end; a length that is not whole sectors; an unknown type; a header too short.
@@ -628,9 +630,9 @@ mod tests {
         let path = image("ro.img", 8);
         let before = std::fs::read(&path).unwrap();
         let disk = open(&path, true);
-        let block = Block::new(open(&path, true));
+        let block = Block::new(open(&path, true), 0);
         assert_ne!(block.features() & 1 << VIRTIO_BLK_F_RO, 0);
-        let mut ex = RequestExecutor::new(&disk, disk_id(&disk)).unwrap();
+        let mut ex = RequestExecutor::new(&disk, disk_id(&disk, 0)).unwrap();
         let memory = memory();
         let mut d = Driver::new(&memory);
         header(&memory, HDR, VIRTIO_BLK_T_OUT, 0);
@@ -654,7 +656,7 @@ mod tests {
     #[test]
     fn the_config_space_gives_capacity_and_seg_max() {
         let path = image("cfg.img", 24);
-        let block = Block::new(open(&path, false));
+        let block = Block::new(open(&path, false), 0);
         let mut cap = [0u8; 8];
         block.read_config(0, &mut cap);
         assert_eq!(u64::from_le_bytes(cap), 24);
@@ -689,7 +691,7 @@ mod tests {
         let memory = memory();
         let irq = VirtioIrq::new().unwrap();
         let mut t = MmioTransport::new(
-            Box::new(Block::new(open(&path, false))),
+            Box::new(Block::new(open(&path, false), 0)),
             memory.clone(),
             irq.clone(),
         )

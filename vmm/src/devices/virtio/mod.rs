@@ -66,13 +66,43 @@ pub struct DiskSpec {
     pub path: PathBuf,
     /// `,ro`: the guest's writes fail with an I/O error and the image never changes.
     pub read_only: bool,
+    /// `,at=GUESTPATH`: where the default guest mounts it (else `/mnt` for the first disk,
+    /// `/mnt<N>` for the others).
+    pub mount: Option<String>,
+}
+
+/// The most disks a guest gets (each takes a page of MMIO space and an interrupt line).
+pub const MAX_DISKS: usize = 8;
+
+impl DiskSpec {
+    /// The `--disk` text of this disk (`PATH[,ro][,at=GUESTPATH]`), as [`DiskSpec::parse`]
+    /// reads it back.
+    pub fn to_arg(&self) -> String {
+        let mut s = self.path.display().to_string();
+        if self.read_only {
+            s.push_str(",ro");
+        }
+        if let Some(at) = &self.mount {
+            s.push_str(&format!(",at={at}"));
+        }
+        s
+    }
+
+    /// Where the default guest mounts disk number `index`.
+    pub fn mount_point(&self, index: usize) -> String {
+        match (&self.mount, index) {
+            (Some(at), _) => at.clone(),
+            (None, 0) => "/mnt".to_string(),
+            (None, n) => format!("/mnt{n}"),
+        }
+    }
 }
 
 /// Why a `--disk` cannot be used. Each names the image; nothing has started.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
     /// The text does not parse.
-    #[error("--disk {spec}: {reason} (expected PATH or PATH,ro)")]
+    #[error("--disk {spec}: {reason} (expected PATH[,ro][,at=GUESTPATH])")]
     Syntax {
         /// The text given.
         spec: String,
@@ -112,26 +142,36 @@ impl DiskSpec {
             spec: spec.to_string(),
             reason: reason.to_string(),
         };
-        let (path, options) = match spec.rsplit_once(',') {
-            Some((p, o)) => (p, Some(o)),
-            None => (spec, None),
-        };
+        let mut parts = spec.split(',');
+        let path = parts.next().unwrap_or_default();
         if path.is_empty() {
             return Err(syntax("empty path"));
         }
-        let read_only = match options {
-            None => false,
-            Some("ro") => true,
-            Some("rw") => false,
-            Some(o) => {
-                return Err(syntax(&format!(
-                    "unknown option `{o}` (only `ro` and `rw`)"
-                )));
+        let (mut read_only, mut mount) = (false, None);
+        for option in parts {
+            match option {
+                "ro" => read_only = true,
+                "rw" => read_only = false,
+                o if o.starts_with("at=") => {
+                    let at = &o[3..];
+                    if !at.starts_with('/') || at.contains(char::is_whitespace) {
+                        return Err(syntax(&format!(
+                            "`{o}`: the guest path is absolute and has no spaces"
+                        )));
+                    }
+                    mount = Some(at.to_string());
+                }
+                o => {
+                    return Err(syntax(&format!(
+                        "unknown option `{o}` (only `ro`, `rw` and `at=GUESTPATH`)"
+                    )));
+                }
             }
-        };
+        }
         Ok(DiskSpec {
             path: PathBuf::from(path),
             read_only,
+            mount,
         })
     }
 
@@ -228,14 +268,26 @@ mod tests {
             DiskSpec::parse("/x/img,ro").unwrap(),
             DiskSpec {
                 path: "/x/img".into(),
-                read_only: true
+                read_only: true,
+                mount: None,
             }
+        );
+        let at = DiskSpec::parse("/x/img,at=/data,ro").unwrap();
+        assert_eq!((at.read_only, at.mount.as_deref()), (true, Some("/data")));
+        assert_eq!(DiskSpec::parse(&at.to_arg()).unwrap(), at);
+        assert_eq!(at.mount_point(3), "/data");
+        let plain = DiskSpec::parse("img").unwrap();
+        assert_eq!(
+            (plain.mount_point(0), plain.mount_point(2)),
+            ("/mnt".into(), "/mnt2".into())
         );
         assert!(!DiskSpec::parse("img").unwrap().read_only);
         assert!(!DiskSpec::parse("img,rw").unwrap().read_only);
         for (bad, says) in [
             (",ro", "empty path"),
             ("img,x", "unknown option `x`"),
+            ("img,at=data", "absolute"),
+            ("img,at=/a b", "no spaces"),
             ("", "empty path"),
         ] {
             let e = DiskSpec::parse(bad).unwrap_err().to_string();
