@@ -295,3 +295,71 @@ fn check_refused(out: &std::process::Output, what: &str, says: &str) {
         "{what}: a guest ran"
     );
 }
+
+pub(super) fn a_run_killed_mid_write_leaves_an_image_e2fsck_repairs_with_every_synced_file() {
+    use std::io::{BufRead, BufReader};
+    let dir = work_dir("kill");
+    let img = ext4_image(&dir, &[("old", b"there before\n")], 64);
+    let mut child = Command::new(common::HVPROBE)
+        .args(["run", "--arch", guest_arch().name(), "--timeout", "400"])
+        .args(["--disk", img.to_str().unwrap()])
+        .arg("--exec")
+        .arg(
+            "for i in 1 2 3; do dd if=/dev/urandom of=/mnt/f$i bs=4096 count=16 conv=fsync \
+             2>/dev/null; done; open-read-loop 1 /mnt/f1 /mnt/f2 /mnt/f3; echo SYNCED; \
+             while true; do dd if=/dev/urandom of=/mnt/junk bs=65536 count=32 2>/dev/null; \
+             rm /mnt/junk; done",
+        )
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("hvprobe starts");
+    let mut lines = Vec::new();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap_or_default();
+        let done = line.trim() == "SYNCED";
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    assert!(
+        lines.last().is_some_and(|l| l.trim() == "SYNCED"),
+        "the guest never synced: {lines:?}"
+    );
+    // Let the unsynced writes run a while, then kill hvprobe outright.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Nothing writes the image any more (the runner's emulator died with hvprobe).
+    let settled = std::fs::read(&img).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(
+        std::fs::read(&img).unwrap() == settled,
+        "the image still changes"
+    );
+    let fsck = Command::new("e2fsck")
+        .arg("-fy")
+        .arg(&img)
+        .output()
+        .unwrap();
+    // 0: clean, 1: errors corrected; anything more is a file system e2fsck could not mend.
+    assert!(
+        matches!(fsck.status.code(), Some(0) | Some(1)),
+        "{}",
+        text(&fsck.stdout)
+    );
+    let stdout = lines.join("\n");
+    for f in ["f1", "f2", "f3"] {
+        let bytes = file_in_image(&img, &format!("/{f}"), &dir);
+        assert_eq!(bytes.len(), 16 * 4096, "{f}");
+        assert_eq!(
+            guest_fnv(&stdout, &format!("/mnt/{f}")),
+            Some(format!("{:016x}", fnv1a(&bytes))),
+            "{f}: {stdout}"
+        );
+    }
+    assert_eq!(file_in_image(&img, "/old", &dir), b"there before\n");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -722,6 +722,7 @@ fn main() {
                 a_file_on_the_disk_reads_back_counted_by_vfs_read_and_a_synced_write_reaches_the_image,
                 a_read_only_disk_fails_the_guests_writes_and_its_image_never_changes,
                 a_program_built_on_the_host_runs_from_a_share_beside_a_second_disk,
+                a_run_killed_mid_write_leaves_an_image_e2fsck_repairs_with_every_synced_file,
                 disks_that_cannot_be_used_are_refused_by_name_before_any_vm_starts,
             ],
             Guests::Only(GuestArch::X86_64) => [

@@ -424,6 +424,18 @@ pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
         .arg(&initrd)
         .stdout(Stdio::inherit())
         .stderr(Stdio::piped());
+    // The emulator dies with this hvprobe, even by SIGKILL: an orphaned L1 would go on
+    // running the guest (and writing its disks).
+    // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a property of the child between fork and
+    // exec; it allocates nothing and touches no lock.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let mut child = cmd.spawn().map_err(|e| RunnerError::NoEmulator {
         qemu: qemu.clone(),
         detail: e.to_string(),
