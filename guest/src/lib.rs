@@ -173,6 +173,7 @@ pub const WORKLOADS: &[(&str, &str)] = &[
     ("debug-loop", include_str!("../workloads/debug-loop.c")),
     ("exit-loop", include_str!("../workloads/exit-loop.c")),
     ("write-loop", include_str!("../workloads/write-loop.c")),
+    ("blk-bench", include_str!("../workloads/blk-bench.c")),
 ];
 
 /// The default guest's `/init`.

@@ -481,12 +481,7 @@ mod tests {
         memory: &GuestMemoryMmap,
         posted: u16,
     ) -> Vec<(u16, u32)> {
-        let mut q = Queue::new(SIZE).unwrap();
-        q.set_size(SIZE);
-        q.set_ready(true);
-        q.try_set_desc_table_address(GuestAddress(DESC)).unwrap();
-        q.try_set_avail_ring_address(GuestAddress(AVAIL)).unwrap();
-        q.try_set_used_ring_address(GuestAddress(USED)).unwrap();
+        let mut q = queue_from(0);
         let mut out = Vec::new();
         while let Some(chain) = q.pop_descriptor_chain(memory) {
             let head = chain.head_index();
@@ -605,7 +600,7 @@ mod tests {
         // No writable byte for a status: used with length 0, nothing done.
         header(&memory, HDR, VIRTIO_BLK_T_OUT, 0);
         d.post(&[(HDR, 16, false), (DATA, 512, false)]);
-        let mut q = run_one(&memory, d.avail_idx - 1);
+        let mut q = queue_from(d.avail_idx - 1);
         let chain = q.pop_descriptor_chain(&memory).unwrap();
         assert_eq!(ex.execute(&memory, chain), 0);
         drop(ex);
@@ -613,8 +608,8 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap(), before);
     }
 
-    /// A queue whose next request is the `at`-th posted.
-    fn run_one(_memory: &GuestMemoryMmap, at: u16) -> Queue {
+    /// The test driver's queue as the device sees it, its next request the `at`-th posted.
+    fn queue_from(at: u16) -> Queue {
         let mut q = Queue::new(SIZE).unwrap();
         q.set_size(SIZE);
         q.set_ready(true);

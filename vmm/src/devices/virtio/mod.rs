@@ -74,30 +74,6 @@ pub struct DiskSpec {
 /// The most disks a guest gets (each takes a page of MMIO space and an interrupt line).
 pub const MAX_DISKS: usize = 8;
 
-impl DiskSpec {
-    /// The `--disk` text of this disk (`PATH[,ro][,at=GUESTPATH]`), as [`DiskSpec::parse`]
-    /// reads it back.
-    pub fn to_arg(&self) -> String {
-        let mut s = self.path.display().to_string();
-        if self.read_only {
-            s.push_str(",ro");
-        }
-        if let Some(at) = &self.mount {
-            s.push_str(&format!(",at={at}"));
-        }
-        s
-    }
-
-    /// Where the default guest mounts disk number `index`.
-    pub fn mount_point(&self, index: usize) -> String {
-        match (&self.mount, index) {
-            (Some(at), _) => at.clone(),
-            (None, 0) => "/mnt".to_string(),
-            (None, n) => format!("/mnt{n}"),
-        }
-    }
-}
-
 /// Why a `--disk` cannot be used. Each names the image; nothing has started.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
@@ -136,6 +112,28 @@ pub enum DiskError {
 }
 
 impl DiskSpec {
+    /// The `--disk` text of this disk (`PATH[,ro][,at=GUESTPATH]`), as [`DiskSpec::parse`]
+    /// reads it back.
+    pub fn to_arg(&self) -> String {
+        let mut s = self.path.display().to_string();
+        if self.read_only {
+            s.push_str(",ro");
+        }
+        if let Some(at) = &self.mount {
+            s.push_str(&format!(",at={at}"));
+        }
+        s
+    }
+
+    /// Where the default guest mounts disk number `index`.
+    pub fn mount_point(&self, index: usize) -> String {
+        match (&self.mount, index) {
+            (Some(at), _) => at.clone(),
+            (None, 0) => "/mnt".to_string(),
+            (None, n) => format!("/mnt{n}"),
+        }
+    }
+
     /// Parses `PATH` or `PATH,ro`.
     pub fn parse(spec: &str) -> Result<DiskSpec, DiskError> {
         let syntax = |reason: &str| DiskError::Syntax {
