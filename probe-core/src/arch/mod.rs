@@ -432,6 +432,15 @@ pub trait Arch: Sized + Copy + Debug + Default + Send + Sync + 'static {
     /// The address space the registers select.
     fn address_space(regs: &Self::Registers) -> Self::AddressSpace;
 
+    /// For registers of a vCPU in user mode, the same registers on the kernel's own page
+    /// tables where the user ones may lack most of the kernel (x86_64's page-table isolation:
+    /// the user PGD is the kernel's next 4 KiB page, CR3 bit 12). A candidate only: the caller
+    /// takes it when the registers as they are cannot read the kernel and it can. `None` where
+    /// user mode always sees the kernel's page tables (arm64's TTBR1).
+    fn kernel_page_tables(_regs: &Self::Registers) -> Option<Self::Registers> {
+        None
+    }
+
     /// Why a data watchpoint `spec` cannot be planted on this architecture; `None` where the
     /// hardware slots take it.
     fn watch_refusal(_spec: crate::definition::WatchSpec) -> Option<&'static str> {

@@ -68,6 +68,16 @@ impl Arch for X86_64 {
         pagewalk::translate(mem, space.cr3, space.mode, va)
     }
 
+    fn kernel_page_tables(regs: &Registers) -> Option<Registers> {
+        // Linux's PTI_USER_PGTABLE_BIT (12) and the user PCID bit (11): SWITCH_TO_KERNEL_CR3.
+        const USER_PGTABLE: u64 = 1 << 12;
+        const USER_PCID: u64 = 1 << 11;
+        (regs.cr3 & USER_PGTABLE != 0).then(|| Registers {
+            cr3: regs.cr3 & !(USER_PGTABLE | USER_PCID),
+            ..regs.clone()
+        })
+    }
+
     fn write_xol_tables<M: vm_memory::GuestMemory>(
         area: &XolArea,
         mem: &M,
@@ -335,5 +345,22 @@ impl OutOfLine {
         let mut out = self.relocate(orig_va, slot_va)?;
         out.push(INT3);
         Some(out)
+    }
+}
+
+#[cfg(test)]
+mod pti_tests {
+    use super::*;
+
+    #[test]
+    fn a_user_cr3_of_page_table_isolation_gives_the_kernels_pgd_and_pcid() {
+        let user = Registers {
+            cr3: 0x0000_0001_2345_7000 | (1 << 11) | 5,
+            ..Registers::default()
+        };
+        let kernel = X86_64::kernel_page_tables(&user).unwrap();
+        assert_eq!(kernel.cr3, 0x0000_0001_2345_6000 | 5);
+        // A CR3 without the user bit has no other candidate.
+        assert!(X86_64::kernel_page_tables(&kernel).is_none());
     }
 }
