@@ -18,7 +18,7 @@ use crate::devices::console::{ConsoleOut, ConsoleWatch};
 use crate::devices::serial::SerialPort;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MMIO_LEN, MmioTransport, NOTIFY_OFFSET};
-use crate::devices::virtio::{DiskError, DiskSpec, MAX_DISKS, OpenDisk, VirtioIrq};
+use crate::devices::virtio::{DiskError, DiskSpec, OpenDisk, VirtioIrq, open_disks};
 use crate::devices::{MmioBus, PioBus};
 
 /// Errors while building the VM. Each names the input or the KVM call that failed.
@@ -99,9 +99,6 @@ pub enum VmError {
     /// The `--disk` image cannot be used.
     #[error(transparent)]
     Disk(#[from] DiskError),
-    /// More `--disk`s than the machine has room for.
-    #[error("{0} disks: a guest takes at most {MAX_DISKS}")]
-    TooManyDisks(usize),
     /// A device could not be set up.
     #[error("device: {0}")]
     Device(String),
@@ -193,17 +190,9 @@ impl Vm {
             })?),
             None => None,
         };
-        if config.disks.len() > MAX_DISKS {
-            return Err(VmError::TooManyDisks(config.disks.len()));
-        }
-        let disks = config
-            .disks
-            .iter()
-            .map(DiskSpec::open)
-            .collect::<Result<Vec<_>, _>>()?;
         let inputs = BootInputs {
             initrd: initrd_bytes,
-            disks,
+            disks: open_disks(&config.disks)?,
         };
         arch::Host::create_vm(kvm, config, inputs, console_out)
     }

@@ -295,27 +295,18 @@ fn wait_with_deadline(
 pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
     // `--disk`: checked and locked here, for the whole run, before anything boots (QEMU's own
     // image locks are fcntl locks, which another hvprobe's flock would not see).
-    if args.disk.len() > crate::devices::virtio::MAX_DISKS {
-        return Err(RunnerError::Prepare(format!(
-            "{} disks: a guest takes at most {}",
-            args.disk.len(),
-            crate::devices::virtio::MAX_DISKS
-        )));
-    }
-    let mut disks = Vec::new();
-    let mut disk_locks = Vec::new();
-    for d in &args.disk {
-        let spec = crate::devices::virtio::DiskSpec::parse(d)
-            .map_err(|e| RunnerError::Prepare(e.to_string()))?;
-        disk_locks.push(
-            spec.open()
-                .map_err(|e| RunnerError::Prepare(e.to_string()))?,
-        );
-        disks.push((
-            spec.path.display().to_string().replace(',', ",,"),
-            spec.read_only,
-        ));
-    }
+    let specs = args
+        .disk
+        .iter()
+        .map(|d| crate::devices::virtio::DiskSpec::parse(d))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| RunnerError::Prepare(e.to_string()))?;
+    let _disk_locks = crate::devices::virtio::open_disks(&specs)
+        .map_err(|e| RunnerError::Prepare(e.to_string()))?;
+    let disks: Vec<(String, bool)> = specs
+        .iter()
+        .map(|s| (s.path.display().to_string().replace(',', ",,"), s.read_only))
+        .collect();
     let arch = args.guest_arch();
     let runner = platform(arch).runner;
     let qemu = (runner.emulator)()?;

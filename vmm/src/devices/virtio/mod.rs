@@ -109,6 +109,19 @@ pub enum DiskError {
     /// Another process holds the image's lock.
     #[error("disk image {0} is in use by another process (it holds the image's flock)")]
     InUse(PathBuf),
+    /// More disks than the machine has room for.
+    #[error("{0} disks: a guest takes at most {MAX_DISKS}")]
+    TooMany(usize),
+}
+
+/// Opens and locks every disk ([`DiskSpec::open`]), refusing more than [`MAX_DISKS`]: the
+/// check both the VMM and the emulated runner (which locks the images on the host) make
+/// before anything boots.
+pub fn open_disks(specs: &[DiskSpec]) -> Result<Vec<OpenDisk>, DiskError> {
+    if specs.len() > MAX_DISKS {
+        return Err(DiskError::TooMany(specs.len()));
+    }
+    specs.iter().map(DiskSpec::open).collect()
 }
 
 impl DiskSpec {
