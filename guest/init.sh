@@ -17,35 +17,58 @@ hostname hvprobe-guest
 echo 5 > /proc/sys/kernel/printk
 # Disks from the VMM (hvprobe.mounts: base64 of "INDEX ro|rw GUESTPATH" lines): their
 # drivers are modules; each disk is found by its serial number, hv<INDEX>-..., whatever name
-# the kernel gave it, and mounted before the command runs.
+# the kernel gave it, and mounted before the command runs. A disk at "/" is a root file
+# system (hvprobe run --rootfs): it is mounted on /newroot, the others inside it, and /init
+# hands over to its init (systemd) instead of running the command itself.
 mounts=
 for arg in $(cat /proc/cmdline); do
 	case "$arg" in
 	hvprobe.mounts=*) mounts=$(echo "${arg#hvprobe.mounts=}" | base64 -d) ;;
 	esac
 done
+# disk_node INDEX: the /dev node of the disk with serial hv<INDEX>-..., waiting up to 5 s.
+disk_node() {
+	i=0
+	while [ $i -lt 50 ]; do
+		for s in /sys/block/vd*/serial; do
+			case "$(cat "$s" 2>/dev/null)" in
+			"hv$1-"*) d=${s%/serial} && echo "/dev/${d##*/}" && return 0 ;;
+			esac
+		done
+		sleep 0.1
+		i=$((i + 1))
+	done
+	return 1
+}
+# mount_disk INDEX MODE DIR
+mount_disk() {
+	if ! dev=$(disk_node "$1"); then
+		echo "hvprobe-init: disk $1: not found (no virtio-blk disk with serial hv$1-)"
+		return 1
+	elif ! mkdir -p "$3" 2>/tmp/mount.err || ! mount -o "$2" "$dev" "$3" 2>/tmp/mount.err; then
+		echo "hvprobe-init: disk $1 ($dev): not mounted on $3: $(cat /tmp/mount.err)"
+		return 1
+	fi
+}
+root=
 if [ -n "$mounts" ]; then
 	for m in virtio_ring virtio virtio_mmio virtio_blk; do
 		insmod /lib/modules/$m.ko 2>/dev/null
 	done
-	echo "$mounts" | while read -r index mode path; do
-		[ -n "$index" ] || continue
-		dev=
-		i=0
-		while [ -z "$dev" ] && [ $i -lt 50 ]; do
-			for s in /sys/block/vd*/serial; do
-				case "$(cat "$s" 2>/dev/null)" in
-				"hv$index-"*) dev=${s%/serial} dev=/dev/${dev##*/} ;;
-				esac
-			done
-			[ -n "$dev" ] || sleep 0.1
-			i=$((i + 1))
-		done
-		if [ -z "$dev" ]; then
-			echo "hvprobe-init: disk $index: not found (no virtio-blk disk with serial hv$index-)"
-		elif ! mkdir -p "$path" 2>/tmp/mount.err || ! mount -o "$mode" "$dev" "$path" 2>/tmp/mount.err; then
-			echo "hvprobe-init: disk $index ($dev): not mounted on $path: $(cat /tmp/mount.err)"
+	prefix=
+	rootline=$(echo "$mounts" | while read -r index mode path; do
+		[ "$path" = / ] && echo "$index $mode" && break
+	done)
+	if [ -n "$rootline" ]; then
+		if mount_disk ${rootline% *} ${rootline#* } /newroot; then
+			root=/newroot prefix=/newroot
+		else
+			echo "hvprobe-init: no root file system; running the command in the initramfs"
 		fi
+	fi
+	echo "$mounts" | while read -r index mode path; do
+		[ -n "$index" ] && [ "$path" != / ] || continue
+		mount_disk "$index" "$mode" "$prefix$path"
 	done
 fi
 case " $(cat /proc/cmdline) " in
@@ -59,6 +82,17 @@ case " $(cat /proc/cmdline) " in
 	;;
 *) echo "HVPROBE-INIT-READY" ;;
 esac
+if [ -n "$root" ]; then
+	# systemd mounts what it needs itself; /dev, /proc and /sys go along so that the
+	# console stays open and tracefs stays mounted.
+	for m in autofs4 binfmt_misc; do
+		insmod /lib/modules/$m.ko 2>/dev/null
+	done
+	for m in /dev /proc /sys; do
+		mount --move $m $root$m
+	done
+	exec switch_root -c /dev/console $root /sbin/init
+fi
 cmd=
 for arg in $(cat /proc/cmdline); do
 	case "$arg" in

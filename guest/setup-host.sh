@@ -5,8 +5,9 @@
 # packages (kernel, busybox-static:arm64),
 # gcc and static libc for the guest's workload programs, the tools that fetch Debian
 # packages, and the aarch64 cross toolchain (Debian's gcc-aarch64-linux-gnu as linker and C
-# compiler, rustup's aarch64 standard library, qemu-user to run the aarch64 unit tests), and
-# e2fsprogs (mke2fs packs --share directories; the disk tests read images with debugfs).
+# compiler, rustup's aarch64 standard library, qemu-user to run the aarch64 unit tests),
+# e2fsprogs (mke2fs packs --share directories and root file systems; the disk tests read
+# images with debugfs), and debootstrap (the Debian root file system of --rootfs).
 # Idempotent; safe to run before every build.
 set -euo pipefail
 
@@ -27,7 +28,7 @@ fi
 echo "setup-host: apt-get update and install (gcc, dpkg-dev, QEMU ${codename}-backports; about a minute the first time)" >&2
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends gcc libc6-dev dpkg-dev ca-certificates \
-    gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user e2fsprogs >/dev/null
+    gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user e2fsprogs debootstrap >/dev/null
 if command -v rustup >/dev/null; then
     rustup target add aarch64-unknown-linux-gnu >/dev/null 2>&1 ||
         echo "setup-host: rustup could not add aarch64-unknown-linux-gnu; the aarch64 build will fail" >&2

@@ -60,7 +60,9 @@ pub const KVM_MODULES: &[&str] = &[
     "drivers/char/virtio_console.ko",
     // `--disk`: L1's disk passed through by the runner (PCI), and the guest's own (virtio-mmio).
     "drivers/block/virtio_blk.ko",
-    "drivers/virtio/virtio_mmio.ko",
+    "drivers/virtio/virtio_mmio.ko",    // `--rootfs`: the automount file systems systemd sets up, loaded by /init before it hands over.
+    "fs/autofs/autofs4.ko",
+    "fs/binfmt_misc.ko",
 ];
 
 /// Modules kept from an arm64 kernel package, in load order: the virtio console over virtio-mmio
@@ -71,7 +73,9 @@ pub const ARM64_L1_MODULES: &[&str] = &[
     "drivers/virtio/virtio_mmio.ko",
     "drivers/char/virtio_console.ko",
     // `--disk`: L1's disk passed through by the runner, and the guest's own.
-    "drivers/block/virtio_blk.ko",
+    "drivers/block/virtio_blk.ko",    // `--rootfs`: the automount file systems systemd sets up, loaded by /init before it hands over.
+    "fs/autofs/autofs4.ko",
+    "fs/binfmt_misc.ko",
 ];
 
 const COMPLETE: &str = ".complete";
@@ -93,7 +97,7 @@ fn resolve_meta(meta: &str) -> Result<String, GuestError> {
 }
 
 /// Asks apt for the candidate version of `package`.
-fn candidate_version(package: &str) -> Result<String, GuestError> {
+pub(crate) fn candidate_version(package: &str) -> Result<String, GuestError> {
     let out = run_output(Command::new("apt-cache").args(["show", "--no-all-versions", package]))?;
     let out = String::from_utf8_lossy(&out);
     out.lines()

@@ -10,6 +10,7 @@
 pub mod cpio;
 pub mod debian;
 pub mod qemu;
+pub mod rootfs;
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter};
@@ -39,6 +40,9 @@ pub enum GuestError {
         /// What went wrong.
         detail: String,
     },
+    /// The Debian root file system cannot be built here.
+    #[error("{0}")]
+    Rootfs(String),
     /// A file or directory operation on the cache failed.
     #[error("{path}: {source}")]
     Io {
@@ -206,6 +210,11 @@ pub const DISK_MODULES: &[&str] = &[
     "virtio_blk.ko",
 ];
 
+/// The modules `/init` loads before it hands over to a root file system's systemd
+/// (`--rootfs`): autofs and binfmt_misc, which systemd mounts automount points for. In the
+/// initramfs under `lib/modules/`.
+pub const ROOT_MODULES: &[&str] = &["autofs4.ko", "binfmt_misc.ko"];
+
 /// Where downloads and built images are kept: `$HVPROBE_CACHE`, else
 /// `$XDG_CACHE_HOME/hvprobe`, else `~/.cache/hvprobe`.
 pub fn cache_dir() -> PathBuf {
@@ -282,6 +291,30 @@ fn fnv1a(parts: &[&[u8]]) -> u64 {
     h
 }
 
+/// Compiles the workload programs for `arch` (static, the guest's compiler) in `work`:
+/// (name, executable) each.
+pub(crate) fn compile_workloads(
+    arch: GuestArch,
+    work: &Path,
+) -> Result<Vec<(&'static str, Vec<u8>)>, GuestError> {
+    fs::create_dir_all(work).map_err(GuestError::io(work))?;
+    let mut programs = Vec::new();
+    for (name, src) in WORKLOADS {
+        let c = work.join(format!("{name}.c"));
+        fs::write(&c, src).map_err(GuestError::io(&c))?;
+        let bin = work.join(name);
+        run_output(
+            Command::new(arch.c_compiler())
+                .args(["-static", "-O2", "-Wall", "-o"])
+                .arg(&bin)
+                .arg(&c),
+        )?;
+        let bytes = fs::read(&bin).map_err(GuestError::io(&bin))?;
+        programs.push((*name, bytes));
+    }
+    Ok(programs)
+}
+
 /// Builds (or finds cached) the initramfs from busybox, `/init`, the workloads and the
 /// kernel's disk modules.
 fn build_initrd(
@@ -293,6 +326,7 @@ fn build_initrd(
     let busybox_bytes = fs::read(busybox).map_err(GuestError::io(busybox))?;
     let modules = DISK_MODULES
         .iter()
+        .chain(ROOT_MODULES)
         .map(|m| {
             let p = kernel.module(m);
             fs::read(&p).map(|b| (*m, b)).map_err(GuestError::io(&p))
@@ -328,20 +362,7 @@ fn build_initrd(
         WORKLOADS.len(),
         dir.display()
     );
-    let mut programs = Vec::new();
-    for (name, src) in WORKLOADS {
-        let c = work.join(format!("{name}.c"));
-        fs::write(&c, src).map_err(GuestError::io(&c))?;
-        let bin = work.join(name);
-        run_output(
-            Command::new(arch.c_compiler())
-                .args(["-static", "-O2", "-Wall", "-o"])
-                .arg(&bin)
-                .arg(&c),
-        )?;
-        let bytes = fs::read(&bin).map_err(GuestError::io(&bin))?;
-        programs.push((*name, bytes));
-    }
+    let programs = compile_workloads(arch, &work)?;
     // A foreign busybox lists its applets under user-mode emulation (qemu-user).
     let applets = if arch == GuestArch::host() {
         run_output(Command::new(busybox).arg("--list-full"))?

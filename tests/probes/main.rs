@@ -19,6 +19,7 @@ mod plans;
 mod protect;
 mod refusals;
 mod returns;
+mod rootfs;
 mod stacks;
 mod sweeps;
 mod watch;
@@ -39,6 +40,7 @@ use probe_core::symbols::SymbolMap;
 use protect::*;
 use refusals::*;
 use returns::*;
+use rootfs::*;
 use stacks::*;
 use sweeps::*;
 use watch::*;
@@ -724,6 +726,8 @@ fn main() {
                 a_program_built_on_the_host_runs_from_a_share_beside_a_second_disk,
                 a_run_killed_mid_write_leaves_an_image_e2fsck_repairs_with_every_synced_file,
                 disks_that_cannot_be_used_are_refused_by_name_before_any_vm_starts,
+                the_debian_rootfs_boots_systemd_and_its_units_are_probed_from_boot_to_the_command,
+                a_given_root_image_keeps_the_guests_synced_writes_and_bad_roots_are_refused,
             ],
             Guests::Only(GuestArch::X86_64) => [
                 a_getpid_probe_counts_the_workload_calls_and_prints_each_hit,

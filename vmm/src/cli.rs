@@ -86,6 +86,8 @@ enum Command {
         /// The guest's architecture [default: the host's].
         #[arg(long, value_enum)]
         arch: Option<hvprobe_guest::GuestArch>,
+        #[command(subcommand)]
+        what: Option<GuestPart>,
     },
     /// List the guest kernel's functions matching PATTERN (a glob: `vfs_*`), each with what a
     /// probe on it meets: those the guest's own kprobes refuse (which hvprobe probes) and
@@ -162,6 +164,19 @@ enum Command {
     },
 }
 
+/// What of a guest `hvprobe guest` builds besides the default guest.
+#[derive(Debug, Subcommand)]
+enum GuestPart {
+    /// Build (or find cached) the Debian 12 root file system that `hvprobe run --rootfs`
+    /// boots: debootstrap's first stage on the host, its second stage in a guest; print the
+    /// image's path. Needs root the first time.
+    Rootfs {
+        /// The guest's architecture [default: the host's].
+        #[arg(long, value_enum)]
+        arch: Option<hvprobe_guest::GuestArch>,
+    },
+}
+
 /// Runs hvprobe with `args` (without the program name) and returns the process exit status.
 pub fn main_with_args<I, S>(args: I) -> i32
 where
@@ -202,7 +217,16 @@ fn dispatch(cli: Cli) -> Result<i32> {
             let job = job.resolve_guest()?;
             Ok(runner::run_emulated(&job)?)
         }
-        Command::Guest { arch } => {
+        Command::Guest {
+            what: Some(GuestPart::Rootfs { arch }),
+            ..
+        } => {
+            let arch = arch.unwrap_or_else(hvprobe_guest::GuestArch::host);
+            let image = crate::rootfs::cached_image(arch, run_for_rootfs)?;
+            println!("rootfs {}", image.display());
+            Ok(0)
+        }
+        Command::Guest { arch, what: None } => {
             let arch = arch.unwrap_or_else(hvprobe_guest::GuestArch::host);
             let g = hvprobe_guest::default_guest_for(arch)?;
             println!("kernel-package {} {}", g.kernel.package, g.kernel.version);
@@ -346,6 +370,10 @@ fn run(args: &Job) -> Result<i32> {
         },
     };
     let args = args.resolve_guest()?;
+    // `--rootfs` becomes the first disk (a copy of the cached image, removed at the end).
+    let (args, _root_copy) = crate::rootfs::attach(&args, |arch| {
+        crate::rootfs::cached_image(arch, run_for_rootfs)
+    })?;
     // `--share`s become read-only disks, packed now and removed when the run ends.
     let (args, _shares) = crate::share::pack_shares(&args)?;
     // Unknown symbols and bad syntax end the run here, before any VM starts; so does a
@@ -365,6 +393,11 @@ fn run(args: &Job) -> Result<i32> {
     run_on_host(&args)
 }
 
+/// Runs the job that builds the root file system's second stage, as `hvprobe run` would.
+fn run_for_rootfs(job: &Job) -> std::result::Result<i32, String> {
+    run(job).map_err(|e| format!("{e:#}"))
+}
+
 /// Ends a run whose probes were refused at resolution: names each on stderr, writes the
 /// summary (outcome `probe-refused`, the refusals) when one is asked for, and returns the
 /// refusal's exit status. No VM was started.
@@ -375,6 +408,7 @@ fn refused_before_run(args: &Job, refused: Vec<RefusedProbe>) -> Result<i32> {
     let report = RunReport {
         outcome: Outcome::ProbeRefused(list),
         boot_to_init: None,
+        boot_to_autorun: None,
         run_time: std::time::Duration::ZERO,
         console_tail: Vec::new(),
         faults_with_probes: Vec::new(),
@@ -959,13 +993,19 @@ fn run_on_host(args: &Job) -> Result<i32> {
     }
     output.flush();
     if args.timings {
-        match report.boot_to_init {
-            Some(t) => eprintln!(
+        match (report.boot_to_init, report.boot_to_autorun) {
+            (Some(t), Some(a)) => eprintln!(
+                "hvprobe: timings: boot to /init {:.3} s, /init to the autorun unit (systemd) {:.3} s, run {:.3} s",
+                t.as_secs_f64(),
+                a.saturating_sub(t).as_secs_f64(),
+                report.run_time.as_secs_f64()
+            ),
+            (Some(t), None) => eprintln!(
                 "hvprobe: timings: boot to /init {:.3} s, run {:.3} s",
                 t.as_secs_f64(),
                 report.run_time.as_secs_f64()
             ),
-            None => eprintln!(
+            (None, _) => eprintln!(
                 "hvprobe: timings: /init marker not seen, run {:.3} s",
                 report.run_time.as_secs_f64()
             ),

@@ -69,6 +69,15 @@ pub struct Job {
     #[arg(long, value_name = "DIR[:GUESTPATH]")]
     #[serde(default)]
     pub share: Vec<String>,
+    /// Boot a root file system with systemd as init: IMAGE (an ext4 image, used in place,
+    /// read-write) or, without IMAGE, a copy of the cached Debian 12 image (`hvprobe guest
+    /// rootfs`; built on first use) made for this run and deleted after it. The root is the
+    /// first disk (`/dev/vda`), other disks and shares are mounted inside it, and `--exec`
+    /// runs from a systemd unit once the system is up (without it, a root shell on the
+    /// console).
+    #[arg(long, value_name = "IMAGE", num_args = 0..=1, default_missing_value = "")]
+    #[serde(default)]
+    pub rootfs: Option<String>,
     /// Give up after this many seconds [default: 600 with --exec, none without].
     #[arg(long)]
     pub timeout: Option<u64>,
@@ -696,6 +705,15 @@ impl Job {
         }
         if self.plan == PlanChoice::Auto {
             self.ring_records().map_err(|e| anyhow::anyhow!(e))?;
+        }
+        let roots = self
+            .disk
+            .iter()
+            .filter(|d| d.split(',').skip(1).any(|o| o == "at=/"))
+            .count()
+            + usize::from(self.rootfs.is_some());
+        if roots > 1 {
+            bail!("only one root file system: --rootfs and `--disk ...,at=/` name {roots}");
         }
         Ok(())
     }

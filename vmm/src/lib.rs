@@ -17,6 +17,7 @@ pub mod platform;
 pub mod probing;
 pub mod refusal;
 pub mod report;
+pub mod rootfs;
 pub mod runner;
 pub mod selftest;
 pub mod share;

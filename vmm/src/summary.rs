@@ -295,6 +295,10 @@ pub struct RunSummary {
     pub outcome: OutcomeSummary,
     /// Seconds from VM start to the default guest's `/init`.
     pub boot_to_init_s: Option<f64>,
+    /// Seconds from VM start to the root file system's autorun unit (`--rootfs`: the end of
+    /// the systemd boot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_to_autorun_s: Option<f64>,
     /// Seconds the VM ran.
     pub run_s: f64,
     /// Per probe, in planting order.
@@ -562,6 +566,7 @@ impl RunSummary {
                 detail,
             },
             boot_to_init_s: report.boot_to_init.map(|d| d.as_secs_f64()),
+            boot_to_autorun_s: report.boot_to_autorun.map(|d| d.as_secs_f64()),
             run_s: report.run_time.as_secs_f64(),
             probes: probes
                 .map(|p| p.stats.iter().map(ProbeSummary::new).collect())
@@ -775,6 +780,7 @@ mod tests {
                 detail: Some("BUG: x".into()),
             },
             boot_to_init_s: Some(1.5),
+            boot_to_autorun_s: None,
             run_s: 3.0,
             jump_dropped: None,
             probes: vec![

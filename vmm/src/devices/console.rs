@@ -8,6 +8,7 @@ use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use hvprobe_guest::rootfs::AUTORUN_MARKER;
 use hvprobe_guest::{EXIT_STATUS_MARKER, INIT_READY_MARKER};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -74,6 +75,8 @@ pub fn kernel_fault(line: &str) -> Option<&str> {
 pub struct ConsoleState {
     /// When the default guest's `/init` announced itself.
     pub init_ready_at: Option<Instant>,
+    /// When the root file system's autorun unit announced itself (`--rootfs`).
+    pub autorun_at: Option<Instant>,
     /// The exit status the guest command reported.
     pub exit_status: Option<i32>,
     /// The first line of a kernel panic, if one was printed.
@@ -97,6 +100,9 @@ impl ConsoleState {
             if let Some(evt) = &self.init_ready_evt {
                 let _ = evt.write(1);
             }
+        }
+        if line.contains(AUTORUN_MARKER) && self.autorun_at.is_none() {
+            self.autorun_at = Some(Instant::now());
         }
         if let Some(rest) = line.split(EXIT_STATUS_MARKER).nth(1)
             && let Ok(status) = rest.trim().parse()

@@ -263,6 +263,9 @@ pub fn run(
         boot_to_init: console
             .init_ready_at
             .map(|t| t.saturating_duration_since(started)),
+        boot_to_autorun: console
+            .autorun_at
+            .map(|t| t.saturating_duration_since(started)),
         run_time,
         console_tail: console.tail.iter().cloned().collect(),
         faults_with_probes: console.faults_with_probes.clone(),

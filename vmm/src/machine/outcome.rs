@@ -94,6 +94,8 @@ pub struct RunReport {
     pub outcome: Outcome,
     /// Time from VM start to the default guest's `/init` marker.
     pub boot_to_init: Option<Duration>,
+    /// Time from VM start to the root file system's autorun unit (`--rootfs`).
+    pub boot_to_autorun: Option<Duration>,
     /// Total time the VM ran.
     pub run_time: Duration,
     /// The last console lines, for error reports.
