@@ -60,7 +60,7 @@ pub const KVM_MODULES: &[&str] = &[
     "drivers/char/virtio_console.ko",
     // `--disk`: L1's disk passed through by the runner (PCI), and the guest's own (virtio-mmio).
     "drivers/block/virtio_blk.ko",
-    "drivers/virtio/virtio_mmio.ko",    // `--rootfs`: the automount file systems systemd sets up, loaded by /init before it hands over.
+    "drivers/virtio/virtio_mmio.ko", // `--rootfs`: the automount file systems systemd sets up, loaded by /init before it hands over.
     "fs/autofs/autofs4.ko",
     "fs/binfmt_misc.ko",
 ];
@@ -73,7 +73,7 @@ pub const ARM64_L1_MODULES: &[&str] = &[
     "drivers/virtio/virtio_mmio.ko",
     "drivers/char/virtio_console.ko",
     // `--disk`: L1's disk passed through by the runner, and the guest's own.
-    "drivers/block/virtio_blk.ko",    // `--rootfs`: the automount file systems systemd sets up, loaded by /init before it hands over.
+    "drivers/block/virtio_blk.ko", // `--rootfs`: the automount file systems systemd sets up, loaded by /init before it hands over.
     "fs/autofs/autofs4.ko",
     "fs/binfmt_misc.ko",
 ];

@@ -230,8 +230,7 @@ fn add_hvprobe_files(tree: &Path, arch: GuestArch, work: &Path) -> Result<(), Gu
     fs::create_dir_all(&wants).map_err(GuestError::io(&wants))?;
     let link = wants.join("hvprobe-autorun.service");
     let _ = fs::remove_file(&link);
-    symlink("/etc/systemd/system/hvprobe-autorun.service", &link)
-        .map_err(GuestError::io(&link))?;
+    symlink("/etc/systemd/system/hvprobe-autorun.service", &link).map_err(GuestError::io(&link))?;
     write(
         "etc/systemd/system/serial-getty@.service.d/hvprobe.conf",
         0o644,
@@ -274,13 +273,14 @@ mod tests {
             fs::read_link(&link).unwrap(),
             Path::new("/etc/systemd/system/hvprobe-autorun.service")
         );
-        let unit = fs::read_to_string(tree.join("etc/systemd/system/hvprobe-autorun.service"))
-            .unwrap();
+        let unit =
+            fs::read_to_string(tree.join("etc/systemd/system/hvprobe-autorun.service")).unwrap();
         assert!(unit.contains("ExecStart=/usr/local/sbin/hvprobe-autorun"));
         assert!(unit.contains("ConditionKernelCommandLine=hvprobe.exec"));
-        let getty =
-            fs::read_to_string(tree.join("etc/systemd/system/serial-getty@.service.d/hvprobe.conf"))
-                .unwrap();
+        let getty = fs::read_to_string(
+            tree.join("etc/systemd/system/serial-getty@.service.d/hvprobe.conf"),
+        )
+        .unwrap();
         assert!(getty.contains("ConditionKernelCommandLine=!hvprobe.exec"));
         use std::os::unix::fs::PermissionsExt;
         let mode = fs::metadata(tree.join("usr/local/bin/getpid-loop"))

@@ -38,13 +38,17 @@ fn events(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The `child=` argument of a `kernel_clone` return event (`$retval:s64`: a JSON number).
+fn child(e: &serde_json::Value) -> Option<i64> {
+    e["args"]["child"].as_i64()
+}
+
 /// FNV-1a of the whole image, holes included.
 fn image_digest(img: &Path) -> u64 {
     fnv1a(&std::fs::read(img).unwrap())
 }
 
-pub(super) fn the_debian_rootfs_boots_systemd_and_its_units_are_probed_from_boot_to_the_command()
-{
+pub(super) fn the_debian_rootfs_boots_systemd_and_its_units_are_probed_from_boot_to_the_command() {
     let cached = rootfs_image();
     let before = image_digest(&cached);
     let dir = work_dir("boot");
@@ -62,7 +66,7 @@ pub(super) fn the_debian_rootfs_boots_systemd_and_its_units_are_probed_from_boot
          echo autorun-pid=$PPID; exit 7",
         &[
             "p:hv/open do_sys_openat2",
-            "r:hv/clone kernel_clone $retval",
+            "r:hv/clone kernel_clone child=$retval:s64",
             "p:hv/rd vfs_read",
         ],
         &[
@@ -79,9 +83,9 @@ pub(super) fn the_debian_rootfs_boots_systemd_and_its_units_are_probed_from_boot
     assert_eq!(out.status.code(), Some(7), "{}", explain(&out));
     let stdout = text(&out.stdout);
     assert!(
-        stdout
-            .lines()
-            .any(|l| l.strip_prefix("debian=").is_some_and(|v| v.starts_with("12."))),
+        stdout.lines().any(|l| l
+            .strip_prefix("debian=")
+            .is_some_and(|v| v.starts_with("12."))),
         "{}",
         explain(&out)
     );
@@ -108,10 +112,11 @@ pub(super) fn the_debian_rootfs_boots_systemd_and_its_units_are_probed_from_boot
         .unwrap_or_else(|| panic!("no autorun-pid line\n{}", explain(&out)));
 
     let events = events(&trace);
-    let of = |event: &str| events.iter().filter(move |e| e["event"] == event);
+    let of = |event: &'static str| events.iter().filter(move |e| e["event"] == event);
     // Boot-time opens by systemd itself and by the units it starts (journald, udevd).
     let opened_by: BTreeMap<String, u64> = of("hv/open").fold(BTreeMap::new(), |mut m, e| {
-        *m.entry(e["comm"].as_str().unwrap().to_string()).or_default() += 1;
+        *m.entry(e["comm"].as_str().unwrap().to_string())
+            .or_default() += 1;
         m
     });
     for comm in ["systemd", "systemd-journal", "systemd-udevd"] {
@@ -127,15 +132,20 @@ pub(super) fn the_debian_rootfs_boots_systemd_and_its_units_are_probed_from_boot
     // The autorun script's shell was forked by systemd: a kernel_clone return in PID 1 gave
     // its PID, and the shell's own opens carry its name.
     assert!(
-        of("hv/clone").any(|e| e["pid"] == 1 && e["retval"].as_i64() == Some(autorun_pid as i64)),
+        of("hv/clone").any(|e| e["pid"] == 1 && child(e) == Some(autorun_pid as i64)),
         "no kernel_clone return in PID 1 with the autorun's PID {autorun_pid}: {:?}",
-        of("hv/clone").filter(|e| e["pid"] == 1).take(20).collect::<Vec<_>>()
+        of("hv/clone")
+            .filter(|e| e["pid"] == 1)
+            .filter_map(child)
+            .collect::<Vec<_>>()
     );
     assert!(
         of("hv/open").any(|e| e["pid"] == autorun_pid && e["comm"] == "hvprobe-autorun"),
         "no open by the autorun's shell"
     );
-    let reads = of("hv/rd").filter(|e| e["comm"] == "open-read-loop").count();
+    let reads = of("hv/rd")
+        .filter(|e| e["comm"] == "open-read-loop")
+        .count();
     assert_eq!(reads, 18, "{}", explain(&out));
     assert_text_restored(&out);
     assert!(out.summary().faults_with_probes.is_empty());
@@ -175,7 +185,11 @@ pub(super) fn a_given_root_image_keeps_the_guests_synced_writes_and_bad_roots_ar
         std::fs::read(&dumped).unwrap_or_default(),
         b"kept-by-the-image\n"
     );
-    let fsck = Command::new("e2fsck").arg("-fn").arg(&img).output().unwrap();
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&img)
+        .output()
+        .unwrap();
     assert!(fsck.status.success(), "{}", text(&fsck.stdout));
 
     // Refused before any VM starts, by name.

@@ -695,6 +695,9 @@ fn probe_setup(
         user_return: crate::arch::Host::USER_RETURN_SYMBOL
             .and_then(|sym| map.lookup(sym).ok())
             .map(|s| s.addr),
+        kernel_root: crate::arch::Host::KERNEL_ROOT_SYMBOL
+            .and_then(|sym| map.lookup(sym).ok())
+            .map(|s| s.addr),
         slide,
         skip_refused: args.skip_refused,
         refused,

@@ -146,8 +146,9 @@ mod tests {
 
     #[test]
     fn rootfs_becomes_the_first_disk_mounted_at_the_root() {
-        let dir = tempfile::tempdir().unwrap();
-        let cached = dir.path().join("cached.img");
+        let dir = std::env::temp_dir().join(format!("hvprobe-rootfs-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cached = dir.join("cached.img");
         std::fs::write(&cached, b"not really ext4").unwrap();
         let job = Job {
             rootfs: Some(String::new()),
@@ -157,7 +158,13 @@ mod tests {
         let (out, copy) = attach(&job, |_| Ok(cached.clone())).unwrap();
         assert_eq!(out.rootfs, None);
         let run_copy = copy.path.clone().unwrap();
-        assert_eq!(out.disk, vec![format!("{},at=/", run_copy.display()), "/data.img,ro".into()]);
+        assert_eq!(
+            out.disk,
+            vec![
+                format!("{},at=/", run_copy.display()),
+                "/data.img,ro".into()
+            ]
+        );
         assert_eq!(std::fs::read(&run_copy).unwrap(), b"not really ext4");
         assert_eq!(out.guest_mounts().unwrap(), "0 rw /\n1 ro /mnt1\n");
         drop(copy);
@@ -178,6 +185,7 @@ mod tests {
         };
         let e = attach(&missing, |_| panic!()).unwrap_err().to_string();
         assert_eq!(e, "--rootfs /nonexistent.img: no such image file");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

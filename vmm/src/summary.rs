@@ -284,8 +284,13 @@ pub struct TextSummary {
     pub planted: u64,
     /// After removal, if checked.
     pub after: Option<u64>,
-    /// `after == before`.
+    /// Every byte hvprobe wrote is back as the guest had it: `after == before`, or the text
+    /// differs only away from hvprobe's sites (`guest_changes`).
     pub restored: bool,
+    /// Ranges of text (64-byte blocks, merged) the guest itself changed while the probes
+    /// were in, away from hvprobe's sites: its static keys, ftrace, its own kprobes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_changes: Option<usize>,
 }
 
 /// The whole summary.
@@ -584,7 +589,12 @@ impl RunSummary {
                 before: t.before,
                 planted: t.planted,
                 after: t.after,
-                restored: t.after == Some(t.before),
+                restored: t.after == Some(t.before)
+                    || (t.after.is_some() && t.changed.is_some_and(|c| c.at_probe_sites == 0)),
+                guest_changes: t
+                    .changed
+                    .map(|c| c.by_the_guest)
+                    .filter(|&n| n > 0 && t.after != Some(t.before)),
             }),
             integrity: probes
                 .and_then(|p| p.integrity.as_ref())
@@ -719,8 +729,13 @@ impl RunSummary {
         }
         if let Some(t) = &self.text {
             let after = t.after.map(|a| format!("{a:#018x}")).unwrap_or("-".into());
+            let guest = format!(
+                "hvprobe's sites restored byte-for-byte; the guest changed {} other range(s) of its text itself",
+                t.guest_changes.unwrap_or(0)
+            );
             let verdict = match t.after {
                 Some(a) if a == t.before => "restored byte-for-byte",
+                Some(_) if t.restored => &guest,
                 Some(_) => "DIFFERS",
                 None => "not checked",
             };
@@ -797,6 +812,7 @@ mod tests {
                 planted: 2,
                 after: Some(1),
                 restored: true,
+                guest_changes: None,
             }),
             kaslr_slide: None,
             kaslr_anchor: None,
@@ -855,5 +871,57 @@ mod tests {
                 .unwrap()
                 .contains("rewrote the probed byte at 0x10 (now [90])")
         );
+    }
+
+    #[test]
+    fn text_the_guest_patched_away_from_hvprobes_sites_is_restored_and_counted() {
+        use crate::machine::{Outcome, ProbeReport, RunReport, TextChanges, TextHashes};
+        let report = |after: u64, changed: TextChanges| RunReport {
+            outcome: Outcome::CommandExited(0),
+            boot_to_init: None,
+            boot_to_autorun: None,
+            run_time: std::time::Duration::ZERO,
+            console_tail: Vec::new(),
+            faults_with_probes: Vec::new(),
+            probes: Some(ProbeReport {
+                text: Some(TextHashes {
+                    before: 1,
+                    planted: 2,
+                    after: Some(after),
+                    changed: Some(changed),
+                }),
+                ..ProbeReport::default()
+            }),
+        };
+        let text = |after, at_probe_sites, by_the_guest| {
+            let changed = TextChanges {
+                at_probe_sites,
+                by_the_guest,
+            };
+            RunSummary::new(&report(after, changed), 0).text.unwrap()
+        };
+        let same = text(1, 0, 0);
+        assert!(same.restored && same.guest_changes.is_none());
+        let guest = text(3, 0, 2);
+        assert!(guest.restored);
+        assert_eq!(guest.guest_changes, Some(2));
+        let ours = text(3, 1, 2);
+        assert!(
+            !ours.restored,
+            "a change at one of hvprobe's sites is a failed restore"
+        );
+        let summary = RunSummary::new(
+            &report(
+                3,
+                TextChanges {
+                    at_probe_sites: 0,
+                    by_the_guest: 2,
+                },
+            ),
+            0,
+        );
+        assert!(summary.text_lines().iter().any(|l| l.contains(
+            "(hvprobe's sites restored byte-for-byte; the guest changed 2 other range(s) of its text itself)"
+        )));
     }
 }

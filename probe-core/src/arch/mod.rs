@@ -441,6 +441,14 @@ pub trait Arch: Sized + Copy + Debug + Default + Send + Sync + 'static {
         None
     }
 
+    /// The same registers with the top-level page table at guest physical `root` as their
+    /// root (x86_64: CR3 without PCID bits), for a view of the kernel that outlives the
+    /// process the registers came from. `None` where the architecture's kernel root never
+    /// changes (arm64's TTBR1).
+    fn on_page_table_root(_regs: &Self::Registers, _root: u64) -> Option<Self::Registers> {
+        None
+    }
+
     /// Why a data watchpoint `spec` cannot be planted on this architecture; `None` where the
     /// hardware slots take it.
     fn watch_refusal(_spec: crate::definition::WatchSpec) -> Option<&'static str> {

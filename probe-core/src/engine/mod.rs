@@ -600,6 +600,10 @@ struct ProbeTable<A: Arch> {
     patched_text: HashMap<u64, &'static str>,
     /// The guest's own armed kprobes, when its kprobe table could be read.
     guest_kprobes: Option<HashMap<u64, GuestKprobe>>,
+    /// Every site's text range (address, patch length) the engine has planted since it
+    /// started, removed ones included: what a check of the text after removal must find as
+    /// the guest had it.
+    touched: Vec<(u64, u64)>,
     next_id: usize,
     /// The hardware breakpoint addresses, one entry per breakpoint the vCPUs have.
     hw: Vec<Option<u64>>,
@@ -674,6 +678,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 exception_table: HashSet::new(),
                 patched_text: HashMap::new(),
                 guest_kprobes: None,
+                touched: Vec::new(),
                 next_id: 0,
                 hw: vec![None; A::MAX_HW_BREAKPOINTS],
                 cpu_features: A::CpuFeatures::default(),

@@ -433,6 +433,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             let id = ProbeId(table.next_id);
             table.next_id += 1;
             table.by_probe.insert(id, gpa);
+            table.touched.push((target.va, patch.len() as u64));
             table.sites.insert(
                 gpa,
                 Site {
@@ -548,6 +549,7 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
             },
         );
         table.index_site_va(target.va);
+        table.touched.push((target.va, A::BREAKPOINT.len() as u64));
         Ok(id)
     }
 
@@ -733,6 +735,13 @@ impl<A: Arch, M: GuestMemory + Send + Sync> ProbeEngine<A, M> {
                 here.copy_from_slice(&site.saved);
             }
         }
+    }
+
+    /// The text ranges (address, length) of every site planted since the engine started,
+    /// removed ones included.
+    pub fn touched_text(&self) -> Vec<(u64, u64)> {
+        let table = self.table.read().unwrap_or_else(|e| e.into_inner());
+        table.touched.clone()
     }
 
     /// Removes every probe; returns the sites the guest had rewritten.

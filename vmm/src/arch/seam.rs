@@ -41,6 +41,12 @@ pub trait VmmArch: 'static {
     /// is carried through while KVM debugs the guest (arm64: `ret_to_user`); `None` where the
     /// architecture needs none.
     const USER_RETURN_SYMBOL: Option<&'static str>;
+    /// The kernel's own top-level page table (x86_64 `init_top_pgt`, `init_mm`'s), which
+    /// lives as long as the kernel: the session reads the kernel through it for the whole run,
+    /// as the page tables of the process it attached in are freed when that process ends or
+    /// execs. `None` where every process reaches the kernel through its own root already
+    /// (arm64's TTBR1 holds `swapper_pg_dir`).
+    const KERNEL_ROOT_SYMBOL: Option<&'static str>;
     /// The software breakpoint's name in output (`int3`, `brk`).
     const BREAKPOINT_NAME: &'static str;
     /// Whether a vCPU that exits on a store to read-only memory is still at the storing

@@ -116,6 +116,9 @@ pub struct ProbeSetup {
     /// System.map's address of the kernel's return path to user mode
     /// ([`arch::Host::USER_RETURN_SYMBOL`]), where the guest's own software step is carried through.
     pub user_return: Option<u64>,
+    /// System.map's address of the kernel's own top-level page table
+    /// ([`arch::Host::KERNEL_ROOT_SYMBOL`]), read through for the whole run.
+    pub kernel_root: Option<u64>,
     /// System.map's `__start___ex_table` and `__stop___ex_table`: instructions listed there are
     /// copied out of line only where a fault of the copy is rewound to them.
     pub exception_table: Option<(u64, u64)>,
@@ -205,6 +208,19 @@ pub struct TextHashes {
     pub planted: u64,
     /// After every probe was removed.
     pub after: Option<u64>,
+    /// Where the text after removal differs from before planting, by 64-byte block: ranges
+    /// holding a site hvprobe planted (it failed to restore them) and ranges elsewhere (the
+    /// guest patched itself: static keys, ftrace, its kprobes); `None` when not compared.
+    pub changed: Option<TextChanges>,
+}
+
+/// The kernel text's changes between planting and removal, told apart by whose they are.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TextChanges {
+    /// Changed ranges that hold a site hvprobe planted.
+    pub at_probe_sites: usize,
+    /// Changed ranges elsewhere: the guest's own patching.
+    pub by_the_guest: usize,
 }
 
 /// What the probes saw.
@@ -323,6 +339,8 @@ pub(super) struct ProbeSession {
     pub(super) names: HashMap<ProbeId, (String, String)>,
     /// The kernel text's hash before the first probe went in.
     pub(super) text_before: Option<u64>,
+    /// The kernel text before the first probe, by 64-byte block.
+    pub(super) text_blocks: Option<probe_core::integrity::RegionBaseline>,
     /// The kernel at the baseline, for `--integrity`.
     integrity: Option<IntegrityBaseline>,
     /// How long changes held the vCPUs out of the guest.
@@ -435,6 +453,7 @@ impl ProbeSession {
             exception_watch_slot,
             names: HashMap::new(),
             text_before: None,
+            text_blocks: None,
             integrity: None,
             pauses: Pauses::default(),
             vcpus: (0..vm.vcpus.len()).map(|_| VcpuCounts::default()).collect(),
@@ -479,6 +498,29 @@ impl ProbeSession {
         let mut bytes = vec![0u8; end.saturating_sub(start) as usize];
         read_guest_virtual::<Guest, _>(self.engine.memory(), regs, start, &mut bytes)?;
         Ok(bytes)
+    }
+
+    /// The kernel text's changes since the first probe, every probe out: those at a site
+    /// hvprobe planted (a failed restore) told from the guest's own patching elsewhere.
+    fn text_changes(&self, regs: &GuestRegisters) -> Option<TextChanges> {
+        let base = self.text_blocks.as_ref()?;
+        let now = self
+            .read_region(regs, base.start, base.start + base.len)
+            .ok()?;
+        let changed = base.changes(&now).ok()?;
+        let touched = self.engine.touched_text();
+        let at_probe_sites = changed
+            .iter()
+            .filter(|c| {
+                touched
+                    .iter()
+                    .any(|&(va, len)| va < c.start + c.len && va + len > c.start)
+            })
+            .count();
+        Some(TextChanges {
+            at_probe_sites,
+            by_the_guest: changed.len() - at_probe_sites,
+        })
     }
 
     /// The regions, syscall table and protection settings `--integrity` compares, as they
@@ -690,6 +732,7 @@ impl ProbeSession {
         self.apply_kaslr_slide(state.kaslr_anchor)?;
         let slide = self.setup.slide.load(Ordering::SeqCst);
         let regs = self.kernel_view(regs, state.in_kernel, slide);
+        let regs = self.lasting_view(regs, slide);
         for (start, end, why) in self.setup.jump.iter().flat_map(|j| &j.excluded) {
             self.engine
                 .exclude_from_jump(start.wrapping_add(slide), end.wrapping_add(slide), why);
@@ -739,11 +782,48 @@ impl ProbeSession {
             }
         }
         self.text_before = self.hash_text(&regs);
+        self.text_blocks = self.setup.text.and_then(|(start, end)| {
+            let bytes = self.read_region(&regs, start, end).ok()?;
+            Some(probe_core::integrity::RegionBaseline::new(
+                "text", start, &bytes,
+            ))
+        });
         if self.setup.integrity.is_some() {
             self.integrity = Some(self.integrity_baseline(&regs, state.control));
         }
         self.regs = Some(regs.clone());
         Ok(regs)
+    }
+
+    /// `regs` on the kernel's own top-level page table where the architecture names one and
+    /// it reads the kernel text: the session keeps the registers of the attach for the whole
+    /// run (the text hash at the end, integrity checks, live changes), and the page tables of
+    /// the process they came from are freed when it ends or execs (under `--rootfs` the
+    /// initramfs's `/init` becomes systemd).
+    fn lasting_view(&self, regs: GuestRegisters, slide: u64) -> GuestRegisters {
+        use probe_core::arch::Arch;
+        let (Some(root), Some((start, _))) = (self.setup.kernel_root, self.setup.text) else {
+            return regs;
+        };
+        let mem = self.engine.memory();
+        let Ok(t) = Guest::translate(mem, Guest::address_space(&regs), root.wrapping_add(slide))
+        else {
+            return regs;
+        };
+        match Guest::on_page_table_root(&regs, t.gpa) {
+            Some(own)
+                if read_guest_virtual::<Guest, _>(
+                    mem,
+                    &own,
+                    start.wrapping_add(slide),
+                    &mut [0u8; 1],
+                )
+                .is_ok() =>
+            {
+                own
+            }
+            _ => regs,
+        }
     }
 
     /// The registers to read the kernel through: `regs` as they are, unless their vCPU was in
@@ -842,6 +922,7 @@ impl ProbeSession {
                         before: b,
                         planted: a,
                         after: Some(a),
+                        changed: None,
                     });
                 }
                 s.report.refused = refused.clone();
@@ -857,6 +938,7 @@ impl ProbeSession {
                     before: b,
                     planted: p,
                     after: None,
+                    changed: None,
                 });
             }
             Ok(())
@@ -905,8 +987,10 @@ impl ProbeSession {
             self.apply_protection();
             if let Some(regs) = &self.regs {
                 let after = self.hash_text(regs);
+                let changed = self.text_changes(regs);
                 if let Some(t) = &mut self.report.text {
                     t.after = after;
+                    t.changed = changed;
                 }
                 if let Some(base) = self
                     .integrity

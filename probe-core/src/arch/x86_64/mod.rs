@@ -78,6 +78,13 @@ impl Arch for X86_64 {
         })
     }
 
+    fn on_page_table_root(regs: &Registers, root: u64) -> Option<Registers> {
+        (root & 0xfff == 0).then(|| Registers {
+            cr3: root,
+            ..regs.clone()
+        })
+    }
+
     fn write_xol_tables<M: vm_memory::GuestMemory>(
         area: &XolArea,
         mem: &M,
@@ -362,5 +369,9 @@ mod pti_tests {
         assert_eq!(kernel.cr3, 0x0000_0001_2345_6000 | 5);
         // A CR3 without the user bit has no other candidate.
         assert!(X86_64::kernel_page_tables(&kernel).is_none());
+        // The kernel's own root replaces CR3 whole (no PCID: a root of its own).
+        let own = X86_64::on_page_table_root(&user, 0x2a10_000).unwrap();
+        assert_eq!((own.cr3, own.cr4), (0x2a10_000, user.cr4));
+        assert!(X86_64::on_page_table_root(&user, 0x2a10_008).is_none());
     }
 }

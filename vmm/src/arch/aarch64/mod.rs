@@ -55,6 +55,7 @@ impl VmmArch for Aarch64Vmm {
     const XOL_GPA_BASE: u64 = layout::XOL_GPA_BASE;
     const KASLR_ANCHOR: KaslrAnchor = vcpu::KASLR_ANCHOR;
     const USER_RETURN_SYMBOL: Option<&'static str> = Some("ret_to_user");
+    const KERNEL_ROOT_SYMBOL: Option<&'static str> = None;
     const BREAKPOINT_NAME: &'static str = "brk";
     const STORE_EXIT_AT_WRITER: bool = true;
 

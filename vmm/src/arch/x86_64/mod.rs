@@ -40,6 +40,7 @@ impl VmmArch for X86_64Vmm {
     const KASLR_ANCHOR: KaslrAnchor = vcpu::KASLR_ANCHOR;
     /// None: x86_64's TF single-step is the guest's own while hvprobe does not single-step.
     const USER_RETURN_SYMBOL: Option<&'static str> = None;
+    const KERNEL_ROOT_SYMBOL: Option<&'static str> = Some("init_top_pgt");
     const BREAKPOINT_NAME: &'static str = "int3";
     const STORE_EXIT_AT_WRITER: bool = false;
 
