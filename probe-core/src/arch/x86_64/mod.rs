@@ -370,8 +370,8 @@ mod pti_tests {
         // A CR3 without the user bit has no other candidate.
         assert!(X86_64::kernel_page_tables(&kernel).is_none());
         // The kernel's own root replaces CR3 whole (no PCID: a root of its own).
-        let own = X86_64::on_page_table_root(&user, 0x2a10_000).unwrap();
-        assert_eq!((own.cr3, own.cr4), (0x2a10_000, user.cr4));
-        assert!(X86_64::on_page_table_root(&user, 0x2a10_008).is_none());
+        let own = X86_64::on_page_table_root(&user, 0x02a1_0000).unwrap();
+        assert_eq!((own.cr3, own.cr4), (0x02a1_0000, user.cr4));
+        assert!(X86_64::on_page_table_root(&user, 0x02a1_0008).is_none());
     }
 }
