@@ -10,14 +10,6 @@ use std::process::Command;
 
 use super::*;
 
-/// A work directory of this test process.
-fn work_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("hvprobe-disk-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 /// `len` bytes that are not all alike (splitmix64 from `seed`).
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut rng = SplitMix(seed);
@@ -73,7 +65,7 @@ fn guest_fnv(stdout: &str, path: &str) -> Option<String> {
 
 pub(super) fn a_file_on_the_disk_reads_back_counted_by_vfs_read_and_a_synced_write_reaches_the_image()
  {
-    let dir = work_dir("rw");
+    let dir = work_dir("disk-rw");
     // 16 full 4 KiB reads, a short one and the read at the end: 18 reads of `data`.
     let data = pattern(25, 16 * 4096 + 100);
     let img = ext4_image(&dir, &[("data", &data)], 32);
@@ -144,7 +136,7 @@ pub(super) fn a_file_on_the_disk_reads_back_counted_by_vfs_read_and_a_synced_wri
 }
 
 pub(super) fn a_read_only_disk_fails_the_guests_writes_and_its_image_never_changes() {
-    let dir = work_dir("ro");
+    let dir = work_dir("disk-ro");
     let data = pattern(7, 10_000);
     let img = ext4_image(&dir, &[("data", &data)], 8);
     let before = std::fs::read(&img).unwrap();
@@ -171,7 +163,7 @@ pub(super) fn a_read_only_disk_fails_the_guests_writes_and_its_image_never_chang
 }
 
 pub(super) fn a_program_built_on_the_host_runs_from_a_share_beside_a_second_disk() {
-    let dir = work_dir("share");
+    let dir = work_dir("disk-share");
     // A CI job's own program: built here with the guest's C compiler, run in the guest.
     let build = dir.join("build");
     std::fs::create_dir_all(build.join("bin")).unwrap();
@@ -246,7 +238,7 @@ pub(super) fn a_program_built_on_the_host_runs_from_a_share_beside_a_second_disk
 }
 
 pub(super) fn disks_that_cannot_be_used_are_refused_by_name_before_any_vm_starts() {
-    let dir = work_dir("bad");
+    let dir = work_dir("disk-bad");
     let odd = dir.join("odd.img");
     std::fs::write(&odd, vec![0u8; 1000]).unwrap();
     let locked = dir.join("locked.img");
@@ -298,7 +290,7 @@ fn check_refused(out: &std::process::Output, what: &str, says: &str) {
 
 pub(super) fn a_run_killed_mid_write_leaves_an_image_e2fsck_repairs_with_every_synced_file() {
     use std::io::{BufRead, BufReader};
-    let dir = work_dir("kill");
+    let dir = work_dir("disk-kill");
     let img = ext4_image(&dir, &[("old", b"there before\n")], 64);
     let mut child = Command::new(common::HVPROBE)
         .args(["run", "--arch", guest_arch().name(), "--timeout", "400"])

@@ -204,6 +204,14 @@ fn kprobe_profile_hits(out: &Run, event: &str) -> u64 {
         .unwrap_or_else(|| panic!("no kprobe_profile line for {event}\n{}", explain(out)))
 }
 
+/// A fresh work directory of this test process, named after `name`.
+fn work_dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("hvprobe-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
 /// The shell and /init call getpid a few times around the workload; allow for them.
 const OTHER_GETPID_CALLERS: u64 = 10;
 

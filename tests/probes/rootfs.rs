@@ -21,13 +21,6 @@ fn rootfs_image() -> PathBuf {
     PathBuf::from(line)
 }
 
-fn work_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("hvprobe-rootfs-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 /// The JSON events of a run's `-o` file.
 fn events(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
@@ -51,7 +44,7 @@ fn image_digest(img: &Path) -> u64 {
 pub(super) fn the_debian_rootfs_boots_systemd_and_its_units_are_probed_from_boot_to_the_command() {
     let cached = rootfs_image();
     let before = image_digest(&cached);
-    let dir = work_dir("boot");
+    let dir = work_dir("rootfs-boot");
     // A file of known size from a share mounted inside the root: 18 reads by open-read-loop
     // (16 full 4 KiB reads, a short one, end of file).
     let share = dir.join("files");
@@ -156,7 +149,7 @@ pub(super) fn the_debian_rootfs_boots_systemd_and_its_units_are_probed_from_boot
 
 pub(super) fn a_given_root_image_keeps_the_guests_synced_writes_and_bad_roots_are_refused() {
     let cached = rootfs_image();
-    let dir = work_dir("given");
+    let dir = work_dir("rootfs-given");
     let img = dir.join("root.img");
     let cp = Command::new("cp")
         .arg("--sparse=always")
