@@ -18,8 +18,8 @@ pub struct RegionBaseline {
     hashes: Vec<u64>,
 }
 
-/// FNV-1a of `bytes`.
-fn fnv1a(bytes: &[u8]) -> u64 {
+/// FNV-1a of `bytes` (as [`crate::engine::hash_guest_virtual`] hashes guest memory).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     })

@@ -589,8 +589,7 @@ impl RunSummary {
                 before: t.before,
                 planted: t.planted,
                 after: t.after,
-                restored: t.after == Some(t.before)
-                    || (t.after.is_some() && t.changed.is_some_and(|c| c.at_probe_sites == 0)),
+                restored: crate::machine::text_restored(Some(t.before), t.after, t.changed),
                 guest_changes: t
                     .changed
                     .map(|c| c.by_the_guest)

@@ -171,7 +171,8 @@ pub struct DetachReply {
     pub text_before: Option<u64>,
     /// Kernel text hash now.
     pub text_after: Option<u64>,
-    /// `text_after == text_before`: the text is byte-for-byte as it was.
+    /// Every byte hvprobe wrote is back as the guest had it: `text_after == text_before`,
+    /// or the text differs only away from hvprobe's sites (the guest patched itself).
     pub restored: bool,
 }
 

@@ -147,17 +147,17 @@ impl ProbeSession {
     /// probe; the VM keeps running.
     pub(super) fn detach(&mut self, handles: &[VcpuHandle]) -> DetachReply {
         let removed = self.engine.stats().len();
-        let after = self.paused(handles, |s| {
+        let (after, changed) = self.paused(handles, |s| {
             s.engine.drain_jump_rings();
             s.report.rewritten.extend(s.engine.remove_all());
             s.names.clear();
-            s.regs.clone().and_then(|r| s.hash_text(&r))
+            s.regs.clone().map_or((None, None), |r| s.text_after(&r))
         });
         DetachReply {
             removed,
             text_before: self.text_before,
             text_after: after,
-            restored: after.is_some() && after == self.text_before,
+            restored: super::session::text_restored(self.text_before, after, changed),
         }
     }
 

@@ -33,7 +33,7 @@ use run_loop::RunLoop;
 use session::ProbeSession;
 pub use session::{
     IntegrityRegions, IntegrityReport, JumpSetup, PlantingError, ProbeReport, ProbeRequest,
-    ProbeSetup, ProbeSource, ProtectExemption, TextChanges, TextHashes,
+    ProbeSetup, ProbeSource, ProtectExemption, TextChanges, TextHashes, text_restored,
 };
 
 /// Errors that keep a VM from running at all (as opposed to a guest that ends badly, which is

@@ -223,6 +223,16 @@ pub struct TextChanges {
     pub by_the_guest: usize,
 }
 
+/// Whether every byte hvprobe wrote into the kernel text is back as the guest had it: the
+/// text hashes as before the first probe, or it differs only away from hvprobe's sites.
+pub fn text_restored(
+    before: Option<u64>,
+    after: Option<u64>,
+    changed: Option<TextChanges>,
+) -> bool {
+    after.is_some() && (after == before || changed.is_some_and(|c| c.at_probe_sites == 0))
+}
+
 /// What the probes saw.
 #[derive(Debug, Default)]
 pub struct ProbeReport {
@@ -500,14 +510,25 @@ impl ProbeSession {
         Ok(bytes)
     }
 
-    /// The kernel text's changes since the first probe, every probe out: those at a site
-    /// hvprobe planted (a failed restore) told from the guest's own patching elsewhere.
-    fn text_changes(&self, regs: &GuestRegisters) -> Option<TextChanges> {
-        let base = self.text_blocks.as_ref()?;
-        let now = self
-            .read_region(regs, base.start, base.start + base.len)
-            .ok()?;
-        let changed = base.changes(&now).ok()?;
+    /// The kernel text as it is now.
+    fn read_text(&self, regs: &GuestRegisters) -> Option<Vec<u8>> {
+        let (start, end) = self.setup.text?;
+        self.read_region(regs, start, end).ok()
+    }
+
+    /// The kernel text's hash now (as `hash_text`) and its changes since the first probe,
+    /// from one read.
+    pub(super) fn text_after(&self, regs: &GuestRegisters) -> (Option<u64>, Option<TextChanges>) {
+        let now = self.read_text(regs);
+        let after = now.as_deref().map(probe_core::integrity::fnv1a);
+        (after, now.and_then(|n| self.text_changes(&n)))
+    }
+
+    /// The kernel text's changes since the first probe (`now`: the text, every probe out):
+    /// those at a site hvprobe planted (a failed restore) told from the guest's own
+    /// patching elsewhere.
+    fn text_changes(&self, now: &[u8]) -> Option<TextChanges> {
+        let changed = self.text_blocks.as_ref()?.changes(now).ok()?;
         let touched = self.engine.touched_text();
         let at_probe_sites = changed
             .iter()
@@ -781,12 +802,11 @@ impl ProbeSession {
                 ),
             }
         }
-        self.text_before = self.hash_text(&regs);
-        self.text_blocks = self.setup.text.and_then(|(start, end)| {
-            let bytes = self.read_region(&regs, start, end).ok()?;
-            Some(probe_core::integrity::RegionBaseline::new(
-                "text", start, &bytes,
-            ))
+        // Hashed whole (`text_before`, as `hash_text` hashes) and by block from one read.
+        let text = self.read_text(&regs);
+        self.text_before = text.as_deref().map(probe_core::integrity::fnv1a);
+        self.text_blocks = self.setup.text.zip(text).map(|((start, _), bytes)| {
+            probe_core::integrity::RegionBaseline::new("text", start, &bytes)
         });
         if self.setup.integrity.is_some() {
             self.integrity = Some(self.integrity_baseline(&regs, state.control));
@@ -986,8 +1006,7 @@ impl ProbeSession {
             self.report.rewritten = self.engine.remove_all();
             self.apply_protection();
             if let Some(regs) = &self.regs {
-                let after = self.hash_text(regs);
-                let changed = self.text_changes(regs);
+                let (after, changed) = self.text_after(regs);
                 if let Some(t) = &mut self.report.text {
                     t.after = after;
                     t.changed = changed;
