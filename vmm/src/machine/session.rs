@@ -752,7 +752,7 @@ impl ProbeSession {
         }
         self.apply_kaslr_slide(state.kaslr_anchor)?;
         let slide = self.setup.slide.load(Ordering::SeqCst);
-        let regs = self.kernel_view(regs, state.in_kernel, slide);
+        let regs = self.kernel_view(regs, slide);
         let regs = self.lasting_view(regs, slide);
         for (start, end, why) in self.setup.jump.iter().flat_map(|j| &j.excluded) {
             self.engine
@@ -846,11 +846,12 @@ impl ProbeSession {
         }
     }
 
-    /// The registers to read the kernel through: `regs` as they are, unless their vCPU was in
-    /// user mode (a guest with one vCPU paused in a user process leaves no vCPU in the
-    /// kernel) on page tables that may lack most of the kernel (page-table isolation) and the
-    /// kernel's own page tables ([`probe_core::arch::Arch::kernel_page_tables`]) read its text.
-    fn kernel_view(&self, regs: GuestRegisters, in_kernel: bool, slide: u64) -> GuestRegisters {
+    /// The registers to read the kernel through: `regs` as they are, unless their vCPU was on
+    /// page tables that may lack most of the kernel (page-table isolation's user ones: in a
+    /// user process, and in kernel mode too on the entry and exit paths before and after the
+    /// switch of CR3) and the kernel's own page tables
+    /// ([`probe_core::arch::Arch::kernel_page_tables`]) read its text.
+    fn kernel_view(&self, regs: GuestRegisters, slide: u64) -> GuestRegisters {
         let Some((start, _)) = self.setup.text else {
             return regs;
         };
@@ -859,9 +860,6 @@ impl ProbeSession {
             let mut b = [0u8; 1];
             read_guest_virtual::<Guest, _>(self.engine.memory(), r, text, &mut b).is_ok()
         };
-        if in_kernel {
-            return regs;
-        }
         // The kernel's page tables map all the user ones map of the kernel (its data too,
         // which the user ones lack even where they map its text), so they are taken when
         // they read the text at all.
