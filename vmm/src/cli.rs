@@ -74,6 +74,12 @@ enum Command {
         /// The job file.
         file: PathBuf,
     },
+    /// Boot a job's guest under QEMU instead (`--l2-qemu`: the emulated runner's L1 does).
+    #[command(hide = true)]
+    L2Qemu {
+        /// The job file.
+        file: PathBuf,
+    },
     /// Say whether this host's KVM can run and debug a stock guest, in one line; with
     /// `--arch` of another architecture, the KVM inside its emulated runner.
     CheckHost {
@@ -278,38 +284,47 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Integrity { api_socket, json } => crate::clients::integrity(&api_socket, json),
         Command::Detach { api_socket } => crate::clients::detach(&api_socket),
         Command::Stop { api_socket } => crate::clients::stop(&api_socket),
-        Command::RunJob { file } => {
-            let text = std::fs::read_to_string(&file)
-                .with_context(|| format!("reading the job {}", file.display()))?;
-            let mut job: Job = serde_json::from_str(&text)
-                .with_context(|| format!("parsing the job {}", file.display()))?;
-            // The runner names L1's ports as if the console were the first virtio device.
-            for port in [&mut job.output, &mut job.api_port].into_iter().flatten() {
-                *port = crate::l1init::port_node(&port.to_string_lossy(), Path::new("/dev"));
-            }
-            // And its disks by serial number, once the driver has found them.
-            for d in &mut job.disk {
-                let Ok(spec) = crate::devices::virtio::DiskSpec::parse(d) else {
-                    continue;
-                };
-                let name = spec.path.to_string_lossy().into_owned();
-                if !name.starts_with(runner::L1_DISK_PREFIX) {
-                    continue;
-                }
-                let node = (0..100)
-                    .find_map(|_| {
-                        let n = runner::l1_disk_node(&name, Path::new("/sys/block"));
-                        if n.is_none() {
-                            std::thread::sleep(std::time::Duration::from_millis(50));
-                        }
-                        n
-                    })
-                    .with_context(|| format!("L1 has no disk with serial number {name}"))?;
-                *d = crate::devices::virtio::DiskSpec { path: node, ..spec }.to_arg();
-            }
-            run(&job)
+        Command::RunJob { file } => run(&l1_job(&file)?),
+        Command::L2Qemu { file } => {
+            let job = l1_job(&file)?;
+            let kernel = job.kernel.clone().context("the job has no kernel")?;
+            Ok(runner::qemu_l2::run(&job, &kernel, job.initrd.as_deref())?)
         }
     }
+}
+
+/// The inner job of the emulated runner, as L1 reads it: its ports and disks named as L1's
+/// kernel found them.
+fn l1_job(file: &Path) -> Result<Job> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading the job {}", file.display()))?;
+    let mut job: Job = serde_json::from_str(&text)
+        .with_context(|| format!("parsing the job {}", file.display()))?;
+    // The runner names L1's ports as if the console were the first virtio device.
+    for port in [&mut job.output, &mut job.api_port].into_iter().flatten() {
+        *port = crate::l1init::port_node(&port.to_string_lossy(), Path::new("/dev"));
+    }
+    // And its disks by serial number, once the driver has found them.
+    for d in &mut job.disk {
+        let Ok(spec) = crate::devices::virtio::DiskSpec::parse(d) else {
+            continue;
+        };
+        let name = spec.path.to_string_lossy().into_owned();
+        if !name.starts_with(runner::L1_DISK_PREFIX) {
+            continue;
+        }
+        let node = (0..100)
+            .find_map(|_| {
+                let n = runner::l1_disk_node(&name, Path::new("/sys/block"));
+                if n.is_none() {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                n
+            })
+            .with_context(|| format!("L1 has no disk with serial number {name}"))?;
+        *d = crate::devices::virtio::DiskSpec { path: node, ..spec }.to_arg();
+    }
+    Ok(job)
 }
 
 /// Checks this host's KVM and prints the one-line verdict; the exit status says whether it is
@@ -369,6 +384,9 @@ fn run(args: &Job) -> Result<i32> {
             }
         },
     };
+    if on_host && args.l2_qemu {
+        bail!("--l2-qemu runs QEMU inside the emulated runner: add --runner emulated");
+    }
     let args = args.resolve_guest()?;
     // `--rootfs` becomes the first disk (a copy of the cached image, removed at the end).
     let (args, _root_copy) = crate::rootfs::attach(&args, |arch| {

@@ -88,7 +88,13 @@ pub(super) fn build_l1_initrd(
     } = *kernel_info;
     let job_json = serde_json::to_vec_pretty(inner_job)
         .map_err(|e| RunnerError::Prepare(format!("writing the inner job: {e}")))?;
-    let inner_args = ["run-job".to_string(), L1_JOB_PATH.to_string()];
+    // `--l2-qemu`: QEMU boots the guest instead of an inner hvprobe.
+    let (command, qemu) = if inner_job.l2_qemu {
+        ("l2-qemu", Some(super::qemu_l2::host_files()?))
+    } else {
+        ("run-job", None)
+    };
+    let inner_args = [command.to_string(), L1_JOB_PATH.to_string()];
     let (exe, libs, kernel) = (&image.exe, &image.libs, image.kernel);
     let file = fs::File::create(out).map_err(prep_err("creating the L1 initramfs"))?;
     let mut w = CpioWriter::new(BufWriter::new(file));
@@ -133,6 +139,16 @@ pub(super) fn build_l1_initrd(
         for a in &inner_args {
             args.extend_from_slice(a.as_bytes());
             args.push(0);
+        }
+        if let Some((files, data)) = &qemu {
+            for f in files {
+                add(w, &f.to_string_lossy(), &fs::read(f)?, 0o755)?;
+            }
+            for f in data {
+                let name = f.file_name().unwrap_or_default().to_string_lossy();
+                let at = format!("{}/{name}", super::qemu_l2::L1_QEMU_DATA);
+                add(w, at.trim_start_matches('/'), &fs::read(f)?, 0o644)?;
+            }
         }
         add(w, L1_ARGS_PATH, &args, 0o644)?;
         add(w, L1_JOB_PATH, &job_json, 0o644)?;

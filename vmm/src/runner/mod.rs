@@ -32,6 +32,7 @@ use crate::platform::platform;
 
 pub mod aarch64;
 mod l1image;
+pub mod qemu_l2;
 pub mod x86_64;
 
 use l1image::{L1Image, L2KernelInfo, build_l1_initrd};
