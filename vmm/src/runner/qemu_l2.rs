@@ -81,7 +81,10 @@ pub fn qemu_args(job: &Job, kernel: &Path, initrd: Option<&Path>) -> Vec<String>
     }
     // microvm has no keyboard controller for `reboot=k`: a triple fault resets it, and
     // `-no-reboot` makes that the end.
-    args.extend(["-append".into(), format!("{} reboot=t", job.effective_cmdline())]);
+    args.extend([
+        "-append".into(),
+        format!("{} reboot=t", job.effective_cmdline()),
+    ]);
     for (i, d) in job.disk.iter().enumerate() {
         let Ok(spec) = DiskSpec::parse(d) else {
             continue;
