@@ -92,12 +92,6 @@ pub enum Rootfs {
     SecondStage(PendingRootfs),
 }
 
-/// The cached root file system of `arch`, if one is built for the current package versions.
-pub fn cached(arch: GuestArch) -> Result<Option<PathBuf>, GuestError> {
-    let (done, _) = paths(&cache_dir(), arch)?;
-    Ok(done.exists().then_some(done))
-}
-
 /// The image of `arch`'s root file system, or the first stage of a new one (a few hundred
 /// MiB of downloads, a minute or so). Needs root (debootstrap) and the `debootstrap` and
 /// `e2fsprogs` packages.
