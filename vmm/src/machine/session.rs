@@ -822,7 +822,7 @@ impl ProbeSession {
     /// initramfs's `/init` becomes systemd).
     fn lasting_view(&self, regs: GuestRegisters, slide: u64) -> GuestRegisters {
         use probe_core::arch::Arch;
-        let (Some(root), Some((start, _))) = (self.setup.kernel_root, self.setup.text) else {
+        let Some(root) = self.setup.kernel_root else {
             return regs;
         };
         let mem = self.engine.memory();
@@ -831,19 +831,22 @@ impl ProbeSession {
             return regs;
         };
         match Guest::on_page_table_root(&regs, t.gpa) {
-            Some(own)
-                if read_guest_virtual::<Guest, _>(
-                    mem,
-                    &own,
-                    start.wrapping_add(slide),
-                    &mut [0u8; 1],
-                )
-                .is_ok() =>
-            {
-                own
-            }
+            Some(own) if self.reads_text(&own, slide) => own,
             _ => regs,
         }
+    }
+
+    /// Whether `regs` map the first byte of the kernel text (moved by `slide`).
+    fn reads_text(&self, regs: &GuestRegisters, slide: u64) -> bool {
+        self.setup.text.is_some_and(|(start, _)| {
+            read_guest_virtual::<Guest, _>(
+                self.engine.memory(),
+                regs,
+                start.wrapping_add(slide),
+                &mut [0u8; 1],
+            )
+            .is_ok()
+        })
     }
 
     /// The registers to read the kernel through: `regs` as they are, unless their vCPU was on
@@ -852,19 +855,11 @@ impl ProbeSession {
     /// switch of CR3) and the kernel's own page tables
     /// ([`probe_core::arch::Arch::kernel_page_tables`]) read its text.
     fn kernel_view(&self, regs: GuestRegisters, slide: u64) -> GuestRegisters {
-        let Some((start, _)) = self.setup.text else {
-            return regs;
-        };
-        let text = start.wrapping_add(slide);
-        let reads = |r: &GuestRegisters| {
-            let mut b = [0u8; 1];
-            read_guest_virtual::<Guest, _>(self.engine.memory(), r, text, &mut b).is_ok()
-        };
         // The kernel's page tables map all the user ones map of the kernel (its data too,
         // which the user ones lack even where they map its text), so they are taken when
         // they read the text at all.
         match <Guest as probe_core::arch::Arch>::kernel_page_tables(&regs) {
-            Some(k) if reads(&k) => k,
+            Some(k) if self.reads_text(&k, slide) => k,
             _ => regs,
         }
     }
