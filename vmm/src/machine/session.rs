@@ -99,7 +99,7 @@ pub struct ProbeSetup {
     pub protect_exemption: Option<ProtectExemption>,
     /// The regions `--integrity` checks (System.map's addresses), if it was asked for.
     pub integrity: Option<IntegrityRegions>,
-    /// Kernel text `[start, end)` (virtual), hashed before planting and after removal.
+    /// Kernel text `[start, end)` (virtual, System.map's), hashed before planting and after removal.
     pub text: Option<(u64, u64)>,
     /// XOL code pages to reserve.
     pub xol_pages: usize,
@@ -512,7 +512,7 @@ impl ProbeSession {
 
     /// The kernel text as it is now.
     fn read_text(&self, regs: &GuestRegisters) -> Option<Vec<u8>> {
-        let (start, end) = self.setup.text?;
+        let (start, end) = self.text()?;
         self.read_region(regs, start, end).ok()
     }
 
@@ -562,11 +562,7 @@ impl ProbeSession {
         };
         let mut regions = Vec::new();
         let slid = |(s, e): (u64, u64)| (s.wrapping_add(slide), e.wrapping_add(slide));
-        // Text is already slid (`apply_kaslr_slide`).
-        for (name, range) in [
-            ("text", self.setup.text),
-            ("rodata", wanted.rodata.map(slid)),
-        ] {
+        for (name, range) in [("text", self.text()), ("rodata", wanted.rodata.map(slid))] {
             let Some((start, end)) = range else { continue };
             match self.read_region(regs, start, end) {
                 Ok(bytes) => regions.push(RegionBaseline::new(name, start, &bytes)),
@@ -575,7 +571,7 @@ impl ProbeSession {
         }
         IntegrityBaseline {
             regions,
-            text: self.setup.text,
+            text: self.text(),
             syscall_table: wanted
                 .syscall_table
                 .map(|(at, n)| (at.wrapping_add(slide), n)),
@@ -636,13 +632,12 @@ impl ProbeSession {
     }
 
     pub(super) fn hash_text(&self, regs: &GuestRegisters) -> Option<u64> {
-        let (start, end) = self.setup.text?;
+        let (start, end) = self.text()?;
         hash_guest_virtual::<Guest, _>(self.engine.memory(), regs, start, end).ok()
     }
 
     /// Finds the running kernel's KASLR slide from the architecture's anchor register
-    /// (`running`) against System.map's address of its symbol, and moves the kernel text
-    /// range by it.
+    /// (`running`) against System.map's address of its symbol.
     fn apply_kaslr_slide(&mut self, running: u64) -> Result<(), PlantingError> {
         if self.setup.kaslr_anchors.is_empty() {
             return Ok(());
@@ -653,14 +648,16 @@ impl ProbeSession {
         self.report.kaslr_slide = Some(slide);
         self.report.kaslr_anchor = Some(anchor.to_string());
         self.setup.slide.store(slide, Ordering::SeqCst);
-        if slide != 0 {
-            // Probe addresses are moved as each is planted (`plant_one`).
-            if let Some((start, end)) = &mut self.setup.text {
-                *start = start.wrapping_add(slide);
-                *end = end.wrapping_add(slide);
-            }
-        }
         Ok(())
+    }
+
+    /// The running kernel's text range: System.map's moved by the KASLR slide. Every address
+    /// of the setup stays System.map's and is moved where it is used, so none is moved twice.
+    fn text(&self) -> Option<(u64, u64)> {
+        let slide = self.setup.slide.load(Ordering::SeqCst);
+        self.setup
+            .text
+            .map(|(s, e)| (s.wrapping_add(slide), e.wrapping_add(slide)))
     }
 
     /// When [`ProbeSession::tick`] has work next: a rate-capped site's window ends, or the
@@ -752,7 +749,7 @@ impl ProbeSession {
         }
         self.apply_kaslr_slide(state.kaslr_anchor)?;
         let slide = self.setup.slide.load(Ordering::SeqCst);
-        let regs = self.kernel_view(regs, slide);
+        let regs = self.kernel_view(regs);
         let regs = self.lasting_view(regs, slide);
         for (start, end, why) in self.setup.jump.iter().flat_map(|j| &j.excluded) {
             self.engine
@@ -805,7 +802,7 @@ impl ProbeSession {
         // Hashed whole (`text_before`, as `hash_text` hashes) and by block from one read.
         let text = self.read_text(&regs);
         self.text_before = text.as_deref().map(probe_core::integrity::fnv1a);
-        self.text_blocks = self.setup.text.zip(text).map(|((start, _), bytes)| {
+        self.text_blocks = self.text().zip(text).map(|((start, _), bytes)| {
             probe_core::integrity::RegionBaseline::new("text", start, &bytes)
         });
         if self.setup.integrity.is_some() {
@@ -831,21 +828,15 @@ impl ProbeSession {
             return regs;
         };
         match Guest::on_page_table_root(&regs, t.gpa) {
-            Some(own) if self.reads_text(&own, slide) => own,
+            Some(own) if self.reads_text(&own) => own,
             _ => regs,
         }
     }
 
-    /// Whether `regs` map the first byte of the kernel text (moved by `slide`).
-    fn reads_text(&self, regs: &GuestRegisters, slide: u64) -> bool {
-        self.setup.text.is_some_and(|(start, _)| {
-            read_guest_virtual::<Guest, _>(
-                self.engine.memory(),
-                regs,
-                start.wrapping_add(slide),
-                &mut [0u8; 1],
-            )
-            .is_ok()
+    /// Whether `regs` map the first byte of the running kernel's text.
+    fn reads_text(&self, regs: &GuestRegisters) -> bool {
+        self.text().is_some_and(|(start, _)| {
+            read_guest_virtual::<Guest, _>(self.engine.memory(), regs, start, &mut [0u8; 1]).is_ok()
         })
     }
 
@@ -854,12 +845,12 @@ impl ProbeSession {
     /// user process, and in kernel mode too on the entry and exit paths before and after the
     /// switch of CR3) and the kernel's own page tables
     /// ([`probe_core::arch::Arch::kernel_page_tables`]) read its text.
-    fn kernel_view(&self, regs: GuestRegisters, slide: u64) -> GuestRegisters {
+    fn kernel_view(&self, regs: GuestRegisters) -> GuestRegisters {
         // The kernel's page tables map all the user ones map of the kernel (its data too,
         // which the user ones lack even where they map its text), so they are taken when
         // they read the text at all.
         match <Guest as probe_core::arch::Arch>::kernel_page_tables(&regs) {
-            Some(k) if self.reads_text(&k, slide) => k,
+            Some(k) if self.reads_text(&k) => k,
             _ => regs,
         }
     }
