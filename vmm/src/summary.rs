@@ -216,6 +216,10 @@ pub struct ExitSummary {
     /// Writes to protected bytes by `--protect-allow` writers: made, not reported.
     #[serde(default)]
     pub exempted_writes: u64,
+    /// Device requests (virtio-blk reads) refused because they would have written read-only
+    /// guest memory: protected pages or hvprobe's code (not exits: the devices' own count).
+    #[serde(default)]
+    pub device_writes_refused: u64,
     /// Sites hit, by step plan.
     pub hits_by_plan: Vec<(PlanKind, u64)>,
     /// Register reads made while handling the exits (arm64: `KVM_GET_ONE_REG` calls; x86_64:
@@ -231,7 +235,7 @@ impl ExitSummary {
     /// The counts as `name=N` pairs, as the summary line and `hvprobe stats` print them.
     pub fn counts(&self) -> String {
         format!(
-            "breakpoint={} hw_breakpoint={} slot_trap={} return={} reinjected={} reinjected_debug={} abandoned_steps={} emulation_fallbacks={} rate_capped={} slot_exceptions={} watch_steps={} protected_writes={} neighbour_writes={} emulated_stores={} exempted_writes={}",
+            "breakpoint={} hw_breakpoint={} slot_trap={} return={} reinjected={} reinjected_debug={} abandoned_steps={} emulation_fallbacks={} rate_capped={} slot_exceptions={} watch_steps={} protected_writes={} neighbour_writes={} emulated_stores={} exempted_writes={} device_writes_refused={}",
             self.breakpoints,
             self.hw_breakpoints,
             self.slot_traps,
@@ -246,12 +250,18 @@ impl ExitSummary {
             self.protected_writes,
             self.neighbour_writes,
             self.emulated_stores,
-            self.exempted_writes
+            self.exempted_writes,
+            self.device_writes_refused
         )
     }
 
-    /// The engine's exit counts `e` and the register ioctls (reads, writes) made for them.
-    pub fn new(e: &probe_core::engine::ExitStats, (reads, writes): (u64, u64)) -> ExitSummary {
+    /// The engine's exit counts `e`, the register ioctls (reads, writes) made for them and
+    /// the device writes refused.
+    pub fn new(
+        e: &probe_core::engine::ExitStats,
+        (reads, writes): (u64, u64),
+        device_writes_refused: u64,
+    ) -> ExitSummary {
         ExitSummary {
             breakpoints: e.breakpoints,
             hw_breakpoints: e.hw_breakpoints,
@@ -268,6 +278,7 @@ impl ExitSummary {
             neighbour_writes: e.neighbour_writes,
             emulated_stores: e.emulated_stores,
             exempted_writes: e.exempted_writes,
+            device_writes_refused,
             hits_by_plan: e.hits_by_plan.clone(),
             register_reads: reads,
             register_writes: writes,
@@ -577,7 +588,7 @@ impl RunSummary {
                 .map(|p| p.stats.iter().map(ProbeSummary::new).collect())
                 .unwrap_or_default(),
             exits: probes
-                .map(|p| ExitSummary::new(&p.exits, p.register_ioctls))
+                .map(|p| ExitSummary::new(&p.exits, p.register_ioctls, p.device_writes_refused))
                 .unwrap_or_default(),
             jump_dropped: probes
                 .and_then(|p| p.jump_dropped)

@@ -19,7 +19,7 @@ use crate::devices::serial::SerialPort;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::{MMIO_LEN, MmioTransport, NOTIFY_OFFSET};
 use crate::devices::virtio::{DiskError, DiskSpec, OpenDisk, VirtioIrq, open_disks};
-use crate::devices::{MmioBus, PioBus};
+use crate::devices::{MmioBus, PioBus, ReadOnlyRam};
 
 /// Errors while building the VM. Each names the input or the KVM call that failed.
 #[derive(Debug, thiserror::Error)]
@@ -200,10 +200,11 @@ impl Vm {
 
 /// Puts a virtio-blk device serving `disk` (the guest's `index`th) on the MMIO bus at `base`
 /// (a page), interrupting on `gsi` through an irqfd; queue notifications go to its I/O thread
-/// through an ioeventfd, so they never exit to user space.
+/// through an ioeventfd, so they never exit to user space. The device writes no guest memory
+/// that `read_only` holds.
 pub fn attach_block_device(
     fd: &VmFd,
-    memory: &GuestMemoryMmap,
+    (memory, read_only): (&GuestMemoryMmap, &Arc<ReadOnlyRam>),
     mmio: &mut MmioBus,
     (disk, index): (OpenDisk, usize),
     base: u64,
@@ -212,8 +213,12 @@ pub fn attach_block_device(
     let irq = VirtioIrq::new().map_err(VmError::EventFd)?;
     fd.register_irqfd(&irq.evt, gsi)
         .map_err(kvm_err("KVM_IRQFD (virtio-blk)"))?;
-    let transport = MmioTransport::new(Box::new(Block::new(disk, index)), memory.clone(), irq)
-        .map_err(|e| VmError::Device(e.to_string()))?;
+    let transport = MmioTransport::new(
+        Box::new(Block::new(disk, index, read_only.clone())),
+        memory.clone(),
+        irq,
+    )
+    .map_err(|e| VmError::Device(e.to_string()))?;
     fd.register_ioevent(
         transport.notify_event(),
         &IoEventAddress::Mmio(base + NOTIFY_OFFSET),
@@ -252,6 +257,8 @@ pub struct MemorySlots {
     free: Vec<u32>,
     /// The next slot number never used.
     next: u32,
+    /// What of guest RAM the guest may not write, for the devices to honour too.
+    read_only: Arc<ReadOnlyRam>,
 }
 
 struct RamSlots {
@@ -308,6 +315,11 @@ fn set_slot(
 }
 
 impl MemorySlots {
+    /// What of guest RAM the guest may not write, shared with the devices.
+    pub fn read_only(&self) -> Arc<ReadOnlyRam> {
+        self.read_only.clone()
+    }
+
     /// Makes the guest physical page ranges `protected` (page-aligned) read-only to the guest
     /// and the rest of RAM writable again: only the regions whose pieces change are redone,
     /// each by deleting its slots and adding the new pieces. Every vCPU must be out of
@@ -320,6 +332,9 @@ impl MemorySlots {
         {
             return Err(SlotError::OutsideRam(page));
         }
+        // Devices refuse the new pages from now on, and a failure below leaves them refused
+        // until the caller puts the old set back.
+        self.read_only.set_protected(protected);
         for r in &mut self.ram {
             let layout = probe_core::protect::slot_layout(r.gpa, r.len, protected);
             if r.pieces.iter().map(|(_, p)| *p).eq(layout.iter().copied()) {
@@ -425,6 +440,13 @@ pub fn register_memory(
         }
     }
     let next = slots.len() as u32;
+    let read_only = Arc::new(ReadOnlyRam::new(
+        slots
+            .iter()
+            .filter(|s| s.3 & kvm_bindings::KVM_MEM_READONLY != 0)
+            .map(|&(gpa, len, _, _)| (gpa, gpa + len))
+            .collect(),
+    ));
     for (slot, (gpa, len, host, flags)) in slots.into_iter().enumerate() {
         set_slot(fd, slot as u32, gpa, len, host, flags)
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
@@ -434,5 +456,6 @@ pub fn register_memory(
         ram,
         free: Vec::new(),
         next,
+        read_only,
     })
 }

@@ -12,7 +12,8 @@ pub mod i8042;
 pub mod serial;
 pub mod virtio;
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// A device on a bus. `offset` is relative to the start of its range.
 pub trait BusDevice: Send {
@@ -102,5 +103,90 @@ mod tests {
         assert_eq!(b[0], 11);
         mmio.read(0x0900_1000, &mut b);
         assert_eq!(b[0], 0xff);
+    }
+}
+
+/// Guest physical ranges the guest may not write: hvprobe's XOL code pages and the pages
+/// `--protect` made read-only. The vCPUs see them read-only through their memslots; devices
+/// that write guest memory (virtio-blk's reads) ask here first and refuse, so a device's DMA
+/// is no way around a protection or into hvprobe's code.
+#[derive(Debug, Default)]
+pub struct ReadOnlyRam {
+    /// Read-only for the whole run (the XOL code pages).
+    fixed: Vec<(u64, u64)>,
+    /// `--protect`'s pages now, `[start, end)`; changed with every vCPU paused.
+    protected: RwLock<Vec<(u64, u64)>>,
+    /// Device writes refused so far.
+    refused: AtomicU64,
+}
+
+impl ReadOnlyRam {
+    /// Guest memory with `fixed` (`[start, end)` ranges) read-only and nothing protected yet.
+    pub fn new(fixed: Vec<(u64, u64)>) -> ReadOnlyRam {
+        ReadOnlyRam {
+            fixed,
+            ..ReadOnlyRam::default()
+        }
+    }
+
+    /// Makes `pages` (`[start, end)`) the protected ones.
+    pub fn set_protected(&self, pages: &[(u64, u64)]) {
+        *self.protected.write().unwrap_or_else(|e| e.into_inner()) = pages.to_vec();
+    }
+
+    /// The first guest physical address of `[gpa, gpa + len)` the guest may not write.
+    pub fn first_read_only(&self, gpa: u64, len: u64) -> Option<u64> {
+        let end = gpa.saturating_add(len);
+        let protected = self.protected.read().unwrap_or_else(|e| e.into_inner());
+        self.fixed
+            .iter()
+            .chain(protected.iter())
+            .filter(|&&(s, e)| s < end && gpa < e)
+            .map(|&(s, _)| s.max(gpa))
+            .min()
+    }
+
+    /// Counts a refused device write; returns how many there were, this one included.
+    pub fn count_refusal(&self) -> u64 {
+        self.refused.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Device writes refused so far.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod read_only_ram_tests {
+    use super::ReadOnlyRam;
+
+    #[test]
+    fn a_range_touching_a_read_only_byte_names_its_first_one() {
+        let ram = ReadOnlyRam::new(vec![(0x10_0000, 0x10_2000)]);
+        assert_eq!(
+            ram.first_read_only(0x0f_f000, 0x1000),
+            None,
+            "ends at the start"
+        );
+        assert_eq!(ram.first_read_only(0x0f_f800, 0x1000), Some(0x10_0000));
+        assert_eq!(ram.first_read_only(0x10_1ff0, 0x100), Some(0x10_1ff0));
+        assert_eq!(
+            ram.first_read_only(0x10_2000, 0x1000),
+            None,
+            "starts at the end"
+        );
+        ram.set_protected(&[(0x5000, 0x6000)]);
+        assert_eq!(ram.first_read_only(0x4000, 0x3000), Some(0x5000));
+        ram.set_protected(&[]);
+        assert_eq!(
+            ram.first_read_only(0x4000, 0x3000),
+            None,
+            "protection lifted"
+        );
+        assert_eq!(
+            (ram.count_refusal(), ram.count_refusal(), ram.refused()),
+            (1, 2, 2)
+        );
     }
 }

@@ -180,7 +180,11 @@ impl ProbeSession {
         StatsReply {
             uptime_s: started.elapsed().as_secs_f64(),
             probes: self.engine.stats().len(),
-            exits: ExitSummary::new(&self.engine.exit_stats(), self.register_ioctls.counts()),
+            exits: ExitSummary::new(
+                &self.engine.exit_stats(),
+                self.register_ioctls.counts(),
+                self.device_writes_refused(),
+            ),
             vcpus,
             changes: self.pauses.changes,
             longest_pause_us: self.pauses.longest.as_micros() as u64,

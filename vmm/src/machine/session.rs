@@ -242,6 +242,8 @@ pub struct ProbeReport {
     pub exits: ExitStats,
     /// Register ioctls (reads, writes) made while handling the exits.
     pub register_ioctls: (u64, u64),
+    /// Device writes refused because they would have written read-only guest memory.
+    pub device_writes_refused: u64,
     /// When the probes went in, from VM start.
     pub planted_at: Option<Duration>,
     /// Kernel text hashes.
@@ -489,6 +491,12 @@ impl ProbeSession {
             }
         }
         self.protection_applied = generation;
+    }
+
+    /// Device writes refused so far because they would have written read-only guest memory.
+    pub(super) fn device_writes_refused(&self) -> u64 {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.read_only().refused()
     }
 
     /// What the vCPU threads share of it.
@@ -1009,6 +1017,7 @@ impl ProbeSession {
         }
         self.report.exits = self.engine.exit_stats();
         self.report.register_ioctls = self.register_ioctls.counts();
+        self.report.device_writes_refused = self.device_writes_refused();
         self.report.vcpus = self.vcpus.iter().map(VcpuCounts::snapshot).collect();
         self.report.traps = Some(self.setup.traps.clone());
         self.report

@@ -131,7 +131,14 @@ pub fn create_vm(
             VIRTIO_MMIO_BASE + i as u64 * MMIO_LEN,
             VIRTIO_MMIO_SPI + i as u32,
         );
-        attach_block_device(&fd, &memory, &mut mmio, (disk, i), base, spi)?;
+        attach_block_device(
+            &fd,
+            (&memory, &slots.read_only()),
+            &mut mmio,
+            (disk, i),
+            base,
+            spi,
+        )?;
         virtio.push((base, MMIO_LEN, spi));
     }
 

@@ -124,7 +124,14 @@ pub fn create_vm(
 
     let mut mmio = MmioBus::default();
     for (i, (disk, v)) in disks.into_iter().zip(&virtio).enumerate() {
-        attach_block_device(&fd, &memory, &mut mmio, (disk, i), v.base, v.gsi)?;
+        attach_block_device(
+            &fd,
+            (&memory, &slots.read_only()),
+            &mut mmio,
+            (disk, i),
+            v.base,
+            v.gsi,
+        )?;
     }
 
     let supported = kvm

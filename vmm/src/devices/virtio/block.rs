@@ -9,6 +9,7 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use virtio_bindings::virtio_blk::{
@@ -26,6 +27,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::mmio::{Activation, VirtioBackend};
 use super::{ActivateError, OpenDisk, SECTOR, VirtioIrq};
+use crate::devices::ReadOnlyRam;
 
 /// Entries in the one request queue (Firecracker's and QEMU's default).
 pub const QUEUE_SIZE: u16 = 256;
@@ -169,22 +171,46 @@ fn advance(iov: &mut [libc::iovec], mut n: usize) -> &mut [libc::iovec] {
     rest
 }
 
+/// Refused device writes into read-only guest memory reported one line each, up to this
+/// many; the rest are counted only.
+const REFUSALS_REPORTED: u64 = 10;
+
 /// A disk's requests, executed against its image.
 pub struct RequestExecutor {
     file: File,
     sectors: u64,
     read_only: bool,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    /// Guest memory the device may not write.
+    guest_read_only: Arc<ReadOnlyRam>,
+    /// The disk's place on the command line, for messages.
+    index: usize,
 }
 
 impl RequestExecutor {
-    fn new(disk: &OpenDisk, id: [u8; VIRTIO_BLK_ID_BYTES as usize]) -> std::io::Result<Self> {
+    fn new(
+        disk: &OpenDisk,
+        (id, index): ([u8; VIRTIO_BLK_ID_BYTES as usize], usize),
+        guest_read_only: Arc<ReadOnlyRam>,
+    ) -> std::io::Result<Self> {
         Ok(RequestExecutor {
             // The same open file (and flock) as the disk's.
             file: disk.file.try_clone()?,
             sectors: disk.sectors,
             read_only: disk.read_only,
             id,
+            guest_read_only,
+            index,
+        })
+    }
+
+    /// The first byte of the chain's device-writable buffers that the guest may not write
+    /// (a protected page, hvprobe's code), if any: such a request is refused whole, so a
+    /// device is no way around `--protect`.
+    fn writes_read_only(&self, chain: &DescriptorChain<&GuestMemoryMmap>) -> Option<u64> {
+        chain.clone().writable().find_map(|d| {
+            self.guest_read_only
+                .first_read_only(d.addr().0, d.len().into())
         })
     }
 
@@ -207,6 +233,27 @@ impl RequestExecutor {
         let Ok(mut status) = writer.split_at(data_len) else {
             return 0;
         };
+        if let Some(gpa) = self.writes_read_only(&chain) {
+            let n = self.guest_read_only.count_refusal();
+            if n <= REFUSALS_REPORTED {
+                eprintln!(
+                    "hvprobe: virtio-blk disk {}: refused a request that would write read-only guest memory at {gpa:#x} (a protected page or hvprobe's code); the guest sees an I/O error{}",
+                    self.index,
+                    if n == REFUSALS_REPORTED {
+                        " (further refusals are counted, not shown)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            // The status byte may be read-only itself: then nothing at all is written.
+            let last = chain.clone().writable().last();
+            let status_at = last.map(|d| d.addr().0 + u64::from(d.len()) - 1);
+            return match status_at.and_then(|a| self.guest_read_only.first_read_only(a, 1)) {
+                None if status.write_all(&[VIRTIO_BLK_S_IOERR as u8]).is_ok() => 1,
+                _ => 0,
+            };
+        }
         let (code, written) = self.request(memory, &chain, &mut reader, &mut writer);
         if status.write_all(&[code as u8]).is_err() {
             return written as u32;
@@ -382,16 +429,21 @@ struct Running {
 pub struct Block {
     disk: OpenDisk,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    index: usize,
+    guest_read_only: Arc<ReadOnlyRam>,
     running: Option<Running>,
 }
 
 impl Block {
-    /// A device serving `disk`, the `index`th of the guest's.
-    pub fn new(disk: OpenDisk, index: usize) -> Block {
+    /// A device serving `disk`, the `index`th of the guest's, that writes no guest memory
+    /// `guest_read_only` holds.
+    pub fn new(disk: OpenDisk, index: usize, guest_read_only: Arc<ReadOnlyRam>) -> Block {
         let id = disk_id(&disk, index);
         Block {
             disk,
             id,
+            index,
+            guest_read_only,
             running: None,
         }
     }
@@ -440,7 +492,12 @@ impl VirtioBackend for Block {
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
         self.reset();
-        let executor = RequestExecutor::new(&self.disk, self.id).map_err(ActivateError::Image)?;
+        let executor = RequestExecutor::new(
+            &self.disk,
+            (self.id, self.index),
+            self.guest_read_only.clone(),
+        )
+        .map_err(ActivateError::Image)?;
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::EventFd)?;
         let stop_theirs = stop.try_clone().map_err(ActivateError::EventFd)?;
         let io = IoThread {
@@ -629,7 +686,7 @@ mod tests {
         let path = image("rw.img", 64);
         let disk = open(&path, false);
         let id = disk_id(&disk, 3);
-        let mut ex = RequestExecutor::new(&disk, id).unwrap();
+        let mut ex = RequestExecutor::new(&disk, (id, 3), Arc::default()).unwrap();
         let memory = memory();
         let mut d = Driver::new(&memory);
         // Read sectors 3 and 4 into two segments.
@@ -689,7 +746,7 @@ mod tests {
         // segments that are not whole sectors.
         let path = image("layout.img", 16);
         let disk = open(&path, false);
-        let mut ex = RequestExecutor::new(&disk, disk_id(&disk, 0)).unwrap();
+        let mut ex = RequestExecutor::new(&disk, (disk_id(&disk, 0), 0), Arc::default()).unwrap();
         let memory = memory();
         let mut d = Driver::new(&memory);
         let data: Vec<u8> = (0..1024u32).map(|i| (i * 7 + 1) as u8).collect();
@@ -727,6 +784,87 @@ mod tests {
     }
 
     #[test]
+    fn requests_that_would_write_read_only_guest_memory_are_refused_and_write_nothing() {
+        let path = image("ro-guest.img", 16);
+        let disk = open(&path, false);
+        let guest_read_only = Arc::new(ReadOnlyRam::new(vec![(DATA + 0x8000, DATA + 0x9000)]));
+        guest_read_only.set_protected(&[(DATA + 0x1000, DATA + 0x2000)]);
+        let mut ex =
+            RequestExecutor::new(&disk, (disk_id(&disk, 0), 0), guest_read_only.clone()).unwrap();
+        let memory = memory();
+        let mut d = Driver::new(&memory);
+        memory
+            .write_slice(&[0x5a; 0x3000], GuestAddress(DATA))
+            .unwrap();
+        // A read whose second segment is a protected page; a get-id into hvprobe's code; a
+        // read whose status byte is protected; a write from a protected page (a read of
+        // guest memory: allowed); a read beside the protected page.
+        header(&memory, HDR, VIRTIO_BLK_T_IN, 1);
+        d.post(&[
+            (HDR, 16, false),
+            (DATA, 512, true),
+            (DATA + 0x1000, 512, true),
+            (STATUS, 1, true),
+        ]);
+        header(&memory, HDR + 0x100, VIRTIO_BLK_T_GET_ID, 0);
+        d.post(&[
+            (HDR + 0x100, 16, false),
+            (DATA + 0x8000, 20, true),
+            (STATUS + 1, 1, true),
+        ]);
+        header(&memory, HDR + 0x200, VIRTIO_BLK_T_IN, 2);
+        d.post(&[
+            (HDR + 0x200, 16, false),
+            (DATA + 0x2000, 512, true),
+            (DATA + 0x1fff, 1, true),
+        ]);
+        header(&memory, HDR + 0x300, VIRTIO_BLK_T_OUT, 3);
+        d.post(&[
+            (HDR + 0x300, 16, false),
+            (DATA + 0x1000, 512, false),
+            (STATUS + 3, 1, true),
+        ]);
+        header(&memory, HDR + 0x400, VIRTIO_BLK_T_IN, 4);
+        d.post(&[
+            (HDR + 0x400, 16, false),
+            (DATA + 0x2000, 512, true),
+            (STATUS + 4, 1, true),
+        ]);
+        let used = run(&mut ex, &memory, 5);
+        assert_eq!(
+            used.iter().map(|u| u.1).collect::<Vec<_>>(),
+            [1, 1, 0, 1, 513]
+        );
+        assert_eq!(status(&memory, STATUS), VIRTIO_BLK_S_IOERR);
+        assert_eq!(status(&memory, STATUS + 1), VIRTIO_BLK_S_IOERR);
+        assert_eq!(status(&memory, STATUS + 3), VIRTIO_BLK_S_OK);
+        assert_eq!(status(&memory, STATUS + 4), VIRTIO_BLK_S_OK);
+        assert_eq!(guest_read_only.refused(), 3);
+        let mut got = vec![0u8; 0x3000];
+        memory.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        assert!(
+            got[..0x2000].iter().all(|&b| b == 0x5a),
+            "the refused reads wrote nothing"
+        );
+        assert_eq!(
+            &got[0x2000..0x2200],
+            &[4; 512][..],
+            "the last read beside it was made"
+        );
+        let mut id = [0u8; 20];
+        memory
+            .read_slice(&mut id, GuestAddress(DATA + 0x8000))
+            .unwrap();
+        assert_eq!(id, [0; 20]);
+        let file = std::fs::read(&path).unwrap();
+        assert_eq!(
+            &file[3 * 512..4 * 512],
+            &[0x5a; 512][..],
+            "the write was made"
+        );
+    }
+
+    #[test]
     fn a_short_transfer_resumes_at_the_first_byte_not_moved() {
         let mut bufs = [[0u8; 8]; 3];
         let mut iov: Vec<libc::iovec> = bufs
@@ -750,7 +888,7 @@ mod tests {
         let path = image("bad.img", 8);
         let before = std::fs::read(&path).unwrap();
         let disk = open(&path, false);
-        let mut ex = RequestExecutor::new(&disk, disk_id(&disk, 0)).unwrap();
+        let mut ex = RequestExecutor::new(&disk, (disk_id(&disk, 0), 0), Arc::default()).unwrap();
         let memory = memory();
         let mut d = Driver::new(&memory);
         // Past the end; a length that is not whole sectors; an unknown type; a header too short.
@@ -813,9 +951,9 @@ mod tests {
         let path = image("ro.img", 8);
         let before = std::fs::read(&path).unwrap();
         let disk = open(&path, true);
-        let block = Block::new(open(&path, true), 0);
+        let block = Block::new(open(&path, true), 0, Arc::default());
         assert_ne!(block.features() & 1 << VIRTIO_BLK_F_RO, 0);
-        let mut ex = RequestExecutor::new(&disk, disk_id(&disk, 0)).unwrap();
+        let mut ex = RequestExecutor::new(&disk, (disk_id(&disk, 0), 0), Arc::default()).unwrap();
         let memory = memory();
         let mut d = Driver::new(&memory);
         header(&memory, HDR, VIRTIO_BLK_T_OUT, 0);
@@ -839,7 +977,7 @@ mod tests {
     #[test]
     fn the_config_space_gives_capacity_and_seg_max() {
         let path = image("cfg.img", 24);
-        let block = Block::new(open(&path, false), 0);
+        let block = Block::new(open(&path, false), 0, Arc::default());
         let mut cap = [0u8; 8];
         block.read_config(0, &mut cap);
         assert_eq!(u64::from_le_bytes(cap), 24);
@@ -874,7 +1012,7 @@ mod tests {
         let memory = memory();
         let irq = VirtioIrq::new().unwrap();
         let mut t = MmioTransport::new(
-            Box::new(Block::new(open(&path, false), 0)),
+            Box::new(Block::new(open(&path, false), 0, Arc::default())),
             memory.clone(),
             irq.clone(),
         )
