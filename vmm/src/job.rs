@@ -78,8 +78,8 @@ pub struct Job {
     #[arg(long, value_name = "IMAGE", num_args = 0..=1, default_missing_value = "")]
     #[serde(default)]
     pub rootfs: Option<String>,
-    /// Emulated runner, x86_64, no probes: run the guest under QEMU (`-accel kvm`, its
-    /// `microvm` machine and devices) inside L1 instead of hvprobe's VMM, as a yardstick for
+    /// Emulated runner, no probes: run the guest under QEMU (`-accel kvm`, its `microvm` or
+    /// `virt` machine and devices) inside L1 instead of hvprobe's VMM, as a yardstick for
     /// hvprobe's devices (`benches/disk.rs`).
     #[arg(long, hide = true)]
     #[serde(default)]
@@ -713,13 +713,12 @@ impl Job {
             self.ring_records().map_err(|e| anyhow::anyhow!(e))?;
         }
         if self.l2_qemu
-            && (self.guest_arch() != hvprobe_guest::GuestArch::X86_64
-                || self.runner == RunnerChoice::Host
+            && (self.runner == RunnerChoice::Host
                 || !self.probes.is_empty()
                 || self.api_socket.is_some())
         {
             bail!(
-                "--l2-qemu runs an x86_64 guest under QEMU inside the emulated runner, without probes or an API socket"
+                "--l2-qemu runs the guest under QEMU inside the emulated runner, without probes or an API socket"
             );
         }
         if self.rootfs.is_some() && self.kernel.is_some() && self.initrd.is_none() {

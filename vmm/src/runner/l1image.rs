@@ -90,7 +90,7 @@ pub(super) fn build_l1_initrd(
         .map_err(|e| RunnerError::Prepare(format!("writing the inner job: {e}")))?;
     // `--l2-qemu`: QEMU boots the guest instead of an inner hvprobe.
     let (command, qemu) = if inner_job.l2_qemu {
-        ("l2-qemu", Some(super::qemu_l2::host_files()?))
+        ("l2-qemu", Some(super::qemu_l2::host_files(image.arch)?))
     } else {
         ("run-job", None)
     };
@@ -140,15 +140,8 @@ pub(super) fn build_l1_initrd(
             args.extend_from_slice(a.as_bytes());
             args.push(0);
         }
-        if let Some((files, data)) = &qemu {
-            for f in files {
-                add(w, &f.to_string_lossy(), &fs::read(f)?, 0o755)?;
-            }
-            for f in data {
-                let name = f.file_name().unwrap_or_default().to_string_lossy();
-                let at = format!("{}/{name}", super::qemu_l2::L1_QEMU_DATA);
-                add(w, at.trim_start_matches('/'), &fs::read(f)?, 0o644)?;
-            }
+        for (host, at, mode) in qemu.iter().flatten() {
+            add(w, at.trim_start_matches('/'), &fs::read(host)?, *mode)?;
         }
         add(w, L1_ARGS_PATH, &args, 0o644)?;
         add(w, L1_JOB_PATH, &job_json, 0o644)?;

@@ -1,73 +1,150 @@
 //! QEMU as the L2 VMM inside the emulated runner, in hvprobe's place: the yardstick for
 //! hvprobe's devices (`benches/disk.rs` compares virtio-blk throughput). Same L1, same guest
-//! kernel and initramfs, same command line, same disk images; QEMU's `microvm` machine with
-//! ACPI, which describes its virtio-mmio devices in the DSDT as hvprobe does, so the guest
-//! drives the same transport with the same drivers. x86_64 only: L1 runs the host's own
-//! `qemu-system-x86_64` with its shared libraries (an arm64 L1 would need an arm64 QEMU).
+//! kernel and initramfs, same command line, same disk images, and the same transport: every
+//! disk a virtio-blk device on virtio-mmio. x86_64: QEMU's `microvm` machine with ACPI, which
+//! describes its virtio-mmio devices in the DSDT as hvprobe does, run from the host's own
+//! `qemu-system-x86_64` and its shared libraries. arm64: the `virt` machine (virtio-mmio nodes
+//! in its FDT), run from Debian's arm64 build of the same QEMU version with its libraries
+//! ([`hvprobe_guest::qemu::arm64_qemu`]), since the host's QEMU is an x86_64 binary.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use hvprobe_guest::GuestArch;
+
 use super::RunnerError;
 use crate::devices::virtio::DiskSpec;
 use crate::job::Job;
 
-/// Where the QEMU binary is, in L1 as on the host.
-pub const QEMU: &str = "/usr/bin/qemu-system-x86_64";
-/// QEMU's data directory in L1 (`-L`): the firmware of its `microvm` machine (qboot) and the
-/// option ROM that loads a `-kernel`.
+/// QEMU's data directory in L1 (`-L`): the firmware of x86's `microvm` machine (qboot) and the
+/// option ROM that loads a `-kernel`; on arm64 the shared libraries of the arm64 QEMU.
 pub const L1_QEMU_DATA: &str = "/hvprobe/qemu";
-/// The files of [`L1_QEMU_DATA`].
-const DATA_FILES: &[&str] = &["bios-microvm.bin", "linuxboot_dma.bin"];
+/// The files x86's [`L1_QEMU_DATA`] holds.
+const X86_DATA_FILES: &[&str] = &["bios-microvm.bin", "linuxboot_dma.bin"];
 
-/// The host files L1 needs to run QEMU: the binary with its shared libraries (at their own
-/// paths), and the data files (for [`L1_QEMU_DATA`]).
-pub fn host_files() -> Result<(Vec<PathBuf>, Vec<PathBuf>), RunnerError> {
-    if !Path::new(QEMU).is_file() {
+/// Where the QEMU binary for `arch` guests is, in L1 (and on an x86_64 host).
+pub fn qemu_binary(arch: GuestArch) -> &'static str {
+    match arch {
+        GuestArch::X86_64 => "/usr/bin/qemu-system-x86_64",
+        GuestArch::Aarch64 => "/usr/bin/qemu-system-aarch64",
+    }
+}
+
+/// One file L1 needs to run QEMU: its path on the host, its path in L1, its mode.
+pub type L1File = (PathBuf, String, u32);
+
+/// The host files L1 needs to run QEMU for `arch` guests, with their places in L1.
+pub fn host_files(arch: GuestArch) -> Result<Vec<L1File>, RunnerError> {
+    match arch {
+        GuestArch::X86_64 => x86_host_files(),
+        GuestArch::Aarch64 => arm64_host_files(),
+    }
+}
+
+/// The host's `qemu-system-x86_64` with its shared libraries at their own paths, and the data
+/// files in [`L1_QEMU_DATA`].
+fn x86_host_files() -> Result<Vec<L1File>, RunnerError> {
+    let qemu = qemu_binary(GuestArch::X86_64);
+    if !Path::new(qemu).is_file() {
         return Err(RunnerError::Prepare(format!(
-            "--l2-qemu needs {QEMU} on the host (qemu-system-x86)"
+            "--l2-qemu needs {qemu} on the host (qemu-system-x86)"
         )));
     }
-    let mut files = vec![PathBuf::from(QEMU)];
-    files.extend(super::l1image::shared_libraries(Path::new(QEMU))?);
-    let data = DATA_FILES
-        .iter()
-        .map(|name| {
-            ["/usr/share/qemu", "/usr/share/seabios"]
-                .iter()
-                .map(|d| Path::new(d).join(name))
-                .find(|p| p.is_file())
-                .ok_or_else(|| RunnerError::Prepare(format!("--l2-qemu needs QEMU's {name}")))
+    let mut files = vec![PathBuf::from(qemu)];
+    files.extend(super::l1image::shared_libraries(Path::new(qemu))?);
+    let mut out: Vec<L1File> = files
+        .into_iter()
+        .map(|f| {
+            let at = f.to_string_lossy().into_owned();
+            (f, at, 0o755)
         })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((files, data))
+        .collect();
+    for name in X86_DATA_FILES {
+        let f = ["/usr/share/qemu", "/usr/share/seabios"]
+            .iter()
+            .map(|d| Path::new(d).join(name))
+            .find(|p| p.is_file())
+            .ok_or_else(|| RunnerError::Prepare(format!("--l2-qemu needs QEMU's {name}")))?;
+        out.push((f, format!("{L1_QEMU_DATA}/{name}"), 0o644));
+    }
+    Ok(out)
+}
+
+/// Debian's arm64 build of the host's QEMU version (the runner's own `qemu-system-arm`
+/// package): the binary, its loader where the binary looks for it, and its libraries in
+/// [`L1_QEMU_DATA`] (found through `LD_LIBRARY_PATH`).
+fn arm64_host_files() -> Result<Vec<L1File>, RunnerError> {
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Version}", "qemu-system-arm"])
+        .output()
+        .map_err(|e| RunnerError::Prepare(format!("dpkg-query: {e}")))?;
+    let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if !out.status.success() || version.is_empty() {
+        return Err(RunnerError::Prepare(
+            "--l2-qemu on arm64 takes the version of the host's qemu-system-arm package, which is not installed".into(),
+        ));
+    }
+    let bundle = hvprobe_guest::qemu::arm64_qemu(&hvprobe_guest::cache_dir(), &version)
+        .map_err(|e| RunnerError::Prepare(format!("--l2-qemu: {e}")))?;
+    let mut out = vec![
+        (
+            bundle.binary.clone(),
+            qemu_binary(GuestArch::Aarch64).to_string(),
+            0o755,
+        ),
+        (
+            bundle.loader.clone(),
+            format!("/lib/{}", hvprobe_guest::qemu::ARM64_LOADER),
+            0o755,
+        ),
+    ];
+    for lib in &bundle.libraries {
+        let name = lib.file_name().unwrap_or_default().to_string_lossy();
+        out.push((lib.clone(), format!("{L1_QEMU_DATA}/{name}"), 0o755));
+    }
+    Ok(out)
+}
+
+/// The machine and CPU arguments for `arch`.
+fn machine_args(arch: GuestArch) -> &'static [&'static str] {
+    match arch {
+        GuestArch::X86_64 => &["-M", "microvm,acpi=on", "-accel", "kvm", "-cpu", "host"],
+        GuestArch::Aarch64 => &["-M", "virt,gic-version=3", "-accel", "kvm", "-cpu", "host"],
+    }
+}
+
+/// The guest's command line under QEMU: hvprobe's, with what QEMU's machine needs instead.
+/// x86's microvm has no keyboard controller for `reboot=k`: a triple fault resets it, and
+/// `-no-reboot` makes that the end. arm64's `virt` has a PL011 UART, not an ns16550a.
+fn qemu_cmdline(job: &Job) -> String {
+    let cmdline = job.effective_cmdline();
+    match job.guest_arch() {
+        GuestArch::X86_64 => format!("{cmdline} reboot=t"),
+        GuestArch::Aarch64 => cmdline.replacen("console=ttyS0", "console=ttyAMA0", 1),
+    }
 }
 
 /// QEMU's arguments for `job` (its disks already L1's device nodes): the L2 guest's kernel
 /// and initramfs as hvprobe would boot them, each disk a virtio-blk device on virtio-mmio
 /// with the serial number the default guest's `/init` looks for, the console on stdio.
 pub fn qemu_args(job: &Job, kernel: &Path, initrd: Option<&Path>) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "-M",
-        "microvm,acpi=on",
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-no-reboot",
-        "-serial",
-        "stdio",
-        "-L",
-        L1_QEMU_DATA,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args: Vec<String> = machine_args(job.guest_arch())
+        .iter()
+        .copied()
+        .chain([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+            "-serial",
+            "stdio",
+            "-L",
+            L1_QEMU_DATA,
+        ])
+        .map(|s| s.to_string())
+        .collect();
     args.extend([
         "-m".into(),
         job.memory.to_string(),
@@ -79,12 +156,7 @@ pub fn qemu_args(job: &Job, kernel: &Path, initrd: Option<&Path>) -> Vec<String>
     if let Some(initrd) = initrd {
         args.extend(["-initrd".into(), initrd.display().to_string()]);
     }
-    // microvm has no keyboard controller for `reboot=k`: a triple fault resets it, and
-    // `-no-reboot` makes that the end.
-    args.extend([
-        "-append".into(),
-        format!("{} reboot=t", job.effective_cmdline()),
-    ]);
+    args.extend(["-append".into(), qemu_cmdline(job)]);
     for (i, d) in job.disk.iter().enumerate() {
         let Ok(spec) = DiskSpec::parse(d) else {
             continue;
@@ -104,12 +176,14 @@ pub fn qemu_args(job: &Job, kernel: &Path, initrd: Option<&Path>) -> Vec<String>
 /// Runs `job`'s guest under QEMU, its console on stdout, and returns the guest command's
 /// status (from the default guest's marker line), or 125 when the guest ended without one.
 pub fn run(job: &Job, kernel: &Path, initrd: Option<&Path>) -> Result<i32, RunnerError> {
-    let mut child = Command::new(QEMU)
+    let qemu = qemu_binary(job.guest_arch());
+    let mut child = Command::new(qemu)
         .args(qemu_args(job, kernel, initrd))
+        .env("LD_LIBRARY_PATH", L1_QEMU_DATA)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
-        .map_err(|e| RunnerError::Prepare(format!("starting {QEMU}: {e}")))?;
+        .map_err(|e| RunnerError::Prepare(format!("starting {qemu}: {e}")))?;
     let mut status = None;
     let pid = child.id();
     if let Some(out) = child.stdout.take() {
@@ -136,7 +210,7 @@ pub fn run(job: &Job, kernel: &Path, initrd: Option<&Path>) -> Result<i32, Runne
     }
     let exit = child
         .wait()
-        .map_err(|e| RunnerError::Prepare(format!("waiting for {QEMU}: {e}")))?;
+        .map_err(|e| RunnerError::Prepare(format!("waiting for {qemu}: {e}")))?;
     match status {
         Some(s) => Ok(s),
         None => {
@@ -176,5 +250,28 @@ mod tests {
         let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
         assert_eq!(append, &format!("{} reboot=t", job.effective_cmdline()));
         assert!(append.contains("hvprobe.mounts="));
+    }
+
+    #[test]
+    fn an_arm64_guest_gets_the_virt_machine_and_its_pl011_console() {
+        let job = Job {
+            arch: Some(GuestArch::Aarch64),
+            exec: Some("true".into()),
+            disk: vec!["/dev/vdb".into()],
+            ..Job::empty()
+        };
+        let args = qemu_args(&job, Path::new("/l2/vmlinuz"), None);
+        let joined = args.join(" ");
+        assert!(
+            joined.starts_with("-M virt,gic-version=3 -accel kvm -cpu host"),
+            "{joined}"
+        );
+        assert!(joined.contains("virtio-blk-device,drive=hvdisk0,serial=hv0-qemu"));
+        let append = &args[args.iter().position(|a| a == "-append").unwrap() + 1];
+        assert!(append.starts_with("console=ttyAMA0 "), "{append}");
+        assert!(
+            !append.contains("ttyS0") && !append.contains("reboot=t"),
+            "{append}"
+        );
     }
 }
