@@ -147,6 +147,7 @@ fn aarch64_hvprobe() -> Result<PathBuf, RunnerError> {
                 && fs::create_dir_all(d).is_ok()
             {
                 let _ = fs::copy(&path, &cached);
+                prune_cached_copies(d);
             }
             return Ok(path);
         }
@@ -161,6 +162,32 @@ fn aarch64_hvprobe() -> Result<PathBuf, RunnerError> {
             env!("HVPROBE_SOURCE_HASH")
         )
     }))
+}
+
+/// Cached copies kept, newest first: this build's and those of a few other checkouts that may
+/// share the cache (a CI clone beside a work tree); every source change makes a new one.
+const CACHED_COPIES_KEPT: usize = 3;
+
+/// Removes all but the [`CACHED_COPIES_KEPT`] newest cached aarch64 hvprobes in `dir`.
+fn prune_cached_copies(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let copies = entries.flatten().filter_map(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let modified = e.metadata().and_then(|m| m.modified()).ok()?;
+        name.starts_with("hvprobe-aarch64-")
+            .then(|| (modified, e.path()))
+    });
+    for path in stale_copies(copies.collect(), CACHED_COPIES_KEPT) {
+        let _ = fs::remove_file(path);
+    }
+}
+
+/// Of `copies` (modification time, path), those past the `keep` newest.
+fn stale_copies(mut copies: Vec<(std::time::SystemTime, PathBuf)>, keep: usize) -> Vec<PathBuf> {
+    copies.sort_by_key(|c| std::cmp::Reverse(c.0));
+    copies.into_iter().skip(keep).map(|(_, p)| p).collect()
 }
 
 /// Where cargo puts the cross build, under the target directory.
@@ -206,6 +233,20 @@ fn report_exit(code: i32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_newest_cached_copies_are_kept() {
+        let t = |s: u64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s);
+        let copies = vec![
+            (t(30), PathBuf::from("c")),
+            (t(10), PathBuf::from("a")),
+            (t(40), PathBuf::from("d")),
+            (t(20), PathBuf::from("b")),
+        ];
+        assert_eq!(stale_copies(copies.clone(), 3), [PathBuf::from("a")]);
+        assert_eq!(stale_copies(copies, 1), ["c", "b", "a"].map(PathBuf::from));
+        assert!(stale_copies(Vec::new(), 3).is_empty());
+    }
 
     #[test]
     fn a_cross_build_counts_only_with_this_builds_source_fingerprint() {
