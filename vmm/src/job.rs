@@ -735,6 +735,18 @@ impl Job {
         if roots > 1 {
             bail!("only one root file system: --rootfs and `--disk ...,at=/` name {roots}");
         }
+        // Every image opened and locked once, and let go: a bad one is refused now, before
+        // the default guest is resolved or anything is built (the VMM opens them again).
+        let disks = self
+            .disk
+            .iter()
+            .map(|d| crate::devices::virtio::DiskSpec::parse(d))
+            .collect::<Result<Vec<_>, _>>()?;
+        // (The errors' messages name their cause already: not chained again.)
+        drop(crate::devices::virtio::open_disks(&disks).map_err(|e| anyhow::anyhow!("{e}"))?);
+        for s in &self.share {
+            crate::share::ShareSpec::parse(s).map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
         Ok(())
     }
 }
