@@ -227,6 +227,7 @@ mod tests {
     #[test]
     fn qemu_boots_the_same_guest_with_each_disk_on_virtio_mmio() {
         let job = Job {
+            arch: Some(GuestArch::X86_64),
             exec: Some("true".into()),
             disk: vec!["/dev/vdb".into(), "/dev/vdc,ro,at=/data".into()],
             vcpus: 2,
