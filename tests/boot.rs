@@ -117,6 +117,16 @@ fn a_hung_guest_is_stopped_at_the_timeout() {
     assert_eq!(outcome.kind, OutcomeKind::TimedOut, "{}", explain(&out));
     assert_eq!(outcome.detail.as_deref(), Some("40 s"));
     assert_has(&text(&out.stderr), "did not finish within 40 s", &out);
+    // Where the vCPU was: idle in the kernel, named by System.map.
+    let stderr = text(&out.stderr);
+    let at = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("hvprobe: at the time limit, vCPU 0 was at 0x"))
+        .unwrap_or_else(|| panic!("no whereabouts line\n{}", explain(&out)));
+    assert!(
+        at.contains(" in the kernel (") && at.contains("+0x"),
+        "{at}"
+    );
 }
 
 fn bad_inputs_get_one_clear_error_each() {

@@ -991,6 +991,7 @@ fn run_on_host(args: &Job) -> Result<i32> {
         },
         timeout: args.effective_timeout(),
         forward_stdin: true,
+        system_map: args.system_map.clone(),
     };
     let report = machine::run(kvm, &opts, probes, api, output.clone())?;
     let code = report_outcome(args, &report);

@@ -94,6 +94,9 @@ pub struct RunOptions {
     pub timeout: Option<Duration>,
     /// Relay this process's stdin to the guest console.
     pub forward_stdin: bool,
+    /// The guest kernel's System.map, if known: names where the vCPUs were when the run
+    /// ends at its time limit.
+    pub system_map: Option<std::path::PathBuf>,
 }
 
 /// The live-session API of a run (`--api-socket`): its bound socket and event streams.
@@ -242,6 +245,15 @@ pub fn run(
         probe_refused,
         ..
     } = run;
+    if stop.reason() == Some(StopReason::Timeout) {
+        let map = opts.system_map.as_deref().and_then(|p| {
+            let text = std::fs::read_to_string(p).ok()?;
+            probe_core::symbols::SymbolMap::parse(&text).ok()
+        });
+        for line in session::whereabouts(&handles, map.as_ref()) {
+            eprintln!("hvprobe: at the time limit, {line}");
+        }
+    }
     let probe_report = session.map(|s| s.finish(&handles, &vm.console));
     if let Some(api) = &api {
         // Streams end; the socket goes (requests from now on find nobody).

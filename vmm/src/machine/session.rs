@@ -16,6 +16,7 @@ use probe_core::guest_kprobes::KprobeTableLayout;
 use probe_core::integrity::{ChangedRange, ControlChange, RegionBaseline};
 use probe_core::jump::{GuestAnchors, RingLayout};
 use probe_core::probe::{Probe, TrapKind};
+use probe_core::symbols::SymbolMap;
 use probe_core::xol::XolArea;
 use probe_core::{extable, integrity, patched_text};
 
@@ -297,6 +298,44 @@ fn pause_all(handles: &[VcpuHandle]) {
 /// Lets every paused vCPU run again.
 fn resume_all(handles: &[VcpuHandle]) {
     command_all(handles, VcpuCommand::Resume, VcpuEvent::Resumed);
+}
+
+/// Where each vCPU is, one line each, for a run that ended at its time limit: where a guest
+/// that never finished was stuck (a boot that hangs before `/init` prints nothing else). The
+/// vCPUs are paused to read them and let go after. Kernel addresses are named by `map`
+/// (System.map), moved by the KASLR slide the vCPU's own anchor register gives.
+pub(super) fn whereabouts(handles: &[VcpuHandle], map: Option<&SymbolMap>) -> Vec<String> {
+    use probe_core::arch::RegisterFile;
+    pause_all(handles);
+    let lines = handles
+        .iter()
+        .map(|h| match paused_state(h) {
+            Ok(state) => {
+                let pc = state.regs.pc();
+                let name = map.filter(|_| state.in_kernel).and_then(|m| {
+                    let anchors = arch::Host::KASLR_ANCHOR
+                        .linked_addresses(|sym| m.lookup(sym).ok().map(|s| s.addr));
+                    let (slide, _) = arch::Host::KASLR_ANCHOR
+                        .slide(state.kaslr_anchor, &anchors)
+                        .ok()?;
+                    Some(probe_core::unwind::symbolize(m, pc.wrapping_sub(slide)))
+                });
+                format!(
+                    "vCPU {} was at {pc:#x} {}{}",
+                    h.id,
+                    if state.in_kernel {
+                        "in the kernel"
+                    } else {
+                        "in user mode"
+                    },
+                    name.map(|n| format!(" ({n})")).unwrap_or_default()
+                )
+            }
+            Err(e) => format!("vCPU {}: {e}", h.id),
+        })
+        .collect();
+    resume_all(handles);
+    lines
 }
 
 /// Why probes could not be planted; the command never runs and nothing is left in the guest.

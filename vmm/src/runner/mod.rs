@@ -202,10 +202,10 @@ pub fn inner_job(job: &Job) -> Job {
         runner: RunnerChoice::Host,
         kernel: Some(PathBuf::from("/l2/vmlinuz")),
         initrd: job.initrd.as_ref().map(|_| PathBuf::from("/l2/initrd")),
+        // Without probes too: it names where the vCPUs were if the run hits its time limit.
         system_map: job
             .system_map
             .as_ref()
-            .filter(|_| probing)
             .map(|_| PathBuf::from(L1_SYSTEM_MAP)),
         btf: job
             .btf
@@ -388,7 +388,7 @@ pub fn run_emulated(args: &Job) -> Result<i32, RunnerError> {
         l2_kernel,
         args.initrd.as_deref(),
         &L2KernelInfo {
-            system_map: args.system_map.as_deref().filter(|_| probing),
+            system_map: args.system_map.as_deref(),
             btf: btf.as_deref(),
             unwind: unwind.as_deref(),
         },
