@@ -10,7 +10,8 @@ use std::sync::OnceLock;
 
 use kvm_ioctls::VcpuFd;
 use probe_core::arch::Arch;
-use probe_core::arch::aarch64::store::{StoreData, decode_store};
+use probe_core::arch::aarch64::store::{StoreData, decode_store, registers_read};
+use probe_core::arch::aarch64::uses;
 use probe_core::engine::{ProtectedStore, read_guest_virtual};
 use probe_core::protect::PAGE;
 use probe_core::vm::VcpuAccess;
@@ -54,13 +55,21 @@ pub fn emulate(
     let zva = *ZVA.get_or_init(|| zva_block(fd));
     let mut code = [0u8; 4];
     let mut vcpu = KvmVcpu::new(id, fd, pc);
-    let mut regs = vcpu.registers()?;
+    // Registers read as needed (a neighbour write, the common case, reports nothing): the
+    // kernel's page tables to read the instruction, the registers its encoding names, the
+    // user half's tables only for a store there.
+    let mut regs = vcpu.exit_registers()?;
+    vcpu.complete_registers_in(&mut regs, uses::KERNEL_SPACE)?;
     read_guest_virtual::<Guest, _>(engine.memory(), &regs, pc, &mut code).map_err(|e| {
         ProbingError::UnsyndromedStore(format!("reading the store at {pc:#x}: {e}"))
     })?;
     let insn = u32::from_le_bytes(code);
+    vcpu.complete_registers_in(&mut regs, registers_read(insn))?;
     let store = decode_store(insn, &regs, zva)
         .map_err(|e| ProbingError::UnsyndromedStore(e.to_string()))?;
+    if store.va >> 63 == 0 {
+        vcpu.complete_registers_in(&mut regs, uses::USER_SPACE)?;
+    }
     let space = Guest::address_space(&regs);
     let mut old = Vec::with_capacity(store.len);
     let done = Cell::new(true);
@@ -114,6 +123,9 @@ pub fn emulate(
         }
         at += n;
     }
+    // Finished on every register read so far (the report of a protected write reads them
+    // all), so only those the store changes are written back.
+    let mut regs = vcpu.known_registers();
     store.finish(&mut regs, &old, done.get());
     vcpu.set_registers(&regs)?;
     engine.count_emulated_store();

@@ -346,6 +346,12 @@ impl<'a> KvmVcpu<'a> {
         }
     }
 
+    /// The registers as known now: every group read so far (by anyone) with its value, the
+    /// rest as unread.
+    pub fn known_registers(&self) -> Registers {
+        self.cache.clone()
+    }
+
     /// Reads the groups of `used` not read yet into the cache; returns which it read.
     fn read_in(&mut self, used: u64) -> Result<u64, VcpuError> {
         let (fresh, reads) = read_groups(self.fd, &mut self.cache, self.read, used)
