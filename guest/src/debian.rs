@@ -78,7 +78,8 @@ pub const ARM64_L1_MODULES: &[&str] = &[
     "fs/binfmt_misc.ko",
 ];
 
-const COMPLETE: &str = ".complete";
+/// The file that marks a cache entry as whole (written last).
+pub(crate) const COMPLETE: &str = ".complete";
 
 /// Asks apt which package the meta package `meta` depends on (the current kernel image), without
 /// an architecture suffix.
@@ -169,7 +170,8 @@ fn add_missing_modules(kp: &KernelPackage, arch: crate::GuestArch) -> Result<(),
     Ok(())
 }
 
-fn download(dir: &Path, specs: &[String]) -> Result<(), GuestError> {
+/// Downloads the packages `specs` (`apt-get download`) into `dir`.
+pub(crate) fn download(dir: &Path, specs: &[String]) -> Result<(), GuestError> {
     fs::create_dir_all(dir).map_err(GuestError::io(dir))?;
     run_output(
         Command::new("apt-get")

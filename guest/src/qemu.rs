@@ -8,6 +8,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use crate::debian::{COMPLETE, download};
 use crate::{GuestError, run_output};
 
 /// The build script.
@@ -91,29 +92,23 @@ pub fn arm64_qemu(cache: &Path, version: &str) -> Result<QemuBundle, GuestError>
         "hvprobe: fetching Debian's arm64 QEMU {version} and its libraries for the arm64 runner's L1 (one time)"
     );
     let debs = dir.join("deb");
-    fs::create_dir_all(&debs).map_err(GuestError::io(&debs))?;
     let top = format!("qemu-system-arm:arm64={version}");
     let mut fetched: BTreeSet<String> = BTreeSet::new();
-    let mut level = library_depends(std::slice::from_ref(&top))?;
     let mut specs = vec![top];
-    while !level.is_empty() {
-        let new: Vec<String> = level
+    // Level by level, each package's library dependencies not fetched yet.
+    let mut level = specs.clone();
+    loop {
+        let new: Vec<String> = library_depends(&level)?
             .into_iter()
             .filter(|p| fetched.insert(p.clone()))
             .collect();
+        if new.is_empty() {
+            break;
+        }
         specs.extend(new.iter().cloned());
-        level = if new.is_empty() {
-            Vec::new()
-        } else {
-            library_depends(&new)?
-        };
+        level = new;
     }
-    run_output(
-        Command::new("apt-get")
-            .arg("download")
-            .args(&specs)
-            .current_dir(&debs),
-    )?;
+    download(&debs, &specs)?;
     let unpack = dir.join("unpack");
     for deb in fs::read_dir(&debs)
         .map_err(GuestError::io(&debs))?
@@ -157,8 +152,6 @@ pub fn arm64_qemu(cache: &Path, version: &str) -> Result<QemuBundle, GuestError>
 
 /// The interpreter arm64 Debian binaries name.
 pub const ARM64_LOADER: &str = "ld-linux-aarch64.so.1";
-
-const COMPLETE: &str = ".complete";
 
 /// The library packages (`lib*`, `zlib1g`) that `packages` depend on directly, as apt names
 /// them (`libfoo1:arm64`).
